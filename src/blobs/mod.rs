@@ -1,0 +1,1 @@
+//! blobs (filled in by its issue).

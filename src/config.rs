@@ -1,0 +1,1 @@
+//! Settings: defaults, optional TOML file, PUNICA_* environment, CLI flags.

@@ -1,0 +1,1 @@
+//! console (filled in by its issue).

@@ -1,0 +1,1 @@
+//! domain (filled in by its issue).

@@ -1,0 +1,1 @@
+//! The CUDA backend (cudarc, NVRTC-compiled kernels from kernels/, cuBLAS).

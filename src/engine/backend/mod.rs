@@ -1,0 +1,296 @@
+//! The device abstraction. The forward pass (`engine::model::llama`) is written once over the
+//! [`Backend`] trait; `cpu` is the f32 oracle, `cuda` the fast path. Every op here has a CPU twin
+//! and a parity test.
+//!
+//! Conventions (all backends):
+//! - Buffers are flat, row-major. `x: [rows, cols]` means `x[r * cols + c]`.
+//! - Linear layers follow PyTorch: a weight `w: [n, k]` computes `y = x · wᵀ`.
+//! - Per-step metadata (token ids, positions, KV slots, block tables, LoRA segments) is built on
+//!   the host as a [`StepMeta`] and handed to the backend once per step ([`Backend::upload_meta`]);
+//!   ops read it from there, so the CUDA backend copies it to the device once per step.
+//! - LoRA: for each targeted projection `y += (x · Aᵀ) · Bᵀ`, with the adapter's scale already
+//!   folded into `B` at load time. The intermediate `v = x · Aᵀ` is kept in f32.
+
+pub mod cpu;
+pub mod cuda;
+
+use crate::engine::lora::segments::SegmentTable;
+
+/// Tokens per KV-cache block.
+pub const BLOCK_SIZE: usize = 16;
+
+/// Element type of a buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+/// Which kind of device a backend drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+/// Errors a backend reports. Never a panic: a missing library or device is one of these.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("device unavailable: {0}")]
+    Unavailable(String),
+    #[error("out of device memory: wanted {wanted} bytes")]
+    OutOfMemory { wanted: usize },
+    #[error("kernel compilation failed: {0}")]
+    Compile(String),
+    #[error("device error: {0}")]
+    Device(String),
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+}
+
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// One sequence's slice of a step: its new rows and where its KV lives.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeqMeta {
+    /// First row of this sequence's new tokens in the batch.
+    pub row_start: u32,
+    /// Number of new tokens (1 for decode, the chunk length for prefill).
+    pub num_rows: u32,
+    /// Tokens in the KV cache after this step, the new ones included.
+    pub context_len: u32,
+    /// Offset of this sequence's block table in [`StepMeta::block_tables`].
+    pub block_table_start: u32,
+    /// Number of blocks in its table (`ceil(context_len / BLOCK_SIZE)`).
+    pub num_blocks: u32,
+}
+
+/// Everything the device needs to know about one step's batch, built on the host.
+///
+/// Rows are ordered so that rows sharing an adapter are contiguous (see [`SegmentTable`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepMeta {
+    /// Input token id per row.
+    pub token_ids: Vec<u32>,
+    /// Absolute position per row (for RoPE).
+    pub positions: Vec<u32>,
+    /// KV-cache slot per row: `block_id * BLOCK_SIZE + offset_in_block`.
+    pub slot_mapping: Vec<u32>,
+    /// Sequences in batch order; their row ranges tile `0..rows`.
+    pub seqs: Vec<SeqMeta>,
+    /// All block tables, concatenated.
+    pub block_tables: Vec<u32>,
+    /// LoRA segments over the rows (rows with no adapter are in no segment).
+    pub segments: SegmentTable,
+    /// Rows whose logits are wanted (the last row of each sequence that samples this step).
+    pub logit_rows: Vec<u32>,
+}
+
+impl StepMeta {
+    /// Rows (tokens) in the batch.
+    pub fn rows(&self) -> usize {
+        self.token_ids.len()
+    }
+}
+
+/// Static shapes of the attention op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// One projection of one adapter resident on the device: `a: [rank, in]`, `b: [out, rank]`
+/// (scale folded into `b`).
+pub struct LoraProj<'a, B: Backend + ?Sized> {
+    pub a: &'a B::Buf,
+    pub b: &'a B::Buf,
+    pub rank: usize,
+}
+
+/// The device operations a Llama forward pass needs.
+///
+/// Shapes are passed explicitly; implementations check them and return [`BackendError::Shape`]
+/// rather than reading out of bounds.
+pub trait Backend: Send + Sync + 'static {
+    /// A device buffer (weights, activations, KV cache). Carries its dtype and length.
+    type Buf: Send + Sync;
+    /// A step's [`StepMeta`] as the device sees it.
+    type Meta: Send + Sync;
+    /// Slot -> (A, B, rank) pointer table for one (layer, projection).
+    type LoraTable: Send + Sync;
+
+    fn kind(&self) -> DeviceKind;
+    /// dtype used for weights, activations and the KV cache.
+    fn dtype(&self) -> DType;
+
+    /// A buffer of `len` elements. Contents are unspecified (debug builds may poison them).
+    fn alloc(&self, dtype: DType, len: usize) -> Result<Self::Buf>;
+    /// Copy host f32 values to a new buffer of `dtype` (converting).
+    fn upload(&self, dtype: DType, data: &[f32]) -> Result<Self::Buf>;
+    /// Copy a buffer back to the host as f32.
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// Number of elements in `buf`.
+    fn len(&self, buf: &Self::Buf) -> usize;
+
+    /// Hand this step's metadata to the device.
+    fn upload_meta(&self, meta: &StepMeta) -> Result<Self::Meta>;
+    /// Build the slot table of one (layer, projection); `None` marks an empty slot.
+    fn lora_table(&self, slots: &[Option<LoraProj<'_, Self>>]) -> Result<Self::LoraTable>;
+
+    /// `out[row] = table[token_ids[row]]`; `table: [vocab, hidden]`, `out: [rows, hidden]`.
+    fn embedding(
+        &self,
+        table: &Self::Buf,
+        meta: &Self::Meta,
+        hidden: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// `out = rms_norm(x) * weight` per row; `x, out: [rows, hidden]`.
+    fn rms_norm(
+        &self,
+        x: &Self::Buf,
+        weight: &Self::Buf,
+        eps: f32,
+        rows: usize,
+        hidden: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// Fused residual add + norm: `residual += x; out = rms_norm(residual) * weight`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Buf,
+        x: &Self::Buf,
+        weight: &Self::Buf,
+        eps: f32,
+        rows: usize,
+        hidden: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// `out[rows, n] = x[rows, k] · w[n, k]ᵀ`.
+    fn matmul(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rows: usize,
+        k: usize,
+        n: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// `y += x` elementwise.
+    fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+
+    /// Rotate-half RoPE in place on `x: [rows, n_heads, head_dim]` (columns `col_offset..`
+    /// of a row of width `row_stride`), using `inv_freq: [head_dim / 2]` (f32, llama3 scaling
+    /// already applied) and the rows' positions.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        inv_freq: &Self::Buf,
+        meta: &Self::Meta,
+        row_stride: usize,
+        col_offset: usize,
+        n_heads: usize,
+        head_dim: usize,
+    ) -> Result<()>;
+
+    /// Write this step's K and V rows into the paged cache at `meta.slot_mapping`.
+    /// `k, v`: rows with `n_kv_heads * head_dim` values at column `col_offset` of width
+    /// `row_stride`; caches: `[num_blocks, BLOCK_SIZE, n_kv_heads, head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn write_kv(
+        &self,
+        src: &Self::Buf,
+        row_stride: usize,
+        k_offset: usize,
+        v_offset: usize,
+        meta: &Self::Meta,
+        shape: AttnShape,
+        k_cache: &mut Self::Buf,
+        v_cache: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// Causal paged attention for every row: each sequence's new rows attend to its cached
+    /// context (positions `< context_len - num_rows + i + 1`). `q` rows at column `q_offset` of
+    /// width `row_stride`; `out: [rows, n_heads * head_dim]`. Softmax in f32, GQA by head groups.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        row_stride: usize,
+        q_offset: usize,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        meta: &Self::Meta,
+        shape: AttnShape,
+        scale: f32,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// `out[rows, n] = silu(gate_up[:, :n]) * gate_up[:, n..]`; `gate_up: [rows, 2n]`.
+    fn silu_mul(
+        &self,
+        gate_up: &Self::Buf,
+        rows: usize,
+        n: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// SGMV shrink: for each segment s, rows in s: `v[row, :rank_s] = x[row, :] · A_sᵀ`.
+    /// `x: [rows, h_in]`, `v: [rows, max_rank]` f32. Rows in no segment are left untouched.
+    #[allow(clippy::too_many_arguments)]
+    fn sgmv_shrink(
+        &self,
+        x: &Self::Buf,
+        table: &Self::LoraTable,
+        meta: &Self::Meta,
+        h_in: usize,
+        max_rank: usize,
+        v: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// SGMV expand: for each segment s, rows in s: `y[row, col_offset..col_offset+h_out] +=
+    /// v[row, :rank_s] · B_sᵀ`. `y` has rows of width `y_stride`.
+    #[allow(clippy::too_many_arguments)]
+    fn sgmv_expand(
+        &self,
+        v: &Self::Buf,
+        table: &Self::LoraTable,
+        meta: &Self::Meta,
+        max_rank: usize,
+        h_out: usize,
+        y_stride: usize,
+        col_offset: usize,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// Gather `meta.logit_rows` of `x: [rows, hidden]` into `out: [logit_rows, hidden]`.
+    fn gather_rows(
+        &self,
+        x: &Self::Buf,
+        meta: &Self::Meta,
+        hidden: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// Wait until queued work is done (no-op on the CPU).
+    fn synchronize(&self) -> Result<()>;
+}

@@ -1,0 +1,5 @@
+//! LoRA adapters: PEFT parsing, the adapter cache and SGMV segment tables.
+
+pub mod cache;
+pub mod peft;
+pub mod segments;
