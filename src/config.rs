@@ -179,7 +179,7 @@ pub struct Settings {
     pub database_url: Option<Secret<String>>,
     /// Adapter blobs and the managed cluster live here.
     pub data_dir: PathBuf,
-    /// Operator bearer token for the admin API; `None` disables token auth for operators.
+    /// Operator bearer token for the admin API; with `None` the admin API refuses every request.
     pub admin_token: Option<Secret<String>>,
     /// Largest accepted upload, in bytes.
     pub max_upload_bytes: u64,
