@@ -283,7 +283,8 @@ fn reader_rejects_truncated_tensor_data() {
 
 #[test]
 fn reader_rejects_bad_tensor_shapes_types_and_offsets() {
-    let cases: Vec<(GgufWriter, fn(&GgufError) -> bool)> = vec![
+    type Check = fn(&GgufError) -> bool;
+    let cases: Vec<(GgufWriter, Check)> = vec![
         (
             GgufWriter::default().tensor("t", &[32], 99, vec![0; 64]),
             |e| matches!(e, GgufError::UnknownTensorType { type_id: 99, name } if name == "t"),
