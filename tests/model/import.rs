@@ -542,3 +542,50 @@ fn cli_import_gguf_writes_the_folder_and_reports_failures() {
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(stderr.contains("nope.gguf"), "{stderr}");
 }
+
+#[test]
+fn rebuilt_tokenizers_load_for_each_supported_pre_tokenizer_and_honour_add_bos() {
+    for pre in ["smollm", "gpt2", "default", "llama-bpe"] {
+        for add_bos in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let gguf = dir.path().join("tiny.gguf");
+            let mut w = tiny_llama(false);
+            w.kvs
+                .retain(|(k, _)| k != "tokenizer.ggml.pre" && k != "tokenizer.ggml.add_bos_token");
+            w.kv("tokenizer.ggml.pre", Kv::Str(pre.into()))
+                .kv("tokenizer.ggml.add_bos_token", Kv::Bool(add_bos))
+                .write(&gguf);
+            let out = dir.path().join("out");
+            import_gguf(&gguf, &out, ImportDtype::F32).unwrap_or_else(|e| panic!("{pre}: {e}"));
+            let tok = punica::engine::model::tokenizer::Tokenizer::from_dir(&out).expect("loads");
+            let text = "the 12 thé 🦀";
+            let plain = tok.encode(text, false).expect("encode");
+            assert_eq!(tok.decode(&plain, false).expect("decode"), text, "{pre}");
+            let with_special = tok.encode(text, true).expect("encode");
+            if add_bos {
+                assert_eq!(with_special[0], 0, "{pre}: bos first");
+                let raw = tok.inner().encode(text, true).expect("encode");
+                assert_eq!(
+                    raw.get_ids()[0],
+                    0,
+                    "{pre}: tokenizer.json's post-processor adds bos"
+                );
+                assert_eq!(with_special[1..], plain[..], "{pre}");
+            } else {
+                assert_eq!(with_special, plain, "{pre}");
+            }
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gguf = dir.path().join("tiny.gguf");
+    let mut w = tiny_llama(false);
+    w.kvs.retain(|(k, _)| k != "tokenizer.ggml.pre");
+    w.kv("tokenizer.ggml.pre", Kv::Str("deepseek-coder".into()))
+        .write(&gguf);
+    let err =
+        import_gguf(&gguf, &dir.path().join("out"), ImportDtype::F32).expect_err("unknown pre");
+    assert!(
+        matches!(&err, ImportError::Tokenizer { reason } if reason.contains("deepseek-coder")),
+        "{err}"
+    );
+}

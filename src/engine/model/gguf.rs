@@ -1516,15 +1516,13 @@ fn build_tokenizer_json(h: &GgufHeader) -> Result<(Json, SpecialTokens), ImportE
     let mut single = Vec::new();
     let mut pair = Vec::new();
     let mut processor_tokens = serde_json::Map::new();
-    for (add, tok) in [(special.add_bos, &special.bos)] {
-        if let (true, Some((id, text))) = (add, tok) {
-            single.push(json!({"SpecialToken": {"id": text, "type_id": 0}}));
-            pair.push(json!({"SpecialToken": {"id": text, "type_id": 0}}));
-            processor_tokens.insert(
-                text.clone(),
-                json!({"id": text, "ids": [id], "tokens": [text]}),
-            );
-        }
+    if let (true, Some((id, text))) = (special.add_bos, &special.bos) {
+        single.push(json!({"SpecialToken": {"id": text, "type_id": 0}}));
+        pair.push(json!({"SpecialToken": {"id": text, "type_id": 0}}));
+        processor_tokens.insert(
+            text.clone(),
+            json!({"id": text, "ids": [id], "tokens": [text]}),
+        );
     }
     single.push(json!({"Sequence": {"id": "A", "type_id": 0}}));
     pair.push(json!({"Sequence": {"id": "A", "type_id": 0}}));
@@ -1643,16 +1641,13 @@ pub fn import_gguf(
         std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
     }
     std::fs::create_dir(&staging).map_err(io(&staging))?;
-    let staged = write_folder(
-        &staging,
-        &file,
-        &params,
-        &plans,
-        dtype,
-        &tokenizer_text,
-        &special,
+    let text_files = TextFiles {
+        tokenizer_json: &tokenizer_json,
+        tokenizer_text: &tokenizer_text,
+        special: &special,
         chat_template,
-    );
+    };
+    let staged = write_folder(&staging, &file, &params, &plans, dtype, &text_files);
     let summary = match staged {
         Ok(bytes) => ImportSummary {
             params,
@@ -1682,17 +1677,28 @@ pub fn import_gguf(
     Ok(summary)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The tokenizer side of an import, prepared (and proven to load) before anything is written.
+struct TextFiles<'a> {
+    tokenizer_json: &'a Json,
+    tokenizer_text: &'a str,
+    special: &'a SpecialTokens,
+    chat_template: Option<&'a str>,
+}
+
 fn write_folder<B: AsRef<[u8]>>(
     dir: &Path,
     file: &GgufFile<B>,
     p: &LlamaHyperParams,
     plans: &[Plan<'_>],
     dtype: ImportDtype,
-    tokenizer_text: &str,
-    special: &SpecialTokens,
-    chat_template: Option<&str>,
+    text_files: &TextFiles<'_>,
 ) -> Result<u64, ImportError> {
+    let TextFiles {
+        tokenizer_json,
+        tokenizer_text,
+        special,
+        chat_template,
+    } = *text_files;
     let write_json = |name: &str, value: &Json| -> Result<(), ImportError> {
         let path = dir.join(name);
         let text = serde_json::to_string_pretty(value).map_err(|e| ImportError::Io {
@@ -1759,15 +1765,15 @@ fn write_folder<B: AsRef<[u8]>>(
 
     let tok_path = dir.join("tokenizer.json");
     std::fs::write(&tok_path, tokenizer_text).map_err(io_at(&tok_path))?;
-    let added: serde_json::Map<String, Json> = serde_json::from_str::<Json>(tokenizer_text)
-        .ok()
-        .and_then(|t| t.get("added_tokens").and_then(|a| a.as_array()).cloned())
-        .unwrap_or_default()
+    // Hugging Face's tokenizer_config.json lists added tokens by id, without the id field.
+    let added: serde_json::Map<String, Json> = tokenizer_json["added_tokens"]
+        .as_array()
         .into_iter()
-        .filter_map(|mut t| {
-            let id = t.get("id")?.as_u64()?;
-            t.as_object_mut()?.remove("id");
-            Some((id.to_string(), t))
+        .flatten()
+        .filter_map(|t| {
+            let mut t = t.as_object()?.clone();
+            let id = t.remove("id")?.as_u64()?;
+            Some((id.to_string(), Json::Object(t)))
         })
         .collect();
     write_json(
