@@ -133,8 +133,9 @@ impl StepMeta {
                 let pos = s.cached + j;
                 meta.token_ids.push(t);
                 meta.positions.push(pos as u32);
-                meta.slot_mapping
-                    .push(s.block_table[pos / BLOCK_SIZE] * BLOCK_SIZE as u32 + (pos % BLOCK_SIZE) as u32);
+                meta.slot_mapping.push(
+                    s.block_table[pos / BLOCK_SIZE] * BLOCK_SIZE as u32 + (pos % BLOCK_SIZE) as u32,
+                );
                 row_slots.push(s.adapter_slot);
             }
             let num_blocks = context.div_ceil(BLOCK_SIZE);
@@ -145,7 +146,8 @@ impl StepMeta {
                 block_table_start: meta.block_tables.len() as u32,
                 num_blocks: num_blocks as u32,
             });
-            meta.block_tables.extend_from_slice(&s.block_table[..num_blocks]);
+            meta.block_tables
+                .extend_from_slice(&s.block_table[..num_blocks]);
             if s.sample {
                 meta.logit_rows.push((meta.token_ids.len() - 1) as u32);
             }
@@ -189,8 +191,7 @@ impl StepMeta {
             }
             next_row = start + n;
             let table_end = seq.block_table_start as usize + seq.num_blocks as usize;
-            if (seq.num_blocks as usize) * BLOCK_SIZE < ctx || table_end > self.block_tables.len()
-            {
+            if (seq.num_blocks as usize) * BLOCK_SIZE < ctx || table_end > self.block_tables.len() {
                 return bad(format!(
                     "sequence {i}: {} blocks (table end {table_end} of {}) for context {ctx}",
                     seq.num_blocks,
@@ -225,7 +226,7 @@ impl StepMeta {
 /// Widen raw little-endian `f32`/`f16`/`bf16` bytes to f32 values.
 pub fn host_to_f32(src: DType, bytes: &[u8]) -> Result<Vec<f32>> {
     let size = src.size();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(BackendError::Shape(format!(
             "{} bytes is not a whole number of {src:?} values",
             bytes.len()
