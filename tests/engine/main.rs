@@ -1,0 +1,3 @@
+//! Engine integration tests: one test binary, one module per area.
+
+mod golden;
