@@ -304,6 +304,18 @@ impl Backend for CpuBackend {
         ))
     }
 
+    fn upload_raw(&self, dtype: DType, src: DType, bytes: &[u8]) -> Result<CpuBuf> {
+        // One widening pass into the buffer that is kept; rounding is only needed when the
+        // requested dtype is narrower than the source.
+        let mut values = super::host_to_f32(src, bytes)?;
+        if dtype != DType::F32 && dtype != src {
+            for v in values.iter_mut() {
+                *v = round_to(dtype, *v);
+            }
+        }
+        Ok(CpuBuf::from_vec(values))
+    }
+
     fn download(&self, buf: &CpuBuf) -> Result<Vec<f32>> {
         Ok(buf.as_slice().to_vec())
     }
