@@ -37,6 +37,15 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// CPU decode tokens/s of a model at several batch sizes (f32 CPU backend).
+    Cpu(punica::engine::model::bench::CpuBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -105,11 +114,25 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::Model {
-            command: ModelCommand::ImportGguf { file, out_dir, dtype },
+            command:
+                ModelCommand::ImportGguf {
+                    file,
+                    out_dir,
+                    dtype,
+                },
         } => {
             telemetry::init("info");
             // Dequantising a model is CPU work: keep it off the async workers.
             tokio::task::spawn_blocking(move || import_gguf(&file, &out_dir, dtype)).await??;
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Cpu(args)) => {
+            telemetry::init("warn");
+            // The CPU backend computes on rayon's threads; keep the async workers free.
+            let report =
+                tokio::task::spawn_blocking(move || punica::engine::model::bench::run(&args))
+                    .await??;
+            print!("{report}");
             Ok(())
         }
     }
