@@ -25,7 +25,7 @@ def main() -> int:
     n_tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 12
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
 
     prompt_ids = tok(prompt, return_tensors="pt").input_ids

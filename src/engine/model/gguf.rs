@@ -15,6 +15,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -1325,6 +1326,8 @@ struct LazyTensor<'a, B: AsRef<[u8]>> {
     plan: &'a Plan<'a>,
     dtype: ImportDtype,
     error: &'a std::sync::Mutex<Option<GgufError>>,
+    /// Tensors converted so far and the total, shared by all views, for progress logs.
+    progress: (&'a AtomicUsize, usize),
 }
 
 impl<B: AsRef<[u8]>> LazyTensor<'_, B> {
@@ -1344,6 +1347,11 @@ impl<B: AsRef<[u8]>> LazyTensor<'_, B> {
             }
         };
         tracing::debug!(tensor = %self.plan.hf_name, shape = ?self.plan.shape, "converted");
+        let done = self.progress.0.fetch_add(1, Ordering::Relaxed) + 1;
+        let total = self.progress.1;
+        if done.is_multiple_of(total.div_ceil(10).max(1)) || done == total {
+            tracing::info!("converted {done}/{total} tensors");
+        }
         Ok(self.dtype.encode(&values))
     }
 }
@@ -1666,7 +1674,13 @@ pub fn import_gguf(
         // is what the user asked us to fill.
         std::fs::remove_dir(out_dir).map_err(io(out_dir))?;
     }
-    std::fs::rename(&staging, out_dir).map_err(io(out_dir))?;
+    if let Err(source) = std::fs::rename(&staging, out_dir) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(ImportError::Io {
+            path: out_dir.to_path_buf(),
+            source,
+        });
+    }
     tracing::info!(
         out = %out_dir.display(),
         tensors = summary.n_tensors,
@@ -1794,6 +1808,7 @@ fn write_folder<B: AsRef<[u8]>>(
     )?;
 
     let error = std::sync::Mutex::new(None);
+    let converted = AtomicUsize::new(0);
     let views: Vec<(String, LazyTensor<'_, B>)> = plans
         .iter()
         .map(|plan| {
@@ -1804,6 +1819,7 @@ fn write_folder<B: AsRef<[u8]>>(
                     plan,
                     dtype,
                     error: &error,
+                    progress: (&converted, plans.len()),
                 },
             )
         })
