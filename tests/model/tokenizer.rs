@@ -361,3 +361,36 @@ fn tokenizer_errors_name_the_broken_file() {
     );
     assert!(Path::new(dir.path()).exists());
 }
+
+#[test]
+fn chat_template_offers_strftime_now_and_named_template_lists() {
+    let dir = folder_with_config(&serde_json::json!({
+        "chat_template": [
+            {"name": "tool_use", "template": "tools"},
+            {"name": "default", "template": "{{ strftime_now('%Y-%m-%d %b %%') }}|{{ messages | length }}"},
+        ],
+    }));
+    let tok = Tokenizer::from_dir(dir.path()).expect("loads");
+    let before = time::OffsetDateTime::now_utc();
+    let out = tok
+        .apply_chat_template(&[ChatMessage::new("user", "x")], false)
+        .expect("render");
+    let after = time::OffsetDateTime::now_utc();
+    let expect = |t: time::OffsetDateTime| {
+        format!(
+            "{}-{:02}-{:02} {} %|1",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            &t.month().to_string()[..3]
+        )
+    };
+    assert!(out == expect(before) || out == expect(after), "{out}");
+
+    let bad = folder_with_config(&serde_json::json!({"chat_template": "{{ strftime_now('%Q') }}"}));
+    let tok = Tokenizer::from_dir(bad.path()).expect("loads");
+    let err = tok
+        .apply_chat_template(&[], false)
+        .expect_err("unsupported directive");
+    assert!(err.to_string().contains("%Q"), "{err}");
+}
