@@ -252,6 +252,27 @@ fn smollm2_chat_template_renders_chatml() {
     let ids = tok.encode(&prompt, false).expect("encode");
     assert_eq!(ids[0], 1);
     assert_eq!(ids.iter().filter(|&&id| id == 2).count(), 4);
+    let chat_ids = tok
+        .encode_chat(&[ChatMessage::new("user", "Hi")], true)
+        .expect("encode chat");
+    assert_eq!(chat_ids.first(), Some(&1));
+    assert_eq!(
+        chat_ids.iter().filter(|&&id| id == 1).count(),
+        3,
+        "three turns opened"
+    );
+    assert_eq!(
+        tok.decode(&chat_ids, false).expect("decode"),
+        tok.apply_chat_template(&[ChatMessage::new("user", "Hi")], true)
+            .expect("render")
+    );
+}
+
+#[test]
+fn tokenizer_and_decode_stream_can_move_between_threads() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<Tokenizer>();
+    assert_send_sync::<punica::engine::model::tokenizer::DecodeStream>();
 }
 
 /// A folder with SmolLM2's tokenizer.json and the given tokenizer_config.json.
