@@ -854,10 +854,21 @@ impl<B: AsRef<[u8]>> GgufFile<B> {
         Ok(GgufFile { bytes, header })
     }
 
-    /// The raw bytes of a tensor (bounds were checked at parse time).
-    pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> &[u8] {
-        let start = (self.header.data_offset + info.offset) as usize;
-        &self.bytes.as_ref()[start..start + info.n_bytes as usize]
+    /// The raw bytes of a tensor. Parsing checked the bounds of the file's own tensor infos;
+    /// the check is repeated because `info` may come from anywhere.
+    pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> Result<&[u8], GgufError> {
+        let bytes = self.bytes.as_ref();
+        let start = self.header.data_offset.checked_add(info.offset);
+        let end = start.and_then(|s| s.checked_add(info.n_bytes));
+        start
+            .zip(end)
+            .and_then(|(s, e)| bytes.get(usize::try_from(s).ok()?..usize::try_from(e).ok()?))
+            .ok_or_else(|| GgufError::TensorOutOfBounds {
+                name: info.name.clone(),
+                start: start.unwrap_or(u64::MAX),
+                end: end.unwrap_or(u64::MAX),
+                file_len: bytes.len() as u64,
+            })
     }
 
     /// The tensor dequantised to f32, in ggml order (which is row-major over the reversed dims).
@@ -865,7 +876,7 @@ impl<B: AsRef<[u8]>> GgufFile<B> {
         dequantize(
             &info.name,
             info.ggml_type,
-            self.tensor_bytes(info),
+            self.tensor_bytes(info)?,
             info.n_elements() as usize,
         )
     }
