@@ -1,0 +1,319 @@
+//! `punica bench engine`: a synthetic multi-tenant workload driven straight into the engine.
+//!
+//! Adapter popularity follows Punica's workloads: `distinct` (every request its own adapter,
+//! round-robin over the pool), `uniform` (adapters drawn uniformly from the pool), `skewed`
+//! (Zipf with exponent 1.5 over the pool), `identical` (one adapter for all) and `none` (the base
+//! model). Requests arrive as a Poisson process of the given rate (or all at once with rate 0);
+//! the report gives output tokens per second and percentiles of time to first token and
+//! inter-token latency.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+/// Adapter popularity of a workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    Distinct,
+    Uniform,
+    Skewed,
+    Identical,
+    None,
+}
+
+impl Workload {
+    /// The workload's name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Distinct => "distinct",
+            Workload::Uniform => "uniform",
+            Workload::Skewed => "skewed",
+            Workload::Identical => "identical",
+            Workload::None => "none",
+        }
+    }
+}
+
+/// A small deterministic RNG (the bench must be reproducible from its seed).
+#[derive(Clone, Debug)]
+pub struct BenchRng(u64);
+
+impl BenchRng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_f64() * n as f64) as usize % n.max(1)
+    }
+
+    /// A standard normal draw (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.next_f64().max(f64::MIN_POSITIVE);
+        let u2 = self.next_f64();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+/// The adapter index (into a pool of `adapters`) of each of `requests` requests; `None` = base.
+pub fn assign_adapters(
+    workload: Workload,
+    requests: usize,
+    adapters: usize,
+    rng: &mut BenchRng,
+) -> Vec<Option<usize>> {
+    let pool = adapters.max(1);
+    match workload {
+        Workload::None => vec![None; requests],
+        Workload::Identical => vec![Some(0); requests],
+        Workload::Distinct => (0..requests).map(|i| Some(i % pool)).collect(),
+        Workload::Uniform => (0..requests).map(|_| Some(rng.below(pool))).collect(),
+        Workload::Skewed => {
+            // Zipf(1.5): P(k) proportional to 1 / (k+1)^1.5.
+            let weights: Vec<f64> = (0..pool)
+                .map(|k| 1.0 / ((k + 1) as f64).powf(1.5))
+                .collect();
+            let total: f64 = weights.iter().sum();
+            (0..requests)
+                .map(|_| {
+                    let mut r = rng.next_f64() * total;
+                    let mut pick = pool - 1;
+                    for (k, w) in weights.iter().enumerate() {
+                        if r < *w {
+                            pick = k;
+                            break;
+                        }
+                        r -= w;
+                    }
+                    Some(pick)
+                })
+                .collect()
+        }
+    }
+}
+
+/// Arrival offsets of `requests` requests at `rate` per second (Poisson); all zero for rate 0.
+pub fn arrivals(requests: usize, rate: f64, rng: &mut BenchRng) -> Vec<Duration> {
+    let mut t = 0.0f64;
+    (0..requests)
+        .map(|_| {
+            if rate > 0.0 {
+                t += -(1.0 - rng.next_f64()).ln() / rate;
+            }
+            Duration::from_secs_f64(t)
+        })
+        .collect()
+}
+
+/// Timings of one request, as observed by its client.
+#[derive(Clone, Debug, Default)]
+pub struct RequestTiming {
+    pub submitted: Option<Instant>,
+    /// Arrival time of each token event.
+    pub tokens: Vec<Instant>,
+    pub failed: Option<String>,
+}
+
+/// The `p`-th percentile (0..=100) of sorted `values` (nearest rank); 0 when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Summary of one bench run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub workload: Workload,
+    pub distinct_adapters: usize,
+    pub requests: usize,
+    pub failed: usize,
+    pub output_tokens: usize,
+    pub wall_s: f64,
+    pub tokens_per_s: f64,
+    /// Milliseconds: p50, p90, p99.
+    pub ttft_ms: [f64; 3],
+    pub itl_ms: [f64; 3],
+}
+
+/// Summarise the timings of a run that took `wall` from first submit to last event.
+pub fn summarise(
+    workload: Workload,
+    assigned: &[Option<usize>],
+    timings: &[RequestTiming],
+    wall: Duration,
+) -> Summary {
+    let mut ttft = Vec::new();
+    let mut itl = Vec::new();
+    let mut output_tokens = 0;
+    let mut failed = 0;
+    for t in timings {
+        if t.failed.is_some() {
+            failed += 1;
+        }
+        output_tokens += t.tokens.len();
+        if let (Some(sub), Some(first)) = (t.submitted, t.tokens.first()) {
+            ttft.push(first.duration_since(sub).as_secs_f64() * 1e3);
+        }
+        for w in t.tokens.windows(2) {
+            itl.push(w[1].duration_since(w[0]).as_secs_f64() * 1e3);
+        }
+    }
+    ttft.sort_unstable_by(f64::total_cmp);
+    itl.sort_unstable_by(f64::total_cmp);
+    let mut used: Vec<usize> = assigned.iter().flatten().copied().collect();
+    used.sort_unstable();
+    used.dedup();
+    let wall_s = wall.as_secs_f64();
+    let pct = |v: &[f64]| {
+        [
+            percentile(v, 50.0),
+            percentile(v, 90.0),
+            percentile(v, 99.0),
+        ]
+    };
+    Summary {
+        workload,
+        distinct_adapters: used.len(),
+        requests: timings.len(),
+        failed,
+        output_tokens,
+        wall_s,
+        tokens_per_s: if wall_s > 0.0 {
+            output_tokens as f64 / wall_s
+        } else {
+            0.0
+        },
+        ttft_ms: pct(&ttft),
+        itl_ms: pct(&itl),
+    }
+}
+
+/// Markdown table header matching [`Summary::row`].
+pub fn table_header() -> String {
+    "| workload | adapters used | requests | failed | output tokens | wall s | tokens/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | ITL p50 ms | ITL p90 ms | ITL p99 ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|".to_string()
+}
+
+impl Summary {
+    /// One markdown table row.
+    pub fn row(&self) -> String {
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            "| {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            self.workload.name(),
+            self.distinct_adapters,
+            self.requests,
+            self.failed,
+            self.output_tokens,
+            self.wall_s,
+            self.tokens_per_s,
+            self.ttft_ms[0],
+            self.ttft_ms[1],
+            self.ttft_ms[2],
+            self.itl_ms[0],
+            self.itl_ms[1],
+            self.itl_ms[2],
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workloads_spread_requests_over_adapters_as_punica_defines_them() {
+        let mut rng = BenchRng::new(1);
+        let d = assign_adapters(Workload::Distinct, 16, 8, &mut rng);
+        assert_eq!(d.iter().flatten().filter(|&&a| a == 3).count(), 2);
+        let i = assign_adapters(Workload::Identical, 16, 8, &mut rng);
+        assert!(i.iter().all(|a| *a == Some(0)));
+        assert!(
+            assign_adapters(Workload::None, 4, 8, &mut rng)
+                .iter()
+                .all(Option::is_none)
+        );
+        let s = assign_adapters(Workload::Skewed, 2000, 8, &mut rng);
+        let zeros = s.iter().filter(|a| **a == Some(0)).count();
+        let sevens = s.iter().filter(|a| **a == Some(7)).count();
+        assert!(
+            zeros > 4 * sevens,
+            "Zipf favours the first adapter: {zeros} vs {sevens}"
+        );
+        let u = assign_adapters(Workload::Uniform, 2000, 8, &mut rng);
+        for k in 0..8 {
+            let n = u.iter().filter(|a| **a == Some(k)).count();
+            assert!((150..350).contains(&n), "adapter {k} drawn {n} times");
+        }
+    }
+
+    #[test]
+    fn poisson_arrivals_have_the_requested_mean_rate() {
+        let mut rng = BenchRng::new(3);
+        let a = arrivals(4000, 20.0, &mut rng);
+        let last = a.last().unwrap().as_secs_f64();
+        assert!(
+            (180.0..220.0).contains(&last),
+            "4000 arrivals at 20/s took {last} s"
+        );
+        assert!(a.windows(2).all(|w| w[0] <= w[1]));
+        assert!(arrivals(5, 0.0, &mut rng).iter().all(Duration::is_zero));
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+
+    #[test]
+    fn a_summary_counts_tokens_latencies_and_adapters() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let timings = vec![
+            RequestTiming {
+                submitted: Some(t0),
+                tokens: vec![ms(100), ms(110), ms(130)],
+                failed: None,
+            },
+            RequestTiming {
+                submitted: Some(ms(10)),
+                tokens: vec![],
+                failed: Some("boom".into()),
+            },
+        ];
+        let s = summarise(
+            Workload::Uniform,
+            &[Some(1), Some(1)],
+            &timings,
+            Duration::from_secs(1),
+        );
+        assert_eq!(s.output_tokens, 3);
+        assert_eq!(s.failed, 1);
+        assert_eq!(s.distinct_adapters, 1);
+        assert!((s.tokens_per_s - 3.0).abs() < 1e-9);
+        assert!((s.ttft_ms[0] - 100.0).abs() < 1e-6);
+        assert!((s.itl_ms[2] - 20.0).abs() < 1e-6);
+        assert!(s.row().starts_with("| uniform | 1 | 2 | 1 | 3 |"));
+    }
+}
