@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::task::{Context, Poll};
 
-use crate::engine::backend::{BackendError, StepMeta};
+use crate::engine::backend::StepMeta;
 use crate::engine::lora::cache::{AdapterSource, CacheConfig, HostAdapter, Validator};
 use crate::engine::metrics::EngineMetrics;
 use crate::engine::request::{SharedDetokenizer, StreamEvent, ValidRequest};
@@ -45,8 +45,11 @@ pub trait Executor {
     fn install_adapter(&mut self, slot: u32, adapter: &Self::Adapter) -> Result<(), String>;
     /// Run one step over `meta`'s batch and return the logits of `meta.logit_rows`, as
     /// `[logit_rows, vocab]` f32 on the host.
-    fn forward(&mut self, meta: &StepMeta) -> Result<&[f32], BackendError>;
+    fn forward(&mut self, meta: &StepMeta) -> Result<&[f32], ExecutorError>;
 }
+
+/// A failed step of an [`Executor`] (backend or model error), reported to the requests in it.
+pub type ExecutorError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Limits of the runtime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -143,6 +143,11 @@ pub enum StreamEvent {
 pub trait TextDecoder: Send {
     /// Feed one token; returns the text it completes, if any.
     fn push(&mut self, token: u32) -> Result<Option<String>, String>;
+
+    /// Release whatever is still held back; called once when the generation ends.
+    fn finish(&mut self) -> Result<Option<String>, String> {
+        Ok(None)
+    }
 }
 
 /// Makes a [`TextDecoder`] per request (the model's tokenizer).

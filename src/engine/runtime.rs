@@ -53,7 +53,13 @@ struct State<W: crate::engine::lora::cache::HostAdapter> {
     needs: Vec<AdapterKey>,
     closed: Vec<SeqId>,
     stopping: bool,
+    /// Consecutive steps in which a loaded adapter found every device slot pinned.
+    starved_steps: u32,
 }
+
+/// Steps an adapter may wait for a pinned-full set of device slots before new admissions onto
+/// resident adapters are held back.
+const SLOT_STARVATION_STEPS: u32 = 16;
 
 /// The owner thread's body.
 #[allow(clippy::too_many_arguments)]
@@ -121,6 +127,7 @@ pub(super) fn run<E, F>(
         needs: Vec::new(),
         closed: Vec::new(),
         stopping: false,
+        starved_steps: 0,
     };
     if ready.send(Ok(())).is_err() {
         return;
@@ -320,6 +327,15 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
         for err in self.cache.ensure(&self.needs, &mut install) {
             self.fail_adapter(&err);
         }
+        // Time-sliced swapping: an adapter that waits too long for a slot held by pinned
+        // adapters stops new admissions onto those, so their slots drain.
+        if self.cache.slot_starved(&self.needs) {
+            self.starved_steps += 1;
+        } else {
+            self.starved_steps = 0;
+        }
+        self.scheduler
+            .set_admit_adapters(self.starved_steps < SLOT_STARVATION_STEPS);
 
         let cache = &self.cache;
         let scheduled =
@@ -411,7 +427,17 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
         let mut finish = None;
         let text = if live.stop_ids.contains(&token) {
             finish = Some(FinishReason::Stop);
-            live.text.flush()
+            match live.decoder.finish() {
+                Ok(rest) => {
+                    let (mut out, _) = live.text.push(&rest.unwrap_or_default());
+                    out.push_str(&live.text.flush());
+                    out
+                }
+                Err(e) => {
+                    self.fail(id, ErrorCode::Internal, format!("detokenizer: {e}"));
+                    return;
+                }
+            }
         } else {
             let piece = match live.decoder.push(token) {
                 Ok(p) => p.unwrap_or_default(),
@@ -425,7 +451,20 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
                 finish = Some(FinishReason::Stop);
             } else if live.generated >= live.max_tokens {
                 finish = Some(FinishReason::Length);
-                out.push_str(&live.text.flush());
+                let rest = match live.decoder.finish() {
+                    Ok(rest) => rest.unwrap_or_default(),
+                    Err(e) => {
+                        self.fail(id, ErrorCode::Internal, format!("detokenizer: {e}"));
+                        return;
+                    }
+                };
+                let (more, hit) = live.text.push(&rest);
+                out.push_str(&more);
+                if hit {
+                    finish = Some(FinishReason::Stop);
+                } else {
+                    out.push_str(&live.text.flush());
+                }
             }
             out
         };

@@ -147,6 +147,9 @@ pub struct Scheduler {
     next_arrival: u64,
     /// Scratch: (slot, id, tokens, samples) of this step before ordering.
     picked: Vec<ScheduledSeq>,
+    /// When false, waiting sequences with an adapter are not admitted (see
+    /// [`Scheduler::set_admit_adapters`]).
+    admit_adapters: bool,
 }
 
 impl Scheduler {
@@ -160,6 +163,7 @@ impl Scheduler {
             running: Vec::new(),
             next_arrival: 0,
             picked: Vec::new(),
+            admit_adapters: true,
         }
     }
 
@@ -206,6 +210,14 @@ impl Scheduler {
     /// Tokens a sequence of `len` tokens can never exceed: the whole pool.
     pub fn capacity_tokens(&self) -> usize {
         self.kv.total() * crate::engine::backend::BLOCK_SIZE
+    }
+
+    /// Stop (or resume) admitting sequences that use an adapter. The runtime stops them while
+    /// an adapter has waited too long for a device slot that running sequences keep pinned: the
+    /// pinned adapters then drain and free a slot, so hot adapters cannot starve cold ones.
+    /// Base-model sequences and running sequences are unaffected.
+    pub fn set_admit_adapters(&mut self, admit: bool) {
+        self.admit_adapters = admit;
     }
 
     /// Queue a new sequence. `max_len` is the most tokens it may reach (prompt + max new tokens);
@@ -485,6 +497,7 @@ impl Scheduler {
             let seq = self.seqs.get(&id)?;
             match &seq.adapter {
                 None => Some((id, None)),
+                Some(_) if !self.admit_adapters => None,
                 Some(key) => slot_of(key).map(|slot| (id, Some(slot))),
             }
         })
@@ -927,6 +940,27 @@ mod tests {
         blocks.sort_unstable();
         blocks.dedup();
         assert_eq!(blocks.len(), m.block_tables.len(), "no block is shared");
+    }
+
+    #[test]
+    fn holding_adapter_admissions_lets_base_sequences_in_and_keeps_running_ones_going() {
+        let mut s = Scheduler::new(cfg(8, 64, 64));
+        let t = Uuid::from_u128(1);
+        s.add(1, t, Some(key(1)), vec![1], 10).unwrap();
+        step(&mut s, all_resident, 0);
+        s.add(2, t, Some(key(1)), vec![2], 10).unwrap();
+        s.add(3, t, None, vec![3], 10).unwrap();
+        s.set_admit_adapters(false);
+        let (_, p) = step(&mut s, all_resident, 0);
+        let ids: Vec<_> = p.seqs.iter().map(|q| q.id).collect();
+        assert_eq!(
+            ids,
+            vec![3, 1],
+            "running 1 continues, base 3 admitted, 2 held"
+        );
+        s.set_admit_adapters(true);
+        let (_, p) = step(&mut s, all_resident, 0);
+        assert_eq!(p.admitted, vec![2]);
     }
 
     #[test]

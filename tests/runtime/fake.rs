@@ -10,7 +10,7 @@ use std::time::Duration;
 use punica::engine::backend::{BLOCK_SIZE, BackendError, StepMeta};
 use punica::engine::lora::cache::{AdapterFiles, AdapterKey, HostAdapter, Validator};
 use punica::engine::request::{Detokenizer, TextDecoder};
-use punica::engine::{EngineError, Executor};
+use punica::engine::{EngineError, Executor, ExecutorError};
 
 pub const VOCAB: usize = 64;
 
@@ -134,7 +134,7 @@ impl Executor for FakeModel {
         Ok(())
     }
 
-    fn forward(&mut self, meta: &StepMeta) -> Result<&[f32], BackendError> {
+    fn forward(&mut self, meta: &StepMeta) -> Result<&[f32], ExecutorError> {
         let step = self.probe.steps.fetch_add(1, Ordering::SeqCst);
         self.probe.max_rows.fetch_max(meta.rows(), Ordering::SeqCst);
         if let Ok(mut b) = self.probe.batches.lock() {

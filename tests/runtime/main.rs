@@ -449,3 +449,32 @@ fn shutting_the_engine_down_ends_every_live_stream_with_an_error() {
         )
     });
 }
+
+#[test]
+fn a_cold_adapter_gets_a_slot_even_while_a_hot_adapter_keeps_every_slot_busy() {
+    let h = harness(config(4, 64, 1), 256, Duration::from_millis(1), 2);
+    let mut hot: Vec<RequestStream> = (0..30)
+        .map(|i| {
+            h.engine
+                .submit(request(1, Some(1), vec![i, i + 1], 12 + i % 7))
+                .unwrap()
+        })
+        .collect();
+    assert!(matches!(
+        hot[0].blocking_next(),
+        Some(StreamEvent::Token { .. })
+    ));
+    let mut cold = h.engine.submit(request(1, Some(2), vec![7, 8], 5)).unwrap();
+    let out = drain(&mut cold);
+    assert_eq!(out.tokens, fake::reference(seed_of(2), &[7, 8], 5));
+    assert!(
+        h.metrics.waiting.get() > 10,
+        "the cold adapter ran long before the hot adapter's backlog was done: waiting {} running {} steps {}",
+        h.metrics.waiting.get(),
+        h.metrics.running.get(),
+        h.probe.steps.load(Ordering::SeqCst)
+    );
+    for s in &mut hot {
+        while s.blocking_next().is_some() {}
+    }
+}

@@ -421,6 +421,15 @@ impl<W: HostAdapter> AdapterCache<W> {
         failed
     }
 
+    /// Whether some key of `needs` is validated in host memory but finds no device slot
+    /// because every slot is pinned.
+    pub fn slot_starved(&self, needs: &[AdapterKey]) -> bool {
+        needs
+            .iter()
+            .any(|k| self.host.contains_key(k) && !self.resident.contains_key(k))
+            && self.free_slot().is_none()
+    }
+
     /// A free slot, else the least recently used unpinned one.
     fn free_slot(&self) -> Option<u32> {
         if let Some(i) = self.slots.iter().position(|s| s.key.is_none()) {
@@ -631,6 +640,7 @@ mod tests {
         settle(&mut c, &[key(2)], &mut installs);
         assert_eq!(c.slot_of(&key(2)), None);
         assert!(c.in_host(&key(2)));
+        assert!(c.slot_starved(&[key(2)]));
         assert_eq!(c.slot_of(&key(1)), Some(0));
         c.unpin(&key(1));
         settle(&mut c, &[key(2)], &mut installs);
