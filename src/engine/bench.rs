@@ -10,6 +10,12 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use uuid::Uuid;
+
+use crate::engine::lora::cache::AdapterKey;
+use crate::engine::request::{SamplingParams, StreamEvent, ValidRequest};
+use crate::engine::{EngineError, EngineHandle};
+
 /// Adapter popularity of a workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Workload {
@@ -232,6 +238,112 @@ impl Summary {
         );
         s
     }
+}
+
+/// One workload's traffic: what each request asks for and when it arrives.
+#[derive(Clone, Debug)]
+pub struct Traffic {
+    pub workload: Workload,
+    /// Adapter index per request (`None` = base model).
+    pub adapters: Vec<Option<usize>>,
+    pub arrivals: Vec<Duration>,
+    pub prompts: Vec<Vec<u32>>,
+    pub max_tokens: u32,
+}
+
+impl Traffic {
+    /// Requests of `prompt_len` random tokens below `vocab`, `max_tokens` each, with adapters
+    /// and arrivals drawn for `workload`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate(
+        workload: Workload,
+        requests: usize,
+        adapters: usize,
+        prompt_len: usize,
+        max_tokens: u32,
+        vocab: usize,
+        rate: f64,
+        seed: u64,
+    ) -> Self {
+        let mut rng = BenchRng::new(seed);
+        let assigned = assign_adapters(workload, requests, adapters, &mut rng);
+        let arrivals = arrivals(requests, rate, &mut rng);
+        let prompts = (0..requests)
+            .map(|_| {
+                (0..prompt_len.max(1))
+                    .map(|_| rng.below(vocab.max(1)) as u32)
+                    .collect()
+            })
+            .collect();
+        Self {
+            workload,
+            adapters: assigned,
+            arrivals,
+            prompts,
+            max_tokens,
+        }
+    }
+}
+
+/// Submit `traffic` to `engine` at its arrival times (adapter index i is `keys[i]`), read every
+/// stream on its own thread, and summarise. Greedy, no stop conditions: every request produces
+/// exactly `max_tokens` tokens unless it fails.
+pub fn drive(
+    engine: &EngineHandle,
+    traffic: &Traffic,
+    keys: &[AdapterKey],
+) -> Result<Summary, EngineError> {
+    let start = Instant::now();
+    let mut readers = Vec::with_capacity(traffic.prompts.len());
+    for (i, prompt) in traffic.prompts.iter().enumerate() {
+        let due = start + traffic.arrivals[i];
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let adapter = traffic.adapters[i].and_then(|a| keys.get(a).copied());
+        let submitted = Instant::now();
+        let mut stream = engine.submit(ValidRequest {
+            tenant: Uuid::from_u128(1 + (i % 4) as u128),
+            request_id: Uuid::new_v4(),
+            adapter,
+            prompt: prompt.clone(),
+            sampling: SamplingParams::default(),
+            max_tokens: traffic.max_tokens,
+            stop_ids: Vec::new(),
+            stop_strings: Vec::new(),
+            logprobs: false,
+        })?;
+        readers.push(std::thread::spawn(move || {
+            let mut timing = RequestTiming {
+                submitted: Some(submitted),
+                ..RequestTiming::default()
+            };
+            while let Some(event) = stream.blocking_next() {
+                match event {
+                    StreamEvent::Token { .. } => timing.tokens.push(Instant::now()),
+                    StreamEvent::Error { message, .. } => timing.failed = Some(message),
+                    StreamEvent::Done { .. } => {}
+                }
+            }
+            timing
+        }));
+    }
+    let timings: Vec<RequestTiming> = readers
+        .into_iter()
+        .map(|r| {
+            r.join().unwrap_or_else(|_| RequestTiming {
+                failed: Some("reader thread panicked".into()),
+                ..RequestTiming::default()
+            })
+        })
+        .collect();
+    Ok(summarise(
+        traffic.workload,
+        &traffic.adapters,
+        &timings,
+        start.elapsed(),
+    ))
 }
 
 #[cfg(test)]

@@ -478,3 +478,30 @@ fn a_cold_adapter_gets_a_slot_even_while_a_hot_adapter_keeps_every_slot_busy() {
         while s.blocking_next().is_some() {}
     }
 }
+
+#[test]
+fn the_bench_driver_counts_every_token_of_every_workload() {
+    use punica::engine::bench::{Traffic, Workload, drive};
+    let h = harness(config(8, 64, 4), 256, Duration::ZERO, 4);
+    let keys: Vec<AdapterKey> = (1..=4).map(adapter).collect();
+    for workload in [
+        Workload::Distinct,
+        Workload::Uniform,
+        Workload::Skewed,
+        Workload::Identical,
+        Workload::None,
+    ] {
+        let traffic = Traffic::generate(workload, 12, 4, 6, 5, fake::VOCAB, 500.0, 7);
+        let s = drive(&h.engine, &traffic, &keys).unwrap();
+        assert_eq!(s.failed, 0, "{workload:?}");
+        assert_eq!(s.output_tokens, 60, "{workload:?}");
+        assert!(s.tokens_per_s > 0.0);
+        let expect_adapters = match workload {
+            Workload::Distinct => 4,
+            Workload::Identical => 1,
+            Workload::None => 0,
+            _ => s.distinct_adapters,
+        };
+        assert_eq!(s.distinct_adapters, expect_adapters, "{workload:?}");
+    }
+}
