@@ -158,6 +158,24 @@ pub trait Detokenizer: Send + Sync {
 /// The shared detokeniser handed to the engine.
 pub type SharedDetokenizer = Arc<dyn Detokenizer>;
 
+/// A detokeniser for engines without a tokenizer (benches over bare weights): every text piece
+/// is empty, so stop strings never match and only token ids are streamed.
+pub struct NoText;
+
+struct NoTextDecoder;
+
+impl TextDecoder for NoTextDecoder {
+    fn push(&mut self, _token: u32) -> Result<Option<String>, String> {
+        Ok(None)
+    }
+}
+
+impl Detokenizer for NoText {
+    fn decoder(&self) -> Box<dyn TextDecoder> {
+        Box::new(NoTextDecoder)
+    }
+}
+
 /// The text of one generation with its stop strings: collects decoded pieces and says how much
 /// may be released. A suffix that could still grow into a stop string is held back.
 #[derive(Debug, Default)]
