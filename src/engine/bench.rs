@@ -8,13 +8,24 @@
 //! inter-token latency.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::engine::lora::cache::AdapterKey;
-use crate::engine::request::{SamplingParams, StreamEvent, ValidRequest};
-use crate::engine::{EngineError, EngineHandle};
+use crate::engine::backend::cpu::CpuBackend;
+use crate::engine::executor::{LlamaExecutor, peft_validator};
+use crate::engine::lora::cache::{AdapterKey, AdapterSource, CacheConfig, MemorySource};
+use crate::engine::metrics::EngineMetrics;
+use crate::engine::model::config::{LlamaConfig, Projection};
+use crate::engine::model::llama::Llama;
+use crate::engine::model::tokenizer::Tokenizer;
+use crate::engine::request::{
+    NoText, SamplingParams, SharedDetokenizer, StreamEvent, ValidRequest,
+};
+use crate::engine::synthetic::{SyntheticError, random_adapter};
+use crate::engine::{EngineConfig, EngineError, EngineHandle};
 
 /// Adapter popularity of a workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -308,11 +319,11 @@ pub fn drive(
             request_id: Uuid::new_v4(),
             adapter,
             prompt: prompt.clone(),
-            sampling: SamplingParams::default(),
-            max_tokens: traffic.max_tokens,
-            stop_ids: Vec::new(),
-            stop_strings: Vec::new(),
-            logprobs: false,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                max_tokens: traffic.max_tokens as usize,
+                ..SamplingParams::default()
+            },
         })?;
         readers.push(std::thread::spawn(move || {
             let mut timing = RequestTiming {
@@ -344,6 +355,268 @@ pub fn drive(
         &timings,
         start.elapsed(),
     ))
+}
+
+/// Device to run `bench engine` on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchDevice {
+    Cpu,
+}
+
+/// Arguments of `punica bench engine`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchEngineArgs {
+    /// Hugging Face style model folder (config.json, *.safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: BenchDevice,
+    /// Workloads to run, comma separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "distinct,uniform,skewed,identical"
+    )]
+    pub workload: Vec<Workload>,
+    /// Adapters in the pool (random, for the model's shapes).
+    #[arg(long, default_value_t = 8)]
+    pub adapters: usize,
+    /// LoRA rank of every adapter (all seven projections of every layer).
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 32)]
+    pub requests: usize,
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: u32,
+    /// Requests per second (Poisson arrivals); 0 submits them all at once.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 32)]
+    pub max_running: usize,
+    /// Rows per step (decodes + prefill chunks).
+    #[arg(long, default_value_t = 256)]
+    pub max_step_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also append the report to this file.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+/// Why `bench engine` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("cannot read the model config: {0}")]
+    Model(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Synthetic(#[from] SyntheticError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("cannot write {path}: {source}")]
+    Output {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Run every requested workload on a fresh engine and return the markdown report.
+pub fn run(args: &BenchEngineArgs) -> Result<String, BenchError> {
+    let config = LlamaConfig::from_file(&args.model.join("config.json"))
+        .map_err(|e| BenchError::Model(e.to_string()))?;
+    let source = Arc::new(MemorySource::new());
+    let keys: Vec<AdapterKey> = (0..args.adapters.max(1))
+        .map(|i| AdapterKey {
+            id: Uuid::from_u128(i as u128 + 1),
+            version: 1,
+        })
+        .collect();
+    for (i, key) in keys.iter().enumerate() {
+        source.insert(
+            *key,
+            random_adapter(&config, args.rank, 0.01, args.seed + i as u64)?,
+        );
+    }
+    let detokenizer: SharedDetokenizer = match Tokenizer::from_dir(&args.model) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "no tokenizer: the bench streams token ids without text");
+            Arc::new(NoText)
+        }
+    };
+    let mut summaries = Vec::new();
+    for &workload in &args.workload {
+        tracing::info!(workload = workload.name(), "bench workload starting");
+        let summary = run_workload(args, &config, &source, &keys, &detokenizer, workload)?;
+        tracing::info!(
+            workload = workload.name(),
+            tokens_per_s = summary.tokens_per_s,
+            "bench workload done"
+        );
+        summaries.push(summary);
+    }
+    let report = report(args, &config, &summaries);
+    if let Some(path) = &args.output {
+        use std::io::Write as _;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(report.as_bytes()))
+            .map_err(|source| BenchError::Output {
+                path: path.display().to_string(),
+                source,
+            })?;
+    }
+    Ok(report)
+}
+
+fn run_workload(
+    args: &BenchEngineArgs,
+    config: &LlamaConfig,
+    source: &Arc<MemorySource>,
+    keys: &[AdapterKey],
+    detokenizer: &SharedDetokenizer,
+    workload: Workload,
+) -> Result<Summary, BenchError> {
+    let slots = keys.len();
+    let per_seq = crate::engine::kv::blocks_for(args.prompt_len + args.max_tokens as usize);
+    let kv_blocks = per_seq * args.max_running + 1;
+    let model_dir = args.model.clone();
+    let engine = EngineHandle::start(
+        EngineConfig {
+            max_running: args.max_running,
+            max_step_tokens: args.max_step_tokens,
+            max_queued: args.requests + keys.len() + 1,
+            stream_capacity: args.max_tokens as usize + 8,
+            cache: CacheConfig {
+                device_slots: slots,
+                host_bytes: 8 << 30,
+                loader_threads: 2,
+            },
+        },
+        move || {
+            let backend = Arc::new(CpuBackend::new());
+            let model = Llama::load(backend, &model_dir)
+                .map_err(|e| EngineError::Startup(e.to_string()))?;
+            LlamaExecutor::new(model, kv_blocks, slots)
+                .map_err(|e| EngineError::Startup(e.to_string()))
+        },
+        Arc::clone(source) as Arc<dyn AdapterSource>,
+        peft_validator(config.clone()),
+        Arc::clone(detokenizer),
+        EngineMetrics::unregistered()?,
+    )?;
+    let traffic = Traffic::generate(
+        workload,
+        args.requests,
+        keys.len(),
+        args.prompt_len,
+        args.max_tokens,
+        config.vocab_size,
+        args.rate,
+        args.seed,
+    );
+    // Warm-up: make the workload's adapters resident so the run measures steady state.
+    let mut used: Vec<usize> = traffic.adapters.iter().flatten().copied().collect();
+    used.sort_unstable();
+    used.dedup();
+    let warm = Traffic {
+        workload,
+        adapters: used.iter().map(|&a| Some(a)).collect(),
+        arrivals: vec![Duration::ZERO; used.len()],
+        prompts: vec![vec![0]; used.len()],
+        max_tokens: 1,
+    };
+    drive(&engine, &warm, keys)?;
+    Ok(drive(&engine, &traffic, keys)?)
+}
+
+fn report(args: &BenchEngineArgs, config: &LlamaConfig, summaries: &[Summary]) -> String {
+    let mut s = String::new();
+    let date = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let rev = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let threads = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let _ = writeln!(
+        s,
+        "## bench engine: {} ({} layers, hidden {})\n",
+        args.model.display(),
+        config.num_hidden_layers,
+        config.hidden_size
+    );
+    let _ = writeln!(
+        s,
+        "- date {date}, git {rev}, device {:?}, {cpu} ({threads} threads)",
+        args.device
+    );
+    let _ = writeln!(
+        s,
+        "- {} requests, prompt {} tokens, {} new tokens each (greedy), rate {} req/s, {} adapters of rank {} on q,k,v,o,gate,up,down, max_running {}, max_step_tokens {}\n",
+        args.requests,
+        args.prompt_len,
+        args.max_tokens,
+        args.rate,
+        args.adapters,
+        args.rank,
+        args.max_running,
+        args.max_step_tokens
+    );
+    let _ = writeln!(s, "{}", table_header());
+    for summary in summaries {
+        let _ = writeln!(s, "{}", summary.row());
+    }
+    let tps = |w: Workload| {
+        summaries
+            .iter()
+            .find(|x| x.workload == w)
+            .map(|x| x.tokens_per_s)
+    };
+    // Multiply-adds per token: base projections + LM head, and the LoRA shrink + expand.
+    let (mut base, mut lora) = (config.vocab_size * config.hidden_size, 0usize);
+    for p in Projection::ALL {
+        let (h_in, h_out) = config.projection_dims(p);
+        base += config.num_hidden_layers * h_in * h_out;
+        lora += config.num_hidden_layers * args.rank * (h_in + h_out);
+    }
+    let _ = writeln!(
+        s,
+        "\nLoRA multiply-adds per token: {:.1}% of the base model's ({lora} vs {base}).",
+        100.0 * lora as f64 / base.max(1) as f64
+    );
+    if let (Some(n), Some(i)) = (tps(Workload::None), tps(Workload::Identical))
+        && n > 0.0
+    {
+        let _ = writeln!(s, "identical / none (base model) throughput: {:.3}", i / n);
+    }
+    if let (Some(d), Some(i)) = (tps(Workload::Distinct), tps(Workload::Identical))
+        && i > 0.0
+    {
+        let _ = writeln!(s, "distinct / identical throughput: {:.3}", d / i);
+    }
+    s.push('\n');
+    s
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod executor;
 pub mod kv;
 pub mod lora;
 pub mod metrics;
@@ -17,6 +18,7 @@ pub mod request;
 mod runtime;
 pub mod sampling;
 pub mod scheduler;
+pub mod synthetic;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -217,18 +219,20 @@ impl EngineHandle {
                 "the prompt has no tokens".into(),
             ));
         }
-        if request.max_tokens == 0 {
-            return Err(EngineError::InvalidRequest(
-                "max_tokens must be at least 1".into(),
-            ));
-        }
+        request
+            .sampling
+            .validate()
+            .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         let vocab = self.shared.vocab_size.load(Ordering::Relaxed);
         if let Some(&bad) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::InvalidRequest(format!(
                 "token id {bad} is outside the vocabulary of {vocab}"
             )));
         }
-        let tokens = request.prompt.len() + request.max_tokens as usize;
+        let tokens = request
+            .prompt
+            .len()
+            .saturating_add(request.sampling.max_tokens);
         let capacity = self.capacity_tokens();
         if tokens > capacity {
             return Err(EngineError::TooLong { tokens, capacity });

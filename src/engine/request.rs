@@ -8,30 +8,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::engine::lora::cache::AdapterKey;
-
-/// How to pick each next token.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SamplingParams {
-    /// 0 = greedy.
-    pub temperature: f32,
-    /// 0 = no top-k cut.
-    pub top_k: u32,
-    /// 1.0 = no nucleus cut.
-    pub top_p: f32,
-    /// Seed of the request's own RNG; the same seed gives the same tokens.
-    pub seed: u64,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        }
-    }
-}
+pub use crate::engine::sampling::SamplingParams;
 
 /// A request the service has checked: tenant resolved, prompt tokenized, adapter resolved to an
 /// immutable version.
@@ -39,21 +16,17 @@ impl Default for SamplingParams {
 pub struct ValidRequest {
     /// The tenant, for fairness and tracing.
     pub tenant: Uuid,
-    /// The service's id of this request, for tracing.
+    /// The service's id of this request, for tracing (its bits also seed requests that gave no
+    /// seed).
     pub request_id: Uuid,
     /// `None` = the base model.
     pub adapter: Option<AdapterKey>,
     /// Prompt token ids (at least one).
     pub prompt: Vec<u32>,
+    /// Sampling and stop conditions: temperature, top-k, top-p, seed, `max_tokens`, stop token
+    /// ids (not part of the text), stop strings (the text ends right before the first one) and
+    /// logprobs.
     pub sampling: SamplingParams,
-    /// Most tokens to generate (at least one).
-    pub max_tokens: u32,
-    /// Token ids that end the generation (e.g. the model's EOS); not part of the text.
-    pub stop_ids: Vec<u32>,
-    /// Strings that end the generation; the text stops right before the first one.
-    pub stop_strings: Vec<String>,
-    /// Whether token events carry the chosen token's log-probability.
-    pub logprobs: bool,
 }
 
 /// Why a generation ended.
@@ -127,6 +100,9 @@ pub enum StreamEvent {
         text: String,
         /// Natural-log probability of the token before temperature / top-k / top-p, if asked.
         logprob: Option<f32>,
+        /// The most likely alternatives `(token_id, logprob)`, best first, when asked for
+        /// (`SamplingParams::logprobs`); empty otherwise.
+        top_logprobs: Vec<(u32, f32)>,
     },
     Done {
         finish_reason: FinishReason,

@@ -16,9 +16,10 @@ use crate::engine::lora::cache::{
 };
 use crate::engine::metrics::EngineMetrics;
 use crate::engine::request::{
-    ErrorCode, FinishReason, SamplingParams, SharedDetokenizer, StopText, StreamEvent, TextDecoder,
-    Usage, ValidRequest,
+    ErrorCode, FinishReason, SharedDetokenizer, StopText, StreamEvent, TextDecoder, Usage,
+    ValidRequest,
 };
+use crate::engine::sampling::Sampler;
 use crate::engine::scheduler::{Scheduler, SchedulerConfig, SeqId, StepPlan};
 
 /// Engine-side state of one live request (the scheduler holds its tokens and KV).
@@ -27,10 +28,8 @@ struct Live {
     tenant: uuid::Uuid,
     adapter: Option<AdapterKey>,
     events: tokio::sync::mpsc::Sender<StreamEvent>,
-    sampling: SamplingParams,
-    rng: SplitMix64,
+    sampler: Sampler,
     max_tokens: u32,
-    stop_ids: Vec<u32>,
     logprobs: bool,
     prompt_tokens: u32,
     generated: u32,
@@ -191,13 +190,12 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             adapter,
             prompt,
             sampling,
-            max_tokens,
-            stop_ids,
-            stop_strings,
-            logprobs,
         } = request;
+        let max_tokens = u32::try_from(sampling.max_tokens).unwrap_or(u32::MAX);
+        let logprobs = sampling.logprobs.is_some();
+        let stop_strings = sampling.stop.clone();
         let prompt_tokens = prompt.len() as u32;
-        let max_len = prompt.len() + max_tokens as usize;
+        let max_len = prompt.len().saturating_add(sampling.max_tokens);
         if let Err(e) = self.scheduler.add(id, tenant, adapter, prompt, max_len) {
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             let _ = events.try_send(StreamEvent::Error {
@@ -217,10 +215,8 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
                 tenant,
                 adapter,
                 events,
-                rng: SplitMix64::new(sampling.seed),
-                sampling,
+                sampler: Sampler::new(sampling, request_id.as_u64_pair().0),
                 max_tokens,
-                stop_ids,
                 logprobs,
                 prompt_tokens,
                 generated: 0,
@@ -419,13 +415,15 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
         let Some(live) = self.live.get_mut(&id) else {
             return;
         };
-        let (token, logprob) = sample(logits, &live.sampling, &mut live.rng, live.logprobs);
+        let sampled = live.sampler.sample(logits);
+        let token = sampled.token;
+        let logprob = live.logprobs.then_some(sampled.logprob);
         live.generated += 1;
         self.metrics.generated_tokens.inc();
         let index = live.generated - 1;
 
         let mut finish = None;
-        let text = if live.stop_ids.contains(&token) {
+        let text = if live.sampler.params().stop_token_ids.contains(&token) {
             finish = Some(FinishReason::Stop);
             match live.decoder.finish() {
                 Ok(rest) => {
@@ -482,6 +480,7 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             token_id: token,
             text,
             logprob,
+            top_logprobs: sampled.top_logprobs,
         };
         match live.events.try_send(event) {
             Ok(()) => {}
@@ -518,126 +517,5 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
                 }
             }
         }
-    }
-}
-
-/// A small seeded RNG per request: reproducible across runs and independent of batch mates.
-#[derive(Clone, Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
-
-/// Pick a token from one row of logits; returns it with its log-probability under the raw
-/// distribution when asked.
-fn sample(
-    logits: &[f32],
-    params: &SamplingParams,
-    rng: &mut SplitMix64,
-    want_logprob: bool,
-) -> (u32, Option<f32>) {
-    let argmax = logits
-        .iter()
-        .enumerate()
-        .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 { (i, v) } else { best }
-        });
-    let token = if params.temperature <= 0.0 {
-        argmax.0
-    } else {
-        let inv_t = 1.0 / params.temperature;
-        let mut cand: Vec<(usize, f32)> = logits.iter().copied().enumerate().collect();
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        if params.top_k > 0 {
-            cand.truncate(params.top_k as usize);
-        }
-        let max = cand.first().map_or(0.0, |c| c.1);
-        let mut total = 0.0f32;
-        for c in &mut cand {
-            c.1 = ((c.1 - max) * inv_t).exp();
-            total += c.1;
-        }
-        if params.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = cand.len();
-            for (i, c) in cand.iter().enumerate() {
-                acc += c.1 / total;
-                if acc >= params.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            cand.truncate(keep);
-            total = cand.iter().map(|c| c.1).sum();
-        }
-        let mut r = rng.next_f32() * total;
-        let mut pick = cand.last().map_or(argmax.0, |c| c.0);
-        for c in &cand {
-            if r < c.1 {
-                pick = c.0;
-                break;
-            }
-            r -= c.1;
-        }
-        pick
-    };
-    let logprob = want_logprob.then(|| {
-        let max = argmax.1;
-        let lse = logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln() + max;
-        logits[token] - lse
-    });
-    (token as u32, logprob)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn greedy_sampling_takes_the_largest_logit_and_reports_its_log_probability() {
-        let mut rng = SplitMix64::new(1);
-        let logits = [0.0, 2.0, 1.0];
-        let (t, lp) = sample(&logits, &SamplingParams::default(), &mut rng, true);
-        assert_eq!(t, 1);
-        let expect = 2.0 - (1.0f32 + 2.0f32.exp() + 1.0f32.exp()).ln();
-        assert!((lp.unwrap() - expect).abs() < 1e-6);
-    }
-
-    #[test]
-    fn seeded_sampling_is_reproducible_and_respects_top_k() {
-        let logits: Vec<f32> = (0..50).map(|i| ((i * 17) % 50) as f32 * 0.05).collect();
-        let params = SamplingParams {
-            temperature: 1.0,
-            top_k: 3,
-            top_p: 1.0,
-            seed: 42,
-        };
-        let run = || {
-            let mut rng = SplitMix64::new(params.seed);
-            (0..20)
-                .map(|_| sample(&logits, &params, &mut rng, false).0)
-                .collect::<Vec<_>>()
-        };
-        let a = run();
-        assert_eq!(a, run());
-        let mut top: Vec<usize> = (0..50).collect();
-        top.sort_by(|&x, &y| logits[y].total_cmp(&logits[x]));
-        assert!(a.iter().all(|t| top[..3].contains(&(*t as usize))));
     }
 }

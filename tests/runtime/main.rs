@@ -3,6 +3,7 @@
 //! paged context (see `fake.rs`).
 
 mod fake;
+mod llama;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -91,11 +92,11 @@ fn request(
         request_id: Uuid::new_v4(),
         adapter: adapter_n.map(adapter),
         prompt,
-        sampling: SamplingParams::default(),
-        max_tokens,
-        stop_ids: vec![],
-        stop_strings: vec![],
-        logprobs: false,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            max_tokens: max_tokens as usize,
+            ..SamplingParams::default()
+        },
     }
 }
 
@@ -160,7 +161,7 @@ fn hundred_concurrent_requests_over_twenty_adapters_match_their_solo_runs_with_f
     let mut expected = Vec::new();
     for i in 0..100u32 {
         // Every seventh request uses the base model; the rest spread over all 20 adapters.
-        let adapter_n = (i % 7 != 0).then_some(u128::from(i % 20) + 1);
+        let adapter_n = (!i.is_multiple_of(7)).then_some(u128::from(i % 20) + 1);
         let prompt = prompt_for(i);
         let max_tokens = 4 + (i * 3) % 29;
         let seed = adapter_n.map_or(0, seed_of);
@@ -388,7 +389,7 @@ fn stop_ids_and_stop_strings_end_the_stream_with_the_text_cut_before_the_stop() 
     let stop = text[10..13].to_string();
     let cut = text.find(&stop).unwrap();
     let mut r = request(1, None, prompt.clone(), 30);
-    r.stop_strings = vec![stop.clone()];
+    r.sampling.stop = vec![stop.clone()];
     let out = drain(&mut h.engine.submit(r).unwrap());
     assert_eq!(out.text, text[..cut]);
     assert!(matches!(
@@ -403,7 +404,7 @@ fn stop_ids_and_stop_strings_end_the_stream_with_the_text_cut_before_the_stop() 
     let stop_id = full[7];
     let first = full.iter().position(|&t| t == stop_id).unwrap();
     let mut r = request(1, None, prompt, 30);
-    r.stop_ids = vec![stop_id];
+    r.sampling.stop_token_ids = vec![stop_id];
     let out = drain(&mut h.engine.submit(r).unwrap());
     assert_eq!(out.tokens, full[..=first]);
     assert_eq!(out.text, fake::letters(&full[..first]));
