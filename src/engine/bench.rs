@@ -166,6 +166,9 @@ pub struct Summary {
     /// Milliseconds: p50, p90, p99.
     pub ttft_ms: [f64; 3],
     pub itl_ms: [f64; 3],
+    /// CPU seconds the whole process used during the run (all threads), where known: on a
+    /// shared machine, tokens per CPU second is steadier than tokens per wall second.
+    pub cpu_s: Option<f64>,
 }
 
 /// Summarise the timings of a run that took `wall` from first submit to last event.
@@ -218,21 +221,29 @@ pub fn summarise(
         },
         ttft_ms: pct(&ttft),
         itl_ms: pct(&itl),
+        cpu_s: None,
     }
 }
 
 /// Markdown table header matching [`Summary::row`].
 pub fn table_header() -> String {
-    "| workload | adapters used | requests | failed | output tokens | wall s | tokens/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | ITL p50 ms | ITL p90 ms | ITL p99 ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|".to_string()
+    "| workload | adapters used | requests | failed | output tokens | wall s | tokens/s | CPU s | tokens/CPU-s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | ITL p50 ms | ITL p90 ms | ITL p99 ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|".to_string()
 }
 
 impl Summary {
     /// One markdown table row.
     pub fn row(&self) -> String {
         let mut s = String::new();
+        let (cpu, per_cpu) = match self.cpu_s {
+            Some(c) if c > 0.0 => (
+                format!("{c:.2}"),
+                format!("{:.1}", self.output_tokens as f64 / c),
+            ),
+            _ => ("-".to_string(), "-".to_string()),
+        };
         let _ = write!(
             s,
-            "| {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {} | {} | {} | {} | {:.2} | {:.1} | {cpu} | {per_cpu} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} |",
             self.workload.name(),
             self.distinct_adapters,
             self.requests,
@@ -249,6 +260,26 @@ impl Summary {
         );
         s
     }
+
+    /// Output tokens per CPU second, where CPU time is known.
+    pub fn tokens_per_cpu_s(&self) -> Option<f64> {
+        self.cpu_s
+            .filter(|&c| c > 0.0)
+            .map(|c| self.output_tokens as f64 / c)
+    }
+}
+
+/// CPU seconds (user + system, all threads) this process has used, from `/proc/self/stat`.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // Linux reports them in clock ticks of USER_HZ, which is 100 on every supported platform.
+    Some((utime + stime) / 100.0)
 }
 
 /// One workload's traffic: what each request asks for and when it arrives.
@@ -534,7 +565,10 @@ fn run_workload(
         max_tokens: 1,
     };
     drive(&engine, &warm, keys)?;
-    Ok(drive(&engine, &traffic, keys)?)
+    let cpu_before = process_cpu_seconds();
+    let mut summary = drive(&engine, &traffic, keys)?;
+    summary.cpu_s = cpu_before.zip(process_cpu_seconds()).map(|(a, b)| b - a);
+    Ok(summary)
 }
 
 fn report(args: &BenchEngineArgs, config: &LlamaConfig, summaries: &[Summary]) -> String {
@@ -610,6 +644,19 @@ fn report(args: &BenchEngineArgs, config: &LlamaConfig, summaries: &[Summary]) -
     {
         let _ = writeln!(s, "identical / none (base model) throughput: {:.3}", i / n);
     }
+    let per_cpu = |w: Workload| {
+        summaries
+            .iter()
+            .find(|x| x.workload == w)
+            .and_then(Summary::tokens_per_cpu_s)
+    };
+    if let (Some(d), Some(i)) = (per_cpu(Workload::Distinct), per_cpu(Workload::Identical)) {
+        let _ = writeln!(
+            s,
+            "distinct / identical tokens per CPU second: {:.3}",
+            d / i
+        );
+    }
     if let (Some(d), Some(i)) = (tps(Workload::Distinct), tps(Workload::Identical))
         && i > 0.0
     {
@@ -663,6 +710,22 @@ mod tests {
     }
 
     #[test]
+    fn process_cpu_time_is_read_and_grows_with_work() {
+        let before = process_cpu_seconds().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut x = 0u64;
+        while process_cpu_seconds().unwrap() - before < 0.05 {
+            assert!(
+                Instant::now() < deadline,
+                "50 ms of spinning never showed up"
+            );
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
+    }
+
+    #[test]
     fn percentiles_use_the_nearest_rank() {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
         assert_eq!(percentile(&v, 50.0), 50.0);
@@ -699,6 +762,9 @@ mod tests {
         assert!((s.tokens_per_s - 3.0).abs() < 1e-9);
         assert!((s.ttft_ms[0] - 100.0).abs() < 1e-6);
         assert!((s.itl_ms[2] - 20.0).abs() < 1e-6);
-        assert!(s.row().starts_with("| uniform | 1 | 2 | 1 | 3 |"));
+        assert!(
+            s.row()
+                .starts_with("| uniform | 1 | 2 | 1 | 3 | 1.00 | 3.0 | - | - |")
+        );
     }
 }
