@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod openai;
 pub mod quota;
 pub mod routes;
+pub mod service;
 pub mod state;
 pub mod tenant_metrics;
 pub mod usage;
