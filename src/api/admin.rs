@@ -12,6 +12,9 @@ use crate::api::usage::{UsageQuery, usage_report};
 use crate::domain::{ApiKeyId, Email, Password, Quotas, TenantId, TenantName};
 use crate::store::{ApiKeyInfo, StoreError, Tenant};
 
+/// Longest API key label.
+pub const MAX_LABEL_LEN: usize = 200;
+
 /// Registers the operator routes (mounted under `/api/v1`).
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -220,10 +223,10 @@ async fn create_api_key(
 ) -> Result<HttpResponse, ApiError> {
     let id = tenant_id(&path)?;
     let label = body.map(|b| b.into_inner().label).unwrap_or_default();
-    if label.chars().count() > crate::store::MAX_LABEL_LEN {
+    if label.chars().count() > MAX_LABEL_LEN {
         return Err(ApiError::InvalidRequest(format!(
             "`label` may have at most {} characters",
-            crate::store::MAX_LABEL_LEN
+            MAX_LABEL_LEN
         )));
     }
     let (info, key) = state.store.create_api_key(id, &label).await?;

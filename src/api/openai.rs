@@ -286,7 +286,6 @@ fn openai_finish_reason(reason: FinishReason) -> &'static str {
 /// One generated token as the response builders see it.
 #[derive(Clone, Debug)]
 struct Piece {
-    token_id: u32,
     text: String,
     logprob: Option<f32>,
 }
@@ -544,15 +543,8 @@ async fn respond(
     while let Some(event) = rx.recv().await {
         match event {
             GenEvent::Token {
-                token_id,
-                text,
-                logprob,
-                ..
-            } => pieces.push(Piece {
-                token_id,
-                text,
-                logprob,
-            }),
+                text, logprob, ..
+            } => pieces.push(Piece { text, logprob }),
             GenEvent::Done {
                 finish_reason,
                 usage,
@@ -603,17 +595,8 @@ fn sse_body(
             return None;
         }
         let bytes = match state.rx.recv().await {
-            Some(GenEvent::Token {
-                token_id,
-                text,
-                logprob,
-                ..
-            }) => {
-                let piece = Piece {
-                    token_id,
-                    text,
-                    logprob,
-                };
+            Some(GenEvent::Token { text, logprob, .. }) => {
+                let piece = Piece { text, logprob };
                 let chunk = state
                     .shaper
                     .chunk(Some(&piece), state.first, state.text_offset, None);
@@ -685,9 +668,9 @@ pub async fn models(
         created: state.started_at().unix_timestamp(),
         owned_by: "punica".into(),
     }];
-    for adapter in state.list_adapter_names(&tenant).await? {
+    for adapter in state.store.list_adapters(tenant.tenant_id).await? {
         data.push(ModelEntry {
-            id: adapter.name,
+            id: adapter.name.as_str().to_owned(),
             object: "model",
             created: adapter.created_at.unix_timestamp(),
             owned_by: tenant.tenant_name.clone(),
@@ -702,7 +685,6 @@ mod tests {
 
     fn piece(text: &str, logprob: Option<f32>) -> Piece {
         Piece {
-            token_id: 1,
             text: text.into(),
             logprob,
         }

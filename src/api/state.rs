@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 
 use time::OffsetDateTime;
 
-use crate::api::adapters::AdapterRegistry;
+use crate::api::adapter_registry::AdapterRegistry;
 use crate::api::auth::Authenticator;
 use crate::api::error::ApiError;
 use crate::api::quota::QuotaGate;
