@@ -59,10 +59,7 @@ pub fn split_bundle(bundle: &[u8]) -> Option<(&[u8], &[u8])> {
     if config_len.checked_add(weights_len)? != body_len {
         return None;
     }
-    Some((
-        &bundle[weights_len..body_len],
-        &bundle[..weights_len],
-    ))
+    Some((&bundle[weights_len..body_len], &bundle[..weights_len]))
 }
 
 /// The engine's cache key of a stored version.
@@ -131,7 +128,12 @@ impl AdapterRegistry {
             name: name.to_owned(),
         };
         let parsed = AdapterName::parse(name).map_err(|_| not_found())?;
-        let version = match self.inner.store.get_adapter(tenant.tenant_id, &parsed).await {
+        let version = match self
+            .inner
+            .store
+            .get_adapter(tenant.tenant_id, &parsed)
+            .await
+        {
             Ok(version) => version,
             Err(StoreError::NotFound { .. }) => return Err(not_found()),
             Err(other) => return Err(other.into()),

@@ -243,8 +243,14 @@ async fn receive(
     let trailer = bundle_trailer(config.len() as u64, weights_len);
     hasher.update(&config);
     hasher.update(trailer);
-    bundle.write_all(&config).await.map_err(ApiError::internal)?;
-    bundle.write_all(&trailer).await.map_err(ApiError::internal)?;
+    bundle
+        .write_all(&config)
+        .await
+        .map_err(ApiError::internal)?;
+    bundle
+        .write_all(&trailer)
+        .await
+        .map_err(ApiError::internal)?;
     bundle.flush().await.map_err(ApiError::internal)?;
     Ok(Received {
         name: name.trim().to_owned(),
@@ -268,13 +274,7 @@ struct Validated {
 fn weights_dtype(weights: &[u8]) -> String {
     let dtype = safetensors::SafeTensors::read_metadata(weights)
         .ok()
-        .and_then(|(_, metadata)| {
-            metadata
-                .tensors()
-                .values()
-                .next()
-                .map(|info| info.dtype)
-        });
+        .and_then(|(_, metadata)| metadata.tensors().values().next().map(|info| info.dtype));
     match dtype {
         Some(safetensors::Dtype::F16) => "float16".into(),
         Some(safetensors::Dtype::BF16) => "bfloat16".into(),

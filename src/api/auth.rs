@@ -166,7 +166,9 @@ impl FromRequest for Operator {
                 ));
             };
             let presented = bearer_token(req).ok_or_else(|| {
-                ApiError::Unauthorized("missing `Authorization: Bearer <admin token>` header".into())
+                ApiError::Unauthorized(
+                    "missing `Authorization: Bearer <admin token>` header".into(),
+                )
             })?;
             if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
                 Ok(Operator)

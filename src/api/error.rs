@@ -307,6 +307,9 @@ mod tests {
             name: "legal-v2".into(),
         });
         assert_eq!(body["error"]["code"], "adapter_not_found");
-        assert_eq!(body["error"]["message"], "adapter 'legal-v2' does not exist");
+        assert_eq!(
+            body["error"]["message"],
+            "adapter 'legal-v2' does not exist"
+        );
     }
 }

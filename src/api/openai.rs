@@ -154,8 +154,7 @@ fn check_common(
     if n.is_some_and(|n| n != 1) {
         return Err(refuse("only `n: 1` is supported"));
     }
-    if presence_penalty.is_some_and(|p| p != 0.0) || frequency_penalty.is_some_and(|p| p != 0.0)
-    {
+    if presence_penalty.is_some_and(|p| p != 0.0) || frequency_penalty.is_some_and(|p| p != 0.0) {
         return Err(refuse(
             "`presence_penalty` and `frequency_penalty` are not supported",
         ));
@@ -239,7 +238,9 @@ impl ChatCompletionRequest {
         if let Some(format) = &self.response_format
             && format.get("type").and_then(|t| t.as_str()) != Some("text")
         {
-            return Err(refuse("only `response_format: {\"type\": \"text\"}` is supported"));
+            return Err(refuse(
+                "only `response_format: {\"type\": \"text\"}` is supported",
+            ));
         }
         Ok(GenerationParams {
             adapter: adapter_of(&self.model, state),
@@ -542,9 +543,7 @@ async fn respond(
     let mut pieces = Vec::new();
     while let Some(event) = rx.recv().await {
         match event {
-            GenEvent::Token {
-                text, logprob, ..
-            } => pieces.push(Piece { text, logprob }),
+            GenEvent::Token { text, logprob, .. } => pieces.push(Piece { text, logprob }),
             GenEvent::Done {
                 finish_reason,
                 usage,
@@ -613,10 +612,12 @@ fn sse_body(
                 if state.first && state.shaper.endpoint == Endpoint::Chat {
                     out.extend_from_slice(&sse_data(&state.shaper.chunk(None, true, 0, None)));
                 }
-                let closing =
-                    state
-                        .shaper
-                        .chunk(None, false, state.text_offset, Some((finish_reason, usage)));
+                let closing = state.shaper.chunk(
+                    None,
+                    false,
+                    state.text_offset,
+                    Some((finish_reason, usage)),
+                );
                 out.extend_from_slice(&sse_data(&closing));
                 if state.shaper.include_usage {
                     out.extend_from_slice(&sse_data(&state.shaper.usage_chunk(usage)));

@@ -60,8 +60,14 @@ async fn count_errors(
     if let (Some(state), Some(error)) = (state, response.response().error())
         && let Some(api_error) = error.as_error::<ApiError>()
     {
-        let tenant = response.request().extensions().get::<TenantContext>().cloned();
-        state.metrics.record_error(tenant.as_ref(), api_error.code());
+        let tenant = response
+            .request()
+            .extensions()
+            .get::<TenantContext>()
+            .cloned();
+        state
+            .metrics
+            .record_error(tenant.as_ref(), api_error.code());
     }
     Ok(response)
 }
@@ -85,7 +91,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .wrap(from_fn(count_errors))
             .route("/stream", web::get().to(ws::stream))
             .route("/completions", web::post().to(openai::completions))
-            .route("/chat/completions", web::post().to(openai::chat_completions))
+            .route(
+                "/chat/completions",
+                web::post().to(openai::chat_completions),
+            )
             .route("/models", web::get().to(openai::models))
             .default_service(web::to(not_found)),
     );

@@ -119,17 +119,16 @@ pub fn load_model(
         tracing::info!("--device auto: serving on the CPU backend");
     }
     let config_path = dir.join("config.json");
-    let config =
-        LlamaConfig::from_file(&config_path).map_err(|e| ModelLoadError::Config {
-            path: config_path.clone(),
-            message: e.to_string(),
-        })?;
-    let tokenizer = Arc::new(Tokenizer::from_dir(dir).map_err(|e| {
-        ModelLoadError::Tokenizer {
+    let config = LlamaConfig::from_file(&config_path).map_err(|e| ModelLoadError::Config {
+        path: config_path.clone(),
+        message: e.to_string(),
+    })?;
+    let tokenizer = Arc::new(
+        Tokenizer::from_dir(dir).map_err(|e| ModelLoadError::Tokenizer {
             path: dir.to_owned(),
             message: e.to_string(),
-        }
-    })?);
+        })?,
+    );
     let kv_blocks =
         LlamaExecutor::<CpuBackend>::kv_blocks_for_bytes(&config, DType::F32, CPU_KV_BYTES);
     let engine_config = EngineConfig::default();
@@ -139,8 +138,7 @@ pub fn load_model(
         let backend = Arc::new(CpuBackend::new());
         let model = Llama::load(backend, &model_dir)
             .map_err(|e| EngineError::Startup(format!("loading {}: {e}", model_dir.display())))?;
-        LlamaExecutor::new(model, kv_blocks, slots)
-            .map_err(|e| EngineError::Startup(e.to_string()))
+        LlamaExecutor::new(model, kv_blocks, slots).map_err(|e| EngineError::Startup(e.to_string()))
     };
     let engine = EngineHandle::start(
         engine_config,

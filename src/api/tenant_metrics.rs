@@ -1,4 +1,5 @@
-//! Service-level Prometheus metrics per tenant and adapter: requests by finish reason, tokens,
+//! Service-level Prometheus metrics per tenant and adapter (exported as `punica_tenant_*`: the
+//! registry adds the `punica_` prefix): requests by finish reason, tokens,
 //! errors by code, latency histograms, live streams.
 //!
 //! Label cardinality is bounded on purpose. `tenant` is the tenant's name, which operators
@@ -68,28 +69,28 @@ impl ServiceMetrics {
         Ok(ServiceMetrics {
             requests: IntCounterVec::new(
                 Opts::new(
-                    "punica_tenant_requests_total",
+                    "tenant_requests_total",
                     "Generations ended, by tenant, adapter and finish reason (length, stop, cancelled, error)",
                 ),
                 &["tenant", "adapter", "finish_reason"],
             )?,
             tokens: IntCounterVec::new(
                 Opts::new(
-                    "punica_tenant_tokens_total",
+                    "tenant_tokens_total",
                     "Tokens processed, by tenant, adapter and kind (prompt, completion)",
                 ),
                 &["tenant", "adapter", "kind"],
             )?,
             errors: IntCounterVec::new(
                 Opts::new(
-                    "punica_tenant_errors_total",
+                    "tenant_errors_total",
                     "Failed API calls and generations, by tenant and error code",
                 ),
                 &["tenant", "code"],
             )?,
             duration: HistogramVec::new(
                 HistogramOpts::new(
-                    "punica_tenant_request_duration_seconds",
+                    "tenant_request_duration_seconds",
                     "Time from admission to the end of a generation, by tenant",
                 )
                 .buckets(latency_buckets.clone()),
@@ -97,7 +98,7 @@ impl ServiceMetrics {
             )?,
             first_token: HistogramVec::new(
                 HistogramOpts::new(
-                    "punica_tenant_time_to_first_token_seconds",
+                    "tenant_time_to_first_token_seconds",
                     "Time from receipt to the first generated token, by tenant",
                 )
                 .buckets(latency_buckets),
@@ -105,14 +106,14 @@ impl ServiceMetrics {
             )?,
             active: IntGaugeVec::new(
                 Opts::new(
-                    "punica_tenant_active_streams",
+                    "tenant_active_streams",
                     "Generations running now in this process, by tenant",
                 ),
                 &["tenant"],
             )?,
             uploads: IntCounterVec::new(
                 Opts::new(
-                    "punica_tenant_adapter_uploads_total",
+                    "tenant_adapter_uploads_total",
                     "Adapter uploads accepted, by tenant",
                 ),
                 &["tenant"],
@@ -197,7 +198,9 @@ impl ServiceMetrics {
         let (tenant_label, adapter_label) = self.labels(tenant, adapter);
         let (t, a) = (tenant_label.as_str(), adapter_label.as_str());
         self.active.with_label_values(&[t]).dec();
-        self.requests.with_label_values(&[t, a, finish_reason]).inc();
+        self.requests
+            .with_label_values(&[t, a, finish_reason])
+            .inc();
         self.tokens
             .with_label_values(&[t, a, "prompt"])
             .inc_by(u64::from(prompt_tokens));
@@ -267,7 +270,14 @@ mod tests {
         let metrics = ServiceMetrics::unregistered().unwrap();
         let acme = tenant("acme");
         metrics.stream_started(&acme);
-        metrics.stream_finished(&acme, Some("legal"), "length", 5, 16, Duration::from_millis(30));
+        metrics.stream_finished(
+            &acme,
+            Some("legal"),
+            "length",
+            5,
+            16,
+            Duration::from_millis(30),
+        );
         assert_eq!(
             metrics
                 .tokens

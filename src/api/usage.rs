@@ -53,7 +53,9 @@ pub struct UsageReport {
 fn parse_day(field: &str, raw: &str) -> Result<Date, ApiError> {
     let format = time::macros::format_description!("[year]-[month]-[day]");
     Date::parse(raw, format).map_err(|_| {
-        ApiError::InvalidRequest(format!("`{field}` must be a date as YYYY-MM-DD, got '{raw}'"))
+        ApiError::InvalidRequest(format!(
+            "`{field}` must be a date as YYYY-MM-DD, got '{raw}'"
+        ))
     })
 }
 

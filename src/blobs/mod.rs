@@ -139,8 +139,11 @@ impl BlobStore {
     /// Objects that are not blobs of this store are skipped.
     pub async fn list(&self) -> Result<Vec<(String, time::OffsetDateTime)>, BlobError> {
         use futures_util::TryStreamExt;
-        let metas: Vec<object_store::ObjectMeta> =
-            self.inner.list(Some(&ObjectPath::from("sha256"))).try_collect().await?;
+        let metas: Vec<object_store::ObjectMeta> = self
+            .inner
+            .list(Some(&ObjectPath::from("sha256")))
+            .try_collect()
+            .await?;
         Ok(metas
             .into_iter()
             .filter(|meta| Self::parse_key(meta.location.as_ref()).is_ok())

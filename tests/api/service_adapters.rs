@@ -104,7 +104,10 @@ async fn upload_rejects_adapter_whose_rank_differs_from_its_config() {
         .json()
         .await
         .unwrap();
-    assert!(list["adapters"].as_array().unwrap().is_empty(), "nothing visible");
+    assert!(
+        list["adapters"].as_array().unwrap().is_empty(),
+        "nothing visible"
+    );
 }
 
 #[tokio::test]
@@ -143,12 +146,10 @@ async fn upload_with_a_missing_file_or_bad_name_is_invalid_request() {
     let app = spawn_service().await;
     let tenant = app.create_tenant("acme", json!({})).await;
     let files = adapter(4, 1);
-    let form = reqwest::multipart::Form::new()
-        .text("name", "x")
-        .part(
-            "adapter_config.json",
-            reqwest::multipart::Part::bytes(files.config.clone()),
-        );
+    let form = reqwest::multipart::Form::new().text("name", "x").part(
+        "adapter_config.json",
+        reqwest::multipart::Part::bytes(files.config.clone()),
+    );
     let response = app
         .tenant(Method::POST, "/api/v1/adapters", &tenant.key)
         .multipart(form)
@@ -173,11 +174,8 @@ async fn an_upload_above_the_size_limit_is_payload_too_large() {
     assert_eq!((status, code.as_str()), (413, "payload_too_large"));
     // Streamed without a length (chunked): the limit still holds while bytes arrive.
     let files = adapter(8, 1);
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = files
-        .weights
-        .chunks(1024)
-        .map(|c| Ok(c.to_vec()))
-        .collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        files.weights.chunks(1024).map(|c| Ok(c.to_vec())).collect();
     let stream = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
     let form = reqwest::multipart::Form::new()
         .text("name", "big")
@@ -217,7 +215,9 @@ async fn uploads_beyond_the_adapter_quotas_are_quota_exceeded() {
     // A new version of an existing adapter is not a new adapter.
     app.upload_ok(&tenant.key, "one", &adapter(4, 3)).await;
 
-    let small = app.create_tenant("small", json!({"max_adapter_bytes": 100})).await;
+    let small = app
+        .create_tenant("small", json!({"max_adapter_bytes": 100}))
+        .await;
     let (status, code, message) =
         error_of(app.upload(&small.key, "one", &adapter(4, 1)).await).await;
     assert_eq!((status, code.as_str()), (429, "quota_exceeded"));
@@ -230,7 +230,12 @@ async fn deleting_an_adapter_hides_it_and_frees_its_name_and_blob() {
     let tenant = app.create_tenant("acme", json!({})).await;
     let stored = app.upload_ok(&tenant.key, "legal", &adapter(4, 1)).await;
     let sha = stored["sha256"].as_str().unwrap().to_owned();
-    let blob = app.data_dir.path().join("blobs/sha256").join(&sha[..2]).join(&sha);
+    let blob = app
+        .data_dir
+        .path()
+        .join("blobs/sha256")
+        .join(&sha[..2])
+        .join(&sha);
     assert!(blob.exists(), "{}", blob.display());
 
     let deleted = app
@@ -396,13 +401,17 @@ async fn an_upload_killed_half_way_leaves_nothing_behind() {
     // Let the server spool what it got, then kill the connection half way.
     let spool = app.data_dir.path().join("uploads");
     app.eventually("the upload is being spooled", || async {
-        std::fs::read_dir(&spool).map(|d| d.count() == 1).unwrap_or(false)
+        std::fs::read_dir(&spool)
+            .map(|d| d.count() == 1)
+            .unwrap_or(false)
     })
     .await;
     drop(socket);
 
     app.eventually("the spool is empty again", || async {
-        std::fs::read_dir(&spool).map(|d| d.count() == 0).unwrap_or(false)
+        std::fs::read_dir(&spool)
+            .map(|d| d.count() == 0)
+            .unwrap_or(false)
     })
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -8,7 +8,12 @@ use crate::service_helpers::spawn_service;
 #[tokio::test]
 async fn operator_routes_refuse_a_missing_or_wrong_admin_token() {
     let app = spawn_service().await;
-    let none = app.client.get(app.url("/api/v1/tenants")).send().await.unwrap();
+    let none = app
+        .client
+        .get(app.url("/api/v1/tenants"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(none.status(), 401);
     let body: Value = none.json().await.unwrap();
     assert_eq!(body["error"]["code"], "unauthorized");
@@ -169,22 +174,44 @@ async fn api_keys_are_shown_once_listed_without_their_secret_and_revocable() {
     assert!(key.starts_with(created["prefix"].as_str().unwrap()));
     assert_eq!(created["label"], "ci");
 
-    let listing = app.admin(Method::GET, &path).send().await.unwrap().text().await.unwrap();
+    let listing = app
+        .admin(Method::GET, &path)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(!listing.contains(&key), "the secret is never listed");
     let listing: Value = serde_json::from_str(&listing).unwrap();
     assert_eq!(listing["api_keys"].as_array().unwrap().len(), 2);
 
-    let ok = app.tenant(Method::GET, "/api/v1/adapters", &key).send().await.unwrap();
+    let ok = app
+        .tenant(Method::GET, "/api/v1/adapters", &key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200);
     let revoked = app
-        .admin(Method::DELETE, &format!("{path}/{}", created["id"].as_str().unwrap()))
+        .admin(
+            Method::DELETE,
+            &format!("{path}/{}", created["id"].as_str().unwrap()),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(revoked.status(), 204);
-    let refused = app.tenant(Method::GET, "/api/v1/adapters", &key).send().await.unwrap();
+    let refused = app
+        .tenant(Method::GET, "/api/v1/adapters", &key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(refused.status(), 401, "a revoked key stops working at once");
-    let other = app.tenant(Method::GET, "/api/v1/adapters", &tenant.key).send().await.unwrap();
+    let other = app
+        .tenant(Method::GET, "/api/v1/adapters", &tenant.key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(other.status(), 200, "the tenant's other key still works");
 
     let unknown = app
@@ -198,9 +225,14 @@ async fn api_keys_are_shown_once_listed_without_their_secret_and_revocable() {
 #[tokio::test]
 async fn put_quotas_replaces_every_limit() {
     let app = spawn_service().await;
-    let tenant = app.create_tenant("acme", json!({"max_adapters": 2, "tokens_per_day": 5})).await;
+    let tenant = app
+        .create_tenant("acme", json!({"max_adapters": 2, "tokens_per_day": 5}))
+        .await;
     let response = app
-        .admin(Method::PUT, &format!("/api/v1/tenants/{}/quotas", tenant.id))
+        .admin(
+            Method::PUT,
+            &format!("/api/v1/tenants/{}/quotas", tenant.id),
+        )
         .json(&json!({"max_concurrent_streams": 4, "tokens_per_minute": 100}))
         .send()
         .await
@@ -212,7 +244,10 @@ async fn put_quotas_replaces_every_limit() {
     assert!(body["quotas"]["max_adapters"].is_null());
     assert!(body["quotas"]["tokens_per_day"].is_null());
     let negative = app
-        .admin(Method::PUT, &format!("/api/v1/tenants/{}/quotas", tenant.id))
+        .admin(
+            Method::PUT,
+            &format!("/api/v1/tenants/{}/quotas", tenant.id),
+        )
         .json(&json!({"max_adapters": -1}))
         .send()
         .await
@@ -226,11 +261,21 @@ async fn console_users_are_created_once_per_email() {
     let tenant = app.create_tenant("acme", json!({})).await;
     let path = format!("/api/v1/tenants/{}/users", tenant.id);
     let body = json!({"email": "ada@example.com", "password": "correct horse battery"});
-    let created = app.admin(Method::POST, &path).json(&body).send().await.unwrap();
+    let created = app
+        .admin(Method::POST, &path)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(created.status(), 201);
     let text = created.text().await.unwrap();
     assert!(!text.contains("correct horse"), "no password in the answer");
-    let again = app.admin(Method::POST, &path).json(&body).send().await.unwrap();
+    let again = app
+        .admin(Method::POST, &path)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(again.status(), 409);
     let weak = app
         .admin(Method::POST, &path)

@@ -106,7 +106,10 @@ impl Service {
         let tenant: Value = response.json().await.expect("tenant json");
         let id = tenant["id"].as_str().expect("tenant id").to_owned();
         let response = self
-            .admin(reqwest::Method::POST, &format!("/api/v1/tenants/{id}/api-keys"))
+            .admin(
+                reqwest::Method::POST,
+                &format!("/api/v1/tenants/{id}/api-keys"),
+            )
             .json(&json!({"label": "test"}))
             .send()
             .await

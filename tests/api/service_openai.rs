@@ -36,7 +36,10 @@ async fn completions_answer_with_text_finish_reason_and_usage() {
         .json()
         .await
         .unwrap();
-    assert_eq!(default_length["usage"]["completion_tokens"], 16, "OpenAI's default");
+    assert_eq!(
+        default_length["usage"]["completion_tokens"], 16,
+        "OpenAI's default"
+    );
     assert_eq!(default_length["usage"]["prompt_tokens"], 3);
 }
 
@@ -71,7 +74,11 @@ async fn chat_completions_stream_sse_chunks_ending_in_done_with_usage() {
         .map(|d| serde_json::from_str(d).unwrap())
         .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
     let closing = chunks
         .iter()
         .find(|c| c["choices"][0]["finish_reason"].is_string())
@@ -135,10 +142,26 @@ async fn openai_routes_refuse_what_they_cannot_honour_with_error_codes() {
     let app = spawn_service().await;
     let tenant = app.create_tenant("acme", json!({})).await;
     let cases = [
-        (json!({"model": MODEL_ID, "prompt": "x", "n": 2}), 400, "invalid_request"),
-        (json!({"model": MODEL_ID, "prompt": "x", "presence_penalty": 1.0}), 400, "invalid_request"),
-        (json!({"model": MODEL_ID, "prompt": "x", "top_p": 0}), 400, "invalid_request"),
-        (json!({"model": "nope", "prompt": "x"}), 404, "adapter_not_found"),
+        (
+            json!({"model": MODEL_ID, "prompt": "x", "n": 2}),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({"model": MODEL_ID, "prompt": "x", "presence_penalty": 1.0}),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({"model": MODEL_ID, "prompt": "x", "top_p": 0}),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({"model": "nope", "prompt": "x"}),
+            404,
+            "adapter_not_found",
+        ),
         (json!({"prompt": "x"}), 400, "invalid_request"),
     ];
     for (body, status, code) in cases {
@@ -186,5 +209,8 @@ async fn the_official_openai_python_client_streams_a_chat_completion() {
         output.status.success(),
         "the openai client script failed:\n{stdout}\n{stderr}"
     );
-    assert!(stdout.contains("chunks=") && stdout.contains("finish_reason=length"), "{stdout}");
+    assert!(
+        stdout.contains("chunks=") && stdout.contains("finish_reason=length"),
+        "{stdout}"
+    );
 }

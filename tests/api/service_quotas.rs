@@ -42,9 +42,11 @@ async fn the_concurrency_quota_holds_exactly_under_50_parallel_requests() {
     let mut holders = Vec::new();
     for i in 0..5 {
         let mut ws = app.ws(Some(&tenant.key)).await;
-        ws.send(json!({"type": "generate", "id": format!("h{i}"), "prompt": "x",
-                       "max_tokens": 500, "temperature": 0}))
-            .await;
+        ws.send(
+            json!({"type": "generate", "id": format!("h{i}"), "prompt": "x",
+                       "max_tokens": 500, "temperature": 0}),
+        )
+        .await;
         holders.push(ws);
     }
     for ws in &mut holders {
@@ -74,13 +76,12 @@ async fn the_concurrency_quota_holds_exactly_under_50_parallel_requests() {
     let watcher = tokio::spawn(async move {
         let mut peak = 0i64;
         loop {
-            let held: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM stream_leases WHERE tenant_id = $1::uuid",
-            )
-            .bind(&tenant_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+            let held: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM stream_leases WHERE tenant_id = $1::uuid")
+                    .bind(&tenant_id)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
             peak = peak.max(held);
             if stop_rx.try_recv().is_ok() {
                 return peak;
@@ -122,7 +123,11 @@ async fn the_token_quota_holds_exactly_under_50_parallel_requests() {
         .filter(|(s, _, _)| *s == 200)
         .map(|(_, body, _)| body)
         .collect();
-    assert_eq!(admitted.len(), 12, "floor(125 / 10) requests fit the minute");
+    assert_eq!(
+        admitted.len(),
+        12,
+        "floor(125 / 10) requests fit the minute"
+    );
     for (status, body, retry_after) in results.iter().filter(|(s, _, _)| *s != 200) {
         assert_eq!(*status, 429);
         assert_eq!(body["error"]["code"], "rate_limited");
@@ -143,7 +148,9 @@ async fn the_token_quota_holds_exactly_under_50_parallel_requests() {
 #[tokio::test]
 async fn a_daily_token_quota_is_quota_exceeded_with_retry_after() {
     let app = spawn_service().await;
-    let tenant = app.create_tenant("acme", json!({"tokens_per_day": 25})).await;
+    let tenant = app
+        .create_tenant("acme", json!({"tokens_per_day": 25}))
+        .await;
     let (status, _, _) = completion(&app, &tenant.key, 6).await;
     assert_eq!(status, 200);
     let (status, _, _) = completion(&app, &tenant.key, 6).await;
@@ -240,8 +247,8 @@ async fn per_tenant_metrics_count_requests_tokens_and_errors() {
     assert!(text.contains(
         r#"punica_tenant_tokens_total{adapter="_base",kind="completion",tenant="metered"} 3"#
     ));
-    assert!(text.contains(
-        r#"punica_tenant_errors_total{code="adapter_not_found",tenant="metered"} 1"#
-    ));
+    assert!(
+        text.contains(r#"punica_tenant_errors_total{code="adapter_not_found",tenant="metered"} 1"#)
+    );
     assert!(text.contains("punica_tenant_time_to_first_token_seconds_bucket"));
 }

@@ -15,9 +15,11 @@ async fn a_generation_streams_indexed_tokens_then_done_with_usage() {
     let app = spawn_service().await;
     let tenant = app.create_tenant("acme", json!({})).await;
     let mut ws = app.ws(Some(&tenant.key)).await;
-    ws.send(json!({"type": "generate", "id": "r1", "adapter": null, "prompt": "hello",
-                   "max_tokens": 12, "temperature": 0.0, "logprobs": true}))
-        .await;
+    ws.send(
+        json!({"type": "generate", "id": "r1", "adapter": null, "prompt": "hello",
+                   "max_tokens": 12, "temperature": 0.0, "logprobs": true}),
+    )
+    .await;
     let events = ws.collect("r1").await;
     let (done, tokens) = events.split_last().unwrap();
     assert_eq!(tokens.len(), 12);
@@ -34,9 +36,11 @@ async fn a_generation_streams_indexed_tokens_then_done_with_usage() {
     assert_eq!(done["usage"]["completion_tokens"], 12);
 
     // Greedy is deterministic, and without logprobs the field is absent.
-    ws.send(json!({"type": "generate", "id": "r2", "prompt": "hello", "max_tokens": 12,
-                   "temperature": 0}))
-        .await;
+    ws.send(
+        json!({"type": "generate", "id": "r2", "prompt": "hello", "max_tokens": 12,
+                   "temperature": 0}),
+    )
+    .await;
     let again = ws.collect("r2").await;
     assert_eq!(text_of(&again), text_of(&events));
     assert!(again[0].get("logprob").is_none());
@@ -47,14 +51,16 @@ async fn auth_by_first_message_works_and_a_bad_key_closes_the_socket() {
     let app = spawn_service().await;
     let tenant = app.create_tenant("acme", json!({})).await;
     let mut ws = app.ws(None).await;
-    ws.send(json!({"type": "auth", "api_key": tenant.key})).await;
+    ws.send(json!({"type": "auth", "api_key": tenant.key}))
+        .await;
     ws.send(json!({"type": "generate", "id": "a", "prompt": "hi", "max_tokens": 2}))
         .await;
     let events = ws.collect("a").await;
     assert_eq!(events.last().unwrap()["type"], "done");
 
     let mut bad = app.ws(None).await;
-    bad.send(json!({"type": "auth", "api_key": "pun_wrong"})).await;
+    bad.send(json!({"type": "auth", "api_key": "pun_wrong"}))
+        .await;
     let error = bad.next().await.expect("an error event");
     assert_eq!(error["type"], "error");
     assert_eq!(error["code"], "unauthorized");
@@ -91,7 +97,11 @@ async fn one_socket_carries_many_concurrent_generations_keyed_by_id() {
     let mut ws = app.ws(Some(&tenant.key)).await;
     let ids = ["a", "b", "c", "d"];
     for (i, id) in ids.iter().enumerate() {
-        let adapter = if i % 2 == 0 { Value::Null } else { json!("style") };
+        let adapter = if i % 2 == 0 {
+            Value::Null
+        } else {
+            json!("style")
+        };
         ws.send(json!({"type": "generate", "id": id, "adapter": adapter,
                        "prompt": "the same prompt", "max_tokens": 8, "temperature": 0}))
             .await;
@@ -131,9 +141,11 @@ async fn cancel_ends_a_generation_with_done_cancelled_and_records_its_usage() {
     let app = spawn_service().await;
     let tenant = app.create_tenant("acme", json!({})).await;
     let mut ws = app.ws(Some(&tenant.key)).await;
-    ws.send(json!({"type": "generate", "id": "long", "prompt": "x", "max_tokens": 500,
-                   "temperature": 0}))
-        .await;
+    ws.send(
+        json!({"type": "generate", "id": "long", "prompt": "x", "max_tokens": 500,
+                   "temperature": 0}),
+    )
+    .await;
     let first = ws.next().await.unwrap();
     assert_eq!(first["type"], "token");
     ws.send(json!({"type": "cancel", "id": "long"})).await;
@@ -144,7 +156,8 @@ async fn cancel_ends_a_generation_with_done_cancelled_and_records_its_usage() {
     let completion = done["usage"]["completion_tokens"].as_u64().unwrap();
     assert!(completion < 500, "{completion}");
 
-    ws.send(json!({"type": "cancel", "id": "never-started"})).await;
+    ws.send(json!({"type": "cancel", "id": "never-started"}))
+        .await;
     let error = ws.next().await.unwrap();
     assert_eq!(error["code"], "not_found");
     assert_eq!(error["id"], "never-started");
@@ -164,11 +177,23 @@ async fn invalid_generations_get_error_events_with_their_codes() {
     let tenant = app.create_tenant("acme", json!({})).await;
     let mut ws = app.ws(Some(&tenant.key)).await;
     let cases = [
-        (json!({"type": "generate", "id": "t", "prompt": "x", "temperature": -1}), "invalid_request"),
-        (json!({"type": "generate", "id": "m", "prompt": "x", "max_tokenz": 3}), "invalid_request"),
+        (
+            json!({"type": "generate", "id": "t", "prompt": "x", "temperature": -1}),
+            "invalid_request",
+        ),
+        (
+            json!({"type": "generate", "id": "m", "prompt": "x", "max_tokenz": 3}),
+            "invalid_request",
+        ),
         (json!({"type": "generate", "id": "p"}), "invalid_request"),
-        (json!({"type": "generate", "id": "n", "adapter": "missing", "prompt": "x"}), "adapter_not_found"),
-        (json!({"type": "generate", "id": "l", "prompt": "x", "max_tokens": 100000}), "invalid_request"),
+        (
+            json!({"type": "generate", "id": "n", "adapter": "missing", "prompt": "x"}),
+            "adapter_not_found",
+        ),
+        (
+            json!({"type": "generate", "id": "l", "prompt": "x", "max_tokens": 100000}),
+            "invalid_request",
+        ),
     ];
     for (message, code) in cases {
         let id = message["id"].as_str().unwrap().to_owned();
@@ -211,9 +236,11 @@ async fn a_socket_that_disconnects_mid_generation_frees_its_permit_and_records_u
         .create_tenant("acme", json!({"max_concurrent_streams": 1}))
         .await;
     let mut ws = app.ws(Some(&tenant.key)).await;
-    ws.send(json!({"type": "generate", "id": "g", "prompt": "x", "max_tokens": 500,
-                   "temperature": 0}))
-        .await;
+    ws.send(
+        json!({"type": "generate", "id": "g", "prompt": "x", "max_tokens": 500,
+                   "temperature": 0}),
+    )
+    .await;
     assert_eq!(ws.next().await.unwrap()["type"], "token");
     assert_eq!(app.leases(&tenant.id).await, 1);
     // The only permit is taken: a second request is refused.
@@ -258,15 +285,19 @@ async fn requests_started_before_a_reupload_keep_their_version() {
     let v1 = app.upload_ok(&tenant.key, "style", &adapter(4, 1)).await;
     assert_eq!(v1["version"], 1);
     let mut ws = app.ws(Some(&tenant.key)).await;
-    ws.send(json!({"type": "generate", "id": "old", "adapter": "style", "prompt": "x",
-                   "max_tokens": 300, "temperature": 0}))
-        .await;
+    ws.send(
+        json!({"type": "generate", "id": "old", "adapter": "style", "prompt": "x",
+                   "max_tokens": 300, "temperature": 0}),
+    )
+    .await;
     assert_eq!(ws.next().await.unwrap()["type"], "token");
     let v2 = app.upload_ok(&tenant.key, "style", &adapter(4, 2)).await;
     assert_eq!(v2["version"], 2);
-    ws.send(json!({"type": "generate", "id": "new", "adapter": "style", "prompt": "x",
-                   "max_tokens": 2, "temperature": 0}))
-        .await;
+    ws.send(
+        json!({"type": "generate", "id": "new", "adapter": "style", "prompt": "x",
+                   "max_tokens": 2, "temperature": 0}),
+    )
+    .await;
     let mut open = 2;
     while open > 0 {
         let event = ws.next().await.unwrap();
@@ -282,8 +313,14 @@ async fn requests_started_before_a_reupload_keep_their_version() {
     .fetch_all(&app.db_pool)
     .await
     .unwrap();
-    let old = versions.iter().find(|(id, _)| id == "old").expect("old row");
-    let new = versions.iter().find(|(id, _)| id == "new").expect("new row");
+    let old = versions
+        .iter()
+        .find(|(id, _)| id == "old")
+        .expect("old row");
+    let new = versions
+        .iter()
+        .find(|(id, _)| id == "new")
+        .expect("new row");
     assert_eq!(old.1, 1);
     assert_eq!(new.1, 2);
 }
@@ -298,8 +335,11 @@ async fn a_silent_client_is_dropped_after_ten_seconds() {
     let mut ws = ws;
     tokio::time::sleep(Duration::from_secs(16)).await;
     let mut closed = false;
-    while let Ok(Some(frame)) =
-        tokio::time::timeout(Duration::from_secs(1), futures_util::StreamExt::next(&mut ws.socket)).await
+    while let Ok(Some(frame)) = tokio::time::timeout(
+        Duration::from_secs(1),
+        futures_util::StreamExt::next(&mut ws.socket),
+    )
+    .await
     {
         match frame {
             Ok(Message::Close(_)) | Err(_) => {

@@ -179,7 +179,11 @@ pub fn write_tiny_model(dir: &Path) -> PathBuf {
     for value in &mut embed[..SPECIAL.len() * HIDDEN] {
         *value = 0.0;
     }
-    tensors.push(("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN], embed));
+    tensors.push((
+        "model.embed_tokens.weight".into(),
+        vec![VOCAB, HIDDEN],
+        embed,
+    ));
     let kv = KV_HEADS * HEAD_DIM;
     for layer in 0..LAYERS {
         let p = |name: &str| format!("model.layers.{layer}.{name}");

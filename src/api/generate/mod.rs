@@ -153,8 +153,10 @@ pub enum Undeliverable {
 /// (`TooSlow`) instead of queueing without limit.
 pub trait EventSink: Send + 'static {
     /// Hands over a token event.
-    fn deliver(&mut self, event: GenEvent)
-    -> impl Future<Output = Result<(), Undeliverable>> + Send;
+    fn deliver(
+        &mut self,
+        event: GenEvent,
+    ) -> impl Future<Output = Result<(), Undeliverable>> + Send;
     /// Hands over the final event (`Done` or `Failed`), waiting for room as long as the client
     /// is connected: it is one event, so the wait holds no unbounded memory.
     fn finish(&mut self, event: GenEvent) -> impl Future<Output = ()> + Send;
@@ -193,7 +195,11 @@ pub async fn run<S: EventSink>(
     .await
 }
 
-fn generation_span(tenant: &TenantContext, request_id: &str, adapter: Option<&str>) -> tracing::Span {
+fn generation_span(
+    tenant: &TenantContext,
+    request_id: &str,
+    adapter: Option<&str>,
+) -> tracing::Span {
     tracing::info_span!(
         "generation",
         tenant = %tenant.tenant_id,
@@ -301,7 +307,9 @@ async fn admit_inner(
             .map_err(ApiError::internal)??
     };
     if prompt.is_empty() {
-        return Err(ApiError::InvalidRequest("the prompt encodes to no tokens".into()));
+        return Err(ApiError::InvalidRequest(
+            "the prompt encodes to no tokens".into(),
+        ));
     }
     let context = model.context_tokens();
     let room = context.saturating_sub(prompt.len());
@@ -419,15 +427,19 @@ impl Running {
         sink: &mut S,
         mut cancel: std::pin::Pin<&mut (impl Future<Output = ()> + Send)>,
     ) {
-        let outcome = self.pump(sink, &mut cancel).await;
+        let (outcome, last) = self.pump(sink, &mut cancel).await;
+        // Usage is on the ledger before the client learns the generation ended.
         self.finish(outcome).await;
+        if let Some(last) = last {
+            sink.finish(last).await;
+        }
     }
 
     async fn pump<S: EventSink>(
         &mut self,
         sink: &mut S,
         cancel: &mut std::pin::Pin<&mut (impl Future<Output = ()> + Send)>,
-    ) -> Outcome {
+    ) -> (Outcome, Option<GenEvent>) {
         let prompt_tokens = self.prompt_tokens;
         let mut completion_tokens = 0u32;
         let usage = |completion_tokens| Usage {
@@ -440,8 +452,10 @@ impl Running {
                 () = cancel.as_mut() => {
                     self.events.cancel();
                     let usage = usage(completion_tokens);
-                    sink.finish(GenEvent::Done { finish_reason: FinishReason::Cancelled, usage }).await;
-                    return Outcome::finished(FinishReason::Cancelled, usage);
+                    return (
+                        Outcome::finished(FinishReason::Cancelled, usage),
+                        Some(GenEvent::Done { finish_reason: FinishReason::Cancelled, usage }),
+                    );
                 }
             };
             match event {
@@ -467,9 +481,12 @@ impl Running {
                         Ok(()) => {}
                         Err(Undeliverable::Gone) => {
                             self.events.cancel();
-                            return Outcome::finished(
-                                FinishReason::Cancelled,
-                                usage(completion_tokens),
+                            return (
+                                Outcome::finished(
+                                    FinishReason::Cancelled,
+                                    usage(completion_tokens),
+                                ),
+                                None,
                             );
                         }
                         Err(Undeliverable::TooSlow { waited }) => {
@@ -481,15 +498,16 @@ impl Running {
                             self.state
                                 .metrics
                                 .record_error(Some(&self.tenant), ErrorCode::Overloaded);
-                            sink.finish(GenEvent::Failed {
-                                code: ErrorCode::Overloaded,
-                                message,
-                                retry_after: None,
-                            })
-                            .await;
-                            return Outcome::finished(
-                                FinishReason::Cancelled,
-                                usage(completion_tokens),
+                            return (
+                                Outcome::finished(
+                                    FinishReason::Cancelled,
+                                    usage(completion_tokens),
+                                ),
+                                Some(GenEvent::Failed {
+                                    code: ErrorCode::Overloaded,
+                                    message,
+                                    retry_after: None,
+                                }),
                             );
                         }
                     }
@@ -507,12 +525,13 @@ impl Running {
                         prompt_tokens: engine_usage.prompt_tokens,
                         completion_tokens: engine_usage.completion_tokens,
                     };
-                    sink.finish(GenEvent::Done {
-                        finish_reason,
-                        usage,
-                    })
-                    .await;
-                    return Outcome::finished(finish_reason, usage);
+                    return (
+                        Outcome::finished(finish_reason, usage),
+                        Some(GenEvent::Done {
+                            finish_reason,
+                            usage,
+                        }),
+                    );
                 }
                 Some(StreamEvent::Error { code, message }) => {
                     tracing::warn!(code = code.as_str(), %message, "generation failed in the engine");
@@ -520,8 +539,7 @@ impl Running {
                     if let GenEvent::Failed { code, .. } = &event {
                         self.state.metrics.record_error(Some(&self.tenant), *code);
                     }
-                    sink.finish(event).await;
-                    return Outcome::failed(usage(completion_tokens));
+                    return (Outcome::failed(usage(completion_tokens)), Some(event));
                 }
                 None => {
                     let error = ApiError::internal(anyhow::anyhow!(
@@ -531,8 +549,10 @@ impl Running {
                     self.state
                         .metrics
                         .record_error(Some(&self.tenant), ErrorCode::Internal);
-                    sink.finish(GenEvent::failed(&error)).await;
-                    return Outcome::failed(usage(completion_tokens));
+                    return (
+                        Outcome::failed(usage(completion_tokens)),
+                        Some(GenEvent::failed(&error)),
+                    );
                 }
             }
         }

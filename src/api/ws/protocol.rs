@@ -102,7 +102,10 @@ impl GenerateMessage {
             (Some(prompt), None) => PromptInput::Text(prompt),
             (None, Some(messages)) => PromptInput::Chat(messages),
             (Some(_), Some(_)) => {
-                return Err((self.id, "give either `prompt` or `messages`, not both".into()));
+                return Err((
+                    self.id,
+                    "give either `prompt` or `messages`, not both".into(),
+                ));
             }
             (None, None) => return Err((self.id, "`prompt` or `messages` is required".into())),
         };
