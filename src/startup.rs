@@ -74,6 +74,9 @@ pub enum StartupError {
     /// Metrics registry setup failed.
     #[error("metrics setup failed: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The tenant-facing service (state, spool, model loading) could not start.
+    #[error(transparent)]
+    Service(#[from] api::service::ServiceStartError),
     /// Signal handlers could not be installed.
     #[error("cannot listen for shutdown signals: {0}")]
     Signals(#[source] std::io::Error),
@@ -305,7 +308,20 @@ impl Application {
             blobs,
             metrics,
         };
-        let server = match build_server(listener, state.clone()) {
+        let service = match api::service::start(
+            &state.settings,
+            state.store.clone(),
+            state.blobs.clone(),
+            state.metrics.registry(),
+            state.readiness.clone(),
+        ) {
+            Ok(service) => service,
+            Err(error) => {
+                database.shutdown(true).await;
+                return Err(error.into());
+            }
+        };
+        let server = match build_server(listener, state.clone(), service) {
             Ok(server) => server,
             Err(source) => {
                 let addr = state.settings.bind.clone();
@@ -394,12 +410,18 @@ impl ShutdownSignals {
     }
 }
 
-fn build_server(listener: TcpListener, state: AppState) -> std::io::Result<Server> {
+fn build_server(
+    listener: TcpListener,
+    state: AppState,
+    service: Arc<api::state::ServiceState>,
+) -> std::io::Result<Server> {
     let max_upload = usize::try_from(state.settings.max_upload_bytes).unwrap_or(usize::MAX);
     let data = web::Data::new(state);
+    let service = web::Data::from(service);
     Ok(HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .app_data(service.clone())
             .app_data(web::PayloadConfig::new(max_upload))
             .wrap(actix_web::middleware::from_fn(api::metrics::track_requests))
             .configure(api::configure)

@@ -2,8 +2,22 @@
 //! routes; [`configure`] lists them all, so adding an area is one module and one line here.
 //! Handlers get the shared [`AppState`] as `web::Data<AppState>`.
 
+pub mod adapter_registry;
+pub mod adapters;
+pub mod admin;
+pub mod auth;
+pub mod error;
+pub mod generate;
 pub mod health;
 pub mod metrics;
+pub mod openai;
+pub mod quota;
+pub mod routes;
+pub mod service;
+pub mod state;
+pub mod tenant_metrics;
+pub mod usage;
+pub mod ws;
 
 use std::sync::Arc;
 
@@ -35,4 +49,5 @@ pub struct AppState {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     health::configure(cfg);
     metrics::configure(cfg);
+    routes::configure(cfg);
 }
