@@ -161,14 +161,23 @@ pub async fn login(
         );
     }
 
-    let mut account: Option<(Account, String)> = None;
-    if let Some(email) = &email {
-        if let Some((op, hash)) = store.operator_credentials(email).await? {
-            account = Some((Account::Operator(op.id), hash));
-        } else if let Some((user, hash)) = store.tenant_user_credentials(email).await? {
-            account = Some((Account::TenantUser(user.id, user.tenant_id), hash));
+    // Both tables are always asked, so the queries cost the same whoever the email belongs to.
+    let account: Option<(Account, String)> = match &email {
+        Some(email) => {
+            let (operator, user) = tokio::try_join!(
+                store.operator_credentials(email),
+                store.tenant_user_credentials(email)
+            )?;
+            match (operator, user) {
+                (Some((op, hash)), _) => Some((Account::Operator(op.id), hash)),
+                (None, Some((user, hash))) => {
+                    Some((Account::TenantUser(user.id, user.tenant_id), hash))
+                }
+                (None, None) => None,
+            }
         }
-    }
+        None => None,
+    };
     let password = form.password;
     let stored_hash = account.as_ref().map(|(_, h)| h.clone());
     let verifier = state.clone();

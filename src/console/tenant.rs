@@ -217,7 +217,7 @@ pub async fn delete(
 ) -> Result<HttpResponse, ConsoleError> {
     session.session.check_csrf(&form.csrf)?;
     let name = path_name(&path)?;
-    upload::delete_adapter(&req, &state, session.tenant, &name).await?;
+    upload::delete_adapter(&req, &state, session.tenant, &session.tenant_name, &name).await?;
     tracing::info!(tenant = %session.tenant, adapter = name.as_str(), "adapter deleted in the console");
     Ok(see_other("/console/adapters"))
 }
