@@ -249,7 +249,7 @@
         }
         tokens++;
         reply += msg.text;
-        output.lastChild.textContent += msg.text;
+        output.lastChild.lastChild.textContent += msg.text;
         updateRate();
       } else if (msg.type === "done") {
         updateRate();

@@ -78,10 +78,7 @@ pub async fn serve(req: HttpRequest, name: web::Path<String>) -> HttpResponse {
     };
     response
         .insert_header((header::ETAG, etag))
-        .insert_header((
-            header::CACHE_CONTROL,
-            "public, max-age=31536000, immutable",
-        ))
+        .insert_header((header::CACHE_CONTROL, "public, max-age=31536000, immutable"))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"));
     if fresh {
         response.finish()

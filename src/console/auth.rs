@@ -18,8 +18,8 @@ use serde::Deserialize;
 use super::ConsoleState;
 use super::error::ConsoleError;
 use super::session::{
-    self, LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_TTL, Session, constant_time_eq,
-    random_token, removal_cookie, secure_cookie, token_hash,
+    self, LOGIN_CSRF_COOKIE, SESSION_COOKIE, SESSION_TTL, Session, constant_time_eq, random_token,
+    removal_cookie, secure_cookie, token_hash,
 };
 use super::view::{Layout, render, see_other};
 use crate::domain::{Email, Password};
@@ -137,7 +137,9 @@ pub async fn login(
     let address_key = format!("ip:{address}");
 
     let store = &state.store;
-    let email_failures = store.recent_login_failures(&email_key, THROTTLE_WINDOW).await?;
+    let email_failures = store
+        .recent_login_failures(&email_key, THROTTLE_WINDOW)
+        .await?;
     let address_failures = store
         .recent_login_failures(&address_key, THROTTLE_WINDOW)
         .await?;
@@ -213,6 +215,12 @@ pub async fn login(
         }
     };
     store.clear_login_failures(&email_key).await?;
+    // Logins are rare next to page views: a good moment to drop expired sessions and stale
+    // failure rows, with no background task to run.
+    let pruned = store.prune_console_state(THROTTLE_WINDOW).await?;
+    if pruned > 0 {
+        tracing::debug!(pruned, "expired console sessions removed");
+    }
 
     let principal = match account {
         Account::Operator(id) => SessionPrincipal::Operator(id),
@@ -257,7 +265,10 @@ pub async fn logout(
     form: web::Form<CsrfForm>,
 ) -> Result<HttpResponse, ConsoleError> {
     session.check_csrf(&form.csrf)?;
-    state.store.delete_console_session(&session.token_hash).await?;
+    state
+        .store
+        .delete_console_session(&session.token_hash)
+        .await?;
     let mut response = see_other("/console/login");
     response
         .add_cookie(&removal_cookie(&req, SESSION_COOKIE))

@@ -157,7 +157,10 @@ pub fn configure(state: web::Data<ConsoleState>) -> impl FnOnce(&mut web::Servic
                 .route("/adapters", web::get().to(tenant::adapters))
                 .route("/adapters", web::post().to(upload::upload))
                 .route("/adapters/{name}", web::get().to(tenant::adapter))
-                .route("/adapters/{name}/delete", web::get().to(tenant::confirm_delete))
+                .route(
+                    "/adapters/{name}/delete",
+                    web::get().to(tenant::confirm_delete),
+                )
                 .route("/adapters/{name}/delete", web::post().to(tenant::delete))
                 .route("/keys", web::get().to(tenant::keys))
                 .route("/keys", web::post().to(tenant::create_key))

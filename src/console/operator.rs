@@ -138,7 +138,10 @@ pub async fn create_tenant(
             tenants_page(
                 &state,
                 &session,
-                Some(format!("A tenant named '{}' already exists.", name.as_str())),
+                Some(format!(
+                    "A tenant named '{}' already exists.",
+                    name.as_str()
+                )),
                 StatusCode::CONFLICT,
             )
             .await
@@ -296,7 +299,14 @@ pub async fn set_quotas(
                 error: Some(error),
                 ..Extras::default()
             };
-            tenant_page(&state, &session, id, extras, StatusCode::UNPROCESSABLE_ENTITY).await
+            tenant_page(
+                &state,
+                &session,
+                id,
+                extras,
+                StatusCode::UNPROCESSABLE_ENTITY,
+            )
+            .await
         }
     }
 }
@@ -326,7 +336,8 @@ pub async fn create_user(
         error: Some(error),
         ..Extras::default()
     };
-    let parsed = Email::parse(&form.email).and_then(|e| Password::parse(form.password).map(|p| (e, p)));
+    let parsed =
+        Email::parse(&form.email).and_then(|e| Password::parse(form.password).map(|p| (e, p)));
     let (email, password) = match parsed {
         Ok(parsed) => parsed,
         Err(e) => {
@@ -407,5 +418,7 @@ pub async fn revoke_key(
     state.store.revoke_api_key(tenant, key).await?;
     super::upload::forget_key(&req, key);
     tracing::info!(%tenant, %key, at = %OffsetDateTime::now_utc(), "api key revoked in the console");
-    Ok(see_other(&format!("/console/tenants/{tenant}?done=revoked")))
+    Ok(see_other(&format!(
+        "/console/tenants/{tenant}?done=revoked"
+    )))
 }

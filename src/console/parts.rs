@@ -56,7 +56,13 @@ pub async fn quota_use(store: &Store, tenant: TenantId) -> Result<QuotaUse, Cons
 /// The five quotas in the API's order with their use.
 pub fn quota_views(quotas: &Quotas, used: &QuotaUse) -> Vec<QuotaView> {
     let rows: [(&'static str, &'static str, Option<u64>, u64, bool); 5] = [
-        ("max_adapters", "Adapters", quotas.max_adapters, used.adapters, false),
+        (
+            "max_adapters",
+            "Adapters",
+            quotas.max_adapters,
+            used.adapters,
+            false,
+        ),
         (
             "max_adapter_bytes",
             "Adapter storage (bytes)",

@@ -59,7 +59,13 @@ pub fn is_https(req: &HttpRequest) -> bool {
         .headers()
         .get("x-forwarded-proto")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').next().unwrap_or("").trim().eq_ignore_ascii_case("https"));
+        .is_some_and(|v| {
+            v.split(',')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("https")
+        });
     forwarded || req.connection_info().scheme() == "https"
 }
 
@@ -257,7 +263,11 @@ pub struct StreamTenant {
 /// them). A request without `Origin` is not a browser's cross-origin request but also not one we
 /// can vouch for, so it fails too.
 pub fn same_origin(req: &HttpRequest) -> bool {
-    let Some(origin) = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+    let Some(origin) = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
     let info = req.connection_info();

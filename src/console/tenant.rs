@@ -91,7 +91,8 @@ pub async fn adapters_page(
         layout: Layout::for_session(&session.session, "Adapters", Section::Adapters),
         adapters,
         upload_error,
-        max_upload: upload::max_upload_bytes(req).map_or_else(|| "set by the server".to_owned(), view::bytes),
+        max_upload: upload::max_upload_bytes(req)
+            .map_or_else(|| "set by the server".to_owned(), view::bytes),
     };
     render(&page, status)
 }
@@ -166,9 +167,10 @@ pub async fn adapter(
             Section::Adapters,
         ),
         name: name.as_str().to_owned(),
-        last_used: last_used
-            .get(&current.adapter_id)
-            .map_or_else(|| "never".to_owned(), |t| view::ago(*t, OffsetDateTime::now_utc())),
+        last_used: last_used.get(&current.adapter_id).map_or_else(
+            || "never".to_owned(),
+            |t| view::ago(*t, OffsetDateTime::now_utc()),
+        ),
         resident: residency(&state, &current).0,
         current: version_row(&current),
         versions: versions.iter().map(version_row).collect(),

@@ -145,12 +145,7 @@ pub fn bytes(n: u64) -> String {
 /// `2026-11-28 18:05 UTC`.
 pub fn datetime(t: OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{} {:02}:{:02} UTC",
-        t.date(),
-        t.hour(),
-        t.minute()
-    )
+    format!("{} {:02}:{:02} UTC", t.date(), t.hour(), t.minute())
 }
 
 /// `3 min ago`, `2 h ago`, `5 days ago` (relative to `now`); absolute beyond 30 days.
@@ -173,7 +168,7 @@ pub fn count(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push('\u{202f}');
         }
         out.push(c);
@@ -196,11 +191,17 @@ mod tests {
         let now = datetime!(2026-11-28 18:00 UTC);
         assert_eq!(ago(datetime!(2026-11-28 17:58 UTC), now), "2 min ago");
         assert_eq!(ago(datetime!(2026-11-27 18:00 UTC), now), "1 day ago");
-        assert_eq!(ago(datetime!(2026-09-01 08:05 UTC), now), "2026-09-01 08:05 UTC");
+        assert_eq!(
+            ago(datetime!(2026-09-01 08:05 UTC), now),
+            "2026-09-01 08:05 UTC"
+        );
     }
 
     #[test]
     fn query_values_are_percent_encoded() {
-        assert_eq!(encode_query("/console/adapters?x=1&y"), "/console/adapters%3Fx%3D1%26y");
+        assert_eq!(
+            encode_query("/console/adapters?x=1&y"),
+            "/console/adapters%3Fx%3D1%26y"
+        );
     }
 }

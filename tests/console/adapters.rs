@@ -45,9 +45,16 @@ async fn uploading_an_adapter_shows_progress_and_then_the_adapter_in_the_list() 
             .await
             .expect("choose weights");
         page.click("#upload-form button[type=submit]").await;
-        page.wait_text("#upload-ok", |t| t.contains("Uploaded support-bot version 1"))
-            .await;
-        let progress = page.find("#upload-progress").await.prop("value").await.unwrap();
+        page.wait_text("#upload-ok", |t| {
+            t.contains("Uploaded support-bot version 1")
+        })
+        .await;
+        let progress = page
+            .find("#upload-progress")
+            .await
+            .prop("value")
+            .await
+            .unwrap();
         assert_eq!(progress.as_deref(), Some("100"));
         let row = page
             .wait_text("#adapter-list", |t| t.contains("support-bot"))
@@ -82,7 +89,10 @@ async fn uploading_a_broken_adapter_shows_the_servers_reason_inline() {
             .expect("choose weights");
         page.click("#upload-form button[type=submit]").await;
         let error = page.wait_text("#upload-error", |t| !t.is_empty()).await;
-        assert!(error.contains("rank"), "the reason should name the rank problem: {error}");
+        assert!(
+            error.contains("rank"),
+            "the reason should name the rank problem: {error}"
+        );
         assert!(!page.text("#adapter-list").await.contains("broken"));
     })
     .await;
@@ -101,15 +111,20 @@ async fn adapter_detail_lists_versions_and_delete_needs_confirmation() {
         page.click("a[href='/console/adapters/legal']").await;
         page.wait_text("#adapter-title", |t| t == "legal").await;
         let versions = page.text("#version-list").await;
-        assert!(versions.contains('2') && versions.contains('1'), "{versions}");
+        assert!(
+            versions.contains('2') && versions.contains('1'),
+            "{versions}"
+        );
         page.click("#delete-link").await;
         page.find("#confirm-delete").await;
         // The confirmation page alone deletes nothing.
         page.goto(&format!("{base}/console/adapters")).await;
         assert!(page.text("#adapter-list").await.contains("legal"));
-        page.goto(&format!("{base}/console/adapters/legal/delete")).await;
+        page.goto(&format!("{base}/console/adapters/legal/delete"))
+            .await;
         page.click("#confirm-delete").await;
-        page.wait_text("#adapter-list", |t| t.contains("No adapters yet")).await;
+        page.wait_text("#adapter-list", |t| t.contains("No adapters yet"))
+            .await;
     })
     .await;
 }
@@ -120,7 +135,9 @@ async fn another_tenants_adapter_and_key_urls_are_not_found() {
     let alice = tenant_with_user(&console.store, "alice").await;
     let bob = tenant_with_user(&console.store, "bob").await;
     let bob_key = api_key(&console, &bob.tenant_id).await;
-    console.upload_ok(&bob_key, "bobs-secret", &adapter(4, 5)).await;
+    console
+        .upload_ok(&bob_key, "bobs-secret", &adapter(4, 5))
+        .await;
     let bob_key_id = console
         .store
         .list_api_keys(bob.tenant_id.parse().unwrap())
@@ -139,7 +156,10 @@ async fn another_tenants_adapter_and_key_urls_are_not_found() {
     }
     let csrf = session.csrf("/console/keys").await;
     let revoke = session
-        .post(&format!("/console/keys/{bob_key_id}/revoke"), &[("csrf", &csrf)])
+        .post(
+            &format!("/console/keys/{bob_key_id}/revoke"),
+            &[("csrf", &csrf)],
+        )
         .await;
     assert_eq!(revoke.status(), 404);
     let delete = session

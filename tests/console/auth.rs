@@ -4,8 +4,7 @@ use std::time::{Duration, Instant};
 
 use crate::browser::with_browser;
 use crate::support::{
-    HttpSession, OPERATOR_EMAIL, OPERATOR_PASSWORD, location, post_login, set_cookie,
-    spawn_console,
+    HttpSession, OPERATOR_EMAIL, OPERATOR_PASSWORD, location, post_login, set_cookie, spawn_console,
 };
 
 #[tokio::test]
@@ -18,7 +17,10 @@ async fn login_sets_an_http_only_strict_session_cookie_and_logout_ends_the_sessi
     assert!(cookie.contains("HttpOnly"), "{cookie}");
     assert!(cookie.contains("SameSite=Strict"), "{cookie}");
     assert!(cookie.contains("Path=/"), "{cookie}");
-    assert!(!cookie.contains("Secure"), "plain HTTP must not set Secure: {cookie}");
+    assert!(
+        !cookie.contains("Secure"),
+        "plain HTTP must not set Secure: {cookie}"
+    );
 
     let session = HttpSession::login(&console.address, OPERATOR_EMAIL, OPERATOR_PASSWORD).await;
     assert_eq!(session.get("/console/tenants").await.status(), 200);
@@ -72,17 +74,32 @@ async fn wrong_and_unknown_credentials_get_the_same_answer_in_similar_time() {
     // Alternate so that machine load affects both alike; each email stays under the throttle.
     for i in 0..4 {
         let started = Instant::now();
-        let r = post_login(&console.address, OPERATOR_EMAIL, &format!("wrong-password-{i}")).await;
+        let r = post_login(
+            &console.address,
+            OPERATOR_EMAIL,
+            &format!("wrong-password-{i}"),
+        )
+        .await;
         known.push(started.elapsed());
         assert_eq!(r.status(), 401);
         let body = r.text().await.expect("body");
         assert!(body.contains("The email or password is not correct."));
 
         let started = Instant::now();
-        let r = post_login(&console.address, &format!("nobody{i}@example.com"), "whatever-password").await;
+        let r = post_login(
+            &console.address,
+            &format!("nobody{i}@example.com"),
+            "whatever-password",
+        )
+        .await;
         unknown.push(started.elapsed());
         assert_eq!(r.status(), 401);
-        assert!(r.text().await.expect("body").contains("The email or password is not correct."));
+        assert!(
+            r.text()
+                .await
+                .expect("body")
+                .contains("The email or password is not correct.")
+        );
     }
     known.sort();
     unknown.sort();
@@ -93,20 +110,33 @@ async fn wrong_and_unknown_credentials_get_the_same_answer_in_similar_time() {
         u > k / 3 && u < k * 3,
         "median failure time: known email {k:?}, unknown email {u:?}"
     );
-    assert!(k > Duration::from_millis(5), "argon2id verification seems skipped: {k:?}");
+    assert!(
+        k > Duration::from_millis(5),
+        "argon2id verification seems skipped: {k:?}"
+    );
 }
 
 #[tokio::test]
 async fn repeated_failed_logins_are_throttled_even_with_the_right_password() {
     let console = spawn_console().await;
     for i in 0..5 {
-        let r = post_login(&console.address, OPERATOR_EMAIL, &format!("bad-password-{i}")).await;
+        let r = post_login(
+            &console.address,
+            OPERATOR_EMAIL,
+            &format!("bad-password-{i}"),
+        )
+        .await;
         assert_eq!(r.status(), 401);
     }
     let r = post_login(&console.address, OPERATOR_EMAIL, OPERATOR_PASSWORD).await;
     assert_eq!(r.status(), 429);
     assert!(set_cookie(&r, "punica_session").is_none());
-    assert!(r.text().await.expect("body").contains("Too many failed sign-in attempts"));
+    assert!(
+        r.text()
+            .await
+            .expect("body")
+            .contains("Too many failed sign-in attempts")
+    );
 }
 
 #[tokio::test]
@@ -157,7 +187,10 @@ async fn a_form_posted_without_its_csrf_token_is_refused_in_the_browser() {
     );
     let session = HttpSession::login(&console.address, OPERATOR_EMAIL, OPERATOR_PASSWORD).await;
     let wrong = session
-        .post("/console/tenants", &[("name", "sneaky"), ("csrf", "not-the-token")])
+        .post(
+            "/console/tenants",
+            &[("name", "sneaky"), ("csrf", "not-the-token")],
+        )
         .await;
     assert_eq!(wrong.status(), 403);
 }

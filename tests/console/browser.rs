@@ -126,7 +126,6 @@ pub struct Page {
 }
 
 impl Page {
-
     /// Finds one element by CSS selector, waiting for it to appear.
     pub async fn find(&self, css: &str) -> fantoccini::elements::Element {
         self.client

@@ -14,7 +14,9 @@ async fn a_key_created_in_the_console_works_until_it_is_revoked_there() {
         page.click("a[href='/console/keys']").await;
         page.fill("#key-label", "laptop").await;
         page.click("#create-key button[type=submit]").await;
-        let key = page.wait_text("#new-key-value", |t| t.starts_with("pun_")).await;
+        let key = page
+            .wait_text("#new-key-value", |t| t.starts_with("pun_"))
+            .await;
 
         let list = |key: String| {
             let api = api.clone();
@@ -32,7 +34,8 @@ async fn a_key_created_in_the_console_works_until_it_is_revoked_there() {
 
         page.click("#key-list button.danger").await;
         page.wait_text("#key-list", |t| t.contains("revoked")).await;
-        page.wait_text("[role=status]", |t| t.contains("Key revoked")).await;
+        page.wait_text("[role=status]", |t| t.contains("Key revoked"))
+            .await;
         assert_eq!(list(key).await, 401);
     })
     .await;

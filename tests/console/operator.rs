@@ -22,30 +22,44 @@ async fn operator_creates_a_tenant_with_quotas_and_a_user_who_then_logs_in() {
         page.fill("#quota-max_adapters", "3").await;
         page.fill("#quota-tokens_per_day", "100000").await;
         page.click("#quota-form button[type=submit]").await;
-        page.wait_text("[role=status]", |t| t.contains("Quotas saved")).await;
+        page.wait_text("[role=status]", |t| t.contains("Quotas saved"))
+            .await;
         assert_eq!(
-            page.find("#quota-max_adapters").await.prop("value").await.unwrap().as_deref(),
+            page.find("#quota-max_adapters")
+                .await
+                .prop("value")
+                .await
+                .unwrap()
+                .as_deref(),
             Some("3")
         );
 
         page.fill("#user-email", "dev@acme.example").await;
         page.fill("#user-password", USER_PASSWORD).await;
         page.click("#create-user button[type=submit]").await;
-        page.wait_text("#user-list", |t| t.contains("dev@acme.example")).await;
+        page.wait_text("#user-list", |t| t.contains("dev@acme.example"))
+            .await;
 
         page.fill("#key-label", "ci").await;
         page.click("#create-key button[type=submit]").await;
-        let key = page.wait_text("#new-key-value", |t| t.starts_with("pun_")).await;
+        let key = page
+            .wait_text("#new-key-value", |t| t.starts_with("pun_"))
+            .await;
         assert!(page.text("#key-list").await.contains("ci"));
         // Shown once: a reload of the page does not show it again.
-        page.goto(&page.client.current_url().await.unwrap().to_string()).await;
+        page.goto(&page.client.current_url().await.unwrap().to_string())
+            .await;
         assert!(!page.source().await.contains(&key));
 
         page.click(".whoami button").await;
         page.find("#login-title").await;
         browser_login(&page, &base, "dev@acme.example", USER_PASSWORD).await;
         assert_eq!(page.path().await, "/console/adapters");
-        assert!(page.text(".whoami").await.contains("dev@acme.example (acme)"));
+        assert!(
+            page.text(".whoami")
+                .await
+                .contains("dev@acme.example (acme)")
+        );
     })
     .await;
 }
@@ -75,9 +89,19 @@ async fn quota_form_rejects_values_that_are_not_whole_numbers() {
     let response = session
         .post(
             &format!("{path}/quotas"),
-            &[("csrf", &csrf), ("max_adapters", "-2"), ("tokens_per_day", "")],
+            &[
+                ("csrf", &csrf),
+                ("max_adapters", "-2"),
+                ("tokens_per_day", ""),
+            ],
         )
         .await;
     assert_eq!(response.status(), 422);
-    assert!(response.text().await.unwrap().contains("max_adapters must be a whole number"));
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("max_adapters must be a whole number")
+    );
 }

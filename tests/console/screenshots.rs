@@ -33,21 +33,35 @@ async fn main_pages_render_on_laptop_and_phone_screens() {
         .create_api_key(tenant_id.parse().unwrap(), "ci")
         .await
         .unwrap();
-    for (name, rank, seed) in [("legal-v2", 8, 1), ("support-bot", 4, 2), ("sql-helper", 16, 3)] {
-        console.upload_ok(key.expose(), name, &adapter(rank, seed)).await;
+    for (name, rank, seed) in [
+        ("legal-v2", 8, 1),
+        ("support-bot", 4, 2),
+        ("sql-helper", 16, 3),
+    ] {
+        console
+            .upload_ok(key.expose(), name, &adapter(rank, seed))
+            .await;
     }
     // Some traffic for the usage chart.
     let mut ws = console.ws(Some(key.expose())).await;
-    for (i, adapter_name) in ["legal-v2", "support-bot", "legal-v2", "sql-helper"].iter().enumerate() {
+    for (i, adapter_name) in ["legal-v2", "support-bot", "legal-v2", "sql-helper"]
+        .iter()
+        .enumerate()
+    {
         let id = format!("r{i}");
-        ws.send(serde_json::json!({"type": "generate", "id": id, "adapter": adapter_name,
-            "prompt": "Hello there", "max_tokens": 16 + 8 * i}))
-            .await;
+        ws.send(
+            serde_json::json!({"type": "generate", "id": id, "adapter": adapter_name,
+            "prompt": "Hello there", "max_tokens": 16 + 8 * i}),
+        )
+        .await;
         ws.collect(&id).await;
     }
     let base = console.address.clone();
     with_browser("page_screenshots", |page| async move {
-        page.client.set_window_size(1280, 900).await.expect("laptop size");
+        page.client
+            .set_window_size(1280, 900)
+            .await
+            .expect("laptop size");
         page.goto(&format!("{base}/console/login")).await;
         assert_eq!(page.text("h1").await, "Sign in");
         shoot(&page, "login").await;
@@ -55,7 +69,8 @@ async fn main_pages_render_on_laptop_and_phone_screens() {
         browser_login(&page, &base, OPERATOR_EMAIL, OPERATOR_PASSWORD).await;
         assert_eq!(page.text("h1").await, "Tenants");
         shoot(&page, "operator-tenants").await;
-        page.goto(&format!("{base}/console/tenants/{tenant_id}")).await;
+        page.goto(&format!("{base}/console/tenants/{tenant_id}"))
+            .await;
         assert_eq!(page.text("h1").await, "Tenant acme");
         shoot(&page, "operator-tenant").await;
         page.click(".whoami button").await;
@@ -64,29 +79,46 @@ async fn main_pages_render_on_laptop_and_phone_screens() {
         browser_login(&page, &base, &user.email, USER_PASSWORD).await;
         assert_eq!(page.text("h1").await, "Adapters");
         shoot(&page, "adapters").await;
-        page.goto(&format!("{base}/console/adapters/legal-v2")).await;
+        page.goto(&format!("{base}/console/adapters/legal-v2"))
+            .await;
         shoot(&page, "adapter-detail").await;
         page.goto(&format!("{base}/console/usage")).await;
         assert_eq!(page.text("h1").await, "Usage and quotas");
         page.find("#usage-chart rect").await;
         shoot(&page, "usage").await;
         page.goto(&format!("{base}/console/playground")).await;
-        page.find("#pg-adapter").await.select_by_value("legal-v2").await.expect("adapter");
+        page.find("#pg-adapter")
+            .await
+            .select_by_value("legal-v2")
+            .await
+            .expect("adapter");
         page.fill("#pg-max-tokens", "48").await;
-        page.fill("#pg-input", "Summarise the contract in one line:").await;
+        page.fill("#pg-input", "Summarise the contract in one line:")
+            .await;
         page.click("#pg-send").await;
-        page.wait_text("#pg-status", |t| t.starts_with("Finished")).await;
+        page.wait_text("#pg-status", |t| t.starts_with("Finished"))
+            .await;
         shoot(&page, "playground").await;
 
-        page.client.set_window_size(390, 844).await.expect("phone size");
+        page.client
+            .set_window_size(390, 844)
+            .await
+            .expect("phone size");
         page.goto(&format!("{base}/console/adapters")).await;
         // Nothing may overflow the phone's width except inside scrollable tables.
         let overflow = page
             .client
-            .execute("return document.documentElement.scrollWidth > window.innerWidth + 1;", vec![])
+            .execute(
+                "return document.documentElement.scrollWidth > window.innerWidth + 1;",
+                vec![],
+            )
             .await
             .expect("measure");
-        assert_eq!(overflow, serde_json::Value::Bool(false), "the page scrolls sideways on a phone");
+        assert_eq!(
+            overflow,
+            serde_json::Value::Bool(false),
+            "the page scrolls sideways on a phone"
+        );
         shoot(&page, "adapters-phone").await;
     })
     .await;

@@ -147,7 +147,12 @@ pub async fn post_login(base: &str, email: &str, password: &str) -> reqwest::Res
     plain_client()
         .post(format!("{base}/console/login"))
         .header(COOKIE, format!("punica_login_csrf={cookie}"))
-        .form(&[("email", email), ("password", password), ("csrf", &csrf), ("next", "")])
+        .form(&[
+            ("email", email),
+            ("password", password),
+            ("csrf", &csrf),
+            ("next", ""),
+        ])
         .send()
         .await
         .expect("login post")
