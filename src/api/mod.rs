@@ -1,1 +1,33 @@
-//! api (filled in by its issue).
+//! HTTP surface. Each area is a module with a `configure(cfg)` function that registers its
+//! routes; [`configure`] lists them all, so adding an area is one module and one line here.
+//! Handlers get the shared [`AppState`] as `web::Data<AppState>`.
+
+pub mod health;
+pub mod metrics;
+
+use std::sync::Arc;
+
+use actix_web::web;
+
+use crate::blobs::BlobStore;
+use crate::config::Settings;
+use crate::startup::Readiness;
+use crate::store::Store;
+
+pub use metrics::Metrics;
+
+/// What every handler may need; cloned into each worker (all fields are cheap handles).
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub blobs: BlobStore,
+    pub readiness: Readiness,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Registers every route of the service.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    health::configure(cfg);
+    metrics::configure(cfg);
+}
