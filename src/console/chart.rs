@@ -82,15 +82,6 @@ pub fn short_count(v: u64) -> String {
     }
 }
 
-/// An axis label: whole numbers in short form, quarter steps of small scales with a decimal.
-fn tick_label(v: f64) -> String {
-    if v.fract() == 0.0 || v >= 1_000.0 {
-        short_count(v.round() as u64)
-    } else {
-        format!("{v:.1}")
-    }
-}
-
 fn trim_decimal(x: f64, unit: &str) -> String {
     let s = format!("{x:.1}");
     let s = s.strip_suffix(".0").unwrap_or(&s);
@@ -151,8 +142,10 @@ pub fn tokens_per_day(rows: &[UsageDay], from: Date, to: Date) -> Chart {
         .map(|v| v.iter().sum::<u64>())
         .max()
         .unwrap_or(0);
-    // At least 4 so that the quarter gridlines fall on distinct values.
-    let y_max = nice_ceiling(max_day.max(4));
+    // Gridlines every `step` tokens, a "nice" number, with at most four steps to the top.
+    let step = nice_ceiling(max_day.div_ceil(4).max(1));
+    let steps = max_day.div_ceil(step).max(1);
+    let y_max = step * steps;
 
     let plot_w = WIDTH - LEFT - RIGHT;
     let plot_h = HEIGHT - TOP - BOTTOM;
@@ -171,16 +164,16 @@ pub fn tokens_per_day(rows: &[UsageDay], from: Date, to: Date) -> Chart {
         escape(&label)
     );
     // Grid lines and y labels at 0, 1/4, ... of the scale.
-    for i in 0..=4u64 {
-        let v = y_max as f64 * i as f64 / 4.0;
-        let y = TOP + plot_h - plot_h * (i as f64 / 4.0);
+    for i in 0..=steps {
+        let v = step * i;
+        let y = TOP + plot_h - plot_h * (i as f64 / steps as f64);
         let _ = write!(
             svg,
             r#"<line class="grid-line" x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
             WIDTH - RIGHT,
             LEFT - 6.0,
             y + 4.0,
-            tick_label(v)
+            short_count(v)
         );
     }
     let _ = write!(
@@ -271,6 +264,16 @@ mod tests {
     }
 
     #[test]
+    fn gridlines_fall_on_round_numbers_above_the_largest_day() {
+        let rows = vec![day(date!(2026 - 11 - 28), Some("a"), 3_500)];
+        let chart = tokens_per_day(&rows, date!(2026 - 11 - 28), date!(2026 - 11 - 28));
+        for label in [">0<", ">1k<", ">2k<", ">3k<", ">4k<"] {
+            assert!(chart.svg.contains(label), "missing tick {label}");
+        }
+        assert!(!chart.svg.contains(">5k<"));
+    }
+
+    #[test]
     fn adapter_names_are_escaped_in_the_markup() {
         let rows = vec![day(date!(2026 - 11 - 28), Some("<script>"), 10)];
         let chart = tokens_per_day(&rows, date!(2026 - 11 - 28), date!(2026 - 11 - 28));
@@ -304,7 +307,5 @@ mod tests {
         assert_eq!(nice_ceiling(4_999), 5_000);
         assert_eq!(short_count(12_300), "12.3k");
         assert_eq!(short_count(2_000_000), "2M");
-        assert_eq!(tick_label(12.5), "12.5");
-        assert_eq!(tick_label(2_500.0), "2.5k");
     }
 }

@@ -54,6 +54,7 @@ struct AdaptersPage {
     adapters: Vec<AdapterRow>,
     upload_error: Option<String>,
     max_upload: String,
+    uploads_enabled: bool,
 }
 
 /// Renders the adapter list with the upload form (and an upload error from a no-script post).
@@ -91,6 +92,7 @@ pub async fn adapters_page(
         layout: Layout::for_session(&session.session, "Adapters", Section::Adapters),
         adapters,
         upload_error,
+        uploads_enabled: upload::uploads_enabled(req),
         max_upload: upload::max_upload_bytes(req)
             .map_or_else(|| "set by the server".to_owned(), view::bytes),
     };
@@ -293,7 +295,6 @@ pub async fn create_key(
 
 /// `POST /console/keys/{id}/revoke`: another tenant's key id is not found.
 pub async fn revoke_key(
-    req: HttpRequest,
     state: web::Data<ConsoleState>,
     session: TenantSession,
     path: web::Path<ApiKeyId>,
@@ -306,7 +307,6 @@ pub async fn revoke_key(
         Err(StoreError::NotFound { .. }) => return Err(ConsoleError::NotFound),
         Err(e) => return Err(e.into()),
     }
-    upload::forget_key(&req, key);
     Ok(see_other("/console/keys?done=revoked"))
 }
 

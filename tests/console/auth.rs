@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use crate::browser::with_browser;
+use crate::support::FormBody;
 use crate::support::{
     HttpSession, OPERATOR_EMAIL, OPERATOR_PASSWORD, location, post_login, set_cookie, spawn_console,
 };
@@ -41,7 +42,7 @@ async fn session_cookie_is_secure_behind_a_tls_terminating_proxy() {
         .post(format!("{}/console/login", console.address))
         .header("Cookie", format!("punica_login_csrf={cookie}"))
         .header("X-Forwarded-Proto", "https")
-        .form(&[
+        .form_fields(&[
             ("email", OPERATOR_EMAIL),
             ("password", OPERATOR_PASSWORD),
             ("csrf", csrf.as_str()),
@@ -145,7 +146,7 @@ async fn login_without_its_csrf_cookie_is_refused() {
     let (csrf, _cookie) = crate::support::login_form(&console.address).await;
     let response = crate::support::plain_client()
         .post(format!("{}/console/login", console.address))
-        .form(&[
+        .form_fields(&[
             ("email", OPERATOR_EMAIL),
             ("password", OPERATOR_PASSWORD),
             ("csrf", csrf.as_str()),

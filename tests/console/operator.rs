@@ -19,6 +19,7 @@ async fn operator_creates_a_tenant_with_quotas_and_a_user_who_then_logs_in() {
         page.wait_text("#tenant-name", |t| t == "acme").await;
         assert!(page.path().await.starts_with("/console/tenants/"));
 
+        let tenant_page = page.client.current_url().await.expect("url").to_string();
         page.fill("#quota-max_adapters", "3").await;
         page.fill("#quota-tokens_per_day", "100000").await;
         page.click("#quota-form button[type=submit]").await;
@@ -47,8 +48,7 @@ async fn operator_creates_a_tenant_with_quotas_and_a_user_who_then_logs_in() {
             .await;
         assert!(page.text("#key-list").await.contains("ci"));
         // Shown once: a reload of the page does not show it again.
-        page.goto(&page.client.current_url().await.unwrap().to_string())
-            .await;
+        page.goto(&tenant_page).await;
         assert!(!page.source().await.contains(&key));
 
         page.click(".whoami button").await;

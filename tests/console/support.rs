@@ -3,27 +3,27 @@
 
 #![allow(dead_code)]
 
-use punica::domain::{Email, Password, TenantName};
-use punica::store::Store;
-use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+use punica::domain::{AdapterName, Email, Password, TenantName};
+use punica::store::{NewAdapterVersion, Store};
+use reqwest::header::{CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
 use reqwest::redirect::Policy;
 
 use crate::browser::Page;
-use crate::service_helpers::{Service, spawn_service};
+use crate::helpers::{TestApp, spawn_app};
 
 pub const OPERATOR_EMAIL: &str = "ops@example.com";
 pub const OPERATOR_PASSWORD: &str = "operator-password-1";
 pub const USER_PASSWORD: &str = "tenant-password-1";
 
-/// The service with the tiny model and one operator account.
+/// The service with one operator account.
 pub struct Console {
-    pub service: Service,
+    pub app: TestApp,
 }
 
 impl std::ops::Deref for Console {
-    type Target = Service;
-    fn deref(&self) -> &Service {
-        &self.service
+    type Target = TestApp;
+    fn deref(&self) -> &TestApp {
+        &self.app
     }
 }
 
@@ -36,14 +36,35 @@ async fn hash(password: &str) -> String {
 
 /// Starts the service and creates the operator.
 pub async fn spawn_console() -> Console {
-    let service = spawn_service().await;
+    let app = spawn_app().await;
     let email = Email::parse(OPERATOR_EMAIL).expect("email");
-    service
-        .store
+    app.store
         .create_operator(&email, &hash(OPERATOR_PASSWORD).await)
         .await
         .expect("create operator");
-    Console { service }
+    Console { app }
+}
+
+/// Records an adapter version in the store directly (metadata only: pages that list, show and
+/// delete adapters need no weights).
+pub async fn insert_adapter(store: &Store, tenant_id: &str, name: &str, rank: u32) {
+    let new = NewAdapterVersion {
+        rank,
+        alpha: f64::from(2 * rank),
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        dtype: "float32".into(),
+        size_bytes: 4096 * u64::from(rank),
+        sha256: format!("{:064x}", rank),
+        blob_key: format!("test/{name}/{rank}"),
+    };
+    store
+        .create_adapter_version(
+            tenant_id.parse().expect("tenant id"),
+            &AdapterName::parse(name).expect("adapter name"),
+            &new,
+        )
+        .await
+        .expect("insert adapter version");
 }
 
 /// A tenant with one console user, created directly in the store.
@@ -112,6 +133,41 @@ pub fn csrf_of(html: &str) -> String {
     panic!("no CSRF token in the page");
 }
 
+/// An `application/x-www-form-urlencoded` body (reqwest's `form` feature is not enabled).
+pub fn form_body(fields: &[(&str, &str)]) -> String {
+    let encode = |s: &str| {
+        let mut out = String::new();
+        for b in s.bytes() {
+            match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => {
+                    out.push(char::from(b))
+                }
+                b' ' => out.push('+'),
+                _ => out.push_str(&format!("%{b:02X}")),
+            }
+        }
+        out
+    };
+    fields
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Adds a form body to a request.
+pub trait FormBody {
+    /// Sends `fields` as a urlencoded form.
+    fn form_fields(self, fields: &[(&str, &str)]) -> Self;
+}
+
+impl FormBody for reqwest::RequestBuilder {
+    fn form_fields(self, fields: &[(&str, &str)]) -> Self {
+        self.header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(form_body(fields))
+    }
+}
+
 /// A client that keeps one session cookie and never follows redirects.
 pub struct HttpSession {
     pub client: reqwest::Client,
@@ -147,7 +203,7 @@ pub async fn post_login(base: &str, email: &str, password: &str) -> reqwest::Res
     plain_client()
         .post(format!("{base}/console/login"))
         .header(COOKIE, format!("punica_login_csrf={cookie}"))
-        .form(&[
+        .form_fields(&[
             ("email", email),
             ("password", password),
             ("csrf", &csrf),
@@ -193,7 +249,7 @@ impl HttpSession {
         self.client
             .post(format!("{}{path}", self.base))
             .header(COOKIE, format!("punica_session={}", self.cookie))
-            .form(form)
+            .form_fields(form)
             .send()
             .await
             .expect("console POST")
