@@ -1,9 +1,11 @@
 //! The `punica` command line: parses arguments and dispatches into the library.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use punica::config::SettingsArgs;
+use punica::engine::model::gguf::{ImportDtype, import_gguf};
 use punica::startup::{self, OperatorOutcome, StartupError};
 use punica::telemetry;
 
@@ -29,6 +31,34 @@ enum Command {
     Operator {
         #[command(subcommand)]
         command: OperatorCommand,
+    },
+    /// Model files: conversion and inspection.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// CPU decode tokens/s of a model at several batch sizes (f32 CPU backend).
+    Cpu(punica::engine::model::bench::CpuBenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Convert a Llama GGUF file into a Hugging Face style model folder.
+    ImportGguf {
+        /// The .gguf file.
+        file: PathBuf,
+        /// The folder to create (must not exist, or be empty).
+        out_dir: PathBuf,
+        /// Weight dtype of the written safetensors.
+        #[arg(long, value_enum, default_value_t = ImportDtype::F32)]
+        dtype: ImportDtype,
     },
 }
 
@@ -56,16 +86,16 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
+        Err(e) => fail(e.as_ref()),
     }
 }
 
-async fn run(cli: Cli) -> Result<(), StartupError> {
+async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Serve { settings } => {
             let settings = settings.load()?;
             telemetry::init(&settings.log);
-            startup::serve(settings).await
+            Ok(startup::serve(settings).await?)
         }
         Command::Operator {
             command: OperatorCommand::Create { email, settings },
@@ -83,11 +113,33 @@ async fn run(cli: Cli) -> Result<(), StartupError> {
             println!("operator {verb} {} (id {})", operator.email, operator.id);
             Ok(())
         }
+        Command::Model {
+            command:
+                ModelCommand::ImportGguf {
+                    file,
+                    out_dir,
+                    dtype,
+                },
+        } => {
+            telemetry::init("info");
+            // Dequantising a model is CPU work: keep it off the async workers.
+            tokio::task::spawn_blocking(move || import_gguf(&file, &out_dir, dtype)).await??;
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Cpu(args)) => {
+            telemetry::init("warn");
+            // The CPU backend computes on rayon's threads; keep the async workers free.
+            let report =
+                tokio::task::spawn_blocking(move || punica::engine::model::bench::run(&args))
+                    .await??;
+            print!("{report}");
+            Ok(())
+        }
     }
 }
 
 /// The one line a failed start leaves on stderr.
-fn fail(error: &StartupError) -> ExitCode {
+fn fail(error: &dyn std::error::Error) -> ExitCode {
     eprintln!("punica: error: {}", telemetry::error_chain(error));
     ExitCode::FAILURE
 }
