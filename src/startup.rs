@@ -420,6 +420,9 @@ fn build_server(listener: TcpListener, state: AppState) -> std::io::Result<Serve
 pub async fn serve(settings: Settings) -> Result<(), StartupError> {
     let signals = ShutdownSignals::install()?;
     let app = Application::build(settings).await?;
+    if app.state.settings.admin_token.is_none() {
+        tracing::warn!("PUNICA_ADMIN_TOKEN is not set: the operator API rejects every request");
+    }
     tracing::info!(
         address = %format!("http://{}:{}", host_of(&app.state.settings.bind), app.port()),
         "punica is serving"

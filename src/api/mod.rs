@@ -19,10 +19,15 @@ pub use metrics::Metrics;
 /// What every handler may need; cloned into each worker (all fields are cheap handles).
 #[derive(Clone, Debug)]
 pub struct AppState {
+    /// The validated configuration.
     pub settings: Arc<Settings>,
+    /// The database (the only way to SQL).
     pub store: Store,
+    /// Adapter files.
     pub blobs: BlobStore,
+    /// Model state for `/readyz`; the model loader sets it.
     pub readiness: Readiness,
+    /// Registry for every module's Prometheus collectors.
     pub metrics: Arc<Metrics>,
 }
 

@@ -469,3 +469,21 @@ fn dequantize_rejects_data_of_the_wrong_length() {
         Err(GgufError::BadShape { .. })
     ));
 }
+
+#[test]
+fn tensor_infos_edited_after_parsing_give_errors_not_panics() {
+    let file = GgufFile::from_bytes(small_valid_file()).expect("valid file");
+    let mut info = file.header.tensor("b.weight").expect("b").clone();
+    info.offset = u64::MAX - 4;
+    assert!(matches!(
+        file.dequantize(&info),
+        Err(GgufError::TensorOutOfBounds { .. })
+    ));
+    info.offset = 0;
+    info.dims = vec![1 << 20];
+    info.n_bytes = 4 << 20;
+    assert!(matches!(
+        file.tensor_bytes(&info),
+        Err(GgufError::TensorOutOfBounds { .. })
+    ));
+}

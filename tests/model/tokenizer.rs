@@ -252,6 +252,27 @@ fn smollm2_chat_template_renders_chatml() {
     let ids = tok.encode(&prompt, false).expect("encode");
     assert_eq!(ids[0], 1);
     assert_eq!(ids.iter().filter(|&&id| id == 2).count(), 4);
+    let chat_ids = tok
+        .encode_chat(&[ChatMessage::new("user", "Hi")], true)
+        .expect("encode chat");
+    assert_eq!(chat_ids.first(), Some(&1));
+    assert_eq!(
+        chat_ids.iter().filter(|&&id| id == 1).count(),
+        3,
+        "three turns opened"
+    );
+    assert_eq!(
+        tok.decode(&chat_ids, false).expect("decode"),
+        tok.apply_chat_template(&[ChatMessage::new("user", "Hi")], true)
+            .expect("render")
+    );
+}
+
+#[test]
+fn tokenizer_and_decode_stream_can_move_between_threads() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<Tokenizer>();
+    assert_send_sync::<punica::engine::model::tokenizer::DecodeStream>();
 }
 
 /// A folder with SmolLM2's tokenizer.json and the given tokenizer_config.json.
@@ -360,4 +381,37 @@ fn tokenizer_errors_name_the_broken_file() {
         "{err}"
     );
     assert!(Path::new(dir.path()).exists());
+}
+
+#[test]
+fn chat_template_offers_strftime_now_and_named_template_lists() {
+    let dir = folder_with_config(&serde_json::json!({
+        "chat_template": [
+            {"name": "tool_use", "template": "tools"},
+            {"name": "default", "template": "{{ strftime_now('%Y-%m-%d %b %%') }}|{{ messages | length }}"},
+        ],
+    }));
+    let tok = Tokenizer::from_dir(dir.path()).expect("loads");
+    let before = time::OffsetDateTime::now_utc();
+    let out = tok
+        .apply_chat_template(&[ChatMessage::new("user", "x")], false)
+        .expect("render");
+    let after = time::OffsetDateTime::now_utc();
+    let expect = |t: time::OffsetDateTime| {
+        format!(
+            "{}-{:02}-{:02} {} %|1",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            &t.month().to_string()[..3]
+        )
+    };
+    assert!(out == expect(before) || out == expect(after), "{out}");
+
+    let bad = folder_with_config(&serde_json::json!({"chat_template": "{{ strftime_now('%Q') }}"}));
+    let tok = Tokenizer::from_dir(bad.path()).expect("loads");
+    let err = tok
+        .apply_chat_template(&[], false)
+        .expect_err("unsupported directive");
+    assert!(err.to_string().contains("%Q"), "{err}");
 }

@@ -15,6 +15,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -853,10 +854,21 @@ impl<B: AsRef<[u8]>> GgufFile<B> {
         Ok(GgufFile { bytes, header })
     }
 
-    /// The raw bytes of a tensor (bounds were checked at parse time).
-    pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> &[u8] {
-        let start = (self.header.data_offset + info.offset) as usize;
-        &self.bytes.as_ref()[start..start + info.n_bytes as usize]
+    /// The raw bytes of a tensor. Parsing checked the bounds of the file's own tensor infos;
+    /// the check is repeated because `info` may come from anywhere.
+    pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> Result<&[u8], GgufError> {
+        let bytes = self.bytes.as_ref();
+        let start = self.header.data_offset.checked_add(info.offset);
+        let end = start.and_then(|s| s.checked_add(info.n_bytes));
+        start
+            .zip(end)
+            .and_then(|(s, e)| bytes.get(usize::try_from(s).ok()?..usize::try_from(e).ok()?))
+            .ok_or_else(|| GgufError::TensorOutOfBounds {
+                name: info.name.clone(),
+                start: start.unwrap_or(u64::MAX),
+                end: end.unwrap_or(u64::MAX),
+                file_len: bytes.len() as u64,
+            })
     }
 
     /// The tensor dequantised to f32, in ggml order (which is row-major over the reversed dims).
@@ -864,7 +876,7 @@ impl<B: AsRef<[u8]>> GgufFile<B> {
         dequantize(
             &info.name,
             info.ggml_type,
-            self.tensor_bytes(info),
+            self.tensor_bytes(info)?,
             info.n_elements() as usize,
         )
     }
@@ -1325,6 +1337,8 @@ struct LazyTensor<'a, B: AsRef<[u8]>> {
     plan: &'a Plan<'a>,
     dtype: ImportDtype,
     error: &'a std::sync::Mutex<Option<GgufError>>,
+    /// Tensors converted so far and the total, shared by all views, for progress logs.
+    progress: (&'a AtomicUsize, usize),
 }
 
 impl<B: AsRef<[u8]>> LazyTensor<'_, B> {
@@ -1344,6 +1358,11 @@ impl<B: AsRef<[u8]>> LazyTensor<'_, B> {
             }
         };
         tracing::debug!(tensor = %self.plan.hf_name, shape = ?self.plan.shape, "converted");
+        let done = self.progress.0.fetch_add(1, Ordering::Relaxed) + 1;
+        let total = self.progress.1;
+        if done.is_multiple_of(total.div_ceil(10).max(1)) || done == total {
+            tracing::info!("converted {done}/{total} tensors");
+        }
         Ok(self.dtype.encode(&values))
     }
 }
@@ -1666,7 +1685,13 @@ pub fn import_gguf(
         // is what the user asked us to fill.
         std::fs::remove_dir(out_dir).map_err(io(out_dir))?;
     }
-    std::fs::rename(&staging, out_dir).map_err(io(out_dir))?;
+    if let Err(source) = std::fs::rename(&staging, out_dir) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(ImportError::Io {
+            path: out_dir.to_path_buf(),
+            source,
+        });
+    }
     tracing::info!(
         out = %out_dir.display(),
         tensors = summary.n_tensors,
@@ -1794,6 +1819,7 @@ fn write_folder<B: AsRef<[u8]>>(
     )?;
 
     let error = std::sync::Mutex::new(None);
+    let converted = AtomicUsize::new(0);
     let views: Vec<(String, LazyTensor<'_, B>)> = plans
         .iter()
         .map(|plan| {
@@ -1804,6 +1830,7 @@ fn write_folder<B: AsRef<[u8]>>(
                     plan,
                     dtype,
                     error: &error,
+                    progress: (&converted, plans.len()),
                 },
             )
         })

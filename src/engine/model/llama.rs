@@ -446,6 +446,15 @@ struct DeviceLoraProj<B: Backend> {
     rank: usize,
 }
 
+impl<B: Backend> std::fmt::Debug for DeviceAdapter<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceAdapter")
+            .field("layers", &self.layers.len())
+            .field("max_rank", &self.max_rank)
+            .finish()
+    }
+}
+
 impl<B: Backend> DeviceAdapter<B> {
     /// Copy a validated adapter to the device (in the backend's dtype).
     pub fn upload(backend: &B, weights: &LoraWeights) -> Result<Self, BackendError> {

@@ -371,6 +371,19 @@ impl Tokenizer {
     }
 }
 
+impl Tokenizer {
+    /// Renders the chat template and encodes the result without adding special tokens again
+    /// (the template already wrote them), as `apply_chat_template(tokenize=True)` does.
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let text = self.apply_chat_template(messages, add_generation_prompt)?;
+        self.encode(&text, false)
+    }
+}
+
 const TEMPLATE_NAME: &str = "chat_template";
 
 /// Compiles a chat template with the environment Hugging Face uses: blocks trimmed, a
