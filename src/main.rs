@@ -46,6 +46,8 @@ enum Command {
 enum BenchCommand {
     /// CPU decode tokens/s of a model at several batch sizes (f32 CPU backend).
     Cpu(punica::engine::model::bench::CpuBenchArgs),
+    /// The whole engine under a synthetic multi-adapter workload: tokens/s, TTFT, ITL.
+    Engine(punica::engine::bench::BenchEngineArgs),
 }
 
 #[derive(Subcommand)]
@@ -132,6 +134,13 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let report =
                 tokio::task::spawn_blocking(move || punica::engine::model::bench::run(&args))
                     .await??;
+            print!("{report}");
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Engine(args)) => {
+            telemetry::init("warn");
+            let report =
+                tokio::task::spawn_blocking(move || punica::engine::bench::run(&args)).await??;
             print!("{report}");
             Ok(())
         }
