@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::api::{self, AppState, Metrics};
 use crate::blobs::{BlobError, BlobStore};
 use crate::config::{ConfigError, Settings};
+use crate::console;
 use crate::domain::{DomainError, Email, Password, PasswordHashError};
 use crate::store::managed::{ManagedError, ManagedOptions, ManagedPostgres};
 use crate::store::{Operator, Store, StoreError, describe_target, ensure_database};
@@ -416,6 +417,10 @@ fn build_server(
     service: Arc<api::state::ServiceState>,
 ) -> std::io::Result<Server> {
     let max_upload = usize::try_from(state.settings.max_upload_bytes).unwrap_or(usize::MAX);
+    let console = web::Data::new(console::ConsoleState::new(
+        state.store.clone(),
+        Arc::new(console::UnknownResidency),
+    ));
     let data = web::Data::new(state);
     let service = web::Data::from(service);
     Ok(HttpServer::new(move || {
@@ -425,6 +430,7 @@ fn build_server(
             .app_data(web::PayloadConfig::new(max_upload))
             .wrap(actix_web::middleware::from_fn(api::metrics::track_requests))
             .configure(api::configure)
+            .configure(console::configure(console.clone()))
     })
     .listen(listener)?
     .disable_signals()
