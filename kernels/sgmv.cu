@@ -24,7 +24,8 @@ struct LoraSlot {
 #define EXPAND_WARPS 4
 
 // v[row, :rank] = x[row, :] . A^T for the rows of each tile, split-K over h_in across
-// gridDim.y blocks. With more than one split, blocks add into a zeroed f32 accumulator per tile;
+// gridDim.y blocks and over ranks in groups of NT*8 across gridDim.z blocks (more blocks in
+// flight when a batch has few tiles). With more than one split, blocks add into a zeroed f32 accumulator per tile;
 // the last block to finish (counter) copies it to v and clears accumulator and counter, so the
 // workspace is clean again for the next launch (and for CUDA-graph replays).
 template <typename T, int NT, int U>
@@ -38,15 +39,17 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     __shared__ int is_last;
 
     pdl_launch_dependents();
-    const int tile = blockIdx.x, split = blockIdx.y;
+    const int tile = blockIdx.x, split = blockIdx.y, zi = blockIdx.z;
+    const int group = tile * gridDim.z + zi;
     const u32 seg = tiles[2 * tile];
     const int row0 = (int)tiles[2 * tile + 1];
     const int seg_end = (int)segs[3 * seg + 1];
     const u32 slot = segs[3 * seg + 2];
     const LoraSlot s = table[slot];
-    const int rank = min((int)s.rank, R);
-    if (s.a == nullptr || rank == 0) return;
-    const T* A = reinterpret_cast<const T*>(s.a);
+    const int rank_lo = zi * R;
+    const int rank = min((int)s.rank - rank_lo, R);
+    if (s.a == nullptr || rank <= 0) return;
+    const T* A = reinterpret_cast<const T*>(s.a) + (size_t)rank_lo * h_in;
     const int nrows = min(16, seg_end - row0);
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -107,7 +110,8 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     }
     __syncthreads();
 
-    float* tacc = acc + (size_t)tile * 16 * R;
+    float* tacc = acc + (size_t)group * 16 * R;
+    float* vout = v + rank_lo;
     for (int idx = threadIdx.x; idx < 16 * R; idx += blockDim.x) {
         const int row = idx / R, col = idx % R;
         if (row < nrows && col < rank) {
@@ -115,7 +119,7 @@ __device__ __forceinline__ void sgmv_shrink_impl(
 #pragma unroll
             for (int w2 = 0; w2 < SHRINK_WARPS; ++w2) sum += red[w2][row][col];
             if (ksplit == 1) {
-                v[(size_t)(row0 + row) * v_stride + col] = sum;
+                vout[(size_t)(row0 + row) * v_stride + col] = sum;
             } else {
                 atomicAdd(&tacc[idx], sum);
             }
@@ -126,7 +130,7 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
-        const u32 prev = atomicAdd(&counters[tile], 1u);
+        const u32 prev = atomicAdd(&counters[group], 1u);
         is_last = (prev == (u32)(ksplit - 1));
     }
     __syncthreads();
@@ -135,11 +139,11 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     for (int idx = threadIdx.x; idx < 16 * R; idx += blockDim.x) {
         const int row = idx / R, col = idx % R;
         if (row < nrows && col < rank) {
-            v[(size_t)(row0 + row) * v_stride + col] = __ldcg(&tacc[idx]);
+            vout[(size_t)(row0 + row) * v_stride + col] = __ldcg(&tacc[idx]);
             tacc[idx] = 0.0f;
         }
     }
-    if (threadIdx.x == 0) counters[tile] = 0u;
+    if (threadIdx.x == 0) counters[group] = 0u;
 }
 
 // Reads two adjacent output elements of y (cols c, c+1 of a row), zero past h_out.
@@ -187,10 +191,10 @@ __device__ __forceinline__ void load_v8(const float* row, int k, int rank, bool 
 }
 
 // y[row, col_offset + j] += v[row, :rank] . B[j, :rank] for the rows of one tile (blockIdx.y) and
-// 32 columns per warp (blockIdx.x picks 128 columns). B and the old y are loaded before waiting
+// NTW * 8 columns per warp (blockIdx.x picks EXPAND_WARPS * NTW * 8 columns). B and the old y are loaded before waiting
 // on the shrink (programmatic dependent launch), so only v is read after it finishes. v is fed to
 // the tensor cores as hi + lo halves, keeping it at f32 accuracy.
-template <typename T, int KT>
+template <typename T, int KT, int NTW>
 __device__ __forceinline__ void sgmv_expand_impl(
     const float* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
     int h_out, const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
@@ -208,13 +212,13 @@ __device__ __forceinline__ void sgmv_expand_impl(
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, q = lane & 3;
-    const int c0 = blockIdx.x * (EXPAND_WARPS * 32) + warp * 32;
+    const int c0 = (blockIdx.x * EXPAND_WARPS + warp) * (NTW * 8);
     const bool bvec = (rank & 7) == 0;
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 
-    uint4 b[4][KT];
+    uint4 b[NTW][KT];
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
+    for (int nt = 0; nt < NTW; ++nt) {
         const int col = c0 + nt * 8 + g;
 #pragma unroll
         for (int kc = 0; kc < KT; ++kc) {
@@ -227,9 +231,9 @@ __device__ __forceinline__ void sgmv_expand_impl(
     T* y0 = y + (size_t)(row0 + g) * y_stride + col_offset;
     T* y1 = y + (size_t)(row0 + g + 8) * y_stride + col_offset;
     const bool yal = ((y_stride | col_offset) & 1) == 0;
-    u32 yv[4][2];
+    u32 yv[NTW][2];
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
+    for (int nt = 0; nt < NTW; ++nt) {
         const int col = c0 + nt * 8 + 2 * q;
         yv[nt][0] = r0ok ? load_pair(y0, col, h_out, yal) : 0u;
         yv[nt][1] = r1ok ? load_pair(y1, col, h_out, yal) : 0u;
@@ -237,9 +241,9 @@ __device__ __forceinline__ void sgmv_expand_impl(
 
     pdl_wait();
 
-    float d[4][4];
+    float d[NTW][4];
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.0f;
+    for (int nt = 0; nt < NTW; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.0f;
 
     const float* v0 = v + (size_t)(row0 + g) * v_stride;
     const float* v1 = v + (size_t)(row0 + g + 8) * v_stride;
@@ -262,7 +266,7 @@ __device__ __forceinline__ void sgmv_expand_impl(
         split_pair<T>(va[6], va[7], ah[6], al[6]);
         split_pair<T>(vb[6], vb[7], ah[7], al[7]);
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
+        for (int nt = 0; nt < NTW; ++nt) {
             const uint4 w = b[nt][kc];
             mma16816<T>(d[nt], ah[0], ah[1], ah[2], ah[3], w.x, w.y);
             mma16816<T>(d[nt], al[0], al[1], al[2], al[3], w.x, w.y);
@@ -273,7 +277,7 @@ __device__ __forceinline__ void sgmv_expand_impl(
 
     const T dummy = T{};
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
+    for (int nt = 0; nt < NTW; ++nt) {
         const int col = c0 + nt * 8 + 2 * q;
         if (r0ok && col < h_out) {
             const u32 o = yv[nt][0];
@@ -300,14 +304,14 @@ __device__ __forceinline__ void sgmv_expand_impl(
         sgmv_shrink_impl<TYPE, NT, U>(SHRINK_PASS);                                          \
     }
 
-#define DEFINE_EXPAND(TNAME, TYPE, KT)                                                       \
+#define DEFINE_EXPAND(TNAME, TYPE, KT, NTW)                                                  \
     extern "C" __global__ void __launch_bounds__(EXPAND_WARPS * 32)                          \
-        sgmv_expand_##TNAME##_k##KT(const float* __restrict__ v, int v_stride,               \
+        sgmv_expand_##TNAME##_k##KT##_w##NTW(const float* __restrict__ v, int v_stride,               \
                                     TYPE* __restrict__ y, int y_stride, int col_offset,      \
                                     int h_out, const LoraSlot* __restrict__ table,           \
                                     const u32* __restrict__ tiles,                           \
                                     const u32* __restrict__ segs) {                          \
-        sgmv_expand_impl<TYPE, KT>(v, v_stride, y, y_stride, col_offset, h_out, table,       \
+        sgmv_expand_impl<TYPE, KT, NTW>(v, v_stride, y, y_stride, col_offset, h_out, table,       \
                                    tiles, segs);                                             \
     }
 
@@ -322,9 +326,15 @@ DEFINE_SHRINK(f16, f16, 4, 4)
 DEFINE_SHRINK(f16, f16, 8, 2)
 DEFINE_SHRINK(f16, f16, 16, 1)
 
-DEFINE_EXPAND(bf16, bf16, 1)
-DEFINE_EXPAND(bf16, bf16, 2)
-DEFINE_EXPAND(bf16, bf16, 4)
-DEFINE_EXPAND(f16, f16, 1)
-DEFINE_EXPAND(f16, f16, 2)
-DEFINE_EXPAND(f16, f16, 4)
+DEFINE_EXPAND(bf16, bf16, 1, 4)
+DEFINE_EXPAND(bf16, bf16, 1, 8)
+DEFINE_EXPAND(bf16, bf16, 2, 4)
+DEFINE_EXPAND(bf16, bf16, 2, 8)
+DEFINE_EXPAND(bf16, bf16, 4, 4)
+DEFINE_EXPAND(bf16, bf16, 4, 8)
+DEFINE_EXPAND(f16, f16, 1, 4)
+DEFINE_EXPAND(f16, f16, 1, 8)
+DEFINE_EXPAND(f16, f16, 2, 4)
+DEFINE_EXPAND(f16, f16, 2, 8)
+DEFINE_EXPAND(f16, f16, 4, 4)
+DEFINE_EXPAND(f16, f16, 4, 8)

@@ -128,13 +128,12 @@ impl KernelCompiler {
                 self.arch
             ))
         });
-        if let Some(path) = &cached {
-            if let Ok(bytes) = std::fs::read(path) {
-                if !bytes.is_empty() {
-                    tracing::debug!(file, path = %path.display(), "cubin cache hit");
-                    return Ok(bytes);
-                }
-            }
+        if let Some(path) = &cached
+            && let Ok(bytes) = std::fs::read(path)
+            && !bytes.is_empty()
+        {
+            tracing::debug!(file, path = %path.display(), "cubin cache hit");
+            return Ok(bytes);
         }
         let started = std::time::Instant::now();
         let cubin = nvrtc_cubin(&source, file, &options)?;
@@ -275,8 +274,9 @@ mod tests {
                 let (t, n) = rest.split_once("_n").unwrap();
                 src.contains(&format!("DEFINE_SHRINK({t}, {t}, {n},"))
             } else if let Some(rest) = name.strip_prefix("sgmv_expand_") {
-                let (t, k) = rest.split_once("_k").unwrap();
-                src.contains(&format!("DEFINE_EXPAND({t}, {t}, {k})"))
+                let (t, kw) = rest.split_once("_k").unwrap();
+                let (k, w) = kw.split_once("_w").unwrap();
+                src.contains(&format!("DEFINE_EXPAND({t}, {t}, {k}, {w})"))
             } else {
                 let (op, _) = name.rsplit_once('_').unwrap();
                 src.contains(&format!(" {op}_##TNAME("))

@@ -219,6 +219,12 @@ pub struct CudaBackend {
     pdl: bool,
     /// Split-K target: shrink blocks per SM (tuning knob, `PUNICA_SHRINK_BLOCKS_PER_SM`).
     shrink_blocks_per_sm: usize,
+    /// Expand: 8-column tiles per warp, 4 or 8 (tuning knob, `PUNICA_EXPAND_NTW`).
+    expand_ntw: usize,
+    /// Largest split-K of the shrink for tiles of many rows (`PUNICA_SHRINK_MAX_SPLITS_FULL`).
+    shrink_max_splits_full: usize,
+    /// Spread ranks over blocks when a batch has few tiles (`PUNICA_SHRINK_RANK_SPLIT=0` disables).
+    shrink_rank_split: bool,
 }
 
 // SAFETY: the cuBLAS handle is only used under the backend's own calls, which bind the context
@@ -318,7 +324,17 @@ impl CudaBackend {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .filter(|&v: &usize| (1..=64).contains(&v))
-                .unwrap_or(4),
+                .unwrap_or(2),
+            shrink_max_splits_full: std::env::var("PUNICA_SHRINK_MAX_SPLITS_FULL")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v: &usize| (1..=64).contains(&v))
+                .unwrap_or(64),
+            shrink_rank_split: std::env::var("PUNICA_SHRINK_RANK_SPLIT").as_deref() != Ok("0"),
+            expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
+                Ok("8") => 8,
+                _ => 4,
+            },
         })
     }
 
@@ -507,7 +523,7 @@ impl CudaBackend {
 
     /// Copy `buf`'s raw contents (elements `0..len`) from the host as bytes.
     pub fn upload_raw(&self, dtype: DType, bytes: &[u8]) -> Result<CudaBuf> {
-        if bytes.len() % dtype.size() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size()) {
             return Err(shape(format!(
                 "{} bytes is not a whole number of {dtype:?} elements",
                 bytes.len()
@@ -619,10 +635,10 @@ impl CudaBackend {
 
     fn workspace(&self, bytes: usize) -> Result<u64> {
         let mut ws = lock(&self.workspace);
-        if let Some(w) = ws.as_ref() {
-            if w.bytes >= bytes {
-                return Ok(w.ptr);
-            }
+        if let Some(w) = ws.as_ref()
+            && w.bytes >= bytes
+        {
+            return Ok(w.ptr);
         }
         let size = bytes.next_power_of_two().max(1 << 20);
         self.mark_other();
@@ -649,13 +665,13 @@ impl CudaBackend {
                 table.dtype
             )));
         }
-        if let Some(s) = meta.layout.max_slot {
-            if s as usize >= table.slots {
-                return Err(shape(format!(
-                    "segment uses adapter slot {s} but the table has {} slots",
-                    table.slots
-                )));
-            }
+        if let Some(s) = meta.layout.max_slot
+            && s as usize >= table.slots
+        {
+            return Err(shape(format!(
+                "segment uses adapter slot {s} but the table has {} slots",
+                table.slots
+            )));
         }
         Ok(true)
     }
@@ -691,7 +707,9 @@ pub fn kernel_names() -> Vec<String> {
             names.push(format!("sgmv_shrink_{t}_n{nt}"));
         }
         for kt in [1, 2, 4] {
-            names.push(format!("sgmv_expand_{t}_k{kt}"));
+            for w in [4, 8] {
+                names.push(format!("sgmv_expand_{t}_k{kt}_w{w}"));
+            }
         }
     }
     for t in ["f32", "f16", "bf16"] {
@@ -848,7 +866,7 @@ impl Backend for CudaBackend {
         let rows = meta.layout.rows;
         same_dtype(table, out, "embedding")?;
         need(out, rows * hidden, "embedding out")?;
-        if hidden == 0 || table.len % hidden != 0 {
+        if hidden == 0 || !table.len.is_multiple_of(hidden) {
             return Err(shape(format!(
                 "embedding table of {} is not [vocab, {hidden}]",
                 table.len
@@ -1022,7 +1040,10 @@ impl Backend for CudaBackend {
         head_dim: usize,
     ) -> Result<()> {
         let rows = meta.layout.rows;
-        if inv_freq.dtype != DType::F32 || inv_freq.len < head_dim / 2 || head_dim % 2 != 0 {
+        if inv_freq.dtype != DType::F32
+            || inv_freq.len < head_dim / 2
+            || !head_dim.is_multiple_of(2)
+        {
             return Err(shape(format!(
                 "rope: inv_freq must be f32 with head_dim/2 = {} values (got {:?} x {})",
                 head_dim / 2,
@@ -1228,17 +1249,33 @@ impl Backend for CudaBackend {
             )));
         }
         let tiles = meta.layout.num_tiles;
-        let nt = plan::shrink_rank_tiles(table.max_rank)?;
-        let splits = plan::shrink_splits(tiles, h_in, self.sm_count * self.shrink_blocks_per_sm);
-        let counters_bytes = (tiles * 4).div_ceil(256) * 256;
+        let target = self.sm_count * self.shrink_blocks_per_sm;
+        let (nt, groups) = if self.shrink_rank_split {
+            plan::shrink_rank_split(
+                tiles,
+                h_in,
+                target,
+                plan::shrink_rank_tiles(table.max_rank)?,
+            )
+        } else {
+            (plan::shrink_rank_tiles(table.max_rank)?, 1)
+        };
+        // Tiles holding many rows pay a round of atomics per row and rank for every split.
+        let cap = if meta.layout.rows >= 2 * tiles {
+            self.shrink_max_splits_full
+        } else {
+            64
+        };
+        let splits = plan::shrink_splits(tiles * groups, h_in, target, cap);
+        let counters_bytes = (tiles * groups * 4).div_ceil(256) * 256;
         let ws = if splits > 1 {
-            self.workspace(counters_bytes + tiles * plan::TILE_ROWS * nt * 8 * 4)?
+            self.workspace(counters_bytes + tiles * groups * plan::TILE_ROWS * nt * 8 * 4)?
         } else {
             0
         };
         self.launch(
             &format!("sgmv_shrink_{}_n{nt}", Self::suffix(x.dtype)),
-            (tiles as u32, splits as u32, 1),
+            (tiles as u32, splits as u32, groups as u32),
             (plan::SHRINK_WARPS * 32) as u32,
             &[
                 Arg::Ptr(x.ptr),
@@ -1301,10 +1338,11 @@ impl Backend for CudaBackend {
             )));
         }
         let kt = plan::expand_rank_chunks(table.max_rank)?;
-        let (gx, gy) = plan::expand_grid(h_out, meta.layout.num_tiles);
+        let ntw = self.expand_ntw;
+        let (gx, gy) = plan::expand_grid(h_out, meta.layout.num_tiles, ntw);
         let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
         self.launch(
-            &format!("sgmv_expand_{}_k{kt}", Self::suffix(y.dtype)),
+            &format!("sgmv_expand_{}_k{kt}_w{ntw}", Self::suffix(y.dtype)),
             (gx, gy, 1),
             (plan::EXPAND_WARPS * 32) as u32,
             &[

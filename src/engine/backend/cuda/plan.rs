@@ -7,10 +7,9 @@ use crate::engine::backend::{BLOCK_SIZE, BackendError, Result, StepMeta};
 pub const TILE_ROWS: usize = 16;
 /// Warps per SGMV shrink block (kernels/sgmv.cu `SHRINK_WARPS`).
 pub const SHRINK_WARPS: usize = 4;
-/// Warps per SGMV expand block (kernels/sgmv.cu `EXPAND_WARPS`); each covers 32 output columns.
+/// Warps per SGMV expand block (kernels/sgmv.cu `EXPAND_WARPS`); each covers `8 * ntw` output
+/// columns, `ntw` (4 or 8) being the kernel variant's 8-column tiles per warp.
 pub const EXPAND_WARPS: usize = 4;
-/// Output columns per expand block.
-pub const EXPAND_COLS: usize = EXPAND_WARPS * 32;
 /// Largest LoRA rank the kernels support.
 pub const MAX_RANK: usize = 128;
 /// Largest attention head dimension the attention kernel supports.
@@ -54,16 +53,39 @@ fn check_rank(max_rank: usize) -> Result<()> {
 /// How many blocks split the h_in reduction of one row tile, aiming at `target_blocks` in all.
 /// Small batches need many splits to put enough loads in flight on every SM; large ones have
 /// enough tiles already. Each warp keeps at least one 32-wide k step.
-pub fn shrink_splits(num_tiles: usize, h_in: usize, target_blocks: usize) -> usize {
+/// `cap` bounds the split (each split adds a round of f32 atomics per row and rank).
+pub fn shrink_splits(num_tiles: usize, h_in: usize, target_blocks: usize, cap: usize) -> usize {
     let steps = h_in.div_ceil(32);
-    let max_split = (steps / SHRINK_WARPS).max(1);
+    let max_split = (steps / SHRINK_WARPS).clamp(1, cap.max(1));
     let target_blocks = target_blocks.max(1);
     target_blocks.div_ceil(num_tiles.max(1)).clamp(1, max_split)
 }
 
-/// Expand grid: (column blocks, row tiles).
-pub fn expand_grid(h_out: usize, num_tiles: usize) -> (u32, u32) {
-    (h_out.div_ceil(EXPAND_COLS) as u32, num_tiles as u32)
+/// Rank split of the shrink: `(rank tiles per block, rank groups)`. When even the widest split-K
+/// leaves fewer than `target_blocks` blocks, ranks are spread over blocks too, down to two 8-wide
+/// rank tiles (16 ranks) per block.
+pub fn shrink_rank_split(
+    num_tiles: usize,
+    h_in: usize,
+    target_blocks: usize,
+    rank_tiles: usize,
+) -> (usize, usize) {
+    let max_split = (h_in.div_ceil(32) / SHRINK_WARPS).max(1);
+    let blocks = num_tiles.max(1) * max_split;
+    if rank_tiles <= 2 || blocks >= target_blocks {
+        return (rank_tiles, 1);
+    }
+    let groups = target_blocks
+        .div_ceil(blocks)
+        .next_power_of_two()
+        .min(rank_tiles / 2);
+    (rank_tiles / groups, groups)
+}
+
+/// Expand grid: (column blocks, row tiles) for `ntw` 8-column tiles per warp.
+pub fn expand_grid(h_out: usize, num_tiles: usize, ntw: usize) -> (u32, u32) {
+    let cols = EXPAND_WARPS * 8 * ntw.max(1);
+    (h_out.div_ceil(cols) as u32, num_tiles as u32)
 }
 
 /// Where each array of a packed [`StepMeta`] starts in the one u32 buffer the device gets.
@@ -134,11 +156,16 @@ pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
                 s.context_len
             ));
         }
-        for r in s.row_start as usize..end {
-            if row_seq[r] != u32::MAX {
+        for (r, owner) in row_seq
+            .iter_mut()
+            .enumerate()
+            .take(end)
+            .skip(s.row_start as usize)
+        {
+            if *owner != u32::MAX {
                 return bad(format!("row {r} belongs to two sequences"));
             }
-            row_seq[r] = i as u32;
+            *owner = i as u32;
         }
     }
     if !meta.seqs.is_empty() {
@@ -270,20 +297,35 @@ mod tests {
 
     #[test]
     fn one_row_splits_h_in_widely_and_big_batches_do_not_split() {
-        assert_eq!(shrink_splits(1, 4096, 528), 32);
-        assert_eq!(shrink_splits(8, 4096, 528), 32);
-        assert_eq!(shrink_splits(64, 4096, 528), 9);
-        assert_eq!(shrink_splits(600, 4096, 528), 1);
+        assert_eq!(shrink_splits(1, 4096, 528, 64), 32);
+        assert_eq!(shrink_splits(8, 4096, 528, 64), 32);
+        assert_eq!(shrink_splits(64, 4096, 528, 64), 9);
+        assert_eq!(shrink_splits(600, 4096, 528, 64), 1);
+        assert_eq!(shrink_splits(1, 4096, 528, 8), 8);
         // Tiny inner dimensions never split below one step per warp.
-        assert_eq!(shrink_splits(1, 64, 528), 1);
-        assert_eq!(shrink_splits(1, 576, 528), 4);
+        assert_eq!(shrink_splits(1, 64, 528, 64), 1);
+        assert_eq!(shrink_splits(1, 576, 528, 64), 4);
+    }
+
+    #[test]
+    fn few_tiles_of_high_rank_spread_ranks_over_blocks() {
+        // One tile at r=64 (8 rank tiles): 32 splits are too few blocks for 264.
+        assert_eq!(shrink_rank_split(1, 4096, 264, 8), (2, 4));
+        assert_eq!(shrink_rank_split(1, 4096, 264, 16), (2, 8));
+        assert_eq!(shrink_rank_split(4, 4096, 264, 8), (2, 4));
+        assert_eq!(shrink_rank_split(8, 4096, 264, 8), (4, 2));
+        // Enough tiles, or ranks already small: no split.
+        assert_eq!(shrink_rank_split(64, 4096, 264, 8), (8, 1));
+        assert_eq!(shrink_rank_split(1, 4096, 264, 2), (2, 1));
     }
 
     #[test]
     fn expand_grid_covers_every_output_column() {
-        assert_eq!(expand_grid(4096, 3), (32, 3));
-        assert_eq!(expand_grid(11008, 1), (86, 1));
-        assert_eq!(expand_grid(576, 2), (5, 2));
+        assert_eq!(expand_grid(4096, 3, 4), (32, 3));
+        assert_eq!(expand_grid(11008, 1, 4), (86, 1));
+        assert_eq!(expand_grid(576, 2, 4), (5, 2));
+        assert_eq!(expand_grid(4096, 1, 8), (16, 1));
+        assert_eq!(expand_grid(11008, 1, 8), (43, 1));
     }
 
     fn step(rows: u32) -> StepMeta {

@@ -35,9 +35,8 @@ pub fn shrink(
         .for_each(|(row, (vr, ad))| {
             let Some(ad) = ad else { return };
             let xr = &x[row * h_in..(row + 1) * h_in];
-            for k in 0..ad.rank {
-                let ar = &ad.a[k * h_in..(k + 1) * h_in];
-                vr[k] = xr.iter().zip(ar).map(|(&a, &b)| a as f64 * b as f64).sum();
+            for (vk, ar) in vr.iter_mut().zip(ad.a.chunks_exact(h_in)).take(ad.rank) {
+                *vk = xr.iter().zip(ar).map(|(&a, &b)| a as f64 * b as f64).sum();
             }
         });
 }
