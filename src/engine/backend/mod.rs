@@ -97,11 +97,153 @@ pub struct StepMeta {
     pub logit_rows: Vec<u32>,
 }
 
+/// One sequence's part of a step, the input of [`StepMeta::build`].
+#[derive(Clone, Copy, Debug)]
+pub struct SeqStep<'a> {
+    /// The new tokens: a prefill chunk, or the one token being decoded.
+    pub tokens: &'a [u32],
+    /// Tokens of this sequence already in the KV cache before this step.
+    pub cached: usize,
+    /// The sequence's block table; it must cover `cached + tokens.len()` tokens.
+    pub block_table: &'a [u32],
+    /// Adapter slot of the sequence, `None` for the base model.
+    pub adapter_slot: Option<u32>,
+    /// Whether this step computes logits for the sequence's last new token.
+    pub sample: bool,
+}
+
 impl StepMeta {
+    /// Lay out a step from its sequences, in the given order (put sequences that share an
+    /// adapter next to each other to get one LoRA segment per adapter).
+    pub fn build(seqs: &[SeqStep<'_>]) -> Result<StepMeta> {
+        let mut meta = StepMeta::default();
+        let mut row_slots = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            let context = s.cached + s.tokens.len();
+            if s.tokens.is_empty() || s.block_table.len() * BLOCK_SIZE < context {
+                return Err(BackendError::Shape(format!(
+                    "sequence {i}: {} new tokens after {} cached, {} blocks",
+                    s.tokens.len(),
+                    s.cached,
+                    s.block_table.len()
+                )));
+            }
+            let row_start = meta.token_ids.len();
+            for (j, &t) in s.tokens.iter().enumerate() {
+                let pos = s.cached + j;
+                meta.token_ids.push(t);
+                meta.positions.push(pos as u32);
+                meta.slot_mapping.push(
+                    s.block_table[pos / BLOCK_SIZE] * BLOCK_SIZE as u32 + (pos % BLOCK_SIZE) as u32,
+                );
+                row_slots.push(s.adapter_slot);
+            }
+            let num_blocks = context.div_ceil(BLOCK_SIZE);
+            meta.seqs.push(SeqMeta {
+                row_start: row_start as u32,
+                num_rows: s.tokens.len() as u32,
+                context_len: context as u32,
+                block_table_start: meta.block_tables.len() as u32,
+                num_blocks: num_blocks as u32,
+            });
+            meta.block_tables
+                .extend_from_slice(&s.block_table[..num_blocks]);
+            if s.sample {
+                meta.logit_rows.push((meta.token_ids.len() - 1) as u32);
+            }
+        }
+        meta.segments = SegmentTable::from_row_slots(&row_slots);
+        meta.validate()?;
+        Ok(meta)
+    }
+
     /// Rows (tokens) in the batch.
     pub fn rows(&self) -> usize {
         self.token_ids.len()
     }
+
+    /// Check that the metadata is self-consistent, so that no op can index out of bounds:
+    /// per-row vectors have one entry per row, sequences tile the rows in order, every block
+    /// table covers its context, segments and logit rows lie inside the batch.
+    /// Backends call this in [`Backend::upload_meta`].
+    pub fn validate(&self) -> Result<()> {
+        let rows = self.rows();
+        let bad = |msg: String| Err(BackendError::Shape(msg));
+        if self.positions.len() != rows || self.slot_mapping.len() != rows {
+            return bad(format!(
+                "{rows} token ids but {} positions and {} KV slots",
+                self.positions.len(),
+                self.slot_mapping.len()
+            ));
+        }
+        let mut next_row = 0usize;
+        for (i, seq) in self.seqs.iter().enumerate() {
+            let (start, n, ctx) = (
+                seq.row_start as usize,
+                seq.num_rows as usize,
+                seq.context_len as usize,
+            );
+            if start != next_row || n == 0 || ctx < n {
+                return bad(format!(
+                    "sequence {i}: rows {start}..{} after row {next_row}, context {ctx}",
+                    start + n
+                ));
+            }
+            next_row = start + n;
+            let table_end = seq.block_table_start as usize + seq.num_blocks as usize;
+            if (seq.num_blocks as usize) * BLOCK_SIZE < ctx || table_end > self.block_tables.len() {
+                return bad(format!(
+                    "sequence {i}: {} blocks (table end {table_end} of {}) for context {ctx}",
+                    seq.num_blocks,
+                    self.block_tables.len()
+                ));
+            }
+        }
+        if next_row != rows {
+            return bad(format!("sequences cover {next_row} of {rows} rows"));
+        }
+        if let Some(&r) = self.logit_rows.iter().find(|&&r| r as usize >= rows) {
+            return bad(format!("logit row {r} outside a batch of {rows} rows"));
+        }
+        let seg = &self.segments;
+        if seg.starts.len() != seg.slots.len() || seg.ends.len() != seg.slots.len() {
+            return bad("segment table columns differ in length".to_string());
+        }
+        // Segments must be ordered and disjoint: backends write each segment's rows in parallel.
+        let mut prev_end = 0usize;
+        for (s, e, _) in seg.iter() {
+            if s < prev_end || s >= e || e > rows {
+                return bad(format!(
+                    "segment rows {s}..{e} after row {prev_end} in a batch of {rows} rows"
+                ));
+            }
+            prev_end = e;
+        }
+        Ok(())
+    }
+}
+
+/// Widen raw little-endian `f32`/`f16`/`bf16` bytes to f32 values.
+pub fn host_to_f32(src: DType, bytes: &[u8]) -> Result<Vec<f32>> {
+    let size = src.size();
+    if !bytes.len().is_multiple_of(size) {
+        return Err(BackendError::Shape(format!(
+            "{} bytes is not a whole number of {src:?} values",
+            bytes.len()
+        )));
+    }
+    let chunks = bytes.chunks_exact(size);
+    Ok(match src {
+        DType::F32 => chunks
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => chunks
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::BF16 => chunks
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    })
 }
 
 /// Static shapes of the attention op.
@@ -140,6 +282,13 @@ pub trait Backend: Send + Sync + 'static {
     fn alloc(&self, dtype: DType, len: usize) -> Result<Self::Buf>;
     /// Copy host f32 values to a new buffer of `dtype` (converting).
     fn upload(&self, dtype: DType, data: &[f32]) -> Result<Self::Buf>;
+    /// Copy raw little-endian host values of type `src` (e.g. a memory-mapped safetensors
+    /// tensor) to a new buffer of `dtype`, converting. The default widens to f32 on the host and
+    /// calls [`Backend::upload`]; a backend may override it to skip that intermediate copy.
+    fn upload_raw(&self, dtype: DType, src: DType, bytes: &[u8]) -> Result<Self::Buf> {
+        let values = host_to_f32(src, bytes)?;
+        self.upload(dtype, &values)
+    }
     /// Copy a buffer back to the host as f32.
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     /// Number of elements in `buf`.
@@ -147,7 +296,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Hand this step's metadata to the device.
     fn upload_meta(&self, meta: &StepMeta) -> Result<Self::Meta>;
-    /// Build the slot table of one (layer, projection); `None` marks an empty slot.
+    /// Build the slot table of one (layer, projection); `None` marks an empty slot. Slot `i` is
+    /// what [`SegmentTable::slots`] values index.
+    ///
+    /// The table refers to the slots' buffers (shared handles on the CPU, device pointers on
+    /// CUDA): the caller keeps those buffers alive and unmodified while the table is in use, and
+    /// rebuilds the table when a slot changes (`engine::model::llama::LoraState` does both).
     fn lora_table(&self, slots: &[Option<LoraProj<'_, Self>>]) -> Result<Self::LoraTable>;
 
     /// `out[row] = table[token_ids[row]]`; `table: [vocab, hidden]`, `out: [rows, hidden]`.

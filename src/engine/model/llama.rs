@@ -1,1 +1,602 @@
-//! engine::model::llama
+//! The Llama forward pass, written once over [`Backend`], with per-row LoRA.
+//!
+//! - [`Llama`] holds the base weights, one struct per layer named after the Hugging Face modules
+//!   (q/k/v and gate/up are stored fused, row-stacked in that order).
+//! - [`KvCache`] holds every layer's paged K and V buffers; the block allocator that hands out
+//!   block ids lives in `engine::kv`, this side only reads block tables from [`StepMeta`].
+//! - [`LoraState`] holds the adapters resident on the device, one per slot, and the per
+//!   (layer, projection) slot tables the SGMV ops read. The adapter cache calls
+//!   [`DeviceAdapter::upload`] (may run off the engine thread), then [`LoraState::install`] /
+//!   [`LoraState::remove`] between steps. A step's [`StepMeta::segments`] name those slots.
+//!
+//! One step: `let logits = model.forward(&meta, &mut kv, &lora)?` returns
+//! `[meta.logit_rows.len(), vocab]` f32 logits, row-major.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::engine::backend::{
+    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, LoraProj, SeqStep, StepMeta,
+};
+use crate::engine::lora::peft::LoraWeights;
+use crate::engine::model::config::{ConfigError, LlamaConfig, Projection};
+use crate::engine::model::weights::{ModelWeights, WeightsError};
+
+/// Why a model cannot be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("adapter slot {slot} is outside the {slots} slots")]
+    SlotOutOfRange { slot: usize, slots: usize },
+    #[error("a step uses adapter slot {slot}, which holds no adapter")]
+    EmptySlot { slot: usize },
+    #[error("adapter has {adapter} layers, the model has {model}")]
+    AdapterLayers { adapter: usize, model: usize },
+    #[error("KV cache has {cache} layers, the model has {model}")]
+    KvLayers { cache: usize, model: usize },
+}
+
+type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// `self_attn`: fused `[q; k; v]` projection `[q_dim + 2 kv_dim, hidden]` and `o_proj`.
+pub struct LlamaAttention<B: Backend> {
+    pub qkv_proj: B::Buf,
+    pub o_proj: B::Buf,
+}
+
+/// `mlp`: fused `[gate; up]` projection `[2 intermediate, hidden]` and `down_proj`.
+pub struct LlamaMlp<B: Backend> {
+    pub gate_up_proj: B::Buf,
+    pub down_proj: B::Buf,
+}
+
+/// One decoder layer (`model.layers.{i}`).
+pub struct LlamaDecoderLayer<B: Backend> {
+    pub input_layernorm: B::Buf,
+    pub self_attn: LlamaAttention<B>,
+    pub post_attention_layernorm: B::Buf,
+    pub mlp: LlamaMlp<B>,
+}
+
+/// A Llama-family causal LM on a backend.
+pub struct Llama<B: Backend> {
+    backend: Arc<B>,
+    config: LlamaConfig,
+    pub embed_tokens: B::Buf,
+    pub layers: Vec<LlamaDecoderLayer<B>>,
+    pub norm: B::Buf,
+    /// `None` when the output projection is tied to `embed_tokens`.
+    pub lm_head: Option<B::Buf>,
+    inv_freq: B::Buf,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Load `config.json` and the safetensors checkpoint of a Hugging Face model folder.
+    pub fn load(backend: Arc<B>, dir: &Path) -> Result<Self> {
+        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let weights = ModelWeights::open_dir(dir)?;
+        Self::from_weights(backend, config, &weights)
+    }
+
+    /// Upload the tensors of an opened checkpoint, checking every shape against `config`.
+    pub fn from_weights(backend: Arc<B>, config: LlamaConfig, w: &ModelWeights) -> Result<Self> {
+        let c = &config;
+        let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let b = backend.as_ref();
+        let embed_tokens = w.load(b, "model.embed_tokens.weight", &[v, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+            let (q, k, vv) = (
+                p("self_attn.q_proj"),
+                p("self_attn.k_proj"),
+                p("self_attn.v_proj"),
+            );
+            let (gate, up) = (p("mlp.gate_proj"), p("mlp.up_proj"));
+            layers.push(LlamaDecoderLayer {
+                input_layernorm: w.load(b, &p("input_layernorm"), &[h])?,
+                self_attn: LlamaAttention {
+                    qkv_proj: w.load_stacked(
+                        b,
+                        &[
+                            (&q, [c.q_dim(), h]),
+                            (&k, [c.kv_dim(), h]),
+                            (&vv, [c.kv_dim(), h]),
+                        ],
+                    )?,
+                    o_proj: w.load(b, &p("self_attn.o_proj"), &[h, c.q_dim()])?,
+                },
+                post_attention_layernorm: w.load(b, &p("post_attention_layernorm"), &[h])?,
+                mlp: LlamaMlp {
+                    gate_up_proj: w.load_stacked(b, &[(&gate, [i, h]), (&up, [i, h])])?,
+                    down_proj: w.load(b, &p("mlp.down_proj"), &[h, i])?,
+                },
+            });
+        }
+        let norm = w.load(b, "model.norm.weight", &[h])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(w.load(b, "lm_head.weight", &[v, h])?)
+        };
+        let inv_freq = b.upload(DType::F32, &c.inv_freq())?;
+        tracing::info!(
+            layers = c.num_hidden_layers,
+            hidden = h,
+            vocab = v,
+            "model loaded"
+        );
+        Ok(Llama {
+            backend,
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The backend the weights live on.
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+
+    /// Run one step: embed `meta.token_ids`, write their K/V at `meta.slot_mapping`, attend over
+    /// each sequence's cache, apply each row's adapter (per `meta.segments`), and return the
+    /// logits of `meta.logit_rows`: `[logit_rows.len(), vocab]`, row-major.
+    pub fn forward(
+        &self,
+        meta: &StepMeta,
+        kv: &mut KvCache<B>,
+        lora: &LoraState<B>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let b = self.backend.as_ref();
+        if kv.k.len() != c.num_hidden_layers {
+            return Err(ModelError::KvLayers {
+                cache: kv.k.len(),
+                model: c.num_hidden_layers,
+            });
+        }
+        for (_, _, slot) in meta.segments.iter() {
+            match lora.slots.get(slot as usize) {
+                None => {
+                    return Err(ModelError::SlotOutOfRange {
+                        slot: slot as usize,
+                        slots: lora.slots.len(),
+                    });
+                }
+                Some(None) => {
+                    return Err(ModelError::EmptySlot {
+                        slot: slot as usize,
+                    });
+                }
+                Some(Some(_)) => {}
+            }
+        }
+        let use_lora = !meta.segments.is_empty();
+        let m = b.upload_meta(meta)?;
+        let rows = meta.rows();
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let qkv_dim = q_dim + 2 * kv_dim;
+        let dt = b.dtype();
+        let shape = AttnShape {
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        };
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let max_rank = lora.max_rank.max(1);
+
+        let mut residual = b.alloc(dt, rows * h)?;
+        let mut normed = b.alloc(dt, rows * h)?;
+        let mut qkv = b.alloc(dt, rows * qkv_dim)?;
+        let mut attn = b.alloc(dt, rows * q_dim)?;
+        let mut proj = b.alloc(dt, rows * h)?;
+        let mut gate_up = b.alloc(dt, rows * 2 * inter)?;
+        let mut act = b.alloc(dt, rows * inter)?;
+        let mut v = b.alloc(DType::F32, if use_lora { rows * max_rank } else { 0 })?;
+        let mut lora_apply = |layer: usize,
+                              p: Projection,
+                              x: &B::Buf,
+                              y: &mut B::Buf,
+                              y_stride: usize,
+                              col_offset: usize|
+         -> Result<()> {
+            if !use_lora {
+                return Ok(());
+            }
+            let Some(table) = lora.tables[layer][p.index()].as_ref() else {
+                return Ok(());
+            };
+            let (h_in, h_out) = c.projection_dims(p);
+            b.sgmv_shrink(x, table, &m, h_in, max_rank, &mut v)?;
+            b.sgmv_expand(&v, table, &m, max_rank, h_out, y_stride, col_offset, y)?;
+            Ok(())
+        };
+
+        b.embedding(&self.embed_tokens, &m, h, &mut residual)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            if l == 0 {
+                b.rms_norm(
+                    &residual,
+                    &layer.input_layernorm,
+                    c.rms_norm_eps,
+                    rows,
+                    h,
+                    &mut normed,
+                )?;
+            }
+            b.matmul(
+                &normed,
+                &layer.self_attn.qkv_proj,
+                rows,
+                h,
+                qkv_dim,
+                &mut qkv,
+            )?;
+            lora_apply(l, Projection::Q, &normed, &mut qkv, qkv_dim, 0)?;
+            lora_apply(l, Projection::K, &normed, &mut qkv, qkv_dim, q_dim)?;
+            lora_apply(l, Projection::V, &normed, &mut qkv, qkv_dim, q_dim + kv_dim)?;
+            b.rope(
+                &mut qkv,
+                &self.inv_freq,
+                &m,
+                qkv_dim,
+                0,
+                shape.n_heads,
+                c.head_dim,
+            )?;
+            b.rope(
+                &mut qkv,
+                &self.inv_freq,
+                &m,
+                qkv_dim,
+                q_dim,
+                shape.n_kv_heads,
+                c.head_dim,
+            )?;
+            let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
+            b.write_kv(
+                &qkv,
+                qkv_dim,
+                q_dim,
+                q_dim + kv_dim,
+                &m,
+                shape,
+                k_cache,
+                v_cache,
+            )?;
+            b.attention(
+                &qkv, qkv_dim, 0, k_cache, v_cache, &m, shape, scale, &mut attn,
+            )?;
+            b.matmul(&attn, &layer.self_attn.o_proj, rows, q_dim, h, &mut proj)?;
+            lora_apply(l, Projection::O, &attn, &mut proj, h, 0)?;
+            b.add_rms_norm(
+                &mut residual,
+                &proj,
+                &layer.post_attention_layernorm,
+                c.rms_norm_eps,
+                rows,
+                h,
+                &mut normed,
+            )?;
+            b.matmul(
+                &normed,
+                &layer.mlp.gate_up_proj,
+                rows,
+                h,
+                2 * inter,
+                &mut gate_up,
+            )?;
+            lora_apply(l, Projection::Gate, &normed, &mut gate_up, 2 * inter, 0)?;
+            lora_apply(l, Projection::Up, &normed, &mut gate_up, 2 * inter, inter)?;
+            b.silu_mul(&gate_up, rows, inter, &mut act)?;
+            b.matmul(&act, &layer.mlp.down_proj, rows, inter, h, &mut proj)?;
+            lora_apply(l, Projection::Down, &act, &mut proj, h, 0)?;
+            let next_norm = match self.layers.get(l + 1) {
+                Some(next) => &next.input_layernorm,
+                None => &self.norm,
+            };
+            b.add_rms_norm(
+                &mut residual,
+                &proj,
+                next_norm,
+                c.rms_norm_eps,
+                rows,
+                h,
+                &mut normed,
+            )?;
+        }
+        let n_logits = meta.logit_rows.len();
+        if n_logits == 0 {
+            return Ok(Vec::new());
+        }
+        let mut last = b.alloc(dt, n_logits * h)?;
+        b.gather_rows(&normed, &m, h, &mut last)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let mut logits = b.alloc(DType::F32, n_logits * c.vocab_size)?;
+        b.matmul(&last, head, n_logits, h, c.vocab_size, &mut logits)?;
+        Ok(b.download(&logits)?)
+    }
+
+    /// Greedy generation for a few sequences at once, without a scheduler: sequence `i` gets
+    /// its own contiguous blocks, all prompts are prefilled in one step, then every sequence
+    /// decodes one token per step until it has `max_new` tokens. Each request is
+    /// `(prompt, adapter slot)`. Used by tests and benchmarks; the engine has its own loop.
+    pub fn generate_greedy(
+        &self,
+        kv: &mut KvCache<B>,
+        lora: &LoraState<B>,
+        requests: &[(Vec<u32>, Option<u32>)],
+        max_new: usize,
+    ) -> Result<Vec<Vec<u32>>> {
+        let blocks_per_seq = requests
+            .iter()
+            .map(|(p, _)| (p.len() + max_new).div_ceil(BLOCK_SIZE))
+            .max()
+            .unwrap_or(0);
+        if blocks_per_seq * requests.len() > kv.num_blocks() {
+            return Err(BackendError::Shape(format!(
+                "{} sequences need {} KV blocks each, the cache has {}",
+                requests.len(),
+                blocks_per_seq,
+                kv.num_blocks()
+            ))
+            .into());
+        }
+        let tables: Vec<Vec<u32>> = (0..requests.len())
+            .map(|i| ((i * blocks_per_seq) as u32..((i + 1) * blocks_per_seq) as u32).collect())
+            .collect();
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); requests.len()];
+        let mut cached = vec![0usize; requests.len()];
+        for step in 0..max_new {
+            let inputs: Vec<Vec<u32>> = (0..requests.len())
+                .map(|i| {
+                    if step == 0 {
+                        requests[i].0.clone()
+                    } else {
+                        out[i].last().copied().into_iter().collect()
+                    }
+                })
+                .collect();
+            let seqs: Vec<SeqStep<'_>> = (0..requests.len())
+                .map(|i| SeqStep {
+                    tokens: &inputs[i],
+                    cached: cached[i],
+                    block_table: &tables[i],
+                    adapter_slot: requests[i].1,
+                    sample: true,
+                })
+                .collect();
+            let meta = StepMeta::build(&seqs)?;
+            let logits = self.forward(&meta, kv, lora)?;
+            for (i, row) in logits.chunks(self.config.vocab_size).enumerate() {
+                cached[i] += inputs[i].len();
+                out[i].push(argmax(row));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Index of the largest value (the first one on ties, like `torch.argmax`).
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Every layer's paged K and V: `[num_blocks, BLOCK_SIZE, n_kv_heads, head_dim]` each.
+pub struct KvCache<B: Backend> {
+    pub k: Vec<B::Buf>,
+    pub v: Vec<B::Buf>,
+    num_blocks: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Allocate `num_blocks` blocks per layer in the backend's dtype.
+    pub fn new(backend: &B, config: &LlamaConfig, num_blocks: usize) -> Result<Self> {
+        let len = num_blocks * BLOCK_SIZE * config.kv_dim();
+        let mut k = Vec::with_capacity(config.num_hidden_layers);
+        let mut v = Vec::with_capacity(config.num_hidden_layers);
+        for _ in 0..config.num_hidden_layers {
+            k.push(backend.alloc(backend.dtype(), len)?);
+            v.push(backend.alloc(backend.dtype(), len)?);
+        }
+        Ok(KvCache { k, v, num_blocks })
+    }
+
+    /// Blocks per layer.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Bytes one block takes over all layers (K and V) in `dtype`: for sizing the pool.
+    pub fn bytes_per_block(config: &LlamaConfig, dtype: DType) -> usize {
+        2 * config.num_hidden_layers * BLOCK_SIZE * config.kv_dim() * dtype.size()
+    }
+}
+
+/// One adapter's matrices on the device, per layer and [`Projection`].
+pub struct DeviceAdapter<B: Backend> {
+    layers: Vec<[Option<DeviceLoraProj<B>>; 7]>,
+    max_rank: usize,
+}
+
+struct DeviceLoraProj<B: Backend> {
+    a: B::Buf,
+    b: B::Buf,
+    rank: usize,
+}
+
+impl<B: Backend> std::fmt::Debug for DeviceAdapter<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceAdapter")
+            .field("layers", &self.layers.len())
+            .field("max_rank", &self.max_rank)
+            .finish()
+    }
+}
+
+impl<B: Backend> DeviceAdapter<B> {
+    /// Copy a validated adapter to the device (in the backend's dtype).
+    pub fn upload(backend: &B, weights: &LoraWeights) -> Result<Self, BackendError> {
+        let mut layers = Vec::with_capacity(weights.num_layers());
+        for l in 0..weights.num_layers() {
+            let mut projs: [Option<DeviceLoraProj<B>>; 7] = Default::default();
+            for p in Projection::ALL {
+                if let Some(m) = weights.get(l, p) {
+                    projs[p.index()] = Some(DeviceLoraProj {
+                        a: backend.upload(backend.dtype(), &m.a)?,
+                        b: backend.upload(backend.dtype(), &m.b)?,
+                        rank: m.rank,
+                    });
+                }
+            }
+            layers.push(projs);
+        }
+        Ok(DeviceAdapter {
+            layers,
+            max_rank: weights.max_rank(),
+        })
+    }
+
+    /// Largest rank over its modules.
+    pub fn max_rank(&self) -> usize {
+        self.max_rank
+    }
+}
+
+/// The adapters resident on the device, by slot, and the SGMV tables built from them.
+pub struct LoraState<B: Backend> {
+    num_layers: usize,
+    slots: Vec<Option<DeviceAdapter<B>>>,
+    /// Per layer, per projection: `None` when no resident adapter targets it.
+    tables: Vec<[Option<B::LoraTable>; 7]>,
+    max_rank: usize,
+}
+
+impl<B: Backend> LoraState<B> {
+    /// `num_slots` empty slots for a model with `config`'s layers.
+    pub fn new(config: &LlamaConfig, num_slots: usize) -> Self {
+        LoraState {
+            num_layers: config.num_hidden_layers,
+            slots: (0..num_slots).map(|_| None).collect(),
+            tables: (0..config.num_hidden_layers)
+                .map(|_| Default::default())
+                .collect(),
+            max_rank: 0,
+        }
+    }
+
+    /// Number of slots.
+    pub fn num_slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether `slot` holds an adapter.
+    pub fn is_occupied(&self, slot: usize) -> bool {
+        matches!(self.slots.get(slot), Some(Some(_)))
+    }
+
+    /// Largest rank over the resident adapters (0 when none).
+    pub fn max_rank(&self) -> usize {
+        self.max_rank
+    }
+
+    /// Put `adapter` into `slot` and rebuild the tables; returns the adapter it replaces. Call
+    /// between steps.
+    pub fn install(
+        &mut self,
+        backend: &B,
+        slot: usize,
+        adapter: DeviceAdapter<B>,
+    ) -> Result<Option<DeviceAdapter<B>>> {
+        if adapter.layers.len() != self.num_layers {
+            return Err(ModelError::AdapterLayers {
+                adapter: adapter.layers.len(),
+                model: self.num_layers,
+            });
+        }
+        let slots = self.slots.len();
+        let entry = self
+            .slots
+            .get_mut(slot)
+            .ok_or(ModelError::SlotOutOfRange { slot, slots })?;
+        let old = entry.replace(adapter);
+        self.rebuild(backend)?;
+        Ok(old)
+    }
+
+    /// Upload `weights` and install them into `slot` (both steps of [`Self::install`]).
+    pub fn load(
+        &mut self,
+        backend: &B,
+        slot: usize,
+        weights: &LoraWeights,
+    ) -> Result<Option<DeviceAdapter<B>>> {
+        let adapter = DeviceAdapter::upload(backend, weights)?;
+        self.install(backend, slot, adapter)
+    }
+
+    /// Empty `slot` and rebuild the tables; returns its adapter. Call between steps.
+    pub fn remove(&mut self, backend: &B, slot: usize) -> Result<Option<DeviceAdapter<B>>> {
+        let slots = self.slots.len();
+        let old = self
+            .slots
+            .get_mut(slot)
+            .ok_or(ModelError::SlotOutOfRange { slot, slots })?
+            .take();
+        self.rebuild(backend)?;
+        Ok(old)
+    }
+
+    fn rebuild(&mut self, backend: &B) -> Result<()> {
+        self.max_rank = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|a| a.max_rank)
+            .max()
+            .unwrap_or(0);
+        for l in 0..self.num_layers {
+            for p in Projection::ALL {
+                let entries: Vec<Option<LoraProj<'_, B>>> = self
+                    .slots
+                    .iter()
+                    .map(|s| {
+                        let proj = s.as_ref()?.layers[l][p.index()].as_ref()?;
+                        Some(LoraProj {
+                            a: &proj.a,
+                            b: &proj.b,
+                            rank: proj.rank,
+                        })
+                    })
+                    .collect();
+                self.tables[l][p.index()] = if entries.iter().any(Option::is_some) {
+                    Some(backend.lora_table(&entries)?)
+                } else {
+                    None
+                };
+            }
+        }
+        Ok(())
+    }
+}
