@@ -40,6 +40,19 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run every backend op on fresh random inputs against a reference; exit non-zero on failure.
+    Selftest {
+        #[arg(long, value_enum, default_value = "cuda")]
+        device: SelftestDevice,
+        /// RNG seed for the inputs (fresh each run unless given).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SelftestDevice {
+    Cuda,
 }
 
 #[derive(Subcommand)]
@@ -48,6 +61,15 @@ enum BenchCommand {
     Cpu(punica::engine::model::bench::CpuBenchArgs),
     /// The whole engine under a synthetic multi-adapter workload: tokens/s, TTFT, ITL.
     Engine(punica::engine::bench::BenchEngineArgs),
+    /// The SGMV LoRA operator on the CUDA GPU, on the ANCHORS.md grid.
+    Kernels {
+        /// Graph replays per configuration (the median is reported).
+        #[arg(long, default_value_t = 15)]
+        replays: usize,
+        /// Disable the shrink/expand overlap (programmatic dependent launch).
+        #[arg(long)]
+        no_pdl: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -143,6 +165,33 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 tokio::task::spawn_blocking(move || punica::engine::bench::run(&args)).await??;
             print!("{report}");
             Ok(())
+        }
+        Command::Bench(BenchCommand::Kernels { replays, no_pdl }) => {
+            telemetry::init("info");
+            let ok = tokio::task::spawn_blocking(move || {
+                punica::engine::backend::cuda::bench::main(replays, !no_pdl)
+            })
+            .await??;
+            if ok {
+                Ok(())
+            } else {
+                Err("a configuration failed its correctness check".into())
+            }
+        }
+        Command::Selftest {
+            device: SelftestDevice::Cuda,
+            seed,
+        } => {
+            telemetry::init("info");
+            let ok = tokio::task::spawn_blocking(move || {
+                punica::engine::backend::cuda::selftest::main(seed)
+            })
+            .await??;
+            if ok {
+                Ok(())
+            } else {
+                Err("self-test failed".into())
+            }
         }
     }
 }
