@@ -77,7 +77,7 @@ impl From<StoreError> for ApiError {
 struct Inner {
     store: Store,
     /// Leases this process holds, renewed in the background.
-    held: Mutex<HashSet<StreamLeaseId>>,
+    held: Mutex<HashSet<(TenantId, StreamLeaseId)>>,
 }
 
 /// Takes and gives back quota for generations.
@@ -104,7 +104,7 @@ impl QuotaGate {
             let mut ticker = tokio::time::interval(LEASE_RENEW_EVERY);
             loop {
                 ticker.tick().await;
-                let ids: Vec<StreamLeaseId> = match inner.held.lock() {
+                let ids: Vec<(TenantId, StreamLeaseId)> = match inner.held.lock() {
                     Ok(held) => held.iter().copied().collect(),
                     Err(_) => return,
                 };
@@ -128,7 +128,7 @@ impl QuotaGate {
             .acquire_stream_lease(tenant, LEASE_TTL)
             .await?;
         if let Ok(mut held) = self.inner.held.lock() {
-            held.insert(lease);
+            held.insert((tenant, lease));
         }
         let mut admission = Admission {
             inner: self.inner.clone(),
@@ -179,7 +179,7 @@ async fn release(
 ) {
     if let Some(lease) = lease {
         if let Ok(mut held) = inner.held.lock() {
-            held.remove(&lease);
+            held.remove(&(tenant, lease));
         }
         if let Err(error) = inner.store.release_stream_lease(tenant, lease).await {
             // The lease expires on its own after LEASE_TTL.
@@ -209,7 +209,7 @@ impl Drop for Admission {
             // Without a runtime (process exit) the lease simply expires.
             Err(_) => {
                 if let (Some(lease), Ok(mut held)) = (lease, inner.held.lock()) {
-                    held.remove(&lease);
+                    held.remove(&(tenant, lease));
                 }
             }
         }

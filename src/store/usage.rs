@@ -351,6 +351,28 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Extends many held leases in one statement (the heartbeat of one replica's streams); each
+    /// lease is matched with its own tenant. Returns how many were still there to extend.
+    pub async fn renew_stream_leases(
+        &self,
+        leases: &[(TenantId, StreamLeaseId)],
+        ttl: Duration,
+    ) -> Result<u64, StoreError> {
+        let tenants: Vec<uuid::Uuid> = leases.iter().map(|(t, _)| t.as_uuid()).collect();
+        let ids: Vec<uuid::Uuid> = leases.iter().map(|(_, id)| id.as_uuid()).collect();
+        Ok(sqlx::query(
+            "UPDATE stream_leases SET expires_at = now() + make_interval(secs => $3) \
+             FROM unnest($1::uuid[], $2::uuid[]) AS held(tenant_id, id) \
+             WHERE stream_leases.tenant_id = held.tenant_id AND stream_leases.id = held.id",
+        )
+        .bind(&tenants)
+        .bind(&ids)
+        .bind(ttl.as_secs_f64())
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
     /// Gives a permit back (idempotent).
     pub async fn release_stream_lease(
         &self,

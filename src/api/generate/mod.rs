@@ -346,14 +346,15 @@ async fn admit_inner(
         prompt,
         sampling: SamplingParams {
             temperature: sampling.temperature,
-            top_k: sampling.top_k,
+            top_k: (sampling.top_k > 0).then_some(sampling.top_k as usize),
             top_p: sampling.top_p,
-            seed: sampling.seed.unwrap_or_else(rand::random),
+            seed: sampling.seed,
+            max_tokens: max_tokens as usize,
+            stop_token_ids: model.tokenizer.stop_ids().to_vec(),
+            stop: sampling.stop,
+            // API.md's `logprobs` asks for the chosen token's logprob only: no alternatives.
+            logprobs: sampling.logprobs.then_some(0),
         },
-        max_tokens,
-        stop_ids: model.tokenizer.stop_ids().to_vec(),
-        stop_strings: sampling.stop,
-        logprobs: sampling.logprobs,
     };
     let events = model.engine.submit(request).map_err(engine_error)?;
     state.metrics.stream_started(tenant);
@@ -464,6 +465,7 @@ impl Running {
                     token_id,
                     text,
                     logprob,
+                    top_logprobs: _,
                 }) => {
                     if completion_tokens == 0 {
                         self.state
