@@ -23,8 +23,8 @@ pub const DEFAULT_DATA_DIR: &str = "data";
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 512 * 1024 * 1024;
 /// Default share of GPU memory the engine may use.
 pub const DEFAULT_GPU_MEMORY_FRACTION: f64 = 0.9;
-/// Default log filter.
-pub const DEFAULT_LOG: &str = "info";
+/// Default log filter (sqlx's per-statement notices are noise at info level).
+pub const DEFAULT_LOG: &str = "info,sqlx=warn";
 
 /// A value that must never appear in logs: `Debug` and `Display` print `[redacted]`.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -179,7 +179,7 @@ pub struct Settings {
     pub database_url: Option<Secret<String>>,
     /// Adapter blobs and the managed cluster live here.
     pub data_dir: PathBuf,
-    /// Operator bearer token for the admin API; `None` disables token auth for operators.
+    /// Operator bearer token for the admin API; with `None` the admin API refuses every request.
     pub admin_token: Option<Secret<String>>,
     /// Largest accepted upload, in bytes.
     pub max_upload_bytes: u64,
@@ -312,7 +312,7 @@ pub struct SettingsArgs {
     /// Share of GPU memory the engine may use, in (0, 1] [default: 0.9].
     #[arg(long, env = "PUNICA_GPU_MEMORY_FRACTION", value_name = "FRACTION")]
     pub gpu_memory_fraction: Option<f64>,
-    /// Log filter, e.g. `info` or `punica=debug` [default: info].
+    /// Log filter, e.g. `info` or `punica=debug` [default: info,sqlx=warn].
     #[arg(long, env = "PUNICA_LOG", value_name = "FILTER")]
     pub log: Option<String>,
 }

@@ -1,9 +1,11 @@
 //! The `punica` command line: parses arguments and dispatches into the library.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use punica::config::SettingsArgs;
+use punica::engine::model::gguf::{ImportDtype, import_gguf};
 use punica::startup::{self, OperatorOutcome, StartupError};
 use punica::telemetry;
 
@@ -30,15 +32,58 @@ enum Command {
         #[command(subcommand)]
         command: OperatorCommand,
     },
+    /// Model files: conversion and inspection.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run every backend op on fresh random inputs against a reference; exit non-zero on failure.
+    Selftest {
+        #[arg(long, value_enum, default_value = "cuda")]
+        device: SelftestDevice,
+        /// RNG seed for the inputs (fresh each run unless given).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SelftestDevice {
+    Cuda,
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
     /// CPU decode tokens/s of a model at several batch sizes (f32 CPU backend).
     Cpu(punica::engine::model::bench::CpuBenchArgs),
+    /// The whole engine under a synthetic multi-adapter workload: tokens/s, TTFT, ITL.
+    Engine(punica::engine::bench::BenchEngineArgs),
+    /// The SGMV LoRA operator on the CUDA GPU, on the ANCHORS.md grid.
+    Kernels {
+        /// Graph replays per configuration (the median is reported).
+        #[arg(long, default_value_t = 15)]
+        replays: usize,
+        /// Disable the shrink/expand overlap (programmatic dependent launch).
+        #[arg(long)]
+        no_pdl: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Convert a Llama GGUF file into a Hugging Face style model folder.
+    ImportGguf {
+        /// The .gguf file.
+        file: PathBuf,
+        /// The folder to create (must not exist, or be empty).
+        out_dir: PathBuf,
+        /// Weight dtype of the written safetensors.
+        #[arg(long, value_enum, default_value_t = ImportDtype::F32)]
+        dtype: ImportDtype,
+    },
 }
 
 #[derive(Subcommand)]
@@ -56,19 +101,6 @@ enum OperatorCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Benchmarks run on this thread (the CPU backend uses rayon); they need no async runtime.
-    if let Command::Bench(BenchCommand::Cpu(args)) = &cli.command {
-        return match punica::engine::model::bench::run(args) {
-            Ok(report) => {
-                print!("{report}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("punica: error: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -78,18 +110,16 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
+        Err(e) => fail(e.as_ref()),
     }
 }
 
-async fn run(cli: Cli) -> Result<(), StartupError> {
+async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
-        // Dispatched by main() before the runtime starts.
-        Command::Bench(_) => Ok(()),
         Command::Serve { settings } => {
             let settings = settings.load()?;
             telemetry::init(&settings.log);
-            startup::serve(settings).await
+            Ok(startup::serve(settings).await?)
         }
         Command::Operator {
             command: OperatorCommand::Create { email, settings },
@@ -107,11 +137,67 @@ async fn run(cli: Cli) -> Result<(), StartupError> {
             println!("operator {verb} {} (id {})", operator.email, operator.id);
             Ok(())
         }
+        Command::Model {
+            command:
+                ModelCommand::ImportGguf {
+                    file,
+                    out_dir,
+                    dtype,
+                },
+        } => {
+            telemetry::init("info");
+            // Dequantising a model is CPU work: keep it off the async workers.
+            tokio::task::spawn_blocking(move || import_gguf(&file, &out_dir, dtype)).await??;
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Cpu(args)) => {
+            telemetry::init("warn");
+            // The CPU backend computes on rayon's threads; keep the async workers free.
+            let report =
+                tokio::task::spawn_blocking(move || punica::engine::model::bench::run(&args))
+                    .await??;
+            print!("{report}");
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Engine(args)) => {
+            telemetry::init("warn");
+            let report =
+                tokio::task::spawn_blocking(move || punica::engine::bench::run(&args)).await??;
+            print!("{report}");
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Kernels { replays, no_pdl }) => {
+            telemetry::init("info");
+            let ok = tokio::task::spawn_blocking(move || {
+                punica::engine::backend::cuda::bench::main(replays, !no_pdl)
+            })
+            .await??;
+            if ok {
+                Ok(())
+            } else {
+                Err("a configuration failed its correctness check".into())
+            }
+        }
+        Command::Selftest {
+            device: SelftestDevice::Cuda,
+            seed,
+        } => {
+            telemetry::init("info");
+            let ok = tokio::task::spawn_blocking(move || {
+                punica::engine::backend::cuda::selftest::main(seed)
+            })
+            .await??;
+            if ok {
+                Ok(())
+            } else {
+                Err("self-test failed".into())
+            }
+        }
     }
 }
 
 /// The one line a failed start leaves on stderr.
-fn fail(error: &StartupError) -> ExitCode {
+fn fail(error: &dyn std::error::Error) -> ExitCode {
     eprintln!("punica: error: {}", telemetry::error_chain(error));
     ExitCode::FAILURE
 }

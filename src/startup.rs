@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::api::{self, AppState, Metrics};
 use crate::blobs::{BlobError, BlobStore};
 use crate::config::{ConfigError, Settings};
+use crate::console;
 use crate::domain::{DomainError, Email, Password, PasswordHashError};
 use crate::store::managed::{ManagedError, ManagedOptions, ManagedPostgres};
 use crate::store::{Operator, Store, StoreError, describe_target, ensure_database};
@@ -74,6 +75,9 @@ pub enum StartupError {
     /// Metrics registry setup failed.
     #[error("metrics setup failed: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The tenant-facing service (state, spool, model loading) could not start.
+    #[error(transparent)]
+    Service(#[from] api::service::ServiceStartError),
     /// Signal handlers could not be installed.
     #[error("cannot listen for shutdown signals: {0}")]
     Signals(#[source] std::io::Error),
@@ -305,7 +309,20 @@ impl Application {
             blobs,
             metrics,
         };
-        let server = match build_server(listener, state.clone()) {
+        let service = match api::service::start(
+            &state.settings,
+            state.store.clone(),
+            state.blobs.clone(),
+            state.metrics.registry(),
+            state.readiness.clone(),
+        ) {
+            Ok(service) => service,
+            Err(error) => {
+                database.shutdown(true).await;
+                return Err(error.into());
+            }
+        };
+        let server = match build_server(listener, state.clone(), service) {
             Ok(server) => server,
             Err(source) => {
                 let addr = state.settings.bind.clone();
@@ -394,15 +411,26 @@ impl ShutdownSignals {
     }
 }
 
-fn build_server(listener: TcpListener, state: AppState) -> std::io::Result<Server> {
+fn build_server(
+    listener: TcpListener,
+    state: AppState,
+    service: Arc<api::state::ServiceState>,
+) -> std::io::Result<Server> {
     let max_upload = usize::try_from(state.settings.max_upload_bytes).unwrap_or(usize::MAX);
+    let console = web::Data::new(console::ConsoleState::new(
+        state.store.clone(),
+        Arc::new(console::UnknownResidency),
+    ));
     let data = web::Data::new(state);
+    let service = web::Data::from(service);
     Ok(HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .app_data(service.clone())
             .app_data(web::PayloadConfig::new(max_upload))
             .wrap(actix_web::middleware::from_fn(api::metrics::track_requests))
             .configure(api::configure)
+            .configure(console::configure(console.clone()))
     })
     .listen(listener)?
     .disable_signals()
@@ -414,6 +442,9 @@ fn build_server(listener: TcpListener, state: AppState) -> std::io::Result<Serve
 pub async fn serve(settings: Settings) -> Result<(), StartupError> {
     let signals = ShutdownSignals::install()?;
     let app = Application::build(settings).await?;
+    if app.state.settings.admin_token.is_none() {
+        tracing::warn!("PUNICA_ADMIN_TOKEN is not set: the operator API rejects every request");
+    }
     tracing::info!(
         address = %format!("http://{}:{}", host_of(&app.state.settings.bind), app.port()),
         "punica is serving"

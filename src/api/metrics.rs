@@ -96,7 +96,9 @@ pub async fn track_requests(
                     .request()
                     .match_pattern()
                     .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
-                metrics.observe_http(&method, &route, res.status().as_u16(), seconds);
+                let status = res.status().as_u16();
+                tracing::debug!(%method, %route, status, seconds, "http request");
+                metrics.observe_http(&method, &route, status, seconds);
             }
             Err(e) => {
                 let status = e.as_response_error().status_code().as_u16();

@@ -135,6 +135,27 @@ impl BlobStore {
         }
     }
 
+    /// Every stored blob with its last modification time (for sweeps of unreferenced blobs).
+    /// Objects that are not blobs of this store are skipped.
+    pub async fn list(&self) -> Result<Vec<(String, time::OffsetDateTime)>, BlobError> {
+        use futures_util::TryStreamExt;
+        let metas: Vec<object_store::ObjectMeta> = self
+            .inner
+            .list(Some(&ObjectPath::from("sha256")))
+            .try_collect()
+            .await?;
+        Ok(metas
+            .into_iter()
+            .filter(|meta| Self::parse_key(meta.location.as_ref()).is_ok())
+            .map(|meta| {
+                let modified =
+                    time::OffsetDateTime::from_unix_timestamp(meta.last_modified.timestamp())
+                        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+                (meta.location.to_string(), modified)
+            })
+            .collect())
+    }
+
     /// The hex digest inside a well-formed key.
     fn parse_key(key: &str) -> Result<&str, BlobError> {
         let bad = || BlobError::InvalidKey(key.chars().take(100).collect());

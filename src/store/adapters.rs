@@ -33,7 +33,9 @@ impl AdapterStatus {
 /// What an upload stores about a validated adapter.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewAdapterVersion {
+    /// LoRA rank `r` (the largest one when `rank_pattern` varies it per module).
     pub rank: u32,
+    /// `lora_alpha` from the adapter config.
     pub alpha: f64,
     pub target_modules: Vec<String>,
     /// Element type of the stored weights (`float16`, `bfloat16`, `float32`).
@@ -52,6 +54,7 @@ pub struct AdapterVersion {
     pub adapter_id: AdapterId,
     pub tenant_id: TenantId,
     pub name: AdapterName,
+    /// 1 for the first upload of a name, then +1 per re-upload.
     pub version: u32,
     pub rank: u32,
     pub alpha: f64,

@@ -9,6 +9,7 @@
 
 mod adapters;
 mod api_keys;
+mod console;
 pub mod managed;
 mod tenants;
 mod usage;
@@ -22,6 +23,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 pub use adapters::{AdapterStatus, AdapterVersion, NewAdapterVersion};
 pub use api_keys::{ApiKeyInfo, AuthenticatedKey};
+pub use console::{ConsoleSession, SessionPrincipal, TenantOverview};
 pub use tenants::Tenant;
 pub use usage::{TokenReservation, UsageDay, UsageRecord};
 pub use users::{Operator, TenantUser};

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use sqlx::FromRow;
 use time::{Date, OffsetDateTime, UtcOffset};
-use uuid::Uuid;
 
 use super::{Store, StoreError, opt_u64, to_i64, to_u64};
 use crate::domain::{AdapterVersionId, StreamLeaseId, TenantId};
@@ -331,22 +330,25 @@ impl Store {
         Ok(id)
     }
 
-    /// Extends leases still held (heartbeat of long streams). Returns how many were extended.
-    pub async fn renew_stream_leases(
+    /// Extends a lease still held (heartbeat of a long stream). `false` when the lease is gone:
+    /// it expired and was reclaimed, so the stream no longer holds a permit.
+    pub async fn renew_stream_lease(
         &self,
-        ids: &[StreamLeaseId],
+        tenant: TenantId,
+        id: StreamLeaseId,
         ttl: Duration,
-    ) -> Result<u64, StoreError> {
-        let ids: Vec<Uuid> = ids.iter().map(StreamLeaseId::as_uuid).collect();
-        Ok(sqlx::query(
-            "UPDATE stream_leases SET expires_at = now() + make_interval(secs => $2) \
-             WHERE id = ANY($1)",
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE stream_leases SET expires_at = now() + make_interval(secs => $3) \
+             WHERE tenant_id = $1 AND id = $2",
         )
-        .bind(ids)
+        .bind(tenant)
+        .bind(id)
         .bind(ttl.as_secs_f64())
         .execute(&self.pool)
         .await?
-        .rows_affected())
+        .rows_affected();
+        Ok(n == 1)
     }
 
     /// Gives a permit back (idempotent).

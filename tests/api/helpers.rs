@@ -1,6 +1,9 @@
 //! Test harness: ONE throwaway Postgres cluster per test binary (started lazily on first use,
 //! stopped and deleted by a watchdog when the binary exits), a fresh database per test, and
 //! `spawn_app()` that runs the whole service in-process on port 0.
+//!
+//! Another test binary can reuse it with `#[path = "../api/helpers.rs"] mod helpers;`; each
+//! binary then gets its own cluster.
 
 #![allow(dead_code)]
 

@@ -271,12 +271,21 @@ async fn concurrent_stream_leases_respect_the_limit_and_free_on_release_or_expir
     }
     assert_eq!(leases.len(), 3);
     assert_eq!(store.active_streams(t.id).await.unwrap(), 3);
-    assert_eq!(
-        store
-            .renew_stream_leases(&leases, Duration::from_secs(60))
+    for lease in &leases {
+        assert!(
+            store
+                .renew_stream_lease(t.id, *lease, Duration::from_secs(60))
+                .await
+                .unwrap()
+        );
+    }
+    let other = tenant_with(&store, "other", Quotas::UNLIMITED).await;
+    assert!(
+        !store
+            .renew_stream_lease(other.id, leases[0], Duration::from_secs(60))
             .await
             .unwrap(),
-        3
+        "another tenant cannot touch the lease"
     );
 
     store.release_stream_lease(t.id, leases[0]).await.unwrap();

@@ -1,1 +1,1410 @@
-//! The CUDA backend (cudarc, NVRTC-compiled kernels from kernels/, cuBLAS).
+//! The CUDA backend: cudarc with dynamically loaded libraries (a machine without CUDA builds and
+//! runs everything else), kernels from kernels/ compiled at run time by NVRTC to CUBIN for the
+//! device (cached on disk, modules loaded lazily), cuBLAS for the base GEMMs (bf16/f16 in, f32
+//! accumulate), one stream. Launch planning lives in [`plan`], compilation in [`compile`], the
+//! GPU self-test and kernel benchmark in [`selftest`] and [`bench`].
+
+pub mod bench;
+pub mod compile;
+pub mod plan;
+pub mod reference;
+pub mod selftest;
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::cublas::{result as blas_result, sys as blas_sys};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{DriverError, result as drv, sys as drv_sys};
+use half::{bf16, f16};
+
+use crate::engine::backend::{
+    AttnShape, Backend, BackendError, DType, DeviceKind, LoraProj, Result, StepMeta,
+};
+use compile::KernelCompiler;
+use plan::MetaLayout;
+
+/// Check that the CUDA driver, NVRTC and cuBLAS libraries load and that a GPU is visible.
+/// The service calls this for `--device auto` and falls back to the CPU on an error.
+pub fn cuda_available() -> Result<()> {
+    // SAFETY: each call only tries to dlopen the library by its known names.
+    let (driver, nvrtc, cublas) = unsafe {
+        (
+            drv_sys::is_culib_present(),
+            cudarc::nvrtc::sys::is_culib_present(),
+            blas_sys::is_culib_present(),
+        )
+    };
+    let mut missing = Vec::new();
+    if !driver {
+        missing.push("libcuda.so (the NVIDIA driver)");
+    }
+    if !nvrtc {
+        missing.push("libnvrtc.so (NVRTC)");
+    }
+    if !cublas {
+        missing.push("libcublas.so (cuBLAS)");
+    }
+    if !missing.is_empty() {
+        return Err(BackendError::Unavailable(format!(
+            "CUDA libraries not found: {}",
+            missing.join(", ")
+        )));
+    }
+    let count = CudaContext::device_count().map_err(|e| {
+        BackendError::Unavailable(format!("CUDA driver present but not usable: {e}"))
+    })?;
+    if count < 1 {
+        return Err(BackendError::Unavailable("no CUDA GPU visible".into()));
+    }
+    Ok(())
+}
+
+fn dev_err(what: &str, e: DriverError) -> BackendError {
+    if e.0 == drv_sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+        return BackendError::OutOfMemory { wanted: 0 };
+    }
+    BackendError::Device(format!("{what}: {e:?}"))
+}
+
+fn shape(msg: String) -> BackendError {
+    BackendError::Shape(msg)
+}
+
+/// A device buffer: raw bytes plus dtype and element count.
+pub struct CudaBuf {
+    // Keeps the allocation alive; freed (stream-ordered) on drop.
+    _mem: CudaSlice<u8>,
+    ptr: u64,
+    dtype: DType,
+    len: usize,
+}
+
+impl CudaBuf {
+    /// Device address of element `i`.
+    pub fn ptr_at(&self, i: usize) -> u64 {
+        self.ptr + (i * self.dtype.size()) as u64
+    }
+    /// Device address of the first element.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A step's metadata on the device: one u32 array, sections at [`MetaLayout`] offsets.
+pub struct CudaMeta {
+    _words: CudaSlice<u8>,
+    base: u64,
+    layout: MetaLayout,
+}
+
+impl CudaMeta {
+    fn at(&self, offset: usize) -> u64 {
+        self.base + 4 * offset as u64
+    }
+    /// Rows in the step.
+    pub fn rows(&self) -> usize {
+        self.layout.rows
+    }
+    /// The packing (counts and offsets).
+    pub fn layout(&self) -> &MetaLayout {
+        &self.layout
+    }
+}
+
+/// One (layer, projection)'s adapter table on the device: per slot `{a, b, rank}`.
+///
+/// It holds raw device addresses: the adapter buffers it was built from must outlive it (the
+/// adapter cache rebuilds tables whenever a slot changes).
+pub struct CudaLoraTable {
+    _mem: CudaSlice<u8>,
+    ptr: u64,
+    slots: usize,
+    dtype: Option<DType>,
+    max_rank: usize,
+    /// Smallest `a.len / rank` over filled slots: the largest h_in every slot can serve.
+    min_in: usize,
+    /// Smallest `b.len / rank` over filled slots: the largest h_out every slot can serve.
+    min_out: usize,
+}
+
+impl CudaLoraTable {
+    /// Largest rank of any filled slot (0 when all are empty).
+    pub fn max_rank(&self) -> usize {
+        self.max_rank
+    }
+}
+
+/// One slot of a table as raw parts: device addresses and lengths of A and B, and the rank.
+#[derive(Clone, Copy, Debug)]
+pub struct RawLoraSlot {
+    pub a: u64,
+    pub a_len: usize,
+    pub b: u64,
+    pub b_len: usize,
+    pub rank: usize,
+}
+
+/// Kernel argument, widened to an 8-byte slot (the driver reads the parameter's size from it;
+/// the lower bytes come first on little-endian hosts).
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    U32(u32),
+    F32(f32),
+    Usize(usize),
+}
+
+impl Arg {
+    fn slot(self) -> u64 {
+        match self {
+            Arg::Ptr(p) => p,
+            Arg::I32(v) => v as u32 as u64,
+            Arg::U32(v) => v as u64,
+            Arg::F32(v) => v.to_bits() as u64,
+            Arg::Usize(v) => v as u64,
+        }
+    }
+}
+
+fn i32_arg(v: usize, what: &str) -> Result<Arg> {
+    i32::try_from(v).map(Arg::I32).map_err(|_| {
+        shape(format!(
+            "{what} = {v} does not fit the kernels' 32-bit indices"
+        ))
+    })
+}
+
+/// Zeroed scratch for the split-K shrink: per-tile counters, then f32 accumulators. Kernels
+/// leave it zeroed again after every launch.
+struct Workspace {
+    _mem: CudaSlice<u8>,
+    ptr: u64,
+    bytes: usize,
+}
+
+/// What the previous launch on the stream was; the expand may overlap only a shrink.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Last {
+    Shrink,
+    Other,
+}
+
+/// The CUDA backend on one GPU.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: blas_sys::cublasHandle_t,
+    dtype: DType,
+    name: String,
+    compute_capability: (i32, i32),
+    sm_count: usize,
+    compiler: KernelCompiler,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    workspace: Mutex<Option<Workspace>>,
+    last: Mutex<Last>,
+    pdl: bool,
+    /// Split-K target: shrink blocks per SM (tuning knob, `PUNICA_SHRINK_BLOCKS_PER_SM`).
+    shrink_blocks_per_sm: usize,
+    /// Expand: 8-column tiles per warp, 4 or 8 (tuning knob, `PUNICA_EXPAND_NTW`).
+    expand_ntw: usize,
+    /// Largest split-K of the shrink for tiles of many rows (`PUNICA_SHRINK_MAX_SPLITS_FULL`).
+    shrink_max_splits_full: usize,
+    /// Spread ranks over blocks when a batch has few tiles (`PUNICA_SHRINK_RANK_SPLIT=0` disables).
+    shrink_rank_split: bool,
+}
+
+// SAFETY: the cuBLAS handle is only used under the backend's own calls, which bind the context
+// and enqueue on the one stream; cuBLAS handles may be used from any thread that way.
+unsafe impl Send for CudaBackend {}
+// SAFETY: as above; mutable state sits behind mutexes.
+unsafe impl Sync for CudaBackend {}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created in `new` and is destroyed once here.
+        let _ = unsafe { blas_result::destroy_handle(self.blas) };
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked mid-call; the state it guards (caches,
+    // a workspace pointer) is still consistent, so keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Options for [`CudaBackend::new`].
+#[derive(Clone, Debug)]
+pub struct CudaOptions {
+    pub ordinal: usize,
+    pub dtype: DType,
+    /// Where compiled cubins are cached; `None` disables the cache.
+    pub cache_dir: Option<PathBuf>,
+    /// Let the SGMV expand overlap the shrink's tail (programmatic dependent launch, sm_90+).
+    pub pdl: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            ordinal: 0,
+            dtype: DType::BF16,
+            cache_dir: compile::default_cache_dir(),
+            pdl: true,
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Open GPU `ordinal`. Fails with [`BackendError::Unavailable`] when CUDA is missing.
+    pub fn new(opts: CudaOptions) -> Result<Self> {
+        cuda_available()?;
+        if opts.dtype == DType::F32 {
+            tracing::warn!("CUDA backend with f32 weights: SGMV kernels need bf16 or f16");
+        }
+        let ctx = CudaContext::new(opts.ordinal).map_err(|e| {
+            BackendError::Unavailable(format!("cannot open CUDA device {}: {e:?}", opts.ordinal))
+        })?;
+        // One stream, ordered: cudarc's per-buffer event tracking is pure overhead here.
+        // SAFETY: called before any buffer exists; all work goes to one stream.
+        unsafe { ctx.disable_event_tracking() };
+        // A stream of our own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream().map_err(|e| {
+            BackendError::Unavailable(format!("cannot create a CUDA stream: {e:?}"))
+        })?;
+        let name = ctx.name().map_err(|e| dev_err("device name", e))?;
+        let cc = ctx
+            .compute_capability()
+            .map_err(|e| dev_err("compute capability", e))?;
+        let sm_count = ctx
+            .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| dev_err("SM count", e))? as usize;
+        let blas = blas_result::create_handle()
+            .map_err(|e| BackendError::Unavailable(format!("cuBLAS: {e:?}")))?;
+        // SAFETY: handle just created; the stream lives as long as the backend.
+        unsafe { blas_result::set_stream(blas, stream.cu_stream() as _) }
+            .map_err(|e| BackendError::Device(format!("cublasSetStream: {e:?}")))?;
+        let compiler = KernelCompiler {
+            arch: compile::arch_for(cc.0, cc.1),
+            include_dir: compile::toolkit_include_dir(),
+            cache_dir: opts.cache_dir.clone(),
+        };
+        tracing::info!(
+            device = %name, cc = ?cc, sm_count, arch = %compiler.arch,
+            "CUDA backend ready"
+        );
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            dtype: opts.dtype,
+            name,
+            compute_capability: cc,
+            sm_count,
+            compiler,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            workspace: Mutex::new(None),
+            last: Mutex::new(Last::Other),
+            pdl: opts.pdl && cc.0 >= 9,
+            shrink_blocks_per_sm: std::env::var("PUNICA_SHRINK_BLOCKS_PER_SM")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v: &usize| (1..=64).contains(&v))
+                .unwrap_or(2),
+            shrink_max_splits_full: std::env::var("PUNICA_SHRINK_MAX_SPLITS_FULL")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v: &usize| (1..=64).contains(&v))
+                .unwrap_or(64),
+            shrink_rank_split: std::env::var("PUNICA_SHRINK_RANK_SPLIT").as_deref() != Ok("0"),
+            expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
+                Ok("8") => 8,
+                _ => 4,
+            },
+        })
+    }
+
+    /// The GPU's name, e.g. "NVIDIA H200".
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+    /// Compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+    /// Streaming multiprocessors.
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+    /// NVRTC target in use.
+    pub fn arch(&self) -> &str {
+        &self.compiler.arch
+    }
+    /// Whether the expand overlaps the shrink (programmatic dependent launch).
+    pub fn pdl(&self) -> bool {
+        self.pdl
+    }
+    /// Switch the shrink/expand overlap on or off (for measurement).
+    pub fn set_pdl(&mut self, on: bool) {
+        self.pdl = on && self.compute_capability.0 >= 9;
+    }
+    /// The stream all work goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Compile (or load from the cache) every module now, so the first step does not pay for it.
+    pub fn warm_up(&self) -> Result<()> {
+        for name in kernel_names() {
+            self.function(&name)?;
+        }
+        Ok(())
+    }
+
+    fn module(&self, file: &'static str) -> Result<Arc<CudaModule>> {
+        if let Some(m) = lock(&self.modules).get(file) {
+            return Ok(m.clone());
+        }
+        let cubin = self.compiler.cubin(file)?;
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(|e| BackendError::Compile(format!("loading {file} cubin: {e:?}")))?;
+        lock(&self.modules).insert(file, module.clone());
+        Ok(module)
+    }
+
+    fn function(&self, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = lock(&self.functions).get(name) {
+            return Ok(f.clone());
+        }
+        let module = self.module(compile::module_of(name))?;
+        let f = module
+            .load_function(name)
+            .map_err(|e| BackendError::Compile(format!("kernel {name} not in module: {e:?}")))?;
+        lock(&self.functions).insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// Launch kernel `name`. `pdl` lets it start while the previous kernel finishes; the
+    /// kernel must then call `griddepcontrol.wait` before reading that kernel's outputs.
+    pub fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+        pdl: bool,
+    ) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        if grid.1 > 65535 || grid.2 > 65535 {
+            return Err(shape(format!("grid {grid:?} of {name} is too large")));
+        }
+        let func = self.function(name)?;
+        let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+        let mut params: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        // SAFETY: the attribute union is plain data; zero is a valid bit pattern for it.
+        let mut attr: drv_sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id =
+            drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = drv_sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: self.stream.cu_stream(),
+            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: if pdl { 1 } else { 0 },
+        };
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))?;
+        // SAFETY: `params` points at one 8-byte slot per kernel parameter, in order, matching
+        // the kernel's signature (each launch site passes exactly the kernel's parameters);
+        // pointers in them are live device allocations checked against the shapes by the caller.
+        unsafe {
+            drv_sys::cuLaunchKernelEx(
+                &config,
+                func.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(|e| dev_err(&format!("launch {name}"), e))?;
+        *lock(&self.last) = if name.starts_with("sgmv_shrink") {
+            Last::Shrink
+        } else {
+            Last::Other
+        };
+        Ok(())
+    }
+
+    fn mark_other(&self) {
+        *lock(&self.last) = Last::Other;
+    }
+
+    fn suffix(dtype: DType) -> &'static str {
+        match dtype {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    fn alloc_bytes(&self, bytes: usize) -> Result<(CudaSlice<u8>, u64)> {
+        // SAFETY: uninitialised device memory is fine: every op writes before it reads, and the
+        // self-test poisons outputs to catch any that does not.
+        let mem = unsafe { self.stream.alloc::<u8>(bytes.max(16)) }.map_err(|e| {
+            if e.0 == drv_sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+                BackendError::OutOfMemory { wanted: bytes }
+            } else {
+                dev_err("alloc", e)
+            }
+        })?;
+        let ptr = mem.device_ptr(&self.stream).0;
+        Ok((mem, ptr))
+    }
+
+    fn htod<T>(&self, dst: u64, src: &[T]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.mark_other();
+        // SAFETY: callers pass a destination with room for `src` (checked lengths); the copy is
+        // from pageable memory and completes before returning for the host buffer's sake.
+        unsafe { drv::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| dev_err("copy to device", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| dev_err("synchronize", e))
+    }
+
+    fn dtoh<T>(&self, dst: &mut [T], src: u64) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.mark_other();
+        // SAFETY: `src` holds at least `dst.len()` elements (checked by callers); synchronised
+        // before `dst` is read.
+        unsafe { drv::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| dev_err("copy to host", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| dev_err("synchronize", e))
+    }
+
+    /// Copy `buf`'s raw contents (elements `0..len`) from the host as bytes.
+    pub fn upload_raw(&self, dtype: DType, bytes: &[u8]) -> Result<CudaBuf> {
+        if !bytes.len().is_multiple_of(dtype.size()) {
+            return Err(shape(format!(
+                "{} bytes is not a whole number of {dtype:?} elements",
+                bytes.len()
+            )));
+        }
+        let buf = self.alloc(dtype, bytes.len() / dtype.size())?;
+        self.htod(buf.ptr, bytes)?;
+        Ok(buf)
+    }
+
+    /// Fill `buf` with `value` (NaN poisons outputs in tests).
+    pub fn fill(&self, buf: &mut CudaBuf, value: f32) -> Result<()> {
+        let n = buf.len;
+        self.launch(
+            &format!("fill_{}", Self::suffix(buf.dtype)),
+            (plan::elementwise_grid(n, self.sm_count), 1, 1),
+            256,
+            &[Arg::Ptr(buf.ptr), Arg::F32(value), Arg::Usize(n)],
+            false,
+        )
+    }
+
+    /// Fill `buf` with deterministic pseudo-random values uniform in `[-scale, scale)`.
+    pub fn fill_random(&self, buf: &mut CudaBuf, seed: u32, scale: f32) -> Result<()> {
+        self.fill_random_raw(buf.ptr, buf.dtype, buf.len, seed, scale)
+    }
+
+    fn fill_random_raw(
+        &self,
+        ptr: u64,
+        dtype: DType,
+        n: usize,
+        seed: u32,
+        scale: f32,
+    ) -> Result<()> {
+        self.launch(
+            &format!("fill_random_{}", Self::suffix(dtype)),
+            (plan::elementwise_grid(n, self.sm_count), 1, 1),
+            256,
+            &[
+                Arg::Ptr(ptr),
+                Arg::U32(seed),
+                Arg::F32(scale),
+                Arg::Usize(n),
+            ],
+            false,
+        )
+    }
+
+    /// Build a slot table from raw device addresses (see [`RawLoraSlot`]); `dtype` is the
+    /// adapters' element type.
+    pub fn lora_table_raw(
+        &self,
+        dtype: DType,
+        slots: &[Option<RawLoraSlot>],
+    ) -> Result<CudaLoraTable> {
+        let mut bytes = Vec::with_capacity(slots.len().max(1) * 24);
+        let (mut max_rank, mut min_in, mut min_out) = (0usize, usize::MAX, usize::MAX);
+        for (i, s) in slots.iter().enumerate() {
+            let (a, b, rank) = match s {
+                None => (0u64, 0u64, 0u32),
+                Some(s) => {
+                    if s.rank == 0 || s.rank > plan::MAX_RANK {
+                        return Err(shape(format!(
+                            "slot {i}: rank {} outside 1..={}",
+                            s.rank,
+                            plan::MAX_RANK
+                        )));
+                    }
+                    if s.a_len % s.rank != 0
+                        || s.b_len % s.rank != 0
+                        || s.a_len == 0
+                        || s.b_len == 0
+                    {
+                        return Err(shape(format!(
+                            "slot {i}: A of {} and B of {} elements are not [rank={}, n] matrices",
+                            s.a_len, s.b_len, s.rank
+                        )));
+                    }
+                    if s.a % 16 != 0 || s.b % 16 != 0 {
+                        return Err(shape(format!(
+                            "slot {i}: A and B must start 16-byte aligned (0x{:x}, 0x{:x})",
+                            s.a, s.b
+                        )));
+                    }
+                    max_rank = max_rank.max(s.rank);
+                    min_in = min_in.min(s.a_len / s.rank);
+                    min_out = min_out.min(s.b_len / s.rank);
+                    (s.a, s.b, s.rank as u32)
+                }
+            };
+            bytes.extend_from_slice(&a.to_le_bytes());
+            bytes.extend_from_slice(&b.to_le_bytes());
+            bytes.extend_from_slice(&rank.to_le_bytes());
+            bytes.extend_from_slice(&0u32.to_le_bytes());
+        }
+        let (mem, ptr) = self.alloc_bytes(bytes.len())?;
+        self.htod(ptr, &bytes)?;
+        Ok(CudaLoraTable {
+            _mem: mem,
+            ptr,
+            slots: slots.len(),
+            dtype: Some(dtype),
+            max_rank,
+            min_in,
+            min_out,
+        })
+    }
+
+    fn workspace(&self, bytes: usize) -> Result<u64> {
+        let mut ws = lock(&self.workspace);
+        if let Some(w) = ws.as_ref()
+            && w.bytes >= bytes
+        {
+            return Ok(w.ptr);
+        }
+        let size = bytes.next_power_of_two().max(1 << 20);
+        self.mark_other();
+        let mem = self
+            .stream
+            .alloc_zeros::<u8>(size)
+            .map_err(|e| dev_err("workspace alloc", e))?;
+        let ptr = mem.device_ptr(&self.stream).0;
+        *ws = Some(Workspace {
+            _mem: mem,
+            ptr,
+            bytes: size,
+        });
+        Ok(ptr)
+    }
+
+    fn check_lora(&self, x_dtype: DType, table: &CudaLoraTable, meta: &CudaMeta) -> Result<bool> {
+        if meta.layout.num_tiles == 0 || table.max_rank == 0 {
+            return Ok(false);
+        }
+        if table.dtype != Some(x_dtype) || x_dtype == DType::F32 {
+            return Err(shape(format!(
+                "SGMV on {x_dtype:?} activations with {:?} adapters (bf16 or f16 only)",
+                table.dtype
+            )));
+        }
+        if let Some(s) = meta.layout.max_slot
+            && s as usize >= table.slots
+        {
+            return Err(shape(format!(
+                "segment uses adapter slot {s} but the table has {} slots",
+                table.slots
+            )));
+        }
+        Ok(true)
+    }
+
+    /// Row-wise argmax of `x: [rows, cols]` (greedy sampling on the device).
+    pub fn argmax(&self, x: &CudaBuf, rows: usize, cols: usize) -> Result<Vec<u32>> {
+        if x.len < rows * cols {
+            return Err(shape(format!("argmax: {} elements < {rows}x{cols}", x.len)));
+        }
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let (out, ptr) = self.alloc_bytes(rows * 4)?;
+        self.launch(
+            &format!("argmax_{}", Self::suffix(x.dtype)),
+            (rows as u32, 1, 1),
+            plan::row_block(cols),
+            &[Arg::Ptr(x.ptr), i32_arg(cols, "cols")?, Arg::Ptr(ptr)],
+            false,
+        )?;
+        let mut host = vec![0u32; rows];
+        self.dtoh(&mut host, ptr)?;
+        drop(out);
+        Ok(host)
+    }
+}
+
+/// Every kernel the backend can launch (for warm-up and the embedding test).
+pub fn kernel_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for t in ["bf16", "f16"] {
+        for nt in [1, 2, 4, 8, 16] {
+            names.push(format!("sgmv_shrink_{t}_n{nt}"));
+        }
+        for kt in [1, 2, 4] {
+            for w in [4, 8] {
+                names.push(format!("sgmv_expand_{t}_k{kt}_w{w}"));
+            }
+        }
+    }
+    for t in ["f32", "f16", "bf16"] {
+        for op in [
+            "embedding",
+            "rms_norm",
+            "add_assign",
+            "rope",
+            "write_kv",
+            "attention",
+            "silu_mul",
+            "gather_rows",
+            "argmax",
+            "fill",
+            "fill_random",
+        ] {
+            names.push(format!("{op}_{t}"));
+        }
+    }
+    names
+}
+
+fn need(buf: &CudaBuf, len: usize, what: &str) -> Result<()> {
+    if buf.len < len {
+        return Err(shape(format!(
+            "{what}: buffer of {} elements, need {len}",
+            buf.len
+        )));
+    }
+    Ok(())
+}
+
+fn same_dtype(a: &CudaBuf, b: &CudaBuf, what: &str) -> Result<()> {
+    if a.dtype != b.dtype {
+        return Err(shape(format!(
+            "{what}: {:?} and {:?} buffers",
+            a.dtype, b.dtype
+        )));
+    }
+    Ok(())
+}
+
+fn to_bytes(dtype: DType, data: &[f32]) -> Vec<u8> {
+    match dtype {
+        DType::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => data
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+        DType::F16 => data
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+    }
+}
+
+fn from_bytes(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type Meta = CudaMeta;
+    type LoraTable = CudaLoraTable;
+
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::Cuda
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn alloc(&self, dtype: DType, len: usize) -> Result<CudaBuf> {
+        let (mem, ptr) = self.alloc_bytes(len * dtype.size())?;
+        Ok(CudaBuf {
+            _mem: mem,
+            ptr,
+            dtype,
+            len,
+        })
+    }
+
+    fn upload(&self, dtype: DType, data: &[f32]) -> Result<CudaBuf> {
+        self.upload_raw(dtype, &to_bytes(dtype, data))
+    }
+
+    fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        let mut bytes = vec![0u8; buf.len * buf.dtype.size()];
+        self.dtoh(&mut bytes, buf.ptr)?;
+        Ok(from_bytes(buf.dtype, &bytes))
+    }
+
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len
+    }
+
+    fn upload_meta(&self, meta: &StepMeta) -> Result<CudaMeta> {
+        let (words, layout) = plan::pack_meta(meta)?;
+        let (mem, base) = self.alloc_bytes(words.len() * 4)?;
+        self.htod(base, &words)?;
+        Ok(CudaMeta {
+            _words: mem,
+            base,
+            layout,
+        })
+    }
+
+    fn lora_table(&self, slots: &[Option<LoraProj<'_, Self>>]) -> Result<CudaLoraTable> {
+        let mut dtype = None;
+        let raw: Vec<Option<RawLoraSlot>> = slots
+            .iter()
+            .map(|s| {
+                s.as_ref().map(|p| {
+                    dtype.get_or_insert(p.a.dtype);
+                    RawLoraSlot {
+                        a: p.a.ptr,
+                        a_len: p.a.len,
+                        b: p.b.ptr,
+                        b_len: p.b.len,
+                        rank: p.rank,
+                    }
+                })
+            })
+            .collect();
+        for p in slots.iter().flatten() {
+            if p.a.dtype != p.b.dtype || Some(p.a.dtype) != dtype {
+                return Err(shape("adapters in one table must share one dtype".into()));
+            }
+        }
+        self.lora_table_raw(dtype.unwrap_or(self.dtype), &raw)
+    }
+
+    fn embedding(
+        &self,
+        table: &CudaBuf,
+        meta: &CudaMeta,
+        hidden: usize,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        let rows = meta.layout.rows;
+        same_dtype(table, out, "embedding")?;
+        need(out, rows * hidden, "embedding out")?;
+        if hidden == 0 || !table.len.is_multiple_of(hidden) {
+            return Err(shape(format!(
+                "embedding table of {} is not [vocab, {hidden}]",
+                table.len
+            )));
+        }
+        let vocab = table.len / hidden;
+        self.launch(
+            &format!("embedding_{}", Self::suffix(table.dtype)),
+            (rows as u32, 1, 1),
+            plan::row_block(hidden),
+            &[
+                Arg::Ptr(table.ptr),
+                Arg::Ptr(meta.at(meta.layout.token_ids)),
+                i32_arg(vocab, "vocab")?,
+                i32_arg(hidden, "hidden")?,
+                Arg::Ptr(out.ptr),
+            ],
+            false,
+        )
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CudaBuf,
+        weight: &CudaBuf,
+        eps: f32,
+        rows: usize,
+        hidden: usize,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        same_dtype(x, out, "rms_norm")?;
+        same_dtype(x, weight, "rms_norm weight")?;
+        need(x, rows * hidden, "rms_norm x")?;
+        need(out, rows * hidden, "rms_norm out")?;
+        need(weight, hidden, "rms_norm weight")?;
+        self.launch(
+            &format!("rms_norm_{}", Self::suffix(x.dtype)),
+            (rows as u32, 1, 1),
+            plan::row_block(hidden),
+            &[
+                Arg::Ptr(0),
+                Arg::Ptr(x.ptr),
+                Arg::Ptr(weight.ptr),
+                Arg::F32(eps),
+                i32_arg(hidden, "hidden")?,
+                Arg::Ptr(out.ptr),
+            ],
+            false,
+        )
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut CudaBuf,
+        x: &CudaBuf,
+        weight: &CudaBuf,
+        eps: f32,
+        rows: usize,
+        hidden: usize,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        same_dtype(x, out, "add_rms_norm")?;
+        same_dtype(x, residual, "add_rms_norm residual")?;
+        same_dtype(x, weight, "add_rms_norm weight")?;
+        need(x, rows * hidden, "add_rms_norm x")?;
+        need(residual, rows * hidden, "add_rms_norm residual")?;
+        need(out, rows * hidden, "add_rms_norm out")?;
+        need(weight, hidden, "add_rms_norm weight")?;
+        self.launch(
+            &format!("rms_norm_{}", Self::suffix(x.dtype)),
+            (rows as u32, 1, 1),
+            plan::row_block(hidden),
+            &[
+                Arg::Ptr(residual.ptr),
+                Arg::Ptr(x.ptr),
+                Arg::Ptr(weight.ptr),
+                Arg::F32(eps),
+                i32_arg(hidden, "hidden")?,
+                Arg::Ptr(out.ptr),
+            ],
+            false,
+        )
+    }
+
+    fn matmul(
+        &self,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        rows: usize,
+        k: usize,
+        n: usize,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        same_dtype(x, w, "matmul")?;
+        same_dtype(x, out, "matmul out")?;
+        need(x, rows * k, "matmul x")?;
+        need(w, n * k, "matmul w")?;
+        need(out, rows * n, "matmul out")?;
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let dt = match x.dtype {
+            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+        };
+        let dim = |v: usize, what: &str| {
+            i32::try_from(v).map_err(|_| shape(format!("matmul {what} = {v} too large for cuBLAS")))
+        };
+        let (m_, n_, k_) = (dim(n, "n")?, dim(rows, "rows")?, dim(k, "k")?);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        self.mark_other();
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))?;
+        // Row-major out[rows, n] = x[rows, k] . w[n, k]^T is column-major
+        // out^T[n, rows] = (w as [k, n] col-major)^T . (x as [k, rows] col-major).
+        // SAFETY: pointers are live buffers whose lengths were checked above; alpha/beta are
+        // host f32 scalars matching CUBLAS_COMPUTE_32F.
+        unsafe {
+            blas_result::gemm_ex(
+                self.blas,
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                m_,
+                n_,
+                k_,
+                (&alpha as *const f32).cast(),
+                w.ptr as *const c_void,
+                dt,
+                k_,
+                x.ptr as *const c_void,
+                dt,
+                k_,
+                (&beta as *const f32).cast(),
+                out.ptr as *mut c_void,
+                dt,
+                m_,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| BackendError::Device(format!("cublasGemmEx {rows}x{k}x{n}: {e:?}")))
+    }
+
+    fn add_assign(&self, y: &mut CudaBuf, x: &CudaBuf) -> Result<()> {
+        same_dtype(y, x, "add_assign")?;
+        if y.len != x.len {
+            return Err(shape(format!(
+                "add_assign: {} += {} elements",
+                y.len, x.len
+            )));
+        }
+        self.launch(
+            &format!("add_assign_{}", Self::suffix(y.dtype)),
+            (plan::elementwise_grid(y.len, self.sm_count), 1, 1),
+            256,
+            &[Arg::Ptr(y.ptr), Arg::Ptr(x.ptr), Arg::Usize(y.len)],
+            false,
+        )
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaBuf,
+        inv_freq: &CudaBuf,
+        meta: &CudaMeta,
+        row_stride: usize,
+        col_offset: usize,
+        n_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let rows = meta.layout.rows;
+        if inv_freq.dtype != DType::F32
+            || inv_freq.len < head_dim / 2
+            || !head_dim.is_multiple_of(2)
+        {
+            return Err(shape(format!(
+                "rope: inv_freq must be f32 with head_dim/2 = {} values (got {:?} x {})",
+                head_dim / 2,
+                inv_freq.dtype,
+                inv_freq.len
+            )));
+        }
+        if col_offset + n_heads * head_dim > row_stride {
+            return Err(shape(format!(
+                "rope: columns {col_offset}+{n_heads}x{head_dim} exceed the row of {row_stride}"
+            )));
+        }
+        need(x, rows * row_stride, "rope x")?;
+        if n_heads > 65535 {
+            return Err(shape(format!("rope: {n_heads} heads")));
+        }
+        self.launch(
+            &format!("rope_{}", Self::suffix(x.dtype)),
+            (rows as u32, n_heads as u32, 1),
+            (head_dim / 2).clamp(32, 256) as u32,
+            &[
+                Arg::Ptr(x.ptr),
+                Arg::Ptr(inv_freq.ptr),
+                Arg::Ptr(meta.at(meta.layout.positions)),
+                i32_arg(row_stride, "row_stride")?,
+                i32_arg(col_offset, "col_offset")?,
+                i32_arg(head_dim, "head_dim")?,
+            ],
+            false,
+        )
+    }
+
+    fn write_kv(
+        &self,
+        src: &CudaBuf,
+        row_stride: usize,
+        k_offset: usize,
+        v_offset: usize,
+        meta: &CudaMeta,
+        shape_: AttnShape,
+        k_cache: &mut CudaBuf,
+        v_cache: &mut CudaBuf,
+    ) -> Result<()> {
+        let rows = meta.layout.rows;
+        let kv_width = shape_.n_kv_heads * shape_.head_dim;
+        same_dtype(src, k_cache, "write_kv")?;
+        same_dtype(src, v_cache, "write_kv")?;
+        if k_offset.max(v_offset) + kv_width > row_stride {
+            return Err(shape(format!(
+                "write_kv: K/V columns at {k_offset}/{v_offset} (+{kv_width}) exceed the row of {row_stride}"
+            )));
+        }
+        need(src, rows * row_stride, "write_kv src")?;
+        if let Some(s) = meta.layout.max_kv_slot {
+            let want = (s as usize + 1) * kv_width;
+            need(k_cache, want, "write_kv k_cache")?;
+            need(v_cache, want, "write_kv v_cache")?;
+        }
+        self.launch(
+            &format!("write_kv_{}", Self::suffix(src.dtype)),
+            (rows as u32, 1, 1),
+            plan::row_block(kv_width),
+            &[
+                Arg::Ptr(src.ptr),
+                i32_arg(row_stride, "row_stride")?,
+                i32_arg(k_offset, "k_offset")?,
+                i32_arg(v_offset, "v_offset")?,
+                Arg::Ptr(meta.at(meta.layout.slot_mapping)),
+                i32_arg(kv_width, "kv_width")?,
+                Arg::Ptr(k_cache.ptr),
+                Arg::Ptr(v_cache.ptr),
+            ],
+            false,
+        )
+    }
+
+    fn attention(
+        &self,
+        q: &CudaBuf,
+        row_stride: usize,
+        q_offset: usize,
+        k_cache: &CudaBuf,
+        v_cache: &CudaBuf,
+        meta: &CudaMeta,
+        shape_: AttnShape,
+        scale: f32,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        let rows = meta.layout.rows;
+        let AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = shape_;
+        same_dtype(q, out, "attention")?;
+        same_dtype(q, k_cache, "attention")?;
+        same_dtype(q, v_cache, "attention")?;
+        if head_dim == 0
+            || head_dim > plan::MAX_HEAD_DIM
+            || n_kv_heads == 0
+            || n_heads % n_kv_heads != 0
+        {
+            return Err(shape(format!(
+                "attention: {n_heads} heads over {n_kv_heads} KV heads of dim {head_dim} (max {})",
+                plan::MAX_HEAD_DIM
+            )));
+        }
+        if q_offset + n_heads * head_dim > row_stride {
+            return Err(shape(format!(
+                "attention: q columns {q_offset}+{n_heads}x{head_dim} exceed the row of {row_stride}"
+            )));
+        }
+        if rows > 0 && meta.layout.num_seqs == 0 {
+            return Err(shape("attention: step metadata has no sequences".into()));
+        }
+        need(q, rows * row_stride, "attention q")?;
+        need(out, rows * n_heads * head_dim, "attention out")?;
+        if let Some(b) = meta.layout.max_block {
+            let want =
+                (b as usize + 1) * crate::engine::backend::BLOCK_SIZE * n_kv_heads * head_dim;
+            need(k_cache, want, "attention k_cache")?;
+            need(v_cache, want, "attention v_cache")?;
+        }
+        if n_heads > 65535 {
+            return Err(shape(format!("attention: {n_heads} heads")));
+        }
+        self.launch(
+            &format!("attention_{}", Self::suffix(q.dtype)),
+            (rows as u32, n_heads as u32, 1),
+            128,
+            &[
+                Arg::Ptr(q.ptr),
+                i32_arg(row_stride, "row_stride")?,
+                i32_arg(q_offset, "q_offset")?,
+                Arg::Ptr(k_cache.ptr),
+                Arg::Ptr(v_cache.ptr),
+                Arg::Ptr(meta.at(meta.layout.row_seq)),
+                Arg::Ptr(meta.at(meta.layout.seqs)),
+                Arg::Ptr(meta.at(meta.layout.block_tables)),
+                i32_arg(n_heads, "n_heads")?,
+                i32_arg(n_kv_heads, "n_kv_heads")?,
+                i32_arg(head_dim, "head_dim")?,
+                Arg::F32(scale),
+                Arg::Ptr(out.ptr),
+            ],
+            false,
+        )
+    }
+
+    fn silu_mul(&self, gate_up: &CudaBuf, rows: usize, n: usize, out: &mut CudaBuf) -> Result<()> {
+        same_dtype(gate_up, out, "silu_mul")?;
+        need(gate_up, rows * 2 * n, "silu_mul gate_up")?;
+        need(out, rows * n, "silu_mul out")?;
+        let total = rows * n;
+        if total == 0 {
+            return Ok(());
+        }
+        self.launch(
+            &format!("silu_mul_{}", Self::suffix(out.dtype)),
+            (plan::elementwise_grid(total, self.sm_count), 1, 1),
+            256,
+            &[
+                Arg::Ptr(gate_up.ptr),
+                i32_arg(n, "n")?,
+                Arg::Usize(total),
+                Arg::Ptr(out.ptr),
+            ],
+            false,
+        )
+    }
+
+    fn sgmv_shrink(
+        &self,
+        x: &CudaBuf,
+        table: &CudaLoraTable,
+        meta: &CudaMeta,
+        h_in: usize,
+        max_rank: usize,
+        v: &mut CudaBuf,
+    ) -> Result<()> {
+        let rows = meta.layout.rows;
+        if v.dtype != DType::F32 {
+            return Err(shape(format!(
+                "sgmv_shrink: v must be f32, got {:?}",
+                v.dtype
+            )));
+        }
+        need(x, rows * h_in, "sgmv_shrink x")?;
+        need(v, rows * max_rank, "sgmv_shrink v")?;
+        if !self.check_lora(x.dtype, table, meta)? {
+            return Ok(());
+        }
+        if table.max_rank > max_rank {
+            return Err(shape(format!(
+                "sgmv_shrink: table rank {} exceeds v's max_rank {max_rank}",
+                table.max_rank
+            )));
+        }
+        if h_in > table.min_in {
+            return Err(shape(format!(
+                "sgmv_shrink: h_in {h_in} exceeds an adapter's A width {}",
+                table.min_in
+            )));
+        }
+        let tiles = meta.layout.num_tiles;
+        let target = self.sm_count * self.shrink_blocks_per_sm;
+        let (nt, groups) = if self.shrink_rank_split {
+            plan::shrink_rank_split(
+                tiles,
+                h_in,
+                target,
+                plan::shrink_rank_tiles(table.max_rank)?,
+            )
+        } else {
+            (plan::shrink_rank_tiles(table.max_rank)?, 1)
+        };
+        // Tiles holding many rows pay a round of atomics per row and rank for every split.
+        let cap = if meta.layout.rows >= 2 * tiles {
+            self.shrink_max_splits_full
+        } else {
+            64
+        };
+        let splits = plan::shrink_splits(tiles * groups, h_in, target, cap);
+        let counters_bytes = (tiles * groups * 4).div_ceil(256) * 256;
+        let ws = if splits > 1 {
+            self.workspace(counters_bytes + tiles * groups * plan::TILE_ROWS * nt * 8 * 4)?
+        } else {
+            0
+        };
+        self.launch(
+            &format!("sgmv_shrink_{}_n{nt}", Self::suffix(x.dtype)),
+            (tiles as u32, splits as u32, groups as u32),
+            (plan::SHRINK_WARPS * 32) as u32,
+            &[
+                Arg::Ptr(x.ptr),
+                i32_arg(h_in, "h_in")?,
+                Arg::Ptr(v.ptr),
+                i32_arg(max_rank, "max_rank")?,
+                Arg::Ptr(table.ptr),
+                Arg::Ptr(meta.at(meta.layout.tiles)),
+                Arg::Ptr(meta.at(meta.layout.segs)),
+                i32_arg(splits, "splits")?,
+                Arg::Ptr(if ws == 0 {
+                    0
+                } else {
+                    ws + counters_bytes as u64
+                }),
+                Arg::Ptr(ws),
+            ],
+            false,
+        )
+    }
+
+    fn sgmv_expand(
+        &self,
+        v: &CudaBuf,
+        table: &CudaLoraTable,
+        meta: &CudaMeta,
+        max_rank: usize,
+        h_out: usize,
+        y_stride: usize,
+        col_offset: usize,
+        y: &mut CudaBuf,
+    ) -> Result<()> {
+        let rows = meta.layout.rows;
+        if v.dtype != DType::F32 {
+            return Err(shape(format!(
+                "sgmv_expand: v must be f32, got {:?}",
+                v.dtype
+            )));
+        }
+        need(v, rows * max_rank, "sgmv_expand v")?;
+        need(y, rows * y_stride, "sgmv_expand y")?;
+        if col_offset + h_out > y_stride {
+            return Err(shape(format!(
+                "sgmv_expand: columns {col_offset}+{h_out} exceed the row of {y_stride}"
+            )));
+        }
+        if !self.check_lora(y.dtype, table, meta)? {
+            return Ok(());
+        }
+        if table.max_rank > max_rank {
+            return Err(shape(format!(
+                "sgmv_expand: table rank {} exceeds v's max_rank {max_rank}",
+                table.max_rank
+            )));
+        }
+        if h_out > table.min_out {
+            return Err(shape(format!(
+                "sgmv_expand: h_out {h_out} exceeds an adapter's B height {}",
+                table.min_out
+            )));
+        }
+        let kt = plan::expand_rank_chunks(table.max_rank)?;
+        let ntw = self.expand_ntw;
+        let (gx, gy) = plan::expand_grid(h_out, meta.layout.num_tiles, ntw);
+        let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
+        self.launch(
+            &format!("sgmv_expand_{}_k{kt}_w{ntw}", Self::suffix(y.dtype)),
+            (gx, gy, 1),
+            (plan::EXPAND_WARPS * 32) as u32,
+            &[
+                Arg::Ptr(v.ptr),
+                i32_arg(max_rank, "max_rank")?,
+                Arg::Ptr(y.ptr),
+                i32_arg(y_stride, "y_stride")?,
+                i32_arg(col_offset, "col_offset")?,
+                i32_arg(h_out, "h_out")?,
+                Arg::Ptr(table.ptr),
+                Arg::Ptr(meta.at(meta.layout.tiles)),
+                Arg::Ptr(meta.at(meta.layout.segs)),
+            ],
+            overlap,
+        )
+    }
+
+    fn gather_rows(
+        &self,
+        x: &CudaBuf,
+        meta: &CudaMeta,
+        hidden: usize,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        let n = meta.layout.num_logit_rows;
+        same_dtype(x, out, "gather_rows")?;
+        need(x, meta.layout.rows * hidden, "gather_rows x")?;
+        need(out, n * hidden, "gather_rows out")?;
+        self.launch(
+            &format!("gather_rows_{}", Self::suffix(x.dtype)),
+            (n as u32, 1, 1),
+            plan::row_block(hidden),
+            &[
+                Arg::Ptr(x.ptr),
+                Arg::Ptr(meta.at(meta.layout.logit_rows)),
+                i32_arg(hidden, "hidden")?,
+                Arg::Ptr(out.ptr),
+            ],
+            false,
+        )
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| dev_err("synchronize", e))
+    }
+}
+
+/// A header for reports: device, arch, revision and time, so committed output is traceable.
+pub fn report_header(be: &CudaBackend, what: &str) -> String {
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "unknown time".into());
+    format!(
+        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# overlap of shrink and expand (PDL): {}\n",
+        be.device_name(),
+        be.compute_capability().0,
+        be.compute_capability().1,
+        be.sm_count(),
+        be.arch(),
+        env!("PUNICA_GIT_REV"),
+        be.pdl(),
+    )
+}

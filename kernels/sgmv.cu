@@ -1,0 +1,340 @@
+// SGMV: segmented gather matrix-vector products for batched LoRA (Punica's operator).
+//
+// Rows are grouped into segments that share an adapter slot; each segment is cut into tiles of
+// 16 rows (the M of one mma.sync). Per (layer, projection) a slot table gives each slot's A
+// ([rank, h_in]), B ([h_out, rank], scale folded in) and rank; a null pointer marks a slot the
+// projection does not have, and its rows are left untouched.
+//
+// Tensor-core trick: an m16n8k16 fragment gives thread (g = lane / 4, q = lane % 4) the k indices
+// {2q, 2q+1, 2q+8, 2q+9} of both operands. Since a dot product does not care about the order of
+// its k terms, we map those four logical indices onto four *consecutive* physical ones, so each
+// thread feeds two mma k-steps from one 16-byte load of eight consecutive elements, for both the
+// activation and the weight operand, straight from global memory (no shared-memory staging).
+//
+// Prepended: common.cuh.
+
+struct LoraSlot {
+    const void* a;
+    const void* b;
+    u32 rank;
+    u32 pad;
+};
+
+#define SHRINK_WARPS 4
+#define EXPAND_WARPS 4
+
+// v[row, :rank] = x[row, :] . A^T for the rows of each tile, split-K over h_in across
+// gridDim.y blocks and over ranks in groups of NT*8 across gridDim.z blocks (more blocks in
+// flight when a batch has few tiles). With more than one split, blocks add into a zeroed f32 accumulator per tile;
+// the last block to finish (counter) copies it to v and clears accumulator and counter, so the
+// workspace is clean again for the next launch (and for CUDA-graph replays).
+template <typename T, int NT, int U>
+__device__ __forceinline__ void sgmv_shrink_impl(
+    const T* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,
+    const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+    const u32* __restrict__ segs, int ksplit, float* __restrict__ acc,
+    u32* __restrict__ counters) {
+    constexpr int R = NT * 8;
+    __shared__ float red[SHRINK_WARPS][16][R];
+    __shared__ int is_last;
+
+    pdl_launch_dependents();
+    const int tile = blockIdx.x, split = blockIdx.y, zi = blockIdx.z;
+    const int group = tile * gridDim.z + zi;
+    const u32 seg = tiles[2 * tile];
+    const int row0 = (int)tiles[2 * tile + 1];
+    const int seg_end = (int)segs[3 * seg + 1];
+    const u32 slot = segs[3 * seg + 2];
+    const LoraSlot s = table[slot];
+    const int rank_lo = zi * R;
+    const int rank = min((int)s.rank - rank_lo, R);
+    if (s.a == nullptr || rank <= 0) return;
+    const T* A = reinterpret_cast<const T*>(s.a) + (size_t)rank_lo * h_in;
+    const int nrows = min(16, seg_end - row0);
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const bool vec = (h_in & 7) == 0;
+    const int steps = (h_in + 31) >> 5;
+    const int per_split = (steps + ksplit - 1) / ksplit;
+    const int s_begin = split * per_split;
+    const int s_end = min(steps, s_begin + per_split);
+
+    // x may come from the previous kernel when this launch overlaps it.
+    pdl_wait();
+
+    float c[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.0f;
+
+    const T* xr0 = x + (size_t)(row0 + g) * h_in;
+    const T* xr1 = x + (size_t)(row0 + g + 8) * h_in;
+    const bool r0ok = g < nrows, r1ok = g + 8 < nrows;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+    for (int st0 = s_begin + warp; st0 < s_end; st0 += SHRINK_WARPS * U) {
+        uint4 w[U][NT];
+        uint4 xa[U], xb[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int st = st0 + u * SHRINK_WARPS;
+            const bool ok = st < s_end;
+            const int k = st * 32 + q * 8;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int n = nt * 8 + g;
+                w[u][nt] = (ok && n < rank) ? load8(A + (size_t)n * h_in, k, h_in, vec) : zero;
+            }
+            xa[u] = (ok && r0ok) ? load8(xr0, k, h_in, vec) : zero;
+            xb[u] = (ok && r1ok) ? load8(xr1, k, h_in, vec) : zero;
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                if (nt * 8 < rank) {
+                    mma16816<T>(c[nt], xa[u].x, xb[u].x, xa[u].y, xb[u].y, w[u][nt].x, w[u][nt].y);
+                    mma16816<T>(c[nt], xa[u].z, xb[u].z, xa[u].w, xb[u].w, w[u][nt].z, w[u][nt].w);
+                }
+            }
+        }
+    }
+
+    // Accumulator fragment: c[nt][0..1] = row g, cols nt*8 + 2q + {0,1}; c[nt][2..3] = row g+8.
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        red[warp][g][nt * 8 + 2 * q] = c[nt][0];
+        red[warp][g][nt * 8 + 2 * q + 1] = c[nt][1];
+        red[warp][g + 8][nt * 8 + 2 * q] = c[nt][2];
+        red[warp][g + 8][nt * 8 + 2 * q + 1] = c[nt][3];
+    }
+    __syncthreads();
+
+    float* tacc = acc + (size_t)group * 16 * R;
+    float* vout = v + rank_lo;
+    for (int idx = threadIdx.x; idx < 16 * R; idx += blockDim.x) {
+        const int row = idx / R, col = idx % R;
+        if (row < nrows && col < rank) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int w2 = 0; w2 < SHRINK_WARPS; ++w2) sum += red[w2][row][col];
+            if (ksplit == 1) {
+                vout[(size_t)(row0 + row) * v_stride + col] = sum;
+            } else {
+                atomicAdd(&tacc[idx], sum);
+            }
+        }
+    }
+    if (ksplit == 1) return;
+
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const u32 prev = atomicAdd(&counters[group], 1u);
+        is_last = (prev == (u32)(ksplit - 1));
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < 16 * R; idx += blockDim.x) {
+        const int row = idx / R, col = idx % R;
+        if (row < nrows && col < rank) {
+            vout[(size_t)(row0 + row) * v_stride + col] = __ldcg(&tacc[idx]);
+            tacc[idx] = 0.0f;
+        }
+    }
+    if (threadIdx.x == 0) counters[group] = 0u;
+}
+
+// Reads two adjacent output elements of y (cols c, c+1 of a row), zero past h_out.
+template <typename T>
+__device__ __forceinline__ u32 load_pair(const T* row, int c, int n, bool aligned) {
+    if (aligned && c + 2 <= n) return *reinterpret_cast<const u32*>(row + c);
+    const u16* p = reinterpret_cast<const u16*>(row);
+    u32 lo = (c < n) ? (u32)p[c] : 0u;
+    u32 hi = (c + 1 < n) ? (u32)p[c + 1] : 0u;
+    return lo | (hi << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pair(T* row, int c, int n, bool aligned, u32 val) {
+    if (aligned && c + 2 <= n) {
+        *reinterpret_cast<u32*>(row + c) = val;
+        return;
+    }
+    u16* p = reinterpret_cast<u16*>(row);
+    if (c < n) p[c] = (u16)(val & 0xffffu);
+    if (c + 1 < n) p[c + 1] = (u16)(val >> 16);
+}
+
+// Split an f32 pair into a high and a low half-precision pair (v = hi + lo to ~2^-16).
+template <typename T>
+__device__ __forceinline__ void split_pair(float a, float b, u32& hi, u32& lo) {
+    hi = pack2<T>(a, b);
+    const T dummy = T{};
+    const float ha = lo_f32(dummy, hi), hb = hi_f32(dummy, hi);
+    lo = pack2<T>(a - ha, b - hb);
+}
+
+// Eight f32 values v[k .. k+8) of one row, zero past `rank` or when the row is not in the tile.
+__device__ __forceinline__ void load_v8(const float* row, int k, int rank, bool ok, bool vec,
+                                        float* out) {
+    if (ok && vec && k + 8 <= rank) {
+        const float4 p0 = __ldcg(reinterpret_cast<const float4*>(row + k));
+        const float4 p1 = __ldcg(reinterpret_cast<const float4*>(row + k + 4));
+        out[0] = p0.x; out[1] = p0.y; out[2] = p0.z; out[3] = p0.w;
+        out[4] = p1.x; out[5] = p1.y; out[6] = p1.z; out[7] = p1.w;
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = (ok && k + i < rank) ? __ldcg(row + k + i) : 0.0f;
+}
+
+// y[row, col_offset + j] += v[row, :rank] . B[j, :rank] for the rows of one tile (blockIdx.y) and
+// NTW * 8 columns per warp (blockIdx.x picks EXPAND_WARPS * NTW * 8 columns). B and the old y are loaded before waiting
+// on the shrink (programmatic dependent launch), so only v is read after it finishes. v is fed to
+// the tensor cores as hi + lo halves, keeping it at f32 accuracy.
+template <typename T, int KT, int NTW>
+__device__ __forceinline__ void sgmv_expand_impl(
+    const float* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
+    int h_out, const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+    const u32* __restrict__ segs) {
+    const int tile = blockIdx.y;
+    const u32 seg = tiles[2 * tile];
+    const int row0 = (int)tiles[2 * tile + 1];
+    const int seg_end = (int)segs[3 * seg + 1];
+    const u32 slot = segs[3 * seg + 2];
+    const LoraSlot s = table[slot];
+    const int rank = min((int)s.rank, KT * 32);
+    if (s.b == nullptr || rank == 0) return;
+    const T* B = reinterpret_cast<const T*>(s.b);
+    const int nrows = min(16, seg_end - row0);
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int c0 = (blockIdx.x * EXPAND_WARPS + warp) * (NTW * 8);
+    const bool bvec = (rank & 7) == 0;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+    uint4 b[NTW][KT];
+#pragma unroll
+    for (int nt = 0; nt < NTW; ++nt) {
+        const int col = c0 + nt * 8 + g;
+#pragma unroll
+        for (int kc = 0; kc < KT; ++kc) {
+            const int k = kc * 32 + q * 8;
+            b[nt][kc] = (col < h_out && k < rank) ? load8(B + (size_t)col * rank, k, rank, bvec) : zero;
+        }
+    }
+
+    const bool r0ok = g < nrows, r1ok = g + 8 < nrows;
+    T* y0 = y + (size_t)(row0 + g) * y_stride + col_offset;
+    T* y1 = y + (size_t)(row0 + g + 8) * y_stride + col_offset;
+    const bool yal = ((y_stride | col_offset) & 1) == 0;
+    u32 yv[NTW][2];
+#pragma unroll
+    for (int nt = 0; nt < NTW; ++nt) {
+        const int col = c0 + nt * 8 + 2 * q;
+        yv[nt][0] = r0ok ? load_pair(y0, col, h_out, yal) : 0u;
+        yv[nt][1] = r1ok ? load_pair(y1, col, h_out, yal) : 0u;
+    }
+
+    pdl_wait();
+
+    float d[NTW][4];
+#pragma unroll
+    for (int nt = 0; nt < NTW; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.0f;
+
+    const float* v0 = v + (size_t)(row0 + g) * v_stride;
+    const float* v1 = v + (size_t)(row0 + g + 8) * v_stride;
+    const bool vvec = (v_stride & 3) == 0;
+#pragma unroll
+    for (int kc = 0; kc < KT; ++kc) {
+        if (kc * 32 >= rank) break;
+        const int k = kc * 32 + q * 8;
+        float va[8], vb[8];
+        load_v8(v0, k, rank, r0ok, vvec, va);
+        load_v8(v1, k, rank, r1ok, vvec, vb);
+        u32 ah[8], al[8];
+        // Fragment registers for step 0 use physical k 0..3, step 1 uses 4..7.
+        split_pair<T>(va[0], va[1], ah[0], al[0]);
+        split_pair<T>(vb[0], vb[1], ah[1], al[1]);
+        split_pair<T>(va[2], va[3], ah[2], al[2]);
+        split_pair<T>(vb[2], vb[3], ah[3], al[3]);
+        split_pair<T>(va[4], va[5], ah[4], al[4]);
+        split_pair<T>(vb[4], vb[5], ah[5], al[5]);
+        split_pair<T>(va[6], va[7], ah[6], al[6]);
+        split_pair<T>(vb[6], vb[7], ah[7], al[7]);
+#pragma unroll
+        for (int nt = 0; nt < NTW; ++nt) {
+            const uint4 w = b[nt][kc];
+            mma16816<T>(d[nt], ah[0], ah[1], ah[2], ah[3], w.x, w.y);
+            mma16816<T>(d[nt], al[0], al[1], al[2], al[3], w.x, w.y);
+            mma16816<T>(d[nt], ah[4], ah[5], ah[6], ah[7], w.z, w.w);
+            mma16816<T>(d[nt], al[4], al[5], al[6], al[7], w.z, w.w);
+        }
+    }
+
+    const T dummy = T{};
+#pragma unroll
+    for (int nt = 0; nt < NTW; ++nt) {
+        const int col = c0 + nt * 8 + 2 * q;
+        if (r0ok && col < h_out) {
+            const u32 o = yv[nt][0];
+            store_pair(y0, col, h_out, yal,
+                       pack2<T>(lo_f32(dummy, o) + d[nt][0], hi_f32(dummy, o) + d[nt][1]));
+        }
+        if (r1ok && col < h_out) {
+            const u32 o = yv[nt][1];
+            store_pair(y1, col, h_out, yal,
+                       pack2<T>(lo_f32(dummy, o) + d[nt][2], hi_f32(dummy, o) + d[nt][3]));
+        }
+    }
+}
+
+#define SHRINK_PASS x, h_in, v, v_stride, table, tiles, segs, ksplit, acc, counters
+
+#define DEFINE_SHRINK(TNAME, TYPE, NT, U)                                                    \
+    extern "C" __global__ void __launch_bounds__(SHRINK_WARPS * 32)                          \
+        sgmv_shrink_##TNAME##_n##NT(                                                         \
+            const TYPE* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,       \
+            const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,               \
+            const u32* __restrict__ segs, int ksplit, float* __restrict__ acc,               \
+            u32* __restrict__ counters) {                                                    \
+        sgmv_shrink_impl<TYPE, NT, U>(SHRINK_PASS);                                          \
+    }
+
+#define DEFINE_EXPAND(TNAME, TYPE, KT, NTW)                                                  \
+    extern "C" __global__ void __launch_bounds__(EXPAND_WARPS * 32)                          \
+        sgmv_expand_##TNAME##_k##KT##_w##NTW(const float* __restrict__ v, int v_stride,               \
+                                    TYPE* __restrict__ y, int y_stride, int col_offset,      \
+                                    int h_out, const LoraSlot* __restrict__ table,           \
+                                    const u32* __restrict__ tiles,                           \
+                                    const u32* __restrict__ segs) {                          \
+        sgmv_expand_impl<TYPE, KT, NTW>(v, v_stride, y, y_stride, col_offset, h_out, table,       \
+                                   tiles, segs);                                             \
+    }
+
+DEFINE_SHRINK(bf16, bf16, 1, 4)
+DEFINE_SHRINK(bf16, bf16, 2, 4)
+DEFINE_SHRINK(bf16, bf16, 4, 4)
+DEFINE_SHRINK(bf16, bf16, 8, 2)
+DEFINE_SHRINK(bf16, bf16, 16, 1)
+DEFINE_SHRINK(f16, f16, 1, 4)
+DEFINE_SHRINK(f16, f16, 2, 4)
+DEFINE_SHRINK(f16, f16, 4, 4)
+DEFINE_SHRINK(f16, f16, 8, 2)
+DEFINE_SHRINK(f16, f16, 16, 1)
+
+DEFINE_EXPAND(bf16, bf16, 1, 4)
+DEFINE_EXPAND(bf16, bf16, 1, 8)
+DEFINE_EXPAND(bf16, bf16, 2, 4)
+DEFINE_EXPAND(bf16, bf16, 2, 8)
+DEFINE_EXPAND(bf16, bf16, 4, 4)
+DEFINE_EXPAND(bf16, bf16, 4, 8)
+DEFINE_EXPAND(f16, f16, 1, 4)
+DEFINE_EXPAND(f16, f16, 1, 8)
+DEFINE_EXPAND(f16, f16, 2, 4)
+DEFINE_EXPAND(f16, f16, 2, 8)
+DEFINE_EXPAND(f16, f16, 4, 4)
+DEFINE_EXPAND(f16, f16, 4, 8)

@@ -1,0 +1,383 @@
+//! Launch planning for the CUDA kernels: segment tables -> row tiles, grid shapes, kernel variants
+//! and the packed per-step metadata. Pure functions, unit-tested without a GPU.
+
+use crate::engine::backend::{BLOCK_SIZE, BackendError, Result, StepMeta};
+
+/// Rows per SGMV tile: the M of one `mma.sync.m16n8k16`.
+pub const TILE_ROWS: usize = 16;
+/// Warps per SGMV shrink block (kernels/sgmv.cu `SHRINK_WARPS`).
+pub const SHRINK_WARPS: usize = 4;
+/// Warps per SGMV expand block (kernels/sgmv.cu `EXPAND_WARPS`); each covers `8 * ntw` output
+/// columns, `ntw` (4 or 8) being the kernel variant's 8-column tiles per warp.
+pub const EXPAND_WARPS: usize = 4;
+/// Largest LoRA rank the kernels support.
+pub const MAX_RANK: usize = 128;
+/// Largest attention head dimension the attention kernel supports.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Cut every segment into tiles of at most [`TILE_ROWS`] rows: `(segment index, first row)`.
+pub fn row_tiles(starts: &[u32], ends: &[u32]) -> Vec<[u32; 2]> {
+    let mut tiles = Vec::new();
+    for (seg, (&s, &e)) in starts.iter().zip(ends).enumerate() {
+        let mut row = s;
+        while row < e {
+            tiles.push([seg as u32, row]);
+            row += TILE_ROWS as u32;
+        }
+    }
+    tiles
+}
+
+/// The shrink kernel variant for a table whose largest rank is `max_rank`: the number of 8-wide
+/// rank tiles it keeps in registers (1, 2, 4, 8 or 16).
+pub fn shrink_rank_tiles(max_rank: usize) -> Result<usize> {
+    check_rank(max_rank)?;
+    Ok(max_rank.div_ceil(8).next_power_of_two())
+}
+
+/// The expand kernel variant for `max_rank`: the number of 32-wide rank chunks (1, 2 or 4).
+pub fn expand_rank_chunks(max_rank: usize) -> Result<usize> {
+    check_rank(max_rank)?;
+    Ok(max_rank.div_ceil(32).next_power_of_two())
+}
+
+fn check_rank(max_rank: usize) -> Result<()> {
+    if max_rank == 0 || max_rank > MAX_RANK {
+        return Err(BackendError::Shape(format!(
+            "LoRA rank {max_rank} is outside 1..={MAX_RANK}"
+        )));
+    }
+    Ok(())
+}
+
+/// How many blocks split the h_in reduction of one row tile, aiming at `target_blocks` in all.
+/// Small batches need many splits to put enough loads in flight on every SM; large ones have
+/// enough tiles already. Each warp keeps at least one 32-wide k step.
+/// `cap` bounds the split (each split adds a round of f32 atomics per row and rank).
+pub fn shrink_splits(num_tiles: usize, h_in: usize, target_blocks: usize, cap: usize) -> usize {
+    let steps = h_in.div_ceil(32);
+    let max_split = (steps / SHRINK_WARPS).clamp(1, cap.max(1));
+    let target_blocks = target_blocks.max(1);
+    target_blocks.div_ceil(num_tiles.max(1)).clamp(1, max_split)
+}
+
+/// Rank split of the shrink: `(rank tiles per block, rank groups)`. When even the widest split-K
+/// leaves fewer than `target_blocks` blocks, ranks are spread over blocks too, down to two 8-wide
+/// rank tiles (16 ranks) per block.
+pub fn shrink_rank_split(
+    num_tiles: usize,
+    h_in: usize,
+    target_blocks: usize,
+    rank_tiles: usize,
+) -> (usize, usize) {
+    let max_split = (h_in.div_ceil(32) / SHRINK_WARPS).max(1);
+    let blocks = num_tiles.max(1) * max_split;
+    if rank_tiles <= 2 || blocks >= target_blocks {
+        return (rank_tiles, 1);
+    }
+    let groups = target_blocks
+        .div_ceil(blocks)
+        .next_power_of_two()
+        .min(rank_tiles / 2);
+    (rank_tiles / groups, groups)
+}
+
+/// Expand grid: (column blocks, row tiles) for `ntw` 8-column tiles per warp.
+pub fn expand_grid(h_out: usize, num_tiles: usize, ntw: usize) -> (u32, u32) {
+    let cols = EXPAND_WARPS * 8 * ntw.max(1);
+    (h_out.div_ceil(cols) as u32, num_tiles as u32)
+}
+
+/// Where each array of a packed [`StepMeta`] starts in the one u32 buffer the device gets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MetaLayout {
+    pub rows: usize,
+    pub token_ids: usize,
+    pub positions: usize,
+    pub slot_mapping: usize,
+    /// Sequence index per row.
+    pub row_seq: usize,
+    /// 5 words per sequence: row_start, num_rows, context_len, block_table_start, num_blocks.
+    pub seqs: usize,
+    pub num_seqs: usize,
+    pub block_tables: usize,
+    /// 3 words per segment: start, end, slot.
+    pub segs: usize,
+    pub num_segs: usize,
+    /// 2 words per tile: segment, first row.
+    pub tiles: usize,
+    pub num_tiles: usize,
+    pub logit_rows: usize,
+    pub num_logit_rows: usize,
+    /// Largest adapter slot any segment uses (tables must be longer).
+    pub max_slot: Option<u32>,
+    /// Largest KV-cache slot written this step (caches must hold more).
+    pub max_kv_slot: Option<u32>,
+    /// Largest block id in any block table.
+    pub max_block: Option<u32>,
+    pub total: usize,
+}
+
+/// Validate a step's metadata and pack it into one u32 array so it reaches the device in one
+/// copy. Everything a kernel indexes with is checked here, so kernels never read out of bounds.
+pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
+    let rows = meta.token_ids.len();
+    let bad = |what: String| Err(BackendError::Shape(what));
+    if meta.positions.len() != rows || meta.slot_mapping.len() != rows {
+        return bad(format!(
+            "step metadata: {rows} token ids but {} positions and {} KV slots",
+            meta.positions.len(),
+            meta.slot_mapping.len()
+        ));
+    }
+    let mut row_seq = vec![u32::MAX; rows];
+    for (i, s) in meta.seqs.iter().enumerate() {
+        let end = s.row_start as usize + s.num_rows as usize;
+        if end > rows || s.num_rows == 0 {
+            return bad(format!(
+                "sequence {i}: rows {}..{end} outside the batch of {rows}",
+                s.row_start
+            ));
+        }
+        if s.num_rows > s.context_len {
+            return bad(format!(
+                "sequence {i}: {} new rows but a context of {}",
+                s.num_rows, s.context_len
+            ));
+        }
+        let bt_end = s.block_table_start as usize + s.num_blocks as usize;
+        if bt_end > meta.block_tables.len()
+            || (s.num_blocks as usize) * BLOCK_SIZE < s.context_len as usize
+        {
+            return bad(format!(
+                "sequence {i}: block table {}..{bt_end} of {} blocks cannot hold {} tokens",
+                s.block_table_start,
+                meta.block_tables.len(),
+                s.context_len
+            ));
+        }
+        for (r, owner) in row_seq
+            .iter_mut()
+            .enumerate()
+            .take(end)
+            .skip(s.row_start as usize)
+        {
+            if *owner != u32::MAX {
+                return bad(format!("row {r} belongs to two sequences"));
+            }
+            *owner = i as u32;
+        }
+    }
+    if !meta.seqs.is_empty() {
+        if let Some(r) = row_seq.iter().position(|&s| s == u32::MAX) {
+            return bad(format!("row {r} belongs to no sequence"));
+        }
+    } else {
+        row_seq.iter_mut().for_each(|s| *s = 0);
+    }
+    let seg = &meta.segments;
+    if seg.starts.len() != seg.ends.len() || seg.starts.len() != seg.slots.len() {
+        return bad("segment table arrays differ in length".into());
+    }
+    for (i, (&s, &e)) in seg.starts.iter().zip(&seg.ends).enumerate() {
+        if s >= e || e as usize > rows {
+            return bad(format!(
+                "segment {i}: rows {s}..{e} outside the batch of {rows}"
+            ));
+        }
+    }
+    if let Some(&r) = meta.logit_rows.iter().find(|&&r| r as usize >= rows) {
+        return bad(format!("logit row {r} outside the batch of {rows}"));
+    }
+    let tiles = row_tiles(&seg.starts, &seg.ends);
+
+    let mut words = Vec::new();
+    let mut layout = MetaLayout {
+        rows,
+        num_seqs: meta.seqs.len(),
+        num_segs: seg.len(),
+        num_tiles: tiles.len(),
+        num_logit_rows: meta.logit_rows.len(),
+        max_slot: seg.slots.iter().copied().max(),
+        max_kv_slot: meta.slot_mapping.iter().copied().max(),
+        max_block: meta.block_tables.iter().copied().max(),
+        ..MetaLayout::default()
+    };
+    layout.token_ids = words.len();
+    words.extend_from_slice(&meta.token_ids);
+    layout.positions = words.len();
+    words.extend_from_slice(&meta.positions);
+    layout.slot_mapping = words.len();
+    words.extend_from_slice(&meta.slot_mapping);
+    layout.row_seq = words.len();
+    words.extend_from_slice(&row_seq);
+    layout.seqs = words.len();
+    for s in &meta.seqs {
+        words.extend_from_slice(&[
+            s.row_start,
+            s.num_rows,
+            s.context_len,
+            s.block_table_start,
+            s.num_blocks,
+        ]);
+    }
+    layout.block_tables = words.len();
+    words.extend_from_slice(&meta.block_tables);
+    layout.segs = words.len();
+    for (s, e, slot) in seg.iter() {
+        words.extend_from_slice(&[s as u32, e as u32, slot]);
+    }
+    layout.tiles = words.len();
+    for t in &tiles {
+        words.extend_from_slice(t);
+    }
+    layout.logit_rows = words.len();
+    words.extend_from_slice(&meta.logit_rows);
+    // Keep every offset addressable even when arrays are empty.
+    words.push(0);
+    layout.total = words.len();
+    Ok((words, layout))
+}
+
+/// Threads per block for a row-wise op over `cols` columns.
+pub fn row_block(cols: usize) -> u32 {
+    match cols {
+        0..=256 => 128,
+        257..=2048 => 256,
+        _ => 512,
+    }
+}
+
+/// Grid for a grid-stride elementwise op over `n` elements with 256-thread blocks.
+pub fn elementwise_grid(n: usize, sm_count: usize) -> u32 {
+    n.div_ceil(256).clamp(1, 32 * sm_count.max(1)) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::backend::SeqMeta;
+    use crate::engine::lora::segments::SegmentTable;
+
+    #[test]
+    fn segments_are_cut_into_sixteen_row_tiles_that_never_cross_a_segment() {
+        let tiles = row_tiles(&[0, 3, 40], &[3, 40, 41]);
+        assert_eq!(tiles, vec![[0, 0], [1, 3], [1, 19], [1, 35], [2, 40]]);
+    }
+
+    #[test]
+    fn empty_segment_tables_give_no_tiles() {
+        assert!(row_tiles(&[], &[]).is_empty());
+    }
+
+    #[test]
+    fn rank_variants_round_up_to_the_supported_register_tiles() {
+        assert_eq!(shrink_rank_tiles(1).unwrap(), 1);
+        assert_eq!(shrink_rank_tiles(8).unwrap(), 1);
+        assert_eq!(shrink_rank_tiles(9).unwrap(), 2);
+        assert_eq!(shrink_rank_tiles(16).unwrap(), 2);
+        assert_eq!(shrink_rank_tiles(24).unwrap(), 4);
+        assert_eq!(shrink_rank_tiles(64).unwrap(), 8);
+        assert_eq!(shrink_rank_tiles(128).unwrap(), 16);
+        assert_eq!(expand_rank_chunks(1).unwrap(), 1);
+        assert_eq!(expand_rank_chunks(32).unwrap(), 1);
+        assert_eq!(expand_rank_chunks(33).unwrap(), 2);
+        assert_eq!(expand_rank_chunks(96).unwrap(), 4);
+        assert_eq!(expand_rank_chunks(128).unwrap(), 4);
+    }
+
+    #[test]
+    fn ranks_beyond_the_kernel_limit_are_shape_errors() {
+        assert!(matches!(
+            shrink_rank_tiles(129),
+            Err(BackendError::Shape(_))
+        ));
+        assert!(matches!(expand_rank_chunks(0), Err(BackendError::Shape(_))));
+    }
+
+    #[test]
+    fn one_row_splits_h_in_widely_and_big_batches_do_not_split() {
+        assert_eq!(shrink_splits(1, 4096, 528, 64), 32);
+        assert_eq!(shrink_splits(8, 4096, 528, 64), 32);
+        assert_eq!(shrink_splits(64, 4096, 528, 64), 9);
+        assert_eq!(shrink_splits(600, 4096, 528, 64), 1);
+        assert_eq!(shrink_splits(1, 4096, 528, 8), 8);
+        // Tiny inner dimensions never split below one step per warp.
+        assert_eq!(shrink_splits(1, 64, 528, 64), 1);
+        assert_eq!(shrink_splits(1, 576, 528, 64), 4);
+    }
+
+    #[test]
+    fn few_tiles_of_high_rank_spread_ranks_over_blocks() {
+        // One tile at r=64 (8 rank tiles): 32 splits are too few blocks for 264.
+        assert_eq!(shrink_rank_split(1, 4096, 264, 8), (2, 4));
+        assert_eq!(shrink_rank_split(1, 4096, 264, 16), (2, 8));
+        assert_eq!(shrink_rank_split(4, 4096, 264, 8), (2, 4));
+        assert_eq!(shrink_rank_split(8, 4096, 264, 8), (4, 2));
+        // Enough tiles, or ranks already small: no split.
+        assert_eq!(shrink_rank_split(64, 4096, 264, 8), (8, 1));
+        assert_eq!(shrink_rank_split(1, 4096, 264, 2), (2, 1));
+    }
+
+    #[test]
+    fn expand_grid_covers_every_output_column() {
+        assert_eq!(expand_grid(4096, 3, 4), (32, 3));
+        assert_eq!(expand_grid(11008, 1, 4), (86, 1));
+        assert_eq!(expand_grid(576, 2, 4), (5, 2));
+        assert_eq!(expand_grid(4096, 1, 8), (16, 1));
+        assert_eq!(expand_grid(11008, 1, 8), (43, 1));
+    }
+
+    fn step(rows: u32) -> StepMeta {
+        StepMeta {
+            token_ids: (0..rows).collect(),
+            positions: (0..rows).collect(),
+            slot_mapping: (0..rows).collect(),
+            seqs: vec![SeqMeta {
+                row_start: 0,
+                num_rows: rows,
+                context_len: rows,
+                block_table_start: 0,
+                num_blocks: rows.div_ceil(16),
+            }],
+            block_tables: (0..rows.div_ceil(16)).collect(),
+            segments: SegmentTable::from_row_slots(
+                &(0..rows).map(|r| Some(r / 20)).collect::<Vec<_>>(),
+            ),
+            logit_rows: vec![rows - 1],
+        }
+    }
+
+    #[test]
+    fn packed_meta_places_every_array_at_its_offset() {
+        let m = step(40);
+        let (w, l) = pack_meta(&m).unwrap();
+        assert_eq!(l.rows, 40);
+        assert_eq!(&w[l.positions..l.positions + 40], &m.positions[..]);
+        assert_eq!(w[l.row_seq + 39], 0);
+        assert_eq!(&w[l.seqs..l.seqs + 5], &[0, 40, 40, 0, 3]);
+        assert_eq!(l.num_segs, 2);
+        assert_eq!(&w[l.segs..l.segs + 6], &[0, 20, 0, 20, 40, 1]);
+        assert_eq!(l.num_tiles, 4);
+        assert_eq!(&w[l.tiles..l.tiles + 8], &[0, 0, 0, 16, 1, 20, 1, 36]);
+        assert_eq!(w[l.logit_rows], 39);
+        assert_eq!(l.max_slot, Some(1));
+        assert_eq!(l.total, w.len());
+    }
+
+    #[test]
+    fn meta_with_rows_outside_the_batch_is_rejected() {
+        let mut m = step(8);
+        m.segments.ends[0] = 9;
+        assert!(pack_meta(&m).is_err());
+        let mut m = step(8);
+        m.logit_rows = vec![8];
+        assert!(pack_meta(&m).is_err());
+        let mut m = step(8);
+        m.seqs[0].num_blocks = 0;
+        assert!(pack_meta(&m).is_err());
+        let mut m = step(8);
+        m.positions.pop();
+        assert!(pack_meta(&m).is_err());
+    }
+}

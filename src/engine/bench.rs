@@ -1,0 +1,770 @@
+//! `punica bench engine`: a synthetic multi-tenant workload driven straight into the engine.
+//!
+//! Adapter popularity follows Punica's workloads: `distinct` (every request its own adapter,
+//! round-robin over the pool), `uniform` (adapters drawn uniformly from the pool), `skewed`
+//! (Zipf with exponent 1.5 over the pool), `identical` (one adapter for all) and `none` (the base
+//! model). Requests arrive as a Poisson process of the given rate (or all at once with rate 0);
+//! the report gives output tokens per second and percentiles of time to first token and
+//! inter-token latency.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::engine::backend::cpu::CpuBackend;
+use crate::engine::executor::{LlamaExecutor, peft_validator};
+use crate::engine::lora::cache::{AdapterKey, AdapterSource, CacheConfig, MemorySource};
+use crate::engine::metrics::EngineMetrics;
+use crate::engine::model::config::{LlamaConfig, Projection};
+use crate::engine::model::llama::Llama;
+use crate::engine::model::tokenizer::Tokenizer;
+use crate::engine::request::{
+    NoText, SamplingParams, SharedDetokenizer, StreamEvent, ValidRequest,
+};
+use crate::engine::synthetic::{SyntheticError, random_adapter};
+use crate::engine::{EngineConfig, EngineError, EngineHandle};
+
+/// Adapter popularity of a workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    Distinct,
+    Uniform,
+    Skewed,
+    Identical,
+    None,
+}
+
+impl Workload {
+    /// The workload's name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Distinct => "distinct",
+            Workload::Uniform => "uniform",
+            Workload::Skewed => "skewed",
+            Workload::Identical => "identical",
+            Workload::None => "none",
+        }
+    }
+}
+
+/// A small deterministic RNG (the bench must be reproducible from its seed).
+#[derive(Clone, Debug)]
+pub struct BenchRng(u64);
+
+impl BenchRng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_f64() * n as f64) as usize % n.max(1)
+    }
+
+    /// A standard normal draw (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.next_f64().max(f64::MIN_POSITIVE);
+        let u2 = self.next_f64();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+/// The adapter index (into a pool of `adapters`) of each of `requests` requests; `None` = base.
+pub fn assign_adapters(
+    workload: Workload,
+    requests: usize,
+    adapters: usize,
+    rng: &mut BenchRng,
+) -> Vec<Option<usize>> {
+    let pool = adapters.max(1);
+    match workload {
+        Workload::None => vec![None; requests],
+        Workload::Identical => vec![Some(0); requests],
+        Workload::Distinct => (0..requests).map(|i| Some(i % pool)).collect(),
+        Workload::Uniform => (0..requests).map(|_| Some(rng.below(pool))).collect(),
+        Workload::Skewed => {
+            // Zipf(1.5): P(k) proportional to 1 / (k+1)^1.5.
+            let weights: Vec<f64> = (0..pool)
+                .map(|k| 1.0 / ((k + 1) as f64).powf(1.5))
+                .collect();
+            let total: f64 = weights.iter().sum();
+            (0..requests)
+                .map(|_| {
+                    let mut r = rng.next_f64() * total;
+                    let mut pick = pool - 1;
+                    for (k, w) in weights.iter().enumerate() {
+                        if r < *w {
+                            pick = k;
+                            break;
+                        }
+                        r -= w;
+                    }
+                    Some(pick)
+                })
+                .collect()
+        }
+    }
+}
+
+/// Arrival offsets of `requests` requests at `rate` per second (Poisson); all zero for rate 0.
+pub fn arrivals(requests: usize, rate: f64, rng: &mut BenchRng) -> Vec<Duration> {
+    let mut t = 0.0f64;
+    (0..requests)
+        .map(|_| {
+            if rate > 0.0 {
+                t += -(1.0 - rng.next_f64()).ln() / rate;
+            }
+            Duration::from_secs_f64(t)
+        })
+        .collect()
+}
+
+/// Timings of one request, as observed by its client.
+#[derive(Clone, Debug, Default)]
+pub struct RequestTiming {
+    pub submitted: Option<Instant>,
+    /// Arrival time of each token event.
+    pub tokens: Vec<Instant>,
+    pub failed: Option<String>,
+}
+
+/// The `p`-th percentile (0..=100) of sorted `values` (nearest rank); 0 when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Summary of one bench run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub workload: Workload,
+    pub distinct_adapters: usize,
+    pub requests: usize,
+    pub failed: usize,
+    pub output_tokens: usize,
+    pub wall_s: f64,
+    pub tokens_per_s: f64,
+    /// Milliseconds: p50, p90, p99.
+    pub ttft_ms: [f64; 3],
+    pub itl_ms: [f64; 3],
+    /// CPU seconds the whole process used during the run (all threads), where known: on a
+    /// shared machine, tokens per CPU second is steadier than tokens per wall second.
+    pub cpu_s: Option<f64>,
+}
+
+/// Summarise the timings of a run that took `wall` from first submit to last event.
+pub fn summarise(
+    workload: Workload,
+    assigned: &[Option<usize>],
+    timings: &[RequestTiming],
+    wall: Duration,
+) -> Summary {
+    let mut ttft = Vec::new();
+    let mut itl = Vec::new();
+    let mut output_tokens = 0;
+    let mut failed = 0;
+    for t in timings {
+        if t.failed.is_some() {
+            failed += 1;
+        }
+        output_tokens += t.tokens.len();
+        if let (Some(sub), Some(first)) = (t.submitted, t.tokens.first()) {
+            ttft.push(first.duration_since(sub).as_secs_f64() * 1e3);
+        }
+        for w in t.tokens.windows(2) {
+            itl.push(w[1].duration_since(w[0]).as_secs_f64() * 1e3);
+        }
+    }
+    ttft.sort_unstable_by(f64::total_cmp);
+    itl.sort_unstable_by(f64::total_cmp);
+    let mut used: Vec<usize> = assigned.iter().flatten().copied().collect();
+    used.sort_unstable();
+    used.dedup();
+    let wall_s = wall.as_secs_f64();
+    let pct = |v: &[f64]| {
+        [
+            percentile(v, 50.0),
+            percentile(v, 90.0),
+            percentile(v, 99.0),
+        ]
+    };
+    Summary {
+        workload,
+        distinct_adapters: used.len(),
+        requests: timings.len(),
+        failed,
+        output_tokens,
+        wall_s,
+        tokens_per_s: if wall_s > 0.0 {
+            output_tokens as f64 / wall_s
+        } else {
+            0.0
+        },
+        ttft_ms: pct(&ttft),
+        itl_ms: pct(&itl),
+        cpu_s: None,
+    }
+}
+
+/// Markdown table header matching [`Summary::row`].
+pub fn table_header() -> String {
+    "| workload | adapters used | requests | failed | output tokens | wall s | tokens/s | CPU s | tokens/CPU-s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | ITL p50 ms | ITL p90 ms | ITL p99 ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|".to_string()
+}
+
+impl Summary {
+    /// One markdown table row.
+    pub fn row(&self) -> String {
+        let mut s = String::new();
+        let (cpu, per_cpu) = match self.cpu_s {
+            Some(c) if c > 0.0 => (
+                format!("{c:.2}"),
+                format!("{:.1}", self.output_tokens as f64 / c),
+            ),
+            _ => ("-".to_string(), "-".to_string()),
+        };
+        let _ = write!(
+            s,
+            "| {} | {} | {} | {} | {} | {:.2} | {:.1} | {cpu} | {per_cpu} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            self.workload.name(),
+            self.distinct_adapters,
+            self.requests,
+            self.failed,
+            self.output_tokens,
+            self.wall_s,
+            self.tokens_per_s,
+            self.ttft_ms[0],
+            self.ttft_ms[1],
+            self.ttft_ms[2],
+            self.itl_ms[0],
+            self.itl_ms[1],
+            self.itl_ms[2],
+        );
+        s
+    }
+
+    /// Output tokens per CPU second, where CPU time is known.
+    pub fn tokens_per_cpu_s(&self) -> Option<f64> {
+        self.cpu_s
+            .filter(|&c| c > 0.0)
+            .map(|c| self.output_tokens as f64 / c)
+    }
+}
+
+/// CPU seconds (user + system, all threads) this process has used, from `/proc/self/stat`.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // Linux reports them in clock ticks of USER_HZ, which is 100 on every supported platform.
+    Some((utime + stime) / 100.0)
+}
+
+/// One workload's traffic: what each request asks for and when it arrives.
+#[derive(Clone, Debug)]
+pub struct Traffic {
+    pub workload: Workload,
+    /// Adapter index per request (`None` = base model).
+    pub adapters: Vec<Option<usize>>,
+    pub arrivals: Vec<Duration>,
+    pub prompts: Vec<Vec<u32>>,
+    pub max_tokens: u32,
+}
+
+impl Traffic {
+    /// Requests of `prompt_len` random tokens below `vocab`, `max_tokens` each, with adapters
+    /// and arrivals drawn for `workload`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate(
+        workload: Workload,
+        requests: usize,
+        adapters: usize,
+        prompt_len: usize,
+        max_tokens: u32,
+        vocab: usize,
+        rate: f64,
+        seed: u64,
+    ) -> Self {
+        let mut rng = BenchRng::new(seed);
+        let assigned = assign_adapters(workload, requests, adapters, &mut rng);
+        let arrivals = arrivals(requests, rate, &mut rng);
+        let prompts = (0..requests)
+            .map(|_| {
+                (0..prompt_len.max(1))
+                    .map(|_| rng.below(vocab.max(1)) as u32)
+                    .collect()
+            })
+            .collect();
+        Self {
+            workload,
+            adapters: assigned,
+            arrivals,
+            prompts,
+            max_tokens,
+        }
+    }
+}
+
+/// Submit `traffic` to `engine` at its arrival times (adapter index i is `keys[i]`), read every
+/// stream on its own thread, and summarise. Greedy, no stop conditions: every request produces
+/// exactly `max_tokens` tokens unless it fails.
+pub fn drive(
+    engine: &EngineHandle,
+    traffic: &Traffic,
+    keys: &[AdapterKey],
+) -> Result<Summary, EngineError> {
+    let start = Instant::now();
+    let mut readers = Vec::with_capacity(traffic.prompts.len());
+    for (i, prompt) in traffic.prompts.iter().enumerate() {
+        let due = start + traffic.arrivals[i];
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let adapter = traffic.adapters[i].and_then(|a| keys.get(a).copied());
+        let submitted = Instant::now();
+        let mut stream = engine.submit(ValidRequest {
+            tenant: Uuid::from_u128(1 + (i % 4) as u128),
+            request_id: Uuid::new_v4(),
+            adapter,
+            prompt: prompt.clone(),
+            sampling: SamplingParams {
+                temperature: 0.0,
+                max_tokens: traffic.max_tokens as usize,
+                ..SamplingParams::default()
+            },
+        })?;
+        readers.push(std::thread::spawn(move || {
+            let mut timing = RequestTiming {
+                submitted: Some(submitted),
+                ..RequestTiming::default()
+            };
+            while let Some(event) = stream.blocking_next() {
+                match event {
+                    StreamEvent::Token { .. } => timing.tokens.push(Instant::now()),
+                    StreamEvent::Error { message, .. } => timing.failed = Some(message),
+                    StreamEvent::Done { .. } => {}
+                }
+            }
+            timing
+        }));
+    }
+    let timings: Vec<RequestTiming> = readers
+        .into_iter()
+        .map(|r| {
+            r.join().unwrap_or_else(|_| RequestTiming {
+                failed: Some("reader thread panicked".into()),
+                ..RequestTiming::default()
+            })
+        })
+        .collect();
+    Ok(summarise(
+        traffic.workload,
+        &traffic.adapters,
+        &timings,
+        start.elapsed(),
+    ))
+}
+
+/// Device to run `bench engine` on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchDevice {
+    Cpu,
+}
+
+/// Arguments of `punica bench engine`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchEngineArgs {
+    /// Hugging Face style model folder (config.json, *.safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: BenchDevice,
+    /// Workloads to run, comma separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "distinct,uniform,skewed,identical"
+    )]
+    pub workload: Vec<Workload>,
+    /// Adapters in the pool (random, for the model's shapes).
+    #[arg(long, default_value_t = 8)]
+    pub adapters: usize,
+    /// LoRA rank of every adapter (all seven projections of every layer).
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 32)]
+    pub requests: usize,
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: u32,
+    /// Requests per second (Poisson arrivals); 0 submits them all at once.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 32)]
+    pub max_running: usize,
+    /// Rows per step (decodes + prefill chunks).
+    #[arg(long, default_value_t = 256)]
+    pub max_step_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also append the report to this file.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+/// Why `bench engine` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("cannot read the model config: {0}")]
+    Model(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Synthetic(#[from] SyntheticError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("cannot write {path}: {source}")]
+    Output {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Run every requested workload on a fresh engine and return the markdown report.
+pub fn run(args: &BenchEngineArgs) -> Result<String, BenchError> {
+    let config = LlamaConfig::from_file(&args.model.join("config.json"))
+        .map_err(|e| BenchError::Model(e.to_string()))?;
+    let source = Arc::new(MemorySource::new());
+    let keys: Vec<AdapterKey> = (0..args.adapters.max(1))
+        .map(|i| AdapterKey {
+            id: Uuid::from_u128(i as u128 + 1),
+            version: 1,
+        })
+        .collect();
+    for (i, key) in keys.iter().enumerate() {
+        source.insert(
+            *key,
+            random_adapter(&config, args.rank, 0.01, args.seed + i as u64)?,
+        );
+    }
+    let detokenizer: SharedDetokenizer = match Tokenizer::from_dir(&args.model) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "no tokenizer: the bench streams token ids without text");
+            Arc::new(NoText)
+        }
+    };
+    let mut summaries = Vec::new();
+    for &workload in &args.workload {
+        tracing::info!(workload = workload.name(), "bench workload starting");
+        let summary = run_workload(args, &config, &source, &keys, &detokenizer, workload)?;
+        tracing::info!(
+            workload = workload.name(),
+            tokens_per_s = summary.tokens_per_s,
+            "bench workload done"
+        );
+        summaries.push(summary);
+    }
+    let report = report(args, &config, &summaries);
+    if let Some(path) = &args.output {
+        use std::io::Write as _;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(report.as_bytes()))
+            .map_err(|source| BenchError::Output {
+                path: path.display().to_string(),
+                source,
+            })?;
+    }
+    Ok(report)
+}
+
+fn run_workload(
+    args: &BenchEngineArgs,
+    config: &LlamaConfig,
+    source: &Arc<MemorySource>,
+    keys: &[AdapterKey],
+    detokenizer: &SharedDetokenizer,
+    workload: Workload,
+) -> Result<Summary, BenchError> {
+    let slots = keys.len();
+    let per_seq = crate::engine::kv::blocks_for(args.prompt_len + args.max_tokens as usize);
+    let kv_blocks = per_seq * args.max_running + 1;
+    let model_dir = args.model.clone();
+    let engine = EngineHandle::start(
+        EngineConfig {
+            max_running: args.max_running,
+            max_step_tokens: args.max_step_tokens,
+            max_queued: args.requests + keys.len() + 1,
+            stream_capacity: args.max_tokens as usize + 8,
+            cache: CacheConfig {
+                device_slots: slots,
+                host_bytes: 8 << 30,
+                loader_threads: 2,
+            },
+        },
+        move || {
+            let backend = Arc::new(CpuBackend::new());
+            let model = Llama::load(backend, &model_dir)
+                .map_err(|e| EngineError::Startup(e.to_string()))?;
+            LlamaExecutor::new(model, kv_blocks, slots)
+                .map_err(|e| EngineError::Startup(e.to_string()))
+        },
+        Arc::clone(source) as Arc<dyn AdapterSource>,
+        peft_validator(config.clone()),
+        Arc::clone(detokenizer),
+        EngineMetrics::unregistered()?,
+    )?;
+    let traffic = Traffic::generate(
+        workload,
+        args.requests,
+        keys.len(),
+        args.prompt_len,
+        args.max_tokens,
+        config.vocab_size,
+        args.rate,
+        args.seed,
+    );
+    // Warm-up: make the workload's adapters resident so the run measures steady state.
+    let mut used: Vec<usize> = traffic.adapters.iter().flatten().copied().collect();
+    used.sort_unstable();
+    used.dedup();
+    let warm = Traffic {
+        workload,
+        adapters: used.iter().map(|&a| Some(a)).collect(),
+        arrivals: vec![Duration::ZERO; used.len()],
+        prompts: vec![vec![0]; used.len()],
+        max_tokens: 1,
+    };
+    drive(&engine, &warm, keys)?;
+    let cpu_before = process_cpu_seconds();
+    let mut summary = drive(&engine, &traffic, keys)?;
+    summary.cpu_s = cpu_before.zip(process_cpu_seconds()).map(|(a, b)| b - a);
+    Ok(summary)
+}
+
+fn report(args: &BenchEngineArgs, config: &LlamaConfig, summaries: &[Summary]) -> String {
+    let mut s = String::new();
+    let date = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let rev = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let threads = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let _ = writeln!(
+        s,
+        "## bench engine: {} ({} layers, hidden {})\n",
+        args.model.display(),
+        config.num_hidden_layers,
+        config.hidden_size
+    );
+    let _ = writeln!(
+        s,
+        "- date {date}, git {rev}, device {:?}, {cpu} ({threads} threads)",
+        args.device
+    );
+    let _ = writeln!(
+        s,
+        "- {} requests, prompt {} tokens, {} new tokens each (greedy), rate {} req/s, {} adapters of rank {} on q,k,v,o,gate,up,down, max_running {}, max_step_tokens {}\n",
+        args.requests,
+        args.prompt_len,
+        args.max_tokens,
+        args.rate,
+        args.adapters,
+        args.rank,
+        args.max_running,
+        args.max_step_tokens
+    );
+    let _ = writeln!(s, "{}", table_header());
+    for summary in summaries {
+        let _ = writeln!(s, "{}", summary.row());
+    }
+    let tps = |w: Workload| {
+        summaries
+            .iter()
+            .find(|x| x.workload == w)
+            .map(|x| x.tokens_per_s)
+    };
+    // Multiply-adds per token: base projections + LM head, and the LoRA shrink + expand.
+    let (mut base, mut lora) = (config.vocab_size * config.hidden_size, 0usize);
+    for p in Projection::ALL {
+        let (h_in, h_out) = config.projection_dims(p);
+        base += config.num_hidden_layers * h_in * h_out;
+        lora += config.num_hidden_layers * args.rank * (h_in + h_out);
+    }
+    let _ = writeln!(
+        s,
+        "\nLoRA multiply-adds per token: {:.1}% of the base model's ({lora} vs {base}).",
+        100.0 * lora as f64 / base.max(1) as f64
+    );
+    if let (Some(n), Some(i)) = (tps(Workload::None), tps(Workload::Identical))
+        && n > 0.0
+    {
+        let _ = writeln!(s, "identical / none (base model) throughput: {:.3}", i / n);
+    }
+    let per_cpu = |w: Workload| {
+        summaries
+            .iter()
+            .find(|x| x.workload == w)
+            .and_then(Summary::tokens_per_cpu_s)
+    };
+    if let (Some(d), Some(i)) = (per_cpu(Workload::Distinct), per_cpu(Workload::Identical)) {
+        let _ = writeln!(
+            s,
+            "distinct / identical tokens per CPU second: {:.3}",
+            d / i
+        );
+    }
+    if let (Some(d), Some(i)) = (tps(Workload::Distinct), tps(Workload::Identical))
+        && i > 0.0
+    {
+        let _ = writeln!(s, "distinct / identical throughput: {:.3}", d / i);
+    }
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workloads_spread_requests_over_adapters_as_punica_defines_them() {
+        let mut rng = BenchRng::new(1);
+        let d = assign_adapters(Workload::Distinct, 16, 8, &mut rng);
+        assert_eq!(d.iter().flatten().filter(|&&a| a == 3).count(), 2);
+        let i = assign_adapters(Workload::Identical, 16, 8, &mut rng);
+        assert!(i.iter().all(|a| *a == Some(0)));
+        assert!(
+            assign_adapters(Workload::None, 4, 8, &mut rng)
+                .iter()
+                .all(Option::is_none)
+        );
+        let s = assign_adapters(Workload::Skewed, 2000, 8, &mut rng);
+        let zeros = s.iter().filter(|a| **a == Some(0)).count();
+        let sevens = s.iter().filter(|a| **a == Some(7)).count();
+        assert!(
+            zeros > 4 * sevens,
+            "Zipf favours the first adapter: {zeros} vs {sevens}"
+        );
+        let u = assign_adapters(Workload::Uniform, 2000, 8, &mut rng);
+        for k in 0..8 {
+            let n = u.iter().filter(|a| **a == Some(k)).count();
+            assert!((150..350).contains(&n), "adapter {k} drawn {n} times");
+        }
+    }
+
+    #[test]
+    fn poisson_arrivals_have_the_requested_mean_rate() {
+        let mut rng = BenchRng::new(3);
+        let a = arrivals(4000, 20.0, &mut rng);
+        let last = a.last().unwrap().as_secs_f64();
+        assert!(
+            (180.0..220.0).contains(&last),
+            "4000 arrivals at 20/s took {last} s"
+        );
+        assert!(a.windows(2).all(|w| w[0] <= w[1]));
+        assert!(arrivals(5, 0.0, &mut rng).iter().all(Duration::is_zero));
+    }
+
+    #[test]
+    fn process_cpu_time_is_read_and_grows_with_work() {
+        let before = process_cpu_seconds().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut x = 0u64;
+        while process_cpu_seconds().unwrap() - before < 0.05 {
+            assert!(
+                Instant::now() < deadline,
+                "50 ms of spinning never showed up"
+            );
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+
+    #[test]
+    fn a_summary_counts_tokens_latencies_and_adapters() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let timings = vec![
+            RequestTiming {
+                submitted: Some(t0),
+                tokens: vec![ms(100), ms(110), ms(130)],
+                failed: None,
+            },
+            RequestTiming {
+                submitted: Some(ms(10)),
+                tokens: vec![],
+                failed: Some("boom".into()),
+            },
+        ];
+        let s = summarise(
+            Workload::Uniform,
+            &[Some(1), Some(1)],
+            &timings,
+            Duration::from_secs(1),
+        );
+        assert_eq!(s.output_tokens, 3);
+        assert_eq!(s.failed, 1);
+        assert_eq!(s.distinct_adapters, 1);
+        assert!((s.tokens_per_s - 3.0).abs() < 1e-9);
+        assert!((s.ttft_ms[0] - 100.0).abs() < 1e-6);
+        assert!((s.itl_ms[2] - 20.0).abs() < 1e-6);
+        assert!(
+            s.row()
+                .starts_with("| uniform | 1 | 2 | 1 | 3 | 1.00 | 3.0 | - | - |")
+        );
+    }
+}

@@ -1,0 +1,108 @@
+//! The production [`Executor`]: the Llama forward pass over any [`Backend`], with the paged KV
+//! cache and the LoRA slot tables it owns; plus the glue that makes validated PEFT adapters
+//! entries of the adapter cache and the model's tokenizer the engine's detokenizer.
+
+use std::sync::Arc;
+
+use crate::engine::backend::{Backend, DType, StepMeta};
+use crate::engine::lora::cache::{AdapterFiles, AdapterKey, HostAdapter, Validator};
+use crate::engine::lora::peft::LoraWeights;
+use crate::engine::model::config::LlamaConfig;
+use crate::engine::model::llama::{KvCache, Llama, LoraState, ModelError};
+use crate::engine::model::tokenizer::{DecodeStream, Tokenizer};
+use crate::engine::request::{Detokenizer, TextDecoder};
+use crate::engine::{Executor, ExecutorError};
+
+/// A Llama model on a backend, with its KV pool and adapter slots.
+pub struct LlamaExecutor<B: Backend> {
+    model: Llama<B>,
+    kv: KvCache<B>,
+    lora: LoraState<B>,
+    logits: Vec<f32>,
+}
+
+impl<B: Backend> LlamaExecutor<B> {
+    /// Allocate `kv_blocks` KV blocks and `adapter_slots` empty adapter slots for `model`.
+    pub fn new(
+        model: Llama<B>,
+        kv_blocks: usize,
+        adapter_slots: usize,
+    ) -> Result<Self, ModelError> {
+        let kv = KvCache::new(model.backend().as_ref(), model.config(), kv_blocks)?;
+        let lora = LoraState::new(model.config(), adapter_slots);
+        Ok(Self {
+            model,
+            kv,
+            lora,
+            logits: Vec::new(),
+        })
+    }
+
+    /// KV blocks that fit in `bytes` for `config` at `dtype`.
+    pub fn kv_blocks_for_bytes(config: &LlamaConfig, dtype: DType, bytes: usize) -> usize {
+        bytes / KvCache::<B>::bytes_per_block(config, dtype).max(1)
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Llama<B> {
+        &self.model
+    }
+}
+
+impl<B: Backend> Executor for LlamaExecutor<B> {
+    type Adapter = LoraWeights;
+
+    fn vocab_size(&self) -> usize {
+        self.model.config().vocab_size
+    }
+
+    fn kv_blocks(&self) -> usize {
+        self.kv.num_blocks()
+    }
+
+    fn adapter_slots(&self) -> usize {
+        self.lora.num_slots()
+    }
+
+    fn install_adapter(&mut self, slot: u32, adapter: &LoraWeights) -> Result<(), String> {
+        let backend = Arc::clone(self.model.backend());
+        self.lora
+            .load(backend.as_ref(), slot as usize, adapter)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn forward(&mut self, meta: &StepMeta) -> Result<&[f32], ExecutorError> {
+        self.logits = self.model.forward(meta, &mut self.kv, &self.lora)?;
+        Ok(&self.logits)
+    }
+}
+
+impl HostAdapter for LoraWeights {
+    fn host_bytes(&self) -> usize {
+        self.num_params() * std::mem::size_of::<f32>()
+    }
+}
+
+/// Validates fetched PEFT files against the base model (runs on the adapter loader threads).
+pub fn peft_validator(base: LlamaConfig) -> Validator<LoraWeights> {
+    Arc::new(move |_key: &AdapterKey, files: AdapterFiles| {
+        LoraWeights::from_bytes(&files.config, &files.weights, &base).map_err(|e| e.to_string())
+    })
+}
+
+impl TextDecoder for DecodeStream {
+    fn push(&mut self, token: u32) -> Result<Option<String>, String> {
+        DecodeStream::push(self, token).map_err(|e| e.to_string())
+    }
+
+    fn finish(&mut self) -> Result<Option<String>, String> {
+        DecodeStream::finish(self).map_err(|e| e.to_string())
+    }
+}
+
+impl Detokenizer for Tokenizer {
+    fn decoder(&self) -> Box<dyn TextDecoder> {
+        Box::new(self.decode_stream(true))
+    }
+}

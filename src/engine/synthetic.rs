@@ -1,0 +1,82 @@
+//! Synthetic LoRA adapters for a base model's shapes, written as real PEFT files
+//! (`adapter_config.json` + `adapter_model.safetensors`) so that benches and tests exercise the
+//! same validation and loading path as uploaded adapters.
+
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+
+use crate::engine::bench::BenchRng;
+use crate::engine::lora::cache::AdapterFiles;
+use crate::engine::lora::peft::module_key;
+use crate::engine::model::config::{LlamaConfig, Projection};
+
+/// Why a synthetic adapter could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum SyntheticError {
+    #[error("rank must be at least 1")]
+    ZeroRank,
+    #[error("safetensors serialisation failed: {0}")]
+    Serialize(String),
+}
+
+/// A random rank-`rank` adapter on all seven projections of every layer. `A ~ N(0, 1/in)`,
+/// `B ~ N(0, b_std²)`, alpha = 2·rank, so the delta is large enough to change a model's tokens
+/// when `b_std` is around 0.1-1 (tests) and realistic when small (benches).
+pub fn random_adapter(
+    config: &LlamaConfig,
+    rank: usize,
+    b_std: f32,
+    seed: u64,
+) -> Result<AdapterFiles, SyntheticError> {
+    if rank == 0 {
+        return Err(SyntheticError::ZeroRank);
+    }
+    let mut rng = BenchRng::new(seed);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for layer in 0..config.num_hidden_layers {
+        for p in Projection::ALL {
+            let (h_in, h_out) = config.projection_dims(p);
+            let key = format!("base_model.model.{}", module_key(layer, p));
+            let a_std = 1.0 / (h_in as f32).sqrt();
+            let a: Vec<f32> = (0..rank * h_in)
+                .map(|_| rng.normal() as f32 * a_std)
+                .collect();
+            let b: Vec<f32> = (0..h_out * rank)
+                .map(|_| rng.normal() as f32 * b_std)
+                .collect();
+            tensors.push((
+                format!("{key}.lora_A.weight"),
+                vec![rank, h_in],
+                bytemuck::cast_slice(&a).to_vec(),
+            ));
+            tensors.push((
+                format!("{key}.lora_B.weight"),
+                vec![h_out, rank],
+                bytemuck::cast_slice(&b).to_vec(),
+            ));
+        }
+    }
+    let views = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            TensorView::new(Dtype::F32, shape.clone(), data)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| SyntheticError::Serialize(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let weights = safetensors::serialize(views, None)
+        .map_err(|e| SyntheticError::Serialize(e.to_string()))?;
+    let targets: Vec<&str> = Projection::ALL.iter().map(|p| p.module_name()).collect();
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": targets,
+        "bias": "none",
+        "use_rslora": false,
+    });
+    Ok(AdapterFiles {
+        config: config.to_string().into_bytes(),
+        weights,
+    })
+}

@@ -1,0 +1,206 @@
+//! A fake executor whose next token is a hash of the whole context it reads back through the
+//! paged KV cache (block tables and slot mapping) and of the adapter of its SGMV segment. Any
+//! scheduling, paging, preemption or segment mistake changes the tokens, and a reference
+//! function gives what each request yields alone.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use punica::engine::backend::{BLOCK_SIZE, BackendError, StepMeta};
+use punica::engine::lora::cache::{AdapterFiles, AdapterKey, HostAdapter, Validator};
+use punica::engine::request::{Detokenizer, TextDecoder};
+use punica::engine::{EngineError, Executor, ExecutorError};
+
+pub const VOCAB: usize = 64;
+
+/// An adapter of the fake model: a seed mixed into the hash.
+pub struct FakeAdapter {
+    pub seed: u64,
+    pub bytes: usize,
+}
+
+impl HostAdapter for FakeAdapter {
+    fn host_bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// The files of a valid fake adapter.
+pub fn adapter_files(seed: u64) -> AdapterFiles {
+    AdapterFiles {
+        config: format!("seed={seed}").into_bytes(),
+        weights: vec![0; 1000],
+    }
+}
+
+/// Parses `seed=N`; anything else is invalid.
+pub fn validator() -> Validator<FakeAdapter> {
+    Arc::new(|_key: &AdapterKey, files: AdapterFiles| {
+        let text =
+            String::from_utf8(files.config).map_err(|_| "config is not UTF-8".to_string())?;
+        let seed = text
+            .strip_prefix("seed=")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("adapter_config.json is not a fake config: {text:?}"))?;
+        Ok(FakeAdapter {
+            seed,
+            bytes: files.weights.len(),
+        })
+    })
+}
+
+/// What the test can observe of the executor.
+#[derive(Default)]
+pub struct Probe {
+    pub steps: AtomicUsize,
+    /// (step, token ids) of every forward.
+    pub batches: Mutex<Vec<(usize, Vec<u32>)>>,
+    pub max_rows: AtomicUsize,
+}
+
+pub struct FakeModel {
+    kv: Vec<u32>,
+    slots: Vec<Option<u64>>,
+    logits: Vec<f32>,
+    delay: Duration,
+    probe: Arc<Probe>,
+}
+
+impl FakeModel {
+    pub fn new(kv_blocks: usize, slots: usize, delay: Duration, probe: Arc<Probe>) -> Self {
+        Self {
+            kv: vec![u32::MAX; kv_blocks * BLOCK_SIZE],
+            slots: vec![None; slots],
+            logits: Vec::new(),
+            delay,
+            probe,
+        }
+    }
+
+    pub fn builder(
+        kv_blocks: usize,
+        slots: usize,
+        delay: Duration,
+        probe: Arc<Probe>,
+    ) -> impl FnOnce() -> Result<FakeModel, EngineError> + Send + 'static {
+        move || Ok(FakeModel::new(kv_blocks, slots, delay, probe))
+    }
+}
+
+/// The next token after `context` under adapter `seed` (0 = base model).
+pub fn next_token(seed: u64, context: &[u32]) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for &t in context {
+        h ^= u64::from(t);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    ((h >> 17) % VOCAB as u64) as u32
+}
+
+/// The tokens a request yields alone (greedy, no stops).
+pub fn reference(seed: u64, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let mut ctx = prompt.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..max_tokens {
+        let t = next_token(seed, &ctx);
+        out.push(t);
+        ctx.push(t);
+    }
+    out
+}
+
+impl Executor for FakeModel {
+    type Adapter = FakeAdapter;
+
+    fn vocab_size(&self) -> usize {
+        VOCAB
+    }
+
+    fn kv_blocks(&self) -> usize {
+        self.kv.len() / BLOCK_SIZE
+    }
+
+    fn adapter_slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn install_adapter(&mut self, slot: u32, adapter: &FakeAdapter) -> Result<(), String> {
+        let s = self
+            .slots
+            .get_mut(slot as usize)
+            .ok_or_else(|| format!("no slot {slot}"))?;
+        *s = Some(adapter.seed);
+        Ok(())
+    }
+
+    fn forward(&mut self, meta: &StepMeta) -> Result<&[f32], ExecutorError> {
+        let step = self.probe.steps.fetch_add(1, Ordering::SeqCst);
+        self.probe.max_rows.fetch_max(meta.rows(), Ordering::SeqCst);
+        if let Ok(mut b) = self.probe.batches.lock() {
+            b.push((step, meta.token_ids.clone()));
+        }
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+        for (row, &slot) in meta.slot_mapping.iter().enumerate() {
+            let cell = self
+                .kv
+                .get_mut(slot as usize)
+                .ok_or_else(|| BackendError::Shape(format!("KV slot {slot} out of range")))?;
+            *cell = meta.token_ids[row];
+        }
+        self.logits.clear();
+        for &lr in &meta.logit_rows {
+            let seq = meta
+                .seqs
+                .iter()
+                .find(|s| lr >= s.row_start && lr < s.row_start + s.num_rows)
+                .ok_or_else(|| BackendError::Shape(format!("logit row {lr} in no sequence")))?;
+            let seed = match meta
+                .segments
+                .iter()
+                .find(|&(s, e, _)| (s..e).contains(&(lr as usize)))
+            {
+                Some((_, _, slot)) => self.slots[slot as usize]
+                    .ok_or_else(|| BackendError::Shape(format!("slot {slot} is empty")))?,
+                None => 0,
+            };
+            let ctx_len = meta.positions[lr as usize] as usize + 1;
+            let table =
+                &meta.block_tables[seq.block_table_start as usize..][..seq.num_blocks as usize];
+            let context: Vec<u32> = (0..ctx_len)
+                .map(|p| self.kv[table[p / BLOCK_SIZE] as usize * BLOCK_SIZE + p % BLOCK_SIZE])
+                .collect();
+            let next = next_token(seed, &context);
+            self.logits
+                .extend((0..VOCAB).map(|v| if v as u32 == next { 5.0 } else { 0.0 }));
+        }
+        Ok(&self.logits)
+    }
+}
+
+/// Token `t` decodes to one letter, `a` + t % 26.
+pub struct Letters;
+
+struct LetterDecoder;
+
+impl TextDecoder for LetterDecoder {
+    fn push(&mut self, token: u32) -> Result<Option<String>, String> {
+        Ok(Some(char::from(b'a' + (token % 26) as u8).to_string()))
+    }
+}
+
+impl Detokenizer for Letters {
+    fn decoder(&self) -> Box<dyn TextDecoder> {
+        Box::new(LetterDecoder)
+    }
+}
+
+/// The text of `tokens` under [`Letters`].
+pub fn letters(tokens: &[u32]) -> String {
+    tokens
+        .iter()
+        .map(|&t| char::from(b'a' + (t % 26) as u8))
+        .collect()
+}

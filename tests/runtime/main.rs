@@ -1,0 +1,508 @@
+//! The engine runtime end to end: continuous batching, paging, preemption, cancellation, the
+//! adapter cache and tenant fairness, over a fake executor whose tokens depend on the whole
+//! paged context (see `fake.rs`).
+
+mod fake;
+mod llama;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use punica::engine::lora::cache::{AdapterFiles, AdapterKey, CacheConfig, MemorySource};
+use punica::engine::metrics::EngineMetrics;
+use punica::engine::request::{
+    ErrorCode, FinishReason, SamplingParams, StreamEvent, Usage, ValidRequest,
+};
+use punica::engine::{EngineConfig, EngineError, EngineHandle, RequestStream};
+use uuid::Uuid;
+
+use fake::{FakeModel, Letters, Probe};
+
+struct Harness {
+    engine: EngineHandle,
+    metrics: EngineMetrics,
+    source: Arc<MemorySource>,
+    probe: Arc<Probe>,
+}
+
+fn adapter(n: u128) -> AdapterKey {
+    AdapterKey {
+        id: Uuid::from_u128(n),
+        version: 1,
+    }
+}
+
+/// Seed of adapter n in the fake model.
+fn seed_of(n: u128) -> u64 {
+    1000 + n as u64
+}
+
+fn harness(config: EngineConfig, kv_blocks: usize, delay: Duration, adapters: u128) -> Harness {
+    let source = Arc::new(MemorySource::new());
+    for n in 1..=adapters {
+        source.insert(adapter(n), fake::adapter_files(seed_of(n)));
+    }
+    let probe = Arc::new(Probe::default());
+    let metrics = EngineMetrics::unregistered().unwrap();
+    let engine = EngineHandle::start(
+        config,
+        FakeModel::builder(
+            kv_blocks,
+            config.cache.device_slots,
+            delay,
+            Arc::clone(&probe),
+        ),
+        Arc::clone(&source) as _,
+        fake::validator(),
+        Arc::new(Letters),
+        metrics.clone(),
+    )
+    .unwrap();
+    Harness {
+        engine,
+        metrics,
+        source,
+        probe,
+    }
+}
+
+fn config(max_running: usize, max_step_tokens: usize, slots: usize) -> EngineConfig {
+    EngineConfig {
+        max_running,
+        max_step_tokens,
+        max_queued: 1000,
+        stream_capacity: 256,
+        cache: CacheConfig {
+            device_slots: slots,
+            host_bytes: 1 << 20,
+            loader_threads: 2,
+        },
+    }
+}
+
+fn request(
+    tenant: u128,
+    adapter_n: Option<u128>,
+    prompt: Vec<u32>,
+    max_tokens: u32,
+) -> ValidRequest {
+    ValidRequest {
+        tenant: Uuid::from_u128(tenant),
+        request_id: Uuid::new_v4(),
+        adapter: adapter_n.map(adapter),
+        prompt,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            max_tokens: max_tokens as usize,
+            ..SamplingParams::default()
+        },
+    }
+}
+
+/// Everything a stream produced.
+#[derive(Debug)]
+struct Outcome {
+    tokens: Vec<u32>,
+    text: String,
+    end: StreamEvent,
+}
+
+fn drain(stream: &mut RequestStream) -> Outcome {
+    drain_after(stream, 0)
+}
+
+/// Like [`drain`] for a stream whose first `already` tokens were read by the caller.
+fn drain_after(stream: &mut RequestStream, already: usize) -> Outcome {
+    let mut tokens = Vec::new();
+    let mut text = String::new();
+    loop {
+        match stream.blocking_next() {
+            Some(StreamEvent::Token {
+                index,
+                token_id,
+                text: t,
+                ..
+            }) => {
+                assert_eq!(
+                    index as usize,
+                    already + tokens.len(),
+                    "token indices are consecutive"
+                );
+                tokens.push(token_id);
+                text.push_str(&t);
+            }
+            Some(end) => {
+                assert!(stream.blocking_next().is_none(), "nothing after the end");
+                return Outcome { tokens, text, end };
+            }
+            None => panic!("stream ended without Done or Error"),
+        }
+    }
+}
+
+fn prompt_for(i: u32) -> Vec<u32> {
+    let len = 1 + (i * 7) % 37;
+    (0..len).map(|j| (i * 13 + j * 5) % 64).collect()
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn hundred_concurrent_requests_over_twenty_adapters_match_their_solo_runs_with_four_slots() {
+    let h = harness(config(32, 128, 4), 256, Duration::ZERO, 20);
+    let mut streams = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..100u32 {
+        // Every seventh request uses the base model; the rest spread over all 20 adapters.
+        let adapter_n = (!i.is_multiple_of(7)).then_some(u128::from(i % 20) + 1);
+        let prompt = prompt_for(i);
+        let max_tokens = 4 + (i * 3) % 29;
+        let seed = adapter_n.map_or(0, seed_of);
+        expected.push(fake::reference(seed, &prompt, max_tokens as usize));
+        let tenant = u128::from(i % 3);
+        streams.push(
+            h.engine
+                .submit(request(tenant, adapter_n, prompt, max_tokens))
+                .unwrap(),
+        );
+    }
+    for (i, (stream, want)) in streams.iter_mut().zip(&expected).enumerate() {
+        let out = drain(stream);
+        assert_eq!(&out.tokens, want, "request {i} differs from its solo run");
+        assert_eq!(out.text, fake::letters(want));
+        assert_eq!(
+            out.end,
+            StreamEvent::Done {
+                finish_reason: FinishReason::Length,
+                usage: Usage {
+                    prompt_tokens: prompt_for(i as u32).len() as u32,
+                    completion_tokens: want.len() as u32,
+                }
+            }
+        );
+    }
+    assert!(
+        h.probe.steps.load(Ordering::SeqCst) < 100 * 32,
+        "requests were batched together"
+    );
+    assert!(h.probe.max_rows.load(Ordering::SeqCst) > 1);
+    let evictions = h
+        .metrics
+        .adapter_evictions
+        .with_label_values(&["device"])
+        .get();
+    assert!(
+        evictions >= 16,
+        "20 adapters through 4 slots evict at least 16 times"
+    );
+    assert!(h.metrics.adapter_loads.get() >= 20);
+    assert_eq!(h.metrics.adapter_slots_used.get(), 4);
+    wait_until("blocks freed", || h.metrics.kv_blocks_used.get() == 0);
+}
+
+#[test]
+fn a_request_cancelled_mid_stream_frees_its_blocks_and_others_continue() {
+    let h = harness(config(8, 64, 2), 64, Duration::from_millis(2), 0);
+    let mut long = h.engine.submit(request(1, None, vec![1; 40], 200)).unwrap();
+    let mut other = h.engine.submit(request(2, None, vec![2; 5], 30)).unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            long.blocking_next(),
+            Some(StreamEvent::Token { .. })
+        ));
+    }
+    assert!(h.metrics.kv_blocks_used.get() >= 3);
+    long.cancel();
+    let out = drain_after(&mut long, 3);
+    match out.end {
+        StreamEvent::Done {
+            finish_reason: FinishReason::Cancelled,
+            usage,
+        } => {
+            assert_eq!(usage.prompt_tokens, 40);
+            assert!(usage.completion_tokens >= 3);
+        }
+        other => panic!("expected a cancelled Done, got {other:?}"),
+    }
+    let out = drain(&mut other);
+    assert_eq!(out.tokens, fake::reference(0, &[2; 5], 30));
+    wait_until("all blocks freed", || h.metrics.kv_blocks_used.get() == 0);
+}
+
+#[test]
+fn dropping_a_stream_stops_its_sequence_within_a_step() {
+    let h = harness(config(8, 64, 2), 64, Duration::from_millis(2), 0);
+    let mut s = h.engine.submit(request(1, None, vec![3; 20], 200)).unwrap();
+    assert!(matches!(s.blocking_next(), Some(StreamEvent::Token { .. })));
+    drop(s);
+    wait_until("blocks freed after drop", || {
+        h.metrics.kv_blocks_used.get() == 0 && h.metrics.running.get() == 0
+    });
+    let steps_after = h.probe.steps.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(
+        h.probe.steps.load(Ordering::SeqCst),
+        steps_after,
+        "the dropped sequence is no longer stepped"
+    );
+    assert_eq!(
+        h.metrics.finished.with_label_values(&["cancelled"]).get(),
+        1
+    );
+}
+
+#[test]
+fn a_kv_pool_too_small_for_all_running_sequences_forces_preemption_and_streams_stay_exact() {
+    // 6 blocks = 96 tokens, 8 sequences that each grow to 20-50 tokens.
+    let h = harness(config(8, 64, 4), 6, Duration::ZERO, 3);
+    let mut streams = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..8u32 {
+        let adapter_n = (i % 4 != 0).then_some(u128::from(i % 3) + 1);
+        let prompt: Vec<u32> = (0..10 + i).map(|j| (i + j) % 64).collect();
+        let max_tokens = 10 + 4 * i;
+        expected.push(fake::reference(
+            adapter_n.map_or(0, seed_of),
+            &prompt,
+            max_tokens as usize,
+        ));
+        streams.push(
+            h.engine
+                .submit(request(1, adapter_n, prompt, max_tokens))
+                .unwrap(),
+        );
+    }
+    for (i, (s, want)) in streams.iter_mut().zip(&expected).enumerate() {
+        let out = drain(s);
+        assert_eq!(&out.tokens, want, "request {i} lost or repeated tokens");
+    }
+    assert!(
+        h.metrics.preemptions.get() > 0,
+        "the pool was too small: someone was preempted"
+    );
+    wait_until("blocks freed", || h.metrics.kv_blocks_used.get() == 0);
+}
+
+#[test]
+fn a_tenant_sending_fifty_requests_does_not_delay_another_tenants_single_request() {
+    let h = harness(config(8, 64, 2), 512, Duration::from_millis(1), 0);
+    let mut flood: Vec<RequestStream> = (0..50)
+        .map(|i| {
+            h.engine
+                .submit(request(0xa, None, vec![i % 60; 8], 60))
+                .unwrap()
+        })
+        .collect();
+    // Let tenant a fill the running set.
+    assert!(matches!(
+        flood[0].blocking_next(),
+        Some(StreamEvent::Token { .. })
+    ));
+    let marker = 63u32;
+    let submitted_at = h.probe.steps.load(Ordering::SeqCst);
+    let mut single = h
+        .engine
+        .submit(request(0xb, None, vec![marker; 8], 5))
+        .unwrap();
+    assert!(matches!(
+        single.blocking_next(),
+        Some(StreamEvent::Token { .. })
+    ));
+    let batches = h.probe.batches.lock().unwrap().clone();
+    let first_seen = batches
+        .iter()
+        .find(|(_, toks)| toks.iter().filter(|&&t| t == marker).count() >= 8)
+        .map(|(step, _)| *step)
+        .expect("tenant b's prompt was prefilled");
+    assert!(
+        first_seen <= submitted_at + 3,
+        "tenant b waited {} steps behind tenant a's 50 requests",
+        first_seen - submitted_at
+    );
+    for s in flood.iter_mut().chain([&mut single]) {
+        while s.blocking_next().is_some() {}
+    }
+}
+
+#[test]
+fn a_corrupt_adapter_fails_its_requests_with_a_clear_error_while_the_rest_proceed() {
+    let h = harness(config(16, 64, 2), 128, Duration::ZERO, 2);
+    let corrupt = adapter(66);
+    h.source.insert(
+        corrupt,
+        AdapterFiles {
+            config: b"{not json".to_vec(),
+            weights: vec![],
+        },
+    );
+    let mut good: Vec<RequestStream> = (0..4)
+        .map(|i| {
+            h.engine
+                .submit(request(1, Some(1 + i % 2), vec![5, 6, 7], 12))
+                .unwrap()
+        })
+        .collect();
+    let mut bad: Vec<RequestStream> = (0..3)
+        .map(|_| {
+            h.engine
+                .submit(request(2, Some(66), vec![5, 6, 7], 12))
+                .unwrap()
+        })
+        .collect();
+    let mut missing = h.engine.submit(request(2, Some(77), vec![1], 3)).unwrap();
+    for s in &mut bad {
+        match drain(s).end {
+            StreamEvent::Error { code, message } => {
+                assert_eq!(code, ErrorCode::InvalidAdapter);
+                assert!(message.contains("not a fake config"), "{message}");
+                assert!(message.contains(&corrupt.to_string()), "{message}");
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+    match drain(&mut missing).end {
+        StreamEvent::Error { code, .. } => assert_eq!(code, ErrorCode::AdapterNotFound),
+        other => panic!("expected adapter_not_found, got {other:?}"),
+    }
+    for (i, s) in good.iter_mut().enumerate() {
+        let n = 1 + (i as u128) % 2;
+        assert_eq!(drain(s).tokens, fake::reference(seed_of(n), &[5, 6, 7], 12));
+    }
+    assert_eq!(h.metrics.adapter_load_failures.get(), 2);
+}
+
+#[test]
+fn stop_ids_and_stop_strings_end_the_stream_with_the_text_cut_before_the_stop() {
+    let h = harness(config(8, 64, 2), 64, Duration::ZERO, 0);
+    let prompt = vec![9, 9, 9];
+    let full = fake::reference(0, &prompt, 30);
+    let text = fake::letters(&full);
+
+    // A stop string taken from the middle of the known output.
+    let stop = text[10..13].to_string();
+    let cut = text.find(&stop).unwrap();
+    let mut r = request(1, None, prompt.clone(), 30);
+    r.sampling.stop = vec![stop.clone()];
+    let out = drain(&mut h.engine.submit(r).unwrap());
+    assert_eq!(out.text, text[..cut]);
+    assert!(matches!(
+        out.end,
+        StreamEvent::Done {
+            finish_reason: FinishReason::Stop,
+            ..
+        }
+    ));
+
+    // A stop id: the stream ends at its first occurrence.
+    let stop_id = full[7];
+    let first = full.iter().position(|&t| t == stop_id).unwrap();
+    let mut r = request(1, None, prompt, 30);
+    r.sampling.stop_token_ids = vec![stop_id];
+    let out = drain(&mut h.engine.submit(r).unwrap());
+    assert_eq!(out.tokens, full[..=first]);
+    assert_eq!(out.text, fake::letters(&full[..first]));
+}
+
+#[test]
+fn submissions_that_can_never_run_are_refused_at_once() {
+    let h = harness(config(8, 64, 2), 4, Duration::ZERO, 0);
+    assert!(matches!(
+        h.engine.submit(request(1, None, vec![1; 60], 10)),
+        Err(EngineError::TooLong {
+            tokens: 70,
+            capacity: 64
+        })
+    ));
+    assert!(matches!(
+        h.engine.submit(request(1, None, vec![], 10)),
+        Err(EngineError::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        h.engine.submit(request(1, None, vec![1000], 10)),
+        Err(EngineError::InvalidRequest(_))
+    ));
+}
+
+#[test]
+fn shutting_the_engine_down_ends_every_live_stream_with_an_error() {
+    let h = harness(config(8, 64, 2), 64, Duration::from_millis(5), 0);
+    let mut s = h.engine.submit(request(1, None, vec![1; 4], 500)).unwrap();
+    h.engine.shutdown();
+    let out = drain(&mut s);
+    assert!(matches!(
+        out.end,
+        StreamEvent::Error {
+            code: ErrorCode::Internal,
+            ..
+        }
+    ));
+    wait_until("submit refused", || {
+        matches!(
+            h.engine.submit(request(1, None, vec![1], 1)),
+            Err(EngineError::Stopped)
+        )
+    });
+}
+
+#[test]
+fn a_cold_adapter_gets_a_slot_even_while_a_hot_adapter_keeps_every_slot_busy() {
+    let h = harness(config(4, 64, 1), 256, Duration::from_millis(1), 2);
+    let mut hot: Vec<RequestStream> = (0..30)
+        .map(|i| {
+            h.engine
+                .submit(request(1, Some(1), vec![i, i + 1], 12 + i % 7))
+                .unwrap()
+        })
+        .collect();
+    assert!(matches!(
+        hot[0].blocking_next(),
+        Some(StreamEvent::Token { .. })
+    ));
+    let mut cold = h.engine.submit(request(1, Some(2), vec![7, 8], 5)).unwrap();
+    let out = drain(&mut cold);
+    assert_eq!(out.tokens, fake::reference(seed_of(2), &[7, 8], 5));
+    assert!(
+        h.metrics.waiting.get() > 10,
+        "the cold adapter ran long before the hot adapter's backlog was done: waiting {} running {} steps {}",
+        h.metrics.waiting.get(),
+        h.metrics.running.get(),
+        h.probe.steps.load(Ordering::SeqCst)
+    );
+    for s in &mut hot {
+        while s.blocking_next().is_some() {}
+    }
+}
+
+#[test]
+fn the_bench_driver_counts_every_token_of_every_workload() {
+    use punica::engine::bench::{Traffic, Workload, drive};
+    let h = harness(config(8, 64, 4), 256, Duration::ZERO, 4);
+    let keys: Vec<AdapterKey> = (1..=4).map(adapter).collect();
+    for workload in [
+        Workload::Distinct,
+        Workload::Uniform,
+        Workload::Skewed,
+        Workload::Identical,
+        Workload::None,
+    ] {
+        let traffic = Traffic::generate(workload, 12, 4, 6, 5, fake::VOCAB, 500.0, 7);
+        let s = drive(&h.engine, &traffic, &keys).unwrap();
+        assert_eq!(s.failed, 0, "{workload:?}");
+        assert_eq!(s.output_tokens, 60, "{workload:?}");
+        assert!(s.tokens_per_s > 0.0);
+        let expect_adapters = match workload {
+            Workload::Distinct => 4,
+            Workload::Identical => 1,
+            Workload::None => 0,
+            _ => s.distinct_adapters,
+        };
+        assert_eq!(s.distinct_adapters, expect_adapters, "{workload:?}");
+    }
+}
