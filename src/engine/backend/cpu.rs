@@ -207,7 +207,7 @@ fn matmul_f32(
         return;
     }
     const THIN_ROWS: usize = 16;
-    if rows <= THIN_ROWS && threads > 1 {
+    if rows <= THIN_ROWS && (threads > 1 || thin::available()) {
         // Several column blocks per thread so a busy core does not hold up the step.
         let blocks = threads * 4;
         let chunk = n.div_ceil(blocks).next_multiple_of(16).max(16);
@@ -215,8 +215,25 @@ fn matmul_f32(
         (0..n.div_ceil(chunk)).into_par_iter().for_each(|b| {
             let j0 = b * chunk;
             let width = chunk.min(n - j0);
-            // SAFETY: block b writes only columns j0..j0+width of every row of `out`, disjoint
-            // from every other block; the asserts above bound all three regions.
+            if thin::available() {
+                // SAFETY: block b writes only columns j0..j0+width of every row of `out`,
+                // disjoint from every other block; the assert above bounds x, w and out, and
+                // `available()` checked the CPU features the kernel is compiled for.
+                unsafe {
+                    thin::columns(
+                        x.as_ptr(),
+                        rows,
+                        k,
+                        w.as_ptr(),
+                        j0,
+                        j0 + width,
+                        dst.get(),
+                        n,
+                    )
+                };
+                return;
+            }
+            // SAFETY: as above, through gemm.
             unsafe {
                 Gemm {
                     m: rows,
@@ -254,6 +271,121 @@ fn matmul_f32(
                 rhs_ws: k as isize,
             }
             .run(parallelism)
+        }
+    }
+}
+
+/// A matrix-times-few-vectors kernel for decode: every weight row is streamed from memory once
+/// and dotted with all (up to 16) input rows, 4 at a time, with AVX2 FMA. gemm's general kernels
+/// pack the weight panel for every call, which costs several times the bandwidth floor here.
+mod thin {
+    /// Whether this CPU has the features [`columns`] needs (checked once).
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            *OK.get_or_init(|| {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// `dst[r * n + j] = x[r, :] · w[j, :]` for `r < rows`, `j0 <= j < j1`.
+    ///
+    /// # Safety
+    /// `x` holds `rows * k` values, `w` at least `j1 * k`, `dst` `rows * n` with `j1 <= n`; no one
+    /// else writes those `dst` columns meanwhile; [`available`] returned true.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn columns(
+        x: *const f32,
+        rows: usize,
+        k: usize,
+        w: *const f32,
+        j0: usize,
+        j1: usize,
+        dst: *mut f32,
+        n: usize,
+    ) {
+        // Weight row outermost: it is read from memory once and reused from L1 by every tile.
+        for j in j0..j1 {
+            let wr = w.wrapping_add(j * k);
+            let mut r0 = 0;
+            while r0 < rows {
+                let x = x.wrapping_add(r0 * k);
+                let out = dst.wrapping_add(r0 * n + j);
+                // SAFETY: forwarded; each call covers rows r0..r0+R and weight row j.
+                unsafe {
+                    match rows - r0 {
+                        1 => dot::<1>(x, k, wr, out, n),
+                        2 => dot::<2>(x, k, wr, out, n),
+                        3 => dot::<3>(x, k, wr, out, n),
+                        _ => dot::<4>(x, k, wr, out, n),
+                    }
+                }
+                r0 += 4;
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn columns(
+        _x: *const f32,
+        _rows: usize,
+        _k: usize,
+        _w: *const f32,
+        _j0: usize,
+        _j1: usize,
+        _dst: *mut f32,
+        _n: usize,
+    ) {
+    }
+
+    /// `out[t * n] = x[t, :] · wr` for `t < R`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn dot<const R: usize>(
+        x: *const f32,
+        k: usize,
+        wr: *const f32,
+        out: *mut f32,
+        n: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let k16 = k / 16 * 16;
+        // SAFETY (whole body): every offset stays inside the regions the caller guaranteed:
+        // R rows of x (k each), one weight row of k, R outputs n apart.
+        unsafe {
+            let mut a = [_mm256_setzero_ps(); R];
+            let mut b = [_mm256_setzero_ps(); R];
+            let mut i = 0;
+            while i < k16 {
+                let w0 = _mm256_loadu_ps(wr.add(i));
+                let w1 = _mm256_loadu_ps(wr.add(i + 8));
+                for t in 0..R {
+                    let xr = x.add(t * k + i);
+                    a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, a[t]);
+                    b[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(8)), w1, b[t]);
+                }
+                i += 16;
+            }
+            for t in 0..R {
+                let v = _mm256_add_ps(a[t], b[t]);
+                let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                let s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));
+                let mut sum = _mm_cvtss_f32(s1);
+                for ii in k16..k {
+                    sum += *x.add(t * k + ii) * *wr.add(ii);
+                }
+                *out.add(t * n) = sum;
+            }
         }
     }
 }
