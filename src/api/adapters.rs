@@ -307,7 +307,7 @@ fn validate(
 }
 
 /// `POST /api/v1/adapters`.
-async fn upload(
+pub async fn upload(
     tenant: TenantContext,
     state: web::Data<ServiceState>,
     req: HttpRequest,
@@ -496,7 +496,7 @@ async fn get(
 
 /// `DELETE /api/v1/adapters/{name}`: gone for new requests at once; running ones finish on
 /// their version, whose blob goes when they end.
-async fn delete(
+pub async fn delete(
     tenant: TenantContext,
     state: web::Data<ServiceState>,
     path: web::Path<String>,

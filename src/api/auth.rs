@@ -31,7 +31,8 @@ pub const KEY_CACHE_CAPACITY: usize = 10_000;
 pub struct TenantContext {
     pub tenant_id: TenantId,
     pub tenant_name: String,
-    pub key_id: ApiKeyId,
+    /// The API key used; `None` for a console session (the playground, console uploads).
+    pub key_id: Option<ApiKeyId>,
 }
 
 /// The `Authorization: Bearer ...` token of a request, if any.
@@ -80,7 +81,7 @@ impl Authenticator {
         let context = TenantContext {
             tenant_id: found.tenant_id,
             tenant_name: tenant.name.as_str().to_owned(),
-            key_id: found.key_id,
+            key_id: Some(found.key_id),
         };
         self.remember(hash, context.clone());
         Ok(context)
@@ -107,7 +108,7 @@ impl Authenticator {
     /// Forgets a revoked key at once.
     pub fn forget_key(&self, key_id: ApiKeyId) {
         if let Ok(mut cache) = self.cache.lock() {
-            cache.retain(|_, (context, _)| context.key_id != key_id);
+            cache.retain(|_, (context, _)| context.key_id != Some(key_id));
         }
     }
 

@@ -229,7 +229,7 @@ mod tests {
         TenantContext {
             tenant_id: TenantId::new(),
             tenant_name: name.into(),
-            key_id: ApiKeyId::new(),
+            key_id: Some(ApiKeyId::new()),
         }
     }
 

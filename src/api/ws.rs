@@ -48,7 +48,8 @@ pub const MAX_GENERATIONS_PER_SOCKET: usize = 64;
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
 /// Upgrades the connection. With an `Authorization` header the key is checked before the
-/// upgrade (a bad key is a plain 401); without one the first message must be `auth`.
+/// upgrade (a bad key is a plain 401); a console page is authenticated by its session cookie
+/// (same origin only); otherwise the first message must be `auth`.
 pub async fn stream(
     req: HttpRequest,
     body: web::Payload,
@@ -56,7 +57,14 @@ pub async fn stream(
 ) -> Result<HttpResponse, actix_web::Error> {
     let tenant = match auth::bearer_token(&req) {
         Some(token) => Some(state.auth.authenticate(&token).await?),
-        None => None,
+        // Console pages (the playground) authenticate with their session cookie instead.
+        None => crate::console::stream_tenant(&req)
+            .await?
+            .map(|console| TenantContext {
+                tenant_id: console.tenant_id,
+                tenant_name: console.tenant_name,
+                key_id: None,
+            }),
     };
     let (response, session, messages) = actix_ws::handle(&req, body)?;
     let messages = messages

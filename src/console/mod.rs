@@ -155,6 +155,7 @@ pub fn configure(state: web::Data<ConsoleState>) -> impl FnOnce(&mut web::Servic
                     web::post().to(operator::revoke_key),
                 )
                 .route("/adapters", web::get().to(tenant::adapters))
+                .route("/adapters", web::post().to(upload::upload))
                 .route("/adapters/{name}", web::get().to(tenant::adapter))
                 .route(
                     "/adapters/{name}/delete",

@@ -407,6 +407,7 @@ pub struct RevokeForm {
 
 /// `POST /console/tenants/{id}/keys/{key}/revoke`.
 pub async fn revoke_key(
+    req: actix_web::HttpRequest,
     state: web::Data<ConsoleState>,
     session: OperatorSession,
     path: web::Path<(TenantId, ApiKeyId)>,
@@ -415,6 +416,7 @@ pub async fn revoke_key(
     session.0.check_csrf(&form.csrf)?;
     let (tenant, key) = path.into_inner();
     state.store.revoke_api_key(tenant, key).await?;
+    super::upload::forget_key(&req, key);
     tracing::info!(%tenant, %key, at = %OffsetDateTime::now_utc(), "api key revoked in the console");
     Ok(see_other(&format!(
         "/console/tenants/{tenant}?done=revoked"

@@ -295,6 +295,7 @@ pub async fn create_key(
 
 /// `POST /console/keys/{id}/revoke`: another tenant's key id is not found.
 pub async fn revoke_key(
+    req: HttpRequest,
     state: web::Data<ConsoleState>,
     session: TenantSession,
     path: web::Path<ApiKeyId>,
@@ -307,6 +308,7 @@ pub async fn revoke_key(
         Err(StoreError::NotFound { .. }) => return Err(ConsoleError::NotFound),
         Err(e) => return Err(e.into()),
     }
+    upload::forget_key(&req, key);
     Ok(see_other("/console/keys?done=revoked"))
 }
 

@@ -10,20 +10,40 @@ use reqwest::redirect::Policy;
 
 use crate::browser::Page;
 use crate::helpers::{TestApp, spawn_app};
+use crate::service_helpers::{Service, spawn_service};
 
 pub const OPERATOR_EMAIL: &str = "ops@example.com";
 pub const OPERATOR_PASSWORD: &str = "operator-password-1";
 pub const USER_PASSWORD: &str = "tenant-password-1";
 
-/// The service with one operator account.
+/// The app with one operator account; with the tiny model when the test needs the service's
+/// model-backed routes (uploads, streaming).
 pub struct Console {
-    pub app: TestApp,
+    inner: Inner,
+}
+
+enum Inner {
+    Plain(TestApp),
+    Model(Service),
 }
 
 impl std::ops::Deref for Console {
     type Target = TestApp;
     fn deref(&self) -> &TestApp {
-        &self.app
+        match &self.inner {
+            Inner::Plain(app) => app,
+            Inner::Model(service) => service,
+        }
+    }
+}
+
+impl Console {
+    /// The service helpers (uploads with an API key, sockets); only with the model.
+    pub fn service(&self) -> &Service {
+        match &self.inner {
+            Inner::Model(service) => service,
+            Inner::Plain(_) => panic!("this test needs spawn_console_with_model()"),
+        }
     }
 }
 
@@ -34,15 +54,25 @@ async fn hash(password: &str) -> String {
         .expect("hashing task")
 }
 
-/// Starts the service and creates the operator.
-pub async fn spawn_console() -> Console {
-    let app = spawn_app().await;
+async fn with_operator(inner: Inner) -> Console {
+    let console = Console { inner };
     let email = Email::parse(OPERATOR_EMAIL).expect("email");
-    app.store
+    console
+        .store
         .create_operator(&email, &hash(OPERATOR_PASSWORD).await)
         .await
         .expect("create operator");
-    Console { app }
+    console
+}
+
+/// Starts the app (no model) and creates the operator.
+pub async fn spawn_console() -> Console {
+    with_operator(Inner::Plain(spawn_app().await)).await
+}
+
+/// Starts the app serving the tiny model and creates the operator.
+pub async fn spawn_console_with_model() -> Console {
+    with_operator(Inner::Model(spawn_service().await)).await
 }
 
 /// Records an adapter version in the store directly (metadata only: pages that list, show and
