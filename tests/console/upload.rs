@@ -43,9 +43,11 @@ async fn uploading_an_adapter_shows_progress_and_then_the_adapter_in_the_list() 
         let progress = page
             .find("#upload-progress")
             .await
-            .prop("value")
+            // <progress>'s `value` property reflects its content attribute, which WebDriver
+            // returns as a string (the property itself is a number).
+            .attr("value")
             .await
-            .unwrap();
+            .expect("progress value");
         assert_eq!(progress.as_deref(), Some("100"));
         let row = page
             .wait_text("#adapter-list", |t| t.contains("support-bot"))
