@@ -79,65 +79,59 @@ impl EngineMetrics {
         let gauge = |name: &str, help: &str| IntGauge::new(name, help);
         let counter = |name: &str, help: &str| IntCounter::new(name, help);
         Ok(Self {
-            running: gauge(
-                "punica_engine_running_sequences",
-                "Sequences in the running set",
-            )?,
-            waiting: gauge(
-                "punica_engine_waiting_sequences",
-                "Sequences waiting for a seat",
-            )?,
-            batch_size: gauge("punica_engine_batch_size", "Sequences in the last step")?,
+            running: gauge("engine_running_sequences", "Sequences in the running set")?,
+            waiting: gauge("engine_waiting_sequences", "Sequences waiting for a seat")?,
+            batch_size: gauge("engine_batch_size", "Sequences in the last step")?,
             step_tokens: Histogram::with_opts(
-                HistogramOpts::new("punica_engine_step_tokens", "Tokens (rows) per step").buckets(
-                    vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
-                ),
+                HistogramOpts::new("engine_step_tokens", "Tokens (rows) per step").buckets(vec![
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
+                ]),
             )?,
             step_seconds: Histogram::with_opts(
-                HistogramOpts::new("punica_engine_step_seconds", "Seconds per engine step")
+                HistogramOpts::new("engine_step_seconds", "Seconds per engine step")
                     .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14)?),
             )?,
-            kv_blocks_used: gauge("punica_engine_kv_blocks_used", "KV blocks in use")?,
-            kv_blocks_total: gauge("punica_engine_kv_blocks_total", "KV blocks in the pool")?,
-            preemptions: counter("punica_engine_preemptions_total", "Sequences preempted")?,
-            generated_tokens: counter("punica_engine_generated_tokens_total", "Tokens generated")?,
+            kv_blocks_used: gauge("engine_kv_blocks_used", "KV blocks in use")?,
+            kv_blocks_total: gauge("engine_kv_blocks_total", "KV blocks in the pool")?,
+            preemptions: counter("engine_preemptions_total", "Sequences preempted")?,
+            generated_tokens: counter("engine_generated_tokens_total", "Tokens generated")?,
             finished: IntCounterVec::new(
-                Opts::new("punica_engine_requests_finished_total", "Requests ended"),
+                Opts::new("engine_requests_finished_total", "Requests ended"),
                 &["reason"],
             )?,
             adapter_hits: counter(
-                "punica_adapter_cache_hits_total",
+                "adapter_cache_hits_total",
                 "Requests whose adapter was resident on the device",
             )?,
             adapter_misses: counter(
-                "punica_adapter_cache_misses_total",
+                "adapter_cache_misses_total",
                 "Requests whose adapter was not resident on the device",
             )?,
             adapter_loads: counter(
-                "punica_adapter_cache_loads_total",
+                "adapter_cache_loads_total",
                 "Adapter fetches from the blob store",
             )?,
             adapter_load_failures: counter(
-                "punica_adapter_cache_load_failures_total",
+                "adapter_cache_load_failures_total",
                 "Adapter fetches that failed",
             )?,
             adapter_evictions: IntCounterVec::new(
-                Opts::new("punica_adapter_cache_evictions_total", "Adapters evicted"),
+                Opts::new("adapter_cache_evictions_total", "Adapters evicted"),
                 &["tier"],
             )?,
             adapter_load_seconds: Histogram::with_opts(
                 HistogramOpts::new(
-                    "punica_adapter_cache_load_seconds",
+                    "adapter_cache_load_seconds",
                     "Seconds to fetch and validate an adapter",
                 )
                 .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
             )?,
             adapter_slots_used: gauge(
-                "punica_adapter_cache_device_slots_used",
+                "adapter_cache_device_slots_used",
                 "Adapters resident on the device",
             )?,
             adapter_host_bytes: gauge(
-                "punica_adapter_cache_host_bytes",
+                "adapter_cache_host_bytes",
                 "Bytes of adapters held in host memory",
             )?,
         })
