@@ -419,7 +419,7 @@ fn build_server(
     let max_upload = usize::try_from(state.settings.max_upload_bytes).unwrap_or(usize::MAX);
     let console = web::Data::new(console::ConsoleState::new(
         state.store.clone(),
-        Arc::new(console::UnknownResidency),
+        Arc::new(console::EngineResidency(service.clone())),
     ));
     let data = web::Data::new(state);
     let service = web::Data::from(service);

@@ -41,12 +41,17 @@ pub trait AdapterResidency: Send + Sync {
     fn is_resident(&self, adapter: &AdapterVersion) -> Option<bool>;
 }
 
-/// A residency source that never knows (no engine attached).
-pub struct UnknownResidency;
+/// Residency as the service's engine reports it: unknown until a model is loaded.
+pub struct EngineResidency(pub Arc<crate::api::state::ServiceState>);
 
-impl AdapterResidency for UnknownResidency {
-    fn is_resident(&self, _adapter: &AdapterVersion) -> Option<bool> {
-        None
+impl AdapterResidency for EngineResidency {
+    fn is_resident(&self, adapter: &AdapterVersion) -> Option<bool> {
+        let model = self.0.model().ok()?;
+        Some(
+            model
+                .engine
+                .is_resident(&crate::api::adapter_registry::adapter_key(adapter)),
+        )
     }
 }
 

@@ -20,13 +20,14 @@ pub mod sampling;
 pub mod scheduler;
 pub mod synthetic;
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, RwLock, mpsc};
 use std::task::{Context, Poll};
 
 use crate::engine::backend::StepMeta;
-use crate::engine::lora::cache::{AdapterSource, CacheConfig, HostAdapter, Validator};
+use crate::engine::lora::cache::{AdapterKey, AdapterSource, CacheConfig, HostAdapter, Validator};
 use crate::engine::metrics::EngineMetrics;
 use crate::engine::request::{SharedDetokenizer, StreamEvent, ValidRequest};
 use crate::engine::scheduler::SeqId;
@@ -122,6 +123,8 @@ struct Shared {
     /// Live `EngineHandle` clones; the last one to go stops the engine.
     handles: AtomicUsize,
     config: EngineConfig,
+    /// Adapters resident on the device, as last published by the owner thread.
+    resident: RwLock<HashSet<AdapterKey>>,
     /// Tokens one sequence may reach: the KV pool. Set by the owner thread at startup.
     capacity_tokens: AtomicUsize,
     /// Set by the owner thread at startup.
@@ -184,6 +187,7 @@ impl EngineHandle {
             config,
             capacity_tokens: AtomicUsize::new(0),
             vocab_size: AtomicUsize::new(0),
+            resident: RwLock::new(HashSet::new()),
         });
         let owner_shared = Arc::clone(&shared);
         let wake_tx = commands.clone();
@@ -210,6 +214,15 @@ impl EngineHandle {
             EngineError::Startup("the engine thread exited during startup".into())
         })??;
         Ok(Self { commands, shared })
+    }
+
+    /// Whether the adapter version `key` occupies a device slot now (as of the last step).
+    pub fn is_resident(&self, key: &AdapterKey) -> bool {
+        self.shared
+            .resident
+            .read()
+            .map(|set| set.contains(key))
+            .unwrap_or(false)
     }
 
     /// Queue a request; its events arrive on the returned stream.

@@ -54,6 +54,8 @@ struct State<W: crate::engine::lora::cache::HostAdapter> {
     stopping: bool,
     /// Consecutive steps in which a loaded adapter found every device slot pinned.
     starved_steps: u32,
+    /// The cache generation last copied to `shared.resident`.
+    published_generation: u64,
 }
 
 /// Steps an adapter may wait for a pinned-full set of device slots before new admissions onto
@@ -127,6 +129,7 @@ pub(super) fn run<E, F>(
         closed: Vec::new(),
         stopping: false,
         starved_steps: 0,
+        published_generation: 0,
     };
     if ready.send(Ok(())).is_err() {
         return;
@@ -323,6 +326,7 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
         for err in self.cache.ensure(&self.needs, &mut install) {
             self.fail_adapter(&err);
         }
+        self.publish_residency();
         // Time-sliced swapping: an adapter that waits too long for a slot held by pinned
         // adapters stops new admissions onto those, so their slots drain.
         if self.cache.slot_starved(&self.needs) {
@@ -396,6 +400,19 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             .observe(started.elapsed().as_secs_f64());
         self.update_gauges();
         true
+    }
+
+    /// Copy the cache's resident set to the handles when it changed since the last copy.
+    fn publish_residency(&mut self) {
+        let generation = self.cache.generation();
+        if generation == self.published_generation {
+            return;
+        }
+        if let Ok(mut set) = self.shared.resident.write() {
+            set.clear();
+            set.extend(self.cache.resident_keys());
+            self.published_generation = generation;
+        }
     }
 
     fn update_gauges(&self) {

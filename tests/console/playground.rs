@@ -67,6 +67,10 @@ async fn playground_streams_text_from_an_adapter_and_shows_the_rate() {
                 .await
                 .expect("stop button state")
         );
+        // The adapter just served the stream, so the engine holds it in a device slot.
+        page.goto(&format!("{base}/console/adapters")).await;
+        let list = page.text("#adapter-list").await;
+        assert!(list.contains("poet") && list.contains("resident"), "{list}");
     })
     .await;
 }

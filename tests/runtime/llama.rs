@@ -228,3 +228,34 @@ fn llama_a_corrupt_adapter_blob_fails_only_its_requests_with_the_validation_reas
         assert!(tokens_of(s).is_ok());
     }
 }
+
+#[test]
+fn llama_handles_report_which_adapter_versions_are_resident_on_the_device() {
+    let source = adapters();
+    let setup = engine(&source, 8, 64, 2);
+    assert!(
+        !setup.engine.is_resident(&key(1)),
+        "nothing is loaded before a request"
+    );
+    for n in [1u128, 2, 3] {
+        let mut stream = setup
+            .engine
+            .submit(ValidRequest {
+                adapter: Some(key(n)),
+                ..request(1)
+            })
+            .unwrap();
+        tokens_of(&mut stream).unwrap();
+        assert!(
+            setup.engine.is_resident(&key(n)),
+            "adapter {n} serves its request from a slot"
+        );
+    }
+    // Two slots: the least recently used of the three was evicted.
+    assert!(!setup.engine.is_resident(&key(1)));
+    assert!(setup.engine.is_resident(&key(2)));
+    assert!(!setup.engine.is_resident(&AdapterKey {
+        id: Uuid::from_u128(3),
+        version: 2
+    }));
+}

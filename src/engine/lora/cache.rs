@@ -209,6 +209,8 @@ pub struct AdapterCache<W: HostAdapter> {
     config: CacheConfig,
     slots: Vec<Slot>,
     resident: HashMap<AdapterKey, u32>,
+    /// Bumped whenever `resident` changes, so observers copy it only then.
+    generation: u64,
     host: HashMap<AdapterKey, HostEntry<W>>,
     host_bytes: usize,
     loading: HashSet<AdapterKey>,
@@ -246,6 +248,7 @@ impl<W: HostAdapter> AdapterCache<W> {
             config,
             slots: (0..config.device_slots).map(|_| Slot::default()).collect(),
             resident: HashMap::new(),
+            generation: 0,
             host: HashMap::new(),
             host_bytes: 0,
             loading: HashSet::new(),
@@ -254,6 +257,16 @@ impl<W: HostAdapter> AdapterCache<W> {
             done,
             metrics,
         })
+    }
+
+    /// A counter that changes whenever the set of device-resident adapters changes.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The adapters resident on the device now.
+    pub fn resident_keys(&self) -> impl Iterator<Item = AdapterKey> + '_ {
+        self.resident.keys().copied()
     }
 
     /// The device slot holding `key`, if resident.
@@ -381,6 +394,7 @@ impl<W: HostAdapter> AdapterCache<W> {
                 };
                 if let Some(old) = self.slots[slot as usize].key.take() {
                     self.resident.remove(&old);
+                    self.generation += 1;
                     self.metrics
                         .adapter_evictions
                         .with_label_values(&["device"])
@@ -395,6 +409,7 @@ impl<W: HostAdapter> AdapterCache<W> {
                         s.pins = 0;
                         s.last_used = self.tick;
                         self.resident.insert(*key, slot);
+                        self.generation += 1;
                         if let Some(e) = self.host.get_mut(key) {
                             e.last_used = self.tick;
                         }
