@@ -7,6 +7,9 @@ use futures_util::future::join_all;
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use punica::domain::TenantId;
+use punica::store::Store;
+
 use crate::service_helpers::{MODEL_ID, Service, spawn_service};
 
 /// Waits out the end of a UTC minute so a test's token window cannot roll over mid-test.
@@ -38,20 +41,18 @@ async fn the_concurrency_quota_holds_exactly_under_50_parallel_requests() {
     let tenant = app
         .create_tenant("acme", json!({"max_concurrent_streams": 5}))
         .await;
-    // Five long generations hold the five permits.
+    // Five streams running on another replica that shares the database hold the five permits
+    // (leases taken straight through the store, so no generation can end early and free one).
+    let store = Store::new(app.db_pool.clone());
+    let tenant_id: TenantId = tenant.id.parse().unwrap();
     let mut holders = Vec::new();
-    for i in 0..5 {
-        let mut ws = app.ws(Some(&tenant.key)).await;
-        ws.send(
-            json!({"type": "generate", "id": format!("h{i}"), "prompt": "x",
-                       "max_tokens": 500, "temperature": 0}),
-        )
-        .await;
-        holders.push(ws);
-    }
-    for ws in &mut holders {
-        let first = ws.next().await.unwrap();
-        assert_eq!(first["type"], "token", "{first}");
+    for _ in 0..5 {
+        holders.push(
+            store
+                .acquire_stream_lease(tenant_id, Duration::from_secs(60))
+                .await
+                .unwrap(),
+        );
     }
     assert_eq!(app.leases(&tenant.id).await, 5);
     // Fifty more at once: every one is refused while the five run.
@@ -62,7 +63,9 @@ async fn the_concurrency_quota_holds_exactly_under_50_parallel_requests() {
         assert!(retry_after.is_some());
     }
     assert_eq!(app.leases(&tenant.id).await, 5);
-    drop(holders);
+    for lease in holders {
+        store.release_stream_lease(tenant_id, lease).await.unwrap();
+    }
     app.eventually("all permits are back", || async {
         app.leases(&tenant.id).await == 0
     })
