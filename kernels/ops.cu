@@ -221,6 +221,68 @@ __device__ void argmax_impl(const T* __restrict__ x, int cols, u32* __restrict__
     }
 }
 
+// Greedy pick per row of f32 logits: the first largest logit and its log-probability
+// (log-softmax of the raw row), one block per row, one pass (online max and sum of exponentials).
+// NaN logits are never picked and add nothing to the sum.
+extern "C" __global__ void greedy_pick_f32(const float* __restrict__ logits, int vocab,
+                                           u32* __restrict__ tokens, float* __restrict__ logprobs) {
+    __shared__ float s_v[32], s_m[32], s_s[32];
+    __shared__ int s_i[32];
+    const float* p = logits + (size_t)blockIdx.x * vocab;
+    float best = NEG_INF, m = NEG_INF, sum = 0.0f;
+    int bi = 0x7fffffff;
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
+        const float v = p[c];
+        if (v != v) continue;
+        if (v > best) {
+            best = v;
+            bi = c;
+        }
+        if (v > m) {
+            sum = sum * __expf(m - v) + 1.0f;
+            m = v;
+        } else {
+            sum += __expf(v - m);
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+        const float om = __shfl_xor_sync(0xffffffffu, m, o);
+        const float os = __shfl_xor_sync(0xffffffffu, sum, o);
+        const float nm = fmaxf(m, om);
+        sum = (nm == NEG_INF) ? 0.0f : sum * __expf(m - nm) + os * __expf(om - nm);
+        m = nm;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        s_v[warp] = best;
+        s_i[warp] = bi;
+        s_m[warp] = m;
+        s_s[warp] = sum;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int nw = (blockDim.x + 31) >> 5;
+        for (int w = 1; w < nw; ++w) {
+            if (s_v[w] > best || (s_v[w] == best && s_i[w] < bi)) {
+                best = s_v[w];
+                bi = s_i[w];
+            }
+            const float nm = fmaxf(m, s_m[w]);
+            sum = (nm == NEG_INF) ? 0.0f : sum * __expf(m - nm) + s_s[w] * __expf(s_m[w] - nm);
+            m = nm;
+        }
+        tokens[blockIdx.x] = (bi == 0x7fffffff) ? 0u : (u32)bi;
+        logprobs[blockIdx.x] = (bi == 0x7fffffff) ? NEG_INF : best - m - __logf(sum);
+    }
+}
+
 // Fill with a constant given as f32 (NaN poisons outputs in tests).
 template <typename T>
 __device__ void fill_impl(T* __restrict__ y, float val, size_t n) {

@@ -4,20 +4,21 @@
 
 use std::sync::Arc;
 
-use crate::engine::backend::{Backend, DType, StepMeta};
+use crate::engine::backend::{Backend, DType, Pick, RowSampling, StepMeta};
 use crate::engine::lora::cache::{AdapterFiles, AdapterKey, HostAdapter, Validator};
 use crate::engine::lora::peft::LoraWeights;
 use crate::engine::model::config::LlamaConfig;
 use crate::engine::model::llama::{KvCache, Llama, LoraState, ModelError};
 use crate::engine::model::tokenizer::{DecodeStream, Tokenizer};
 use crate::engine::request::{Detokenizer, TextDecoder};
-use crate::engine::{Executor, ExecutorError};
+use crate::engine::{Executor, ExecutorError, StepOutput};
 
 /// A Llama model on a backend, with its KV pool and adapter slots.
 pub struct LlamaExecutor<B: Backend> {
     model: Llama<B>,
     kv: KvCache<B>,
     lora: LoraState<B>,
+    picks: Vec<Pick>,
     logits: Vec<f32>,
 }
 
@@ -34,6 +35,7 @@ impl<B: Backend> LlamaExecutor<B> {
             model,
             kv,
             lora,
+            picks: Vec::new(),
             logits: Vec::new(),
         })
     }
@@ -72,9 +74,33 @@ impl<B: Backend> Executor for LlamaExecutor<B> {
             .map_err(|e| e.to_string())
     }
 
-    fn forward(&mut self, meta: &StepMeta) -> Result<&[f32], ExecutorError> {
-        self.logits = self.model.forward(meta, &mut self.kv, &self.lora)?;
-        Ok(&self.logits)
+    fn step(
+        &mut self,
+        meta: &StepMeta,
+        sampling: &[RowSampling],
+        want_logits: bool,
+    ) -> Result<StepOutput<'_>, ExecutorError> {
+        if sampling.len() != meta.logit_rows.len() {
+            return Err(format!(
+                "{} sampling rows for {} logit rows",
+                sampling.len(),
+                meta.logit_rows.len()
+            )
+            .into());
+        }
+        self.picks.clear();
+        self.logits.clear();
+        if let Some(logits) = self.model.forward_device(meta, &mut self.kv, &self.lora)? {
+            let b = self.model.backend();
+            self.picks = b.sample(&logits, self.model.config().vocab_size, sampling)?;
+            if want_logits {
+                self.logits = b.download(&logits)?;
+            }
+        }
+        Ok(StepOutput {
+            picks: &self.picks,
+            logits: want_logits.then_some(self.logits.as_slice()),
+        })
     }
 }
 

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, mpsc};
 use std::task::{Context, Poll};
 
-use crate::engine::backend::StepMeta;
+use crate::engine::backend::{Pick, RowSampling, StepMeta};
 use crate::engine::lora::cache::{AdapterKey, AdapterSource, CacheConfig, HostAdapter, Validator};
 use crate::engine::metrics::EngineMetrics;
 use crate::engine::request::{SharedDetokenizer, StreamEvent, ValidRequest};
@@ -46,9 +46,23 @@ pub trait Executor {
     fn adapter_slots(&self) -> usize;
     /// Copy `adapter` into device slot `slot`, replacing whatever was there.
     fn install_adapter(&mut self, slot: u32, adapter: &Self::Adapter) -> Result<(), String>;
-    /// Run one step over `meta`'s batch and return the logits of `meta.logit_rows`, as
-    /// `[logit_rows, vocab]` f32 on the host.
-    fn forward(&mut self, meta: &StepMeta) -> Result<&[f32], ExecutorError>;
+    /// Run one step over `meta`'s batch and pick a token for each of `meta.logit_rows` as
+    /// `sampling[i]` says; with `want_logits`, also return those rows' logits on the host.
+    fn step(
+        &mut self,
+        meta: &StepMeta,
+        sampling: &[RowSampling],
+        want_logits: bool,
+    ) -> Result<StepOutput<'_>, ExecutorError>;
+}
+
+/// What one [`Executor::step`] hands back to the host.
+#[derive(Clone, Copy, Debug)]
+pub struct StepOutput<'a> {
+    /// One pick per logit row.
+    pub picks: &'a [Pick],
+    /// `[logit_rows, vocab]` f32 logits, when the step asked for them.
+    pub logits: Option<&'a [f32]>,
 }
 
 /// A failed step of an [`Executor`] (backend or model error), reported to the requests in it.

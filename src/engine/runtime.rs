@@ -10,7 +10,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::{Command, EngineError, Executor, Shared, Submission};
-use crate::engine::backend::{BLOCK_SIZE, StepMeta};
+use crate::engine::backend::{BLOCK_SIZE, Pick, RowSampling, StepMeta};
 use crate::engine::lora::cache::{
     AdapterCache, AdapterKey, AdapterLoadError, AdapterSource, Validator, Waker,
 };
@@ -51,6 +51,9 @@ struct State<W: crate::engine::lora::cache::HostAdapter> {
     plan: StepPlan,
     needs: Vec<AdapterKey>,
     closed: Vec<SeqId>,
+    /// This step's sampling rows and their sequences (reused buffers).
+    row_sampling: Vec<RowSampling>,
+    row_ids: Vec<SeqId>,
     stopping: bool,
     /// Consecutive steps in which a loaded adapter found every device slot pinned.
     starved_steps: u32,
@@ -127,6 +130,8 @@ pub(super) fn run<E, F>(
         plan: StepPlan::default(),
         needs: Vec::new(),
         closed: Vec::new(),
+        row_sampling: Vec::new(),
+        row_ids: Vec::new(),
         stopping: false,
         starved_steps: 0,
         published_generation: 0,
@@ -361,8 +366,23 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             return false;
         }
 
-        let logits = match exec.forward(&self.meta) {
-            Ok(l) => l,
+        // Each sampling sequence's row: its parameters and its RNG's next draw.
+        self.row_sampling.clear();
+        self.row_ids.clear();
+        let mut want_logits = false;
+        for seq in self.plan.seqs.iter().filter(|s| s.samples) {
+            let rs = match self.live.get_mut(&seq.id) {
+                Some(live) => {
+                    want_logits |= live.sampler.wants_logits();
+                    live.sampler.row_sampling()
+                }
+                None => RowSampling::GREEDY,
+            };
+            self.row_sampling.push(rs);
+            self.row_ids.push(seq.id);
+        }
+        let out = match exec.step(&self.meta, &self.row_sampling, want_logits) {
+            Ok(out) => out,
             Err(e) => {
                 tracing::error!(error = %e, "forward pass failed");
                 let ids: Vec<SeqId> = self.plan.seqs.iter().map(|s| s.id).collect();
@@ -374,23 +394,20 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             }
         };
         let vocab = self.vocab;
-        let mut row = 0;
-        for i in 0..self.plan.seqs.len() {
-            let seq = self.plan.seqs[i];
-            if !seq.samples {
-                continue;
-            }
-            let Some(logits) = logits.get(row * vocab..(row + 1) * vocab) else {
+        for row in 0..self.row_ids.len() {
+            let id = self.row_ids[row];
+            let Some(&pick) = out.picks.get(row) else {
                 self.fail(
-                    seq.id,
+                    id,
                     ErrorCode::Internal,
-                    format!("executor returned too few logits for row {row}"),
+                    format!("executor returned no token for row {row}"),
                 );
-                row += 1;
                 continue;
             };
-            row += 1;
-            self.on_logits(seq.id, logits);
+            let logits = out
+                .logits
+                .and_then(|l| l.get(row * vocab..(row + 1) * vocab));
+            self.on_pick(id, pick, logits);
         }
 
         self.metrics.batch_size.set(self.plan.seqs.len() as i64);
@@ -427,12 +444,12 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             .set(self.scheduler.kv_blocks_used() as i64);
     }
 
-    /// Sample the next token of `id` from its logits and stream it.
-    fn on_logits(&mut self, id: SeqId, logits: &[f32]) {
+    /// Stream the token picked for `id` (with its row's logits when it asked for logprobs).
+    fn on_pick(&mut self, id: SeqId, pick: Pick, logits: Option<&[f32]>) {
         let Some(live) = self.live.get_mut(&id) else {
             return;
         };
-        let sampled = live.sampler.sample(logits);
+        let sampled = live.sampler.finish(pick, logits);
         let token = sampled.token;
         let logprob = live.logprobs.then_some(sampled.logprob);
         live.generated += 1;

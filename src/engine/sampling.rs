@@ -7,6 +7,8 @@
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
+use crate::engine::backend::{Pick, RowSampling};
+
 /// Largest number of alternatives `logprobs` may ask for.
 pub const MAX_LOGPROBS: usize = 20;
 
@@ -121,28 +123,80 @@ impl Sampler {
         &self.params
     }
 
-    /// Pick the next token from one row of logits (`[vocab]`).
-    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        let log_probs = log_softmax(logits);
-        let token = if self.params.temperature == 0.0 {
-            argmax(logits)
-        } else {
-            let u: f64 = self.rng.random();
-            pick(logits, &self.params, u)
-        };
-        let top_logprobs = match self.params.logprobs {
-            Some(n) if n > 0 => top_n(&log_probs, n),
+    /// What the device needs to pick this request's next token: its parameters and, when it
+    /// samples, the next uniform draw of its RNG.
+    pub fn row_sampling(&mut self) -> RowSampling {
+        let p = &self.params;
+        if p.temperature == 0.0 {
+            return RowSampling::GREEDY;
+        }
+        let u: f64 = self.rng.random();
+        RowSampling {
+            temperature: p.temperature,
+            top_k: p.top_k.map_or(0, |k| k.min(u32::MAX as usize) as u32),
+            top_p: p.top_p,
+            u: u as f32,
+        }
+    }
+
+    /// Turn a device pick into the sampled token, with the `logprobs` alternatives taken from
+    /// the row's logits when the request asked for them (the caller then provides `logits`).
+    pub fn finish(&self, pick: Pick, logits: Option<&[f32]>) -> Sampled {
+        let top_logprobs = match (self.params.logprobs, logits) {
+            (Some(n), Some(row)) if n > 0 => top_n(&log_softmax(row), n),
             _ => Vec::new(),
         };
         Sampled {
-            token,
-            logprob: log_probs
-                .get(token as usize)
-                .copied()
-                .unwrap_or(f32::NEG_INFINITY),
+            token: pick.token,
+            logprob: pick.logprob,
             top_logprobs,
         }
     }
+
+    /// Whether [`Self::finish`] needs the row's logits.
+    pub fn wants_logits(&self) -> bool {
+        self.params.logprobs.is_some_and(|n| n > 0)
+    }
+
+    /// Pick the next token from one row of logits (`[vocab]`) on the host.
+    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        let rs = self.row_sampling();
+        self.finish(pick_row(logits, &rs), Some(logits))
+    }
+}
+
+/// Pick a token from one row of logits as `rs` says: the host twin of the backends' `sample`.
+pub fn pick_row(logits: &[f32], rs: &RowSampling) -> Pick {
+    let token = if rs.temperature == 0.0 {
+        argmax(logits)
+    } else {
+        pick(logits, rs, rs.u as f64)
+    };
+    Pick {
+        token,
+        logprob: logprob_of(logits, token as usize),
+    }
+}
+
+/// `log_softmax(logits)[token]`, in f64; NaN logits count as minus infinity.
+pub fn logprob_of(logits: &[f32], token: usize) -> f32 {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|v| !v.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
+    let Some(&v) = logits.get(token) else {
+        return f32::NEG_INFINITY;
+    };
+    if !max.is_finite() || v.is_nan() {
+        return f32::NEG_INFINITY;
+    }
+    let sum: f64 = logits
+        .iter()
+        .filter(|v| !v.is_nan())
+        .map(|&v| ((v as f64) - max).exp())
+        .sum();
+    ((v as f64) - max - sum.ln()) as f32
 }
 
 /// Index of the largest logit (the first on ties); NaNs never win.
@@ -206,7 +260,7 @@ fn top_n(log_probs: &[f32], n: usize) -> Vec<(u32, f32)> {
 
 /// Temperature, then top-k, then top-p, then the token where the cumulative probability passes
 /// `u` (uniform in `[0, 1)`).
-fn pick(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
+fn pick(logits: &[f32], p: &RowSampling, u: f64) -> u32 {
     let t = p.temperature as f64;
     let mut cand: Vec<(u32, f64)> = logits
         .iter()
@@ -218,7 +272,7 @@ fn pick(logits: &[f32], p: &SamplingParams, u: f64) -> u32 {
         return 0;
     }
     let desc = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    if let Some(k) = p.top_k.filter(|&k| k > 0 && k < cand.len()) {
+    if let Some(k) = Some(p.top_k as usize).filter(|&k| k > 0 && k < cand.len()) {
         cand.select_nth_unstable_by(k - 1, desc);
         cand.truncate(k);
     }
@@ -373,22 +427,22 @@ mod tests {
     #[test]
     fn top_k_and_top_p_restrict_the_candidates() {
         let logits = [5.0, 4.9, 0.0, -1.0, 4.8];
-        let top_k = SamplingParams {
-            top_k: Some(2),
-            ..params(1.0)
+        let row = |top_k: u32, top_p: f32| RowSampling {
+            temperature: 1.0,
+            top_k,
+            top_p,
+            u: 0.0,
         };
+        let top_k = row(2, 1.0);
         for u in [0.0, 0.3, 0.6, 0.999] {
             assert!([0, 1].contains(&pick(&logits, &top_k, u)));
         }
         // p(0) ~ 0.36, p(1) ~ 0.33: top_p 0.5 keeps exactly those two.
-        let top_p = SamplingParams {
-            top_p: 0.5,
-            ..params(1.0)
-        };
+        let top_p = row(0, 0.5);
         assert_eq!(pick(&logits, &top_p, 0.0), 0);
         assert_eq!(pick(&logits, &top_p, 0.99), 1);
         // Without restrictions the least likely tail is reachable.
-        assert_eq!(pick(&logits, &params(1.0), 0.9999), 3);
+        assert_eq!(pick(&logits, &row(0, 1.0), 0.9999), 3);
     }
 
     #[test]

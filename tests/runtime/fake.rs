@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use punica::engine::backend::{BLOCK_SIZE, BackendError, StepMeta};
+use punica::engine::backend::{BLOCK_SIZE, BackendError, Pick, RowSampling, StepMeta};
 use punica::engine::lora::cache::{AdapterFiles, AdapterKey, HostAdapter, Validator};
 use punica::engine::request::{Detokenizer, TextDecoder};
-use punica::engine::{EngineError, Executor, ExecutorError};
+use punica::engine::sampling::pick_row;
+use punica::engine::{EngineError, Executor, ExecutorError, StepOutput};
 
 pub const VOCAB: usize = 64;
 
@@ -63,6 +64,7 @@ pub struct FakeModel {
     kv: Vec<u32>,
     slots: Vec<Option<u64>>,
     logits: Vec<f32>,
+    picks: Vec<Pick>,
     delay: Duration,
     probe: Arc<Probe>,
 }
@@ -73,6 +75,7 @@ impl FakeModel {
             kv: vec![u32::MAX; kv_blocks * BLOCK_SIZE],
             slots: vec![None; slots],
             logits: Vec::new(),
+            picks: Vec::new(),
             delay,
             probe,
         }
@@ -134,7 +137,12 @@ impl Executor for FakeModel {
         Ok(())
     }
 
-    fn forward(&mut self, meta: &StepMeta) -> Result<&[f32], ExecutorError> {
+    fn step(
+        &mut self,
+        meta: &StepMeta,
+        sampling: &[RowSampling],
+        want_logits: bool,
+    ) -> Result<StepOutput<'_>, ExecutorError> {
         let step = self.probe.steps.fetch_add(1, Ordering::SeqCst);
         self.probe.max_rows.fetch_max(meta.rows(), Ordering::SeqCst);
         if let Ok(mut b) = self.probe.batches.lock() {
@@ -176,7 +184,16 @@ impl Executor for FakeModel {
             self.logits
                 .extend((0..VOCAB).map(|v| if v as u32 == next { 5.0 } else { 0.0 }));
         }
-        Ok(&self.logits)
+        self.picks = self
+            .logits
+            .chunks_exact(VOCAB)
+            .zip(sampling)
+            .map(|(row, rs)| pick_row(row, rs))
+            .collect();
+        Ok(StepOutput {
+            picks: &self.picks,
+            logits: want_logits.then_some(self.logits.as_slice()),
+        })
     }
 }
 

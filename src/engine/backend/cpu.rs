@@ -14,8 +14,11 @@ use std::sync::Arc;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::engine::sampling::pick_row;
+
 use super::{
-    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, DeviceKind, LoraProj, Result, StepMeta,
+    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, DeviceKind, LoraProj, Pick, Result,
+    RowSampling, StepMeta,
 };
 
 /// The CPU backend. Cheap to create; uses rayon's global pool.
@@ -893,6 +896,22 @@ impl Backend for CpuBackend {
             out[i * hidden..(i + 1) * hidden].copy_from_slice(&x[r * hidden..(r + 1) * hidden]);
         }
         Ok(())
+    }
+
+    fn sample(&self, logits: &CpuBuf, vocab: usize, rows: &[RowSampling]) -> Result<Vec<Pick>> {
+        let data = logits.as_slice();
+        if vocab == 0 || data.len() < rows.len() * vocab {
+            return Err(BackendError::Shape(format!(
+                "sample: {} logits for {} rows of {vocab}",
+                data.len(),
+                rows.len()
+            )));
+        }
+        Ok(rows
+            .iter()
+            .zip(data.chunks_exact(vocab))
+            .map(|(rs, row)| pick_row(row, rs))
+            .collect())
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -254,6 +254,38 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// How to pick the token of one logit row (see `engine::sampling` for the procedure, which
+/// every backend follows exactly).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowSampling {
+    /// 0 means greedy (the first largest logit).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: u32,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p`.
+    pub top_p: f32,
+    /// The request's uniform draw in `[0, 1)` for this token (unused when greedy).
+    pub u: f32,
+}
+
+impl RowSampling {
+    /// Greedy decoding.
+    pub const GREEDY: RowSampling = RowSampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        u: 0.0,
+    };
+}
+
+/// A picked token and its log-probability under the raw logits (before temperature, top-k and
+/// top-p).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pick {
+    pub token: u32,
+    pub logprob: f32,
+}
+
 /// One projection of one adapter resident on the device: `a: [rank, in]`, `b: [out, rank]`
 /// (scale folded into `b`).
 pub struct LoraProj<'a, B: Backend + ?Sized> {
@@ -444,6 +476,10 @@ pub trait Backend: Send + Sync + 'static {
         hidden: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
+
+    /// Pick one token per row of `logits: [rows.len(), vocab]` (f32) as `rows[i]` says, and
+    /// return the picks on the host. This is the step's one synchronisation point.
+    fn sample(&self, logits: &Self::Buf, vocab: usize, rows: &[RowSampling]) -> Result<Vec<Pick>>;
 
     /// Wait until queued work is done (no-op on the CPU).
     fn synchronize(&self) -> Result<()>;

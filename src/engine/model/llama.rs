@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::engine::backend::{
-    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, LoraProj, SeqStep, StepMeta,
+    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, LoraProj, RowSampling, SeqStep, StepMeta,
 };
 use crate::engine::lora::peft::LoraWeights;
 use crate::engine::model::config::{ConfigError, LlamaConfig, Projection};
@@ -161,6 +161,19 @@ impl<B: Backend> Llama<B> {
         kv: &mut KvCache<B>,
         lora: &LoraState<B>,
     ) -> Result<Vec<f32>> {
+        match self.forward_device(meta, kv, lora)? {
+            Some(logits) => Ok(self.backend.download(&logits)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// [`Self::forward`], leaving the logits on the device (`None` when no row wants logits).
+    pub fn forward_device(
+        &self,
+        meta: &StepMeta,
+        kv: &mut KvCache<B>,
+        lora: &LoraState<B>,
+    ) -> Result<Option<B::Buf>> {
         let c = &self.config;
         let b = self.backend.as_ref();
         if kv.k.len() != c.num_hidden_layers {
@@ -322,14 +335,14 @@ impl<B: Backend> Llama<B> {
         }
         let n_logits = meta.logit_rows.len();
         if n_logits == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let mut last = b.alloc(dt, n_logits * h)?;
         b.gather_rows(&normed, &m, h, &mut last)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let mut logits = b.alloc(DType::F32, n_logits * c.vocab_size)?;
         b.matmul(&last, head, n_logits, h, c.vocab_size, &mut logits)?;
-        Ok(b.download(&logits)?)
+        Ok(Some(logits))
     }
 
     /// Greedy generation for a few sequences at once, without a scheduler: sequence `i` gets
@@ -382,10 +395,16 @@ impl<B: Backend> Llama<B> {
                 })
                 .collect();
             let meta = StepMeta::build(&seqs)?;
-            let logits = self.forward(&meta, kv, lora)?;
-            for (i, row) in logits.chunks(self.config.vocab_size).enumerate() {
+            let Some(logits) = self.forward_device(&meta, kv, lora)? else {
+                continue;
+            };
+            let greedy = vec![RowSampling::GREEDY; requests.len()];
+            let picks = self
+                .backend
+                .sample(&logits, self.config.vocab_size, &greedy)?;
+            for (i, pick) in picks.iter().enumerate() {
                 cached[i] += inputs[i].len();
-                out[i].push(argmax(row));
+                out[i].push(pick.token);
             }
         }
         Ok(out)

@@ -21,7 +21,8 @@ use cudarc::driver::{DriverError, result as drv, sys as drv_sys};
 use half::{bf16, f16};
 
 use crate::engine::backend::{
-    AttnShape, Backend, BackendError, DType, DeviceKind, LoraProj, Result, StepMeta,
+    AttnShape, Backend, BackendError, DType, DeviceKind, LoraProj, Pick, Result, RowSampling,
+    StepMeta,
 };
 use compile::KernelCompiler;
 use plan::MetaLayout;
@@ -712,6 +713,7 @@ pub fn kernel_names() -> Vec<String> {
             }
         }
     }
+    names.push("greedy_pick_f32".to_string());
     for t in ["f32", "f16", "bf16"] {
         for op in [
             "embedding",
@@ -821,6 +823,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload_meta(&self, meta: &StepMeta) -> Result<CudaMeta> {
+        meta.validate()?;
         let (words, layout) = plan::pack_meta(meta)?;
         let (mem, base) = self.alloc_bytes(words.len() * 4)?;
         self.htod(base, &words)?;
@@ -1383,6 +1386,51 @@ impl Backend for CudaBackend {
             ],
             false,
         )
+    }
+
+    fn sample(&self, logits: &CudaBuf, vocab: usize, rows: &[RowSampling]) -> Result<Vec<Pick>> {
+        let n = rows.len();
+        if logits.dtype != DType::F32 || vocab == 0 || logits.len < n * vocab {
+            return Err(shape(format!(
+                "sample: {} {:?} logits for {n} rows of {vocab}",
+                logits.len, logits.dtype
+            )));
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        // One kernel gives every row its argmax and that token's log-probability; rows that
+        // sample at a temperature are picked on the host from their downloaded logits.
+        let (out, ptr) = self.alloc_bytes(n * 8)?;
+        self.launch(
+            "greedy_pick_f32",
+            (n as u32, 1, 1),
+            plan::row_block(vocab),
+            &[
+                Arg::Ptr(logits.ptr),
+                i32_arg(vocab, "vocab")?,
+                Arg::Ptr(ptr),
+                Arg::Ptr(ptr + 4 * n as u64),
+            ],
+            false,
+        )?;
+        let mut words = vec![0u32; 2 * n];
+        self.dtoh(&mut words, ptr)?;
+        drop(out);
+        let mut picks: Vec<Pick> = (0..n)
+            .map(|i| Pick {
+                token: words[i],
+                logprob: f32::from_bits(words[n + i]),
+            })
+            .collect();
+        for (i, rs) in rows.iter().enumerate() {
+            if rs.temperature != 0.0 {
+                let mut row = vec![0f32; vocab];
+                self.dtoh(&mut row, logits.ptr_at(i * vocab))?;
+                picks[i] = crate::engine::sampling::pick_row(&row, rs);
+            }
+        }
+        Ok(picks)
     }
 
     fn synchronize(&self) -> Result<()> {
