@@ -4,10 +4,11 @@
 
 use std::sync::Arc;
 
+use crate::engine::backend::cuda::{CudaBackend, CudaOptions};
 use crate::engine::backend::{Backend, DType, Pick, RowSampling, StepMeta};
 use crate::engine::lora::cache::{AdapterFiles, AdapterKey, HostAdapter, Validator};
 use crate::engine::lora::peft::LoraWeights;
-use crate::engine::model::config::LlamaConfig;
+use crate::engine::model::config::{LlamaConfig, Projection};
 use crate::engine::model::llama::{KvCache, Llama, LoraState, ModelError};
 use crate::engine::model::tokenizer::{DecodeStream, Tokenizer};
 use crate::engine::request::{Detokenizer, TextDecoder};
@@ -49,6 +50,67 @@ impl<B: Backend> LlamaExecutor<B> {
     pub fn model(&self) -> &Llama<B> {
         &self.model
     }
+}
+
+/// Device memory the KV pool leaves free for activations, cuBLAS workspaces and the adapter
+/// tables (per step the activations of 512 rows of a 13B model take about 100 MiB).
+pub const CUDA_RESERVE_BYTES: usize = 1 << 30;
+
+/// Build an executor on the CUDA backend: `load` puts the model's weights on the GPU, then the
+/// KV pool takes what is left of `memory_fraction` of the device's memory after `adapter_bytes`
+/// (room for the adapter slots) and [`CUDA_RESERVE_BYTES`], capped at `max_kv_blocks`.
+pub fn cuda_executor(
+    load: impl FnOnce(Arc<CudaBackend>) -> Result<Llama<CudaBackend>, ModelError>,
+    adapter_slots: usize,
+    adapter_bytes: usize,
+    memory_fraction: f64,
+    max_kv_blocks: Option<usize>,
+) -> Result<LlamaExecutor<CudaBackend>, String> {
+    let backend = Arc::new(CudaBackend::new(CudaOptions::default()).map_err(|e| e.to_string())?);
+    backend.warm_up().map_err(|e| e.to_string())?;
+    let model = load(Arc::clone(&backend)).map_err(|e| e.to_string())?;
+    let (free, total) = backend.memory_info().map_err(|e| e.to_string())?;
+    let used = total - free;
+    let budget = ((total as f64 * memory_fraction) as usize)
+        .saturating_sub(used)
+        .saturating_sub(adapter_bytes)
+        .saturating_sub(CUDA_RESERVE_BYTES);
+    let fit =
+        LlamaExecutor::<CudaBackend>::kv_blocks_for_bytes(model.config(), backend.dtype(), budget);
+    let blocks = max_kv_blocks.map_or(fit, |m| m.min(fit));
+    if blocks == 0 {
+        return Err(format!(
+            "no room for a KV cache: {} of {} MiB in use after loading the model, fraction {memory_fraction}, {} MiB kept for adapters",
+            used >> 20,
+            total >> 20,
+            adapter_bytes >> 20
+        ));
+    }
+    tracing::info!(
+        device = backend.device_name(),
+        weights_mib = used >> 20,
+        total_mib = total >> 20,
+        kv_blocks = blocks,
+        kv_mib = (blocks
+            * KvCache::<CudaBackend>::bytes_per_block(model.config(), backend.dtype()))
+            >> 20,
+        "CUDA executor ready"
+    );
+    LlamaExecutor::new(model, blocks, adapter_slots).map_err(|e| e.to_string())
+}
+
+/// Bytes of one adapter of `rank` on all seven projections of every layer of `config`, in
+/// `dtype` (what a device slot holds).
+pub fn adapter_bytes(config: &LlamaConfig, rank: usize, dtype: DType) -> usize {
+    Projection::ALL
+        .iter()
+        .map(|&p| {
+            let (h_in, h_out) = config.projection_dims(p);
+            rank * (h_in + h_out)
+        })
+        .sum::<usize>()
+        * config.num_hidden_layers
+        * dtype.size()
 }
 
 impl<B: Backend> Executor for LlamaExecutor<B> {

@@ -246,6 +246,21 @@ pub fn host_to_f32(src: DType, bytes: &[u8]) -> Result<Vec<f32>> {
     })
 }
 
+/// The `i`-th value of the deterministic stream `seed`, uniform in `[-1, 1)` (a 32-bit integer
+/// hash of `(seed, i)`; the CUDA kernel `fill_random_*` computes the same bits).
+pub fn random_uniform(seed: u32, i: usize) -> f32 {
+    let mut h = (i as u32).wrapping_mul(0x9E37_79B1)
+        ^ ((i as u64 >> 32) as u32).wrapping_mul(0x85EB_CA77)
+        ^ seed.wrapping_mul(0xC2B2_AE3D);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7FEB_352D);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846C_A68B);
+    h ^= h >> 16;
+    let u = (h >> 8) as f32 * (1.0 / 16_777_216.0);
+    2.0 * u - 1.0
+}
+
 /// Static shapes of the attention op.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
@@ -321,6 +336,10 @@ pub trait Backend: Send + Sync + 'static {
         let values = host_to_f32(src, bytes)?;
         self.upload(dtype, &values)
     }
+    /// Fill `buf` with deterministic pseudo-random values uniform in `[-scale, scale)`: element
+    /// `i` is [`random_uniform`]`(seed, i) * scale`, rounded to the buffer's dtype, on every
+    /// backend (synthetic weights are generated where they live).
+    fn fill_random(&self, buf: &mut Self::Buf, seed: u32, scale: f32) -> Result<()>;
     /// Copy a buffer back to the host as f32.
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     /// Number of elements in `buf`.

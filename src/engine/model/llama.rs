@@ -142,6 +142,56 @@ impl<B: Backend> Llama<B> {
         })
     }
 
+    /// A model of `config`'s shapes with random weights generated on the backend (for benches):
+    /// linear weights uniform with variance `1 / in_features`, embeddings with variance 1/3,
+    /// norm weights 1. Stream `seed + i` fills the `i`-th tensor.
+    pub fn random(backend: Arc<B>, config: LlamaConfig, seed: u32) -> Result<Self> {
+        let c = &config;
+        let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let b = backend.as_ref();
+        let dt = b.dtype();
+        let mut stream = seed;
+        let mut random = |len: usize, fan_in: usize| -> Result<B::Buf> {
+            let mut buf = b.alloc(dt, len)?;
+            // Uniform in [-s, s) has variance s² / 3.
+            b.fill_random(&mut buf, stream, (3.0 / fan_in as f32).sqrt())?;
+            stream = stream.wrapping_add(1);
+            Ok(buf)
+        };
+        let embed_tokens = random(v * h, 1)?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for _ in 0..c.num_hidden_layers {
+            layers.push(LlamaDecoderLayer {
+                input_layernorm: b.upload(dt, &vec![1.0; h])?,
+                self_attn: LlamaAttention {
+                    qkv_proj: random((c.q_dim() + 2 * c.kv_dim()) * h, h)?,
+                    o_proj: random(h * c.q_dim(), c.q_dim())?,
+                },
+                post_attention_layernorm: b.upload(dt, &vec![1.0; h])?,
+                mlp: LlamaMlp {
+                    gate_up_proj: random(2 * i * h, h)?,
+                    down_proj: random(h * i, i)?,
+                },
+            });
+        }
+        let norm = b.upload(dt, &vec![1.0; h])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(random(v * h, h)?)
+        };
+        let inv_freq = b.upload(DType::F32, &c.inv_freq())?;
+        Ok(Llama {
+            backend,
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
     /// The model's config.
     pub fn config(&self) -> &LlamaConfig {
         &self.config

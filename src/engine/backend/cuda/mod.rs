@@ -339,6 +339,14 @@ impl CudaBackend {
         })
     }
 
+    /// Free and total device memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))?;
+        drv::mem_get_info().map_err(|e| dev_err("memory info", e))
+    }
+
     /// The GPU's name, e.g. "NVIDIA H200".
     pub fn device_name(&self) -> &str {
         &self.name
@@ -545,11 +553,6 @@ impl CudaBackend {
             &[Arg::Ptr(buf.ptr), Arg::F32(value), Arg::Usize(n)],
             false,
         )
-    }
-
-    /// Fill `buf` with deterministic pseudo-random values uniform in `[-scale, scale)`.
-    pub fn fill_random(&self, buf: &mut CudaBuf, seed: u32, scale: f32) -> Result<()> {
-        self.fill_random_raw(buf.ptr, buf.dtype, buf.len, seed, scale)
     }
 
     fn fill_random_raw(
@@ -1386,6 +1389,10 @@ impl Backend for CudaBackend {
             ],
             false,
         )
+    }
+
+    fn fill_random(&self, buf: &mut CudaBuf, seed: u32, scale: f32) -> Result<()> {
+        self.fill_random_raw(buf.ptr, buf.dtype, buf.len, seed, scale)
     }
 
     fn sample(&self, logits: &CudaBuf, vocab: usize, rows: &[RowSampling]) -> Result<Vec<Pick>> {
