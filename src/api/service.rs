@@ -13,7 +13,9 @@ use crate::config::{DeviceChoice, Settings};
 use crate::engine::backend::DType;
 use crate::engine::backend::cpu::CpuBackend;
 use crate::engine::backend::cuda::cuda_available;
-use crate::engine::executor::{LlamaExecutor, adapter_bytes, cuda_executor, peft_validator};
+use crate::engine::executor::{
+    BackendCell, LlamaExecutor, adapter_bytes, cuda_executor, peft_validator,
+};
 use crate::engine::metrics::EngineMetrics;
 use crate::engine::model::config::LlamaConfig;
 use crate::engine::model::llama::Llama;
@@ -150,11 +152,13 @@ pub fn load_model(
     let engine_config = EngineConfig::default();
     let slots = engine_config.cache.device_slots;
     let model_dir = dir.to_owned();
-    let validator = peft_validator(config.clone());
     let engine = if use_cuda {
+        let cell = BackendCell::default();
+        let validator = peft_validator(config.clone(), Arc::clone(&cell));
         let adapters = slots * adapter_bytes(&config, CUDA_SLOT_RANK, DType::BF16);
         let build = move || {
             cuda_executor(
+                &cell,
                 |b| Llama::load(b, &model_dir),
                 slots,
                 adapters,
@@ -174,8 +178,11 @@ pub fn load_model(
     } else {
         let kv_blocks =
             LlamaExecutor::<CpuBackend>::kv_blocks_for_bytes(&config, DType::F32, CPU_KV_BYTES);
+        let cell = BackendCell::default();
+        let validator = peft_validator(config.clone(), Arc::clone(&cell));
         let build = move || {
             let backend = Arc::new(CpuBackend::new());
+            let _ = cell.set(Arc::clone(&backend));
             let model = Llama::load(backend, &model_dir).map_err(|e| {
                 EngineError::Startup(format!("loading {}: {e}", model_dir.display()))
             })?;

@@ -2,14 +2,14 @@
 //! cache and the LoRA slot tables it owns; plus the glue that makes validated PEFT adapters
 //! entries of the adapter cache and the model's tokenizer the engine's detokenizer.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::engine::backend::cuda::{CudaBackend, CudaOptions};
 use crate::engine::backend::{Backend, DType, Pick, RowSampling, StepMeta};
 use crate::engine::lora::cache::{AdapterFiles, AdapterKey, HostAdapter, Validator};
 use crate::engine::lora::peft::LoraWeights;
 use crate::engine::model::config::{LlamaConfig, Projection};
-use crate::engine::model::llama::{KvCache, Llama, LoraState, ModelError};
+use crate::engine::model::llama::{KvCache, Llama, LoraState, ModelError, StagedAdapter};
 use crate::engine::model::tokenizer::{DecodeStream, Tokenizer};
 use crate::engine::request::{Detokenizer, TextDecoder};
 use crate::engine::{Executor, ExecutorError, StepOutput};
@@ -60,6 +60,7 @@ pub const CUDA_RESERVE_BYTES: usize = 1 << 30;
 /// KV pool takes what is left of `memory_fraction` of the device's memory after `adapter_bytes`
 /// (room for the adapter slots) and [`CUDA_RESERVE_BYTES`], capped at `max_kv_blocks`.
 pub fn cuda_executor(
+    cell: &BackendCell<CudaBackend>,
     load: impl FnOnce(Arc<CudaBackend>) -> Result<Llama<CudaBackend>, ModelError>,
     adapter_slots: usize,
     adapter_bytes: usize,
@@ -68,6 +69,7 @@ pub fn cuda_executor(
 ) -> Result<LlamaExecutor<CudaBackend>, String> {
     let backend = Arc::new(CudaBackend::new(CudaOptions::default()).map_err(|e| e.to_string())?);
     backend.warm_up().map_err(|e| e.to_string())?;
+    let _ = cell.set(Arc::clone(&backend));
     let model = load(Arc::clone(&backend)).map_err(|e| e.to_string())?;
     let (free, total) = backend.memory_info().map_err(|e| e.to_string())?;
     let used = total - free;
@@ -114,7 +116,7 @@ pub fn adapter_bytes(config: &LlamaConfig, rank: usize, dtype: DType) -> usize {
 }
 
 impl<B: Backend> Executor for LlamaExecutor<B> {
-    type Adapter = LoraWeights;
+    type Adapter = StagedAdapter<B>;
 
     fn vocab_size(&self) -> usize {
         self.model.config().vocab_size
@@ -128,10 +130,10 @@ impl<B: Backend> Executor for LlamaExecutor<B> {
         self.lora.num_slots()
     }
 
-    fn install_adapter(&mut self, slot: u32, adapter: &LoraWeights) -> Result<(), String> {
+    fn install_adapter(&mut self, slot: u32, adapter: &StagedAdapter<B>) -> Result<(), String> {
         let backend = Arc::clone(self.model.backend());
         self.lora
-            .load(backend.as_ref(), slot as usize, adapter)
+            .load_staged(backend.as_ref(), slot as usize, adapter)
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
@@ -166,16 +168,29 @@ impl<B: Backend> Executor for LlamaExecutor<B> {
     }
 }
 
-impl HostAdapter for LoraWeights {
+impl<B: Backend> HostAdapter for StagedAdapter<B> {
     fn host_bytes(&self) -> usize {
-        self.num_params() * std::mem::size_of::<f32>()
+        self.bytes()
     }
 }
 
-/// Validates fetched PEFT files against the base model (runs on the adapter loader threads).
-pub fn peft_validator(base: LlamaConfig) -> Validator<LoraWeights> {
+/// The backend an engine's executor runs on, set by the executor's builder once it exists, so
+/// that the adapter loaders can stage adapters for it.
+pub type BackendCell<B> = Arc<OnceLock<Arc<B>>>;
+
+/// Validates fetched PEFT files against the base model and stages them for the backend in
+/// `cell` (runs on the adapter loader threads).
+pub fn peft_validator<B: Backend>(
+    base: LlamaConfig,
+    cell: BackendCell<B>,
+) -> Validator<StagedAdapter<B>> {
     Arc::new(move |_key: &AdapterKey, files: AdapterFiles| {
-        LoraWeights::from_bytes(&files.config, &files.weights, &base).map_err(|e| e.to_string())
+        let weights = LoraWeights::from_bytes(&files.config, &files.weights, &base)
+            .map_err(|e| e.to_string())?;
+        let backend = cell
+            .get()
+            .ok_or_else(|| "the engine's device is not ready".to_string())?;
+        StagedAdapter::stage(backend.as_ref(), &weights).map_err(|e| e.to_string())
     })
 }
 

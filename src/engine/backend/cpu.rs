@@ -420,6 +420,7 @@ impl Backend for CpuBackend {
     type Buf = CpuBuf;
     type Meta = CpuMeta;
     type LoraTable = CpuLoraTable;
+    type Staged = Vec<Arc<Vec<f32>>>;
 
     fn kind(&self) -> DeviceKind {
         DeviceKind::Cpu
@@ -896,6 +897,19 @@ impl Backend for CpuBackend {
             out[i * hidden..(i + 1) * hidden].copy_from_slice(&x[r * hidden..(r + 1) * hidden]);
         }
         Ok(())
+    }
+
+    fn stage(&self, _dtype: DType, tensors: &[&[f32]]) -> Result<Self::Staged> {
+        Ok(tensors.iter().map(|t| Arc::new(t.to_vec())).collect())
+    }
+
+    fn upload_staged(&self, staged: &Arc<Self::Staged>) -> Result<Vec<CpuBuf>> {
+        Ok(staged
+            .iter()
+            .map(|t| CpuBuf {
+                data: Arc::clone(t),
+            })
+            .collect())
     }
 
     fn fill_random(&self, buf: &mut CpuBuf, seed: u32, scale: f32) -> Result<()> {

@@ -14,6 +14,8 @@
 pub mod cpu;
 pub mod cuda;
 
+use std::sync::Arc;
+
 use crate::engine::lora::segments::SegmentTable;
 
 /// Tokens per KV-cache block.
@@ -320,6 +322,8 @@ pub trait Backend: Send + Sync + 'static {
     type Meta: Send + Sync;
     /// Slot -> (A, B, rank) pointer table for one (layer, projection).
     type LoraTable: Send + Sync;
+    /// Tensors staged in host memory for one copy to the device (page-locked on CUDA).
+    type Staged: Send + Sync;
 
     fn kind(&self) -> DeviceKind;
     /// dtype used for weights, activations and the KV cache.
@@ -340,6 +344,12 @@ pub trait Backend: Send + Sync + 'static {
     /// `i` is [`random_uniform`]`(seed, i) * scale`, rounded to the buffer's dtype, on every
     /// backend (synthetic weights are generated where they live).
     fn fill_random(&self, buf: &mut Self::Buf, seed: u32, scale: f32) -> Result<()>;
+    /// Convert `tensors` to `dtype` and pack them in host memory for [`Backend::upload_staged`].
+    /// Runs on any thread (the adapter loaders stage adapters off the engine thread).
+    fn stage(&self, dtype: DType, tensors: &[&[f32]]) -> Result<Self::Staged>;
+    /// Copy staged tensors to the device in one transfer; one buffer per tensor, in order.
+    /// Asynchronous where the device allows: the buffers keep `staged` alive.
+    fn upload_staged(&self, staged: &Arc<Self::Staged>) -> Result<Vec<Self::Buf>>;
     /// Copy a buffer back to the host as f32.
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     /// Number of elements in `buf`.
@@ -388,7 +398,8 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// `out[rows, n] = x[rows, k] · w[n, k]ᵀ`.
+    /// `out[rows, n] = x[rows, k] · w[n, k]ᵀ`. `out` has the dtype of `x` and `w`, or f32
+    /// (the logits).
     fn matmul(
         &self,
         x: &Self::Buf,

@@ -524,26 +524,73 @@ impl<B: Backend> std::fmt::Debug for DeviceAdapter<B> {
     }
 }
 
+/// A validated adapter staged in host memory for one copy to the device (the host tier's
+/// entry): its modules' ranks and their A and B matrices packed in the backend's dtype.
+pub struct StagedAdapter<B: Backend> {
+    /// `(layer, projection, rank)` of each module, in staging order (A then B per module).
+    modules: Vec<(usize, Projection, usize)>,
+    num_layers: usize,
+    max_rank: usize,
+    bytes: usize,
+    staged: Arc<B::Staged>,
+}
+
+impl<B: Backend> StagedAdapter<B> {
+    /// Convert and pack `weights` for `backend` (runs on the adapter loader threads).
+    pub fn stage(backend: &B, weights: &LoraWeights) -> Result<Self, BackendError> {
+        let mut modules = Vec::new();
+        let mut tensors: Vec<&[f32]> = Vec::new();
+        for l in 0..weights.num_layers() {
+            for p in Projection::ALL {
+                if let Some(m) = weights.get(l, p) {
+                    modules.push((l, p, m.rank));
+                    tensors.push(&m.a);
+                    tensors.push(&m.b);
+                }
+            }
+        }
+        let dtype = backend.dtype();
+        let bytes = tensors.iter().map(|t| t.len() * dtype.size()).sum();
+        Ok(StagedAdapter {
+            modules,
+            num_layers: weights.num_layers(),
+            max_rank: weights.max_rank(),
+            bytes,
+            staged: Arc::new(backend.stage(dtype, &tensors)?),
+        })
+    }
+
+    /// Bytes of its matrices.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
 impl<B: Backend> DeviceAdapter<B> {
     /// Copy a validated adapter to the device (in the backend's dtype).
     pub fn upload(backend: &B, weights: &LoraWeights) -> Result<Self, BackendError> {
-        let mut layers = Vec::with_capacity(weights.num_layers());
-        for l in 0..weights.num_layers() {
-            let mut projs: [Option<DeviceLoraProj<B>>; 7] = Default::default();
-            for p in Projection::ALL {
-                if let Some(m) = weights.get(l, p) {
-                    projs[p.index()] = Some(DeviceLoraProj {
-                        a: backend.upload(backend.dtype(), &m.a)?,
-                        b: backend.upload(backend.dtype(), &m.b)?,
-                        rank: m.rank,
-                    });
-                }
-            }
-            layers.push(projs);
+        Self::from_staged(backend, &StagedAdapter::stage(backend, weights)?)
+    }
+
+    /// Copy a staged adapter to the device in one transfer.
+    pub fn from_staged(backend: &B, staged: &StagedAdapter<B>) -> Result<Self, BackendError> {
+        let mut bufs = backend.upload_staged(&staged.staged)?.into_iter();
+        let mut layers: Vec<[Option<DeviceLoraProj<B>>; 7]> =
+            (0..staged.num_layers).map(|_| Default::default()).collect();
+        for &(l, p, rank) in &staged.modules {
+            let (Some(a), Some(b)) = (bufs.next(), bufs.next()) else {
+                return Err(BackendError::Shape(
+                    "staged adapter has fewer tensors than modules".into(),
+                ));
+            };
+            let layer = layers.get_mut(l).ok_or_else(|| {
+                BackendError::Shape(format!("staged module of layer {l} out of range"))
+            })?;
+            layer[p.index()] = Some(DeviceLoraProj { a, b, rank });
         }
         Ok(DeviceAdapter {
             layers,
-            max_rank: weights.max_rank(),
+            max_rank: staged.max_rank,
         })
     }
 
@@ -612,6 +659,17 @@ impl<B: Backend> LoraState<B> {
         let old = entry.replace(adapter);
         self.rebuild(backend)?;
         Ok(old)
+    }
+
+    /// Copy a staged adapter to the device and install it into `slot`.
+    pub fn load_staged(
+        &mut self,
+        backend: &B,
+        slot: usize,
+        staged: &StagedAdapter<B>,
+    ) -> Result<Option<DeviceAdapter<B>>> {
+        let adapter = DeviceAdapter::from_staged(backend, staged)?;
+        self.install(backend, slot, adapter)
     }
 
     /// Upload `weights` and install them into `slot` (both steps of [`Self::install`]).
