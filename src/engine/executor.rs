@@ -3,6 +3,7 @@
 //! entries of the adapter cache and the model's tokenizer the engine's detokenizer.
 
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::engine::backend::cuda::{CudaBackend, CudaOptions};
 use crate::engine::backend::{Backend, DType, Pick, RowSampling, StepMeta};
@@ -21,6 +22,40 @@ pub struct LlamaExecutor<B: Backend> {
     lora: LoraState<B>,
     picks: Vec<Pick>,
     logits: Vec<f32>,
+    timing: StepTiming,
+}
+
+/// Where the host's time in a step goes: issuing the forward pass vs. the whole step (until the
+/// sampled tokens are back). Logged at debug level every [`StepTiming::WINDOW`] steps: when
+/// issuing takes most of the step, the step is bound by kernel launches, not by the device.
+#[derive(Default)]
+struct StepTiming {
+    steps: u32,
+    rows: usize,
+    enqueue: Duration,
+    total: Duration,
+}
+
+impl StepTiming {
+    const WINDOW: u32 = 256;
+
+    fn record(&mut self, rows: usize, enqueue: Duration, total: Duration) {
+        self.steps += 1;
+        self.rows += rows;
+        self.enqueue += enqueue;
+        self.total += total;
+        if self.steps == Self::WINDOW {
+            let n = f64::from(self.steps);
+            tracing::debug!(
+                steps = self.steps,
+                mean_rows = self.rows as f64 / n,
+                issue_ms = self.enqueue.as_secs_f64() * 1e3 / n,
+                step_ms = self.total.as_secs_f64() * 1e3 / n,
+                "step timing"
+            );
+            *self = StepTiming::default();
+        }
+    }
 }
 
 impl<B: Backend> LlamaExecutor<B> {
@@ -38,6 +73,7 @@ impl<B: Backend> LlamaExecutor<B> {
             lora,
             picks: Vec::new(),
             logits: Vec::new(),
+            timing: StepTiming::default(),
         })
     }
 
@@ -154,12 +190,15 @@ impl<B: Backend> Executor for LlamaExecutor<B> {
         }
         self.picks.clear();
         self.logits.clear();
+        let started = Instant::now();
         if let Some(logits) = self.model.forward_device(meta, &mut self.kv, &self.lora)? {
+            let enqueued = started.elapsed();
             let b = self.model.backend();
             self.picks = b.sample(&logits, self.model.config().vocab_size, sampling)?;
             if want_logits {
                 self.logits = b.download(&logits)?;
             }
+            self.timing.record(meta.rows(), enqueued, started.elapsed());
         }
         Ok(StepOutput {
             picks: &self.picks,
