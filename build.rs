@@ -9,6 +9,8 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=migrations");
+    // Every commit appends to the HEAD log: rerun so the recorded revision follows it.
+    println!("cargo:rerun-if-changed=.git/logs/HEAD");
 
     // The revision the binary was built from, for benchmark and self-test reports.
     let rev = std::process::Command::new("git")

@@ -37,7 +37,7 @@ struct StepTiming {
 }
 
 impl StepTiming {
-    const WINDOW: u32 = 256;
+    const WINDOW: u32 = 32;
 
     fn record(&mut self, rows: usize, enqueue: Duration, total: Duration) {
         self.steps += 1;
