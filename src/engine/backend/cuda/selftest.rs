@@ -9,9 +9,10 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::engine::backend::{
-    AttnShape, BLOCK_SIZE, Backend, DType, LoraProj, Result, SeqMeta, StepMeta,
+    AttnShape, BLOCK_SIZE, Backend, DType, LoraProj, Result, RowSampling, SeqMeta, StepMeta,
 };
 use crate::engine::lora::segments::SegmentTable;
+use crate::engine::sampling::pick_row;
 
 use super::bench::{Workload, row_slots, segment_lens};
 use super::reference::{self, HostAdapter};
@@ -435,25 +436,23 @@ fn check_elementwise_ops(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
         }
         c.record("silu_mul", format!("{dt:?} {rows}x{n}"), &got, &want, t);
 
-        let am = be.argmax(&dx, rows, hidden)?;
-        let mut bad = 0;
-        for (r, &idx) in am.iter().enumerate() {
-            let row = &x[r * hidden..(r + 1) * hidden];
-            let best = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let first = row.iter().position(|&e| e == best).unwrap_or(0);
-            if idx as usize != first {
-                bad += 1;
-            }
-        }
-        if bad > 0 || am.len() != rows {
+        let logits: Vec<f32> = x.clone();
+        let dl = be.upload(DType::F32, &logits)?;
+        let picks = be.sample(&dl, hidden, &vec![RowSampling::GREEDY; rows])?;
+        let bad = picks
+            .iter()
+            .zip(logits.chunks_exact(hidden))
+            .filter(|(p, row)| p.token != pick_row(row, &RowSampling::GREEDY).token)
+            .count();
+        if bad > 0 || picks.len() != rows {
             c.fail(
-                "argmax",
+                "sample.greedy",
                 format!("{dt:?} {rows}x{hidden}"),
                 format!("{bad} rows wrong"),
             );
         } else {
             c.record(
-                "argmax",
+                "sample.greedy",
                 format!("{dt:?} {rows}x{hidden}"),
                 &[0.0],
                 &[0.0],
