@@ -160,7 +160,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::Bench(BenchCommand::Engine(args)) => {
-            telemetry::init("warn");
+            telemetry::init("warn,punica::engine::executor=debug");
             let report =
                 tokio::task::spawn_blocking(move || punica::engine::bench::run(&args)).await??;
             print!("{report}");

@@ -12,7 +12,10 @@ use crate::blobs::BlobStore;
 use crate::config::{DeviceChoice, Settings};
 use crate::engine::backend::DType;
 use crate::engine::backend::cpu::CpuBackend;
-use crate::engine::executor::{LlamaExecutor, peft_validator};
+use crate::engine::backend::cuda::cuda_available;
+use crate::engine::executor::{
+    BackendCell, LlamaExecutor, adapter_bytes, cuda_executor, peft_validator,
+};
 use crate::engine::metrics::EngineMetrics;
 use crate::engine::model::config::LlamaConfig;
 use crate::engine::model::llama::Llama;
@@ -23,6 +26,10 @@ use crate::store::Store;
 
 /// KV-cache memory of the CPU engine.
 pub const CPU_KV_BYTES: usize = 1 << 30;
+
+/// The GPU keeps room for every adapter slot to hold an adapter of this rank on all seven
+/// projections (the KV pool gets the rest of `gpu_memory_fraction`).
+pub const CUDA_SLOT_RANK: usize = 64;
 
 /// Why the service's side could not start.
 #[derive(Debug, thiserror::Error)]
@@ -58,11 +65,12 @@ pub fn start(
         let engine_metrics = EngineMetrics::register(registry)?;
         let state = state.clone();
         let device = settings.device;
+        let memory_fraction = settings.gpu_memory_fraction;
         tokio::spawn(async move {
             let runtime = tokio::runtime::Handle::current();
             let source = state.adapters.source(runtime);
             let loaded = tokio::task::spawn_blocking(move || {
-                load_model(&dir, device, source, engine_metrics)
+                load_model(&dir, device, memory_fraction, source, engine_metrics)
             })
             .await;
             match loaded {
@@ -92,8 +100,8 @@ pub enum ModelLoadError {
     Config { path: PathBuf, message: String },
     #[error("cannot load the tokenizer of {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
-    #[error("the CUDA backend is not part of this build; run with --device cpu")]
-    NoCuda,
+    #[error("--device cuda: {0}")]
+    NoCuda(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -109,15 +117,27 @@ pub fn model_id(dir: &Path) -> String {
 pub fn load_model(
     dir: &Path,
     device: DeviceChoice,
+    gpu_memory_fraction: f64,
     source: Arc<dyn crate::engine::lora::cache::AdapterSource>,
     metrics: EngineMetrics,
 ) -> Result<ModelRuntime, ModelLoadError> {
-    if device == DeviceChoice::Cuda {
-        return Err(ModelLoadError::NoCuda);
-    }
-    if device == DeviceChoice::Auto {
-        tracing::info!("--device auto: serving on the CPU backend");
-    }
+    let use_cuda = match device {
+        DeviceChoice::Cpu => false,
+        DeviceChoice::Cuda => {
+            cuda_available().map_err(|e| ModelLoadError::NoCuda(e.to_string()))?;
+            true
+        }
+        DeviceChoice::Auto => match cuda_available() {
+            Ok(()) => {
+                tracing::info!("--device auto: CUDA found, serving on the GPU");
+                true
+            }
+            Err(e) => {
+                tracing::info!(reason = %e, "--device auto: serving on the CPU backend");
+                false
+            }
+        },
+    };
     let config_path = dir.join("config.json");
     let config = LlamaConfig::from_file(&config_path).map_err(|e| ModelLoadError::Config {
         path: config_path.clone(),
@@ -129,25 +149,55 @@ pub fn load_model(
             message: e.to_string(),
         })?,
     );
-    let kv_blocks =
-        LlamaExecutor::<CpuBackend>::kv_blocks_for_bytes(&config, DType::F32, CPU_KV_BYTES);
     let engine_config = EngineConfig::default();
     let slots = engine_config.cache.device_slots;
     let model_dir = dir.to_owned();
-    let build = move || {
-        let backend = Arc::new(CpuBackend::new());
-        let model = Llama::load(backend, &model_dir)
-            .map_err(|e| EngineError::Startup(format!("loading {}: {e}", model_dir.display())))?;
-        LlamaExecutor::new(model, kv_blocks, slots).map_err(|e| EngineError::Startup(e.to_string()))
+    let engine = if use_cuda {
+        let cell = BackendCell::default();
+        let validator = peft_validator(config.clone(), Arc::clone(&cell));
+        let adapters = slots * adapter_bytes(&config, CUDA_SLOT_RANK, DType::BF16);
+        let build = move || {
+            cuda_executor(
+                &cell,
+                |b| Llama::load(b, &model_dir),
+                slots,
+                adapters,
+                gpu_memory_fraction,
+                None,
+            )
+            .map_err(|e| EngineError::Startup(format!("loading {}: {e}", model_dir.display())))
+        };
+        EngineHandle::start(
+            engine_config,
+            build,
+            source,
+            validator,
+            tokenizer.clone(),
+            metrics,
+        )?
+    } else {
+        let kv_blocks =
+            LlamaExecutor::<CpuBackend>::kv_blocks_for_bytes(&config, DType::F32, CPU_KV_BYTES);
+        let cell = BackendCell::default();
+        let validator = peft_validator(config.clone(), Arc::clone(&cell));
+        let build = move || {
+            let backend = Arc::new(CpuBackend::new());
+            let _ = cell.set(Arc::clone(&backend));
+            let model = Llama::load(backend, &model_dir).map_err(|e| {
+                EngineError::Startup(format!("loading {}: {e}", model_dir.display()))
+            })?;
+            LlamaExecutor::new(model, kv_blocks, slots)
+                .map_err(|e| EngineError::Startup(e.to_string()))
+        };
+        EngineHandle::start(
+            engine_config,
+            build,
+            source,
+            validator,
+            tokenizer.clone(),
+            metrics,
+        )?
     };
-    let engine = EngineHandle::start(
-        engine_config,
-        build,
-        source,
-        peft_validator(config.clone()),
-        tokenizer.clone(),
-        metrics,
-    )?;
     Ok(ModelRuntime {
         id: model_id(dir),
         engine,

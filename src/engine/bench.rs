@@ -15,11 +15,16 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::engine::backend::cpu::CpuBackend;
-use crate::engine::executor::{LlamaExecutor, peft_validator};
+use crate::engine::backend::cuda::{CudaBackend, CudaOptions};
+use crate::engine::backend::{Backend, BackendError, DType};
+use crate::engine::executor::{
+    BackendCell, LlamaExecutor, adapter_bytes, cuda_executor, peft_validator,
+};
 use crate::engine::lora::cache::{AdapterKey, AdapterSource, CacheConfig, MemorySource};
+use crate::engine::lora::peft::LoraWeights;
 use crate::engine::metrics::EngineMetrics;
 use crate::engine::model::config::{LlamaConfig, Projection};
-use crate::engine::model::llama::Llama;
+use crate::engine::model::llama::{Llama, LoraState, ModelError, StagedAdapter};
 use crate::engine::model::tokenizer::Tokenizer;
 use crate::engine::request::{
     NoText, SamplingParams, SharedDetokenizer, StreamEvent, ValidRequest,
@@ -392,14 +397,23 @@ pub fn drive(
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BenchDevice {
     Cpu,
+    Cuda,
 }
 
 /// Arguments of `punica bench engine`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchEngineArgs {
     /// Hugging Face style model folder (config.json, *.safetensors).
+    #[arg(
+        long,
+        required_unless_present = "synthetic",
+        conflicts_with = "synthetic"
+    )]
+    pub model: Option<PathBuf>,
+    /// Instead of a model folder: random weights of these shapes, generated on the device
+    /// (`llama-7b` or `llama-13b`, Llama-2's shapes).
     #[arg(long)]
-    pub model: PathBuf,
+    pub synthetic: Option<String>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: BenchDevice,
     /// Workloads to run, comma separated.
@@ -436,6 +450,53 @@ pub struct BenchEngineArgs {
     /// Also append the report to this file.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Share of the GPU's memory the engine may use (CUDA only).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_fraction: f64,
+}
+
+impl BenchEngineArgs {
+    /// The model's name in reports.
+    fn model_name(&self) -> String {
+        match (&self.synthetic, &self.model) {
+            (Some(name), _) => format!("synthetic {name} (random weights)"),
+            (None, Some(dir)) => dir.display().to_string(),
+            (None, None) => "no model".to_string(),
+        }
+    }
+
+    fn config(&self) -> Result<LlamaConfig, BenchError> {
+        match (&self.synthetic, &self.model) {
+            (Some(name), _) => LlamaConfig::synthetic(name).ok_or_else(|| {
+                BenchError::Model(format!(
+                    "unknown synthetic model {name:?} (llama-7b or llama-13b)"
+                ))
+            }),
+            (None, Some(dir)) => LlamaConfig::from_file(&dir.join("config.json"))
+                .map_err(|e| BenchError::Model(e.to_string())),
+            (None, None) => Err(BenchError::Model(
+                "give --model DIR or --synthetic NAME".into(),
+            )),
+        }
+    }
+
+    /// Load the model (or generate it) on `backend`.
+    fn load<B: Backend>(&self, backend: Arc<B>) -> Result<Llama<B>, ModelError> {
+        match (&self.synthetic, &self.model) {
+            (Some(name), _) => {
+                let config = LlamaConfig::synthetic(name).ok_or_else(|| {
+                    ModelError::Backend(BackendError::Shape(format!(
+                        "unknown synthetic model {name:?}"
+                    )))
+                })?;
+                Llama::random(backend, config, self.seed as u32)
+            }
+            (None, Some(dir)) => Llama::load(backend, dir),
+            (None, None) => Err(ModelError::Backend(BackendError::Shape(
+                "no model given".into(),
+            ))),
+        }
+    }
 }
 
 /// Why `bench engine` failed.
@@ -458,8 +519,7 @@ pub enum BenchError {
 
 /// Run every requested workload on a fresh engine and return the markdown report.
 pub fn run(args: &BenchEngineArgs) -> Result<String, BenchError> {
-    let config = LlamaConfig::from_file(&args.model.join("config.json"))
-        .map_err(|e| BenchError::Model(e.to_string()))?;
+    let config = args.config()?;
     let source = Arc::new(MemorySource::new());
     let keys: Vec<AdapterKey> = (0..args.adapters.max(1))
         .map(|i| AdapterKey {
@@ -473,12 +533,13 @@ pub fn run(args: &BenchEngineArgs) -> Result<String, BenchError> {
             random_adapter(&config, args.rank, 0.01, args.seed + i as u64)?,
         );
     }
-    let detokenizer: SharedDetokenizer = match Tokenizer::from_dir(&args.model) {
-        Ok(t) => Arc::new(t),
-        Err(e) => {
+    let detokenizer: SharedDetokenizer = match args.model.as_deref().map(Tokenizer::from_dir) {
+        Some(Ok(t)) => Arc::new(t),
+        Some(Err(e)) => {
             tracing::warn!(error = %e, "no tokenizer: the bench streams token ids without text");
             Arc::new(NoText)
         }
+        None => Arc::new(NoText),
     };
     let mut summaries = Vec::new();
     for &workload in &args.workload {
@@ -491,7 +552,10 @@ pub fn run(args: &BenchEngineArgs) -> Result<String, BenchError> {
         );
         summaries.push(summary);
     }
-    let report = report(args, &config, &summaries);
+    let mut report = report(args, &config, &summaries);
+    if args.device == BenchDevice::Cuda {
+        report.push_str(&adapter_load_report(args, &config)?);
+    }
     if let Some(path) = &args.output {
         use std::io::Write as _;
         std::fs::OpenOptions::new()
@@ -518,31 +582,66 @@ fn run_workload(
     let slots = keys.len();
     let per_seq = crate::engine::kv::blocks_for(args.prompt_len + args.max_tokens as usize);
     let kv_blocks = per_seq * args.max_running + 1;
-    let model_dir = args.model.clone();
-    let engine = EngineHandle::start(
-        EngineConfig {
-            max_running: args.max_running,
-            max_step_tokens: args.max_step_tokens,
-            max_queued: args.requests + keys.len() + 1,
-            stream_capacity: args.max_tokens as usize + 8,
-            cache: CacheConfig {
-                device_slots: slots,
-                host_bytes: 8 << 30,
-                loader_threads: 2,
-            },
+    let engine_config = EngineConfig {
+        max_running: args.max_running,
+        max_step_tokens: args.max_step_tokens,
+        max_queued: args.requests + keys.len() + 1,
+        stream_capacity: args.max_tokens as usize + 8,
+        cache: CacheConfig {
+            device_slots: slots,
+            host_bytes: 64 << 30,
+            loader_threads: 4,
         },
-        move || {
-            let backend = Arc::new(CpuBackend::new());
-            let model = Llama::load(backend, &model_dir)
-                .map_err(|e| EngineError::Startup(e.to_string()))?;
-            LlamaExecutor::new(model, kv_blocks, slots)
-                .map_err(|e| EngineError::Startup(e.to_string()))
-        },
-        Arc::clone(source) as Arc<dyn AdapterSource>,
-        peft_validator(config.clone()),
-        Arc::clone(detokenizer),
-        EngineMetrics::unregistered()?,
-    )?;
+    };
+    let source = Arc::clone(source) as Arc<dyn AdapterSource>;
+    let metrics = EngineMetrics::unregistered()?;
+    let engine = match args.device {
+        BenchDevice::Cpu => {
+            let args = args.clone();
+            let cell = BackendCell::default();
+            let validator = peft_validator(config.clone(), Arc::clone(&cell));
+            EngineHandle::start(
+                engine_config,
+                move || {
+                    let backend = Arc::new(CpuBackend::new());
+                    let _ = cell.set(Arc::clone(&backend));
+                    let model = args
+                        .load(backend)
+                        .map_err(|e| EngineError::Startup(e.to_string()))?;
+                    LlamaExecutor::new(model, kv_blocks, slots)
+                        .map_err(|e| EngineError::Startup(e.to_string()))
+                },
+                source,
+                validator,
+                Arc::clone(detokenizer),
+                metrics,
+            )?
+        }
+        BenchDevice::Cuda => {
+            let args = args.clone();
+            let reserve = slots * adapter_bytes(config, args.rank, DType::BF16);
+            let cell = BackendCell::default();
+            let validator = peft_validator(config.clone(), Arc::clone(&cell));
+            EngineHandle::start(
+                engine_config,
+                move || {
+                    cuda_executor(
+                        &cell,
+                        |b| args.load(b),
+                        slots,
+                        reserve,
+                        args.gpu_memory_fraction,
+                        Some(kv_blocks),
+                    )
+                    .map_err(EngineError::Startup)
+                },
+                source,
+                validator,
+                Arc::clone(detokenizer),
+                metrics,
+            )?
+        }
+    };
     let traffic = Traffic::generate(
         workload,
         args.requests,
@@ -576,13 +675,7 @@ fn report(args: &BenchEngineArgs, config: &LlamaConfig, summaries: &[Summary]) -
     let date = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    let rev = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
+    let rev = env!("PUNICA_GIT_REV");
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -596,7 +689,7 @@ fn report(args: &BenchEngineArgs, config: &LlamaConfig, summaries: &[Summary]) -
     let _ = writeln!(
         s,
         "## bench engine: {} ({} layers, hidden {})\n",
-        args.model.display(),
+        args.model_name(),
         config.num_hidden_layers,
         config.hidden_size
     );
@@ -662,7 +755,171 @@ fn report(args: &BenchEngineArgs, config: &LlamaConfig, summaries: &[Summary]) -
     {
         let _ = writeln!(s, "distinct / identical throughput: {:.3}", d / i);
     }
+    if args.device == BenchDevice::Cuda {
+        s.push_str(&roofline(args, config, summaries));
+    }
     s.push('\n');
+    s
+}
+
+/// Time loading one adapter of the bench's rank: blob -> validated host copy (parse, checks,
+/// scale folding), then host -> GPU as the engine installs it into a slot (copy and slot
+/// tables), median of 5 after a warm-up.
+fn adapter_load_report(args: &BenchEngineArgs, config: &LlamaConfig) -> Result<String, BenchError> {
+    let dev = |e: BackendError| BenchError::Model(format!("CUDA: {e}"));
+    let files = random_adapter(config, args.rank, 0.01, args.seed + 7777)?;
+    let blob_bytes = files.weights.len();
+    let backend = CudaBackend::new(CudaOptions::default()).map_err(dev)?;
+    let mut validate_ms = Vec::new();
+    let mut staged = None;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let weights = LoraWeights::from_bytes(&files.config, &files.weights, config)
+            .map_err(|e| BenchError::Model(e.to_string()))?;
+        staged = Some(StagedAdapter::stage(&backend, &weights).map_err(dev)?);
+        validate_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let staged = staged.ok_or_else(|| BenchError::Model("no adapter".into()))?;
+    let mut lora = LoraState::new(config, 4);
+    let mut install_ms = Vec::new();
+    for i in 0..6 {
+        backend.synchronize().map_err(dev)?;
+        let t = Instant::now();
+        lora.load_staged(&backend, i % 4, &staged)
+            .map_err(|e| BenchError::Model(e.to_string()))?;
+        backend.synchronize().map_err(dev)?;
+        if i > 0 {
+            install_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    validate_ms.sort_unstable_by(f64::total_cmp);
+    install_ms.sort_unstable_by(f64::total_cmp);
+    let device_bytes = adapter_bytes(config, args.rank, backend.dtype());
+    let (v, h) = (
+        validate_ms[validate_ms.len() / 2],
+        install_ms[install_ms.len() / 2],
+    );
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n### Adapter load, rank {} on all seven projections ({:.1} MiB on the device, blob {:.1} MiB)\n",
+        args.rank,
+        device_bytes as f64 / (1 << 20) as f64,
+        blob_bytes as f64 / (1 << 20) as f64
+    );
+    let _ = writeln!(
+        s,
+        "| step | median ms |\n|---|---|\n| blob -> validated, staged in page-locked memory (loader thread) | {v:.2} |\n| staged -> GPU slot (one copy + slot tables, engine thread) | {h:.2} |\n| blob -> GPU | {:.2} |",
+        v + h
+    );
+    Ok(s)
+}
+
+/// Copy bandwidth of the H200 that ANCHORS.md section 3 uses for the floor, bytes/s.
+pub const H200_BANDWIDTH: f64 = 4.19e12;
+
+/// Decode tokens/s of Hugging Face transformers + PEFT on the same GPU (ANCHORS.md section 2:
+/// 7B shapes, batch 32, prompt 64, 64 new tokens, r=16 on all seven projections).
+fn hf_peft_anchor(workload: Workload) -> f64 {
+    match workload {
+        Workload::None => 416.0,
+        Workload::Identical => 658.0,
+        Workload::Skewed | Workload::Uniform => 99.5,
+        Workload::Distinct => 26.0,
+    }
+}
+
+/// Bytes one decode step must read at `batch` sequences of `context` tokens with `adapters`
+/// distinct adapters of `rank` resident in the batch (bf16 weights, KV and adapters).
+pub fn decode_step_bytes(
+    config: &LlamaConfig,
+    batch: usize,
+    context: usize,
+    adapters: usize,
+    rank: usize,
+) -> f64 {
+    let mut params = 2 * config.vocab_size * config.hidden_size;
+    for p in Projection::ALL {
+        let (h_in, h_out) = config.projection_dims(p);
+        params += config.num_hidden_layers * h_in * h_out;
+    }
+    let kv = batch * context * 2 * config.num_hidden_layers * config.kv_dim();
+    let lora = adapters * adapter_bytes(config, rank, DType::BF16) / 2;
+    2.0 * (params + kv + lora) as f64
+}
+
+/// The decode step against the memory floor, per workload.
+fn roofline(args: &BenchEngineArgs, config: &LlamaConfig, summaries: &[Summary]) -> String {
+    let mut s = String::new();
+    let batch = args.max_running.min(args.requests).max(1);
+    // Mean context over the decode phase.
+    let context = args.prompt_len + args.max_tokens as usize / 2;
+    let is_anchor_setup = args.synthetic.as_deref() == Some("llama-7b")
+        && batch == 32
+        && args.prompt_len == 64
+        && args.max_tokens == 64
+        && args.rank == 16;
+    let _ = writeln!(
+        s,
+        "\nDecode step vs the memory floor (batch {batch}, mean context {context}, {:.2} TB/s):\n",
+        H200_BANDWIDTH / 1e12
+    );
+    let _ = writeln!(
+        s,
+        "| workload | ms/step (ITL p50) | decode tokens/s (batch / step) | floor ms | step / floor |{}",
+        if is_anchor_setup {
+            " HF+PEFT tokens/s | ours / HF+PEFT |"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        s,
+        "|---|---|---|---|---|{}",
+        if is_anchor_setup { "---|---|" } else { "" }
+    );
+    for x in summaries {
+        let adapters = if x.workload == Workload::None {
+            0
+        } else {
+            x.distinct_adapters.min(batch)
+        };
+        let floor_ms =
+            decode_step_bytes(config, batch, context, adapters, args.rank) / H200_BANDWIDTH * 1e3;
+        let step_ms = x.itl_ms[0];
+        let tps = if step_ms > 0.0 {
+            batch as f64 * 1e3 / step_ms
+        } else {
+            0.0
+        };
+        let _ = write!(
+            s,
+            "| {} | {step_ms:.2} | {tps:.0} | {floor_ms:.2} | {:.2} |",
+            x.workload.name(),
+            step_ms / floor_ms
+        );
+        if is_anchor_setup {
+            let anchor = hf_peft_anchor(x.workload);
+            let _ = write!(s, " {anchor} | {:.0}x |", tps / anchor);
+        }
+        s.push('\n');
+    }
+    let step = |w: Workload| {
+        summaries
+            .iter()
+            .find(|x| x.workload == w)
+            .map(|x| x.itl_ms[0])
+    };
+    if let (Some(d), Some(i)) = (step(Workload::Distinct), step(Workload::Identical))
+        && d > 0.0
+    {
+        let _ = writeln!(s, "\ndistinct / identical decode throughput: {:.3}", i / d);
+    }
+    if let (Some(d), Some(n)) = (step(Workload::Distinct), step(Workload::None))
+        && d > 0.0
+    {
+        let _ = writeln!(s, "distinct / no-LoRA decode throughput: {:.3}", n / d);
+    }
     s
 }
 

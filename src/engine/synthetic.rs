@@ -5,6 +5,7 @@
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 
+use crate::engine::backend::random_uniform;
 use crate::engine::bench::BenchRng;
 use crate::engine::lora::cache::AdapterFiles;
 use crate::engine::lora::peft::module_key;
@@ -19,8 +20,8 @@ pub enum SyntheticError {
     Serialize(String),
 }
 
-/// A random rank-`rank` adapter on all seven projections of every layer. `A ~ N(0, 1/in)`,
-/// `B ~ N(0, b_std²)`, alpha = 2·rank, so the delta is large enough to change a model's tokens
+/// A random rank-`rank` adapter on all seven projections of every layer: `A` uniform with
+/// variance `1/in`, `B` uniform with standard deviation `b_std`, alpha = 2·rank, so the delta is large enough to change a model's tokens
 /// when `b_std` is around 0.1-1 (tests) and realistic when small (benches).
 pub fn random_adapter(
     config: &LlamaConfig,
@@ -31,19 +32,24 @@ pub fn random_adapter(
     if rank == 0 {
         return Err(SyntheticError::ZeroRank);
     }
-    let mut rng = BenchRng::new(seed);
+    // Stream `i` of [`random_uniform`] fills the i-th tensor (fast: adapters of 7B shapes have
+    // tens of millions of values).
+    let mut stream = BenchRng::new(seed).next_u64() as u32;
+    let mut uniform = |len: usize, std: f32| -> Vec<f32> {
+        let scale = std * 3f32.sqrt();
+        stream = stream.wrapping_add(1);
+        (0..len)
+            .map(|i| random_uniform(stream, i) * scale)
+            .collect()
+    };
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for layer in 0..config.num_hidden_layers {
         for p in Projection::ALL {
             let (h_in, h_out) = config.projection_dims(p);
             let key = format!("base_model.model.{}", module_key(layer, p));
             let a_std = 1.0 / (h_in as f32).sqrt();
-            let a: Vec<f32> = (0..rank * h_in)
-                .map(|_| rng.normal() as f32 * a_std)
-                .collect();
-            let b: Vec<f32> = (0..h_out * rank)
-                .map(|_| rng.normal() as f32 * b_std)
-                .collect();
+            let a = uniform(rank * h_in, a_std);
+            let b = uniform(h_out * rank, b_std);
             tensors.push((
                 format!("{key}.lora_A.weight"),
                 vec![rank, h_in],

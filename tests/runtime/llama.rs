@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use punica::engine::backend::cpu::CpuBackend;
-use punica::engine::executor::{LlamaExecutor, peft_validator};
+use punica::engine::executor::{BackendCell, LlamaExecutor, peft_validator};
 use punica::engine::lora::cache::{AdapterFiles, AdapterKey, CacheConfig, MemorySource};
 use punica::engine::metrics::EngineMetrics;
 use punica::engine::model::config::LlamaConfig;
@@ -67,16 +67,20 @@ fn engine(source: &Arc<MemorySource>, max_running: usize, kv_blocks: usize, slot
             loader_threads: 2,
         },
     };
+    let cell = BackendCell::default();
+    let validator = peft_validator(base_config(), Arc::clone(&cell));
     let engine = EngineHandle::start(
         config,
         move || {
-            let model = Llama::load(Arc::new(CpuBackend::new()), &model_dir())
+            let backend = Arc::new(CpuBackend::new());
+            let _ = cell.set(Arc::clone(&backend));
+            let model = Llama::load(backend, &model_dir())
                 .map_err(|e| EngineError::Startup(e.to_string()))?;
             LlamaExecutor::new(model, kv_blocks, slots)
                 .map_err(|e| EngineError::Startup(e.to_string()))
         },
         Arc::clone(source) as _,
-        peft_validator(base_config()),
+        validator,
         Arc::new(IdText),
         metrics.clone(),
     )

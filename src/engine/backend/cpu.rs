@@ -18,7 +18,7 @@ use crate::engine::sampling::pick_row;
 
 use super::{
     AttnShape, BLOCK_SIZE, Backend, BackendError, DType, DeviceKind, LoraProj, Pick, Result,
-    RowSampling, StepMeta,
+    RowSampling, StepMeta, random_uniform,
 };
 
 /// The CPU backend. Cheap to create; uses rayon's global pool.
@@ -420,6 +420,7 @@ impl Backend for CpuBackend {
     type Buf = CpuBuf;
     type Meta = CpuMeta;
     type LoraTable = CpuLoraTable;
+    type Staged = Vec<Arc<Vec<f32>>>;
 
     fn kind(&self) -> DeviceKind {
         DeviceKind::Cpu
@@ -894,6 +895,27 @@ impl Backend for CpuBackend {
         for (i, &r) in meta.logit_rows.iter().enumerate() {
             let r = r as usize;
             out[i * hidden..(i + 1) * hidden].copy_from_slice(&x[r * hidden..(r + 1) * hidden]);
+        }
+        Ok(())
+    }
+
+    fn stage(&self, _dtype: DType, tensors: &[&[f32]]) -> Result<Self::Staged> {
+        Ok(tensors.iter().map(|t| Arc::new(t.to_vec())).collect())
+    }
+
+    fn upload_staged(&self, staged: &Arc<Self::Staged>) -> Result<Vec<CpuBuf>> {
+        Ok(staged
+            .iter()
+            .map(|t| CpuBuf {
+                data: Arc::clone(t),
+            })
+            .collect())
+    }
+
+    fn fill_random(&self, buf: &mut CpuBuf, seed: u32, scale: f32) -> Result<()> {
+        let data = Arc::make_mut(&mut buf.data);
+        for (i, v) in data.iter_mut().enumerate() {
+            *v = random_uniform(seed, i) * scale;
         }
         Ok(())
     }

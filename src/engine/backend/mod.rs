@@ -14,6 +14,8 @@
 pub mod cpu;
 pub mod cuda;
 
+use std::sync::Arc;
+
 use crate::engine::lora::segments::SegmentTable;
 
 /// Tokens per KV-cache block.
@@ -246,6 +248,21 @@ pub fn host_to_f32(src: DType, bytes: &[u8]) -> Result<Vec<f32>> {
     })
 }
 
+/// The `i`-th value of the deterministic stream `seed`, uniform in `[-1, 1)` (a 32-bit integer
+/// hash of `(seed, i)`; the CUDA kernel `fill_random_*` computes the same bits).
+pub fn random_uniform(seed: u32, i: usize) -> f32 {
+    let mut h = (i as u32).wrapping_mul(0x9E37_79B1)
+        ^ ((i as u64 >> 32) as u32).wrapping_mul(0x85EB_CA77)
+        ^ seed.wrapping_mul(0xC2B2_AE3D);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7FEB_352D);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846C_A68B);
+    h ^= h >> 16;
+    let u = (h >> 8) as f32 * (1.0 / 16_777_216.0);
+    2.0 * u - 1.0
+}
+
 /// Static shapes of the attention op.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
@@ -305,6 +322,8 @@ pub trait Backend: Send + Sync + 'static {
     type Meta: Send + Sync;
     /// Slot -> (A, B, rank) pointer table for one (layer, projection).
     type LoraTable: Send + Sync;
+    /// Tensors staged in host memory for one copy to the device (page-locked on CUDA).
+    type Staged: Send + Sync;
 
     fn kind(&self) -> DeviceKind;
     /// dtype used for weights, activations and the KV cache.
@@ -321,6 +340,16 @@ pub trait Backend: Send + Sync + 'static {
         let values = host_to_f32(src, bytes)?;
         self.upload(dtype, &values)
     }
+    /// Fill `buf` with deterministic pseudo-random values uniform in `[-scale, scale)`: element
+    /// `i` is [`random_uniform`]`(seed, i) * scale`, rounded to the buffer's dtype, on every
+    /// backend (synthetic weights are generated where they live).
+    fn fill_random(&self, buf: &mut Self::Buf, seed: u32, scale: f32) -> Result<()>;
+    /// Convert `tensors` to `dtype` and pack them in host memory for [`Backend::upload_staged`].
+    /// Runs on any thread (the adapter loaders stage adapters off the engine thread).
+    fn stage(&self, dtype: DType, tensors: &[&[f32]]) -> Result<Self::Staged>;
+    /// Copy staged tensors to the device in one transfer; one buffer per tensor, in order.
+    /// Asynchronous where the device allows: the buffers keep `staged` alive.
+    fn upload_staged(&self, staged: &Arc<Self::Staged>) -> Result<Vec<Self::Buf>>;
     /// Copy a buffer back to the host as f32.
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     /// Number of elements in `buf`.
@@ -369,7 +398,8 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// `out[rows, n] = x[rows, k] · w[n, k]ᵀ`.
+    /// `out[rows, n] = x[rows, k] · w[n, k]ᵀ`. `out` has the dtype of `x` and `w`, or f32
+    /// (the logits).
     fn matmul(
         &self,
         x: &Self::Buf,

@@ -286,6 +286,32 @@ impl LlamaConfig {
         Self::from_json(&text)
     }
 
+    /// The shapes of a named synthetic model: `llama-7b` and `llama-13b` are Llama-2's (vocab
+    /// 32000, MHA, 4096 positions), as used by ANCHORS.md and the Punica paper.
+    pub fn synthetic(name: &str) -> Option<Self> {
+        let (hidden, inter, layers, heads) = match name {
+            "llama-7b" => (4096, 11008, 32, 32),
+            "llama-13b" => (5120, 13824, 40, 40),
+            _ => return None,
+        };
+        Some(LlamaConfig {
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: heads,
+            head_dim: hidden / heads,
+            vocab_size: 32000,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            tie_word_embeddings: false,
+            max_position_embeddings: 4096,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        })
+    }
+
     /// Width of the query projection output (`heads * head_dim`).
     pub fn q_dim(&self) -> usize {
         self.num_attention_heads * self.head_dim

@@ -142,6 +142,56 @@ impl<B: Backend> Llama<B> {
         })
     }
 
+    /// A model of `config`'s shapes with random weights generated on the backend (for benches):
+    /// linear weights uniform with variance `1 / in_features`, embeddings with variance 1/3,
+    /// norm weights 1. Stream `seed + i` fills the `i`-th tensor.
+    pub fn random(backend: Arc<B>, config: LlamaConfig, seed: u32) -> Result<Self> {
+        let c = &config;
+        let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let b = backend.as_ref();
+        let dt = b.dtype();
+        let mut stream = seed;
+        let mut random = |len: usize, fan_in: usize| -> Result<B::Buf> {
+            let mut buf = b.alloc(dt, len)?;
+            // Uniform in [-s, s) has variance s² / 3.
+            b.fill_random(&mut buf, stream, (3.0 / fan_in as f32).sqrt())?;
+            stream = stream.wrapping_add(1);
+            Ok(buf)
+        };
+        let embed_tokens = random(v * h, 1)?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for _ in 0..c.num_hidden_layers {
+            layers.push(LlamaDecoderLayer {
+                input_layernorm: b.upload(dt, &vec![1.0; h])?,
+                self_attn: LlamaAttention {
+                    qkv_proj: random((c.q_dim() + 2 * c.kv_dim()) * h, h)?,
+                    o_proj: random(h * c.q_dim(), c.q_dim())?,
+                },
+                post_attention_layernorm: b.upload(dt, &vec![1.0; h])?,
+                mlp: LlamaMlp {
+                    gate_up_proj: random(2 * i * h, h)?,
+                    down_proj: random(h * i, i)?,
+                },
+            });
+        }
+        let norm = b.upload(dt, &vec![1.0; h])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(random(v * h, h)?)
+        };
+        let inv_freq = b.upload(DType::F32, &c.inv_freq())?;
+        Ok(Llama {
+            backend,
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
     /// The model's config.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
@@ -474,26 +524,73 @@ impl<B: Backend> std::fmt::Debug for DeviceAdapter<B> {
     }
 }
 
+/// A validated adapter staged in host memory for one copy to the device (the host tier's
+/// entry): its modules' ranks and their A and B matrices packed in the backend's dtype.
+pub struct StagedAdapter<B: Backend> {
+    /// `(layer, projection, rank)` of each module, in staging order (A then B per module).
+    modules: Vec<(usize, Projection, usize)>,
+    num_layers: usize,
+    max_rank: usize,
+    bytes: usize,
+    staged: Arc<B::Staged>,
+}
+
+impl<B: Backend> StagedAdapter<B> {
+    /// Convert and pack `weights` for `backend` (runs on the adapter loader threads).
+    pub fn stage(backend: &B, weights: &LoraWeights) -> Result<Self, BackendError> {
+        let mut modules = Vec::new();
+        let mut tensors: Vec<&[f32]> = Vec::new();
+        for l in 0..weights.num_layers() {
+            for p in Projection::ALL {
+                if let Some(m) = weights.get(l, p) {
+                    modules.push((l, p, m.rank));
+                    tensors.push(&m.a);
+                    tensors.push(&m.b);
+                }
+            }
+        }
+        let dtype = backend.dtype();
+        let bytes = tensors.iter().map(|t| t.len() * dtype.size()).sum();
+        Ok(StagedAdapter {
+            modules,
+            num_layers: weights.num_layers(),
+            max_rank: weights.max_rank(),
+            bytes,
+            staged: Arc::new(backend.stage(dtype, &tensors)?),
+        })
+    }
+
+    /// Bytes of its matrices.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
 impl<B: Backend> DeviceAdapter<B> {
     /// Copy a validated adapter to the device (in the backend's dtype).
     pub fn upload(backend: &B, weights: &LoraWeights) -> Result<Self, BackendError> {
-        let mut layers = Vec::with_capacity(weights.num_layers());
-        for l in 0..weights.num_layers() {
-            let mut projs: [Option<DeviceLoraProj<B>>; 7] = Default::default();
-            for p in Projection::ALL {
-                if let Some(m) = weights.get(l, p) {
-                    projs[p.index()] = Some(DeviceLoraProj {
-                        a: backend.upload(backend.dtype(), &m.a)?,
-                        b: backend.upload(backend.dtype(), &m.b)?,
-                        rank: m.rank,
-                    });
-                }
-            }
-            layers.push(projs);
+        Self::from_staged(backend, &StagedAdapter::stage(backend, weights)?)
+    }
+
+    /// Copy a staged adapter to the device in one transfer.
+    pub fn from_staged(backend: &B, staged: &StagedAdapter<B>) -> Result<Self, BackendError> {
+        let mut bufs = backend.upload_staged(&staged.staged)?.into_iter();
+        let mut layers: Vec<[Option<DeviceLoraProj<B>>; 7]> =
+            (0..staged.num_layers).map(|_| Default::default()).collect();
+        for &(l, p, rank) in &staged.modules {
+            let (Some(a), Some(b)) = (bufs.next(), bufs.next()) else {
+                return Err(BackendError::Shape(
+                    "staged adapter has fewer tensors than modules".into(),
+                ));
+            };
+            let layer = layers.get_mut(l).ok_or_else(|| {
+                BackendError::Shape(format!("staged module of layer {l} out of range"))
+            })?;
+            layer[p.index()] = Some(DeviceLoraProj { a, b, rank });
         }
         Ok(DeviceAdapter {
             layers,
-            max_rank: weights.max_rank(),
+            max_rank: staged.max_rank,
         })
     }
 
@@ -562,6 +659,17 @@ impl<B: Backend> LoraState<B> {
         let old = entry.replace(adapter);
         self.rebuild(backend)?;
         Ok(old)
+    }
+
+    /// Copy a staged adapter to the device and install it into `slot`.
+    pub fn load_staged(
+        &mut self,
+        backend: &B,
+        slot: usize,
+        staged: &StagedAdapter<B>,
+    ) -> Result<Option<DeviceAdapter<B>>> {
+        let adapter = DeviceAdapter::from_staged(backend, staged)?;
+        self.install(backend, slot, adapter)
     }
 
     /// Upload `weights` and install them into `slot` (both steps of [`Self::install`]).

@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::{result as blas_result, sys as blas_sys};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice,
+};
 use cudarc::driver::{DriverError, result as drv, sys as drv_sys};
 use half::{bf16, f16};
 
@@ -74,10 +76,27 @@ fn shape(msg: String) -> BackendError {
     BackendError::Shape(msg)
 }
 
+/// What keeps a buffer's device memory (and the host memory a copy reads from) alive; only
+/// dropped, never read.
+#[allow(dead_code)]
+enum Memory {
+    Own(CudaSlice<u8>),
+    /// A view into one allocation shared by several buffers, filled from `staged`.
+    Shared(Arc<CudaSlice<u8>>, Arc<CudaStaged>),
+}
+
+/// Tensors converted and packed in page-locked host memory, for one asynchronous copy.
+pub struct CudaStaged {
+    host: PinnedHostSlice<u8>,
+    dtype: DType,
+    /// Byte offset and element count of each tensor.
+    tensors: Vec<(usize, usize)>,
+}
+
 /// A device buffer: raw bytes plus dtype and element count.
 pub struct CudaBuf {
     // Keeps the allocation alive; freed (stream-ordered) on drop.
-    _mem: CudaSlice<u8>,
+    _mem: Memory,
     ptr: u64,
     dtype: DType,
     len: usize,
@@ -339,6 +358,14 @@ impl CudaBackend {
         })
     }
 
+    /// Free and total device memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))?;
+        drv::mem_get_info().map_err(|e| dev_err("memory info", e))
+    }
+
     /// The GPU's name, e.g. "NVIDIA H200".
     pub fn device_name(&self) -> &str {
         &self.name
@@ -499,13 +526,11 @@ impl CudaBackend {
             return Ok(());
         }
         self.mark_other();
-        // SAFETY: callers pass a destination with room for `src` (checked lengths); the copy is
-        // from pageable memory and completes before returning for the host buffer's sake.
+        // SAFETY: callers pass a destination with room for `src` (checked lengths). `src` is
+        // pageable memory: the driver stages it before returning, so the caller may drop it
+        // at once (CUDA's documented behaviour for async copies from pageable memory).
         unsafe { drv::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
-            .map_err(|e| dev_err("copy to device", e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| dev_err("synchronize", e))
+            .map_err(|e| dev_err("copy to device", e))
     }
 
     fn dtoh<T>(&self, dst: &mut [T], src: u64) -> Result<()> {
@@ -545,11 +570,6 @@ impl CudaBackend {
             &[Arg::Ptr(buf.ptr), Arg::F32(value), Arg::Usize(n)],
             false,
         )
-    }
-
-    /// Fill `buf` with deterministic pseudo-random values uniform in `[-scale, scale)`.
-    pub fn fill_random(&self, buf: &mut CudaBuf, seed: u32, scale: f32) -> Result<()> {
-        self.fill_random_raw(buf.ptr, buf.dtype, buf.len, seed, scale)
     }
 
     fn fill_random_raw(
@@ -766,6 +786,7 @@ impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Meta = CudaMeta;
     type LoraTable = CudaLoraTable;
+    type Staged = CudaStaged;
 
     fn kind(&self) -> DeviceKind {
         DeviceKind::Cuda
@@ -778,11 +799,76 @@ impl Backend for CudaBackend {
     fn alloc(&self, dtype: DType, len: usize) -> Result<CudaBuf> {
         let (mem, ptr) = self.alloc_bytes(len * dtype.size())?;
         Ok(CudaBuf {
-            _mem: mem,
+            _mem: Memory::Own(mem),
             ptr,
             dtype,
             len,
         })
+    }
+
+    fn stage(&self, dtype: DType, tensors: &[&[f32]]) -> Result<CudaStaged> {
+        let mut layout = Vec::with_capacity(tensors.len());
+        let mut bytes = 0usize;
+        for t in tensors {
+            layout.push((bytes, t.len()));
+            // 16-byte aligned starts: the SGMV kernels load A and B rows in 16-byte vectors.
+            bytes += (t.len() * dtype.size()).next_multiple_of(16);
+        }
+        // SAFETY: every byte is written below before the memory is read.
+        let mut host = unsafe {
+            self.ctx
+                .alloc_pinned_with_flags::<u8>(bytes.max(16), drv_sys::CU_MEMHOSTALLOC_PORTABLE)
+        }
+        .map_err(|e| dev_err("page-locked host allocation", e))?;
+        let out = host
+            .as_mut_slice()
+            .map_err(|e| dev_err("page-locked host memory", e))?;
+        for (t, &(off, len)) in tensors.iter().zip(&layout) {
+            let dst = &mut out[off..off + len * dtype.size()];
+            match dtype {
+                DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(t)),
+                DType::BF16 => {
+                    for (d, &v) in dst.chunks_exact_mut(2).zip(t.iter()) {
+                        d.copy_from_slice(&bf16::from_f32(v).to_le_bytes());
+                    }
+                }
+                DType::F16 => {
+                    for (d, &v) in dst.chunks_exact_mut(2).zip(t.iter()) {
+                        d.copy_from_slice(&f16::from_f32(v).to_le_bytes());
+                    }
+                }
+            }
+        }
+        Ok(CudaStaged {
+            host,
+            dtype,
+            tensors: layout,
+        })
+    }
+
+    fn upload_staged(&self, staged: &Arc<CudaStaged>) -> Result<Vec<CudaBuf>> {
+        let src = staged
+            .host
+            .as_slice()
+            .map_err(|e| dev_err("page-locked host memory", e))?;
+        let (mem, base) = self.alloc_bytes(src.len())?;
+        self.mark_other();
+        // SAFETY: the destination has `src.len()` bytes; `src` is page-locked, so the copy is
+        // asynchronous, and every returned buffer holds `staged` until it is dropped (a drop
+        // is stream-ordered after the copy).
+        unsafe { drv::memcpy_htod_async(base, src, self.stream.cu_stream()) }
+            .map_err(|e| dev_err("copy to device", e))?;
+        let mem = Arc::new(mem);
+        Ok(staged
+            .tensors
+            .iter()
+            .map(|&(off, len)| CudaBuf {
+                _mem: Memory::Shared(Arc::clone(&mem), Arc::clone(staged)),
+                ptr: base + off as u64,
+                dtype: staged.dtype,
+                len,
+            })
+            .collect())
     }
 
     fn upload(&self, dtype: DType, data: &[f32]) -> Result<CudaBuf> {
@@ -941,7 +1027,9 @@ impl Backend for CudaBackend {
         out: &mut CudaBuf,
     ) -> Result<()> {
         same_dtype(x, w, "matmul")?;
-        same_dtype(x, out, "matmul out")?;
+        if out.dtype != DType::F32 {
+            same_dtype(x, out, "matmul out")?;
+        }
         need(x, rows * k, "matmul x")?;
         need(w, n * k, "matmul w")?;
         need(out, rows * n, "matmul out")?;
@@ -952,6 +1040,10 @@ impl Backend for CudaBackend {
             DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
             DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
             DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+        };
+        let out_dt = match out.dtype {
+            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+            _ => dt,
         };
         let dim = |v: usize, what: &str| {
             i32::try_from(v).map_err(|_| shape(format!("matmul {what} = {v} too large for cuBLAS")))
@@ -983,7 +1075,7 @@ impl Backend for CudaBackend {
                 k_,
                 (&beta as *const f32).cast(),
                 out.ptr as *mut c_void,
-                dt,
+                out_dt,
                 m_,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -1363,6 +1455,10 @@ impl Backend for CudaBackend {
             ],
             false,
         )
+    }
+
+    fn fill_random(&self, buf: &mut CudaBuf, seed: u32, scale: f32) -> Result<()> {
+        self.fill_random_raw(buf.ptr, buf.dtype, buf.len, seed, scale)
     }
 
     fn sample(&self, logits: &CudaBuf, vocab: usize, rows: &[RowSampling]) -> Result<Vec<Pick>> {
