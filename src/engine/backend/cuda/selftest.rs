@@ -521,6 +521,55 @@ fn check_matmul(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
             tol(dt),
         );
     }
+    if dt != DType::F32 {
+        // The logits: half-precision hidden states and LM head, f32 out.
+        let (rows, k, n) = (7usize, 576usize, 49152usize);
+        let x = c.rand(dt, rows * k, 1.0);
+        let w = c.rand(dt, n * k, 1.0 / (k as f32).sqrt());
+        let (dx, cx) = c.upload(dt, &x)?;
+        let (dw, cw) = c.upload(dt, &w)?;
+        let (mut out, mut cout) = c.poisoned(DType::F32, rows * n)?;
+        be.matmul(&dx, &dw, rows, k, n, &mut out)?;
+        cpu.matmul(&cx, &cw, rows, k, n, &mut cout)?;
+        // f32 output of half inputs through tensor cores: held to 1e-3 like the SGMV shrink.
+        c.record(
+            "matmul.f32_out",
+            format!("{dt:?} {rows}x{k}x{n}"),
+            &be.download(&out)?,
+            &cpu.download(&cout)?,
+            1e-3,
+        );
+    }
+    Ok(())
+}
+
+/// `fill_random`: the same bits on both backends once the CPU's values are rounded to the
+/// buffer's dtype (CPU buffers hold f32 whatever their dtype).
+fn check_fill_random(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
+    let (be, cpu) = (c.be, c.cpu.clone());
+    let n = 100_003usize;
+    let seed = c.rng.random_range(0..u32::MAX);
+    let (mut out, mut cout) = c.poisoned(dt, n)?;
+    be.fill_random(&mut out, seed, 0.5)?;
+    cpu.fill_random(&mut cout, seed, 0.5)?;
+    let got = be.download(&out)?;
+    let mut want = cpu.download(&cout)?;
+    round(dt, &mut want);
+    let differ = got
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    let label = format!("{dt:?} {n} values, seed {seed}");
+    if differ == 0 && got.len() == n {
+        c.pass_exact("fill_random", label);
+    } else {
+        c.fail(
+            "fill_random",
+            label,
+            format!("{differ} values differ from the CPU's"),
+        );
+    }
     Ok(())
 }
 
@@ -821,6 +870,9 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
         }
         if let Err(e) = check_attention(&mut c, dt) {
             c.fail("attention", format!("{dt:?}"), e.to_string());
+        }
+        if let Err(e) = check_fill_random(&mut c, dt) {
+            c.fail("fill_random", format!("{dt:?}"), e.to_string());
         }
     }
     if let Err(e) = check_sample(&mut c) {
