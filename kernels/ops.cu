@@ -179,70 +179,101 @@ __device__ void gather_rows_impl(const T* __restrict__ x, const u32* __restrict_
     }
 }
 
-// Per row of x: the index of the largest value (the first one on ties), one block per row.
-template <typename T>
-__device__ void argmax_impl(const T* __restrict__ x, int cols, u32* __restrict__ out) {
-    __shared__ float s_v[32];
-    __shared__ int s_i[32];
-    const T* p = x + (size_t)blockIdx.x * cols;
-    float best = NEG_INF;
-    int bi = 0x7fffffff;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float val = to_f32(p[c]);
-        if (val > best || (val == best && c < bi)) {
-            best = val;
-            bi = c;
-        }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > best || (ov == best && oi < bi)) {
-            best = ov;
-            bi = oi;
-        }
-    }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) {
-        s_v[warp] = best;
-        s_i[warp] = bi;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const int nw = (blockDim.x + 31) >> 5;
-        for (int w = 1; w < nw; ++w) {
-            if (s_v[w] > best || (s_v[w] == best && s_i[w] < bi)) {
-                best = s_v[w];
-                bi = s_i[w];
-            }
-        }
-        out[blockIdx.x] = (bi == 0x7fffffff) ? 0u : (u32)bi;
-    }
+// ---- Sampling: the procedure documented on `engine::sampling::pick_row`, one block per row. ----
+
+// Per-row parameters, laid out as `plan::pack_sampling` writes them (16 bytes).
+struct RowSamplingDev {
+    float temperature;
+    u32 top_k;
+    float top_p;
+    float u;
+};
+
+#define SAMPLE_MAX_THREADS 1024
+#define NO_INDEX 0x7fffffff
+
+// A logit as the procedure compares it: NaN counts as minus infinity.
+__device__ __forceinline__ float rank_value(float v) { return (v != v) ? NEG_INF : v; }
+
+__device__ __forceinline__ bool is_finite_f32(float v) { return fabsf(v) <= 3.402823466e38f; }
+
+// Order-preserving key of a rank value: key(a) < key(b) iff a < b as floats; -0 and +0 share one.
+__device__ __forceinline__ u32 order_key(float v) {
+    u32 b = __float_as_uint(rank_value(v));
+    if (b == 0x80000000u) b = 0u;
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// Greedy pick per row of f32 logits: the first largest logit and its log-probability
-// (log-softmax of the raw row), one block per row, one pass (online max and sum of exponentials).
-// NaN logits are never picked and add nothing to the sum.
-extern "C" __global__ void greedy_pick_f32(const float* __restrict__ logits, int vocab,
-                                           u32* __restrict__ tokens, float* __restrict__ logprobs) {
-    __shared__ float s_v[32], s_m[32], s_s[32];
+// Unnormalised probability of a logit: kept when its key is at least `cut`.
+__device__ __forceinline__ float sample_weight(float v, u32 cut, float lmax, float temperature) {
+    const float r = rank_value(v);
+    if (r == NEG_INF || order_key(r) < cut) return 0.0f;
+    return expf((r - lmax) / temperature);
+}
+
+__device__ __forceinline__ int block_max_i32(int v, int* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const int n = __shfl_xor_sync(0xffffffffu, v, o);
+        v = n > v ? n : v;
+    }
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    int r = (lane < nwarps) ? scratch[lane] : -1;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const int n = __shfl_xor_sync(0xffffffffu, r, o);
+        r = n > r ? n : r;
+    }
+    return r;
+}
+
+__device__ __forceinline__ float warp_inclusive_scan(float v) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const float n = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += n;
+    }
+    return v;
+}
+
+// Pick one token per row of f32 logits `[rows, vocab]` and its log-probability under the raw
+// logits. The block size must be a multiple of 32, at most SAMPLE_MAX_THREADS. Every branch
+// below depends only on block-wide values, so all threads take it together.
+extern "C" __global__ void __launch_bounds__(SAMPLE_MAX_THREADS)
+    sample_f32(const float* __restrict__ logits, int vocab,
+               const RowSamplingDev* __restrict__ params, u32* __restrict__ tokens,
+               float* __restrict__ logprobs) {
+    __shared__ float s_v[32], s_m[32], s_s[32], s_scan[32];
     __shared__ int s_i[32];
+    __shared__ u32 s_hist[256];
+    __shared__ float s_row[3];  // largest logit, log-sum-exp offset and log of the sum
+    __shared__ u32 s_word[2];
+    __shared__ int s_found;
     const float* p = logits + (size_t)blockIdx.x * vocab;
+    const RowSamplingDev rs = params[blockIdx.x];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+    // 1. The first largest logit (NaN never) and the online log-sum-exp of the raw row.
     float best = NEG_INF, m = NEG_INF, sum = 0.0f;
-    int bi = 0x7fffffff;
-    for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
+    int bi = NO_INDEX;
+    for (int c = tid; c < vocab; c += blockDim.x) {
         const float v = p[c];
         if (v != v) continue;
-        if (v > best) {
+        if (v > best || bi == NO_INDEX) {
             best = v;
             bi = c;
         }
+        if (v == NEG_INF) continue;
         if (v > m) {
-            sum = sum * __expf(m - v) + 1.0f;
+            sum = sum * expf(m - v) + 1.0f;
             m = v;
         } else {
-            sum += __expf(v - m);
+            sum += expf(v - m);
         }
     }
 #pragma unroll
@@ -256,10 +287,9 @@ extern "C" __global__ void greedy_pick_f32(const float* __restrict__ logits, int
         const float om = __shfl_xor_sync(0xffffffffu, m, o);
         const float os = __shfl_xor_sync(0xffffffffu, sum, o);
         const float nm = fmaxf(m, om);
-        sum = (nm == NEG_INF) ? 0.0f : sum * __expf(m - nm) + os * __expf(om - nm);
+        sum = (nm == NEG_INF) ? 0.0f : sum * expf(m - nm) + os * expf(om - nm);
         m = nm;
     }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) {
         s_v[warp] = best;
         s_i[warp] = bi;
@@ -267,19 +297,130 @@ extern "C" __global__ void greedy_pick_f32(const float* __restrict__ logits, int
         s_s[warp] = sum;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        const int nw = (blockDim.x + 31) >> 5;
+    if (tid == 0) {
+        const int nw = blockDim.x >> 5;
         for (int w = 1; w < nw; ++w) {
             if (s_v[w] > best || (s_v[w] == best && s_i[w] < bi)) {
                 best = s_v[w];
                 bi = s_i[w];
             }
             const float nm = fmaxf(m, s_m[w]);
-            sum = (nm == NEG_INF) ? 0.0f : sum * __expf(m - nm) + s_s[w] * __expf(s_m[w] - nm);
+            sum = (nm == NEG_INF) ? 0.0f : sum * expf(m - nm) + s_s[w] * expf(s_m[w] - nm);
             m = nm;
         }
-        tokens[blockIdx.x] = (bi == 0x7fffffff) ? 0u : (u32)bi;
-        logprobs[blockIdx.x] = (bi == 0x7fffffff) ? NEG_INF : best - m - __logf(sum);
+        s_row[0] = best;
+        s_row[1] = m;
+        s_row[2] = logf(sum);
+        s_word[0] = (bi == NO_INDEX) ? 0u : (u32)bi;
+    }
+    __syncthreads();
+    const float lmax = s_row[0];
+    const u32 greedy = s_word[0];
+    const bool finite = is_finite_f32(lmax);
+    if (!(rs.temperature > 0.0f) || !finite) {
+        if (tid == 0) {
+            tokens[blockIdx.x] = greedy;
+            logprobs[blockIdx.x] = finite ? (p[greedy] - s_row[1]) - s_row[2] : NEG_INF;
+        }
+        return;
+    }
+    const float t = rs.temperature;
+    const u32 key_max = order_key(lmax);
+
+    // 2. Top-k: radix select of the k-th largest key, 8 bits a pass; equal values all pass.
+    u32 cut = 0u;
+    if (rs.top_k > 0u && rs.top_k < (u32)vocab) {
+        u32 prefix = 0u, want = rs.top_k;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            const u32 hi_mask = (shift == 24) ? 0u : (0xffffffffu << (shift + 8));
+            for (int b = tid; b < 256; b += blockDim.x) s_hist[b] = 0u;
+            __syncthreads();
+            for (int base = 0; base < vocab; base += blockDim.x) {
+                const int c = base + tid;
+                const u32 key = (c < vocab) ? order_key(p[c]) : 0u;
+                const bool take = c < vocab && (key & hi_mask) == prefix;
+                const u32 bin = (key >> shift) & 0xffu;
+                // One shared atomic per distinct bin in the warp: logits crowd a few bins.
+                const u32 active = __ballot_sync(0xffffffffu, take);
+                if (take) {
+                    const u32 peers = __match_any_sync(active, bin);
+                    if (lane == __ffs(peers) - 1) atomicAdd(&s_hist[bin], (u32)__popc(peers));
+                }
+            }
+            __syncthreads();
+            if (tid == 0) {
+                u32 b = 255u, above = 0u;
+                for (;; --b) {
+                    if (above + s_hist[b] >= want || b == 0u) break;
+                    above += s_hist[b];
+                }
+                s_word[0] = prefix | (b << shift);
+                s_word[1] = want - above;
+            }
+            __syncthreads();
+            prefix = s_word[0];
+            want = s_word[1];
+        }
+        cut = prefix;
+    }
+
+    // 3. Top-p: the largest key K (at most the largest logit's) such that the kept tokens with
+    // key >= K carry at least top_p of the kept mass. Block sums of non-negative terms grow
+    // with every term, so the test is monotone in K and a bitwise search finds it.
+    if (rs.top_p > 0.0f && rs.top_p < 1.0f) {
+        float part = 0.0f;
+        for (int c = tid; c < vocab; c += blockDim.x) part += sample_weight(p[c], cut, lmax, t);
+        const float target = rs.top_p * block_sum(part, s_v);
+        u32 k = 0u;
+        for (int bit = 31; bit >= 0; --bit) {
+            const u32 cand = k | (1u << bit);
+            if (cand > key_max) continue;
+            const u32 c_cut = cand > cut ? cand : cut;
+            float mass = 0.0f;
+            for (int c = tid; c < vocab; c += blockDim.x) {
+                mass += sample_weight(p[c], c_cut, lmax, t);
+            }
+            if (block_sum(mass, s_v) >= target) k = cand;
+        }
+        cut = k > cut ? k : cut;
+    }
+
+    // 4. Draw: target = u * kept mass; the first kept token in id order whose cumulative mass
+    // exceeds it, else the last kept token with a nonzero weight.
+    float part = 0.0f;
+    int last = -1;
+    for (int c = tid; c < vocab; c += blockDim.x) {
+        const float w = sample_weight(p[c], cut, lmax, t);
+        part += w;
+        if (w > 0.0f) last = c;
+    }
+    const float target = rs.u * block_sum(part, s_v);
+    last = block_max_i32(last, s_i);
+    if (tid == 0) s_found = NO_INDEX;
+    __syncthreads();
+    const int nw = blockDim.x >> 5;
+    float carry = 0.0f;
+    for (int base = 0; base < vocab; base += blockDim.x) {
+        const int c = base + tid;
+        const float w = (c < vocab) ? sample_weight(p[c], cut, lmax, t) : 0.0f;
+        const float incl = warp_inclusive_scan(w);
+        if (lane == 31) s_scan[warp] = incl;
+        __syncthreads();
+        float before = 0.0f, tile = 0.0f;
+        for (int w2 = 0; w2 < nw; ++w2) {
+            if (w2 == warp) before = tile;
+            tile += s_scan[w2];
+        }
+        // Zero weights add exactly nothing, so the first index past the target has w > 0.
+        if (c < vocab && carry + (before + incl) > target) atomicMin(&s_found, c);
+        __syncthreads();
+        if (s_found != NO_INDEX) break;
+        carry += tile;
+    }
+    if (tid == 0) {
+        const int tok = (s_found != NO_INDEX) ? s_found : (last >= 0 ? last : (int)greedy);
+        tokens[blockIdx.x] = (u32)tok;
+        logprobs[blockIdx.x] = (p[tok] - s_row[1]) - s_row[2];
     }
 }
 
@@ -345,9 +486,6 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
     extern "C" __global__ void gather_rows_##TNAME(const T* x, const u32* rows, int hidden,  \
                                                    T* out) {                                  \
         gather_rows_impl<T>(x, rows, hidden, out);                                            \
-    }                                                                                         \
-    extern "C" __global__ void argmax_##TNAME(const T* x, int cols, u32* out) {              \
-        argmax_impl<T>(x, cols, out);                                                         \
     }                                                                                         \
     extern "C" __global__ void fill_##TNAME(T* y, float val, size_t n) {                     \
         fill_impl<T>(y, val, n);                                                              \

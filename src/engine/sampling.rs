@@ -9,6 +9,9 @@ use rand::{RngExt, SeedableRng};
 
 use crate::engine::backend::{Pick, RowSampling};
 
+/// The largest f32 below 1.
+const LARGEST_BELOW_ONE: f32 = 1.0 - f32::EPSILON / 2.0;
+
 /// Largest number of alternatives `logprobs` may ask for.
 pub const MAX_LOGPROBS: usize = 20;
 
@@ -135,7 +138,8 @@ impl Sampler {
             temperature: p.temperature,
             top_k: p.top_k.map_or(0, |k| k.min(u32::MAX as usize) as u32),
             top_p: p.top_p,
-            u: u as f32,
+            // Rounding to f32 could make the draw 1.0, outside [0, 1).
+            u: (u as f32).min(LARGEST_BELOW_ONE),
         }
     }
 
@@ -166,12 +170,31 @@ impl Sampler {
 }
 
 /// Pick a token from one row of logits as `rs` says: the host twin of the backends' `sample`.
+///
+/// The procedure, which every backend follows exactly (the CUDA kernel `sample_f32` in f32, this
+/// one in f64, so they can differ only where a sum lands on a boundary within rounding):
+///
+/// 1. NaN logits count as minus infinity: never picked, probability 0. `-0.0` equals `0.0`.
+/// 2. Greedy when `temperature` is not `> 0`, or when the largest logit is not finite (all
+///    minus infinity/NaN, or a plus infinity): the first largest logit (token 0 if all are NaN).
+/// 3. Otherwise `z_i = logit_i / temperature`. Top-k (only when `0 < top_k < vocab`): keep every
+///    token with `z_i >=` the `top_k`-th largest `z` (ties at the boundary are all kept; compared
+///    on the raw logits, which order the same way, so no rounding can change the set).
+/// 4. Weights `w_i = exp(z_i - max z)` over the kept set (0 for minus-infinity logits); the
+///    probabilities `p_i` are the weights normalised over that set.
+/// 5. Top-p (only when `0 < top_p < 1`): let `θ` be the smallest probability in the shortest
+///    descending-probability prefix whose cumulative sum reaches `top_p`; keep every kept token
+///    with `p_i >= θ` (all ties of `θ`). As the probability is monotone in the logit, this is the
+///    largest logit value `λ` whose kept tokens with `logit >= λ` carry at least `top_p` of the
+///    kept mass, keeping `logit >= λ`; when rounding leaves no such prefix, nothing is cut.
+/// 6. Draw: `target = u * (sum of kept p_i)`; walk the kept tokens in ascending token-id order
+///    accumulating `p_i` and return the first whose cumulative sum exceeds `target`; if none does
+///    (`u` rounded up to 1), the last kept token with `p_i > 0`.
+///
+/// The returned logprob is always `log_softmax(raw logits)[token]` (ignoring temperature, top-k
+/// and top-p), minus infinity when the largest logit is not finite.
 pub fn pick_row(logits: &[f32], rs: &RowSampling) -> Pick {
-    let token = if rs.temperature == 0.0 {
-        argmax(logits)
-    } else {
-        pick(logits, rs, rs.u as f64)
-    };
+    let token = pick(logits, rs);
     Pick {
         token,
         logprob: logprob_of(logits, token as usize),
@@ -258,54 +281,75 @@ fn top_n(log_probs: &[f32], n: usize) -> Vec<(u32, f32)> {
         .collect()
 }
 
-/// Temperature, then top-k, then top-p, then the token where the cumulative probability passes
-/// `u` (uniform in `[0, 1)`).
-fn pick(logits: &[f32], p: &RowSampling, u: f64) -> u32 {
-    let t = p.temperature as f64;
-    let mut cand: Vec<(u32, f64)> = logits
+/// A logit as the procedure compares it: NaN counts as minus infinity (`-0.0 == 0.0` already
+/// holds for float comparison).
+fn rank_value(v: f32) -> f32 {
+    if v.is_nan() { f32::NEG_INFINITY } else { v }
+}
+
+/// Steps 2 to 6 of [`pick_row`]'s procedure.
+fn pick(logits: &[f32], rs: &RowSampling) -> u32 {
+    let max = logits
         .iter()
-        .enumerate()
-        .filter(|(_, v)| !v.is_nan())
-        .map(|(i, &v)| (i as u32, v as f64 / t))
-        .collect();
-    if cand.is_empty() {
-        return 0;
+        .copied()
+        .map(rank_value)
+        .fold(f32::NEG_INFINITY, f32::max);
+    // `partial_cmp` so a NaN temperature is greedy too.
+    let tempered = rs.temperature.partial_cmp(&0.0) == Some(std::cmp::Ordering::Greater);
+    if !tempered || !max.is_finite() {
+        return argmax(logits);
     }
-    let desc = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    if let Some(k) = Some(p.top_k as usize).filter(|&k| k > 0 && k < cand.len()) {
-        cand.select_nth_unstable_by(k - 1, desc);
-        cand.truncate(k);
+    // Everything kept has `rank_value(logit) >= threshold`.
+    let mut threshold = f32::NEG_INFINITY;
+    let k = rs.top_k as usize;
+    if k > 0 && k < logits.len() {
+        let mut values: Vec<f32> = logits.iter().copied().map(rank_value).collect();
+        values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        threshold = values[k - 1];
     }
-    cand.sort_by(desc);
-    let max = cand[0].1;
-    let mut probs: Vec<f64> = cand.iter().map(|&(_, v)| (v - max).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    for q in probs.iter_mut() {
-        *q /= total;
-    }
-    if p.top_p < 1.0 {
+    let t = rs.temperature as f64;
+    let weight = |v: f32, threshold: f32| -> f64 {
+        let v = rank_value(v);
+        if v == f32::NEG_INFINITY || v < threshold {
+            0.0
+        } else {
+            ((v as f64 - max as f64) / t).exp()
+        }
+    };
+    if rs.top_p > 0.0 && rs.top_p < 1.0 {
+        let mut kept: Vec<(f32, f64)> = logits
+            .iter()
+            .filter(|&&v| rank_value(v) >= threshold)
+            .map(|&v| (rank_value(v), weight(v, threshold)))
+            .collect();
+        let total: f64 = kept.iter().map(|e| e.1).sum();
+        let target = rs.top_p as f64 * total;
+        kept.sort_by(|a, b| b.0.total_cmp(&a.0));
         let mut cum = 0.0;
-        let mut keep = probs.len();
-        for (i, &q) in probs.iter().enumerate() {
-            cum += q;
-            if cum >= p.top_p as f64 {
-                keep = i + 1;
+        // Equal logits have equal probabilities: add each value's whole group before testing.
+        for group in kept.chunk_by(|a, b| a.0 == b.0) {
+            cum += group.iter().map(|e| e.1).sum::<f64>();
+            if cum >= target {
+                threshold = group[0].0;
                 break;
             }
         }
-        probs.truncate(keep);
-        cand.truncate(keep);
     }
-    let total: f64 = probs.iter().sum();
-    let target = u * total;
+    let total: f64 = logits.iter().map(|&v| weight(v, threshold)).sum();
+    let target = rs.u as f64 * total;
     let mut cum = 0.0;
-    for (i, &q) in probs.iter().enumerate() {
-        cum += q;
-        if target < cum {
-            return cand[i].0;
+    let mut last_positive = 0u32;
+    for (i, &v) in logits.iter().enumerate() {
+        let w = weight(v, threshold);
+        if w > 0.0 {
+            cum += w;
+            if cum > target {
+                return i as u32;
+            }
+            last_positive = i as u32;
         }
     }
-    cand[cand.len() - 1].0
+    last_positive
 }
 
 /// Why a sequence finished.
@@ -424,25 +468,143 @@ mod tests {
         assert_ne!(run(7), run(8));
     }
 
+    fn row(temperature: f32, top_k: u32, top_p: f32, u: f32) -> RowSampling {
+        RowSampling {
+            temperature,
+            top_k,
+            top_p,
+            u,
+        }
+    }
+
+    fn token(logits: &[f32], rs: RowSampling) -> u32 {
+        pick_row(logits, &rs).token
+    }
+
     #[test]
     fn top_k_and_top_p_restrict_the_candidates() {
         let logits = [5.0, 4.9, 0.0, -1.0, 4.8];
-        let row = |top_k: u32, top_p: f32| RowSampling {
-            temperature: 1.0,
-            top_k,
-            top_p,
-            u: 0.0,
-        };
-        let top_k = row(2, 1.0);
         for u in [0.0, 0.3, 0.6, 0.999] {
-            assert!([0, 1].contains(&pick(&logits, &top_k, u)));
+            assert!([0, 1].contains(&token(&logits, row(1.0, 2, 1.0, u))));
         }
-        // p(0) ~ 0.36, p(1) ~ 0.33: top_p 0.5 keeps exactly those two.
-        let top_p = row(0, 0.5);
-        assert_eq!(pick(&logits, &top_p, 0.0), 0);
-        assert_eq!(pick(&logits, &top_p, 0.99), 1);
-        // Without restrictions the least likely tail is reachable.
-        assert_eq!(pick(&logits, &row(0, 1.0), 0.9999), 3);
+        // p(0) ~ 0.35, p(1) ~ 0.32, p(4) ~ 0.29: top_p 0.5 keeps exactly the first two.
+        assert_eq!(token(&logits, row(1.0, 0, 0.5, 0.0)), 0);
+        assert_eq!(token(&logits, row(1.0, 0, 0.5, 0.99)), 1);
+        // Without restrictions the draw walks every token in id order, so u near 1 is the last.
+        assert_eq!(token(&logits, row(1.0, 0, 1.0, 0.9999)), 4);
+    }
+
+    #[test]
+    fn the_draw_walks_the_kept_tokens_in_token_id_order() {
+        // p = (0.25, 0.75): [0, 0.25) picks token 0, [0.25, 1) token 1.
+        let logits = [0.0f32, 3.0f32.ln()];
+        assert_eq!(token(&logits, row(1.0, 0, 1.0, 0.0)), 0);
+        assert_eq!(token(&logits, row(1.0, 0, 1.0, 0.2)), 0);
+        assert_eq!(token(&logits, row(1.0, 0, 1.0, 0.3)), 1);
+        assert_eq!(token(&logits, row(1.0, 0, 1.0, 0.999)), 1);
+        // Reversed, the most likely token comes first and takes [0, 0.75).
+        let reversed = [3.0f32.ln(), 0.0];
+        assert_eq!(token(&reversed, row(1.0, 0, 1.0, 0.7)), 0);
+        assert_eq!(token(&reversed, row(1.0, 0, 1.0, 0.8)), 1);
+    }
+
+    #[test]
+    fn top_k_keeps_every_token_tied_with_the_kth_largest() {
+        // The 2nd largest is 2.0, held by tokens 2 and 3: both are kept, tokens 0 and 4 never.
+        let logits = [1.0, 3.0, 2.0, 2.0, 0.0];
+        let picked: Vec<u32> = (0..100)
+            .map(|i| token(&logits, row(1.0, 2, 1.0, i as f32 / 100.0)))
+            .collect();
+        for t in [1, 2, 3] {
+            assert!(picked.contains(&t), "token {t} never drawn: {picked:?}");
+        }
+        assert!(!picked.contains(&0) && !picked.contains(&4));
+        // -0.0 and 0.0 are the same logit.
+        let zeros = [-0.0, 0.0, -1.0];
+        assert_eq!(token(&zeros, row(1.0, 1, 1.0, 0.99)), 1);
+        assert_eq!(token(&zeros, row(1.0, 1, 1.0, 0.0)), 0);
+    }
+
+    #[test]
+    fn top_k_compares_raw_logits_whatever_the_temperature() {
+        // A tiny temperature makes every weight but the largest underflow; the kept set is still
+        // the two largest logits, and the draw can only pick the largest.
+        let logits = [1.0, 1.0 + 1e-6, 0.5];
+        for u in [0.0, 0.5, 0.999] {
+            assert_eq!(token(&logits, row(1e-30, 2, 1.0, u)), 1);
+        }
+        // A huge temperature flattens the kept pair to equal odds.
+        assert_eq!(token(&[10.0, 0.0, 9.0], row(1e30, 2, 1.0, 0.4)), 0);
+        assert_eq!(token(&[10.0, 0.0, 9.0], row(1e30, 2, 1.0, 0.6)), 2);
+    }
+
+    #[test]
+    fn top_p_keeps_every_token_tied_with_the_smallest_probability_of_the_prefix() {
+        // p ~ (0.534, 0.197, 0.197, 0.072): the shortest prefix reaching 0.6 ends at a 0.197,
+        // so both 0.197 tokens are kept and token 3 is not.
+        let logits = [2.0, 1.0, 1.0, 0.0];
+        let picked: Vec<u32> = (0..100)
+            .map(|i| token(&logits, row(1.0, 0, 0.6, i as f32 / 100.0)))
+            .collect();
+        assert!(picked.contains(&1) && picked.contains(&2));
+        assert!(!picked.contains(&3));
+        assert_eq!(token(&logits, row(1.0, 0, 0.6, 0.999)), 2);
+        // A prefix that reaches top_p exactly stops there: 0.534 alone for top_p 0.5.
+        assert_eq!(token(&logits, row(1.0, 0, 0.5, 0.999)), 0);
+    }
+
+    #[test]
+    fn top_p_applies_to_the_probabilities_renormalised_after_top_k() {
+        // After top-k 2 the pair has p ~ (0.731, 0.269): top_p 0.7 keeps token 0 alone,
+        // although over all four tokens its probability is only ~0.61.
+        let logits = [2.0, 1.0, 0.5, 0.5];
+        assert_eq!(token(&logits, row(1.0, 2, 0.7, 0.999)), 0);
+        assert_eq!(token(&logits, row(1.0, 0, 0.7, 0.999)), 1);
+    }
+
+    #[test]
+    fn nan_logits_are_never_picked_and_count_as_minus_infinity() {
+        let logits = [f32::NAN, 1.0, f32::NAN, 0.5];
+        for u in [0.0, 0.5, 0.999] {
+            let t = token(&logits, row(1.0, 0, 1.0, u));
+            assert!(t == 1 || t == 3, "{t}");
+        }
+        assert_eq!(token(&logits, row(0.0, 0, 1.0, 0.0)), 1);
+        // A temperature that is not > 0 (NaN included) is greedy.
+        assert_eq!(token(&logits, row(f32::NAN, 0, 1.0, 0.999)), 1);
+        assert_eq!(token(&logits, row(-1.0, 0, 1.0, 0.999)), 1);
+        // Top-k counts NaN as the smallest value: k = 3 keeps tokens 1, 3 and the NaNs at zero
+        // probability, so u near 1 lands on token 3.
+        assert_eq!(token(&logits, row(1.0, 3, 1.0, 0.999)), 3);
+        let p = pick_row(&logits, &row(1.0, 0, 1.0, 0.0));
+        assert!((p.logprob - log_softmax(&logits)[p.token as usize]).abs() < 1e-7);
+        // Nothing finite: greedy, token 0 when all are NaN, the first -inf otherwise.
+        assert_eq!(token(&[f32::NAN; 3], row(1.0, 0, 1.0, 0.5)), 0);
+        let p = pick_row(
+            &[f32::NAN, f32::NEG_INFINITY, f32::NEG_INFINITY],
+            &row(1.0, 0, 1.0, 0.5),
+        );
+        assert_eq!(p.token, 1);
+        assert_eq!(p.logprob, f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn a_draw_at_one_picks_the_last_kept_token_with_nonzero_probability() {
+        let logits = [0.0, 0.0, f32::NEG_INFINITY];
+        assert_eq!(token(&logits, row(1.0, 0, 1.0, 1.0)), 1);
+        assert_eq!(token(&logits, row(1.0, 0, 1.0, f32::NAN)), 1);
+    }
+
+    #[test]
+    fn the_sampler_never_hands_out_a_draw_of_one() {
+        assert_eq!(f32::from_bits(LARGEST_BELOW_ONE.to_bits() + 1), 1.0);
+        // Why the clamp exists: an f64 draw just below 1 rounds up in f32.
+        assert_eq!((1.0 - 1e-9f64) as f32, 1.0);
+        let mut s = Sampler::new(params(1.0), 5);
+        for _ in 0..1000 {
+            let rs = s.row_sampling();
+            assert!((0.0..1.0).contains(&rs.u), "{}", rs.u);
+        }
     }
 
     #[test]

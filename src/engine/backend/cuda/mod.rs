@@ -696,28 +696,6 @@ impl CudaBackend {
         }
         Ok(true)
     }
-
-    /// Row-wise argmax of `x: [rows, cols]` (greedy sampling on the device).
-    pub fn argmax(&self, x: &CudaBuf, rows: usize, cols: usize) -> Result<Vec<u32>> {
-        if x.len < rows * cols {
-            return Err(shape(format!("argmax: {} elements < {rows}x{cols}", x.len)));
-        }
-        if rows == 0 {
-            return Ok(Vec::new());
-        }
-        let (out, ptr) = self.alloc_bytes(rows * 4)?;
-        self.launch(
-            &format!("argmax_{}", Self::suffix(x.dtype)),
-            (rows as u32, 1, 1),
-            plan::row_block(cols),
-            &[Arg::Ptr(x.ptr), i32_arg(cols, "cols")?, Arg::Ptr(ptr)],
-            false,
-        )?;
-        let mut host = vec![0u32; rows];
-        self.dtoh(&mut host, ptr)?;
-        drop(out);
-        Ok(host)
-    }
 }
 
 /// Every kernel the backend can launch (for warm-up and the embedding test).
@@ -733,7 +711,7 @@ pub fn kernel_names() -> Vec<String> {
             }
         }
     }
-    names.push("greedy_pick_f32".to_string());
+    names.push("sample_f32".to_string());
     for t in ["f32", "f16", "bf16"] {
         for op in [
             "embedding",
@@ -744,7 +722,6 @@ pub fn kernel_names() -> Vec<String> {
             "attention",
             "silu_mul",
             "gather_rows",
-            "argmax",
             "fill",
             "fill_random",
         ] {
@@ -1495,38 +1472,34 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(Vec::new());
         }
-        // One kernel gives every row its argmax and that token's log-probability; rows that
-        // sample at a temperature are picked on the host from their downloaded logits.
-        let (out, ptr) = self.alloc_bytes(n * 8)?;
+        // One buffer: the rows' parameters in, then tokens and log-probabilities out, so the
+        // picks come back in one copy.
+        let params = plan::pack_sampling(rows);
+        let (buf, ptr) = self.alloc_bytes(params.len() + 8 * n)?;
+        self.htod(ptr, &params)?;
+        let out = ptr + params.len() as u64;
         self.launch(
-            "greedy_pick_f32",
+            "sample_f32",
             (n as u32, 1, 1),
-            plan::row_block(vocab),
+            plan::sample_block(vocab),
             &[
                 Arg::Ptr(logits.ptr),
                 i32_arg(vocab, "vocab")?,
                 Arg::Ptr(ptr),
-                Arg::Ptr(ptr + 4 * n as u64),
+                Arg::Ptr(out),
+                Arg::Ptr(out + 4 * n as u64),
             ],
             false,
         )?;
         let mut words = vec![0u32; 2 * n];
-        self.dtoh(&mut words, ptr)?;
-        drop(out);
-        let mut picks: Vec<Pick> = (0..n)
+        self.dtoh(&mut words, out)?;
+        drop(buf);
+        Ok((0..n)
             .map(|i| Pick {
                 token: words[i],
                 logprob: f32::from_bits(words[n + i]),
             })
-            .collect();
-        for (i, rs) in rows.iter().enumerate() {
-            if rs.temperature != 0.0 {
-                let mut row = vec![0f32; vocab];
-                self.dtoh(&mut row, logits.ptr_at(i * vocab))?;
-                picks[i] = crate::engine::sampling::pick_row(&row, rs);
-            }
-        }
-        Ok(picks)
+            .collect())
     }
 
     fn synchronize(&self) -> Result<()> {

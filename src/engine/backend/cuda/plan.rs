@@ -1,7 +1,7 @@
 //! Launch planning for the CUDA kernels: segment tables -> row tiles, grid shapes, kernel variants
 //! and the packed per-step metadata. Pure functions, unit-tested without a GPU.
 
-use crate::engine::backend::{BLOCK_SIZE, BackendError, Result, StepMeta};
+use crate::engine::backend::{BLOCK_SIZE, BackendError, Result, RowSampling, StepMeta};
 
 /// Rows per SGMV tile: the M of one `mma.sync.m16n8k16`.
 pub const TILE_ROWS: usize = 16;
@@ -248,6 +248,32 @@ pub fn row_block(cols: usize) -> u32 {
     }
 }
 
+/// Largest block of the sampling kernel (kernels/ops.cu `SAMPLE_MAX_THREADS`).
+pub const SAMPLE_MAX_THREADS: usize = 1024;
+
+/// Threads per block of `sample_f32` (one block per row): a multiple of 32 (the kernel scans by
+/// whole warps), about 64 logits per thread, between 128 and [`SAMPLE_MAX_THREADS`]. The
+/// top-p search reads the row 32 times, so large vocabularies get the largest block.
+pub fn sample_block(vocab: usize) -> u32 {
+    (vocab.div_ceil(64).next_power_of_two()).clamp(128, SAMPLE_MAX_THREADS) as u32
+}
+
+/// Bytes per row of [`pack_sampling`].
+pub const SAMPLING_BYTES: usize = 16;
+
+/// The per-row sampling parameters as kernels/ops.cu `RowSamplingDev` reads them: temperature
+/// (f32), top_k (u32), top_p (f32), u (f32), little-endian, [`SAMPLING_BYTES`] per row.
+pub fn pack_sampling(rows: &[RowSampling]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(rows.len() * SAMPLING_BYTES);
+    for r in rows {
+        bytes.extend_from_slice(&r.temperature.to_le_bytes());
+        bytes.extend_from_slice(&r.top_k.to_le_bytes());
+        bytes.extend_from_slice(&r.top_p.to_le_bytes());
+        bytes.extend_from_slice(&r.u.to_le_bytes());
+    }
+    bytes
+}
+
 /// Grid for a grid-stride elementwise op over `n` elements with 256-thread blocks.
 pub fn elementwise_grid(n: usize, sm_count: usize) -> u32 {
     n.div_ceil(256).clamp(1, 32 * sm_count.max(1)) as u32
@@ -379,5 +405,55 @@ mod tests {
         let mut m = step(8);
         m.positions.pop();
         assert!(pack_meta(&m).is_err());
+    }
+    #[test]
+    fn the_sampling_block_is_whole_warps_within_the_kernel_limit() {
+        for vocab in [
+            1usize,
+            31,
+            100,
+            2048,
+            8191,
+            32000,
+            49152,
+            128_256,
+            262_144,
+            1 << 22,
+        ] {
+            let b = sample_block(vocab) as usize;
+            assert_eq!(b % 32, 0, "vocab {vocab}");
+            assert!(
+                (128..=SAMPLE_MAX_THREADS).contains(&b),
+                "vocab {vocab}: {b}"
+            );
+        }
+        assert_eq!(sample_block(49152), 1024);
+        assert_eq!(sample_block(100), 128);
+        assert_eq!(sample_block(16384), 256);
+    }
+
+    #[test]
+    fn sampling_parameters_pack_as_sixteen_little_endian_bytes_per_row() {
+        let rows = [
+            RowSampling::GREEDY,
+            RowSampling {
+                temperature: 0.7,
+                top_k: 40,
+                top_p: 0.9,
+                u: 0.25,
+            },
+        ];
+        let bytes = pack_sampling(&rows);
+        assert_eq!(bytes.len(), 2 * SAMPLING_BYTES);
+        let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
+        assert_eq!(
+            (0..4).map(word).collect::<Vec<_>>(),
+            vec![0, 0, 1f32.to_bits(), 0]
+        );
+        assert_eq!(
+            (4..8).map(word).collect::<Vec<_>>(),
+            vec![0.7f32.to_bits(), 40, 0.9f32.to_bits(), 0.25f32.to_bits()]
+        );
+        assert!(pack_sampling(&[]).is_empty());
     }
 }
