@@ -159,6 +159,26 @@ impl StepMeta {
         Ok(meta)
     }
 
+    /// One sequence's prefill of `rows` tokens (id 0) over blocks `0..`, no adapters, no logits:
+    /// the base of op-level tests and benches that set their own segments or ids.
+    pub fn one_sequence(rows: usize) -> StepMeta {
+        let blocks = rows.div_ceil(BLOCK_SIZE);
+        StepMeta {
+            token_ids: vec![0; rows],
+            positions: (0..rows as u32).collect(),
+            slot_mapping: (0..rows as u32).collect(),
+            seqs: vec![SeqMeta {
+                row_start: 0,
+                num_rows: rows as u32,
+                context_len: rows as u32,
+                block_table_start: 0,
+                num_blocks: blocks as u32,
+            }],
+            block_tables: (0..blocks as u32).collect(),
+            ..StepMeta::default()
+        }
+    }
+
     /// Rows (tokens) in the batch.
     pub fn rows(&self) -> usize {
         self.token_ids.len()
@@ -513,4 +533,29 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Wait until queued work is done (no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_sequence_is_a_valid_step_of_fresh_blocks() {
+        for rows in [1, 15, 16, 17, 512] {
+            let meta = StepMeta::one_sequence(rows);
+            meta.validate().unwrap();
+            assert_eq!(meta.rows(), rows);
+            assert_eq!(meta.block_tables.len(), rows.div_ceil(BLOCK_SIZE));
+        }
+    }
+
+    #[test]
+    fn random_uniform_is_deterministic_and_in_range() {
+        let a: Vec<f32> = (0..10_000).map(|i| random_uniform(7, i)).collect();
+        assert!(a.iter().all(|v| (-1.0..1.0).contains(v)));
+        assert_eq!(a[123], random_uniform(7, 123));
+        assert_ne!(a[123], random_uniform(8, 123));
+        let mean = a.iter().sum::<f32>() / a.len() as f32;
+        assert!(mean.abs() < 0.03, "mean {mean}");
+    }
 }

@@ -302,15 +302,9 @@ fn check(
 
 fn meta_for(lens: &[usize]) -> StepMeta {
     let slots = row_slots(lens);
-    let rows = slots.len() as u32;
     StepMeta {
-        token_ids: vec![0; rows as usize],
-        positions: vec![0; rows as usize],
-        slot_mapping: vec![0; rows as usize],
-        seqs: Vec::new(),
-        block_tables: Vec::new(),
         segments: SegmentTable::from_row_slots(&slots),
-        logit_rows: Vec::new(),
+        ..StepMeta::one_sequence(slots.len())
     }
 }
 

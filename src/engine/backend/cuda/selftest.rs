@@ -182,11 +182,8 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
     let ctable = cpu.lora_table(&cpu_projs)?;
     let segments = SegmentTable::from_row_slots(&case.rows);
     let meta = StepMeta {
-        token_ids: vec![0; n_rows],
-        positions: vec![0; n_rows],
-        slot_mapping: vec![0; n_rows],
         segments,
-        ..StepMeta::default()
+        ..StepMeta::one_sequence(n_rows)
     };
     let dmeta = be.upload_meta(&meta)?;
     let cmeta = cpu.upload_meta(&meta)?;
@@ -467,10 +464,8 @@ fn check_elementwise_ops(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
         .collect();
     let meta = StepMeta {
         token_ids: ids,
-        positions: vec![0; rows],
-        slot_mapping: vec![0; rows],
         logit_rows: vec![6, 0, 3],
-        ..StepMeta::default()
+        ..StepMeta::one_sequence(rows)
     };
     let dmeta = be.upload_meta(&meta)?;
     let cmeta = cpu.upload_meta(&meta)?;
