@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod compile;
+pub mod parity;
 pub mod plan;
 pub mod reference;
 pub mod selftest;
