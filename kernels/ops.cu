@@ -1,12 +1,17 @@
 // Everything else a Llama forward pass needs on the GPU, for f32, f16 and bf16 buffers. Arithmetic
 // is f32 throughout; results are rounded to the buffer type once, on store.
 //
+// Every kernel the forward runs starts with pdl_enter() (common.cuh), so the backend may launch it
+// with programmatic dependent launch: its launch overlaps the previous kernel's tail, and nothing is
+// read from the previous kernel or written before that kernel has completed.
+//
 // Prepended: common.cuh.
 
 // out[row] = table[token_ids[row]]; ids at or past `vocab` give a zero row.
 template <typename T>
 __device__ void embedding_impl(const T* __restrict__ table, const u32* __restrict__ ids, int vocab,
                                int hidden, T* __restrict__ out) {
+    pdl_enter();
     const int row = blockIdx.x;
     const u32 id = ids[row];
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
@@ -22,6 +27,7 @@ __device__ void rms_norm_impl(T* __restrict__ residual, const T* __restrict__ x,
                               const T* __restrict__ w, float eps, int hidden,
                               T* __restrict__ out) {
     __shared__ float scratch[32];
+    pdl_enter();
     const size_t base = (size_t)blockIdx.x * hidden;
     float ss = 0.0f;
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
@@ -43,6 +49,7 @@ __device__ void rms_norm_impl(T* __restrict__ residual, const T* __restrict__ x,
 
 template <typename T>
 __device__ void add_assign_impl(T* __restrict__ y, const T* __restrict__ x, size_t n) {
+    pdl_enter();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         y[i] = from_f32<T>(to_f32(y[i]) + to_f32(x[i]));
@@ -54,6 +61,7 @@ template <typename T>
 __device__ void rope_impl(T* __restrict__ x, const float* __restrict__ inv_freq,
                           const u32* __restrict__ positions, int row_stride, int col_offset,
                           int head_dim) {
+    pdl_enter();
     const int row = blockIdx.x, head = blockIdx.y;
     const int half = head_dim / 2;
     const float pos = (float)positions[row];
@@ -72,6 +80,7 @@ template <typename T>
 __device__ void write_kv_impl(const T* __restrict__ src, int row_stride, int k_offset,
                               int v_offset, const u32* __restrict__ slots, int kv_width,
                               T* __restrict__ k_cache, T* __restrict__ v_cache) {
+    pdl_enter();
     const int row = blockIdx.x;
     const size_t dst = (size_t)slots[row] * kv_width;
     const T* s = src + (size_t)row * row_stride;
@@ -95,6 +104,7 @@ __device__ void attention_impl(const T* __restrict__ q, int row_stride, int q_of
                                int head_dim, float scale, T* __restrict__ out) {
     __shared__ float s_m[ATTN_WARPS], s_l[ATTN_WARPS];
     __shared__ float s_acc[ATTN_WARPS][ATTN_MAX_PER_LANE * 32];
+    pdl_enter();
     const int row = blockIdx.x, head = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32* sq = seqs + 5 * row_seq[row];
@@ -161,6 +171,7 @@ __device__ void attention_impl(const T* __restrict__ q, int row_stride, int q_of
 template <typename T>
 __device__ void silu_mul_impl(const T* __restrict__ gate_up, int n, size_t total,
                               T* __restrict__ out) {
+    pdl_enter();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         const size_t row = i / n, c = i % n;
@@ -173,6 +184,7 @@ __device__ void silu_mul_impl(const T* __restrict__ gate_up, int n, size_t total
 template <typename T>
 __device__ void gather_rows_impl(const T* __restrict__ x, const u32* __restrict__ rows,
                                  int hidden, T* __restrict__ out) {
+    pdl_enter();
     const size_t src = (size_t)rows[blockIdx.x] * hidden;
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
         out[(size_t)blockIdx.x * hidden + c] = x[src + c];
@@ -254,6 +266,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_MAX_THREADS)
     __shared__ float s_row[3];  // largest logit, log-sum-exp offset and log of the sum
     __shared__ u32 s_word[2];
     __shared__ int s_found;
+    pdl_enter();
     const float* p = logits + (size_t)blockIdx.x * vocab;
     const RowSamplingDev rs = params[blockIdx.x];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;

@@ -215,7 +215,10 @@ struct Workspace {
     bytes: usize,
 }
 
-/// What the previous launch on the stream was; the expand may overlap only a shrink.
+/// What the previous launch on the stream was. Every forward kernel may overlap its predecessor
+/// (programmatic dependent launch), but the expand reads its B and old y before waiting, so it
+/// may overlap only a shrink: a shrink writes neither and triggers its dependents only after its
+/// own wait, when the kernel that wrote y (a GEMM or the previous expand) has completed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Last {
     Shrink,
@@ -273,7 +276,8 @@ pub struct CudaOptions {
     pub dtype: DType,
     /// Where compiled cubins are cached; `None` disables the cache.
     pub cache_dir: Option<PathBuf>,
-    /// Let the SGMV expand overlap the shrink's tail (programmatic dependent launch, sm_90+).
+    /// Launch the forward's kernels with programmatic dependent launch (sm_90+): each one's
+    /// launch overlaps the previous kernel's tail, and the SGMV expand overlaps the shrink.
     pub pdl: bool,
 }
 
@@ -382,11 +386,11 @@ impl CudaBackend {
     pub fn arch(&self) -> &str {
         &self.compiler.arch
     }
-    /// Whether the expand overlaps the shrink (programmatic dependent launch).
+    /// Whether kernels are launched with programmatic dependent launch.
     pub fn pdl(&self) -> bool {
         self.pdl
     }
-    /// Switch the shrink/expand overlap on or off (for measurement).
+    /// Switch programmatic dependent launch on or off (for measurement).
     pub fn set_pdl(&mut self, on: bool) {
         self.pdl = on && self.compute_capability.0 >= 9;
     }
@@ -433,7 +437,9 @@ impl CudaBackend {
     }
 
     /// Launch kernel `name`. `pdl` lets it start while the previous kernel finishes; the
-    /// kernel must then call `griddepcontrol.wait` before reading that kernel's outputs.
+    /// kernel must then follow `pdl_enter`'s rules (kernels/common.cuh): wait before reading
+    /// that kernel's outputs, before any write, and before exiting. The wait covers the full
+    /// completion of the previous kernel, so this is safe after a cuBLAS GEMM as well.
     pub fn launch(
         &self,
         name: &str,
@@ -950,7 +956,7 @@ impl Backend for CudaBackend {
                 i32_arg(hidden, "hidden")?,
                 Arg::Ptr(out.ptr),
             ],
-            false,
+            self.pdl,
         )
     }
 
@@ -980,7 +986,7 @@ impl Backend for CudaBackend {
                 i32_arg(hidden, "hidden")?,
                 Arg::Ptr(out.ptr),
             ],
-            false,
+            self.pdl,
         )
     }
 
@@ -1013,7 +1019,7 @@ impl Backend for CudaBackend {
                 i32_arg(hidden, "hidden")?,
                 Arg::Ptr(out.ptr),
             ],
-            false,
+            self.pdl,
         )
     }
 
@@ -1097,7 +1103,7 @@ impl Backend for CudaBackend {
             (plan::elementwise_grid(y.len, self.sm_count), 1, 1),
             256,
             &[Arg::Ptr(y.ptr), Arg::Ptr(x.ptr), Arg::Usize(y.len)],
-            false,
+            self.pdl,
         )
     }
 
@@ -1144,7 +1150,7 @@ impl Backend for CudaBackend {
                 i32_arg(col_offset, "col_offset")?,
                 i32_arg(head_dim, "head_dim")?,
             ],
-            false,
+            self.pdl,
         )
     }
 
@@ -1188,7 +1194,7 @@ impl Backend for CudaBackend {
                 Arg::Ptr(k_cache.ptr),
                 Arg::Ptr(v_cache.ptr),
             ],
-            false,
+            self.pdl,
         )
     }
 
@@ -1261,7 +1267,7 @@ impl Backend for CudaBackend {
                 Arg::F32(scale),
                 Arg::Ptr(out.ptr),
             ],
-            false,
+            self.pdl,
         )
     }
 
@@ -1283,7 +1289,7 @@ impl Backend for CudaBackend {
                 Arg::Usize(total),
                 Arg::Ptr(out.ptr),
             ],
-            false,
+            self.pdl,
         )
     }
 
@@ -1365,7 +1371,7 @@ impl Backend for CudaBackend {
                 }),
                 Arg::Ptr(ws),
             ],
-            false,
+            self.pdl,
         )
     }
 
@@ -1453,7 +1459,7 @@ impl Backend for CudaBackend {
                 i32_arg(hidden, "hidden")?,
                 Arg::Ptr(out.ptr),
             ],
-            false,
+            self.pdl,
         )
     }
 
@@ -1489,7 +1495,7 @@ impl Backend for CudaBackend {
                 Arg::Ptr(out),
                 Arg::Ptr(out + 4 * n as u64),
             ],
-            false,
+            self.pdl,
         )?;
         let mut words = vec![0u32; 2 * n];
         self.dtoh(&mut words, out)?;
@@ -1515,7 +1521,7 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "unknown time".into());
     format!(
-        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# overlap of shrink and expand (PDL): {}\n",
+        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n",
         be.device_name(),
         be.compute_capability().0,
         be.compute_capability().1,

@@ -493,6 +493,97 @@ fn check_elementwise_ops(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
     Ok(())
 }
 
+/// Dependent ops back to back with no copy or synchronisation between them, as in the forward,
+/// so each kernel's launch overlaps its producer's tail (programmatic dependent launch). The
+/// intermediates are read back at the end and each op is checked against the CPU given the
+/// GPU's own inputs: a kernel that read its input before the producer finished would differ.
+fn check_dependent_chain(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
+    let (be, cpu) = (c.be, c.cpu.clone());
+    let t = tol(dt);
+    let (rows, hidden) = (32usize, 4096usize);
+    let half = hidden / 2;
+    let label = format!("{dt:?} {rows}x{hidden} chain");
+    let x = c.rand(dt, rows * hidden, 2.0);
+    let w = c.rand(dt, hidden, 1.0);
+    let res0 = c.rand(dt, rows * hidden, 2.0);
+    let dx = be.upload(dt, &x)?;
+    let dw = be.upload(dt, &w)?;
+    let mut dres = be.upload(dt, &res0)?;
+    let mut a = be.alloc(dt, rows * hidden)?;
+    let mut b = be.alloc(dt, rows * hidden)?;
+    let mut g = be.alloc(dt, rows * half)?;
+    let mut d = be.alloc(dt, rows * half)?;
+    be.synchronize()?;
+    let eps = 1e-5f32;
+    be.rms_norm(&dx, &dw, eps, rows, hidden, &mut a)?;
+    be.add_rms_norm(&mut dres, &a, &dw, eps, rows, hidden, &mut b)?;
+    be.silu_mul(&b, rows, half, &mut g)?;
+    be.rms_norm(&g, &dw, eps, rows, half, &mut d)?;
+    be.add_assign(&mut g, &d)?;
+    let (a, res, b, d, g) = (
+        be.download(&a)?,
+        be.download(&dres)?,
+        be.download(&b)?,
+        be.download(&d)?,
+        be.download(&g)?,
+    );
+    let cw = cpu.upload(dt, &w)?;
+
+    let mut want = cpu.alloc(dt, rows * hidden)?;
+    cpu.rms_norm(&cpu.upload(dt, &x)?, &cw, eps, rows, hidden, &mut want)?;
+    c.record(
+        "chain.rms_norm",
+        label.clone(),
+        &a,
+        &cpu.download(&want)?,
+        t,
+    );
+
+    let mut cres = cpu.upload(dt, &res0)?;
+    cpu.add_rms_norm(
+        &mut cres,
+        &cpu.upload(dt, &a)?,
+        &cw,
+        eps,
+        rows,
+        hidden,
+        &mut want,
+    )?;
+    c.record(
+        "chain.add_rms_norm.residual",
+        label.clone(),
+        &res,
+        &cpu.download(&cres)?,
+        t,
+    );
+    c.record(
+        "chain.add_rms_norm.out",
+        label.clone(),
+        &b,
+        &cpu.download(&want)?,
+        t,
+    );
+
+    let mut cg = cpu.alloc(dt, rows * half)?;
+    cpu.silu_mul(&cpu.upload(dt, &b)?, rows, half, &mut cg)?;
+    let g_before = cpu.download(&cg)?;
+    let mut cd = cpu.alloc(dt, rows * half)?;
+    cpu.rms_norm(&cg, &cw, eps, rows, half, &mut cd)?;
+    c.record(
+        "chain.rms_norm.half",
+        label.clone(),
+        &d,
+        &cpu.download(&cd)?,
+        t,
+    );
+
+    // g was updated in place by the last op: rebuild it from the CPU's silu_mul and the GPU's d.
+    let mut cg = cpu.upload(dt, &g_before)?;
+    cpu.add_assign(&mut cg, &cpu.upload(dt, &d)?)?;
+    c.record("chain.add_assign", label, &g, &cpu.download(&cg)?, t);
+    Ok(())
+}
+
 fn check_matmul(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
     let (be, cpu) = (c.be, c.cpu.clone());
     for &(rows, k, n) in &[
@@ -859,6 +950,9 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
     for dt in [DType::F32, DType::BF16, DType::F16] {
         if let Err(e) = check_elementwise_ops(&mut c, dt) {
             c.fail("elementwise", format!("{dt:?}"), e.to_string());
+        }
+        if let Err(e) = check_dependent_chain(&mut c, dt) {
+            c.fail("chain", format!("{dt:?}"), e.to_string());
         }
         if let Err(e) = check_matmul(&mut c, dt) {
             c.fail("matmul", format!("{dt:?}"), e.to_string());
