@@ -501,6 +501,54 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// rms_norm, or add_rms_norm when `residual` is not null: the register-resident kernel
+    /// for bf16/f16 rows of whole 16-byte vectors (see [`plan::norm_vec_plan`]), the general
+    /// loop otherwise. Shapes were checked by the caller.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_norm(
+        &self,
+        residual: u64,
+        x: &CudaBuf,
+        weight: &CudaBuf,
+        eps: f32,
+        rows: usize,
+        hidden: usize,
+        out: &CudaBuf,
+    ) -> Result<()> {
+        let aligned = [residual, x.ptr, weight.ptr, out.ptr]
+            .iter()
+            .all(|p| p % 16 == 0);
+        let vec = match x.dtype {
+            DType::F32 => None,
+            DType::F16 | DType::BF16 if aligned => plan::norm_vec_plan(hidden),
+            DType::F16 | DType::BF16 => None,
+        };
+        let (name, block) = match vec {
+            Some((vpt, threads)) => (
+                format!("rms_norm_vec{vpt}_{}", Self::suffix(x.dtype)),
+                threads,
+            ),
+            None => (
+                format!("rms_norm_{}", Self::suffix(x.dtype)),
+                plan::row_block(hidden),
+            ),
+        };
+        self.launch(
+            &name,
+            (rows as u32, 1, 1),
+            block,
+            &[
+                Arg::Ptr(residual),
+                Arg::Ptr(x.ptr),
+                Arg::Ptr(weight.ptr),
+                Arg::F32(eps),
+                i32_arg(hidden, "hidden")?,
+                Arg::Ptr(out.ptr),
+            ],
+            self.pdl,
+        )
+    }
+
     fn mark_other(&self) {
         *lock(&self.last) = Last::Other;
     }
@@ -715,6 +763,11 @@ pub fn kernel_names() -> Vec<String> {
             for w in [4, 8] {
                 names.push(format!("sgmv_expand_{t}_k{kt}_w{w}"));
             }
+        }
+    }
+    for t in ["bf16", "f16"] {
+        for vpt in 1..=plan::NORM_VEC_MAX_HIDDEN / (8 * plan::NORM_VEC_THREADS) {
+            names.push(format!("rms_norm_vec{vpt}_{t}"));
         }
     }
     names.push("sample_f32".to_string());
@@ -974,20 +1027,7 @@ impl Backend for CudaBackend {
         need(x, rows * hidden, "rms_norm x")?;
         need(out, rows * hidden, "rms_norm out")?;
         need(weight, hidden, "rms_norm weight")?;
-        self.launch(
-            &format!("rms_norm_{}", Self::suffix(x.dtype)),
-            (rows as u32, 1, 1),
-            plan::row_block(hidden),
-            &[
-                Arg::Ptr(0),
-                Arg::Ptr(x.ptr),
-                Arg::Ptr(weight.ptr),
-                Arg::F32(eps),
-                i32_arg(hidden, "hidden")?,
-                Arg::Ptr(out.ptr),
-            ],
-            self.pdl,
-        )
+        self.launch_norm(0, x, weight, eps, rows, hidden, out)
     }
 
     fn add_rms_norm(
@@ -1007,20 +1047,7 @@ impl Backend for CudaBackend {
         need(residual, rows * hidden, "add_rms_norm residual")?;
         need(out, rows * hidden, "add_rms_norm out")?;
         need(weight, hidden, "add_rms_norm weight")?;
-        self.launch(
-            &format!("rms_norm_{}", Self::suffix(x.dtype)),
-            (rows as u32, 1, 1),
-            plan::row_block(hidden),
-            &[
-                Arg::Ptr(residual.ptr),
-                Arg::Ptr(x.ptr),
-                Arg::Ptr(weight.ptr),
-                Arg::F32(eps),
-                i32_arg(hidden, "hidden")?,
-                Arg::Ptr(out.ptr),
-            ],
-            self.pdl,
-        )
+        self.launch_norm(residual.ptr, x, weight, eps, rows, hidden, out)
     }
 
     fn matmul(

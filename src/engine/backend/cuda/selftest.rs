@@ -393,7 +393,17 @@ fn sgmv_cases() -> Vec<SgmvCase> {
 fn check_elementwise_ops(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
     let (be, cpu) = (c.be, c.cpu.clone());
     let t = tol(dt);
-    for &(rows, hidden) in &[(5usize, 576usize), (3, 4096), (2, 8192)] {
+    // bf16/f16 widths of whole 16-byte vectors up to 8192 take the register-resident norm (one
+    // or two vectors a thread); 100 and 9000 take the general loop.
+    for &(rows, hidden) in &[
+        (5usize, 576usize),
+        (3, 4096),
+        (32, 4096),
+        (4, 5120),
+        (2, 8192),
+        (4, 100),
+        (2, 9000),
+    ] {
         let label = format!("{dt:?} {rows}x{hidden}");
         let x = c.rand(dt, rows * hidden, 2.0);
         let w = c.rand(dt, hidden, 1.0);
