@@ -128,37 +128,39 @@ __device__ void add_assign_impl(T* __restrict__ y, const T* __restrict__ x, size
     }
 }
 
-// Rotate-half RoPE in place; grid (rows, n_heads), one thread per pair (i, i + head_dim/2).
+// Rotate-half RoPE of the q and k heads of each qkv row in place (q, k and v heads packed from
+// column 0), and the rotated K and the V of the row written into the paged caches at its slot.
+// Grid (rows, n_heads + n_kv_heads): a block rotates one head, one thread a pair
+// (i, i + head_dim/2); the blocks of k heads also copy their head of K and V to the caches.
 template <typename T>
-__device__ void rope_impl(T* __restrict__ x, const float* __restrict__ inv_freq,
-                          const u32* __restrict__ positions, int row_stride, int col_offset,
-                          int head_dim) {
+__device__ void rope_write_kv_impl(T* __restrict__ qkv, int row_stride,
+                                   const float* __restrict__ inv_freq,
+                                   const u32* __restrict__ positions,
+                                   const u32* __restrict__ slots, int n_heads, int n_kv_heads,
+                                   int head_dim, T* __restrict__ k_cache,
+                                   T* __restrict__ v_cache) {
     pdl_enter();
     const int row = blockIdx.x, head = blockIdx.y;
     const int half = head_dim / 2;
     const float pos = (float)positions[row];
-    T* p = x + (size_t)row * row_stride + col_offset + (size_t)head * head_dim;
+    T* r = qkv + (size_t)row * row_stride;
+    T* p = r + (size_t)head * head_dim;
+    const int kvh = head - n_heads;
+    const T* v = r + (size_t)(n_heads + n_kv_heads + kvh) * head_dim;
+    const size_t dst = (size_t)slots[row] * n_kv_heads * head_dim + (size_t)kvh * head_dim;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float sn, cs;
         sincosf(pos * inv_freq[i], &sn, &cs);
         const float a = to_f32(p[i]), b = to_f32(p[i + half]);
-        p[i] = from_f32<T>(a * cs - b * sn);
-        p[i + half] = from_f32<T>(b * cs + a * sn);
-    }
-}
-
-// Copy each row's K and V (kv_width values at k_offset / v_offset) into the paged caches.
-template <typename T>
-__device__ void write_kv_impl(const T* __restrict__ src, int row_stride, int k_offset,
-                              int v_offset, const u32* __restrict__ slots, int kv_width,
-                              T* __restrict__ k_cache, T* __restrict__ v_cache) {
-    pdl_enter();
-    const int row = blockIdx.x;
-    const size_t dst = (size_t)slots[row] * kv_width;
-    const T* s = src + (size_t)row * row_stride;
-    for (int c = threadIdx.x; c < kv_width; c += blockDim.x) {
-        k_cache[dst + c] = s[k_offset + c];
-        v_cache[dst + c] = s[v_offset + c];
+        const T ra = from_f32<T>(a * cs - b * sn), rb = from_f32<T>(b * cs + a * sn);
+        p[i] = ra;
+        p[i + half] = rb;
+        if (kvh >= 0) {
+            k_cache[dst + i] = ra;
+            k_cache[dst + i + half] = rb;
+            v_cache[dst + i] = v[i];
+            v_cache[dst + i + half] = v[i + half];
+        }
     }
 }
 
@@ -547,15 +549,11 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
     extern "C" __global__ void add_assign_##TNAME(T* y, const T* x, size_t n) {              \
         add_assign_impl<T>(y, x, n);                                                          \
     }                                                                                         \
-    extern "C" __global__ void rope_##TNAME(T* x, const float* inv_freq, const u32* pos,     \
-                                            int row_stride, int col_offset, int head_dim) {   \
-        rope_impl<T>(x, inv_freq, pos, row_stride, col_offset, head_dim);                     \
-    }                                                                                         \
-    extern "C" __global__ void write_kv_##TNAME(const T* src, int row_stride, int k_offset,  \
-                                                int v_offset, const u32* slots, int kv_width, \
-                                                T* k_cache, T* v_cache) {                     \
-        write_kv_impl<T>(src, row_stride, k_offset, v_offset, slots, kv_width, k_cache,       \
-                         v_cache);                                                            \
+    extern "C" __global__ void rope_write_kv_##TNAME(                                        \
+        T* qkv, int row_stride, const float* inv_freq, const u32* pos, const u32* slots,      \
+        int n_heads, int n_kv_heads, int head_dim, T* k_cache, T* v_cache) {                  \
+        rope_write_kv_impl<T>(qkv, row_stride, inv_freq, pos, slots, n_heads, n_kv_heads,     \
+                              head_dim, k_cache, v_cache);                                    \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_##TNAME(         \
         const T* q, int row_stride, int q_offset, const T* k_cache, const T* v_cache,         \

@@ -313,30 +313,11 @@ impl<B: Backend> Llama<B> {
             lora_apply(l, Projection::Q, &normed, &mut qkv, qkv_dim, 0)?;
             lora_apply(l, Projection::K, &normed, &mut qkv, qkv_dim, q_dim)?;
             lora_apply(l, Projection::V, &normed, &mut qkv, qkv_dim, q_dim + kv_dim)?;
-            b.rope(
-                &mut qkv,
-                &self.inv_freq,
-                &m,
-                qkv_dim,
-                0,
-                shape.n_heads,
-                c.head_dim,
-            )?;
-            b.rope(
-                &mut qkv,
-                &self.inv_freq,
-                &m,
-                qkv_dim,
-                q_dim,
-                shape.n_kv_heads,
-                c.head_dim,
-            )?;
             let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
-            b.write_kv(
-                &qkv,
+            b.rope_write_kv(
+                &mut qkv,
                 qkv_dim,
-                q_dim,
-                q_dim + kv_dim,
+                &self.inv_freq,
                 &m,
                 shape,
                 k_cache,

@@ -776,8 +776,7 @@ pub fn kernel_names() -> Vec<String> {
             "embedding",
             "rms_norm",
             "add_assign",
-            "rope",
-            "write_kv",
+            "rope_write_kv",
             "attention",
             "silu_mul",
             "gather_rows",
@@ -1134,90 +1133,65 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn rope(
+    fn rope_write_kv(
         &self,
-        x: &mut CudaBuf,
+        qkv: &mut CudaBuf,
+        row_stride: usize,
         inv_freq: &CudaBuf,
-        meta: &CudaMeta,
-        row_stride: usize,
-        col_offset: usize,
-        n_heads: usize,
-        head_dim: usize,
-    ) -> Result<()> {
-        let rows = meta.layout.rows;
-        if inv_freq.dtype != DType::F32
-            || inv_freq.len < head_dim / 2
-            || !head_dim.is_multiple_of(2)
-        {
-            return Err(shape(format!(
-                "rope: inv_freq must be f32 with head_dim/2 = {} values (got {:?} x {})",
-                head_dim / 2,
-                inv_freq.dtype,
-                inv_freq.len
-            )));
-        }
-        if col_offset + n_heads * head_dim > row_stride {
-            return Err(shape(format!(
-                "rope: columns {col_offset}+{n_heads}x{head_dim} exceed the row of {row_stride}"
-            )));
-        }
-        need(x, rows * row_stride, "rope x")?;
-        if n_heads > 65535 {
-            return Err(shape(format!("rope: {n_heads} heads")));
-        }
-        self.launch(
-            &format!("rope_{}", Self::suffix(x.dtype)),
-            (rows as u32, n_heads as u32, 1),
-            (head_dim / 2).clamp(32, 256) as u32,
-            &[
-                Arg::Ptr(x.ptr),
-                Arg::Ptr(inv_freq.ptr),
-                Arg::Ptr(meta.at(meta.layout.positions)),
-                i32_arg(row_stride, "row_stride")?,
-                i32_arg(col_offset, "col_offset")?,
-                i32_arg(head_dim, "head_dim")?,
-            ],
-            self.pdl,
-        )
-    }
-
-    fn write_kv(
-        &self,
-        src: &CudaBuf,
-        row_stride: usize,
-        k_offset: usize,
-        v_offset: usize,
         meta: &CudaMeta,
         shape_: AttnShape,
         k_cache: &mut CudaBuf,
         v_cache: &mut CudaBuf,
     ) -> Result<()> {
         let rows = meta.layout.rows;
-        let kv_width = shape_.n_kv_heads * shape_.head_dim;
-        same_dtype(src, k_cache, "write_kv")?;
-        same_dtype(src, v_cache, "write_kv")?;
-        if k_offset.max(v_offset) + kv_width > row_stride {
+        let AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = shape_;
+        let kv_width = n_kv_heads * head_dim;
+        same_dtype(qkv, k_cache, "rope_write_kv")?;
+        same_dtype(qkv, v_cache, "rope_write_kv")?;
+        if inv_freq.dtype != DType::F32
+            || inv_freq.len < head_dim / 2
+            || !head_dim.is_multiple_of(2)
+        {
             return Err(shape(format!(
-                "write_kv: K/V columns at {k_offset}/{v_offset} (+{kv_width}) exceed the row of {row_stride}"
+                "rope_write_kv: inv_freq must be f32 with head_dim/2 = {} values (got {:?} x {})",
+                head_dim / 2,
+                inv_freq.dtype,
+                inv_freq.len
             )));
         }
-        need(src, rows * row_stride, "write_kv src")?;
+        if (n_heads + 2 * n_kv_heads) * head_dim > row_stride {
+            return Err(shape(format!(
+                "rope_write_kv: {n_heads} q, {n_kv_heads} k and {n_kv_heads} v heads of {head_dim} exceed the row of {row_stride}"
+            )));
+        }
+        need(qkv, rows * row_stride, "rope_write_kv qkv")?;
         if let Some(s) = meta.layout.max_kv_slot {
             let want = (s as usize + 1) * kv_width;
-            need(k_cache, want, "write_kv k_cache")?;
-            need(v_cache, want, "write_kv v_cache")?;
+            need(k_cache, want, "rope_write_kv k_cache")?;
+            need(v_cache, want, "rope_write_kv v_cache")?;
+        }
+        if n_heads + n_kv_heads > 65535 {
+            return Err(shape(format!(
+                "rope_write_kv: {n_heads} + {n_kv_heads} heads"
+            )));
         }
         self.launch(
-            &format!("write_kv_{}", Self::suffix(src.dtype)),
-            (rows as u32, 1, 1),
-            plan::row_block(kv_width),
+            &format!("rope_write_kv_{}", Self::suffix(qkv.dtype)),
+            (rows as u32, (n_heads + n_kv_heads) as u32, 1),
+            (head_dim / 2).clamp(32, 256) as u32,
             &[
-                Arg::Ptr(src.ptr),
+                Arg::Ptr(qkv.ptr),
                 i32_arg(row_stride, "row_stride")?,
-                i32_arg(k_offset, "k_offset")?,
-                i32_arg(v_offset, "v_offset")?,
+                Arg::Ptr(inv_freq.ptr),
+                Arg::Ptr(meta.at(meta.layout.positions)),
                 Arg::Ptr(meta.at(meta.layout.slot_mapping)),
-                i32_arg(kv_width, "kv_width")?,
+                i32_arg(n_heads, "n_heads")?,
+                i32_arg(n_kv_heads, "n_kv_heads")?,
+                i32_arg(head_dim, "head_dim")?,
                 Arg::Ptr(k_cache.ptr),
                 Arg::Ptr(v_cache.ptr),
             ],

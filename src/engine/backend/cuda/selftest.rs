@@ -730,50 +730,61 @@ fn check_attention(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
         let (mut dqkv, mut cqkv) = c.upload(dt, &qkv)?;
         let label = format!("{dt:?} heads {n_heads}/{n_kv} dim {hd} rows {rows}");
 
-        // RoPE on q and k, llama-style inverse frequencies.
+        // RoPE on q and k and the cache write, llama-style inverse frequencies.
         let inv_freq: Vec<f32> = (0..hd / 2)
             .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
             .collect();
         let (dfreq, cfreq) = c.upload(DType::F32, &inv_freq)?;
-        be.rope(&mut dqkv, &dfreq, &dmeta, row_stride, 0, n_heads + n_kv, hd)?;
-        cpu.rope(&mut cqkv, &cfreq, &cmeta, row_stride, 0, n_heads + n_kv, hd)?;
+        be.rope_write_kv(
+            &mut dqkv, row_stride, &dfreq, &dmeta, shape, &mut dkc, &mut dvc,
+        )?;
+        cpu.rope_write_kv(
+            &mut cqkv, row_stride, &cfreq, &cmeta, shape, &mut ckc, &mut cvc,
+        )?;
         let got = be.download(&dqkv)?;
-        c.record("rope", label.clone(), &got, &cpu.download(&cqkv)?, tol(dt));
-        // Continue from the device's values on both, so later checks test one op each.
-        let cqkv = cpu.upload(dt, &got)?;
-
-        be.write_kv(
-            &dqkv,
-            row_stride,
-            q_width,
-            q_width + kv_width,
-            &dmeta,
-            shape,
-            &mut dkc,
-            &mut dvc,
-        )?;
-        cpu.write_kv(
-            &cqkv,
-            row_stride,
-            q_width,
-            q_width + kv_width,
-            &cmeta,
-            shape,
-            &mut ckc,
-            &mut cvc,
-        )?;
-        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
-        if bits(be.download(&dkc)?) == bits(cpu.download(&ckc)?)
-            && bits(be.download(&dvc)?) == bits(cpu.download(&cvc)?)
-        {
-            c.pass_exact("write_kv", label.clone());
+        let (got_k, got_v) = (be.download(&dkc)?, be.download(&dvc)?);
+        c.record(
+            "rope_write_kv.qkv",
+            label.clone(),
+            &got,
+            &cpu.download(&cqkv)?,
+            tol(dt),
+        );
+        c.record(
+            "rope_write_kv.k_cache",
+            label.clone(),
+            &got_k,
+            &cpu.download(&ckc)?,
+            tol(dt),
+        );
+        c.record(
+            "rope_write_kv.v_cache",
+            label.clone(),
+            &got_v,
+            &cpu.download(&cvc)?,
+            tol(dt),
+        );
+        // The caches hold exactly the rotated K and the V the device left in its rows.
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let copied = meta.slot_mapping.iter().enumerate().all(|(r, &slot)| {
+            let (src, dst) = (r * row_stride + q_width, slot as usize * kv_width);
+            bits(&got_k[dst..dst + kv_width]) == bits(&got[src..src + kv_width])
+                && bits(&got_v[dst..dst + kv_width])
+                    == bits(&got[src + kv_width..src + 2 * kv_width])
+        });
+        if copied {
+            c.pass_exact("rope_write_kv.copy", label.clone());
         } else {
             c.fail(
-                "write_kv",
+                "rope_write_kv.copy",
                 label.clone(),
-                "cache differs from the CPU's copy".into(),
+                "cache slots differ from the device's rotated K or its V".into(),
             );
         }
+        // Continue from the device's values on both, so the attention check tests one op.
+        let cqkv = cpu.upload(dt, &got)?;
+        let ckc = cpu.upload(dt, &got_k)?;
+        let cvc = cpu.upload(dt, &got_v)?;
 
         let scale = 1.0 / (hd as f32).sqrt();
         let (mut out, mut cout) = c.poisoned(dt, rows * q_width)?;
