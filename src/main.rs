@@ -47,6 +47,10 @@ enum Command {
         /// RNG seed for the inputs (fresh each run unless given).
         #[arg(long)]
         seed: Option<u64>,
+        /// Also check the whole model in this folder: the same greedy tokens on CUDA and on
+        /// the CPU (import it with `--dtype bf16` so both start from the same weights).
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
     },
 }
 
@@ -181,10 +185,18 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Selftest {
             device: SelftestDevice::Cuda,
             seed,
+            model,
         } => {
             telemetry::init("info");
             let ok = tokio::task::spawn_blocking(move || {
-                punica::engine::backend::cuda::selftest::main(seed)
+                let ops = punica::engine::backend::cuda::selftest::main(seed)?;
+                let whole = match &model {
+                    Some(dir) => {
+                        punica::engine::backend::cuda::parity::run(dir, seed.unwrap_or(1))?
+                    }
+                    None => true,
+                };
+                Ok::<bool, punica::engine::backend::BackendError>(ops && whole)
             })
             .await??;
             if ok {

@@ -518,6 +518,22 @@ pub trait Backend: Send + Sync + 'static {
     /// return the picks on the host. This is the step's one synchronisation point.
     fn sample(&self, logits: &Self::Buf, vocab: usize, rows: &[RowSampling]) -> Result<Vec<Pick>>;
 
+    /// Ops issued from here until [`Backend::end_side`] run on a side queue: after everything
+    /// issued before, concurrently with what is issued on the main queue after `end_side`
+    /// (the LoRA shrink beside the base GEMM that reads the same input). The CPU runs them in
+    /// order, which is one valid schedule.
+    fn begin_side(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Ops issued from here go to the main queue again (without waiting for the side queue).
+    fn end_side(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Ops issued from here run after everything issued on the side queue.
+    fn join_side(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Wait until queued work is done (no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
 }

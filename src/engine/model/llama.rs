@@ -270,26 +270,22 @@ impl<B: Backend> Llama<B> {
         let mut proj = b.alloc(dt, rows * h)?;
         let mut gate_up = b.alloc(dt, rows * 2 * inter)?;
         let mut act = b.alloc(dt, rows * inter)?;
-        let mut v = b.alloc(DType::F32, if use_lora { rows * max_rank } else { 0 })?;
-        let mut lora_apply = |layer: usize,
-                              p: Projection,
-                              x: &B::Buf,
-                              y: &mut B::Buf,
-                              y_stride: usize,
-                              col_offset: usize|
-         -> Result<()> {
-            if !use_lora {
-                return Ok(());
-            }
-            let Some(table) = lora.tables[layer][p.index()].as_ref() else {
-                return Ok(());
-            };
-            let (h_in, h_out) = c.projection_dims(p);
-            b.sgmv_shrink(x, table, &m, h_in, max_rank, &mut v)?;
-            b.sgmv_expand(&v, table, &m, max_rank, h_out, y_stride, col_offset, y)?;
-            Ok(())
+        // One LoRA intermediate per projection of a group (q|k|v, gate|up): a group's shrinks
+        // all run, on the backend's side queue beside the base GEMM, before its expands.
+        let v_len = if use_lora { rows * max_rank } else { 0 };
+        let mut vs = [
+            b.alloc(DType::F32, v_len)?,
+            b.alloc(DType::F32, v_len)?,
+            b.alloc(DType::F32, v_len)?,
+        ];
+        let lora = Lora {
+            b,
+            state: lora,
+            meta: &m,
+            config: c,
+            max_rank,
+            on: use_lora,
         };
-
         b.embedding(&self.embed_tokens, &m, h, &mut residual)?;
         for (l, layer) in self.layers.iter().enumerate() {
             if l == 0 {
@@ -302,6 +298,8 @@ impl<B: Backend> Llama<B> {
                     &mut normed,
                 )?;
             }
+            let qkv_lora = [Projection::Q, Projection::K, Projection::V];
+            let pending = lora.shrink(l, &qkv_lora, &normed, &mut vs)?;
             b.matmul(
                 &normed,
                 &layer.self_attn.qkv_proj,
@@ -310,9 +308,18 @@ impl<B: Backend> Llama<B> {
                 qkv_dim,
                 &mut qkv,
             )?;
-            lora_apply(l, Projection::Q, &normed, &mut qkv, qkv_dim, 0)?;
-            lora_apply(l, Projection::K, &normed, &mut qkv, qkv_dim, q_dim)?;
-            lora_apply(l, Projection::V, &normed, &mut qkv, qkv_dim, q_dim + kv_dim)?;
+            lora.expand(
+                pending,
+                l,
+                &[
+                    (qkv_lora[0], 0),
+                    (qkv_lora[1], q_dim),
+                    (qkv_lora[2], q_dim + kv_dim),
+                ],
+                &vs,
+                &mut qkv,
+                qkv_dim,
+            )?;
             let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
             b.rope_write_kv(
                 &mut qkv,
@@ -326,8 +333,9 @@ impl<B: Backend> Llama<B> {
             b.attention(
                 &qkv, qkv_dim, 0, k_cache, v_cache, &m, shape, scale, &mut attn,
             )?;
+            let pending = lora.shrink(l, &[Projection::O], &attn, &mut vs)?;
             b.matmul(&attn, &layer.self_attn.o_proj, rows, q_dim, h, &mut proj)?;
-            lora_apply(l, Projection::O, &attn, &mut proj, h, 0)?;
+            lora.expand(pending, l, &[(Projection::O, 0)], &vs, &mut proj, h)?;
             b.add_rms_norm(
                 &mut residual,
                 &proj,
@@ -337,6 +345,8 @@ impl<B: Backend> Llama<B> {
                 h,
                 &mut normed,
             )?;
+            let gate_up_lora = [Projection::Gate, Projection::Up];
+            let pending = lora.shrink(l, &gate_up_lora, &normed, &mut vs)?;
             b.matmul(
                 &normed,
                 &layer.mlp.gate_up_proj,
@@ -345,11 +355,18 @@ impl<B: Backend> Llama<B> {
                 2 * inter,
                 &mut gate_up,
             )?;
-            lora_apply(l, Projection::Gate, &normed, &mut gate_up, 2 * inter, 0)?;
-            lora_apply(l, Projection::Up, &normed, &mut gate_up, 2 * inter, inter)?;
+            lora.expand(
+                pending,
+                l,
+                &[(Projection::Gate, 0), (Projection::Up, inter)],
+                &vs,
+                &mut gate_up,
+                2 * inter,
+            )?;
             b.silu_mul(&gate_up, rows, inter, &mut act)?;
+            let pending = lora.shrink(l, &[Projection::Down], &act, &mut vs)?;
             b.matmul(&act, &layer.mlp.down_proj, rows, inter, h, &mut proj)?;
-            lora_apply(l, Projection::Down, &act, &mut proj, h, 0)?;
+            lora.expand(pending, l, &[(Projection::Down, 0)], &vs, &mut proj, h)?;
             let next_norm = match self.layers.get(l + 1) {
                 Some(next) => &next.input_layernorm,
                 None => &self.norm,
@@ -439,6 +456,83 @@ impl<B: Backend> Llama<B> {
             }
         }
         Ok(out)
+    }
+}
+
+/// One step's LoRA application: the SGMV shrinks of a group of projections that read the same
+/// input are issued on the backend's side queue before the base GEMM, the expands after it.
+struct Lora<'a, B: Backend> {
+    b: &'a B,
+    state: &'a LoraState<B>,
+    meta: &'a B::Meta,
+    config: &'a LlamaConfig,
+    max_rank: usize,
+    on: bool,
+}
+
+impl<B: Backend> Lora<'_, B> {
+    /// Shrink `x` for each of `projs` that has a slot table, into `vs[i]`, on the side queue.
+    /// Returns whether anything was issued (then [`Self::expand`] joins the side queue).
+    fn shrink(
+        &self,
+        layer: usize,
+        projs: &[Projection],
+        x: &B::Buf,
+        vs: &mut [B::Buf; 3],
+    ) -> Result<bool> {
+        if !self.on
+            || projs
+                .iter()
+                .all(|p| self.state.tables[layer][p.index()].is_none())
+        {
+            return Ok(false);
+        }
+        self.b.begin_side()?;
+        let issued = (|| {
+            for (p, v) in projs.iter().zip(vs.iter_mut()) {
+                if let Some(table) = self.state.tables[layer][p.index()].as_ref() {
+                    let (h_in, _) = self.config.projection_dims(*p);
+                    self.b
+                        .sgmv_shrink(x, table, self.meta, h_in, self.max_rank, v)?;
+                }
+            }
+            Ok::<(), ModelError>(())
+        })();
+        self.b.end_side()?;
+        issued.map(|()| true)
+    }
+
+    /// After the base GEMM wrote `y`: `y[:, offset..] += vs[i] · Bᵀ` for each `(projection,
+    /// column offset)` of the group [`Self::shrink`] issued.
+    fn expand(
+        &self,
+        pending: bool,
+        layer: usize,
+        projs: &[(Projection, usize)],
+        vs: &[B::Buf; 3],
+        y: &mut B::Buf,
+        y_stride: usize,
+    ) -> Result<()> {
+        if !pending {
+            return Ok(());
+        }
+        self.b.join_side()?;
+        for ((p, offset), v) in projs.iter().zip(vs.iter()) {
+            if let Some(table) = self.state.tables[layer][p.index()].as_ref() {
+                let (_, h_out) = self.config.projection_dims(*p);
+                self.b.sgmv_expand(
+                    v,
+                    table,
+                    self.meta,
+                    self.max_rank,
+                    h_out,
+                    y_stride,
+                    *offset,
+                    y,
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 

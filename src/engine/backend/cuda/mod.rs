@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod compile;
+pub mod parity;
 pub mod plan;
 pub mod reference;
 pub mod selftest;
@@ -229,6 +230,12 @@ enum Last {
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// The side stream of [`Backend::begin_side`], with the events that order it against
+    /// `stream`, and whether launches currently go to it.
+    side: Arc<CudaStream>,
+    fork_event: drv_sys::CUevent,
+    join_event: drv_sys::CUevent,
+    on_side: std::sync::atomic::AtomicBool,
     blas: blas_sys::cublasHandle_t,
     dtype: DType,
     name: String,
@@ -258,8 +265,15 @@ unsafe impl Sync for CudaBackend {}
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
-        // SAFETY: the handle was created in `new` and is destroyed once here.
-        let _ = unsafe { blas_result::destroy_handle(self.blas) };
+        // SAFETY: the handle and events were created in `new` and are destroyed once here, after
+        // both streams have drained.
+        let _ = self.side.synchronize();
+        let _ = self.stream.synchronize();
+        unsafe {
+            let _ = blas_result::destroy_handle(self.blas);
+            let _ = drv::event::destroy(self.fork_event);
+            let _ = drv::event::destroy(self.join_event);
+        }
     }
 }
 
@@ -309,6 +323,14 @@ impl CudaBackend {
         let stream = ctx.new_stream().map_err(|e| {
             BackendError::Unavailable(format!("cannot create a CUDA stream: {e:?}"))
         })?;
+        let side = ctx.new_stream().map_err(|e| {
+            BackendError::Unavailable(format!("cannot create a CUDA stream: {e:?}"))
+        })?;
+        let event = || {
+            drv::event::create(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(|e| dev_err("event", e))
+        };
+        let (fork_event, join_event) = (event()?, event()?);
         let name = ctx.name().map_err(|e| dev_err("device name", e))?;
         let cc = ctx
             .compute_capability()
@@ -333,6 +355,10 @@ impl CudaBackend {
         Ok(CudaBackend {
             ctx,
             stream,
+            side,
+            fork_event,
+            join_event,
+            on_side: std::sync::atomic::AtomicBool::new(false),
             blas,
             dtype: opts.dtype,
             name,
@@ -473,7 +499,7 @@ impl CudaBackend {
             blockDimY: 1,
             blockDimZ: 1,
             sharedMemBytes: 0,
-            hStream: self.stream.cu_stream(),
+            hStream: self.launch_stream(),
             attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
             numAttrs: if pdl { 1 } else { 0 },
         };
@@ -547,6 +573,24 @@ impl CudaBackend {
             ],
             self.pdl,
         )
+    }
+
+    /// The stream kernels go to now: the side stream between `begin_side` and `end_side`.
+    fn launch_stream(&self) -> drv_sys::CUstream {
+        if self.on_side.load(std::sync::atomic::Ordering::Relaxed) {
+            self.side.cu_stream()
+        } else {
+            self.stream.cu_stream()
+        }
+    }
+
+    /// Back to the main stream, with everything issued on the side stream finished first
+    /// (after an error left a step half-issued).
+    fn rejoin(&self) -> Result<()> {
+        if self.on_side.load(std::sync::atomic::Ordering::Relaxed) {
+            self.end_side()?;
+        }
+        self.join_side()
     }
 
     fn mark_other(&self) {
@@ -717,11 +761,27 @@ impl CudaBackend {
         }
         let size = bytes.next_power_of_two().max(1 << 20);
         self.mark_other();
+        // The old workspace may be in use by either stream: let both finish before replacing
+        // it (growth is rare: the first steps of a bigger batch).
+        if ws.is_some() || self.on_side.load(std::sync::atomic::Ordering::Relaxed) {
+            self.side
+                .synchronize()
+                .map_err(|e| dev_err("synchronize", e))?;
+            self.stream
+                .synchronize()
+                .map_err(|e| dev_err("synchronize", e))?;
+        }
         let mem = self
             .stream
             .alloc_zeros::<u8>(size)
             .map_err(|e| dev_err("workspace alloc", e))?;
         let ptr = mem.device_ptr(&self.stream).0;
+        if self.on_side.load(std::sync::atomic::Ordering::Relaxed) {
+            // The zeroing ran on the main stream; the side stream's next launch reads it.
+            self.stream
+                .synchronize()
+                .map_err(|e| dev_err("synchronize", e))?;
+        }
         *ws = Some(Workspace {
             _mem: mem,
             ptr,
@@ -945,6 +1005,7 @@ impl Backend for CudaBackend {
 
     fn upload_meta(&self, meta: &StepMeta) -> Result<CudaMeta> {
         meta.validate()?;
+        self.rejoin()?;
         let (words, layout) = plan::pack_meta(meta)?;
         let (mem, base) = self.alloc_bytes(words.len() * 4)?;
         self.htod(base, &words)?;
@@ -1507,6 +1568,47 @@ impl Backend for CudaBackend {
                 logprob: f32::from_bits(words[n + i]),
             })
             .collect())
+    }
+
+    fn begin_side(&self) -> Result<()> {
+        self.mark_other();
+        // SAFETY: both events and streams live as long as the backend.
+        unsafe {
+            drv::event::record(self.fork_event, self.stream.cu_stream())
+                .map_err(|e| dev_err("record event", e))?;
+            drv::stream::wait_event(
+                self.side.cu_stream(),
+                self.fork_event,
+                drv_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+            .map_err(|e| dev_err("wait event", e))?;
+        }
+        self.on_side
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn end_side(&self) -> Result<()> {
+        self.mark_other();
+        // SAFETY: as in begin_side.
+        unsafe { drv::event::record(self.join_event, self.side.cu_stream()) }
+            .map_err(|e| dev_err("record event", e))?;
+        self.on_side
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn join_side(&self) -> Result<()> {
+        self.mark_other();
+        // SAFETY: as in begin_side; waiting on a never-recorded event is a no-op.
+        unsafe {
+            drv::stream::wait_event(
+                self.stream.cu_stream(),
+                self.join_event,
+                drv_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(|e| dev_err("wait event", e))
     }
 
     fn synchronize(&self) -> Result<()> {
