@@ -131,6 +131,8 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 //   (step metadata, adapter tables and weights copied from the host); it writes nothing before.
 // - Every block waits before it can exit (no early return above the wait), so no grid completes
 //   while its own predecessor is still running.
+// - Only a kernel directly after another kernel in the same stream overlaps it: after a copy or
+//   an event wait (the LoRA side stream's fork and join) the launch keeps the full dependency.
 __device__ __forceinline__ void pdl_enter() {
     pdl_wait();
     pdl_launch_dependents();
