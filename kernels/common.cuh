@@ -117,6 +117,27 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// Entry of every kernel the backend may launch with programmatic dependent launch: wait until
+// the previous kernel on the stream has completed and its writes are visible, then let the next
+// kernel launch (its blocks are scheduled while this one runs and park in their own wait).
+//
+// Why this is safe:
+// - griddepcontrol.wait returns only once the primary grid has fully completed and flushed its
+//   memory, whatever that grid is: one of ours, or a cuBLAS GEMM that never heard of PDL (it
+//   then triggers implicitly as its blocks exit, and the wait still covers its completion).
+// - Waiting before triggering makes the chain transitive: when a kernel starts, every kernel
+//   before its immediate predecessor has completed, and after its wait all of them have. So a
+//   kernel may read before its wait only data that its immediate predecessor does not write
+//   (step metadata, adapter tables and weights copied from the host); it writes nothing before.
+// - Every block waits before it can exit (no early return above the wait), so no grid completes
+//   while its own predecessor is still running.
+// - Only a kernel directly after another kernel in the same stream overlaps it: after a copy or
+//   an event wait (the LoRA side stream's fork and join) the launch keeps the full dependency.
+__device__ __forceinline__ void pdl_enter() {
+    pdl_wait();
+    pdl_launch_dependents();
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

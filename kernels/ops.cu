@@ -1,12 +1,17 @@
 // Everything else a Llama forward pass needs on the GPU, for f32, f16 and bf16 buffers. Arithmetic
 // is f32 throughout; results are rounded to the buffer type once, on store.
 //
+// Every kernel the forward runs starts with pdl_enter() (common.cuh), so the backend may launch it
+// with programmatic dependent launch: its launch overlaps the previous kernel's tail, and nothing is
+// read from the previous kernel or written before that kernel has completed.
+//
 // Prepended: common.cuh.
 
 // out[row] = table[token_ids[row]]; ids at or past `vocab` give a zero row.
 template <typename T>
 __device__ void embedding_impl(const T* __restrict__ table, const u32* __restrict__ ids, int vocab,
                                int hidden, T* __restrict__ out) {
+    pdl_enter();
     const int row = blockIdx.x;
     const u32 id = ids[row];
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
@@ -22,6 +27,7 @@ __device__ void rms_norm_impl(T* __restrict__ residual, const T* __restrict__ x,
                               const T* __restrict__ w, float eps, int hidden,
                               T* __restrict__ out) {
     __shared__ float scratch[32];
+    pdl_enter();
     const size_t base = (size_t)blockIdx.x * hidden;
     float ss = 0.0f;
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
@@ -41,43 +47,120 @@ __device__ void rms_norm_impl(T* __restrict__ residual, const T* __restrict__ x,
     }
 }
 
+#define NORM_VEC_THREADS 512
+
+// Eight halves of a 16-byte vector as floats, element order kept.
+template <typename T>
+__device__ __forceinline__ void unpack8(uint4 p, float* f) {
+    const T d = T{};
+    f[0] = lo_f32(d, p.x); f[1] = hi_f32(d, p.x);
+    f[2] = lo_f32(d, p.y); f[3] = hi_f32(d, p.y);
+    f[4] = lo_f32(d, p.z); f[5] = hi_f32(d, p.z);
+    f[6] = lo_f32(d, p.w); f[7] = hi_f32(d, p.w);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float* f) {
+    return make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]),
+                      pack2<T>(f[6], f[7]));
+}
+
+// rms_norm_impl for bf16/f16 rows of hidden % 8 == 0 and 16-byte aligned, the row held in
+// registers: one pass of 16-byte loads (VPT vectors a thread, strided by the block), one
+// block reduction, one pass of 16-byte stores. Rounding as in rms_norm_impl: the new residual
+// is rounded to T before it is squared and normalised.
+template <typename T, int VPT>
+__device__ void rms_norm_vec_impl(T* __restrict__ residual, const T* __restrict__ x,
+                                  const T* __restrict__ w, float eps, int hidden,
+                                  T* __restrict__ out) {
+    __shared__ float scratch[32];
+    pdl_enter();
+    const int nvec = hidden >> 3;
+    const size_t base = (size_t)blockIdx.x * hidden;
+    // Activations through L2 only: they were written by the kernel this one waited for.
+    const uint4* xr = reinterpret_cast<const uint4*>(x + base);
+    uint4* rr = reinterpret_cast<uint4*>(residual + base);
+    const uint4* wr = reinterpret_cast<const uint4*>(w);
+    float v[VPT][8];
+    uint4 wv[VPT];
+    float ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+        const int k = threadIdx.x + i * blockDim.x;
+        if (k < nvec) {
+            unpack8<T>(__ldcg(xr + k), v[i]);
+            wv[i] = __ldg(wr + k);
+            if (residual != nullptr) {
+                float r[8];
+                unpack8<T>(__ldcg(rr + k), r);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) r[j] += v[i][j];
+                const uint4 sum = pack8<T>(r);
+                rr[k] = sum;
+                unpack8<T>(sum, v[i]);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) ss += v[i][j] * v[i][j];
+        }
+    }
+    const float total = block_sum(ss, scratch);
+    const float inv = rsqrtf(total / (float)hidden + eps);
+    uint4* orow = reinterpret_cast<uint4*>(out + base);
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+        const int k = threadIdx.x + i * blockDim.x;
+        if (k < nvec) {
+            float wf[8], o[8];
+            unpack8<T>(wv[i], wf);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) o[j] = v[i][j] * inv * wf[j];
+            orow[k] = pack8<T>(o);
+        }
+    }
+}
+
 template <typename T>
 __device__ void add_assign_impl(T* __restrict__ y, const T* __restrict__ x, size_t n) {
+    pdl_enter();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         y[i] = from_f32<T>(to_f32(y[i]) + to_f32(x[i]));
     }
 }
 
-// Rotate-half RoPE in place; grid (rows, n_heads), one thread per pair (i, i + head_dim/2).
+// Rotate-half RoPE of the q and k heads of each qkv row in place (q, k and v heads packed from
+// column 0), and the rotated K and the V of the row written into the paged caches at its slot.
+// Grid (rows, n_heads + n_kv_heads): a block rotates one head, one thread a pair
+// (i, i + head_dim/2); the blocks of k heads also copy their head of K and V to the caches.
 template <typename T>
-__device__ void rope_impl(T* __restrict__ x, const float* __restrict__ inv_freq,
-                          const u32* __restrict__ positions, int row_stride, int col_offset,
-                          int head_dim) {
+__device__ void rope_write_kv_impl(T* __restrict__ qkv, int row_stride,
+                                   const float* __restrict__ inv_freq,
+                                   const u32* __restrict__ positions,
+                                   const u32* __restrict__ slots, int n_heads, int n_kv_heads,
+                                   int head_dim, T* __restrict__ k_cache,
+                                   T* __restrict__ v_cache) {
+    pdl_enter();
     const int row = blockIdx.x, head = blockIdx.y;
     const int half = head_dim / 2;
     const float pos = (float)positions[row];
-    T* p = x + (size_t)row * row_stride + col_offset + (size_t)head * head_dim;
+    T* r = qkv + (size_t)row * row_stride;
+    T* p = r + (size_t)head * head_dim;
+    const int kvh = head - n_heads;
+    const T* v = r + (size_t)(n_heads + n_kv_heads + kvh) * head_dim;
+    const size_t dst = (size_t)slots[row] * n_kv_heads * head_dim + (size_t)kvh * head_dim;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float sn, cs;
         sincosf(pos * inv_freq[i], &sn, &cs);
         const float a = to_f32(p[i]), b = to_f32(p[i + half]);
-        p[i] = from_f32<T>(a * cs - b * sn);
-        p[i + half] = from_f32<T>(b * cs + a * sn);
-    }
-}
-
-// Copy each row's K and V (kv_width values at k_offset / v_offset) into the paged caches.
-template <typename T>
-__device__ void write_kv_impl(const T* __restrict__ src, int row_stride, int k_offset,
-                              int v_offset, const u32* __restrict__ slots, int kv_width,
-                              T* __restrict__ k_cache, T* __restrict__ v_cache) {
-    const int row = blockIdx.x;
-    const size_t dst = (size_t)slots[row] * kv_width;
-    const T* s = src + (size_t)row * row_stride;
-    for (int c = threadIdx.x; c < kv_width; c += blockDim.x) {
-        k_cache[dst + c] = s[k_offset + c];
-        v_cache[dst + c] = s[v_offset + c];
+        const T ra = from_f32<T>(a * cs - b * sn), rb = from_f32<T>(b * cs + a * sn);
+        p[i] = ra;
+        p[i + half] = rb;
+        if (kvh >= 0) {
+            k_cache[dst + i] = ra;
+            k_cache[dst + i + half] = rb;
+            v_cache[dst + i] = v[i];
+            v_cache[dst + i + half] = v[i + half];
+        }
     }
 }
 
@@ -95,6 +178,7 @@ __device__ void attention_impl(const T* __restrict__ q, int row_stride, int q_of
                                int head_dim, float scale, T* __restrict__ out) {
     __shared__ float s_m[ATTN_WARPS], s_l[ATTN_WARPS];
     __shared__ float s_acc[ATTN_WARPS][ATTN_MAX_PER_LANE * 32];
+    pdl_enter();
     const int row = blockIdx.x, head = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32* sq = seqs + 5 * row_seq[row];
@@ -161,6 +245,7 @@ __device__ void attention_impl(const T* __restrict__ q, int row_stride, int q_of
 template <typename T>
 __device__ void silu_mul_impl(const T* __restrict__ gate_up, int n, size_t total,
                               T* __restrict__ out) {
+    pdl_enter();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         const size_t row = i / n, c = i % n;
@@ -173,6 +258,7 @@ __device__ void silu_mul_impl(const T* __restrict__ gate_up, int n, size_t total
 template <typename T>
 __device__ void gather_rows_impl(const T* __restrict__ x, const u32* __restrict__ rows,
                                  int hidden, T* __restrict__ out) {
+    pdl_enter();
     const size_t src = (size_t)rows[blockIdx.x] * hidden;
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
         out[(size_t)blockIdx.x * hidden + c] = x[src + c];
@@ -254,6 +340,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_MAX_THREADS)
     __shared__ float s_row[3];  // largest logit, log-sum-exp offset and log of the sum
     __shared__ u32 s_word[2];
     __shared__ int s_found;
+    pdl_enter();
     const float* p = logits + (size_t)blockIdx.x * vocab;
     const RowSamplingDev rs = params[blockIdx.x];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -462,15 +549,11 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
     extern "C" __global__ void add_assign_##TNAME(T* y, const T* x, size_t n) {              \
         add_assign_impl<T>(y, x, n);                                                          \
     }                                                                                         \
-    extern "C" __global__ void rope_##TNAME(T* x, const float* inv_freq, const u32* pos,     \
-                                            int row_stride, int col_offset, int head_dim) {   \
-        rope_impl<T>(x, inv_freq, pos, row_stride, col_offset, head_dim);                     \
-    }                                                                                         \
-    extern "C" __global__ void write_kv_##TNAME(const T* src, int row_stride, int k_offset,  \
-                                                int v_offset, const u32* slots, int kv_width, \
-                                                T* k_cache, T* v_cache) {                     \
-        write_kv_impl<T>(src, row_stride, k_offset, v_offset, slots, kv_width, k_cache,       \
-                         v_cache);                                                            \
+    extern "C" __global__ void rope_write_kv_##TNAME(                                        \
+        T* qkv, int row_stride, const float* inv_freq, const u32* pos, const u32* slots,      \
+        int n_heads, int n_kv_heads, int head_dim, T* k_cache, T* v_cache) {                  \
+        rope_write_kv_impl<T>(qkv, row_stride, inv_freq, pos, slots, n_heads, n_kv_heads,     \
+                              head_dim, k_cache, v_cache);                                    \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_##TNAME(         \
         const T* q, int row_stride, int q_offset, const T* k_cache, const T* v_cache,         \
@@ -494,6 +577,19 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
         fill_random_impl<T>(y, seed, scale, n);                                               \
     }
 
+// The register-resident norm: up to NORM_VEC_THREADS * VPT * 8 columns.
+#define DEFINE_HALF_OPS(TNAME, T)                                                             \
+    extern "C" __global__ void __launch_bounds__(NORM_VEC_THREADS) rms_norm_vec1_##TNAME(    \
+        T* residual, const T* x, const T* w, float eps, int hidden, T* out) {                 \
+        rms_norm_vec_impl<T, 1>(residual, x, w, eps, hidden, out);                            \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(NORM_VEC_THREADS) rms_norm_vec2_##TNAME(    \
+        T* residual, const T* x, const T* w, float eps, int hidden, T* out) {                 \
+        rms_norm_vec_impl<T, 2>(residual, x, w, eps, hidden, out);                            \
+    }
+
 DEFINE_OPS(f32, float)
 DEFINE_OPS(f16, f16)
 DEFINE_OPS(bf16, bf16)
+DEFINE_HALF_OPS(f16, f16)
+DEFINE_HALF_OPS(bf16, bf16)

@@ -38,14 +38,19 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     __shared__ float red[SHRINK_WARPS][16][R];
     __shared__ int is_last;
 
-    pdl_launch_dependents();
     const int tile = blockIdx.x, split = blockIdx.y, zi = blockIdx.z;
     const int group = tile * gridDim.z + zi;
+    // Step metadata and the adapter table come from host copies, never from the previous
+    // kernel, so they may be read before the wait (see pdl_enter in common.cuh).
     const u32 seg = tiles[2 * tile];
     const int row0 = (int)tiles[2 * tile + 1];
     const int seg_end = (int)segs[3 * seg + 1];
     const u32 slot = segs[3 * seg + 2];
     const LoraSlot s = table[slot];
+    // x comes from the previous kernel (a GEMM or a norm), and v and the split-K workspace may
+    // still be in use by the previous shrink/expand pair. Waiting before the trigger also means
+    // the expand, once launched, finds every kernel before this shrink complete.
+    pdl_enter();
     const int rank_lo = zi * R;
     const int rank = min((int)s.rank - rank_lo, R);
     if (s.a == nullptr || rank <= 0) return;
@@ -59,9 +64,6 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     const int per_split = (steps + ksplit - 1) / ksplit;
     const int s_begin = split * per_split;
     const int s_end = min(steps, s_begin + per_split);
-
-    // x may come from the previous kernel when this launch overlaps it.
-    pdl_wait();
 
     float c[NT][4];
 #pragma unroll
@@ -191,9 +193,12 @@ __device__ __forceinline__ void load_v8(const float* row, int k, int rank, bool 
 }
 
 // y[row, col_offset + j] += v[row, :rank] . B[j, :rank] for the rows of one tile (blockIdx.y) and
-// NTW * 8 columns per warp (blockIdx.x picks EXPAND_WARPS * NTW * 8 columns). B and the old y are loaded before waiting
-// on the shrink (programmatic dependent launch), so only v is read after it finishes. v is fed to
-// the tensor cores as hi + lo halves, keeping it at f32 accuracy.
+// NTW * 8 columns per warp (blockIdx.x picks EXPAND_WARPS * NTW * 8 columns). B and the old y are
+// loaded before waiting on the shrink (programmatic dependent launch), so only v is read after it
+// finishes. That is safe because the backend overlaps the expand only with a shrink, which writes
+// neither, and a shrink triggers its dependents only after its own wait: the kernel that wrote y
+// has completed by then. v is fed to the tensor cores as hi + lo halves, keeping it at f32
+// accuracy.
 template <typename T, int KT, int NTW>
 __device__ __forceinline__ void sgmv_expand_impl(
     const float* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
@@ -206,7 +211,11 @@ __device__ __forceinline__ void sgmv_expand_impl(
     const u32 slot = segs[3 * seg + 2];
     const LoraSlot s = table[slot];
     const int rank = min((int)s.rank, KT * 32);
-    if (s.b == nullptr || rank == 0) return;
+    if (s.b == nullptr || rank == 0) {
+        // Even an idle block waits: a grid must not complete before the one it depends on.
+        pdl_enter();
+        return;
+    }
     const T* B = reinterpret_cast<const T*>(s.b);
     const int nrows = min(16, seg_end - row0);
 
@@ -239,7 +248,7 @@ __device__ __forceinline__ void sgmv_expand_impl(
         yv[nt][1] = r1ok ? load_pair(y1, col, h_out, yal) : 0u;
     }
 
-    pdl_wait();
+    pdl_enter();
 
     float d[NTW][4];
 #pragma unroll

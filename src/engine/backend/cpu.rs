@@ -605,40 +605,53 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rope(
+    fn rope_write_kv(
         &self,
-        x: &mut CpuBuf,
+        qkv: &mut CpuBuf,
+        row_stride: usize,
         inv_freq: &CpuBuf,
         meta: &CpuMeta,
-        row_stride: usize,
-        col_offset: usize,
-        n_heads: usize,
-        head_dim: usize,
+        shape: AttnShape,
+        k_cache: &mut CpuBuf,
+        v_cache: &mut CpuBuf,
     ) -> Result<()> {
         let meta = &meta.0;
         let rows = meta.rows();
+        let AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = shape;
         let half = head_dim / 2;
-        if !head_dim.is_multiple_of(2) || col_offset + n_heads * head_dim > row_stride {
+        let kv_dim = n_kv_heads * head_dim;
+        let (k_offset, v_offset) = (n_heads * head_dim, n_heads * head_dim + kv_dim);
+        if !head_dim.is_multiple_of(2) || v_offset + kv_dim > row_stride {
             return Err(shape_err(format!(
-                "rope: {n_heads} heads of {head_dim} at column {col_offset} in rows of {row_stride}"
+                "rope_write_kv: {n_heads} q, {n_kv_heads} k and {n_kv_heads} v heads of {head_dim} in rows of {row_stride}"
             )));
         }
-        need("rope input", x.data.len(), rows * row_stride)?;
-        need("rope inv_freq", inv_freq.data.len(), half)?;
+        need("rope_write_kv qkv", qkv.data.len(), rows * row_stride)?;
+        need("rope_write_kv inv_freq", inv_freq.data.len(), half)?;
+        let slots = k_cache.data.len().min(v_cache.data.len()) / kv_dim.max(1);
+        if let Some(&bad) = meta.slot_mapping.iter().find(|&&s| s as usize >= slots) {
+            return Err(shape_err(format!(
+                "KV slot {bad} outside a cache of {slots} slots"
+            )));
+        }
         if rows == 0 || half == 0 {
             return Ok(());
         }
         let inv_freq = &inv_freq.as_slice()[..half];
-        x.as_mut_slice()[..rows * row_stride]
+        qkv.as_mut_slice()[..rows * row_stride]
             .par_chunks_mut(row_stride)
             .zip(&meta.positions)
             .for_each(|(row, &pos)| {
                 // Hugging Face computes `pos * inv_freq` and its cos/sin in f32.
                 let (sin, cos): (Vec<f32>, Vec<f32>) =
                     inv_freq.iter().map(|&f| (pos as f32 * f).sin_cos()).unzip();
-                for h in 0..n_heads {
-                    let base = col_offset + h * head_dim;
-                    let (x1, x2) = row[base..base + head_dim].split_at_mut(half);
+                // The k heads follow the q heads: one run of rotated heads.
+                for head in row[..v_offset].chunks_exact_mut(head_dim) {
+                    let (x1, x2) = head.split_at_mut(half);
                     for i in 0..half {
                         let (a, b) = (x1[i], x2[i]);
                         x1[i] = a * cos[i] - b * sin[i];
@@ -646,36 +659,7 @@ impl Backend for CpuBackend {
                     }
                 }
             });
-        Ok(())
-    }
-
-    fn write_kv(
-        &self,
-        src: &CpuBuf,
-        row_stride: usize,
-        k_offset: usize,
-        v_offset: usize,
-        meta: &CpuMeta,
-        shape: AttnShape,
-        k_cache: &mut CpuBuf,
-        v_cache: &mut CpuBuf,
-    ) -> Result<()> {
-        let meta = &meta.0;
-        let kv_dim = shape.n_kv_heads * shape.head_dim;
-        let rows = meta.rows();
-        if k_offset.max(v_offset) + kv_dim > row_stride {
-            return Err(shape_err(format!(
-                "write_kv: K at {k_offset}, V at {v_offset}, {kv_dim} wide, in rows of {row_stride}"
-            )));
-        }
-        need("write_kv source", src.data.len(), rows * row_stride)?;
-        let slots = k_cache.data.len().min(v_cache.data.len()) / kv_dim.max(1);
-        if let Some(&bad) = meta.slot_mapping.iter().find(|&&s| s as usize >= slots) {
-            return Err(shape_err(format!(
-                "KV slot {bad} outside a cache of {slots} slots"
-            )));
-        }
-        let src = src.as_slice();
+        let src = qkv.as_slice();
         let (kc, vc) = (k_cache.as_mut_slice(), v_cache.as_mut_slice());
         for (row, &slot) in meta.slot_mapping.iter().enumerate() {
             let (s, d) = (row * row_stride, slot as usize * kv_dim);
@@ -1253,8 +1237,10 @@ mod tests {
         let stride = q_dim + 2 * kv_dim;
         let mut k_cache = cpu.alloc(DType::F32, 4 * BLOCK_SIZE * kv_dim).unwrap();
         let mut v_cache = cpu.alloc(DType::F32, 4 * BLOCK_SIZE * kv_dim).unwrap();
-        // The decode sequence's earlier context, written as a previous step would have.
-        let history = values(8, (decode_ctx - 1) * 2 * kv_dim);
+        // The decode sequence's earlier context, written as a previous step would have. Zero
+        // inverse frequencies make RoPE the identity, so the caches get the rows' K and V as is.
+        let history = values(8, (decode_ctx - 1) * stride);
+        let no_rotation = CpuBuf::from_vec(vec![0.0; shape.head_dim / 2]);
         let mut hist_meta = StepMeta::default();
         for t in 0..decode_ctx - 1 {
             hist_meta.token_ids.push(0);
@@ -1263,7 +1249,7 @@ mod tests {
                 .slot_mapping
                 .push([1u32, 3][t / BLOCK_SIZE] * BLOCK_SIZE as u32 + (t % BLOCK_SIZE) as u32);
         }
-        let hist = CpuBuf::from_vec(history.clone());
+        let mut hist = CpuBuf::from_vec(history.clone());
         hist_meta.seqs = vec![SeqMeta {
             row_start: 0,
             num_rows: decode_ctx as u32 - 1,
@@ -1273,11 +1259,10 @@ mod tests {
         }];
         hist_meta.block_tables = vec![1, 3];
         let hist_meta = cpu.upload_meta(&hist_meta).unwrap();
-        cpu.write_kv(
-            &hist,
-            2 * kv_dim,
-            0,
-            kv_dim,
+        cpu.rope_write_kv(
+            &mut hist,
+            stride,
+            &no_rotation,
             &hist_meta,
             shape,
             &mut k_cache,
@@ -1286,13 +1271,12 @@ mod tests {
         .unwrap();
 
         let qkv = values(9, rows * stride);
-        let qkv_buf = CpuBuf::from_vec(qkv.clone());
+        let mut qkv_buf = CpuBuf::from_vec(qkv.clone());
         let meta = cpu.upload_meta(&meta).unwrap();
-        cpu.write_kv(
-            &qkv_buf,
+        cpu.rope_write_kv(
+            &mut qkv_buf,
             stride,
-            q_dim,
-            q_dim + kv_dim,
+            &no_rotation,
             &meta,
             shape,
             &mut k_cache,
@@ -1327,8 +1311,8 @@ mod tests {
                         .map(|t| {
                             if t < decode_ctx - 1 {
                                 (
-                                    kv_of(&history, 2 * kv_dim, 0, t, kvh),
-                                    kv_of(&history, 2 * kv_dim, kv_dim, t, kvh),
+                                    kv_of(&history, stride, q_dim, t, kvh),
+                                    kv_of(&history, stride, q_dim + kv_dim, t, kvh),
                                 )
                             } else {
                                 (
@@ -1375,40 +1359,83 @@ mod tests {
     }
 
     #[test]
-    fn rope_rotates_each_head_by_its_rows_position() {
+    fn rope_write_kv_rotates_q_and_k_heads_and_caches_the_rotated_k_and_the_v() {
         let cpu = CpuBackend::new();
-        let (heads, hd, stride, off) = (2, 8, 24, 4);
+        let shape = AttnShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 8,
+        };
+        let hd = shape.head_dim;
+        // Four columns of padding after q, k and v: untouched.
+        let (rot, stride) = (3 * hd, 4 * hd + 4);
         let mut meta = mixed_meta(2, 1);
         meta.positions = vec![0, 5, 1000];
+        meta.slot_mapping = vec![7, 2, 40];
         let meta = cpu.upload_meta(&meta).unwrap();
         let inv_freq: Vec<f32> = (0..hd / 2)
             .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
             .collect();
         let x = values(10, 3 * stride);
         let mut buf = CpuBuf::from_vec(x.clone());
-        cpu.rope(
+        let mut k_cache = CpuBuf::from_vec(vec![f32::NAN; 48 * hd]);
+        let mut v_cache = CpuBuf::from_vec(vec![f32::NAN; 48 * hd]);
+        cpu.rope_write_kv(
             &mut buf,
+            stride,
             &CpuBuf::from_vec(inv_freq.clone()),
             &meta,
-            stride,
-            off,
-            heads,
-            hd,
+            shape,
+            &mut k_cache,
+            &mut v_cache,
         )
         .unwrap();
         for row in 0..3 {
-            for h in 0..heads {
-                let at = row * stride + off + h * hd;
+            let base = row * stride;
+            for at in (base..base + rot).step_by(hd) {
                 let want =
                     reference::rope_head(&x[at..at + hd], meta.step().positions[row], &inv_freq);
                 assert_close(&buf.as_slice()[at..at + hd], &want, 1e-4);
             }
-            // Columns outside the heads are untouched.
             assert_eq!(
-                buf.as_slice()[row * stride..row * stride + off],
-                x[row * stride..row * stride + off]
+                buf.as_slice()[base + rot..base + stride],
+                x[base + rot..base + stride]
             );
+            let slot = meta.step().slot_mapping[row] as usize * hd;
+            let k = base + 2 * hd;
+            assert_eq!(
+                k_cache.as_slice()[slot..slot + hd],
+                buf.as_slice()[k..k + hd]
+            );
+            assert_eq!(v_cache.as_slice()[slot..slot + hd], x[k + hd..k + 2 * hd]);
         }
+        let written = k_cache.as_slice().iter().filter(|v| !v.is_nan()).count();
+        assert_eq!(written, 3 * hd, "only the three rows' slots are written");
+    }
+
+    #[test]
+    fn rope_write_kv_rejects_a_slot_outside_the_cache() {
+        let cpu = CpuBackend::new();
+        let shape = AttnShape {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 4,
+        };
+        let mut meta = mixed_meta(2, 1);
+        meta.slot_mapping = vec![0, 16, 1];
+        let meta = cpu.upload_meta(&meta).unwrap();
+        let mut qkv = cpu.alloc(DType::F32, 3 * 12).unwrap();
+        let mut k = cpu.alloc(DType::F32, 16 * 4).unwrap();
+        let mut v = cpu.alloc(DType::F32, 16 * 4).unwrap();
+        let freq = cpu.alloc(DType::F32, 2).unwrap();
+        let err = cpu
+            .rope_write_kv(&mut qkv, 12, &freq, &meta, shape, &mut k, &mut v)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("KV slot 16 outside a cache of 16 slots"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -433,31 +433,18 @@ pub trait Backend: Send + Sync + 'static {
     /// `y += x` elementwise.
     fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
 
-    /// Rotate-half RoPE in place on `x: [rows, n_heads, head_dim]` (columns `col_offset..`
-    /// of a row of width `row_stride`), using `inv_freq: [head_dim / 2]` (f32, llama3 scaling
-    /// already applied) and the rows' positions.
+    /// RoPE and this step's KV-cache write, fused. `qkv` rows (width `row_stride`) hold the
+    /// `n_heads` q heads, then the `n_kv_heads` k heads, then the v heads, from column 0. The q
+    /// and k heads are rotated in place (rotate-half RoPE with `inv_freq: [head_dim / 2]`, f32,
+    /// llama3 scaling already applied, at the rows' positions); then each row's rotated K and
+    /// its V go into the paged caches at `meta.slot_mapping`. Caches:
+    /// `[num_blocks, BLOCK_SIZE, n_kv_heads, head_dim]`.
     #[allow(clippy::too_many_arguments)]
-    fn rope(
+    fn rope_write_kv(
         &self,
-        x: &mut Self::Buf,
+        qkv: &mut Self::Buf,
+        row_stride: usize,
         inv_freq: &Self::Buf,
-        meta: &Self::Meta,
-        row_stride: usize,
-        col_offset: usize,
-        n_heads: usize,
-        head_dim: usize,
-    ) -> Result<()>;
-
-    /// Write this step's K and V rows into the paged cache at `meta.slot_mapping`.
-    /// `k, v`: rows with `n_kv_heads * head_dim` values at column `col_offset` of width
-    /// `row_stride`; caches: `[num_blocks, BLOCK_SIZE, n_kv_heads, head_dim]`.
-    #[allow(clippy::too_many_arguments)]
-    fn write_kv(
-        &self,
-        src: &Self::Buf,
-        row_stride: usize,
-        k_offset: usize,
-        v_offset: usize,
         meta: &Self::Meta,
         shape: AttnShape,
         k_cache: &mut Self::Buf,

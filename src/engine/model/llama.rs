@@ -320,30 +320,11 @@ impl<B: Backend> Llama<B> {
                 &mut qkv,
                 qkv_dim,
             )?;
-            b.rope(
-                &mut qkv,
-                &self.inv_freq,
-                &m,
-                qkv_dim,
-                0,
-                shape.n_heads,
-                c.head_dim,
-            )?;
-            b.rope(
-                &mut qkv,
-                &self.inv_freq,
-                &m,
-                qkv_dim,
-                q_dim,
-                shape.n_kv_heads,
-                c.head_dim,
-            )?;
             let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
-            b.write_kv(
-                &qkv,
+            b.rope_write_kv(
+                &mut qkv,
                 qkv_dim,
-                q_dim,
-                q_dim + kv_dim,
+                &self.inv_freq,
                 &m,
                 shape,
                 k_cache,

@@ -216,7 +216,10 @@ struct Workspace {
     bytes: usize,
 }
 
-/// What the previous launch on the stream was; the expand may overlap only a shrink.
+/// What the previous launch on the stream was. Every forward kernel may overlap its predecessor
+/// (programmatic dependent launch), but the expand reads its B and old y before waiting, so it
+/// may overlap only a shrink: a shrink writes neither and triggers its dependents only after its
+/// own wait, when the kernel that wrote y (a GEMM or the previous expand) has completed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Last {
     Shrink,
@@ -287,7 +290,8 @@ pub struct CudaOptions {
     pub dtype: DType,
     /// Where compiled cubins are cached; `None` disables the cache.
     pub cache_dir: Option<PathBuf>,
-    /// Let the SGMV expand overlap the shrink's tail (programmatic dependent launch, sm_90+).
+    /// Launch the forward's kernels with programmatic dependent launch (sm_90+): each one's
+    /// launch overlaps the previous kernel's tail, and the SGMV expand overlaps the shrink.
     pub pdl: bool,
 }
 
@@ -408,11 +412,11 @@ impl CudaBackend {
     pub fn arch(&self) -> &str {
         &self.compiler.arch
     }
-    /// Whether the expand overlaps the shrink (programmatic dependent launch).
+    /// Whether kernels are launched with programmatic dependent launch.
     pub fn pdl(&self) -> bool {
         self.pdl
     }
-    /// Switch the shrink/expand overlap on or off (for measurement).
+    /// Switch programmatic dependent launch on or off (for measurement).
     pub fn set_pdl(&mut self, on: bool) {
         self.pdl = on && self.compute_capability.0 >= 9;
     }
@@ -459,7 +463,9 @@ impl CudaBackend {
     }
 
     /// Launch kernel `name`. `pdl` lets it start while the previous kernel finishes; the
-    /// kernel must then call `griddepcontrol.wait` before reading that kernel's outputs.
+    /// kernel must then follow `pdl_enter`'s rules (kernels/common.cuh): wait before reading
+    /// that kernel's outputs, before any write, and before exiting. The wait covers the full
+    /// completion of the previous kernel, so this is safe after a cuBLAS GEMM as well.
     pub fn launch(
         &self,
         name: &str,
@@ -519,6 +525,54 @@ impl CudaBackend {
             Last::Other
         };
         Ok(())
+    }
+
+    /// rms_norm, or add_rms_norm when `residual` is not null: the register-resident kernel
+    /// for bf16/f16 rows of whole 16-byte vectors (see [`plan::norm_vec_plan`]), the general
+    /// loop otherwise. Shapes were checked by the caller.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_norm(
+        &self,
+        residual: u64,
+        x: &CudaBuf,
+        weight: &CudaBuf,
+        eps: f32,
+        rows: usize,
+        hidden: usize,
+        out: &CudaBuf,
+    ) -> Result<()> {
+        let aligned = [residual, x.ptr, weight.ptr, out.ptr]
+            .iter()
+            .all(|p| p % 16 == 0);
+        let vec = match x.dtype {
+            DType::F32 => None,
+            DType::F16 | DType::BF16 if aligned => plan::norm_vec_plan(hidden),
+            DType::F16 | DType::BF16 => None,
+        };
+        let (name, block) = match vec {
+            Some((vpt, threads)) => (
+                format!("rms_norm_vec{vpt}_{}", Self::suffix(x.dtype)),
+                threads,
+            ),
+            None => (
+                format!("rms_norm_{}", Self::suffix(x.dtype)),
+                plan::row_block(hidden),
+            ),
+        };
+        self.launch(
+            &name,
+            (rows as u32, 1, 1),
+            block,
+            &[
+                Arg::Ptr(residual),
+                Arg::Ptr(x.ptr),
+                Arg::Ptr(weight.ptr),
+                Arg::F32(eps),
+                i32_arg(hidden, "hidden")?,
+                Arg::Ptr(out.ptr),
+            ],
+            self.pdl,
+        )
     }
 
     /// The stream kernels go to now: the side stream between `begin_side` and `end_side`.
@@ -771,14 +825,18 @@ pub fn kernel_names() -> Vec<String> {
             }
         }
     }
+    for t in ["bf16", "f16"] {
+        for vpt in 1..=plan::NORM_VEC_MAX_HIDDEN / (8 * plan::NORM_VEC_THREADS) {
+            names.push(format!("rms_norm_vec{vpt}_{t}"));
+        }
+    }
     names.push("sample_f32".to_string());
     for t in ["f32", "f16", "bf16"] {
         for op in [
             "embedding",
             "rms_norm",
             "add_assign",
-            "rope",
-            "write_kv",
+            "rope_write_kv",
             "attention",
             "silu_mul",
             "gather_rows",
@@ -1011,7 +1069,7 @@ impl Backend for CudaBackend {
                 i32_arg(hidden, "hidden")?,
                 Arg::Ptr(out.ptr),
             ],
-            false,
+            self.pdl,
         )
     }
 
@@ -1029,20 +1087,7 @@ impl Backend for CudaBackend {
         need(x, rows * hidden, "rms_norm x")?;
         need(out, rows * hidden, "rms_norm out")?;
         need(weight, hidden, "rms_norm weight")?;
-        self.launch(
-            &format!("rms_norm_{}", Self::suffix(x.dtype)),
-            (rows as u32, 1, 1),
-            plan::row_block(hidden),
-            &[
-                Arg::Ptr(0),
-                Arg::Ptr(x.ptr),
-                Arg::Ptr(weight.ptr),
-                Arg::F32(eps),
-                i32_arg(hidden, "hidden")?,
-                Arg::Ptr(out.ptr),
-            ],
-            false,
-        )
+        self.launch_norm(0, x, weight, eps, rows, hidden, out)
     }
 
     fn add_rms_norm(
@@ -1062,20 +1107,7 @@ impl Backend for CudaBackend {
         need(residual, rows * hidden, "add_rms_norm residual")?;
         need(out, rows * hidden, "add_rms_norm out")?;
         need(weight, hidden, "add_rms_norm weight")?;
-        self.launch(
-            &format!("rms_norm_{}", Self::suffix(x.dtype)),
-            (rows as u32, 1, 1),
-            plan::row_block(hidden),
-            &[
-                Arg::Ptr(residual.ptr),
-                Arg::Ptr(x.ptr),
-                Arg::Ptr(weight.ptr),
-                Arg::F32(eps),
-                i32_arg(hidden, "hidden")?,
-                Arg::Ptr(out.ptr),
-            ],
-            false,
-        )
+        self.launch_norm(residual.ptr, x, weight, eps, rows, hidden, out)
     }
 
     fn matmul(
@@ -1158,98 +1190,73 @@ impl Backend for CudaBackend {
             (plan::elementwise_grid(y.len, self.sm_count), 1, 1),
             256,
             &[Arg::Ptr(y.ptr), Arg::Ptr(x.ptr), Arg::Usize(y.len)],
-            false,
+            self.pdl,
         )
     }
 
-    fn rope(
+    fn rope_write_kv(
         &self,
-        x: &mut CudaBuf,
+        qkv: &mut CudaBuf,
+        row_stride: usize,
         inv_freq: &CudaBuf,
-        meta: &CudaMeta,
-        row_stride: usize,
-        col_offset: usize,
-        n_heads: usize,
-        head_dim: usize,
-    ) -> Result<()> {
-        let rows = meta.layout.rows;
-        if inv_freq.dtype != DType::F32
-            || inv_freq.len < head_dim / 2
-            || !head_dim.is_multiple_of(2)
-        {
-            return Err(shape(format!(
-                "rope: inv_freq must be f32 with head_dim/2 = {} values (got {:?} x {})",
-                head_dim / 2,
-                inv_freq.dtype,
-                inv_freq.len
-            )));
-        }
-        if col_offset + n_heads * head_dim > row_stride {
-            return Err(shape(format!(
-                "rope: columns {col_offset}+{n_heads}x{head_dim} exceed the row of {row_stride}"
-            )));
-        }
-        need(x, rows * row_stride, "rope x")?;
-        if n_heads > 65535 {
-            return Err(shape(format!("rope: {n_heads} heads")));
-        }
-        self.launch(
-            &format!("rope_{}", Self::suffix(x.dtype)),
-            (rows as u32, n_heads as u32, 1),
-            (head_dim / 2).clamp(32, 256) as u32,
-            &[
-                Arg::Ptr(x.ptr),
-                Arg::Ptr(inv_freq.ptr),
-                Arg::Ptr(meta.at(meta.layout.positions)),
-                i32_arg(row_stride, "row_stride")?,
-                i32_arg(col_offset, "col_offset")?,
-                i32_arg(head_dim, "head_dim")?,
-            ],
-            false,
-        )
-    }
-
-    fn write_kv(
-        &self,
-        src: &CudaBuf,
-        row_stride: usize,
-        k_offset: usize,
-        v_offset: usize,
         meta: &CudaMeta,
         shape_: AttnShape,
         k_cache: &mut CudaBuf,
         v_cache: &mut CudaBuf,
     ) -> Result<()> {
         let rows = meta.layout.rows;
-        let kv_width = shape_.n_kv_heads * shape_.head_dim;
-        same_dtype(src, k_cache, "write_kv")?;
-        same_dtype(src, v_cache, "write_kv")?;
-        if k_offset.max(v_offset) + kv_width > row_stride {
+        let AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = shape_;
+        let kv_width = n_kv_heads * head_dim;
+        same_dtype(qkv, k_cache, "rope_write_kv")?;
+        same_dtype(qkv, v_cache, "rope_write_kv")?;
+        if inv_freq.dtype != DType::F32
+            || inv_freq.len < head_dim / 2
+            || !head_dim.is_multiple_of(2)
+        {
             return Err(shape(format!(
-                "write_kv: K/V columns at {k_offset}/{v_offset} (+{kv_width}) exceed the row of {row_stride}"
+                "rope_write_kv: inv_freq must be f32 with head_dim/2 = {} values (got {:?} x {})",
+                head_dim / 2,
+                inv_freq.dtype,
+                inv_freq.len
             )));
         }
-        need(src, rows * row_stride, "write_kv src")?;
+        if (n_heads + 2 * n_kv_heads) * head_dim > row_stride {
+            return Err(shape(format!(
+                "rope_write_kv: {n_heads} q, {n_kv_heads} k and {n_kv_heads} v heads of {head_dim} exceed the row of {row_stride}"
+            )));
+        }
+        need(qkv, rows * row_stride, "rope_write_kv qkv")?;
         if let Some(s) = meta.layout.max_kv_slot {
             let want = (s as usize + 1) * kv_width;
-            need(k_cache, want, "write_kv k_cache")?;
-            need(v_cache, want, "write_kv v_cache")?;
+            need(k_cache, want, "rope_write_kv k_cache")?;
+            need(v_cache, want, "rope_write_kv v_cache")?;
+        }
+        if n_heads + n_kv_heads > 65535 {
+            return Err(shape(format!(
+                "rope_write_kv: {n_heads} + {n_kv_heads} heads"
+            )));
         }
         self.launch(
-            &format!("write_kv_{}", Self::suffix(src.dtype)),
-            (rows as u32, 1, 1),
-            plan::row_block(kv_width),
+            &format!("rope_write_kv_{}", Self::suffix(qkv.dtype)),
+            (rows as u32, (n_heads + n_kv_heads) as u32, 1),
+            (head_dim / 2).clamp(32, 256) as u32,
             &[
-                Arg::Ptr(src.ptr),
+                Arg::Ptr(qkv.ptr),
                 i32_arg(row_stride, "row_stride")?,
-                i32_arg(k_offset, "k_offset")?,
-                i32_arg(v_offset, "v_offset")?,
+                Arg::Ptr(inv_freq.ptr),
+                Arg::Ptr(meta.at(meta.layout.positions)),
                 Arg::Ptr(meta.at(meta.layout.slot_mapping)),
-                i32_arg(kv_width, "kv_width")?,
+                i32_arg(n_heads, "n_heads")?,
+                i32_arg(n_kv_heads, "n_kv_heads")?,
+                i32_arg(head_dim, "head_dim")?,
                 Arg::Ptr(k_cache.ptr),
                 Arg::Ptr(v_cache.ptr),
             ],
-            false,
+            self.pdl,
         )
     }
 
@@ -1322,7 +1329,7 @@ impl Backend for CudaBackend {
                 Arg::F32(scale),
                 Arg::Ptr(out.ptr),
             ],
-            false,
+            self.pdl,
         )
     }
 
@@ -1344,7 +1351,7 @@ impl Backend for CudaBackend {
                 Arg::Usize(total),
                 Arg::Ptr(out.ptr),
             ],
-            false,
+            self.pdl,
         )
     }
 
@@ -1426,7 +1433,7 @@ impl Backend for CudaBackend {
                 }),
                 Arg::Ptr(ws),
             ],
-            false,
+            self.pdl,
         )
     }
 
@@ -1514,7 +1521,7 @@ impl Backend for CudaBackend {
                 i32_arg(hidden, "hidden")?,
                 Arg::Ptr(out.ptr),
             ],
-            false,
+            self.pdl,
         )
     }
 
@@ -1550,7 +1557,7 @@ impl Backend for CudaBackend {
                 Arg::Ptr(out),
                 Arg::Ptr(out + 4 * n as u64),
             ],
-            false,
+            self.pdl,
         )?;
         let mut words = vec![0u32; 2 * n];
         self.dtoh(&mut words, out)?;
@@ -1617,7 +1624,7 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "unknown time".into());
     format!(
-        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# overlap of shrink and expand (PDL): {}\n",
+        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n",
         be.device_name(),
         be.compute_capability().0,
         be.compute_capability().1,

@@ -248,6 +248,24 @@ pub fn row_block(cols: usize) -> u32 {
     }
 }
 
+/// Threads per block of the register-resident norm (kernels/ops.cu `NORM_VEC_THREADS`).
+pub const NORM_VEC_THREADS: usize = 512;
+/// Widest row the register-resident norm holds: two 16-byte vectors of 8 values per thread.
+pub const NORM_VEC_MAX_HIDDEN: usize = 2 * 8 * NORM_VEC_THREADS;
+
+/// The register-resident `rms_norm_vec{vpt}` kernel for rows of `hidden` bf16/f16 values:
+/// `(vectors per thread, threads per block)`, or `None` when the general kernel must run (a
+/// width of zero, not a multiple of 8 or above [`NORM_VEC_MAX_HIDDEN`]). One vector per thread
+/// while the row fits one block, so a decode step's few rows spread over the most threads.
+pub fn norm_vec_plan(hidden: usize) -> Option<(usize, u32)> {
+    if hidden == 0 || !hidden.is_multiple_of(8) || hidden > NORM_VEC_MAX_HIDDEN {
+        return None;
+    }
+    let nvec = hidden / 8;
+    let vpt = nvec.div_ceil(NORM_VEC_THREADS);
+    Some((vpt, nvec.div_ceil(vpt).next_multiple_of(32) as u32))
+}
+
 /// Largest block of the sampling kernel (kernels/ops.cu `SAMPLE_MAX_THREADS`).
 pub const SAMPLE_MAX_THREADS: usize = 1024;
 
@@ -284,6 +302,26 @@ mod tests {
     use super::*;
     use crate::engine::backend::SeqMeta;
     use crate::engine::lora::segments::SegmentTable;
+
+    #[test]
+    fn the_register_resident_norm_covers_rows_of_whole_vectors_up_to_8192() {
+        assert_eq!(norm_vec_plan(4096), Some((1, 512)));
+        assert_eq!(norm_vec_plan(8192), Some((2, 512)));
+        assert_eq!(norm_vec_plan(576), Some((1, 96)));
+        assert_eq!(norm_vec_plan(5120), Some((2, 320)));
+        assert_eq!(norm_vec_plan(8), Some((1, 32)));
+        for hidden in [0, 100, 4100, 8200, 16384] {
+            assert_eq!(norm_vec_plan(hidden), None, "hidden {hidden}");
+        }
+        for hidden in (8..=NORM_VEC_MAX_HIDDEN).step_by(8) {
+            let (vpt, threads) = norm_vec_plan(hidden).unwrap();
+            assert!(vpt <= 2 && threads as usize <= NORM_VEC_THREADS && threads % 32 == 0);
+            assert!(
+                vpt * threads as usize * 8 >= hidden,
+                "hidden {hidden} not covered"
+            );
+        }
+    }
 
     #[test]
     fn segments_are_cut_into_sixteen_row_tiles_that_never_cross_a_segment() {

@@ -393,7 +393,17 @@ fn sgmv_cases() -> Vec<SgmvCase> {
 fn check_elementwise_ops(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
     let (be, cpu) = (c.be, c.cpu.clone());
     let t = tol(dt);
-    for &(rows, hidden) in &[(5usize, 576usize), (3, 4096), (2, 8192)] {
+    // bf16/f16 widths of whole 16-byte vectors up to 8192 take the register-resident norm (one
+    // or two vectors a thread); 100 and 9000 take the general loop.
+    for &(rows, hidden) in &[
+        (5usize, 576usize),
+        (3, 4096),
+        (32, 4096),
+        (4, 5120),
+        (2, 8192),
+        (4, 100),
+        (2, 9000),
+    ] {
         let label = format!("{dt:?} {rows}x{hidden}");
         let x = c.rand(dt, rows * hidden, 2.0);
         let w = c.rand(dt, hidden, 1.0);
@@ -490,6 +500,97 @@ fn check_elementwise_ops(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
         &cpu.download(&cg)?,
         t,
     );
+    Ok(())
+}
+
+/// Dependent ops back to back with no copy or synchronisation between them, as in the forward,
+/// so each kernel's launch overlaps its producer's tail (programmatic dependent launch). The
+/// intermediates are read back at the end and each op is checked against the CPU given the
+/// GPU's own inputs: a kernel that read its input before the producer finished would differ.
+fn check_dependent_chain(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
+    let (be, cpu) = (c.be, c.cpu.clone());
+    let t = tol(dt);
+    let (rows, hidden) = (32usize, 4096usize);
+    let half = hidden / 2;
+    let label = format!("{dt:?} {rows}x{hidden} chain");
+    let x = c.rand(dt, rows * hidden, 2.0);
+    let w = c.rand(dt, hidden, 1.0);
+    let res0 = c.rand(dt, rows * hidden, 2.0);
+    let dx = be.upload(dt, &x)?;
+    let dw = be.upload(dt, &w)?;
+    let mut dres = be.upload(dt, &res0)?;
+    let mut a = be.alloc(dt, rows * hidden)?;
+    let mut b = be.alloc(dt, rows * hidden)?;
+    let mut g = be.alloc(dt, rows * half)?;
+    let mut d = be.alloc(dt, rows * half)?;
+    be.synchronize()?;
+    let eps = 1e-5f32;
+    be.rms_norm(&dx, &dw, eps, rows, hidden, &mut a)?;
+    be.add_rms_norm(&mut dres, &a, &dw, eps, rows, hidden, &mut b)?;
+    be.silu_mul(&b, rows, half, &mut g)?;
+    be.rms_norm(&g, &dw, eps, rows, half, &mut d)?;
+    be.add_assign(&mut g, &d)?;
+    let (a, res, b, d, g) = (
+        be.download(&a)?,
+        be.download(&dres)?,
+        be.download(&b)?,
+        be.download(&d)?,
+        be.download(&g)?,
+    );
+    let cw = cpu.upload(dt, &w)?;
+
+    let mut want = cpu.alloc(dt, rows * hidden)?;
+    cpu.rms_norm(&cpu.upload(dt, &x)?, &cw, eps, rows, hidden, &mut want)?;
+    c.record(
+        "chain.rms_norm",
+        label.clone(),
+        &a,
+        &cpu.download(&want)?,
+        t,
+    );
+
+    let mut cres = cpu.upload(dt, &res0)?;
+    cpu.add_rms_norm(
+        &mut cres,
+        &cpu.upload(dt, &a)?,
+        &cw,
+        eps,
+        rows,
+        hidden,
+        &mut want,
+    )?;
+    c.record(
+        "chain.add_rms_norm.residual",
+        label.clone(),
+        &res,
+        &cpu.download(&cres)?,
+        t,
+    );
+    c.record(
+        "chain.add_rms_norm.out",
+        label.clone(),
+        &b,
+        &cpu.download(&want)?,
+        t,
+    );
+
+    let mut cg = cpu.alloc(dt, rows * half)?;
+    cpu.silu_mul(&cpu.upload(dt, &b)?, rows, half, &mut cg)?;
+    let g_before = cpu.download(&cg)?;
+    let mut cd = cpu.alloc(dt, rows * half)?;
+    cpu.rms_norm(&cg, &cw, eps, rows, half, &mut cd)?;
+    c.record(
+        "chain.rms_norm.half",
+        label.clone(),
+        &d,
+        &cpu.download(&cd)?,
+        t,
+    );
+
+    // g was updated in place by the last op: rebuild it from the CPU's silu_mul and the GPU's d.
+    let mut cg = cpu.upload(dt, &g_before)?;
+    cpu.add_assign(&mut cg, &cpu.upload(dt, &d)?)?;
+    c.record("chain.add_assign", label, &g, &cpu.download(&cg)?, t);
     Ok(())
 }
 
@@ -629,50 +730,61 @@ fn check_attention(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
         let (mut dqkv, mut cqkv) = c.upload(dt, &qkv)?;
         let label = format!("{dt:?} heads {n_heads}/{n_kv} dim {hd} rows {rows}");
 
-        // RoPE on q and k, llama-style inverse frequencies.
+        // RoPE on q and k and the cache write, llama-style inverse frequencies.
         let inv_freq: Vec<f32> = (0..hd / 2)
             .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
             .collect();
         let (dfreq, cfreq) = c.upload(DType::F32, &inv_freq)?;
-        be.rope(&mut dqkv, &dfreq, &dmeta, row_stride, 0, n_heads + n_kv, hd)?;
-        cpu.rope(&mut cqkv, &cfreq, &cmeta, row_stride, 0, n_heads + n_kv, hd)?;
+        be.rope_write_kv(
+            &mut dqkv, row_stride, &dfreq, &dmeta, shape, &mut dkc, &mut dvc,
+        )?;
+        cpu.rope_write_kv(
+            &mut cqkv, row_stride, &cfreq, &cmeta, shape, &mut ckc, &mut cvc,
+        )?;
         let got = be.download(&dqkv)?;
-        c.record("rope", label.clone(), &got, &cpu.download(&cqkv)?, tol(dt));
-        // Continue from the device's values on both, so later checks test one op each.
-        let cqkv = cpu.upload(dt, &got)?;
-
-        be.write_kv(
-            &dqkv,
-            row_stride,
-            q_width,
-            q_width + kv_width,
-            &dmeta,
-            shape,
-            &mut dkc,
-            &mut dvc,
-        )?;
-        cpu.write_kv(
-            &cqkv,
-            row_stride,
-            q_width,
-            q_width + kv_width,
-            &cmeta,
-            shape,
-            &mut ckc,
-            &mut cvc,
-        )?;
-        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
-        if bits(be.download(&dkc)?) == bits(cpu.download(&ckc)?)
-            && bits(be.download(&dvc)?) == bits(cpu.download(&cvc)?)
-        {
-            c.pass_exact("write_kv", label.clone());
+        let (got_k, got_v) = (be.download(&dkc)?, be.download(&dvc)?);
+        c.record(
+            "rope_write_kv.qkv",
+            label.clone(),
+            &got,
+            &cpu.download(&cqkv)?,
+            tol(dt),
+        );
+        c.record(
+            "rope_write_kv.k_cache",
+            label.clone(),
+            &got_k,
+            &cpu.download(&ckc)?,
+            tol(dt),
+        );
+        c.record(
+            "rope_write_kv.v_cache",
+            label.clone(),
+            &got_v,
+            &cpu.download(&cvc)?,
+            tol(dt),
+        );
+        // The caches hold exactly the rotated K and the V the device left in its rows.
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let copied = meta.slot_mapping.iter().enumerate().all(|(r, &slot)| {
+            let (src, dst) = (r * row_stride + q_width, slot as usize * kv_width);
+            bits(&got_k[dst..dst + kv_width]) == bits(&got[src..src + kv_width])
+                && bits(&got_v[dst..dst + kv_width])
+                    == bits(&got[src + kv_width..src + 2 * kv_width])
+        });
+        if copied {
+            c.pass_exact("rope_write_kv.copy", label.clone());
         } else {
             c.fail(
-                "write_kv",
+                "rope_write_kv.copy",
                 label.clone(),
-                "cache differs from the CPU's copy".into(),
+                "cache slots differ from the device's rotated K or its V".into(),
             );
         }
+        // Continue from the device's values on both, so the attention check tests one op.
+        let cqkv = cpu.upload(dt, &got)?;
+        let ckc = cpu.upload(dt, &got_k)?;
+        let cvc = cpu.upload(dt, &got_v)?;
 
         let scale = 1.0 / (hd as f32).sqrt();
         let (mut out, mut cout) = c.poisoned(dt, rows * q_width)?;
@@ -859,6 +971,9 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
     for dt in [DType::F32, DType::BF16, DType::F16] {
         if let Err(e) = check_elementwise_ops(&mut c, dt) {
             c.fail("elementwise", format!("{dt:?}"), e.to_string());
+        }
+        if let Err(e) = check_dependent_chain(&mut c, dt) {
+            c.fail("chain", format!("{dt:?}"), e.to_string());
         }
         if let Err(e) = check_matmul(&mut c, dt) {
             c.fail("matmul", format!("{dt:?}"), e.to_string());
