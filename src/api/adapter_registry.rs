@@ -207,17 +207,34 @@ impl AdapterRegistry {
         if locally_used {
             return;
         }
-        match self.inner.store.blob_in_use(key).await {
-            Ok(false) => {
-                if let Err(error) = self.inner.blobs.delete(key).await {
-                    tracing::warn!(%error, blob = key, "deleting an unreferenced blob failed");
-                } else {
-                    tracing::info!(blob = key, "deleted unreferenced adapter blob");
-                }
+        match self.delete_under_lock(key).await {
+            Ok(true) => tracing::info!(blob = key, "deleted unreferenced adapter blob"),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(%error, blob = key, "deleting an unreferenced blob failed")
             }
-            Ok(true) => {}
-            Err(error) => tracing::warn!(%error, blob = key, "checking a blob's references failed"),
         }
+    }
+
+    /// Under the blob's cluster-wide lock: delete it when no ready version references it.
+    /// Returns whether it was deleted.
+    async fn delete_under_lock(&self, key: &str) -> Result<bool, String> {
+        let mut lock = self
+            .inner
+            .store
+            .lock_blob(key)
+            .await
+            .map_err(|e| e.to_string())?;
+        let unused = !lock.in_use().await.map_err(|e| e.to_string())?;
+        if unused {
+            self.inner
+                .blobs
+                .delete(key)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        lock.release().await.map_err(|e| e.to_string())?;
+        Ok(unused)
     }
 
     /// One sweep: removes blobs older than [`ORPHAN_GRACE`] that no ready version references.
@@ -238,14 +255,11 @@ impl AdapterRegistry {
             if locally_used {
                 continue;
             }
-            match self.inner.store.blob_in_use(&key).await {
-                Ok(false) => {
-                    self.inner.blobs.delete(&key).await?;
-                    removed += 1;
-                }
-                Ok(true) => {}
+            match self.delete_under_lock(&key).await {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
                 Err(error) => {
-                    tracing::warn!(%error, "blob sweep stopped: the database did not answer");
+                    tracing::warn!(%error, blob = key, "blob sweep stopped");
                     break;
                 }
             }

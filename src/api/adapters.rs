@@ -400,7 +400,9 @@ pub async fn upload(
             });
         }
     };
-    // A concurrent delete of identical bytes may have removed the blob between put and commit.
+    // A concurrent delete of identical bytes may have removed the blob between put and commit:
+    // look again under the blob's lock, which deletes also hold (so none can follow this look).
+    let lock = state.store.lock_blob(&stored.key).await?;
     if !state.blobs.exists(&stored.key).await.unwrap_or(false) {
         state
             .blobs
@@ -411,6 +413,7 @@ pub async fn upload(
             .await
             .map_err(ApiError::internal)?;
     }
+    lock.release().await?;
     drop(spool);
     state.metrics.upload_accepted(&tenant);
     tracing::info!(

@@ -126,7 +126,7 @@ impl BlobStore {
     }
 
     /// Deletes a blob; deleting a missing blob is not an error. Callers check first that no
-    /// adapter version still references it (`Store::blob_in_use`).
+    /// adapter version still references it, under the blob's lock (`Store::lock_blob`).
     pub async fn delete(&self, key: &str) -> Result<(), BlobError> {
         Self::parse_key(key)?;
         match self.inner.delete(&ObjectPath::from(key)).await {

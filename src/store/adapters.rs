@@ -353,14 +353,55 @@ impl Store {
         convert(rows)
     }
 
+    /// Take the cluster-wide lock of `blob_key` (a transaction-scoped advisory lock, so every
+    /// replica sees it and a dropped holder releases it). Deleting a blob ("no ready version
+    /// references it" + delete) and re-storing it after an upload's commit ("is it there" +
+    /// put) each hold it, so a delete can never remove bytes a version committed meanwhile.
+    pub async fn lock_blob(&self, blob_key: &str) -> Result<BlobLock, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('punica-blob:' || $1))")
+            .bind(blob_key)
+            .execute(&mut *tx)
+            .await?;
+        Ok(BlobLock {
+            tx,
+            key: blob_key.to_owned(),
+        })
+    }
+
     /// Whether any ready version (of any tenant: blobs are content-addressed and shared) still
     /// references `blob_key`.
     pub async fn blob_in_use(&self, blob_key: &str) -> Result<bool, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM adapter_versions WHERE blob_key = $1 AND status = 'ready')",
-        )
-        .bind(blob_key)
-        .fetch_one(&self.pool)
-        .await?)
+        Ok(sqlx::query_scalar(BLOB_IN_USE)
+            .bind(blob_key)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+}
+
+/// Whether a ready version references blob `$1`.
+const BLOB_IN_USE: &str =
+    "SELECT EXISTS (SELECT 1 FROM adapter_versions WHERE blob_key = $1 AND status = 'ready')";
+
+/// The held lock of one blob key (see [`Store::lock_blob`]); released by [`BlobLock::release`]
+/// or when dropped.
+pub struct BlobLock {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    key: String,
+}
+
+impl BlobLock {
+    /// Whether a ready version references the locked blob, read under the lock.
+    pub async fn in_use(&mut self) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(BLOB_IN_USE)
+            .bind(&self.key)
+            .fetch_one(&mut *self.tx)
+            .await?)
+    }
+
+    /// Release the lock.
+    pub async fn release(self) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
     }
 }

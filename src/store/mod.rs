@@ -21,7 +21,7 @@ use sqlx::Connection;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
-pub use adapters::{AdapterStatus, AdapterVersion, NewAdapterVersion};
+pub use adapters::{AdapterStatus, AdapterVersion, BlobLock, NewAdapterVersion};
 pub use api_keys::{ApiKeyInfo, AuthenticatedKey};
 pub use console::{ConsoleSession, SessionPrincipal, TenantOverview};
 pub use tenants::Tenant;

@@ -394,3 +394,56 @@ async fn deleting_a_tenant_removes_everything_it_owned() {
     ));
     assert_eq!(store.list_adapters(other.id).await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_blob_lock_serialises_its_holders_across_connections_and_sees_commits() {
+    let store = migrated_store().await;
+    let t = store
+        .create_tenant(&TenantName::parse("locks").unwrap(), &Quotas::UNLIMITED)
+        .await
+        .unwrap();
+    let a = adapter(10, "c");
+    let other = adapter(10, "d");
+    // A deleter holds the lock and sees the blob unreferenced.
+    let mut held = store.lock_blob(&a.blob_key).await.unwrap();
+    assert!(!held.in_use().await.unwrap());
+    // A second holder (another replica's pool connection) waits for it; other keys do not.
+    let waiting = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        store.lock_blob(&a.blob_key),
+    )
+    .await;
+    assert!(waiting.is_err(), "a second holder got the same blob's lock");
+    let free = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        store.lock_blob(&other.blob_key),
+    )
+    .await
+    .expect("another blob's lock is independent")
+    .unwrap();
+    free.release().await.unwrap();
+    // Once released, the next holder gets it and sees a version committed meanwhile.
+    held.release().await.unwrap();
+    store
+        .create_adapter_version(t.id, &AdapterName::parse("x").unwrap(), &a)
+        .await
+        .unwrap();
+    let mut next = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        store.lock_blob(&a.blob_key),
+    )
+    .await
+    .expect("the released lock is free")
+    .unwrap();
+    assert!(next.in_use().await.unwrap());
+    // Dropping a holder (a cancelled request) releases it too.
+    drop(next);
+    let again = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        store.lock_blob(&a.blob_key),
+    )
+    .await
+    .expect("a dropped holder releases the lock")
+    .unwrap();
+    again.release().await.unwrap();
+}
