@@ -14,7 +14,7 @@ use crate::engine::backend::DType;
 use crate::engine::backend::cpu::CpuBackend;
 use crate::engine::backend::cuda::cuda_available;
 use crate::engine::executor::{
-    BackendCell, LlamaExecutor, adapter_bytes, cuda_executor, peft_validator,
+    BackendCell, LlamaExecutor, adapter_bytes, cpu_executor, cuda_executor, peft_validator,
 };
 use crate::engine::metrics::EngineMetrics;
 use crate::engine::model::config::LlamaConfig;
@@ -181,13 +181,8 @@ pub fn load_model(
         let cell = BackendCell::default();
         let validator = peft_validator(config.clone(), Arc::clone(&cell));
         let build = move || {
-            let backend = Arc::new(CpuBackend::new());
-            let _ = cell.set(Arc::clone(&backend));
-            let model = Llama::load(backend, &model_dir).map_err(|e| {
-                EngineError::Startup(format!("loading {}: {e}", model_dir.display()))
-            })?;
-            LlamaExecutor::new(model, kv_blocks, slots)
-                .map_err(|e| EngineError::Startup(e.to_string()))
+            cpu_executor(&cell, |b| Llama::load(b, &model_dir), slots, kv_blocks)
+                .map_err(|e| EngineError::Startup(format!("loading {}: {e}", model_dir.display())))
         };
         EngineHandle::start(
             engine_config,

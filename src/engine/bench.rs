@@ -14,11 +14,10 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::engine::backend::cpu::CpuBackend;
 use crate::engine::backend::cuda::{CudaBackend, CudaOptions};
 use crate::engine::backend::{Backend, BackendError, DType};
 use crate::engine::executor::{
-    BackendCell, LlamaExecutor, adapter_bytes, cuda_executor, peft_validator,
+    BackendCell, adapter_bytes, cpu_executor, cuda_executor, peft_validator,
 };
 use crate::engine::lora::cache::{AdapterKey, AdapterSource, CacheConfig, MemorySource};
 use crate::engine::lora::peft::LoraWeights;
@@ -603,13 +602,8 @@ fn run_workload(
             EngineHandle::start(
                 engine_config,
                 move || {
-                    let backend = Arc::new(CpuBackend::new());
-                    let _ = cell.set(Arc::clone(&backend));
-                    let model = args
-                        .load(backend)
-                        .map_err(|e| EngineError::Startup(e.to_string()))?;
-                    LlamaExecutor::new(model, kv_blocks, slots)
-                        .map_err(|e| EngineError::Startup(e.to_string()))
+                    cpu_executor(&cell, |b| args.load(b), slots, kv_blocks)
+                        .map_err(EngineError::Startup)
                 },
                 source,
                 validator,

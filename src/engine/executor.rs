@@ -5,6 +5,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::engine::backend::cpu::CpuBackend;
 use crate::engine::backend::cuda::{CudaBackend, CudaOptions};
 use crate::engine::backend::{Backend, DType, Pick, RowSampling, StepMeta};
 use crate::engine::lora::cache::{AdapterFiles, AdapterKey, HostAdapter, Validator};
@@ -135,6 +136,20 @@ pub fn cuda_executor(
         "CUDA executor ready"
     );
     LlamaExecutor::new(model, blocks, adapter_slots).map_err(|e| e.to_string())
+}
+
+/// Build an executor on the CPU backend: `load` reads the model, the KV pool has `kv_blocks`
+/// blocks (the CPU twin of [`cuda_executor`]).
+pub fn cpu_executor(
+    cell: &BackendCell<CpuBackend>,
+    load: impl FnOnce(Arc<CpuBackend>) -> Result<Llama<CpuBackend>, ModelError>,
+    adapter_slots: usize,
+    kv_blocks: usize,
+) -> Result<LlamaExecutor<CpuBackend>, String> {
+    let backend = Arc::new(CpuBackend::new());
+    let _ = cell.set(Arc::clone(&backend));
+    let model = load(backend).map_err(|e| e.to_string())?;
+    LlamaExecutor::new(model, kv_blocks, adapter_slots).map_err(|e| e.to_string())
 }
 
 /// Bytes of one adapter of `rank` on all seven projections of every layer of `config`, in

@@ -162,7 +162,9 @@ impl Sampler {
         self.params.logprobs.is_some_and(|n| n > 0)
     }
 
-    /// Pick the next token from one row of logits (`[vocab]`) on the host.
+    /// Pick the next token from one row of logits (`[vocab]`) on the host, as the runtime does
+    /// through a backend's `sample` (the tests' shorthand).
+    #[cfg(test)]
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
         let rs = self.row_sampling();
         self.finish(pick_row(logits, &rs), Some(logits))

@@ -4,8 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use punica::engine::backend::cpu::CpuBackend;
-use punica::engine::executor::{BackendCell, LlamaExecutor, peft_validator};
+use punica::engine::executor::{BackendCell, cpu_executor, peft_validator};
 use punica::engine::lora::cache::{AdapterFiles, AdapterKey, CacheConfig, MemorySource};
 use punica::engine::metrics::EngineMetrics;
 use punica::engine::model::config::LlamaConfig;
@@ -72,12 +71,8 @@ fn engine(source: &Arc<MemorySource>, max_running: usize, kv_blocks: usize, slot
     let engine = EngineHandle::start(
         config,
         move || {
-            let backend = Arc::new(CpuBackend::new());
-            let _ = cell.set(Arc::clone(&backend));
-            let model = Llama::load(backend, &model_dir())
-                .map_err(|e| EngineError::Startup(e.to_string()))?;
-            LlamaExecutor::new(model, kv_blocks, slots)
-                .map_err(|e| EngineError::Startup(e.to_string()))
+            cpu_executor(&cell, |b| Llama::load(b, &model_dir()), slots, kv_blocks)
+                .map_err(EngineError::Startup)
         },
         Arc::clone(source) as _,
         validator,
