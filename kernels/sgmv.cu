@@ -1,9 +1,10 @@
 // SGMV: segmented gather matrix-vector products for batched LoRA (Punica's operator).
 //
 // Rows are grouped into segments that share an adapter slot; each segment is cut into tiles of
-// 16 rows (the M of one mma.sync). Per (layer, projection) a slot table gives each slot's A
-// ([rank, h_in]), B ([h_out, rank], scale folded in) and rank; a null pointer marks a slot the
-// projection does not have, and its rows are left untouched.
+// 16 rows (the M of one mma.sync). Per (layer, LoRA group) a slot table gives each slot's A (the
+// A matrices of the group's parts stacked: [rank, h_in], rank summed over the parts) and, per
+// part, its B ([h_out_j, rank_j], scale folded in), rank and first column in v; a null pointer
+// marks what a slot does not have, and those rows or columns are left untouched.
 //
 // Tensor-core trick: an m16n8k16 fragment gives thread (g = lane / 4, q = lane % 4) the k indices
 // {2q, 2q+1, 2q+8, 2q+9} of both operands. Since a dot product does not care about the order of
@@ -13,11 +14,15 @@
 //
 // Prepended: common.cuh.
 
+#define MAX_PARTS 3
+
 struct LoraSlot {
     const void* a;
-    const void* b;
     u32 rank;
     u32 pad;
+    const void* b[MAX_PARTS];
+    u32 prank[MAX_PARTS];
+    u32 voff[MAX_PARTS];
 };
 
 #define SHRINK_WARPS 4
@@ -46,15 +51,15 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     const int row0 = (int)tiles[2 * tile + 1];
     const int seg_end = (int)segs[3 * seg + 1];
     const u32 slot = segs[3 * seg + 2];
-    const LoraSlot s = table[slot];
+    const LoraSlot* s = table + slot;
     // x comes from the previous kernel (a GEMM or a norm), and v and the split-K workspace may
     // still be in use by the previous shrink/expand pair. Waiting before the trigger also means
     // the expand, once launched, finds every kernel before this shrink complete.
     pdl_enter();
     const int rank_lo = zi * R;
-    const int rank = min((int)s.rank - rank_lo, R);
-    if (s.a == nullptr || rank <= 0) return;
-    const T* A = reinterpret_cast<const T*>(s.a) + (size_t)rank_lo * h_in;
+    const int rank = min((int)s->rank - rank_lo, R);
+    if (s->a == nullptr || rank <= 0) return;
+    const T* A = reinterpret_cast<const T*>(s->a) + (size_t)rank_lo * h_in;
     const int nrows = min(16, seg_end - row0);
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -192,36 +197,48 @@ __device__ __forceinline__ void load_v8(const float* row, int k, int rank, bool 
     for (int i = 0; i < 8; ++i) out[i] = (ok && k + i < rank) ? __ldcg(row + k + i) : 0.0f;
 }
 
-// y[row, col_offset + j] += v[row, :rank] . B[j, :rank] for the rows of one tile (blockIdx.y) and
-// NTW * 8 columns per warp (blockIdx.x picks EXPAND_WARPS * NTW * 8 columns). B and the old y are
-// loaded before waiting on the shrink (programmatic dependent launch), so only v is read after it
-// finishes. That is safe because the backend overlaps the expand only with a shrink, which writes
-// neither, and a shrink triggers its dependents only after its own wait: the kernel that wrote y
-// has completed by then. v is fed to the tensor cores as hi + lo halves, keeping it at f32
-// accuracy.
+// One LoRA group's expand: its parts' outputs lie side by side in y from col_offset, part j
+// ending at column ends[j] (relative to col_offset); part0 is the first part this launch covers.
+// y[row, col_offset + c] += v[row, voff_j + :rank_j] . B_j[c - start_j, :rank_j] for the rows of
+// one tile (blockIdx.y) and NTW * 8 columns per warp (blockIdx.x picks EXPAND_WARPS * NTW * 8
+// columns); a warp's columns never straddle two parts (the host checks the part widths). B and
+// the old y are loaded before waiting on the shrink (programmatic dependent launch), so only v
+// is read after it finishes. That is safe because the backend overlaps the expand only with a
+// shrink, which writes neither, and a shrink triggers its dependents only after its own wait:
+// the kernel that wrote y has completed by then. v is fed to the tensor cores as hi + lo
+// halves, keeping it at f32 accuracy.
 template <typename T, int KT, int NTW>
 __device__ __forceinline__ void sgmv_expand_impl(
     const float* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
-    int h_out, const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
-    const u32* __restrict__ segs) {
+    int part0, int end0, int end1, int end2, const LoraSlot* __restrict__ table,
+    const u32* __restrict__ tiles, const u32* __restrict__ segs) {
     const int tile = blockIdx.y;
     const u32 seg = tiles[2 * tile];
     const int row0 = (int)tiles[2 * tile + 1];
     const int seg_end = (int)segs[3 * seg + 1];
     const u32 slot = segs[3 * seg + 2];
-    const LoraSlot s = table[slot];
-    const int rank = min((int)s.rank, KT * 32);
-    if (s.b == nullptr || rank == 0) {
-        // Even an idle block waits: a grid must not complete before the one it depends on.
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int gc0 = (blockIdx.x * EXPAND_WARPS + warp) * (NTW * 8);
+    const int j = (gc0 >= end0) + (gc0 >= end1);
+    const int part = part0 + j;
+    const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
+    const int h_out = (j == 0 ? end0 : (j == 1 ? end1 : end2)) - start;
+    const LoraSlot* s = table + slot;
+    const void* bptr = (gc0 < end2 && part < MAX_PARTS) ? s->b[part] : nullptr;
+    const int rank = bptr == nullptr ? 0 : min((int)s->prank[part], KT * 32);
+    if (rank == 0) {
+        // Even an idle warp waits: a grid must not complete before the one it depends on.
         pdl_enter();
         return;
     }
-    const T* B = reinterpret_cast<const T*>(s.b);
+    const int voff = (int)s->voff[part];
+    const T* B = reinterpret_cast<const T*>(bptr);
     const int nrows = min(16, seg_end - row0);
+    const int c0 = gc0 - start;
+    col_offset += start;
+    v += voff;
 
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, q = lane & 3;
-    const int c0 = (blockIdx.x * EXPAND_WARPS + warp) * (NTW * 8);
     const bool bvec = (rank & 7) == 0;
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 
@@ -256,7 +273,7 @@ __device__ __forceinline__ void sgmv_expand_impl(
 
     const float* v0 = v + (size_t)(row0 + g) * v_stride;
     const float* v1 = v + (size_t)(row0 + g + 8) * v_stride;
-    const bool vvec = (v_stride & 3) == 0;
+    const bool vvec = ((v_stride | voff) & 3) == 0;
 #pragma unroll
     for (int kc = 0; kc < KT; ++kc) {
         if (kc * 32 >= rank) break;
@@ -315,13 +332,13 @@ __device__ __forceinline__ void sgmv_expand_impl(
 
 #define DEFINE_EXPAND(TNAME, TYPE, KT, NTW)                                                  \
     extern "C" __global__ void __launch_bounds__(EXPAND_WARPS * 32)                          \
-        sgmv_expand_##TNAME##_k##KT##_w##NTW(const float* __restrict__ v, int v_stride,               \
-                                    TYPE* __restrict__ y, int y_stride, int col_offset,      \
-                                    int h_out, const LoraSlot* __restrict__ table,           \
-                                    const u32* __restrict__ tiles,                           \
-                                    const u32* __restrict__ segs) {                          \
-        sgmv_expand_impl<TYPE, KT, NTW>(v, v_stride, y, y_stride, col_offset, h_out, table,       \
-                                   tiles, segs);                                             \
+        sgmv_expand_##TNAME##_k##KT##_w##NTW(                                                \
+            const float* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,   \
+            int col_offset, int part0, int end0, int end1, int end2,                         \
+            const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,               \
+            const u32* __restrict__ segs) {                                                  \
+        sgmv_expand_impl<TYPE, KT, NTW>(v, v_stride, y, y_stride, col_offset, part0, end0,   \
+                                        end1, end2, table, tiles, segs);                     \
     }
 
 DEFINE_SHRINK(bf16, bf16, 1, 4)

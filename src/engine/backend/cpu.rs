@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use crate::engine::sampling::pick_row;
 
 use super::{
-    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, DeviceKind, LoraProj, Pick, Result,
+    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, DeviceKind, LoraGroupSlot, MAX_GROUP_PARTS, Pick, Result,
     RowSampling, StepMeta, random_uniform,
 };
 
@@ -84,15 +84,16 @@ impl CpuMeta {
     }
 }
 
-/// One adapter projection in a CPU LoRA table.
+/// One adapter's LoRA group in a CPU LoRA table: the stacked A, its total rank, and each part's
+/// B and rank.
 #[derive(Clone, Debug)]
 struct CpuLoraSlot {
     a: CpuBuf,
-    b: CpuBuf,
     rank: usize,
+    parts: [Option<(CpuBuf, usize)>; MAX_GROUP_PARTS],
 }
 
-/// Slot -> adapter projection for one (layer, projection).
+/// Slot -> adapter group for one (layer, LoRA group).
 #[derive(Clone, Debug, Default)]
 pub struct CpuLoraTable {
     slots: Vec<Option<CpuLoraSlot>>,
@@ -465,15 +466,17 @@ impl Backend for CpuBackend {
         Ok(CpuMeta(meta.clone()))
     }
 
-    fn lora_table(&self, slots: &[Option<LoraProj<'_, Self>>]) -> Result<CpuLoraTable> {
+    fn lora_table(&self, slots: &[Option<LoraGroupSlot<'_, Self>>]) -> Result<CpuLoraTable> {
         Ok(CpuLoraTable {
             slots: slots
                 .iter()
                 .map(|s| {
-                    s.as_ref().map(|p| CpuLoraSlot {
-                        a: p.a.clone(),
-                        b: p.b.clone(),
-                        rank: p.rank,
+                    s.as_ref().map(|g| CpuLoraSlot {
+                        a: g.a.clone(),
+                        rank: g.rank(),
+                        parts: std::array::from_fn(|j| {
+                            g.parts[j].as_ref().map(|p| (p.b.clone(), p.rank))
+                        }),
                     })
                 })
                 .collect(),
@@ -779,14 +782,14 @@ impl Backend for CpuBackend {
         table: &CpuLoraTable,
         meta: &CpuMeta,
         h_in: usize,
-        max_rank: usize,
+        v_stride: usize,
         v: &mut CpuBuf,
     ) -> Result<()> {
         let meta = &meta.0;
         let rows = meta.rows();
         need("sgmv_shrink input", x.data.len(), rows * h_in)?;
-        need("sgmv_shrink output", v.data.len(), rows * max_rank)?;
-        let work = lora_work(table, meta, max_rank)?;
+        need("sgmv_shrink output", v.data.len(), rows * v_stride)?;
+        let work = lora_work(table, meta, v_stride)?;
         for &(_, _, slot) in &work {
             need("sgmv_shrink A", slot.a.data.len(), slot.rank * h_in)?;
         }
@@ -799,8 +802,8 @@ impl Backend for CpuBackend {
                     m: e - s,
                     n: slot.rank,
                     k: h_in,
-                    dst: dst.get().add(s * max_rank),
-                    dst_rs: max_rank as isize,
+                    dst: dst.get().add(s * v_stride),
+                    dst_rs: v_stride as isize,
                     accumulate: false,
                     lhs: x.as_ptr().add(s * h_in),
                     lhs_rs: h_in as isize,
@@ -818,43 +821,62 @@ impl Backend for CpuBackend {
         v: &CpuBuf,
         table: &CpuLoraTable,
         meta: &CpuMeta,
-        max_rank: usize,
-        h_out: usize,
+        v_stride: usize,
+        outs: &[usize],
         y_stride: usize,
         col_offset: usize,
         y: &mut CpuBuf,
     ) -> Result<()> {
         let meta = &meta.0;
         let rows = meta.rows();
-        if col_offset + h_out > y_stride {
+        let h_out: usize = outs.iter().sum();
+        if outs.len() > MAX_GROUP_PARTS || col_offset + h_out > y_stride {
             return Err(shape_err(format!(
-                "sgmv_expand: {h_out} columns at {col_offset} in rows of {y_stride}"
+                "sgmv_expand: parts of {outs:?} columns at {col_offset} in rows of {y_stride}"
             )));
         }
-        need("sgmv_expand input", v.data.len(), rows * max_rank)?;
+        need("sgmv_expand input", v.data.len(), rows * v_stride)?;
         need("sgmv_expand output", y.data.len(), rows * y_stride)?;
-        let work = lora_work(table, meta, max_rank)?;
+        let work = lora_work(table, meta, v_stride)?;
         for &(_, _, slot) in &work {
-            need("sgmv_expand B", slot.b.data.len(), h_out * slot.rank)?;
+            for (j, part) in slot.parts.iter().enumerate() {
+                if let Some((b, rank)) = part {
+                    let out = outs.get(j).ok_or_else(|| {
+                        shape_err(format!(
+                            "sgmv_expand: an adapter has part {j}, the group has {}",
+                            outs.len()
+                        ))
+                    })?;
+                    need("sgmv_expand B", b.data.len(), out * rank)?;
+                }
+            }
         }
         let (v, dst) = (v.as_slice(), SendPtr(y.as_mut_slice().as_mut_ptr()));
         work.par_iter().for_each(|&(s, e, slot)| {
-            // SAFETY: segments are disjoint row ranges (StepMeta::validate), so each task
-            // accumulates only into its own rows of `y`; the bounds were checked above.
-            unsafe {
-                Gemm {
-                    m: e - s,
-                    n: h_out,
-                    k: slot.rank,
-                    dst: dst.get().add(s * y_stride + col_offset),
-                    dst_rs: y_stride as isize,
-                    accumulate: true,
-                    lhs: v.as_ptr().add(s * max_rank),
-                    lhs_rs: max_rank as isize,
-                    rhs: slot.b.as_slice().as_ptr(),
-                    rhs_ws: slot.rank as isize,
+            let (mut voff, mut col) = (0, col_offset);
+            for (part, &out) in slot.parts.iter().zip(outs) {
+                if let Some((b, rank)) = part {
+                    // SAFETY: segments are disjoint row ranges (StepMeta::validate), so each
+                    // task accumulates only into its own rows of `y`; the bounds were checked
+                    // above.
+                    unsafe {
+                        Gemm {
+                            m: e - s,
+                            n: out,
+                            k: *rank,
+                            dst: dst.get().add(s * y_stride + col),
+                            dst_rs: y_stride as isize,
+                            accumulate: true,
+                            lhs: v.as_ptr().add(s * v_stride + voff),
+                            lhs_rs: v_stride as isize,
+                            rhs: b.as_slice().as_ptr(),
+                            rhs_ws: *rank as isize,
+                        }
+                        .run(Parallelism::None)
+                    }
+                    voff += rank;
                 }
-                .run(Parallelism::None)
+                col += out;
             }
         });
         Ok(())
@@ -930,7 +952,7 @@ impl Backend for CpuBackend {
 fn lora_work<'t>(
     table: &'t CpuLoraTable,
     meta: &StepMeta,
-    max_rank: usize,
+    v_stride: usize,
 ) -> Result<Vec<(usize, usize, &'t CpuLoraSlot)>> {
     let mut work = Vec::with_capacity(meta.segments.len());
     for (s, e, slot) in meta.segments.iter() {
@@ -941,9 +963,9 @@ fn lora_work<'t>(
             ))
         })?;
         if let Some(p) = entry {
-            if p.rank > max_rank {
+            if p.rank > v_stride {
                 return Err(shape_err(format!(
-                    "adapter slot {slot} has rank {} above the step's max rank {max_rank}",
+                    "adapter slot {slot} has rank {} above the step's LoRA width {v_stride}",
                     p.rank
                 )));
             }
@@ -1059,7 +1081,7 @@ pub mod reference {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::backend::SeqMeta;
+    use crate::engine::backend::{LoraPart, SeqMeta};
     use crate::engine::lora::segments::SegmentTable;
 
     /// Deterministic pseudo-random values in [-1, 1).
@@ -1449,43 +1471,58 @@ mod tests {
     }
 
     #[test]
-    fn sgmv_applies_each_segments_adapter_with_its_own_rank_and_skips_base_rows() {
+    fn sgmv_applies_each_segments_adapter_group_with_its_own_ranks_and_skips_base_rows() {
         let cpu = CpuBackend::new();
-        let (h_in, h_out, stride, off) = (24, 20, 30, 6);
-        let ranks = [4usize, 8, 2];
-        let adapters: Vec<(Vec<f32>, Vec<f32>)> = ranks
+        // A group of two parts of 20 and 12 columns, at column 6 of rows of 40.
+        let (h_in, outs, stride, off) = (24, [20usize, 12], 40, 6);
+        // Per adapter, the rank of each part (None: the adapter lacks it).
+        let ranks = [[Some(4usize), Some(3)], [None, Some(8)], [Some(2), None]];
+        type Part = (Vec<f32>, Vec<f32>, usize);
+        let adapters: Vec<Vec<Option<Part>>> = ranks
             .iter()
             .enumerate()
-            .map(|(i, &r)| {
-                (
-                    values(20 + i as u64, r * h_in),
-                    values(30 + i as u64, h_out * r),
-                )
+            .map(|(i, rs)| {
+                rs.iter()
+                    .enumerate()
+                    .map(|(j, r)| {
+                        r.map(|r| {
+                            let seed = 20 + 2 * (i * 2 + j) as u64;
+                            (values(seed, r * h_in), values(seed + 1, outs[j] * r), r)
+                        })
+                    })
+                    .collect()
             })
             .collect();
-        let bufs: Vec<(CpuBuf, CpuBuf)> = adapters
+        let stacked: Vec<CpuBuf> = adapters
             .iter()
-            .map(|(a, b)| (CpuBuf::from_vec(a.clone()), CpuBuf::from_vec(b.clone())))
+            .map(|parts| {
+                CpuBuf::from_vec(parts.iter().flatten().flat_map(|p| p.0.clone()).collect())
+            })
             .collect();
-        // Slot 1 is empty in this table (that adapter does not target the projection).
-        let slots: Vec<Option<LoraProj<'_, CpuBackend>>> = vec![
-            Some(LoraProj {
-                a: &bufs[0].0,
-                b: &bufs[0].1,
-                rank: ranks[0],
-            }),
-            None,
-            Some(LoraProj {
-                a: &bufs[2].0,
-                b: &bufs[2].1,
-                rank: ranks[2],
-            }),
-            Some(LoraProj {
-                a: &bufs[1].0,
-                b: &bufs[1].1,
-                rank: ranks[1],
-            }),
-        ];
+        let bs: Vec<Vec<Option<CpuBuf>>> = adapters
+            .iter()
+            .map(|parts| {
+                parts
+                    .iter()
+                    .map(|p| p.as_ref().map(|p| CpuBuf::from_vec(p.1.clone())))
+                    .collect()
+            })
+            .collect();
+        let group = |i: usize| {
+            Some(LoraGroupSlot {
+                a: &stacked[i],
+                parts: std::array::from_fn(|j| {
+                    let b = bs[i].get(j)?.as_ref()?;
+                    Some(LoraPart {
+                        b,
+                        rank: ranks[i][j]?,
+                    })
+                }),
+            })
+        };
+        // Slot 1 is empty in this table (that adapter does not target the group).
+        let slots: Vec<Option<LoraGroupSlot<'_, CpuBackend>>> =
+            vec![group(0), None, group(2), group(1)];
         let table = cpu.lora_table(&slots).unwrap();
         let row_slots = [
             Some(3),
@@ -1516,19 +1553,19 @@ mod tests {
         let meta = cpu.upload_meta(&meta).unwrap();
         let x = values(40, rows * h_in);
         let y0 = values(41, rows * stride);
-        let max_rank = 8;
-        let mut v = cpu.alloc(DType::F32, rows * max_rank).unwrap();
+        let v_stride = 8;
+        let mut v = cpu.alloc(DType::F32, rows * v_stride).unwrap();
         let mut y = CpuBuf::from_vec(y0.clone());
         cpu.sgmv_shrink(
             &CpuBuf::from_vec(x.clone()),
             &table,
             &meta,
             h_in,
-            max_rank,
+            v_stride,
             &mut v,
         )
         .unwrap();
-        cpu.sgmv_expand(&v, &table, &meta, max_rank, h_out, stride, off, &mut y)
+        cpu.sgmv_expand(&v, &table, &meta, v_stride, &outs, stride, off, &mut y)
             .unwrap();
         for (row, slot) in row_slots.iter().enumerate() {
             let mut want = y0[row * stride..(row + 1) * stride].to_vec();
@@ -1539,11 +1576,16 @@ mod tests {
                 _ => None,
             };
             if let Some(i) = adapter {
-                let (a, b) = &adapters[i];
-                let d =
-                    reference::lora_delta(&x[row * h_in..(row + 1) * h_in], a, b, ranks[i], h_out);
-                for (o, dv) in want[off..off + h_out].iter_mut().zip(d) {
-                    *o += dv;
+                let mut col = off;
+                for (j, part) in adapters[i].iter().enumerate() {
+                    if let Some((a, b, r)) = part {
+                        let xr = &x[row * h_in..(row + 1) * h_in];
+                        let d = reference::lora_delta(xr, a, b, *r, outs[j]);
+                        for (o, dv) in want[col..col + outs[j]].iter_mut().zip(d) {
+                            *o += dv;
+                        }
+                    }
+                    col += outs[j];
                 }
             }
             assert_close(&y.as_slice()[row * stride..(row + 1) * stride], &want, 1e-5);
@@ -1555,10 +1597,9 @@ mod tests {
         let cpu = CpuBackend::new();
         let a = CpuBuf::from_vec(vec![0.0; 16]);
         let table = cpu
-            .lora_table(&[Some(LoraProj {
+            .lora_table(&[Some(LoraGroupSlot {
                 a: &a,
-                b: &a,
-                rank: 4,
+                parts: [Some(LoraPart { b: &a, rank: 4 }), None, None],
             })])
             .unwrap();
         let mut meta = mixed_meta(1, 1);
@@ -1580,7 +1621,7 @@ mod tests {
             .unwrap_err();
         assert!(
             err.to_string()
-                .contains("rank 4 above the step's max rank 2"),
+                .contains("rank 4 above the step's LoRA width 2"),
             "{err}"
         );
     }

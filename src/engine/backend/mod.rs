@@ -323,12 +323,30 @@ pub struct Pick {
     pub logprob: f32,
 }
 
-/// One projection of one adapter resident on the device: `a: [rank, in]`, `b: [out, rank]`
-/// (scale folded into `b`).
-pub struct LoraProj<'a, B: Backend + ?Sized> {
-    pub a: &'a B::Buf,
+/// Most projections one LoRA group holds (q, k and v).
+pub const MAX_GROUP_PARTS: usize = 3;
+
+/// One projection of a LoRA group: `b: [out, rank]` (scale folded in).
+pub struct LoraPart<'a, B: Backend + ?Sized> {
     pub b: &'a B::Buf,
     pub rank: usize,
+}
+
+/// One adapter's LoRA for a group of projections that read the same input (q|k|v, o, gate|up,
+/// down), resident on the device: the A matrices of the parts it has, stacked in part order
+/// (`a: [Σ rank, in]`), and each part's B (`None`: the adapter does not target that part).
+/// The shrink of the whole group is one product with `a`; part `j`'s columns of its result
+/// start at the sum of the ranks of the parts before it.
+pub struct LoraGroupSlot<'a, B: Backend + ?Sized> {
+    pub a: &'a B::Buf,
+    pub parts: [Option<LoraPart<'a, B>>; MAX_GROUP_PARTS],
+}
+
+impl<B: Backend + ?Sized> LoraGroupSlot<'_, B> {
+    /// Rows of `a`: the ranks of the parts present, summed.
+    pub fn rank(&self) -> usize {
+        self.parts.iter().flatten().map(|p| p.rank).sum()
+    }
 }
 
 /// The device operations a Llama forward pass needs.
@@ -340,7 +358,7 @@ pub trait Backend: Send + Sync + 'static {
     type Buf: Send + Sync;
     /// A step's [`StepMeta`] as the device sees it.
     type Meta: Send + Sync;
-    /// Slot -> (A, B, rank) pointer table for one (layer, projection).
+    /// Slot -> adapter table of one (layer, LoRA group).
     type LoraTable: Send + Sync;
     /// Tensors staged in host memory for one copy to the device (page-locked on CUDA).
     type Staged: Send + Sync;
@@ -377,13 +395,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Hand this step's metadata to the device.
     fn upload_meta(&self, meta: &StepMeta) -> Result<Self::Meta>;
-    /// Build the slot table of one (layer, projection); `None` marks an empty slot. Slot `i` is
+    /// Build the slot table of one (layer, LoRA group); `None` marks an empty slot. Slot `i` is
     /// what [`SegmentTable::slots`] values index.
     ///
     /// The table refers to the slots' buffers (shared handles on the CPU, device pointers on
     /// CUDA): the caller keeps those buffers alive and unmodified while the table is in use, and
     /// rebuilds the table when a slot changes (`engine::model::llama::LoraState` does both).
-    fn lora_table(&self, slots: &[Option<LoraProj<'_, Self>>]) -> Result<Self::LoraTable>;
+    fn lora_table(&self, slots: &[Option<LoraGroupSlot<'_, Self>>]) -> Result<Self::LoraTable>;
 
     /// `out[row] = table[token_ids[row]]`; `table: [vocab, hidden]`, `out: [rows, hidden]`.
     fn embedding(
@@ -477,8 +495,9 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// SGMV shrink: for each segment s, rows in s: `v[row, :rank_s] = x[row, :] · A_sᵀ`.
-    /// `x: [rows, h_in]`, `v: [rows, max_rank]` f32. Rows in no segment are left untouched.
+    /// SGMV shrink of a LoRA group: for each segment s, rows in s: `v[row, :rank_s] = x[row, :]
+    /// · A_sᵀ`, `A_s` being the slot's stacked A and `rank_s` its total rank.
+    /// `x: [rows, h_in]`, `v: [rows, v_stride]` f32. Rows in no segment are left untouched.
     #[allow(clippy::too_many_arguments)]
     fn sgmv_shrink(
         &self,
@@ -486,20 +505,23 @@ pub trait Backend: Send + Sync + 'static {
         table: &Self::LoraTable,
         meta: &Self::Meta,
         h_in: usize,
-        max_rank: usize,
+        v_stride: usize,
         v: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// SGMV expand: for each segment s, rows in s: `y[row, col_offset..col_offset+h_out] +=
-    /// v[row, :rank_s] · B_sᵀ`. `y` has rows of width `y_stride`.
+    /// SGMV expand of a LoRA group whose parts have `outs[j]` output columns, laid side by side
+    /// in `y` from `col_offset`: for each segment s, rows in s and part j the slot has,
+    /// `y[row, col_offset + Σ_{i<j} outs[i] ..][..outs[j]] += v[row, voff_j..][..rank_j] · B_jᵀ`
+    /// (`voff_j`: the ranks of the slot's parts before j, summed). `y` has rows of width
+    /// `y_stride`; the table's slots have no part at or past `outs.len()`.
     #[allow(clippy::too_many_arguments)]
     fn sgmv_expand(
         &self,
         v: &Self::Buf,
         table: &Self::LoraTable,
         meta: &Self::Meta,
-        max_rank: usize,
-        h_out: usize,
+        v_stride: usize,
+        outs: &[usize],
         y_stride: usize,
         col_offset: usize,
         y: &mut Self::Buf,

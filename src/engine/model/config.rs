@@ -112,6 +112,42 @@ impl Projection {
     }
 }
 
+/// Projections of a decoder layer that read the same input, whose adapters are applied
+/// together: one SGMV shrink with the parts' A matrices stacked, one expand over the parts'
+/// output columns (adjacent in the fused base output).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraGroup {
+    Qkv,
+    O,
+    GateUp,
+    Down,
+}
+
+impl LoraGroup {
+    /// All four, in layer order.
+    pub const ALL: [LoraGroup; 4] = [
+        LoraGroup::Qkv,
+        LoraGroup::O,
+        LoraGroup::GateUp,
+        LoraGroup::Down,
+    ];
+
+    /// Its projections, in the order of their output columns.
+    pub fn parts(self) -> &'static [Projection] {
+        match self {
+            LoraGroup::Qkv => &[Projection::Q, Projection::K, Projection::V],
+            LoraGroup::O => &[Projection::O],
+            LoraGroup::GateUp => &[Projection::Gate, Projection::Up],
+            LoraGroup::Down => &[Projection::Down],
+        }
+    }
+
+    /// Index in [`LoraGroup::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum OneOrMany {
@@ -320,6 +356,16 @@ impl LlamaConfig {
     /// Width of the key (and value) projection output.
     pub fn kv_dim(&self) -> usize {
         self.num_key_value_heads * self.head_dim
+    }
+
+    /// `(in, out of each part)` of a LoRA group.
+    pub fn group_dims(&self, g: LoraGroup) -> (usize, Vec<usize>) {
+        let parts = g.parts();
+        let h_in = self.projection_dims(parts[0]).0;
+        (
+            h_in,
+            parts.iter().map(|&p| self.projection_dims(p).1).collect(),
+        )
     }
 
     /// `(in_features, out_features)` of a projection.

@@ -5,7 +5,7 @@
 //! - [`KvCache`] holds every layer's paged K and V buffers; the block allocator that hands out
 //!   block ids lives in `engine::kv`, this side only reads block tables from [`StepMeta`].
 //! - [`LoraState`] holds the adapters resident on the device, one per slot, and the per
-//!   (layer, projection) slot tables the SGMV ops read. The adapter cache calls
+//!   (layer, [`LoraGroup`]) slot tables the SGMV ops read. The adapter cache calls
 //!   [`DeviceAdapter::upload`] (may run off the engine thread), then [`LoraState::install`] /
 //!   [`LoraState::remove`] between steps. A step's [`StepMeta::segments`] name those slots.
 //!
@@ -16,10 +16,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::engine::backend::{
-    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, LoraProj, RowSampling, SeqStep, StepMeta,
+    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, LoraGroupSlot, LoraPart, MAX_GROUP_PARTS,
+    RowSampling, SeqStep, StepMeta,
 };
 use crate::engine::lora::peft::LoraWeights;
-use crate::engine::model::config::{ConfigError, LlamaConfig, Projection};
+use crate::engine::model::config::{ConfigError, LlamaConfig, LoraGroup};
 use crate::engine::model::weights::{ModelWeights, WeightsError};
 
 /// Why a model cannot be loaded or run.
@@ -270,14 +271,10 @@ impl<B: Backend> Llama<B> {
         let mut proj = b.alloc(dt, rows * h)?;
         let mut gate_up = b.alloc(dt, rows * 2 * inter)?;
         let mut act = b.alloc(dt, rows * inter)?;
-        // One LoRA intermediate per projection of a group (q|k|v, gate|up): a group's shrinks
-        // all run, on the backend's side queue beside the base GEMM, before its expands.
-        let v_len = if use_lora { rows * max_rank } else { 0 };
-        let mut vs = [
-            b.alloc(DType::F32, v_len)?,
-            b.alloc(DType::F32, v_len)?,
-            b.alloc(DType::F32, v_len)?,
-        ];
+        // The LoRA intermediate of a group: written by the group's shrink on the side queue,
+        // read by its expand on the main queue. One buffer serves every group: a shrink is
+        // issued after the previous group's expand, and the side queue starts behind it.
+        let mut v = b.alloc(DType::F32, if use_lora { rows * max_rank } else { 0 })?;
         let lora = Lora {
             b,
             state: lora,
@@ -298,8 +295,7 @@ impl<B: Backend> Llama<B> {
                     &mut normed,
                 )?;
             }
-            let qkv_lora = [Projection::Q, Projection::K, Projection::V];
-            let pending = lora.shrink(l, &qkv_lora, &normed, &mut vs)?;
+            let pending = lora.shrink(l, LoraGroup::Qkv, &normed, &mut v)?;
             b.matmul(
                 &normed,
                 &layer.self_attn.qkv_proj,
@@ -308,18 +304,7 @@ impl<B: Backend> Llama<B> {
                 qkv_dim,
                 &mut qkv,
             )?;
-            lora.expand(
-                pending,
-                l,
-                &[
-                    (qkv_lora[0], 0),
-                    (qkv_lora[1], q_dim),
-                    (qkv_lora[2], q_dim + kv_dim),
-                ],
-                &vs,
-                &mut qkv,
-                qkv_dim,
-            )?;
+            lora.expand(pending, l, LoraGroup::Qkv, &v, &mut qkv, qkv_dim)?;
             let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
             b.rope_write_kv(
                 &mut qkv,
@@ -333,9 +318,9 @@ impl<B: Backend> Llama<B> {
             b.attention(
                 &qkv, qkv_dim, 0, k_cache, v_cache, &m, shape, scale, &mut attn,
             )?;
-            let pending = lora.shrink(l, &[Projection::O], &attn, &mut vs)?;
+            let pending = lora.shrink(l, LoraGroup::O, &attn, &mut v)?;
             b.matmul(&attn, &layer.self_attn.o_proj, rows, q_dim, h, &mut proj)?;
-            lora.expand(pending, l, &[(Projection::O, 0)], &vs, &mut proj, h)?;
+            lora.expand(pending, l, LoraGroup::O, &v, &mut proj, h)?;
             b.add_rms_norm(
                 &mut residual,
                 &proj,
@@ -345,8 +330,7 @@ impl<B: Backend> Llama<B> {
                 h,
                 &mut normed,
             )?;
-            let gate_up_lora = [Projection::Gate, Projection::Up];
-            let pending = lora.shrink(l, &gate_up_lora, &normed, &mut vs)?;
+            let pending = lora.shrink(l, LoraGroup::GateUp, &normed, &mut v)?;
             b.matmul(
                 &normed,
                 &layer.mlp.gate_up_proj,
@@ -355,18 +339,11 @@ impl<B: Backend> Llama<B> {
                 2 * inter,
                 &mut gate_up,
             )?;
-            lora.expand(
-                pending,
-                l,
-                &[(Projection::Gate, 0), (Projection::Up, inter)],
-                &vs,
-                &mut gate_up,
-                2 * inter,
-            )?;
+            lora.expand(pending, l, LoraGroup::GateUp, &v, &mut gate_up, 2 * inter)?;
             b.silu_mul(&gate_up, rows, inter, &mut act)?;
-            let pending = lora.shrink(l, &[Projection::Down], &act, &mut vs)?;
+            let pending = lora.shrink(l, LoraGroup::Down, &act, &mut v)?;
             b.matmul(&act, &layer.mlp.down_proj, rows, inter, h, &mut proj)?;
-            lora.expand(pending, l, &[(Projection::Down, 0)], &vs, &mut proj, h)?;
+            lora.expand(pending, l, LoraGroup::Down, &v, &mut proj, h)?;
             let next_norm = match self.layers.get(l + 1) {
                 Some(next) => &next.input_layernorm,
                 None => &self.norm,
@@ -459,8 +436,8 @@ impl<B: Backend> Llama<B> {
     }
 }
 
-/// One step's LoRA application: the SGMV shrinks of a group of projections that read the same
-/// input are issued on the backend's side queue before the base GEMM, the expands after it.
+/// One step's LoRA application: a group's shrink (its projections read the same input) is
+/// issued on the backend's side queue before the base GEMM, its expand after it.
 struct Lora<'a, B: Backend> {
     b: &'a B,
     state: &'a LoraState<B>,
@@ -471,68 +448,47 @@ struct Lora<'a, B: Backend> {
 }
 
 impl<B: Backend> Lora<'_, B> {
-    /// Shrink `x` for each of `projs` that has a slot table, into `vs[i]`, on the side queue.
-    /// Returns whether anything was issued (then [`Self::expand`] joins the side queue).
-    fn shrink(
-        &self,
-        layer: usize,
-        projs: &[Projection],
-        x: &B::Buf,
-        vs: &mut [B::Buf; 3],
-    ) -> Result<bool> {
-        if !self.on
-            || projs
-                .iter()
-                .all(|p| self.state.tables[layer][p.index()].is_none())
-        {
+    /// Shrink `x` into `v` for `group` on the side queue, when any resident adapter targets
+    /// it. Returns whether it was issued (then [`Self::expand`] joins the side queue).
+    fn shrink(&self, layer: usize, group: LoraGroup, x: &B::Buf, v: &mut B::Buf) -> Result<bool> {
+        let Some(table) = self.table(layer, group) else {
             return Ok(false);
-        }
+        };
+        let (h_in, _) = self.config.group_dims(group);
         self.b.begin_side()?;
-        let issued = (|| {
-            for (p, v) in projs.iter().zip(vs.iter_mut()) {
-                if let Some(table) = self.state.tables[layer][p.index()].as_ref() {
-                    let (h_in, _) = self.config.projection_dims(*p);
-                    self.b
-                        .sgmv_shrink(x, table, self.meta, h_in, self.max_rank, v)?;
-                }
-            }
-            Ok::<(), ModelError>(())
-        })();
+        let issued = self
+            .b
+            .sgmv_shrink(x, table, self.meta, h_in, self.max_rank, v);
         self.b.end_side()?;
-        issued.map(|()| true)
+        issued.map(|()| true).map_err(Into::into)
     }
 
-    /// After the base GEMM wrote `y`: `y[:, offset..] += vs[i] · Bᵀ` for each `(projection,
-    /// column offset)` of the group [`Self::shrink`] issued.
+    /// After the base GEMM wrote `y` (the group's outputs side by side from column 0):
+    /// `y += v · Bᵀ` per part, if [`Self::shrink`] issued the group's shrink.
     fn expand(
         &self,
         pending: bool,
         layer: usize,
-        projs: &[(Projection, usize)],
-        vs: &[B::Buf; 3],
+        group: LoraGroup,
+        v: &B::Buf,
         y: &mut B::Buf,
         y_stride: usize,
     ) -> Result<()> {
-        if !pending {
+        let (true, Some(table)) = (pending, self.table(layer, group)) else {
             return Ok(());
-        }
+        };
         self.b.join_side()?;
-        for ((p, offset), v) in projs.iter().zip(vs.iter()) {
-            if let Some(table) = self.state.tables[layer][p.index()].as_ref() {
-                let (_, h_out) = self.config.projection_dims(*p);
-                self.b.sgmv_expand(
-                    v,
-                    table,
-                    self.meta,
-                    self.max_rank,
-                    h_out,
-                    y_stride,
-                    *offset,
-                    y,
-                )?;
-            }
-        }
+        let (_, outs) = self.config.group_dims(group);
+        self.b
+            .sgmv_expand(v, table, self.meta, self.max_rank, &outs, y_stride, 0, y)?;
         Ok(())
+    }
+
+    fn table(&self, layer: usize, group: LoraGroup) -> Option<&B::LoraTable> {
+        if !self.on {
+            return None;
+        }
+        self.state.tables[layer][group.index()].as_ref()
     }
 }
 
@@ -578,16 +534,16 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// One adapter's matrices on the device, per layer and [`Projection`].
+/// One adapter's matrices on the device, per layer and [`LoraGroup`].
 pub struct DeviceAdapter<B: Backend> {
-    layers: Vec<[Option<DeviceLoraProj<B>>; 7]>,
+    layers: Vec<[Option<DeviceLoraGroup<B>>; 4]>,
     max_rank: usize,
 }
 
-struct DeviceLoraProj<B: Backend> {
+/// One adapter's LoRA group on the device: the parts' A stacked, and each part's B and rank.
+struct DeviceLoraGroup<B: Backend> {
     a: B::Buf,
-    b: B::Buf,
-    rank: usize,
+    parts: [Option<(B::Buf, usize)>; MAX_GROUP_PARTS],
 }
 
 impl<B: Backend> std::fmt::Debug for DeviceAdapter<B> {
@@ -599,11 +555,15 @@ impl<B: Backend> std::fmt::Debug for DeviceAdapter<B> {
     }
 }
 
+/// The ranks of one staged group's parts (0: the adapter lacks that part).
+type PartRanks = [usize; MAX_GROUP_PARTS];
+
 /// A validated adapter staged in host memory for one copy to the device (the host tier's
-/// entry): its modules' ranks and their A and B matrices packed in the backend's dtype.
+/// entry): its groups' ranks and their matrices packed in the backend's dtype.
 pub struct StagedAdapter<B: Backend> {
-    /// `(layer, projection, rank)` of each module, in staging order (A then B per module).
-    modules: Vec<(usize, Projection, usize)>,
+    /// `(layer, group, part ranks)` of each group the adapter has, in staging order: the
+    /// stacked A, then the B of each part present.
+    groups: Vec<(usize, LoraGroup, PartRanks)>,
     num_layers: usize,
     max_rank: usize,
     bytes: usize,
@@ -613,23 +573,45 @@ pub struct StagedAdapter<B: Backend> {
 impl<B: Backend> StagedAdapter<B> {
     /// Convert and pack `weights` for `backend` (runs on the adapter loader threads).
     pub fn stage(backend: &B, weights: &LoraWeights) -> Result<Self, BackendError> {
-        let mut modules = Vec::new();
-        let mut tensors: Vec<&[f32]> = Vec::new();
+        let mut groups = Vec::new();
+        // Per group: the stacked A (borrowed when the group has one part present), then Bs.
+        let mut owned: Vec<Vec<f32>> = Vec::new();
+        let mut layout: Vec<(Option<usize>, Vec<&[f32]>)> = Vec::new();
+        let mut max_rank = 0;
         for l in 0..weights.num_layers() {
-            for p in Projection::ALL {
-                if let Some(m) = weights.get(l, p) {
-                    modules.push((l, p, m.rank));
-                    tensors.push(&m.a);
-                    tensors.push(&m.b);
+            for g in LoraGroup::ALL {
+                let mods: Vec<_> = g.parts().iter().map(|&p| weights.get(l, p)).collect();
+                let present: Vec<_> = mods.iter().flatten().collect();
+                if present.is_empty() {
+                    continue;
+                }
+                let ranks: PartRanks = std::array::from_fn(|j| {
+                    mods.get(j).and_then(|m| m.as_ref()).map_or(0, |m| m.rank)
+                });
+                max_rank = max_rank.max(ranks.iter().sum());
+                groups.push((l, g, ranks));
+                let bs: Vec<&[f32]> = present.iter().map(|m| m.b.as_slice()).collect();
+                if present.len() == 1 {
+                    layout.push((None, [present[0].a.as_slice()].into_iter().chain(bs).collect()));
+                } else {
+                    owned.push(present.iter().flat_map(|m| m.a.iter().copied()).collect());
+                    layout.push((Some(owned.len() - 1), bs));
                 }
             }
+        }
+        let mut tensors: Vec<&[f32]> = Vec::new();
+        for (stacked, ts) in &layout {
+            if let Some(i) = stacked {
+                tensors.push(&owned[*i]);
+            }
+            tensors.extend(ts.iter().copied());
         }
         let dtype = backend.dtype();
         let bytes = tensors.iter().map(|t| t.len() * dtype.size()).sum();
         Ok(StagedAdapter {
-            modules,
+            groups,
             num_layers: weights.num_layers(),
-            max_rank: weights.max_rank(),
+            max_rank,
             bytes,
             staged: Arc::new(backend.stage(dtype, &tensors)?),
         })
@@ -649,19 +631,22 @@ impl<B: Backend> DeviceAdapter<B> {
 
     /// Copy a staged adapter to the device in one transfer.
     pub fn from_staged(backend: &B, staged: &StagedAdapter<B>) -> Result<Self, BackendError> {
+        let short = || BackendError::Shape("staged adapter has fewer tensors than groups".into());
         let mut bufs = backend.upload_staged(&staged.staged)?.into_iter();
-        let mut layers: Vec<[Option<DeviceLoraProj<B>>; 7]> =
+        let mut layers: Vec<[Option<DeviceLoraGroup<B>>; 4]> =
             (0..staged.num_layers).map(|_| Default::default()).collect();
-        for &(l, p, rank) in &staged.modules {
-            let (Some(a), Some(b)) = (bufs.next(), bufs.next()) else {
-                return Err(BackendError::Shape(
-                    "staged adapter has fewer tensors than modules".into(),
-                ));
-            };
+        for &(l, g, ranks) in &staged.groups {
+            let a = bufs.next().ok_or_else(short)?;
+            let mut parts: [Option<(B::Buf, usize)>; MAX_GROUP_PARTS] = Default::default();
+            for (part, &rank) in parts.iter_mut().zip(&ranks) {
+                if rank > 0 {
+                    *part = Some((bufs.next().ok_or_else(short)?, rank));
+                }
+            }
             let layer = layers.get_mut(l).ok_or_else(|| {
-                BackendError::Shape(format!("staged module of layer {l} out of range"))
+                BackendError::Shape(format!("staged group of layer {l} out of range"))
             })?;
-            layer[p.index()] = Some(DeviceLoraProj { a, b, rank });
+            layer[g.index()] = Some(DeviceLoraGroup { a, parts });
         }
         Ok(DeviceAdapter {
             layers,
@@ -669,7 +654,7 @@ impl<B: Backend> DeviceAdapter<B> {
         })
     }
 
-    /// Largest rank over its modules.
+    /// Largest rank of a group (its parts' ranks summed): the width of its shrink's output.
     pub fn max_rank(&self) -> usize {
         self.max_rank
     }
@@ -679,8 +664,8 @@ impl<B: Backend> DeviceAdapter<B> {
 pub struct LoraState<B: Backend> {
     num_layers: usize,
     slots: Vec<Option<DeviceAdapter<B>>>,
-    /// Per layer, per projection: `None` when no resident adapter targets it.
-    tables: Vec<[Option<B::LoraTable>; 7]>,
+    /// Per layer, per [`LoraGroup`]: `None` when no resident adapter targets it.
+    tables: Vec<[Option<B::LoraTable>; 4]>,
     max_rank: usize,
 }
 
@@ -707,7 +692,8 @@ impl<B: Backend> LoraState<B> {
         matches!(self.slots.get(slot), Some(Some(_)))
     }
 
-    /// Largest rank over the resident adapters (0 when none).
+    /// Largest total rank of a group over the resident adapters (0 when none): the width of
+    /// the LoRA intermediate of a step.
     pub fn max_rank(&self) -> usize {
         self.max_rank
     }
@@ -779,20 +765,22 @@ impl<B: Backend> LoraState<B> {
             .max()
             .unwrap_or(0);
         for l in 0..self.num_layers {
-            for p in Projection::ALL {
-                let entries: Vec<Option<LoraProj<'_, B>>> = self
+            for g in LoraGroup::ALL {
+                let entries: Vec<Option<LoraGroupSlot<'_, B>>> = self
                     .slots
                     .iter()
                     .map(|s| {
-                        let proj = s.as_ref()?.layers[l][p.index()].as_ref()?;
-                        Some(LoraProj {
-                            a: &proj.a,
-                            b: &proj.b,
-                            rank: proj.rank,
+                        let group = s.as_ref()?.layers[l][g.index()].as_ref()?;
+                        Some(LoraGroupSlot {
+                            a: &group.a,
+                            parts: std::array::from_fn(|j| {
+                                let (b, rank) = group.parts[j].as_ref()?;
+                                Some(LoraPart { b, rank: *rank })
+                            }),
                         })
                     })
                     .collect();
-                self.tables[l][p.index()] = if entries.iter().any(Option::is_some) {
+                self.tables[l][g.index()] = if entries.iter().any(Option::is_some) {
                     Some(backend.lora_table(&entries)?)
                 } else {
                     None

@@ -9,7 +9,7 @@ use crate::engine::backend::{Backend, BackendError, DType, Result, StepMeta};
 use crate::engine::lora::segments::SegmentTable;
 
 use super::reference::{self, HostAdapter};
-use super::{CudaBackend, CudaBuf, CudaLoraTable, CudaMeta, RawLoraSlot};
+use super::{CudaBackend, CudaBuf, CudaLoraTable, CudaMeta, RawLoraPart, RawLoraSlot};
 
 /// Copy bandwidth (read + write) measured on the H200 the anchors come from, GB/s.
 pub const COPY_GBPS: f64 = 4186.0;
@@ -240,9 +240,15 @@ fn make_set(be: &CudaBackend, a: &Anchor, lens: &[usize], seed: u32) -> Result<I
             Some(RawLoraSlot {
                 a: weights.ptr_at(i * per),
                 a_len: r * h,
-                b: weights.ptr_at(i * per + r * h),
-                b_len: r * h,
-                rank: r,
+                parts: [
+                    Some(RawLoraPart {
+                        b: weights.ptr_at(i * per + r * h),
+                        b_len: r * h,
+                        rank: r,
+                    }),
+                    None,
+                    None,
+                ],
             })
         })
         .collect();
@@ -260,7 +266,7 @@ fn make_set(be: &CudaBackend, a: &Anchor, lens: &[usize], seed: u32) -> Result<I
 
 fn op(be: &CudaBackend, s: &mut InputSet, meta: &CudaMeta, h: usize, r: usize) -> Result<()> {
     be.sgmv_shrink(&s.x, &s.table, meta, h, r, &mut s.v)?;
-    be.sgmv_expand(&s.v, &s.table, meta, r, h, h, 0, &mut s.y)
+    be.sgmv_expand(&s.v, &s.table, meta, r, &[h], h, 0, &mut s.y)
 }
 
 /// Check one set against the f64 reference: run the op once, compare y.

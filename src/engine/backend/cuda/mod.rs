@@ -24,7 +24,8 @@ use cudarc::driver::{DriverError, result as drv, sys as drv_sys};
 use half::{bf16, f16};
 
 use crate::engine::backend::{
-    AttnShape, Backend, BackendError, DType, DeviceKind, LoraProj, Pick, Result, RowSampling,
+    AttnShape, Backend, BackendError, DType, DeviceKind, LoraGroupSlot, MAX_GROUP_PARTS, Pick, Result,
+    RowSampling,
     StepMeta,
 };
 use compile::KernelCompiler;
@@ -153,28 +154,39 @@ pub struct CudaLoraTable {
     ptr: u64,
     slots: usize,
     dtype: Option<DType>,
+    /// Largest total rank of a slot: the shrink's output width.
     max_rank: usize,
+    /// Largest rank of one part: what the expand reads per part.
+    max_part_rank: usize,
     /// Smallest `a.len / rank` over filled slots: the largest h_in every slot can serve.
     min_in: usize,
-    /// Smallest `b.len / rank` over filled slots: the largest h_out every slot can serve.
-    min_out: usize,
+    /// Per part, smallest `b.len / rank` over the slots that have it (`usize::MAX` when none
+    /// does): the widest output that part can serve.
+    min_out: [usize; MAX_GROUP_PARTS],
 }
 
 impl CudaLoraTable {
-    /// Largest rank of any filled slot (0 when all are empty).
+    /// Largest total rank of any filled slot (0 when all are empty).
     pub fn max_rank(&self) -> usize {
         self.max_rank
     }
 }
 
-/// One slot of a table as raw parts: device addresses and lengths of A and B, and the rank.
+/// One part of a [`RawLoraSlot`]: the device address and length of its B, and its rank.
+#[derive(Clone, Copy, Debug)]
+pub struct RawLoraPart {
+    pub b: u64,
+    pub b_len: usize,
+    pub rank: usize,
+}
+
+/// One slot of a group table as raw parts: the device address and length of the stacked A,
+/// and the parts.
 #[derive(Clone, Copy, Debug)]
 pub struct RawLoraSlot {
     pub a: u64,
     pub a_len: usize,
-    pub b: u64,
-    pub b_len: usize,
-    pub rank: usize,
+    pub parts: [Option<RawLoraPart>; MAX_GROUP_PARTS],
 }
 
 /// Kernel argument, widened to an 8-byte slot (the driver reads the parameter's size from it;
@@ -699,45 +711,48 @@ impl CudaBackend {
         dtype: DType,
         slots: &[Option<RawLoraSlot>],
     ) -> Result<CudaLoraTable> {
-        let mut bytes = Vec::with_capacity(slots.len().max(1) * 24);
-        let (mut max_rank, mut min_in, mut min_out) = (0usize, usize::MAX, usize::MAX);
+        let mut bytes = Vec::with_capacity(slots.len().max(1) * plan::LORA_SLOT_BYTES);
+        let (mut max_rank, mut max_part_rank, mut min_in) = (0usize, 0usize, usize::MAX);
+        let mut min_out = [usize::MAX; MAX_GROUP_PARTS];
+        let aligned = |p: u64| p.is_multiple_of(16);
         for (i, s) in slots.iter().enumerate() {
-            let (a, b, rank) = match s {
-                None => (0u64, 0u64, 0u32),
-                Some(s) => {
-                    if s.rank == 0 || s.rank > plan::MAX_RANK {
+            let mut entry = plan::LoraSlotEntry::default();
+            if let Some(s) = s {
+                let mut voff = 0usize;
+                for (j, part) in s.parts.iter().enumerate() {
+                    let Some(p) = part else { continue };
+                    if p.rank == 0 || p.rank > plan::MAX_RANK {
                         return Err(shape(format!(
-                            "slot {i}: rank {} outside 1..={}",
-                            s.rank,
+                            "slot {i} part {j}: rank {} outside 1..={}",
+                            p.rank,
                             plan::MAX_RANK
                         )));
                     }
-                    if s.a_len % s.rank != 0
-                        || s.b_len % s.rank != 0
-                        || s.a_len == 0
-                        || s.b_len == 0
-                    {
+                    if p.b_len == 0 || !p.b_len.is_multiple_of(p.rank) || !aligned(p.b) {
                         return Err(shape(format!(
-                            "slot {i}: A of {} and B of {} elements are not [rank={}, n] matrices",
-                            s.a_len, s.b_len, s.rank
+                            "slot {i} part {j}: B of {} elements at 0x{:x} is not a 16-byte \
+                             aligned [n, rank={}] matrix",
+                            p.b_len, p.b, p.rank
                         )));
                     }
-                    if s.a % 16 != 0 || s.b % 16 != 0 {
-                        return Err(shape(format!(
-                            "slot {i}: A and B must start 16-byte aligned (0x{:x}, 0x{:x})",
-                            s.a, s.b
-                        )));
-                    }
-                    max_rank = max_rank.max(s.rank);
-                    min_in = min_in.min(s.a_len / s.rank);
-                    min_out = min_out.min(s.b_len / s.rank);
-                    (s.a, s.b, s.rank as u32)
+                    min_out[j] = min_out[j].min(p.b_len / p.rank);
+                    max_part_rank = max_part_rank.max(p.rank);
+                    entry.parts[j] = (p.b, p.rank as u32, voff as u32);
+                    voff += p.rank;
                 }
-            };
-            bytes.extend_from_slice(&a.to_le_bytes());
-            bytes.extend_from_slice(&b.to_le_bytes());
-            bytes.extend_from_slice(&rank.to_le_bytes());
-            bytes.extend_from_slice(&0u32.to_le_bytes());
+                if voff == 0 || s.a_len == 0 || !s.a_len.is_multiple_of(voff) || !aligned(s.a) {
+                    return Err(shape(format!(
+                        "slot {i}: A of {} elements at 0x{:x} is not a 16-byte aligned \
+                         [rank={voff}, n] matrix",
+                        s.a_len, s.a
+                    )));
+                }
+                max_rank = max_rank.max(voff);
+                min_in = min_in.min(s.a_len / voff);
+                entry.a = s.a;
+                entry.rank = voff as u32;
+            }
+            entry.write(&mut bytes);
         }
         let (mem, ptr) = self.alloc_bytes(bytes.len())?;
         self.htod(ptr, &bytes)?;
@@ -747,6 +762,7 @@ impl CudaBackend {
             slots: slots.len(),
             dtype: Some(dtype),
             max_rank,
+            max_part_rank,
             min_in,
             min_out,
         })
@@ -1016,28 +1032,32 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn lora_table(&self, slots: &[Option<LoraProj<'_, Self>>]) -> Result<CudaLoraTable> {
+    fn lora_table(&self, slots: &[Option<LoraGroupSlot<'_, Self>>]) -> Result<CudaLoraTable> {
         let mut dtype = None;
+        for g in slots.iter().flatten() {
+            let parts = g.parts.iter().flatten();
+            for d in std::iter::once(g.a.dtype).chain(parts.map(|p| p.b.dtype)) {
+                if *dtype.get_or_insert(d) != d {
+                    return Err(shape("adapters in one table must share one dtype".into()));
+                }
+            }
+        }
         let raw: Vec<Option<RawLoraSlot>> = slots
             .iter()
             .map(|s| {
-                s.as_ref().map(|p| {
-                    dtype.get_or_insert(p.a.dtype);
-                    RawLoraSlot {
-                        a: p.a.ptr,
-                        a_len: p.a.len,
-                        b: p.b.ptr,
-                        b_len: p.b.len,
-                        rank: p.rank,
-                    }
+                s.as_ref().map(|g| RawLoraSlot {
+                    a: g.a.ptr,
+                    a_len: g.a.len,
+                    parts: std::array::from_fn(|j| {
+                        g.parts[j].as_ref().map(|p| RawLoraPart {
+                            b: p.b.ptr,
+                            b_len: p.b.len,
+                            rank: p.rank,
+                        })
+                    }),
                 })
             })
             .collect();
-        for p in slots.iter().flatten() {
-            if p.a.dtype != p.b.dtype || Some(p.a.dtype) != dtype {
-                return Err(shape("adapters in one table must share one dtype".into()));
-            }
-        }
         self.lora_table_raw(dtype.unwrap_or(self.dtype), &raw)
     }
 
@@ -1361,7 +1381,7 @@ impl Backend for CudaBackend {
         table: &CudaLoraTable,
         meta: &CudaMeta,
         h_in: usize,
-        max_rank: usize,
+        v_stride: usize,
         v: &mut CudaBuf,
     ) -> Result<()> {
         let rows = meta.layout.rows;
@@ -1372,13 +1392,13 @@ impl Backend for CudaBackend {
             )));
         }
         need(x, rows * h_in, "sgmv_shrink x")?;
-        need(v, rows * max_rank, "sgmv_shrink v")?;
+        need(v, rows * v_stride, "sgmv_shrink v")?;
         if !self.check_lora(x.dtype, table, meta)? {
             return Ok(());
         }
-        if table.max_rank > max_rank {
+        if table.max_rank > v_stride {
             return Err(shape(format!(
-                "sgmv_shrink: table rank {} exceeds v's max_rank {max_rank}",
+                "sgmv_shrink: table rank {} exceeds v's width {v_stride}",
                 table.max_rank
             )));
         }
@@ -1390,16 +1410,18 @@ impl Backend for CudaBackend {
         }
         let tiles = meta.layout.num_tiles;
         let target = self.sm_count * self.shrink_blocks_per_sm;
-        let (nt, groups) = if self.shrink_rank_split {
-            plan::shrink_rank_split(
-                tiles,
-                h_in,
-                target,
-                plan::shrink_rank_tiles(table.max_rank)?,
-            )
+        // Ranks beyond one block's register tiles always go to more blocks (rank groups).
+        let all = plan::shrink_rank_tiles(table.max_rank)?;
+        let (nt0, g0) = (
+            all.min(plan::SHRINK_MAX_TILES),
+            all.div_ceil(plan::SHRINK_MAX_TILES),
+        );
+        let (nt, g1) = if self.shrink_rank_split {
+            plan::shrink_rank_split(tiles * g0, h_in, target, nt0)
         } else {
-            (plan::shrink_rank_tiles(table.max_rank)?, 1)
+            (nt0, 1)
         };
+        let groups = g0 * g1;
         // Tiles holding many rows pay a round of atomics per row and rank for every split.
         let cap = if meta.layout.rows >= 2 * tiles {
             self.shrink_max_splits_full
@@ -1421,7 +1443,7 @@ impl Backend for CudaBackend {
                 Arg::Ptr(x.ptr),
                 i32_arg(h_in, "h_in")?,
                 Arg::Ptr(v.ptr),
-                i32_arg(max_rank, "max_rank")?,
+                i32_arg(v_stride, "v_stride")?,
                 Arg::Ptr(table.ptr),
                 Arg::Ptr(meta.at(meta.layout.tiles)),
                 Arg::Ptr(meta.at(meta.layout.segs)),
@@ -1442,8 +1464,8 @@ impl Backend for CudaBackend {
         v: &CudaBuf,
         table: &CudaLoraTable,
         meta: &CudaMeta,
-        max_rank: usize,
-        h_out: usize,
+        v_stride: usize,
+        outs: &[usize],
         y_stride: usize,
         col_offset: usize,
         y: &mut CudaBuf,
@@ -1455,7 +1477,14 @@ impl Backend for CudaBackend {
                 v.dtype
             )));
         }
-        need(v, rows * max_rank, "sgmv_expand v")?;
+        let h_out: usize = outs.iter().sum();
+        if outs.is_empty() || outs.len() > MAX_GROUP_PARTS {
+            return Err(shape(format!(
+                "sgmv_expand: a group has 1..={MAX_GROUP_PARTS} parts, got {}",
+                outs.len()
+            )));
+        }
+        need(v, rows * v_stride, "sgmv_expand v")?;
         need(y, rows * y_stride, "sgmv_expand y")?;
         if col_offset + h_out > y_stride {
             return Err(shape(format!(
@@ -1465,39 +1494,57 @@ impl Backend for CudaBackend {
         if !self.check_lora(y.dtype, table, meta)? {
             return Ok(());
         }
-        if table.max_rank > max_rank {
+        if table.max_rank > v_stride {
             return Err(shape(format!(
-                "sgmv_expand: table rank {} exceeds v's max_rank {max_rank}",
+                "sgmv_expand: table rank {} exceeds v's width {v_stride}",
                 table.max_rank
             )));
         }
-        if h_out > table.min_out {
-            return Err(shape(format!(
-                "sgmv_expand: h_out {h_out} exceeds an adapter's B height {}",
-                table.min_out
-            )));
+        for (j, &min_out) in table.min_out.iter().enumerate() {
+            match outs.get(j) {
+                Some(&out) if out > min_out => {
+                    return Err(shape(format!(
+                        "sgmv_expand: part {j} of {out} columns exceeds an adapter's B height \
+                         {min_out}"
+                    )));
+                }
+                None if min_out != usize::MAX => {
+                    return Err(shape(format!(
+                        "sgmv_expand: an adapter has part {j}, the group has {}",
+                        outs.len()
+                    )));
+                }
+                _ => {}
+            }
         }
-        let kt = plan::expand_rank_chunks(table.max_rank)?;
+        let kt = plan::expand_rank_chunks(table.max_part_rank)?;
         let ntw = self.expand_ntw;
-        let (gx, gy) = plan::expand_grid(h_out, meta.layout.num_tiles, ntw);
-        let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
-        self.launch(
-            &format!("sgmv_expand_{}_k{kt}_w{ntw}", Self::suffix(y.dtype)),
-            (gx, gy, 1),
-            (plan::EXPAND_WARPS * 32) as u32,
-            &[
-                Arg::Ptr(v.ptr),
-                i32_arg(max_rank, "max_rank")?,
-                Arg::Ptr(y.ptr),
-                i32_arg(y_stride, "y_stride")?,
-                i32_arg(col_offset, "col_offset")?,
-                i32_arg(h_out, "h_out")?,
-                Arg::Ptr(table.ptr),
-                Arg::Ptr(meta.at(meta.layout.tiles)),
-                Arg::Ptr(meta.at(meta.layout.segs)),
-            ],
-            overlap,
-        )
+        let name = format!("sgmv_expand_{}_k{kt}_w{ntw}", Self::suffix(y.dtype));
+        for launch in plan::expand_launches(outs, ntw) {
+            let (gx, gy) = plan::expand_grid(launch.width(), meta.layout.num_tiles, ntw);
+            let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
+            self.launch(
+                &name,
+                (gx, gy, 1),
+                (plan::EXPAND_WARPS * 32) as u32,
+                &[
+                    Arg::Ptr(v.ptr),
+                    i32_arg(v_stride, "v_stride")?,
+                    Arg::Ptr(y.ptr),
+                    i32_arg(y_stride, "y_stride")?,
+                    i32_arg(col_offset + launch.col, "col_offset")?,
+                    i32_arg(launch.part0, "part0")?,
+                    i32_arg(launch.ends[0], "end0")?,
+                    i32_arg(launch.ends[1], "end1")?,
+                    i32_arg(launch.ends[2], "end2")?,
+                    Arg::Ptr(table.ptr),
+                    Arg::Ptr(meta.at(meta.layout.tiles)),
+                    Arg::Ptr(meta.at(meta.layout.segs)),
+                ],
+                overlap,
+            )?;
+        }
+        Ok(())
     }
 
     fn gather_rows(

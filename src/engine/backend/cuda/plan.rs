@@ -1,7 +1,9 @@
 //! Launch planning for the CUDA kernels: segment tables -> row tiles, grid shapes, kernel variants
 //! and the packed per-step metadata. Pure functions, unit-tested without a GPU.
 
-use crate::engine::backend::{BLOCK_SIZE, BackendError, Result, RowSampling, StepMeta};
+use crate::engine::backend::{
+    BLOCK_SIZE, BackendError, MAX_GROUP_PARTS, Result, RowSampling, StepMeta,
+};
 
 /// Rows per SGMV tile: the M of one `mma.sync.m16n8k16`.
 pub const TILE_ROWS: usize = 16;
@@ -10,8 +12,43 @@ pub const SHRINK_WARPS: usize = 4;
 /// Warps per SGMV expand block (kernels/sgmv.cu `EXPAND_WARPS`); each covers `8 * ntw` output
 /// columns, `ntw` (4 or 8) being the kernel variant's 8-column tiles per warp.
 pub const EXPAND_WARPS: usize = 4;
-/// Largest LoRA rank the kernels support.
+/// Largest LoRA rank of one projection the kernels support.
 pub const MAX_RANK: usize = 128;
+/// Largest total rank of a LoRA group (its parts' A stacked): what one shrink computes.
+pub const MAX_GROUP_RANK: usize = MAX_GROUP_PARTS * MAX_RANK;
+/// Most 8-wide rank tiles one shrink block keeps in registers (kernels/sgmv.cu `DEFINE_SHRINK`);
+/// wider ranks go to more blocks.
+pub const SHRINK_MAX_TILES: usize = 16;
+
+/// Bytes of one slot of a LoRA group table (kernels/sgmv.cu `LoraSlot`).
+pub const LORA_SLOT_BYTES: usize = 64;
+
+/// One slot of a LoRA group table as the kernels read it: the stacked A and its total rank,
+/// and per part `(B, rank, first column in v)` (a null B: the slot lacks that part).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoraSlotEntry {
+    pub a: u64,
+    pub rank: u32,
+    pub parts: [(u64, u32, u32); MAX_GROUP_PARTS],
+}
+
+impl LoraSlotEntry {
+    /// Append its [`LORA_SLOT_BYTES`] little-endian bytes in the kernels' field order.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.a.to_le_bytes());
+        out.extend_from_slice(&self.rank.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        for (b, _, _) in &self.parts {
+            out.extend_from_slice(&b.to_le_bytes());
+        }
+        for (_, rank, _) in &self.parts {
+            out.extend_from_slice(&rank.to_le_bytes());
+        }
+        for (_, _, voff) in &self.parts {
+            out.extend_from_slice(&voff.to_le_bytes());
+        }
+    }
+}
 /// Largest attention head dimension the attention kernel supports.
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -28,10 +65,14 @@ pub fn row_tiles(starts: &[u32], ends: &[u32]) -> Vec<[u32; 2]> {
     tiles
 }
 
-/// The shrink kernel variant for a table whose largest rank is `max_rank`: the number of 8-wide
-/// rank tiles it keeps in registers (1, 2, 4, 8 or 16).
+/// The 8-wide rank tiles a shrink covers for a table whose largest total rank is `max_rank`
+/// (a power of two: 1 to 64; beyond [`SHRINK_MAX_TILES`] they are spread over blocks).
 pub fn shrink_rank_tiles(max_rank: usize) -> Result<usize> {
-    check_rank(max_rank)?;
+    if max_rank == 0 || max_rank > MAX_GROUP_RANK {
+        return Err(BackendError::Shape(format!(
+            "LoRA group rank {max_rank} is outside 1..={MAX_GROUP_RANK}"
+        )));
+    }
     Ok(max_rank.div_ceil(8).next_power_of_two())
 }
 
@@ -80,6 +121,56 @@ pub fn shrink_rank_split(
         .next_power_of_two()
         .min(rank_tiles / 2);
     (rank_tiles / groups, groups)
+}
+
+/// One expand launch over some of a group's parts: the first part, the first column (from the
+/// group's first), and the parts' ends relative to that column (unused ends repeat the last).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpandLaunch {
+    pub part0: usize,
+    pub col: usize,
+    pub ends: [usize; MAX_GROUP_PARTS],
+}
+
+impl ExpandLaunch {
+    /// Columns it covers.
+    pub fn width(&self) -> usize {
+        self.ends[MAX_GROUP_PARTS - 1]
+    }
+}
+
+/// The expand launches of a group whose parts have `outs` columns: one for the whole group
+/// when every part boundary falls between two warps' columns (`8 * ntw` each), else one per
+/// part, since a warp reads one part's B.
+pub fn expand_launches(outs: &[usize], ntw: usize) -> Vec<ExpandLaunch> {
+    let warp_cols = 8 * ntw.max(1);
+    let inner = &outs[..outs.len().saturating_sub(1)];
+    if inner.iter().all(|w| w.is_multiple_of(warp_cols)) {
+        let mut ends = [0; MAX_GROUP_PARTS];
+        let mut end = 0;
+        for (j, e) in ends.iter_mut().enumerate() {
+            end += outs.get(j).copied().unwrap_or(0);
+            *e = end;
+        }
+        return vec![ExpandLaunch {
+            part0: 0,
+            col: 0,
+            ends,
+        }];
+    }
+    let mut col = 0;
+    outs.iter()
+        .enumerate()
+        .map(|(j, &w)| {
+            let launch = ExpandLaunch {
+                part0: j,
+                col,
+                ends: [w; MAX_GROUP_PARTS],
+            };
+            col += w;
+            launch
+        })
+        .collect()
 }
 
 /// Expand grid: (column blocks, row tiles) for `ntw` 8-column tiles per warp.
@@ -343,6 +434,9 @@ mod tests {
         assert_eq!(shrink_rank_tiles(24).unwrap(), 4);
         assert_eq!(shrink_rank_tiles(64).unwrap(), 8);
         assert_eq!(shrink_rank_tiles(128).unwrap(), 16);
+        // A q|k|v group of rank 64 each: 24 tiles round up to 32, two blocks of 16.
+        assert_eq!(shrink_rank_tiles(192).unwrap(), 32);
+        assert_eq!(shrink_rank_tiles(384).unwrap(), 64);
         assert_eq!(expand_rank_chunks(1).unwrap(), 1);
         assert_eq!(expand_rank_chunks(32).unwrap(), 1);
         assert_eq!(expand_rank_chunks(33).unwrap(), 2);
@@ -353,7 +447,12 @@ mod tests {
     #[test]
     fn ranks_beyond_the_kernel_limit_are_shape_errors() {
         assert!(matches!(
-            shrink_rank_tiles(129),
+            shrink_rank_tiles(385),
+            Err(BackendError::Shape(_))
+        ));
+        assert!(matches!(shrink_rank_tiles(0), Err(BackendError::Shape(_))));
+        assert!(matches!(
+            expand_rank_chunks(129),
             Err(BackendError::Shape(_))
         ));
         assert!(matches!(expand_rank_chunks(0), Err(BackendError::Shape(_))));
@@ -390,6 +489,73 @@ mod tests {
         assert_eq!(expand_grid(576, 2, 4), (5, 2));
         assert_eq!(expand_grid(4096, 1, 8), (16, 1));
         assert_eq!(expand_grid(11008, 1, 8), (43, 1));
+    }
+
+    #[test]
+    fn a_group_expands_in_one_launch_when_its_parts_fall_on_warp_boundaries() {
+        // Llama 7B q|k|v and SmolLM2's (576 | 192 | 192) with 64-column warps.
+        let one = expand_launches(&[4096, 4096, 4096], 8);
+        assert_eq!(
+            one,
+            vec![ExpandLaunch {
+                part0: 0,
+                col: 0,
+                ends: [4096, 8192, 12288]
+            }]
+        );
+        assert_eq!(expand_launches(&[576, 192, 192], 8)[0].ends, [576, 768, 960]);
+        // One part: any width, ends padded with the last.
+        let single = expand_launches(&[11000], 8);
+        assert_eq!(single.len(), 1);
+        assert_eq!(single[0].ends, [11000; 3]);
+        assert_eq!(single[0].width(), 11000);
+        // gate | up of 11008 = 172 * 64: one launch.
+        assert_eq!(expand_launches(&[11008, 11008], 8)[0].ends, [11008, 22016, 22016]);
+    }
+
+    #[test]
+    fn a_part_boundary_inside_a_warp_splits_the_expand_per_part() {
+        let launches = expand_launches(&[100, 36, 36], 4);
+        assert_eq!(
+            launches,
+            vec![
+                ExpandLaunch {
+                    part0: 0,
+                    col: 0,
+                    ends: [100; 3]
+                },
+                ExpandLaunch {
+                    part0: 1,
+                    col: 100,
+                    ends: [36; 3]
+                },
+                ExpandLaunch {
+                    part0: 2,
+                    col: 136,
+                    ends: [36; 3]
+                },
+            ]
+        );
+        // The last part's width never matters.
+        assert_eq!(expand_launches(&[64, 36], 8).len(), 1);
+    }
+
+    #[test]
+    fn a_lora_slot_entry_is_sixty_four_bytes_in_the_kernels_field_order() {
+        let entry = LoraSlotEntry {
+            a: 0x1000,
+            rank: 48,
+            parts: [(0x2000, 16, 0), (0, 0, 0), (0x3000, 32, 16)],
+        };
+        let mut bytes = Vec::new();
+        entry.write(&mut bytes);
+        assert_eq!(bytes.len(), LORA_SLOT_BYTES);
+        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+        assert_eq!((u64_at(0), u32_at(8)), (0x1000, 48));
+        assert_eq!((u64_at(16), u64_at(24), u64_at(32)), (0x2000, 0, 0x3000));
+        assert_eq!((u32_at(40), u32_at(44), u32_at(48)), (16, 0, 32));
+        assert_eq!((u32_at(52), u32_at(56), u32_at(60)), (0, 0, 16));
     }
 
     fn step(rows: u32) -> StepMeta {

@@ -17,7 +17,8 @@ use rand::{RngExt, SeedableRng};
 
 use crate::engine::backend::cpu::{CpuBackend, CpuBuf};
 use crate::engine::backend::{
-    AttnShape, BLOCK_SIZE, Backend, DType, LoraProj, Pick, Result, RowSampling, SeqMeta, StepMeta,
+    AttnShape, BLOCK_SIZE, Backend, DType, LoraGroupSlot, LoraPart, Pick, Result, RowSampling, SeqMeta,
+    StepMeta,
 };
 use crate::engine::lora::segments::SegmentTable;
 use crate::engine::sampling::pick_row;
@@ -127,59 +128,106 @@ impl Ctx<'_> {
     }
 }
 
-/// One SGMV case: per-slot ranks (None = the projection has no adapter in that slot) and
-/// per-row slots (None = base model row).
+/// One SGMV case over a LoRA group of `outs.len()` parts: per slot, each part's rank (None =
+/// the slot's adapter lacks that part; all None = an empty slot), and per row its slot (None =
+/// base model row).
 struct SgmvCase {
     dtype: DType,
     h_in: usize,
-    h_out: usize,
-    ranks: Vec<Option<usize>>,
+    /// Output columns of each part, side by side in y.
+    outs: Vec<usize>,
+    ranks: Vec<Vec<Option<usize>>>,
     rows: Vec<Option<u32>>,
     /// Extra columns on each side of the expand's output (a fused projection's row).
     pad: usize,
     label: String,
 }
 
+impl SgmvCase {
+    /// A one-part group (a single projection) with `rank` in each of `slots` slots.
+    fn single(
+        dtype: DType,
+        (h_in, h_out): (usize, usize),
+        ranks: Vec<Option<usize>>,
+        rows: Vec<Option<u32>>,
+        label: String,
+    ) -> SgmvCase {
+        SgmvCase {
+            dtype,
+            h_in,
+            outs: vec![h_out],
+            ranks: ranks.into_iter().map(|r| vec![r]).collect(),
+            rows,
+            pad: 0,
+            label,
+        }
+    }
+}
+
+/// One slot's matrices on both backends: the stacked A and each part's B with its rank.
+type SlotPair = ((CudaBuf, CpuBuf), Vec<Option<(CudaBuf, CpuBuf, usize)>>);
+
 fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
     let (be, cpu) = (c.be, c.cpu.clone());
     let n_rows = case.rows.len();
-    let max_rank = case.ranks.iter().flatten().copied().max().unwrap_or(1);
-    let (h_in, h_out, dt) = (case.h_in, case.h_out, case.dtype);
+    let v_width = case
+        .ranks
+        .iter()
+        .map(|rs| rs.iter().flatten().sum::<usize>())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let (h_in, outs, dt) = (case.h_in, &case.outs, case.dtype);
+    let h_out: usize = outs.iter().sum();
     let x = c.rand(dt, n_rows * h_in, 1.0);
-    let mut gpu_ads = Vec::new();
-    let mut cpu_ads = Vec::new();
-    for r in &case.ranks {
-        match r {
-            None => {
-                gpu_ads.push(None);
-                cpu_ads.push(None);
-            }
-            Some(r) => {
-                let a = c.rand(dt, r * h_in, 1.0 / (h_in as f32).sqrt());
-                let b = c.rand(dt, h_out * r, 1.0 / (*r as f32).sqrt());
-                let (ga, ca) = c.upload(dt, &a)?;
-                let (gb, cb) = c.upload(dt, &b)?;
-                gpu_ads.push(Some((ga, gb, *r)));
-                cpu_ads.push(Some((ca, cb, *r)));
+    let mut slots: Vec<Option<SlotPair>> = Vec::new();
+    for rs in &case.ranks {
+        let total: usize = rs.iter().flatten().sum();
+        if total == 0 {
+            slots.push(None);
+            continue;
+        }
+        let a = c.rand(dt, total * h_in, 1.0 / (h_in as f32).sqrt());
+        let stacked = c.upload(dt, &a)?;
+        let mut parts = Vec::new();
+        for (j, r) in rs.iter().enumerate() {
+            match r {
+                None => parts.push(None),
+                Some(r) => {
+                    let b = c.rand(dt, outs[j] * r, 1.0 / (*r as f32).sqrt());
+                    let (gb, cb) = c.upload(dt, &b)?;
+                    parts.push(Some((gb, cb, *r)));
+                }
             }
         }
+        slots.push(Some((stacked, parts)));
     }
-    let gpu_projs: Vec<Option<LoraProj<'_, CudaBackend>>> = gpu_ads
+    let gpu_groups: Vec<Option<LoraGroupSlot<'_, CudaBackend>>> = slots
         .iter()
-        .map(|d| {
-            d.as_ref()
-                .map(|(a, b, rank)| LoraProj { a, b, rank: *rank })
+        .map(|s| {
+            s.as_ref().map(|((a, _), parts)| LoraGroupSlot {
+                a,
+                parts: std::array::from_fn(|j| {
+                    let (b, _, rank) = parts.get(j)?.as_ref()?;
+                    Some(LoraPart { b, rank: *rank })
+                }),
+            })
         })
         .collect();
-    let cpu_projs: Vec<Option<LoraProj<'_, CpuBackend>>> = cpu_ads
+    let cpu_groups: Vec<Option<LoraGroupSlot<'_, CpuBackend>>> = slots
         .iter()
-        .map(|d| {
-            d.as_ref()
-                .map(|(a, b, rank)| LoraProj { a, b, rank: *rank })
+        .map(|s| {
+            s.as_ref().map(|((_, a), parts)| LoraGroupSlot {
+                a,
+                parts: std::array::from_fn(|j| {
+                    let (_, b, rank) = parts.get(j)?.as_ref()?;
+                    Some(LoraPart { b, rank: *rank })
+                }),
+            })
         })
         .collect();
-    let table = be.lora_table(&gpu_projs)?;
-    let ctable = cpu.lora_table(&cpu_projs)?;
+    let table = be.lora_table(&gpu_groups)?;
+    let ctable = cpu.lora_table(&cpu_groups)?;
     let segments = SegmentTable::from_row_slots(&case.rows);
     let meta = StepMeta {
         segments,
@@ -191,9 +239,9 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
     // Shrink into NaN-poisoned v on both: rows with an adapter must be fully written up to
     // their rank, every entry the CPU leaves NaN must stay NaN on the GPU.
     let (dx, cx) = c.upload(dt, &x)?;
-    let (mut dv, mut cv) = c.poisoned(DType::F32, n_rows * max_rank)?;
-    be.sgmv_shrink(&dx, &table, &dmeta, h_in, max_rank, &mut dv)?;
-    cpu.sgmv_shrink(&cx, &ctable, &cmeta, h_in, max_rank, &mut cv)?;
+    let (mut dv, mut cv) = c.poisoned(DType::F32, n_rows * v_width)?;
+    be.sgmv_shrink(&dx, &table, &dmeta, h_in, v_width, &mut dv)?;
+    cpu.sgmv_shrink(&cx, &ctable, &cmeta, h_in, v_width, &mut cv)?;
     let v_out = be.download(&dv)?;
     let v_cpu = cpu.download(&cv)?;
     let (mut got, mut want) = (Vec::new(), Vec::new());
@@ -230,26 +278,39 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
         .map(|&e| if e.is_nan() { 0.0 } else { e })
         .collect();
     let cv_clean = cpu.upload(DType::F32, &v_clean)?;
-    be.sgmv_expand(
-        &dv, &table, &dmeta, max_rank, h_out, y_stride, case.pad, &mut dy,
-    )?;
+    be.sgmv_expand(&dv, &table, &dmeta, v_width, outs, y_stride, case.pad, &mut dy)?;
     cpu.sgmv_expand(
-        &cv_clean, &ctable, &cmeta, max_rank, h_out, y_stride, case.pad, &mut cy,
+        &cv_clean, &ctable, &cmeta, v_width, outs, y_stride, case.pad, &mut cy,
     )?;
     let y_out = be.download(&dy)?;
     let y_cpu = cpu.download(&cy)?;
-    // Elements outside the LoRA rows/columns must be bit-identical; the rest within tolerance,
-    // element by element too, so a few skipped columns cannot hide in the norm.
-    let lora_row = |r: usize| {
-        case.rows[r].is_some_and(|s| case.ranks.get(s as usize).is_some_and(|k| k.is_some()))
+    // Elements outside the LoRA rows and parts must be bit-identical; the rest within
+    // tolerance, element by element too, so a few skipped columns cannot hide in the norm.
+    let part_at = |col: usize| {
+        let mut start = case.pad;
+        for (j, &w) in outs.iter().enumerate() {
+            if (start..start + w).contains(&col) {
+                return Some(j);
+            }
+            start += w;
+        }
+        None
+    };
+    let inside = |row: usize, col: usize| {
+        let Some(slot) = case.rows[row] else {
+            return false;
+        };
+        let Some(j) = part_at(col) else { return false };
+        case.ranks
+            .get(slot as usize)
+            .is_some_and(|rs| rs.get(j).is_some_and(|r| r.is_some()))
     };
     let mut touched_outside = 0usize;
     let mut worst = 0.0f64;
     let mean_abs = y_cpu.iter().map(|e| e.abs() as f64).sum::<f64>() / y_cpu.len().max(1) as f64;
     for (i, (&o, &r)) in y_out.iter().zip(&y_cpu).enumerate() {
         let (row, col) = (i / y_stride, i % y_stride);
-        let inside = lora_row(row) && (case.pad..case.pad + h_out).contains(&col);
-        if !inside && o.to_bits() != y0[i].to_bits() {
+        if !inside(row, col) && o.to_bits() != y0[i].to_bits() {
             touched_outside += 1;
         }
         let e = (o as f64 - r as f64).abs() / (r.abs() as f64 + mean_abs);
@@ -261,7 +322,7 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
         c.fail(
             "sgmv_expand",
             label,
-            format!("{touched_outside} elements changed outside the LoRA rows"),
+            format!("{touched_outside} elements changed outside the LoRA rows and parts"),
         );
     } else if worst > 2e-2 {
         c.fail(
@@ -290,15 +351,13 @@ fn sgmv_cases() -> Vec<SgmvCase> {
                 let tokens = row_choices[(i / 4) % row_choices.len()];
                 let rows = workload_rows(w, tokens);
                 let n = rows.iter().flatten().max().map_or(0, |&m| m as usize + 1);
-                cases.push(SgmvCase {
-                    dtype: DType::BF16,
-                    h_in: h,
-                    h_out,
-                    ranks: vec![Some(r); n],
+                cases.push(SgmvCase::single(
+                    DType::BF16,
+                    (h, h_out),
+                    vec![Some(r); n],
                     rows,
-                    pad: 0,
-                    label: format!("h {h}->{h_out} r {r} {} x{tokens}", w.name()),
-                });
+                    format!("h {h}->{h_out} r {r} {} x{tokens}", w.name()),
+                ));
                 i += 1;
             }
         }
@@ -311,15 +370,13 @@ fn sgmv_cases() -> Vec<SgmvCase> {
     ] {
         let rows = workload_rows(w, 512);
         let n = rows.iter().flatten().max().map_or(0, |&m| m as usize + 1);
-        cases.push(SgmvCase {
-            dtype: DType::BF16,
-            h_in: 4096,
-            h_out: 4096,
-            ranks: vec![Some(r); n],
+        cases.push(SgmvCase::single(
+            DType::BF16,
+            (4096, 4096),
+            vec![Some(r); n],
             rows,
-            pad: 0,
-            label: format!("h 4096 r {r} {} x512", w.name()),
-        });
+            format!("h 4096 r {r} {} x512", w.name()),
+        ));
     }
     // Mixed ranks in one launch, empty slots, base rows between segments, an offset output.
     let ranks = vec![
@@ -348,44 +405,99 @@ fn sgmv_cases() -> Vec<SgmvCase> {
     }
     for dtype in [DType::BF16, DType::F16] {
         cases.push(SgmvCase {
-            dtype,
-            h_in: 4096,
-            h_out: 1024,
-            ranks: ranks.clone(),
-            rows: rows.clone(),
             pad: 512,
-            label: "mixed ranks 1..128, empty slot, base rows, col offset".into(),
+            ..SgmvCase::single(
+                dtype,
+                (4096, 1024),
+                ranks.clone(),
+                rows.clone(),
+                "mixed ranks 1..128, empty slot, base rows, col offset".into(),
+            )
         });
     }
     let rows = workload_rows(Workload::Skewed, 64);
     let n = rows.iter().flatten().max().map_or(0, |&m| m as usize + 1);
-    cases.push(SgmvCase {
-        dtype: DType::F16,
-        h_in: 5120,
-        h_out: 14336,
-        ranks: vec![Some(16); n],
+    cases.push(SgmvCase::single(
+        DType::F16,
+        (5120, 14336),
+        vec![Some(16); n],
         rows,
-        pad: 0,
-        label: "h 5120->14336 r 16 skewed x64".into(),
-    });
-    cases.push(SgmvCase {
-        dtype: DType::BF16,
-        h_in: 576,
-        h_out: 576,
-        ranks: vec![None, None],
-        rows: vec![Some(0), Some(1), None],
-        pad: 0,
-        label: "only empty slots".into(),
-    });
+        "h 5120->14336 r 16 skewed x64".into(),
+    ));
+    cases.push(SgmvCase::single(
+        DType::BF16,
+        (576, 576),
+        vec![None, None],
+        vec![Some(0), Some(1), None],
+        "only empty slots".into(),
+    ));
     // Odd widths exercise the scalar tails of the vector loads.
+    cases.push(SgmvCase {
+        pad: 1,
+        ..SgmvCase::single(
+            DType::BF16,
+            (100, 77),
+            vec![Some(3), Some(12)],
+            vec![Some(0), Some(0), Some(1)],
+            "h 100->77 r 3/12 unaligned".into(),
+        )
+    });
+    // Groups: q|k|v and gate|up in one shrink and one expand.
+    for (w, tokens) in [(Workload::Distinct, 32), (Workload::Identical, 32)] {
+        let rows = workload_rows(w, tokens);
+        let n = rows.iter().flatten().max().map_or(0, |&m| m as usize + 1);
+        cases.push(SgmvCase {
+            dtype: DType::BF16,
+            h_in: 4096,
+            outs: vec![4096, 4096, 4096],
+            ranks: vec![vec![Some(16); 3]; n],
+            rows,
+            pad: 0,
+            label: format!("group q|k|v 4096 r 16 {} x{tokens}", w.name()),
+        });
+        let rows = workload_rows(w, tokens);
+        cases.push(SgmvCase {
+            dtype: DType::BF16,
+            h_in: 4096,
+            outs: vec![11008, 11008],
+            ranks: vec![vec![Some(16); 2]; n],
+            rows,
+            pad: 0,
+            label: format!("group gate|up 4096->11008 r 16 {} x{tokens}", w.name()),
+        });
+    }
+    // SmolLM2's q|k|v (GQA) with adapters lacking parts, mixed ranks, an empty slot, base rows.
+    let mut rows = Vec::new();
+    for (slot, len) in [(0u32, 3usize), (1, 17), (2, 2), (3, 1), (4, 5)] {
+        rows.extend(std::iter::repeat_n(Some(slot), len));
+        rows.push(None);
+    }
+    for dtype in [DType::BF16, DType::F16] {
+        cases.push(SgmvCase {
+            dtype,
+            h_in: 576,
+            outs: vec![576, 192, 192],
+            ranks: vec![
+                vec![Some(8), None, Some(8)],
+                vec![Some(16), Some(16), Some(16)],
+                vec![None, None, None],
+                vec![None, Some(4), None],
+                vec![Some(128), Some(128), Some(128)],
+            ],
+            rows: rows.clone(),
+            pad: 64,
+            label: "group q|k|v 576|192|192 missing parts, ranks 4..128 (total 384)".into(),
+        });
+    }
+    // Part boundaries inside a warp's columns: one launch per part.
     cases.push(SgmvCase {
         dtype: DType::BF16,
         h_in: 100,
-        h_out: 77,
-        ranks: vec![Some(3), Some(12)],
-        rows: vec![Some(0), Some(0), Some(1)],
+        outs: vec![100, 36, 36],
+        ranks: vec![vec![Some(3), Some(12), None], vec![Some(5), Some(5), Some(5)]],
+        rows: vec![Some(0), Some(1), Some(1), None, Some(0)],
         pad: 1,
-        label: "h 100->77 r 3/12 unaligned".into(),
+        label: "group 100|36|36 unaligned parts".into(),
     });
     cases
 }
@@ -1051,7 +1163,9 @@ mod tests {
                     assert!(
                         cases
                             .iter()
-                            .any(|c| c.h_in == h && c.h_out == h_out && c.ranks.contains(&Some(r)))
+                            .any(|c| c.h_in == h
+                                && c.outs == [h_out]
+                                && c.ranks.contains(&vec![Some(r)]))
                     );
                 }
             }
@@ -1064,8 +1178,14 @@ mod tests {
         assert!(
             cases
                 .iter()
-                .any(|c| c.ranks.contains(&None) && c.rows.contains(&None))
+                .any(|c| c.ranks.contains(&vec![None]) && c.rows.contains(&None))
         );
+        // Groups of three parts, with parts missing in some slots and unaligned part widths.
+        let groups: Vec<_> = cases.iter().filter(|c| c.outs.len() == 3).collect();
+        assert!(groups.iter().any(|c| c.ranks.iter().any(|rs| rs.contains(&None)
+            && rs.iter().any(Option::is_some))));
+        assert!(groups.iter().any(|c| c.outs[0] % 32 != 0));
+        assert!(cases.iter().any(|c| c.outs.len() == 2));
     }
 
     #[test]
