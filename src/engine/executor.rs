@@ -27,24 +27,33 @@ pub struct LlamaExecutor<B: Backend> {
 }
 
 /// Where the host's time in a step goes: issuing the forward pass vs. the whole step (until the
-/// sampled tokens are back). Logged at debug level every [`StepTiming::WINDOW`] steps: when
-/// issuing takes most of the step, the step is bound by kernel launches, not by the device.
+/// sampled tokens are back), and the time between two steps (the runtime's bookkeeping and the
+/// next step's metadata, while the device idles). Logged at debug level every
+/// [`StepTiming::WINDOW`] steps: when issuing takes most of the step, the step is bound by
+/// kernel launches, not by the device.
 #[derive(Default)]
 struct StepTiming {
     steps: u32,
     rows: usize,
     enqueue: Duration,
     total: Duration,
+    between: Duration,
+    last_end: Option<Instant>,
 }
 
 impl StepTiming {
     const WINDOW: u32 = 32;
 
-    fn record(&mut self, rows: usize, enqueue: Duration, total: Duration) {
+    fn record(&mut self, rows: usize, started: Instant, enqueue: Duration) {
+        let end = Instant::now();
         self.steps += 1;
         self.rows += rows;
         self.enqueue += enqueue;
-        self.total += total;
+        self.total += end - started;
+        if let Some(last) = self.last_end {
+            self.between += started.saturating_duration_since(last);
+        }
+        self.last_end = Some(end);
         if self.steps == Self::WINDOW {
             let n = f64::from(self.steps);
             tracing::debug!(
@@ -52,9 +61,13 @@ impl StepTiming {
                 mean_rows = self.rows as f64 / n,
                 issue_ms = self.enqueue.as_secs_f64() * 1e3 / n,
                 step_ms = self.total.as_secs_f64() * 1e3 / n,
+                between_ms = self.between.as_secs_f64() * 1e3 / n,
                 "step timing"
             );
-            *self = StepTiming::default();
+            *self = StepTiming {
+                last_end: Some(end),
+                ..StepTiming::default()
+            };
         }
     }
 }
@@ -213,7 +226,7 @@ impl<B: Backend> Executor for LlamaExecutor<B> {
             if want_logits {
                 self.logits = b.download(&logits)?;
             }
-            self.timing.record(meta.rows(), enqueued, started.elapsed());
+            self.timing.record(meta.rows(), started, enqueued);
         }
         Ok(StepOutput {
             picks: &self.picks,

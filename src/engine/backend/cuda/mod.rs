@@ -267,6 +267,9 @@ pub struct CudaBackend {
     shrink_max_splits_full: usize,
     /// Spread ranks over blocks when a batch has few tiles (`PUNICA_SHRINK_RANK_SPLIT=0` disables).
     shrink_rank_split: bool,
+    /// Run [`Backend::begin_side`] work on the side stream (`PUNICA_SIDE_STREAM=0`: on the main
+    /// stream, in issue order).
+    side_stream: bool,
 }
 
 // SAFETY: the cuBLAS handle is only used under the backend's own calls, which bind the context
@@ -393,6 +396,7 @@ impl CudaBackend {
                 .filter(|&v: &usize| (1..=64).contains(&v))
                 .unwrap_or(64),
             shrink_rank_split: std::env::var("PUNICA_SHRINK_RANK_SPLIT").as_deref() != Ok("0"),
+            side_stream: std::env::var("PUNICA_SIDE_STREAM").as_deref() != Ok("0"),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
                 Ok("8") => 8,
                 _ => 4,
@@ -1618,6 +1622,9 @@ impl Backend for CudaBackend {
     }
 
     fn begin_side(&self) -> Result<()> {
+        if !self.side_stream {
+            return Ok(());
+        }
         self.mark_other();
         // SAFETY: both events and streams live as long as the backend.
         unsafe {
@@ -1636,6 +1643,9 @@ impl Backend for CudaBackend {
     }
 
     fn end_side(&self) -> Result<()> {
+        if !self.side_stream {
+            return Ok(());
+        }
         self.mark_other();
         // SAFETY: as in begin_side.
         unsafe { drv::event::record(self.join_event, self.side.cu_stream()) }
@@ -1646,6 +1656,9 @@ impl Backend for CudaBackend {
     }
 
     fn join_side(&self) -> Result<()> {
+        if !self.side_stream {
+            return Ok(());
+        }
         self.mark_other();
         // SAFETY: as in begin_side; waiting on a never-recorded event is a no-op.
         unsafe {
