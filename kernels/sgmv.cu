@@ -51,15 +51,16 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     const int row0 = (int)tiles[2 * tile + 1];
     const int seg_end = (int)segs[3 * seg + 1];
     const u32 slot = segs[3 * seg + 2];
-    const LoraSlot* s = table + slot;
+    const void* slot_a = table[slot].a;
+    const int slot_rank = (int)table[slot].rank;
     // x comes from the previous kernel (a GEMM or a norm), and v and the split-K workspace may
     // still be in use by the previous shrink/expand pair. Waiting before the trigger also means
     // the expand, once launched, finds every kernel before this shrink complete.
     pdl_enter();
     const int rank_lo = zi * R;
-    const int rank = min((int)s->rank - rank_lo, R);
-    if (s->a == nullptr || rank <= 0) return;
-    const T* A = reinterpret_cast<const T*>(s->a) + (size_t)rank_lo * h_in;
+    const int rank = min(slot_rank - rank_lo, R);
+    if (slot_a == nullptr || rank <= 0) return;
+    const T* A = reinterpret_cast<const T*>(slot_a) + (size_t)rank_lo * h_in;
     const int nrows = min(16, seg_end - row0);
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -224,15 +225,20 @@ __device__ __forceinline__ void sgmv_expand_impl(
     const int part = part0 + j;
     const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
     const int h_out = (j == 0 ? end0 : (j == 1 ? end1 : end2)) - start;
+    // The part's fields are loaded side by side (none waits on another) before B, whose
+    // address needs them.
     const LoraSlot* s = table + slot;
-    const void* bptr = (gc0 < end2 && part < MAX_PARTS) ? s->b[part] : nullptr;
-    const int rank = bptr == nullptr ? 0 : min((int)s->prank[part], KT * 32);
+    const int pi = min(part, MAX_PARTS - 1);
+    const void* bptr = s->b[pi];
+    const int prank = (int)s->prank[pi];
+    const int voff = (int)s->voff[pi];
+    const bool live = gc0 < end2 && part < MAX_PARTS && bptr != nullptr;
+    const int rank = live ? min(prank, KT * 32) : 0;
     if (rank == 0) {
         // Even an idle warp waits: a grid must not complete before the one it depends on.
         pdl_enter();
         return;
     }
-    const int voff = (int)s->voff[part];
     const T* B = reinterpret_cast<const T*>(bptr);
     const int nrows = min(16, seg_end - row0);
     const int c0 = gc0 - start;

@@ -164,7 +164,9 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::Bench(BenchCommand::Engine(args)) => {
-            telemetry::init("warn,punica::engine::executor=debug");
+            telemetry::init(
+                "warn,punica::engine::executor=debug,punica::engine::backend::cuda::profile=info",
+            );
             let report =
                 tokio::task::spawn_blocking(move || punica::engine::bench::run(&args)).await??;
             print!("{report}");

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod compile;
 pub mod parity;
 pub mod plan;
+mod profile;
 pub mod reference;
 pub mod selftest;
 
@@ -270,6 +271,8 @@ pub struct CudaBackend {
     /// Run [`Backend::begin_side`] work on the side stream (`PUNICA_SIDE_STREAM=0`: on the main
     /// stream, in issue order).
     side_stream: bool,
+    /// Per-kernel timing of real steps (`PUNICA_PROFILE_OPS=1`, see `profile`).
+    profile: Option<Mutex<profile::OpProfile>>,
 }
 
 // SAFETY: the cuBLAS handle is only used under the backend's own calls, which bind the context
@@ -396,6 +399,8 @@ impl CudaBackend {
                 .filter(|&v: &usize| (1..=64).contains(&v))
                 .unwrap_or(64),
             shrink_rank_split: std::env::var("PUNICA_SHRINK_RANK_SPLIT").as_deref() != Ok("0"),
+            profile: (std::env::var("PUNICA_PROFILE_OPS").as_deref() == Ok("1"))
+                .then(|| Mutex::new(profile::OpProfile::new())),
             side_stream: std::env::var("PUNICA_SIDE_STREAM").as_deref() != Ok("0"),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
                 Ok("8") => 8,
@@ -535,12 +540,24 @@ impl CudaBackend {
         }
         .result()
         .map_err(|e| dev_err(&format!("launch {name}"), e))?;
+        self.profile_mark(name)?;
         *lock(&self.last) = if name.starts_with("sgmv_shrink") {
             Last::Shrink
         } else {
             Last::Other
         };
         Ok(())
+    }
+
+    /// With profiling on, mark the end of `name` on the main stream (side-stream kernels are
+    /// not marked).
+    fn profile_mark(&self, name: &str) -> Result<()> {
+        match &self.profile {
+            Some(p) if !self.on_side.load(std::sync::atomic::Ordering::Relaxed) => {
+                lock(p).mark(self.stream.cu_stream(), name)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// rms_norm, or add_rms_norm when `residual` is not null: the register-resident kernel
@@ -1029,6 +1046,7 @@ impl Backend for CudaBackend {
         let (words, layout) = plan::pack_meta(meta)?;
         let (mem, base) = self.alloc_bytes(words.len() * 4)?;
         self.htod(base, &words)?;
+        self.profile_mark("step metadata")?;
         Ok(CudaMeta {
             _words: mem,
             base,
@@ -1198,7 +1216,8 @@ impl Backend for CudaBackend {
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| BackendError::Device(format!("cublasGemmEx {rows}x{k}x{n}: {e:?}")))
+        .map_err(|e| BackendError::Device(format!("cublasGemmEx {rows}x{k}x{n}: {e:?}")))?;
+        self.profile_mark(&format!("gemm n={n} k={k}"))
     }
 
     fn add_assign(&self, y: &mut CudaBuf, x: &CudaBuf) -> Result<()> {
@@ -1613,6 +1632,9 @@ impl Backend for CudaBackend {
         let mut words = vec![0u32; 2 * n];
         self.dtoh(&mut words, out)?;
         drop(buf);
+        if let Some(p) = &self.profile {
+            lock(p).finish_step()?;
+        }
         Ok((0..n)
             .map(|i| Pick {
                 token: words[i],
