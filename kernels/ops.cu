@@ -242,6 +242,122 @@ __device__ void attention_impl(const T* __restrict__ q, int row_stride, int q_of
     }
 }
 
+// attention_impl for bf16/f16 caches with head_dim = 64 * W: lane l holds dims [2Wl, 2Wl + 2W)
+// and reads them as W 32-bit words (one 4-, 8- or 16-byte load per row), and each warp loads the
+// K and V rows of ATTN_VEC_TOKENS positions before using any, so that many rows are in flight
+// per warp instead of one memory round trip per position. Same arithmetic as attention_impl:
+// f32 scores, an online softmax per warp, the warps merged at the end.
+#define ATTN_VEC_TOKENS 8
+
+template <int W>
+__device__ __forceinline__ void load_words(const void* p, u32 (&w)[W]) {
+    if (W == 4) {
+        const uint4 t = *reinterpret_cast<const uint4*>(p);
+        w[0] = t.x; w[1] = t.y; w[2 % W] = t.z; w[3 % W] = t.w;
+    } else if (W == 2) {
+        const uint2 t = *reinterpret_cast<const uint2*>(p);
+        w[0] = t.x; w[1 % W] = t.y;
+    } else {
+        w[0] = *reinterpret_cast<const u32*>(p);
+    }
+}
+
+template <typename T, int W>
+__device__ void attention_vec_impl(const T* __restrict__ q, int row_stride, int q_offset,
+                                   const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                                   const u32* __restrict__ row_seq, const u32* __restrict__ seqs,
+                                   const u32* __restrict__ block_tables, int n_heads,
+                                   int n_kv_heads, float scale, T* __restrict__ out) {
+    constexpr int HD = 64 * W, E = 2 * W;
+    __shared__ float s_m[ATTN_WARPS], s_l[ATTN_WARPS];
+    __shared__ float s_acc[ATTN_WARPS][HD];
+    pdl_enter();
+    const int row = blockIdx.x, head = blockIdx.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32* sq = seqs + 5 * row_seq[row];
+    const int row_start = (int)sq[0], num_rows = (int)sq[1], ctx = (int)sq[2];
+    const u32* bt = block_tables + sq[3];
+    const int visible = ctx - num_rows + (row - row_start) + 1;
+    const int kvh = head / (n_heads / n_kv_heads);
+    const int kv_width = n_kv_heads * HD;
+    const T dummy = T{};
+
+    float qv[E], acc[E];
+    const T* qp = q + (size_t)row * row_stride + q_offset + (size_t)head * HD + lane * E;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        qv[e] = to_f32(qp[e]) * scale;
+        acc[e] = 0.0f;
+    }
+    float m = NEG_INF, l = 0.0f;
+    for (int p0 = warp * ATTN_VEC_TOKENS; p0 < visible; p0 += ATTN_WARPS * ATTN_VEC_TOKENS) {
+        u32 kw[ATTN_VEC_TOKENS][W], vw[ATTN_VEC_TOKENS][W];
+#pragma unroll
+        for (int u = 0; u < ATTN_VEC_TOKENS; ++u) {
+            const int p = p0 + u;
+            if (p < visible) {
+                const size_t slot = (size_t)bt[p / 16] * 16 + (p % 16);
+                const size_t off = slot * kv_width + (size_t)kvh * HD + lane * E;
+                load_words<W>(k_cache + off, kw[u]);
+                load_words<W>(v_cache + off, vw[u]);
+            } else {
+#pragma unroll
+                for (int i = 0; i < W; ++i) kw[u][i] = vw[u][i] = 0u;
+            }
+        }
+        float sc[ATTN_VEC_TOKENS];
+        float m_new = m;
+#pragma unroll
+        for (int u = 0; u < ATTN_VEC_TOKENS; ++u) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int i = 0; i < W; ++i) {
+                dot += qv[2 * i] * lo_f32(dummy, kw[u][i]) + qv[2 * i + 1] * hi_f32(dummy, kw[u][i]);
+            }
+            dot = warp_sum(dot);
+            sc[u] = p0 + u < visible ? dot : NEG_INF;
+            m_new = fmaxf(m_new, sc[u]);
+        }
+        // Position p0 is visible, so m_new is finite, and exp(-inf) = 0 drops the others.
+        const float corr = expf(m - m_new);
+        l *= corr;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] *= corr;
+#pragma unroll
+        for (int u = 0; u < ATTN_VEC_TOKENS; ++u) {
+            const float pw = expf(sc[u] - m_new);
+            l += pw;
+#pragma unroll
+            for (int i = 0; i < W; ++i) {
+                acc[2 * i] += pw * lo_f32(dummy, vw[u][i]);
+                acc[2 * i + 1] += pw * hi_f32(dummy, vw[u][i]);
+            }
+        }
+        m = m_new;
+    }
+    if (lane == 0) {
+        s_m[warp] = m;
+        s_l[warp] = l;
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) s_acc[warp][lane * E + e] = acc[e];
+    __syncthreads();
+    float gm = NEG_INF;
+    for (int w = 0; w < ATTN_WARPS; ++w) gm = fmaxf(gm, s_m[w]);
+    float gl = 0.0f;
+    for (int w = 0; w < ATTN_WARPS; ++w) {
+        if (s_m[w] != NEG_INF) gl += s_l[w] * expf(s_m[w] - gm);
+    }
+    T* op = out + (size_t)row * n_heads * HD + (size_t)head * HD;
+    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+        float sum = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; ++w) {
+            if (s_m[w] != NEG_INF) sum += s_acc[w][d] * expf(s_m[w] - gm);
+        }
+        op[d] = from_f32<T>(gl > 0.0f ? sum / gl : 0.0f);
+    }
+}
+
 template <typename T>
 __device__ void silu_mul_impl(const T* __restrict__ gate_up, int n, size_t total,
                               T* __restrict__ out) {
@@ -577,7 +693,17 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
         fill_random_impl<T>(y, seed, scale, n);                                               \
     }
 
-// The register-resident norm: up to NORM_VEC_THREADS * VPT * 8 columns.
+// The vector attention for head_dim = HD = 64 * W (the host checks 4W-byte alignment).
+#define DEFINE_ATTN_VEC(TNAME, T, HD, W)                                                      \
+    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_d##HD##_##TNAME( \
+        const T* q, int row_stride, int q_offset, const T* k_cache, const T* v_cache,         \
+        const u32* row_seq, const u32* seqs, const u32* block_tables, int n_heads,            \
+        int n_kv_heads, float scale, T* out) {                                                \
+        attention_vec_impl<T, W>(q, row_stride, q_offset, k_cache, v_cache, row_seq, seqs,    \
+                                 block_tables, n_heads, n_kv_heads, scale, out);              \
+    }
+
+// The register-resident norm and the vector attention (bf16/f16 only).
 #define DEFINE_HALF_OPS(TNAME, T)                                                             \
     extern "C" __global__ void __launch_bounds__(NORM_VEC_THREADS) rms_norm_vec1_##TNAME(    \
         T* residual, const T* x, const T* w, float eps, int hidden, T* out) {                 \
@@ -586,7 +712,10 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
     extern "C" __global__ void __launch_bounds__(NORM_VEC_THREADS) rms_norm_vec2_##TNAME(    \
         T* residual, const T* x, const T* w, float eps, int hidden, T* out) {                 \
         rms_norm_vec_impl<T, 2>(residual, x, w, eps, hidden, out);                            \
-    }
+    }                                                                                         \
+    DEFINE_ATTN_VEC(TNAME, T, 64, 1)                                                          \
+    DEFINE_ATTN_VEC(TNAME, T, 128, 2)                                                         \
+    DEFINE_ATTN_VEC(TNAME, T, 256, 4)
 
 DEFINE_OPS(f32, float)
 DEFINE_OPS(f16, f16)

@@ -17,8 +17,8 @@ use rayon::prelude::*;
 use crate::engine::sampling::pick_row;
 
 use super::{
-    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, DeviceKind, LoraGroupSlot, MAX_GROUP_PARTS, Pick, Result,
-    RowSampling, StepMeta, random_uniform,
+    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, DeviceKind, LoraGroupSlot,
+    MAX_GROUP_PARTS, Pick, Result, RowSampling, StepMeta, random_uniform,
 };
 
 /// The CPU backend. Cheap to create; uses rayon's global pool.

@@ -592,7 +592,10 @@ impl<B: Backend> StagedAdapter<B> {
                 groups.push((l, g, ranks));
                 let bs: Vec<&[f32]> = present.iter().map(|m| m.b.as_slice()).collect();
                 if present.len() == 1 {
-                    layout.push((None, [present[0].a.as_slice()].into_iter().chain(bs).collect()));
+                    layout.push((
+                        None,
+                        [present[0].a.as_slice()].into_iter().chain(bs).collect(),
+                    ));
                 } else {
                     owned.push(present.iter().flat_map(|m| m.a.iter().copied()).collect());
                     layout.push((Some(owned.len() - 1), bs));

@@ -25,9 +25,8 @@ use cudarc::driver::{DriverError, result as drv, sys as drv_sys};
 use half::{bf16, f16};
 
 use crate::engine::backend::{
-    AttnShape, Backend, BackendError, DType, DeviceKind, LoraGroupSlot, MAX_GROUP_PARTS, Pick, Result,
-    RowSampling,
-    StepMeta,
+    AttnShape, Backend, BackendError, DType, DeviceKind, LoraGroupSlot, MAX_GROUP_PARTS, Pick,
+    Result, RowSampling, StepMeta,
 };
 use compile::KernelCompiler;
 use plan::MetaLayout;
@@ -866,6 +865,9 @@ pub fn kernel_names() -> Vec<String> {
         for vpt in 1..=plan::NORM_VEC_MAX_HIDDEN / (8 * plan::NORM_VEC_THREADS) {
             names.push(format!("rms_norm_vec{vpt}_{t}"));
         }
+        for hd in plan::ATTN_VEC_HEAD_DIMS {
+            names.extend(plan::attention_vec_kernel(hd, t));
+        }
     }
     names.push("sample_f32".to_string());
     for t in ["f32", "f16", "bf16"] {
@@ -1353,25 +1355,34 @@ impl Backend for CudaBackend {
         if n_heads > 65535 {
             return Err(shape(format!("attention: {n_heads} heads")));
         }
+        let mut args = vec![
+            Arg::Ptr(q.ptr),
+            i32_arg(row_stride, "row_stride")?,
+            i32_arg(q_offset, "q_offset")?,
+            Arg::Ptr(k_cache.ptr),
+            Arg::Ptr(v_cache.ptr),
+            Arg::Ptr(meta.at(meta.layout.row_seq)),
+            Arg::Ptr(meta.at(meta.layout.seqs)),
+            Arg::Ptr(meta.at(meta.layout.block_tables)),
+            i32_arg(n_heads, "n_heads")?,
+            i32_arg(n_kv_heads, "n_kv_heads")?,
+        ];
+        // The vector kernel reads each lane's share of a K/V row in one aligned load.
+        let vec = plan::attention_vec_kernel(head_dim, Self::suffix(q.dtype))
+            .filter(|_| k_cache.ptr.is_multiple_of(16) && v_cache.ptr.is_multiple_of(16));
+        let name = match vec {
+            Some(name) => name,
+            None => {
+                args.push(i32_arg(head_dim, "head_dim")?);
+                format!("attention_{}", Self::suffix(q.dtype))
+            }
+        };
+        args.extend([Arg::F32(scale), Arg::Ptr(out.ptr)]);
         self.launch(
-            &format!("attention_{}", Self::suffix(q.dtype)),
+            &name,
             (rows as u32, n_heads as u32, 1),
             128,
-            &[
-                Arg::Ptr(q.ptr),
-                i32_arg(row_stride, "row_stride")?,
-                i32_arg(q_offset, "q_offset")?,
-                Arg::Ptr(k_cache.ptr),
-                Arg::Ptr(v_cache.ptr),
-                Arg::Ptr(meta.at(meta.layout.row_seq)),
-                Arg::Ptr(meta.at(meta.layout.seqs)),
-                Arg::Ptr(meta.at(meta.layout.block_tables)),
-                i32_arg(n_heads, "n_heads")?,
-                i32_arg(n_kv_heads, "n_kv_heads")?,
-                i32_arg(head_dim, "head_dim")?,
-                Arg::F32(scale),
-                Arg::Ptr(out.ptr),
-            ],
+            &args,
             self.pdl,
         )
     }

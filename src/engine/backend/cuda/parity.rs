@@ -1,22 +1,23 @@
 //! Whole-model parity (`punica selftest --device cuda --model DIR`): the same model on the CUDA
-//! backend (bf16) and the CPU backend (f32, the oracle) must give the same greedy tokens for 32
-//! steps, on several prompts, with and without adapters, all in one batch (so the SGMV segments,
-//! paged attention over several sequences and the sampling kernel are exercised together).
+//! backend (bf16) and the CPU backend (f32, the oracle) must pick the same greedy tokens for 32
+//! decode steps, on several prompts, with and without adapters, all in one batch (so the SGMV
+//! segments and paged attention over several sequences are exercised together).
 //!
 //! Load the model in bf16 (`punica model import-gguf --dtype bf16`) so both backends start from
-//! the same weights; the remaining differences are bf16 activations on the GPU. A divergence is
-//! reported with the CPU's top-two logit gap at that step: a near-tie (gap below [`near_tie`])
-//! is a rounding difference after which the two continuations are different texts and are not
-//! compared further; any other divergence is a bug. The check passes when no sequence has a
-//! real mismatch, at least [`MIN_IDENTICAL`] of the sequences agree on all their tokens, and
-//! the adapters changed at least one sequence (so LoRA was exercised).
+//! the same weights; the remaining differences are bf16 activations on the GPU. The CPU
+//! generates freely; the GPU is teacher-forced with the CPU's tokens, so every one of its steps
+//! sees the same prefix as the CPU's and each step is compared on its own (a rounding flip at
+//! one step does not turn the rest of the sequence into a different text). A step where the
+//! picks differ is reported with the CPU's top-two logit gap there: a near-tie (gap below
+//! [`near_tie`]) is a rounding difference; any other is a bug. The check passes when no step
+//! has a real mismatch, near-tie flips are at most [`MAX_FLIP_SHARE`] of the steps, and the
+//! adapters changed at least one sequence (so LoRA was exercised).
 
-use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::engine::backend::cpu::CpuBackend;
-use crate::engine::backend::{BLOCK_SIZE, Backend, BackendError, Result};
+use crate::engine::backend::{BLOCK_SIZE, Backend, BackendError, Result, SeqStep, StepMeta};
 use crate::engine::lora::peft::LoraWeights;
 use crate::engine::model::llama::{KvCache, Llama, LoraState};
 use crate::engine::model::tokenizer::Tokenizer;
@@ -40,8 +41,8 @@ pub fn near_tie(top: f32) -> f32 {
     (NEAR_TIE_REL * top.abs()).max(NEAR_TIE_ABS)
 }
 
-/// Share of sequences that must agree on every token.
-pub const MIN_IDENTICAL: f64 = 0.75;
+/// Largest share of all compared steps whose picks may differ at a near-tie.
+pub const MAX_FLIP_SHARE: f64 = 0.05;
 
 const PROMPTS: [&str; 4] = [
     "The capital of France is",
@@ -54,63 +55,90 @@ fn err(what: &str, e: impl std::fmt::Display) -> BackendError {
     BackendError::Shape(format!("{what}: {e}"))
 }
 
-/// One backend's run: load, install the adapters, generate.
-fn generate<B: Backend>(
+/// One step's greedy pick: the first largest logit, its value and its gap to the second.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct StepPick {
+    token: u32,
+    top: f32,
+    gap: f32,
+}
+
+impl StepPick {
+    fn of(logits: &[f32]) -> StepPick {
+        let (mut best, mut second) = (0usize, None::<usize>);
+        for (i, &v) in logits.iter().enumerate().skip(1) {
+            if v > logits[best] {
+                second = Some(best);
+                best = i;
+            } else if second.is_none_or(|s| v > logits[s]) {
+                second = Some(i);
+            }
+        }
+        let top = logits.get(best).copied().unwrap_or(0.0);
+        StepPick {
+            token: best as u32,
+            top,
+            gap: second.map_or(f32::INFINITY, |s| top - logits[s]),
+        }
+    }
+}
+
+/// One backend's run: load, install the adapters, then [`STEPS`] steps of the whole batch;
+/// after the prompt, each sequence's input is its own last pick, or with `forced` the token
+/// `forced[i]` has at that step (teacher forcing).
+fn run_steps<B: Backend>(
     backend: Arc<B>,
     dir: &Path,
     adapters: &[LoraWeights],
     requests: &[(Vec<u32>, Option<u32>)],
-) -> Result<Vec<Vec<u32>>> {
+    forced: Option<&[Vec<StepPick>]>,
+) -> Result<Vec<Vec<StepPick>>> {
     let model = Llama::load(backend, dir).map_err(|e| err("loading the model", e))?;
     let b = Arc::clone(model.backend());
+    let vocab = model.config().vocab_size;
     let longest = requests.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
-    let blocks = requests.len() * (longest + STEPS).div_ceil(BLOCK_SIZE);
-    let mut kv = KvCache::new(b.as_ref(), model.config(), blocks).map_err(|e| err("KV", e))?;
+    let per_seq = (longest + STEPS).div_ceil(BLOCK_SIZE);
+    let mut kv = KvCache::new(b.as_ref(), model.config(), requests.len() * per_seq)
+        .map_err(|e| err("KV", e))?;
     let mut lora = LoraState::new(model.config(), adapters.len());
     for (slot, w) in adapters.iter().enumerate() {
         lora.load(b.as_ref(), slot, w)
             .map_err(|e| err("installing an adapter", e))?;
     }
-    model
-        .generate_greedy(&mut kv, &lora, requests, STEPS)
-        .map_err(|e| err("generating", e))
-}
-
-/// The CPU's largest logit after `prefix` (prompt + generated tokens) and its gap to the
-/// second largest.
-fn cpu_top2(
-    dir: &Path,
-    adapters: &[LoraWeights],
-    prefix: &[u32],
-    slot: Option<u32>,
-) -> Result<(f32, f32)> {
-    let model = Llama::load(Arc::new(CpuBackend::new()), dir).map_err(|e| err("loading", e))?;
-    let b = Arc::clone(model.backend());
-    let mut kv = KvCache::new(
-        b.as_ref(),
-        model.config(),
-        prefix.len().div_ceil(BLOCK_SIZE),
-    )
-    .map_err(|e| err("KV", e))?;
-    let mut lora = LoraState::new(model.config(), adapters.len());
-    for (s, w) in adapters.iter().enumerate() {
-        lora.load(b.as_ref(), s, w).map_err(|e| err("adapter", e))?;
+    let tables: Vec<Vec<u32>> = (0..requests.len())
+        .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
+        .collect();
+    let mut picks: Vec<Vec<StepPick>> = vec![Vec::new(); requests.len()];
+    let mut cached = vec![0usize; requests.len()];
+    for step in 0..STEPS {
+        let inputs: Vec<Vec<u32>> = (0..requests.len())
+            .map(|i| match step {
+                0 => requests[i].0.clone(),
+                _ => {
+                    let prev = forced.map_or(&picks[i], |f| &f[i]);
+                    vec![prev[step - 1].token]
+                }
+            })
+            .collect();
+        let seqs: Vec<SeqStep<'_>> = (0..requests.len())
+            .map(|i| SeqStep {
+                tokens: &inputs[i],
+                cached: cached[i],
+                block_table: &tables[i],
+                adapter_slot: requests[i].1,
+                sample: true,
+            })
+            .collect();
+        let meta = StepMeta::build(&seqs)?;
+        let logits = model
+            .forward(&meta, &mut kv, &lora)
+            .map_err(|e| err("forward", e))?;
+        for (i, row) in logits.chunks(vocab).take(requests.len()).enumerate() {
+            picks[i].push(StepPick::of(row));
+            cached[i] += inputs[i].len();
+        }
     }
-    let table: Vec<u32> = (0..prefix.len().div_ceil(BLOCK_SIZE) as u32).collect();
-    let meta = crate::engine::backend::StepMeta::build(&[crate::engine::backend::SeqStep {
-        tokens: prefix,
-        cached: 0,
-        block_table: &table,
-        adapter_slot: slot,
-        sample: true,
-    }])?;
-    let logits = model
-        .forward(&meta, &mut kv, &lora)
-        .map_err(|e| err("forward", e))?;
-    let mut sorted = logits.clone();
-    sorted.sort_unstable_by(|a, b| b.total_cmp(a));
-    let top = sorted.first().copied().unwrap_or(0.0);
-    Ok((top, top - sorted.get(1).copied().unwrap_or(0.0)))
+    Ok(picks)
 }
 
 /// Run the parity check on the model in `dir`; prints a report and returns whether it passed.
@@ -139,58 +167,58 @@ pub fn run(dir: &Path, seed: u64) -> Result<bool> {
             requests.push((ids.clone(), slot));
         }
     }
-    let on_gpu = generate(cuda, dir, &adapters, &requests)?;
-    let on_cpu = generate(Arc::new(CpuBackend::new()), dir, &adapters, &requests)?;
+    let on_cpu = run_steps(Arc::new(CpuBackend::new()), dir, &adapters, &requests, None)?;
+    let on_gpu = run_steps(cuda, dir, &adapters, &requests, Some(&on_cpu))?;
 
     println!(
-        "\n## Whole-model parity: {} on CUDA (bf16) vs CPU (f32), {} sequences in one batch, {STEPS} greedy steps\n",
+        "\n## Whole-model parity: {} on CUDA (bf16, teacher-forced with the CPU's tokens) vs CPU (f32), {} sequences in one batch, {STEPS} greedy steps\n",
         dir.display(),
         requests.len()
     );
-    println!("| prompt | adapter | same tokens | first divergence | CPU top-2 gap there |");
-    println!("|---|---|---|---|---|");
-    let mut ok = true;
-    let mut identical = 0usize;
+    println!("| prompt | adapter | same pick | steps that differ (CPU top-2 gap / top logit) |");
+    println!("|---|---|---|---|");
+    let (mut ok, mut flips, mut steps) = (true, 0usize, 0usize);
     let mut adapter_changed = false;
-    for (i, ((prompt, slot), (g, c))) in requests.iter().zip(on_gpu.iter().zip(&on_cpu)).enumerate()
-    {
+    let tokens = |picks: &[StepPick]| picks.iter().map(|p| p.token).collect::<Vec<_>>();
+    for (i, ((_, slot), (g, c))) in requests.iter().zip(on_gpu.iter().zip(&on_cpu)).enumerate() {
         let text = PROMPTS[i / 3];
         let adapter = slot.map_or("none".to_string(), |s| format!("slot {s}"));
-        if slot.is_some() && on_cpu[i - i % 3] != *c {
+        if slot.is_some() && tokens(&on_cpu[i - i % 3]) != tokens(c) {
             adapter_changed = true;
         }
-        match g.iter().zip(c).position(|(a, b)| a != b) {
-            None => {
-                identical += 1;
-                println!("| {text:?} | {adapter} | {} / {STEPS} | - | - |", g.len());
+        let mut same = 0usize;
+        let mut notes = Vec::new();
+        for (step, (gp, cp)) in g.iter().zip(c).enumerate() {
+            steps += 1;
+            if gp.token == cp.token {
+                same += 1;
+                continue;
             }
-            Some(step) => {
-                let mut prefix = prompt.clone();
-                prefix.extend_from_slice(&c[..step]);
-                let (top, gap) = cpu_top2(dir, &adapters, &prefix, *slot)?;
-                let kind = if gap < near_tie(top) {
-                    "near-tie"
-                } else {
-                    ok = false;
-                    "MISMATCH"
-                };
-                let mut line = String::new();
-                let _ = write!(
-                    line,
-                    "| {text:?} | {adapter} | {step} / {STEPS} | step {step}: GPU {} vs CPU {} | {gap:.4} of top logit {top:.2} ({kind}) |",
-                    g[step], c[step]
-                );
-                println!("{line}");
-            }
+            let kind = if cp.gap < near_tie(cp.top) {
+                flips += 1;
+                "near-tie"
+            } else {
+                ok = false;
+                "MISMATCH"
+            };
+            notes.push(format!(
+                "step {step}: GPU {} vs CPU {} ({:.4} / {:.2}, {kind})",
+                gp.token, cp.token, cp.gap, cp.top
+            ));
         }
+        let notes = if notes.is_empty() {
+            "-".to_string()
+        } else {
+            notes.join("; ")
+        };
+        println!("| {text:?} | {adapter} | {same} / {STEPS} | {notes} |");
     }
-    let share = identical as f64 / requests.len().max(1) as f64;
+    let share = flips as f64 / steps.max(1) as f64;
     println!(
-        "\n{identical} of {} sequences identical for all {STEPS} steps (at least {:.0}% required); divergences only at near-ties (CPU top-2 gap < max({NEAR_TIE_ABS}, {NEAR_TIE_REL} x |top logit|)) are allowed",
-        requests.len(),
-        MIN_IDENTICAL * 100.0
+        "\n{flips} of {steps} steps differ, all at near-ties (CPU top-2 gap < max({NEAR_TIE_ABS}, {NEAR_TIE_REL} x |top logit|)) when the check passes; at most {:.0}% may",
+        MAX_FLIP_SHARE * 100.0
     );
-    if share < MIN_IDENTICAL {
+    if share > MAX_FLIP_SHARE {
         ok = false;
     }
     if !adapter_changed {
@@ -211,5 +239,15 @@ mod tests {
         assert_eq!(near_tie(2.0), NEAR_TIE_ABS);
         assert!((near_tie(15.0) - 0.15).abs() < 1e-6);
         assert!((near_tie(-20.0) - 0.2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_step_pick_is_the_first_largest_logit_and_its_gap_to_the_runner_up() {
+        let p = StepPick::of(&[1.0, 3.0, 2.5, 3.0]);
+        assert_eq!(p.token, 1);
+        assert_eq!((p.top, p.gap), (3.0, 0.0));
+        let p = StepPick::of(&[4.0, 1.0, 2.0]);
+        assert_eq!((p.token, p.top, p.gap), (0, 4.0, 2.0));
+        assert_eq!(StepPick::of(&[7.0]).gap, f32::INFINITY);
     }
 }

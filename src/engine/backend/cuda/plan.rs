@@ -173,6 +173,16 @@ pub fn expand_launches(outs: &[usize], ntw: usize) -> Vec<ExpandLaunch> {
         .collect()
 }
 
+/// Head dimensions the vector attention kernel (`attention_d{64,128,256}`, bf16/f16) serves:
+/// a lane holds `head_dim / 32` elements, read as one 4-, 8- or 16-byte load.
+pub const ATTN_VEC_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// The vector attention kernel's name for `head_dim` and a dtype suffix, when there is one.
+pub fn attention_vec_kernel(head_dim: usize, suffix: &str) -> Option<String> {
+    (suffix != "f32" && ATTN_VEC_HEAD_DIMS.contains(&head_dim))
+        .then(|| format!("attention_d{head_dim}_{suffix}"))
+}
+
 /// Expand grid: (column blocks, row tiles) for `ntw` 8-column tiles per warp.
 pub fn expand_grid(h_out: usize, num_tiles: usize, ntw: usize) -> (u32, u32) {
     let cols = EXPAND_WARPS * 8 * ntw.max(1);
@@ -503,14 +513,34 @@ mod tests {
                 ends: [4096, 8192, 12288]
             }]
         );
-        assert_eq!(expand_launches(&[576, 192, 192], 8)[0].ends, [576, 768, 960]);
+        assert_eq!(
+            expand_launches(&[576, 192, 192], 8)[0].ends,
+            [576, 768, 960]
+        );
         // One part: any width, ends padded with the last.
         let single = expand_launches(&[11000], 8);
         assert_eq!(single.len(), 1);
         assert_eq!(single[0].ends, [11000; 3]);
         assert_eq!(single[0].width(), 11000);
         // gate | up of 11008 = 172 * 64: one launch.
-        assert_eq!(expand_launches(&[11008, 11008], 8)[0].ends, [11008, 22016, 22016]);
+        assert_eq!(
+            expand_launches(&[11008, 11008], 8)[0].ends,
+            [11008, 22016, 22016]
+        );
+    }
+
+    #[test]
+    fn the_vector_attention_serves_half_precision_heads_of_64_128_and_256() {
+        assert_eq!(
+            attention_vec_kernel(128, "bf16").as_deref(),
+            Some("attention_d128_bf16")
+        );
+        assert_eq!(
+            attention_vec_kernel(64, "f16").as_deref(),
+            Some("attention_d64_f16")
+        );
+        assert_eq!(attention_vec_kernel(128, "f32"), None);
+        assert_eq!(attention_vec_kernel(96, "bf16"), None);
     }
 
     #[test]

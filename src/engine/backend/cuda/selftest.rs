@@ -17,8 +17,8 @@ use rand::{RngExt, SeedableRng};
 
 use crate::engine::backend::cpu::{CpuBackend, CpuBuf};
 use crate::engine::backend::{
-    AttnShape, BLOCK_SIZE, Backend, DType, LoraGroupSlot, LoraPart, Pick, Result, RowSampling, SeqMeta,
-    StepMeta,
+    AttnShape, BLOCK_SIZE, Backend, DType, LoraGroupSlot, LoraPart, Pick, Result, RowSampling,
+    SeqMeta, StepMeta,
 };
 use crate::engine::lora::segments::SegmentTable;
 use crate::engine::sampling::pick_row;
@@ -278,7 +278,9 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
         .map(|&e| if e.is_nan() { 0.0 } else { e })
         .collect();
     let cv_clean = cpu.upload(DType::F32, &v_clean)?;
-    be.sgmv_expand(&dv, &table, &dmeta, v_width, outs, y_stride, case.pad, &mut dy)?;
+    be.sgmv_expand(
+        &dv, &table, &dmeta, v_width, outs, y_stride, case.pad, &mut dy,
+    )?;
     cpu.sgmv_expand(
         &cv_clean, &ctable, &cmeta, v_width, outs, y_stride, case.pad, &mut cy,
     )?;
@@ -494,7 +496,10 @@ fn sgmv_cases() -> Vec<SgmvCase> {
         dtype: DType::BF16,
         h_in: 100,
         outs: vec![100, 36, 36],
-        ranks: vec![vec![Some(3), Some(12), None], vec![Some(5), Some(5), Some(5)]],
+        ranks: vec![
+            vec![Some(3), Some(12), None],
+            vec![Some(5), Some(5), Some(5)],
+        ],
         rows: vec![Some(0), Some(1), Some(1), None, Some(0)],
         pad: 1,
         label: "group 100|36|36 unaligned parts".into(),
@@ -793,7 +798,14 @@ fn check_attention(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
         };
         let kv_width = n_kv * hd;
         // (new rows, context after the step)
-        let seqs_spec = [(1usize, 37usize), (20, 20), (5, 40), (1, 1)];
+        let seqs_spec = [
+            (1usize, 37usize),
+            (20, 20),
+            (5, 40),
+            (1, 1),
+            (1, 300),
+            (3, 129),
+        ];
         let total_blocks: usize = seqs_spec
             .iter()
             .map(|&(_, ctx)| ctx.div_ceil(BLOCK_SIZE))
@@ -1160,13 +1172,9 @@ mod tests {
         for h in [576, 4096, 5120, 8192] {
             for h_out in [h, 11008, 14336] {
                 for r in [1, 4, 8, 16, 32, 64, 128] {
-                    assert!(
-                        cases
-                            .iter()
-                            .any(|c| c.h_in == h
-                                && c.outs == [h_out]
-                                && c.ranks.contains(&vec![Some(r)]))
-                    );
+                    assert!(cases.iter().any(|c| c.h_in == h
+                        && c.outs == [h_out]
+                        && c.ranks.contains(&vec![Some(r)])));
                 }
             }
         }
@@ -1182,8 +1190,11 @@ mod tests {
         );
         // Groups of three parts, with parts missing in some slots and unaligned part widths.
         let groups: Vec<_> = cases.iter().filter(|c| c.outs.len() == 3).collect();
-        assert!(groups.iter().any(|c| c.ranks.iter().any(|rs| rs.contains(&None)
-            && rs.iter().any(Option::is_some))));
+        assert!(groups.iter().any(|c| {
+            c.ranks
+                .iter()
+                .any(|rs| rs.contains(&None) && rs.iter().any(Option::is_some))
+        }));
         assert!(groups.iter().any(|c| c.outs[0] % 32 != 0));
         assert!(cases.iter().any(|c| c.outs.len() == 2));
     }
