@@ -198,8 +198,7 @@ __device__ __forceinline__ void load_v8(const float* row, int k, int rank, bool 
     for (int i = 0; i < 8; ++i) out[i] = (ok && k + i < rank) ? __ldcg(row + k + i) : 0.0f;
 }
 
-// One LoRA group's expand (y +=, or with `assign` y =, zero for the parts a slot lacks): its
-// parts' outputs lie side by side in y from col_offset, part j
+// One LoRA group's expand: its parts' outputs lie side by side in y from col_offset, part j
 // ending at column ends[j] (relative to col_offset); part0 is the first part this launch covers.
 // y[row, col_offset + c] += v[row, voff_j + :rank_j] . B_j[c - start_j, :rank_j] for the rows of
 // one tile (blockIdx.y) and NTW * 8 columns per warp (blockIdx.x picks EXPAND_WARPS * NTW * 8
@@ -212,7 +211,7 @@ __device__ __forceinline__ void load_v8(const float* row, int k, int rank, bool 
 template <typename T, int KT, int NTW>
 __device__ __forceinline__ void sgmv_expand_impl(
     const float* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
-    int part0, int end0, int end1, int end2, int assign, const LoraSlot* __restrict__ table,
+    int part0, int end0, int end1, int end2, const LoraSlot* __restrict__ table,
     const u32* __restrict__ tiles, const u32* __restrict__ segs) {
     const int tile = blockIdx.y;
     const u32 seg = tiles[2 * tile];
@@ -235,22 +234,15 @@ __device__ __forceinline__ void sgmv_expand_impl(
     const int voff = (int)s->voff[pi];
     const bool live = gc0 < end2 && part < MAX_PARTS && bptr != nullptr;
     const int rank = live ? min(prank, KT * 32) : 0;
-    const int nrows = min(16, seg_end - row0);
-    const int c0 = gc0 - start;
-    col_offset += start;
     if (rank == 0) {
         // Even an idle warp waits: a grid must not complete before the one it depends on.
         pdl_enter();
-        // Overwriting: the part this slot lacks contributes zero.
-        if (assign && gc0 < end2) {
-            for (int i = lane; i < nrows * NTW * 8; i += 32) {
-                const int r = i / (NTW * 8), c = c0 + i % (NTW * 8);
-                if (c < h_out) y[(size_t)(row0 + r) * y_stride + col_offset + c] = T{};
-            }
-        }
         return;
     }
     const T* B = reinterpret_cast<const T*>(bptr);
+    const int nrows = min(16, seg_end - row0);
+    const int c0 = gc0 - start;
+    col_offset += start;
     v += voff;
 
     const bool bvec = (rank & 7) == 0;
@@ -275,8 +267,8 @@ __device__ __forceinline__ void sgmv_expand_impl(
 #pragma unroll
     for (int nt = 0; nt < NTW; ++nt) {
         const int col = c0 + nt * 8 + 2 * q;
-        yv[nt][0] = (r0ok && !assign) ? load_pair(y0, col, h_out, yal) : 0u;
-        yv[nt][1] = (r1ok && !assign) ? load_pair(y1, col, h_out, yal) : 0u;
+        yv[nt][0] = r0ok ? load_pair(y0, col, h_out, yal) : 0u;
+        yv[nt][1] = r1ok ? load_pair(y1, col, h_out, yal) : 0u;
     }
 
     pdl_enter();
@@ -348,11 +340,11 @@ __device__ __forceinline__ void sgmv_expand_impl(
     extern "C" __global__ void __launch_bounds__(EXPAND_WARPS * 32)                          \
         sgmv_expand_##TNAME##_k##KT##_w##NTW(                                                \
             const float* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,   \
-            int col_offset, int part0, int end0, int end1, int end2, int assign,             \
+            int col_offset, int part0, int end0, int end1, int end2,                         \
             const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,               \
             const u32* __restrict__ segs) {                                                  \
         sgmv_expand_impl<TYPE, KT, NTW>(v, v_stride, y, y_stride, col_offset, part0, end0,   \
-                                        end1, end2, assign, table, tiles, segs);             \
+                                        end1, end2, table, tiles, segs);                     \
     }
 
 DEFINE_SHRINK(bf16, bf16, 1, 4)

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use crate::engine::sampling::pick_row;
 
 use super::{
-    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, DeviceKind, ExpandMode, LoraGroupSlot,
+    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, DeviceKind, LoraGroupSlot,
     MAX_GROUP_PARTS, Pick, Result, RowSampling, StepMeta, random_uniform,
 };
 
@@ -608,11 +608,6 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn zero(&self, buf: &mut CpuBuf) -> Result<()> {
-        buf.as_mut_slice().fill(0.0);
-        Ok(())
-    }
-
     fn rope_write_kv(
         &self,
         qkv: &mut CpuBuf,
@@ -828,8 +823,8 @@ impl Backend for CpuBackend {
         meta: &CpuMeta,
         v_stride: usize,
         outs: &[usize],
-        (y_stride, col_offset): (usize, usize),
-        mode: ExpandMode,
+        y_stride: usize,
+        col_offset: usize,
         y: &mut CpuBuf,
     ) -> Result<()> {
         let meta = &meta.0;
@@ -853,16 +848,6 @@ impl Backend for CpuBackend {
                         ))
                     })?;
                     need("sgmv_expand B", b.data.len(), out * rank)?;
-                }
-            }
-        }
-        if mode == ExpandMode::Overwrite {
-            // Every segment's rows, with an adapter for the group or not, start from zero.
-            let y = y.as_mut_slice();
-            for (s, e, _) in meta.segments.iter() {
-                for row in s..e {
-                    let start = row * y_stride + col_offset;
-                    y[start..start + h_out].fill(0.0);
                 }
             }
         }
@@ -1580,17 +1565,8 @@ mod tests {
             &mut v,
         )
         .unwrap();
-        cpu.sgmv_expand(
-            &v,
-            &table,
-            &meta,
-            v_stride,
-            &outs,
-            (stride, off),
-            ExpandMode::Accumulate,
-            &mut y,
-        )
-        .unwrap();
+        cpu.sgmv_expand(&v, &table, &meta, v_stride, &outs, stride, off, &mut y)
+            .unwrap();
         for (row, slot) in row_slots.iter().enumerate() {
             let mut want = y0[row * stride..(row + 1) * stride].to_vec();
             let adapter = match slot {
@@ -1613,36 +1589,6 @@ mod tests {
                 }
             }
             assert_close(&y.as_slice()[row * stride..(row + 1) * stride], &want, 1e-5);
-        }
-        // Overwriting: every segment row's group columns hold the delta alone (zero for the
-        // parts its slot lacks, and for slot 1, which has no adapter here); the rest is kept.
-        let y_acc = y.as_slice().to_vec();
-        let mut y = CpuBuf::from_vec(y0.clone());
-        let layout = (stride, off);
-        cpu.sgmv_expand(
-            &v,
-            &table,
-            &meta,
-            v_stride,
-            &outs,
-            layout,
-            ExpandMode::Overwrite,
-            &mut y,
-        )
-        .unwrap();
-        let width: usize = outs.iter().sum();
-        for (row, slot) in row_slots.iter().enumerate() {
-            for col in 0..stride {
-                let (i, got) = (row * stride + col, y.as_slice()[row * stride + col]);
-                let want = match slot {
-                    Some(_) if (off..off + width).contains(&col) => y_acc[i] - y0[i],
-                    _ => y0[i],
-                };
-                assert!(
-                    (got - want).abs() < 1e-4,
-                    "row {row} col {col}: {got} vs {want}"
-                );
-            }
         }
     }
 

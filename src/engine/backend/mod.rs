@@ -323,16 +323,6 @@ pub struct Pick {
     pub logprob: f32,
 }
 
-/// What an SGMV expand does with `y`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExpandMode {
-    /// `y += v · Bᵀ`.
-    Accumulate,
-    /// `y = v · Bᵀ` on the group's columns of every row in a segment, zero where the slot has no
-    /// adapter for a part (a delta computed beside the base GEMM and added afterwards).
-    Overwrite,
-}
-
 /// Most projections one LoRA group holds (q, k and v).
 pub const MAX_GROUP_PARTS: usize = 3;
 
@@ -461,9 +451,6 @@ pub trait Backend: Send + Sync + 'static {
     /// `y += x` elementwise.
     fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
 
-    /// Set every element of `buf` to zero.
-    fn zero(&self, buf: &mut Self::Buf) -> Result<()>;
-
     /// RoPE and this step's KV-cache write, fused. `qkv` rows (width `row_stride`) hold the
     /// `n_heads` q heads, then the `n_kv_heads` k heads, then the v heads, from column 0. The q
     /// and k heads are rotated in place (rotate-half RoPE with `inv_freq: [head_dim / 2]`, f32,
@@ -526,10 +513,7 @@ pub trait Backend: Send + Sync + 'static {
     /// in `y` from `col_offset`: for each segment s, rows in s and part j the slot has,
     /// `y[row, col_offset + Σ_{i<j} outs[i] ..][..outs[j]] += v[row, voff_j..][..rank_j] · B_jᵀ`
     /// (`voff_j`: the ranks of the slot's parts before j, summed). `y` has rows of width
-    /// `y_stride`; `y_layout` is `(y_stride, col_offset)`; the table's slots have no part at or
-    /// past `outs.len()`. With
-    /// [`ExpandMode::Overwrite`], `=` instead of `+=`, and zeros for the parts a segment's slot
-    /// lacks; rows in no segment are left untouched either way.
+    /// `y_stride`; the table's slots have no part at or past `outs.len()`.
     #[allow(clippy::too_many_arguments)]
     fn sgmv_expand(
         &self,
@@ -538,8 +522,8 @@ pub trait Backend: Send + Sync + 'static {
         meta: &Self::Meta,
         v_stride: usize,
         outs: &[usize],
-        y_layout: (usize, usize),
-        mode: ExpandMode,
+        y_stride: usize,
+        col_offset: usize,
         y: &mut Self::Buf,
     ) -> Result<()>;
 

@@ -16,8 +16,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::engine::backend::{
-    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, ExpandMode, LoraGroupSlot, LoraPart,
-    MAX_GROUP_PARTS, RowSampling, SeqStep, StepMeta,
+    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, LoraGroupSlot, LoraPart, MAX_GROUP_PARTS,
+    RowSampling, SeqStep, StepMeta,
 };
 use crate::engine::lora::peft::LoraWeights;
 use crate::engine::model::config::{ConfigError, LlamaConfig, LoraGroup};
@@ -271,20 +271,10 @@ impl<B: Backend> Llama<B> {
         let mut proj = b.alloc(dt, rows * h)?;
         let mut gate_up = b.alloc(dt, rows * 2 * inter)?;
         let mut act = b.alloc(dt, rows * inter)?;
-        // The LoRA intermediate of a group and its deltas, computed on the side queue beside
-        // the base GEMM and added to its output afterwards. One intermediate serves every
-        // group (a group's side work starts behind everything issued before it), and the o and
-        // down groups share a delta. Rows in no segment keep the zeros written here.
+        // The LoRA intermediate of a group: written by the group's shrink on the side queue,
+        // read by its expand on the main queue. One buffer serves every group: a shrink is
+        // issued after the previous group's expand, and the side queue starts behind it.
         let mut v = b.alloc(DType::F32, if use_lora { rows * max_rank } else { 0 })?;
-        let lora_len = |n: usize| if use_lora { rows * n } else { 0 };
-        let mut d_qkv = b.alloc(dt, lora_len(qkv_dim))?;
-        let mut d_h = b.alloc(dt, lora_len(h))?;
-        let mut d_gate_up = b.alloc(dt, lora_len(2 * inter))?;
-        if use_lora {
-            for d in [&mut d_qkv, &mut d_h, &mut d_gate_up] {
-                b.zero(d)?;
-            }
-        }
         let lora = Lora {
             b,
             state: lora,
@@ -305,7 +295,7 @@ impl<B: Backend> Llama<B> {
                     &mut normed,
                 )?;
             }
-            let pending = lora.delta(l, LoraGroup::Qkv, &normed, &mut v, &mut d_qkv)?;
+            let pending = lora.shrink(l, LoraGroup::Qkv, &normed, &mut v)?;
             b.matmul(
                 &normed,
                 &layer.self_attn.qkv_proj,
@@ -314,7 +304,7 @@ impl<B: Backend> Llama<B> {
                 qkv_dim,
                 &mut qkv,
             )?;
-            lora.add(pending, &d_qkv, &mut qkv)?;
+            lora.expand(pending, l, LoraGroup::Qkv, &v, &mut qkv, qkv_dim)?;
             let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
             b.rope_write_kv(
                 &mut qkv,
@@ -328,9 +318,9 @@ impl<B: Backend> Llama<B> {
             b.attention(
                 &qkv, qkv_dim, 0, k_cache, v_cache, &m, shape, scale, &mut attn,
             )?;
-            let pending = lora.delta(l, LoraGroup::O, &attn, &mut v, &mut d_h)?;
+            let pending = lora.shrink(l, LoraGroup::O, &attn, &mut v)?;
             b.matmul(&attn, &layer.self_attn.o_proj, rows, q_dim, h, &mut proj)?;
-            lora.add(pending, &d_h, &mut proj)?;
+            lora.expand(pending, l, LoraGroup::O, &v, &mut proj, h)?;
             b.add_rms_norm(
                 &mut residual,
                 &proj,
@@ -340,7 +330,7 @@ impl<B: Backend> Llama<B> {
                 h,
                 &mut normed,
             )?;
-            let pending = lora.delta(l, LoraGroup::GateUp, &normed, &mut v, &mut d_gate_up)?;
+            let pending = lora.shrink(l, LoraGroup::GateUp, &normed, &mut v)?;
             b.matmul(
                 &normed,
                 &layer.mlp.gate_up_proj,
@@ -349,11 +339,11 @@ impl<B: Backend> Llama<B> {
                 2 * inter,
                 &mut gate_up,
             )?;
-            lora.add(pending, &d_gate_up, &mut gate_up)?;
+            lora.expand(pending, l, LoraGroup::GateUp, &v, &mut gate_up, 2 * inter)?;
             b.silu_mul(&gate_up, rows, inter, &mut act)?;
-            let pending = lora.delta(l, LoraGroup::Down, &act, &mut v, &mut d_h)?;
+            let pending = lora.shrink(l, LoraGroup::Down, &act, &mut v)?;
             b.matmul(&act, &layer.mlp.down_proj, rows, inter, h, &mut proj)?;
-            lora.add(pending, &d_h, &mut proj)?;
+            lora.expand(pending, l, LoraGroup::Down, &v, &mut proj, h)?;
             let next_norm = match self.layers.get(l + 1) {
                 Some(next) => &next.input_layernorm,
                 None => &self.norm,
@@ -446,9 +436,8 @@ impl<B: Backend> Llama<B> {
     }
 }
 
-/// One step's LoRA application: a group's delta (shrink, then expand into a buffer of the base
-/// output's shape) is issued on the backend's side queue before the base GEMM, so it runs
-/// beside it; the delta is added to the GEMM's output after both.
+/// One step's LoRA application: a group's shrink (its projections read the same input) is
+/// issued on the backend's side queue before the base GEMM, its expand after it.
 struct Lora<'a, B: Backend> {
     b: &'a B,
     state: &'a LoraState<B>,
@@ -459,48 +448,39 @@ struct Lora<'a, B: Backend> {
 }
 
 impl<B: Backend> Lora<'_, B> {
-    /// `delta = (x · Aᵀ) · Bᵀ` of `group` on the side queue (`v` holds the shrink), when any
-    /// resident adapter targets it. Returns whether it was issued (then [`Self::add`] adds it).
-    fn delta(
-        &self,
-        layer: usize,
-        group: LoraGroup,
-        x: &B::Buf,
-        v: &mut B::Buf,
-        delta: &mut B::Buf,
-    ) -> Result<bool> {
+    /// Shrink `x` into `v` for `group` on the side queue, when any resident adapter targets
+    /// it. Returns whether it was issued (then [`Self::expand`] joins the side queue).
+    fn shrink(&self, layer: usize, group: LoraGroup, x: &B::Buf, v: &mut B::Buf) -> Result<bool> {
         let Some(table) = self.table(layer, group) else {
             return Ok(false);
         };
-        let (h_in, outs) = self.config.group_dims(group);
-        let width: usize = outs.iter().sum();
+        let (h_in, _) = self.config.group_dims(group);
         self.b.begin_side()?;
         let issued = self
             .b
-            .sgmv_shrink(x, table, self.meta, h_in, self.max_rank, v)
-            .and_then(|()| {
-                self.b.sgmv_expand(
-                    v,
-                    table,
-                    self.meta,
-                    self.max_rank,
-                    &outs,
-                    (width, 0),
-                    ExpandMode::Overwrite,
-                    delta,
-                )
-            });
+            .sgmv_shrink(x, table, self.meta, h_in, self.max_rank, v);
         self.b.end_side()?;
         issued.map(|()| true).map_err(Into::into)
     }
 
-    /// After the base GEMM wrote `y`: `y += delta`, if [`Self::delta`] issued it.
-    fn add(&self, pending: bool, delta: &B::Buf, y: &mut B::Buf) -> Result<()> {
-        if !pending {
+    /// After the base GEMM wrote `y` (the group's outputs side by side from column 0):
+    /// `y += v · Bᵀ` per part, if [`Self::shrink`] issued the group's shrink.
+    fn expand(
+        &self,
+        pending: bool,
+        layer: usize,
+        group: LoraGroup,
+        v: &B::Buf,
+        y: &mut B::Buf,
+        y_stride: usize,
+    ) -> Result<()> {
+        let (true, Some(table)) = (pending, self.table(layer, group)) else {
             return Ok(());
-        }
+        };
         self.b.join_side()?;
-        self.b.add_assign(y, delta)?;
+        let (_, outs) = self.config.group_dims(group);
+        self.b
+            .sgmv_expand(v, table, self.meta, self.max_rank, &outs, y_stride, 0, y)?;
         Ok(())
     }
 

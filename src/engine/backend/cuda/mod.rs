@@ -25,8 +25,8 @@ use cudarc::driver::{DriverError, result as drv, sys as drv_sys};
 use half::{bf16, f16};
 
 use crate::engine::backend::{
-    AttnShape, Backend, BackendError, DType, DeviceKind, ExpandMode, LoraGroupSlot,
-    MAX_GROUP_PARTS, Pick, Result, RowSampling, StepMeta,
+    AttnShape, Backend, BackendError, DType, DeviceKind, LoraGroupSlot, MAX_GROUP_PARTS, Pick,
+    Result, RowSampling, StepMeta,
 };
 use compile::KernelCompiler;
 use plan::MetaLayout;
@@ -1239,10 +1239,6 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn zero(&self, buf: &mut CudaBuf) -> Result<()> {
-        self.fill(buf, 0.0)
-    }
-
     fn rope_write_kv(
         &self,
         qkv: &mut CudaBuf,
@@ -1504,8 +1500,8 @@ impl Backend for CudaBackend {
         meta: &CudaMeta,
         v_stride: usize,
         outs: &[usize],
-        (y_stride, col_offset): (usize, usize),
-        mode: ExpandMode,
+        y_stride: usize,
+        col_offset: usize,
         y: &mut CudaBuf,
     ) -> Result<()> {
         let rows = meta.layout.rows;
@@ -1529,9 +1525,7 @@ impl Backend for CudaBackend {
                 "sgmv_expand: columns {col_offset}+{h_out} exceed the row of {y_stride}"
             )));
         }
-        // Overwriting still zeroes the segments' rows when no slot has an adapter.
-        let live = self.check_lora(y.dtype, table, meta)?;
-        if !live && (mode == ExpandMode::Accumulate || meta.layout.num_tiles == 0) {
+        if !self.check_lora(y.dtype, table, meta)? {
             return Ok(());
         }
         if table.max_rank > v_stride {
@@ -1557,7 +1551,7 @@ impl Backend for CudaBackend {
                 _ => {}
             }
         }
-        let kt = plan::expand_rank_chunks(table.max_part_rank.max(1))?;
+        let kt = plan::expand_rank_chunks(table.max_part_rank)?;
         let ntw = self.expand_ntw;
         let name = format!("sgmv_expand_{}_k{kt}_w{ntw}", Self::suffix(y.dtype));
         for launch in plan::expand_launches(outs, ntw) {
@@ -1577,7 +1571,6 @@ impl Backend for CudaBackend {
                     i32_arg(launch.ends[0], "end0")?,
                     i32_arg(launch.ends[1], "end1")?,
                     i32_arg(launch.ends[2], "end2")?,
-                    Arg::I32(i32::from(mode == ExpandMode::Overwrite)),
                     Arg::Ptr(table.ptr),
                     Arg::Ptr(meta.at(meta.layout.tiles)),
                     Arg::Ptr(meta.at(meta.layout.segs)),

@@ -17,8 +17,8 @@ use rand::{RngExt, SeedableRng};
 
 use crate::engine::backend::cpu::{CpuBackend, CpuBuf};
 use crate::engine::backend::{
-    AttnShape, BLOCK_SIZE, Backend, DType, ExpandMode, LoraGroupSlot, LoraPart, Pick, Result,
-    RowSampling, SeqMeta, StepMeta,
+    AttnShape, BLOCK_SIZE, Backend, DType, LoraGroupSlot, LoraPart, Pick, Result, RowSampling,
+    SeqMeta, StepMeta,
 };
 use crate::engine::lora::segments::SegmentTable;
 use crate::engine::sampling::pick_row;
@@ -269,14 +269,25 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
     }
 
     // Expand from the device's v on the GPU (NaN outside each row's rank: must not be read) and
-    // from the same values, NaN cleared, on the CPU, so the check covers the expand alone; once
-    // accumulating into y, once overwriting it.
+    // from the same values, NaN cleared, on the CPU, so the check covers the expand alone.
     let y_stride = h_out + 2 * case.pad;
+    let y0 = c.rand(dt, n_rows * y_stride, 1.0);
+    let (mut dy, mut cy) = c.upload(dt, &y0)?;
     let v_clean: Vec<f32> = v_out
         .iter()
         .map(|&e| if e.is_nan() { 0.0 } else { e })
         .collect();
     let cv_clean = cpu.upload(DType::F32, &v_clean)?;
+    be.sgmv_expand(
+        &dv, &table, &dmeta, v_width, outs, y_stride, case.pad, &mut dy,
+    )?;
+    cpu.sgmv_expand(
+        &cv_clean, &ctable, &cmeta, v_width, outs, y_stride, case.pad, &mut cy,
+    )?;
+    let y_out = be.download(&dy)?;
+    let y_cpu = cpu.download(&cy)?;
+    // Elements outside the LoRA rows and parts must be bit-identical; the rest within
+    // tolerance, element by element too, so a few skipped columns cannot hide in the norm.
     let part_at = |col: usize| {
         let mut start = case.pad;
         for (j, &w) in outs.iter().enumerate() {
@@ -287,63 +298,42 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
         }
         None
     };
-    for mode in [ExpandMode::Accumulate, ExpandMode::Overwrite] {
-        let y0 = c.rand(dt, n_rows * y_stride, 1.0);
-        let (mut dy, mut cy) = c.upload(dt, &y0)?;
-        let layout = (y_stride, case.pad);
-        be.sgmv_expand(&dv, &table, &dmeta, v_width, outs, layout, mode, &mut dy)?;
-        cpu.sgmv_expand(
-            &cv_clean, &ctable, &cmeta, v_width, outs, layout, mode, &mut cy,
-        )?;
-        let y_out = be.download(&dy)?;
-        let y_cpu = cpu.download(&cy)?;
-        // What the op may change: the parts a row's adapter has; overwriting also zeroes the
-        // other parts of every row in a segment.
-        let written = |row: usize, col: usize| {
-            let (Some(slot), Some(j)) = (case.rows[row], part_at(col)) else {
-                return false;
-            };
-            mode == ExpandMode::Overwrite
-                || case
-                    .ranks
-                    .get(slot as usize)
-                    .is_some_and(|rs| rs.get(j).is_some_and(|r| r.is_some()))
+    let inside = |row: usize, col: usize| {
+        let Some(slot) = case.rows[row] else {
+            return false;
         };
-        let op = match mode {
-            ExpandMode::Accumulate => "sgmv_expand",
-            ExpandMode::Overwrite => "sgmv_expand=",
-        };
-        // Elements the op may not change must be bit-identical; the rest within tolerance,
-        // element by element too, so a few skipped columns cannot hide in the norm.
-        let mut touched_outside = 0usize;
-        let mut worst = 0.0f64;
-        let mean_abs =
-            y_cpu.iter().map(|e| e.abs() as f64).sum::<f64>() / y_cpu.len().max(1) as f64;
-        for (i, (&o, &r)) in y_out.iter().zip(&y_cpu).enumerate() {
-            let (row, col) = (i / y_stride, i % y_stride);
-            if !written(row, col) && o.to_bits() != y0[i].to_bits() {
-                touched_outside += 1;
-            }
-            let e = (o as f64 - r as f64).abs() / (r.abs() as f64 + mean_abs);
-            if !e.is_finite() || e > worst {
-                worst = if e.is_finite() { e } else { f64::INFINITY };
-            }
+        let Some(j) = part_at(col) else { return false };
+        case.ranks
+            .get(slot as usize)
+            .is_some_and(|rs| rs.get(j).is_some_and(|r| r.is_some()))
+    };
+    let mut touched_outside = 0usize;
+    let mut worst = 0.0f64;
+    let mean_abs = y_cpu.iter().map(|e| e.abs() as f64).sum::<f64>() / y_cpu.len().max(1) as f64;
+    for (i, (&o, &r)) in y_out.iter().zip(&y_cpu).enumerate() {
+        let (row, col) = (i / y_stride, i % y_stride);
+        if !inside(row, col) && o.to_bits() != y0[i].to_bits() {
+            touched_outside += 1;
         }
-        if touched_outside > 0 {
-            c.fail(
-                op,
-                label.clone(),
-                format!("{touched_outside} elements changed outside the LoRA rows and parts"),
-            );
-        } else if worst > 2e-2 {
-            c.fail(
-                op,
-                label.clone(),
-                format!("element error {worst:.2e} > 2e-2"),
-            );
-        } else {
-            c.record(op, label.clone(), &y_out, &y_cpu, tol(dt));
+        let e = (o as f64 - r as f64).abs() / (r.abs() as f64 + mean_abs);
+        if !e.is_finite() || e > worst {
+            worst = if e.is_finite() { e } else { f64::INFINITY };
         }
+    }
+    if touched_outside > 0 {
+        c.fail(
+            "sgmv_expand",
+            label,
+            format!("{touched_outside} elements changed outside the LoRA rows and parts"),
+        );
+    } else if worst > 2e-2 {
+        c.fail(
+            "sgmv_expand",
+            label,
+            format!("element error {worst:.2e} > 2e-2"),
+        );
+    } else {
+        c.record("sgmv_expand", label, &y_out, &y_cpu, tol(dt));
     }
     Ok(())
 }
