@@ -277,6 +277,11 @@ mod tests {
                 let (t, kw) = rest.split_once("_k").unwrap();
                 let (k, w) = kw.split_once("_w").unwrap();
                 src.contains(&format!("DEFINE_EXPAND({t}, {t}, {k}, {w})"))
+            } else if let Some(rest) = name.strip_prefix("attention_d") {
+                let (hd, t) = rest.split_once('_').unwrap();
+                src.contains(" attention_d##HD##_##TNAME(")
+                    && src.contains(&format!("DEFINE_ATTN_VEC(TNAME, T, {hd},"))
+                    && src.contains(&format!("DEFINE_HALF_OPS({t}, "))
             } else {
                 // A kernel of the per-type macro, or one written out for a single type.
                 let (op, _) = name.rsplit_once('_').unwrap();
