@@ -340,6 +340,22 @@ pub fn drive(
     keys: &[AdapterKey],
 ) -> Result<Summary, EngineError> {
     let start = Instant::now();
+    let timings = drive_timings(engine, traffic, keys)?;
+    Ok(summarise(
+        traffic.workload,
+        &traffic.adapters,
+        &timings,
+        start.elapsed(),
+    ))
+}
+
+/// [`drive`], returning every request's timings.
+pub fn drive_timings(
+    engine: &EngineHandle,
+    traffic: &Traffic,
+    keys: &[AdapterKey],
+) -> Result<Vec<RequestTiming>, EngineError> {
+    let start = Instant::now();
     let mut readers = Vec::with_capacity(traffic.prompts.len());
     for (i, prompt) in traffic.prompts.iter().enumerate() {
         let due = start + traffic.arrivals[i];
@@ -375,7 +391,7 @@ pub fn drive(
             timing
         }));
     }
-    let timings: Vec<RequestTiming> = readers
+    Ok(readers
         .into_iter()
         .map(|r| {
             r.join().unwrap_or_else(|_| RequestTiming {
@@ -383,13 +399,7 @@ pub fn drive(
                 ..RequestTiming::default()
             })
         })
-        .collect();
-    Ok(summarise(
-        traffic.workload,
-        &traffic.adapters,
-        &timings,
-        start.elapsed(),
-    ))
+        .collect())
 }
 
 /// Device to run `bench engine` on.
@@ -452,6 +462,10 @@ pub struct BenchEngineArgs {
     /// Share of the GPU's memory the engine may use (CUDA only).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_fraction: f64,
+    /// Also measure a request whose adapter is in neither the GPU nor the host tier, submitted
+    /// while `max_running - 1` other requests decode.
+    #[arg(long)]
+    pub cold_adapter: bool,
 }
 
 impl BenchEngineArgs {
@@ -552,6 +566,15 @@ pub fn run(args: &BenchEngineArgs) -> Result<String, BenchError> {
         summaries.push(summary);
     }
     let mut report = report(args, &config, &summaries);
+    if args.cold_adapter {
+        report.push_str(&cold_adapter_report(
+            args,
+            &config,
+            &source,
+            &keys,
+            &detokenizer,
+        )?);
+    }
     if args.device == BenchDevice::Cuda {
         report.push_str(&adapter_load_report(args, &config)?);
     }
@@ -570,22 +593,23 @@ pub fn run(args: &BenchEngineArgs) -> Result<String, BenchError> {
     Ok(report)
 }
 
-fn run_workload(
+/// An engine for `args` with `slots` adapter slots, its KV pool sized for `max_running`
+/// sequences of the prompt plus `max_tokens`.
+fn start_engine(
     args: &BenchEngineArgs,
     config: &LlamaConfig,
     source: &Arc<MemorySource>,
-    keys: &[AdapterKey],
     detokenizer: &SharedDetokenizer,
-    workload: Workload,
-) -> Result<Summary, BenchError> {
-    let slots = keys.len();
-    let per_seq = crate::engine::kv::blocks_for(args.prompt_len + args.max_tokens as usize);
+    slots: usize,
+    max_tokens: u32,
+) -> Result<EngineHandle, BenchError> {
+    let per_seq = crate::engine::kv::blocks_for(args.prompt_len + max_tokens as usize);
     let kv_blocks = per_seq * args.max_running + 1;
     let engine_config = EngineConfig {
         max_running: args.max_running,
         max_step_tokens: args.max_step_tokens,
-        max_queued: args.requests + keys.len() + 1,
-        stream_capacity: args.max_tokens as usize + 8,
+        max_queued: args.requests + slots + 1,
+        stream_capacity: max_tokens as usize + 8,
         cache: CacheConfig {
             device_slots: slots,
             host_bytes: 64 << 30,
@@ -594,7 +618,7 @@ fn run_workload(
     };
     let source = Arc::clone(source) as Arc<dyn AdapterSource>;
     let metrics = EngineMetrics::unregistered()?;
-    let engine = match args.device {
+    Ok(match args.device {
         BenchDevice::Cpu => {
             let args = args.clone();
             let cell = BackendCell::default();
@@ -635,7 +659,25 @@ fn run_workload(
                 metrics,
             )?
         }
-    };
+    })
+}
+
+fn run_workload(
+    args: &BenchEngineArgs,
+    config: &LlamaConfig,
+    source: &Arc<MemorySource>,
+    keys: &[AdapterKey],
+    detokenizer: &SharedDetokenizer,
+    workload: Workload,
+) -> Result<Summary, BenchError> {
+    let engine = start_engine(
+        args,
+        config,
+        source,
+        detokenizer,
+        keys.len(),
+        args.max_tokens,
+    )?;
     let traffic = Traffic::generate(
         workload,
         args.requests,
@@ -646,22 +688,150 @@ fn run_workload(
         args.rate,
         args.seed,
     );
-    // Warm-up: make the workload's adapters resident so the run measures steady state.
+    warm_up(&engine, &traffic, keys)?;
+    let cpu_before = process_cpu_seconds();
+    let mut summary = drive(&engine, &traffic, keys)?;
+    summary.cpu_s = cpu_before.zip(process_cpu_seconds()).map(|(a, b)| b - a);
+    Ok(summary)
+}
+
+/// Make `traffic`'s adapters resident (one one-token request each), so a run measures the
+/// steady state.
+fn warm_up(
+    engine: &EngineHandle,
+    traffic: &Traffic,
+    keys: &[AdapterKey],
+) -> Result<(), BenchError> {
     let mut used: Vec<usize> = traffic.adapters.iter().flatten().copied().collect();
     used.sort_unstable();
     used.dedup();
     let warm = Traffic {
-        workload,
+        workload: traffic.workload,
         adapters: used.iter().map(|&a| Some(a)).collect(),
         arrivals: vec![Duration::ZERO; used.len()],
         prompts: vec![vec![0]; used.len()],
         max_tokens: 1,
     };
-    drive(&engine, &warm, keys)?;
-    let cpu_before = process_cpu_seconds();
-    let mut summary = drive(&engine, &traffic, keys)?;
-    summary.cpu_s = cpu_before.zip(process_cpu_seconds()).map(|(a, b)| b - a);
-    Ok(summary)
+    drive(engine, &warm, keys)?;
+    Ok(())
+}
+
+/// One request of `traffic`'s first prompt with adapter `adapter`, one token.
+fn probe(traffic: &Traffic, adapter: usize) -> Traffic {
+    Traffic {
+        workload: traffic.workload,
+        adapters: vec![Some(adapter)],
+        arrivals: vec![Duration::ZERO],
+        prompts: traffic.prompts.iter().take(1).cloned().collect(),
+        max_tokens: 1,
+    }
+}
+
+/// A request whose adapter is in neither the GPU nor the host tier, submitted while
+/// `max_running - 1` requests with resident adapters decode: its time to first token next to
+/// that of a request whose adapter is resident (one prefill among the decodes), and the
+/// decoding requests' inter-token latency while it waits.
+fn cold_adapter_report(
+    args: &BenchEngineArgs,
+    config: &LlamaConfig,
+    source: &Arc<MemorySource>,
+    keys: &[AdapterKey],
+    detokenizer: &SharedDetokenizer,
+) -> Result<String, BenchError> {
+    let mut all = keys.to_vec();
+    let cold = all.len();
+    all.push(AdapterKey {
+        id: Uuid::from_u128(cold as u128 + 1),
+        version: 1,
+    });
+    source.insert(
+        all[cold],
+        random_adapter(config, args.rank, 0.01, args.seed + cold as u64)?,
+    );
+    let long = args.max_tokens.saturating_mul(4).max(8);
+    let engine = start_engine(args, config, source, detokenizer, all.len(), long)?;
+    let background = Traffic::generate(
+        Workload::Distinct,
+        args.max_running.saturating_sub(1).max(1),
+        keys.len(),
+        args.prompt_len,
+        long,
+        config.vocab_size,
+        0.0,
+        args.seed + 1,
+    );
+    warm_up(&engine, &background, keys)?;
+    let (warm, cold_t, bg) = std::thread::scope(|scope| {
+        let bg = scope.spawn(|| drive_timings(&engine, &background, keys));
+        // Past the background's prefill: it is decoding when the probes arrive.
+        std::thread::sleep(Duration::from_millis(100));
+        let warm = drive_timings(&engine, &probe(&background, 0), &all);
+        let cold_t = drive_timings(&engine, &probe(&background, cold), &all);
+        let bg = bg
+            .join()
+            .unwrap_or_else(|_| Err(EngineError::Startup("background thread panicked".into())));
+        (warm, cold_t, bg)
+    });
+    let (warm, cold_t, bg) = (warm?, cold_t?, bg?);
+    let ttft = |t: &[RequestTiming]| -> Option<f64> {
+        let t = t.first()?;
+        Some(t.tokens.first()?.duration_since(t.submitted?).as_secs_f64() * 1e3)
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n### A request whose adapter is not resident, while {} requests decode\n",
+        background.prompts.len()
+    );
+    let failed: Vec<&String> = [&warm, &cold_t, &bg]
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.failed.as_ref())
+        .collect();
+    if let Some(first) = failed.first() {
+        let _ = writeln!(s, "{} requests failed, the first: {first}", failed.len());
+        return Ok(s);
+    }
+    let (Some(w), Some(c)) = (ttft(&warm), ttft(&cold_t)) else {
+        let _ = writeln!(s, "a probe request produced no token");
+        return Ok(s);
+    };
+    let _ = writeln!(
+        s,
+        "| request | time to first token ms |\n|---|---|\n| adapter resident (one prefill among the decodes) | {w:.1} |\n| adapter in no tier (fetch, validate, stage, copy to a slot, prefill) | {c:.1} |\n| difference (the load) | {:.1} |",
+        c - w
+    );
+    // The decoding requests' token gaps while the cold request waited.
+    let (start, end) = match cold_t.first() {
+        Some(RequestTiming {
+            submitted: Some(sub),
+            tokens,
+            ..
+        }) => (*sub, tokens.first().copied().unwrap_or(*sub)),
+        _ => return Ok(s),
+    };
+    let mut during = Vec::new();
+    let mut all_gaps = Vec::new();
+    for t in &bg {
+        for w in t.tokens.windows(2) {
+            let gap = w[1].duration_since(w[0]).as_secs_f64() * 1e3;
+            all_gaps.push(gap);
+            if w[1] > start && w[0] < end {
+                during.push(gap);
+            }
+        }
+    }
+    during.sort_unstable_by(f64::total_cmp);
+    all_gaps.sort_unstable_by(f64::total_cmp);
+    let _ = writeln!(
+        s,
+        "\nThe decoding requests meanwhile: {} tokens, inter-token latency p50 {:.1} ms, max {:.1} ms (over their whole run: p50 {:.1} ms).",
+        during.len(),
+        percentile(&during, 50.0),
+        during.last().copied().unwrap_or(0.0),
+        percentile(&all_gaps, 50.0)
+    );
+    Ok(s)
 }
 
 fn report(args: &BenchEngineArgs, config: &LlamaConfig, summaries: &[Summary]) -> String {

@@ -1,0 +1,62 @@
+//! `punica bench engine` on the CPU backend: the steady-state workloads and the request whose
+//! adapter is in no tier.
+
+use std::path::PathBuf;
+
+use punica::engine::bench::{BenchDevice, BenchEngineArgs, Workload, run};
+
+fn args(cold_adapter: bool) -> BenchEngineArgs {
+    BenchEngineArgs {
+        model: Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/untied")),
+        synthetic: None,
+        device: BenchDevice::Cpu,
+        workload: vec![Workload::Distinct],
+        adapters: 4,
+        rank: 4,
+        requests: 8,
+        prompt_len: 8,
+        max_tokens: 16,
+        rate: 0.0,
+        max_running: 8,
+        max_step_tokens: 256,
+        seed: 3,
+        output: None,
+        gpu_memory_fraction: 0.9,
+        cold_adapter,
+    }
+}
+
+#[test]
+fn a_request_whose_adapter_is_in_no_tier_is_served_while_the_others_decode() {
+    let report = run(&args(true)).unwrap();
+    let section = report
+        .split("### A request whose adapter is not resident, while 7 requests decode")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no cold-adapter section in:\n{report}"));
+    assert!(!section.contains("failed"), "{section}");
+    let ttft = |label: &str| -> f64 {
+        let line = section
+            .lines()
+            .find(|l| l.starts_with(&format!("| {label}")))
+            .unwrap_or_else(|| panic!("no row {label:?} in:\n{section}"));
+        line.trim_end_matches(" |")
+            .rsplit("| ")
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (warm, cold) = (ttft("adapter resident"), ttft("adapter in no tier"));
+    assert!(warm > 0.0 && cold > 0.0, "{section}");
+    assert!(
+        section.contains("The decoding requests meanwhile:"),
+        "{section}"
+    );
+}
+
+#[test]
+fn without_the_flag_the_report_has_no_cold_adapter_section() {
+    let report = run(&args(false)).unwrap();
+    assert!(report.contains("| distinct |"), "{report}");
+    assert!(!report.contains("not resident"), "{report}");
+}
