@@ -167,28 +167,6 @@ __device__ void rope_write_kv_impl(T* __restrict__ qkv, int row_stride,
 #define ATTN_WARPS 4
 #define ATTN_MAX_PER_LANE 8  // head_dim <= 256
 
-// The end of both attention kernels: merge the warps' online-softmax partials (max `s_m`,
-// sum `s_l`, unnormalised outputs in rows of `acc_stride` floats of `acc`; a warp that saw no
-// position has max -inf) into the head's output row `op` of `head_dim` elements.
-template <typename T>
-__device__ __forceinline__ void attention_merge(const float* s_m, const float* s_l,
-                                                const float* acc, int acc_stride, int head_dim,
-                                                T* __restrict__ op) {
-    float gm = NEG_INF;
-    for (int w = 0; w < ATTN_WARPS; ++w) gm = fmaxf(gm, s_m[w]);
-    float gl = 0.0f;
-    for (int w = 0; w < ATTN_WARPS; ++w) {
-        if (s_m[w] != NEG_INF) gl += s_l[w] * expf(s_m[w] - gm);
-    }
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float sum = 0.0f;
-        for (int w = 0; w < ATTN_WARPS; ++w) {
-            if (s_m[w] != NEG_INF) sum += acc[w * acc_stride + d] * expf(s_m[w] - gm);
-        }
-        op[d] = from_f32<T>(gl > 0.0f ? sum / gl : 0.0f);
-    }
-}
-
 // Causal paged attention, one block per (row, head); each warp walks a strided share of the
 // context with an online softmax in f32, then the warps' partial results are merged.
 // seqs: 5 u32 per sequence (row_start, num_rows, context_len, block_table_start, num_blocks).
@@ -248,8 +226,20 @@ __device__ void attention_impl(const T* __restrict__ q, int row_stride, int q_of
 #pragma unroll
     for (int i = 0; i < ATTN_MAX_PER_LANE; ++i) s_acc[warp][i * 32 + lane] = acc[i];
     __syncthreads();
-    attention_merge<T>(s_m, s_l, &s_acc[0][0], ATTN_MAX_PER_LANE * 32, head_dim,
-                       out + (size_t)row * n_heads * head_dim + (size_t)head * head_dim);
+    float gm = NEG_INF;
+    for (int w = 0; w < ATTN_WARPS; ++w) gm = fmaxf(gm, s_m[w]);
+    float gl = 0.0f;
+    for (int w = 0; w < ATTN_WARPS; ++w) {
+        if (s_m[w] != NEG_INF) gl += s_l[w] * expf(s_m[w] - gm);
+    }
+    T* op = out + (size_t)row * n_heads * head_dim + (size_t)head * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float sum = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; ++w) {
+            if (s_m[w] != NEG_INF) sum += s_acc[w][d] * expf(s_m[w] - gm);
+        }
+        op[d] = from_f32<T>(gl > 0.0f ? sum / gl : 0.0f);
+    }
 }
 
 // attention_impl for bf16/f16 caches with head_dim = 64 * W: lane l holds dims [2Wl, 2Wl + 2W)
@@ -352,8 +342,20 @@ __device__ void attention_vec_impl(const T* __restrict__ q, int row_stride, int 
 #pragma unroll
     for (int e = 0; e < E; ++e) s_acc[warp][lane * E + e] = acc[e];
     __syncthreads();
-    attention_merge<T>(s_m, s_l, &s_acc[0][0], HD, HD,
-                       out + (size_t)row * n_heads * HD + (size_t)head * HD);
+    float gm = NEG_INF;
+    for (int w = 0; w < ATTN_WARPS; ++w) gm = fmaxf(gm, s_m[w]);
+    float gl = 0.0f;
+    for (int w = 0; w < ATTN_WARPS; ++w) {
+        if (s_m[w] != NEG_INF) gl += s_l[w] * expf(s_m[w] - gm);
+    }
+    T* op = out + (size_t)row * n_heads * HD + (size_t)head * HD;
+    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+        float sum = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; ++w) {
+            if (s_m[w] != NEG_INF) sum += s_acc[w][d] * expf(s_m[w] - gm);
+        }
+        op[d] = from_f32<T>(gl > 0.0f ? sum / gl : 0.0f);
+    }
 }
 
 template <typename T>
