@@ -410,16 +410,7 @@ impl<B: Backend> Llama<B> {
                     }
                 })
                 .collect();
-            let seqs: Vec<SeqStep<'_>> = (0..requests.len())
-                .map(|i| SeqStep {
-                    tokens: &inputs[i],
-                    cached: cached[i],
-                    block_table: &tables[i],
-                    adapter_slot: requests[i].1,
-                    sample: true,
-                })
-                .collect();
-            let meta = StepMeta::build(&seqs)?;
+            let meta = batch_step_meta(requests, &inputs, &cached, &tables)?;
             let Some(logits) = self.forward_device(&meta, kv, lora)? else {
                 continue;
             };
@@ -434,6 +425,27 @@ impl<B: Backend> Llama<B> {
         }
         Ok(out)
     }
+}
+
+/// The metadata of one step of a fixed batch (as [`Llama::generate_greedy`] runs it): sequence
+/// `i` feeds `inputs[i]` after `cached[i]` cached tokens, in the KV blocks `tables[i]`, with
+/// the adapter slot of `requests[i]`, and every sequence samples.
+pub fn batch_step_meta(
+    requests: &[(Vec<u32>, Option<u32>)],
+    inputs: &[Vec<u32>],
+    cached: &[usize],
+    tables: &[Vec<u32>],
+) -> Result<StepMeta, BackendError> {
+    let seqs: Vec<SeqStep<'_>> = (0..requests.len())
+        .map(|i| SeqStep {
+            tokens: &inputs[i],
+            cached: cached[i],
+            block_table: &tables[i],
+            adapter_slot: requests[i].1,
+            sample: true,
+        })
+        .collect();
+    StepMeta::build(&seqs)
 }
 
 /// One step's LoRA application: a group's shrink (its projections read the same input) is

@@ -17,9 +17,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::engine::backend::cpu::CpuBackend;
-use crate::engine::backend::{BLOCK_SIZE, Backend, BackendError, Result, SeqStep, StepMeta};
+use crate::engine::backend::{BLOCK_SIZE, Backend, BackendError, Result};
 use crate::engine::lora::peft::LoraWeights;
-use crate::engine::model::llama::{KvCache, Llama, LoraState};
+use crate::engine::model::llama::{KvCache, Llama, LoraState, batch_step_meta};
 use crate::engine::model::tokenizer::Tokenizer;
 use crate::engine::synthetic::random_adapter;
 
@@ -120,16 +120,7 @@ fn run_steps<B: Backend>(
                 }
             })
             .collect();
-        let seqs: Vec<SeqStep<'_>> = (0..requests.len())
-            .map(|i| SeqStep {
-                tokens: &inputs[i],
-                cached: cached[i],
-                block_table: &tables[i],
-                adapter_slot: requests[i].1,
-                sample: true,
-            })
-            .collect();
-        let meta = StepMeta::build(&seqs)?;
+        let meta = batch_step_meta(requests, &inputs, &cached, &tables)?;
         let logits = model
             .forward(&meta, &mut kv, &lora)
             .map_err(|e| err("forward", e))?;
