@@ -12,6 +12,7 @@
 //! One step: `let logits = model.forward(&meta, &mut kv, &lora)?` returns
 //! `[meta.logit_rows.len(), vocab]` f32 logits, row-major.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -587,8 +588,7 @@ impl<B: Backend> StagedAdapter<B> {
     pub fn stage(backend: &B, weights: &LoraWeights) -> Result<Self, BackendError> {
         let mut groups = Vec::new();
         // Per group: the stacked A (borrowed when the group has one part present), then Bs.
-        let mut owned: Vec<Vec<f32>> = Vec::new();
-        let mut layout: Vec<(Option<usize>, Vec<&[f32]>)> = Vec::new();
+        let mut tensors: Vec<Cow<'_, [f32]>> = Vec::new();
         let mut max_rank = 0;
         for l in 0..weights.num_layers() {
             for g in LoraGroup::ALL {
@@ -602,25 +602,14 @@ impl<B: Backend> StagedAdapter<B> {
                 });
                 max_rank = max_rank.max(ranks.iter().sum());
                 groups.push((l, g, ranks));
-                let bs: Vec<&[f32]> = present.iter().map(|m| m.b.as_slice()).collect();
-                if present.len() == 1 {
-                    layout.push((
-                        None,
-                        [present[0].a.as_slice()].into_iter().chain(bs).collect(),
-                    ));
-                } else {
-                    owned.push(present.iter().flat_map(|m| m.a.iter().copied()).collect());
-                    layout.push((Some(owned.len() - 1), bs));
-                }
+                tensors.push(match present.as_slice() {
+                    [one] => Cow::Borrowed(one.a.as_slice()),
+                    _ => Cow::Owned(present.iter().flat_map(|m| m.a.iter().copied()).collect()),
+                });
+                tensors.extend(present.iter().map(|m| Cow::Borrowed(m.b.as_slice())));
             }
         }
-        let mut tensors: Vec<&[f32]> = Vec::new();
-        for (stacked, ts) in &layout {
-            if let Some(i) = stacked {
-                tensors.push(&owned[*i]);
-            }
-            tensors.extend(ts.iter().copied());
-        }
+        let tensors: Vec<&[f32]> = tensors.iter().map(|t| t.as_ref()).collect();
         let dtype = backend.dtype();
         let bytes = tensors.iter().map(|t| t.len() * dtype.size()).sum();
         Ok(StagedAdapter {
