@@ -370,3 +370,310 @@ DEFINE_EXPAND(f16, f16, 2, 4)
 DEFINE_EXPAND(f16, f16, 2, 8)
 DEFINE_EXPAND(f16, f16, 4, 4)
 DEFINE_EXPAND(f16, f16, 4, 8)
+
+// ---------------------------------------------------------------------------------------------
+// Fused shrink + expand over a thread-block cluster (sm_90): one launch per LoRA group, v never
+// leaves the chip. A cluster of gridDim.x blocks serves one row tile (blockIdx.y):
+//  1. each block reduces its share of h_in: part[row][k] = x[row, its k range] . A[k, range]^T,
+//     all of the slot's stacked rank, into its own shared memory;
+//  2. after a cluster barrier every block sums the cluster's partials over distributed shared
+//     memory into v[row][k] (f32, the whole rank), in a fixed order;
+//  3. each block then adds v . B_j^T to its share of the group's output columns, each 8-column
+//     tile reading v over the rank range of the parts it spans (a lane's own column reads zero
+//     outside its part), so part boundaries may fall anywhere.
+// The first chunk of B and y is loaded before the cluster barrier, overlapping the reduction.
+// Everything is read after pdl_enter: x may come from the kernel just before.
+
+#define FUSED_WARPS 8
+#define FUSED_NTW 8
+
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ u32 cluster_ctarank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ u32 cluster_nctarank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cluster_arrive() {
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// The f32 at the same shared-memory offset as `p`, in block `rank` of this cluster.
+__device__ __forceinline__ float ld_cluster(const float* p, u32 rank) {
+    u64 generic = reinterpret_cast<u64>(p), local;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(local) : "l"(generic));
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"((u32)local), "r"(rank));
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+#endif
+
+// One lane's B column of the group: its part's row of B (null: no part, or past the group),
+// where that part's ranks sit in v, and whether 16-byte loads are aligned.
+struct BCol {
+    const u16* p;
+    int voff;
+    int rank;
+};
+
+__device__ __forceinline__ BCol bcol_at(const LoraSlot* s, int col, int end0, int end1, int end2) {
+    BCol c;
+    c.p = nullptr;
+    c.voff = 0;
+    c.rank = 0;
+    if (col >= end2) return c;
+    const int j = (col >= end0) + (col >= end1);
+    const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
+    const void* b = s->b[j];
+    if (b == nullptr) return c;
+    c.rank = (int)s->prank[j];
+    c.voff = (int)s->voff[j];
+    c.p = reinterpret_cast<const u16*>(b) + (size_t)(col - start) * c.rank;
+    return c;
+}
+
+// Eight consecutive v positions [k, k + 8) of a lane's B column, zero outside its part.
+__device__ __forceinline__ uint4 load_bcol(const BCol& c, int k) {
+    const int kk = k - c.voff;
+    if (c.p == nullptr || kk >= c.rank || kk + 8 <= 0) return make_uint4(0u, 0u, 0u, 0u);
+    if (((c.rank | kk) & 7) == 0 && kk + 8 <= c.rank) {
+        return __ldg(reinterpret_cast<const uint4*>(c.p + kk));
+    }
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int a = kk + 2 * i, b = a + 1;
+        const u32 lo = (a >= 0 && a < c.rank) ? (u32)c.p[a] : 0u;
+        const u32 hi = (b >= 0 && b < c.rank) ? (u32)c.p[b] : 0u;
+        w[i] = lo | (hi << 16);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// The v range [lo, hi) the live parts overlapping columns [c0, c1) of the group occupy.
+__device__ __forceinline__ void tile_k_range(const LoraSlot* s, int c0, int c1, int end0, int end1,
+                                             int end2, int& lo, int& hi) {
+    lo = 1 << 30;
+    hi = 0;
+#pragma unroll
+    for (int j = 0; j < MAX_PARTS; ++j) {
+        const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
+        const int end = j == 0 ? end0 : (j == 1 ? end1 : end2);
+        if (s->b[j] != nullptr && start < c1 && c0 < end && start < end) {
+            lo = min(lo, (int)s->voff[j]);
+            hi = max(hi, (int)(s->voff[j] + s->prank[j]));
+        }
+    }
+    if (hi <= lo) lo = hi = 0;
+}
+
+template <typename T, int NT, int U>
+__device__ __forceinline__ void sgmv_fused_impl(
+    const T* __restrict__ x, int h_in, T* __restrict__ y, int y_stride, int col_offset, int end0,
+    int end1, int end2, int vs, const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+    const u32* __restrict__ segs) {
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ float smem[];
+    float* part = smem;           // [16][vs]: this block's partial over its k range
+    float* vsum = smem + 16 * vs; // [16][vs]: the cluster's sum, v
+
+    const int tile = blockIdx.y;
+    const u32 seg = tiles[2 * tile];
+    const int row0 = (int)tiles[2 * tile + 1];
+    const int seg_end = (int)segs[3 * seg + 1];
+    const u32 slot = segs[3 * seg + 2];
+    const LoraSlot* s = table + slot;
+    const void* slot_a = s->a;
+    const int slot_rank = (int)s->rank;
+    pdl_enter();
+    // One tile, one slot: the whole cluster leaves together, before any cluster barrier.
+    if (slot_a == nullptr || slot_rank <= 0) return;
+    const T* A = reinterpret_cast<const T*>(slot_a);
+    const int nrows = min(16, seg_end - row0);
+    const u32 cr = cluster_ctarank(), ncl = cluster_nctarank();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const bool r0ok = g < nrows, r1ok = g + 8 < nrows;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+    for (int i = threadIdx.x; i < nrows * vs; i += blockDim.x) part[i] = 0.0f;
+    __syncthreads();
+
+    // 1. This block's k range, every rank chunk of NT * 8.
+    const bool vec = (h_in & 7) == 0;
+    const int steps = (h_in + 31) >> 5;
+    const int per_block = (steps + (int)ncl - 1) / (int)ncl;
+    const int s_begin = (int)cr * per_block;
+    const int s_end = min(steps, s_begin + per_block);
+    const T* xr0 = x + (size_t)(row0 + g) * h_in;
+    const T* xr1 = x + (size_t)(row0 + g + 8) * h_in;
+    for (int rank_lo = 0; rank_lo < slot_rank; rank_lo += NT * 8) {
+        const int rank = min(slot_rank - rank_lo, NT * 8);
+        const T* Ar = A + (size_t)rank_lo * h_in;
+        float c[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.0f;
+        for (int st0 = s_begin + warp; st0 < s_end; st0 += FUSED_WARPS * U) {
+            uint4 w[U][NT];
+            uint4 xa[U], xb[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int st = st0 + u * FUSED_WARPS;
+                const bool ok = st < s_end;
+                const int k = st * 32 + q * 8;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const int n = nt * 8 + g;
+                    w[u][nt] = (ok && n < rank) ? load8(Ar + (size_t)n * h_in, k, h_in, vec) : zero;
+                }
+                xa[u] = (ok && r0ok) ? load8(xr0, k, h_in, vec) : zero;
+                xb[u] = (ok && r1ok) ? load8(xr1, k, h_in, vec) : zero;
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    if (nt * 8 < rank) {
+                        mma16816<T>(c[nt], xa[u].x, xb[u].x, xa[u].y, xb[u].y, w[u][nt].x, w[u][nt].y);
+                        mma16816<T>(c[nt], xa[u].z, xb[u].z, xa[u].w, xb[u].w, w[u][nt].z, w[u][nt].w);
+                    }
+                }
+            }
+        }
+        // c[nt][0..1]: row g, ranks nt*8 + 2q + {0,1}; c[nt][2..3]: row g + 8.
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const int col = nt * 8 + 2 * q;
+            float* p0 = part + g * vs + rank_lo + col;
+            float* p1 = part + (g + 8) * vs + rank_lo + col;
+            if (r0ok && col < rank) atomicAdd(p0, c[nt][0]);
+            if (r0ok && col + 1 < rank) atomicAdd(p0 + 1, c[nt][1]);
+            if (r1ok && col < rank) atomicAdd(p1, c[nt][2]);
+            if (r1ok && col + 1 < rank) atomicAdd(p1 + 1, c[nt][3]);
+        }
+    }
+
+    // First chunk of this warp's output tiles: B and the old y, loaded before the barrier.
+    const int n8 = (end2 + 7) >> 3;
+    const int t_per = (n8 + (int)ncl - 1) / (int)ncl;
+    const int t_begin = (int)cr * t_per, t_end = min(n8, t_begin + t_per);
+    const bool yal = ((y_stride | col_offset) & 1) == 0;
+    T* y0 = y + (size_t)(row0 + g) * y_stride + col_offset;
+    T* y1 = y + (size_t)(row0 + g + 8) * y_stride + col_offset;
+    int t0 = t_begin + warp * FUSED_NTW;
+    // Only B's first rank chunk and the old y stay in registers between loading and use; the
+    // tiles' part ranges are recomputed from the (cached) slot entry.
+    uint4 b[FUSED_NTW];
+    u32 yv[FUSED_NTW][2];
+    auto load_chunk = [&]() {
+#pragma unroll
+        for (int nt = 0; nt < FUSED_NTW; ++nt) {
+            const int t = t0 + nt;
+            const bool live = t < t_end;
+            int lo = 0, hi = 0;
+            if (live) tile_k_range(s, t * 8, t * 8 + 8, end0, end1, end2, lo, hi);
+            b[nt] = load_bcol(bcol_at(s, live ? t * 8 + g : end2, end0, end1, end2), lo + q * 8);
+            const int col = t * 8 + 2 * q;
+            yv[nt][0] = (live && r0ok) ? load_pair(y0, col, end2, yal) : 0u;
+            yv[nt][1] = (live && r1ok) ? load_pair(y1, col, end2, yal) : 0u;
+        }
+    };
+    if (t0 < t_end) load_chunk();
+
+    // 2. Sum the cluster's partials in a fixed order.
+    __syncthreads();
+    cluster_arrive();
+    cluster_wait();
+    for (int i = threadIdx.x; i < nrows * slot_rank; i += blockDim.x) {
+        const int row = i / slot_rank, col = i % slot_rank;
+        float sum = 0.0f;
+        for (u32 r = 0; r < ncl; ++r) sum += ld_cluster(part + row * vs + col, r);
+        vsum[row * vs + col] = sum;
+    }
+    // Our partials may be read by the others until they pass this barrier's wait (at the end).
+    cluster_arrive();
+    __syncthreads();
+
+    // 3. y += v . B^T over this warp's 8-column tiles.
+    const T dummy = T{};
+    const float* v0 = vsum + g * vs;
+    const float* v1 = vsum + (g + 8) * vs;
+    while (t0 < t_end) {
+#pragma unroll
+        for (int nt = 0; nt < FUSED_NTW; ++nt) {
+            const int t = t0 + nt;
+            if (t >= t_end) continue;
+            int klo, khi;
+            tile_k_range(s, t * 8, t * 8 + 8, end0, end1, end2, klo, khi);
+            // A tile whose columns have no live part is left untouched.
+            if (khi == 0) continue;
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int kc = klo; kc < khi; kc += 32) {
+                const int k = kc + q * 8;
+                const uint4 w =
+                    kc == klo ? b[nt] : load_bcol(bcol_at(s, t * 8 + g, end0, end1, end2), k);
+                float va[8], vb[8];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    va[i] = (r0ok && k + i < khi) ? v0[k + i] : 0.0f;
+                    vb[i] = (r1ok && k + i < khi) ? v1[k + i] : 0.0f;
+                }
+                u32 ah[8], al[8];
+                split_pair<T>(va[0], va[1], ah[0], al[0]);
+                split_pair<T>(vb[0], vb[1], ah[1], al[1]);
+                split_pair<T>(va[2], va[3], ah[2], al[2]);
+                split_pair<T>(vb[2], vb[3], ah[3], al[3]);
+                split_pair<T>(va[4], va[5], ah[4], al[4]);
+                split_pair<T>(vb[4], vb[5], ah[5], al[5]);
+                split_pair<T>(va[6], va[7], ah[6], al[6]);
+                split_pair<T>(vb[6], vb[7], ah[7], al[7]);
+                mma16816<T>(d, ah[0], ah[1], ah[2], ah[3], w.x, w.y);
+                mma16816<T>(d, al[0], al[1], al[2], al[3], w.x, w.y);
+                mma16816<T>(d, ah[4], ah[5], ah[6], ah[7], w.z, w.w);
+                mma16816<T>(d, al[4], al[5], al[6], al[7], w.z, w.w);
+            }
+            const int col = t * 8 + 2 * q;
+            if (r0ok && col < end2) {
+                const u32 o = yv[nt][0];
+                store_pair(y0, col, end2, yal,
+                           pack2<T>(lo_f32(dummy, o) + d[0], hi_f32(dummy, o) + d[1]));
+            }
+            if (r1ok && col < end2) {
+                const u32 o = yv[nt][1];
+                store_pair(y1, col, end2, yal,
+                           pack2<T>(lo_f32(dummy, o) + d[2], hi_f32(dummy, o) + d[3]));
+            }
+        }
+        t0 += FUSED_WARPS * FUSED_NTW;
+        if (t0 < t_end) load_chunk();
+    }
+    cluster_wait();
+#endif
+}
+
+#define DEFINE_FUSED(TNAME, TYPE, NT, U)                                                     \
+    extern "C" __global__ void __launch_bounds__(FUSED_WARPS * 32, 2)                        \
+        sgmv_fused_##TNAME##_n##NT(                                                          \
+            const TYPE* __restrict__ x, int h_in, TYPE* __restrict__ y, int y_stride,        \
+            int col_offset, int end0, int end1, int end2, int vs,                            \
+            const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,               \
+            const u32* __restrict__ segs) {                                                  \
+        sgmv_fused_impl<TYPE, NT, U>(x, h_in, y, y_stride, col_offset, end0, end1, end2, vs, \
+                                     table, tiles, segs);                                    \
+    }
+
+// Rank chunks of 16, 32 or 64 per pass over this block's k range (a wider rank takes passes).
+DEFINE_FUSED(bf16, bf16, 2, 4)
+DEFINE_FUSED(bf16, bf16, 4, 2)
+DEFINE_FUSED(bf16, bf16, 8, 1)
+DEFINE_FUSED(f16, f16, 2, 4)
+DEFINE_FUSED(f16, f16, 4, 2)
+DEFINE_FUSED(f16, f16, 8, 1)
