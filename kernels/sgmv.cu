@@ -386,6 +386,7 @@ DEFINE_EXPAND(f16, f16, 4, 8)
 
 #define FUSED_WARPS 8
 #define FUSED_NTW 8
+#define FUSED_MAX_CLUSTER 16
 
 #if __CUDA_ARCH__ >= 900
 __device__ __forceinline__ u32 cluster_ctarank() {
@@ -411,7 +412,7 @@ __device__ __forceinline__ float ld_cluster(const float* p, u32 rank) {
     u32 remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"((u32)local), "r"(rank));
     float v;
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote));
     return v;
 }
 #endif
@@ -594,8 +595,15 @@ __device__ __forceinline__ void sgmv_fused_impl(
     cluster_wait();
     for (int i = threadIdx.x; i < nrows * slot_rank; i += blockDim.x) {
         const int row = i / slot_rank, col = i % slot_rank;
+        // All remote loads first, so they are in flight together.
+        float got[FUSED_MAX_CLUSTER];
+#pragma unroll
+        for (int r = 0; r < FUSED_MAX_CLUSTER; ++r) {
+            got[r] = r < (int)ncl ? ld_cluster(part + row * vs + col, (u32)r) : 0.0f;
+        }
         float sum = 0.0f;
-        for (u32 r = 0; r < ncl; ++r) sum += ld_cluster(part + row * vs + col, r);
+#pragma unroll
+        for (int r = 0; r < FUSED_MAX_CLUSTER; ++r) sum += got[r];
         vsum[row * vs + col] = sum;
     }
     // Our partials may be read by the others until they pass this barrier's wait (at the end).

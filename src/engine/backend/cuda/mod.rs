@@ -293,6 +293,8 @@ pub struct CudaBackend {
     fused_lora: bool,
     /// Blocks per cluster of the fused kernel (`PUNICA_FUSED_CLUSTER`: 2, 4, 8 or 16).
     fused_cluster: u32,
+    /// Launch the fused kernel with programmatic dependent launch (`PUNICA_FUSED_PDL=0`: not).
+    fused_pdl: bool,
 }
 
 // SAFETY: the cuBLAS handle is only used under the backend's own calls, which bind the context
@@ -432,6 +434,7 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .filter(|v: &u32| plan::FUSED_CLUSTERS.contains(v))
                 .unwrap_or(plan::FUSED_CLUSTER),
+            fused_pdl: std::env::var("PUNICA_FUSED_PDL").as_deref() != Ok("0"),
         })
     }
 
@@ -467,8 +470,9 @@ impl CudaBackend {
     pub fn lora_path(&self) -> String {
         if self.fused_lora {
             format!(
-                "fused shrink+expand, one kernel per group, clusters of {}",
-                self.fused_cluster
+                "fused shrink+expand, one kernel per group, clusters of {}{}",
+                self.fused_cluster,
+                if self.fused_pdl { "" } else { ", without PDL" }
             )
         } else if self.side_stream {
             "shrink on the side stream beside the GEMM, expand after it".into()
@@ -1761,7 +1765,7 @@ impl Backend for CudaBackend {
                 Arg::Ptr(meta.at(meta.layout.tiles)),
                 Arg::Ptr(meta.at(meta.layout.segs)),
             ],
-            self.pdl,
+            self.pdl && self.fused_pdl,
             LaunchExtra {
                 cluster,
                 smem: smem as u32,
