@@ -385,7 +385,7 @@ DEFINE_EXPAND(f16, f16, 4, 8)
 // Everything is read after pdl_enter: x may come from the kernel just before.
 
 #define FUSED_WARPS 8
-#define FUSED_NTW 8
+#define FUSED_NTW 4
 #define FUSED_MAX_CLUSTER 16
 
 #if __CUDA_ARCH__ >= 900
@@ -417,63 +417,93 @@ __device__ __forceinline__ float ld_cluster(const float* p, u32 rank) {
 }
 #endif
 
-// One lane's B column of the group: its part's row of B (null: no part, or past the group),
-// where that part's ranks sit in v, and whether 16-byte loads are aligned.
-struct BCol {
-    const u16* p;
-    int voff;
-    int rank;
+// A slot's entry for one group, in registers: where each part's columns start and end in
+// the group, its B (null: the slot lacks it), rank and first position in v.
+struct SlotParts {
+    const u16* b[MAX_PARTS];
+    int rank[MAX_PARTS];
+    int voff[MAX_PARTS];
+    int start[MAX_PARTS];
+    int end[MAX_PARTS];
 };
 
-__device__ __forceinline__ BCol bcol_at(const LoraSlot* s, int col, int end0, int end1, int end2) {
-    BCol c;
-    c.p = nullptr;
-    c.voff = 0;
-    c.rank = 0;
-    if (col >= end2) return c;
-    const int j = (col >= end0) + (col >= end1);
-    const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
-    const void* b = s->b[j];
-    if (b == nullptr) return c;
-    c.rank = (int)s->prank[j];
-    c.voff = (int)s->voff[j];
-    c.p = reinterpret_cast<const u16*>(b) + (size_t)(col - start) * c.rank;
-    return c;
+__device__ __forceinline__ int part_of(const SlotParts& sp, int col) {
+    return (col >= sp.end[0]) + (col >= sp.end[1]);
 }
 
-// Eight consecutive v positions [k, k + 8) of a lane's B column, zero outside its part.
-__device__ __forceinline__ uint4 load_bcol(const BCol& c, int k) {
-    const int kk = k - c.voff;
-    if (c.p == nullptr || kk >= c.rank || kk + 8 <= 0) return make_uint4(0u, 0u, 0u, 0u);
-    if (((c.rank | kk) & 7) == 0 && kk + 8 <= c.rank) {
-        return __ldg(reinterpret_cast<const uint4*>(c.p + kk));
+// Element j of a per-part array by selects, so the struct stays in registers.
+template <typename V>
+__device__ __forceinline__ V pick(const V (&a)[MAX_PARTS], int j) {
+    return j == 0 ? a[0] : (j == 1 ? a[1] : a[2]);
+}
+
+// Eight consecutive v positions [k, k + 8) of group column `col`'s B row, zero outside its
+// part's ranks (or when the column is past the group or its part is missing).
+__device__ __forceinline__ uint4 load_bcol(const SlotParts& sp, int col, int k) {
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    if (col >= sp.end[2]) return zero;
+    const int j = part_of(sp, col);
+    const u16* p = pick(sp.b, j);
+    const int rank = pick(sp.rank, j);
+    const int kk = k - pick(sp.voff, j);
+    if (p == nullptr || kk >= rank || kk + 8 <= 0) return zero;
+    p += (size_t)(col - pick(sp.start, j)) * rank;
+    if (((rank | kk) & 7) == 0 && kk + 8 <= rank) {
+        return __ldg(reinterpret_cast<const uint4*>(p + kk));
     }
     u32 w[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int a = kk + 2 * i, b = a + 1;
-        const u32 lo = (a >= 0 && a < c.rank) ? (u32)c.p[a] : 0u;
-        const u32 hi = (b >= 0 && b < c.rank) ? (u32)c.p[b] : 0u;
+        const u32 lo = (a >= 0 && a < rank) ? (u32)p[a] : 0u;
+        const u32 hi = (b >= 0 && b < rank) ? (u32)p[b] : 0u;
         w[i] = lo | (hi << 16);
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// The v range [lo, hi) the live parts overlapping columns [c0, c1) of the group occupy.
-__device__ __forceinline__ void tile_k_range(const LoraSlot* s, int c0, int c1, int end0, int end1,
-                                             int end2, int& lo, int& hi) {
+// The v range [lo, hi) the live parts overlapping group columns [c0, c1) occupy (empty: none).
+__device__ __forceinline__ void cols_k_range(const SlotParts& sp, int c0, int c1, int& lo,
+                                             int& hi) {
     lo = 1 << 30;
     hi = 0;
 #pragma unroll
     for (int j = 0; j < MAX_PARTS; ++j) {
-        const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
-        const int end = j == 0 ? end0 : (j == 1 ? end1 : end2);
-        if (s->b[j] != nullptr && start < c1 && c0 < end && start < end) {
-            lo = min(lo, (int)s->voff[j]);
-            hi = max(hi, (int)(s->voff[j] + s->prank[j]));
+        if (sp.b[j] != nullptr && sp.start[j] < c1 && c0 < sp.end[j]) {
+            lo = min(lo, sp.voff[j]);
+            hi = max(hi, sp.voff[j] + sp.rank[j]);
         }
     }
     if (hi <= lo) lo = hi = 0;
+}
+
+// The A operand of one mma k-chunk from v rows g and g + 8 (f32 in shared memory) at positions
+// [k, k + 8) below `hi`, as high and low half-precision parts (v = hi + lo to ~2^-16).
+template <typename T>
+__device__ __forceinline__ void v_frags(const float* v0, const float* v1, bool r0ok, bool r1ok,
+                                        int k, int hi, u32* ah, u32* al) {
+    float va[8], vb[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        va[i] = (r0ok && k + i < hi) ? v0[k + i] : 0.0f;
+        vb[i] = (r1ok && k + i < hi) ? v1[k + i] : 0.0f;
+    }
+    split_pair<T>(va[0], va[1], ah[0], al[0]);
+    split_pair<T>(vb[0], vb[1], ah[1], al[1]);
+    split_pair<T>(va[2], va[3], ah[2], al[2]);
+    split_pair<T>(vb[2], vb[3], ah[3], al[3]);
+    split_pair<T>(va[4], va[5], ah[4], al[4]);
+    split_pair<T>(vb[4], vb[5], ah[5], al[5]);
+    split_pair<T>(va[6], va[7], ah[6], al[6]);
+    split_pair<T>(vb[6], vb[7], ah[7], al[7]);
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_v(float* d, const u32* ah, const u32* al, uint4 w) {
+    mma16816<T>(d, ah[0], ah[1], ah[2], ah[3], w.x, w.y);
+    mma16816<T>(d, al[0], al[1], al[2], al[3], w.x, w.y);
+    mma16816<T>(d, ah[4], ah[5], ah[6], ah[7], w.z, w.w);
+    mma16816<T>(d, al[4], al[5], al[6], al[7], w.z, w.w);
 }
 
 template <typename T, int NT, int U>
@@ -486,6 +516,7 @@ __device__ __forceinline__ void sgmv_fused_impl(
     float* part = smem;           // [16][vs]: this block's partial over its k range
     float* vsum = smem + 16 * vs; // [16][vs]: the cluster's sum, v
 
+    // Step metadata and the adapter table come from host copies: read before the wait.
     const int tile = blockIdx.y;
     const u32 seg = tiles[2 * tile];
     const int row0 = (int)tiles[2 * tile + 1];
@@ -494,6 +525,17 @@ __device__ __forceinline__ void sgmv_fused_impl(
     const LoraSlot* s = table + slot;
     const void* slot_a = s->a;
     const int slot_rank = (int)s->rank;
+    SlotParts sp;
+#pragma unroll
+    for (int j = 0; j < MAX_PARTS; ++j) {
+        sp.b[j] = reinterpret_cast<const u16*>(s->b[j]);
+        sp.rank[j] = (int)s->prank[j];
+        sp.voff[j] = (int)s->voff[j];
+    }
+    sp.start[0] = 0;
+    sp.end[0] = sp.start[1] = end0;
+    sp.end[1] = sp.start[2] = end1;
+    sp.end[2] = end2;
     pdl_enter();
     // One tile, one slot: the whole cluster leaves together, before any cluster barrier.
     if (slot_a == nullptr || slot_rank <= 0) return;
@@ -562,7 +604,10 @@ __device__ __forceinline__ void sgmv_fused_impl(
         }
     }
 
-    // First chunk of this warp's output tiles: B and the old y, loaded before the barrier.
+    // Each warp takes FUSED_NTW 8-column tiles at a time of this block's share of the group's
+    // columns. A chunk inside one part (the usual case) shares its v fragments over its tiles;
+    // one that straddles parts goes tile by tile. The first chunk's B (first rank chunk) and
+    // old y are loaded before the cluster barrier.
     const int n8 = (end2 + 7) >> 3;
     const int t_per = (n8 + (int)ncl - 1) / (int)ncl;
     const int t_begin = (int)cr * t_per, t_end = min(n8, t_begin + t_per);
@@ -570,21 +615,24 @@ __device__ __forceinline__ void sgmv_fused_impl(
     T* y0 = y + (size_t)(row0 + g) * y_stride + col_offset;
     T* y1 = y + (size_t)(row0 + g + 8) * y_stride + col_offset;
     int t0 = t_begin + warp * FUSED_NTW;
-    // Only B's first rank chunk and the old y stay in registers between loading and use; the
-    // tiles' part ranges are recomputed from the (cached) slot entry.
+    int c0 = 0, c1 = 0;
+    bool uni = false;
     uint4 b[FUSED_NTW];
     u32 yv[FUSED_NTW][2];
     auto load_chunk = [&]() {
+        c0 = t0 * 8;
+        c1 = min(min(t0 + FUSED_NTW, t_end) * 8, end2);
+        uni = part_of(sp, c0) == part_of(sp, c1 - 1);
+        int lo, hi;
+        if (uni) cols_k_range(sp, c0, c1, lo, hi);
 #pragma unroll
         for (int nt = 0; nt < FUSED_NTW; ++nt) {
-            const int t = t0 + nt;
-            const bool live = t < t_end;
-            int lo = 0, hi = 0;
-            if (live) tile_k_range(s, t * 8, t * 8 + 8, end0, end1, end2, lo, hi);
-            b[nt] = load_bcol(bcol_at(s, live ? t * 8 + g : end2, end0, end1, end2), lo + q * 8);
-            const int col = t * 8 + 2 * q;
-            yv[nt][0] = (live && r0ok) ? load_pair(y0, col, end2, yal) : 0u;
-            yv[nt][1] = (live && r1ok) ? load_pair(y1, col, end2, yal) : 0u;
+            const int tc = c0 + nt * 8;
+            if (!uni && tc < c1) cols_k_range(sp, tc, tc + 8, lo, hi);
+            b[nt] = (tc < c1 && hi > 0) ? load_bcol(sp, tc + g, lo + q * 8) : zero;
+            const int col = tc + 2 * q;
+            yv[nt][0] = (tc < c1 && r0ok) ? load_pair(y0, col, end2, yal) : 0u;
+            yv[nt][1] = (tc < c1 && r1ok) ? load_pair(y1, col, end2, yal) : 0u;
         }
     };
     if (t0 < t_end) load_chunk();
@@ -610,54 +658,60 @@ __device__ __forceinline__ void sgmv_fused_impl(
     cluster_arrive();
     __syncthreads();
 
-    // 3. y += v . B^T over this warp's 8-column tiles.
+    // 3. y += v . B^T.
     const T dummy = T{};
     const float* v0 = vsum + g * vs;
     const float* v1 = vsum + (g + 8) * vs;
     while (t0 < t_end) {
+        float d[FUSED_NTW][4];
 #pragma unroll
-        for (int nt = 0; nt < FUSED_NTW; ++nt) {
-            const int t = t0 + nt;
-            if (t >= t_end) continue;
+        for (int nt = 0; nt < FUSED_NTW; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.0f;
+        bool live[FUSED_NTW];
+        if (uni) {
             int klo, khi;
-            tile_k_range(s, t * 8, t * 8 + 8, end0, end1, end2, klo, khi);
-            // A tile whose columns have no live part is left untouched.
-            if (khi == 0) continue;
-            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            cols_k_range(sp, c0, c1, klo, khi);
             for (int kc = klo; kc < khi; kc += 32) {
                 const int k = kc + q * 8;
-                const uint4 w =
-                    kc == klo ? b[nt] : load_bcol(bcol_at(s, t * 8 + g, end0, end1, end2), k);
-                float va[8], vb[8];
-#pragma unroll
-                for (int i = 0; i < 8; ++i) {
-                    va[i] = (r0ok && k + i < khi) ? v0[k + i] : 0.0f;
-                    vb[i] = (r1ok && k + i < khi) ? v1[k + i] : 0.0f;
-                }
                 u32 ah[8], al[8];
-                split_pair<T>(va[0], va[1], ah[0], al[0]);
-                split_pair<T>(vb[0], vb[1], ah[1], al[1]);
-                split_pair<T>(va[2], va[3], ah[2], al[2]);
-                split_pair<T>(vb[2], vb[3], ah[3], al[3]);
-                split_pair<T>(va[4], va[5], ah[4], al[4]);
-                split_pair<T>(vb[4], vb[5], ah[5], al[5]);
-                split_pair<T>(va[6], va[7], ah[6], al[6]);
-                split_pair<T>(vb[6], vb[7], ah[7], al[7]);
-                mma16816<T>(d, ah[0], ah[1], ah[2], ah[3], w.x, w.y);
-                mma16816<T>(d, al[0], al[1], al[2], al[3], w.x, w.y);
-                mma16816<T>(d, ah[4], ah[5], ah[6], ah[7], w.z, w.w);
-                mma16816<T>(d, al[4], al[5], al[6], al[7], w.z, w.w);
+                v_frags<T>(v0, v1, r0ok, r1ok, k, khi, ah, al);
+#pragma unroll
+                for (int nt = 0; nt < FUSED_NTW; ++nt) {
+                    const int tc = c0 + nt * 8;
+                    const uint4 w = kc == klo ? b[nt] : (tc < c1 ? load_bcol(sp, tc + g, k) : zero);
+                    mma_v<T>(d[nt], ah, al, w);
+                }
             }
-            const int col = t * 8 + 2 * q;
-            if (r0ok && col < end2) {
+#pragma unroll
+            for (int nt = 0; nt < FUSED_NTW; ++nt) live[nt] = khi > 0;
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < FUSED_NTW; ++nt) {
+                const int tc = c0 + nt * 8;
+                int klo = 0, khi = 0;
+                if (tc < c1) cols_k_range(sp, tc, tc + 8, klo, khi);
+                live[nt] = khi > 0;
+                for (int kc = klo; kc < khi; kc += 32) {
+                    const int k = kc + q * 8;
+                    u32 ah[8], al[8];
+                    v_frags<T>(v0, v1, r0ok, r1ok, k, khi, ah, al);
+                    mma_v<T>(d[nt], ah, al, kc == klo ? b[nt] : load_bcol(sp, tc + g, k));
+                }
+            }
+        }
+        // A tile whose columns have no live part is left untouched.
+#pragma unroll
+        for (int nt = 0; nt < FUSED_NTW; ++nt) {
+            const int col = c0 + nt * 8 + 2 * q;
+            if (!live[nt] || c0 + nt * 8 >= c1 || col >= end2) continue;
+            if (r0ok) {
                 const u32 o = yv[nt][0];
                 store_pair(y0, col, end2, yal,
-                           pack2<T>(lo_f32(dummy, o) + d[0], hi_f32(dummy, o) + d[1]));
+                           pack2<T>(lo_f32(dummy, o) + d[nt][0], hi_f32(dummy, o) + d[nt][1]));
             }
-            if (r1ok && col < end2) {
+            if (r1ok) {
                 const u32 o = yv[nt][1];
                 store_pair(y1, col, end2, yal,
-                           pack2<T>(lo_f32(dummy, o) + d[2], hi_f32(dummy, o) + d[3]));
+                           pack2<T>(lo_f32(dummy, o) + d[nt][2], hi_f32(dummy, o) + d[nt][3]));
             }
         }
         t0 += FUSED_WARPS * FUSED_NTW;
