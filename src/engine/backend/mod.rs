@@ -527,34 +527,6 @@ pub trait Backend: Send + Sync + 'static {
         y: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// A LoRA group's whole delta: [`Backend::sgmv_shrink`] of `x` into `v`, then
-    /// [`Backend::sgmv_expand`] from it into `y`, with the same arguments. A backend may do
-    /// both in one pass that keeps `v` on chip ([`Backend::fused_lora`]); `v` is then scratch
-    /// whose contents are unspecified afterwards.
-    #[allow(clippy::too_many_arguments)]
-    fn sgmv_apply(
-        &self,
-        x: &Self::Buf,
-        table: &Self::LoraTable,
-        meta: &Self::Meta,
-        h_in: usize,
-        v_stride: usize,
-        v: &mut Self::Buf,
-        outs: &[usize],
-        y_stride: usize,
-        col_offset: usize,
-        y: &mut Self::Buf,
-    ) -> Result<()> {
-        self.sgmv_shrink(x, table, meta, h_in, v_stride, v)?;
-        self.sgmv_expand(v, table, meta, v_stride, outs, y_stride, col_offset, y)
-    }
-
-    /// Whether [`Backend::sgmv_apply`] is one fused pass. The forward then issues it after the
-    /// base GEMM; otherwise the shrink goes to the side queue beside the GEMM.
-    fn fused_lora(&self) -> bool {
-        false
-    }
-
     /// Gather `meta.logit_rows` of `x: [rows, hidden]` into `out: [logit_rows, hidden]`.
     fn gather_rows(
         &self,

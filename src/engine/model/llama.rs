@@ -305,15 +305,7 @@ impl<B: Backend> Llama<B> {
                 qkv_dim,
                 &mut qkv,
             )?;
-            lora.expand(
-                pending,
-                l,
-                LoraGroup::Qkv,
-                &normed,
-                &mut v,
-                &mut qkv,
-                qkv_dim,
-            )?;
+            lora.expand(pending, l, LoraGroup::Qkv, &v, &mut qkv, qkv_dim)?;
             let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
             b.rope_write_kv(
                 &mut qkv,
@@ -329,7 +321,7 @@ impl<B: Backend> Llama<B> {
             )?;
             let pending = lora.shrink(l, LoraGroup::O, &attn, &mut v)?;
             b.matmul(&attn, &layer.self_attn.o_proj, rows, q_dim, h, &mut proj)?;
-            lora.expand(pending, l, LoraGroup::O, &attn, &mut v, &mut proj, h)?;
+            lora.expand(pending, l, LoraGroup::O, &v, &mut proj, h)?;
             b.add_rms_norm(
                 &mut residual,
                 &proj,
@@ -348,19 +340,11 @@ impl<B: Backend> Llama<B> {
                 2 * inter,
                 &mut gate_up,
             )?;
-            lora.expand(
-                pending,
-                l,
-                LoraGroup::GateUp,
-                &normed,
-                &mut v,
-                &mut gate_up,
-                2 * inter,
-            )?;
+            lora.expand(pending, l, LoraGroup::GateUp, &v, &mut gate_up, 2 * inter)?;
             b.silu_mul(&gate_up, rows, inter, &mut act)?;
             let pending = lora.shrink(l, LoraGroup::Down, &act, &mut v)?;
             b.matmul(&act, &layer.mlp.down_proj, rows, inter, h, &mut proj)?;
-            lora.expand(pending, l, LoraGroup::Down, &act, &mut v, &mut proj, h)?;
+            lora.expand(pending, l, LoraGroup::Down, &v, &mut proj, h)?;
             let next_norm = match self.layers.get(l + 1) {
                 Some(next) => &next.input_layernorm,
                 None => &self.norm,
@@ -465,9 +449,8 @@ pub fn batch_step_meta(
     StepMeta::build(&seqs)
 }
 
-/// One step's LoRA application. With a fused backend ([`Backend::fused_lora`]) a group's
-/// whole delta is one op after the base GEMM; otherwise its shrink (the group's projections read
-/// the same input) is issued on the backend's side queue before the GEMM, its expand after it.
+/// One step's LoRA application: a group's shrink (its projections read the same input) is
+/// issued on the backend's side queue before the base GEMM, its expand after it.
 struct Lora<'a, B: Backend> {
     b: &'a B,
     state: &'a LoraState<B>,
@@ -478,16 +461,12 @@ struct Lora<'a, B: Backend> {
 }
 
 impl<B: Backend> Lora<'_, B> {
-    /// Before the base GEMM: shrink `x` into `v` for `group` on the side queue, when any
-    /// resident adapter targets it and the backend does not fuse. Returns whether the group
-    /// has LoRA work left for [`Self::expand`].
+    /// Shrink `x` into `v` for `group` on the side queue, when any resident adapter targets
+    /// it. Returns whether it was issued (then [`Self::expand`] joins the side queue).
     fn shrink(&self, layer: usize, group: LoraGroup, x: &B::Buf, v: &mut B::Buf) -> Result<bool> {
         let Some(table) = self.table(layer, group) else {
             return Ok(false);
         };
-        if self.b.fused_lora() {
-            return Ok(true);
-        }
         let (h_in, _) = self.config.group_dims(group);
         self.b.begin_side()?;
         let issued = self
@@ -498,39 +477,21 @@ impl<B: Backend> Lora<'_, B> {
     }
 
     /// After the base GEMM wrote `y` (the group's outputs side by side from column 0):
-    /// `y += (x · Aᵀ) · Bᵀ` per part, if [`Self::shrink`] left work pending: the fused op, or
-    /// the expand of the side queue's shrink.
-    #[allow(clippy::too_many_arguments)]
+    /// `y += v · Bᵀ` per part, if [`Self::shrink`] issued the group's shrink.
     fn expand(
         &self,
         pending: bool,
         layer: usize,
         group: LoraGroup,
-        x: &B::Buf,
-        v: &mut B::Buf,
+        v: &B::Buf,
         y: &mut B::Buf,
         y_stride: usize,
     ) -> Result<()> {
         let (true, Some(table)) = (pending, self.table(layer, group)) else {
             return Ok(());
         };
-        let (h_in, outs) = self.config.group_dims(group);
-        if self.b.fused_lora() {
-            self.b.sgmv_apply(
-                x,
-                table,
-                self.meta,
-                h_in,
-                self.max_rank,
-                v,
-                &outs,
-                y_stride,
-                0,
-                y,
-            )?;
-            return Ok(());
-        }
         self.b.join_side()?;
+        let (_, outs) = self.config.group_dims(group);
         self.b
             .sgmv_expand(v, table, self.meta, self.max_rank, &outs, y_stride, 0, y)?;
         Ok(())

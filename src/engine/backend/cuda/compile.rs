@@ -273,9 +273,6 @@ mod tests {
             let defined = if let Some(rest) = name.strip_prefix("sgmv_shrink_") {
                 let (t, n) = rest.split_once("_n").unwrap();
                 src.contains(&format!("DEFINE_SHRINK({t}, {t}, {n},"))
-            } else if let Some(rest) = name.strip_prefix("sgmv_fused_") {
-                let (t, n) = rest.split_once("_n").unwrap();
-                src.contains(&format!("DEFINE_FUSED({t}, {t}, {n},"))
             } else if let Some(rest) = name.strip_prefix("sgmv_expand_") {
                 let (t, kw) = rest.split_once("_k").unwrap();
                 let (k, w) = kw.split_once("_w").unwrap();

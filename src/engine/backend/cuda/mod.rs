@@ -238,22 +238,6 @@ enum Last {
     Other,
 }
 
-/// Launch shape beyond grid and block: blocks per cluster (1: none) and dynamic shared memory.
-#[derive(Clone, Copy, Debug)]
-struct LaunchExtra {
-    cluster: u32,
-    smem: u32,
-}
-
-impl Default for LaunchExtra {
-    fn default() -> Self {
-        LaunchExtra {
-            cluster: 1,
-            smem: 0,
-        }
-    }
-}
-
 /// The CUDA backend on one GPU.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -288,13 +272,6 @@ pub struct CudaBackend {
     side_stream: bool,
     /// Per-kernel timing of real steps (`PUNICA_PROFILE_OPS=1`, see `profile`).
     profile: Option<Mutex<profile::OpProfile>>,
-    /// [`Backend::sgmv_apply`] as one clustered kernel (sm_90+; `PUNICA_FUSED_LORA=0` keeps
-    /// the shrink beside the GEMM on the side stream and the expand after it).
-    fused_lora: bool,
-    /// Blocks per cluster of the fused kernel (`PUNICA_FUSED_CLUSTER`: 2, 4, 8 or 16).
-    fused_cluster: u32,
-    /// Launch the fused kernel with programmatic dependent launch (`PUNICA_FUSED_PDL=0`: not).
-    fused_pdl: bool,
 }
 
 // SAFETY: the cuBLAS handle is only used under the backend's own calls, which bind the context
@@ -428,13 +405,6 @@ impl CudaBackend {
                 Ok("8") => 8,
                 _ => 4,
             },
-            fused_lora: cc.0 >= 9 && std::env::var("PUNICA_FUSED_LORA").as_deref() != Ok("0"),
-            fused_cluster: std::env::var("PUNICA_FUSED_CLUSTER")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|v: &u32| plan::FUSED_CLUSTERS.contains(v))
-                .unwrap_or(plan::FUSED_CLUSTER),
-            fused_pdl: std::env::var("PUNICA_FUSED_PDL").as_deref() != Ok("0"),
         })
     }
 
@@ -466,26 +436,6 @@ impl CudaBackend {
     pub fn pdl(&self) -> bool {
         self.pdl
     }
-    /// How LoRA groups run, for reports.
-    pub fn lora_path(&self) -> String {
-        if self.fused_lora {
-            format!(
-                "fused shrink+expand, one kernel per group, clusters of {}{}",
-                self.fused_cluster,
-                if self.fused_pdl { "" } else { ", without PDL" }
-            )
-        } else if self.side_stream {
-            "shrink on the side stream beside the GEMM, expand after it".into()
-        } else {
-            "shrink then expand on the main stream".into()
-        }
-    }
-
-    /// Switch the fused LoRA kernel on or off (for measurement; it needs sm_90).
-    pub fn set_fused_lora(&mut self, on: bool) {
-        self.fused_lora = on && self.compute_capability.0 >= 9;
-    }
-
     /// Switch programmatic dependent launch on or off (for measurement).
     pub fn set_pdl(&mut self, on: bool) {
         self.pdl = on && self.compute_capability.0 >= 9;
@@ -544,19 +494,6 @@ impl CudaBackend {
         args: &[Arg],
         pdl: bool,
     ) -> Result<()> {
-        self.launch_with(name, grid, block, args, pdl, LaunchExtra::default())
-    }
-
-    /// [`Self::launch`] with thread-block clusters and dynamic shared memory.
-    fn launch_with(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        args: &[Arg],
-        pdl: bool,
-        extra: LaunchExtra,
-    ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -569,28 +506,11 @@ impl CudaBackend {
             .iter_mut()
             .map(|s| s as *mut u64 as *mut c_void)
             .collect();
-        if extra.cluster > 1 && !grid.0.is_multiple_of(extra.cluster) {
-            return Err(shape(format!(
-                "grid {grid:?} of {name} is not whole clusters of {}",
-                extra.cluster
-            )));
-        }
         // SAFETY: the attribute union is plain data; zero is a valid bit pattern for it.
-        let mut attrs: [drv_sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
-        let mut n = 0;
-        if pdl {
-            attrs[n].id =
-                drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attrs[n].value.programmaticStreamSerializationAllowed = 1;
-            n += 1;
-        }
-        if extra.cluster > 1 {
-            attrs[n].id = drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-            attrs[n].value.clusterDim.x = extra.cluster;
-            attrs[n].value.clusterDim.y = 1;
-            attrs[n].value.clusterDim.z = 1;
-            n += 1;
-        }
+        let mut attr: drv_sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id =
+            drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
         let config = drv_sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
@@ -598,30 +518,14 @@ impl CudaBackend {
             blockDimX: block,
             blockDimY: 1,
             blockDimZ: 1,
-            sharedMemBytes: extra.smem,
+            sharedMemBytes: 0,
             hStream: self.launch_stream(),
-            attrs: if n > 0 {
-                attrs.as_mut_ptr()
-            } else {
-                std::ptr::null_mut()
-            },
-            numAttrs: n as u32,
+            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: if pdl { 1 } else { 0 },
         };
         self.ctx
             .bind_to_thread()
             .map_err(|e| dev_err("bind context", e))?;
-        if extra.cluster > 8 {
-            // SAFETY: a live function handle; the attribute takes a 0/1 flag.
-            unsafe {
-                drv_sys::cuFuncSetAttribute(
-                    func.cu_function(),
-                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
-                    1,
-                )
-            }
-            .result()
-            .map_err(|e| dev_err(&format!("cluster size of {name}"), e))?;
-        }
         // SAFETY: `params` points at one 8-byte slot per kernel parameter, in order, matching
         // the kernel's signature (each launch site passes exactly the kernel's parameters);
         // pointers in them are live device allocations checked against the shapes by the caller.
@@ -922,106 +826,6 @@ impl CudaBackend {
         Ok(ptr)
     }
 
-    /// The shapes of an SGMV shrink; `false` when there is nothing to do.
-    fn shrink_checks(
-        &self,
-        x: &CudaBuf,
-        table: &CudaLoraTable,
-        meta: &CudaMeta,
-        h_in: usize,
-        v_stride: usize,
-        v: &CudaBuf,
-    ) -> Result<bool> {
-        let rows = meta.layout.rows;
-        if v.dtype != DType::F32 {
-            return Err(shape(format!(
-                "sgmv_shrink: v must be f32, got {:?}",
-                v.dtype
-            )));
-        }
-        need(x, rows * h_in, "sgmv_shrink x")?;
-        need(v, rows * v_stride, "sgmv_shrink v")?;
-        if !self.check_lora(x.dtype, table, meta)? {
-            return Ok(false);
-        }
-        if table.max_rank > v_stride {
-            return Err(shape(format!(
-                "sgmv_shrink: table rank {} exceeds v's width {v_stride}",
-                table.max_rank
-            )));
-        }
-        if h_in > table.min_in {
-            return Err(shape(format!(
-                "sgmv_shrink: h_in {h_in} exceeds an adapter's A width {}",
-                table.min_in
-            )));
-        }
-        Ok(true)
-    }
-
-    /// The shapes of an SGMV expand; `false` when there is nothing to do.
-    #[allow(clippy::too_many_arguments)]
-    fn expand_checks(
-        &self,
-        v: &CudaBuf,
-        table: &CudaLoraTable,
-        meta: &CudaMeta,
-        v_stride: usize,
-        outs: &[usize],
-        y_stride: usize,
-        col_offset: usize,
-        y: &CudaBuf,
-    ) -> Result<bool> {
-        let rows = meta.layout.rows;
-        if v.dtype != DType::F32 {
-            return Err(shape(format!(
-                "sgmv_expand: v must be f32, got {:?}",
-                v.dtype
-            )));
-        }
-        let h_out: usize = outs.iter().sum();
-        if outs.is_empty() || outs.len() > MAX_GROUP_PARTS {
-            return Err(shape(format!(
-                "sgmv_expand: a group has 1..={MAX_GROUP_PARTS} parts, got {}",
-                outs.len()
-            )));
-        }
-        need(v, rows * v_stride, "sgmv_expand v")?;
-        need(y, rows * y_stride, "sgmv_expand y")?;
-        if col_offset + h_out > y_stride {
-            return Err(shape(format!(
-                "sgmv_expand: columns {col_offset}+{h_out} exceed the row of {y_stride}"
-            )));
-        }
-        if !self.check_lora(y.dtype, table, meta)? {
-            return Ok(false);
-        }
-        if table.max_rank > v_stride {
-            return Err(shape(format!(
-                "sgmv_expand: table rank {} exceeds v's width {v_stride}",
-                table.max_rank
-            )));
-        }
-        for (j, &min_out) in table.min_out.iter().enumerate() {
-            match outs.get(j) {
-                Some(&out) if out > min_out => {
-                    return Err(shape(format!(
-                        "sgmv_expand: part {j} of {out} columns exceeds an adapter's B height \
-                         {min_out}"
-                    )));
-                }
-                None if min_out != usize::MAX => {
-                    return Err(shape(format!(
-                        "sgmv_expand: an adapter has part {j}, the group has {}",
-                        outs.len()
-                    )));
-                }
-                _ => {}
-            }
-        }
-        Ok(true)
-    }
-
     fn check_lora(&self, x_dtype: DType, table: &CudaLoraTable, meta: &CudaMeta) -> Result<bool> {
         if meta.layout.num_tiles == 0 || table.max_rank == 0 {
             return Ok(false);
@@ -1055,9 +859,6 @@ pub fn kernel_names() -> Vec<String> {
             for w in [4, 8] {
                 names.push(format!("sgmv_expand_{t}_k{kt}_w{w}"));
             }
-        }
-        for nt in [2, 4, 8] {
-            names.push(format!("sgmv_fused_{t}_n{nt}"));
         }
     }
     for t in ["bf16", "f16"] {
@@ -1617,8 +1418,29 @@ impl Backend for CudaBackend {
         v_stride: usize,
         v: &mut CudaBuf,
     ) -> Result<()> {
-        if !self.shrink_checks(x, table, meta, h_in, v_stride, v)? {
+        let rows = meta.layout.rows;
+        if v.dtype != DType::F32 {
+            return Err(shape(format!(
+                "sgmv_shrink: v must be f32, got {:?}",
+                v.dtype
+            )));
+        }
+        need(x, rows * h_in, "sgmv_shrink x")?;
+        need(v, rows * v_stride, "sgmv_shrink v")?;
+        if !self.check_lora(x.dtype, table, meta)? {
             return Ok(());
+        }
+        if table.max_rank > v_stride {
+            return Err(shape(format!(
+                "sgmv_shrink: table rank {} exceeds v's width {v_stride}",
+                table.max_rank
+            )));
+        }
+        if h_in > table.min_in {
+            return Err(shape(format!(
+                "sgmv_shrink: h_in {h_in} exceeds an adapter's A width {}",
+                table.min_in
+            )));
         }
         let tiles = meta.layout.num_tiles;
         let target = self.sm_count * self.shrink_blocks_per_sm;
@@ -1682,8 +1504,52 @@ impl Backend for CudaBackend {
         col_offset: usize,
         y: &mut CudaBuf,
     ) -> Result<()> {
-        if !self.expand_checks(v, table, meta, v_stride, outs, y_stride, col_offset, y)? {
+        let rows = meta.layout.rows;
+        if v.dtype != DType::F32 {
+            return Err(shape(format!(
+                "sgmv_expand: v must be f32, got {:?}",
+                v.dtype
+            )));
+        }
+        let h_out: usize = outs.iter().sum();
+        if outs.is_empty() || outs.len() > MAX_GROUP_PARTS {
+            return Err(shape(format!(
+                "sgmv_expand: a group has 1..={MAX_GROUP_PARTS} parts, got {}",
+                outs.len()
+            )));
+        }
+        need(v, rows * v_stride, "sgmv_expand v")?;
+        need(y, rows * y_stride, "sgmv_expand y")?;
+        if col_offset + h_out > y_stride {
+            return Err(shape(format!(
+                "sgmv_expand: columns {col_offset}+{h_out} exceed the row of {y_stride}"
+            )));
+        }
+        if !self.check_lora(y.dtype, table, meta)? {
             return Ok(());
+        }
+        if table.max_rank > v_stride {
+            return Err(shape(format!(
+                "sgmv_expand: table rank {} exceeds v's width {v_stride}",
+                table.max_rank
+            )));
+        }
+        for (j, &min_out) in table.min_out.iter().enumerate() {
+            match outs.get(j) {
+                Some(&out) if out > min_out => {
+                    return Err(shape(format!(
+                        "sgmv_expand: part {j} of {out} columns exceeds an adapter's B height \
+                         {min_out}"
+                    )));
+                }
+                None if min_out != usize::MAX => {
+                    return Err(shape(format!(
+                        "sgmv_expand: an adapter has part {j}, the group has {}",
+                        outs.len()
+                    )));
+                }
+                _ => {}
+            }
         }
         let kt = plan::expand_rank_chunks(table.max_part_rank)?;
         let ntw = self.expand_ntw;
@@ -1713,68 +1579,6 @@ impl Backend for CudaBackend {
             )?;
         }
         Ok(())
-    }
-
-    fn sgmv_apply(
-        &self,
-        x: &CudaBuf,
-        table: &CudaLoraTable,
-        meta: &CudaMeta,
-        h_in: usize,
-        v_stride: usize,
-        v: &mut CudaBuf,
-        outs: &[usize],
-        y_stride: usize,
-        col_offset: usize,
-        y: &mut CudaBuf,
-    ) -> Result<()> {
-        if !self.fused_lora {
-            self.sgmv_shrink(x, table, meta, h_in, v_stride, v)?;
-            return self.sgmv_expand(v, table, meta, v_stride, outs, y_stride, col_offset, y);
-        }
-        same_dtype(x, y, "sgmv_apply")?;
-        if !self.shrink_checks(x, table, meta, h_in, v_stride, v)?
-            || !self.expand_checks(v, table, meta, v_stride, outs, y_stride, col_offset, y)?
-        {
-            return Ok(());
-        }
-        let nt = plan::fused_rank_tiles(table.max_rank)?;
-        let (vs, smem) = plan::fused_smem(table.max_rank);
-        let mut ends = [0usize; MAX_GROUP_PARTS];
-        let mut end = 0;
-        for (j, e) in ends.iter_mut().enumerate() {
-            end += outs.get(j).copied().unwrap_or(0);
-            *e = end;
-        }
-        let cluster = self.fused_cluster;
-        self.launch_with(
-            &format!("sgmv_fused_{}_n{nt}", Self::suffix(x.dtype)),
-            (cluster, meta.layout.num_tiles as u32, 1),
-            (plan::FUSED_WARPS * 32) as u32,
-            &[
-                Arg::Ptr(x.ptr),
-                i32_arg(h_in, "h_in")?,
-                Arg::Ptr(y.ptr),
-                i32_arg(y_stride, "y_stride")?,
-                i32_arg(col_offset, "col_offset")?,
-                i32_arg(ends[0], "end0")?,
-                i32_arg(ends[1], "end1")?,
-                i32_arg(ends[2], "end2")?,
-                i32_arg(vs, "vs")?,
-                Arg::Ptr(table.ptr),
-                Arg::Ptr(meta.at(meta.layout.tiles)),
-                Arg::Ptr(meta.at(meta.layout.segs)),
-            ],
-            self.pdl && self.fused_pdl,
-            LaunchExtra {
-                cluster,
-                smem: smem as u32,
-            },
-        )
-    }
-
-    fn fused_lora(&self) -> bool {
-        self.fused_lora
     }
 
     fn gather_rows(
@@ -1913,7 +1717,7 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "unknown time".into());
     format!(
-        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n# LoRA: {}\n",
+        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n",
         be.device_name(),
         be.compute_capability().0,
         be.compute_capability().1,
@@ -1921,6 +1725,5 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         be.arch(),
         env!("PUNICA_GIT_REV"),
         be.pdl(),
-        be.lora_path(),
     )
 }

@@ -20,27 +20,6 @@ pub const MAX_GROUP_RANK: usize = MAX_GROUP_PARTS * MAX_RANK;
 /// wider ranks go to more blocks.
 pub const SHRINK_MAX_TILES: usize = 16;
 
-/// Warps per block of the fused shrink+expand (kernels/sgmv.cu `FUSED_WARPS`).
-pub const FUSED_WARPS: usize = 8;
-/// Blocks per cluster of the fused kernel: one cluster per row tile shares its h_in reduction
-/// over distributed shared memory and its output columns.
-pub const FUSED_CLUSTER: u32 = 8;
-/// Cluster sizes the fused kernel may be launched with (16 is Hopper's non-portable maximum).
-pub const FUSED_CLUSTERS: [u32; 4] = [2, 4, 8, 16];
-
-/// The fused kernel's variant for a group table whose largest total rank is `max_rank`:
-/// 8-wide rank tiles per pass over a block's k range (2, 4 or 8; wider ranks take passes).
-pub fn fused_rank_tiles(max_rank: usize) -> Result<usize> {
-    Ok(shrink_rank_tiles(max_rank)?.clamp(2, 8))
-}
-
-/// The fused kernel's shared memory: `(row stride of v in f32, bytes)` for the block's partial
-/// and the cluster's sum, 16 rows each.
-pub fn fused_smem(max_rank: usize) -> (usize, usize) {
-    let vs = max_rank.next_multiple_of(4).max(4);
-    (vs, 2 * TILE_ROWS * vs * 4)
-}
-
 /// Bytes of one slot of a LoRA group table (kernels/sgmv.cu `LoraSlot`).
 pub const LORA_SLOT_BYTES: usize = 64;
 
@@ -424,21 +403,6 @@ mod tests {
     use super::*;
     use crate::engine::backend::SeqMeta;
     use crate::engine::lora::segments::SegmentTable;
-
-    #[test]
-    fn the_fused_kernel_takes_every_group_rank_within_the_default_shared_memory() {
-        assert_eq!(fused_rank_tiles(1).unwrap(), 2);
-        assert_eq!(fused_rank_tiles(16).unwrap(), 2);
-        assert_eq!(fused_rank_tiles(17).unwrap(), 4);
-        assert_eq!(fused_rank_tiles(48).unwrap(), 8);
-        assert_eq!(fused_rank_tiles(MAX_GROUP_RANK).unwrap(), 8);
-        assert!(fused_rank_tiles(0).is_err() && fused_rank_tiles(MAX_GROUP_RANK + 1).is_err());
-        assert_eq!(fused_smem(16), (16, 2048));
-        assert_eq!(fused_smem(3), (4, 512));
-        // 48 KiB is what a launch may ask for without opting in to more.
-        assert_eq!(fused_smem(MAX_GROUP_RANK).1, 48 * 1024);
-        assert!(FUSED_CLUSTERS.contains(&FUSED_CLUSTER));
-    }
 
     #[test]
     fn the_register_resident_norm_covers_rows_of_whole_vectors_up_to_8192() {
