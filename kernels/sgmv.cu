@@ -324,6 +324,257 @@ __device__ __forceinline__ void sgmv_expand_impl(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Row kernels: the same shrink and expand on CUDA cores, for batches whose segments all have a
+// few rows (decode with many adapters: one row each). The tensor-core kernels compute 16 rows
+// per tile whatever the segment holds; these give every warp only real rows and keep many
+// 16-byte loads of A and B in flight with few registers, which is what a weight stream needs.
+
+#define ROWS_WARPS 4
+#define ROWS_KU 4
+
+// Sum of the eight products of two packed vectors of eight halves.
+template <typename T>
+__device__ __forceinline__ float dot8(uint4 a, uint4 b) {
+    const T t = T{};
+    float s = lo_f32(t, a.x) * lo_f32(t, b.x);
+    s = fmaf(hi_f32(t, a.x), hi_f32(t, b.x), s);
+    s = fmaf(lo_f32(t, a.y), lo_f32(t, b.y), s);
+    s = fmaf(hi_f32(t, a.y), hi_f32(t, b.y), s);
+    s = fmaf(lo_f32(t, a.z), lo_f32(t, b.z), s);
+    s = fmaf(hi_f32(t, a.z), hi_f32(t, b.z), s);
+    s = fmaf(lo_f32(t, a.w), lo_f32(t, b.w), s);
+    s = fmaf(hi_f32(t, a.w), hi_f32(t, b.w), s);
+    return s;
+}
+
+// v[row, n] = x[row, :] . A[n, :] for the rows of tile blockIdx.z: rank n = blockIdx.y *
+// ROWS_WARPS + warp per warp, over split blockIdx.x of h_in (whole 8-element vectors), lanes
+// striding over the vectors, ROWS rows per pass. With more than one split, the warps add into a
+// zeroed f32 accumulator [tile][16][acc_rank]; the tile's last block to finish (counter) copies
+// it to v and clears accumulator and counter, as the tensor-core shrink does.
+template <typename T, int ROWS>
+__device__ __forceinline__ void sgmv_shrink_rows_impl(
+    const T* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,
+    const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+    const u32* __restrict__ segs, int ksplit, int acc_rank, float* __restrict__ acc,
+    u32* __restrict__ counters) {
+    __shared__ int is_last;
+    const int tile = blockIdx.z, split = blockIdx.x;
+    const u32 seg = tiles[2 * tile];
+    const int row0 = (int)tiles[2 * tile + 1];
+    const int seg_end = (int)segs[3 * seg + 1];
+    const u32 slot = segs[3 * seg + 2];
+    const void* slot_a = table[slot].a;
+    const int slot_rank = (int)table[slot].rank;
+    // x comes from the previous kernel, and v and the workspace may still be in use by the
+    // previous shrink/expand pair (see sgmv_shrink_impl).
+    pdl_enter();
+    if (slot_a == nullptr) return;  // the same for every block of the tile
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n = blockIdx.y * ROWS_WARPS + warp;
+    const int nrows = min(16, seg_end - row0);
+    const bool vec = (h_in & 7) == 0;
+    const int nvec = (h_in + 7) >> 3;
+    const int per = (nvec + ksplit - 1) / ksplit;
+    const int i_begin = split * per, i_end = min(nvec, i_begin + per);
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    float* tacc = acc + (size_t)tile * 16 * acc_rank;
+    if (n < slot_rank) {
+        const T* An = reinterpret_cast<const T*>(slot_a) + (size_t)n * h_in;
+        for (int r0 = 0; r0 < nrows; r0 += ROWS) {
+            float sum[ROWS];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) sum[r] = 0.0f;
+            for (int i0 = i_begin + lane; i0 < i_end; i0 += 32 * ROWS_KU) {
+                uint4 a[ROWS_KU];
+                uint4 xv[ROWS_KU][ROWS];
+#pragma unroll
+                for (int u = 0; u < ROWS_KU; ++u) {
+                    const int i = i0 + u * 32;
+                    a[u] = i < i_end ? load8(An, i * 8, h_in, vec) : zero;
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) {
+                        const T* xr = x + (size_t)(row0 + r0 + r) * h_in;
+                        xv[u][r] = (i < i_end && r0 + r < nrows) ? load8(xr, i * 8, h_in, vec) : zero;
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < ROWS_KU; ++u) {
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) sum[r] += dot8<T>(a[u], xv[u][r]);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                const float t = warp_sum(sum[r]);
+                if (lane == 0 && r0 + r < nrows) {
+                    if (ksplit == 1) {
+                        v[(size_t)(row0 + r0 + r) * v_stride + n] = t;
+                    } else {
+                        atomicAdd(&tacc[(r0 + r) * acc_rank + n], t);
+                    }
+                }
+            }
+        }
+    }
+    if (ksplit == 1) return;
+
+    __threadfence();
+    __syncthreads();
+    const u32 blocks = gridDim.x * gridDim.y;
+    if (threadIdx.x == 0) {
+        const u32 prev = atomicAdd(&counters[tile], 1u);
+        is_last = (prev == blocks - 1);
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < nrows * slot_rank; idx += blockDim.x) {
+        const int row = idx / slot_rank, col = idx % slot_rank;
+        v[(size_t)(row0 + row) * v_stride + col] = __ldcg(&tacc[row * acc_rank + col]);
+        tacc[row * acc_rank + col] = 0.0f;
+    }
+    if (threadIdx.x == 0) counters[tile] = 0u;
+}
+
+// A slot's parts for one group, in registers (selects instead of indexing, so they stay there):
+// B (null: missing), rank and first position in v; part j covers columns [start_j, end_j).
+struct RowParts {
+    const u16* b0;
+    const u16* b1;
+    const u16* b2;
+    int rank0, rank1, rank2;
+    int voff0, voff1, voff2;
+};
+
+// y[row, col_offset + c] += v[row, voff_j ..][.. rank_j] . B_j[c - start_j, :] for the rows of
+// tile blockIdx.y: RL lanes per column (8 ranks each), 32 / RL columns per warp step, ROWS_KU
+// steps per warp; a column's B is loaded once (before the wait: B comes from host copies), then
+// applied row by row. Parts may end anywhere: each column finds its own.
+template <typename T, int RL>
+__device__ __forceinline__ void sgmv_expand_rows_impl(
+    const float* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
+    int end0, int end1, int end2, const LoraSlot* __restrict__ table,
+    const u32* __restrict__ tiles, const u32* __restrict__ segs) {
+    constexpr int CPS = 32 / RL;
+    const int tile = blockIdx.y;
+    const u32 seg = tiles[2 * tile];
+    const int row0 = (int)tiles[2 * tile + 1];
+    const int seg_end = (int)segs[3 * seg + 1];
+    const u32 slot = segs[3 * seg + 2];
+    const LoraSlot* s = table + slot;
+    RowParts rp;
+    rp.b0 = reinterpret_cast<const u16*>(s->b[0]);
+    rp.b1 = reinterpret_cast<const u16*>(s->b[1]);
+    rp.b2 = reinterpret_cast<const u16*>(s->b[2]);
+    rp.rank0 = (int)s->prank[0];
+    rp.rank1 = (int)s->prank[1];
+    rp.rank2 = (int)s->prank[2];
+    rp.voff0 = (int)s->voff[0];
+    rp.voff1 = (int)s->voff[1];
+    rp.voff2 = (int)s->voff[2];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = lane % RL, cg = lane / RL;
+    const int kk = sub * 8;
+    const int col_base = (blockIdx.x * ROWS_WARPS + warp) * CPS * ROWS_KU + cg;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+    uint4 bv[ROWS_KU];
+    int voff[ROWS_KU], rank[ROWS_KU];
+#pragma unroll
+    for (int u = 0; u < ROWS_KU; ++u) {
+        const int col = col_base + u * CPS;
+        const int j = (col >= end0) + (col >= end1);
+        const u16* p = j == 0 ? rp.b0 : (j == 1 ? rp.b1 : rp.b2);
+        const int r = j == 0 ? rp.rank0 : (j == 1 ? rp.rank1 : rp.rank2);
+        const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
+        const bool live = col < end2 && p != nullptr;
+        rank[u] = live ? r : 0;
+        voff[u] = j == 0 ? rp.voff0 : (j == 1 ? rp.voff1 : rp.voff2);
+        bv[u] = (live && kk < r)
+                    ? load8(reinterpret_cast<const T*>(p) + (size_t)(col - start) * r, kk, r,
+                            (r & 7) == 0)
+                    : zero;
+    }
+    pdl_enter();
+    const int nrows = min(16, seg_end - row0);
+    const bool vvec = (v_stride & 3) == 0;
+    const T dummy = T{};
+    for (int row = 0; row < nrows; ++row) {
+        const float* vr = v + (size_t)(row0 + row) * v_stride;
+        T* yr = y + (size_t)(row0 + row) * y_stride + col_offset;
+#pragma unroll
+        for (int u = 0; u < ROWS_KU; ++u) {
+            float part = 0.0f;
+            if (kk < rank[u]) {
+                const float* vp = vr + voff[u] + kk;
+                float w[8];
+                if (vvec && ((voff[u] & 3) == 0) && kk + 8 <= rank[u]) {
+                    const float4 p0 = *reinterpret_cast<const float4*>(vp);
+                    const float4 p1 = *reinterpret_cast<const float4*>(vp + 4);
+                    w[0] = p0.x; w[1] = p0.y; w[2] = p0.z; w[3] = p0.w;
+                    w[4] = p1.x; w[5] = p1.y; w[6] = p1.z; w[7] = p1.w;
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) w[i] = kk + i < rank[u] ? vp[i] : 0.0f;
+                }
+                const uint4 b = bv[u];
+                part = w[0] * lo_f32(dummy, b.x);
+                part = fmaf(w[1], hi_f32(dummy, b.x), part);
+                part = fmaf(w[2], lo_f32(dummy, b.y), part);
+                part = fmaf(w[3], hi_f32(dummy, b.y), part);
+                part = fmaf(w[4], lo_f32(dummy, b.z), part);
+                part = fmaf(w[5], hi_f32(dummy, b.z), part);
+                part = fmaf(w[6], lo_f32(dummy, b.w), part);
+                part = fmaf(w[7], hi_f32(dummy, b.w), part);
+            }
+#pragma unroll
+            for (int o = RL / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+            if (sub == 0 && rank[u] > 0) {
+                const int col = col_base + u * CPS;
+                yr[col] = from_f32<T>(to_f32(yr[col]) + part);
+            }
+        }
+    }
+}
+
+#define DEFINE_SHRINK_ROWS(TNAME, TYPE, ROWS)                                                 \
+    extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, ROWS == 1 ? 8 : 4)         \
+        sgmv_shrink_rows_##TNAME##_r##ROWS(                                                   \
+            const TYPE* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,        \
+            const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,                \
+            const u32* __restrict__ segs, int ksplit, int acc_rank, float* __restrict__ acc,  \
+            u32* __restrict__ counters) {                                                     \
+        sgmv_shrink_rows_impl<TYPE, ROWS>(x, h_in, v, v_stride, table, tiles, segs, ksplit,   \
+                                          acc_rank, acc, counters);                           \
+    }
+
+#define DEFINE_EXPAND_ROWS(TNAME, TYPE, RL)                                                   \
+    extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 6)                          \
+        sgmv_expand_rows_##TNAME##_l##RL(                                                     \
+            const float* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,    \
+            int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table, \
+            const u32* __restrict__ tiles, const u32* __restrict__ segs) {                    \
+        sgmv_expand_rows_impl<TYPE, RL>(v, v_stride, y, y_stride, col_offset, end0, end1,     \
+                                        end2, table, tiles, segs);                            \
+    }
+
+DEFINE_SHRINK_ROWS(bf16, bf16, 1)
+DEFINE_SHRINK_ROWS(bf16, bf16, 4)
+DEFINE_SHRINK_ROWS(f16, f16, 1)
+DEFINE_SHRINK_ROWS(f16, f16, 4)
+DEFINE_EXPAND_ROWS(bf16, bf16, 1)
+DEFINE_EXPAND_ROWS(bf16, bf16, 2)
+DEFINE_EXPAND_ROWS(bf16, bf16, 4)
+DEFINE_EXPAND_ROWS(bf16, bf16, 8)
+DEFINE_EXPAND_ROWS(bf16, bf16, 16)
+DEFINE_EXPAND_ROWS(f16, f16, 1)
+DEFINE_EXPAND_ROWS(f16, f16, 2)
+DEFINE_EXPAND_ROWS(f16, f16, 4)
+DEFINE_EXPAND_ROWS(f16, f16, 8)
+DEFINE_EXPAND_ROWS(f16, f16, 16)
+
 #define SHRINK_PASS x, h_in, v, v_stride, table, tiles, segs, ksplit, acc, counters
 
 #define DEFINE_SHRINK(TNAME, TYPE, NT, U)                                                    \

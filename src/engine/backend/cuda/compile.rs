@@ -270,9 +270,15 @@ mod tests {
     fn every_kernel_the_backend_names_is_defined_in_its_module() {
         for name in super::super::kernel_names() {
             let src = module_source(module_of(&name)).unwrap();
-            let defined = if let Some(rest) = name.strip_prefix("sgmv_shrink_") {
+            let defined = if let Some(rest) = name.strip_prefix("sgmv_shrink_rows_") {
+                let (t, r) = rest.split_once("_r").unwrap();
+                src.contains(&format!("DEFINE_SHRINK_ROWS({t}, {t}, {r})"))
+            } else if let Some(rest) = name.strip_prefix("sgmv_shrink_") {
                 let (t, n) = rest.split_once("_n").unwrap();
                 src.contains(&format!("DEFINE_SHRINK({t}, {t}, {n},"))
+            } else if let Some(rest) = name.strip_prefix("sgmv_expand_rows_") {
+                let (t, l) = rest.split_once("_l").unwrap();
+                src.contains(&format!("DEFINE_EXPAND_ROWS({t}, {t}, {l})"))
             } else if let Some(rest) = name.strip_prefix("sgmv_expand_") {
                 let (t, kw) = rest.split_once("_k").unwrap();
                 let (k, w) = kw.split_once("_w").unwrap();

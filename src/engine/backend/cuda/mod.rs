@@ -272,6 +272,10 @@ pub struct CudaBackend {
     side_stream: bool,
     /// Per-kernel timing of real steps (`PUNICA_PROFILE_OPS=1`, see `profile`).
     profile: Option<Mutex<profile::OpProfile>>,
+    /// Longest segment the CUDA-core row kernels serve (`PUNICA_SGMV_ROWS_MAX`, 0: never).
+    rows_max_seg: std::sync::atomic::AtomicUsize,
+    /// 8-element vectors of h_in per split of the row shrink (`PUNICA_SHRINK_ROWS_VECS`).
+    shrink_rows_vecs: usize,
 }
 
 // SAFETY: the cuBLAS handle is only used under the backend's own calls, which bind the context
@@ -405,6 +409,18 @@ impl CudaBackend {
                 Ok("8") => 8,
                 _ => 4,
             },
+            rows_max_seg: std::sync::atomic::AtomicUsize::new(
+                std::env::var("PUNICA_SGMV_ROWS_MAX")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&v: &usize| v <= plan::TILE_ROWS)
+                    .unwrap_or(plan::ROWS_MAX_SEG),
+            ),
+            shrink_rows_vecs: std::env::var("PUNICA_SHRINK_ROWS_VECS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v: &usize| (32..=4096).contains(&v))
+                .unwrap_or(plan::SHRINK_ROWS_VECS),
         })
     }
 
@@ -436,6 +452,19 @@ impl CudaBackend {
     pub fn pdl(&self) -> bool {
         self.pdl
     }
+    /// Longest segment the CUDA-core SGMV row kernels serve (0: never).
+    pub fn rows_max_seg(&self) -> usize {
+        self.rows_max_seg.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Set [`Self::rows_max_seg`] (the selftest runs both kernel families on one batch).
+    pub fn set_rows_max_seg(&self, rows: usize) {
+        self.rows_max_seg.store(
+            rows.min(plan::TILE_ROWS),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     /// Switch programmatic dependent launch on or off (for measurement).
     pub fn set_pdl(&mut self, on: bool) {
         self.pdl = on && self.compute_capability.0 >= 9;
@@ -859,6 +888,12 @@ pub fn kernel_names() -> Vec<String> {
             for w in [4, 8] {
                 names.push(format!("sgmv_expand_{t}_k{kt}_w{w}"));
             }
+        }
+        for r in [1, 4] {
+            names.push(format!("sgmv_shrink_rows_{t}_r{r}"));
+        }
+        for l in [1, 2, 4, 8, 16] {
+            names.push(format!("sgmv_expand_rows_{t}_l{l}"));
         }
     }
     for t in ["bf16", "f16"] {
@@ -1443,6 +1478,46 @@ impl Backend for CudaBackend {
             )));
         }
         let tiles = meta.layout.num_tiles;
+        if plan::use_row_kernels(meta.layout.max_seg_rows, self.rows_max_seg()) {
+            let (rows_per_pass, splits, rank_blocks) = plan::shrink_rows_plan(
+                meta.layout.max_seg_rows,
+                h_in,
+                table.max_rank,
+                self.shrink_rows_vecs,
+            );
+            let counters_bytes = (tiles * 4).div_ceil(256) * 256;
+            let ws = if splits > 1 {
+                self.workspace(counters_bytes + tiles * plan::TILE_ROWS * table.max_rank * 4)?
+            } else {
+                0
+            };
+            return self.launch(
+                &format!(
+                    "sgmv_shrink_rows_{}_r{rows_per_pass}",
+                    Self::suffix(x.dtype)
+                ),
+                (splits as u32, rank_blocks as u32, tiles as u32),
+                (plan::ROWS_WARPS * 32) as u32,
+                &[
+                    Arg::Ptr(x.ptr),
+                    i32_arg(h_in, "h_in")?,
+                    Arg::Ptr(v.ptr),
+                    i32_arg(v_stride, "v_stride")?,
+                    Arg::Ptr(table.ptr),
+                    Arg::Ptr(meta.at(meta.layout.tiles)),
+                    Arg::Ptr(meta.at(meta.layout.segs)),
+                    i32_arg(splits, "splits")?,
+                    i32_arg(table.max_rank, "acc_rank")?,
+                    Arg::Ptr(if ws == 0 {
+                        0
+                    } else {
+                        ws + counters_bytes as u64
+                    }),
+                    Arg::Ptr(ws),
+                ],
+                self.pdl,
+            );
+        }
         let target = self.sm_count * self.shrink_blocks_per_sm;
         // Ranks beyond one block's register tiles always go to more blocks (rank groups).
         let all = plan::shrink_rank_tiles(table.max_rank)?;
@@ -1550,6 +1625,37 @@ impl Backend for CudaBackend {
                 }
                 _ => {}
             }
+        }
+        if plan::use_row_kernels(meta.layout.max_seg_rows, self.rows_max_seg()) {
+            let h_out: usize = outs.iter().sum();
+            let (lanes, (gx, gy)) =
+                plan::expand_rows_plan(table.max_part_rank, h_out, meta.layout.num_tiles)?;
+            let mut ends = [0usize; MAX_GROUP_PARTS];
+            let mut end = 0;
+            for (j, e) in ends.iter_mut().enumerate() {
+                end += outs.get(j).copied().unwrap_or(0);
+                *e = end;
+            }
+            let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
+            return self.launch(
+                &format!("sgmv_expand_rows_{}_l{lanes}", Self::suffix(y.dtype)),
+                (gx, gy, 1),
+                (plan::ROWS_WARPS * 32) as u32,
+                &[
+                    Arg::Ptr(v.ptr),
+                    i32_arg(v_stride, "v_stride")?,
+                    Arg::Ptr(y.ptr),
+                    i32_arg(y_stride, "y_stride")?,
+                    i32_arg(col_offset, "col_offset")?,
+                    i32_arg(ends[0], "end0")?,
+                    i32_arg(ends[1], "end1")?,
+                    i32_arg(ends[2], "end2")?,
+                    Arg::Ptr(table.ptr),
+                    Arg::Ptr(meta.at(meta.layout.tiles)),
+                    Arg::Ptr(meta.at(meta.layout.segs)),
+                ],
+                overlap,
+            );
         }
         let kt = plan::expand_rank_chunks(table.max_part_rank)?;
         let ntw = self.expand_ntw;
@@ -1717,7 +1823,7 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "unknown time".into());
     format!(
-        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n",
+        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n# SGMV: CUDA-core row kernels for batches whose segments have <= {} rows, tensor-core tiles otherwise\n",
         be.device_name(),
         be.compute_capability().0,
         be.compute_capability().1,
@@ -1725,5 +1831,6 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         be.arch(),
         env!("PUNICA_GIT_REV"),
         be.pdl(),
+        be.rows_max_seg(),
     )
 }

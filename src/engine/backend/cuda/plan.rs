@@ -20,6 +20,49 @@ pub const MAX_GROUP_RANK: usize = MAX_GROUP_PARTS * MAX_RANK;
 /// wider ranks go to more blocks.
 pub const SHRINK_MAX_TILES: usize = 16;
 
+/// Warps per block of the row kernels (kernels/sgmv.cu `ROWS_WARPS`).
+pub const ROWS_WARPS: usize = 4;
+/// 16-byte loads of A or B each lane of a row kernel keeps in flight (`ROWS_KU`).
+pub const ROWS_KU: usize = 4;
+/// Longest segment the row kernels serve by default: decode batches of many adapters.
+pub const ROWS_MAX_SEG: usize = 4;
+/// Default 8-element vectors of h_in per split of the row shrink.
+pub const SHRINK_ROWS_VECS: usize = 256;
+
+/// Whether the CUDA-core row kernels serve a batch whose longest segment has `max_seg_rows`
+/// rows (`limit`: the longest they take; 0 disables them).
+pub fn use_row_kernels(max_seg_rows: usize, limit: usize) -> bool {
+    max_seg_rows > 0 && max_seg_rows <= limit.min(TILE_ROWS)
+}
+
+/// The row shrink: `(rows per pass, h_in splits, rank blocks)`. One pass over the tile's rows
+/// when every segment has one row, else four at a time; a split reads `vecs` 8-element vectors
+/// of each rank's row of A (at least one).
+pub fn shrink_rows_plan(
+    max_seg_rows: usize,
+    h_in: usize,
+    max_rank: usize,
+    vecs: usize,
+) -> (usize, usize, usize) {
+    let rows = if max_seg_rows <= 1 { 1 } else { 4 };
+    let splits = h_in.div_ceil(8).div_ceil(vecs.max(1)).clamp(1, 64);
+    (rows, splits, max_rank.div_ceil(ROWS_WARPS).max(1))
+}
+
+/// The row expand: lanes per column (each holds 8 of its ranks: 1 to 16) for a table whose
+/// largest part rank is `max_part_rank`, and the grid (column blocks, row tiles) for `h_out`
+/// columns.
+pub fn expand_rows_plan(
+    max_part_rank: usize,
+    h_out: usize,
+    num_tiles: usize,
+) -> Result<(usize, (u32, u32))> {
+    check_rank(max_part_rank)?;
+    let lanes = max_part_rank.div_ceil(8).next_power_of_two();
+    let cols = ROWS_WARPS * ROWS_KU * (32 / lanes);
+    Ok((lanes, (h_out.div_ceil(cols) as u32, num_tiles as u32)))
+}
+
 /// Bytes of one slot of a LoRA group table (kernels/sgmv.cu `LoraSlot`).
 pub const LORA_SLOT_BYTES: usize = 64;
 
@@ -212,6 +255,8 @@ pub struct MetaLayout {
     pub num_logit_rows: usize,
     /// Largest adapter slot any segment uses (tables must be longer).
     pub max_slot: Option<u32>,
+    /// Rows of the longest segment (0 without segments).
+    pub max_seg_rows: usize,
     /// Largest KV-cache slot written this step (caches must hold more).
     pub max_kv_slot: Option<u32>,
     /// Largest block id in any block table.
@@ -300,6 +345,13 @@ pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
         num_tiles: tiles.len(),
         num_logit_rows: meta.logit_rows.len(),
         max_slot: seg.slots.iter().copied().max(),
+        max_seg_rows: seg
+            .starts
+            .iter()
+            .zip(&seg.ends)
+            .map(|(&s, &e)| (e - s) as usize)
+            .max()
+            .unwrap_or(0),
         max_kv_slot: meta.slot_mapping.iter().copied().max(),
         max_block: meta.block_tables.iter().copied().max(),
         ..MetaLayout::default()
@@ -403,6 +455,26 @@ mod tests {
     use super::*;
     use crate::engine::backend::SeqMeta;
     use crate::engine::lora::segments::SegmentTable;
+
+    #[test]
+    fn row_kernels_serve_batches_of_short_segments_only() {
+        assert!(use_row_kernels(1, ROWS_MAX_SEG));
+        assert!(use_row_kernels(4, ROWS_MAX_SEG));
+        assert!(!use_row_kernels(5, ROWS_MAX_SEG));
+        assert!(!use_row_kernels(0, ROWS_MAX_SEG));
+        assert!(!use_row_kernels(1, 0));
+        assert!(!use_row_kernels(17, 64));
+        // Decode of 7B: one row per segment, q|k|v stacked to 48 ranks.
+        assert_eq!(shrink_rows_plan(1, 4096, 48, 256), (1, 2, 12));
+        assert_eq!(shrink_rows_plan(3, 11008, 16, 256), (4, 6, 4));
+        assert_eq!(shrink_rows_plan(1, 576, 1, 256), (1, 1, 1));
+        assert_eq!(shrink_rows_plan(1, 4096, 16, 0), (1, 64, 4));
+        assert_eq!(expand_rows_plan(16, 4096, 32).unwrap(), (2, (16, 32)));
+        assert_eq!(expand_rows_plan(8, 12288, 1).unwrap(), (1, (24, 1)));
+        assert_eq!(expand_rows_plan(128, 11008, 3).unwrap(), (16, (344, 3)));
+        assert_eq!(expand_rows_plan(33, 100, 1).unwrap().0, 8);
+        assert!(expand_rows_plan(0, 1, 1).is_err() && expand_rows_plan(129, 1, 1).is_err());
+    }
 
     #[test]
     fn the_register_resident_norm_covers_rows_of_whole_vectors_up_to_8192() {

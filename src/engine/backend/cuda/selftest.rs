@@ -468,28 +468,35 @@ fn sgmv_cases() -> Vec<SgmvCase> {
             label: format!("group gate|up 4096->11008 r 16 {} x{tokens}", w.name()),
         });
     }
-    // SmolLM2's q|k|v (GQA) with adapters lacking parts, mixed ranks, an empty slot, base rows.
-    let mut rows = Vec::new();
-    for (slot, len) in [(0u32, 3usize), (1, 17), (2, 2), (3, 1), (4, 5)] {
-        rows.extend(std::iter::repeat_n(Some(slot), len));
-        rows.push(None);
-    }
-    for dtype in [DType::BF16, DType::F16] {
-        cases.push(SgmvCase {
-            dtype,
-            h_in: 576,
-            outs: vec![576, 192, 192],
-            ranks: vec![
-                vec![Some(8), None, Some(8)],
-                vec![Some(16), Some(16), Some(16)],
-                vec![None, None, None],
-                vec![None, Some(4), None],
-                vec![Some(128), Some(128), Some(128)],
-            ],
-            rows: rows.clone(),
-            pad: 64,
-            label: "group q|k|v 576|192|192 missing parts, ranks 4..128 (total 384)".into(),
-        });
+    // SmolLM2's q|k|v (GQA) with adapters lacking parts, mixed ranks, an empty slot, base rows;
+    // once with a long segment, once with segments of at most 4 rows (the row kernels).
+    for lens in [[3usize, 17, 2, 1, 5], [3, 1, 2, 1, 4]] {
+        let mut rows = Vec::new();
+        for (slot, len) in lens.iter().enumerate() {
+            rows.extend(std::iter::repeat_n(Some(slot as u32), *len));
+            rows.push(None);
+        }
+        let longest = lens.iter().max().copied().unwrap_or(0);
+        for dtype in [DType::BF16, DType::F16] {
+            cases.push(SgmvCase {
+                dtype,
+                h_in: 576,
+                outs: vec![576, 192, 192],
+                ranks: vec![
+                    vec![Some(8), None, Some(8)],
+                    vec![Some(16), Some(16), Some(16)],
+                    vec![None, None, None],
+                    vec![None, Some(4), None],
+                    vec![Some(128), Some(128), Some(128)],
+                ],
+                rows: rows.clone(),
+                pad: 64,
+                label: format!(
+                    "group q|k|v 576|192|192 missing parts, ranks 4..128 (total 384), \
+                     segments <= {longest}"
+                ),
+            });
+        }
     }
     // Part boundaries inside a warp's columns: one launch per part.
     cases.push(SgmvCase {
@@ -1082,15 +1089,41 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
     };
     be.warm_up()?;
     // An error inside one check is that check's failure; the others still run.
+    // A batch the row kernels serve also goes through the tensor-core tiles.
+    let rows_max = be.rows_max_seg();
     for case in sgmv_cases() {
-        if let Err(e) = sgmv_case(&mut c, &case) {
-            c.fail(
-                "sgmv",
-                format!("{:?} {}", case.dtype, case.label),
-                e.to_string(),
-            );
+        let longest = SegmentTable::from_row_slots(&case.rows)
+            .iter()
+            .map(|(s, e, _)| e - s)
+            .max()
+            .unwrap_or(0);
+        let both = (1..=rows_max).contains(&longest);
+        for (limit, kind) in [(rows_max, "rows"), (0, "tiles")] {
+            if kind == "tiles" && !both {
+                continue;
+            }
+            be.set_rows_max_seg(limit);
+            let case = SgmvCase {
+                label: if both {
+                    format!("{} [{kind}]", case.label)
+                } else {
+                    case.label.clone()
+                },
+                outs: case.outs.clone(),
+                ranks: case.ranks.clone(),
+                rows: case.rows.clone(),
+                ..case
+            };
+            if let Err(e) = sgmv_case(&mut c, &case) {
+                c.fail(
+                    "sgmv",
+                    format!("{:?} {}", case.dtype, case.label),
+                    e.to_string(),
+                );
+            }
         }
     }
+    be.set_rows_max_seg(rows_max);
     tracing::info!(checks = c.results.len(), "SGMV checks done");
     for dt in [DType::F32, DType::BF16, DType::F16] {
         if let Err(e) = check_elementwise_ops(&mut c, dt) {
