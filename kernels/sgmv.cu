@@ -350,7 +350,7 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
 
 // v[row, n] = x[row, :] . A[n, :] for the rows of tile blockIdx.z: rank n = blockIdx.y *
 // ROWS_WARPS + warp per warp, over split blockIdx.x of h_in (whole 8-element vectors), lanes
-// striding over the vectors, ROWS rows per pass. With more than one split, the warps add into a
+// striding over the vectors, ROWS rows per pass (the host sends segments of one row). With more than one split, the warps add into a
 // zeroed f32 accumulator [tile][16][acc_rank]; the tile's last block to finish (counter) copies
 // it to v and clears accumulator and counter, as the tensor-core shrink does.
 template <typename T, int ROWS>
@@ -539,14 +539,14 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
     }
 }
 
-#define DEFINE_SHRINK_ROWS(TNAME, TYPE, ROWS)                                                 \
-    extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, ROWS == 1 ? 8 : 4)         \
-        sgmv_shrink_rows_##TNAME##_r##ROWS(                                                   \
+#define DEFINE_SHRINK_ROWS(TNAME, TYPE)                                                       \
+    extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 8)                          \
+        sgmv_shrink_rows_##TNAME(                                                             \
             const TYPE* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,        \
             const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,                \
             const u32* __restrict__ segs, int ksplit, int acc_rank, float* __restrict__ acc,  \
             u32* __restrict__ counters) {                                                     \
-        sgmv_shrink_rows_impl<TYPE, ROWS>(x, h_in, v, v_stride, table, tiles, segs, ksplit,   \
+        sgmv_shrink_rows_impl<TYPE, 1>(x, h_in, v, v_stride, table, tiles, segs, ksplit,      \
                                           acc_rank, acc, counters);                           \
     }
 
@@ -560,10 +560,8 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
                                         end2, table, tiles, segs);                            \
     }
 
-DEFINE_SHRINK_ROWS(bf16, bf16, 1)
-DEFINE_SHRINK_ROWS(bf16, bf16, 4)
-DEFINE_SHRINK_ROWS(f16, f16, 1)
-DEFINE_SHRINK_ROWS(f16, f16, 4)
+DEFINE_SHRINK_ROWS(bf16, bf16)
+DEFINE_SHRINK_ROWS(f16, f16)
 DEFINE_EXPAND_ROWS(bf16, bf16, 1)
 DEFINE_EXPAND_ROWS(bf16, bf16, 2)
 DEFINE_EXPAND_ROWS(bf16, bf16, 4)

@@ -889,9 +889,7 @@ pub fn kernel_names() -> Vec<String> {
                 names.push(format!("sgmv_expand_{t}_k{kt}_w{w}"));
             }
         }
-        for r in [1, 4] {
-            names.push(format!("sgmv_shrink_rows_{t}_r{r}"));
-        }
+        names.push(format!("sgmv_shrink_rows_{t}"));
         for l in [1, 2, 4, 8, 16] {
             names.push(format!("sgmv_expand_rows_{t}_l{l}"));
         }
@@ -1479,11 +1477,12 @@ impl Backend for CudaBackend {
         }
         let tiles = meta.layout.num_tiles;
         if plan::use_row_kernels(meta.layout.max_seg_rows, self.rows_max_seg()) {
-            let (rows_per_pass, splits, rank_blocks) = plan::shrink_rows_plan(
-                meta.layout.max_seg_rows,
+            let (splits, rank_blocks) = plan::shrink_rows_plan(
                 h_in,
                 table.max_rank,
+                tiles,
                 self.shrink_rows_vecs,
+                self.sm_count * self.shrink_blocks_per_sm,
             );
             let counters_bytes = (tiles * 4).div_ceil(256) * 256;
             let ws = if splits > 1 {
@@ -1492,10 +1491,7 @@ impl Backend for CudaBackend {
                 0
             };
             return self.launch(
-                &format!(
-                    "sgmv_shrink_rows_{}_r{rows_per_pass}",
-                    Self::suffix(x.dtype)
-                ),
+                &format!("sgmv_shrink_rows_{}", Self::suffix(x.dtype)),
                 (splits as u32, rank_blocks as u32, tiles as u32),
                 (plan::ROWS_WARPS * 32) as u32,
                 &[

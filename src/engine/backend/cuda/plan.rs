@@ -24,10 +24,11 @@ pub const SHRINK_MAX_TILES: usize = 16;
 pub const ROWS_WARPS: usize = 4;
 /// 16-byte loads of A or B each lane of a row kernel keeps in flight (`ROWS_KU`).
 pub const ROWS_KU: usize = 4;
-/// Longest segment the row kernels serve by default: decode batches of many adapters.
-pub const ROWS_MAX_SEG: usize = 4;
-/// Default 8-element vectors of h_in per split of the row shrink.
-pub const SHRINK_ROWS_VECS: usize = 256;
+/// Longest segment the row kernels serve by default: one row, decode batches of many
+/// adapters (on the H200 they lose to the tensor-core tiles once segments hold several rows).
+pub const ROWS_MAX_SEG: usize = 1;
+/// Default 8-element vectors of h_in per split of the row shrink (one pass of a warp).
+pub const SHRINK_ROWS_VECS: usize = 128;
 
 /// Whether the CUDA-core row kernels serve a batch whose longest segment has `max_seg_rows`
 /// rows (`limit`: the longest they take; 0 disables them).
@@ -35,18 +36,22 @@ pub fn use_row_kernels(max_seg_rows: usize, limit: usize) -> bool {
     max_seg_rows > 0 && max_seg_rows <= limit.min(TILE_ROWS)
 }
 
-/// The row shrink: `(rows per pass, h_in splits, rank blocks)`. One pass over the tile's rows
-/// when every segment has one row, else four at a time; a split reads `vecs` 8-element vectors
-/// of each rank's row of A (at least one).
+/// The row shrink's grid: `(h_in splits, rank blocks)`. A split reads about `vecs` 8-element
+/// vectors of each rank's row of A; small batches get more splits, up to `target_blocks`
+/// blocks in all, as long as every lane keeps a vector of its own.
 pub fn shrink_rows_plan(
-    max_seg_rows: usize,
     h_in: usize,
     max_rank: usize,
+    num_tiles: usize,
     vecs: usize,
-) -> (usize, usize, usize) {
-    let rows = if max_seg_rows <= 1 { 1 } else { 4 };
-    let splits = h_in.div_ceil(8).div_ceil(vecs.max(1)).clamp(1, 64);
-    (rows, splits, max_rank.div_ceil(ROWS_WARPS).max(1))
+    target_blocks: usize,
+) -> (usize, usize) {
+    let nvec = h_in.div_ceil(8);
+    let rank_blocks = max_rank.div_ceil(ROWS_WARPS).max(1);
+    let base = nvec.div_ceil(vecs.max(1));
+    let fill = target_blocks.div_ceil(num_tiles.max(1) * rank_blocks);
+    let most = (nvec / 32).max(1);
+    (base.max(fill).clamp(1, most), rank_blocks)
 }
 
 /// The row expand: lanes per column (each holds 8 of its ranks: 1 to 16) for a table whose
@@ -459,16 +464,19 @@ mod tests {
     #[test]
     fn row_kernels_serve_batches_of_short_segments_only() {
         assert!(use_row_kernels(1, ROWS_MAX_SEG));
-        assert!(use_row_kernels(4, ROWS_MAX_SEG));
-        assert!(!use_row_kernels(5, ROWS_MAX_SEG));
+        assert!(!use_row_kernels(2, ROWS_MAX_SEG));
+        assert!(use_row_kernels(4, 4));
         assert!(!use_row_kernels(0, ROWS_MAX_SEG));
         assert!(!use_row_kernels(1, 0));
         assert!(!use_row_kernels(17, 64));
-        // Decode of 7B: one row per segment, q|k|v stacked to 48 ranks.
-        assert_eq!(shrink_rows_plan(1, 4096, 48, 256), (1, 2, 12));
-        assert_eq!(shrink_rows_plan(3, 11008, 16, 256), (4, 6, 4));
-        assert_eq!(shrink_rows_plan(1, 576, 1, 256), (1, 1, 1));
-        assert_eq!(shrink_rows_plan(1, 4096, 16, 0), (1, 64, 4));
+        // Decode of 7B: one row per segment, q|k|v stacked to 48 ranks: two splits of 256
+        // vectors fill 768 blocks already; a lone row gets up to 16 (32 vectors each).
+        assert_eq!(shrink_rows_plan(4096, 48, 32, 256, 264), (2, 12));
+        assert_eq!(shrink_rows_plan(4096, 16, 32, 128, 264), (4, 4));
+        assert_eq!(shrink_rows_plan(4096, 16, 1, 128, 264), (16, 4));
+        assert_eq!(shrink_rows_plan(11008, 16, 32, 128, 264), (11, 4));
+        assert_eq!(shrink_rows_plan(576, 1, 1, 128, 264), (2, 1));
+        assert_eq!(shrink_rows_plan(100, 3, 2, 128, 264), (1, 1));
         assert_eq!(expand_rows_plan(16, 4096, 32).unwrap(), (2, (16, 32)));
         assert_eq!(expand_rows_plan(8, 12288, 1).unwrap(), (1, (24, 1)));
         assert_eq!(expand_rows_plan(128, 11008, 3).unwrap(), (16, (344, 3)));

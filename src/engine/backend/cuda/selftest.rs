@@ -24,8 +24,8 @@ use crate::engine::lora::segments::SegmentTable;
 use crate::engine::sampling::pick_row;
 
 use super::bench::{Workload, row_slots, segment_lens};
-use super::reference;
 use super::{CudaBackend, CudaBuf};
+use super::{plan, reference};
 
 /// One checked case.
 #[derive(Clone, Debug)]
@@ -1089,7 +1089,8 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
     };
     be.warm_up()?;
     // An error inside one check is that check's failure; the others still run.
-    // A batch the row kernels serve also goes through the tensor-core tiles.
+    // A batch the row kernels can serve (segments of up to 16 rows, whatever the default
+    // limit) goes through both kernel families.
     let rows_max = be.rows_max_seg();
     for case in sgmv_cases() {
         let longest = SegmentTable::from_row_slots(&case.rows)
@@ -1097,11 +1098,12 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
             .map(|(s, e, _)| e - s)
             .max()
             .unwrap_or(0);
-        let both = (1..=rows_max).contains(&longest);
-        for (limit, kind) in [(rows_max, "rows"), (0, "tiles")] {
-            if kind == "tiles" && !both {
+        let both = (1..=plan::TILE_ROWS).contains(&longest);
+        for (limit, kind) in [(plan::TILE_ROWS, "rows"), (0, "tiles")] {
+            if !both && kind == "tiles" {
                 continue;
             }
+            let limit = if both { limit } else { rows_max };
             be.set_rows_max_seg(limit);
             let case = SgmvCase {
                 label: if both {
