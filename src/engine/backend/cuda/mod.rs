@@ -276,6 +276,10 @@ pub struct CudaBackend {
     rows_max_seg: std::sync::atomic::AtomicUsize,
     /// 8-element vectors of h_in per split of the row shrink (`PUNICA_SHRINK_ROWS_VECS`).
     shrink_rows_vecs: usize,
+    /// Largest group rank the row shrink takes (`PUNICA_SHRINK_ROWS_MAX_RANK`).
+    rows_shrink_max_rank: usize,
+    /// Largest part rank the row expand takes (`PUNICA_EXPAND_ROWS_MAX_RANK`).
+    rows_expand_max_rank: usize,
 }
 
 // SAFETY: the cuBLAS handle is only used under the backend's own calls, which bind the context
@@ -421,6 +425,14 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .filter(|&v: &usize| (32..=4096).contains(&v))
                 .unwrap_or(plan::SHRINK_ROWS_VECS),
+            rows_shrink_max_rank: std::env::var("PUNICA_SHRINK_ROWS_MAX_RANK")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(plan::SHRINK_ROWS_MAX_RANK),
+            rows_expand_max_rank: std::env::var("PUNICA_EXPAND_ROWS_MAX_RANK")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(plan::EXPAND_ROWS_MAX_RANK),
         })
     }
 
@@ -1476,7 +1488,9 @@ impl Backend for CudaBackend {
             )));
         }
         let tiles = meta.layout.num_tiles;
-        if plan::use_row_kernels(meta.layout.max_seg_rows, self.rows_max_seg()) {
+        if plan::use_row_kernels(meta.layout.max_seg_rows, self.rows_max_seg())
+            && table.max_rank <= self.rows_shrink_max_rank
+        {
             let (splits, rank_blocks) = plan::shrink_rows_plan(
                 h_in,
                 table.max_rank,
@@ -1622,7 +1636,9 @@ impl Backend for CudaBackend {
                 _ => {}
             }
         }
-        if plan::use_row_kernels(meta.layout.max_seg_rows, self.rows_max_seg()) {
+        if plan::use_row_kernels(meta.layout.max_seg_rows, self.rows_max_seg())
+            && table.max_part_rank <= self.rows_expand_max_rank
+        {
             let h_out: usize = outs.iter().sum();
             let (lanes, (gx, gy)) =
                 plan::expand_rows_plan(table.max_part_rank, h_out, meta.layout.num_tiles)?;

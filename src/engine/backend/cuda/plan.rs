@@ -27,6 +27,10 @@ pub const ROWS_KU: usize = 4;
 /// Longest segment the row kernels serve by default: one row, decode batches of many
 /// adapters (on the H200 they lose to the tensor-core tiles once segments hold several rows).
 pub const ROWS_MAX_SEG: usize = 1;
+/// Largest group rank (the stacked A's) the row shrink takes by default: one warp per rank.
+pub const SHRINK_ROWS_MAX_RANK: usize = MAX_GROUP_RANK;
+/// Largest part rank the row expand takes by default.
+pub const EXPAND_ROWS_MAX_RANK: usize = MAX_RANK;
 /// Default 8-element vectors of h_in per split of the row shrink (one pass of a warp).
 pub const SHRINK_ROWS_VECS: usize = 128;
 
