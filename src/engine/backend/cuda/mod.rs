@@ -272,14 +272,11 @@ pub struct CudaBackend {
     side_stream: bool,
     /// Per-kernel timing of real steps (`PUNICA_PROFILE_OPS=1`, see `profile`).
     profile: Option<Mutex<profile::OpProfile>>,
-    /// Longest segment the CUDA-core row kernels serve (`PUNICA_SGMV_ROWS_MAX`, 0: never).
-    rows_max_seg: std::sync::atomic::AtomicUsize,
+    /// When the CUDA-core row kernels serve a batch (`PUNICA_SGMV_ROWS_MAX`: longest segment,
+    /// 0: never; `PUNICA_SHRINK_ROWS_MAX_RANK`, `PUNICA_EXPAND_ROWS_MAX_RANK`).
+    row_limits: Mutex<plan::RowLimits>,
     /// 8-element vectors of h_in per split of the row shrink (`PUNICA_SHRINK_ROWS_VECS`).
     shrink_rows_vecs: usize,
-    /// Largest group rank the row shrink takes (`PUNICA_SHRINK_ROWS_MAX_RANK`).
-    rows_shrink_max_rank: usize,
-    /// Largest part rank the row expand takes (`PUNICA_EXPAND_ROWS_MAX_RANK`).
-    rows_expand_max_rank: usize,
 }
 
 // SAFETY: the cuBLAS handle is only used under the backend's own calls, which bind the context
@@ -413,26 +410,25 @@ impl CudaBackend {
                 Ok("8") => 8,
                 _ => 4,
             },
-            rows_max_seg: std::sync::atomic::AtomicUsize::new(
-                std::env::var("PUNICA_SGMV_ROWS_MAX")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .filter(|&v: &usize| v <= plan::TILE_ROWS)
-                    .unwrap_or(plan::ROWS_MAX_SEG),
-            ),
+            row_limits: Mutex::new({
+                let knob = |name: &str, default: usize| {
+                    std::env::var(name)
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(default)
+                };
+                let d = plan::RowLimits::DEFAULT;
+                plan::RowLimits {
+                    max_seg: knob("PUNICA_SGMV_ROWS_MAX", d.max_seg),
+                    shrink_rank: knob("PUNICA_SHRINK_ROWS_MAX_RANK", d.shrink_rank),
+                    expand_rank: knob("PUNICA_EXPAND_ROWS_MAX_RANK", d.expand_rank),
+                }
+            }),
             shrink_rows_vecs: std::env::var("PUNICA_SHRINK_ROWS_VECS")
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .filter(|&v: &usize| (32..=4096).contains(&v))
                 .unwrap_or(plan::SHRINK_ROWS_VECS),
-            rows_shrink_max_rank: std::env::var("PUNICA_SHRINK_ROWS_MAX_RANK")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(plan::SHRINK_ROWS_MAX_RANK),
-            rows_expand_max_rank: std::env::var("PUNICA_EXPAND_ROWS_MAX_RANK")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(plan::EXPAND_ROWS_MAX_RANK),
         })
     }
 
@@ -464,17 +460,14 @@ impl CudaBackend {
     pub fn pdl(&self) -> bool {
         self.pdl
     }
-    /// Longest segment the CUDA-core SGMV row kernels serve (0: never).
-    pub fn rows_max_seg(&self) -> usize {
-        self.rows_max_seg.load(std::sync::atomic::Ordering::Relaxed)
+    /// When the CUDA-core SGMV row kernels serve a batch instead of the tensor-core tiles.
+    pub fn row_limits(&self) -> plan::RowLimits {
+        *lock(&self.row_limits)
     }
 
-    /// Set [`Self::rows_max_seg`] (the selftest runs both kernel families on one batch).
-    pub fn set_rows_max_seg(&self, rows: usize) {
-        self.rows_max_seg.store(
-            rows.min(plan::TILE_ROWS),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+    /// Set [`Self::row_limits`] (the selftest runs both kernel families on one batch).
+    pub fn set_row_limits(&self, limits: plan::RowLimits) {
+        *lock(&self.row_limits) = limits;
     }
 
     /// Switch programmatic dependent launch on or off (for measurement).
@@ -1488,8 +1481,9 @@ impl Backend for CudaBackend {
             )));
         }
         let tiles = meta.layout.num_tiles;
-        if plan::use_row_kernels(meta.layout.max_seg_rows, self.rows_max_seg())
-            && table.max_rank <= self.rows_shrink_max_rank
+        if self
+            .row_limits()
+            .shrink(meta.layout.max_seg_rows, table.max_rank)
         {
             let (splits, rank_blocks) = plan::shrink_rows_plan(
                 h_in,
@@ -1636,8 +1630,9 @@ impl Backend for CudaBackend {
                 _ => {}
             }
         }
-        if plan::use_row_kernels(meta.layout.max_seg_rows, self.rows_max_seg())
-            && table.max_part_rank <= self.rows_expand_max_rank
+        if self
+            .row_limits()
+            .expand(meta.layout.max_seg_rows, table.max_part_rank)
         {
             let h_out: usize = outs.iter().sum();
             let (lanes, (gx, gy)) =
@@ -1835,7 +1830,7 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "unknown time".into());
     format!(
-        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n# SGMV: CUDA-core row kernels for batches whose segments have <= {} rows, tensor-core tiles otherwise\n",
+        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n# SGMV: CUDA-core row kernels when {:?}, tensor-core tiles otherwise\n",
         be.device_name(),
         be.compute_capability().0,
         be.compute_capability().1,
@@ -1843,6 +1838,6 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         be.arch(),
         env!("PUNICA_GIT_REV"),
         be.pdl(),
-        be.rows_max_seg(),
+        be.row_limits(),
     )
 }

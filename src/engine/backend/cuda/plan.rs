@@ -24,21 +24,57 @@ pub const SHRINK_MAX_TILES: usize = 16;
 pub const ROWS_WARPS: usize = 4;
 /// 16-byte loads of A or B each lane of a row kernel keeps in flight (`ROWS_KU`).
 pub const ROWS_KU: usize = 4;
-/// Longest segment the row kernels serve by default: one row, decode batches of many
-/// adapters (on the H200 they lose to the tensor-core tiles once segments hold several rows).
-pub const ROWS_MAX_SEG: usize = 1;
-/// Largest group rank (the stacked A's) the row shrink takes by default: one warp per rank.
-pub const SHRINK_ROWS_MAX_RANK: usize = MAX_GROUP_RANK;
-/// Largest part rank the row expand takes by default.
-pub const EXPAND_ROWS_MAX_RANK: usize = MAX_RANK;
+/// When the CUDA-core row kernels serve a batch instead of the tensor-core tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowLimits {
+    /// Longest segment (0: never).
+    pub max_seg: usize,
+    /// Largest group rank (the stacked A's) of the row shrink: one warp per rank.
+    pub shrink_rank: usize,
+    /// Largest part rank of the row expand.
+    pub expand_rank: usize,
+}
+
+impl RowLimits {
+    /// Measured on the H200 (bench/results/*-s4*): decode batches of many adapters, one row
+    /// each, at the ranks where the row kernels won (r=16 q|k|v stacks to 48; at r=64 and 64
+    /// rows the tiles win).
+    pub const DEFAULT: RowLimits = RowLimits {
+        max_seg: 1,
+        shrink_rank: 48,
+        expand_rank: 32,
+    };
+    /// Everything the row kernels can take (the selftest).
+    pub const ALL: RowLimits = RowLimits {
+        max_seg: TILE_ROWS,
+        shrink_rank: MAX_GROUP_RANK,
+        expand_rank: MAX_RANK,
+    };
+    /// Never.
+    pub const NONE: RowLimits = RowLimits {
+        max_seg: 0,
+        shrink_rank: 0,
+        expand_rank: 0,
+    };
+
+    /// Whether the row shrink serves a batch whose longest segment has `max_seg_rows` rows,
+    /// for a table of largest group rank `rank`.
+    pub fn shrink(&self, max_seg_rows: usize, rank: usize) -> bool {
+        self.rows(max_seg_rows) && rank <= self.shrink_rank
+    }
+
+    /// Whether the row expand serves it, for a table of largest part rank `part_rank`.
+    pub fn expand(&self, max_seg_rows: usize, part_rank: usize) -> bool {
+        self.rows(max_seg_rows) && part_rank <= self.expand_rank
+    }
+
+    fn rows(&self, max_seg_rows: usize) -> bool {
+        max_seg_rows > 0 && max_seg_rows <= self.max_seg.min(TILE_ROWS)
+    }
+}
+
 /// Default 8-element vectors of h_in per split of the row shrink (one pass of a warp).
 pub const SHRINK_ROWS_VECS: usize = 128;
-
-/// Whether the CUDA-core row kernels serve a batch whose longest segment has `max_seg_rows`
-/// rows (`limit`: the longest they take; 0 disables them).
-pub fn use_row_kernels(max_seg_rows: usize, limit: usize) -> bool {
-    max_seg_rows > 0 && max_seg_rows <= limit.min(TILE_ROWS)
-}
 
 /// The row shrink's grid: `(h_in splits, rank blocks)`. A split reads about `vecs` 8-element
 /// vectors of each rank's row of A; small batches get more splits, up to `target_blocks`
@@ -467,12 +503,14 @@ mod tests {
 
     #[test]
     fn row_kernels_serve_batches_of_short_segments_only() {
-        assert!(use_row_kernels(1, ROWS_MAX_SEG));
-        assert!(!use_row_kernels(2, ROWS_MAX_SEG));
-        assert!(use_row_kernels(4, 4));
-        assert!(!use_row_kernels(0, ROWS_MAX_SEG));
-        assert!(!use_row_kernels(1, 0));
-        assert!(!use_row_kernels(17, 64));
+        let d = RowLimits::DEFAULT;
+        assert!(d.shrink(1, 48) && d.expand(1, 32));
+        assert!(!d.shrink(2, 16) && !d.expand(2, 16));
+        assert!(!d.shrink(1, 64) && !d.expand(1, 64));
+        assert!(!d.shrink(0, 16));
+        assert!(RowLimits::ALL.shrink(16, MAX_GROUP_RANK) && RowLimits::ALL.expand(16, MAX_RANK));
+        assert!(!RowLimits::ALL.shrink(17, 1));
+        assert!(!RowLimits::NONE.shrink(1, 1) && !RowLimits::NONE.expand(1, 1));
         // Decode of 7B: one row per segment, q|k|v stacked to 48 ranks: two splits of 256
         // vectors fill 768 blocks already; a lone row gets up to 16 (32 vectors each).
         assert_eq!(shrink_rows_plan(4096, 48, 32, 256, 264), (2, 12));

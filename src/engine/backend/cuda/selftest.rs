@@ -1091,7 +1091,7 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
     // An error inside one check is that check's failure; the others still run.
     // A batch the row kernels can serve (segments of up to 16 rows, whatever the default
     // limit) goes through both kernel families.
-    let rows_max = be.rows_max_seg();
+    let limits = be.row_limits();
     for case in sgmv_cases() {
         let longest = SegmentTable::from_row_slots(&case.rows)
             .iter()
@@ -1099,12 +1099,14 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
             .max()
             .unwrap_or(0);
         let both = (1..=plan::TILE_ROWS).contains(&longest);
-        for (limit, kind) in [(plan::TILE_ROWS, "rows"), (0, "tiles")] {
+        for (limit, kind) in [
+            (plan::RowLimits::ALL, "rows"),
+            (plan::RowLimits::NONE, "tiles"),
+        ] {
             if !both && kind == "tiles" {
                 continue;
             }
-            let limit = if both { limit } else { rows_max };
-            be.set_rows_max_seg(limit);
+            be.set_row_limits(if both { limit } else { limits });
             let case = SgmvCase {
                 label: if both {
                     format!("{} [{kind}]", case.label)
@@ -1125,7 +1127,7 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
             }
         }
     }
-    be.set_rows_max_seg(rows_max);
+    be.set_row_limits(limits);
     tracing::info!(checks = c.results.len(), "SGMV checks done");
     for dt in [DType::F32, DType::BF16, DType::F16] {
         if let Err(e) = check_elementwise_ops(&mut c, dt) {
