@@ -245,6 +245,53 @@ impl StepMeta {
     }
 }
 
+/// `f` over `items` on up to 8 threads (contiguous runs of about equal `cost`), results in
+/// order. For host-side conversions of many tensors (an adapter load); one item, a zero cost
+/// or a single core runs them on the calling thread.
+pub fn par_map<T: Send, R: Send>(
+    items: Vec<T>,
+    cost: impl Fn(&T) -> usize,
+    f: impl Fn(T) -> R + Sync,
+) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8)
+        .min(items.len());
+    let total: usize = items.iter().map(&cost).sum();
+    if threads <= 1 || total == 0 {
+        return items.into_iter().map(f).collect();
+    }
+    let share = total.div_ceil(threads);
+    let mut runs: Vec<Vec<T>> = vec![Vec::new()];
+    let mut acc = 0;
+    for item in items {
+        let c = cost(&item);
+        if acc >= share && runs.len() < threads {
+            runs.push(Vec::new());
+            acc = 0;
+        }
+        acc += c;
+        if let Some(run) = runs.last_mut() {
+            run.push(item);
+        }
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = runs
+            .into_iter()
+            .map(|run| scope.spawn(move || run.into_iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| match h.join() {
+                Ok(results) => results,
+                // A panic in `f` is a bug: surface it on the calling thread.
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
+}
+
 /// Widen raw little-endian `f32`/`f16`/`bf16` bytes to f32 values.
 pub fn host_to_f32(src: DType, bytes: &[u8]) -> Result<Vec<f32>> {
     let size = src.size();
@@ -572,6 +619,30 @@ mod tests {
             assert_eq!(meta.rows(), rows);
             assert_eq!(meta.block_tables.len(), rows.div_ceil(BLOCK_SIZE));
         }
+    }
+
+    #[test]
+    fn par_map_keeps_the_order_of_its_items_whatever_their_costs() {
+        for n in [0usize, 1, 2, 7, 100] {
+            let items: Vec<usize> = (0..n).collect();
+            let out = par_map(items, |&i| 1 + (i * 37) % 11, |i| i * 3 + 1);
+            assert_eq!(out, (0..n).map(|i| i * 3 + 1).collect::<Vec<_>>());
+        }
+        // Disjoint mutable slices, as an adapter's staging buffer is split.
+        let mut buf = [0u32; 50];
+        let jobs: Vec<(usize, &mut [u32])> = buf.chunks_mut(7).enumerate().collect();
+        let lens = par_map(
+            jobs,
+            |(_, c)| c.len(),
+            |(i, c)| {
+                c.fill(i as u32);
+                c.len()
+            },
+        );
+        assert_eq!(lens.iter().sum::<usize>(), 50);
+        assert!(buf.iter().enumerate().all(|(j, &v)| v == (j / 7) as u32));
+        // Zero cost: the calling thread.
+        assert_eq!(par_map(vec![1, 2, 3], |_| 0, |i| i), vec![1, 2, 3]);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use regex::Regex;
 use safetensors::SafeTensors;
 use serde::Deserialize;
 
-use crate::engine::backend::host_to_f32;
+use crate::engine::backend::{host_to_f32, par_map};
 use crate::engine::model::config::{LlamaConfig, Projection};
 use crate::engine::model::weights::dtype_of;
 
@@ -388,7 +388,7 @@ impl LoraWeights {
         let config = AdapterConfig::from_json(config_json)?;
         let targets = config.targets(base)?;
         let tensors = parse_safetensors(safetensors)?;
-        let mut found: HashMap<(usize, Projection), [Option<FoundTensor>; 2]> = HashMap::new();
+        let mut named = Vec::new();
         for (name, view) in tensors.iter() {
             let (layer, proj, which) = classify(name, base.num_hidden_layers)?;
             if !targets.contains(&(layer, proj)) {
@@ -398,17 +398,33 @@ impl LoraWeights {
                 name: name.to_string(),
                 dtype: format!("{:?}", view.dtype()),
             })?;
-            let values =
-                host_to_f32(dtype, view.data()).map_err(|e| PeftError::Header(e.to_string()))?;
-            if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                return Err(PeftError::NonFinite {
-                    name: name.to_string(),
-                    index,
-                    value,
-                });
-            }
+            named.push((name, (layer, proj, which), dtype, view));
+        }
+        // Widening and the finiteness check are most of a load: tensors on several threads,
+        // the first failure in file order reported.
+        let widened = par_map(
+            named,
+            |(_, _, _, view)| view.data().len(),
+            |(name, at, dtype, view)| {
+                let values = host_to_f32(dtype, view.data())
+                    .map_err(|e| PeftError::Header(e.to_string()))?;
+                if let Some((index, &value)) =
+                    values.iter().enumerate().find(|(_, v)| !v.is_finite())
+                {
+                    return Err(PeftError::NonFinite {
+                        name: name.to_string(),
+                        index,
+                        value,
+                    });
+                }
+                Ok((name, at, view.shape().to_vec(), values))
+            },
+        );
+        let mut found: HashMap<(usize, Projection), [Option<FoundTensor>; 2]> = HashMap::new();
+        for w in widened {
+            let (name, (layer, proj, which), shape, values) = w?;
             found.entry((layer, proj)).or_default()[which] =
-                Some((name.to_string(), view.shape().to_vec(), values));
+                Some((name.to_string(), shape, values));
         }
         if found.is_empty() {
             return Err(PeftError::Empty);

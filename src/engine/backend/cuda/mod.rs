@@ -26,7 +26,7 @@ use half::{bf16, f16};
 
 use crate::engine::backend::{
     AttnShape, Backend, BackendError, DType, DeviceKind, LoraGroupSlot, MAX_GROUP_PARTS, Pick,
-    Result, RowSampling, StepMeta,
+    Result, RowSampling, StepMeta, par_map,
 };
 use compile::KernelCompiler;
 use plan::MetaLayout;
@@ -1018,9 +1018,21 @@ impl Backend for CudaBackend {
         let out = host
             .as_mut_slice()
             .map_err(|e| dev_err("page-locked host memory", e))?;
+        // Each tensor's bytes of the buffer, then the conversions on several threads.
+        let mut jobs = Vec::with_capacity(tensors.len());
+        let mut rest: &mut [u8] = out;
+        let mut at = 0;
         for (t, &(off, len)) in tensors.iter().zip(&layout) {
-            let dst = &mut out[off..off + len * dtype.size()];
-            match dtype {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(off - at);
+            let (dst, tail) = tail.split_at_mut(len * dtype.size());
+            jobs.push((*t, dst));
+            rest = tail;
+            at = off + len * dtype.size();
+        }
+        par_map(
+            jobs,
+            |(t, _)| t.len(),
+            |(t, dst)| match dtype {
                 DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(t)),
                 DType::BF16 => {
                     for (d, &v) in dst.chunks_exact_mut(2).zip(t.iter()) {
@@ -1032,8 +1044,8 @@ impl Backend for CudaBackend {
                         d.copy_from_slice(&f16::from_f32(v).to_le_bytes());
                     }
                 }
-            }
-        }
+            },
+        );
         Ok(CudaStaged {
             host,
             dtype,
