@@ -48,6 +48,9 @@ fn a_request_whose_adapter_is_in_no_tier_is_served_while_the_others_decode() {
     };
     let (warm, cold) = (ttft("adapter resident"), ttft("adapter in no tier"));
     assert!(warm > 0.0 && cold > 0.0, "{section}");
+    // The loader's share is a part of the cold request's wait.
+    let loader = ttft("of which on the loader thread");
+    assert!(loader > 0.0 && loader < cold, "{section}");
     assert!(
         section.contains("The decoding requests meanwhile:"),
         "{section}"
