@@ -120,6 +120,10 @@ pub fn cuda_executor(
     let backend = Arc::new(CudaBackend::new(CudaOptions::default()).map_err(|e| e.to_string())?);
     backend.warm_up().map_err(|e| e.to_string())?;
     let _ = cell.set(Arc::clone(&backend));
+    // Two adapters' worth of page-locked staging, so loads while serving need not pin memory.
+    backend
+        .reserve_staging(2, adapter_bytes / adapter_slots.max(1))
+        .map_err(|e| e.to_string())?;
     let model = load(Arc::clone(&backend)).map_err(|e| e.to_string())?;
     let (free, total) = backend.memory_info().map_err(|e| e.to_string())?;
     let used = total - free;

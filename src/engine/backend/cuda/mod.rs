@@ -87,12 +87,79 @@ enum Memory {
     Shared(Arc<CudaSlice<u8>>, Arc<CudaStaged>),
 }
 
-/// Tensors converted and packed in page-locked host memory, for one asynchronous copy.
+/// Tensors converted and packed in page-locked host memory, for one asynchronous copy. Its
+/// buffer goes back to the backend's pool when it is dropped.
 pub struct CudaStaged {
-    host: PinnedHostSlice<u8>,
+    /// `Some` until dropped; may be longer than `used`.
+    host: Option<PinnedHostSlice<u8>>,
+    used: usize,
+    /// Recorded after the latest copy from `host`: the buffer is reused only once it completed.
+    copied: Mutex<Option<cudarc::driver::CudaEvent>>,
+    pool: Arc<PinnedPool>,
     dtype: DType,
     /// Byte offset and element count of each tensor.
     tensors: Vec<(usize, usize)>,
+}
+
+impl Drop for CudaStaged {
+    fn drop(&mut self) {
+        if let Some(host) = self.host.take() {
+            let copied = lock(&self.copied).take();
+            self.pool.put(host, copied);
+        }
+    }
+}
+
+/// Page-locked staging buffers of dropped adapters, reused by later loads. Pinning fresh memory
+/// holds the driver's lock for tens of milliseconds, stalling the engine's kernel launches
+/// meanwhile (a cold adapter's load made the decoders' tokens wait 100 ms on the H200); with
+/// buffers reserved at startup and reused, a load mostly just converts into one.
+struct PinnedPool {
+    /// Free buffers, each with the event of the last copy that read it.
+    free: Mutex<Vec<(PinnedHostSlice<u8>, Option<cudarc::driver::CudaEvent>)>>,
+    /// Most bytes kept free; buffers beyond it are released.
+    keep_bytes: std::sync::atomic::AtomicUsize,
+}
+
+impl PinnedPool {
+    fn new() -> Self {
+        PinnedPool {
+            free: Mutex::new(Vec::new()),
+            keep_bytes: std::sync::atomic::AtomicUsize::new(1 << 30),
+        }
+    }
+
+    /// The smallest free buffer that holds `bytes` without wasting more than three quarters,
+    /// once the last copy from it has completed.
+    fn take(&self, bytes: usize) -> Result<Option<PinnedHostSlice<u8>>> {
+        let (buf, copied) = {
+            let mut free = lock(&self.free);
+            let Some(best) = free
+                .iter()
+                .enumerate()
+                .filter(|(_, (b, _))| b.len() >= bytes && b.len() / 4 <= bytes)
+                .min_by_key(|(_, (b, _))| b.len())
+                .map(|(i, _)| i)
+            else {
+                return Ok(None);
+            };
+            free.swap_remove(best)
+        };
+        if let Some(event) = copied {
+            event
+                .synchronize()
+                .map_err(|e| dev_err("wait for a staging copy", e))?;
+        }
+        Ok(Some(buf))
+    }
+
+    fn put(&self, buf: PinnedHostSlice<u8>, copied: Option<cudarc::driver::CudaEvent>) {
+        let mut free = lock(&self.free);
+        let held: usize = free.iter().map(|(b, _)| b.len()).sum();
+        if held + buf.len() <= self.keep_bytes.load(std::sync::atomic::Ordering::Relaxed) {
+            free.push((buf, copied));
+        }
+    }
 }
 
 /// A device buffer: raw bytes plus dtype and element count.
@@ -257,6 +324,8 @@ pub struct CudaBackend {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     workspace: Mutex<Option<Workspace>>,
+    /// Page-locked staging buffers for adapter loads.
+    pinned: Arc<PinnedPool>,
     last: Mutex<Last>,
     pdl: bool,
     /// Split-K target: shrink blocks per SM (tuning knob, `PUNICA_SHRINK_BLOCKS_PER_SM`).
@@ -390,6 +459,7 @@ impl CudaBackend {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             workspace: Mutex::new(None),
+            pinned: Arc::new(PinnedPool::new()),
             last: Mutex::new(Last::Other),
             pdl: opts.pdl && cc.0 >= 9,
             shrink_blocks_per_sm: std::env::var("PUNICA_SHRINK_BLOCKS_PER_SM")
@@ -430,6 +500,32 @@ impl CudaBackend {
                 .filter(|&v: &usize| (32..=4096).contains(&v))
                 .unwrap_or(plan::SHRINK_ROWS_VECS),
         })
+    }
+
+    /// Page-locked host memory of `bytes` (uninitialised: callers write what they read).
+    fn alloc_pinned(&self, bytes: usize) -> Result<PinnedHostSlice<u8>> {
+        // SAFETY: the buffer's users write every byte they read (`stage` fills each tensor's
+        // range; the copy to the device reads only those, plus alignment gaps nobody reads).
+        unsafe {
+            self.ctx
+                .alloc_pinned_with_flags::<u8>(bytes, drv_sys::CU_MEMHOSTALLOC_PORTABLE)
+        }
+        .map_err(|e| dev_err("page-locked host allocation", e))
+    }
+
+    /// Pin `count` staging buffers of `bytes` now (at startup), so adapter loads while the
+    /// engine runs reuse them instead of pinning fresh memory; the pool keeps at least that
+    /// much of returned buffers.
+    pub fn reserve_staging(&self, count: usize, bytes: usize) -> Result<()> {
+        let total = count.saturating_mul(bytes);
+        self.pinned
+            .keep_bytes
+            .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..count {
+            let buf = self.alloc_pinned(bytes.max(16))?;
+            self.pinned.put(buf, None);
+        }
+        Ok(())
     }
 
     /// Free and total device memory in bytes.
@@ -1009,15 +1105,14 @@ impl Backend for CudaBackend {
             // 16-byte aligned starts: the SGMV kernels load A and B rows in 16-byte vectors.
             bytes += (t.len() * dtype.size()).next_multiple_of(16);
         }
-        // SAFETY: every byte is written below before the memory is read.
-        let mut host = unsafe {
-            self.ctx
-                .alloc_pinned_with_flags::<u8>(bytes.max(16), drv_sys::CU_MEMHOSTALLOC_PORTABLE)
-        }
-        .map_err(|e| dev_err("page-locked host allocation", e))?;
-        let out = host
+        let bytes = bytes.max(16);
+        let mut host = match self.pinned.take(bytes)? {
+            Some(host) => host,
+            None => self.alloc_pinned(bytes)?,
+        };
+        let out = &mut host
             .as_mut_slice()
-            .map_err(|e| dev_err("page-locked host memory", e))?;
+            .map_err(|e| dev_err("page-locked host memory", e))?[..bytes];
         // Each tensor's bytes of the buffer, then the conversions on several threads.
         let mut jobs = Vec::with_capacity(tensors.len());
         let mut rest: &mut [u8] = out;
@@ -1047,17 +1142,23 @@ impl Backend for CudaBackend {
             },
         );
         Ok(CudaStaged {
-            host,
+            host: Some(host),
+            used: bytes,
+            copied: Mutex::new(None),
+            pool: Arc::clone(&self.pinned),
             dtype,
             tensors: layout,
         })
     }
 
     fn upload_staged(&self, staged: &Arc<CudaStaged>) -> Result<Vec<CudaBuf>> {
-        let src = staged
+        let host = staged
             .host
+            .as_ref()
+            .ok_or_else(|| BackendError::Device("a staged adapter without its buffer".into()))?;
+        let src = &host
             .as_slice()
-            .map_err(|e| dev_err("page-locked host memory", e))?;
+            .map_err(|e| dev_err("page-locked host memory", e))?[..staged.used];
         let (mem, base) = self.alloc_bytes(src.len())?;
         self.mark_other();
         // SAFETY: the destination has `src.len()` bytes; `src` is page-locked, so the copy is
@@ -1065,6 +1166,14 @@ impl Backend for CudaBackend {
         // is stream-ordered after the copy).
         unsafe { drv::memcpy_htod_async(base, src, self.stream.cu_stream()) }
             .map_err(|e| dev_err("copy to device", e))?;
+        let event = self
+            .ctx
+            .new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .map_err(|e| dev_err("event", e))?;
+        event
+            .record(&self.stream)
+            .map_err(|e| dev_err("record event", e))?;
+        *lock(&staged.copied) = Some(event);
         let mem = Arc::new(mem);
         Ok(staged
             .tensors
