@@ -255,13 +255,23 @@ pub fn peft_validator<B: Backend>(
     base: LlamaConfig,
     cell: BackendCell<B>,
 ) -> Validator<StagedAdapter<B>> {
-    Arc::new(move |_key: &AdapterKey, files: AdapterFiles| {
+    Arc::new(move |key: &AdapterKey, files: AdapterFiles| {
+        let started = std::time::Instant::now();
         let weights = LoraWeights::from_bytes(&files.config, &files.weights, &base)
             .map_err(|e| e.to_string())?;
+        let validated = started.elapsed();
         let backend = cell
             .get()
             .ok_or_else(|| "the engine's device is not ready".to_string())?;
-        StagedAdapter::stage(backend.as_ref(), &weights).map_err(|e| e.to_string())
+        let staged = StagedAdapter::stage(backend.as_ref(), &weights).map_err(|e| e.to_string());
+        tracing::debug!(
+            adapter = %key.id,
+            validate_ms = validated.as_secs_f64() * 1e3,
+            stage_ms = (started.elapsed() - validated).as_secs_f64() * 1e3,
+            blob_bytes = files.weights.len(),
+            "adapter validated and staged"
+        );
+        staged
     })
 }
 
