@@ -25,6 +25,25 @@ struct LoraSlot {
     u32 voff[MAX_PARTS];
 };
 
+// One row tile: its first row, the end of its segment and the segment's adapter slot. Step
+// metadata comes from host copies, never from the previous kernel, so kernels read it before
+// their wait (see pdl_enter in common.cuh).
+struct TileSeg {
+    int row0;
+    int end;
+    u32 slot;
+};
+
+__device__ __forceinline__ TileSeg tile_seg(const u32* __restrict__ tiles,
+                                            const u32* __restrict__ segs, int tile) {
+    const u32 seg = tiles[2 * tile];
+    TileSeg t;
+    t.row0 = (int)tiles[2 * tile + 1];
+    t.end = (int)segs[3 * seg + 1];
+    t.slot = segs[3 * seg + 2];
+    return t;
+}
+
 #define SHRINK_WARPS 4
 #define EXPAND_WARPS 4
 
@@ -45,12 +64,10 @@ __device__ __forceinline__ void sgmv_shrink_impl(
 
     const int tile = blockIdx.x, split = blockIdx.y, zi = blockIdx.z;
     const int group = tile * gridDim.z + zi;
-    // Step metadata and the adapter table come from host copies, never from the previous
-    // kernel, so they may be read before the wait (see pdl_enter in common.cuh).
-    const u32 seg = tiles[2 * tile];
-    const int row0 = (int)tiles[2 * tile + 1];
-    const int seg_end = (int)segs[3 * seg + 1];
-    const u32 slot = segs[3 * seg + 2];
+    // The adapter table comes from host copies too.
+    const TileSeg ts = tile_seg(tiles, segs, tile);
+    const int row0 = ts.row0, seg_end = ts.end;
+    const u32 slot = ts.slot;
     const void* slot_a = table[slot].a;
     const int slot_rank = (int)table[slot].rank;
     // x comes from the previous kernel (a GEMM or a norm), and v and the split-K workspace may
@@ -214,10 +231,9 @@ __device__ __forceinline__ void sgmv_expand_impl(
     int part0, int end0, int end1, int end2, const LoraSlot* __restrict__ table,
     const u32* __restrict__ tiles, const u32* __restrict__ segs) {
     const int tile = blockIdx.y;
-    const u32 seg = tiles[2 * tile];
-    const int row0 = (int)tiles[2 * tile + 1];
-    const int seg_end = (int)segs[3 * seg + 1];
-    const u32 slot = segs[3 * seg + 2];
+    const TileSeg ts = tile_seg(tiles, segs, tile);
+    const int row0 = ts.row0, seg_end = ts.end;
+    const u32 slot = ts.slot;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, q = lane & 3;
     const int gc0 = (blockIdx.x * EXPAND_WARPS + warp) * (NTW * 8);
@@ -361,10 +377,9 @@ __device__ __forceinline__ void sgmv_shrink_rows_impl(
     u32* __restrict__ counters) {
     __shared__ int is_last;
     const int tile = blockIdx.z, split = blockIdx.x;
-    const u32 seg = tiles[2 * tile];
-    const int row0 = (int)tiles[2 * tile + 1];
-    const int seg_end = (int)segs[3 * seg + 1];
-    const u32 slot = segs[3 * seg + 2];
+    const TileSeg ts = tile_seg(tiles, segs, tile);
+    const int row0 = ts.row0, seg_end = ts.end;
+    const u32 slot = ts.slot;
     const void* slot_a = table[slot].a;
     const int slot_rank = (int)table[slot].rank;
     // x comes from the previous kernel, and v and the workspace may still be in use by the
@@ -459,10 +474,9 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
     const u32* __restrict__ tiles, const u32* __restrict__ segs) {
     constexpr int CPS = 32 / RL;
     const int tile = blockIdx.y;
-    const u32 seg = tiles[2 * tile];
-    const int row0 = (int)tiles[2 * tile + 1];
-    const int seg_end = (int)segs[3 * seg + 1];
-    const u32 slot = segs[3 * seg + 2];
+    const TileSeg ts = tile_seg(tiles, segs, tile);
+    const int row0 = ts.row0, seg_end = ts.end;
+    const u32 slot = ts.slot;
     const LoraSlot* s = table + slot;
     RowParts rp;
     rp.b0 = reinterpret_cast<const u16*>(s->b[0]);

@@ -956,6 +956,44 @@ impl CudaBackend {
         Ok(ptr)
     }
 
+    /// The split-K workspace of a shrink: `(accumulator, counters)`, `counters` u32 counters
+    /// then `acc_floats` f32 accumulators, both zero (null pointers with a single split).
+    fn shrink_workspace(
+        &self,
+        splits: usize,
+        counters: usize,
+        acc_floats: usize,
+    ) -> Result<(u64, u64)> {
+        if splits <= 1 {
+            return Ok((0, 0));
+        }
+        let counters_bytes = (counters * 4).div_ceil(256) * 256;
+        let ws = self.workspace(counters_bytes + acc_floats * 4)?;
+        Ok((ws + counters_bytes as u64, ws))
+    }
+
+    /// The arguments both shrink kernels start with.
+    fn shrink_args(
+        x: &CudaBuf,
+        h_in: usize,
+        v: &CudaBuf,
+        v_stride: usize,
+        table: &CudaLoraTable,
+        meta: &CudaMeta,
+        splits: usize,
+    ) -> Result<Vec<Arg>> {
+        Ok(vec![
+            Arg::Ptr(x.ptr),
+            i32_arg(h_in, "h_in")?,
+            Arg::Ptr(v.ptr),
+            i32_arg(v_stride, "v_stride")?,
+            Arg::Ptr(table.ptr),
+            Arg::Ptr(meta.at(meta.layout.tiles)),
+            Arg::Ptr(meta.at(meta.layout.segs)),
+            i32_arg(splits, "splits")?,
+        ])
+    }
+
     fn check_lora(&self, x_dtype: DType, table: &CudaLoraTable, meta: &CudaMeta) -> Result<bool> {
         if meta.layout.num_tiles == 0 || table.max_rank == 0 {
             return Ok(false);
@@ -1613,33 +1651,19 @@ impl Backend for CudaBackend {
                 self.shrink_rows_vecs,
                 self.sm_count * self.shrink_blocks_per_sm,
             );
-            let counters_bytes = (tiles * 4).div_ceil(256) * 256;
-            let ws = if splits > 1 {
-                self.workspace(counters_bytes + tiles * plan::TILE_ROWS * table.max_rank * 4)?
-            } else {
-                0
-            };
+            let (acc, counters) =
+                self.shrink_workspace(splits, tiles, tiles * plan::TILE_ROWS * table.max_rank)?;
+            let mut args = Self::shrink_args(x, h_in, v, v_stride, table, meta, splits)?;
+            args.extend([
+                i32_arg(table.max_rank, "acc_rank")?,
+                Arg::Ptr(acc),
+                Arg::Ptr(counters),
+            ]);
             return self.launch(
                 &format!("sgmv_shrink_rows_{}", Self::suffix(x.dtype)),
                 (splits as u32, rank_blocks as u32, tiles as u32),
                 (plan::ROWS_WARPS * 32) as u32,
-                &[
-                    Arg::Ptr(x.ptr),
-                    i32_arg(h_in, "h_in")?,
-                    Arg::Ptr(v.ptr),
-                    i32_arg(v_stride, "v_stride")?,
-                    Arg::Ptr(table.ptr),
-                    Arg::Ptr(meta.at(meta.layout.tiles)),
-                    Arg::Ptr(meta.at(meta.layout.segs)),
-                    i32_arg(splits, "splits")?,
-                    i32_arg(table.max_rank, "acc_rank")?,
-                    Arg::Ptr(if ws == 0 {
-                        0
-                    } else {
-                        ws + counters_bytes as u64
-                    }),
-                    Arg::Ptr(ws),
-                ],
+                &args,
                 self.pdl,
             );
         }
@@ -1663,32 +1687,18 @@ impl Backend for CudaBackend {
             64
         };
         let splits = plan::shrink_splits(tiles * groups, h_in, target, cap);
-        let counters_bytes = (tiles * groups * 4).div_ceil(256) * 256;
-        let ws = if splits > 1 {
-            self.workspace(counters_bytes + tiles * groups * plan::TILE_ROWS * nt * 8 * 4)?
-        } else {
-            0
-        };
+        let (acc, counters) = self.shrink_workspace(
+            splits,
+            tiles * groups,
+            tiles * groups * plan::TILE_ROWS * nt * 8,
+        )?;
+        let mut args = Self::shrink_args(x, h_in, v, v_stride, table, meta, splits)?;
+        args.extend([Arg::Ptr(acc), Arg::Ptr(counters)]);
         self.launch(
             &format!("sgmv_shrink_{}_n{nt}", Self::suffix(x.dtype)),
             (tiles as u32, splits as u32, groups as u32),
             (plan::SHRINK_WARPS * 32) as u32,
-            &[
-                Arg::Ptr(x.ptr),
-                i32_arg(h_in, "h_in")?,
-                Arg::Ptr(v.ptr),
-                i32_arg(v_stride, "v_stride")?,
-                Arg::Ptr(table.ptr),
-                Arg::Ptr(meta.at(meta.layout.tiles)),
-                Arg::Ptr(meta.at(meta.layout.segs)),
-                i32_arg(splits, "splits")?,
-                Arg::Ptr(if ws == 0 {
-                    0
-                } else {
-                    ws + counters_bytes as u64
-                }),
-                Arg::Ptr(ws),
-            ],
+            &args,
             self.pdl,
         )
     }
