@@ -366,7 +366,8 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
 
 // v[row, n] = x[row, :] . A[n, :] for the rows of tile blockIdx.z: rank n = blockIdx.y *
 // ROWS_WARPS + warp per warp, over split blockIdx.x of h_in (whole 8-element vectors), lanes
-// striding over the vectors, ROWS rows per pass (the host sends segments of one row). With more than one split, the warps add into a
+// striding over the vectors, ROWS rows per pass (instantiated with one: the host sends it
+// segments of one row by default). With more than one split, the warps add into a
 // zeroed f32 accumulator [tile][16][acc_rank]; the tile's last block to finish (counter) copies
 // it to v and clears accumulator and counter, as the tensor-core shrink does.
 template <typename T, int ROWS>
