@@ -1768,12 +1768,7 @@ impl Backend for CudaBackend {
             let h_out: usize = outs.iter().sum();
             let (lanes, (gx, gy)) =
                 plan::expand_rows_plan(table.max_part_rank, h_out, meta.layout.num_tiles)?;
-            let mut ends = [0usize; MAX_GROUP_PARTS];
-            let mut end = 0;
-            for (j, e) in ends.iter_mut().enumerate() {
-                end += outs.get(j).copied().unwrap_or(0);
-                *e = end;
-            }
+            let ends = plan::group_ends(outs);
             let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
             return self.launch(
                 &format!("sgmv_expand_rows_{}_l{lanes}", Self::suffix(y.dtype)),

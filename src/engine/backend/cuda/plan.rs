@@ -227,6 +227,18 @@ impl ExpandLaunch {
     }
 }
 
+/// Where each part of a group whose parts have `outs` columns ends, counted from the group's
+/// first column (parts it lacks end where the last one does).
+pub fn group_ends(outs: &[usize]) -> [usize; MAX_GROUP_PARTS] {
+    let mut ends = [0; MAX_GROUP_PARTS];
+    let mut end = 0;
+    for (j, e) in ends.iter_mut().enumerate() {
+        end += outs.get(j).copied().unwrap_or(0);
+        *e = end;
+    }
+    ends
+}
+
 /// The expand launches of a group whose parts have `outs` columns: one for the whole group
 /// when every part boundary falls between two warps' columns (`8 * ntw` each), else one per
 /// part, since a warp reads one part's B.
@@ -234,12 +246,7 @@ pub fn expand_launches(outs: &[usize], ntw: usize) -> Vec<ExpandLaunch> {
     let warp_cols = 8 * ntw.max(1);
     let inner = &outs[..outs.len().saturating_sub(1)];
     if inner.iter().all(|w| w.is_multiple_of(warp_cols)) {
-        let mut ends = [0; MAX_GROUP_PARTS];
-        let mut end = 0;
-        for (j, e) in ends.iter_mut().enumerate() {
-            end += outs.get(j).copied().unwrap_or(0);
-            *e = end;
-        }
+        let ends = group_ends(outs);
         return vec![ExpandLaunch {
             part0: 0,
             col: 0,
@@ -649,6 +656,8 @@ mod tests {
             expand_launches(&[11008, 11008], 8)[0].ends,
             [11008, 22016, 22016]
         );
+        // The row expand takes any boundaries in one launch.
+        assert_eq!(group_ends(&[100, 36, 36]), [100, 136, 172]);
     }
 
     #[test]

@@ -131,6 +131,7 @@ impl Ctx<'_> {
 /// One SGMV case over a LoRA group of `outs.len()` parts: per slot, each part's rank (None =
 /// the slot's adapter lacks that part; all None = an empty slot), and per row its slot (None =
 /// base model row).
+#[derive(Clone)]
 struct SgmvCase {
     dtype: DType,
     h_in: usize,
@@ -1107,17 +1108,10 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
                 continue;
             }
             be.set_row_limits(if both { limit } else { limits });
-            let case = SgmvCase {
-                label: if both {
-                    format!("{} [{kind}]", case.label)
-                } else {
-                    case.label.clone()
-                },
-                outs: case.outs.clone(),
-                ranks: case.ranks.clone(),
-                rows: case.rows.clone(),
-                ..case
-            };
+            let mut case = case.clone();
+            if both {
+                case.label = format!("{} [{kind}]", case.label);
+            }
             if let Err(e) = sgmv_case(&mut c, &case) {
                 c.fail(
                     "sgmv",
