@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::engine::backend::cuda::{CudaBackend, CudaOptions};
-use crate::engine::backend::{Backend, BackendError, DType};
+use crate::engine::backend::{Backend, BackendError, DType, StepPath};
 use crate::engine::executor::{
     BackendCell, adapter_bytes, cpu_executor, cuda_executor, peft_validator,
 };
@@ -173,6 +173,9 @@ pub struct Summary {
     /// CPU seconds the whole process used during the run (all threads), where known: on a
     /// shared machine, tokens per CPU second is steadier than tokens per wall second.
     pub cpu_s: Option<f64>,
+    /// Engine steps of the run by how the device ran them: issued op by op, recorded into a
+    /// CUDA graph, replayed from one.
+    pub steps: [u64; 3],
 }
 
 /// Summarise the timings of a run that took `wall` from first submit to last event.
@@ -226,6 +229,7 @@ pub fn summarise(
         ttft_ms: pct(&ttft),
         itl_ms: pct(&itl),
         cpu_s: None,
+        steps: [0; 3],
     }
 }
 
@@ -670,6 +674,7 @@ fn run_workload(
     detokenizer: &SharedDetokenizer,
     workload: Workload,
 ) -> Result<Summary, BenchError> {
+    let metrics = EngineMetrics::unregistered()?;
     let engine = start_engine(
         args,
         config,
@@ -677,7 +682,7 @@ fn run_workload(
         detokenizer,
         keys.len(),
         args.max_tokens,
-        EngineMetrics::unregistered()?,
+        metrics.clone(),
     )?;
     let traffic = Traffic::generate(
         workload,
@@ -690,9 +695,14 @@ fn run_workload(
         args.seed,
     );
     warm_up(&engine, &traffic, keys)?;
-    let cpu_before = process_cpu_seconds();
+    let steps = || {
+        [StepPath::Issued, StepPath::Recorded, StepPath::Replayed]
+            .map(|p| metrics.steps.with_label_values(&[p.name()]).get())
+    };
+    let (cpu_before, steps_before) = (process_cpu_seconds(), steps());
     let mut summary = drive(&engine, &traffic, keys)?;
     summary.cpu_s = cpu_before.zip(process_cpu_seconds()).map(|(a, b)| b - a);
+    summary.steps = std::array::from_fn(|i| steps()[i] - steps_before[i]);
     Ok(summary)
 }
 
@@ -891,6 +901,21 @@ fn report(args: &BenchEngineArgs, config: &LlamaConfig, summaries: &[Summary]) -
     for summary in summaries {
         let _ = writeln!(s, "{}", summary.row());
     }
+    let _ = writeln!(
+        s,
+        "\nEngine steps issued op by op / recorded into a CUDA graph / replayed from one: {}",
+        summaries
+            .iter()
+            .map(|x| format!(
+                "{} {} / {} / {}",
+                x.workload.name(),
+                x.steps[0],
+                x.steps[1],
+                x.steps[2]
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let tps = |w: Workload| {
         summaries
             .iter()

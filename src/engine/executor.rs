@@ -235,6 +235,7 @@ impl<B: Backend> Executor for LlamaExecutor<B> {
         Ok(StepOutput {
             picks: &self.picks,
             logits: want_logits.then_some(self.logits.as_slice()),
+            path: self.model.backend().last_step_path(),
         })
     }
 }

@@ -17,6 +17,8 @@ pub struct EngineMetrics {
     pub step_tokens: Histogram,
     /// Seconds per step (schedule, forward, sampling, events).
     pub step_seconds: Histogram,
+    /// Steps by how the device ran them (`issued`, `recorded`, `replayed`: CUDA graphs).
+    pub steps: IntCounterVec,
     /// KV blocks owned by sequences.
     pub kv_blocks_used: IntGauge,
     /// KV blocks in the pool.
@@ -59,6 +61,7 @@ impl EngineMetrics {
         registry.register(Box::new(m.batch_size.clone()))?;
         registry.register(Box::new(m.step_tokens.clone()))?;
         registry.register(Box::new(m.step_seconds.clone()))?;
+        registry.register(Box::new(m.steps.clone()))?;
         registry.register(Box::new(m.kv_blocks_used.clone()))?;
         registry.register(Box::new(m.kv_blocks_total.clone()))?;
         registry.register(Box::new(m.preemptions.clone()))?;
@@ -90,6 +93,14 @@ impl EngineMetrics {
             step_seconds: Histogram::with_opts(
                 HistogramOpts::new("engine_step_seconds", "Seconds per engine step")
                     .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14)?),
+            )?,
+            steps: IntCounterVec::new(
+                Opts::new(
+                    "engine_steps_total",
+                    "Forward steps, by how the device ran them (issued op by op, or recorded \
+                     into / replayed from a CUDA graph)",
+                ),
+                &["path"],
             )?,
             kv_blocks_used: gauge("engine_kv_blocks_used", "KV blocks in use")?,
             kv_blocks_total: gauge("engine_kv_blocks_total", "KV blocks in the pool")?,

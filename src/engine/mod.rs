@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, mpsc};
 use std::task::{Context, Poll};
 
-use crate::engine::backend::{Pick, RowSampling, StepMeta};
+use crate::engine::backend::{Pick, RowSampling, StepMeta, StepPath};
 use crate::engine::lora::cache::{AdapterKey, AdapterSource, CacheConfig, HostAdapter, Validator};
 use crate::engine::metrics::EngineMetrics;
 use crate::engine::request::{SharedDetokenizer, StreamEvent, ValidRequest};
@@ -63,6 +63,8 @@ pub struct StepOutput<'a> {
     pub picks: &'a [Pick],
     /// `[logit_rows, vocab]` f32 logits, when the step asked for them.
     pub logits: Option<&'a [f32]>,
+    /// How the device ran the step (issued, or recorded / replayed as a CUDA graph).
+    pub path: StepPath,
 }
 
 /// A failed step of an [`Executor`] (backend or model error), reported to the requests in it.

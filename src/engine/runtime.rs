@@ -410,6 +410,10 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             self.on_pick(id, pick, logits);
         }
 
+        self.metrics
+            .steps
+            .with_label_values(&[out.path.name()])
+            .inc();
         self.metrics.batch_size.set(self.plan.seqs.len() as i64);
         self.metrics.step_tokens.observe(self.meta.rows() as f64);
         self.metrics

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use punica::engine::backend::{BLOCK_SIZE, BackendError, Pick, RowSampling, StepMeta};
+use punica::engine::backend::{BLOCK_SIZE, BackendError, Pick, RowSampling, StepMeta, StepPath};
 use punica::engine::lora::cache::{AdapterFiles, AdapterKey, HostAdapter, Validator};
 use punica::engine::request::{Detokenizer, TextDecoder};
 use punica::engine::sampling::pick_row;
@@ -193,6 +193,7 @@ impl Executor for FakeModel {
         Ok(StepOutput {
             picks: &self.picks,
             logits: want_logits.then_some(self.logits.as_slice()),
+            path: StepPath::Issued,
         })
     }
 }

@@ -370,6 +370,28 @@ pub struct Pick {
     pub logprob: f32,
 }
 
+/// How the device ran a step's ops (see [`Backend::begin_step`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepPath {
+    /// Issued op by op.
+    Issued,
+    /// Captured into a graph (the step's layout repeated), then launched.
+    Recorded,
+    /// Replayed from a graph recorded by an earlier step of the same layout.
+    Replayed,
+}
+
+impl StepPath {
+    /// Label for logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            StepPath::Issued => "issued",
+            StepPath::Recorded => "recorded",
+            StepPath::Replayed => "replayed",
+        }
+    }
+}
+
 /// Most projections one LoRA group holds (q, k and v).
 pub const MAX_GROUP_PARTS: usize = 3;
 
@@ -601,6 +623,22 @@ pub trait Backend: Send + Sync + 'static {
     /// Ops issued from here run after everything issued on the side queue.
     fn join_side(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// A forward step starts: the ops issued until [`Backend::end_step`] form one unit the
+    /// backend may record and replay, and buffers allocated until then are step temporaries,
+    /// valid until the next `begin_step` (the CUDA backend takes them from a fixed arena and
+    /// replays repeated steps from CUDA graphs). The CPU runs ops as they come.
+    fn begin_step(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The step's ops are all issued: run them (a copy back to the host ends a step too).
+    fn end_step(&self) -> Result<()> {
+        Ok(())
+    }
+    /// How the latest step ran.
+    fn last_step_path(&self) -> StepPath {
+        StepPath::Issued
     }
 
     /// Wait until queued work is done (no-op on the CPU).

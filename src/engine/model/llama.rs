@@ -250,6 +250,25 @@ impl<B: Backend> Llama<B> {
                 Some(Some(_)) => {}
             }
         }
+        b.begin_step()?;
+        let out = self.issue_step(meta, kv, lora);
+        // Whatever happened, the step ends here: its ops are issued (or replayed) now.
+        let ended = b.end_step();
+        let out = out?;
+        ended?;
+        Ok(out)
+    }
+
+    /// The ops of one step (see [`Self::forward_device`]), between the backend's
+    /// `begin_step` and `end_step`.
+    fn issue_step(
+        &self,
+        meta: &StepMeta,
+        kv: &mut KvCache<B>,
+        lora: &LoraState<B>,
+    ) -> Result<Option<B::Buf>> {
+        let c = &self.config;
+        let b = self.backend.as_ref();
         let use_lora = !meta.segments.is_empty();
         let m = b.upload_meta(meta)?;
         let rows = meta.rows();

@@ -6,6 +6,8 @@
 
 pub mod bench;
 pub mod compile;
+pub mod graph;
+mod graph_check;
 pub mod parity;
 pub mod plan;
 mod profile;
@@ -26,9 +28,10 @@ use half::{bf16, f16};
 
 use crate::engine::backend::{
     AttnShape, Backend, BackendError, DType, DeviceKind, LoraGroupSlot, MAX_GROUP_PARTS, Pick,
-    Result, RowSampling, StepMeta, par_map,
+    Result, RowSampling, StepMeta, StepPath, par_map,
 };
 use compile::KernelCompiler;
+use graph::{GemmOp, LaunchOp, Op};
 use plan::MetaLayout;
 
 /// Check that the CUDA driver, NVRTC and cuBLAS libraries load and that a GPU is visible.
@@ -85,6 +88,8 @@ enum Memory {
     Own(CudaSlice<u8>),
     /// A view into one allocation shared by several buffers, filled from `staged`.
     Shared(Arc<CudaSlice<u8>>, Arc<CudaStaged>),
+    /// A step temporary in the backend's arena (valid until the next step starts).
+    Arena,
 }
 
 /// Tensors converted and packed in page-locked host memory, for one asynchronous copy. Its
@@ -193,7 +198,9 @@ impl CudaBuf {
 
 /// A step's metadata on the device: one u32 array, sections at [`MetaLayout`] offsets.
 pub struct CudaMeta {
-    _words: CudaSlice<u8>,
+    /// Its own allocation, or `None` in the backend's fixed step buffer (valid until the next
+    /// step starts).
+    _words: Option<CudaSlice<u8>>,
     base: u64,
     layout: MetaLayout,
 }
@@ -346,7 +353,32 @@ pub struct CudaBackend {
     row_limits: Mutex<plan::RowLimits>,
     /// 8-element vectors of h_in per split of the row shrink (`PUNICA_SHRINK_ROWS_VECS`).
     shrink_rows_vecs: usize,
+    /// The step recorder and graph cache (`graph`; `PUNICA_CUDA_GRAPHS=0` turns graphs off).
+    recorder: Mutex<graph::Recorder>,
+    /// Step temporaries: the arena, its allocation, and whether a step is open.
+    step: Mutex<StepMemory>,
+    /// cuBLAS's workspace, set once so that GEMMs never allocate (they may be captured).
+    _blas_workspace: CudaSlice<u8>,
 }
+
+/// Device memory of the open step: the activation arena and the metadata buffer.
+#[derive(Default)]
+struct StepMemory {
+    arena: graph::Arena,
+    arena_mem: Option<CudaSlice<u8>>,
+    /// The fixed metadata buffer and its capacity in bytes.
+    meta_mem: Option<(CudaSlice<u8>, u64, usize)>,
+    /// Allocations of the open step the arena could not hold (kept until the next step, as
+    /// the recorded ops that use them are issued after the buffers are dropped).
+    overflow: Vec<CudaSlice<u8>>,
+    /// A step is open: `alloc` takes from the arena.
+    open: bool,
+    /// The open step's metadata is in `meta_mem` already (a second upload gets its own).
+    meta_taken: bool,
+}
+
+/// cuBLAS workspace (what NVIDIA recommends for Hopper).
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 // SAFETY: the cuBLAS handle is only used under the backend's own calls, which bind the context
 // and enqueue on the one stream; cuBLAS handles may be used from any thread that way.
@@ -434,6 +466,20 @@ impl CudaBackend {
         // SAFETY: handle just created; the stream lives as long as the backend.
         unsafe { blas_result::set_stream(blas, stream.cu_stream() as _) }
             .map_err(|e| BackendError::Device(format!("cublasSetStream: {e:?}")))?;
+        // SAFETY: uninitialised scratch is what cuBLAS expects of a workspace.
+        let blas_workspace = unsafe { stream.alloc::<u8>(BLAS_WORKSPACE_BYTES) }
+            .map_err(|e| dev_err("cuBLAS workspace", e))?;
+        // SAFETY: the workspace lives as long as the handle (both in the backend), and only
+        // this handle on this stream uses it; set after the stream (setting a stream resets it).
+        unsafe {
+            blas_sys::cublasSetWorkspace_v2(
+                blas,
+                blas_workspace.device_ptr(&stream).0 as *mut c_void,
+                BLAS_WORKSPACE_BYTES,
+            )
+        }
+        .result()
+        .map_err(|e| BackendError::Device(format!("cublasSetWorkspace: {e:?}")))?;
         let compiler = KernelCompiler {
             arch: compile::arch_for(cc.0, cc.1),
             include_dir: compile::toolkit_include_dir(),
@@ -499,6 +545,11 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .filter(|&v: &usize| (32..=4096).contains(&v))
                 .unwrap_or(plan::SHRINK_ROWS_VECS),
+            recorder: Mutex::new(graph::Recorder::new(
+                std::env::var("PUNICA_CUDA_GRAPHS").as_deref() != Ok("0"),
+            )),
+            step: Mutex::new(StepMemory::default()),
+            _blas_workspace: blas_workspace,
         })
     }
 
@@ -631,7 +682,66 @@ impl CudaBackend {
             return Err(shape(format!("grid {grid:?} of {name} is too large")));
         }
         let func = self.function(name)?;
-        let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+        self.submit(Op::Launch(LaunchOp {
+            name: name.to_string(),
+            func: func.cu_function() as usize,
+            grid,
+            block,
+            args: args.iter().map(|a| a.slot()).collect(),
+            pdl,
+            side: self.on_side.load(std::sync::atomic::Ordering::Relaxed),
+        }))?;
+        self.profile_mark(name)?;
+        *lock(&self.last) = if name.starts_with("sgmv_shrink") {
+            Last::Shrink
+        } else {
+            Last::Other
+        };
+        Ok(())
+    }
+
+    /// Record `op` in the open step's trace, or issue it now outside one.
+    fn submit(&self, op: Op) -> Result<()> {
+        let op = lock(&self.recorder).record(op);
+        match op {
+            Some(op) => self.execute(&op),
+            None => Ok(()),
+        }
+    }
+
+    /// Issue one op on its stream (also under stream capture, which records it).
+    fn execute(&self, op: &Op) -> Result<()> {
+        let (main, side) = (self.stream.cu_stream(), self.side.cu_stream());
+        match op {
+            Op::Launch(l) => self.execute_launch(l, if l.side { side } else { main }),
+            Op::Gemm(g) => self.execute_gemm(g),
+            // SAFETY (the three event ops): both events and streams live as long as the backend.
+            Op::Fork => unsafe {
+                drv::event::record(self.fork_event, main)
+                    .map_err(|e| dev_err("record event", e))?;
+                drv::stream::wait_event(
+                    side,
+                    self.fork_event,
+                    drv_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+                .map_err(|e| dev_err("wait event", e))
+            },
+            Op::EndSide => unsafe { drv::event::record(self.join_event, side) }
+                .map_err(|e| dev_err("record event", e)),
+            // Waiting on a never-recorded event is a no-op.
+            Op::Join => unsafe {
+                drv::stream::wait_event(
+                    main,
+                    self.join_event,
+                    drv_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+            }
+            .map_err(|e| dev_err("wait event", e)),
+        }
+    }
+
+    fn execute_launch(&self, l: &LaunchOp, stream: drv_sys::CUstream) -> Result<()> {
+        let mut slots = l.args.clone();
         let mut params: Vec<*mut c_void> = slots
             .iter_mut()
             .map(|s| s as *mut u64 as *mut c_void)
@@ -642,39 +752,180 @@ impl CudaBackend {
             drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
         attr.value.programmaticStreamSerializationAllowed = 1;
         let config = drv_sys::CUlaunchConfig {
-            gridDimX: grid.0,
-            gridDimY: grid.1,
-            gridDimZ: grid.2,
-            blockDimX: block,
+            gridDimX: l.grid.0,
+            gridDimY: l.grid.1,
+            gridDimZ: l.grid.2,
+            blockDimX: l.block,
             blockDimY: 1,
             blockDimZ: 1,
             sharedMemBytes: 0,
-            hStream: self.launch_stream(),
-            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
-            numAttrs: if pdl { 1 } else { 0 },
+            hStream: stream,
+            attrs: if l.pdl {
+                &mut attr
+            } else {
+                std::ptr::null_mut()
+            },
+            numAttrs: if l.pdl { 1 } else { 0 },
         };
         self.ctx
             .bind_to_thread()
             .map_err(|e| dev_err("bind context", e))?;
         // SAFETY: `params` points at one 8-byte slot per kernel parameter, in order, matching
         // the kernel's signature (each launch site passes exactly the kernel's parameters);
-        // pointers in them are live device allocations checked against the shapes by the caller.
+        // pointers in them are live device allocations checked against the shapes by the caller
+        // (a recorded op is issued within the step that recorded it, or replayed only when a
+        // step records the identical op). `func` is a function of a module the backend keeps.
         unsafe {
             drv_sys::cuLaunchKernelEx(
                 &config,
-                func.cu_function(),
+                l.func as drv_sys::CUfunction,
                 params.as_mut_ptr(),
                 std::ptr::null_mut(),
             )
         }
         .result()
-        .map_err(|e| dev_err(&format!("launch {name}"), e))?;
-        self.profile_mark(name)?;
-        *lock(&self.last) = if name.starts_with("sgmv_shrink") {
-            Last::Shrink
-        } else {
-            Last::Other
+        .map_err(|e| dev_err(&format!("launch {}", l.name), e))
+    }
+
+    fn execute_gemm(&self, g: &GemmOp) -> Result<()> {
+        let cuda_type = |d: DType| match d {
+            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
         };
+        let (dt, out_dt) = (cuda_type(g.dtype), cuda_type(g.out_dtype));
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))?;
+        // Row-major out[rows, n] = x[rows, k] . w[n, k]^T is column-major
+        // out^T[n, rows] = (w as [k, n] col-major)^T . (x as [k, rows] col-major).
+        // SAFETY: pointers are live buffers whose lengths the caller checked; alpha/beta are
+        // host f32 scalars matching CUBLAS_COMPUTE_32F.
+        unsafe {
+            blas_result::gemm_ex(
+                self.blas,
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                g.n,
+                g.rows,
+                g.k,
+                (&alpha as *const f32).cast(),
+                g.w as *const c_void,
+                dt,
+                g.k,
+                g.x as *const c_void,
+                dt,
+                g.k,
+                (&beta as *const f32).cast(),
+                g.out as *mut c_void,
+                out_dt,
+                g.n,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| {
+            BackendError::Device(format!("cublasGemmEx {}x{}x{}: {e:?}", g.rows, g.k, g.n))
+        })
+    }
+
+    /// Issue the ops recorded so far: replay the graph of an equal trace, capture a trace that
+    /// repeats the previous step's, issue any other op by op (see `graph`). Recording goes on.
+    fn flush(&self) -> Result<()> {
+        let mut rec = lock(&self.recorder);
+        if rec.ops.is_empty() {
+            return Ok(());
+        }
+        let ops = std::mem::take(&mut rec.ops);
+        let hash = graph::trace_hash(&ops);
+        match rec.plan(hash, &ops) {
+            graph::Plan::Replay(i) => {
+                return rec
+                    .graph(i)
+                    .launch()
+                    .map_err(|e| dev_err("graph launch", e));
+            }
+            graph::Plan::Record => {
+                let started = std::time::Instant::now();
+                match self.capture(&ops) {
+                    Ok(g) => {
+                        g.launch().map_err(|e| dev_err("graph launch", e))?;
+                        let record_us = started.elapsed().as_micros() as u64;
+                        tracing::debug!(
+                            ops = ops.len(),
+                            record_us,
+                            cached = rec.cached() + 1,
+                            "step recorded as a CUDA graph"
+                        );
+                        rec.insert(hash, ops, g, record_us);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            error = %e,
+                            "capturing a step into a CUDA graph failed: steps are issued op by \
+                             op from now on"
+                        );
+                        rec.enabled = false;
+                        rec.note_issued();
+                    }
+                }
+            }
+            graph::Plan::Issue => {}
+        }
+        for op in &ops {
+            self.execute(op)?;
+        }
+        rec.remember(hash, ops);
+        Ok(())
+    }
+
+    /// Capture `ops` into a graph (nothing runs), with the side stream forked into the capture
+    /// by the trace's own fork and joined back by its join.
+    fn capture(&self, ops: &[Op]) -> Result<cudarc::driver::CudaGraph> {
+        self.stream
+            .begin_capture(drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| dev_err("begin capture", e))?;
+        let issued = ops.iter().try_for_each(|op| self.execute(op));
+        let graph = self
+            .stream
+            .end_capture(drv_sys::CUgraphInstantiate_flags(0));
+        // Events recorded under capture are graph edges, not events: record both again on the
+        // main stream so later waits outside a step see ordinary (complete-in-order) events.
+        // SAFETY: both events and the stream live as long as the backend.
+        unsafe {
+            drv::event::record(self.fork_event, self.stream.cu_stream())
+                .map_err(|e| dev_err("record event", e))?;
+            drv::event::record(self.join_event, self.stream.cu_stream())
+                .map_err(|e| dev_err("record event", e))?;
+        }
+        issued?;
+        graph
+            .map_err(|e| dev_err("end capture", e))?
+            .ok_or_else(|| BackendError::Device("stream capture gave no graph".into()))
+    }
+
+    /// End the open step: issue what it recorded, stop recording, allocate outside the arena
+    /// again (the step's buffers stay valid until the next step starts).
+    fn finish_step(&self) -> Result<()> {
+        self.flush()?;
+        lock(&self.recorder).tracing = false;
+        lock(&self.step).open = false;
+        Ok(())
+    }
+
+    /// How steps ran so far (graph replays, recordings, op-by-op).
+    pub fn graph_stats(&self) -> graph::GraphStats {
+        lock(&self.recorder).stats
+    }
+
+    /// Turn CUDA graphs on or off for the steps that follow (the selftest compares both).
+    pub fn set_graphs(&self, on: bool) -> Result<()> {
+        self.finish_step()?;
+        let mut rec = lock(&self.recorder);
+        rec.enabled = on;
+        rec.clear();
         Ok(())
     }
 
@@ -737,15 +988,6 @@ impl CudaBackend {
         )
     }
 
-    /// The stream kernels go to now: the side stream between `begin_side` and `end_side`.
-    fn launch_stream(&self) -> drv_sys::CUstream {
-        if self.on_side.load(std::sync::atomic::Ordering::Relaxed) {
-            self.side.cu_stream()
-        } else {
-            self.stream.cu_stream()
-        }
-    }
-
     /// Back to the main stream, with everything issued on the side stream finished first
     /// (after an error left a step half-issued).
     fn rejoin(&self) -> Result<()> {
@@ -785,6 +1027,8 @@ impl CudaBackend {
         if src.is_empty() {
             return Ok(());
         }
+        // After the ops recorded so far, in stream order.
+        self.flush()?;
         self.mark_other();
         // SAFETY: callers pass a destination with room for `src` (checked lengths). `src` is
         // pageable memory: the driver stages it before returning, so the caller may drop it
@@ -797,6 +1041,8 @@ impl CudaBackend {
         if dst.is_empty() {
             return Ok(());
         }
+        // A copy back to the host ends the step.
+        self.finish_step()?;
         self.mark_other();
         // SAFETY: `src` holds at least `dst.len()` elements (checked by callers); synchronised
         // before `dst` is read.
@@ -926,6 +1172,8 @@ impl CudaBackend {
             return Ok(w.ptr);
         }
         let size = bytes.next_power_of_two().max(1 << 20);
+        // Recorded ops may use the old workspace: issue them before it goes.
+        self.flush()?;
         self.mark_other();
         // The old workspace may be in use by either stream: let both finish before replacing
         // it (growth is rare: the first steps of a bigger batch).
@@ -1126,6 +1374,26 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<CudaBuf> {
+        let mut step = lock(&self.step);
+        if step.open {
+            // A step temporary: the arena gives the same addresses to the same step layout.
+            let bytes = len * dtype.size();
+            let ptr = match step.arena.take(bytes) {
+                Some(ptr) => ptr,
+                None => {
+                    let (mem, ptr) = self.alloc_bytes(bytes)?;
+                    step.overflow.push(mem);
+                    ptr
+                }
+            };
+            return Ok(CudaBuf {
+                _mem: Memory::Arena,
+                ptr,
+                dtype,
+                len,
+            });
+        }
+        drop(step);
         let (mem, ptr) = self.alloc_bytes(len * dtype.size())?;
         Ok(CudaBuf {
             _mem: Memory::Own(mem),
@@ -1198,6 +1466,7 @@ impl Backend for CudaBackend {
             .as_slice()
             .map_err(|e| dev_err("page-locked host memory", e))?[..staged.used];
         let (mem, base) = self.alloc_bytes(src.len())?;
+        self.flush()?;
         self.mark_other();
         // SAFETY: the destination has `src.len()` bytes; `src` is page-locked, so the copy is
         // asynchronous, and every returned buffer holds `staged` until it is dropped (a drop
@@ -1243,7 +1512,29 @@ impl Backend for CudaBackend {
         meta.validate()?;
         self.rejoin()?;
         let (words, layout) = plan::pack_meta(meta)?;
-        let (mem, base) = self.alloc_bytes(words.len() * 4)?;
+        let bytes = words.len() * 4;
+        let mut step = lock(&self.step);
+        let (mem, base) = if step.open && !step.meta_taken {
+            // The step's metadata at a fixed address, so that repeated layouts repeat traces.
+            step.meta_taken = true;
+            if step.meta_mem.as_ref().is_none_or(|m| m.2 < bytes) {
+                step.meta_mem = None;
+                let cap = bytes.next_power_of_two().max(4096);
+                let (mem, ptr) = self.alloc_bytes(cap)?;
+                step.meta_mem = Some((mem, ptr, cap));
+            }
+            (None, step.meta_mem.as_ref().map_or(0, |m| m.1))
+        } else {
+            let (mem, ptr) = self.alloc_bytes(bytes)?;
+            if step.open {
+                // Kept until the next step: the ops that read it are issued later.
+                step.overflow.push(mem);
+                (None, ptr)
+            } else {
+                (Some(mem), ptr)
+            }
+        };
+        drop(step);
         self.htod(base, &words)?;
         self.profile_mark("step metadata")?;
         Ok(CudaMeta {
@@ -1370,52 +1661,21 @@ impl Backend for CudaBackend {
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        let dt = match x.dtype {
-            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
-            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
-            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
-        };
-        let out_dt = match out.dtype {
-            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
-            _ => dt,
-        };
         let dim = |v: usize, what: &str| {
             i32::try_from(v).map_err(|_| shape(format!("matmul {what} = {v} too large for cuBLAS")))
         };
-        let (m_, n_, k_) = (dim(n, "n")?, dim(rows, "rows")?, dim(k, "k")?);
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let op = GemmOp {
+            x: x.ptr,
+            w: w.ptr,
+            out: out.ptr,
+            rows: dim(rows, "rows")?,
+            k: dim(k, "k")?,
+            n: dim(n, "n")?,
+            dtype: x.dtype,
+            out_dtype: out.dtype,
+        };
         self.mark_other();
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| dev_err("bind context", e))?;
-        // Row-major out[rows, n] = x[rows, k] . w[n, k]^T is column-major
-        // out^T[n, rows] = (w as [k, n] col-major)^T . (x as [k, rows] col-major).
-        // SAFETY: pointers are live buffers whose lengths were checked above; alpha/beta are
-        // host f32 scalars matching CUBLAS_COMPUTE_32F.
-        unsafe {
-            blas_result::gemm_ex(
-                self.blas,
-                blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                m_,
-                n_,
-                k_,
-                (&alpha as *const f32).cast(),
-                w.ptr as *const c_void,
-                dt,
-                k_,
-                x.ptr as *const c_void,
-                dt,
-                k_,
-                (&beta as *const f32).cast(),
-                out.ptr as *mut c_void,
-                out_dt,
-                m_,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| BackendError::Device(format!("cublasGemmEx {rows}x{k}x{n}: {e:?}")))?;
+        self.submit(Op::Gemm(op))?;
         self.profile_mark(&format!("gemm n={n} k={k}"))
     }
 
@@ -1857,6 +2117,8 @@ impl Backend for CudaBackend {
                 logits.len, logits.dtype
             )));
         }
+        // Sampling ends the step: its ops are issued (or replayed) first.
+        self.finish_step()?;
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -1898,17 +2160,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.mark_other();
-        // SAFETY: both events and streams live as long as the backend.
-        unsafe {
-            drv::event::record(self.fork_event, self.stream.cu_stream())
-                .map_err(|e| dev_err("record event", e))?;
-            drv::stream::wait_event(
-                self.side.cu_stream(),
-                self.fork_event,
-                drv_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-            )
-            .map_err(|e| dev_err("wait event", e))?;
-        }
+        self.submit(Op::Fork)?;
         self.on_side
             .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -1919,9 +2171,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.mark_other();
-        // SAFETY: as in begin_side.
-        unsafe { drv::event::record(self.join_event, self.side.cu_stream()) }
-            .map_err(|e| dev_err("record event", e))?;
+        self.submit(Op::EndSide)?;
         self.on_side
             .store(false, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -1932,18 +2182,46 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.mark_other();
-        // SAFETY: as in begin_side; waiting on a never-recorded event is a no-op.
-        unsafe {
-            drv::stream::wait_event(
-                self.stream.cu_stream(),
-                self.join_event,
-                drv_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-            )
+        self.submit(Op::Join)
+    }
+
+    fn begin_step(&self) -> Result<()> {
+        self.finish_step()?;
+        self.rejoin()?;
+        let mut step = lock(&self.step);
+        // The previous step's extra allocations: their frees are ordered after its work.
+        step.overflow.clear();
+        if let Some(cap) = step.arena.wanted() {
+            // Ordered after the previous steps' work, like any free; their graphs go with it.
+            step.arena_mem = None;
+            lock(&self.recorder).clear();
+            let (mem, base) = self.alloc_bytes(cap)?;
+            step.arena.base = base;
+            step.arena.cap = cap;
+            step.arena_mem = Some(mem);
+            tracing::debug!(mib = cap >> 20, "step arena grown");
         }
-        .map_err(|e| dev_err("wait event", e))
+        step.arena.reset();
+        step.open = true;
+        step.meta_taken = false;
+        drop(step);
+        // Per-kernel profiling times ops as they are issued: no recording then.
+        if self.profile.is_none() {
+            lock(&self.recorder).begin();
+        }
+        Ok(())
+    }
+
+    fn end_step(&self) -> Result<()> {
+        self.finish_step()
+    }
+
+    fn last_step_path(&self) -> StepPath {
+        lock(&self.recorder).last_path
     }
 
     fn synchronize(&self) -> Result<()> {
+        self.finish_step()?;
         self.stream
             .synchronize()
             .map_err(|e| dev_err("synchronize", e))

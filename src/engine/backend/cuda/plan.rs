@@ -426,8 +426,6 @@ pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
             s.num_blocks,
         ]);
     }
-    layout.block_tables = words.len();
-    words.extend_from_slice(&meta.block_tables);
     layout.segs = words.len();
     for (s, e, slot) in seg.iter() {
         words.extend_from_slice(&[s as u32, e as u32, slot]);
@@ -438,6 +436,11 @@ pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
     }
     layout.logit_rows = words.len();
     words.extend_from_slice(&meta.logit_rows);
+    // Last, as the only section whose length changes from one decode step to the next: every
+    // other offset stays put while a batch decodes, and so do the kernels' arguments (a
+    // repeated step is replayed from a CUDA graph, see `graph`).
+    layout.block_tables = words.len();
+    words.extend_from_slice(&meta.block_tables);
     // Keep every offset addressable even when arrays are empty.
     words.push(0);
     layout.total = words.len();
@@ -754,6 +757,49 @@ mod tests {
         assert_eq!(w[l.logit_rows], 39);
         assert_eq!(l.max_slot, Some(1));
         assert_eq!(l.total, w.len());
+    }
+
+    #[test]
+    fn a_decode_step_keeps_every_offset_but_the_block_tables_length_as_contexts_grow() {
+        // Two sequences decoding: the second step's contexts cross a block boundary.
+        let decode = |ctx: u32| {
+            let blocks = ctx.div_ceil(16);
+            let m = StepMeta {
+                token_ids: vec![7, 8],
+                positions: vec![ctx - 1, ctx - 1],
+                slot_mapping: vec![ctx - 1, 1000 + ctx - 1],
+                seqs: (0..2)
+                    .map(|i| SeqMeta {
+                        row_start: i,
+                        num_rows: 1,
+                        context_len: ctx,
+                        block_table_start: i * blocks,
+                        num_blocks: blocks,
+                    })
+                    .collect(),
+                block_tables: (0..2 * blocks).collect(),
+                segments: SegmentTable::from_row_slots(&[Some(0), Some(1)]),
+                logit_rows: vec![0, 1],
+            };
+            m.validate().unwrap();
+            pack_meta(&m).unwrap().1
+        };
+        let (a, b) = (decode(16), decode(17));
+        assert_ne!(a.total, b.total);
+        assert_eq!(
+            MetaLayout {
+                total: 0,
+                max_kv_slot: None,
+                max_block: None,
+                ..a
+            },
+            MetaLayout {
+                total: 0,
+                max_kv_slot: None,
+                max_block: None,
+                ..b
+            }
+        );
     }
 
     #[test]

@@ -1143,6 +1143,10 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
     if let Err(e) = check_sample(&mut c) {
         c.fail("sample", "f32".into(), e.to_string());
     }
+    match super::graph_check::check(seed) {
+        Ok(results) => c.results.extend(results),
+        Err(e) => c.fail("graphs", "decode steps".into(), e.to_string()),
+    }
     let report = format_report(&c.results);
     print!("{report}");
     Ok(c.results.iter().all(CaseResult::pass))

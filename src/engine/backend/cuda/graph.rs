@@ -1,0 +1,416 @@
+//! CUDA graphs for the forward pass: the ops of a step are recorded as a trace instead of being
+//! issued one by one, and a trace the backend has seen before is replayed from a graph.
+//!
+//! Between [`Backend::begin_step`](crate::engine::backend::Backend::begin_step) and the step's
+//! end (sampling, or any copy back to the host) the backend records every kernel launch, GEMM
+//! and side-stream fork/join as an [`Op`], and takes the step's activations from a fixed arena
+//! and its metadata from a fixed buffer, so the same batch layout gives the same trace (the
+//! same kernels, grids and arguments, pointers included) from step to step. At the step's end:
+//!
+//! - a trace equal to one in the cache is replayed with one `cuGraphLaunch`;
+//! - a trace equal to the previous step's is captured into a graph (the ops issued once under
+//!   stream capture), cached, and launched;
+//! - any other trace is issued op by op, as without graphs.
+//!
+//! A graph runs exactly the launches that issuing the trace would run, with the same
+//! arguments: equality of the whole trace, not of a hash, decides a replay. So a replay is
+//! correct whenever issuing the trace is, whatever changed in between (an adapter slot, a
+//! reallocated buffer); only the device memory the arguments point to is read at run time
+//! (token ids, positions, block tables, segments), which is what changes from step to step.
+//! Decode steps of a stable batch repeat their trace, so they replay; a batch whose membership
+//! changes records one graph per layout (kept in a small LRU cache); prefill chunks rarely
+//! repeat and are issued.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+
+use cudarc::driver::CudaGraph;
+
+use crate::engine::backend::{DType, StepPath};
+
+/// Most graphs kept; the least recently used one is dropped beyond it.
+pub const MAX_GRAPHS: usize = 16;
+
+/// One kernel launch of a trace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LaunchOp {
+    /// The kernel's name (for errors).
+    pub name: String,
+    /// The loaded kernel (`CUfunction`), which lives as long as the backend.
+    pub func: usize,
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    /// Each argument widened to 8 bytes (see `Arg::slot`).
+    pub args: Vec<u64>,
+    /// Programmatic dependent launch.
+    pub pdl: bool,
+    /// On the side stream.
+    pub side: bool,
+}
+
+/// One cuBLAS GEMM of a trace: row-major `out[rows, n] = x[rows, k] · w[n, k]ᵀ`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmOp {
+    pub x: u64,
+    pub w: u64,
+    pub out: u64,
+    pub rows: i32,
+    pub k: i32,
+    pub n: i32,
+    pub dtype: DType,
+    pub out_dtype: DType,
+}
+
+/// One stream operation of a step.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Launch(LaunchOp),
+    Gemm(GemmOp),
+    /// The side stream waits for everything issued on the main stream so far.
+    Fork,
+    /// Mark the end of the side stream's work (what the next [`Op::Join`] waits for).
+    EndSide,
+    /// The main stream waits for the side stream's work up to the last [`Op::EndSide`].
+    Join,
+}
+
+/// Whether a trace can be captured on its own: every side-stream launch comes after a fork in
+/// the trace and the side stream is joined back by its end (stream capture follows the fork
+/// into the side stream and must end joined; a side launch without a fork would run outside
+/// the graph). Traces cut by a mid-step flush may not be; they are issued.
+pub fn self_contained(ops: &[Op]) -> bool {
+    let (mut forked, mut open) = (false, false);
+    for op in ops {
+        match op {
+            Op::Fork => (forked, open) = (true, true),
+            Op::EndSide => open = false,
+            Op::Join if !forked => return false,
+            Op::Launch(l) if l.side && !open => return false,
+            _ => {}
+        }
+    }
+    !open
+        && ops
+            .iter()
+            .rev()
+            .find(|op| matches!(op, Op::Fork | Op::Join))
+            != Some(&Op::Fork)
+}
+
+/// The hash a trace is looked up by (equality of the whole trace decides).
+pub fn trace_hash(ops: &[Op]) -> u64 {
+    let mut h = DefaultHasher::new();
+    ops.hash(&mut h);
+    h.finish()
+}
+
+/// Counts of how steps ran, since the backend was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// Steps replayed from a cached graph.
+    pub replayed: u64,
+    /// Steps captured into a new graph (then launched).
+    pub recorded: u64,
+    /// Steps issued op by op.
+    pub issued: u64,
+    /// Time spent capturing and instantiating graphs, in microseconds.
+    pub record_us: u64,
+}
+
+struct Cached {
+    hash: u64,
+    ops: Vec<Op>,
+    graph: CudaGraph,
+    used: u64,
+}
+
+/// The recorder's state (behind the backend's mutex).
+pub struct Recorder {
+    /// Graphs are used at all (`PUNICA_CUDA_GRAPHS=0` or a failed capture turns them off).
+    pub enabled: bool,
+    /// Ops are being recorded (between `begin_step` and the step's end).
+    pub tracing: bool,
+    /// The pending trace.
+    pub ops: Vec<Op>,
+    /// A fork is open in the pending trace (a join without one is dropped: `begin_step` joined
+    /// the side stream already).
+    pub forked: bool,
+    /// The previous step's trace and its hash: a repeat is captured.
+    prev: Option<(u64, Vec<Op>)>,
+    cache: Vec<Cached>,
+    clock: u64,
+    pub stats: GraphStats,
+    pub last_path: StepPath,
+}
+
+/// What to do with a finished trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Launch the cached graph [`Recorder::graph`] of this index.
+    Replay(usize),
+    /// Capture the trace into a graph, then [`Recorder::insert`] it.
+    Record,
+    /// Issue the ops one by one.
+    Issue,
+}
+
+impl Recorder {
+    pub fn new(enabled: bool) -> Self {
+        Recorder {
+            enabled,
+            tracing: false,
+            ops: Vec::new(),
+            forked: false,
+            prev: None,
+            cache: Vec::new(),
+            clock: 0,
+            stats: GraphStats::default(),
+            last_path: StepPath::Issued,
+        }
+    }
+
+    /// Record `op` when tracing; otherwise hand it back to be issued now.
+    pub fn record(&mut self, op: Op) -> Option<Op> {
+        if !self.tracing {
+            return Some(op);
+        }
+        match op {
+            Op::Fork => self.forked = true,
+            Op::Join if !self.forked => return None,
+            _ => {}
+        }
+        self.ops.push(op);
+        None
+    }
+
+    /// Decide how to run `ops` (hash `hash`), updating the counters.
+    pub fn plan(&mut self, hash: u64, ops: &[Op]) -> Plan {
+        self.clock += 1;
+        let usable = self.enabled && self_contained(ops) && ops.iter().any(|o| !o.is_event());
+        if usable && let Some(i) = self.find(hash, ops) {
+            self.stats.replayed += 1;
+            self.last_path = StepPath::Replayed;
+            self.cache[i].used = self.clock;
+            return Plan::Replay(i);
+        }
+        if usable
+            && self
+                .prev
+                .as_ref()
+                .is_some_and(|(h, p)| *h == hash && p == ops)
+        {
+            return Plan::Record;
+        }
+        self.note_issued();
+        Plan::Issue
+    }
+
+    /// Count a trace issued op by op.
+    pub fn note_issued(&mut self) {
+        self.stats.issued += 1;
+        self.last_path = StepPath::Issued;
+    }
+
+    /// Start recording a step.
+    pub fn begin(&mut self) {
+        self.tracing = true;
+        self.forked = false;
+    }
+
+    /// Remember an issued trace (a repeat of it next step is captured).
+    pub fn remember(&mut self, hash: u64, ops: Vec<Op>) {
+        self.prev = Some((hash, ops));
+    }
+
+    /// Cache a captured graph of `ops`, dropping the least recently used beyond
+    /// [`MAX_GRAPHS`].
+    pub fn insert(&mut self, hash: u64, ops: Vec<Op>, graph: CudaGraph, record_us: u64) {
+        self.stats.recorded += 1;
+        self.stats.record_us += record_us;
+        self.last_path = StepPath::Recorded;
+        self.prev = None;
+        if self.cache.len() >= MAX_GRAPHS
+            && let Some(i) = (0..self.cache.len()).min_by_key(|&i| self.cache[i].used)
+        {
+            self.cache.swap_remove(i);
+        }
+        self.cache.push(Cached {
+            hash,
+            ops,
+            graph,
+            used: self.clock,
+        });
+    }
+
+    /// Cached graph `i` (of [`Plan::Replay`]).
+    pub fn graph(&self, i: usize) -> &CudaGraph {
+        &self.cache[i].graph
+    }
+
+    /// Drop every cached graph (their buffers are being replaced).
+    pub fn clear(&mut self) {
+        self.cache.clear();
+        self.prev = None;
+    }
+
+    /// Graphs cached.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    fn find(&self, hash: u64, ops: &[Op]) -> Option<usize> {
+        self.cache
+            .iter()
+            .position(|c| c.hash == hash && c.ops == ops)
+    }
+}
+
+impl Op {
+    fn is_event(&self) -> bool {
+        matches!(self, Op::Fork | Op::EndSide | Op::Join)
+    }
+}
+
+/// A bump allocator over one device allocation: a step's activations, at the same addresses
+/// every step of the same layout. Reset at each step's start; grown (between steps) to the
+/// largest step seen.
+#[derive(Debug, Default)]
+pub struct Arena {
+    /// Base address and capacity of the current allocation (0 when none).
+    pub base: u64,
+    pub cap: usize,
+    used: usize,
+    /// The most any step asked for.
+    pub high: usize,
+}
+
+/// Alignment of arena allocations (cuBLAS and the vector kernels want 16 bytes; 256 matches
+/// the driver's own allocations).
+pub const ARENA_ALIGN: usize = 256;
+
+impl Arena {
+    /// Start a step.
+    pub fn reset(&mut self) {
+        self.used = 0;
+    }
+
+    /// `bytes` from the arena, or `None` when it is full (the caller allocates elsewhere; the
+    /// arena grows to fit before the next step).
+    pub fn take(&mut self, bytes: usize) -> Option<u64> {
+        let start = self.used;
+        let end = start + bytes.max(1).next_multiple_of(ARENA_ALIGN);
+        self.used = end;
+        self.high = self.high.max(end);
+        (end <= self.cap).then_some(self.base + start as u64)
+    }
+
+    /// The capacity to grow to before the next step, if the last steps needed more.
+    pub fn wanted(&self) -> Option<usize> {
+        (self.high > self.cap).then(|| self.high.next_multiple_of(1 << 20))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(name: &str, side: bool, arg: u64) -> Op {
+        Op::Launch(LaunchOp {
+            name: name.into(),
+            func: 1,
+            grid: (1, 1, 1),
+            block: 32,
+            args: vec![arg],
+            pdl: true,
+            side,
+        })
+    }
+
+    #[test]
+    fn a_trace_is_self_contained_only_with_its_side_work_forked_and_joined() {
+        let ok = [
+            launch("a", false, 0),
+            Op::Fork,
+            launch("shrink", true, 1),
+            Op::EndSide,
+            launch("gemm", false, 2),
+            Op::Join,
+            launch("expand", false, 3),
+        ];
+        assert!(self_contained(&ok));
+        assert!(self_contained(&[launch("a", false, 0)]));
+        // A side launch without a fork in the trace (cut by a mid-step flush).
+        assert!(!self_contained(&[launch("shrink", true, 1), Op::EndSide]));
+        // Forked but never joined back.
+        assert!(!self_contained(&ok[..5]));
+        // Still on the side stream at the end.
+        assert!(!self_contained(&ok[..3]));
+        // A join with no fork before it.
+        assert!(!self_contained(&[Op::Join, launch("a", false, 0)]));
+    }
+
+    #[test]
+    fn a_join_without_a_fork_is_dropped_and_nothing_is_recorded_outside_a_step() {
+        let mut r = Recorder::new(true);
+        assert_eq!(r.record(Op::Join), Some(Op::Join));
+        r.tracing = true;
+        assert_eq!(r.record(Op::Join), None);
+        assert!(r.ops.is_empty());
+        assert_eq!(r.record(Op::Fork), None);
+        assert_eq!(r.record(Op::Join), None);
+        assert_eq!(r.ops, vec![Op::Fork, Op::Join]);
+    }
+
+    #[test]
+    fn a_trace_is_issued_first_recorded_when_it_repeats_then_replayed() {
+        let mut r = Recorder::new(true);
+        let t1 = vec![launch("a", false, 1), launch("b", false, 2)];
+        let t2 = vec![launch("a", false, 1), launch("b", false, 3)];
+        let (h1, h2) = (trace_hash(&t1), trace_hash(&t2));
+        assert_eq!(r.plan(h1, &t1), Plan::Issue);
+        r.remember(h1, t1.clone());
+        // A different trace is issued, and becomes the one to repeat.
+        assert_eq!(r.plan(h2, &t2), Plan::Issue);
+        r.remember(h2, t2.clone());
+        assert_eq!(r.plan(h2, &t2), Plan::Record);
+        // A hash match alone is not enough: the whole trace must be equal.
+        assert_eq!(r.plan(h2, &t1), Plan::Issue);
+        assert_eq!(r.stats.issued, 3);
+        assert_eq!(r.last_path, StepPath::Issued);
+    }
+
+    #[test]
+    fn graphs_off_or_an_open_fork_always_issue() {
+        let t = vec![launch("a", false, 1)];
+        let h = trace_hash(&t);
+        let mut off = Recorder::new(false);
+        off.remember(h, t.clone());
+        assert_eq!(off.plan(h, &t), Plan::Issue);
+        let open = vec![Op::Fork, launch("s", true, 1)];
+        let mut r = Recorder::new(true);
+        r.remember(trace_hash(&open), open.clone());
+        assert_eq!(r.plan(trace_hash(&open), &open), Plan::Issue);
+        // Events alone are not worth a graph.
+        let events = vec![Op::Fork, Op::EndSide, Op::Join];
+        r.remember(trace_hash(&events), events.clone());
+        assert_eq!(r.plan(trace_hash(&events), &events), Plan::Issue);
+    }
+
+    #[test]
+    fn the_arena_hands_out_aligned_stable_addresses_and_asks_to_grow_when_full() {
+        let mut a = Arena {
+            base: 0x1000,
+            cap: 1024,
+            ..Arena::default()
+        };
+        assert_eq!(a.take(10), Some(0x1000));
+        assert_eq!(a.take(300), Some(0x1000 + 256));
+        assert_eq!(a.wanted(), None);
+        assert_eq!(a.take(600), None);
+        assert_eq!(a.wanted(), Some(1 << 20));
+        a.reset();
+        // Same sizes, same addresses.
+        assert_eq!(a.take(10), Some(0x1000));
+        assert_eq!(a.take(300), Some(0x1000 + 256));
+    }
+}
