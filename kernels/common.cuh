@@ -49,13 +49,9 @@ __device__ __forceinline__ float hi_f32(bf16, u32 p) { return __uint_as_float(p 
 __device__ __forceinline__ float lo_f32(f16, u32 p) { f16 h; h.bits = (u16)(p & 0xffffu); return to_f32(h); }
 __device__ __forceinline__ float hi_f32(f16, u32 p) { f16 h; h.bits = (u16)(p >> 16); return to_f32(h); }
 
-// Eight consecutive 16-bit elements starting at `p[k]`, zero past `len`. Uses one 16-byte load
-// when the whole run is in bounds and `vec` (the caller checked 16-byte alignment of rows).
+// Eight consecutive 16-bit elements starting at `p[k]`, zero past `len`, one at a time.
 template <typename T>
-__device__ __forceinline__ uint4 load8(const T* p, int k, int len, bool vec) {
-    if (vec && k + 8 <= len) {
-        return __ldg(reinterpret_cast<const uint4*>(p + k));
-    }
+__device__ __forceinline__ uint4 load8_scalar(const T* p, int k, int len) {
     u32 w[4];
     const u16* q = reinterpret_cast<const u16*>(p);
 #pragma unroll
@@ -67,6 +63,16 @@ __device__ __forceinline__ uint4 load8(const T* p, int k, int len, bool vec) {
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// Eight consecutive 16-bit elements starting at `p[k]`, zero past `len`. Uses one 16-byte load
+// when the whole run is in bounds and `vec` (the caller checked 16-byte alignment of rows).
+template <typename T>
+__device__ __forceinline__ uint4 load8(const T* p, int k, int len, bool vec) {
+    if (vec && k + 8 <= len) {
+        return __ldg(reinterpret_cast<const uint4*>(p + k));
+    }
+    return load8_scalar(p, k, len);
+}
+
 // Same as load8 but through L2 only (data written earlier in this launch or by a kernel that may
 // still be finishing under programmatic dependent launch).
 template <typename T>
@@ -74,15 +80,7 @@ __device__ __forceinline__ uint4 load8_cg(const T* p, int k, int len, bool vec) 
     if (vec && k + 8 <= len) {
         return __ldcg(reinterpret_cast<const uint4*>(p + k));
     }
-    u32 w[4];
-    const u16* q = reinterpret_cast<const u16*>(p);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        u32 lo = (k + 2 * i < len) ? (u32)q[k + 2 * i] : 0u;
-        u32 hi = (k + 2 * i + 1 < len) ? (u32)q[k + 2 * i + 1] : 0u;
-        w[i] = lo | (hi << 16);
-    }
-    return make_uint4(w[0], w[1], w[2], w[3]);
+    return load8_scalar(p, k, len);
 }
 
 // D (16x8 f32) += A (16x16, row) * B (16x8, col), bf16 or f16 operands.

@@ -167,6 +167,48 @@ __device__ void rope_write_kv_impl(T* __restrict__ qkv, int row_stride,
 #define ATTN_WARPS 4
 #define ATTN_MAX_PER_LANE 8  // head_dim <= 256
 
+// The start of both attention kernels: the block table of the row's sequence, how many of its
+// positions the row sees (causal), and the KV head of the row's query head (GQA).
+struct AttnRow {
+    const u32* bt;
+    int visible;
+    int kvh;
+};
+
+__device__ __forceinline__ AttnRow attn_row(const u32* __restrict__ row_seq,
+                                            const u32* __restrict__ seqs,
+                                            const u32* __restrict__ block_tables, int row,
+                                            int head, int n_heads, int n_kv_heads) {
+    const u32* sq = seqs + 5 * row_seq[row];
+    const int row_start = (int)sq[0], num_rows = (int)sq[1], ctx = (int)sq[2];
+    AttnRow r;
+    r.bt = block_tables + sq[3];
+    r.visible = ctx - num_rows + (row - row_start) + 1;
+    r.kvh = head / (n_heads / n_kv_heads);
+    return r;
+}
+
+// The end of both attention kernels: merge the warps' partial softmax states (running max
+// s_m, sum s_l, accumulator s_acc, in shared memory after a barrier) of one (row, head) and
+// write its hd normalised outputs to op.
+template <typename T, int N>
+__device__ __forceinline__ void attn_merge(const float* s_m, const float* s_l,
+                                           const float (*s_acc)[N], int hd, T* op) {
+    float gm = NEG_INF;
+    for (int w = 0; w < ATTN_WARPS; ++w) gm = fmaxf(gm, s_m[w]);
+    float gl = 0.0f;
+    for (int w = 0; w < ATTN_WARPS; ++w) {
+        if (s_m[w] != NEG_INF) gl += s_l[w] * expf(s_m[w] - gm);
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float sum = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; ++w) {
+            if (s_m[w] != NEG_INF) sum += s_acc[w][d] * expf(s_m[w] - gm);
+        }
+        op[d] = from_f32<T>(gl > 0.0f ? sum / gl : 0.0f);
+    }
+}
+
 // Causal paged attention, one block per (row, head); each warp walks a strided share of the
 // context with an online softmax in f32, then the warps' partial results are merged.
 // seqs: 5 u32 per sequence (row_start, num_rows, context_len, block_table_start, num_blocks).
@@ -181,11 +223,9 @@ __device__ void attention_impl(const T* __restrict__ q, int row_stride, int q_of
     pdl_enter();
     const int row = blockIdx.x, head = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const u32* sq = seqs + 5 * row_seq[row];
-    const int row_start = (int)sq[0], num_rows = (int)sq[1], ctx = (int)sq[2];
-    const u32* bt = block_tables + sq[3];
-    const int visible = ctx - num_rows + (row - row_start) + 1;
-    const int kvh = head / (n_heads / n_kv_heads);
+    const AttnRow ar = attn_row(row_seq, seqs, block_tables, row, head, n_heads, n_kv_heads);
+    const u32* bt = ar.bt;
+    const int visible = ar.visible, kvh = ar.kvh;
     const int kv_width = n_kv_heads * head_dim;
 
     float qv[ATTN_MAX_PER_LANE], acc[ATTN_MAX_PER_LANE];
@@ -226,20 +266,8 @@ __device__ void attention_impl(const T* __restrict__ q, int row_stride, int q_of
 #pragma unroll
     for (int i = 0; i < ATTN_MAX_PER_LANE; ++i) s_acc[warp][i * 32 + lane] = acc[i];
     __syncthreads();
-    float gm = NEG_INF;
-    for (int w = 0; w < ATTN_WARPS; ++w) gm = fmaxf(gm, s_m[w]);
-    float gl = 0.0f;
-    for (int w = 0; w < ATTN_WARPS; ++w) {
-        if (s_m[w] != NEG_INF) gl += s_l[w] * expf(s_m[w] - gm);
-    }
-    T* op = out + (size_t)row * n_heads * head_dim + (size_t)head * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float sum = 0.0f;
-        for (int w = 0; w < ATTN_WARPS; ++w) {
-            if (s_m[w] != NEG_INF) sum += s_acc[w][d] * expf(s_m[w] - gm);
-        }
-        op[d] = from_f32<T>(gl > 0.0f ? sum / gl : 0.0f);
-    }
+    attn_merge(s_m, s_l, s_acc, head_dim,
+               out + (size_t)row * n_heads * head_dim + (size_t)head * head_dim);
 }
 
 // attention_impl for bf16/f16 caches with head_dim = 64 * W: lane l holds dims [2Wl, 2Wl + 2W)
@@ -274,11 +302,9 @@ __device__ void attention_vec_impl(const T* __restrict__ q, int row_stride, int 
     pdl_enter();
     const int row = blockIdx.x, head = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const u32* sq = seqs + 5 * row_seq[row];
-    const int row_start = (int)sq[0], num_rows = (int)sq[1], ctx = (int)sq[2];
-    const u32* bt = block_tables + sq[3];
-    const int visible = ctx - num_rows + (row - row_start) + 1;
-    const int kvh = head / (n_heads / n_kv_heads);
+    const AttnRow ar = attn_row(row_seq, seqs, block_tables, row, head, n_heads, n_kv_heads);
+    const u32* bt = ar.bt;
+    const int visible = ar.visible, kvh = ar.kvh;
     const int kv_width = n_kv_heads * HD;
     const T dummy = T{};
 
@@ -342,20 +368,7 @@ __device__ void attention_vec_impl(const T* __restrict__ q, int row_stride, int 
 #pragma unroll
     for (int e = 0; e < E; ++e) s_acc[warp][lane * E + e] = acc[e];
     __syncthreads();
-    float gm = NEG_INF;
-    for (int w = 0; w < ATTN_WARPS; ++w) gm = fmaxf(gm, s_m[w]);
-    float gl = 0.0f;
-    for (int w = 0; w < ATTN_WARPS; ++w) {
-        if (s_m[w] != NEG_INF) gl += s_l[w] * expf(s_m[w] - gm);
-    }
-    T* op = out + (size_t)row * n_heads * HD + (size_t)head * HD;
-    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-        float sum = 0.0f;
-        for (int w = 0; w < ATTN_WARPS; ++w) {
-            if (s_m[w] != NEG_INF) sum += s_acc[w][d] * expf(s_m[w] - gm);
-        }
-        op[d] = from_f32<T>(gl > 0.0f ? sum / gl : 0.0f);
-    }
+    attn_merge(s_m, s_l, s_acc, HD, out + (size_t)row * n_heads * HD + (size_t)head * HD);
 }
 
 template <typename T>

@@ -44,6 +44,26 @@ __device__ __forceinline__ TileSeg tile_seg(const u32* __restrict__ tiles,
     return t;
 }
 
+// A shrink's tile: its rows (see tile_seg) and its slot's stacked A and total rank.
+struct ShrinkTile {
+    int row0;
+    int end;
+    int rank;
+    const void* a;
+};
+
+__device__ __forceinline__ ShrinkTile shrink_tile(const u32* __restrict__ tiles,
+                                                  const u32* __restrict__ segs,
+                                                  const LoraSlot* __restrict__ table, int tile) {
+    const TileSeg ts = tile_seg(tiles, segs, tile);
+    ShrinkTile t;
+    t.row0 = ts.row0;
+    t.end = ts.end;
+    t.rank = (int)table[ts.slot].rank;
+    t.a = table[ts.slot].a;
+    return t;
+}
+
 #define SHRINK_WARPS 4
 #define EXPAND_WARPS 4
 
@@ -65,11 +85,9 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     const int tile = blockIdx.x, split = blockIdx.y, zi = blockIdx.z;
     const int group = tile * gridDim.z + zi;
     // The adapter table comes from host copies too.
-    const TileSeg ts = tile_seg(tiles, segs, tile);
-    const int row0 = ts.row0, seg_end = ts.end;
-    const u32 slot = ts.slot;
-    const void* slot_a = table[slot].a;
-    const int slot_rank = (int)table[slot].rank;
+    const ShrinkTile st = shrink_tile(tiles, segs, table, tile);
+    const int row0 = st.row0, seg_end = st.end, slot_rank = st.rank;
+    const void* slot_a = st.a;
     // x comes from the previous kernel (a GEMM or a norm), and v and the split-K workspace may
     // still be in use by the previous shrink/expand pair. Waiting before the trigger also means
     // the expand, once launched, finds every kernel before this shrink complete.
@@ -378,11 +396,9 @@ __device__ __forceinline__ void sgmv_shrink_rows_impl(
     u32* __restrict__ counters) {
     __shared__ int is_last;
     const int tile = blockIdx.z, split = blockIdx.x;
-    const TileSeg ts = tile_seg(tiles, segs, tile);
-    const int row0 = ts.row0, seg_end = ts.end;
-    const u32 slot = ts.slot;
-    const void* slot_a = table[slot].a;
-    const int slot_rank = (int)table[slot].rank;
+    const ShrinkTile st = shrink_tile(tiles, segs, table, tile);
+    const int row0 = st.row0, seg_end = st.end, slot_rank = st.rank;
+    const void* slot_a = st.a;
     // x comes from the previous kernel, and v and the workspace may still be in use by the
     // previous shrink/expand pair (see sgmv_shrink_impl).
     pdl_enter();

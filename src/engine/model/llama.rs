@@ -251,7 +251,10 @@ impl<B: Backend> Llama<B> {
             }
         }
         b.begin_step()?;
-        let out = self.issue_step(meta, kv, lora);
+        let out = b
+            .upload_meta(meta)
+            .map_err(ModelError::from)
+            .and_then(|m| self.issue_step(meta, &m, kv, lora));
         // Whatever happened, the step ends here: its ops are issued (or replayed) now.
         let ended = b.end_step();
         let out = out?;
@@ -259,18 +262,17 @@ impl<B: Backend> Llama<B> {
         Ok(out)
     }
 
-    /// The ops of one step (see [`Self::forward_device`]), between the backend's
-    /// `begin_step` and `end_step`.
+    /// The ops of one step (see [`Self::forward_device`]) over its uploaded metadata `m`,
+    /// between the backend's `begin_step` and `end_step`.
     fn issue_step(
         &self,
         meta: &StepMeta,
+        m: &B::Meta,
         kv: &mut KvCache<B>,
         lora: &LoraState<B>,
     ) -> Result<Option<B::Buf>> {
-        let c = &self.config;
-        let b = self.backend.as_ref();
+        let (c, b) = (&self.config, self.backend.as_ref());
         let use_lora = !meta.segments.is_empty();
-        let m = b.upload_meta(meta)?;
         let rows = meta.rows();
         let (h, inter) = (c.hidden_size, c.intermediate_size);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
@@ -298,12 +300,12 @@ impl<B: Backend> Llama<B> {
         let lora = Lora {
             b,
             state: lora,
-            meta: &m,
+            meta: m,
             config: c,
             max_rank,
             on: use_lora,
         };
-        b.embedding(&self.embed_tokens, &m, h, &mut residual)?;
+        b.embedding(&self.embed_tokens, m, h, &mut residual)?;
         for (l, layer) in self.layers.iter().enumerate() {
             if l == 0 {
                 b.rms_norm(
@@ -330,13 +332,13 @@ impl<B: Backend> Llama<B> {
                 &mut qkv,
                 qkv_dim,
                 &self.inv_freq,
-                &m,
+                m,
                 shape,
                 k_cache,
                 v_cache,
             )?;
             b.attention(
-                &qkv, qkv_dim, 0, k_cache, v_cache, &m, shape, scale, &mut attn,
+                &qkv, qkv_dim, 0, k_cache, v_cache, m, shape, scale, &mut attn,
             )?;
             let pending = lora.shrink(l, LoraGroup::O, &attn, &mut v)?;
             b.matmul(&attn, &layer.self_attn.o_proj, rows, q_dim, h, &mut proj)?;
@@ -383,7 +385,7 @@ impl<B: Backend> Llama<B> {
             return Ok(None);
         }
         let mut last = b.alloc(dt, n_logits * h)?;
-        b.gather_rows(&normed, &m, h, &mut last)?;
+        b.gather_rows(&normed, m, h, &mut last)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let mut logits = b.alloc(DType::F32, n_logits * c.vocab_size)?;
         b.matmul(&last, head, n_logits, h, c.vocab_size, &mut logits)?;
