@@ -162,3 +162,113 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 
 #define NEG_INF __int_as_float(0xff800000u)
+
+// Eight halves of a 16-byte vector as floats, element order kept.
+template <typename T>
+__device__ __forceinline__ void unpack8(uint4 p, float* f) {
+    const T d = T{};
+    f[0] = lo_f32(d, p.x); f[1] = hi_f32(d, p.x);
+    f[2] = lo_f32(d, p.y); f[3] = hi_f32(d, p.y);
+    f[4] = lo_f32(d, p.z); f[5] = hi_f32(d, p.z);
+    f[6] = lo_f32(d, p.w); f[7] = hi_f32(d, p.w);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float* f) {
+    return make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]),
+                      pack2<T>(f[6], f[7]));
+}
+
+// One adapter slot of a LoRA group's table (plan::LoraSlotEntry on the host): the parts' A
+// matrices stacked ([rank, h_in]), and per part its B ([h_out_j, prank_j], null: the slot does
+// not have that part), rank and first column in the shrink's output v.
+#define MAX_PARTS 3
+
+struct LoraSlot {
+    const void* a;
+    u32 rank;
+    u32 pad;
+    const void* b[MAX_PARTS];
+    u32 prank[MAX_PARTS];
+    u32 voff[MAX_PARTS];
+};
+
+// A LoRA group's delta v[row] . B_j^T, applied by the kernel that consumes the group's output
+// (the expand fused into it). The group's parts lie side by side: part j covers columns
+// [end_{j-1}, end_j) of the output; row_slot gives each row's slot (NO_SLOT: none).
+#define NO_SLOT 0xffffffffu
+
+struct LoraDelta {
+    const float* v;
+    int v_stride;
+    const LoraSlot* table;
+    const u32* row_slot;
+    int end0, end1, end2;
+};
+
+// Part j's B row of output column c of slot s: its rank and first v column (rank 0: no part).
+template <typename T>
+__device__ __forceinline__ const T* lora_brow(const LoraSlot* s, const LoraDelta& d, int c,
+                                              int* rank, int* voff) {
+    const int j = (c >= d.end0) + (c >= d.end1);
+    const T* b = c < d.end2 ? reinterpret_cast<const T*>(s->b[j]) : nullptr;
+    if (b == nullptr) {
+        *rank = 0;
+        *voff = 0;
+        return nullptr;
+    }
+    const int start = j == 0 ? 0 : (j == 1 ? d.end0 : d.end1);
+    *rank = (int)s->prank[j];
+    *voff = (int)s->voff[j];
+    return b + (size_t)(c - start) * *rank;
+}
+
+// The deltas of N output columns c0.. of one row (slot s, v row vr): 16 ranks at a time, every
+// column's two 16-byte B loads issued before any is used.
+template <typename T, int N>
+__device__ __forceinline__ void lora_deltas(const LoraSlot* s, const LoraDelta& d,
+                                            const float* vr, const int* cols, float* out) {
+    const T* brow[N];
+    int rank[N], voff[N];
+    int rmax = 0;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        brow[i] = lora_brow<T>(s, d, cols[i], &rank[i], &voff[i]);
+        rmax = max(rmax, rank[i]);
+        out[i] = 0.0f;
+    }
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    const T dummy = T{};
+    for (int k0 = 0; k0 < rmax; k0 += 16) {
+        uint4 q[N][2];
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int k = k0 + 8 * h;
+                q[i][h] = k < rank[i] ? load8(brow[i], k, rank[i], (rank[i] & 7) == 0) : zero;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 w[4] = {q[i][h].x, q[i][h].y, q[i][h].z, q[i][h].w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int k = k0 + 8 * h + 2 * e;
+                    const float v0 = k < rank[i] ? vr[voff[i] + k] : 0.0f;
+                    const float v1 = k + 1 < rank[i] ? vr[voff[i] + k + 1] : 0.0f;
+                    out[i] = fmaf(v0, lo_f32(dummy, w[e]), out[i]);
+                    out[i] = fmaf(v1, hi_f32(dummy, w[e]), out[i]);
+                }
+            }
+        }
+    }
+}
+
+// The slot of `row` (null: no adapter).
+__device__ __forceinline__ const LoraSlot* lora_slot(const LoraDelta& d, int row) {
+    const u32 slot = d.row_slot[row];
+    return slot == NO_SLOT ? nullptr : d.table + slot;
+}
