@@ -211,7 +211,7 @@ template <typename T>
 __device__ __forceinline__ const T* lora_brow(const LoraSlot* s, const LoraDelta& d, int c,
                                               int* rank, int* voff) {
     const int j = (c >= d.end0) + (c >= d.end1);
-    const T* b = (c >= 0 && c < d.end2) ? reinterpret_cast<const T*>(s->b[j]) : nullptr;
+    const T* b = c < d.end2 ? reinterpret_cast<const T*>(s->b[j]) : nullptr;
     if (b == nullptr) {
         *rank = 0;
         *voff = 0;
@@ -223,91 +223,46 @@ __device__ __forceinline__ const T* lora_brow(const LoraSlot* s, const LoraDelta
     return b + (size_t)(c - start) * *rank;
 }
 
-// N consecutive output columns c0.. of one row's LoRA delta. When they lie in one part (the
-// common case): that part's B row of c0, rank and first v column, and the first 16 ranks of the
-// N B rows, loaded by lora_prefetch (B comes from host copies, so kernels prefetch it before
-// their wait) and used by lora_apply. Columns across a part boundary go column by column.
+// The deltas of N output columns c0.. of one row (slot s, v row vr): 16 ranks at a time, every
+// column's two 16-byte B loads issued before any is used.
 template <typename T, int N>
-struct LoraRun {
-    const T* b;
-    int rank;
-    int voff;
-    int c0;
-    bool split;
-    uint4 q[N][2];
-};
-
-template <typename T, int N>
-__device__ __forceinline__ void lora_load(LoraRun<T, N>& r, int k0) {
-    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    const bool vec = (r.rank & 7) == 0;
+__device__ __forceinline__ void lora_deltas(const LoraSlot* s, const LoraDelta& d,
+                                            const float* vr, const int* cols, float* out) {
+    const T* brow[N];
+    int rank[N], voff[N];
+    int rmax = 0;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int k = k0 + 8 * h;
-            r.q[i][h] = (r.b != nullptr && k < r.rank)
-                            ? load8(r.b + (size_t)i * r.rank, k, r.rank, vec)
-                            : zero;
-        }
+        brow[i] = lora_brow<T>(s, d, cols[i], &rank[i], &voff[i]);
+        rmax = max(rmax, rank[i]);
+        out[i] = 0.0f;
     }
-}
-
-// Columns c0..c0+N (c0 negative: none) of a row of slot s.
-template <typename T, int N>
-__device__ __forceinline__ void lora_prefetch(LoraRun<T, N>& r, const LoraSlot* s,
-                                              const LoraDelta& d, int c0) {
-    r.c0 = c0;
-    const int last = c0 + N - 1;
-    r.split = c0 >= 0 && ((c0 < d.end0) != (last < d.end0) || (c0 < d.end1) != (last < d.end1) ||
-                          (c0 < d.end2) != (last < d.end2));
-    r.b = r.split ? nullptr : lora_brow<T>(s, d, c0, &r.rank, &r.voff);
-    if (r.split) r.rank = 0;
-    lora_load(r, 0);
-}
-
-// Eight products of v (8 ranks from k) with a packed B vector.
-template <typename T>
-__device__ __forceinline__ float lora_dot8(const float* vv, uint4 b, float acc) {
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
     const T dummy = T{};
-    const u32 w[4] = {b.x, b.y, b.z, b.w};
+    for (int k0 = 0; k0 < rmax; k0 += 16) {
+        uint4 q[N][2];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        acc = fmaf(vv[2 * e], lo_f32(dummy, w[e]), acc);
-        acc = fmaf(vv[2 * e + 1], hi_f32(dummy, w[e]), acc);
-    }
-    return acc;
-}
-
-// out[i] = the row's v (vr) . column c0+i's B row.
-template <typename T, int N>
-__device__ __forceinline__ void lora_apply(LoraRun<T, N>& r, const LoraSlot* s,
-                                           const LoraDelta& d, const float* vr, float* out) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = 0.0f;
-    if (r.split) {
-        // Column by column, each in its own part.
         for (int i = 0; i < N; ++i) {
-            int rank, voff;
-            const T* b = lora_brow<T>(s, d, r.c0 + i, &rank, &voff);
-            for (int k = 0; k < rank; k += 8) {
-                float vv[8];
 #pragma unroll
-                for (int t = 0; t < 8; ++t) vv[t] = k + t < rank ? vr[voff + k + t] : 0.0f;
-                out[i] = lora_dot8<T>(vv, load8(b, k, rank, (rank & 7) == 0), out[i]);
+            for (int h = 0; h < 2; ++h) {
+                const int k = k0 + 8 * h;
+                q[i][h] = k < rank[i] ? load8(brow[i], k, rank[i], (rank[i] & 7) == 0) : zero;
             }
         }
-        return;
-    }
-    for (int k0 = 0; k0 < r.rank; k0 += 16) {
-        if (k0 > 0) lora_load(r, k0);
-        float vv[16];
-#pragma unroll
-        for (int t = 0; t < 16; ++t) vv[t] = k0 + t < r.rank ? vr[r.voff + k0 + t] : 0.0f;
 #pragma unroll
         for (int i = 0; i < N; ++i) {
-            out[i] = lora_dot8<T>(vv, r.q[i][0], out[i]);
-            out[i] = lora_dot8<T>(vv + 8, r.q[i][1], out[i]);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 w[4] = {q[i][h].x, q[i][h].y, q[i][h].z, q[i][h].w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int k = k0 + 8 * h + 2 * e;
+                    const float v0 = k < rank[i] ? vr[voff[i] + k] : 0.0f;
+                    const float v1 = k + 1 < rank[i] ? vr[voff[i] + k + 1] : 0.0f;
+                    out[i] = fmaf(v0, lo_f32(dummy, w[e]), out[i]);
+                    out[i] = fmaf(v1, hi_f32(dummy, w[e]), out[i]);
+                }
+            }
         }
     }
 }

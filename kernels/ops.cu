@@ -64,19 +64,15 @@ __device__ void rms_norm_vec_impl(T* __restrict__ residual, const T* __restrict_
                                   T* __restrict__ out, LoraDelta d) {
     __shared__ float scratch[32];
     __shared__ float vs[LORA ? LORA_MAX_V : 1];
-    const int nvec = hidden >> 3;
-    const LoraSlot* ls = LORA ? lora_slot(d, blockIdx.x) : nullptr;
-    LoraRun<T, 8> lr;
-    if constexpr (LORA) {
-        if (ls != nullptr && (int)threadIdx.x < nvec) lora_prefetch<T, 8>(lr, ls, d, 8 * threadIdx.x);
-    }
     pdl_enter();
+    const LoraSlot* ls = LORA ? lora_slot(d, blockIdx.x) : nullptr;
     if (LORA && ls != nullptr) {  // the same for the whole block
         for (int i = threadIdx.x; i < d.v_stride; i += blockDim.x) {
             vs[i] = __ldcg(d.v + (size_t)blockIdx.x * d.v_stride + i);
         }
         __syncthreads();
     }
+    const int nvec = hidden >> 3;
     const size_t base = (size_t)blockIdx.x * hidden;
     // Activations through L2 only: they were written by the kernel this one waited for.
     const uint4* xr = reinterpret_cast<const uint4*>(x + base);
@@ -93,11 +89,16 @@ __device__ void rms_norm_vec_impl(T* __restrict__ residual, const T* __restrict_
             wv[i] = __ldg(wr + k);
             if constexpr (LORA) {
                 if (ls != nullptr) {
-                    if (i > 0) lora_prefetch<T, 8>(lr, ls, d, 8 * k);
-                    float dl[8];
-                    lora_apply<T, 8>(lr, ls, d, vs, dl);
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) v[i][j] += dl[j];
+                for (int h = 0; h < 2; ++h) {
+                    int cols[4];
+                    float dl[4];
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) cols[j] = 8 * k + 4 * h + j;
+                    lora_deltas<T, 4>(ls, d, vs, cols, dl);
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) v[i][4 * h + j] += dl[j];
+                }
                 }
             }
             if (residual != nullptr) {
@@ -152,39 +153,27 @@ __device__ void rope_write_kv_impl(T* __restrict__ qkv, int row_stride,
                                    const u32* __restrict__ slots, int n_heads, int n_kv_heads,
                                    int head_dim, T* __restrict__ k_cache,
                                    T* __restrict__ v_cache, LoraDelta d) {
+    pdl_enter();
     const int row = blockIdx.x, head = blockIdx.y;
     const int half = head_dim / 2;
-    // A thread's columns: its rotation pair, and for k heads the same pair of the v head.
-    const int pc = head * head_dim, vc = (n_heads + n_kv_heads + head - n_heads) * head_dim;
-    const bool has_v = head >= n_heads;
-    const LoraSlot* ls = LORA ? lora_slot(d, row) : nullptr;
-    LoraRun<T, 1> lr[4];
-    if constexpr (LORA) {
-        const int i = threadIdx.x;
-        if (ls != nullptr && i < half) {
-            const int cols[4] = {pc + i, pc + i + half, has_v ? vc + i : -1,
-                                 has_v ? vc + i + half : -1};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) lora_prefetch<T, 1>(lr[j], ls, d, cols[j]);
-        }
-    }
-    pdl_enter();
     const float pos = (float)positions[row];
     T* r = qkv + (size_t)row * row_stride;
     T* p = r + (size_t)head * head_dim;
     const int kvh = head - n_heads;
     const T* v = r + (size_t)(n_heads + n_kv_heads + kvh) * head_dim;
     const size_t dst = (size_t)slots[row] * n_kv_heads * head_dim + (size_t)kvh * head_dim;
+    const LoraSlot* ls = LORA ? lora_slot(d, row) : nullptr;
+    const int pc = head * head_dim, vc = (n_heads + n_kv_heads + kvh) * head_dim;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float dl[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if constexpr (LORA) {
             if (ls != nullptr) {
-                const int cols[4] = {pc + i, pc + i + half, has_v ? vc + i : -1,
-                                     has_v ? vc + i + half : -1};
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    if (i != (int)threadIdx.x) lora_prefetch<T, 1>(lr[j], ls, d, cols[j]);
-                    lora_apply<T, 1>(lr[j], ls, d, d.v + (size_t)row * d.v_stride, dl + j);
+                const int cols[4] = {pc + i, pc + i + half, vc + i, vc + i + half};
+                const float* vr = d.v + (size_t)row * d.v_stride;
+                if (kvh >= 0) {
+                    lora_deltas<T, 4>(ls, d, vr, cols, dl);
+                } else {
+                    lora_deltas<T, 2>(ls, d, vr, cols, dl);
                 }
             }
         }
@@ -429,33 +418,29 @@ __device__ void silu_mul_impl(const T* __restrict__ gate_up, int n, size_t total
 template <typename T>
 __device__ void silu_mul_lora_impl(const T* __restrict__ gate_up, int n, int rows,
                                    T* __restrict__ out, LoraDelta d) {
+    pdl_enter();
     const int nv = n >> 3;
     const size_t total = (size_t)rows * nv;
-    const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    // The gate columns of a thread's first vector are prefetched before the wait.
-    LoraRun<T, 8> lr;
-    if (first < total) {
-        const int row = (int)(first / nv), c = (int)(first % nv) * 8;
-        const LoraSlot* ls = lora_slot(d, row);
-        if (ls != nullptr) lora_prefetch<T, 8>(lr, ls, d, c);
-    }
-    pdl_enter();
-    for (size_t i = first; i < total; i += (size_t)gridDim.x * blockDim.x) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
         const int row = (int)(i / nv), c = (int)(i % nv) * 8;
         const T* gr = gate_up + (size_t)row * 2 * n;
-        const LoraSlot* ls = lora_slot(d, row);
-        if (ls != nullptr && i != first) lora_prefetch<T, 8>(lr, ls, d, c);
         float g[8], u[8];
         unpack8<T>(__ldcg(reinterpret_cast<const uint4*>(gr + c)), g);
         unpack8<T>(__ldcg(reinterpret_cast<const uint4*>(gr + n + c)), u);
+        const LoraSlot* ls = lora_slot(d, row);
         if (ls != nullptr) {
             const float* vr = d.v + (size_t)row * d.v_stride;
+            int cols[8];
             float dl[8];
-            lora_apply<T, 8>(lr, ls, d, vr, dl);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) cols[j] = c + j;
+            lora_deltas<T, 8>(ls, d, vr, cols, dl);
 #pragma unroll
             for (int j = 0; j < 8; ++j) g[j] += dl[j];
-            lora_prefetch<T, 8>(lr, ls, d, n + c);
-            lora_apply<T, 8>(lr, ls, d, vr, dl);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) cols[j] = n + c + j;
+            lora_deltas<T, 8>(ls, d, vr, cols, dl);
 #pragma unroll
             for (int j = 0; j < 8; ++j) u[j] += dl[j];
         }

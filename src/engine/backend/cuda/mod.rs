@@ -2107,9 +2107,8 @@ impl Backend for CudaBackend {
         args.extend(lora);
         self.launch(
             &format!("silu_mul_lora_{}", Self::suffix(out.dtype)),
-            // Small blocks: a thread holds 16 B vectors, so few fit an SM; more blocks spread.
-            (plan::elementwise_grid(rows * n / 4, self.sm_count), 1, 1),
-            128,
+            (plan::elementwise_grid(rows * n / 8, self.sm_count), 1, 1),
+            256,
             &args,
             self.pdl,
         )
