@@ -49,29 +49,32 @@ __device__ void rms_norm_impl(T* __restrict__ residual, const T* __restrict__ x,
 
 #define NORM_VEC_THREADS 512
 
+// Eight halves of a 16-byte vector as floats, element order kept.
+template <typename T>
+__device__ __forceinline__ void unpack8(uint4 p, float* f) {
+    const T d = T{};
+    f[0] = lo_f32(d, p.x); f[1] = hi_f32(d, p.x);
+    f[2] = lo_f32(d, p.y); f[3] = hi_f32(d, p.y);
+    f[4] = lo_f32(d, p.z); f[5] = hi_f32(d, p.z);
+    f[6] = lo_f32(d, p.w); f[7] = hi_f32(d, p.w);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float* f) {
+    return make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]),
+                      pack2<T>(f[6], f[7]));
+}
+
 // rms_norm_impl for bf16/f16 rows of hidden % 8 == 0 and 16-byte aligned, the row held in
 // registers: one pass of 16-byte loads (VPT vectors a thread, strided by the block), one
 // block reduction, one pass of 16-byte stores. Rounding as in rms_norm_impl: the new residual
 // is rounded to T before it is squared and normalised.
-//
-// With LORA, x is a LoRA group's output before its delta (d): each row adds its adapter's delta
-// to x first (the group's expand fused into the norm), with the row's v in shared memory.
-#define LORA_MAX_V 384  // widest v row: three parts of rank 128
-
-template <typename T, int VPT, bool LORA>
+template <typename T, int VPT>
 __device__ void rms_norm_vec_impl(T* __restrict__ residual, const T* __restrict__ x,
                                   const T* __restrict__ w, float eps, int hidden,
-                                  T* __restrict__ out, LoraDelta d) {
+                                  T* __restrict__ out) {
     __shared__ float scratch[32];
-    __shared__ float vs[LORA ? LORA_MAX_V : 1];
     pdl_enter();
-    const LoraSlot* ls = LORA ? lora_slot(d, blockIdx.x) : nullptr;
-    if (LORA && ls != nullptr) {  // the same for the whole block
-        for (int i = threadIdx.x; i < d.v_stride; i += blockDim.x) {
-            vs[i] = __ldcg(d.v + (size_t)blockIdx.x * d.v_stride + i);
-        }
-        __syncthreads();
-    }
     const int nvec = hidden >> 3;
     const size_t base = (size_t)blockIdx.x * hidden;
     // Activations through L2 only: they were written by the kernel this one waited for.
@@ -87,20 +90,6 @@ __device__ void rms_norm_vec_impl(T* __restrict__ residual, const T* __restrict_
         if (k < nvec) {
             unpack8<T>(__ldcg(xr + k), v[i]);
             wv[i] = __ldg(wr + k);
-            if constexpr (LORA) {
-                if (ls != nullptr) {
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    int cols[4];
-                    float dl[4];
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) cols[j] = 8 * k + 4 * h + j;
-                    lora_deltas<T, 4>(ls, d, vs, cols, dl);
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) v[i][4 * h + j] += dl[j];
-                }
-                }
-            }
             if (residual != nullptr) {
                 float r[8];
                 unpack8<T>(__ldcg(rr + k), r);
@@ -143,16 +132,13 @@ __device__ void add_assign_impl(T* __restrict__ y, const T* __restrict__ x, size
 // column 0), and the rotated K and the V of the row written into the paged caches at its slot.
 // Grid (rows, n_heads + n_kv_heads): a block rotates one head, one thread a pair
 // (i, i + head_dim/2); the blocks of k heads also copy their head of K and V to the caches.
-// With LORA, the qkv rows are the q|k|v group's output before its delta (d), which each row
-// adds first (the group's expand fused in: the rotated q and k are written back with it, the V
-// cached with it).
-template <typename T, bool LORA>
+template <typename T>
 __device__ void rope_write_kv_impl(T* __restrict__ qkv, int row_stride,
                                    const float* __restrict__ inv_freq,
                                    const u32* __restrict__ positions,
                                    const u32* __restrict__ slots, int n_heads, int n_kv_heads,
                                    int head_dim, T* __restrict__ k_cache,
-                                   T* __restrict__ v_cache, LoraDelta d) {
+                                   T* __restrict__ v_cache) {
     pdl_enter();
     const int row = blockIdx.x, head = blockIdx.y;
     const int half = head_dim / 2;
@@ -162,32 +148,18 @@ __device__ void rope_write_kv_impl(T* __restrict__ qkv, int row_stride,
     const int kvh = head - n_heads;
     const T* v = r + (size_t)(n_heads + n_kv_heads + kvh) * head_dim;
     const size_t dst = (size_t)slots[row] * n_kv_heads * head_dim + (size_t)kvh * head_dim;
-    const LoraSlot* ls = LORA ? lora_slot(d, row) : nullptr;
-    const int pc = head * head_dim, vc = (n_heads + n_kv_heads + kvh) * head_dim;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float dl[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if constexpr (LORA) {
-            if (ls != nullptr) {
-                const int cols[4] = {pc + i, pc + i + half, vc + i, vc + i + half};
-                const float* vr = d.v + (size_t)row * d.v_stride;
-                if (kvh >= 0) {
-                    lora_deltas<T, 4>(ls, d, vr, cols, dl);
-                } else {
-                    lora_deltas<T, 2>(ls, d, vr, cols, dl);
-                }
-            }
-        }
         float sn, cs;
         sincosf(pos * inv_freq[i], &sn, &cs);
-        const float a = to_f32(p[i]) + dl[0], b = to_f32(p[i + half]) + dl[1];
+        const float a = to_f32(p[i]), b = to_f32(p[i + half]);
         const T ra = from_f32<T>(a * cs - b * sn), rb = from_f32<T>(b * cs + a * sn);
         p[i] = ra;
         p[i + half] = rb;
         if (kvh >= 0) {
             k_cache[dst + i] = ra;
             k_cache[dst + i + half] = rb;
-            v_cache[dst + i] = LORA ? from_f32<T>(to_f32(v[i]) + dl[2]) : v[i];
-            v_cache[dst + i + half] = LORA ? from_f32<T>(to_f32(v[i + half]) + dl[3]) : v[i + half];
+            v_cache[dst + i] = v[i];
+            v_cache[dst + i + half] = v[i + half];
         }
     }
 }
@@ -409,45 +381,6 @@ __device__ void silu_mul_impl(const T* __restrict__ gate_up, int n, size_t total
         const float g = to_f32(gate_up[row * 2 * n + c]);
         const float u = to_f32(gate_up[row * 2 * n + n + c]);
         out[i] = from_f32<T>(g / (1.0f + expf(-g)) * u);
-    }
-}
-
-// silu_mul of a gate|up group's output before its delta (d: gate part [0, n), up [n, 2n)),
-// each row adding its adapter's delta first (the group's expand fused in). Eight columns a
-// thread in 16-byte vectors: n % 8 == 0 and rows 16-byte aligned.
-template <typename T>
-__device__ void silu_mul_lora_impl(const T* __restrict__ gate_up, int n, int rows,
-                                   T* __restrict__ out, LoraDelta d) {
-    pdl_enter();
-    const int nv = n >> 3;
-    const size_t total = (size_t)rows * nv;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const int row = (int)(i / nv), c = (int)(i % nv) * 8;
-        const T* gr = gate_up + (size_t)row * 2 * n;
-        float g[8], u[8];
-        unpack8<T>(__ldcg(reinterpret_cast<const uint4*>(gr + c)), g);
-        unpack8<T>(__ldcg(reinterpret_cast<const uint4*>(gr + n + c)), u);
-        const LoraSlot* ls = lora_slot(d, row);
-        if (ls != nullptr) {
-            const float* vr = d.v + (size_t)row * d.v_stride;
-            int cols[8];
-            float dl[8];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) cols[j] = c + j;
-            lora_deltas<T, 8>(ls, d, vr, cols, dl);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) g[j] += dl[j];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) cols[j] = n + c + j;
-            lora_deltas<T, 8>(ls, d, vr, cols, dl);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) u[j] += dl[j];
-        }
-        float o[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
-        *reinterpret_cast<uint4*>(out + (size_t)row * n + c) = pack8<T>(o);
     }
 }
 
@@ -748,8 +681,8 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
     extern "C" __global__ void rope_write_kv_##TNAME(                                        \
         T* qkv, int row_stride, const float* inv_freq, const u32* pos, const u32* slots,      \
         int n_heads, int n_kv_heads, int head_dim, T* k_cache, T* v_cache) {                  \
-        rope_write_kv_impl<T, false>(qkv, row_stride, inv_freq, pos, slots, n_heads,          \
-                                     n_kv_heads, head_dim, k_cache, v_cache, LoraDelta{});    \
+        rope_write_kv_impl<T>(qkv, row_stride, inv_freq, pos, slots, n_heads, n_kv_heads,     \
+                              head_dim, k_cache, v_cache);                                    \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_##TNAME(         \
         const T* q, int row_stride, int q_offset, const T* k_cache, const T* v_cache,         \
@@ -783,39 +716,15 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
                                  block_tables, n_heads, n_kv_heads, scale, out);              \
     }
 
-// A LoraDelta as kernel parameters (one 8-byte slot each on the host), and rebuilt.
-#define LORA_DELTA_PARAMS                                                                     \
-    const float *lv, int lv_stride, const LoraSlot *ltable, const u32 *lrow_slot, int lend0,  \
-        int lend1, int lend2
-#define LORA_DELTA LoraDelta{lv, lv_stride, ltable, lrow_slot, lend0, lend1, lend2}
-
-// The register-resident norm, plain and with a LoRA group's delta fused in (add_rms_norm).
-#define DEFINE_NORM_VEC(TNAME, T, VPT)                                                        \
-    extern "C" __global__ void __launch_bounds__(NORM_VEC_THREADS) rms_norm_vec##VPT##_##TNAME( \
-        T* residual, const T* x, const T* w, float eps, int hidden, T* out) {                 \
-        rms_norm_vec_impl<T, VPT, false>(residual, x, w, eps, hidden, out, LoraDelta{});      \
-    }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(NORM_VEC_THREADS)                            \
-        add_rms_norm_lora_vec##VPT##_##TNAME(T* residual, const T* x, const T* w, float eps,  \
-                                             int hidden, T* out, LORA_DELTA_PARAMS) {         \
-        rms_norm_vec_impl<T, VPT, true>(residual, x, w, eps, hidden, out, LORA_DELTA);        \
-    }
-
-// The register-resident norms, the vector attention and the ops with a LoRA group's delta
-// fused in (bf16/f16 only).
+// The register-resident norm and the vector attention (bf16/f16 only).
 #define DEFINE_HALF_OPS(TNAME, T)                                                             \
-    DEFINE_NORM_VEC(TNAME, T, 1)                                                              \
-    DEFINE_NORM_VEC(TNAME, T, 2)                                                              \
-    extern "C" __global__ void rope_write_kv_lora_##TNAME(                                   \
-        T* qkv, int row_stride, const float* inv_freq, const u32* pos, const u32* slots,      \
-        int n_heads, int n_kv_heads, int head_dim, T* k_cache, T* v_cache,                    \
-        LORA_DELTA_PARAMS) {                                                                  \
-        rope_write_kv_impl<T, true>(qkv, row_stride, inv_freq, pos, slots, n_heads,           \
-                                    n_kv_heads, head_dim, k_cache, v_cache, LORA_DELTA);      \
+    extern "C" __global__ void __launch_bounds__(NORM_VEC_THREADS) rms_norm_vec1_##TNAME(    \
+        T* residual, const T* x, const T* w, float eps, int hidden, T* out) {                 \
+        rms_norm_vec_impl<T, 1>(residual, x, w, eps, hidden, out);                            \
     }                                                                                         \
-    extern "C" __global__ void silu_mul_lora_##TNAME(const T* gate_up, int n, int rows,      \
-                                                     T* out, LORA_DELTA_PARAMS) {             \
-        silu_mul_lora_impl<T>(gate_up, n, rows, out, LORA_DELTA);                             \
+    extern "C" __global__ void __launch_bounds__(NORM_VEC_THREADS) rms_norm_vec2_##TNAME(    \
+        T* residual, const T* x, const T* w, float eps, int hidden, T* out) {                 \
+        rms_norm_vec_impl<T, 2>(residual, x, w, eps, hidden, out);                            \
     }                                                                                         \
     DEFINE_ATTN_VEC(TNAME, T, 64, 1)                                                          \
     DEFINE_ATTN_VEC(TNAME, T, 128, 2)                                                         \

@@ -14,6 +14,17 @@
 //
 // Prepended: common.cuh.
 
+#define MAX_PARTS 3
+
+struct LoraSlot {
+    const void* a;
+    u32 rank;
+    u32 pad;
+    const void* b[MAX_PARTS];
+    u32 prank[MAX_PARTS];
+    u32 voff[MAX_PARTS];
+};
+
 // One row tile: its first row, the end of its segment and the segment's adapter slot. Step
 // metadata comes from host copies, never from the previous kernel, so kernels read it before
 // their wait (see pdl_enter in common.cuh).

@@ -418,20 +418,6 @@ impl<B: Backend + ?Sized> LoraGroupSlot<'_, B> {
     }
 }
 
-/// A LoRA group's delta, pending on its output: per row, `v[row] · B_jᵀ` for each part j of
-/// the row's adapter (see [`Backend::sgmv_expand`], with the group's parts side by side from
-/// column 0 of the output). The ops that consume a group's output take it along (`*_lora`), so
-/// a backend may apply it as it reads the output instead of in an expand of its own.
-pub struct LoraDelta<'a, B: Backend + ?Sized> {
-    /// The group's shrink result, f32 `[rows, v_stride]`.
-    pub v: &'a B::Buf,
-    pub v_stride: usize,
-    pub table: &'a B::LoraTable,
-    pub meta: &'a B::Meta,
-    /// Output columns of each part.
-    pub outs: &'a [usize],
-}
-
 /// The device operations a Llama forward pass needs.
 ///
 /// Shapes are passed explicitly; implementations check them and return [`BackendError::Shape`]
@@ -531,25 +517,6 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// [`Backend::add_rms_norm`] of `x` plus `delta` (the o or down group's output and its
-    /// LoRA delta). `x` is left with or without the delta added.
-    #[allow(clippy::too_many_arguments)]
-    fn add_rms_norm_lora(
-        &self,
-        residual: &mut Self::Buf,
-        x: &mut Self::Buf,
-        delta: &LoraDelta<'_, Self>,
-        weight: &Self::Buf,
-        eps: f32,
-        rows: usize,
-        hidden: usize,
-        out: &mut Self::Buf,
-    ) -> Result<()> {
-        let d = delta;
-        self.sgmv_expand(d.v, d.table, d.meta, d.v_stride, d.outs, hidden, 0, x)?;
-        self.add_rms_norm(residual, x, weight, eps, rows, hidden, out)
-    }
-
     /// `y += x` elementwise.
     fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
 
@@ -570,25 +537,6 @@ pub trait Backend: Send + Sync + 'static {
         k_cache: &mut Self::Buf,
         v_cache: &mut Self::Buf,
     ) -> Result<()>;
-
-    /// [`Backend::rope_write_kv`] of `qkv` plus `delta` (the q|k|v group's output and its LoRA
-    /// delta): the rotated q and k are written back with the delta, the V cached with it.
-    #[allow(clippy::too_many_arguments)]
-    fn rope_write_kv_lora(
-        &self,
-        qkv: &mut Self::Buf,
-        row_stride: usize,
-        delta: &LoraDelta<'_, Self>,
-        inv_freq: &Self::Buf,
-        meta: &Self::Meta,
-        shape: AttnShape,
-        k_cache: &mut Self::Buf,
-        v_cache: &mut Self::Buf,
-    ) -> Result<()> {
-        let d = delta;
-        self.sgmv_expand(d.v, d.table, d.meta, d.v_stride, d.outs, row_stride, 0, qkv)?;
-        self.rope_write_kv(qkv, row_stride, inv_freq, meta, shape, k_cache, v_cache)
-    }
 
     /// Causal paged attention for every row: each sequence's new rows attend to its cached
     /// context (positions `< context_len - num_rows + i + 1`). `q` rows at column `q_offset` of
@@ -615,21 +563,6 @@ pub trait Backend: Send + Sync + 'static {
         n: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
-
-    /// [`Backend::silu_mul`] of `gate_up` plus `delta` (the gate|up group's output and its
-    /// LoRA delta). `gate_up` is left with or without the delta added.
-    fn silu_mul_lora(
-        &self,
-        gate_up: &mut Self::Buf,
-        delta: &LoraDelta<'_, Self>,
-        rows: usize,
-        n: usize,
-        out: &mut Self::Buf,
-    ) -> Result<()> {
-        let d = delta;
-        self.sgmv_expand(d.v, d.table, d.meta, d.v_stride, d.outs, 2 * n, 0, gate_up)?;
-        self.silu_mul(gate_up, rows, n, out)
-    }
 
     /// SGMV shrink of a LoRA group: for each segment s, rows in s: `v[row, :rank_s] = x[row, :]
     /// · A_sᵀ`, `A_s` being the slot's stacked A and `rank_s` its total rank.

@@ -17,8 +17,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::engine::backend::{
-    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, LoraDelta, LoraGroupSlot, LoraPart,
-    MAX_GROUP_PARTS, RowSampling, SeqStep, StepMeta,
+    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, LoraGroupSlot, LoraPart, MAX_GROUP_PARTS,
+    RowSampling, SeqStep, StepMeta,
 };
 use crate::engine::lora::peft::LoraWeights;
 use crate::engine::model::config::{ConfigError, LlamaConfig, LoraGroup};
@@ -304,7 +304,6 @@ impl<B: Backend> Llama<B> {
             config: c,
             max_rank,
             on: use_lora,
-            outs: LoraGroup::ALL.map(|g| c.group_dims(g).1),
         };
         b.embedding(&self.embed_tokens, m, h, &mut residual)?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -327,48 +326,32 @@ impl<B: Backend> Llama<B> {
                 qkv_dim,
                 &mut qkv,
             )?;
+            lora.expand(pending, l, LoraGroup::Qkv, &v, &mut qkv, qkv_dim)?;
             let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
-            match lora.delta(pending, l, LoraGroup::Qkv, &v)? {
-                Some(d) => b.rope_write_kv_lora(
-                    &mut qkv,
-                    qkv_dim,
-                    &d,
-                    &self.inv_freq,
-                    m,
-                    shape,
-                    k_cache,
-                    v_cache,
-                )?,
-                None => b.rope_write_kv(
-                    &mut qkv,
-                    qkv_dim,
-                    &self.inv_freq,
-                    m,
-                    shape,
-                    k_cache,
-                    v_cache,
-                )?,
-            }
+            b.rope_write_kv(
+                &mut qkv,
+                qkv_dim,
+                &self.inv_freq,
+                m,
+                shape,
+                k_cache,
+                v_cache,
+            )?;
             b.attention(
                 &qkv, qkv_dim, 0, k_cache, v_cache, m, shape, scale, &mut attn,
             )?;
             let pending = lora.shrink(l, LoraGroup::O, &attn, &mut v)?;
             b.matmul(&attn, &layer.self_attn.o_proj, rows, q_dim, h, &mut proj)?;
-            let norm = &layer.post_attention_layernorm;
-            let eps = c.rms_norm_eps;
-            match lora.delta(pending, l, LoraGroup::O, &v)? {
-                Some(d) => b.add_rms_norm_lora(
-                    &mut residual,
-                    &mut proj,
-                    &d,
-                    norm,
-                    eps,
-                    rows,
-                    h,
-                    &mut normed,
-                )?,
-                None => b.add_rms_norm(&mut residual, &proj, norm, eps, rows, h, &mut normed)?,
-            }
+            lora.expand(pending, l, LoraGroup::O, &v, &mut proj, h)?;
+            b.add_rms_norm(
+                &mut residual,
+                &proj,
+                &layer.post_attention_layernorm,
+                c.rms_norm_eps,
+                rows,
+                h,
+                &mut normed,
+            )?;
             let pending = lora.shrink(l, LoraGroup::GateUp, &normed, &mut v)?;
             b.matmul(
                 &normed,
@@ -378,31 +361,24 @@ impl<B: Backend> Llama<B> {
                 2 * inter,
                 &mut gate_up,
             )?;
-            match lora.delta(pending, l, LoraGroup::GateUp, &v)? {
-                Some(d) => b.silu_mul_lora(&mut gate_up, &d, rows, inter, &mut act)?,
-                None => b.silu_mul(&gate_up, rows, inter, &mut act)?,
-            }
+            lora.expand(pending, l, LoraGroup::GateUp, &v, &mut gate_up, 2 * inter)?;
+            b.silu_mul(&gate_up, rows, inter, &mut act)?;
             let pending = lora.shrink(l, LoraGroup::Down, &act, &mut v)?;
             b.matmul(&act, &layer.mlp.down_proj, rows, inter, h, &mut proj)?;
+            lora.expand(pending, l, LoraGroup::Down, &v, &mut proj, h)?;
             let next_norm = match self.layers.get(l + 1) {
                 Some(next) => &next.input_layernorm,
                 None => &self.norm,
             };
-            match lora.delta(pending, l, LoraGroup::Down, &v)? {
-                Some(d) => b.add_rms_norm_lora(
-                    &mut residual,
-                    &mut proj,
-                    &d,
-                    next_norm,
-                    eps,
-                    rows,
-                    h,
-                    &mut normed,
-                )?,
-                None => {
-                    b.add_rms_norm(&mut residual, &proj, next_norm, eps, rows, h, &mut normed)?
-                }
-            }
+            b.add_rms_norm(
+                &mut residual,
+                &proj,
+                next_norm,
+                c.rms_norm_eps,
+                rows,
+                h,
+                &mut normed,
+            )?;
         }
         let n_logits = meta.logit_rows.len();
         if n_logits == 0 {
@@ -503,8 +479,6 @@ struct Lora<'a, B: Backend> {
     config: &'a LlamaConfig,
     max_rank: usize,
     on: bool,
-    /// Each group's part widths, in [`LoraGroup::ALL`] order.
-    outs: [Vec<usize>; 4],
 }
 
 impl<B: Backend> Lora<'_, B> {
@@ -523,26 +497,25 @@ impl<B: Backend> Lora<'_, B> {
         issued.map(|()| true).map_err(Into::into)
     }
 
-    /// After the base GEMM wrote the group's output: its pending delta for the op that reads
-    /// the output, if [`Self::shrink`] issued the group's shrink (ordered after it).
-    fn delta<'s>(
-        &'s self,
+    /// After the base GEMM wrote `y` (the group's outputs side by side from column 0):
+    /// `y += v · Bᵀ` per part, if [`Self::shrink`] issued the group's shrink.
+    fn expand(
+        &self,
         pending: bool,
         layer: usize,
         group: LoraGroup,
-        v: &'s B::Buf,
-    ) -> Result<Option<LoraDelta<'s, B>>> {
+        v: &B::Buf,
+        y: &mut B::Buf,
+        y_stride: usize,
+    ) -> Result<()> {
         let (true, Some(table)) = (pending, self.table(layer, group)) else {
-            return Ok(None);
+            return Ok(());
         };
         self.b.join_side()?;
-        Ok(Some(LoraDelta {
-            v,
-            v_stride: self.max_rank,
-            table,
-            meta: self.meta,
-            outs: &self.outs[group.index()],
-        }))
+        let (_, outs) = self.config.group_dims(group);
+        self.b
+            .sgmv_expand(v, table, self.meta, self.max_rank, &outs, y_stride, 0, y)?;
+        Ok(())
     }
 
     fn table(&self, layer: usize, group: LoraGroup) -> Option<&B::LoraTable> {

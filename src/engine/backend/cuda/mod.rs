@@ -27,8 +27,8 @@ use cudarc::driver::{DriverError, result as drv, sys as drv_sys};
 use half::{bf16, f16};
 
 use crate::engine::backend::{
-    AttnShape, Backend, BackendError, DType, DeviceKind, LoraDelta, LoraGroupSlot, MAX_GROUP_PARTS,
-    Pick, Result, RowSampling, StepMeta, StepPath, par_map,
+    AttnShape, Backend, BackendError, DType, DeviceKind, LoraGroupSlot, MAX_GROUP_PARTS, Pick,
+    Result, RowSampling, StepMeta, StepPath, par_map,
 };
 use compile::KernelCompiler;
 use graph::{GemmOp, LaunchOp, Op};
@@ -349,9 +349,6 @@ pub struct CudaBackend {
     /// Scheduling priority of side-stream kernels (`PUNICA_SIDE_PRIORITY=1`: the device's
     /// highest, so a shrink's blocks go ahead of the GEMM's waiting ones).
     side_priority: Option<i32>,
-    /// Apply a LoRA group's delta in the op that reads the group's output, for steps of at most
-    /// this many rows (`PUNICA_FUSE_LORA_ROWS`, 0: never; the expand runs first otherwise).
-    fuse_lora_rows: usize,
     /// Per-kernel timing of real steps (`PUNICA_PROFILE_OPS=1`, see `profile`).
     profile: Option<Mutex<profile::OpProfile>>,
     /// When the CUDA-core row kernels serve a batch (`PUNICA_SGMV_ROWS_MAX`: longest segment,
@@ -528,10 +525,6 @@ impl CudaBackend {
             profile: (std::env::var("PUNICA_PROFILE_OPS").as_deref() == Ok("1"))
                 .then(|| Mutex::new(profile::OpProfile::new())),
             side_stream: std::env::var("PUNICA_SIDE_STREAM").as_deref() != Ok("0"),
-            fuse_lora_rows: std::env::var("PUNICA_FUSE_LORA_ROWS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(plan::FUSE_LORA_ROWS),
             side_priority: (std::env::var("PUNICA_SIDE_PRIORITY").as_deref() == Ok("1"))
                 .then(|| {
                     let (mut least, mut greatest) = (0, 0);
@@ -974,8 +967,6 @@ impl CudaBackend {
     /// rms_norm, or add_rms_norm when `residual` is not null: the register-resident kernel
     /// for bf16/f16 rows of whole 16-byte vectors (see [`plan::norm_vec_plan`]), the general
     /// loop otherwise. Shapes were checked by the caller.
-    /// With `lora` (the arguments of a fused delta, see [`Self::fused_delta`]), the vector
-    /// kernel that adds it to x first; the caller checked that the vector kernel serves.
     #[allow(clippy::too_many_arguments)]
     fn launch_norm(
         &self,
@@ -986,7 +977,6 @@ impl CudaBackend {
         rows: usize,
         hidden: usize,
         out: &CudaBuf,
-        lora: Option<Vec<Arg>>,
     ) -> Result<()> {
         let aligned = [residual, x.ptr, weight.ptr, out.ptr]
             .iter()
@@ -997,41 +987,29 @@ impl CudaBackend {
             DType::F16 | DType::BF16 => None,
         };
         let (name, block) = match vec {
-            Some((vpt, threads)) if lora.is_some() => (
-                format!("add_rms_norm_lora_vec{vpt}_{}", Self::suffix(x.dtype)),
-                threads,
-            ),
             Some((vpt, threads)) => (
                 format!("rms_norm_vec{vpt}_{}", Self::suffix(x.dtype)),
                 threads,
             ),
-            None if lora.is_some() => {
-                return Err(shape(format!(
-                    "add_rms_norm_lora: no vector kernel for rows of {hidden}"
-                )));
-            }
             None => (
                 format!("rms_norm_{}", Self::suffix(x.dtype)),
                 plan::row_block(hidden),
             ),
         };
-        let mut args = vec![
-            Arg::Ptr(residual),
-            Arg::Ptr(x.ptr),
-            Arg::Ptr(weight.ptr),
-            Arg::F32(eps),
-            i32_arg(hidden, "hidden")?,
-            Arg::Ptr(out.ptr),
-        ];
-        args.extend(lora.into_iter().flatten());
-        self.launch(&name, (rows as u32, 1, 1), block, &args, self.pdl)
-    }
-
-    /// Whether the register-resident norm serves rows of `hidden` in these buffers.
-    fn norm_vec(hidden: usize, bufs: &[&CudaBuf]) -> bool {
-        bufs.iter()
-            .all(|b| b.dtype != DType::F32 && b.ptr.is_multiple_of(16))
-            && plan::norm_vec_plan(hidden).is_some()
+        self.launch(
+            &name,
+            (rows as u32, 1, 1),
+            block,
+            &[
+                Arg::Ptr(residual),
+                Arg::Ptr(x.ptr),
+                Arg::Ptr(weight.ptr),
+                Arg::F32(eps),
+                i32_arg(hidden, "hidden")?,
+                Arg::Ptr(out.ptr),
+            ],
+            self.pdl,
+        )
     }
 
     /// Back to the main stream, with everything issued on the side stream finished first
@@ -1288,181 +1266,6 @@ impl CudaBackend {
         ])
     }
 
-    /// The checks of an expand of `outs` into `y` (rows of `y_stride` from `col_offset`):
-    /// whether there is work (segments and adapters), or why the shapes do not fit.
-    #[allow(clippy::too_many_arguments)]
-    fn check_expand(
-        &self,
-        v: &CudaBuf,
-        table: &CudaLoraTable,
-        meta: &CudaMeta,
-        v_stride: usize,
-        outs: &[usize],
-        y_stride: usize,
-        col_offset: usize,
-        y: &CudaBuf,
-    ) -> Result<bool> {
-        let rows = meta.layout.rows;
-        if v.dtype != DType::F32 {
-            return Err(shape(format!(
-                "sgmv_expand: v must be f32, got {:?}",
-                v.dtype
-            )));
-        }
-        let h_out: usize = outs.iter().sum();
-        if outs.is_empty() || outs.len() > MAX_GROUP_PARTS {
-            return Err(shape(format!(
-                "sgmv_expand: a group has 1..={MAX_GROUP_PARTS} parts, got {}",
-                outs.len()
-            )));
-        }
-        need(v, rows * v_stride, "sgmv_expand v")?;
-        need(y, rows * y_stride, "sgmv_expand y")?;
-        if col_offset + h_out > y_stride {
-            return Err(shape(format!(
-                "sgmv_expand: columns {col_offset}+{h_out} exceed the row of {y_stride}"
-            )));
-        }
-        if !self.check_lora(y.dtype, table, meta)? {
-            return Ok(false);
-        }
-        if table.max_rank > v_stride {
-            return Err(shape(format!(
-                "sgmv_expand: table rank {} exceeds v's width {v_stride}",
-                table.max_rank
-            )));
-        }
-        for (j, &min_out) in table.min_out.iter().enumerate() {
-            match outs.get(j) {
-                Some(&out) if out > min_out => {
-                    return Err(shape(format!(
-                        "sgmv_expand: part {j} of {out} columns exceeds an adapter's B height \
-                         {min_out}"
-                    )));
-                }
-                None if min_out != usize::MAX => {
-                    return Err(shape(format!(
-                        "sgmv_expand: an adapter has part {j}, the group has {}",
-                        outs.len()
-                    )));
-                }
-                _ => {}
-            }
-        }
-        Ok(true)
-    }
-
-    /// rope_write_kv, with `lora` the arguments of a fused delta (see [`Self::fused_delta`]).
-    #[allow(clippy::too_many_arguments)]
-    fn launch_rope(
-        &self,
-        qkv: &CudaBuf,
-        row_stride: usize,
-        inv_freq: &CudaBuf,
-        meta: &CudaMeta,
-        shape_: AttnShape,
-        k_cache: &CudaBuf,
-        v_cache: &CudaBuf,
-        lora: Option<Vec<Arg>>,
-    ) -> Result<()> {
-        let rows = meta.layout.rows;
-        let AttnShape {
-            n_heads,
-            n_kv_heads,
-            head_dim,
-        } = shape_;
-        let kv_width = n_kv_heads * head_dim;
-        same_dtype(qkv, k_cache, "rope_write_kv")?;
-        same_dtype(qkv, v_cache, "rope_write_kv")?;
-        if inv_freq.dtype != DType::F32
-            || inv_freq.len < head_dim / 2
-            || !head_dim.is_multiple_of(2)
-        {
-            return Err(shape(format!(
-                "rope_write_kv: inv_freq must be f32 with head_dim/2 = {} values (got {:?} x {})",
-                head_dim / 2,
-                inv_freq.dtype,
-                inv_freq.len
-            )));
-        }
-        if (n_heads + 2 * n_kv_heads) * head_dim > row_stride {
-            return Err(shape(format!(
-                "rope_write_kv: {n_heads} q, {n_kv_heads} k and {n_kv_heads} v heads of {head_dim} exceed the row of {row_stride}"
-            )));
-        }
-        need(qkv, rows * row_stride, "rope_write_kv qkv")?;
-        if let Some(s) = meta.layout.max_kv_slot {
-            let want = (s as usize + 1) * kv_width;
-            need(k_cache, want, "rope_write_kv k_cache")?;
-            need(v_cache, want, "rope_write_kv v_cache")?;
-        }
-        if n_heads + n_kv_heads > 65535 {
-            return Err(shape(format!(
-                "rope_write_kv: {n_heads} + {n_kv_heads} heads"
-            )));
-        }
-        let name = match lora {
-            Some(_) => format!("rope_write_kv_lora_{}", Self::suffix(qkv.dtype)),
-            None => format!("rope_write_kv_{}", Self::suffix(qkv.dtype)),
-        };
-        let mut args = vec![
-            Arg::Ptr(qkv.ptr),
-            i32_arg(row_stride, "row_stride")?,
-            Arg::Ptr(inv_freq.ptr),
-            Arg::Ptr(meta.at(meta.layout.positions)),
-            Arg::Ptr(meta.at(meta.layout.slot_mapping)),
-            i32_arg(n_heads, "n_heads")?,
-            i32_arg(n_kv_heads, "n_kv_heads")?,
-            i32_arg(head_dim, "head_dim")?,
-            Arg::Ptr(k_cache.ptr),
-            Arg::Ptr(v_cache.ptr),
-        ];
-        args.extend(lora.into_iter().flatten());
-        self.launch(
-            &name,
-            (rows as u32, (n_heads + n_kv_heads) as u32, 1),
-            (head_dim / 2).clamp(32, 256) as u32,
-            &args,
-            self.pdl,
-        )
-    }
-
-    /// The kernel arguments of `d` fused into the op that reads the group's output `y` (rows of
-    /// `y_stride`, the group's columns from 0), or `None` when the fused kernels do not serve
-    /// the step (more rows than `PUNICA_FUSE_LORA_ROWS`, v too wide, or no LoRA work): the op
-    /// then runs the expand first.
-    fn fused_delta(
-        &self,
-        d: &LoraDelta<'_, Self>,
-        rows: usize,
-        y: &CudaBuf,
-        y_stride: usize,
-    ) -> Result<Option<Vec<Arg>>> {
-        let layout = &d.meta.layout;
-        if rows != layout.rows {
-            return Err(shape(format!(
-                "a LoRA delta over {} rows applied to {rows}",
-                layout.rows
-            )));
-        }
-        if layout.rows > self.fuse_lora_rows || d.v_stride > plan::LORA_MAX_V {
-            return Ok(None);
-        }
-        if !self.check_expand(d.v, d.table, d.meta, d.v_stride, d.outs, y_stride, 0, y)? {
-            return Ok(None);
-        }
-        let ends = plan::group_ends(d.outs);
-        Ok(Some(vec![
-            Arg::Ptr(d.v.ptr),
-            i32_arg(d.v_stride, "v_stride")?,
-            Arg::Ptr(d.table.ptr),
-            Arg::Ptr(d.meta.at(layout.row_slot)),
-            i32_arg(ends[0], "end0")?,
-            i32_arg(ends[1], "end1")?,
-            i32_arg(ends[2], "end2")?,
-        ]))
-    }
-
     fn check_lora(&self, x_dtype: DType, table: &CudaLoraTable, meta: &CudaMeta) -> Result<bool> {
         if meta.layout.num_tiles == 0 || table.max_rank == 0 {
             return Ok(false);
@@ -1509,11 +1312,6 @@ pub fn kernel_names() -> Vec<String> {
         for hd in plan::ATTN_VEC_HEAD_DIMS {
             names.extend(plan::attention_vec_kernel(hd, t));
         }
-        for vpt in 1..=plan::NORM_VEC_MAX_HIDDEN / (8 * plan::NORM_VEC_THREADS) {
-            names.push(format!("add_rms_norm_lora_vec{vpt}_{t}"));
-        }
-        names.push(format!("rope_write_kv_lora_{t}"));
-        names.push(format!("silu_mul_lora_{t}"));
     }
     names.push("sample_f32".to_string());
     for t in ["f32", "f16", "bf16"] {
@@ -1845,7 +1643,7 @@ impl Backend for CudaBackend {
         need(x, rows * hidden, "rms_norm x")?;
         need(out, rows * hidden, "rms_norm out")?;
         need(weight, hidden, "rms_norm weight")?;
-        self.launch_norm(0, x, weight, eps, rows, hidden, out, None)
+        self.launch_norm(0, x, weight, eps, rows, hidden, out)
     }
 
     fn add_rms_norm(
@@ -1865,37 +1663,7 @@ impl Backend for CudaBackend {
         need(residual, rows * hidden, "add_rms_norm residual")?;
         need(out, rows * hidden, "add_rms_norm out")?;
         need(weight, hidden, "add_rms_norm weight")?;
-        self.launch_norm(residual.ptr, x, weight, eps, rows, hidden, out, None)
-    }
-
-    fn add_rms_norm_lora(
-        &self,
-        residual: &mut CudaBuf,
-        x: &mut CudaBuf,
-        delta: &LoraDelta<'_, Self>,
-        weight: &CudaBuf,
-        eps: f32,
-        rows: usize,
-        hidden: usize,
-        out: &mut CudaBuf,
-    ) -> Result<()> {
-        let fused = if Self::norm_vec(hidden, &[residual, x, weight, out]) {
-            self.fused_delta(delta, rows, x, hidden)?
-        } else {
-            None
-        };
-        let Some(lora) = fused else {
-            let d = delta;
-            self.sgmv_expand(d.v, d.table, d.meta, d.v_stride, d.outs, hidden, 0, x)?;
-            return self.add_rms_norm(residual, x, weight, eps, rows, hidden, out);
-        };
-        same_dtype(x, out, "add_rms_norm")?;
-        same_dtype(x, residual, "add_rms_norm residual")?;
-        same_dtype(x, weight, "add_rms_norm weight")?;
-        need(residual, rows * hidden, "add_rms_norm residual")?;
-        need(out, rows * hidden, "add_rms_norm out")?;
-        need(weight, hidden, "add_rms_norm weight")?;
-        self.launch_norm(residual.ptr, x, weight, eps, rows, hidden, out, Some(lora))
+        self.launch_norm(residual.ptr, x, weight, eps, rows, hidden, out)
     }
 
     fn matmul(
@@ -1962,32 +1730,59 @@ impl Backend for CudaBackend {
         k_cache: &mut CudaBuf,
         v_cache: &mut CudaBuf,
     ) -> Result<()> {
-        self.launch_rope(
-            qkv, row_stride, inv_freq, meta, shape_, k_cache, v_cache, None,
-        )
-    }
-
-    fn rope_write_kv_lora(
-        &self,
-        qkv: &mut CudaBuf,
-        row_stride: usize,
-        delta: &LoraDelta<'_, Self>,
-        inv_freq: &CudaBuf,
-        meta: &CudaMeta,
-        shape_: AttnShape,
-        k_cache: &mut CudaBuf,
-        v_cache: &mut CudaBuf,
-    ) -> Result<()> {
-        let fused = match qkv.dtype {
-            DType::F32 => None,
-            _ => self.fused_delta(delta, meta.layout.rows, qkv, row_stride)?,
-        };
-        if fused.is_none() {
-            let d = delta;
-            self.sgmv_expand(d.v, d.table, d.meta, d.v_stride, d.outs, row_stride, 0, qkv)?;
+        let rows = meta.layout.rows;
+        let AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = shape_;
+        let kv_width = n_kv_heads * head_dim;
+        same_dtype(qkv, k_cache, "rope_write_kv")?;
+        same_dtype(qkv, v_cache, "rope_write_kv")?;
+        if inv_freq.dtype != DType::F32
+            || inv_freq.len < head_dim / 2
+            || !head_dim.is_multiple_of(2)
+        {
+            return Err(shape(format!(
+                "rope_write_kv: inv_freq must be f32 with head_dim/2 = {} values (got {:?} x {})",
+                head_dim / 2,
+                inv_freq.dtype,
+                inv_freq.len
+            )));
         }
-        self.launch_rope(
-            qkv, row_stride, inv_freq, meta, shape_, k_cache, v_cache, fused,
+        if (n_heads + 2 * n_kv_heads) * head_dim > row_stride {
+            return Err(shape(format!(
+                "rope_write_kv: {n_heads} q, {n_kv_heads} k and {n_kv_heads} v heads of {head_dim} exceed the row of {row_stride}"
+            )));
+        }
+        need(qkv, rows * row_stride, "rope_write_kv qkv")?;
+        if let Some(s) = meta.layout.max_kv_slot {
+            let want = (s as usize + 1) * kv_width;
+            need(k_cache, want, "rope_write_kv k_cache")?;
+            need(v_cache, want, "rope_write_kv v_cache")?;
+        }
+        if n_heads + n_kv_heads > 65535 {
+            return Err(shape(format!(
+                "rope_write_kv: {n_heads} + {n_kv_heads} heads"
+            )));
+        }
+        self.launch(
+            &format!("rope_write_kv_{}", Self::suffix(qkv.dtype)),
+            (rows as u32, (n_heads + n_kv_heads) as u32, 1),
+            (head_dim / 2).clamp(32, 256) as u32,
+            &[
+                Arg::Ptr(qkv.ptr),
+                i32_arg(row_stride, "row_stride")?,
+                Arg::Ptr(inv_freq.ptr),
+                Arg::Ptr(meta.at(meta.layout.positions)),
+                Arg::Ptr(meta.at(meta.layout.slot_mapping)),
+                i32_arg(n_heads, "n_heads")?,
+                i32_arg(n_kv_heads, "n_kv_heads")?,
+                i32_arg(head_dim, "head_dim")?,
+                Arg::Ptr(k_cache.ptr),
+                Arg::Ptr(v_cache.ptr),
+            ],
+            self.pdl,
         )
     }
 
@@ -2068,47 +1863,6 @@ impl Backend for CudaBackend {
             &name,
             (rows as u32, n_heads as u32, 1),
             128,
-            &args,
-            self.pdl,
-        )
-    }
-
-    fn silu_mul_lora(
-        &self,
-        gate_up: &mut CudaBuf,
-        delta: &LoraDelta<'_, Self>,
-        rows: usize,
-        n: usize,
-        out: &mut CudaBuf,
-    ) -> Result<()> {
-        // Eight columns a thread in 16-byte vectors.
-        let vec = n.is_multiple_of(8)
-            && gate_up.dtype != DType::F32
-            && gate_up.ptr.is_multiple_of(16)
-            && out.ptr.is_multiple_of(16);
-        let fused = if vec {
-            self.fused_delta(delta, rows, gate_up, 2 * n)?
-        } else {
-            None
-        };
-        let Some(lora) = fused else {
-            let d = delta;
-            self.sgmv_expand(d.v, d.table, d.meta, d.v_stride, d.outs, 2 * n, 0, gate_up)?;
-            return self.silu_mul(gate_up, rows, n, out);
-        };
-        same_dtype(gate_up, out, "silu_mul")?;
-        need(out, rows * n, "silu_mul out")?;
-        let mut args = vec![
-            Arg::Ptr(gate_up.ptr),
-            i32_arg(n, "n")?,
-            i32_arg(rows, "rows")?,
-            Arg::Ptr(out.ptr),
-        ];
-        args.extend(lora);
-        self.launch(
-            &format!("silu_mul_lora_{}", Self::suffix(out.dtype)),
-            (plan::elementwise_grid(rows * n / 8, self.sm_count), 1, 1),
-            256,
             &args,
             self.pdl,
         )
@@ -2244,8 +1998,52 @@ impl Backend for CudaBackend {
         col_offset: usize,
         y: &mut CudaBuf,
     ) -> Result<()> {
-        if !self.check_expand(v, table, meta, v_stride, outs, y_stride, col_offset, y)? {
+        let rows = meta.layout.rows;
+        if v.dtype != DType::F32 {
+            return Err(shape(format!(
+                "sgmv_expand: v must be f32, got {:?}",
+                v.dtype
+            )));
+        }
+        let h_out: usize = outs.iter().sum();
+        if outs.is_empty() || outs.len() > MAX_GROUP_PARTS {
+            return Err(shape(format!(
+                "sgmv_expand: a group has 1..={MAX_GROUP_PARTS} parts, got {}",
+                outs.len()
+            )));
+        }
+        need(v, rows * v_stride, "sgmv_expand v")?;
+        need(y, rows * y_stride, "sgmv_expand y")?;
+        if col_offset + h_out > y_stride {
+            return Err(shape(format!(
+                "sgmv_expand: columns {col_offset}+{h_out} exceed the row of {y_stride}"
+            )));
+        }
+        if !self.check_lora(y.dtype, table, meta)? {
             return Ok(());
+        }
+        if table.max_rank > v_stride {
+            return Err(shape(format!(
+                "sgmv_expand: table rank {} exceeds v's width {v_stride}",
+                table.max_rank
+            )));
+        }
+        for (j, &min_out) in table.min_out.iter().enumerate() {
+            match outs.get(j) {
+                Some(&out) if out > min_out => {
+                    return Err(shape(format!(
+                        "sgmv_expand: part {j} of {out} columns exceeds an adapter's B height \
+                         {min_out}"
+                    )));
+                }
+                None if min_out != usize::MAX => {
+                    return Err(shape(format!(
+                        "sgmv_expand: an adapter has part {j}, the group has {}",
+                        outs.len()
+                    )));
+                }
+                _ => {}
+            }
         }
         if self
             .row_limits()

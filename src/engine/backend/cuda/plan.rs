@@ -76,15 +76,6 @@ impl RowLimits {
 /// Default 8-element vectors of h_in per split of the row shrink (one pass of a warp).
 pub const SHRINK_ROWS_VECS: usize = 128;
 
-/// Steps of at most this many rows apply a LoRA group's delta in the op that reads the group's
-/// output (decode batches: each row reads its own adapter's B there), instead of in an expand
-/// launch of its own.
-pub const FUSE_LORA_ROWS: usize = 64;
-
-/// Widest shrink output row the fused delta holds in shared memory (kernels/ops.cu
-/// `LORA_MAX_V`): three parts of rank [`MAX_RANK`].
-pub const LORA_MAX_V: usize = 3 * MAX_RANK;
-
 /// The row shrink's grid: `(h_in splits, rank blocks)`. A split reads about `vecs` 8-element
 /// vectors of each rank's row of A; small batches get more splits, up to `target_blocks`
 /// blocks in all, as long as every lane keeps a vector of its own.
@@ -293,9 +284,6 @@ pub fn expand_grid(h_out: usize, num_tiles: usize, ntw: usize) -> (u32, u32) {
     (h_out.div_ceil(cols) as u32, num_tiles as u32)
 }
 
-/// The row-slot entry of a row without an adapter (kernels/common.cuh `NO_SLOT`).
-pub const NO_SLOT: u32 = u32::MAX;
-
 /// Where each array of a packed [`StepMeta`] starts in the one u32 buffer the device gets.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MetaLayout {
@@ -305,8 +293,6 @@ pub struct MetaLayout {
     pub slot_mapping: usize,
     /// Sequence index per row.
     pub row_seq: usize,
-    /// Adapter slot per row, [`NO_SLOT`] for rows without one.
-    pub row_slot: usize,
     /// 5 words per sequence: row_start, num_rows, context_len, block_table_start, num_blocks.
     pub seqs: usize,
     pub num_seqs: usize,
@@ -430,12 +416,6 @@ pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
     words.extend_from_slice(&meta.slot_mapping);
     layout.row_seq = words.len();
     words.extend_from_slice(&row_seq);
-    layout.row_slot = words.len();
-    let row_slot_at = words.len();
-    words.resize(row_slot_at + rows, NO_SLOT);
-    for (s, e, slot) in seg.iter() {
-        words[row_slot_at + s..row_slot_at + e].fill(slot);
-    }
     layout.seqs = words.len();
     for s in &meta.seqs {
         words.extend_from_slice(&[
@@ -769,15 +749,6 @@ mod tests {
         assert_eq!(l.rows, 40);
         assert_eq!(&w[l.positions..l.positions + 40], &m.positions[..]);
         assert_eq!(w[l.row_seq + 39], 0);
-        assert_eq!(
-            (
-                w[l.row_slot],
-                w[l.row_slot + 19],
-                w[l.row_slot + 20],
-                w[l.row_slot + 39]
-            ),
-            (0, 0, 1, 1)
-        );
         assert_eq!(&w[l.seqs..l.seqs + 5], &[0, 40, 40, 0, 3]);
         assert_eq!(l.num_segs, 2);
         assert_eq!(&w[l.segs..l.segs + 6], &[0, 20, 0, 20, 40, 1]);

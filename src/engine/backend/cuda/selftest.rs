@@ -17,8 +17,8 @@ use rand::{RngExt, SeedableRng};
 
 use crate::engine::backend::cpu::{CpuBackend, CpuBuf};
 use crate::engine::backend::{
-    AttnShape, BLOCK_SIZE, Backend, DType, LoraDelta, LoraGroupSlot, LoraPart, Pick, Result,
-    RowSampling, SeqMeta, StepMeta,
+    AttnShape, BLOCK_SIZE, Backend, DType, LoraGroupSlot, LoraPart, Pick, Result, RowSampling,
+    SeqMeta, StepMeta,
 };
 use crate::engine::lora::segments::SegmentTable;
 use crate::engine::sampling::pick_row;
@@ -324,201 +324,17 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
     if touched_outside > 0 {
         c.fail(
             "sgmv_expand",
-            label.clone(),
+            label,
             format!("{touched_outside} elements changed outside the LoRA rows and parts"),
         );
     } else if worst > 2e-2 {
         c.fail(
             "sgmv_expand",
-            label.clone(),
+            label,
             format!("element error {worst:.2e} > 2e-2"),
         );
     } else {
-        c.record("sgmv_expand", label.clone(), &y_out, &y_cpu, tol(dt));
-    }
-    if case.pad == 0 {
-        let f = Fused {
-            dv: &dv,
-            cv: &cv_clean,
-            table: &table,
-            ctable: &ctable,
-            dmeta: &dmeta,
-            cmeta: &cmeta,
-            v_width,
-        };
-        check_fused(c, case, &f, &label)?;
-    }
-    Ok(())
-}
-
-/// One SGMV case's shrink result and tables on both backends, for the fused consumers.
-struct Fused<'a> {
-    dv: &'a CudaBuf,
-    cv: &'a CpuBuf,
-    table: &'a super::CudaLoraTable,
-    ctable: &'a <CpuBackend as Backend>::LoraTable,
-    dmeta: &'a super::CudaMeta,
-    cmeta: &'a <CpuBackend as Backend>::Meta,
-    v_width: usize,
-}
-
-/// The ops that read a LoRA group's output with its delta (`*_lora`: on the GPU the delta is
-/// applied inside them for decode-sized batches, the expand runs first otherwise) against the
-/// CPU's expand-then-op, from the case's v: add_rms_norm for one-part groups, silu_mul for
-/// gate|up, rope_write_kv for q|k|v. The GPU's v has NaN outside each row's ranks, so a read
-/// outside them shows.
-fn check_fused(c: &mut Ctx<'_>, case: &SgmvCase, f: &Fused<'_>, label: &str) -> Result<()> {
-    let (be, cpu) = (c.be, c.cpu.clone());
-    let (dt, outs, rows) = (case.dtype, &case.outs, case.rows.len());
-    let label = format!(
-        "{label} ({})",
-        if rows <= plan::FUSE_LORA_ROWS {
-            "fused"
-        } else {
-            "expand first"
-        }
-    );
-    let delta_gpu = |outs| LoraDelta {
-        v: f.dv,
-        v_stride: f.v_width,
-        table: f.table,
-        meta: f.dmeta,
-        outs,
-    };
-    let delta_cpu = |outs| LoraDelta {
-        v: f.cv,
-        v_stride: f.v_width,
-        table: f.ctable,
-        meta: f.cmeta,
-        outs,
-    };
-    if let [h] = outs[..] {
-        let x = c.rand(dt, rows * h, 1.0);
-        let r0 = c.rand(dt, rows * h, 1.0);
-        let w = c.rand(dt, h, 1.0);
-        let ((mut dx, mut cx), (mut dr, mut cr), (dw, cw)) =
-            (c.upload(dt, &x)?, c.upload(dt, &r0)?, c.upload(dt, &w)?);
-        let (mut dout, mut cout) = c.poisoned(dt, rows * h)?;
-        be.add_rms_norm_lora(
-            &mut dr,
-            &mut dx,
-            &delta_gpu(outs),
-            &dw,
-            1e-5,
-            rows,
-            h,
-            &mut dout,
-        )?;
-        cpu.add_rms_norm_lora(
-            &mut cr,
-            &mut cx,
-            &delta_cpu(outs),
-            &cw,
-            1e-5,
-            rows,
-            h,
-            &mut cout,
-        )?;
-        let (o, co) = (be.download(&dout)?, cpu.download(&cout)?);
-        c.record(
-            "add_rms_norm_lora",
-            format!("{label} out"),
-            &o,
-            &co,
-            tol(dt),
-        );
-        let (o, co) = (be.download(&dr)?, cpu.download(&cr)?);
-        c.record(
-            "add_rms_norm_lora",
-            format!("{label} residual"),
-            &o,
-            &co,
-            tol(dt),
-        );
-    }
-    if let [n, n2] = outs[..]
-        && n == n2
-    {
-        let g = c.rand(dt, rows * 2 * n, 2.0);
-        let (mut dg, mut cg) = c.upload(dt, &g)?;
-        let (mut dout, mut cout) = c.poisoned(dt, rows * n)?;
-        be.silu_mul_lora(&mut dg, &delta_gpu(outs), rows, n, &mut dout)?;
-        cpu.silu_mul_lora(&mut cg, &delta_cpu(outs), rows, n, &mut cout)?;
-        let (o, co) = (be.download(&dout)?, cpu.download(&cout)?);
-        c.record("silu_mul_lora", label.clone(), &o, &co, tol(dt));
-    }
-    if let [q, k, v] = outs[..]
-        && k == v
-        && let Some(hd) = [128usize, 64]
-            .into_iter()
-            .find(|hd| q % hd == 0 && k % hd == 0)
-    {
-        let shape = AttnShape {
-            n_heads: q / hd,
-            n_kv_heads: k / hd,
-            head_dim: hd,
-        };
-        let stride = q + 2 * k;
-        let qkv = c.rand(dt, rows * stride, 1.0);
-        let inv: Vec<f32> = (0..hd / 2)
-            .map(|i| 10000f32.powf(-2.0 * i as f32 / hd as f32))
-            .collect();
-        let ((mut dq, mut cq), (dinv, cinv)) = (c.upload(dt, &qkv)?, c.upload(DType::F32, &inv)?);
-        let cache = rows.div_ceil(BLOCK_SIZE) * BLOCK_SIZE * k;
-        let (mut dk, mut ck) = c.poisoned(dt, cache)?;
-        let (mut dvc, mut cvc) = c.poisoned(dt, cache)?;
-        be.rope_write_kv_lora(
-            &mut dq,
-            stride,
-            &delta_gpu(outs),
-            &dinv,
-            f.dmeta,
-            shape,
-            &mut dk,
-            &mut dvc,
-        )?;
-        cpu.rope_write_kv_lora(
-            &mut cq,
-            stride,
-            &delta_cpu(outs),
-            &cinv,
-            f.cmeta,
-            shape,
-            &mut ck,
-            &mut cvc,
-        )?;
-        // q and k are written back rotated (v's columns are the caller's, with or without the
-        // delta); K and V land in the caches.
-        let qk = |all: Vec<f32>| -> Vec<f32> {
-            all.chunks(stride)
-                .flat_map(|r| r[..q + k].to_vec())
-                .collect()
-        };
-        let (o, co) = (qk(be.download(&dq)?), qk(cpu.download(&cq)?));
-        c.record(
-            "rope_write_kv_lora",
-            format!("{label} q|k"),
-            &o,
-            &co,
-            tol(dt),
-        );
-        let n = rows * k;
-        let (o, co) = (be.download(&dk)?, cpu.download(&ck)?);
-        c.record(
-            "rope_write_kv_lora",
-            format!("{label} K"),
-            &o[..n],
-            &co[..n],
-            tol(dt),
-        );
-        let (o, co) = (be.download(&dvc)?, cpu.download(&cvc)?);
-        c.record(
-            "rope_write_kv_lora",
-            format!("{label} V"),
-            &o[..n],
-            &co[..n],
-            tol(dt),
-        );
+        c.record("sgmv_expand", label, &y_out, &y_cpu, tol(dt));
     }
     Ok(())
 }
