@@ -59,8 +59,6 @@ pub struct GemmOp {
     pub n: i32,
     pub dtype: DType,
     pub out_dtype: DType,
-    /// SMs cuBLAS should plan for (0: all): fewer while a side-stream kernel runs beside it.
-    pub sm_target: i32,
 }
 
 /// One stream operation of a step.

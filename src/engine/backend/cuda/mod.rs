@@ -349,14 +349,6 @@ pub struct CudaBackend {
     /// Scheduling priority of side-stream kernels (`PUNICA_SIDE_PRIORITY=1`: the device's
     /// highest, so a shrink's blocks go ahead of the GEMM's waiting ones).
     side_priority: Option<i32>,
-    /// SMs a GEMM leaves to the side stream while a shrink runs beside it
-    /// (`PUNICA_GEMM_SIDE_SMS`, 0: cuBLAS plans for the whole GPU).
-    gemm_side_sms: usize,
-    /// A side-stream shrink was issued and not joined yet (the GEMMs issued meanwhile run
-    /// beside it).
-    side_pending: std::sync::atomic::AtomicBool,
-    /// The SM count target the cuBLAS handle is set to (0: all).
-    blas_sm_target: std::sync::atomic::AtomicI32,
     /// Per-kernel timing of real steps (`PUNICA_PROFILE_OPS=1`, see `profile`).
     profile: Option<Mutex<profile::OpProfile>>,
     /// When the CUDA-core row kernels serve a batch (`PUNICA_SGMV_ROWS_MAX`: longest segment,
@@ -533,13 +525,6 @@ impl CudaBackend {
             profile: (std::env::var("PUNICA_PROFILE_OPS").as_deref() == Ok("1"))
                 .then(|| Mutex::new(profile::OpProfile::new())),
             side_stream: std::env::var("PUNICA_SIDE_STREAM").as_deref() != Ok("0"),
-            gemm_side_sms: std::env::var("PUNICA_GEMM_SIDE_SMS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&v: &usize| v < sm_count)
-                .unwrap_or(0),
-            side_pending: std::sync::atomic::AtomicBool::new(false),
-            blas_sm_target: std::sync::atomic::AtomicI32::new(0),
             side_priority: (std::env::var("PUNICA_SIDE_PRIORITY").as_deref() == Ok("1"))
                 .then(|| {
                     let (mut least, mut greatest) = (0, 0);
@@ -837,13 +822,6 @@ impl CudaBackend {
         self.ctx
             .bind_to_thread()
             .map_err(|e| dev_err("bind context", e))?;
-        let ordering = std::sync::atomic::Ordering::Relaxed;
-        if self.blas_sm_target.swap(g.sm_target, ordering) != g.sm_target {
-            // SAFETY: the handle is the backend's, used only under its calls.
-            unsafe { blas_sys::cublasSetSmCountTarget(self.blas, g.sm_target) }
-                .result()
-                .map_err(|e| BackendError::Device(format!("cublasSetSmCountTarget: {e:?}")))?;
-        }
         // Row-major out[rows, n] = x[rows, k] . w[n, k]^T is column-major
         // out^T[n, rows] = (w as [k, n] col-major)^T . (x as [k, rows] col-major).
         // SAFETY: pointers are live buffers whose lengths the caller checked; alpha/beta are
@@ -1719,10 +1697,6 @@ impl Backend for CudaBackend {
             n: dim(n, "n")?,
             dtype: x.dtype,
             out_dtype: out.dtype,
-            sm_target: match self.side_pending.load(std::sync::atomic::Ordering::Relaxed) {
-                true if self.gemm_side_sms > 0 => (self.sm_count - self.gemm_side_sms) as i32,
-                _ => 0,
-            },
         };
         self.mark_other();
         self.submit(Op::Gemm(op))?;
@@ -2222,8 +2196,6 @@ impl Backend for CudaBackend {
         }
         self.mark_other();
         self.submit(Op::EndSide)?;
-        self.side_pending
-            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.on_side
             .store(false, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -2234,8 +2206,6 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.mark_other();
-        self.side_pending
-            .store(false, std::sync::atomic::Ordering::Relaxed);
         self.submit(Op::Join)
     }
 
