@@ -371,6 +371,8 @@ struct StepMemory {
     arena_mem: Option<CudaSlice<u8>>,
     /// The fixed metadata buffer and its capacity in bytes.
     meta_mem: Option<(CudaSlice<u8>, u64, usize)>,
+    /// The sampling buffer and its capacity in bytes.
+    sample_mem: Option<(CudaSlice<u8>, u64, usize)>,
     /// Allocations of the open step the arena could not hold (kept until the next step, as
     /// the recorded ops that use them are issued after the buffers are dropped).
     overflow: Vec<CudaSlice<u8>>,
@@ -937,6 +939,22 @@ impl CudaBackend {
         lock(&self.recorder).tracing = false;
         lock(&self.step).open = false;
         Ok(())
+    }
+
+    /// The sampling buffer (parameters in, picks out) of at least `bytes`, kept from step to
+    /// step: each use is stream-ordered after the previous one, which was read back.
+    fn sample_buffer(&self, bytes: usize) -> Result<u64> {
+        let mut step = lock(&self.step);
+        if let Some((_, ptr, cap)) = &step.sample_mem
+            && *cap >= bytes
+        {
+            return Ok(*ptr);
+        }
+        step.sample_mem = None;
+        let cap = bytes.next_power_of_two().max(4096);
+        let (mem, ptr) = self.alloc_bytes(cap)?;
+        step.sample_mem = Some((mem, ptr, cap));
+        Ok(ptr)
     }
 
     /// How steps ran so far (graph replays, recordings, op-by-op).
@@ -2149,7 +2167,7 @@ impl Backend for CudaBackend {
         // One buffer: the rows' parameters in, then tokens and log-probabilities out, so the
         // picks come back in one copy.
         let params = plan::pack_sampling(rows);
-        let (buf, ptr) = self.alloc_bytes(params.len() + 8 * n)?;
+        let ptr = self.sample_buffer(params.len() + 8 * n)?;
         self.htod(ptr, &params)?;
         let out = ptr + params.len() as u64;
         self.launch(
@@ -2167,7 +2185,6 @@ impl Backend for CudaBackend {
         )?;
         let mut words = vec![0u32; 2 * n];
         self.dtoh(&mut words, out)?;
-        drop(buf);
         if let Some(p) = &self.profile {
             lock(p).finish_step()?;
         }
