@@ -399,31 +399,21 @@ __device__ __forceinline__ void sgmv_shrink_rows_impl(
     const ShrinkTile st = shrink_tile(tiles, segs, table, tile);
     const int row0 = st.row0, seg_end = st.end, slot_rank = st.rank;
     const void* slot_a = st.a;
+    // x comes from the previous kernel, and v and the workspace may still be in use by the
+    // previous shrink/expand pair (see sgmv_shrink_impl).
+    pdl_enter();
+    if (slot_a == nullptr) return;  // the same for every block of the tile
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n = blockIdx.y * ROWS_WARPS + warp;
+    const int nrows = min(16, seg_end - row0);
     const bool vec = (h_in & 7) == 0;
     const int nvec = (h_in + 7) >> 3;
     const int per = (nvec + ksplit - 1) / ksplit;
     const int i_begin = split * per, i_end = min(nvec, i_begin + per);
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    const T* An = (slot_a != nullptr && n < slot_rank)
-                      ? reinterpret_cast<const T*>(slot_a) + (size_t)n * h_in
-                      : nullptr;
-    // The first step's A (from host copies) is loaded before the wait, so its latency overlaps
-    // the previous kernel's tail.
-    uint4 a_first[ROWS_KU];
-#pragma unroll
-    for (int u = 0; u < ROWS_KU; ++u) {
-        const int i = i_begin + lane + u * 32;
-        a_first[u] = (An != nullptr && i < i_end) ? load8(An, i * 8, h_in, vec) : zero;
-    }
-    // x comes from the previous kernel, and v and the workspace may still be in use by the
-    // previous shrink/expand pair (see sgmv_shrink_impl).
-    pdl_enter();
-    if (slot_a == nullptr) return;  // the same for every block of the tile
-    const int nrows = min(16, seg_end - row0);
     float* tacc = acc + (size_t)tile * 16 * acc_rank;
-    if (An != nullptr) {
+    if (n < slot_rank) {
+        const T* An = reinterpret_cast<const T*>(slot_a) + (size_t)n * h_in;
         for (int r0 = 0; r0 < nrows; r0 += ROWS) {
             float sum[ROWS];
 #pragma unroll
@@ -431,11 +421,10 @@ __device__ __forceinline__ void sgmv_shrink_rows_impl(
             for (int i0 = i_begin + lane; i0 < i_end; i0 += 32 * ROWS_KU) {
                 uint4 a[ROWS_KU];
                 uint4 xv[ROWS_KU][ROWS];
-                const bool first = r0 == 0 && i0 == i_begin + lane;
 #pragma unroll
                 for (int u = 0; u < ROWS_KU; ++u) {
                     const int i = i0 + u * 32;
-                    a[u] = first ? a_first[u] : (i < i_end ? load8(An, i * 8, h_in, vec) : zero);
+                    a[u] = i < i_end ? load8(An, i * 8, h_in, vec) : zero;
 #pragma unroll
                     for (int r = 0; r < ROWS; ++r) {
                         const T* xr = x + (size_t)(row0 + r0 + r) * h_in;
@@ -582,7 +571,7 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
 }
 
 #define DEFINE_SHRINK_ROWS(TNAME, TYPE)                                                       \
-    extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 6)                          \
+    extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 8)                          \
         sgmv_shrink_rows_##TNAME(                                                             \
             const TYPE* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,        \
             const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,                \
