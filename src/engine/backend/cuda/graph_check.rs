@@ -1,9 +1,10 @@
 //! The selftest's check of CUDA graphs: a small random model with two adapters decodes the
 //! same teacher-forced steps twice, issuing every step op by op and then with graphs on, and
-//! the logits of every step must agree. The batch changes membership halfway (one sequence
-//! sits two steps out) and then returns to its first layout, so the run issues, records and
-//! replays steps, and replays a cached graph of an earlier layout; the counters must show all
-//! three. Inputs are fresh random tokens each run.
+//! the logits of every step must agree. The batch keeps its layout long enough for its graph to
+//! pay off ([`WORTH_REPLAYS`]), changes membership (one sequence sits two steps out) and
+//! returns to its first layout, so the run issues, records and replays steps, and replays a
+//! cached graph of an earlier layout; the counters must show all three. Inputs are fresh random
+//! tokens each run.
 
 use std::sync::Arc;
 
@@ -16,15 +17,16 @@ use crate::engine::model::config::LlamaConfig;
 use crate::engine::model::llama::{KvCache, Llama, LoraState, batch_step_meta};
 use crate::engine::synthetic::random_adapter;
 
-use super::graph::GraphStats;
+use super::graph::{GraphStats, WORTH_REPLAYS};
 use super::reference;
 use super::selftest::CaseResult;
 use super::{CudaBackend, CudaOptions};
 
 /// Decode steps after the prefill.
-const STEPS: usize = 8;
-/// Steps (1-based, after the prefill) at which sequence [`SITTER`] sits out.
-const SIT_OUT: [usize; 2] = [4, 5];
+const STEPS: usize = 32;
+/// Steps (1-based, after the prefill) at which sequence [`SITTER`] sits out: after the first
+/// layout's graph (recorded at step 2) has been replayed [`WORTH_REPLAYS`] times.
+const SIT_OUT: [usize; 2] = [3 + WORTH_REPLAYS as usize, 4 + WORTH_REPLAYS as usize];
 const SITTER: usize = 3;
 
 /// Small shapes with grouped-query attention: fast, yet every kernel family runs.
@@ -161,12 +163,13 @@ pub fn check(seed: u64) -> Result<Vec<CaseResult>> {
             }
         })
         .collect();
-    // Prefill, step 1 and the two steps after each layout change are issued; steps 2 and 5
-    // are recorded; steps 3, 6 (the first layout's graph again), 7 and 8 are replayed.
+    // The prefill, step 1 and the first step of the second layout are issued; the second
+    // step of each layout is recorded; the rest is replayed, the first layout's graph again
+    // when the batch returns to it.
     let want = GraphStats {
         issued: 3,
         recorded: 2,
-        replayed: 4,
+        replayed: (STEPS - 4) as u64,
         record_us: stats.record_us,
     };
     results.push(CaseResult {
