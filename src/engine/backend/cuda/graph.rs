@@ -33,7 +33,7 @@ use crate::engine::backend::{DType, StepPath};
 pub const MAX_GRAPHS: usize = 16;
 
 /// Replays a recorded graph must get before the batch moves on for its recording to have paid
-/// off. Recording a 7B step took 5.0-7.6 ms of host time on the H200 (the GPU waits meanwhile),
+/// off. Recording a 7B step took 3.6-8.1 ms of host time on the H200 (the GPU waits meanwhile),
 /// and a replay saves about 0.25 ms against issuing the step. A graph replayed fewer times
 /// doubles the number of repeats the next layout needs before it is recorded (up to
 /// [`MAX_PATIENCE`]); one replayed that often sets it back to one. A steady batch records its
