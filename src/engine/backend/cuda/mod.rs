@@ -957,6 +957,12 @@ impl CudaBackend {
         Ok(ptr)
     }
 
+    /// Whether steps may be replayed from CUDA graphs (`PUNICA_CUDA_GRAPHS`, [`Self::set_graphs`],
+    /// or off after a failed capture).
+    pub fn graphs_enabled(&self) -> bool {
+        lock(&self.recorder).enabled
+    }
+
     /// How steps ran so far (graph replays, recordings, op-by-op).
     pub fn graph_stats(&self) -> graph::GraphStats {
         lock(&self.recorder).stats
@@ -2275,7 +2281,7 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "unknown time".into());
     format!(
-        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n# SGMV: CUDA-core row kernels when {:?}, tensor-core tiles otherwise\n",
+        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n# SGMV: CUDA-core row kernels when {:?}, tensor-core tiles otherwise\n# CUDA graphs for repeated steps: {}\n",
         be.device_name(),
         be.compute_capability().0,
         be.compute_capability().1,
@@ -2284,5 +2290,6 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         env!("PUNICA_GIT_REV"),
         be.pdl(),
         be.row_limits(),
+        if be.graphs_enabled() { "on" } else { "off" },
     )
 }
