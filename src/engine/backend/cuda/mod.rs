@@ -346,9 +346,6 @@ pub struct CudaBackend {
     /// Run [`Backend::begin_side`] work on the side stream (`PUNICA_SIDE_STREAM=0`: on the main
     /// stream, in issue order).
     side_stream: bool,
-    /// Scheduling priority of side-stream kernels (`PUNICA_SIDE_PRIORITY=1`: the device's
-    /// highest, so a shrink's blocks go ahead of the GEMM's waiting ones).
-    side_priority: Option<i32>,
     /// Per-kernel timing of real steps (`PUNICA_PROFILE_OPS=1`, see `profile`).
     profile: Option<Mutex<profile::OpProfile>>,
     /// When the CUDA-core row kernels serve a batch (`PUNICA_SGMV_ROWS_MAX`: longest segment,
@@ -364,7 +361,8 @@ pub struct CudaBackend {
     _blas_workspace: CudaSlice<u8>,
 }
 
-/// Device memory of the open step: the activation arena and the metadata buffer.
+/// Device memory kept from step to step: the activation arena, the metadata and sampling
+/// buffers.
 #[derive(Default)]
 struct StepMemory {
     arena: graph::Arena,
@@ -527,16 +525,6 @@ impl CudaBackend {
             profile: (std::env::var("PUNICA_PROFILE_OPS").as_deref() == Ok("1"))
                 .then(|| Mutex::new(profile::OpProfile::new())),
             side_stream: std::env::var("PUNICA_SIDE_STREAM").as_deref() != Ok("0"),
-            side_priority: (std::env::var("PUNICA_SIDE_PRIORITY").as_deref() == Ok("1"))
-                .then(|| {
-                    let (mut least, mut greatest) = (0, 0);
-                    // SAFETY: two out-pointers to live integers; the context is current.
-                    unsafe { drv_sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest) }
-                        .result()
-                        .map(|()| greatest)
-                        .map_err(|e| dev_err("stream priority range", e))
-                })
-                .transpose()?,
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
                 Ok("8") => 8,
                 _ => 4,
@@ -762,21 +750,10 @@ impl CudaBackend {
             .map(|s| s as *mut u64 as *mut c_void)
             .collect();
         // SAFETY: the attribute union is plain data; zero is a valid bit pattern for it.
-        let mut attrs: [drv_sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
-        let mut n = 0;
-        if l.pdl {
-            attrs[n].id =
-                drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attrs[n].value.programmaticStreamSerializationAllowed = 1;
-            n += 1;
-        }
-        if l.side
-            && let Some(p) = self.side_priority
-        {
-            attrs[n].id = drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY;
-            attrs[n].value.priority = p;
-            n += 1;
-        }
+        let mut attr: drv_sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id =
+            drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
         let config = drv_sys::CUlaunchConfig {
             gridDimX: l.grid.0,
             gridDimY: l.grid.1,
@@ -786,12 +763,12 @@ impl CudaBackend {
             blockDimZ: 1,
             sharedMemBytes: 0,
             hStream: stream,
-            attrs: if n > 0 {
-                attrs.as_mut_ptr()
+            attrs: if l.pdl {
+                &mut attr
             } else {
                 std::ptr::null_mut()
             },
-            numAttrs: n as u32,
+            numAttrs: if l.pdl { 1 } else { 0 },
         };
         self.ctx
             .bind_to_thread()
