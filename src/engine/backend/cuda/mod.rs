@@ -834,7 +834,8 @@ impl CudaBackend {
     }
 
     /// Issue the ops recorded so far: replay the graph of an equal trace, capture a trace that
-    /// repeats the previous step's, issue any other op by op (see `graph`). Recording goes on.
+    /// repeated often enough (the recorder's plan, see `graph`), issue any other op by op.
+    /// Recording goes on.
     fn flush(&self) -> Result<()> {
         let mut rec = lock(&self.recorder);
         if rec.ops.is_empty() {
