@@ -598,7 +598,7 @@ pub fn run(args: &BenchEngineArgs) -> Result<String, BenchError> {
 }
 
 /// An engine for `args` with `slots` adapter slots, its KV pool sized for `max_running`
-/// sequences of the prompt plus `max_tokens`.
+/// sequences of the prompt plus `max_tokens`, and its (unregistered) metrics.
 fn start_engine(
     args: &BenchEngineArgs,
     config: &LlamaConfig,
@@ -606,8 +606,8 @@ fn start_engine(
     detokenizer: &SharedDetokenizer,
     slots: usize,
     max_tokens: u32,
-    metrics: EngineMetrics,
-) -> Result<EngineHandle, BenchError> {
+) -> Result<(EngineHandle, EngineMetrics), BenchError> {
+    let metrics = EngineMetrics::unregistered()?;
     let per_seq = crate::engine::kv::blocks_for(args.prompt_len + max_tokens as usize);
     let kv_blocks = per_seq * args.max_running + 1;
     let engine_config = EngineConfig {
@@ -622,7 +622,7 @@ fn start_engine(
         },
     };
     let source = Arc::clone(source) as Arc<dyn AdapterSource>;
-    Ok(match args.device {
+    let engine = match args.device {
         BenchDevice::Cpu => {
             let args = args.clone();
             let cell = BackendCell::default();
@@ -636,7 +636,7 @@ fn start_engine(
                 source,
                 validator,
                 Arc::clone(detokenizer),
-                metrics,
+                metrics.clone(),
             )?
         }
         BenchDevice::Cuda => {
@@ -660,10 +660,11 @@ fn start_engine(
                 source,
                 validator,
                 Arc::clone(detokenizer),
-                metrics,
+                metrics.clone(),
             )?
         }
-    })
+    };
+    Ok((engine, metrics))
 }
 
 fn run_workload(
@@ -674,15 +675,13 @@ fn run_workload(
     detokenizer: &SharedDetokenizer,
     workload: Workload,
 ) -> Result<Summary, BenchError> {
-    let metrics = EngineMetrics::unregistered()?;
-    let engine = start_engine(
+    let (engine, metrics) = start_engine(
         args,
         config,
         source,
         detokenizer,
         keys.len(),
         args.max_tokens,
-        metrics.clone(),
     )?;
     let traffic = Traffic::generate(
         workload,
@@ -760,16 +759,7 @@ fn cold_adapter_report(
         random_adapter(config, args.rank, 0.01, args.seed + cold as u64)?,
     );
     let long = args.max_tokens.saturating_mul(4).max(8);
-    let metrics = EngineMetrics::unregistered()?;
-    let engine = start_engine(
-        args,
-        config,
-        source,
-        detokenizer,
-        all.len(),
-        long,
-        metrics.clone(),
-    )?;
+    let (engine, metrics) = start_engine(args, config, source, detokenizer, all.len(), long)?;
     let background = Traffic::generate(
         Workload::Distinct,
         args.max_running.saturating_sub(1).max(1),
