@@ -706,6 +706,165 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
         fill_random_impl<T>(y, seed, scale, n);                                               \
     }
 
+// ---------------------------------------------------------------------------------------------
+// Decode GEMM: y[m, n] = x[m, :] . w[n, :] for a few rows (m <= 16 * MT), f32 accumulation on
+// tensor cores. Streaming w is the whole cost, so each warp feeds DG_NT 8-column tiles of w
+// straight from global memory into mma B fragments with the k-permutation of sgmv.cu (one
+// 16-byte load of eight consecutive k feeds two k-steps), x the same way (L1 hits: the warps
+// of a block read the same rows), KU 32-element chunks of k per pass, the next pass's w loaded
+// while this one multiplies. The first pass's w is loaded before the wait (weights never come
+// from the previous kernel). k is split over gridDim.y blocks of `kchunk`; with more than one
+// split each block writes its partial sums to part[split][m][n] and the last block of a column
+// tile to finish (counter) adds them in split order (deterministic), writes y and resets the
+// counter for the next launch. Needs k % 8 == 0 and kchunk % 32 == 0 (the host checks).
+#define DG_WARPS 4
+#define DG_NT 4
+
+template <typename T, int MT, int KU>
+__device__ __forceinline__ void gemm_decode_impl(const T* __restrict__ x, const T* __restrict__ w,
+                                                 T* __restrict__ y, int m, int k, int n,
+                                                 int kchunk, float* __restrict__ part,
+                                                 u32* __restrict__ counters) {
+    __shared__ int is_last;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int n0 = (blockIdx.x * DG_WARPS + warp) * DG_NT * 8;
+    const int split = blockIdx.y, ksplit = gridDim.y;
+    const int kb = split * kchunk, ke = min(k, kb + kchunk);
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    const T* wr[DG_NT];
+    bool wok[DG_NT];
+#pragma unroll
+    for (int t = 0; t < DG_NT; ++t) {
+        const int col = n0 + t * 8 + g;
+        wok[t] = col < n;
+        wr[t] = w + (size_t)(wok[t] ? col : 0) * k + q * 8;
+    }
+    const T* xr[MT][2];
+    bool xok[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = mt * 16 + h * 8 + g;
+            xok[mt][h] = row < m;
+            xr[mt][h] = x + (size_t)(xok[mt][h] ? row : 0) * k + q * 8;
+        }
+    }
+    float c[MT][DG_NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < DG_NT; ++t)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) c[mt][t][i] = 0.0f;
+
+    uint4 wv[KU][DG_NT];
+#pragma unroll
+    for (int u = 0; u < KU; ++u)
+#pragma unroll
+        for (int t = 0; t < DG_NT; ++t) {
+            const int kk = kb + u * 32;
+            wv[u][t] = (wok[t] && kk + q * 8 < ke)
+                           ? __ldg(reinterpret_cast<const uint4*>(wr[t] + kk)) : zero;
+        }
+    pdl_enter();
+    for (int k0 = kb; k0 < ke; k0 += 32 * KU) {
+        uint4 xv[KU][MT][2];
+#pragma unroll
+        for (int u = 0; u < KU; ++u)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int kk = k0 + u * 32;
+                    xv[u][mt][h] = (xok[mt][h] && kk + q * 8 < ke)
+                                       ? __ldg(reinterpret_cast<const uint4*>(xr[mt][h] + kk))
+                                       : zero;
+                }
+        uint4 wn[KU][DG_NT];
+        const int k1 = k0 + 32 * KU;
+#pragma unroll
+        for (int u = 0; u < KU; ++u)
+#pragma unroll
+            for (int t = 0; t < DG_NT; ++t) {
+                const int kk = k1 + u * 32;
+                wn[u][t] = (wok[t] && kk + q * 8 < ke)
+                               ? __ldg(reinterpret_cast<const uint4*>(wr[t] + kk)) : zero;
+            }
+#pragma unroll
+        for (int u = 0; u < KU; ++u)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int t = 0; t < DG_NT; ++t) {
+                    const uint4 a = xv[u][mt][0], b = xv[u][mt][1], ww = wv[u][t];
+                    mma16816<T>(c[mt][t], a.x, b.x, a.y, b.y, ww.x, ww.y);
+                    mma16816<T>(c[mt][t], a.z, b.z, a.w, b.w, ww.z, ww.w);
+                }
+#pragma unroll
+        for (int u = 0; u < KU; ++u)
+#pragma unroll
+            for (int t = 0; t < DG_NT; ++t) wv[u][t] = wn[u][t];
+    }
+
+    if (ksplit == 1) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int t = 0; t < DG_NT; ++t)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = mt * 16 + h * 8 + g, col = n0 + t * 8 + 2 * q;
+                    if (row < m && col < n) y[(size_t)row * n + col] = from_f32<T>(c[mt][t][2 * h]);
+                    if (row < m && col + 1 < n)
+                        y[(size_t)row * n + col + 1] = from_f32<T>(c[mt][t][2 * h + 1]);
+                }
+        return;
+    }
+    float* mine = part + (size_t)split * m * n;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < DG_NT; ++t)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = mt * 16 + h * 8 + g, col = n0 + t * 8 + 2 * q;
+                if (row < m && col < n) mine[(size_t)row * n + col] = c[mt][t][2 * h];
+                if (row < m && col + 1 < n) mine[(size_t)row * n + col + 1] = c[mt][t][2 * h + 1];
+            }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(&counters[blockIdx.x], 1u) == (u32)(ksplit - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    constexpr int COLS = DG_WARPS * DG_NT * 8;
+    const int c0 = blockIdx.x * COLS;
+    for (int idx = threadIdx.x; idx < m * COLS; idx += blockDim.x) {
+        const int row = idx / COLS, col = c0 + idx % COLS;
+        if (col >= n) continue;
+        float sum = 0.0f;
+        for (int sp = 0; sp < ksplit; ++sp) sum += __ldcg(&part[((size_t)sp * m + row) * n + col]);
+        y[(size_t)row * n + col] = from_f32<T>(sum);
+    }
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0u;
+}
+
+#define DEFINE_GEMM_DECODE(TNAME, T, MT, KU)                                                  \
+    extern "C" __global__ void __launch_bounds__(DG_WARPS * 32) gemm_decode_##TNAME##_m##MT(  \
+        const T* x, const T* w, T* y, int m, int k, int n, int kchunk, float* part,            \
+        u32* counters) {                                                                      \
+        gemm_decode_impl<T, MT, KU>(x, w, y, m, k, n, kchunk, part, counters);                \
+    }
+
+DEFINE_GEMM_DECODE(bf16, bf16, 1, 2)
+DEFINE_GEMM_DECODE(bf16, bf16, 2, 2)
+DEFINE_GEMM_DECODE(bf16, bf16, 4, 1)
+DEFINE_GEMM_DECODE(f16, f16, 1, 2)
+DEFINE_GEMM_DECODE(f16, f16, 2, 2)
+DEFINE_GEMM_DECODE(f16, f16, 4, 1)
+
 // The vector attention for head_dim = HD = 64 * W (the host checks 4W-byte alignment).
 #define DEFINE_ATTN_VEC(TNAME, T, HD, W)                                                      \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_d##HD##_##TNAME( \
