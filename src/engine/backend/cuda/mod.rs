@@ -1280,7 +1280,7 @@ impl CudaBackend {
         self.launch(
             &format!("gemm_decode_{}_m{mt}", Self::suffix(x.dtype)),
             (grid.0, grid.1, 1),
-            plan::DECODE_GEMM_THREADS,
+            (plan::DECODE_GEMM_COLS / 4) as u32,
             &[
                 Arg::Ptr(x.ptr),
                 Arg::Ptr(w.ptr),

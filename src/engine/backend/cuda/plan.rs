@@ -131,8 +131,6 @@ pub fn expand_rows_plan(
 pub const DECODE_GEMM_MAX_ROWS: usize = 64;
 /// Columns one block of the decode GEMM computes (`DG_WARPS * DG_NT * 8`).
 pub const DECODE_GEMM_COLS: usize = 128;
-/// Threads of a decode GEMM block (`DG_WARPS` warps).
-pub const DECODE_GEMM_THREADS: u32 = 128;
 
 /// The decode GEMM's launch for `rows` x `k` by `n` x `k`: the kernel's 16-row tiles (1, 2 or
 /// 4), the grid (column blocks, k splits) and the k each split covers (a multiple of 32, at
