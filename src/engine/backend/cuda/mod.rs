@@ -331,9 +331,6 @@ pub struct CudaBackend {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     workspace: Mutex<Option<Workspace>>,
-    /// The decode GEMM's split-K partial sums and counters (main stream only, so apart from
-    /// the shrink's workspace, which the side stream uses).
-    gemm_workspace: Mutex<Option<Workspace>>,
     /// Page-locked staging buffers for adapter loads.
     pinned: Arc<PinnedPool>,
     last: Mutex<Last>,
@@ -359,9 +356,6 @@ pub struct CudaBackend {
     /// Column steps per warp of the row expand (`PUNICA_EXPAND_ROWS_KU`: 4, 8 or 16; unset:
     /// chosen per launch by [`plan::expand_rows_plan`]).
     expand_rows_ku: Option<usize>,
-    /// Blocks per SM the decode GEMM's k splits aim for (`PUNICA_DECODE_GEMM_BLOCKS_PER_SM`;
-    /// 0: cuBLAS for every GEMM).
-    decode_gemm_blocks_per_sm: usize,
     /// The step recorder and graph cache (`graph`; `PUNICA_CUDA_GRAPHS=0` turns graphs off).
     recorder: Mutex<graph::Recorder>,
     /// Step temporaries: the arena, its allocation, and whether a step is open.
@@ -517,7 +511,6 @@ impl CudaBackend {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             workspace: Mutex::new(None),
-            gemm_workspace: Mutex::new(None),
             pinned: Arc::new(PinnedPool::new()),
             last: Mutex::new(Last::Other),
             pdl: opts.pdl && cc.0 >= 9,
@@ -562,11 +555,6 @@ impl CudaBackend {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .filter(|v| plan::EXPAND_ROWS_KUS.contains(v)),
-            decode_gemm_blocks_per_sm: std::env::var("PUNICA_DECODE_GEMM_BLOCKS_PER_SM")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&v: &usize| v <= 64)
-                .unwrap_or(2),
             recorder: Mutex::new(graph::Recorder::new(
                 std::env::var("PUNICA_CUDA_GRAPHS").as_deref() != Ok("0"),
             )),
@@ -1210,12 +1198,7 @@ impl CudaBackend {
     }
 
     fn workspace(&self, bytes: usize) -> Result<u64> {
-        self.grow_workspace(&self.workspace, bytes)
-    }
-
-    /// `slot`'s workspace of at least `bytes`, zeroed when (re)allocated.
-    fn grow_workspace(&self, slot: &Mutex<Option<Workspace>>, bytes: usize) -> Result<u64> {
-        let mut ws = lock(slot);
+        let mut ws = lock(&self.workspace);
         if let Some(w) = ws.as_ref()
             && w.bytes >= bytes
         {
@@ -1252,48 +1235,6 @@ impl CudaBackend {
             bytes: size,
         });
         Ok(ptr)
-    }
-
-    /// [`Backend::matmul`] of a decode-sized batch through `gemm_decode` (see
-    /// [`plan::decode_gemm_plan`]).
-    #[allow(clippy::too_many_arguments)]
-    fn decode_gemm(
-        &self,
-        x: &CudaBuf,
-        w: &CudaBuf,
-        rows: usize,
-        k: usize,
-        n: usize,
-        out: &mut CudaBuf,
-        mt: usize,
-        grid: (u32, u32),
-        kchunk: usize,
-    ) -> Result<()> {
-        let (part, counters) = if grid.1 > 1 {
-            let counters_bytes = (grid.0 as usize * 4).div_ceil(256) * 256;
-            let part_bytes = grid.1 as usize * rows * n * 4;
-            let ws = self.grow_workspace(&self.gemm_workspace, counters_bytes + part_bytes)?;
-            (ws + counters_bytes as u64, ws)
-        } else {
-            (0, 0)
-        };
-        self.launch(
-            &format!("gemm_decode_{}_m{mt}", Self::suffix(x.dtype)),
-            (grid.0, grid.1, 1),
-            (plan::DECODE_GEMM_COLS / 4) as u32,
-            &[
-                Arg::Ptr(x.ptr),
-                Arg::Ptr(w.ptr),
-                Arg::Ptr(out.ptr),
-                i32_arg(rows, "rows")?,
-                i32_arg(k, "k")?,
-                i32_arg(n, "n")?,
-                i32_arg(kchunk, "kchunk")?,
-                Arg::Ptr(part),
-                Arg::Ptr(counters),
-            ],
-            self.pdl,
-        )
     }
 
     /// The split-K workspace of a shrink: `(accumulator, counters)`, `counters` u32 counters
@@ -1369,9 +1310,6 @@ pub fn kernel_names() -> Vec<String> {
             }
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
-        for mt in [1, 2, 4] {
-            names.push(format!("gemm_decode_{t}_m{mt}"));
-        }
         for l in [1, 2, 4, 8, 16] {
             for ku in plan::EXPAND_ROWS_KUS {
                 names.push(format!("sgmv_expand_rows_{t}_l{l}_u{ku}"));
@@ -1757,16 +1695,6 @@ impl Backend for CudaBackend {
         need(out, rows * n, "matmul out")?;
         if rows == 0 || n == 0 {
             return Ok(());
-        }
-        if out.dtype == x.dtype
-            && x.dtype != DType::F32
-            && self.decode_gemm_blocks_per_sm > 0
-            && x.ptr.is_multiple_of(16)
-            && w.ptr.is_multiple_of(16)
-            && let Some((mt, grid, kchunk)) =
-                plan::decode_gemm_plan(rows, k, n, self.sm_count * self.decode_gemm_blocks_per_sm)
-        {
-            return self.decode_gemm(x, w, rows, k, n, out, mt, grid, kchunk);
         }
         let dim = |v: usize, what: &str| {
             i32::try_from(v).map_err(|_| shape(format!("matmul {what} = {v} too large for cuBLAS")))

@@ -115,7 +115,7 @@ pub fn expand_rows_plan(
         Some(ku) => {
             return Err(BackendError::Shape(format!(
                 "row expand: {ku} column steps per warp is not one of {EXPAND_ROWS_KUS:?}"
-            )));
+            )))
         }
         None => EXPAND_ROWS_KUS
             .iter()
@@ -125,33 +125,6 @@ pub fn expand_rows_plan(
             .unwrap_or(EXPAND_ROWS_KUS[0]),
     };
     Ok((lanes, ku, (blocks(ku) as u32, num_tiles as u32)))
-}
-
-/// Rows the decode GEMM serves (kernels/ops.cu `gemm_decode_*_m{1,2,4}`: 16-row mma tiles).
-pub const DECODE_GEMM_MAX_ROWS: usize = 64;
-/// Columns one block of the decode GEMM computes (`DG_WARPS * DG_NT * 8`).
-pub const DECODE_GEMM_COLS: usize = 128;
-
-/// The decode GEMM's launch for `rows` x `k` by `n` x `k`: the kernel's 16-row tiles (1, 2 or
-/// 4), the grid (column blocks, k splits) and the k each split covers (a multiple of 32, at
-/// least 256), splitting k until the grid has `target_blocks` blocks. `None` when the kernel
-/// does not apply (too many rows, or k not whole 8-element vectors).
-pub fn decode_gemm_plan(
-    rows: usize,
-    k: usize,
-    n: usize,
-    target_blocks: usize,
-) -> Option<(usize, (u32, u32), usize)> {
-    if rows == 0 || rows > DECODE_GEMM_MAX_ROWS || n == 0 || k == 0 || !k.is_multiple_of(8) {
-        return None;
-    }
-    let mt = rows.div_ceil(16).next_power_of_two();
-    let gx = n.div_ceil(DECODE_GEMM_COLS);
-    let most = (k / 256).max(1);
-    let want = target_blocks.div_ceil(gx).clamp(1, most);
-    let kchunk = k.div_ceil(want).div_ceil(32) * 32;
-    let splits = k.div_ceil(kchunk);
-    Some((mt, (u32::try_from(gx).ok()?, splits as u32), kchunk))
 }
 
 /// Bytes of one slot of a LoRA group table (kernels/sgmv.cu `LoraSlot`).
@@ -575,69 +548,15 @@ mod tests {
         assert_eq!(shrink_rows_plan(11008, 16, 32, 128, 264), (11, 4));
         assert_eq!(shrink_rows_plan(576, 1, 1, 128, 264), (2, 1));
         assert_eq!(shrink_rows_plan(100, 3, 2, 128, 264), (1, 1));
-        // Llama-7B's projections at batch 32 on 132 SMs, two blocks per SM.
-        assert_eq!(
-            decode_gemm_plan(32, 4096, 4096, 264),
-            Some((2, (32, 9), 480))
-        );
-        assert_eq!(
-            decode_gemm_plan(32, 4096, 22016, 264),
-            Some((2, (172, 2), 2048))
-        );
-        assert_eq!(
-            decode_gemm_plan(32, 11008, 4096, 264),
-            Some((2, (32, 9), 1248))
-        );
-        assert_eq!(
-            decode_gemm_plan(1, 4096, 12288, 264),
-            Some((1, (96, 3), 1376))
-        );
-        assert_eq!(decode_gemm_plan(64, 576, 576, 264), Some((4, (5, 2), 288)));
-        assert_eq!(decode_gemm_plan(17, 100 * 8, 1, 1), Some((2, (1, 1), 800)));
-        // Every split covers part of k, and the splits cover all of it.
-        for &(rows, k, n) in &[
-            (3, 4096, 4096),
-            (64, 11008, 5120),
-            (9, 1536, 576),
-            (1, 8, 8),
-        ] {
-            let (_, (_, splits), kchunk) = decode_gemm_plan(rows, k, n, 528).unwrap();
-            assert!(kchunk % 32 == 0 && (splits as usize - 1) * kchunk < k);
-            assert!(splits as usize * kchunk >= k);
-        }
-        assert_eq!(decode_gemm_plan(65, 4096, 4096, 264), None);
-        assert_eq!(decode_gemm_plan(0, 4096, 4096, 264), None);
-        assert_eq!(decode_gemm_plan(8, 4100, 4096, 264), None);
         // Decode with 32 distinct adapters on 132 SMs: the widest steps that still fill them.
-        assert_eq!(
-            expand_rows_plan(16, 22016, 32, 132, None).unwrap(),
-            (2, 16, (22, 32))
-        );
-        assert_eq!(
-            expand_rows_plan(16, 12288, 32, 132, None).unwrap(),
-            (2, 16, (12, 32))
-        );
-        assert_eq!(
-            expand_rows_plan(16, 4096, 32, 132, None).unwrap(),
-            (2, 8, (8, 32))
-        );
+        assert_eq!(expand_rows_plan(16, 22016, 32, 132, None).unwrap(), (2, 16, (22, 32)));
+        assert_eq!(expand_rows_plan(16, 12288, 32, 132, None).unwrap(), (2, 16, (12, 32)));
+        assert_eq!(expand_rows_plan(16, 4096, 32, 132, None).unwrap(), (2, 8, (8, 32)));
         // One adapter's 32 rows (two tiles): short steps, many blocks.
-        assert_eq!(
-            expand_rows_plan(16, 22016, 2, 132, None).unwrap(),
-            (2, 4, (86, 2))
-        );
-        assert_eq!(
-            expand_rows_plan(16, 4096, 2, 132, None).unwrap(),
-            (2, 4, (16, 2))
-        );
-        assert_eq!(
-            expand_rows_plan(8, 12288, 1, 132, Some(4)).unwrap(),
-            (1, 4, (24, 1))
-        );
-        assert_eq!(
-            expand_rows_plan(128, 11008, 3, 132, Some(4)).unwrap(),
-            (16, 4, (344, 3))
-        );
+        assert_eq!(expand_rows_plan(16, 22016, 2, 132, None).unwrap(), (2, 4, (86, 2)));
+        assert_eq!(expand_rows_plan(16, 4096, 2, 132, None).unwrap(), (2, 4, (16, 2)));
+        assert_eq!(expand_rows_plan(8, 12288, 1, 132, Some(4)).unwrap(), (1, 4, (24, 1)));
+        assert_eq!(expand_rows_plan(128, 11008, 3, 132, Some(4)).unwrap(), (16, 4, (344, 3)));
         assert_eq!(expand_rows_plan(33, 100, 1, 132, None).unwrap().0, 8);
         assert!(expand_rows_plan(16, 4096, 1, 132, Some(5)).is_err());
         assert!(
