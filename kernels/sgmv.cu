@@ -480,33 +480,11 @@ struct RowParts {
     int voff0, voff1, voff2;
 };
 
-// Lane kk's eight ranks of one part's v for a row (zeros past the part's rank or without it).
-__device__ __forceinline__ void load_v8(const float* __restrict__ vr, int voff, int rank, int kk,
-                                        bool vvec, float w[8]) {
-    if (kk >= rank) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) w[i] = 0.0f;
-        return;
-    }
-    const float* vp = vr + voff + kk;
-    if (vvec && (voff & 3) == 0 && kk + 8 <= rank) {
-        const float4 p0 = *reinterpret_cast<const float4*>(vp);
-        const float4 p1 = *reinterpret_cast<const float4*>(vp + 4);
-        w[0] = p0.x; w[1] = p0.y; w[2] = p0.z; w[3] = p0.w;
-        w[4] = p1.x; w[5] = p1.y; w[6] = p1.z; w[7] = p1.w;
-    } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) w[i] = kk + i < rank ? vp[i] : 0.0f;
-    }
-}
-
 // y[row, col_offset + c] += v[row, voff_j ..][.. rank_j] . B_j[c - start_j, :] for the rows of
-// tile blockIdx.y: RL lanes per column (8 ranks each), 32 / RL columns per warp step, KU steps
-// per warp; a column's B is loaded once (before the wait: B comes from host copies), then
-// applied row by row. Parts may end anywhere: each column finds its own. Per row, every load
-// (the parts' v, then y of every column the lane writes) is issued before the arithmetic, so a
-// row costs one round trip to memory, not one per column step.
-template <typename T, int RL, int KU>
+// tile blockIdx.y: RL lanes per column (8 ranks each), 32 / RL columns per warp step, ROWS_KU
+// steps per warp; a column's B is loaded once (before the wait: B comes from host copies), then
+// applied row by row. Parts may end anywhere: each column finds its own.
+template <typename T, int RL>
 __device__ __forceinline__ void sgmv_expand_rows_impl(
     const float* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
@@ -521,27 +499,30 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
     rp.b0 = reinterpret_cast<const u16*>(s->b[0]);
     rp.b1 = reinterpret_cast<const u16*>(s->b[1]);
     rp.b2 = reinterpret_cast<const u16*>(s->b[2]);
-    rp.rank0 = rp.b0 ? (int)s->prank[0] : 0;
-    rp.rank1 = rp.b1 ? (int)s->prank[1] : 0;
-    rp.rank2 = rp.b2 ? (int)s->prank[2] : 0;
+    rp.rank0 = (int)s->prank[0];
+    rp.rank1 = (int)s->prank[1];
+    rp.rank2 = (int)s->prank[2];
     rp.voff0 = (int)s->voff[0];
     rp.voff1 = (int)s->voff[1];
     rp.voff2 = (int)s->voff[2];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int sub = lane % RL, cg = lane / RL;
     const int kk = sub * 8;
-    const int col_base = (blockIdx.x * ROWS_WARPS + warp) * CPS * KU + cg;
+    const int col_base = (blockIdx.x * ROWS_WARPS + warp) * CPS * ROWS_KU + cg;
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 
-    uint4 bv[KU];
+    uint4 bv[ROWS_KU];
+    int voff[ROWS_KU], rank[ROWS_KU];
 #pragma unroll
-    for (int u = 0; u < KU; ++u) {
+    for (int u = 0; u < ROWS_KU; ++u) {
         const int col = col_base + u * CPS;
         const int j = (col >= end0) + (col >= end1);
         const u16* p = j == 0 ? rp.b0 : (j == 1 ? rp.b1 : rp.b2);
         const int r = j == 0 ? rp.rank0 : (j == 1 ? rp.rank1 : rp.rank2);
         const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
-        const bool live = col < end2 && r > 0;
+        const bool live = col < end2 && p != nullptr;
+        rank[u] = live ? r : 0;
+        voff[u] = j == 0 ? rp.voff0 : (j == 1 ? rp.voff1 : rp.voff2);
         bv[u] = (live && kk < r)
                     ? load8(reinterpret_cast<const T*>(p) + (size_t)(col - start) * r, kk, r,
                             (r & 7) == 0)
@@ -554,30 +535,21 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
     for (int row = 0; row < nrows; ++row) {
         const float* vr = v + (size_t)(row0 + row) * v_stride;
         T* yr = y + (size_t)(row0 + row) * y_stride + col_offset;
-        float w0[8], w1[8], w2[8];
-        load_v8(vr, rp.voff0, rp.rank0, kk, vvec, w0);
-        load_v8(vr, rp.voff1, rp.rank1, kk, vvec, w1);
-        load_v8(vr, rp.voff2, rp.rank2, kk, vvec, w2);
-        T yv[KU];
 #pragma unroll
-        for (int u = 0; u < KU; ++u) {
-            const int col = col_base + u * CPS;
-            const int j = (col >= end0) + (col >= end1);
-            const int r = j == 0 ? rp.rank0 : (j == 1 ? rp.rank1 : rp.rank2);
-            const bool live = col < end2 && r > 0;
-            yv[u] = (sub == 0 && live) ? yr[col] : dummy;
-        }
-#pragma unroll
-        for (int u = 0; u < KU; ++u) {
-            const int col = col_base + u * CPS;
-            const int j = (col >= end0) + (col >= end1);
-            const int r = j == 0 ? rp.rank0 : (j == 1 ? rp.rank1 : rp.rank2);
-            const bool live = col < end2 && r > 0;
+        for (int u = 0; u < ROWS_KU; ++u) {
             float part = 0.0f;
-            if (live && kk < r) {
+            if (kk < rank[u]) {
+                const float* vp = vr + voff[u] + kk;
                 float w[8];
+                if (vvec && ((voff[u] & 3) == 0) && kk + 8 <= rank[u]) {
+                    const float4 p0 = *reinterpret_cast<const float4*>(vp);
+                    const float4 p1 = *reinterpret_cast<const float4*>(vp + 4);
+                    w[0] = p0.x; w[1] = p0.y; w[2] = p0.z; w[3] = p0.w;
+                    w[4] = p1.x; w[5] = p1.y; w[6] = p1.z; w[7] = p1.w;
+                } else {
 #pragma unroll
-                for (int i = 0; i < 8; ++i) w[i] = j == 0 ? w0[i] : (j == 1 ? w1[i] : w2[i]);
+                    for (int i = 0; i < 8; ++i) w[i] = kk + i < rank[u] ? vp[i] : 0.0f;
+                }
                 const uint4 b = bv[u];
                 part = w[0] * lo_f32(dummy, b.x);
                 part = fmaf(w[1], hi_f32(dummy, b.x), part);
@@ -590,7 +562,10 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
             }
 #pragma unroll
             for (int o = RL / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-            if (sub == 0 && live) yr[col] = from_f32<T>(to_f32(yv[u]) + part);
+            if (sub == 0 && rank[u] > 0) {
+                const int col = col_base + u * CPS;
+                yr[col] = from_f32<T>(to_f32(yr[col]) + part);
+            }
         }
     }
 }
@@ -606,48 +581,28 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
                                           acc_rank, acc, counters);                           \
     }
 
-#define DEFINE_EXPAND_ROWS(TNAME, TYPE, RL, KU)                                               \
-    extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, KU >= 16 ? 3 : (KU >= 8 ? 4 : 6)) \
-        sgmv_expand_rows_##TNAME##_l##RL##_u##KU(                                             \
+#define DEFINE_EXPAND_ROWS(TNAME, TYPE, RL)                                                   \
+    extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 6)                          \
+        sgmv_expand_rows_##TNAME##_l##RL(                                                     \
             const float* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,    \
             int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table, \
             const u32* __restrict__ tiles, const u32* __restrict__ segs) {                    \
-        sgmv_expand_rows_impl<TYPE, RL, KU>(v, v_stride, y, y_stride, col_offset, end0, end1, \
+        sgmv_expand_rows_impl<TYPE, RL>(v, v_stride, y, y_stride, col_offset, end0, end1,     \
                                         end2, table, tiles, segs);                            \
     }
 
 DEFINE_SHRINK_ROWS(bf16, bf16)
 DEFINE_SHRINK_ROWS(f16, f16)
-DEFINE_EXPAND_ROWS(bf16, bf16, 1, 4)
-DEFINE_EXPAND_ROWS(bf16, bf16, 1, 8)
-DEFINE_EXPAND_ROWS(bf16, bf16, 1, 16)
-DEFINE_EXPAND_ROWS(bf16, bf16, 2, 4)
-DEFINE_EXPAND_ROWS(bf16, bf16, 2, 8)
-DEFINE_EXPAND_ROWS(bf16, bf16, 2, 16)
-DEFINE_EXPAND_ROWS(bf16, bf16, 4, 4)
-DEFINE_EXPAND_ROWS(bf16, bf16, 4, 8)
-DEFINE_EXPAND_ROWS(bf16, bf16, 4, 16)
-DEFINE_EXPAND_ROWS(bf16, bf16, 8, 4)
-DEFINE_EXPAND_ROWS(bf16, bf16, 8, 8)
-DEFINE_EXPAND_ROWS(bf16, bf16, 8, 16)
-DEFINE_EXPAND_ROWS(bf16, bf16, 16, 4)
-DEFINE_EXPAND_ROWS(bf16, bf16, 16, 8)
-DEFINE_EXPAND_ROWS(bf16, bf16, 16, 16)
-DEFINE_EXPAND_ROWS(f16, f16, 1, 4)
-DEFINE_EXPAND_ROWS(f16, f16, 1, 8)
-DEFINE_EXPAND_ROWS(f16, f16, 1, 16)
-DEFINE_EXPAND_ROWS(f16, f16, 2, 4)
-DEFINE_EXPAND_ROWS(f16, f16, 2, 8)
-DEFINE_EXPAND_ROWS(f16, f16, 2, 16)
-DEFINE_EXPAND_ROWS(f16, f16, 4, 4)
-DEFINE_EXPAND_ROWS(f16, f16, 4, 8)
-DEFINE_EXPAND_ROWS(f16, f16, 4, 16)
-DEFINE_EXPAND_ROWS(f16, f16, 8, 4)
-DEFINE_EXPAND_ROWS(f16, f16, 8, 8)
-DEFINE_EXPAND_ROWS(f16, f16, 8, 16)
-DEFINE_EXPAND_ROWS(f16, f16, 16, 4)
-DEFINE_EXPAND_ROWS(f16, f16, 16, 8)
-DEFINE_EXPAND_ROWS(f16, f16, 16, 16)
+DEFINE_EXPAND_ROWS(bf16, bf16, 1)
+DEFINE_EXPAND_ROWS(bf16, bf16, 2)
+DEFINE_EXPAND_ROWS(bf16, bf16, 4)
+DEFINE_EXPAND_ROWS(bf16, bf16, 8)
+DEFINE_EXPAND_ROWS(bf16, bf16, 16)
+DEFINE_EXPAND_ROWS(f16, f16, 1)
+DEFINE_EXPAND_ROWS(f16, f16, 2)
+DEFINE_EXPAND_ROWS(f16, f16, 4)
+DEFINE_EXPAND_ROWS(f16, f16, 8)
+DEFINE_EXPAND_ROWS(f16, f16, 16)
 
 #define SHRINK_PASS x, h_in, v, v_stride, table, tiles, segs, ksplit, acc, counters
 

@@ -276,9 +276,8 @@ mod tests {
                 let (t, n) = rest.split_once("_n").unwrap();
                 src.contains(&format!("DEFINE_SHRINK({t}, {t}, {n},"))
             } else if let Some(rest) = name.strip_prefix("sgmv_expand_rows_") {
-                let (t, lu) = rest.split_once("_l").unwrap();
-                let (l, u) = lu.split_once("_u").unwrap();
-                src.contains(&format!("DEFINE_EXPAND_ROWS({t}, {t}, {l}, {u})"))
+                let (t, l) = rest.split_once("_l").unwrap();
+                src.contains(&format!("DEFINE_EXPAND_ROWS({t}, {t}, {l})"))
             } else if let Some(rest) = name.strip_prefix("sgmv_expand_") {
                 let (t, kw) = rest.split_once("_k").unwrap();
                 let (k, w) = kw.split_once("_w").unwrap();

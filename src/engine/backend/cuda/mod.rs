@@ -353,9 +353,6 @@ pub struct CudaBackend {
     row_limits: Mutex<plan::RowLimits>,
     /// 8-element vectors of h_in per split of the row shrink (`PUNICA_SHRINK_ROWS_VECS`).
     shrink_rows_vecs: usize,
-    /// Column steps per warp of the row expand (`PUNICA_EXPAND_ROWS_KU`: 4, 8 or 16; unset:
-    /// chosen per launch by [`plan::expand_rows_plan`]).
-    expand_rows_ku: Option<usize>,
     /// The step recorder and graph cache (`graph`; `PUNICA_CUDA_GRAPHS=0` turns graphs off).
     recorder: Mutex<graph::Recorder>,
     /// Step temporaries: the arena, its allocation, and whether a step is open.
@@ -551,10 +548,6 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .filter(|&v: &usize| (32..=4096).contains(&v))
                 .unwrap_or(plan::SHRINK_ROWS_VECS),
-            expand_rows_ku: std::env::var("PUNICA_EXPAND_ROWS_KU")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|v| plan::EXPAND_ROWS_KUS.contains(v)),
             recorder: Mutex::new(graph::Recorder::new(
                 std::env::var("PUNICA_CUDA_GRAPHS").as_deref() != Ok("0"),
             )),
@@ -1311,9 +1304,7 @@ pub fn kernel_names() -> Vec<String> {
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
         for l in [1, 2, 4, 8, 16] {
-            for ku in plan::EXPAND_ROWS_KUS {
-                names.push(format!("sgmv_expand_rows_{t}_l{l}_u{ku}"));
-            }
+            names.push(format!("sgmv_expand_rows_{t}_l{l}"));
         }
     }
     for t in ["bf16", "f16"] {
@@ -2061,17 +2052,12 @@ impl Backend for CudaBackend {
             .expand(meta.layout.max_seg_rows, table.max_part_rank)
         {
             let h_out: usize = outs.iter().sum();
-            let (lanes, ku, (gx, gy)) = plan::expand_rows_plan(
-                table.max_part_rank,
-                h_out,
-                meta.layout.num_tiles,
-                self.sm_count,
-                self.expand_rows_ku,
-            )?;
+            let (lanes, (gx, gy)) =
+                plan::expand_rows_plan(table.max_part_rank, h_out, meta.layout.num_tiles)?;
             let ends = plan::group_ends(outs);
             let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
             return self.launch(
-                &format!("sgmv_expand_rows_{}_l{lanes}_u{ku}", Self::suffix(y.dtype)),
+                &format!("sgmv_expand_rows_{}_l{lanes}", Self::suffix(y.dtype)),
                 (gx, gy, 1),
                 (plan::ROWS_WARPS * 32) as u32,
                 &[

@@ -22,6 +22,8 @@ pub const SHRINK_MAX_TILES: usize = 16;
 
 /// Warps per block of the row kernels (kernels/sgmv.cu `ROWS_WARPS`).
 pub const ROWS_WARPS: usize = 4;
+/// 16-byte loads of A or B each lane of a row kernel keeps in flight (`ROWS_KU`).
+pub const ROWS_KU: usize = 4;
 /// When the CUDA-core row kernels serve a batch instead of the tensor-core tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RowLimits {
@@ -92,39 +94,18 @@ pub fn shrink_rows_plan(
     (base.max(fill).clamp(1, most), rank_blocks)
 }
 
-/// Column steps per warp the row expand is compiled for (kernels/sgmv.cu: 16-byte loads of B
-/// each lane keeps in flight).
-pub const EXPAND_ROWS_KUS: [usize; 3] = [4, 8, 16];
-
 /// The row expand: lanes per column (each holds 8 of its ranks: 1 to 16) for a table whose
-/// largest part rank is `max_part_rank`, column steps per warp, and the grid (column blocks,
-/// row tiles) for `h_out` columns. The steps are the most that still give every one of `sms`
-/// multiprocessors a block (more loads in flight per lane, fewer blocks), or `force_ku`.
+/// largest part rank is `max_part_rank`, and the grid (column blocks, row tiles) for `h_out`
+/// columns.
 pub fn expand_rows_plan(
     max_part_rank: usize,
     h_out: usize,
     num_tiles: usize,
-    sms: usize,
-    force_ku: Option<usize>,
-) -> Result<(usize, usize, (u32, u32))> {
+) -> Result<(usize, (u32, u32))> {
     check_rank(max_part_rank)?;
     let lanes = max_part_rank.div_ceil(8).next_power_of_two();
-    let blocks = |ku: usize| h_out.div_ceil(ROWS_WARPS * ku * (32 / lanes));
-    let ku = match force_ku {
-        Some(ku) if EXPAND_ROWS_KUS.contains(&ku) => ku,
-        Some(ku) => {
-            return Err(BackendError::Shape(format!(
-                "row expand: {ku} column steps per warp is not one of {EXPAND_ROWS_KUS:?}"
-            )))
-        }
-        None => EXPAND_ROWS_KUS
-            .iter()
-            .rev()
-            .copied()
-            .find(|&ku| blocks(ku) * num_tiles >= sms)
-            .unwrap_or(EXPAND_ROWS_KUS[0]),
-    };
-    Ok((lanes, ku, (blocks(ku) as u32, num_tiles as u32)))
+    let cols = ROWS_WARPS * ROWS_KU * (32 / lanes);
+    Ok((lanes, (h_out.div_ceil(cols) as u32, num_tiles as u32)))
 }
 
 /// Bytes of one slot of a LoRA group table (kernels/sgmv.cu `LoraSlot`).
@@ -548,21 +529,11 @@ mod tests {
         assert_eq!(shrink_rows_plan(11008, 16, 32, 128, 264), (11, 4));
         assert_eq!(shrink_rows_plan(576, 1, 1, 128, 264), (2, 1));
         assert_eq!(shrink_rows_plan(100, 3, 2, 128, 264), (1, 1));
-        // Decode with 32 distinct adapters on 132 SMs: the widest steps that still fill them.
-        assert_eq!(expand_rows_plan(16, 22016, 32, 132, None).unwrap(), (2, 16, (22, 32)));
-        assert_eq!(expand_rows_plan(16, 12288, 32, 132, None).unwrap(), (2, 16, (12, 32)));
-        assert_eq!(expand_rows_plan(16, 4096, 32, 132, None).unwrap(), (2, 8, (8, 32)));
-        // One adapter's 32 rows (two tiles): short steps, many blocks.
-        assert_eq!(expand_rows_plan(16, 22016, 2, 132, None).unwrap(), (2, 4, (86, 2)));
-        assert_eq!(expand_rows_plan(16, 4096, 2, 132, None).unwrap(), (2, 4, (16, 2)));
-        assert_eq!(expand_rows_plan(8, 12288, 1, 132, Some(4)).unwrap(), (1, 4, (24, 1)));
-        assert_eq!(expand_rows_plan(128, 11008, 3, 132, Some(4)).unwrap(), (16, 4, (344, 3)));
-        assert_eq!(expand_rows_plan(33, 100, 1, 132, None).unwrap().0, 8);
-        assert!(expand_rows_plan(16, 4096, 1, 132, Some(5)).is_err());
-        assert!(
-            expand_rows_plan(0, 1, 1, 132, None).is_err()
-                && expand_rows_plan(129, 1, 1, 132, None).is_err()
-        );
+        assert_eq!(expand_rows_plan(16, 4096, 32).unwrap(), (2, (16, 32)));
+        assert_eq!(expand_rows_plan(8, 12288, 1).unwrap(), (1, (24, 1)));
+        assert_eq!(expand_rows_plan(128, 11008, 3).unwrap(), (16, (344, 3)));
+        assert_eq!(expand_rows_plan(33, 100, 1).unwrap().0, 8);
+        assert!(expand_rows_plan(0, 1, 1).is_err() && expand_rows_plan(129, 1, 1).is_err());
     }
 
     #[test]
