@@ -290,6 +290,63 @@ pub fn process_cpu_seconds() -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// How long the bench's prompts are: all `median` tokens (`sigma` 0), or log-normal around
+/// `median` with shape `sigma` (Punica's traffic: prompts of varied length), cut to
+/// 1..=[`Self::max`] so that one KV budget per sequence holds every draw.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PromptLengths {
+    pub median: usize,
+    pub sigma: f64,
+}
+
+impl PromptLengths {
+    /// Every prompt `len` tokens (at least one).
+    pub fn fixed(len: usize) -> Self {
+        Self {
+            median: len,
+            sigma: 0.0,
+        }
+    }
+
+    fn varied(&self) -> bool {
+        self.sigma > 0.0
+    }
+
+    /// The longest prompt drawn: the median when fixed, four times it when varied.
+    pub fn max(&self) -> usize {
+        let median = self.median.max(1);
+        if self.varied() { median * 4 } else { median }
+    }
+
+    /// One prompt's length.
+    pub fn draw(&self, rng: &mut BenchRng) -> usize {
+        if !self.varied() {
+            return self.median.max(1);
+        }
+        let len = ((self.median.max(1) as f64).ln() + self.sigma * rng.normal()).exp();
+        (len.round() as usize).clamp(1, self.max())
+    }
+
+    /// The mean length (log-normal: `median * exp(sigma^2 / 2)`, before the cut).
+    pub fn mean(&self) -> f64 {
+        self.median.max(1) as f64 * (self.sigma * self.sigma / 2.0).exp()
+    }
+
+    /// For reports: "64" or "log-normal, median 64, sigma 0.8, 1..256".
+    pub fn describe(&self) -> String {
+        if self.varied() {
+            format!(
+                "log-normal, median {}, sigma {}, 1..{}",
+                self.median.max(1),
+                self.sigma,
+                self.max()
+            )
+        } else {
+            self.median.max(1).to_string()
+        }
+    }
+}
+
 /// One workload's traffic: what each request asks for and when it arrives.
 #[derive(Clone, Debug)]
 pub struct Traffic {
@@ -302,14 +359,14 @@ pub struct Traffic {
 }
 
 impl Traffic {
-    /// Requests of `prompt_len` random tokens below `vocab`, `max_tokens` each, with adapters
-    /// and arrivals drawn for `workload`.
+    /// Requests of random tokens below `vocab` (lengths drawn from `prompt_lens`),
+    /// `max_tokens` each, with adapters and arrivals drawn for `workload`.
     #[allow(clippy::too_many_arguments)]
     pub fn generate(
         workload: Workload,
         requests: usize,
         adapters: usize,
-        prompt_len: usize,
+        prompt_lens: PromptLengths,
         max_tokens: u32,
         vocab: usize,
         rate: f64,
@@ -320,9 +377,8 @@ impl Traffic {
         let arrivals = arrivals(requests, rate, &mut rng);
         let prompts = (0..requests)
             .map(|_| {
-                (0..prompt_len.max(1))
-                    .map(|_| rng.below(vocab.max(1)) as u32)
-                    .collect()
+                let len = prompt_lens.draw(&mut rng);
+                (0..len).map(|_| rng.below(vocab.max(1)) as u32).collect()
             })
             .collect();
         Self {
@@ -445,8 +501,13 @@ pub struct BenchEngineArgs {
     pub rank: usize,
     #[arg(long, default_value_t = 32)]
     pub requests: usize,
+    /// Prompt tokens per request (the median with `--prompt-sigma`).
     #[arg(long, default_value_t = 32)]
     pub prompt_len: usize,
+    /// Draw prompt lengths from a log-normal distribution of this shape around
+    /// `--prompt-len` (cut to 1..4x it); 0: every prompt `--prompt-len` tokens.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_sigma)]
+    pub prompt_sigma: f64,
     #[arg(long, default_value_t = 32)]
     pub max_tokens: u32,
     /// Requests per second (Poisson arrivals); 0 submits them all at once.
@@ -472,7 +533,25 @@ pub struct BenchEngineArgs {
     pub cold_adapter: bool,
 }
 
+/// `--prompt-sigma`: finite, 0 to 3.
+fn parse_sigma(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && (0.0..=3.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 3"))
+    }
+}
+
 impl BenchEngineArgs {
+    /// The prompts' lengths.
+    pub fn prompt_lens(&self) -> PromptLengths {
+        PromptLengths {
+            median: self.prompt_len,
+            sigma: self.prompt_sigma,
+        }
+    }
+
     /// The model's name in reports.
     fn model_name(&self) -> String {
         match (&self.synthetic, &self.model) {
@@ -608,7 +687,7 @@ fn start_engine(
     max_tokens: u32,
 ) -> Result<(EngineHandle, EngineMetrics), BenchError> {
     let metrics = EngineMetrics::unregistered()?;
-    let per_seq = crate::engine::kv::blocks_for(args.prompt_len + max_tokens as usize);
+    let per_seq = crate::engine::kv::blocks_for(args.prompt_lens().max() + max_tokens as usize);
     let kv_blocks = per_seq * args.max_running + 1;
     let engine_config = EngineConfig {
         max_running: args.max_running,
@@ -687,7 +766,7 @@ fn run_workload(
         workload,
         args.requests,
         keys.len(),
-        args.prompt_len,
+        args.prompt_lens(),
         args.max_tokens,
         config.vocab_size,
         args.rate,
@@ -764,7 +843,7 @@ fn cold_adapter_report(
         Workload::Distinct,
         args.max_running.saturating_sub(1).max(1),
         keys.len(),
-        args.prompt_len,
+        args.prompt_lens(),
         long,
         config.vocab_size,
         0.0,
@@ -879,7 +958,7 @@ fn report(args: &BenchEngineArgs, config: &LlamaConfig, summaries: &[Summary]) -
         s,
         "- {} requests, prompt {} tokens, {} new tokens each (greedy), rate {} req/s, {} adapters of rank {} on q,k,v,o,gate,up,down, max_running {}, max_step_tokens {}\n",
         args.requests,
-        args.prompt_len,
+        args.prompt_lens().describe(),
         args.max_tokens,
         args.rate,
         args.adapters,
@@ -1049,10 +1128,10 @@ fn roofline(args: &BenchEngineArgs, config: &LlamaConfig, summaries: &[Summary])
     let mut s = String::new();
     let batch = args.max_running.min(args.requests).max(1);
     // Mean context over the decode phase.
-    let context = args.prompt_len + args.max_tokens as usize / 2;
+    let context = args.prompt_lens().mean().round() as usize + args.max_tokens as usize / 2;
     let is_anchor_setup = args.synthetic.as_deref() == Some("llama-7b")
         && batch == 32
-        && args.prompt_len == 64
+        && args.prompt_lens() == PromptLengths::fixed(64)
         && args.max_tokens == 64
         && args.rank == 16;
     let _ = writeln!(
@@ -1122,6 +1201,39 @@ fn roofline(args: &BenchEngineArgs, config: &LlamaConfig, summaries: &[Summary])
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_normal_prompt_lengths_center_on_the_median_within_the_cut() {
+        let lens = PromptLengths {
+            median: 64,
+            sigma: 0.8,
+        };
+        let mut rng = BenchRng::new(11);
+        let mut draws: Vec<usize> = (0..4001).map(|_| lens.draw(&mut rng)).collect();
+        assert!(draws.iter().all(|&l| (1..=256).contains(&l)));
+        draws.sort_unstable();
+        let median = draws[2000];
+        assert!((56..=72).contains(&median), "median {median}");
+        // Varied: a quarter of the prompts are shorter than 64 * exp(-0.8 * 0.674) = 37.
+        assert!(
+            draws[1000] < 45 && draws[3000] > 90,
+            "{} {}",
+            draws[1000],
+            draws[3000]
+        );
+        // The same seed draws the same lengths, another seed others; fixed lengths never vary.
+        let run = |seed| {
+            let mut r = BenchRng::new(seed);
+            (0..50).map(|_| lens.draw(&mut r)).collect::<Vec<_>>()
+        };
+        assert_eq!(run(5), run(5));
+        assert_ne!(run(5), run(6));
+        let fixed = PromptLengths::fixed(64);
+        assert!((0..100).all(|_| fixed.draw(&mut rng) == 64));
+        assert_eq!((fixed.max(), lens.max()), (64, 256));
+        assert_eq!(fixed.describe(), "64");
+        assert_eq!(lens.describe(), "log-normal, median 64, sigma 0.8, 1..256");
+    }
 
     #[test]
     fn workloads_spread_requests_over_adapters_as_punica_defines_them() {

@@ -15,6 +15,7 @@ fn args(cold_adapter: bool) -> BenchEngineArgs {
         rank: 4,
         requests: 8,
         prompt_len: 8,
+        prompt_sigma: 0.0,
         max_tokens: 16,
         rate: 0.0,
         max_running: 8,
@@ -62,4 +63,22 @@ fn without_the_flag_the_report_has_no_cold_adapter_section() {
     let report = run(&args(false)).unwrap();
     assert!(report.contains("| distinct |"), "{report}");
     assert!(!report.contains("not resident"), "{report}");
+}
+
+#[test]
+fn log_normal_prompts_are_served_in_full_and_reported() {
+    let mut a = args(false);
+    a.prompt_sigma = 0.8;
+    let report = run(&a).unwrap();
+    assert!(
+        report.contains("prompt log-normal, median 8, sigma 0.8, 1..32 tokens"),
+        "{report}"
+    );
+    // Every request got all its tokens, whatever its prompt's length.
+    let row = report
+        .lines()
+        .find(|l| l.starts_with("| distinct | "))
+        .unwrap_or_else(|| panic!("no distinct row in:\n{report}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    assert_eq!((cells[4], cells[5]), ("0", "128"), "{row}");
 }

@@ -482,7 +482,7 @@ fn a_cold_adapter_gets_a_slot_even_while_a_hot_adapter_keeps_every_slot_busy() {
 
 #[test]
 fn the_bench_driver_counts_every_token_of_every_workload() {
-    use punica::engine::bench::{Traffic, Workload, drive};
+    use punica::engine::bench::{PromptLengths, Traffic, Workload, drive};
     let h = harness(config(8, 64, 4), 256, Duration::ZERO, 4);
     let keys: Vec<AdapterKey> = (1..=4).map(adapter).collect();
     for workload in [
@@ -492,7 +492,16 @@ fn the_bench_driver_counts_every_token_of_every_workload() {
         Workload::Identical,
         Workload::None,
     ] {
-        let traffic = Traffic::generate(workload, 12, 4, 6, 5, fake::VOCAB, 500.0, 7);
+        let traffic = Traffic::generate(
+            workload,
+            12,
+            4,
+            PromptLengths::fixed(6),
+            5,
+            fake::VOCAB,
+            500.0,
+            7,
+        );
         let s = drive(&h.engine, &traffic, &keys).unwrap();
         assert_eq!(s.failed, 0, "{workload:?}");
         assert_eq!(s.output_tokens, 60, "{workload:?}");
