@@ -706,6 +706,183 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
         fill_random_impl<T>(y, seed, scale, n);                                               \
     }
 
+// ---------------------------------------------------------------------------------------------
+// Decode GEMM: y[m, n] = x[m, :] . w[n, :] for a few rows (m <= 16 * MT), f32 accumulation on
+// tensor cores. Streaming w is the whole cost, so a block keeps STAGES - 1 stages of its w
+// tile (DG_BN rows by DG_KS of k, with the matching x) in flight through cp.async into shared
+// memory while it multiplies the oldest one. Fragments use the k-permutation of sgmv.cu (one
+// 16-byte read of eight consecutive k feeds two mma k-steps) from rows whose 16-byte chunks are
+// swizzled (chunk c of row r at c ^ 4 (r & 1)) so that the eight lanes of a read phase hit
+// distinct banks. Warp w computes columns w * 16 .. + 16 of the block's DG_BN. k is split over
+// gridDim.y blocks of `kchunk` (a multiple of DG_KS); with more than one split each block
+// writes its partial sums to part[split][m][n] and the last block of a column tile to finish
+// (counter) adds them in split order (deterministic), writes y and resets the counter for the
+// next launch. Needs k % 8 == 0 and 16-byte aligned x and w (the host checks).
+#define DG_WARPS 4
+#define DG_BN 64
+#define DG_KS 128
+#define DG_CHUNKS (DG_KS / 8)
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+    const u32 d = (u32)__cvta_generic_to_shared(dst);
+    const int n = ok ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(n)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Byte offset of 16-byte chunk c of row r in a stage's tile.
+__device__ __forceinline__ int dg_at(int r, int c) {
+    return (r * DG_CHUNKS + (c ^ ((r & 1) << 2))) * 16;
+}
+
+template <typename T, int MT, int STAGES>
+__device__ __forceinline__ void gemm_decode_impl(const T* __restrict__ x, const T* __restrict__ w,
+                                                 T* __restrict__ y, int m, int k, int n,
+                                                 int kchunk, float* __restrict__ part,
+                                                 u32* __restrict__ counters) {
+    extern __shared__ uint4 dg_smem[];
+    __shared__ int is_last;
+    constexpr int XROWS = MT * 16;
+    constexpr int W_BYTES = DG_BN * DG_KS * 2;
+    constexpr int STAGE_BYTES = (DG_BN + XROWS) * DG_KS * 2;
+    char* smem = reinterpret_cast<char*>(dg_smem);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int nb = blockIdx.x * DG_BN;
+    const int split = blockIdx.y, ksplit = gridDim.y;
+    const int kb = split * kchunk, ke = min(k, kb + kchunk);
+    const int nst = (ke - kb + DG_KS - 1) / DG_KS;
+
+    auto load = [&](int st) {
+        char* base = smem + (st % STAGES) * STAGE_BYTES;
+        const int k0 = kb + st * DG_KS;
+#pragma unroll
+        for (int i = 0; i < DG_BN * DG_CHUNKS / (DG_WARPS * 32); ++i) {
+            const int idx = tid + i * DG_WARPS * 32;
+            const int r = idx / DG_CHUNKS, c = idx % DG_CHUNKS;
+            const int kk = k0 + c * 8;
+            const bool ok = nb + r < n && kk < ke;
+            cp_async16(base + dg_at(r, c), ok ? w + (size_t)(nb + r) * k + kk : w, ok);
+        }
+#pragma unroll
+        for (int i = 0; i < XROWS * DG_CHUNKS / (DG_WARPS * 32); ++i) {
+            const int idx = tid + i * DG_WARPS * 32;
+            const int r = idx / DG_CHUNKS, c = idx % DG_CHUNKS;
+            const int kk = k0 + c * 8;
+            const bool ok = r < m && kk < ke;
+            cp_async16(base + W_BYTES + dg_at(r, c), ok ? x + (size_t)r * k + kk : x, ok);
+        }
+    };
+
+    float acc[MT][2][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[mt][t][i] = 0.0f;
+
+    // x comes from the previous kernel: every load waits.
+    pdl_enter();
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < nst) load(st);
+        cp_async_commit();
+    }
+    for (int st = 0; st < nst; ++st) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        if (st + STAGES - 1 < nst) load(st + STAGES - 1);
+        cp_async_commit();
+        const char* ws = smem + (st % STAGES) * STAGE_BYTES;
+        const char* xs = ws + W_BYTES;
+#pragma unroll
+        for (int s = 0; s < DG_KS / 32; ++s) {
+            const int c = 4 * s + q;
+            uint4 xa[MT][2];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    xa[mt][h] = *reinterpret_cast<const uint4*>(xs + dg_at(mt * 16 + h * 8 + g, c));
+#pragma unroll
+            for (int t = 0; t < 2; ++t) {
+                const uint4 wb =
+                    *reinterpret_cast<const uint4*>(ws + dg_at(warp * 16 + t * 8 + g, c));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const uint4 a = xa[mt][0], b = xa[mt][1];
+                    mma16816<T>(acc[mt][t], a.x, b.x, a.y, b.y, wb.x, wb.y);
+                    mma16816<T>(acc[mt][t], a.z, b.z, a.w, b.w, wb.z, wb.w);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    const int n0 = nb + warp * 16;
+    if (ksplit == 1) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int t = 0; t < 2; ++t)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = mt * 16 + h * 8 + g, col = n0 + t * 8 + 2 * q;
+                    if (row < m && col < n) y[(size_t)row * n + col] = from_f32<T>(acc[mt][t][2 * h]);
+                    if (row < m && col + 1 < n)
+                        y[(size_t)row * n + col + 1] = from_f32<T>(acc[mt][t][2 * h + 1]);
+                }
+        return;
+    }
+    float* mine = part + (size_t)split * m * n;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = mt * 16 + h * 8 + g, col = n0 + t * 8 + 2 * q;
+                if (row < m && col < n) mine[(size_t)row * n + col] = acc[mt][t][2 * h];
+                if (row < m && col + 1 < n) mine[(size_t)row * n + col + 1] = acc[mt][t][2 * h + 1];
+            }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) is_last = atomicAdd(&counters[blockIdx.x], 1u) == (u32)(ksplit - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int idx = tid; idx < m * DG_BN; idx += blockDim.x) {
+        const int row = idx / DG_BN, col = nb + idx % DG_BN;
+        if (col >= n) continue;
+        float sum = 0.0f;
+        for (int sp = 0; sp < ksplit; ++sp) sum += __ldcg(&part[((size_t)sp * m + row) * n + col]);
+        y[(size_t)row * n + col] = from_f32<T>(sum);
+    }
+    if (tid == 0) counters[blockIdx.x] = 0u;
+}
+
+#define DEFINE_GEMM_DECODE(TNAME, T, MT, STAGES)                                              \
+    extern "C" __global__ void __launch_bounds__(DG_WARPS * 32) gemm_decode_##TNAME##_m##MT(  \
+        const T* x, const T* w, T* y, int m, int k, int n, int kchunk, float* part,            \
+        u32* counters) {                                                                      \
+        gemm_decode_impl<T, MT, STAGES>(x, w, y, m, k, n, kchunk, part, counters);            \
+    }
+
+DEFINE_GEMM_DECODE(bf16, bf16, 1, 4)
+DEFINE_GEMM_DECODE(bf16, bf16, 2, 4)
+DEFINE_GEMM_DECODE(bf16, bf16, 4, 3)
+DEFINE_GEMM_DECODE(f16, f16, 1, 4)
+DEFINE_GEMM_DECODE(f16, f16, 2, 4)
+DEFINE_GEMM_DECODE(f16, f16, 4, 3)
+
 // The vector attention for head_dim = HD = 64 * W (the host checks 4W-byte alignment).
 #define DEFINE_ATTN_VEC(TNAME, T, HD, W)                                                      \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_d##HD##_##TNAME( \
