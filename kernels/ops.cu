@@ -708,49 +708,38 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
 
 // ---------------------------------------------------------------------------------------------
 // Decode GEMM: y[m, n] = x[m, :] . w[n, :] for a few rows (m <= 16 * MT), f32 accumulation on
-// tensor cores. Streaming w is the whole cost, so a block keeps STAGES stages of its w tile
-// (DG_BN rows by DG_KS of k, with the matching rows of x) in flight as bulk copies (the
-// copy engine moves each row's run of k; an mbarrier per stage counts the bytes in) while it
-// multiplies the oldest stage, then refills that slot. Fragments use the k-permutation of sgmv.cu (one 16-byte read of
-// eight consecutive k feeds two mma k-steps); rows are padded by 64 bytes so that the eight
-// lanes of a read phase hit distinct banks. Warp w computes columns w * 16 .. + 16 of the
-// block's DG_BN. Rows past m or n hold stale data whose results are never written; k past the
-// end is masked in the reads of both operands (stale bits may be NaN). k is split over gridDim.y blocks of `kchunk` (a multiple of
-// DG_KS); with more than one split each block writes its partial sums to part[split][m][n] and
-// the last block of a column tile to finish (counter) adds them in split order
-// (deterministic), writes y and resets the counter for the next launch. Needs k % 8 == 0 and
-// 16-byte aligned x and w (the host checks).
+// tensor cores. Streaming w is the whole cost, so a block keeps STAGES - 1 stages of its w
+// tile (DG_BN rows by DG_KS of k, with the matching x) in flight through cp.async into shared
+// memory while it multiplies the oldest one. Fragments use the k-permutation of sgmv.cu (one
+// 16-byte read of eight consecutive k feeds two mma k-steps) from rows whose 16-byte chunks are
+// swizzled (chunk c of row r at c ^ 4 (r & 1)) so that the eight lanes of a read phase hit
+// distinct banks. Warp w computes columns w * 16 .. + 16 of the block's DG_BN. k is split over
+// gridDim.y blocks of `kchunk` (a multiple of DG_KS); with more than one split each block
+// writes its partial sums to part[split][m][n] and the last block of a column tile to finish
+// (counter) adds them in split order (deterministic), writes y and resets the counter for the
+// next launch. Needs k % 8 == 0 and 16-byte aligned x and w (the host checks).
 #define DG_WARPS 4
 #define DG_BN 64
 #define DG_KS 128
-#define DG_ROW_BYTES (DG_KS * 2 + 64)
+#define DG_CHUNKS (DG_KS / 8)
 
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    return (u32)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+    const u32 d = (u32)__cvta_generic_to_shared(dst);
+    const int n = ok ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(n)
                  : "memory");
 }
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    asm volatile(
-        "{\n"
-        ".reg .pred done;\n"
-        "WAIT_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT_%=;\n"
-        "}\n" ::"r"(bar),
-        "r"(parity)
-        : "memory");
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;" ::: "memory");
 }
-__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-        ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
-        : "memory");
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Byte offset of 16-byte chunk c of row r in a stage's tile.
+__device__ __forceinline__ int dg_at(int r, int c) {
+    return (r * DG_CHUNKS + (c ^ ((r & 1) << 2))) * 16;
 }
 
 template <typename T, int MT, int STAGES>
@@ -759,10 +748,10 @@ __device__ __forceinline__ void gemm_decode_impl(const T* __restrict__ x, const 
                                                  int kchunk, float* __restrict__ part,
                                                  u32* __restrict__ counters) {
     extern __shared__ uint4 dg_smem[];
-    __shared__ __align__(8) unsigned long long bars[STAGES];
     __shared__ int is_last;
     constexpr int XROWS = MT * 16;
-    constexpr int STAGE_BYTES = (DG_BN + XROWS) * DG_ROW_BYTES;
+    constexpr int W_BYTES = DG_BN * DG_KS * 2;
+    constexpr int STAGE_BYTES = (DG_BN + XROWS) * DG_KS * 2;
     char* smem = reinterpret_cast<char*>(dg_smem);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
@@ -770,42 +759,26 @@ __device__ __forceinline__ void gemm_decode_impl(const T* __restrict__ x, const 
     const int split = blockIdx.y, ksplit = gridDim.y;
     const int kb = split * kchunk, ke = min(k, kb + kchunk);
     const int nst = (ke - kb + DG_KS - 1) / DG_KS;
-    const int wrows = min(DG_BN, n - nb), xrows = min(XROWS, m);
 
-    if (tid == 0) {
-#pragma unroll
-        for (int i = 0; i < STAGES; ++i) mbar_init(smem_addr(&bars[i]), 1);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
-
-    // Warp 0 issues a stage: the expected bytes, then one copy per row of w and of x. w comes
-    // from the host, x from the previous kernel: stages issued before the wait copy w only,
-    // and their x follows after it.
-    auto issue = [&](int st, bool with_w, bool with_x) {
-        const int slot = st % STAGES;
-        const u32 base = smem_addr(smem + slot * STAGE_BYTES);
-        const u32 bar = smem_addr(&bars[slot]);
+    auto load = [&](int st) {
+        char* base = smem + (st % STAGES) * STAGE_BYTES;
         const int k0 = kb + st * DG_KS;
-        const u32 bytes = (u32)(min(DG_KS, ke - k0) * 2);
-        if (lane == 0) {
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            // One arrival per stage, with its x: a stage's w copied ahead only adds bytes.
-            const u32 expect = bytes * ((with_w ? wrows : 0) + (with_x ? xrows : 0));
-            if (with_x) {
-                mbar_expect(bar, expect);
-            } else {
-                asm volatile("mbarrier.expect_tx.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(expect)
-                             : "memory");
-            }
+#pragma unroll
+        for (int i = 0; i < DG_BN * DG_CHUNKS / (DG_WARPS * 32); ++i) {
+            const int idx = tid + i * DG_WARPS * 32;
+            const int r = idx / DG_CHUNKS, c = idx % DG_CHUNKS;
+            const int kk = k0 + c * 8;
+            const bool ok = nb + r < n && kk < ke;
+            cp_async16(base + dg_at(r, c), ok ? w + (size_t)(nb + r) * k + kk : w, ok);
         }
-        __syncwarp();
-        if (with_w)
-            for (int r = lane; r < wrows; r += 32)
-                bulk_copy(base + r * DG_ROW_BYTES, w + (size_t)(nb + r) * k + k0, bytes, bar);
-        if (with_x)
-            for (int r = lane; r < xrows; r += 32)
-                bulk_copy(base + (DG_BN + r) * DG_ROW_BYTES, x + (size_t)r * k + k0, bytes, bar);
+#pragma unroll
+        for (int i = 0; i < XROWS * DG_CHUNKS / (DG_WARPS * 32); ++i) {
+            const int idx = tid + i * DG_WARPS * 32;
+            const int r = idx / DG_CHUNKS, c = idx % DG_CHUNKS;
+            const int kk = k0 + c * 8;
+            const bool ok = r < m && kk < ke;
+            cp_async16(base + W_BYTES + dg_at(r, c), ok ? x + (size_t)r * k + kk : x, ok);
+        }
     };
 
     float acc[MT][2][4];
@@ -816,37 +789,33 @@ __device__ __forceinline__ void gemm_decode_impl(const T* __restrict__ x, const 
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[mt][t][i] = 0.0f;
 
-    if (warp == 0) {
-        for (int st = 0; st < STAGES && st < nst; ++st) issue(st, true, false);
-    }
+    // x comes from the previous kernel: every load waits.
     pdl_enter();
-    if (warp == 0) {
-        for (int st = 0; st < STAGES && st < nst; ++st) issue(st, false, true);
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < nst) load(st);
+        cp_async_commit();
     }
     for (int st = 0; st < nst; ++st) {
-        const int slot = st % STAGES;
-        mbar_wait(smem_addr(&bars[slot]), (u32)((st / STAGES) & 1));
-        const char* ws = smem + slot * STAGE_BYTES;
-        const char* xs = ws + DG_BN * DG_ROW_BYTES;
-        const int k0 = kb + st * DG_KS;
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        if (st + STAGES - 1 < nst) load(st + STAGES - 1);
+        cp_async_commit();
+        const char* ws = smem + (st % STAGES) * STAGE_BYTES;
+        const char* xs = ws + W_BYTES;
 #pragma unroll
         for (int s = 0; s < DG_KS / 32; ++s) {
             const int c = 4 * s + q;
-            const bool live = k0 + c * 8 < ke;
-            const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
             uint4 xa[MT][2];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int h = 0; h < 2; ++h)
-                    xa[mt][h] = live ? *reinterpret_cast<const uint4*>(
-                                           xs + (mt * 16 + h * 8 + g) * DG_ROW_BYTES + c * 16)
-                                     : zero;
+                    xa[mt][h] = *reinterpret_cast<const uint4*>(xs + dg_at(mt * 16 + h * 8 + g, c));
 #pragma unroll
             for (int t = 0; t < 2; ++t) {
-                const uint4 wb = live ? *reinterpret_cast<const uint4*>(
-                                            ws + (warp * 16 + t * 8 + g) * DG_ROW_BYTES + c * 16)
-                                      : zero;
+                const uint4 wb =
+                    *reinterpret_cast<const uint4*>(ws + dg_at(warp * 16 + t * 8 + g, c));
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     const uint4 a = xa[mt][0], b = xa[mt][1];
@@ -855,10 +824,8 @@ __device__ __forceinline__ void gemm_decode_impl(const T* __restrict__ x, const 
                 }
             }
         }
-        // Every warp is done with this slot: it takes the stage STAGES ahead.
-        __syncthreads();
-        if (warp == 0 && st + STAGES < nst) issue(st + STAGES, true, true);
     }
+    cp_async_wait<0>();
 
     const int n0 = nb + warp * 16;
     if (ksplit == 1) {
@@ -910,10 +877,10 @@ __device__ __forceinline__ void gemm_decode_impl(const T* __restrict__ x, const 
     }
 
 DEFINE_GEMM_DECODE(bf16, bf16, 1, 4)
-DEFINE_GEMM_DECODE(bf16, bf16, 2, 3)
+DEFINE_GEMM_DECODE(bf16, bf16, 2, 4)
 DEFINE_GEMM_DECODE(bf16, bf16, 4, 3)
 DEFINE_GEMM_DECODE(f16, f16, 1, 4)
-DEFINE_GEMM_DECODE(f16, f16, 2, 3)
+DEFINE_GEMM_DECODE(f16, f16, 2, 4)
 DEFINE_GEMM_DECODE(f16, f16, 4, 3)
 
 // The vector attention for head_dim = HD = 64 * W (the host checks 4W-byte alignment).

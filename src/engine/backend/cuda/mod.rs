@@ -385,8 +385,8 @@ struct StepMemory {
     meta_taken: bool,
 }
 
-/// Dynamic shared memory the decode GEMM may ask for (its pipeline takes up to 120 KiB).
-const DYNAMIC_SMEM_MAX: u32 = 120 << 10;
+/// Dynamic shared memory the decode GEMM may ask for (its pipeline takes up to 96 KiB).
+const DYNAMIC_SMEM_MAX: u32 = 96 << 10;
 
 /// cuBLAS workspace (what NVIDIA recommends for Hopper).
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;

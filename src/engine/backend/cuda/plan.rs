@@ -114,8 +114,6 @@ pub const DECODE_GEMM_MAX_ROWS: usize = 64;
 pub const DECODE_GEMM_COLS: usize = 64;
 /// k per pipeline stage of the decode GEMM (`DG_KS`).
 pub const DECODE_GEMM_KS: usize = 128;
-/// Bytes of one row of a decode GEMM stage in shared memory (`DG_ROW_BYTES`: padded).
-const DECODE_GEMM_ROW_BYTES: usize = DECODE_GEMM_KS * 2 + 64;
 /// Threads of a decode GEMM block (`DG_WARPS` warps).
 pub const DECODE_GEMM_THREADS: u32 = 128;
 /// Shared memory a multiprocessor gives its blocks (H100/H200: 228 KiB, 1 KiB of it reserved
@@ -144,8 +142,8 @@ pub fn decode_gemm_plan(rows: usize, k: usize, n: usize, sms: usize) -> Option<D
         return None;
     }
     let mt = rows.div_ceil(16).next_power_of_two();
-    let stages = if mt == 1 { 4 } else { 3 };
-    let smem = stages * (DECODE_GEMM_COLS + mt * 16) * DECODE_GEMM_ROW_BYTES;
+    let stages = if mt == 4 { 3 } else { 4 };
+    let smem = stages * (DECODE_GEMM_COLS + mt * 16) * DECODE_GEMM_KS * 2;
     let slots = sms.max(1) * (SM_SHARED_BYTES / (smem + 1024)).max(1);
     let gx = n.div_ceil(DECODE_GEMM_COLS);
     let most = (k / (4 * DECODE_GEMM_KS)).max(1);
@@ -583,17 +581,17 @@ mod tests {
         assert_eq!(shrink_rows_plan(11008, 16, 32, 128, 264), (11, 4));
         assert_eq!(shrink_rows_plan(576, 1, 1, 128, 264), (2, 1));
         assert_eq!(shrink_rows_plan(100, 3, 2, 128, 264), (1, 1));
-        // Llama-7B's projections at batch 32 on 132 SMs (two blocks of 90 KiB on each).
+        // Llama-7B's projections at batch 32 on 132 SMs (two blocks of 96 KiB on each).
         let dg = |rows, k, n| {
             let p = decode_gemm_plan(rows, k, n, 132).unwrap();
             (p.mt, p.smem, p.grid, p.kchunk)
         };
-        assert_eq!(dg(32, 4096, 4096), (2, 90 << 10, (64, 4), 1024));
-        assert_eq!(dg(32, 11008, 4096), (2, 90 << 10, (64, 4), 2816));
-        assert_eq!(dg(32, 4096, 12288), (2, 90 << 10, (192, 4), 1024));
-        assert_eq!(dg(32, 4096, 22016), (2, 90 << 10, (344, 3), 1408));
+        assert_eq!(dg(32, 4096, 4096), (2, 96 << 10, (64, 4), 1024));
+        assert_eq!(dg(32, 11008, 4096), (2, 96 << 10, (64, 4), 2816));
+        assert_eq!(dg(32, 4096, 12288), (2, 96 << 10, (192, 4), 1024));
+        assert_eq!(dg(32, 4096, 22016), (2, 96 << 10, (344, 3), 1408));
         assert_eq!(dg(1, 576, 1536).0, 1);
-        assert_eq!(dg(64, 576, 576), (4, 120 << 10, (9, 1), 640));
+        assert_eq!(dg(64, 576, 576), (4, 96 << 10, (9, 1), 640));
         // Every split covers part of k, and the splits cover all of it.
         for &(rows, k, n) in &[
             (3, 4096, 4096),
@@ -604,7 +602,7 @@ mod tests {
             let p = decode_gemm_plan(rows, k, n, 132).unwrap();
             let splits = p.grid.1 as usize;
             assert!(p.kchunk.is_multiple_of(DECODE_GEMM_KS) && (splits - 1) * p.kchunk < k);
-            assert!(splits * p.kchunk >= k && p.smem <= 120 << 10);
+            assert!(splits * p.kchunk >= k && p.smem <= 96 << 10);
         }
         assert_eq!(decode_gemm_plan(65, 4096, 4096, 132), None);
         assert_eq!(decode_gemm_plan(0, 4096, 4096, 132), None);
