@@ -331,9 +331,6 @@ pub struct CudaBackend {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     workspace: Mutex<Option<Workspace>>,
-    /// The decode GEMM's split-K partial sums and counters (main stream only, so apart from
-    /// the shrink's workspace, which the side stream uses).
-    gemm_workspace: Mutex<Option<Workspace>>,
     /// Page-locked staging buffers for adapter loads.
     pinned: Arc<PinnedPool>,
     last: Mutex<Last>,
@@ -356,8 +353,6 @@ pub struct CudaBackend {
     row_limits: Mutex<plan::RowLimits>,
     /// 8-element vectors of h_in per split of the row shrink (`PUNICA_SHRINK_ROWS_VECS`).
     shrink_rows_vecs: usize,
-    /// Decode-sized GEMMs through our kernel (`PUNICA_DECODE_GEMM=0`: cuBLAS for every GEMM).
-    decode_gemm: bool,
     /// The step recorder and graph cache (`graph`; `PUNICA_CUDA_GRAPHS=0` turns graphs off).
     recorder: Mutex<graph::Recorder>,
     /// Step temporaries: the arena, its allocation, and whether a step is open.
@@ -384,9 +379,6 @@ struct StepMemory {
     /// The open step's metadata is in `meta_mem` already (a second upload gets its own).
     meta_taken: bool,
 }
-
-/// Dynamic shared memory the decode GEMM may ask for (its pipeline takes up to 96 KiB).
-const DYNAMIC_SMEM_MAX: u32 = 96 << 10;
 
 /// cuBLAS workspace (what NVIDIA recommends for Hopper).
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -516,7 +508,6 @@ impl CudaBackend {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             workspace: Mutex::new(None),
-            gemm_workspace: Mutex::new(None),
             pinned: Arc::new(PinnedPool::new()),
             last: Mutex::new(Last::Other),
             pdl: opts.pdl && cc.0 >= 9,
@@ -557,7 +548,6 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .filter(|&v: &usize| (32..=4096).contains(&v))
                 .unwrap_or(plan::SHRINK_ROWS_VECS),
-            decode_gemm: std::env::var("PUNICA_DECODE_GEMM").as_deref() != Ok("0"),
             recorder: Mutex::new(graph::Recorder::new(
                 std::env::var("PUNICA_CUDA_GRAPHS").as_deref() != Ok("0"),
             )),
@@ -672,13 +662,6 @@ impl CudaBackend {
         let f = module
             .load_function(name)
             .map_err(|e| BackendError::Compile(format!("kernel {name} not in module: {e:?}")))?;
-        if name.starts_with("gemm_decode_") {
-            f.set_attribute(
-                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                DYNAMIC_SMEM_MAX as i32,
-            )
-            .map_err(|e| dev_err(&format!("shared memory of {name}"), e))?;
-        }
         lock(&self.functions).insert(name.to_string(), f.clone());
         Ok(f)
     }
@@ -695,20 +678,6 @@ impl CudaBackend {
         args: &[Arg],
         pdl: bool,
     ) -> Result<()> {
-        self.launch_smem(name, grid, block, 0, args, pdl)
-    }
-
-    /// [`Self::launch`] with `smem` bytes of dynamic shared memory (at most
-    /// [`DYNAMIC_SMEM_MAX`], which `gemm_decode_*` allow; other kernels 48 KiB).
-    pub fn launch_smem(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: u32,
-        args: &[Arg],
-        pdl: bool,
-    ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -721,7 +690,6 @@ impl CudaBackend {
             func: func.cu_function() as usize,
             grid,
             block,
-            smem,
             args: args.iter().map(|a| a.slot()).collect(),
             pdl,
             side: self.on_side.load(std::sync::atomic::Ordering::Relaxed),
@@ -793,7 +761,7 @@ impl CudaBackend {
             blockDimX: l.block,
             blockDimY: 1,
             blockDimZ: 1,
-            sharedMemBytes: l.smem,
+            sharedMemBytes: 0,
             hStream: stream,
             attrs: if l.pdl {
                 &mut attr
@@ -1223,12 +1191,7 @@ impl CudaBackend {
     }
 
     fn workspace(&self, bytes: usize) -> Result<u64> {
-        self.grow_workspace(&self.workspace, bytes)
-    }
-
-    /// `slot`'s workspace of at least `bytes`, zeroed when (re)allocated.
-    fn grow_workspace(&self, slot: &Mutex<Option<Workspace>>, bytes: usize) -> Result<u64> {
-        let mut ws = lock(slot);
+        let mut ws = lock(&self.workspace);
         if let Some(w) = ws.as_ref()
             && w.bytes >= bytes
         {
@@ -1265,47 +1228,6 @@ impl CudaBackend {
             bytes: size,
         });
         Ok(ptr)
-    }
-
-    /// [`Backend::matmul`] of a decode-sized batch through `gemm_decode` (see
-    /// [`plan::decode_gemm_plan`]).
-    #[allow(clippy::too_many_arguments)]
-    fn decode_gemm(
-        &self,
-        x: &CudaBuf,
-        w: &CudaBuf,
-        rows: usize,
-        k: usize,
-        n: usize,
-        out: &mut CudaBuf,
-        p: plan::DecodeGemm,
-    ) -> Result<()> {
-        let (part, counters) = if p.grid.1 > 1 {
-            let counters_bytes = (p.grid.0 as usize * 4).div_ceil(256) * 256;
-            let part_bytes = p.grid.1 as usize * rows * n * 4;
-            let ws = self.grow_workspace(&self.gemm_workspace, counters_bytes + part_bytes)?;
-            (ws + counters_bytes as u64, ws)
-        } else {
-            (0, 0)
-        };
-        self.launch_smem(
-            &format!("gemm_decode_{}_m{}", Self::suffix(x.dtype), p.mt),
-            (p.grid.0, p.grid.1, 1),
-            plan::DECODE_GEMM_THREADS,
-            p.smem as u32,
-            &[
-                Arg::Ptr(x.ptr),
-                Arg::Ptr(w.ptr),
-                Arg::Ptr(out.ptr),
-                i32_arg(rows, "rows")?,
-                i32_arg(k, "k")?,
-                i32_arg(n, "n")?,
-                i32_arg(p.kchunk, "kchunk")?,
-                Arg::Ptr(part),
-                Arg::Ptr(counters),
-            ],
-            self.pdl,
-        )
     }
 
     /// The split-K workspace of a shrink: `(accumulator, counters)`, `counters` u32 counters
@@ -1381,9 +1303,6 @@ pub fn kernel_names() -> Vec<String> {
             }
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
-        for mt in [1, 2, 4] {
-            names.push(format!("gemm_decode_{t}_m{mt}"));
-        }
         for l in [1, 2, 4, 8, 16] {
             names.push(format!("sgmv_expand_rows_{t}_l{l}"));
         }
@@ -1767,15 +1686,6 @@ impl Backend for CudaBackend {
         need(out, rows * n, "matmul out")?;
         if rows == 0 || n == 0 {
             return Ok(());
-        }
-        if out.dtype == x.dtype
-            && x.dtype != DType::F32
-            && self.decode_gemm
-            && x.ptr.is_multiple_of(16)
-            && w.ptr.is_multiple_of(16)
-            && let Some(p) = plan::decode_gemm_plan(rows, k, n, self.sm_count)
-        {
-            return self.decode_gemm(x, w, rows, k, n, out, p);
         }
         let dim = |v: usize, what: &str| {
             i32::try_from(v).map_err(|_| shape(format!("matmul {what} = {v} too large for cuBLAS")))
