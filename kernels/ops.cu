@@ -275,7 +275,7 @@ __device__ void attention_impl(const T* __restrict__ q, int row_stride, int q_of
 // K and V rows of ATTN_VEC_TOKENS positions before using any, so that many rows are in flight
 // per warp instead of one memory round trip per position. Same arithmetic as attention_impl:
 // f32 scores, an online softmax per warp, the warps merged at the end.
-#define ATTN_VEC_TOKENS 8  // divides 16: a warp's positions share one block-table entry
+#define ATTN_VEC_TOKENS 8
 
 template <int W>
 __device__ __forceinline__ void load_words(const void* p, u32 (&w)[W]) {
@@ -299,20 +299,13 @@ __device__ void attention_vec_impl(const T* __restrict__ q, int row_stride, int 
     constexpr int HD = 64 * W, E = 2 * W;
     __shared__ float s_m[ATTN_WARPS], s_l[ATTN_WARPS];
     __shared__ float s_acc[ATTN_WARPS][HD];
+    pdl_enter();
     const int row = blockIdx.x, head = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    // The row's sequence and the first 32 entries of its block table (512 positions), one per
-    // lane, come from the step metadata: read before the wait. A warp's ATTN_VEC_TOKENS
-    // positions lie in one 16-position block, whose entry a shuffle hands out; the next 32
-    // entries are loaded when the walk reaches them.
     const AttnRow ar = attn_row(row_seq, seqs, block_tables, row, head, n_heads, n_kv_heads);
     const u32* bt = ar.bt;
     const int visible = ar.visible, kvh = ar.kvh;
     const int kv_width = n_kv_heads * HD;
-    const int nblocks = (visible + 15) / 16;
-    int window = 0;
-    u32 bt_lane = lane < nblocks ? bt[lane] : 0u;
-    pdl_enter();
     const T dummy = T{};
 
     float qv[E], acc[E];
@@ -324,19 +317,12 @@ __device__ void attention_vec_impl(const T* __restrict__ q, int row_stride, int 
     }
     float m = NEG_INF, l = 0.0f;
     for (int p0 = warp * ATTN_VEC_TOKENS; p0 < visible; p0 += ATTN_WARPS * ATTN_VEC_TOKENS) {
-        const int blk = p0 / 16;
-        if (blk / 32 != window) {  // the same for the whole warp
-            window = blk / 32;
-            const int e = window * 32 + lane;
-            bt_lane = e < nblocks ? bt[e] : 0u;
-        }
-        const u32 block = __shfl_sync(0xffffffffu, bt_lane, blk % 32);
         u32 kw[ATTN_VEC_TOKENS][W], vw[ATTN_VEC_TOKENS][W];
 #pragma unroll
         for (int u = 0; u < ATTN_VEC_TOKENS; ++u) {
             const int p = p0 + u;
             if (p < visible) {
-                const size_t slot = (size_t)block * 16 + (p % 16);
+                const size_t slot = (size_t)bt[p / 16] * 16 + (p % 16);
                 const size_t off = slot * kv_width + (size_t)kvh * HD + lane * E;
                 load_words<W>(k_cache + off, kw[u]);
                 load_words<W>(v_cache + off, vw[u]);

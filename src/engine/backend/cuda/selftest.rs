@@ -813,8 +813,6 @@ fn check_attention(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
             (1, 1),
             (1, 300),
             (3, 129),
-            // Past the 32 block-table entries the decode kernel holds at a time (512 positions).
-            (2, 1100),
         ];
         let total_blocks: usize = seqs_spec
             .iter()
