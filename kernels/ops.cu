@@ -706,6 +706,222 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
         fill_random_impl<T>(y, seed, scale, n);                                               \
     }
 
+// ---------------------------------------------------------------------------------------------
+// Decode GEMM: y[m, n] = x[m, :] . w[n, :] for a few rows (m <= 16 * MT), f32 accumulation on
+// tensor cores. Streaming w is the whole cost, so a block keeps STAGES stages of its w tile
+// (DG_BN rows by DG_KS of k) and the matching x tile in flight through the tensor memory
+// accelerator: one 2D copy per tile (tensor maps made by the host, in global memory), an
+// mbarrier per stage counting the bytes in, rows and k past the ends filled with zeros by the
+// copy. Tiles land 128-byte swizzled (16-byte chunk c of row r at c ^ (r & 7)). Fragments use
+// the k-permutation of sgmv.cu (one 16-byte read of eight consecutive k feeds two mma
+// k-steps). Warp w computes columns w * 24 .. + 24 of the block's DG_BN. The stages' w tiles
+// are requested before the wait on the previous kernel (weights), their x after it. k is split
+// over gridDim.y blocks of `kchunk` (a multiple of DG_KS); with more than one split each block
+// writes its partial sums to part[split][m][n] and the last block of a column tile to finish
+// (counter) adds them in split order (deterministic), writes y and resets the counter for the
+// next launch.
+#define DG_WARPS 8
+#define DG_BN 192
+#define DG_NT 3  // 8-column mma tiles per warp: DG_BN / (8 * DG_WARPS)
+#define DG_KS 64
+#define DG_ROW_BYTES (DG_KS * 2)
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n"
+        "}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+// Copy the box at (c0 = k, c1 = row) of the tensor map at `map` into shared memory at `dst`.
+__device__ __forceinline__ void tma_load_2d(u32 dst, const void* map, int c0, int c1, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
+        "{%2, %3}], [%4];" ::"r"(dst),
+        "l"(map), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+// The tile row behind fragment row g of an 8-row group: 0 4 1 5 2 6 3 7, so that the two rows
+// one read phase covers (g = 2i, 2i + 1) swizzle their chunks into different halves of the
+// banks.
+__device__ __forceinline__ int dg_row(int g) { return (g >> 1) | ((g & 1) << 2); }
+
+// Byte offset of 16-byte chunk c of row r in a 128-byte-swizzled tile.
+__device__ __forceinline__ int dg_at(int r, int c) {
+    return r * DG_ROW_BYTES + ((c ^ (r & 7)) << 4);
+}
+
+template <typename T, int MT, int STAGES>
+__device__ __forceinline__ void gemm_decode_impl(const void* wmap, const void* xmap,
+                                                 T* __restrict__ y, int m, int k, int n,
+                                                 int kchunk, float* __restrict__ part,
+                                                 u32* __restrict__ counters) {
+    extern __shared__ uint4 dg_smem[];
+    __shared__ __align__(8) unsigned long long bars[STAGES];
+    __shared__ int is_last;
+    constexpr int XROWS = MT * 16;
+    constexpr int W_BYTES = DG_BN * DG_ROW_BYTES;
+    constexpr int X_BYTES = XROWS * DG_ROW_BYTES;
+    constexpr int STAGE_BYTES = W_BYTES + X_BYTES;
+    // The swizzle repeats every 1024 bytes: tiles start on such a boundary (the host asks for
+    // 1 KiB more than the stages need).
+    const u32 raw = smem_addr(dg_smem);
+    const u32 base = (raw + 1023u) & ~1023u;
+    const char* smem = reinterpret_cast<const char*>(dg_smem) + (base - raw);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, q = lane & 3, gr = dg_row(g);
+    const int nb = blockIdx.x * DG_BN;
+    const int split = blockIdx.y, ksplit = gridDim.y;
+    const int kb = split * kchunk, ke = min(k, kb + kchunk);
+    const int nst = (ke - kb + DG_KS - 1) / DG_KS;
+
+    if (tid == 0) {
+#pragma unroll
+        for (int i = 0; i < STAGES; ++i) {
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&bars[i]))
+                         : "memory");
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("prefetch.tensormap [%0];" ::"l"(wmap) : "memory");
+    }
+    __syncthreads();
+    // Thread 0 requests a stage: its w tile (bytes counted, no arrival) and, once the previous
+    // kernel is done, its x tile with the stage's one arrival. k past `ke` (another split's)
+    // is read but its x is masked below.
+    auto request_w = [&](int st) {
+        const int slot = st % STAGES;
+        const u32 bar = smem_addr(&bars[slot]);
+        asm volatile("mbarrier.expect_tx.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(W_BYTES)
+                     : "memory");
+        tma_load_2d(base + slot * STAGE_BYTES, wmap, kb + st * DG_KS, nb, bar);
+    };
+    auto request_x = [&](int st) {
+        const int slot = st % STAGES;
+        const u32 bar = smem_addr(&bars[slot]);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
+                     "r"(X_BYTES)
+                     : "memory");
+        tma_load_2d(base + slot * STAGE_BYTES + W_BYTES, xmap, kb + st * DG_KS, 0, bar);
+    };
+
+    float acc[MT][DG_NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < DG_NT; ++t)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[mt][t][i] = 0.0f;
+
+    if (tid == 0) {
+        for (int st = 0; st < STAGES && st < nst; ++st) request_w(st);
+    }
+    pdl_enter();
+    if (tid == 0) {
+        for (int st = 0; st < STAGES && st < nst; ++st) request_x(st);
+    }
+    for (int st = 0; st < nst; ++st) {
+        const int slot = st % STAGES;
+        mbar_wait(smem_addr(&bars[slot]), (u32)((st / STAGES) & 1));
+        const char* ws = smem + slot * STAGE_BYTES;
+        const char* xs = ws + W_BYTES;
+        const int k0 = kb + st * DG_KS;
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+        for (int s = 0; s < DG_KS / 32; ++s) {
+            const int c = 4 * s + q;
+            const bool live = k0 + c * 8 < ke;
+            uint4 xa[MT][2];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    xa[mt][h] = live ? *reinterpret_cast<const uint4*>(
+                                           xs + dg_at(mt * 16 + h * 8 + gr, c))
+                                     : zero;
+#pragma unroll
+            for (int t = 0; t < DG_NT; ++t) {
+                const uint4 wb = *reinterpret_cast<const uint4*>(
+                    ws + dg_at(warp * (DG_NT * 8) + t * 8 + gr, c));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const uint4 a = xa[mt][0], b = xa[mt][1];
+                    mma16816<T>(acc[mt][t], a.x, b.x, a.y, b.y, wb.x, wb.y);
+                    mma16816<T>(acc[mt][t], a.z, b.z, a.w, b.w, wb.z, wb.w);
+                }
+            }
+        }
+        // Every warp is done with this slot: it takes the stage STAGES ahead.
+        __syncthreads();
+        if (tid == 0 && st + STAGES < nst) {
+            request_w(st + STAGES);
+            request_x(st + STAGES);
+        }
+    }
+
+    const int n0 = nb + warp * (DG_NT * 8);
+    if (ksplit == 1) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int t = 0; t < DG_NT; ++t)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = mt * 16 + h * 8 + gr;
+                    const int c0 = n0 + t * 8 + dg_row(2 * q), c1 = n0 + t * 8 + dg_row(2 * q + 1);
+                    if (row < m && c0 < n) y[(size_t)row * n + c0] = from_f32<T>(acc[mt][t][2 * h]);
+                    if (row < m && c1 < n) y[(size_t)row * n + c1] = from_f32<T>(acc[mt][t][2 * h + 1]);
+                }
+        return;
+    }
+    float* mine = part + (size_t)split * m * n;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < DG_NT; ++t)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = mt * 16 + h * 8 + gr;
+                const int c0 = n0 + t * 8 + dg_row(2 * q), c1 = n0 + t * 8 + dg_row(2 * q + 1);
+                if (row < m && c0 < n) mine[(size_t)row * n + c0] = acc[mt][t][2 * h];
+                if (row < m && c1 < n) mine[(size_t)row * n + c1] = acc[mt][t][2 * h + 1];
+            }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) is_last = atomicAdd(&counters[blockIdx.x], 1u) == (u32)(ksplit - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int idx = tid; idx < m * DG_BN; idx += blockDim.x) {
+        const int row = idx / DG_BN, col = nb + idx % DG_BN;
+        if (col >= n) continue;
+        float sum = 0.0f;
+        for (int sp = 0; sp < ksplit; ++sp) sum += __ldcg(&part[((size_t)sp * m + row) * n + col]);
+        y[(size_t)row * n + col] = from_f32<T>(sum);
+    }
+    if (tid == 0) counters[blockIdx.x] = 0u;
+}
+
+#define DEFINE_GEMM_DECODE(TNAME, T, MT, STAGES)                                              \
+    extern "C" __global__ void __launch_bounds__(DG_WARPS * 32) gemm_decode_##TNAME##_m##MT(  \
+        const void* wmap, const void* xmap, T* y, int m, int k, int n, int kchunk, float* part, \
+        u32* counters) {                                                                      \
+        gemm_decode_impl<T, MT, STAGES>(wmap, xmap, y, m, k, n, kchunk, part, counters);      \
+    }
+
+DEFINE_GEMM_DECODE(bf16, bf16, 1, 7)
+DEFINE_GEMM_DECODE(bf16, bf16, 2, 7)
+DEFINE_GEMM_DECODE(bf16, bf16, 4, 6)
+DEFINE_GEMM_DECODE(f16, f16, 1, 7)
+DEFINE_GEMM_DECODE(f16, f16, 2, 7)
+DEFINE_GEMM_DECODE(f16, f16, 4, 6)
+
 // The vector attention for head_dim = HD = 64 * W (the host checks 4W-byte alignment).
 #define DEFINE_ATTN_VEC(TNAME, T, HD, W)                                                      \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) attention_d##HD##_##TNAME( \
