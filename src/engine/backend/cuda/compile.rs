@@ -282,9 +282,6 @@ mod tests {
                 let (t, kw) = rest.split_once("_k").unwrap();
                 let (k, w) = kw.split_once("_w").unwrap();
                 src.contains(&format!("DEFINE_EXPAND({t}, {t}, {k}, {w})"))
-            } else if let Some(rest) = name.strip_prefix("gemm_decode_") {
-                let (t, m) = rest.split_once("_m").unwrap();
-                src.contains(&format!("DEFINE_GEMM_DECODE({t}, {t}, {m},"))
             } else if let Some(rest) = name.strip_prefix("attention_d") {
                 let (hd, t) = rest.split_once('_').unwrap();
                 src.contains(" attention_d##HD##_##TNAME(")

@@ -52,8 +52,6 @@ pub struct LaunchOp {
     pub func: usize,
     pub grid: (u32, u32, u32),
     pub block: u32,
-    /// Dynamic shared memory in bytes.
-    pub smem: u32,
     /// Each argument widened to 8 bytes (see `Arg::slot`).
     pub args: Vec<u64>,
     /// Programmatic dependent launch.
@@ -370,7 +368,6 @@ mod tests {
             func: 1,
             grid: (1, 1, 1),
             block: 32,
-            smem: 0,
             args: vec![arg],
             pdl: true,
             side,

@@ -331,11 +331,6 @@ pub struct CudaBackend {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     workspace: Mutex<Option<Workspace>>,
-    /// The decode GEMM's split-K partial sums and counters (main stream only, so apart from
-    /// the shrink's workspace, which the side stream uses).
-    gemm_workspace: Mutex<Option<Workspace>>,
-    /// Tensor maps of the decode GEMM's operands, in device memory (see [`TensorMaps`]).
-    tensor_maps: Mutex<Option<TensorMaps>>,
     /// Page-locked staging buffers for adapter loads.
     pinned: Arc<PinnedPool>,
     last: Mutex<Last>,
@@ -358,8 +353,6 @@ pub struct CudaBackend {
     row_limits: Mutex<plan::RowLimits>,
     /// 8-element vectors of h_in per split of the row shrink (`PUNICA_SHRINK_ROWS_VECS`).
     shrink_rows_vecs: usize,
-    /// Decode-sized GEMMs through our kernel (`PUNICA_DECODE_GEMM=0`: cuBLAS for every GEMM).
-    decode_gemm: bool,
     /// The step recorder and graph cache (`graph`; `PUNICA_CUDA_GRAPHS=0` turns graphs off).
     recorder: Mutex<graph::Recorder>,
     /// Step temporaries: the arena, its allocation, and whether a step is open.
@@ -385,22 +378,6 @@ struct StepMemory {
     open: bool,
     /// The open step's metadata is in `meta_mem` already (a second upload gets its own).
     meta_taken: bool,
-}
-
-/// Dynamic shared memory the decode GEMM may ask for (its pipeline takes up to 209 KiB).
-const DYNAMIC_SMEM_MAX: u32 = 209 << 10;
-
-/// Tensor maps the decode GEMM may make (7B: 224 weights, and its activations per row count).
-const TENSOR_MAPS: usize = 4096;
-/// Bytes of a `CUtensorMap` (64-byte aligned in the pool).
-const TENSOR_MAP_BYTES: usize = 128;
-
-/// The pool of tensor maps in device memory, and where each made map lies, by (buffer, rows,
-/// columns, box rows).
-struct TensorMaps {
-    _mem: CudaSlice<u8>,
-    ptr: u64,
-    made: HashMap<(u64, usize, usize, usize), u64>,
 }
 
 /// cuBLAS workspace (what NVIDIA recommends for Hopper).
@@ -531,8 +508,6 @@ impl CudaBackend {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             workspace: Mutex::new(None),
-            gemm_workspace: Mutex::new(None),
-            tensor_maps: Mutex::new(None),
             pinned: Arc::new(PinnedPool::new()),
             last: Mutex::new(Last::Other),
             pdl: opts.pdl && cc.0 >= 9,
@@ -573,7 +548,6 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .filter(|&v: &usize| (32..=4096).contains(&v))
                 .unwrap_or(plan::SHRINK_ROWS_VECS),
-            decode_gemm: std::env::var("PUNICA_DECODE_GEMM").as_deref() != Ok("0"),
             recorder: Mutex::new(graph::Recorder::new(
                 std::env::var("PUNICA_CUDA_GRAPHS").as_deref() != Ok("0"),
             )),
@@ -688,13 +662,6 @@ impl CudaBackend {
         let f = module
             .load_function(name)
             .map_err(|e| BackendError::Compile(format!("kernel {name} not in module: {e:?}")))?;
-        if name.starts_with("gemm_decode_") {
-            f.set_attribute(
-                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                DYNAMIC_SMEM_MAX as i32,
-            )
-            .map_err(|e| dev_err(&format!("shared memory of {name}"), e))?;
-        }
         lock(&self.functions).insert(name.to_string(), f.clone());
         Ok(f)
     }
@@ -711,20 +678,6 @@ impl CudaBackend {
         args: &[Arg],
         pdl: bool,
     ) -> Result<()> {
-        self.launch_smem(name, grid, block, 0, args, pdl)
-    }
-
-    /// [`Self::launch`] with `smem` bytes of dynamic shared memory (at most
-    /// [`DYNAMIC_SMEM_MAX`], which `gemm_decode_*` allow; other kernels 48 KiB).
-    pub fn launch_smem(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: u32,
-        args: &[Arg],
-        pdl: bool,
-    ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -737,7 +690,6 @@ impl CudaBackend {
             func: func.cu_function() as usize,
             grid,
             block,
-            smem,
             args: args.iter().map(|a| a.slot()).collect(),
             pdl,
             side: self.on_side.load(std::sync::atomic::Ordering::Relaxed),
@@ -809,7 +761,7 @@ impl CudaBackend {
             blockDimX: l.block,
             blockDimY: 1,
             blockDimZ: 1,
-            sharedMemBytes: l.smem,
+            sharedMemBytes: 0,
             hStream: stream,
             attrs: if l.pdl {
                 &mut attr
@@ -1239,12 +1191,7 @@ impl CudaBackend {
     }
 
     fn workspace(&self, bytes: usize) -> Result<u64> {
-        self.grow_workspace(&self.workspace, bytes)
-    }
-
-    /// `slot`'s workspace of at least `bytes`, zeroed when (re)allocated.
-    fn grow_workspace(&self, slot: &Mutex<Option<Workspace>>, bytes: usize) -> Result<u64> {
-        let mut ws = lock(slot);
+        let mut ws = lock(&self.workspace);
         if let Some(w) = ws.as_ref()
             && w.bytes >= bytes
         {
@@ -1281,150 +1228,6 @@ impl CudaBackend {
             bytes: size,
         });
         Ok(ptr)
-    }
-
-    /// [`Backend::matmul`] through cuBLAS.
-    fn submit_gemm(
-        &self,
-        x: &CudaBuf,
-        w: &CudaBuf,
-        rows: usize,
-        k: usize,
-        n: usize,
-        out: &mut CudaBuf,
-    ) -> Result<()> {
-        let dim = |v: usize, what: &str| {
-            i32::try_from(v).map_err(|_| shape(format!("matmul {what} = {v} too large for cuBLAS")))
-        };
-        let op = GemmOp {
-            x: x.ptr,
-            w: w.ptr,
-            out: out.ptr,
-            rows: dim(rows, "rows")?,
-            k: dim(k, "k")?,
-            n: dim(n, "n")?,
-            dtype: x.dtype,
-            out_dtype: out.dtype,
-        };
-        self.mark_other();
-        self.submit(Op::Gemm(op))?;
-        self.profile_mark(&format!("gemm n={n} k={k}"))
-    }
-
-    /// [`Backend::matmul`] of a decode-sized batch through `gemm_decode` (see
-    /// [`plan::decode_gemm_plan`]).
-    #[allow(clippy::too_many_arguments)]
-    fn decode_gemm(
-        &self,
-        x: &CudaBuf,
-        w: &CudaBuf,
-        rows: usize,
-        k: usize,
-        n: usize,
-        out: &mut CudaBuf,
-        p: plan::DecodeGemm,
-    ) -> Result<()> {
-        let maps = (
-            self.tensor_map(w, n, k, plan::DECODE_GEMM_COLS)?,
-            self.tensor_map(x, rows, k, p.mt * 16)?,
-        );
-        let (Some(wmap), Some(xmap)) = maps else {
-            // The map pool is full (a model with very many weights): cuBLAS then.
-            return self.submit_gemm(x, w, rows, k, n, out);
-        };
-        let (part, counters) = if p.grid.1 > 1 {
-            let counters_bytes = (p.grid.0 as usize * 4).div_ceil(256) * 256;
-            let part_bytes = p.grid.1 as usize * rows * n * 4;
-            let ws = self.grow_workspace(&self.gemm_workspace, counters_bytes + part_bytes)?;
-            (ws + counters_bytes as u64, ws)
-        } else {
-            (0, 0)
-        };
-        self.launch_smem(
-            &format!("gemm_decode_{}_m{}", Self::suffix(x.dtype), p.mt),
-            (p.grid.0, p.grid.1, 1),
-            plan::DECODE_GEMM_THREADS,
-            p.smem as u32,
-            &[
-                Arg::Ptr(wmap),
-                Arg::Ptr(xmap),
-                Arg::Ptr(out.ptr),
-                i32_arg(rows, "rows")?,
-                i32_arg(k, "k")?,
-                i32_arg(n, "n")?,
-                i32_arg(p.kchunk, "kchunk")?,
-                Arg::Ptr(part),
-                Arg::Ptr(counters),
-            ],
-            self.pdl,
-        )
-    }
-
-    /// The device address of a tensor map of `buf` as a `rows` x `cols` row-major matrix of
-    /// its 16-bit dtype, copied in boxes of `box_rows` rows by [`plan::DECODE_GEMM_KS`]
-    /// columns, 128-byte swizzled, out-of-bounds elements read as zero; made and copied to
-    /// the device on first use, then kept (buffers and weights keep their addresses). `None`
-    /// when the pool is full.
-    fn tensor_map(
-        &self,
-        buf: &CudaBuf,
-        rows: usize,
-        cols: usize,
-        box_rows: usize,
-    ) -> Result<Option<u64>> {
-        let key = (buf.ptr, rows, cols, box_rows);
-        let mut guard = lock(&self.tensor_maps);
-        if guard.is_none() {
-            let (mem, ptr) = self.alloc_bytes(TENSOR_MAPS * TENSOR_MAP_BYTES)?;
-            *guard = Some(TensorMaps {
-                _mem: mem,
-                ptr,
-                made: HashMap::new(),
-            });
-        }
-        let maps = guard.as_mut().expect("made above");
-        if let Some(&at) = maps.made.get(&key) {
-            return Ok(Some(at));
-        }
-        if maps.made.len() == TENSOR_MAPS {
-            return Ok(None);
-        }
-        let dtype = match buf.dtype {
-            DType::BF16 => drv_sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-            DType::F16 => drv_sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-            DType::F32 => return Err(shape("tensor map: 16-bit element types only".into())),
-        };
-        let dims = [cols as u64, rows as u64];
-        let strides = [(cols * 2) as u64];
-        let boxes = [plan::DECODE_GEMM_KS as u32, box_rows as u32];
-        let steps = [1u32, 1];
-        // SAFETY: CUtensorMap is 64 plain bytes of u64 words; zero is a valid start.
-        let mut map: drv_sys::CUtensorMap = unsafe { std::mem::zeroed() };
-        // SAFETY: every pointer refers to a live local array of the rank (2) the call is told;
-        // the global address is a live allocation of at least rows * cols elements (the
-        // callers checked the shapes) and 16-byte aligned (checked before the plan).
-        unsafe {
-            drv_sys::cuTensorMapEncodeTiled(
-                &mut map,
-                dtype,
-                2,
-                buf.ptr as *mut c_void,
-                dims.as_ptr(),
-                strides.as_ptr(),
-                boxes.as_ptr(),
-                steps.as_ptr(),
-                drv_sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                drv_sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-                drv_sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                drv_sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-            )
-        }
-        .result()
-        .map_err(|e| dev_err("tensor map", e))?;
-        let at = maps.ptr + (maps.made.len() * TENSOR_MAP_BYTES) as u64;
-        self.htod(at, &map.opaque)?;
-        maps.made.insert(key, at);
-        Ok(Some(at))
     }
 
     /// The split-K workspace of a shrink: `(accumulator, counters)`, `counters` u32 counters
@@ -1500,9 +1303,6 @@ pub fn kernel_names() -> Vec<String> {
             }
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
-        for mt in [1, 2, 4] {
-            names.push(format!("gemm_decode_{t}_m{mt}"));
-        }
         for l in [1, 2, 4, 8, 16] {
             names.push(format!("sgmv_expand_rows_{t}_l{l}"));
         }
@@ -1887,16 +1687,22 @@ impl Backend for CudaBackend {
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        if out.dtype == x.dtype
-            && x.dtype != DType::F32
-            && self.decode_gemm
-            && x.ptr.is_multiple_of(16)
-            && w.ptr.is_multiple_of(16)
-            && let Some(p) = plan::decode_gemm_plan(rows, k, n, self.sm_count)
-        {
-            return self.decode_gemm(x, w, rows, k, n, out, p);
-        }
-        self.submit_gemm(x, w, rows, k, n, out)
+        let dim = |v: usize, what: &str| {
+            i32::try_from(v).map_err(|_| shape(format!("matmul {what} = {v} too large for cuBLAS")))
+        };
+        let op = GemmOp {
+            x: x.ptr,
+            w: w.ptr,
+            out: out.ptr,
+            rows: dim(rows, "rows")?,
+            k: dim(k, "k")?,
+            n: dim(n, "n")?,
+            dtype: x.dtype,
+            out_dtype: out.dtype,
+        };
+        self.mark_other();
+        self.submit(Op::Gemm(op))?;
+        self.profile_mark(&format!("gemm n={n} k={k}"))
     }
 
     fn add_assign(&self, y: &mut CudaBuf, x: &CudaBuf) -> Result<()> {

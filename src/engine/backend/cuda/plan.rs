@@ -108,61 +108,6 @@ pub fn expand_rows_plan(
     Ok((lanes, (h_out.div_ceil(cols) as u32, num_tiles as u32)))
 }
 
-/// Rows the decode GEMM serves (kernels/ops.cu `gemm_decode_*_m{1,2,4}`: 16-row mma tiles).
-pub const DECODE_GEMM_MAX_ROWS: usize = 64;
-/// Columns one block of the decode GEMM computes (`DG_BN`).
-pub const DECODE_GEMM_COLS: usize = 192;
-/// k per pipeline stage of the decode GEMM (`DG_KS`: one 128-byte swizzle row).
-pub const DECODE_GEMM_KS: usize = 64;
-/// Threads of a decode GEMM block (`DG_WARPS` warps).
-pub const DECODE_GEMM_THREADS: u32 = 256;
-/// Shared memory a multiprocessor gives its blocks (H100/H200: 228 KiB, 1 KiB of it reserved
-/// per block).
-const SM_SHARED_BYTES: usize = 228 << 10;
-
-/// One launch of the decode GEMM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DecodeGemm {
-    /// 16-row tiles of the kernel (1, 2 or 4).
-    pub mt: usize,
-    /// Dynamic shared memory: the pipeline's stages of w and x tiles (`gemm_decode_*`'s
-    /// STAGES).
-    pub smem: usize,
-    /// (column blocks, k splits).
-    pub grid: (u32, u32),
-    /// k of each split (a multiple of [`DECODE_GEMM_KS`]).
-    pub kchunk: usize,
-}
-
-/// The decode GEMM for `rows` x `k` by `n` x `k` on `sms` multiprocessors, or `None` when the
-/// kernel does not apply (too many rows, or k not whole 8-element vectors). k is split as
-/// little as keeps the last wave of blocks nearly as full as the others: the smallest split
-/// whose waves per unit of work are within 15% of the best (a split costs its pipeline's fill
-/// and its partial sums), each split at least four stages.
-pub fn decode_gemm_plan(rows: usize, k: usize, n: usize, sms: usize) -> Option<DecodeGemm> {
-    if rows == 0 || rows > DECODE_GEMM_MAX_ROWS || n == 0 || k == 0 || !k.is_multiple_of(8) {
-        return None;
-    }
-    let mt = rows.div_ceil(16).next_power_of_two();
-    let stages = if mt == 4 { 6 } else { 7 };
-    // The stages' tiles, plus 1 KiB to align them for the 128-byte swizzle.
-    let smem = stages * (DECODE_GEMM_COLS + mt * 16) * DECODE_GEMM_KS * 2 + 1024;
-    let slots = sms.max(1) * (SM_SHARED_BYTES / (smem + 1024)).max(1);
-    let gx = n.div_ceil(DECODE_GEMM_COLS);
-    let most = (k / (4 * DECODE_GEMM_KS)).max(1);
-    let cost = |s: usize| (gx * s).div_ceil(slots) as f64 / s as f64;
-    let best = (1..=most).map(cost).fold(f64::INFINITY, f64::min);
-    let want = (1..=most).find(|&s| cost(s) <= best * 1.15).unwrap_or(1);
-    let kchunk = k.div_ceil(want).div_ceil(DECODE_GEMM_KS) * DECODE_GEMM_KS;
-    let splits = k.div_ceil(kchunk);
-    Some(DecodeGemm {
-        mt,
-        smem,
-        grid: (u32::try_from(gx).ok()?, splits as u32),
-        kchunk,
-    })
-}
-
 /// Bytes of one slot of a LoRA group table (kernels/sgmv.cu `LoraSlot`).
 pub const LORA_SLOT_BYTES: usize = 64;
 
@@ -584,32 +529,6 @@ mod tests {
         assert_eq!(shrink_rows_plan(11008, 16, 32, 128, 264), (11, 4));
         assert_eq!(shrink_rows_plan(576, 1, 1, 128, 264), (2, 1));
         assert_eq!(shrink_rows_plan(100, 3, 2, 128, 264), (1, 1));
-        // Llama-7B's projections at batch 32 on 132 SMs (one block of 197 KiB on each).
-        let dg = |rows, k, n| {
-            let p = decode_gemm_plan(rows, k, n, 132).unwrap();
-            (p.mt, p.smem, p.grid, p.kchunk)
-        };
-        assert_eq!(dg(32, 4096, 4096), (2, 197 << 10, (22, 6), 704));
-        assert_eq!(dg(32, 11008, 4096), (2, 197 << 10, (22, 6), 1856));
-        assert_eq!(dg(32, 4096, 12288), (2, 197 << 10, (64, 2), 2048));
-        assert_eq!(dg(32, 4096, 22016), (2, 197 << 10, (115, 1), 4096));
-        assert_eq!(dg(1, 576, 1536).0, 1);
-        assert_eq!(dg(64, 576, 576), (4, 193 << 10, (3, 2), 320));
-        // Every split covers part of k, and the splits cover all of it.
-        for &(rows, k, n) in &[
-            (3, 4096, 4096),
-            (64, 11008, 5120),
-            (9, 1536, 576),
-            (1, 8, 8),
-        ] {
-            let p = decode_gemm_plan(rows, k, n, 132).unwrap();
-            let splits = p.grid.1 as usize;
-            assert!(p.kchunk.is_multiple_of(DECODE_GEMM_KS) && (splits - 1) * p.kchunk < k);
-            assert!(splits * p.kchunk >= k && p.smem <= 197 << 10);
-        }
-        assert_eq!(decode_gemm_plan(65, 4096, 4096, 132), None);
-        assert_eq!(decode_gemm_plan(0, 4096, 4096, 132), None);
-        assert_eq!(decode_gemm_plan(8, 4100, 4096, 132), None);
         assert_eq!(expand_rows_plan(16, 4096, 32).unwrap(), (2, (16, 32)));
         assert_eq!(expand_rows_plan(8, 12288, 1).unwrap(), (1, (24, 1)));
         assert_eq!(expand_rows_plan(128, 11008, 3).unwrap(), (16, (344, 3)));

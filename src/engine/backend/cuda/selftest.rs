@@ -726,10 +726,6 @@ fn check_matmul(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
         (7, 4096, 4096),
         (64, 576, 576),
         (33, 1536, 11008),
-        // The decode GEMM's edges: k not a multiple of 32, columns not of 128, rows not of 16,
-        // and a long k split many ways.
-        (17, 1000, 300),
-        (32, 11008, 4096),
     ] {
         let x = c.rand(dt, rows * k, 1.0);
         let w = c.rand(dt, n * k, 1.0 / (k as f32).sqrt());
