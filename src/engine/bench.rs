@@ -312,24 +312,32 @@ impl PromptLengths {
         self.sigma > 0.0
     }
 
+    /// The median, at least one token.
+    fn median(&self) -> usize {
+        self.median.max(1)
+    }
+
     /// The longest prompt drawn: the median when fixed, four times it when varied.
     pub fn max(&self) -> usize {
-        let median = self.median.max(1);
-        if self.varied() { median * 4 } else { median }
+        if self.varied() {
+            self.median() * 4
+        } else {
+            self.median()
+        }
     }
 
     /// One prompt's length.
     pub fn draw(&self, rng: &mut BenchRng) -> usize {
         if !self.varied() {
-            return self.median.max(1);
+            return self.median();
         }
-        let len = ((self.median.max(1) as f64).ln() + self.sigma * rng.normal()).exp();
+        let len = ((self.median() as f64).ln() + self.sigma * rng.normal()).exp();
         (len.round() as usize).clamp(1, self.max())
     }
 
     /// The mean length (log-normal: `median * exp(sigma^2 / 2)`, before the cut).
     pub fn mean(&self) -> f64 {
-        self.median.max(1) as f64 * (self.sigma * self.sigma / 2.0).exp()
+        self.median() as f64 * (self.sigma * self.sigma / 2.0).exp()
     }
 
     /// For reports: "64" or "log-normal, median 64, sigma 0.8, 1..256".
@@ -337,12 +345,12 @@ impl PromptLengths {
         if self.varied() {
             format!(
                 "log-normal, median {}, sigma {}, 1..{}",
-                self.median.max(1),
+                self.median(),
                 self.sigma,
                 self.max()
             )
         } else {
-            self.median.max(1).to_string()
+            self.median().to_string()
         }
     }
 }
