@@ -15,7 +15,6 @@ use crate::engine::backend::{BLOCK_SIZE, BackendError, Result};
 use crate::engine::lora::peft::LoraWeights;
 use crate::engine::model::config::LlamaConfig;
 use crate::engine::model::llama::{KvCache, Llama, LoraState, batch_step_meta};
-use crate::engine::synthetic::random_adapter;
 
 use super::graph::{GraphStats, WORTH_REPLAYS};
 use super::reference;
@@ -118,16 +117,8 @@ fn run(
 pub fn check(seed: u64) -> Result<Vec<CaseResult>> {
     let c = config();
     let mut rng = StdRng::seed_from_u64(seed);
-    let adapters = [(8usize, 0.2f32), (16, 0.1)]
-        .iter()
-        .enumerate()
-        .map(|(i, &(rank, std))| {
-            let files = random_adapter(&c, rank, std, seed.wrapping_add(i as u64))
-                .map_err(|e| err("adapter", e))?;
-            LoraWeights::from_bytes(&files.config, &files.weights, &c)
-                .map_err(|e| err("adapter", e))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let adapters = super::parity::random_adapters(&c, &[(8, 0.2), (16, 0.1)], seed)
+        .map_err(|e| err("adapter", e))?;
     // Adapters 0 and 1 and the base model, one-row segments and a longer one.
     let slots = [Some(0), Some(0), Some(1), None, Some(1), Some(0)];
     let vocab = c.vocab_size as u32;
