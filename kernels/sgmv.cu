@@ -604,6 +604,229 @@ DEFINE_EXPAND_ROWS(f16, f16, 4)
 DEFINE_EXPAND_ROWS(f16, f16, 8)
 DEFINE_EXPAND_ROWS(f16, f16, 16)
 
+// ---------------------------------------------------------------------------------------------
+// Fused row kernel: a LoRA group's shrink and expand in one launch, y += (x . A^T) . B^T, for
+// batches of short segments (decode with many adapters). A thread-block cluster of gridDim.x
+// blocks takes one tile (blockIdx.y, at most FUSED_MAX_ROWS rows of one segment). Block c of the
+// cluster shrinks its 1/C of h_in into partial sums of v in its shared memory; after a cluster
+// barrier every block adds the C partials through distributed shared memory and expands its 1/C
+// of the group's output columns. No v round trip through global memory, no second launch, and
+// the slot's B is prefetched into L2 at the start, so it streams from DRAM during the shrink.
+
+#define FUSED_WARPS 8
+#define FUSED_MAX_ROWS 4
+#define FUSED_MAX_RANK (MAX_PARTS * 128)
+#define FUSED_KU 8
+
+__device__ __forceinline__ u32 cluster_ctarank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cluster_arrive_release() {
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait_acquire() {
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// The float at `p` (a __shared__ address of this block) in block `rank` of the cluster.
+__device__ __forceinline__ float ld_cluster_f32(const float* p, u32 rank) {
+    const u32 local = (u32)__cvta_generic_to_shared(p);
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+// Ask L2 to fetch the whole 16-byte units inside [p, p + bytes) (a hint: nothing waits for it).
+__device__ __forceinline__ void prefetch_l2(const void* p, size_t bytes) {
+    const u64 a = (u64)p, lo = (a + 15) & ~(u64)15, hi = (a + bytes) & ~(u64)15;
+    for (u64 q = lo; q < hi; q += 0x10000000ull) {
+        const u32 n = (u32)(hi - q < 0x10000000ull ? hi - q : 0x10000000ull);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(q), "r"(n) : "memory");
+    }
+}
+
+template <typename T, int RL>
+__device__ __forceinline__ void sgmv_fused_rows_impl(
+    const T* __restrict__ x, int h_in, T* __restrict__ y, int y_stride, int col_offset,
+    int end0, int end1, int end2, const LoraSlot* __restrict__ table,
+    const u32* __restrict__ tiles, const u32* __restrict__ segs) {
+    constexpr int CPS = 32 / RL;                  // columns per warp step
+    constexpr int BSTEP = FUSED_WARPS * CPS;      // columns per block step
+    __shared__ float part[FUSED_MAX_ROWS * FUSED_MAX_RANK];
+    __shared__ float vsum[FUSED_MAX_ROWS * FUSED_MAX_RANK];
+    const int csize = (int)gridDim.x;
+    const u32 crank = cluster_ctarank();
+    const TileSeg ts = tile_seg(tiles, segs, blockIdx.y);
+    const LoraSlot* s = table + ts.slot;
+    const T* A = reinterpret_cast<const T*>(s->a);
+    const int rank = (int)s->rank;
+    RowParts rp;
+    rp.b0 = reinterpret_cast<const u16*>(s->b[0]);
+    rp.b1 = reinterpret_cast<const u16*>(s->b[1]);
+    rp.b2 = reinterpret_cast<const u16*>(s->b[2]);
+    rp.rank0 = (int)s->prank[0];
+    rp.rank1 = (int)s->prank[1];
+    rp.rank2 = (int)s->prank[2];
+    rp.voff0 = (int)s->voff[0];
+    rp.voff1 = (int)s->voff[1];
+    rp.voff2 = (int)s->voff[2];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // This block's output columns, whole block steps (the last block may get fewer or none).
+    const int chunk = ((end2 + csize - 1) / csize + BSTEP - 1) / BSTEP * BSTEP;
+    const int c_begin = min(end2, (int)crank * chunk), c_end = min(end2, c_begin + chunk);
+    if (A != nullptr) {
+        // Everything below reads only host copies (slot table, weights): safe before the wait.
+        if (warp == 0) {
+            // The block's share of A's rows, and its columns of each part's B (contiguous).
+            const int r_per = (rank + csize - 1) / csize;
+            for (int n = (int)crank * r_per + lane; n < min(rank, ((int)crank + 1) * r_per); n += 32)
+                prefetch_l2(A + (size_t)n * h_in, (size_t)h_in * sizeof(T));
+            if (lane < MAX_PARTS) {
+                const u16* b = lane == 0 ? rp.b0 : (lane == 1 ? rp.b1 : rp.b2);
+                const int r = lane == 0 ? rp.rank0 : (lane == 1 ? rp.rank1 : rp.rank2);
+                const int start = lane == 0 ? 0 : (lane == 1 ? end0 : end1);
+                const int end = lane == 0 ? end0 : (lane == 1 ? end1 : end2);
+                const int lo = max(c_begin, start), hi = min(c_end, end);
+                if (b != nullptr && lo < hi)
+                    prefetch_l2(b + (size_t)(lo - start) * r, (size_t)(hi - lo) * r * sizeof(T));
+            }
+        }
+    }
+    pdl_enter();
+    if (A == nullptr) return;  // the same for every block of the cluster: none reaches a barrier
+    const int nrows = min(FUSED_MAX_ROWS, ts.end - ts.row0);
+    for (int i = threadIdx.x; i < nrows * rank; i += blockDim.x) part[i] = 0.0f;
+    __syncthreads();
+
+    // Shrink: this block's 8-element vectors of h_in, in slabs of 32 (one per lane); a warp
+    // takes (slab, rank) items and adds each item's warp sum into part[row][rank].
+    {
+        const bool vec = (h_in & 7) == 0;
+        const int nvec = (h_in + 7) >> 3;
+        const int per = (nvec + csize - 1) / csize;
+        const int i_begin = (int)crank * per, i_end = min(nvec, i_begin + per);
+        const int slabs = (max(0, i_end - i_begin) + 31) >> 5;
+        const int items = slabs * rank;
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+        constexpr int U = 4;
+        for (int it0 = warp; it0 < items; it0 += FUSED_WARPS * U) {
+            uint4 a[U];
+            int ii[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int it = it0 + u * FUSED_WARPS;
+                const int n = it % max(rank, 1), slab = it / max(rank, 1);
+                const int i = i_begin + slab * 32 + lane;
+                ii[u] = (it < items && i < i_end) ? i : -1;
+                a[u] = ii[u] >= 0 ? load8(A + (size_t)n * h_in, i * 8, h_in, vec) : zero;
+            }
+            for (int r = 0; r < nrows; ++r) {
+                const T* xr = x + (size_t)(ts.row0 + r) * h_in;
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    const int it = it0 + u * FUSED_WARPS;
+                    const uint4 xv = ii[u] >= 0 ? load8(xr, ii[u] * 8, h_in, vec) : zero;
+                    const float t = warp_sum(dot8<T>(a[u], xv));
+                    if (lane == 0 && it < items) atomicAdd(&part[r * rank + it % rank], t);
+                }
+            }
+        }
+    }
+    // Every block's partials are complete and visible to the cluster.
+    cluster_arrive_release();
+    cluster_wait_acquire();
+    for (int i = threadIdx.x; i < nrows * rank; i += blockDim.x) {
+        float t = 0.0f;
+        for (int c = 0; c < csize; ++c) t += ld_cluster_f32(&part[i], (u32)c);
+        vsum[i] = t;
+    }
+    __syncthreads();
+    // Done with the other blocks' shared memory; they may exit once all have said so.
+    cluster_arrive_relaxed();
+
+    // Expand: RL lanes per column (8 ranks each), CPS columns per warp step.
+    const int sub = lane % RL, cg = lane / RL;
+    const int kk = sub * 8;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    const T dummy = T{};
+    for (int c0 = c_begin + warp * CPS + cg; c0 < c_end; c0 += BSTEP * FUSED_KU) {
+        uint4 bv[FUSED_KU];
+        int voff[FUSED_KU], prk[FUSED_KU];
+#pragma unroll
+        for (int u = 0; u < FUSED_KU; ++u) {
+            const int col = c0 + u * BSTEP;
+            const int j = (col >= end0) + (col >= end1);
+            const u16* p = j == 0 ? rp.b0 : (j == 1 ? rp.b1 : rp.b2);
+            const int r = j == 0 ? rp.rank0 : (j == 1 ? rp.rank1 : rp.rank2);
+            const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
+            const bool live = col < c_end && p != nullptr;
+            prk[u] = live ? r : 0;
+            voff[u] = j == 0 ? rp.voff0 : (j == 1 ? rp.voff1 : rp.voff2);
+            bv[u] = (live && kk < r)
+                        ? load8(reinterpret_cast<const T*>(p) + (size_t)(col - start) * r, kk, r,
+                                (r & 7) == 0)
+                        : zero;
+        }
+        for (int row = 0; row < nrows; ++row) {
+            const float* vr = vsum + row * rank;
+            T* yr = y + (size_t)(ts.row0 + row) * y_stride + col_offset;
+#pragma unroll
+            for (int u = 0; u < FUSED_KU; ++u) {
+                float acc = 0.0f;
+                if (kk < prk[u]) {
+                    const float* vp = vr + voff[u] + kk;
+                    const uint4 b = bv[u];
+                    const bool full = kk + 8 <= prk[u];
+                    float w[8];
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) w[i] = (full || kk + i < prk[u]) ? vp[i] : 0.0f;
+                    acc = w[0] * lo_f32(dummy, b.x);
+                    acc = fmaf(w[1], hi_f32(dummy, b.x), acc);
+                    acc = fmaf(w[2], lo_f32(dummy, b.y), acc);
+                    acc = fmaf(w[3], hi_f32(dummy, b.y), acc);
+                    acc = fmaf(w[4], lo_f32(dummy, b.z), acc);
+                    acc = fmaf(w[5], hi_f32(dummy, b.z), acc);
+                    acc = fmaf(w[6], lo_f32(dummy, b.w), acc);
+                    acc = fmaf(w[7], hi_f32(dummy, b.w), acc);
+                }
+#pragma unroll
+                for (int o = RL / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+                if (sub == 0 && prk[u] > 0) {
+                    const int col = c0 + u * BSTEP;
+                    yr[col] = from_f32<T>(to_f32(yr[col]) + acc);
+                }
+            }
+        }
+    }
+    cluster_wait_acquire();
+}
+
+#define DEFINE_FUSED_ROWS(TNAME, TYPE, RL)                                                    \
+    extern "C" __global__ void __launch_bounds__(FUSED_WARPS * 32)                            \
+        sgmv_fused_rows_##TNAME##_l##RL(                                                      \
+            const TYPE* __restrict__ x, int h_in, TYPE* __restrict__ y, int y_stride,         \
+            int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table, \
+            const u32* __restrict__ tiles, const u32* __restrict__ segs) {                    \
+        sgmv_fused_rows_impl<TYPE, RL>(x, h_in, y, y_stride, col_offset, end0, end1, end2,    \
+                                       table, tiles, segs);                                   \
+    }
+
+DEFINE_FUSED_ROWS(bf16, bf16, 1)
+DEFINE_FUSED_ROWS(bf16, bf16, 2)
+DEFINE_FUSED_ROWS(bf16, bf16, 4)
+DEFINE_FUSED_ROWS(bf16, bf16, 8)
+DEFINE_FUSED_ROWS(bf16, bf16, 16)
+DEFINE_FUSED_ROWS(f16, f16, 1)
+DEFINE_FUSED_ROWS(f16, f16, 2)
+DEFINE_FUSED_ROWS(f16, f16, 4)
+DEFINE_FUSED_ROWS(f16, f16, 8)
+DEFINE_FUSED_ROWS(f16, f16, 16)
+
 #define SHRINK_PASS x, h_in, v, v_stride, table, tiles, segs, ksplit, acc, counters
 
 #define DEFINE_SHRINK(TNAME, TYPE, NT, U)                                                    \
