@@ -588,11 +588,6 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn zero(&self, buf: &mut CpuBuf) -> Result<()> {
-        buf.as_mut_slice().fill(0.0);
-        Ok(())
-    }
-
     fn add_assign(&self, y: &mut CpuBuf, x: &CpuBuf) -> Result<()> {
         if y.data.len() != x.data.len() {
             return Err(shape_err(format!(

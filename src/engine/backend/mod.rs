@@ -520,9 +520,6 @@ pub trait Backend: Send + Sync + 'static {
     /// `y += x` elementwise.
     fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
 
-    /// Set every element of `buf` to zero.
-    fn zero(&self, buf: &mut Self::Buf) -> Result<()>;
-
     /// RoPE and this step's KV-cache write, fused. `qkv` rows (width `row_stride`) hold the
     /// `n_heads` q heads, then the `n_kv_heads` k heads, then the v heads, from column 0. The q
     /// and k heads are rotated in place (rotate-half RoPE with `inv_freq: [head_dim / 2]`, f32,

@@ -297,11 +297,6 @@ impl<B: Backend> Llama<B> {
         // read by its expand on the main queue. One buffer serves every group: a shrink is
         // issued after the previous group's expand, and the side queue starts behind it.
         let mut v = b.alloc(DType::F32, if use_lora { rows * max_rank } else { 0 })?;
-        // The LoRA outputs of q|k|v and gate|up, made on the side queue beside their GEMMs and
-        // added to the GEMMs' outputs after them.
-        let lora_rows = if use_lora { rows } else { 0 };
-        let mut delta_qkv = b.alloc(dt, lora_rows * qkv_dim)?;
-        let mut delta_gu = b.alloc(dt, lora_rows * 2 * inter)?;
         let lora = Lora {
             b,
             state: lora,
@@ -310,7 +305,6 @@ impl<B: Backend> Llama<B> {
             max_rank,
             on: use_lora,
             split: std::env::var("PUNICA_LORA_SPLIT").as_deref() == Ok("1"),
-            delta: std::env::var("PUNICA_LORA_DELTA").as_deref() != Ok("0"),
         };
         b.embedding(&self.embed_tokens, m, h, &mut residual)?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -324,7 +318,7 @@ impl<B: Backend> Llama<B> {
                     &mut normed,
                 )?;
             }
-            let pending = lora.before_gemm(l, LoraGroup::Qkv, &normed, &mut v, &mut delta_qkv)?;
+            let pending = lora.before_gemm(l, LoraGroup::Qkv, &normed, &mut v)?;
             b.matmul(
                 &normed,
                 &layer.self_attn.qkv_proj,
@@ -333,17 +327,7 @@ impl<B: Backend> Llama<B> {
                 qkv_dim,
                 &mut qkv,
             )?;
-            let d = &delta_qkv;
-            lora.after_gemm(
-                pending,
-                l,
-                LoraGroup::Qkv,
-                &normed,
-                &v,
-                d,
-                &mut qkv,
-                qkv_dim,
-            )?;
+            lora.after_gemm(pending, l, LoraGroup::Qkv, &normed, &v, &mut qkv, qkv_dim)?;
             let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
             b.rope_write_kv(
                 &mut qkv,
@@ -371,7 +355,7 @@ impl<B: Backend> Llama<B> {
                 h,
                 &mut normed,
             )?;
-            let pending = lora.before_gemm(l, LoraGroup::GateUp, &normed, &mut v, &mut delta_gu)?;
+            let pending = lora.before_gemm(l, LoraGroup::GateUp, &normed, &mut v)?;
             b.matmul(
                 &normed,
                 &layer.mlp.gate_up_proj,
@@ -380,17 +364,8 @@ impl<B: Backend> Llama<B> {
                 2 * inter,
                 &mut gate_up,
             )?;
-            let (gu, d) = (2 * inter, &delta_gu);
-            lora.after_gemm(
-                pending,
-                l,
-                LoraGroup::GateUp,
-                &normed,
-                &v,
-                d,
-                &mut gate_up,
-                gu,
-            )?;
+            let gu = 2 * inter;
+            lora.after_gemm(pending, l, LoraGroup::GateUp, &normed, &v, &mut gate_up, gu)?;
             b.silu_mul(&gate_up, rows, inter, &mut act)?;
             let pending = lora.beside_gemm(l, LoraGroup::Down, &act, &mut residual, h)?;
             b.matmul(&act, &layer.mlp.down_proj, rows, inter, h, &mut proj)?;
@@ -512,8 +487,6 @@ struct Lora<'a, B: Backend> {
     on: bool,
     /// Never fuse the groups before a GEMM's consumer (`PUNICA_LORA_SPLIT=1`, measurement).
     split: bool,
-    /// Make those groups' outputs on the side queue (`PUNICA_LORA_DELTA=0`: off).
-    delta: bool,
 }
 
 /// What [`Lora::before_gemm`] issued, for [`Lora::after_gemm`].
@@ -525,8 +498,6 @@ enum Pending {
     Fused,
     /// The shrink is on the side queue; the expand runs after the GEMM.
     Expand,
-    /// The whole op went to the side queue into a zeroed delta, added after the GEMM.
-    Delta,
 }
 
 impl<B: Backend> Lora<'_, B> {
@@ -538,22 +509,10 @@ impl<B: Backend> Lora<'_, B> {
         group: LoraGroup,
         x: &B::Buf,
         v: &mut B::Buf,
-        delta: &mut B::Buf,
     ) -> Result<Pending> {
         let Some(table) = self.table(layer, group) else {
             return Ok(Pending::None);
         };
-        if self.delta {
-            let (h_in, outs) = self.config.group_dims(group);
-            let width: usize = outs.iter().sum();
-            self.b.begin_side()?;
-            let issued = self.b.zero(delta).and_then(|()| {
-                self.b
-                    .sgmv_fused(x, table, self.meta, h_in, &outs, width, 0, delta)
-            });
-            self.b.end_side()?;
-            return issued.map(|()| Pending::Delta).map_err(Into::into);
-        }
         if !self.split && self.b.sgmv_fuses(table, self.meta) {
             return Ok(Pending::Fused);
         }
@@ -576,7 +535,6 @@ impl<B: Backend> Lora<'_, B> {
         group: LoraGroup,
         x: &B::Buf,
         v: &B::Buf,
-        delta: &B::Buf,
         y: &mut B::Buf,
         y_stride: usize,
     ) -> Result<()> {
@@ -589,10 +547,6 @@ impl<B: Backend> Lora<'_, B> {
             Pending::Fused => {
                 self.b
                     .sgmv_fused(x, table, self.meta, h_in, &outs, y_stride, 0, y)?;
-            }
-            Pending::Delta => {
-                self.b.join_side()?;
-                self.b.add_assign(y, delta)?;
             }
             Pending::Expand => {
                 self.b.join_side()?;

@@ -1790,10 +1790,6 @@ impl Backend for CudaBackend {
         self.profile_mark(&format!("gemm n={n} k={k}"))
     }
 
-    fn zero(&self, buf: &mut CudaBuf) -> Result<()> {
-        self.fill(buf, 0.0)
-    }
-
     fn add_assign(&self, y: &mut CudaBuf, x: &CudaBuf) -> Result<()> {
         same_dtype(y, x, "add_assign")?;
         if y.len != x.len {
