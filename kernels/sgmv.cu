@@ -697,34 +697,6 @@ __device__ __forceinline__ void sgmv_fused_rows_impl(
             }
         }
     }
-    // Expand lanes: RL lanes per column (8 ranks each), CPS columns per warp step; a warp's
-    // loop runs over warp-uniform column steps (its lanes shuffle together).
-    const int sub = lane % RL, cg = lane / RL;
-    const int kk = sub * 8;
-    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    uint4 bv[FUSED_KU];
-    int voff[FUSED_KU], prk[FUSED_KU];
-    // B of the columns at warp step `cb` (+ u * BSTEP): host copies, so the first batch is
-    // loaded before the wait and streams in during the shrink.
-    auto load_b = [&](int cb) {
-#pragma unroll
-        for (int u = 0; u < FUSED_KU; ++u) {
-            const int col = cb + cg + u * BSTEP;
-            const int j = (col >= end0) + (col >= end1);
-            const u16* p = j == 0 ? rp.b0 : (j == 1 ? rp.b1 : rp.b2);
-            const int r = j == 0 ? rp.rank0 : (j == 1 ? rp.rank1 : rp.rank2);
-            const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
-            const bool live = A != nullptr && col < c_end && p != nullptr;
-            prk[u] = live ? r : 0;
-            voff[u] = j == 0 ? rp.voff0 : (j == 1 ? rp.voff1 : rp.voff2);
-            bv[u] = (live && kk < r)
-                        ? load8(reinterpret_cast<const T*>(p) + (size_t)(col - start) * r, kk, r,
-                                (r & 7) == 0)
-                        : zero;
-        }
-    };
-    int cb = c_begin + warp * CPS;
-    load_b(cb);
     pdl_enter();
     if (A == nullptr) return;  // the same for every block of the cluster: none reaches a barrier
     const int nrows = min(FUSED_MAX_ROWS, ts.end - ts.row0);
@@ -740,14 +712,15 @@ __device__ __forceinline__ void sgmv_fused_rows_impl(
         const int i_begin = (int)crank * per, i_end = min(nvec, i_begin + per);
         const int slabs = (max(0, i_end - i_begin) + 31) >> 5;
         const int items = slabs * rank;
-        constexpr int U = 8;
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+        constexpr int U = 4;
         for (int it0 = warp; it0 < items; it0 += FUSED_WARPS * U) {
             uint4 a[U];
             int ii[U];
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const int it = it0 + u * FUSED_WARPS;
-                const int n = it % rank, slab = it / rank;
+                const int n = it % max(rank, 1), slab = it / max(rank, 1);
                 const int i = i_begin + slab * 32 + lane;
                 ii[u] = (it < items && i < i_end) ? i : -1;
                 a[u] = ii[u] >= 0 ? load8(A + (size_t)n * h_in, i * 8, h_in, vec) : zero;
@@ -776,9 +749,29 @@ __device__ __forceinline__ void sgmv_fused_rows_impl(
     // Done with the other blocks' shared memory; they may exit once all have said so.
     cluster_arrive_relaxed();
 
+    // Expand: RL lanes per column (8 ranks each), CPS columns per warp step.
+    const int sub = lane % RL, cg = lane / RL;
+    const int kk = sub * 8;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
     const T dummy = T{};
-    for (; cb < c_end; cb += BSTEP * FUSED_KU) {
-        if (cb != c_begin + warp * CPS) load_b(cb);
+    for (int c0 = c_begin + warp * CPS + cg; c0 < c_end; c0 += BSTEP * FUSED_KU) {
+        uint4 bv[FUSED_KU];
+        int voff[FUSED_KU], prk[FUSED_KU];
+#pragma unroll
+        for (int u = 0; u < FUSED_KU; ++u) {
+            const int col = c0 + u * BSTEP;
+            const int j = (col >= end0) + (col >= end1);
+            const u16* p = j == 0 ? rp.b0 : (j == 1 ? rp.b1 : rp.b2);
+            const int r = j == 0 ? rp.rank0 : (j == 1 ? rp.rank1 : rp.rank2);
+            const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
+            const bool live = col < c_end && p != nullptr;
+            prk[u] = live ? r : 0;
+            voff[u] = j == 0 ? rp.voff0 : (j == 1 ? rp.voff1 : rp.voff2);
+            bv[u] = (live && kk < r)
+                        ? load8(reinterpret_cast<const T*>(p) + (size_t)(col - start) * r, kk, r,
+                                (r & 7) == 0)
+                        : zero;
+        }
         for (int row = 0; row < nrows; ++row) {
             const float* vr = vsum + row * rank;
             T* yr = y + (size_t)(ts.row0 + row) * y_stride + col_offset;
@@ -804,7 +797,7 @@ __device__ __forceinline__ void sgmv_fused_rows_impl(
 #pragma unroll
                 for (int o = RL / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
                 if (sub == 0 && prk[u] > 0) {
-                    const int col = cb + cg + u * BSTEP;
+                    const int col = c0 + u * BSTEP;
                     yr[col] = from_f32<T>(to_f32(yr[col]) + acc);
                 }
             }
