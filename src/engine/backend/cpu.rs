@@ -816,34 +816,6 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn sgmv_fuses(&self, _table: &CpuLoraTable, _meta: &CpuMeta) -> bool {
-        false
-    }
-
-    fn sgmv_fused(
-        &self,
-        x: &CpuBuf,
-        table: &CpuLoraTable,
-        meta: &CpuMeta,
-        h_in: usize,
-        outs: &[usize],
-        y_stride: usize,
-        col_offset: usize,
-        y: &mut CpuBuf,
-    ) -> Result<()> {
-        let width = table
-            .slots
-            .iter()
-            .flatten()
-            .map(|s| s.rank)
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let mut v = self.alloc(DType::F32, meta.0.rows() * width)?;
-        self.sgmv_shrink(x, table, meta, h_in, width, &mut v)?;
-        self.sgmv_expand(&v, table, meta, width, outs, y_stride, col_offset, y)
-    }
-
     fn sgmv_expand(
         &self,
         v: &CpuBuf,

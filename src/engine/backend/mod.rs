@@ -596,26 +596,6 @@ pub trait Backend: Send + Sync + 'static {
         y: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// Whether [`Backend::sgmv_fused`] runs this batch and table as one kernel. When it does
-    /// not, a caller does better with [`Backend::sgmv_shrink`] on the side queue beside the
-    /// base GEMM and [`Backend::sgmv_expand`] after it.
-    fn sgmv_fuses(&self, table: &Self::LoraTable, meta: &Self::Meta) -> bool;
-
-    /// A LoRA group's whole op: what [`Backend::sgmv_shrink`] of `x` into an f32 intermediate
-    /// then [`Backend::sgmv_expand`] of it into `y` do, with the same arguments.
-    #[allow(clippy::too_many_arguments)]
-    fn sgmv_fused(
-        &self,
-        x: &Self::Buf,
-        table: &Self::LoraTable,
-        meta: &Self::Meta,
-        h_in: usize,
-        outs: &[usize],
-        y_stride: usize,
-        col_offset: usize,
-        y: &mut Self::Buf,
-    ) -> Result<()>;
-
     /// Gather `meta.logit_rows` of `x: [rows, hidden]` into `out: [logit_rows, hidden]`.
     fn gather_rows(
         &self,

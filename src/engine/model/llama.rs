@@ -304,7 +304,6 @@ impl<B: Backend> Llama<B> {
             config: c,
             max_rank,
             on: use_lora,
-            split: std::env::var("PUNICA_LORA_SPLIT").as_deref() == Ok("1"),
         };
         b.embedding(&self.embed_tokens, m, h, &mut residual)?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -318,7 +317,7 @@ impl<B: Backend> Llama<B> {
                     &mut normed,
                 )?;
             }
-            let pending = lora.before_gemm(l, LoraGroup::Qkv, &normed, &mut v)?;
+            let pending = lora.shrink(l, LoraGroup::Qkv, &normed, &mut v)?;
             b.matmul(
                 &normed,
                 &layer.self_attn.qkv_proj,
@@ -327,7 +326,7 @@ impl<B: Backend> Llama<B> {
                 qkv_dim,
                 &mut qkv,
             )?;
-            lora.after_gemm(pending, l, LoraGroup::Qkv, &normed, &v, &mut qkv, qkv_dim)?;
+            lora.expand(pending, l, LoraGroup::Qkv, &v, &mut qkv, qkv_dim)?;
             let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
             b.rope_write_kv(
                 &mut qkv,
@@ -341,11 +340,9 @@ impl<B: Backend> Llama<B> {
             b.attention(
                 &qkv, qkv_dim, 0, k_cache, v_cache, m, shape, scale, &mut attn,
             )?;
-            // o's LoRA goes straight into the residual, beside the GEMM: the norm after it
-            // adds both.
-            let pending = lora.beside_gemm(l, LoraGroup::O, &attn, &mut residual, h)?;
+            let pending = lora.shrink(l, LoraGroup::O, &attn, &mut v)?;
             b.matmul(&attn, &layer.self_attn.o_proj, rows, q_dim, h, &mut proj)?;
-            lora.join(pending)?;
+            lora.expand(pending, l, LoraGroup::O, &v, &mut proj, h)?;
             b.add_rms_norm(
                 &mut residual,
                 &proj,
@@ -355,7 +352,7 @@ impl<B: Backend> Llama<B> {
                 h,
                 &mut normed,
             )?;
-            let pending = lora.before_gemm(l, LoraGroup::GateUp, &normed, &mut v)?;
+            let pending = lora.shrink(l, LoraGroup::GateUp, &normed, &mut v)?;
             b.matmul(
                 &normed,
                 &layer.mlp.gate_up_proj,
@@ -364,12 +361,11 @@ impl<B: Backend> Llama<B> {
                 2 * inter,
                 &mut gate_up,
             )?;
-            let gu = 2 * inter;
-            lora.after_gemm(pending, l, LoraGroup::GateUp, &normed, &v, &mut gate_up, gu)?;
+            lora.expand(pending, l, LoraGroup::GateUp, &v, &mut gate_up, 2 * inter)?;
             b.silu_mul(&gate_up, rows, inter, &mut act)?;
-            let pending = lora.beside_gemm(l, LoraGroup::Down, &act, &mut residual, h)?;
+            let pending = lora.shrink(l, LoraGroup::Down, &act, &mut v)?;
             b.matmul(&act, &layer.mlp.down_proj, rows, inter, h, &mut proj)?;
-            lora.join(pending)?;
+            lora.expand(pending, l, LoraGroup::Down, &v, &mut proj, h)?;
             let next_norm = match self.layers.get(l + 1) {
                 Some(next) => &next.input_layernorm,
                 None => &self.norm,
@@ -474,10 +470,8 @@ pub fn batch_step_meta(
     StepMeta::build(&seqs)
 }
 
-/// One step's LoRA application. A group whose output feeds the residual (o, down) is applied
-/// on the backend's side queue straight into the residual, beside its base GEMM. Otherwise
-/// the group runs as one fused op after its GEMM where the backend fuses the batch, else its
-/// shrink goes on the side queue before the GEMM and its expand after it.
+/// One step's LoRA application: a group's shrink (its projections read the same input) is
+/// issued on the backend's side queue before the base GEMM, its expand after it.
 struct Lora<'a, B: Backend> {
     b: &'a B,
     state: &'a LoraState<B>,
@@ -485,106 +479,42 @@ struct Lora<'a, B: Backend> {
     config: &'a LlamaConfig,
     max_rank: usize,
     on: bool,
-    /// Never fuse the groups before a GEMM's consumer (`PUNICA_LORA_SPLIT=1`, measurement).
-    split: bool,
-}
-
-/// What [`Lora::before_gemm`] issued, for [`Lora::after_gemm`].
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Pending {
-    /// Nothing to do.
-    None,
-    /// The fused op runs after the GEMM.
-    Fused,
-    /// The shrink is on the side queue; the expand runs after the GEMM.
-    Expand,
 }
 
 impl<B: Backend> Lora<'_, B> {
-    /// Before the base GEMM of `group` (input `x`): issue its shrink into `v` on the side
-    /// queue, unless the backend fuses the batch or no resident adapter targets the group.
-    fn before_gemm(
-        &self,
-        layer: usize,
-        group: LoraGroup,
-        x: &B::Buf,
-        v: &mut B::Buf,
-    ) -> Result<Pending> {
+    /// Shrink `x` into `v` for `group` on the side queue, when any resident adapter targets
+    /// it. Returns whether it was issued (then [`Self::expand`] joins the side queue).
+    fn shrink(&self, layer: usize, group: LoraGroup, x: &B::Buf, v: &mut B::Buf) -> Result<bool> {
         let Some(table) = self.table(layer, group) else {
-            return Ok(Pending::None);
+            return Ok(false);
         };
-        if !self.split && self.b.sgmv_fuses(table, self.meta) {
-            return Ok(Pending::Fused);
-        }
         let (h_in, _) = self.config.group_dims(group);
         self.b.begin_side()?;
         let issued = self
             .b
             .sgmv_shrink(x, table, self.meta, h_in, self.max_rank, v);
         self.b.end_side()?;
-        issued.map(|()| Pending::Expand).map_err(Into::into)
+        issued.map(|()| true).map_err(Into::into)
     }
 
     /// After the base GEMM wrote `y` (the group's outputs side by side from column 0):
-    /// `y += LoRA(x)`, as [`Self::before_gemm`] prepared it.
-    #[allow(clippy::too_many_arguments)]
-    fn after_gemm(
+    /// `y += v · Bᵀ` per part, if [`Self::shrink`] issued the group's shrink.
+    fn expand(
         &self,
-        pending: Pending,
+        pending: bool,
         layer: usize,
         group: LoraGroup,
-        x: &B::Buf,
         v: &B::Buf,
         y: &mut B::Buf,
         y_stride: usize,
     ) -> Result<()> {
-        let (Some(table), (h_in, outs)) = (self.table(layer, group), self.config.group_dims(group))
-        else {
+        let (true, Some(table)) = (pending, self.table(layer, group)) else {
             return Ok(());
         };
-        match pending {
-            Pending::None => {}
-            Pending::Fused => {
-                self.b
-                    .sgmv_fused(x, table, self.meta, h_in, &outs, y_stride, 0, y)?;
-            }
-            Pending::Expand => {
-                self.b.join_side()?;
-                self.b
-                    .sgmv_expand(v, table, self.meta, self.max_rank, &outs, y_stride, 0, y)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// `y += LoRA(x)` for `group` on the side queue, beside what the main queue issues next
-    /// (which must not touch `y`); [`Self::join`] before `y` is read. Returns whether anything
-    /// was issued.
-    fn beside_gemm(
-        &self,
-        layer: usize,
-        group: LoraGroup,
-        x: &B::Buf,
-        y: &mut B::Buf,
-        y_stride: usize,
-    ) -> Result<bool> {
-        let Some(table) = self.table(layer, group) else {
-            return Ok(false);
-        };
-        let (h_in, outs) = self.config.group_dims(group);
-        self.b.begin_side()?;
-        let issued = self
-            .b
-            .sgmv_fused(x, table, self.meta, h_in, &outs, y_stride, 0, y);
-        self.b.end_side()?;
-        issued.map(|()| true).map_err(Into::into)
-    }
-
-    /// Wait for what [`Self::beside_gemm`] issued.
-    fn join(&self, pending: bool) -> Result<()> {
-        if pending {
-            self.b.join_side()?;
-        }
+        self.b.join_side()?;
+        let (_, outs) = self.config.group_dims(group);
+        self.b
+            .sgmv_expand(v, table, self.meta, self.max_rank, &outs, y_stride, 0, y)?;
         Ok(())
     }
 

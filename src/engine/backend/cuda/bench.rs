@@ -264,12 +264,7 @@ fn make_set(be: &CudaBackend, a: &Anchor, lens: &[usize], seed: u32) -> Result<I
     })
 }
 
-/// The LoRA operator as the engine runs it: one fused kernel where the backend fuses the batch,
-/// else the shrink and the expand.
 fn op(be: &CudaBackend, s: &mut InputSet, meta: &CudaMeta, h: usize, r: usize) -> Result<()> {
-    if be.sgmv_fuses(&s.table, meta) {
-        return be.sgmv_fused(&s.x, &s.table, meta, h, &[h], h, 0, &mut s.y);
-    }
     be.sgmv_shrink(&s.x, &s.table, meta, h, r, &mut s.v)?;
     be.sgmv_expand(&s.v, &s.table, meta, r, &[h], h, 0, &mut s.y)
 }

@@ -349,8 +349,7 @@ pub struct CudaBackend {
     /// Per-kernel timing of real steps (`PUNICA_PROFILE_OPS=1`, see `profile`).
     profile: Option<Mutex<profile::OpProfile>>,
     /// When the CUDA-core row kernels serve a batch (`PUNICA_SGMV_ROWS_MAX`: longest segment,
-    /// 0: never; `PUNICA_SHRINK_ROWS_MAX_RANK`, `PUNICA_EXPAND_ROWS_MAX_RANK`,
-    /// `PUNICA_FUSED_ROWS_MAX_RANK`).
+    /// 0: never; `PUNICA_SHRINK_ROWS_MAX_RANK`, `PUNICA_EXPAND_ROWS_MAX_RANK`).
     row_limits: Mutex<plan::RowLimits>,
     /// 8-element vectors of h_in per split of the row shrink (`PUNICA_SHRINK_ROWS_VECS`).
     shrink_rows_vecs: usize,
@@ -542,7 +541,6 @@ impl CudaBackend {
                     max_seg: knob("PUNICA_SGMV_ROWS_MAX", d.max_seg),
                     shrink_rank: knob("PUNICA_SHRINK_ROWS_MAX_RANK", d.shrink_rank),
                     expand_rank: knob("PUNICA_EXPAND_ROWS_MAX_RANK", d.expand_rank),
-                    fused_rank: knob("PUNICA_FUSED_ROWS_MAX_RANK", d.fused_rank),
                 }
             }),
             shrink_rows_vecs: std::env::var("PUNICA_SHRINK_ROWS_VECS")
@@ -680,30 +678,11 @@ impl CudaBackend {
         args: &[Arg],
         pdl: bool,
     ) -> Result<()> {
-        self.launch_clustered(name, grid, 1, block, args, pdl)
-    }
-
-    /// [`Self::launch`] in thread-block clusters of `cluster` blocks along x (`grid.0` a
-    /// multiple of it).
-    fn launch_clustered(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        cluster: u32,
-        block: u32,
-        args: &[Arg],
-        pdl: bool,
-    ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
         if grid.1 > 65535 || grid.2 > 65535 {
             return Err(shape(format!("grid {grid:?} of {name} is too large")));
-        }
-        if cluster == 0 || grid.0 % cluster != 0 {
-            return Err(shape(format!(
-                "grid {grid:?} of {name} is not whole clusters of {cluster}"
-            )));
         }
         let func = self.function(name)?;
         self.submit(Op::Launch(LaunchOp {
@@ -711,7 +690,6 @@ impl CudaBackend {
             func: func.cu_function() as usize,
             grid,
             block,
-            cluster,
             args: args.iter().map(|a| a.slot()).collect(),
             pdl,
             side: self.on_side.load(std::sync::atomic::Ordering::Relaxed),
@@ -771,24 +749,11 @@ impl CudaBackend {
             .iter_mut()
             .map(|s| s as *mut u64 as *mut c_void)
             .collect();
-        let mut attrs = Vec::with_capacity(2);
-        if l.pdl {
-            // SAFETY: the attribute union is plain data; zero is a valid bit pattern for it.
-            let mut attr: drv_sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-            attr.id =
-                drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attr.value.programmaticStreamSerializationAllowed = 1;
-            attrs.push(attr);
-        }
-        if l.cluster > 1 {
-            // SAFETY: as above.
-            let mut attr: drv_sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-            attr.id = drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-            attr.value.clusterDim.x = l.cluster;
-            attr.value.clusterDim.y = 1;
-            attr.value.clusterDim.z = 1;
-            attrs.push(attr);
-        }
+        // SAFETY: the attribute union is plain data; zero is a valid bit pattern for it.
+        let mut attr: drv_sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id =
+            drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
         let config = drv_sys::CUlaunchConfig {
             gridDimX: l.grid.0,
             gridDimY: l.grid.1,
@@ -798,12 +763,12 @@ impl CudaBackend {
             blockDimZ: 1,
             sharedMemBytes: 0,
             hStream: stream,
-            attrs: if attrs.is_empty() {
-                std::ptr::null_mut()
+            attrs: if l.pdl {
+                &mut attr
             } else {
-                attrs.as_mut_ptr()
+                std::ptr::null_mut()
             },
-            numAttrs: attrs.len() as u32,
+            numAttrs: if l.pdl { 1 } else { 0 },
         };
         self.ctx
             .bind_to_thread()
@@ -1325,55 +1290,6 @@ impl CudaBackend {
     }
 }
 
-impl CudaBackend {
-    /// The checks an expand's output side needs (parts, `y`'s rows, the table's B heights);
-    /// false when the batch has no LoRA work.
-    fn check_expand(
-        &self,
-        table: &CudaLoraTable,
-        meta: &CudaMeta,
-        outs: &[usize],
-        y_stride: usize,
-        col_offset: usize,
-        y: &CudaBuf,
-    ) -> Result<bool> {
-        let h_out: usize = outs.iter().sum();
-        if outs.is_empty() || outs.len() > MAX_GROUP_PARTS {
-            return Err(shape(format!(
-                "sgmv_expand: a group has 1..={MAX_GROUP_PARTS} parts, got {}",
-                outs.len()
-            )));
-        }
-        need(y, meta.layout.rows * y_stride, "sgmv_expand y")?;
-        if col_offset + h_out > y_stride {
-            return Err(shape(format!(
-                "sgmv_expand: columns {col_offset}+{h_out} exceed the row of {y_stride}"
-            )));
-        }
-        if !self.check_lora(y.dtype, table, meta)? {
-            return Ok(false);
-        }
-        for (j, &min_out) in table.min_out.iter().enumerate() {
-            match outs.get(j) {
-                Some(&out) if out > min_out => {
-                    return Err(shape(format!(
-                        "sgmv_expand: part {j} of {out} columns exceeds an adapter's B height \
-                         {min_out}"
-                    )));
-                }
-                None if min_out != usize::MAX => {
-                    return Err(shape(format!(
-                        "sgmv_expand: an adapter has part {j}, the group has {}",
-                        outs.len()
-                    )));
-                }
-                _ => {}
-            }
-        }
-        Ok(true)
-    }
-}
-
 /// Every kernel the backend can launch (for warm-up and the embedding test).
 pub fn kernel_names() -> Vec<String> {
     let mut names = Vec::new();
@@ -1389,7 +1305,6 @@ pub fn kernel_names() -> Vec<String> {
         names.push(format!("sgmv_shrink_rows_{t}"));
         for l in [1, 2, 4, 8, 16] {
             names.push(format!("sgmv_expand_rows_{t}_l{l}"));
-            names.push(format!("sgmv_fused_rows_{t}_l{l}"));
         }
     }
     for t in ["bf16", "f16"] {
@@ -2074,75 +1989,6 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn sgmv_fuses(&self, table: &CudaLoraTable, meta: &CudaMeta) -> bool {
-        self.compute_capability.0 >= 9
-            && meta.layout.num_tiles > 0
-            && self
-                .row_limits()
-                .fused(meta.layout.max_seg_rows, table.max_rank)
-    }
-
-    fn sgmv_fused(
-        &self,
-        x: &CudaBuf,
-        table: &CudaLoraTable,
-        meta: &CudaMeta,
-        h_in: usize,
-        outs: &[usize],
-        y_stride: usize,
-        col_offset: usize,
-        y: &mut CudaBuf,
-    ) -> Result<()> {
-        if !self.sgmv_fuses(table, meta) {
-            let mut v = self.alloc(DType::F32, meta.layout.rows * table.max_rank.max(1))?;
-            self.sgmv_shrink(x, table, meta, h_in, table.max_rank.max(1), &mut v)?;
-            return self.sgmv_expand(
-                &v,
-                table,
-                meta,
-                table.max_rank.max(1),
-                outs,
-                y_stride,
-                col_offset,
-                y,
-            );
-        }
-        same_dtype(x, y, "sgmv_fused")?;
-        need(x, meta.layout.rows * h_in, "sgmv_fused x")?;
-        if !self.check_expand(table, meta, outs, y_stride, col_offset, y)? {
-            return Ok(());
-        }
-        if h_in > table.min_in {
-            return Err(shape(format!(
-                "sgmv_fused: h_in {h_in} exceeds an adapter's A width {}",
-                table.min_in
-            )));
-        }
-        let tiles = meta.layout.num_tiles;
-        let (lanes, cluster) = plan::fused_rows_plan(table.max_part_rank, tiles, self.sm_count)?;
-        let ends = plan::group_ends(outs);
-        self.launch_clustered(
-            &format!("sgmv_fused_rows_{}_l{lanes}", Self::suffix(y.dtype)),
-            (cluster as u32, tiles as u32, 1),
-            cluster as u32,
-            (plan::FUSED_WARPS * 32) as u32,
-            &[
-                Arg::Ptr(x.ptr),
-                i32_arg(h_in, "h_in")?,
-                Arg::Ptr(y.ptr),
-                i32_arg(y_stride, "y_stride")?,
-                i32_arg(col_offset, "col_offset")?,
-                i32_arg(ends[0], "end0")?,
-                i32_arg(ends[1], "end1")?,
-                i32_arg(ends[2], "end2")?,
-                Arg::Ptr(table.ptr),
-                Arg::Ptr(meta.at(meta.layout.tiles)),
-                Arg::Ptr(meta.at(meta.layout.segs)),
-            ],
-            self.pdl,
-        )
-    }
-
     fn sgmv_expand(
         &self,
         v: &CudaBuf,
@@ -2161,8 +2007,21 @@ impl Backend for CudaBackend {
                 v.dtype
             )));
         }
+        let h_out: usize = outs.iter().sum();
+        if outs.is_empty() || outs.len() > MAX_GROUP_PARTS {
+            return Err(shape(format!(
+                "sgmv_expand: a group has 1..={MAX_GROUP_PARTS} parts, got {}",
+                outs.len()
+            )));
+        }
         need(v, rows * v_stride, "sgmv_expand v")?;
-        if !self.check_expand(table, meta, outs, y_stride, col_offset, y)? {
+        need(y, rows * y_stride, "sgmv_expand y")?;
+        if col_offset + h_out > y_stride {
+            return Err(shape(format!(
+                "sgmv_expand: columns {col_offset}+{h_out} exceed the row of {y_stride}"
+            )));
+        }
+        if !self.check_lora(y.dtype, table, meta)? {
             return Ok(());
         }
         if table.max_rank > v_stride {
@@ -2170,6 +2029,23 @@ impl Backend for CudaBackend {
                 "sgmv_expand: table rank {} exceeds v's width {v_stride}",
                 table.max_rank
             )));
+        }
+        for (j, &min_out) in table.min_out.iter().enumerate() {
+            match outs.get(j) {
+                Some(&out) if out > min_out => {
+                    return Err(shape(format!(
+                        "sgmv_expand: part {j} of {out} columns exceeds an adapter's B height \
+                         {min_out}"
+                    )));
+                }
+                None if min_out != usize::MAX => {
+                    return Err(shape(format!(
+                        "sgmv_expand: an adapter has part {j}, the group has {}",
+                        outs.len()
+                    )));
+                }
+                _ => {}
+            }
         }
         if self
             .row_limits()

@@ -33,9 +33,6 @@ pub struct RowLimits {
     pub shrink_rank: usize,
     /// Largest part rank of the row expand.
     pub expand_rank: usize,
-    /// Largest group rank of the fused row kernel (shrink and expand in one launch), which
-    /// takes segments of at most [`FUSED_MAX_ROWS`] rows.
-    pub fused_rank: usize,
 }
 
 impl RowLimits {
@@ -46,21 +43,18 @@ impl RowLimits {
         max_seg: 1,
         shrink_rank: 48,
         expand_rank: 32,
-        fused_rank: MAX_GROUP_RANK,
     };
     /// Everything the row kernels can take (the selftest).
     pub const ALL: RowLimits = RowLimits {
         max_seg: TILE_ROWS,
         shrink_rank: MAX_GROUP_RANK,
         expand_rank: MAX_RANK,
-        fused_rank: MAX_GROUP_RANK,
     };
     /// Never.
     pub const NONE: RowLimits = RowLimits {
         max_seg: 0,
         shrink_rank: 0,
         expand_rank: 0,
-        fused_rank: 0,
     };
 
     /// Whether the row shrink serves a batch whose longest segment has `max_seg_rows` rows,
@@ -72,11 +66,6 @@ impl RowLimits {
     /// Whether the row expand serves it, for a table of largest part rank `part_rank`.
     pub fn expand(&self, max_seg_rows: usize, part_rank: usize) -> bool {
         self.rows(max_seg_rows) && part_rank <= self.expand_rank
-    }
-
-    /// Whether the fused row kernel serves it, for a table of largest group rank `rank`.
-    pub fn fused(&self, max_seg_rows: usize, rank: usize) -> bool {
-        self.rows(max_seg_rows) && max_seg_rows <= FUSED_MAX_ROWS && rank <= self.fused_rank
     }
 
     fn rows(&self, max_seg_rows: usize) -> bool {
@@ -117,27 +106,6 @@ pub fn expand_rows_plan(
     let lanes = max_part_rank.div_ceil(8).next_power_of_two();
     let cols = ROWS_WARPS * ROWS_KU * (32 / lanes);
     Ok((lanes, (h_out.div_ceil(cols) as u32, num_tiles as u32)))
-}
-
-/// Rows of a tile the fused row kernel takes (kernels/sgmv.cu `FUSED_MAX_ROWS`).
-pub const FUSED_MAX_ROWS: usize = 4;
-/// Warps per fused row block (kernels/sgmv.cu `FUSED_WARPS`).
-pub const FUSED_WARPS: usize = 8;
-/// The largest portable thread-block cluster.
-pub const MAX_CLUSTER: usize = 8;
-
-/// The fused row kernel: lanes per column (as [`expand_rows_plan`]) and the cluster a tile gets
-/// (blocks splitting its h_in and its output columns): a power of two up to [`MAX_CLUSTER`],
-/// so that the tiles together make about two blocks per SM.
-pub fn fused_rows_plan(
-    max_part_rank: usize,
-    num_tiles: usize,
-    sm_count: usize,
-) -> Result<(usize, usize)> {
-    check_rank(max_part_rank)?;
-    let lanes = max_part_rank.div_ceil(8).next_power_of_two();
-    let want = (2 * sm_count / num_tiles.max(1)).max(1);
-    Ok((lanes, (1usize << want.ilog2()).min(MAX_CLUSTER)))
 }
 
 /// Bytes of one slot of a LoRA group table (kernels/sgmv.cu `LoraSlot`).
@@ -566,22 +534,6 @@ mod tests {
         assert_eq!(expand_rows_plan(128, 11008, 3).unwrap(), (16, (344, 3)));
         assert_eq!(expand_rows_plan(33, 100, 1).unwrap().0, 8);
         assert!(expand_rows_plan(0, 1, 1).is_err() && expand_rows_plan(129, 1, 1).is_err());
-    }
-
-    #[test]
-    fn the_fused_row_kernel_takes_segments_of_up_to_four_rows_in_clusters_of_up_to_eight() {
-        let d = RowLimits::DEFAULT;
-        assert!(d.fused(1, MAX_GROUP_RANK) && !d.fused(1, MAX_GROUP_RANK + 1));
-        assert!(!d.fused(2, 16) && !d.fused(0, 16));
-        assert!(RowLimits::ALL.fused(4, 48) && !RowLimits::ALL.fused(5, 48));
-        assert!(!RowLimits::NONE.fused(1, 1));
-        // 7B decode, 32 rows of their own adapters at r=16 on 132 SMs: 8 blocks a row.
-        assert_eq!(fused_rows_plan(16, 32, 132).unwrap(), (2, 8));
-        assert_eq!(fused_rows_plan(16, 64, 132).unwrap(), (2, 4));
-        assert_eq!(fused_rows_plan(128, 1, 132).unwrap(), (16, 8));
-        assert_eq!(fused_rows_plan(1, 512, 132).unwrap(), (1, 1));
-        assert_eq!(fused_rows_plan(8, 100, 132).unwrap(), (1, 2));
-        assert!(fused_rows_plan(0, 1, 132).is_err() && fused_rows_plan(129, 1, 132).is_err());
     }
 
     #[test]
