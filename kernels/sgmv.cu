@@ -604,6 +604,226 @@ DEFINE_EXPAND_ROWS(f16, f16, 4)
 DEFINE_EXPAND_ROWS(f16, f16, 8)
 DEFINE_EXPAND_ROWS(f16, f16, 16)
 
+// ---------------------------------------------------------------------------------------------
+// Swap-AB row kernels: the same shrink and expand on tensor cores for batches of short
+// segments. The adapter's matrix is the mma's M operand (16 ranks of A, or 16 output columns of
+// B, per tile) and the segment's rows its N (8 per pass), so every byte of A or B read from
+// memory feeds a tensor core, a lone row wastes no M, and a warp moves 512 bytes of weights per
+// mma instead of 16 per lane per eight FMAs. The k trick of the tile kernels maps the logical
+// k {2q, 2q+1, 2q+8, 2q+9} of lane (g = lane / 4, q = lane % 4) onto consecutive physical ones.
+
+#define SW_COL_TILES 4  // 16-column tiles per warp of the swap-AB expand
+
+// v[row, n] = x[row, :] . A[n, :]: block (split blockIdx.x, 16 ranks blockIdx.y, tile blockIdx.z);
+// its ROWS_WARPS warps take interleaved 32-element blocks of its split of h_in (two mma k-steps
+// from one 16-byte load of A's two rows and of x's row per lane) and add their partial sums in
+// shared memory. Splits meet as in the row shrink (accumulator, counter, the last block copies).
+template <typename T>
+__device__ __forceinline__ void sgmv_shrink_sw_impl(
+    const T* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,
+    const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+    const u32* __restrict__ segs, int ksplit, int acc_rank, float* __restrict__ acc,
+    u32* __restrict__ counters) {
+    __shared__ float red[ROWS_WARPS][16][8];
+    __shared__ int is_last;
+    const int tile = blockIdx.z, split = blockIdx.x;
+    const ShrinkTile st = shrink_tile(tiles, segs, table, tile);
+    const int row0 = st.row0, slot_rank = st.rank;
+    const T* A = reinterpret_cast<const T*>(st.a);
+    pdl_enter();
+    if (A == nullptr) return;  // the same for every block of the tile
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int n0 = blockIdx.y * 16;
+    const int nrows = min(16, st.end - row0);
+    const bool vec = (h_in & 7) == 0;
+    const int nblk = (h_in + 31) >> 5;
+    const int per = (nblk + ksplit - 1) / ksplit;
+    const int b_begin = split * per, b_end = min(nblk, b_begin + per);
+    const int ra = n0 + g, rb = n0 + g + 8;
+    const T* Aa = A + (size_t)ra * h_in;
+    const T* Ab = A + (size_t)rb * h_in;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    float* tacc = acc + (size_t)tile * 16 * acc_rank;
+    for (int rc = 0; rc < nrows; rc += 8) {
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const bool xok = rc + g < nrows;
+        const T* xr = x + (size_t)(row0 + rc + g) * h_in;
+        if (n0 < slot_rank) {
+#pragma unroll 4
+            for (int b = b_begin + warp; b < b_end; b += ROWS_WARPS) {
+                const int k = b * 32 + q * 8;
+                const uint4 a0 = ra < slot_rank ? load8(Aa, k, h_in, vec) : zero;
+                const uint4 a1 = rb < slot_rank ? load8(Ab, k, h_in, vec) : zero;
+                const uint4 xv = xok ? load8(xr, k, h_in, vec) : zero;
+                mma16816<T>(d, a0.x, a1.x, a0.y, a1.y, xv.x, xv.y);
+                mma16816<T>(d, a0.z, a1.z, a0.w, a1.w, xv.z, xv.w);
+            }
+        }
+        // d: (rank g, row 2q), (g, 2q+1), (g+8, 2q), (g+8, 2q+1).
+        red[warp][g][2 * q] = d[0];
+        red[warp][g][2 * q + 1] = d[1];
+        red[warp][g + 8][2 * q] = d[2];
+        red[warp][g + 8][2 * q + 1] = d[3];
+        __syncthreads();
+        {
+            const int m = threadIdx.x >> 3, n = threadIdx.x & 7;
+            float t = 0.0f;
+#pragma unroll
+            for (int w = 0; w < ROWS_WARPS; ++w) t += red[w][m][n];
+            const int rank = n0 + m, row = rc + n;
+            if (rank < slot_rank && row < nrows) {
+                if (ksplit == 1) {
+                    v[(size_t)(row0 + row) * v_stride + rank] = t;
+                } else {
+                    atomicAdd(&tacc[row * acc_rank + rank], t);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    if (ksplit == 1) return;
+
+    __threadfence();
+    __syncthreads();
+    const u32 blocks = gridDim.x * gridDim.y;
+    if (threadIdx.x == 0) {
+        const u32 prev = atomicAdd(&counters[tile], 1u);
+        is_last = (prev == blocks - 1);
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < nrows * slot_rank; idx += blockDim.x) {
+        const int row = idx / slot_rank, col = idx % slot_rank;
+        v[(size_t)(row0 + row) * v_stride + col] = __ldcg(&tacc[row * acc_rank + col]);
+        tacc[row * acc_rank + col] = 0.0f;
+    }
+    if (threadIdx.x == 0) counters[tile] = 0u;
+}
+
+// Four consecutive 16-bit elements p[k .. k+4) as two packed pairs, zero past `len`; one 8-byte
+// load when `vec` (4-element aligned rows) and the run is in bounds.
+template <typename T>
+__device__ __forceinline__ uint2 load4(const T* p, int k, int len, bool vec) {
+    if (vec && k + 4 <= len) return __ldg(reinterpret_cast<const uint2*>(p + k));
+    const u16* s = reinterpret_cast<const u16*>(p);
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = k + i < len ? (u32)s[k + i] : 0u;
+    return make_uint2(w[0] | (w[1] << 16), w[2] | (w[3] << 16));
+}
+
+// y[row, col_offset + c] += v[row, voff_j ..][.. rank_j] . B_j[c - start_j, :]: block (column
+// block blockIdx.x, tile blockIdx.y), each warp SW_COL_TILES tiles of 16 columns (a tile lies in
+// one part: the host checks that the part widths are multiples of 16). A tile's B rows are the
+// mma's A operand (loaded before the wait for the first 16 ranks: B comes from host copies), v
+// its B operand as hi + lo halves (f32 accuracy), 8 rows per pass.
+template <typename T>
+__device__ __forceinline__ void sgmv_expand_sw_impl(
+    const float* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
+    int end0, int end1, int end2, const LoraSlot* __restrict__ table,
+    const u32* __restrict__ tiles, const u32* __restrict__ segs) {
+    const TileSeg ts = tile_seg(tiles, segs, blockIdx.y);
+    const LoraSlot* s = table + ts.slot;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int c_warp = (blockIdx.x * ROWS_WARPS + warp) * (SW_COL_TILES * 16);
+    const u16* bp[SW_COL_TILES];
+    int rk[SW_COL_TILES], vo[SW_COL_TILES], cs[SW_COL_TILES];
+    uint2 ag[SW_COL_TILES], ag8[SW_COL_TILES];
+    int max_rank = 0;
+#pragma unroll
+    for (int t = 0; t < SW_COL_TILES; ++t) {
+        const int c0 = c_warp + t * 16;
+        const int j = (c0 >= end0) + (c0 >= end1);
+        const void* b = s->b[j < MAX_PARTS ? j : 0];
+        const bool live = c0 < end2 && b != nullptr;
+        bp[t] = live ? reinterpret_cast<const u16*>(b) : nullptr;
+        rk[t] = live ? (int)s->prank[j] : 0;
+        vo[t] = (int)s->voff[j < MAX_PARTS ? j : 0];
+        cs[t] = c0 - (j == 0 ? 0 : (j == 1 ? end0 : end1));  // tile's first row of B_j
+        max_rank = max(max_rank, rk[t]);
+        const T* B = reinterpret_cast<const T*>(bp[t]);
+        const bool vec = (rk[t] & 3) == 0;
+        ag[t] = rk[t] > 0 ? load4(B + (size_t)(cs[t] + g) * rk[t], 4 * q, rk[t], vec)
+                          : make_uint2(0u, 0u);
+        ag8[t] = rk[t] > 0 ? load4(B + (size_t)(cs[t] + g + 8) * rk[t], 4 * q, rk[t], vec)
+                           : make_uint2(0u, 0u);
+    }
+    pdl_enter();
+    const int nrows = min(16, ts.end - ts.row0);
+    const bool vvec = (v_stride & 3) == 0;
+    for (int rc = 0; rc < nrows; rc += 8) {
+        float d[SW_COL_TILES][4];
+#pragma unroll
+        for (int t = 0; t < SW_COL_TILES; ++t) d[t][0] = d[t][1] = d[t][2] = d[t][3] = 0.0f;
+        const bool rok = rc + g < nrows;
+        const float* vr = v + (size_t)(ts.row0 + rc + g) * v_stride;
+        for (int k0 = 0; k0 < max_rank; k0 += 16) {
+#pragma unroll
+            for (int t = 0; t < SW_COL_TILES; ++t) {
+                if (k0 >= rk[t]) continue;  // the same for the whole warp
+                if (k0 > 0 || rc > 0) {
+                    const T* B = reinterpret_cast<const T*>(bp[t]);
+                    const bool vec = (rk[t] & 3) == 0;
+                    ag[t] = load4(B + (size_t)(cs[t] + g) * rk[t], k0 + 4 * q, rk[t], vec);
+                    ag8[t] = load4(B + (size_t)(cs[t] + g + 8) * rk[t], k0 + 4 * q, rk[t], vec);
+                }
+                // v[row rc + g][voff + k0 + 4q .. +4), zero past the part's rank.
+                const int k = k0 + 4 * q;
+                float w[4];
+                if (rok && vvec && ((vo[t] & 3) == 0) && k + 4 <= rk[t]) {
+                    const float4 p = __ldcg(reinterpret_cast<const float4*>(vr + vo[t] + k));
+                    w[0] = p.x; w[1] = p.y; w[2] = p.z; w[3] = p.w;
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) w[i] = (rok && k + i < rk[t]) ? __ldcg(vr + vo[t] + k + i) : 0.0f;
+                }
+                u32 h0, l0, h1, l1;
+                split_pair<T>(w[0], w[1], h0, l0);
+                split_pair<T>(w[2], w[3], h1, l1);
+                mma16816<T>(d[t], ag[t].x, ag8[t].x, ag[t].y, ag8[t].y, h0, h1);
+                mma16816<T>(d[t], ag[t].x, ag8[t].x, ag[t].y, ag8[t].y, l0, l1);
+            }
+        }
+        // d[t]: (column g, row 2q), (g, 2q+1), (g+8, 2q), (g+8, 2q+1) of tile t.
+#pragma unroll
+        for (int t = 0; t < SW_COL_TILES; ++t) {
+            if (rk[t] == 0) continue;
+            const int c0 = c_warp + t * 16;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = rc + 2 * q + (e & 1), col = c0 + g + ((e >> 1) << 3);
+                if (row < nrows) {
+                    T* yp = y + (size_t)(ts.row0 + row) * y_stride + col_offset + col;
+                    *yp = from_f32<T>(to_f32(*yp) + d[t][e]);
+                }
+            }
+        }
+    }
+}
+
+#define DEFINE_SW(TNAME, TYPE)                                                                \
+    extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32) sgmv_shrink_sw_##TNAME(     \
+        const TYPE* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,            \
+        const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,                    \
+        const u32* __restrict__ segs, int ksplit, int acc_rank, float* __restrict__ acc,      \
+        u32* __restrict__ counters) {                                                         \
+        sgmv_shrink_sw_impl<TYPE>(x, h_in, v, v_stride, table, tiles, segs, ksplit, acc_rank, \
+                                  acc, counters);                                             \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32) sgmv_expand_sw_##TNAME(     \
+        const float* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,        \
+        int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,     \
+        const u32* __restrict__ tiles, const u32* __restrict__ segs) {                        \
+        sgmv_expand_sw_impl<TYPE>(v, v_stride, y, y_stride, col_offset, end0, end1, end2,     \
+                                  table, tiles, segs);                                        \
+    }
+
+DEFINE_SW(bf16, bf16)
+DEFINE_SW(f16, f16)
+
 #define SHRINK_PASS x, h_in, v, v_stride, table, tiles, segs, ksplit, acc, counters
 
 #define DEFINE_SHRINK(TNAME, TYPE, NT, U)                                                    \
