@@ -270,12 +270,7 @@ mod tests {
     fn every_kernel_the_backend_names_is_defined_in_its_module() {
         for name in super::super::kernel_names() {
             let src = module_source(module_of(&name)).unwrap();
-            let defined = if let Some(t) = name
-                .strip_prefix("sgmv_shrink_sw_")
-                .or_else(|| name.strip_prefix("sgmv_expand_sw_"))
-            {
-                src.contains(&format!("DEFINE_SW({t}, {t})"))
-            } else if let Some(t) = name.strip_prefix("sgmv_shrink_rows_") {
+            let defined = if let Some(t) = name.strip_prefix("sgmv_shrink_rows_") {
                 src.contains(&format!("DEFINE_SHRINK_ROWS({t}, {t})"))
             } else if let Some(rest) = name.strip_prefix("sgmv_shrink_") {
                 let (t, n) = rest.split_once("_n").unwrap();

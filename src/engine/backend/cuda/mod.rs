@@ -343,8 +343,6 @@ pub struct CudaBackend {
     shrink_max_splits_full: usize,
     /// Spread ranks over blocks when a batch has few tiles (`PUNICA_SHRINK_RANK_SPLIT=0` disables).
     shrink_rank_split: bool,
-    /// The row kernels on tensor cores, swap-AB (`PUNICA_ROWS_TC=0`: on CUDA cores).
-    rows_tc: bool,
     /// Run [`Backend::begin_side`] work on the side stream (`PUNICA_SIDE_STREAM=0`: on the main
     /// stream, in issue order).
     side_stream: bool,
@@ -527,7 +525,6 @@ impl CudaBackend {
             profile: (std::env::var("PUNICA_PROFILE_OPS").as_deref() == Ok("1"))
                 .then(|| Mutex::new(profile::OpProfile::new())),
             side_stream: std::env::var("PUNICA_SIDE_STREAM").as_deref() != Ok("0"),
-            rows_tc: std::env::var("PUNICA_ROWS_TC").as_deref() != Ok("0"),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
                 Ok("8") => 8,
                 _ => 4,
@@ -1306,8 +1303,6 @@ pub fn kernel_names() -> Vec<String> {
             }
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
-        names.push(format!("sgmv_shrink_sw_{t}"));
-        names.push(format!("sgmv_expand_sw_{t}"));
         for l in [1, 2, 4, 8, 16] {
             names.push(format!("sgmv_expand_rows_{t}_l{l}"));
         }
@@ -1935,17 +1930,13 @@ impl Backend for CudaBackend {
             .row_limits()
             .shrink(meta.layout.max_seg_rows, table.max_rank)
         {
-            let (splits, rank_blocks) = if self.rows_tc {
-                plan::shrink_sw_plan(h_in, table.max_rank, tiles, self.sm_count * 4)
-            } else {
-                plan::shrink_rows_plan(
-                    h_in,
-                    table.max_rank,
-                    tiles,
-                    self.shrink_rows_vecs,
-                    self.sm_count * self.shrink_blocks_per_sm,
-                )
-            };
+            let (splits, rank_blocks) = plan::shrink_rows_plan(
+                h_in,
+                table.max_rank,
+                tiles,
+                self.shrink_rows_vecs,
+                self.sm_count * self.shrink_blocks_per_sm,
+            );
             let (acc, counters) =
                 self.shrink_workspace(splits, tiles, tiles * plan::TILE_ROWS * table.max_rank)?;
             let mut args = Self::shrink_args(x, h_in, v, v_stride, table, meta, splits)?;
@@ -1954,9 +1945,8 @@ impl Backend for CudaBackend {
                 Arg::Ptr(acc),
                 Arg::Ptr(counters),
             ]);
-            let kind = if self.rows_tc { "sw" } else { "rows" };
             return self.launch(
-                &format!("sgmv_shrink_{kind}_{}", Self::suffix(x.dtype)),
+                &format!("sgmv_shrink_rows_{}", Self::suffix(x.dtype)),
                 (splits as u32, rank_blocks as u32, tiles as u32),
                 (plan::ROWS_WARPS * 32) as u32,
                 &args,
@@ -2062,21 +2052,12 @@ impl Backend for CudaBackend {
             .expand(meta.layout.max_seg_rows, table.max_part_rank)
         {
             let h_out: usize = outs.iter().sum();
-            let (name, (gx, gy)) = match plan::expand_sw_plan(outs, meta.layout.num_tiles) {
-                Some(grid) if self.rows_tc => {
-                    (format!("sgmv_expand_sw_{}", Self::suffix(y.dtype)), grid)
-                }
-                _ => {
-                    let (lanes, grid) =
-                        plan::expand_rows_plan(table.max_part_rank, h_out, meta.layout.num_tiles)?;
-                    let t = Self::suffix(y.dtype);
-                    (format!("sgmv_expand_rows_{t}_l{lanes}"), grid)
-                }
-            };
+            let (lanes, (gx, gy)) =
+                plan::expand_rows_plan(table.max_part_rank, h_out, meta.layout.num_tiles)?;
             let ends = plan::group_ends(outs);
             let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
             return self.launch(
-                &name,
+                &format!("sgmv_expand_rows_{}_l{lanes}", Self::suffix(y.dtype)),
                 (gx, gy, 1),
                 (plan::ROWS_WARPS * 32) as u32,
                 &[
@@ -2278,7 +2259,7 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "unknown time".into());
     format!(
-        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n# SGMV: row kernels ({}) when {:?}, tensor-core tiles otherwise\n# CUDA graphs for repeated steps: {}\n",
+        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n# SGMV: CUDA-core row kernels when {:?}, tensor-core tiles otherwise\n# CUDA graphs for repeated steps: {}\n",
         be.device_name(),
         be.compute_capability().0,
         be.compute_capability().1,
@@ -2286,11 +2267,6 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         be.arch(),
         env!("PUNICA_GIT_REV"),
         be.pdl(),
-        if be.rows_tc {
-            "swap-AB on tensor cores"
-        } else {
-            "CUDA cores"
-        },
         be.row_limits(),
         if be.graphs_enabled() { "on" } else { "off" },
     )

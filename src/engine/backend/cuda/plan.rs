@@ -108,35 +108,6 @@ pub fn expand_rows_plan(
     Ok((lanes, (h_out.div_ceil(cols) as u32, num_tiles as u32)))
 }
 
-/// 16-column tiles per warp of the swap-AB expand (kernels/sgmv.cu `SW_COL_TILES`).
-pub const SW_COL_TILES: usize = 4;
-
-/// The swap-AB row shrink's grid: `(h_in splits, 16-rank blocks)`. Splits of h_in (whole
-/// 32-element blocks, at least two per warp) are added until the batch has about
-/// `target_blocks` blocks.
-pub fn shrink_sw_plan(
-    h_in: usize,
-    max_rank: usize,
-    num_tiles: usize,
-    target_blocks: usize,
-) -> (usize, usize) {
-    let rank_blocks = max_rank.div_ceil(16).max(1);
-    let most = (h_in.div_ceil(32) / (2 * ROWS_WARPS)).max(1);
-    let fill = target_blocks.div_ceil(num_tiles.max(1) * rank_blocks);
-    (fill.clamp(1, most), rank_blocks)
-}
-
-/// The swap-AB row expand's grid `(column blocks, row tiles)` for `h_out` columns, when every
-/// part is whole 16-column tiles (a tile never straddles two parts); `None` otherwise.
-pub fn expand_sw_plan(outs: &[usize], num_tiles: usize) -> Option<(u32, u32)> {
-    if outs.iter().any(|o| o % 16 != 0) {
-        return None;
-    }
-    let h_out: usize = outs.iter().sum();
-    let cols = ROWS_WARPS * SW_COL_TILES * 16;
-    Some((h_out.div_ceil(cols) as u32, num_tiles as u32))
-}
-
 /// Bytes of one slot of a LoRA group table (kernels/sgmv.cu `LoraSlot`).
 pub const LORA_SLOT_BYTES: usize = 64;
 
@@ -563,21 +534,6 @@ mod tests {
         assert_eq!(expand_rows_plan(128, 11008, 3).unwrap(), (16, (344, 3)));
         assert_eq!(expand_rows_plan(33, 100, 1).unwrap().0, 8);
         assert!(expand_rows_plan(0, 1, 1).is_err() && expand_rows_plan(129, 1, 1).is_err());
-    }
-
-    #[test]
-    fn swap_ab_row_kernels_split_h_in_to_fill_the_gpu_and_need_whole_column_tiles() {
-        // 7B decode, 32 rows: gate|up stacks 32 ranks (2 blocks of 16), 528 blocks wanted.
-        assert_eq!(shrink_sw_plan(4096, 32, 32, 528), (9, 2));
-        assert_eq!(shrink_sw_plan(4096, 48, 32, 528), (6, 3));
-        assert_eq!(shrink_sw_plan(11008, 16, 32, 528), (17, 1));
-        // A lone row: as many splits as keep two 32-element blocks per warp.
-        assert_eq!(shrink_sw_plan(4096, 16, 1, 528), (16, 1));
-        assert_eq!(shrink_sw_plan(100, 3, 1, 528), (1, 1));
-        assert_eq!(expand_sw_plan(&[11008, 11008], 32), Some((86, 32)));
-        assert_eq!(expand_sw_plan(&[4096, 4096, 4096], 1), Some((48, 1)));
-        assert_eq!(expand_sw_plan(&[576], 3), Some((3, 3)));
-        assert_eq!(expand_sw_plan(&[4096, 100], 3), None);
     }
 
     #[test]
