@@ -741,6 +741,7 @@ fn start_engine(
                         reserve,
                         args.gpu_memory_fraction,
                         Some(kv_blocks),
+                        args.max_running,
                     )
                     .map_err(EngineError::Startup)
                 },
