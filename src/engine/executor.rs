@@ -137,7 +137,7 @@ pub fn cuda_executor(
             2 * c.intermediate_size,
         );
         let started = Instant::now();
-        match backend.tune_decode_gemms(&shapes, decode_rows.min(lt::TUNE_MAX_ROWS), lt::MIN_GAIN) {
+        match backend.tune_decode_gemms(&shapes, decode_rows.min(lt::TUNE_MAX_ROWS)) {
             Ok(_) => tracing::info!(
                 ms = started.elapsed().as_millis() as u64,
                 "decode GEMMs timed"

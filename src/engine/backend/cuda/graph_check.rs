@@ -3,9 +3,8 @@
 //! the logits of every step must agree. The batch keeps its layout long enough for its graph to
 //! pay off ([`WORTH_REPLAYS`]), changes membership (one sequence sits two steps out) and
 //! returns to its first layout, so the run issues, records and replays steps, and replays a
-//! cached graph of an earlier layout; the counters must show all three. The graphed run's
-//! GEMMs go through the cuBLASLt algorithms the GEMM timing picks (forced), the issued run's
-//! through cuBLAS's defaults. Inputs are fresh random tokens each run.
+//! cached graph of an earlier layout; the counters must show all three. Inputs are fresh random
+//! tokens each run.
 
 use std::sync::Arc;
 
@@ -20,7 +19,7 @@ use crate::engine::model::llama::{KvCache, Llama, LoraState, batch_step_meta};
 use super::graph::{GraphStats, WORTH_REPLAYS};
 use super::reference;
 use super::selftest::CaseResult;
-use super::{CudaBackend, CudaOptions, lt};
+use super::{CudaBackend, CudaOptions};
 
 /// Decode steps after the prefill.
 const STEPS: usize = 32;
@@ -57,18 +56,6 @@ fn run(
     be.set_graphs(graphs)?;
     let model = Llama::random(Arc::clone(&be), config(), 11).map_err(|e| err("model", e))?;
     let b = be.as_ref();
-    if graphs {
-        // The graphed run's GEMMs go through cuBLASLt's fastest candidate whatever it gains,
-        // so the comparison with the issued run (cuBLAS's defaults) covers them in graphs.
-        let c = model.config();
-        let shapes = lt::decode_shapes(
-            c.hidden_size,
-            c.q_dim() + 2 * c.kv_dim(),
-            c.q_dim(),
-            2 * c.intermediate_size,
-        );
-        b.tune_decode_gemms(&shapes, requests.len(), f64::NEG_INFINITY)?;
-    }
     let longest = requests.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
     let per_seq = (longest + STEPS + 1).div_ceil(BLOCK_SIZE);
     let mut kv = KvCache::new(b, model.config(), requests.len() * per_seq)

@@ -1133,13 +1133,12 @@ impl CudaBackend {
 
     /// Time cuBLASLt's candidates for the decode GEMMs `shapes` (`(k, n)`, weights in the
     /// backend's dtype) at 1..=`max_rows` rows and keep each shape's fastest where it beats
-    /// cuBLAS's default by `min_gain` ([`lt::MIN_GAIN`]; see [`lt`]). Runs outside a step, on
-    /// scratch weights rotated over more than L2 holds; returns one summary line per `(k, n)`.
+    /// cuBLAS's default (see [`lt`]). Runs outside a step, on scratch weights rotated over more
+    /// than L2 holds; returns one summary line per `(k, n)`.
     pub fn tune_decode_gemms(
         &self,
         shapes: &[(usize, usize)],
         max_rows: usize,
-        min_gain: f64,
     ) -> Result<Vec<String>> {
         let dt = self.dtype;
         if dt == DType::F32 || shapes.is_empty() || max_rows == 0 {
@@ -1232,7 +1231,7 @@ impl CudaBackend {
                     }
                 }
                 if let Some((us, i)) = best
-                    && lt::worth_it(default_us, us, min_gain)
+                    && lt::worth_it(default_us, us)
                 {
                     faster += 1;
                     saved_us += default_us - us;
