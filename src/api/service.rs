@@ -151,7 +151,6 @@ pub fn load_model(
     );
     let engine_config = EngineConfig::default();
     let slots = engine_config.cache.device_slots;
-    let max_running = engine_config.max_running;
     let model_dir = dir.to_owned();
     let engine = if use_cuda {
         let cell = BackendCell::default();
@@ -165,7 +164,6 @@ pub fn load_model(
                 adapters,
                 gpu_memory_fraction,
                 None,
-                max_running,
             )
             .map_err(|e| EngineError::Startup(format!("loading {}: {e}", model_dir.display())))
         };

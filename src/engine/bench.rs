@@ -741,7 +741,6 @@ fn start_engine(
                         reserve,
                         args.gpu_memory_fraction,
                         Some(kv_blocks),
-                        args.max_running,
                     )
                     .map_err(EngineError::Startup)
                 },

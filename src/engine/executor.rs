@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::engine::backend::cpu::CpuBackend;
-use crate::engine::backend::cuda::{CudaBackend, CudaOptions, lt};
+use crate::engine::backend::cuda::{CudaBackend, CudaOptions};
 use crate::engine::backend::{Backend, DType, Pick, RowSampling, StepMeta};
 use crate::engine::lora::cache::{AdapterFiles, AdapterKey, HostAdapter, Validator};
 use crate::engine::lora::peft::LoraWeights;
@@ -106,11 +106,9 @@ impl<B: Backend> LlamaExecutor<B> {
 /// tables (per step the activations of 512 rows of a 13B model take about 100 MiB).
 pub const CUDA_RESERVE_BYTES: usize = 1 << 30;
 
-/// Build an executor on the CUDA backend: `load` puts the model's weights on the GPU, its
-/// decode GEMMs are timed for up to `decode_rows` rows (`PUNICA_TUNE_GEMMS=0`: not), then the
+/// Build an executor on the CUDA backend: `load` puts the model's weights on the GPU, then the
 /// KV pool takes what is left of `memory_fraction` of the device's memory after `adapter_bytes`
 /// (room for the adapter slots) and [`CUDA_RESERVE_BYTES`], capped at `max_kv_blocks`.
-#[allow(clippy::too_many_arguments)]
 pub fn cuda_executor(
     cell: &BackendCell<CudaBackend>,
     load: impl FnOnce(Arc<CudaBackend>) -> Result<Llama<CudaBackend>, ModelError>,
@@ -118,7 +116,6 @@ pub fn cuda_executor(
     adapter_bytes: usize,
     memory_fraction: f64,
     max_kv_blocks: Option<usize>,
-    decode_rows: usize,
 ) -> Result<LlamaExecutor<CudaBackend>, String> {
     let backend = Arc::new(CudaBackend::new(CudaOptions::default()).map_err(|e| e.to_string())?);
     backend.warm_up().map_err(|e| e.to_string())?;
@@ -128,25 +125,6 @@ pub fn cuda_executor(
         .reserve_staging(2, adapter_bytes / adapter_slots.max(1))
         .map_err(|e| e.to_string())?;
     let model = load(Arc::clone(&backend)).map_err(|e| e.to_string())?;
-    if std::env::var("PUNICA_TUNE_GEMMS").as_deref() != Ok("0") {
-        let c = model.config();
-        let shapes = lt::decode_shapes(
-            c.hidden_size,
-            c.q_dim() + 2 * c.kv_dim(),
-            c.q_dim(),
-            2 * c.intermediate_size,
-        );
-        let started = Instant::now();
-        match backend.tune_decode_gemms(&shapes, decode_rows.min(lt::TUNE_MAX_ROWS)) {
-            Ok(_) => tracing::info!(
-                ms = started.elapsed().as_millis() as u64,
-                "decode GEMMs timed"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, "timing the decode GEMMs failed; cuBLAS's defaults stay")
-            }
-        }
-    }
     let (free, total) = backend.memory_info().map_err(|e| e.to_string())?;
     let used = total - free;
     let budget = ((total as f64 * memory_fraction) as usize)
@@ -279,7 +257,7 @@ pub fn peft_validator<B: Backend>(
     cell: BackendCell<B>,
 ) -> Validator<StagedAdapter<B>> {
     Arc::new(move |key: &AdapterKey, files: AdapterFiles| {
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         let weights = LoraWeights::from_bytes(&files.config, &files.weights, &base)
             .map_err(|e| e.to_string())?;
         let validated = started.elapsed();

@@ -8,7 +8,6 @@ pub mod bench;
 pub mod compile;
 pub mod graph;
 mod graph_check;
-pub mod lt;
 pub mod parity;
 pub mod plan;
 mod profile;
@@ -358,11 +357,8 @@ pub struct CudaBackend {
     recorder: Mutex<graph::Recorder>,
     /// Step temporaries: the arena, its allocation, and whether a step is open.
     step: Mutex<StepMemory>,
-    /// cuBLAS's workspace, set once so that GEMMs never allocate (they may be captured); the
-    /// tuned cuBLASLt GEMMs use it too (all GEMMs run on the main stream, in order).
-    blas_workspace: CudaSlice<u8>,
-    /// The decode GEMM shapes timed faster through cuBLASLt (see [`lt`]).
-    lt: Mutex<lt::LtGemms>,
+    /// cuBLAS's workspace, set once so that GEMMs never allocate (they may be captured).
+    _blas_workspace: CudaSlice<u8>,
 }
 
 /// Device memory kept from step to step: the activation arena, the metadata and sampling
@@ -556,8 +552,7 @@ impl CudaBackend {
                 std::env::var("PUNICA_CUDA_GRAPHS").as_deref() != Ok("0"),
             )),
             step: Mutex::new(StepMemory::default()),
-            blas_workspace,
-            lt: Mutex::new(lt::LtGemms::new()?),
+            _blas_workspace: blas_workspace,
         })
     }
 
@@ -796,40 +791,6 @@ impl CudaBackend {
     }
 
     fn execute_gemm(&self, g: &GemmOp) -> Result<()> {
-        let shape = lt::GemmShape {
-            rows: g.rows as usize,
-            k: g.k as usize,
-            n: g.n as usize,
-            dtype: g.dtype,
-            out_dtype: g.out_dtype,
-        };
-        {
-            let lt = lock(&self.lt);
-            if lt.has(&shape) {
-                self.ctx
-                    .bind_to_thread()
-                    .map_err(|e| dev_err("bind context", e))?;
-                // SAFETY: pointers are live buffers whose lengths the caller checked; the
-                // workspace is the backend's, used only by GEMMs on this stream.
-                unsafe {
-                    lt.run(
-                        &shape,
-                        g.w,
-                        g.x,
-                        g.out,
-                        self.blas_workspace.device_ptr(&self.stream).0,
-                        BLAS_WORKSPACE_BYTES,
-                        self.stream.cu_stream() as *mut c_void,
-                    )
-                }?;
-                return Ok(());
-            }
-        }
-        self.gemm_default(g)
-    }
-
-    /// A GEMM through `cublasGemmEx` with cuBLAS's own choice of algorithm.
-    fn gemm_default(&self, g: &GemmOp) -> Result<()> {
         let cuda_type = |d: DType| match d {
             DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
             DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
@@ -1129,182 +1090,6 @@ impl CudaBackend {
         let buf = self.alloc(dtype, bytes.len() / dtype.size())?;
         self.htod(buf.ptr, bytes)?;
         Ok(buf)
-    }
-
-    /// Time cuBLASLt's candidates for the decode GEMMs `shapes` (`(k, n)`, weights in the
-    /// backend's dtype) at 1..=`max_rows` rows and keep each shape's fastest where it beats
-    /// cuBLAS's default (see [`lt`]). Runs outside a step, on scratch weights rotated over more
-    /// than L2 holds; returns one summary line per `(k, n)`.
-    pub fn tune_decode_gemms(
-        &self,
-        shapes: &[(usize, usize)],
-        max_rows: usize,
-    ) -> Result<Vec<String>> {
-        let dt = self.dtype;
-        if dt == DType::F32 || shapes.is_empty() || max_rows == 0 {
-            return Ok(Vec::new());
-        }
-        self.finish_step()?;
-        let max_w = shapes.iter().map(|&(k, n)| k * n).max().unwrap_or(0);
-        let max_k = shapes.iter().map(|&(k, _)| k).max().unwrap_or(0);
-        let max_n = shapes.iter().map(|&(_, n)| n).max().unwrap_or(0);
-        let region_elems = (lt::ROTATION_BYTES / dt.size()).max(2 * max_w);
-        let mut region = self.alloc(dt, region_elems)?;
-        let mut x = self.alloc(dt, max_rows * max_k)?;
-        let out = self.alloc(dt, max_rows * max_n)?;
-        self.fill_random(&mut region, 1, 0.05)?;
-        self.fill_random(&mut x, 2, 1.0)?;
-        let timing = || {
-            drv::event::create(drv_sys::CUevent_flags::CU_EVENT_DEFAULT)
-                .map_err(|e| dev_err("event", e))
-        };
-        let (start, end) = (timing()?, timing()?);
-        let stream = self.stream.cu_stream();
-        let ws = self.blas_workspace.device_ptr(&self.stream).0;
-        // Microseconds per GEMM of `run(w)` over weights rotated through the region.
-        let time = |run: &mut dyn FnMut(u64) -> Result<()>, w_elems: usize| -> Result<f64> {
-            let slices = (region_elems / w_elems.max(1)).max(1);
-            let w_at = |i: usize| region.ptr + ((i % slices) * w_elems * dt.size()) as u64;
-            for i in 0..2 {
-                run(w_at(i))?;
-            }
-            // SAFETY: both events and the stream are live.
-            unsafe { drv::event::record(start, stream) }.map_err(|e| dev_err("event", e))?;
-            for i in 0..lt::RUNS {
-                run(w_at(i + 2))?;
-            }
-            // SAFETY: as above; the elapsed time is read after the end event completed.
-            unsafe {
-                drv::event::record(end, stream).map_err(|e| dev_err("event", e))?;
-                drv::event::synchronize(end).map_err(|e| dev_err("event", e))?;
-                let ms = drv::event::elapsed(start, end).map_err(|e| dev_err("event", e))?;
-                Ok(ms as f64 * 1e3 / lt::RUNS as f64)
-            }
-        };
-        let mut lines = Vec::new();
-        let mut lt = lock(&self.lt);
-        for &(k, n) in shapes {
-            let (mut faster, mut saved_us) = (0usize, 0.0f64);
-            for rows in 1..=max_rows {
-                let shape = lt::GemmShape {
-                    rows,
-                    k,
-                    n,
-                    dtype: dt,
-                    out_dtype: dt,
-                };
-                let op = |w: u64| GemmOp {
-                    x: x.ptr,
-                    w,
-                    out: out.ptr,
-                    rows: rows as i32,
-                    k: k as i32,
-                    n: n as i32,
-                    dtype: dt,
-                    out_dtype: dt,
-                };
-                let default_us = time(&mut |w| self.gemm_default(&op(w)), k * n)?;
-                let (plan, algos) = lt.offer(&shape, BLAS_WORKSPACE_BYTES)?;
-                let mut best: Option<(f64, usize)> = None;
-                for (i, algo) in algos.iter().enumerate() {
-                    let mut run = |w: u64| {
-                        // SAFETY: scratch buffers of the shape's sizes; the workspace is the
-                        // backend's, and nothing else runs meanwhile.
-                        unsafe {
-                            lt.run_algo(
-                                &plan,
-                                algo,
-                                w,
-                                x.ptr,
-                                out.ptr,
-                                ws,
-                                BLAS_WORKSPACE_BYTES,
-                                stream as *mut c_void,
-                            )
-                        }
-                    };
-                    // A candidate that does not run after all is skipped.
-                    if let Ok(us) = time(&mut run, k * n)
-                        && best.is_none_or(|(b, _)| us < b)
-                    {
-                        best = Some((us, i));
-                    }
-                }
-                if let Some((us, i)) = best
-                    && lt::worth_it(default_us, us)
-                {
-                    faster += 1;
-                    saved_us += default_us - us;
-                    lt.keep(shape, plan, algos[i]);
-                }
-            }
-            let line = format!(
-                "GEMM {k} -> {n}: cuBLASLt's timed choice beats the default at {faster} of \
-                 {max_rows} row counts, {:.1} us a GEMM faster on average there",
-                if faster > 0 {
-                    saved_us / faster as f64
-                } else {
-                    0.0
-                }
-            );
-            tracing::info!("{line}");
-            lines.push(line);
-        }
-        drop(lt);
-        // SAFETY: created above, destroyed once, after the stream finished with them.
-        unsafe {
-            let _ = drv::event::destroy(start);
-            let _ = drv::event::destroy(end);
-        }
-        Ok(lines)
-    }
-
-    /// `out = x · wᵀ` through each algorithm cuBLASLt offers for the shape (what
-    /// [`Self::tune_decode_gemms`] may pick from), each into a NaN-poisoned `out`, downloaded
-    /// (the selftest checks every one).
-    pub fn matmul_candidates(
-        &self,
-        x: &CudaBuf,
-        w: &CudaBuf,
-        rows: usize,
-        k: usize,
-        n: usize,
-        out: &mut CudaBuf,
-    ) -> Result<Vec<Vec<f32>>> {
-        same_dtype(x, w, "matmul")?;
-        need(x, rows * k, "matmul x")?;
-        need(w, n * k, "matmul w")?;
-        need(out, rows * n, "matmul out")?;
-        self.finish_step()?;
-        let shape = lt::GemmShape {
-            rows,
-            k,
-            n,
-            dtype: x.dtype,
-            out_dtype: out.dtype,
-        };
-        let lt = lock(&self.lt);
-        let (plan, algos) = lt.offer(&shape, BLAS_WORKSPACE_BYTES)?;
-        let mut outs = Vec::with_capacity(algos.len());
-        for algo in &algos {
-            self.fill(out, f32::NAN)?;
-            // SAFETY: the buffers hold the shape's matrices (checked above); the workspace is
-            // the backend's and nothing else runs meanwhile.
-            unsafe {
-                lt.run_algo(
-                    &plan,
-                    algo,
-                    w.ptr,
-                    x.ptr,
-                    out.ptr,
-                    self.blas_workspace.device_ptr(&self.stream).0,
-                    BLAS_WORKSPACE_BYTES,
-                    self.stream.cu_stream() as *mut c_void,
-                )
-            }?;
-            outs.push(self.download(out)?);
-        }
-        Ok(outs)
     }
 
     /// Fill `buf` with `value` (NaN poisons outputs in tests).
