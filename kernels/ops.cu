@@ -735,6 +735,3 @@ DEFINE_OPS(f16, f16)
 DEFINE_OPS(bf16, bf16)
 DEFINE_HALF_OPS(f16, f16)
 DEFINE_HALF_OPS(bf16, bf16)
-
-// Diagnostic: an empty kernel launched in place of the SGMV kernels (PUNICA_SGMV_NOOP=1).
-extern "C" __global__ void noop_sgmv_diag() { pdl_enter(); }
