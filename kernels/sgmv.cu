@@ -364,7 +364,7 @@ __device__ __forceinline__ void sgmv_expand_impl(
 // per tile whatever the segment holds; these give every warp only real rows and keep many
 // 16-byte loads of A and B in flight with few registers, which is what a weight stream needs.
 
-#define ROWS_WARPS 8
+#define ROWS_WARPS 4
 #define ROWS_KU 4
 
 // Sum of the eight products of two packed vectors of eight halves.
@@ -571,7 +571,7 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
 }
 
 #define DEFINE_SHRINK_ROWS(TNAME, TYPE)                                                       \
-    extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 32 / ROWS_WARPS)                        \
+    extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 8)                          \
         sgmv_shrink_rows_##TNAME(                                                             \
             const TYPE* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,        \
             const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,                \
@@ -582,7 +582,7 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
     }
 
 #define DEFINE_EXPAND_ROWS(TNAME, TYPE, RL)                                                   \
-    extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 24 / ROWS_WARPS)                        \
+    extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 6)                          \
         sgmv_expand_rows_##TNAME##_l##RL(                                                     \
             const float* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,    \
             int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table, \

@@ -21,7 +21,7 @@ pub const MAX_GROUP_RANK: usize = MAX_GROUP_PARTS * MAX_RANK;
 pub const SHRINK_MAX_TILES: usize = 16;
 
 /// Warps per block of the row kernels (kernels/sgmv.cu `ROWS_WARPS`).
-pub const ROWS_WARPS: usize = 8;
+pub const ROWS_WARPS: usize = 4;
 /// 16-byte loads of A or B each lane of a row kernel keeps in flight (`ROWS_KU`).
 pub const ROWS_KU: usize = 4;
 /// When the CUDA-core row kernels serve a batch instead of the tensor-core tiles.
