@@ -29,15 +29,15 @@ pub struct ValidRequest {
     pub sampling: SamplingParams,
 }
 
-/// Why a generation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+/// Why a generation ended (also its name on the wire: the API's streams and responses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
-    /// `max_tokens` reached.
+    /// `max_tokens` or the model's context was reached.
     Length,
-    /// A stop id or stop string.
+    /// An end-of-sequence token, a stop id or a stop string.
     Stop,
-    /// The client cancelled.
+    /// The client cancelled it, left, or could not keep up.
     Cancelled,
 }
 
@@ -52,11 +52,18 @@ impl FinishReason {
     }
 }
 
-/// Token counts of a request.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+/// Token counts of a request (also its usage on the wire).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+}
+
+impl Usage {
+    /// Prompt plus completion.
+    pub fn total(&self) -> u64 {
+        u64::from(self.prompt_tokens) + u64::from(self.completion_tokens)
+    }
 }
 
 /// Why a request failed inside the engine; each maps to one API error code.

@@ -14,8 +14,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 pub use params::{
     ChatMessage, CheckedParams, CheckedSampling, GenerationParams, PromptInput, StopSequences,
 };
@@ -29,48 +27,11 @@ use crate::api::quota::Admission;
 use crate::api::state::{DEFAULT_MAX_TOKENS, ModelRuntime, ServiceState};
 use crate::api::ws::protocol::ServerEvent;
 use crate::engine::request::{
-    ErrorCode as EngineErrorCode, FinishReason as EngineFinish, SamplingParams, StreamEvent,
-    ValidRequest,
+    ErrorCode as EngineErrorCode, SamplingParams, StreamEvent, ValidRequest,
 };
+pub use crate::engine::request::{FinishReason, Usage};
 use crate::engine::{EngineError, RequestStream};
 use crate::store::UsageRecord;
-
-/// Why a generation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// `max_tokens` or the model's context was reached.
-    Length,
-    /// An end-of-sequence token or a stop string.
-    Stop,
-    /// The client cancelled it, left, or could not keep up.
-    Cancelled,
-}
-
-impl FinishReason {
-    /// The wire spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Length => "length",
-            FinishReason::Stop => "stop",
-            FinishReason::Cancelled => "cancelled",
-        }
-    }
-}
-
-/// Tokens a generation used.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-}
-
-impl Usage {
-    /// Prompt plus completion.
-    pub fn total(&self) -> u64 {
-        u64::from(self.prompt_tokens) + u64::from(self.completion_tokens)
-    }
-}
 
 /// What a generation tells its client, transport-neutral.
 #[derive(Clone, Debug, PartialEq)]
@@ -516,17 +477,8 @@ impl Running {
                 }
                 Some(StreamEvent::Done {
                     finish_reason,
-                    usage: engine_usage,
+                    usage,
                 }) => {
-                    let finish_reason = match finish_reason {
-                        EngineFinish::Length => FinishReason::Length,
-                        EngineFinish::Stop => FinishReason::Stop,
-                        EngineFinish::Cancelled => FinishReason::Cancelled,
-                    };
-                    let usage = Usage {
-                        prompt_tokens: engine_usage.prompt_tokens,
-                        completion_tokens: engine_usage.completion_tokens,
-                    };
                     return (
                         Outcome::finished(finish_reason, usage),
                         Some(GenEvent::Done {
