@@ -2,5 +2,7 @@
 
 mod adapters;
 mod bench;
+#[path = "../common/demo_model.rs"]
+mod demo_model;
 mod golden;
 mod smollm2;

@@ -1,33 +1,12 @@
 //! The real demo model (MODEL.md): SmolLM2-135M-Instruct imported from its GGUF by
 //! scripts/fetch-demo-model.sh, run on the f32 CPU backend.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use punica::engine::backend::cpu::CpuBackend;
 use punica::engine::model::llama::{KvCache, Llama, LoraState};
 
-/// The imported model folder (`PUNICA_MODEL_DIR`, default models/smollm2-135m), fetched and
-/// imported on first use.
-fn demo_model_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let dir = std::env::var_os("PUNICA_MODEL_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("models/smollm2-135m"));
-        if !dir.join("config.json").exists() {
-            let status = Command::new(root.join("scripts/fetch-demo-model.sh"))
-                .env("PUNICA_BIN", env!("CARGO_BIN_EXE_punica"))
-                .env("PUNICA_MODEL_DIR", &dir)
-                .status()
-                .expect("scripts/fetch-demo-model.sh runs");
-            assert!(status.success(), "fetch-demo-model.sh failed: {status}");
-        }
-        dir
-    })
-}
+use crate::demo_model::demo_model_dir;
 
 #[test]
 fn smollm2_continues_the_capital_of_france_with_paris_on_the_f32_cpu_path() {
