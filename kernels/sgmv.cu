@@ -34,10 +34,21 @@ struct TileSeg {
     u32 slot;
 };
 
+// The segment index of a tile entry that stands for no rows: launches cover the step's tiles
+// rounded up (so steps of a few tiles more or less share a CUDA graph), the rest of the tile
+// table being such entries (cuda/plan.rs `TILE_NONE`). Their blocks only wait and leave.
+#define TILE_NONE 0xffffffffu
+
 __device__ __forceinline__ TileSeg tile_seg(const u32* __restrict__ tiles,
                                             const u32* __restrict__ segs, int tile) {
     const u32 seg = tiles[2 * tile];
     TileSeg t;
+    if (seg == TILE_NONE) {
+        t.row0 = 0;
+        t.end = 0;
+        t.slot = 0;
+        return t;
+    }
     t.row0 = (int)tiles[2 * tile + 1];
     t.end = (int)segs[3 * seg + 1];
     t.slot = segs[3 * seg + 2];
@@ -59,8 +70,9 @@ __device__ __forceinline__ ShrinkTile shrink_tile(const u32* __restrict__ tiles,
     ShrinkTile t;
     t.row0 = ts.row0;
     t.end = ts.end;
-    t.rank = (int)table[ts.slot].rank;
-    t.a = table[ts.slot].a;
+    const bool live = ts.end > ts.row0;  // not a TILE_NONE entry
+    t.rank = live ? (int)table[ts.slot].rank : 0;
+    t.a = live ? table[ts.slot].a : nullptr;
     return t;
 }
 
@@ -252,6 +264,10 @@ __device__ __forceinline__ void sgmv_expand_impl(
     const TileSeg ts = tile_seg(tiles, segs, tile);
     const int row0 = ts.row0, seg_end = ts.end;
     const u32 slot = ts.slot;
+    if (seg_end <= row0) {  // a TILE_NONE entry
+        pdl_enter();
+        return;
+    }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, q = lane & 3;
     const int gc0 = (blockIdx.x * EXPAND_WARPS + warp) * (NTW * 8);
@@ -494,6 +510,10 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
     const TileSeg ts = tile_seg(tiles, segs, tile);
     const int row0 = ts.row0, seg_end = ts.end;
     const u32 slot = ts.slot;
+    if (seg_end <= row0) {  // a TILE_NONE entry
+        pdl_enter();
+        return;
+    }
     const LoraSlot* s = table + slot;
     RowParts rp;
     rp.b0 = reinterpret_cast<const u16*>(s->b[0]);

@@ -133,6 +133,8 @@ pub fn cuda_executor(
         .saturating_sub(CUDA_RESERVE_BYTES);
     let fit =
         LlamaExecutor::<CudaBackend>::kv_blocks_for_bytes(model.config(), backend.dtype(), budget);
+    // One block more goes to the padding rows of decode steps (`KvCache::pad_block`).
+    let fit = fit.saturating_sub(1);
     let blocks = max_kv_blocks.map_or(fit, |m| m.min(fit));
     if blocks == 0 {
         return Err(format!(
@@ -229,6 +231,9 @@ impl<B: Backend> Executor for LlamaExecutor<B> {
             self.picks = b.sample(&logits, self.model.config().vocab_size, sampling)?;
             if want_logits {
                 self.logits = b.download(&logits)?;
+                // A padded decode step has the padding rows' logits after the real ones.
+                self.logits
+                    .truncate(sampling.len() * self.model.config().vocab_size);
             }
             self.timing.record(meta.rows(), started, enqueued);
         }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use punica::engine::backend::cpu::CpuBackend;
-use punica::engine::backend::{BLOCK_SIZE, SeqStep, StepMeta};
+use punica::engine::backend::{BLOCK_SIZE, SeqStep, StepMeta, decode_bucket};
 use punica::engine::lora::peft::LoraWeights;
 use punica::engine::model::llama::{KvCache, Llama, LoraState, argmax};
 use serde::Deserialize;
@@ -215,6 +215,70 @@ fn a_batched_greedy_run_gives_the_same_tokens_as_each_request_alone_and_as_huggi
                 "{} request {i}",
                 entry.name
             );
+        }
+    }
+}
+
+#[test]
+fn decode_steps_padded_to_their_bucket_keep_hugging_face_logits_for_the_real_rows() {
+    let manifest = manifest();
+    for entry in &manifest.models {
+        let m = load(entry);
+        let n = entry.requests.len();
+        let vocab = m.model.config().vocab_size;
+        let slot = |r: &Request| r.adapter.as_ref().map(|a| m.slots[a]);
+        let blocks = (entry.requests.iter().map(|r| r.prompt.len()).max().unwrap()
+            + manifest.new_tokens)
+            .div_ceil(BLOCK_SIZE);
+        let tables: Vec<Vec<u32>> = (0..n)
+            .map(|i| ((i * blocks) as u32..((i + 1) * blocks) as u32).collect())
+            .collect();
+        let mut kv =
+            KvCache::new(m.model.backend().as_ref(), m.model.config(), n * blocks).unwrap();
+        // A bucket with room for padding, whatever the number of requests.
+        let bucket = decode_bucket(n + 1).unwrap();
+        for j in 0..manifest.new_tokens {
+            let inputs: Vec<Vec<u32>> = entry
+                .requests
+                .iter()
+                .map(|r| match j {
+                    0 => r.prompt.clone(),
+                    _ => vec![r.greedy[j - 1]],
+                })
+                .collect();
+            let seqs: Vec<SeqStep<'_>> = (0..n)
+                .map(|i| SeqStep {
+                    tokens: &inputs[i],
+                    cached: if j == 0 {
+                        0
+                    } else {
+                        entry.requests[i].prompt.len() + j - 1
+                    },
+                    block_table: &tables[i],
+                    adapter_slot: slot(&entry.requests[i]),
+                    sample: true,
+                })
+                .collect();
+            let meta = StepMeta::build(&seqs).unwrap();
+            let step = match j {
+                0 => meta,
+                _ => meta.pad_decode(bucket, kv.pad_block()).unwrap(),
+            };
+            let logits = m.model.forward(&step, &mut kv, &m.lora).unwrap();
+            assert_eq!(logits.len(), step.logit_rows.len() * vocab);
+            if j > 0 {
+                assert_eq!(step.rows(), bucket);
+                assert!(logits[n * vocab..].iter().all(|x| x.is_finite()));
+            }
+            for (i, r) in entry.requests.iter().enumerate() {
+                let got = &logits[i * vocab..(i + 1) * vocab];
+                let err = relative_error(got, &r.logits[j]);
+                assert!(
+                    err < 1e-4,
+                    "{} request {i} step {j}: relative error {err:e}",
+                    entry.name
+                );
+            }
         }
     }
 }

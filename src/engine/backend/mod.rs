@@ -179,6 +179,45 @@ impl StepMeta {
         }
     }
 
+    /// This decode step padded to `bucket` rows, or `None` when it is not a decode step
+    /// (some sequence feeds more than one row), has no rows, or has `bucket` rows already.
+    ///
+    /// Each padding row is a sequence of its own: token 0 at position 0, context 1, in the
+    /// one block `pad_block` (a block no sequence owns: padding rows all write the same K/V
+    /// there and attend to it), no adapter. When every real row samples, so does every padding
+    /// row, after the real ones: the logits of the real rows come first, in order. The real
+    /// rows' results do not depend on the padding (rows never mix in a forward pass).
+    pub fn pad_decode(&self, bucket: usize, pad_block: u32) -> Option<StepMeta> {
+        let rows = self.rows();
+        if rows == 0 || bucket <= rows || self.seqs.iter().any(|s| s.num_rows != 1) {
+            return None;
+        }
+        let mut out = self.clone();
+        let all_sample = self.logit_rows.len() == rows
+            && self
+                .logit_rows
+                .iter()
+                .enumerate()
+                .all(|(i, &r)| r as usize == i);
+        for row in rows..bucket {
+            out.token_ids.push(0);
+            out.positions.push(0);
+            out.slot_mapping.push(pad_block * BLOCK_SIZE as u32);
+            out.seqs.push(SeqMeta {
+                row_start: row as u32,
+                num_rows: 1,
+                context_len: 1,
+                block_table_start: out.block_tables.len() as u32,
+                num_blocks: 1,
+            });
+            out.block_tables.push(pad_block);
+            if all_sample {
+                out.logit_rows.push(row as u32);
+            }
+        }
+        Some(out)
+    }
+
     /// Rows (tokens) in the batch.
     pub fn rows(&self) -> usize {
         self.token_ids.len()
@@ -368,6 +407,20 @@ impl RowSampling {
 pub struct Pick {
     pub token: u32,
     pub logprob: f32,
+}
+
+/// The row counts decode steps are padded to for CUDA graphs: powers of two up to 8, then
+/// multiples of 8 up to 64 and of 32 up to 256 (a decode GEMM streams the weights whatever the
+/// row count, so a few padding rows cost little). `None` beyond 256 rows: such steps run as
+/// they are.
+pub fn decode_bucket(rows: usize) -> Option<usize> {
+    match rows {
+        0 => None,
+        1..=8 => Some(rows.next_power_of_two()),
+        9..=64 => Some(rows.next_multiple_of(8)),
+        65..=256 => Some(rows.next_multiple_of(32)),
+        _ => None,
+    }
 }
 
 /// How the device ran a step's ops (see [`Backend::begin_step`]).
@@ -636,6 +689,14 @@ pub trait Backend: Send + Sync + 'static {
     fn end_step(&self) -> Result<()> {
         Ok(())
     }
+    /// The row count a decode step of `rows` rows should be padded to (see
+    /// [`StepMeta::pad_decode`]), or `None` to run it as it is. The CUDA backend pads to
+    /// [`decode_bucket`] while CUDA graphs are on, so one graph serves every decode batch of
+    /// a bucket; the CPU gains nothing from padding.
+    fn decode_bucket(&self, rows: usize) -> Option<usize> {
+        let _ = rows;
+        None
+    }
     /// How the latest step ran.
     fn last_step_path(&self) -> StepPath {
         StepPath::Issued
@@ -657,6 +718,73 @@ mod tests {
             assert_eq!(meta.rows(), rows);
             assert_eq!(meta.block_tables.len(), rows.div_ceil(BLOCK_SIZE));
         }
+    }
+
+    #[test]
+    fn decode_buckets_cover_every_row_count_up_to_256_with_little_padding() {
+        let mut seen = std::collections::BTreeSet::new();
+        for rows in 1..=256 {
+            let b = decode_bucket(rows).unwrap();
+            assert!(b >= rows && b - rows < 32, "{rows} -> {b}");
+            assert_eq!(decode_bucket(b), Some(b), "a bucket is its own bucket");
+            seen.insert(b);
+        }
+        assert_eq!(seen.len(), 4 + 7 + 6);
+        assert_eq!(decode_bucket(0), None);
+        assert_eq!(decode_bucket(257), None);
+        assert_eq!(
+            [3, 5, 9, 31, 33, 65, 200].map(|r| decode_bucket(r).unwrap()),
+            [4, 8, 16, 32, 40, 96, 224]
+        );
+    }
+
+    /// Three sequences decoding, the middle one without an adapter.
+    fn decode_step() -> StepMeta {
+        let tables = [vec![0u32, 1], vec![2], vec![3, 4, 5]];
+        let tokens = [[5u32], [6], [7]];
+        let seqs: Vec<SeqStep<'_>> = (0..3)
+            .map(|i| SeqStep {
+                tokens: &tokens[i],
+                cached: [20, 3, 40][i],
+                block_table: &tables[i],
+                adapter_slot: [Some(2), None, Some(0)][i],
+                sample: true,
+            })
+            .collect();
+        StepMeta::build(&seqs).unwrap()
+    }
+
+    #[test]
+    fn a_decode_step_pads_to_its_bucket_with_sequences_of_one_row_in_the_pad_block() {
+        let meta = decode_step();
+        let pad = meta.pad_decode(8, 99).unwrap();
+        pad.validate().unwrap();
+        assert_eq!(pad.rows(), 8);
+        // The real rows are untouched and first.
+        assert_eq!(pad.token_ids[..3], meta.token_ids[..]);
+        assert_eq!(pad.positions[..3], meta.positions[..]);
+        assert_eq!(pad.slot_mapping[..3], meta.slot_mapping[..]);
+        assert_eq!(pad.seqs[..3], meta.seqs[..]);
+        assert_eq!(pad.segments, meta.segments);
+        // Padding: token 0 at position 0 in block 99, context 1, sampled after the real rows.
+        assert_eq!(pad.token_ids[3..], [0; 5]);
+        assert_eq!(pad.positions[3..], [0; 5]);
+        assert_eq!(pad.slot_mapping[3..], [99 * BLOCK_SIZE as u32; 5]);
+        assert!(
+            pad.seqs[3..]
+                .iter()
+                .all(|s| s.num_rows == 1 && s.context_len == 1)
+        );
+        assert_eq!(pad.block_tables[meta.block_tables.len()..], [99; 5]);
+        assert_eq!(pad.logit_rows, (0..8).collect::<Vec<u32>>());
+        // A full bucket, an empty step or a prefill chunk is not padded.
+        assert_eq!(meta.pad_decode(3, 99), None);
+        assert_eq!(StepMeta::default().pad_decode(8, 99), None);
+        assert_eq!(StepMeta::one_sequence(2).pad_decode(8, 99), None);
+        // Rows that do not all sample keep their logit rows; padding adds none.
+        let mut some = meta.clone();
+        some.logit_rows = vec![0, 2];
+        assert_eq!(some.pad_decode(4, 99).unwrap().logit_rows, vec![0, 2]);
     }
 
     #[test]

@@ -214,12 +214,19 @@ impl<B: Backend> Llama<B> {
         lora: &LoraState<B>,
     ) -> Result<Vec<f32>> {
         match self.forward_device(meta, kv, lora)? {
-            Some(logits) => Ok(self.backend.download(&logits)?),
+            Some(logits) => {
+                let mut out = self.backend.download(&logits)?;
+                out.truncate(meta.logit_rows.len() * self.config.vocab_size);
+                Ok(out)
+            }
             None => Ok(Vec::new()),
         }
     }
 
     /// [`Self::forward`], leaving the logits on the device (`None` when no row wants logits).
+    /// The buffer may hold more rows than `meta.logit_rows`: a decode step the backend pads to
+    /// its bucket ([`Backend::decode_bucket`]) computes the padding rows' logits after the
+    /// real ones.
     pub fn forward_device(
         &self,
         meta: &StepMeta,
@@ -250,6 +257,10 @@ impl<B: Backend> Llama<B> {
                 Some(Some(_)) => {}
             }
         }
+        let padded = b
+            .decode_bucket(meta.rows())
+            .and_then(|bucket| meta.pad_decode(bucket, kv.pad_block()));
+        let meta = padded.as_ref().unwrap_or(meta);
         b.begin_step()?;
         let out = b
             .upload_meta(meta)
@@ -545,9 +556,11 @@ pub struct KvCache<B: Backend> {
 }
 
 impl<B: Backend> KvCache<B> {
-    /// Allocate `num_blocks` blocks per layer in the backend's dtype.
+    /// Allocate `num_blocks` blocks per layer in the backend's dtype, plus one more that no
+    /// sequence gets: where the padding rows of a decode step write (see
+    /// [`StepMeta::pad_decode`]).
     pub fn new(backend: &B, config: &LlamaConfig, num_blocks: usize) -> Result<Self> {
-        let len = num_blocks * BLOCK_SIZE * config.kv_dim();
+        let len = (num_blocks + 1) * BLOCK_SIZE * config.kv_dim();
         let mut k = Vec::with_capacity(config.num_hidden_layers);
         let mut v = Vec::with_capacity(config.num_hidden_layers);
         for _ in 0..config.num_hidden_layers {
@@ -557,9 +570,14 @@ impl<B: Backend> KvCache<B> {
         Ok(KvCache { k, v, num_blocks })
     }
 
-    /// Blocks per layer.
+    /// Blocks per layer for sequences (block ids `0..num_blocks`).
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
+    }
+
+    /// The block padding rows use (the one after the sequences' blocks).
+    pub fn pad_block(&self) -> u32 {
+        self.num_blocks as u32
     }
 
     /// Bytes one block takes over all layers (K and V) in `dtype`: for sizing the pool.

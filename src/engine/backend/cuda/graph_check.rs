@@ -1,10 +1,11 @@
 //! The selftest's check of CUDA graphs: a small random model with two adapters decodes the
-//! same teacher-forced steps twice, issuing every step op by op and then with graphs on, and
-//! the logits of every step must agree. The batch keeps its layout long enough for its graph to
-//! pay off ([`WORTH_REPLAYS`]), changes membership (one sequence sits two steps out) and
-//! returns to its first layout, so the run issues, records and replays steps, and replays a
-//! cached graph of an earlier layout; the counters must show all three. Inputs are fresh random
-//! tokens each run.
+//! same teacher-forced steps twice, issuing every step op by op (unpadded) and then with graphs
+//! on (decode steps padded to their bucket), and the logits of every step must agree. The batch
+//! keeps its layout long enough for its graph to pay off ([`WORTH_REPLAYS`]), then changes
+//! membership within its bucket (one sequence sits two steps out: the same graph serves), then
+//! drops to a smaller bucket (three sit out: a new graph) and returns to the first, so the run
+//! issues, records and replays steps, and replays a cached graph of an earlier bucket; the
+//! counters must show all three. Inputs are fresh random tokens each run.
 
 use std::sync::Arc;
 
@@ -23,10 +24,20 @@ use super::{CudaBackend, CudaOptions};
 
 /// Decode steps after the prefill.
 const STEPS: usize = 32;
-/// Steps (1-based, after the prefill) at which sequence [`SITTER`] sits out: after the first
-/// layout's graph (recorded at step 2) has been replayed [`WORTH_REPLAYS`] times.
-const SIT_OUT: [usize; 2] = [3 + WORTH_REPLAYS as usize, 4 + WORTH_REPLAYS as usize];
-const SITTER: usize = 3;
+/// The first layout's graph is recorded at step 2 and replayed [`WORTH_REPLAYS`] times; then
+/// sequence 3 sits out for two steps (5 rows: still the bucket of 8), then sequences 1, 3 and
+/// 4 for three steps (3 rows: the bucket of 4), then all six decode again.
+const ONE_OUT: usize = 3 + WORTH_REPLAYS as usize;
+const THREE_OUT: usize = ONE_OUT + 2;
+
+/// The sequences that sit out step `step`.
+fn sitting_out(step: usize) -> &'static [usize] {
+    match step {
+        s if (ONE_OUT..THREE_OUT).contains(&s) => &[3],
+        s if (THREE_OUT..THREE_OUT + 3).contains(&s) => &[1, 3, 4],
+        _ => &[],
+    }
+}
 
 /// Small shapes with grouped-query attention: fast, yet every kernel family runs.
 fn config() -> LlamaConfig {
@@ -74,7 +85,7 @@ fn run(
         let mut logits = Vec::new();
         for step in 0..=STEPS {
             let seqs: Vec<usize> = (0..requests.len())
-                .filter(|&i| i != SITTER || !SIT_OUT.contains(&step))
+                .filter(|i| !sitting_out(step).contains(i))
                 .collect();
             let inputs: Vec<Vec<u32>> = seqs
                 .iter()
@@ -154,9 +165,9 @@ pub fn check(seed: u64) -> Result<Vec<CaseResult>> {
             }
         })
         .collect();
-    // The prefill, step 1 and the first step of the second layout are issued; the second
-    // step of each layout is recorded; the rest is replayed, the first layout's graph again
-    // when the batch returns to it.
+    // The prefill, step 1 and the first step of the smaller bucket are issued; the second
+    // step of each bucket is recorded; the rest is replayed: the first graph while one
+    // sequence sits out, and again when the batch returns to the bucket of 8.
     let want = GraphStats {
         issued: 3,
         recorded: 2,

@@ -1925,7 +1925,8 @@ impl Backend for CudaBackend {
                 table.min_in
             )));
         }
-        let tiles = meta.layout.num_tiles;
+        // Launched over the padded tile count (see `MetaLayout::tile_grid`).
+        let tiles = meta.layout.tile_grid();
         if self
             .row_limits()
             .shrink(meta.layout.max_seg_rows, table.max_rank)
@@ -2053,7 +2054,7 @@ impl Backend for CudaBackend {
         {
             let h_out: usize = outs.iter().sum();
             let (lanes, (gx, gy)) =
-                plan::expand_rows_plan(table.max_part_rank, h_out, meta.layout.num_tiles)?;
+                plan::expand_rows_plan(table.max_part_rank, h_out, meta.layout.tile_grid())?;
             let ends = plan::group_ends(outs);
             let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
             return self.launch(
@@ -2080,7 +2081,7 @@ impl Backend for CudaBackend {
         let ntw = self.expand_ntw;
         let name = format!("sgmv_expand_{}_k{kt}_w{ntw}", Self::suffix(y.dtype));
         for launch in plan::expand_launches(outs, ntw) {
-            let (gx, gy) = plan::expand_grid(launch.width(), meta.layout.num_tiles, ntw);
+            let (gx, gy) = plan::expand_grid(launch.width(), meta.layout.tile_grid(), ntw);
             let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
             self.launch(
                 &name,
@@ -2239,6 +2240,13 @@ impl Backend for CudaBackend {
 
     fn end_step(&self) -> Result<()> {
         self.finish_step()
+    }
+
+    fn decode_bucket(&self, rows: usize) -> Option<usize> {
+        // Padding only pays when a graph of the bucket can be replayed.
+        self.graphs_enabled()
+            .then(|| crate::engine::backend::decode_bucket(rows))
+            .flatten()
     }
 
     fn last_step_path(&self) -> StepPath {

@@ -300,9 +300,12 @@ pub struct MetaLayout {
     /// 3 words per segment: start, end, slot.
     pub segs: usize,
     pub num_segs: usize,
-    /// 2 words per tile: segment, first row.
+    /// 2 words per tile: segment, first row; [`TILE_NONE`] entries pad it to `tile_cap`.
     pub tiles: usize,
     pub num_tiles: usize,
+    /// Tile entries the section holds (at least `rows`): kernels may be launched over any
+    /// number of tiles up to it (see [`MetaLayout::tile_grid`]).
+    pub tile_cap: usize,
     pub logit_rows: usize,
     pub num_logit_rows: usize,
     /// Largest adapter slot any segment uses (tables must be longer).
@@ -316,8 +319,29 @@ pub struct MetaLayout {
     pub total: usize,
 }
 
+/// The segment index of a tile entry that stands for no rows (kernels/sgmv.cu `TILE_NONE`):
+/// the blocks of such a tile do nothing.
+pub const TILE_NONE: u32 = u32::MAX;
+
+impl MetaLayout {
+    /// Tiles an SGMV launch covers: the step's tiles rounded up to a power of two (at most
+    /// [`Self::tile_cap`]), the rest being [`TILE_NONE`] entries. So steps whose tile counts
+    /// differ a little launch the same grids and a CUDA graph of one serves the others.
+    pub fn tile_grid(&self) -> usize {
+        if self.num_tiles == 0 {
+            return 0;
+        }
+        self.num_tiles.next_power_of_two().min(self.tile_cap)
+    }
+}
+
 /// Validate a step's metadata and pack it into one u32 array so it reaches the device in one
 /// copy. Everything a kernel indexes with is checked here, so kernels never read out of bounds.
+///
+/// Every section but the block tables has room for as many entries as the step has rows
+/// (sequences, segments and tiles each cover at least one row), so two steps of the same row
+/// count put every section at the same offset, whatever their sequences and segments: the
+/// kernels' arguments, and so a CUDA graph of one, serve the other. The block tables come last.
 pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
     let rows = meta.token_ids.len();
     let bad = |what: String| Err(BackendError::Shape(what));
@@ -395,6 +419,7 @@ pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
         num_seqs: meta.seqs.len(),
         num_segs: seg.len(),
         num_tiles: tiles.len(),
+        tile_cap: tiles.len().max(rows),
         num_logit_rows: meta.logit_rows.len(),
         max_slot: seg.slots.iter().copied().max(),
         max_seg_rows: seg
@@ -416,6 +441,12 @@ pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
     words.extend_from_slice(&meta.slot_mapping);
     layout.row_seq = words.len();
     words.extend_from_slice(&row_seq);
+    // Each section padded to its capacity (at least one entry per row).
+    let pad = |words: &mut Vec<u32>, start: usize, len: usize, fill: &[u32]| {
+        while words.len() < start + len {
+            words.extend_from_slice(fill);
+        }
+    };
     layout.seqs = words.len();
     for s in &meta.seqs {
         words.extend_from_slice(&[
@@ -426,16 +457,30 @@ pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
             s.num_blocks,
         ]);
     }
+    pad(&mut words, layout.seqs, 5 * meta.seqs.len().max(rows), &[0]);
     layout.segs = words.len();
     for (s, e, slot) in seg.iter() {
         words.extend_from_slice(&[s as u32, e as u32, slot]);
     }
+    pad(&mut words, layout.segs, 3 * seg.len().max(rows), &[0]);
     layout.tiles = words.len();
     for t in &tiles {
         words.extend_from_slice(t);
     }
+    pad(
+        &mut words,
+        layout.tiles,
+        2 * layout.tile_cap,
+        &[TILE_NONE, 0],
+    );
     layout.logit_rows = words.len();
     words.extend_from_slice(&meta.logit_rows);
+    pad(
+        &mut words,
+        layout.logit_rows,
+        meta.logit_rows.len().max(rows),
+        &[0],
+    );
     // Last, as the only section whose length changes from one decode step to the next: every
     // other offset stays put while a batch decodes, and so do the kernels' arguments (a
     // repeated step is replayed from a CUDA graph, see `graph`).
@@ -800,6 +845,107 @@ mod tests {
                 ..b
             }
         );
+    }
+
+    /// One sequence decoding per entry of `slots` (its adapter), at context `ctx`.
+    fn decode_rows(slots: &[Option<u32>], ctx: u32) -> StepMeta {
+        let rows = slots.len() as u32;
+        let blocks = ctx.div_ceil(16);
+        StepMeta {
+            token_ids: vec![7; rows as usize],
+            positions: vec![ctx - 1; rows as usize],
+            slot_mapping: (0..rows).map(|i| i * blocks * 16 + ctx - 1).collect(),
+            seqs: (0..rows)
+                .map(|i| SeqMeta {
+                    row_start: i,
+                    num_rows: 1,
+                    context_len: ctx,
+                    block_table_start: i * blocks,
+                    num_blocks: blocks,
+                })
+                .collect(),
+            block_tables: (0..rows * blocks).collect(),
+            segments: SegmentTable::from_row_slots(slots),
+            logit_rows: (0..rows).collect(),
+        }
+    }
+
+    #[test]
+    fn steps_of_one_row_count_share_every_offset_whatever_their_segments() {
+        // 8 distinct adapters, one shared by all, a mix with rows of no adapter, none at all.
+        let layouts: [Vec<Option<u32>>; 4] = [
+            (0..8).map(Some).collect(),
+            vec![Some(3); 8],
+            vec![
+                Some(1),
+                Some(1),
+                None,
+                Some(4),
+                None,
+                None,
+                Some(2),
+                Some(2),
+            ],
+            vec![None; 8],
+        ];
+        let packed: Vec<(Vec<u32>, MetaLayout)> = layouts
+            .iter()
+            .map(|l| {
+                let m = decode_rows(l, 40);
+                m.validate().unwrap();
+                pack_meta(&m).unwrap()
+            })
+            .collect();
+        let offsets = |l: &MetaLayout| {
+            (
+                l.token_ids,
+                l.positions,
+                l.slot_mapping,
+                l.row_seq,
+                l.seqs,
+                l.segs,
+                l.tiles,
+                l.tile_cap,
+                l.logit_rows,
+                l.block_tables,
+                l.total,
+            )
+        };
+        for (_, l) in &packed[1..] {
+            assert_eq!(offsets(l), offsets(&packed[0].1));
+        }
+        // Unused tile entries stand for no rows.
+        let (w, l) = &packed[2];
+        assert_eq!(l.num_tiles, 3);
+        assert_eq!(&w[l.tiles..l.tiles + 8], &[0, 0, 1, 3, 2, 6, TILE_NONE, 0]);
+        assert!(
+            w[l.tiles + 6..l.tiles + 2 * l.tile_cap]
+                .chunks(2)
+                .all(|t| t == [TILE_NONE, 0])
+        );
+    }
+
+    #[test]
+    fn launches_cover_the_tiles_rounded_up_to_a_power_of_two_within_the_table() {
+        let grid = |num_tiles, tile_cap| {
+            MetaLayout {
+                num_tiles,
+                tile_cap,
+                ..MetaLayout::default()
+            }
+            .tile_grid()
+        };
+        assert_eq!(grid(0, 8), 0);
+        assert_eq!(grid(1, 8), 1);
+        assert_eq!(grid(3, 8), 4);
+        assert_eq!(grid(5, 8), 8);
+        assert_eq!(grid(17, 24), 24);
+        assert_eq!(grid(32, 32), 32);
+        for rows in 1..=64 {
+            let slots: Vec<Option<u32>> = (0..rows).map(|i| Some(i as u32 % 5)).collect();
+            let (_, l) = pack_meta(&decode_rows(&slots, 3)).unwrap();
+            assert!(l.tile_grid() >= l.num_tiles && l.tile_grid() <= l.tile_cap);
+        }
     }
 
     #[test]
