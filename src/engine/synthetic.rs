@@ -8,7 +8,7 @@ use safetensors::tensor::TensorView;
 use crate::engine::backend::random_uniform;
 use crate::engine::bench::BenchRng;
 use crate::engine::lora::cache::AdapterFiles;
-use crate::engine::lora::peft::module_key;
+use crate::engine::lora::peft::{LoraWeights, PeftError, module_key};
 use crate::engine::model::config::{LlamaConfig, Projection};
 
 /// Why a synthetic adapter could not be written.
@@ -18,6 +18,8 @@ pub enum SyntheticError {
     ZeroRank,
     #[error("safetensors serialisation failed: {0}")]
     Serialize(String),
+    #[error("the adapter does not validate: {0}")]
+    Invalid(#[from] PeftError),
 }
 
 /// A random rank-`rank` adapter on all seven projections of every layer: `A` uniform with
@@ -85,4 +87,57 @@ pub fn random_adapter(
         config: config.to_string().into_bytes(),
         weights,
     })
+}
+
+/// Random adapters of `(rank, B's standard deviation)` on every projection of `config`'s model
+/// (see [`random_adapter`]), parsed and validated as a tenant's upload would be; adapter `i`
+/// from seed `seed + i`.
+pub fn random_lora_weights(
+    config: &LlamaConfig,
+    specs: &[(usize, f32)],
+    seed: u64,
+) -> Result<Vec<LoraWeights>, SyntheticError> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, &(rank, b_std))| {
+            let files = random_adapter(config, rank, b_std, seed.wrapping_add(i as u64))?;
+            Ok(LoraWeights::from_bytes(
+                &files.config,
+                &files.weights,
+                config,
+            )?)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> LlamaConfig {
+        let mut c = LlamaConfig::synthetic("llama-7b").unwrap();
+        c.hidden_size = 64;
+        c.intermediate_size = 96;
+        c.num_hidden_layers = 2;
+        c.num_attention_heads = 4;
+        c.num_key_value_heads = 2;
+        c.head_dim = 16;
+        c.vocab_size = 100;
+        c
+    }
+
+    #[test]
+    fn random_adapters_validate_with_their_ranks_and_repeat_per_seed() {
+        let c = tiny();
+        let a = random_lora_weights(&c, &[(4, 0.1), (8, 0.2)], 5).unwrap();
+        assert_eq!(a.iter().map(|w| w.max_rank()).collect::<Vec<_>>(), [4, 8]);
+        let bytes = |seed| random_adapter(&c, 4, 0.1, seed).unwrap().weights;
+        assert_eq!(bytes(5), bytes(5));
+        assert_ne!(bytes(5), bytes(6));
+        assert!(matches!(
+            random_lora_weights(&c, &[(0, 0.1)], 5),
+            Err(SyntheticError::ZeroRank)
+        ));
+    }
 }

@@ -128,7 +128,7 @@ fn run(
 pub fn check(seed: u64) -> Result<Vec<CaseResult>> {
     let c = config();
     let mut rng = StdRng::seed_from_u64(seed);
-    let adapters = super::parity::random_adapters(&c, &[(8, 0.2), (16, 0.1)], seed)
+    let adapters = crate::engine::synthetic::random_lora_weights(&c, &[(8, 0.2), (16, 0.1)], seed)
         .map_err(|e| err("adapter", e))?;
     // Adapters 0 and 1 and the base model, one-row segments and a longer one.
     let slots = [Some(0), Some(0), Some(1), None, Some(1), Some(0)];

@@ -19,10 +19,9 @@ use std::sync::Arc;
 use crate::engine::backend::cpu::CpuBackend;
 use crate::engine::backend::{BLOCK_SIZE, Backend, BackendError, Result};
 use crate::engine::lora::peft::LoraWeights;
-use crate::engine::model::config::LlamaConfig;
 use crate::engine::model::llama::{KvCache, Llama, LoraState, batch_step_meta};
 use crate::engine::model::tokenizer::Tokenizer;
-use crate::engine::synthetic::random_adapter;
+use crate::engine::synthetic::random_lora_weights;
 
 use super::{CudaBackend, CudaOptions};
 
@@ -54,25 +53,6 @@ const PROMPTS: [&str; 4] = [
 
 fn err(what: &str, e: impl std::fmt::Display) -> BackendError {
     BackendError::Shape(format!("{what}: {e}"))
-}
-
-/// Random adapters of `(rank, B's standard deviation)` on every projection of `config`'s
-/// model, parsed as a tenant's upload would be; adapter `i` from seed `seed + i`.
-pub(super) fn random_adapters(
-    config: &LlamaConfig,
-    specs: &[(usize, f32)],
-    seed: u64,
-) -> std::result::Result<Vec<LoraWeights>, String> {
-    specs
-        .iter()
-        .enumerate()
-        .map(|(i, &(rank, std))| {
-            let files = random_adapter(config, rank, std, seed.wrapping_add(i as u64))
-                .map_err(|e| e.to_string())?;
-            LoraWeights::from_bytes(&files.config, &files.weights, config)
-                .map_err(|e| e.to_string())
-        })
-        .collect()
 }
 
 /// One step's greedy pick: the first largest logit, its value and its gap to the second.
@@ -159,8 +139,8 @@ pub fn run(dir: &Path, seed: u64) -> Result<bool> {
     let config = crate::engine::model::config::LlamaConfig::from_file(&dir.join("config.json"))
         .map_err(|e| err("config", e))?;
     // Two adapters strong enough to change the tokens, rank 8 and 16 on every projection.
-    let adapters =
-        random_adapters(&config, &[(8, 0.05), (16, 0.03)], seed).map_err(|e| err("adapter", e))?;
+    let adapters = random_lora_weights(&config, &[(8, 0.05), (16, 0.03)], seed)
+        .map_err(|e| err("adapter", e))?;
     let mut requests = Vec::new();
     for text in PROMPTS {
         let ids = tokenizer
