@@ -1092,7 +1092,7 @@ fn adapter_load_report(args: &BenchEngineArgs, config: &LlamaConfig) -> Result<S
     );
     let _ = writeln!(
         s,
-        "| step | median ms |\n|---|---|\n| blob -> validated, staged in page-locked memory (loader thread) | {v:.2} |\n| staged -> GPU slot (one copy + slot tables, engine thread) | {h:.2} |\n| blob -> GPU | {:.2} |\n| blob -> staged, the process's first load (fresh host memory) | {first_ms:.2} |",
+        "| step | median ms |\n|---|---|\n| blob -> validated, staged in page-locked memory (loader thread) | {v:.2} |\n| staged -> GPU slot (one copy on the copy stream + slot tables, until the copy is done) | {h:.2} |\n| blob -> GPU | {:.2} |\n| blob -> staged, the process's first load (fresh host memory) | {first_ms:.2} |",
         v + h
     );
     Ok(s)

@@ -208,6 +208,11 @@ impl<B: Backend> Executor for LlamaExecutor<B> {
             .map_err(|e| e.to_string())
     }
 
+    fn adapter_ready(&self, slot: u32) -> bool {
+        self.lora
+            .slot_ready(self.model.backend().as_ref(), slot as usize)
+    }
+
     fn step(
         &mut self,
         meta: &StepMeta,

@@ -44,8 +44,15 @@ pub trait Executor {
     fn kv_blocks(&self) -> usize;
     /// Adapter slots on the device.
     fn adapter_slots(&self) -> usize;
-    /// Copy `adapter` into device slot `slot`, replacing whatever was there.
+    /// Copy `adapter` into device slot `slot`, replacing whatever was there. The copy may run
+    /// on after this returns, beside the steps: see [`Executor::adapter_ready`].
     fn install_adapter(&mut self, slot: u32, adapter: &Self::Adapter) -> Result<(), String>;
+    /// Whether the adapter in `slot` is on the device, its copy complete: the runtime admits
+    /// its requests only then, so that a load never holds up the batch.
+    fn adapter_ready(&self, slot: u32) -> bool {
+        let _ = slot;
+        true
+    }
     /// Run one step over `meta`'s batch and pick a token for each of `meta.logit_rows` as
     /// `sampling[i]` says; with `want_logits`, also return those rows' logits on the host.
     fn step(

@@ -342,10 +342,13 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
         self.scheduler
             .set_admit_adapters(self.starved_steps < SLOT_STARVATION_STEPS);
 
+        // An adapter counts as resident once its copy to the device is done: until then its
+        // requests wait and the batch runs on without it.
         let cache = &self.cache;
-        let scheduled =
-            self.scheduler
-                .schedule(|k| cache.slot_of(k), &mut self.meta, &mut self.plan);
+        let ready = |k: &AdapterKey| cache.slot_of(k).filter(|&s| exec.adapter_ready(s));
+        let scheduled = self
+            .scheduler
+            .schedule(ready, &mut self.meta, &mut self.plan);
         for i in 0..self.plan.admitted.len() {
             let id = self.plan.admitted[i];
             if let Some(key) = self.live.get(&id).and_then(|l| l.adapter) {
@@ -363,7 +366,13 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             .inc_by(self.plan.preempted.len() as u64);
         if !scheduled {
             self.update_gauges();
-            return false;
+            // Nothing to run but an adapter being copied: come back for it (no command will
+            // wake the loop when the copy completes).
+            return self.needs.iter().any(|k| {
+                self.cache
+                    .slot_of(k)
+                    .is_some_and(|s| !exec.adapter_ready(s))
+            });
         }
 
         // Each sampling sequence's row: its parameters and its RNG's next draw.

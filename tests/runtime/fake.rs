@@ -5,13 +5,13 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use punica::engine::backend::{BLOCK_SIZE, BackendError, Pick, RowSampling, StepMeta, StepPath};
 use punica::engine::lora::cache::{AdapterFiles, AdapterKey, HostAdapter, Validator};
 use punica::engine::request::{Detokenizer, TextDecoder};
 use punica::engine::sampling::pick_row;
-use punica::engine::{EngineError, Executor, ExecutorError, StepOutput};
+use punica::engine::{Executor, ExecutorError, StepOutput};
 
 pub const VOCAB: usize = 64;
 
@@ -58,6 +58,8 @@ pub struct Probe {
     /// (step, token ids) of every forward.
     pub batches: Mutex<Vec<(usize, Vec<u32>)>>,
     pub max_rows: AtomicUsize,
+    /// Steps that used an adapter slot before its upload completed (an error of the runtime).
+    pub early_uses: AtomicUsize,
 }
 
 pub struct FakeModel {
@@ -67,6 +69,9 @@ pub struct FakeModel {
     picks: Vec<Pick>,
     delay: Duration,
     probe: Arc<Probe>,
+    /// How long an install's copy to the "device" takes (see [`Executor::adapter_ready`]).
+    upload: Duration,
+    installed: Vec<Option<Instant>>,
 }
 
 impl FakeModel {
@@ -78,16 +83,15 @@ impl FakeModel {
             picks: Vec::new(),
             delay,
             probe,
+            upload: Duration::ZERO,
+            installed: vec![None; slots],
         }
     }
 
-    pub fn builder(
-        kv_blocks: usize,
-        slots: usize,
-        delay: Duration,
-        probe: Arc<Probe>,
-    ) -> impl FnOnce() -> Result<FakeModel, EngineError> + Send + 'static {
-        move || Ok(FakeModel::new(kv_blocks, slots, delay, probe))
+    /// Installs whose copy takes `upload` to complete: a step that uses the slot earlier fails.
+    pub fn with_upload(mut self, upload: Duration) -> Self {
+        self.upload = upload;
+        self
     }
 }
 
@@ -134,7 +138,16 @@ impl Executor for FakeModel {
             .get_mut(slot as usize)
             .ok_or_else(|| format!("no slot {slot}"))?;
         *s = Some(adapter.seed);
+        self.installed[slot as usize] = Some(Instant::now());
         Ok(())
+    }
+
+    fn adapter_ready(&self, slot: u32) -> bool {
+        self.installed
+            .get(slot as usize)
+            .copied()
+            .flatten()
+            .is_some_and(|at| at.elapsed() >= self.upload)
     }
 
     fn step(
@@ -147,6 +160,14 @@ impl Executor for FakeModel {
         self.probe.max_rows.fetch_max(meta.rows(), Ordering::SeqCst);
         if let Ok(mut b) = self.probe.batches.lock() {
             b.push((step, meta.token_ids.clone()));
+        }
+        if let Some((_, _, slot)) = meta
+            .segments
+            .iter()
+            .find(|&(_, _, slot)| !self.adapter_ready(slot))
+        {
+            self.probe.early_uses.fetch_add(1, Ordering::SeqCst);
+            return Err(format!("slot {slot} used before its upload completed").into());
         }
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);

@@ -39,6 +39,17 @@ fn seed_of(n: u128) -> u64 {
 }
 
 fn harness(config: EngineConfig, kv_blocks: usize, delay: Duration, adapters: u128) -> Harness {
+    harness_with_upload(config, kv_blocks, delay, adapters, Duration::ZERO)
+}
+
+/// [`harness`] over an executor whose adapter installs take `upload` to reach the device.
+fn harness_with_upload(
+    config: EngineConfig,
+    kv_blocks: usize,
+    delay: Duration,
+    adapters: u128,
+    upload: Duration,
+) -> Harness {
     let source = Arc::new(MemorySource::new());
     for n in 1..=adapters {
         source.insert(adapter(n), fake::adapter_files(seed_of(n)));
@@ -47,12 +58,11 @@ fn harness(config: EngineConfig, kv_blocks: usize, delay: Duration, adapters: u1
     let metrics = EngineMetrics::unregistered().unwrap();
     let engine = EngineHandle::start(
         config,
-        FakeModel::builder(
-            kv_blocks,
-            config.cache.device_slots,
-            delay,
-            Arc::clone(&probe),
-        ),
+        {
+            let probe = Arc::clone(&probe);
+            let slots = config.cache.device_slots;
+            move || Ok(FakeModel::new(kv_blocks, slots, delay, probe).with_upload(upload))
+        },
         Arc::clone(&source) as _,
         fake::validator(),
         Arc::new(Letters),
@@ -449,6 +459,95 @@ fn shutting_the_engine_down_ends_every_live_stream_with_an_error() {
             Err(EngineError::Stopped)
         )
     });
+}
+
+/// Drain `stream` on a thread of its own, failing after `limit` instead of hanging.
+fn drain_within(mut stream: RequestStream, limit: Duration) -> (Outcome, Vec<Instant>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut times = Vec::new();
+        let mut tokens = Vec::new();
+        let end = loop {
+            match stream.blocking_next() {
+                Some(StreamEvent::Token { token_id, .. }) => {
+                    times.push(Instant::now());
+                    tokens.push(token_id);
+                }
+                Some(end) => break end,
+                None => panic!("stream ended without Done or Error"),
+            }
+        };
+        let _ = tx.send((
+            Outcome {
+                tokens,
+                text: String::new(),
+                end,
+            },
+            times,
+        ));
+    });
+    rx.recv_timeout(limit)
+        .expect("the stream did not finish in time")
+}
+
+#[test]
+fn an_adapter_still_being_copied_holds_back_only_its_own_requests() {
+    let upload = Duration::from_millis(60);
+    let h = harness_with_upload(config(8, 64, 2), 256, Duration::from_millis(2), 1, upload);
+    let base_prompt = vec![3, 4, 5];
+    let mut base = h
+        .engine
+        .submit(request(1, None, base_prompt.clone(), 120))
+        .unwrap();
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        match base.blocking_next() {
+            Some(StreamEvent::Token { token_id, .. }) => first.push(token_id),
+            other => panic!("{other:?}"),
+        }
+    }
+    let submitted = Instant::now();
+    let cold = h.engine.submit(request(2, Some(1), vec![7, 8], 5)).unwrap();
+    let cold = std::thread::spawn(move || drain_within(cold, Duration::from_secs(20)));
+    let (rest, base_times) = drain_within(base, Duration::from_secs(20));
+    let (cold, cold_times) = cold.join().unwrap();
+    assert_eq!(cold.tokens, fake::reference(seed_of(1), &[7, 8], 5));
+    assert!(
+        matches!(cold.end, StreamEvent::Done { .. }),
+        "{:?}",
+        cold.end
+    );
+    first.extend(&rest.tokens);
+    assert_eq!(first, fake::reference(0, &base_prompt, 120));
+    assert_eq!(h.probe.early_uses.load(Ordering::SeqCst), 0);
+    // The adapter's first token waited for its copy; the base request kept decoding meanwhile.
+    let first_cold = cold_times[0];
+    assert!(first_cold - submitted >= upload);
+    let during = base_times
+        .iter()
+        .filter(|&&t| t > submitted && t < first_cold)
+        .count();
+    assert!(
+        during >= 10,
+        "{during} base tokens while the adapter was copied"
+    );
+}
+
+#[test]
+fn an_idle_engine_runs_a_request_as_soon_as_its_adapter_copy_completes() {
+    let upload = Duration::from_millis(40);
+    let h = harness_with_upload(config(8, 64, 2), 256, Duration::ZERO, 1, upload);
+    let submitted = Instant::now();
+    let stream = h
+        .engine
+        .submit(request(1, Some(1), vec![9, 9, 9], 4))
+        .unwrap();
+    // No other work and no command to wake the engine when the copy is done: it must come back
+    // for it by itself.
+    let (out, times) = drain_within(stream, Duration::from_secs(10));
+    assert_eq!(out.tokens, fake::reference(seed_of(1), &[9, 9, 9], 4));
+    assert!(times[0] - submitted >= upload);
+    assert_eq!(h.probe.early_uses.load(Ordering::SeqCst), 0);
 }
 
 #[test]

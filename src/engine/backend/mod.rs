@@ -508,7 +508,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Runs on any thread (the adapter loaders stage adapters off the engine thread).
     fn stage(&self, dtype: DType, tensors: &[&[f32]]) -> Result<Self::Staged>;
     /// Copy staged tensors to the device in one transfer; one buffer per tensor, in order.
-    /// Asynchronous where the device allows: the buffers keep `staged` alive.
+    /// Asynchronous where the device allows (the buffers keep `staged` alive): the copy may
+    /// still run when this returns, see [`Backend::upload_done`] and [`Backend::wait_upload`].
     fn upload_staged(&self, staged: &Arc<Self::Staged>) -> Result<Vec<Self::Buf>>;
     /// Copy a buffer back to the host as f32.
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
@@ -687,6 +688,19 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// The step's ops are all issued: run them (a copy back to the host ends a step too).
     fn end_step(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Whether the copy that fills `buf` (an adapter's buffer from
+    /// [`Backend::upload_staged`]) has completed, so that a step may read it without waiting.
+    /// The CUDA backend copies adapters on a stream of its own, beside the steps.
+    fn upload_done(&self, buf: &Self::Buf) -> bool {
+        let _ = buf;
+        true
+    }
+    /// Ops issued from here on run after the copy that fills `buf` (nothing when it is done).
+    /// Call outside a step (before [`Backend::begin_step`]).
+    fn wait_upload(&self, buf: &Self::Buf) -> Result<()> {
+        let _ = buf;
         Ok(())
     }
     /// The row count a decode step of `rows` rows should be padded to (see

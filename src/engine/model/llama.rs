@@ -254,7 +254,13 @@ impl<B: Backend> Llama<B> {
                         slot: slot as usize,
                     });
                 }
-                Some(Some(_)) => {}
+                // An adapter still being copied: the step waits for it (the runtime admits
+                // its requests only once it is done, so this is the exception).
+                Some(Some(a)) => {
+                    if let Some(buf) = a.first_buf() {
+                        self.backend.wait_upload(buf)?;
+                    }
+                }
             }
         }
         let padded = b
@@ -701,6 +707,17 @@ impl<B: Backend> DeviceAdapter<B> {
     pub fn max_rank(&self) -> usize {
         self.max_rank
     }
+
+    /// One of its buffers: all of an adapter's buffers come from one upload (see
+    /// [`Backend::upload_done`]), so this one tells when the others are ready too.
+    fn first_buf(&self) -> Option<&B::Buf> {
+        self.layers.iter().flatten().flatten().map(|g| &g.a).next()
+    }
+
+    /// Whether its upload to the device has completed.
+    pub fn uploaded(&self, backend: &B) -> bool {
+        self.first_buf().is_none_or(|b| backend.upload_done(b))
+    }
 }
 
 /// The adapters resident on the device, by slot, and the SGMV tables built from them.
@@ -785,6 +802,15 @@ impl<B: Backend> LoraState<B> {
     ) -> Result<Option<DeviceAdapter<B>>> {
         let adapter = DeviceAdapter::upload(backend, weights)?;
         self.install(backend, slot, adapter)
+    }
+
+    /// Whether `slot` holds an adapter whose upload has completed (a step can use it without
+    /// waiting for the copy).
+    pub fn slot_ready(&self, backend: &B, slot: usize) -> bool {
+        self.slots
+            .get(slot)
+            .and_then(|s| s.as_ref())
+            .is_some_and(|a| a.uploaded(backend))
     }
 
     /// Empty `slot` and rebuild the tables; returns its adapter. Call between steps.

@@ -86,10 +86,33 @@ fn shape(msg: String) -> BackendError {
 #[allow(dead_code)]
 enum Memory {
     Own(CudaSlice<u8>),
-    /// A view into one allocation shared by several buffers, filled from `staged`.
-    Shared(Arc<CudaSlice<u8>>, Arc<CudaStaged>),
+    /// A view into one allocation shared by several buffers, filled from `staged` by a copy
+    /// on the copy stream.
+    Shared(Arc<Uploaded>, Arc<CudaStaged>),
     /// A step temporary in the backend's arena (valid until the next step starts).
     Arena,
+}
+
+/// Device memory an adapter's copy on the copy stream fills (see [`Backend::upload_staged`]):
+/// ready for kernels once `done` completed, and freed (stream-ordered, on the main stream)
+/// only after it, so an adapter dropped while its copy runs never frees memory the copy
+/// still writes.
+pub struct Uploaded {
+    done: cudarc::driver::CudaEvent,
+    main: Arc<CudaStream>,
+    /// Dropped after [`Drop::drop`] ordered the free behind `done`.
+    _mem: CudaSlice<u8>,
+}
+
+impl Drop for Uploaded {
+    fn drop(&mut self) {
+        if !self.done.is_complete()
+            && let Err(e) = self.main.wait(&self.done)
+        {
+            // The context is failing; the free below is then moot.
+            tracing::error!(error = ?e, "cannot order an adapter's free after its copy");
+        }
+    }
 }
 
 /// Tensors converted and packed in page-locked host memory, for one asynchronous copy. Its
@@ -319,6 +342,8 @@ pub struct CudaBackend {
     /// The side stream of [`Backend::begin_side`], with the events that order it against
     /// `stream`, and whether launches currently go to it.
     side: Arc<CudaStream>,
+    /// Adapter uploads: copies that run beside the steps (see [`Backend::upload_staged`]).
+    copy: Arc<CudaStream>,
     fork_event: drv_sys::CUevent,
     join_event: drv_sys::CUevent,
     on_side: std::sync::atomic::AtomicBool,
@@ -452,6 +477,9 @@ impl CudaBackend {
         let side = ctx.new_stream().map_err(|e| {
             BackendError::Unavailable(format!("cannot create a CUDA stream: {e:?}"))
         })?;
+        let copy = ctx.new_stream().map_err(|e| {
+            BackendError::Unavailable(format!("cannot create a CUDA stream: {e:?}"))
+        })?;
         let event = || {
             drv::event::create(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
                 .map_err(|e| dev_err("event", e))
@@ -496,6 +524,7 @@ impl CudaBackend {
             ctx,
             stream,
             side,
+            copy,
             fork_event,
             join_event,
             on_side: std::sync::atomic::AtomicBool::new(false),
@@ -1494,20 +1523,30 @@ impl Backend for CudaBackend {
         let (mem, base) = self.alloc_bytes(src.len())?;
         self.flush()?;
         self.mark_other();
+        let no_timing = Some(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+        let event = |stream: &CudaStream| {
+            stream
+                .record_event(no_timing)
+                .map_err(|e| dev_err("record event", e))
+        };
+        // The allocation is ordered on the main stream: the copy starts once the main stream
+        // got there (the step in flight, if any, is done), then runs beside the next steps.
+        // Kernels read the adapter only after `done` (the runtime admits its requests then,
+        // and `Backend::wait_upload` orders any step that uses it earlier).
+        self.copy
+            .wait(&event(&self.stream)?)
+            .map_err(|e| dev_err("order the copy after the allocation", e))?;
         // SAFETY: the destination has `src.len()` bytes; `src` is page-locked, so the copy is
-        // asynchronous, and every returned buffer holds `staged` until it is dropped (a drop
-        // is stream-ordered after the copy).
-        unsafe { drv::memcpy_htod_async(base, src, self.stream.cu_stream()) }
+        // asynchronous: the staging buffer is reused only after `copied` completed, and the
+        // device memory is freed only after `done` (see `Uploaded`).
+        unsafe { drv::memcpy_htod_async(base, src, self.copy.cu_stream()) }
             .map_err(|e| dev_err("copy to device", e))?;
-        let event = self
-            .ctx
-            .new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
-            .map_err(|e| dev_err("event", e))?;
-        event
-            .record(&self.stream)
-            .map_err(|e| dev_err("record event", e))?;
-        *lock(&staged.copied) = Some(event);
-        let mem = Arc::new(mem);
+        *lock(&staged.copied) = Some(event(&self.copy)?);
+        let mem = Arc::new(Uploaded {
+            done: event(&self.copy)?,
+            main: Arc::clone(&self.stream),
+            _mem: mem,
+        });
         Ok(staged
             .tensors
             .iter()
@@ -2242,6 +2281,27 @@ impl Backend for CudaBackend {
         self.finish_step()
     }
 
+    fn upload_done(&self, buf: &CudaBuf) -> bool {
+        match &buf._mem {
+            Memory::Shared(up, _) => up.done.is_complete(),
+            _ => true,
+        }
+    }
+
+    fn wait_upload(&self, buf: &CudaBuf) -> Result<()> {
+        let Memory::Shared(up, _) = &buf._mem else {
+            return Ok(());
+        };
+        if up.done.is_complete() {
+            return Ok(());
+        }
+        // After the ops recorded so far: the wait applies to what is issued from here on.
+        self.flush()?;
+        self.stream
+            .wait(&up.done)
+            .map_err(|e| dev_err("wait for an adapter's copy", e))
+    }
+
     fn decode_bucket(&self, rows: usize) -> Option<usize> {
         // Padding only pays when a graph of the bucket can be replayed.
         self.graphs_enabled()
@@ -2257,7 +2317,11 @@ impl Backend for CudaBackend {
         self.finish_step()?;
         self.stream
             .synchronize()
-            .map_err(|e| dev_err("synchronize", e))
+            .map_err(|e| dev_err("synchronize", e))?;
+        // Adapter copies too.
+        self.copy
+            .synchronize()
+            .map_err(|e| dev_err("synchronize the copy stream", e))
     }
 }
 
