@@ -343,9 +343,16 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             .set_admit_adapters(self.starved_steps < SLOT_STARVATION_STEPS);
 
         // An adapter counts as resident once its copy to the device is done: until then its
-        // requests wait and the batch runs on without it.
+        // requests wait and the batch runs on without it. `held` notes that one was turned
+        // away, so the loop comes back for it (no command wakes the loop when a copy is done).
         let cache = &self.cache;
-        let ready = |k: &AdapterKey| cache.slot_of(k).filter(|&s| exec.adapter_ready(s));
+        let held = std::cell::Cell::new(false);
+        let ready = |k: &AdapterKey| {
+            let slot = cache.slot_of(k)?;
+            let ready = exec.adapter_ready(slot);
+            held.set(held.get() || !ready);
+            ready.then_some(slot)
+        };
         let scheduled = self
             .scheduler
             .schedule(ready, &mut self.meta, &mut self.plan);
@@ -366,13 +373,10 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             .inc_by(self.plan.preempted.len() as u64);
         if !scheduled {
             self.update_gauges();
-            // Nothing to run but an adapter being copied: come back for it (no command will
-            // wake the loop when the copy completes).
-            return self.needs.iter().any(|k| {
-                self.cache
-                    .slot_of(k)
-                    .is_some_and(|s| !exec.adapter_ready(s))
-            });
+            // Nothing ran, but a request waits for a copy in flight: busy, so the loop does not
+            // sleep on the command queue. (Asking the executor again here instead could find
+            // the copy done just after the scheduler turned the request away, and sleep.)
+            return held.get();
         }
 
         // Each sampling sequence's row: its parameters and its RNG's next draw.

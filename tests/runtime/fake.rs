@@ -71,7 +71,10 @@ pub struct FakeModel {
     probe: Arc<Probe>,
     /// How long an install's copy to the "device" takes (see [`Executor::adapter_ready`]).
     upload: Duration,
+    /// Queries of [`Executor::adapter_ready`] an install answers "not yet" first.
+    upload_polls: usize,
     installed: Vec<Option<Instant>>,
+    polls: Vec<AtomicUsize>,
 }
 
 impl FakeModel {
@@ -84,7 +87,9 @@ impl FakeModel {
             delay,
             probe,
             upload: Duration::ZERO,
+            upload_polls: 0,
             installed: vec![None; slots],
+            polls: (0..slots).map(|_| AtomicUsize::new(0)).collect(),
         }
     }
 
@@ -92,6 +97,23 @@ impl FakeModel {
     pub fn with_upload(mut self, upload: Duration) -> Self {
         self.upload = upload;
         self
+    }
+
+    /// Installs that answer the first `polls` readiness queries with "not yet", however fast.
+    pub fn with_upload_polls(mut self, polls: usize) -> Self {
+        self.upload_polls = polls;
+        self
+    }
+
+    /// Ready by time and by queries, without counting a query.
+    fn uploaded(&self, slot: u32) -> bool {
+        let i = slot as usize;
+        self.installed
+            .get(i)
+            .copied()
+            .flatten()
+            .is_some_and(|at| at.elapsed() >= self.upload)
+            && self.polls[i].load(Ordering::SeqCst) >= self.upload_polls
     }
 }
 
@@ -139,15 +161,16 @@ impl Executor for FakeModel {
             .ok_or_else(|| format!("no slot {slot}"))?;
         *s = Some(adapter.seed);
         self.installed[slot as usize] = Some(Instant::now());
+        self.polls[slot as usize].store(0, Ordering::SeqCst);
         Ok(())
     }
 
     fn adapter_ready(&self, slot: u32) -> bool {
-        self.installed
-            .get(slot as usize)
-            .copied()
-            .flatten()
-            .is_some_and(|at| at.elapsed() >= self.upload)
+        let ready = self.uploaded(slot);
+        if let Some(p) = self.polls.get(slot as usize) {
+            p.fetch_add(1, Ordering::SeqCst);
+        }
+        ready
     }
 
     fn step(
@@ -164,7 +187,7 @@ impl Executor for FakeModel {
         if let Some((_, _, slot)) = meta
             .segments
             .iter()
-            .find(|&(_, _, slot)| !self.adapter_ready(slot))
+            .find(|&(_, _, slot)| !self.uploaded(slot))
         {
             self.probe.early_uses.fetch_add(1, Ordering::SeqCst);
             return Err(format!("slot {slot} used before its upload completed").into());

@@ -50,6 +50,19 @@ fn harness_with_upload(
     adapters: u128,
     upload: Duration,
 ) -> Harness {
+    harness_with_fake(config, kv_blocks, delay, adapters, move |m| {
+        m.with_upload(upload)
+    })
+}
+
+/// [`harness`] over the fake executor as `setup` adjusts it.
+fn harness_with_fake(
+    config: EngineConfig,
+    kv_blocks: usize,
+    delay: Duration,
+    adapters: u128,
+    setup: impl FnOnce(FakeModel) -> FakeModel + Send + 'static,
+) -> Harness {
     let source = Arc::new(MemorySource::new());
     for n in 1..=adapters {
         source.insert(adapter(n), fake::adapter_files(seed_of(n)));
@@ -61,7 +74,7 @@ fn harness_with_upload(
         {
             let probe = Arc::clone(&probe);
             let slots = config.cache.device_slots;
-            move || Ok(FakeModel::new(kv_blocks, slots, delay, probe).with_upload(upload))
+            move || Ok(setup(FakeModel::new(kv_blocks, slots, delay, probe)))
         },
         Arc::clone(&source) as _,
         fake::validator(),
@@ -547,6 +560,19 @@ fn an_idle_engine_runs_a_request_as_soon_as_its_adapter_copy_completes() {
     let (out, times) = drain_within(stream, Duration::from_secs(10));
     assert_eq!(out.tokens, fake::reference(seed_of(1), &[9, 9, 9], 4));
     assert!(times[0] - submitted >= upload);
+    assert_eq!(h.probe.early_uses.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_copy_that_completes_while_its_request_is_turned_away_does_not_stall_the_engine() {
+    // The first readiness query after the install says "not yet", every later one "done": the
+    // engine must come back for the request rather than sleep on its command queue.
+    let h = harness_with_fake(config(8, 64, 2), 256, Duration::ZERO, 1, |m| {
+        m.with_upload_polls(1)
+    });
+    let stream = h.engine.submit(request(1, Some(1), vec![4, 2], 3)).unwrap();
+    let (out, _) = drain_within(stream, Duration::from_secs(10));
+    assert_eq!(out.tokens, fake::reference(seed_of(1), &[4, 2], 3));
     assert_eq!(h.probe.early_uses.load(Ordering::SeqCst), 0);
 }
 

@@ -1,6 +1,6 @@
 //! The selftest's check of CUDA graphs: a small random model with two adapters decodes the
-//! same teacher-forced steps twice, issuing every step op by op (unpadded) and then with graphs
-//! on (decode steps padded to their bucket), and the logits of every step must agree. The batch
+//! same teacher-forced steps twice, issuing every step op by op and then with graphs on (decode
+//! steps padded to their bucket in both runs), and the logits of every step must agree. The batch
 //! keeps its layout long enough for its graph to pay off ([`WORTH_REPLAYS`]), then changes
 //! membership within its bucket (one sequence sits two steps out: the same graph serves), then
 //! drops to a smaller bucket (three sit out: a new graph) and returns to the first, so the run
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::engine::backend::{BLOCK_SIZE, BackendError, Result};
+use crate::engine::backend::{BLOCK_SIZE, BackendError, Result, decode_bucket};
 use crate::engine::lora::peft::LoraWeights;
 use crate::engine::model::config::LlamaConfig;
 use crate::engine::model::llama::{KvCache, Llama, LoraState, batch_step_meta};
@@ -98,9 +98,18 @@ fn run(
             let tabs: Vec<_> = seqs.iter().map(|&i| tables[i].clone()).collect();
             let done: Vec<_> = seqs.iter().map(|&i| cached[i]).collect();
             let meta = batch_step_meta(&reqs, &inputs, &done, &tabs)?;
-            let out = model
-                .forward(&meta, &mut kv, &lora)
+            // With graphs on the backend pads decode steps to their bucket; the run without
+            // graphs pads them here the same way, so both compute the same rows and only how
+            // the ops reach the GPU differs.
+            let padded = if graphs {
+                None
+            } else {
+                decode_bucket(meta.rows()).and_then(|b| meta.pad_decode(b, kv.pad_block()))
+            };
+            let mut out = model
+                .forward(padded.as_ref().unwrap_or(&meta), &mut kv, &lora)
                 .map_err(|e| err(&format!("step {step}"), e))?;
+            out.truncate(meta.logit_rows.len() * model.config().vocab_size);
             for (&i, input) in seqs.iter().zip(&inputs) {
                 cached[i] += input.len();
             }

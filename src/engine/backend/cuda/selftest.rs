@@ -794,6 +794,57 @@ fn check_fill_random(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
     Ok(())
 }
 
+/// An adapter's upload on the copy stream: staged tensors reach the device intact, the copy
+/// reports done within a second, and an upload dropped while its copy may still run (its
+/// memory freed after the copy) leaves the device healthy.
+fn check_upload(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
+    let be = c.be;
+    let lens = [4096 * 16, 11008 * 16, 7, 16 * 4096];
+    let tensors: Vec<Vec<f32>> = lens
+        .iter()
+        .map(|&n| (0..n).map(|_| c.rng.random_range(-1.0f32..1.0)).collect())
+        .collect();
+    let views: Vec<&[f32]> = tensors.iter().map(Vec::as_slice).collect();
+    let staged = std::sync::Arc::new(be.stage(dt, &views)?);
+    let bufs = be.upload_staged(&staged)?;
+    let started = std::time::Instant::now();
+    while !be.upload_done(&bufs[0]) && started.elapsed() < std::time::Duration::from_secs(1) {
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+    let done_us = started.elapsed().as_micros();
+    if be.upload_done(&bufs[0]) {
+        c.pass_exact(
+            "upload",
+            format!("{dt:?} copy on the copy stream reported done after {done_us} us"),
+        );
+    } else {
+        c.fail(
+            "upload",
+            format!("{dt:?} copy"),
+            "not done after 1 s".into(),
+        );
+    }
+    be.wait_upload(&bufs[0])?;
+    for (i, (buf, want)) in bufs.iter().zip(&tensors).enumerate() {
+        let got = be.download(buf)?;
+        let mut want = want.clone();
+        round(dt, &mut want);
+        c.record(
+            "upload",
+            format!("{dt:?} tensor {i} of {} values", want.len()),
+            &got,
+            &want,
+            1e-6,
+        );
+    }
+    drop(bufs);
+    // Dropped at once: the free waits for the copy.
+    drop(be.upload_staged(&staged)?);
+    be.synchronize()?;
+    c.pass_exact("upload", format!("{dt:?} upload dropped in flight"));
+    Ok(())
+}
+
 /// Paged KV write, RoPE and attention over a batch mixing decode rows, a full prefill and a
 /// prefill chunk on top of cached context, with GQA.
 fn check_attention(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
@@ -1138,6 +1189,9 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
         }
         if let Err(e) = check_fill_random(&mut c, dt) {
             c.fail("fill_random", format!("{dt:?}"), e.to_string());
+        }
+        if let Err(e) = check_upload(&mut c, dt) {
+            c.fail("upload", format!("{dt:?}"), e.to_string());
         }
     }
     if let Err(e) = check_sample(&mut c) {
