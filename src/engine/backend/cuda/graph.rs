@@ -4,8 +4,9 @@
 //! Between [`Backend::begin_step`](crate::engine::backend::Backend::begin_step) and the step's
 //! end (sampling, or any copy back to the host) the backend records every kernel launch, GEMM
 //! and side-stream fork/join as an [`Op`], and takes the step's activations from a fixed arena
-//! and its metadata from a fixed buffer, so the same batch layout gives the same trace (the
-//! same kernels, grids and arguments, pointers included) from step to step. At the step's end:
+//! and its metadata from a fixed buffer at offsets that depend only on the row count, so steps
+//! of the same row count and kernel variants give the same trace (the same kernels, grids and
+//! arguments, pointers included) whoever is in the batch. At the step's end:
 //!
 //! - a trace equal to one in the cache is replayed with one `cuGraphLaunch`;
 //! - a trace equal to the previous step's (for as many steps in a row as the recorder's
@@ -18,9 +19,11 @@
 //! correct whenever issuing the trace is, whatever changed in between (an adapter slot, a
 //! reallocated buffer); only the device memory the arguments point to is read at run time
 //! (token ids, positions, block tables, segments), which is what changes from step to step.
-//! Decode steps of a stable batch repeat their trace, so they replay; a batch whose membership
-//! changes records one graph per layout (kept in a small LRU cache); prefill chunks rarely
-//! repeat and are issued.
+//! Decode steps are padded to a bucket of row counts (see
+//! [`StepMeta::pad_decode`](crate::engine::backend::StepMeta::pad_decode)) and the SGMV
+//! launches cover a rounded-up tile count, so a decode batch whose membership changes keeps
+//! replaying the graph of its bucket (graphs kept in a small LRU cache); steps with prefill
+//! chunks rarely repeat and are issued.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
