@@ -115,16 +115,10 @@ pub fn random_lora_weights(
 mod tests {
     use super::*;
 
+    /// The tiny Llama of the golden fixtures.
     fn tiny() -> LlamaConfig {
-        let mut c = LlamaConfig::synthetic("llama-7b").unwrap();
-        c.hidden_size = 64;
-        c.intermediate_size = 96;
-        c.num_hidden_layers = 2;
-        c.num_attention_heads = 4;
-        c.num_key_value_heads = 2;
-        c.head_dim = 16;
-        c.vocab_size = 100;
-        c
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        LlamaConfig::from_file(&dir.join("tests/fixtures/golden/untied/config.json")).unwrap()
     }
 
     #[test]

@@ -808,24 +808,7 @@ mod tests {
     fn a_decode_step_keeps_every_offset_but_the_block_tables_length_as_contexts_grow() {
         // Two sequences decoding: the second step's contexts cross a block boundary.
         let decode = |ctx: u32| {
-            let blocks = ctx.div_ceil(16);
-            let m = StepMeta {
-                token_ids: vec![7, 8],
-                positions: vec![ctx - 1, ctx - 1],
-                slot_mapping: vec![ctx - 1, 1000 + ctx - 1],
-                seqs: (0..2)
-                    .map(|i| SeqMeta {
-                        row_start: i,
-                        num_rows: 1,
-                        context_len: ctx,
-                        block_table_start: i * blocks,
-                        num_blocks: blocks,
-                    })
-                    .collect(),
-                block_tables: (0..2 * blocks).collect(),
-                segments: SegmentTable::from_row_slots(&[Some(0), Some(1)]),
-                logit_rows: vec![0, 1],
-            };
+            let m = decode_rows(&[Some(0), Some(1)], ctx);
             m.validate().unwrap();
             pack_meta(&m).unwrap().1
         };
