@@ -2095,7 +2095,9 @@ impl Backend for CudaBackend {
             let (lanes, (gx, gy)) =
                 plan::expand_rows_plan(table.max_part_rank, h_out, meta.layout.tile_grid())?;
             let ends = plan::group_ends(outs);
-            let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
+            // Before its wait the row expand reads only host-written data (tiles, slot table,
+            // B); v and y come after it. So it overlaps whatever precedes it, the GEMM that
+            // wrote y included (the tile expand reads y early: only after a shrink).
             return self.launch(
                 &format!("sgmv_expand_rows_{}_l{lanes}", Self::suffix(y.dtype)),
                 (gx, gy, 1),
@@ -2113,7 +2115,7 @@ impl Backend for CudaBackend {
                     Arg::Ptr(meta.at(meta.layout.tiles)),
                     Arg::Ptr(meta.at(meta.layout.segs)),
                 ],
-                overlap,
+                self.pdl,
             );
         }
         let kt = plan::expand_rank_chunks(table.max_part_rank)?;
