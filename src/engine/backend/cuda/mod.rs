@@ -2095,9 +2095,7 @@ impl Backend for CudaBackend {
             let (lanes, (gx, gy)) =
                 plan::expand_rows_plan(table.max_part_rank, h_out, meta.layout.tile_grid())?;
             let ends = plan::group_ends(outs);
-            // Before its wait the row expand reads only host-written data (tiles, slot table,
-            // B); v and y come after it. So it overlaps whatever precedes it, the GEMM that
-            // wrote y included (the tile expand reads y early: only after a shrink).
+            let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
             return self.launch(
                 &format!("sgmv_expand_rows_{}_l{lanes}", Self::suffix(y.dtype)),
                 (gx, gy, 1),
@@ -2115,7 +2113,7 @@ impl Backend for CudaBackend {
                     Arg::Ptr(meta.at(meta.layout.tiles)),
                     Arg::Ptr(meta.at(meta.layout.segs)),
                 ],
-                self.pdl,
+                overlap,
             );
         }
         let kt = plan::expand_rank_chunks(table.max_part_rank)?;
