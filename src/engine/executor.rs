@@ -233,7 +233,12 @@ impl<B: Backend> Executor for LlamaExecutor<B> {
         if let Some(logits) = self.model.forward_device(meta, &mut self.kv, &self.lora)? {
             let enqueued = started.elapsed();
             let b = self.model.backend();
-            self.picks = b.sample(&logits, self.model.config().vocab_size, sampling)?;
+            b.sample(
+                &logits,
+                self.model.config().vocab_size,
+                sampling,
+                &mut self.picks,
+            )?;
             if want_logits {
                 self.logits = b.download(&logits)?;
                 // A padded decode step has the padding rows' logits after the real ones.

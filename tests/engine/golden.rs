@@ -260,10 +260,12 @@ fn decode_steps_padded_to_their_bucket_keep_hugging_face_logits_for_the_real_row
                 })
                 .collect();
             let meta = StepMeta::build(&seqs).unwrap();
-            let step = match j {
-                0 => meta,
-                _ => meta.pad_decode(bucket, kv.pad_block()).unwrap(),
-            };
+            let mut step = StepMeta::default();
+            if j == 0 {
+                step = meta;
+            } else {
+                assert!(meta.pad_decode(bucket, kv.pad_block(), &mut step));
+            }
             let logits = m.model.forward(&step, &mut kv, &m.lora).unwrap();
             assert_eq!(logits.len(), step.logit_rows.len() * vocab);
             if j > 0 {

@@ -398,7 +398,10 @@ fn a_corrupt_adapter_fails_its_requests_with_a_clear_error_while_the_rest_procee
         let n = 1 + (i as u128) % 2;
         assert_eq!(drain(s).tokens, fake::reference(seed_of(n), &[5, 6, 7], 12));
     }
-    assert_eq!(h.metrics.adapter_load_failures.get(), 2);
+    // One failed load per adapter, or one more for each request that reached the engine
+    // after its adapter's load had already failed (a new request tries again).
+    let failures = h.metrics.adapter_load_failures.get();
+    assert!((2..=4).contains(&failures), "{failures} failed loads");
 }
 
 #[test]

@@ -926,7 +926,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn sample(&self, logits: &CpuBuf, vocab: usize, rows: &[RowSampling]) -> Result<Vec<Pick>> {
+    fn sample(
+        &self,
+        logits: &CpuBuf,
+        vocab: usize,
+        rows: &[RowSampling],
+        picks: &mut Vec<Pick>,
+    ) -> Result<()> {
         let data = logits.as_slice();
         if vocab == 0 || data.len() < rows.len() * vocab {
             return Err(BackendError::Shape(format!(
@@ -935,11 +941,13 @@ impl Backend for CpuBackend {
                 rows.len()
             )));
         }
-        Ok(rows
-            .iter()
-            .zip(data.chunks_exact(vocab))
-            .map(|(rs, row)| pick_row(row, rs))
-            .collect())
+        picks.clear();
+        picks.extend(
+            rows.iter()
+                .zip(data.chunks_exact(vocab))
+                .map(|(rs, row)| pick_row(row, rs)),
+        );
+        Ok(())
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -179,20 +179,30 @@ impl StepMeta {
         }
     }
 
-    /// This decode step padded to `bucket` rows, or `None` when it is not a decode step
-    /// (some sequence feeds more than one row), has no rows, or has `bucket` rows already.
+    /// Write into `out` this decode step padded to `bucket` rows, and return `true`; return
+    /// `false` (leaving `out` alone) when it is not a decode step (some sequence feeds more than
+    /// one row), has no rows, or has `bucket` rows already. `out`'s buffers are reused, so a
+    /// step padded into the same `out` each time allocates nothing.
     ///
     /// Each padding row is a sequence of its own: token 0 at position 0, context 1, in the
     /// one block `pad_block` (a block no sequence owns: padding rows all write the same K/V
     /// there and attend to it), no adapter. When every real row samples, so does every padding
     /// row, after the real ones: the logits of the real rows come first, in order. The real
     /// rows' results do not depend on the padding (rows never mix in a forward pass).
-    pub fn pad_decode(&self, bucket: usize, pad_block: u32) -> Option<StepMeta> {
+    pub fn pad_decode(&self, bucket: usize, pad_block: u32, out: &mut StepMeta) -> bool {
         let rows = self.rows();
         if rows == 0 || bucket <= rows || self.seqs.iter().any(|s| s.num_rows != 1) {
-            return None;
+            return false;
         }
-        let mut out = self.clone();
+        out.token_ids.clone_from(&self.token_ids);
+        out.positions.clone_from(&self.positions);
+        out.slot_mapping.clone_from(&self.slot_mapping);
+        out.seqs.clone_from(&self.seqs);
+        out.block_tables.clone_from(&self.block_tables);
+        out.segments.starts.clone_from(&self.segments.starts);
+        out.segments.ends.clone_from(&self.segments.ends);
+        out.segments.slots.clone_from(&self.segments.slots);
+        out.logit_rows.clone_from(&self.logit_rows);
         let all_sample = self.logit_rows.len() == rows
             && self
                 .logit_rows
@@ -215,7 +225,7 @@ impl StepMeta {
                 out.logit_rows.push(row as u32);
             }
         }
-        Some(out)
+        true
     }
 
     /// Rows (tokens) in the batch.
@@ -659,9 +669,16 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// Pick one token per row of `logits: [rows.len(), vocab]` (f32) as `rows[i]` says, and
-    /// return the picks on the host. This is the step's one synchronisation point.
-    fn sample(&self, logits: &Self::Buf, vocab: usize, rows: &[RowSampling]) -> Result<Vec<Pick>>;
+    /// Pick one token per row of `logits: [rows.len(), vocab]` (f32) as `rows[i]` says, into
+    /// `picks` on the host (cleared first; a buffer reused from step to step allocates
+    /// nothing). This is the step's one synchronisation point.
+    fn sample(
+        &self,
+        logits: &Self::Buf,
+        vocab: usize,
+        rows: &[RowSampling],
+        picks: &mut Vec<Pick>,
+    ) -> Result<()>;
 
     /// Ops issued from here until [`Backend::end_side`] run on a side queue: after everything
     /// issued before, concurrently with what is issued on the main queue after `end_side`
@@ -771,7 +788,7 @@ mod tests {
     #[test]
     fn a_decode_step_pads_to_its_bucket_with_sequences_of_one_row_in_the_pad_block() {
         let meta = decode_step();
-        let pad = meta.pad_decode(8, 99).unwrap();
+        let pad = padded(&meta, 8).unwrap();
         pad.validate().unwrap();
         assert_eq!(pad.rows(), 8);
         // The real rows are untouched and first.
@@ -792,13 +809,27 @@ mod tests {
         assert_eq!(pad.block_tables[meta.block_tables.len()..], [99; 5]);
         assert_eq!(pad.logit_rows, (0..8).collect::<Vec<u32>>());
         // A full bucket, an empty step or a prefill chunk is not padded.
-        assert_eq!(meta.pad_decode(3, 99), None);
-        assert_eq!(StepMeta::default().pad_decode(8, 99), None);
-        assert_eq!(StepMeta::one_sequence(2).pad_decode(8, 99), None);
+        assert_eq!(padded(&meta, 3), None);
+        assert_eq!(padded(&StepMeta::default(), 8), None);
+        assert_eq!(padded(&StepMeta::one_sequence(2), 8), None);
         // Rows that do not all sample keep their logit rows; padding adds none.
         let mut some = meta.clone();
         some.logit_rows = vec![0, 2];
-        assert_eq!(some.pad_decode(4, 99).unwrap().logit_rows, vec![0, 2]);
+        assert_eq!(padded(&some, 4).unwrap().logit_rows, vec![0, 2]);
+        // Padding into the same output again reuses its buffers.
+        let mut out = StepMeta::default();
+        assert!(meta.pad_decode(8, 99, &mut out));
+        let ptr = out.token_ids.as_ptr();
+        assert!(some.pad_decode(8, 99, &mut out));
+        assert_eq!(out.token_ids.as_ptr(), ptr);
+        assert_eq!(out.logit_rows, vec![0, 2]);
+        assert_eq!(out.rows(), 8);
+    }
+
+    /// `meta` padded to `bucket` with pad block 99, if it pads.
+    fn padded(meta: &StepMeta, bucket: usize) -> Option<StepMeta> {
+        let mut out = StepMeta::default();
+        meta.pad_decode(bucket, 99, &mut out).then_some(out)
     }
 
     #[test]

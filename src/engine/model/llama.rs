@@ -75,6 +75,9 @@ pub struct Llama<B: Backend> {
     /// `None` when the output projection is tied to `embed_tokens`.
     pub lm_head: Option<B::Buf>,
     inv_freq: B::Buf,
+    /// A decode step padded to its bucket, rebuilt in place each step (no allocation once it
+    /// has held the largest batch).
+    padded: std::sync::Mutex<StepMeta>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -141,6 +144,7 @@ impl<B: Backend> Llama<B> {
             norm,
             lm_head,
             inv_freq,
+            padded: Default::default(),
         })
     }
 
@@ -191,6 +195,7 @@ impl<B: Backend> Llama<B> {
             norm,
             lm_head,
             inv_freq,
+            padded: Default::default(),
         })
     }
 
@@ -263,10 +268,15 @@ impl<B: Backend> Llama<B> {
                 }
             }
         }
+        // Only the engine's thread steps a model: the lock is never contended.
+        let mut scratch = self
+            .padded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let padded = b
             .decode_bucket(meta.rows())
-            .and_then(|bucket| meta.pad_decode(bucket, kv.pad_block()));
-        let meta = padded.as_ref().unwrap_or(meta);
+            .is_some_and(|bucket| meta.pad_decode(bucket, kv.pad_block(), &mut scratch));
+        let meta = if padded { &*scratch } else { meta };
         b.begin_step()?;
         let out = b
             .upload_meta(meta)
@@ -454,9 +464,9 @@ impl<B: Backend> Llama<B> {
                 continue;
             };
             let greedy = vec![RowSampling::GREEDY; requests.len()];
-            let picks = self
-                .backend
-                .sample(&logits, self.config.vocab_size, &greedy)?;
+            let mut picks = Vec::with_capacity(greedy.len());
+            self.backend
+                .sample(&logits, self.config.vocab_size, &greedy, &mut picks)?;
             for (i, pick) in picks.iter().enumerate() {
                 cached[i] += inputs[i].len();
                 out[i].push(pick.token);

@@ -46,17 +46,48 @@ pub const WORTH_REPLAYS: u64 = 24;
 /// Most repeats a layout may have to wait for before it is recorded.
 pub const MAX_PATIENCE: u32 = 64;
 
+/// Most parameters a kernel of the backend takes.
+pub const MAX_ARGS: usize = 16;
+
+/// A launch's arguments, each widened to 8 bytes (see `Arg::slot`), held inline: a step
+/// records hundreds of launches and allocates nothing for them. Unused slots stay zero, so
+/// equality and hashing of the whole array are those of the used part.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ArgSlots {
+    len: u8,
+    slots: [u64; MAX_ARGS],
+}
+
+impl ArgSlots {
+    /// `args`, or `None` beyond [`MAX_ARGS`].
+    pub fn new(args: impl ExactSizeIterator<Item = u64>) -> Option<Self> {
+        let len = u8::try_from(args.len())
+            .ok()
+            .filter(|&n| n as usize <= MAX_ARGS)?;
+        let mut out = ArgSlots {
+            len,
+            slots: [0; MAX_ARGS],
+        };
+        for (slot, a) in out.slots.iter_mut().zip(args) {
+            *slot = a;
+        }
+        Some(out)
+    }
+
+    /// The used slots.
+    pub fn as_slice(&self) -> &[u64] {
+        &self.slots[..self.len as usize]
+    }
+}
+
 /// One kernel launch of a trace.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LaunchOp {
-    /// The kernel's name (for errors).
-    pub name: String,
     /// The loaded kernel (`CUfunction`), which lives as long as the backend.
     pub func: usize,
     pub grid: (u32, u32, u32),
     pub block: u32,
-    /// Each argument widened to 8 bytes (see `Arg::slot`).
-    pub args: Vec<u64>,
+    pub args: ArgSlots,
     /// Programmatic dependent launch.
     pub pdl: bool,
     /// On the side stream.
@@ -160,6 +191,8 @@ pub struct Recorder<G = CudaGraph> {
     /// The latest recorded graph's id and its replays so far, until the batch moves on.
     watch: Option<(u64, u64)>,
     cache: Vec<Cached<G>>,
+    /// An emptied trace buffer kept for the next step's trace (its capacity is reused).
+    spare: Vec<Op>,
     clock: u64,
     next_id: u64,
     pub stats: GraphStats,
@@ -189,6 +222,7 @@ impl<G> Recorder<G> {
             patience: 1,
             watch: None,
             cache: Vec::new(),
+            spare: Vec::new(),
             clock: 0,
             next_id: 0,
             stats: GraphStats::default(),
@@ -259,11 +293,30 @@ impl<G> Recorder<G> {
     pub fn begin(&mut self) {
         self.tracing = true;
         self.forked = false;
+        if self.ops.capacity() == 0 {
+            self.ops = std::mem::take(&mut self.spare);
+        }
     }
 
     /// Remember an issued trace (a repeat of it next step is captured).
     pub fn remember(&mut self, hash: u64, ops: Vec<Op>) {
-        self.prev = Some((hash, ops));
+        if let Some((_, old)) = self.prev.replace((hash, ops)) {
+            self.recycle(old);
+        }
+    }
+
+    /// The pending trace, handed over to be run (the next step records into a recycled
+    /// buffer, see [`Self::recycle`]).
+    pub fn take_ops(&mut self) -> Vec<Op> {
+        std::mem::take(&mut self.ops)
+    }
+
+    /// A trace that has been run and is not kept: its buffer serves a later trace.
+    pub fn recycle(&mut self, mut ops: Vec<Op>) {
+        ops.clear();
+        if ops.capacity() > self.spare.capacity() {
+            self.spare = ops;
+        }
     }
 
     /// Cache a captured graph of `ops`, dropping the least recently used beyond
@@ -272,7 +325,9 @@ impl<G> Recorder<G> {
         self.stats.recorded += 1;
         self.stats.record_us += record_us;
         self.last_path = StepPath::Recorded;
-        self.prev = None;
+        if let Some((_, old)) = self.prev.take() {
+            self.recycle(old);
+        }
         self.repeats = 0;
         self.next_id += 1;
         self.watch = Some((self.next_id, 0));
@@ -367,11 +422,11 @@ mod tests {
 
     fn launch(name: &str, side: bool, arg: u64) -> Op {
         Op::Launch(LaunchOp {
-            name: name.into(),
-            func: 1,
+            // A different kernel per name.
+            func: name.bytes().map(usize::from).sum(),
             grid: (1, 1, 1),
             block: 32,
-            args: vec![arg],
+            args: ArgSlots::new([arg].into_iter()).unwrap_or_default(),
             pdl: true,
             side,
         })
@@ -497,6 +552,41 @@ mod tests {
         assert_eq!(p[4], StepPath::Recorded);
         assert_eq!(p[p.len() - 1], StepPath::Recorded);
         assert_eq!(r.patience, 1);
+    }
+
+    #[test]
+    fn a_steady_batch_records_its_traces_into_the_same_two_buffers() {
+        let mut r = Recorder::<()>::new(true);
+        let mut buffers = std::collections::HashSet::new();
+        for step in 0..40u64 {
+            r.begin();
+            for i in 0..100 {
+                r.record(launch("k", false, i));
+            }
+            // The first layout for three steps, then a new one each step (never replayed).
+            let layout = if step < 3 { 0 } else { step };
+            r.record(launch("last", false, layout));
+            let ops = r.take_ops();
+            buffers.insert(ops.as_ptr() as usize);
+            let h = trace_hash(&ops);
+            match r.plan(h, &ops) {
+                Plan::Record => r.insert(h, ops, (), 0),
+                Plan::Issue => r.remember(h, ops),
+                Plan::Replay(_) => r.recycle(ops),
+            }
+        }
+        // One buffer went into the cached graph; two others take turns (the issued trace
+        // kept to compare the next one with, and the one being recorded).
+        assert_eq!(buffers.len(), 3, "{} trace buffers", buffers.len());
+    }
+
+    #[test]
+    fn arguments_are_held_inline_up_to_the_limit() {
+        let a = ArgSlots::new([1u64, 2, 3].into_iter()).unwrap();
+        assert_eq!(a.as_slice(), &[1, 2, 3]);
+        assert_ne!(a, ArgSlots::new([1u64, 2].into_iter()).unwrap());
+        assert!(ArgSlots::new((0..MAX_ARGS).map(|i| i as u64)).is_some());
+        assert!(ArgSlots::new((0..MAX_ARGS + 1).map(|i| i as u64)).is_none());
     }
 
     #[test]

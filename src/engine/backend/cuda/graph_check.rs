@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::engine::backend::{BLOCK_SIZE, BackendError, Result, decode_bucket};
+use crate::engine::backend::{BLOCK_SIZE, BackendError, Result, StepMeta, decode_bucket};
 use crate::engine::lora::peft::LoraWeights;
 use crate::engine::model::config::LlamaConfig;
 use crate::engine::model::llama::{KvCache, Llama, LoraState, batch_step_meta};
@@ -101,13 +101,12 @@ fn run(
             // With graphs on the backend pads decode steps to their bucket; the run without
             // graphs pads them here the same way, so both compute the same rows and only how
             // the ops reach the GPU differs.
-            let padded = if graphs {
-                None
-            } else {
-                decode_bucket(meta.rows()).and_then(|b| meta.pad_decode(b, kv.pad_block()))
-            };
+            let mut padded = StepMeta::default();
+            let pads = !graphs
+                && decode_bucket(meta.rows())
+                    .is_some_and(|b| meta.pad_decode(b, kv.pad_block(), &mut padded));
             let mut out = model
-                .forward(padded.as_ref().unwrap_or(&meta), &mut kv, &lora)
+                .forward(if pads { &padded } else { &meta }, &mut kv, &lora)
                 .map_err(|e| err(&format!("step {step}"), e))?;
             out.truncate(meta.logit_rows.len() * model.config().vocab_size);
             for (&i, input) in seqs.iter().zip(&inputs) {

@@ -77,6 +77,15 @@ fn dev_err(what: &str, e: DriverError) -> BackendError {
     BackendError::Device(format!("{what}: {e:?}"))
 }
 
+/// A kernel's name formatted on the stack ([`plan::KernelName`]); a name too long for it is a
+/// shape error of the launch.
+macro_rules! kernel {
+    ($($t:tt)*) => {
+        plan::KernelName::of(format_args!($($t)*))
+            .ok_or_else(|| shape(format!("kernel name {} is too long", format_args!($($t)*))))?
+    };
+}
+
 fn shape(msg: String) -> BackendError {
     BackendError::Shape(msg)
 }
@@ -309,6 +318,40 @@ impl Arg {
     }
 }
 
+/// A launch's arguments gathered on the stack (at most [`graph::MAX_ARGS`]).
+#[derive(Clone, Copy)]
+struct ArgList {
+    len: usize,
+    args: [Arg; graph::MAX_ARGS],
+}
+
+impl ArgList {
+    fn new() -> Self {
+        ArgList {
+            len: 0,
+            args: [Arg::U32(0); graph::MAX_ARGS],
+        }
+    }
+
+    fn extend(&mut self, more: impl IntoIterator<Item = Arg>) -> Result<()> {
+        for a in more {
+            let slot = self.args.get_mut(self.len).ok_or_else(|| {
+                shape(format!(
+                    "a launch of more than {} arguments",
+                    graph::MAX_ARGS
+                ))
+            })?;
+            *slot = a;
+            self.len += 1;
+        }
+        Ok(())
+    }
+
+    fn as_slice(&self) -> &[Arg] {
+        &self.args[..self.len]
+    }
+}
+
 fn i32_arg(v: usize, what: &str) -> Result<Arg> {
     i32::try_from(v).map(Arg::I32).map_err(|_| {
         shape(format!(
@@ -403,6 +446,11 @@ struct StepMemory {
     open: bool,
     /// The open step's metadata is in `meta_mem` already (a second upload gets its own).
     meta_taken: bool,
+    /// Host buffer the metadata is packed in, reused from step to step.
+    meta_words: Vec<u32>,
+    /// Host buffers of sampling: the rows' parameters and the picks copied back.
+    sample_params: Vec<u8>,
+    sample_words: Vec<u32>,
 }
 
 /// cuBLAS workspace (what NVIDIA recommends for Hopper).
@@ -683,6 +731,14 @@ impl CudaBackend {
         Ok(module)
     }
 
+    /// The name of a loaded kernel (`CUfunction` as in a [`LaunchOp`]), for errors.
+    fn kernel_name(&self, func: usize) -> String {
+        lock(&self.functions)
+            .iter()
+            .find(|(_, f)| f.cu_function() as usize == func)
+            .map_or_else(|| format!("kernel 0x{func:x}"), |(name, _)| name.clone())
+    }
+
     fn function(&self, name: &str) -> Result<CudaFunction> {
         if let Some(f) = lock(&self.functions).get(name) {
             return Ok(f.clone());
@@ -714,12 +770,18 @@ impl CudaBackend {
             return Err(shape(format!("grid {grid:?} of {name} is too large")));
         }
         let func = self.function(name)?;
+        let args = graph::ArgSlots::new(args.iter().map(|a| a.slot())).ok_or_else(|| {
+            shape(format!(
+                "{name}: {} arguments (at most {})",
+                args.len(),
+                graph::MAX_ARGS
+            ))
+        })?;
         self.submit(Op::Launch(LaunchOp {
-            name: name.to_string(),
             func: func.cu_function() as usize,
             grid,
             block,
-            args: args.iter().map(|a| a.slot()).collect(),
+            args,
             pdl,
             side: self.on_side.load(std::sync::atomic::Ordering::Relaxed),
         }))?;
@@ -773,11 +835,13 @@ impl CudaBackend {
     }
 
     fn execute_launch(&self, l: &LaunchOp, stream: drv_sys::CUstream) -> Result<()> {
-        let mut slots = l.args.clone();
-        let mut params: Vec<*mut c_void> = slots
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
-            .collect();
+        let mut slots = [0u64; graph::MAX_ARGS];
+        let used = l.args.as_slice();
+        slots[..used.len()].copy_from_slice(used);
+        let mut params: [*mut c_void; graph::MAX_ARGS] = [std::ptr::null_mut(); graph::MAX_ARGS];
+        for (p, s) in params.iter_mut().zip(slots.iter_mut()) {
+            *p = s as *mut u64 as *mut c_void;
+        }
         // SAFETY: the attribute union is plain data; zero is a valid bit pattern for it.
         let mut attr: drv_sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         attr.id =
@@ -816,7 +880,7 @@ impl CudaBackend {
             )
         }
         .result()
-        .map_err(|e| dev_err(&format!("launch {}", l.name), e))
+        .map_err(|e| dev_err(&format!("launch {}", self.kernel_name(l.func)), e))
     }
 
     fn execute_gemm(&self, g: &GemmOp) -> Result<()> {
@@ -870,14 +934,16 @@ impl CudaBackend {
         if rec.ops.is_empty() {
             return Ok(());
         }
-        let ops = std::mem::take(&mut rec.ops);
+        let ops = rec.take_ops();
         let hash = graph::trace_hash(&ops);
         match rec.plan(hash, &ops) {
             graph::Plan::Replay(i) => {
-                return rec
+                let launched = rec
                     .graph(i)
                     .launch()
                     .map_err(|e| dev_err("graph launch", e));
+                rec.recycle(ops);
+                return launched;
             }
             graph::Plan::Record => {
                 let started = std::time::Instant::now();
@@ -1019,11 +1085,11 @@ impl CudaBackend {
         };
         let (name, block) = match vec {
             Some((vpt, threads)) => (
-                format!("rms_norm_vec{vpt}_{}", Self::suffix(x.dtype)),
+                kernel!("rms_norm_vec{vpt}_{}", Self::suffix(x.dtype)),
                 threads,
             ),
             None => (
-                format!("rms_norm_{}", Self::suffix(x.dtype)),
+                kernel!("rms_norm_{}", Self::suffix(x.dtype)),
                 plan::row_block(hidden),
             ),
         };
@@ -1125,7 +1191,7 @@ impl CudaBackend {
     pub fn fill(&self, buf: &mut CudaBuf, value: f32) -> Result<()> {
         let n = buf.len;
         self.launch(
-            &format!("fill_{}", Self::suffix(buf.dtype)),
+            &kernel!("fill_{}", Self::suffix(buf.dtype)),
             (plan::elementwise_grid(n, self.sm_count), 1, 1),
             256,
             &[Arg::Ptr(buf.ptr), Arg::F32(value), Arg::Usize(n)],
@@ -1142,7 +1208,7 @@ impl CudaBackend {
         scale: f32,
     ) -> Result<()> {
         self.launch(
-            &format!("fill_random_{}", Self::suffix(dtype)),
+            &kernel!("fill_random_{}", Self::suffix(dtype)),
             (plan::elementwise_grid(n, self.sm_count), 1, 1),
             256,
             &[
@@ -1259,6 +1325,75 @@ impl CudaBackend {
         Ok(ptr)
     }
 
+    /// Pack `meta` into `words` and copy it to the device: into the step's fixed buffer for a
+    /// step's first upload, into an allocation of its own otherwise.
+    fn upload_packed(&self, meta: &StepMeta, words: &mut Vec<u32>) -> Result<CudaMeta> {
+        let layout = plan::pack_meta(meta, words)?;
+        let bytes = words.len() * 4;
+        let mut step = lock(&self.step);
+        let (mem, base) = if step.open && !step.meta_taken {
+            // The step's metadata at a fixed address, so that repeated layouts repeat traces.
+            step.meta_taken = true;
+            if step.meta_mem.as_ref().is_none_or(|m| m.2 < bytes) {
+                step.meta_mem = None;
+                let cap = bytes.next_power_of_two().max(4096);
+                let (mem, ptr) = self.alloc_bytes(cap)?;
+                step.meta_mem = Some((mem, ptr, cap));
+            }
+            (None, step.meta_mem.as_ref().map_or(0, |m| m.1))
+        } else {
+            let (mem, ptr) = self.alloc_bytes(bytes)?;
+            if step.open {
+                // Kept until the next step: the ops that read it are issued later.
+                step.overflow.push(mem);
+                (None, ptr)
+            } else {
+                (Some(mem), ptr)
+            }
+        };
+        drop(step);
+        self.htod(base, words)?;
+        self.profile_mark("step metadata")?;
+        Ok(CudaMeta {
+            _words: mem,
+            base,
+            layout,
+        })
+    }
+
+    /// The sampling kernel over `n` rows with `params` packed, its picks copied into `words`
+    /// (tokens, then log-probabilities).
+    fn sample_rows(
+        &self,
+        logits: &CudaBuf,
+        vocab: usize,
+        n: usize,
+        params: &[u8],
+        words: &mut [u32],
+    ) -> Result<()> {
+        let ptr = self.sample_buffer(params.len() + 8 * n)?;
+        self.htod(ptr, params)?;
+        let out = ptr + params.len() as u64;
+        self.launch(
+            "sample_f32",
+            (n as u32, 1, 1),
+            plan::sample_block(vocab),
+            &[
+                Arg::Ptr(logits.ptr),
+                i32_arg(vocab, "vocab")?,
+                Arg::Ptr(ptr),
+                Arg::Ptr(out),
+                Arg::Ptr(out + 4 * n as u64),
+            ],
+            self.pdl,
+        )?;
+        self.dtoh(words, out)?;
+        if let Some(p) = &self.profile {
+            lock(p).finish_step()?;
+        }
+        Ok(())
+    }
+
     /// The split-K workspace of a shrink: `(accumulator, counters)`, `counters` u32 counters
     /// then `acc_floats` f32 accumulators, both zero (null pointers with a single split).
     fn shrink_workspace(
@@ -1284,8 +1419,9 @@ impl CudaBackend {
         table: &CudaLoraTable,
         meta: &CudaMeta,
         splits: usize,
-    ) -> Result<Vec<Arg>> {
-        Ok(vec![
+    ) -> Result<ArgList> {
+        let mut args = ArgList::new();
+        args.extend([
             Arg::Ptr(x.ptr),
             i32_arg(h_in, "h_in")?,
             Arg::Ptr(v.ptr),
@@ -1294,7 +1430,8 @@ impl CudaBackend {
             Arg::Ptr(meta.at(meta.layout.tiles)),
             Arg::Ptr(meta.at(meta.layout.segs)),
             i32_arg(splits, "splits")?,
-        ])
+        ])?;
+        Ok(args)
     }
 
     fn check_lora(&self, x_dtype: DType, table: &CudaLoraTable, meta: &CudaMeta) -> Result<bool> {
@@ -1341,7 +1478,7 @@ pub fn kernel_names() -> Vec<String> {
             names.push(format!("rms_norm_vec{vpt}_{t}"));
         }
         for hd in plan::ATTN_VEC_HEAD_DIMS {
-            names.extend(plan::attention_vec_kernel(hd, t));
+            names.extend(plan::attention_vec_kernel(hd, t).map(|n| n.to_string()));
         }
     }
     names.push("sample_f32".to_string());
@@ -1576,37 +1713,11 @@ impl Backend for CudaBackend {
     fn upload_meta(&self, meta: &StepMeta) -> Result<CudaMeta> {
         meta.validate()?;
         self.rejoin()?;
-        let (words, layout) = plan::pack_meta(meta)?;
-        let bytes = words.len() * 4;
-        let mut step = lock(&self.step);
-        let (mem, base) = if step.open && !step.meta_taken {
-            // The step's metadata at a fixed address, so that repeated layouts repeat traces.
-            step.meta_taken = true;
-            if step.meta_mem.as_ref().is_none_or(|m| m.2 < bytes) {
-                step.meta_mem = None;
-                let cap = bytes.next_power_of_two().max(4096);
-                let (mem, ptr) = self.alloc_bytes(cap)?;
-                step.meta_mem = Some((mem, ptr, cap));
-            }
-            (None, step.meta_mem.as_ref().map_or(0, |m| m.1))
-        } else {
-            let (mem, ptr) = self.alloc_bytes(bytes)?;
-            if step.open {
-                // Kept until the next step: the ops that read it are issued later.
-                step.overflow.push(mem);
-                (None, ptr)
-            } else {
-                (Some(mem), ptr)
-            }
-        };
-        drop(step);
-        self.htod(base, &words)?;
-        self.profile_mark("step metadata")?;
-        Ok(CudaMeta {
-            _words: mem,
-            base,
-            layout,
-        })
+        // The packing buffer is reused from step to step.
+        let mut words = std::mem::take(&mut lock(&self.step).meta_words);
+        let out = self.upload_packed(meta, &mut words);
+        lock(&self.step).meta_words = words;
+        out
     }
 
     fn lora_table(&self, slots: &[Option<LoraGroupSlot<'_, Self>>]) -> Result<CudaLoraTable> {
@@ -1656,7 +1767,7 @@ impl Backend for CudaBackend {
         }
         let vocab = table.len / hidden;
         self.launch(
-            &format!("embedding_{}", Self::suffix(table.dtype)),
+            &kernel!("embedding_{}", Self::suffix(table.dtype)),
             (rows as u32, 1, 1),
             plan::row_block(hidden),
             &[
@@ -1753,7 +1864,7 @@ impl Backend for CudaBackend {
             )));
         }
         self.launch(
-            &format!("add_assign_{}", Self::suffix(y.dtype)),
+            &kernel!("add_assign_{}", Self::suffix(y.dtype)),
             (plan::elementwise_grid(y.len, self.sm_count), 1, 1),
             256,
             &[Arg::Ptr(y.ptr), Arg::Ptr(x.ptr), Arg::Usize(y.len)],
@@ -1808,7 +1919,7 @@ impl Backend for CudaBackend {
             )));
         }
         self.launch(
-            &format!("rope_write_kv_{}", Self::suffix(qkv.dtype)),
+            &kernel!("rope_write_kv_{}", Self::suffix(qkv.dtype)),
             (rows as u32, (n_heads + n_kv_heads) as u32, 1),
             (head_dim / 2).clamp(32, 256) as u32,
             &[
@@ -1877,7 +1988,8 @@ impl Backend for CudaBackend {
         if n_heads > 65535 {
             return Err(shape(format!("attention: {n_heads} heads")));
         }
-        let mut args = vec![
+        let mut args = ArgList::new();
+        args.extend([
             Arg::Ptr(q.ptr),
             i32_arg(row_stride, "row_stride")?,
             i32_arg(q_offset, "q_offset")?,
@@ -1888,23 +2000,23 @@ impl Backend for CudaBackend {
             Arg::Ptr(meta.at(meta.layout.block_tables)),
             i32_arg(n_heads, "n_heads")?,
             i32_arg(n_kv_heads, "n_kv_heads")?,
-        ];
+        ])?;
         // The vector kernel reads each lane's share of a K/V row in one aligned load.
         let vec = plan::attention_vec_kernel(head_dim, Self::suffix(q.dtype))
             .filter(|_| k_cache.ptr.is_multiple_of(16) && v_cache.ptr.is_multiple_of(16));
         let name = match vec {
             Some(name) => name,
             None => {
-                args.push(i32_arg(head_dim, "head_dim")?);
-                format!("attention_{}", Self::suffix(q.dtype))
+                args.extend([i32_arg(head_dim, "head_dim")?])?;
+                kernel!("attention_{}", Self::suffix(q.dtype))
             }
         };
-        args.extend([Arg::F32(scale), Arg::Ptr(out.ptr)]);
+        args.extend([Arg::F32(scale), Arg::Ptr(out.ptr)])?;
         self.launch(
             &name,
             (rows as u32, n_heads as u32, 1),
             128,
-            &args,
+            args.as_slice(),
             self.pdl,
         )
     }
@@ -1918,7 +2030,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.launch(
-            &format!("silu_mul_{}", Self::suffix(out.dtype)),
+            &kernel!("silu_mul_{}", Self::suffix(out.dtype)),
             (plan::elementwise_grid(total, self.sm_count), 1, 1),
             256,
             &[
@@ -1984,12 +2096,12 @@ impl Backend for CudaBackend {
                 i32_arg(table.max_rank, "acc_rank")?,
                 Arg::Ptr(acc),
                 Arg::Ptr(counters),
-            ]);
+            ])?;
             return self.launch(
-                &format!("sgmv_shrink_rows_{}", Self::suffix(x.dtype)),
+                &kernel!("sgmv_shrink_rows_{}", Self::suffix(x.dtype)),
                 (splits as u32, rank_blocks as u32, tiles as u32),
                 (plan::ROWS_WARPS * 32) as u32,
-                &args,
+                args.as_slice(),
                 self.pdl,
             );
         }
@@ -2019,12 +2131,12 @@ impl Backend for CudaBackend {
             tiles * groups * plan::TILE_ROWS * nt * 8,
         )?;
         let mut args = Self::shrink_args(x, h_in, v, v_stride, table, meta, splits)?;
-        args.extend([Arg::Ptr(acc), Arg::Ptr(counters)]);
+        args.extend([Arg::Ptr(acc), Arg::Ptr(counters)])?;
         self.launch(
-            &format!("sgmv_shrink_{}_n{nt}", Self::suffix(x.dtype)),
+            &kernel!("sgmv_shrink_{}_n{nt}", Self::suffix(x.dtype)),
             (tiles as u32, splits as u32, groups as u32),
             (plan::SHRINK_WARPS * 32) as u32,
-            &args,
+            args.as_slice(),
             self.pdl,
         )
     }
@@ -2097,7 +2209,7 @@ impl Backend for CudaBackend {
             let ends = plan::group_ends(outs);
             let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
             return self.launch(
-                &format!("sgmv_expand_rows_{}_l{lanes}", Self::suffix(y.dtype)),
+                &kernel!("sgmv_expand_rows_{}_l{lanes}", Self::suffix(y.dtype)),
                 (gx, gy, 1),
                 (plan::ROWS_WARPS * 32) as u32,
                 &[
@@ -2118,7 +2230,7 @@ impl Backend for CudaBackend {
         }
         let kt = plan::expand_rank_chunks(table.max_part_rank)?;
         let ntw = self.expand_ntw;
-        let name = format!("sgmv_expand_{}_k{kt}_w{ntw}", Self::suffix(y.dtype));
+        let name = kernel!("sgmv_expand_{}_k{kt}_w{ntw}", Self::suffix(y.dtype));
         for launch in plan::expand_launches(outs, ntw) {
             let (gx, gy) = plan::expand_grid(launch.width(), meta.layout.tile_grid(), ntw);
             let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
@@ -2158,7 +2270,7 @@ impl Backend for CudaBackend {
         need(x, meta.layout.rows * hidden, "gather_rows x")?;
         need(out, n * hidden, "gather_rows out")?;
         self.launch(
-            &format!("gather_rows_{}", Self::suffix(x.dtype)),
+            &kernel!("gather_rows_{}", Self::suffix(x.dtype)),
             (n as u32, 1, 1),
             plan::row_block(hidden),
             &[
@@ -2175,7 +2287,13 @@ impl Backend for CudaBackend {
         self.fill_random_raw(buf.ptr, buf.dtype, buf.len, seed, scale)
     }
 
-    fn sample(&self, logits: &CudaBuf, vocab: usize, rows: &[RowSampling]) -> Result<Vec<Pick>> {
+    fn sample(
+        &self,
+        logits: &CudaBuf,
+        vocab: usize,
+        rows: &[RowSampling],
+        picks: &mut Vec<Pick>,
+    ) -> Result<()> {
         let n = rows.len();
         if logits.dtype != DType::F32 || vocab == 0 || logits.len < n * vocab {
             return Err(shape(format!(
@@ -2185,39 +2303,33 @@ impl Backend for CudaBackend {
         }
         // Sampling ends the step: its ops are issued (or replayed) first.
         self.finish_step()?;
+        picks.clear();
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         // One buffer: the rows' parameters in, then tokens and log-probabilities out, so the
-        // picks come back in one copy.
-        let params = plan::pack_sampling(rows);
-        let ptr = self.sample_buffer(params.len() + 8 * n)?;
-        self.htod(ptr, &params)?;
-        let out = ptr + params.len() as u64;
-        self.launch(
-            "sample_f32",
-            (n as u32, 1, 1),
-            plan::sample_block(vocab),
-            &[
-                Arg::Ptr(logits.ptr),
-                i32_arg(vocab, "vocab")?,
-                Arg::Ptr(ptr),
-                Arg::Ptr(out),
-                Arg::Ptr(out + 4 * n as u64),
-            ],
-            self.pdl,
-        )?;
-        let mut words = vec![0u32; 2 * n];
-        self.dtoh(&mut words, out)?;
-        if let Some(p) = &self.profile {
-            lock(p).finish_step()?;
-        }
-        Ok((0..n)
-            .map(|i| Pick {
+        // picks come back in one copy. The host side reuses its buffers from step to step.
+        let (mut params, mut words) = {
+            let mut step = lock(&self.step);
+            (
+                std::mem::take(&mut step.sample_params),
+                std::mem::take(&mut step.sample_words),
+            )
+        };
+        plan::pack_sampling(rows, &mut params);
+        words.clear();
+        words.resize(2 * n, 0);
+        let copied = self.sample_rows(logits, vocab, n, &params, &mut words);
+        if copied.is_ok() {
+            picks.extend((0..n).map(|i| Pick {
                 token: words[i],
                 logprob: f32::from_bits(words[n + i]),
-            })
-            .collect())
+            }));
+        }
+        let mut step = lock(&self.step);
+        step.sample_params = params;
+        step.sample_words = words;
+        copied
     }
 
     fn begin_side(&self) -> Result<()> {

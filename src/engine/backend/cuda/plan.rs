@@ -141,16 +141,12 @@ impl LoraSlotEntry {
 pub const MAX_HEAD_DIM: usize = 256;
 
 /// Cut every segment into tiles of at most [`TILE_ROWS`] rows: `(segment index, first row)`.
-pub fn row_tiles(starts: &[u32], ends: &[u32]) -> Vec<[u32; 2]> {
-    let mut tiles = Vec::new();
-    for (seg, (&s, &e)) in starts.iter().zip(ends).enumerate() {
-        let mut row = s;
-        while row < e {
-            tiles.push([seg as u32, row]);
-            row += TILE_ROWS as u32;
-        }
-    }
-    tiles
+pub fn row_tiles<'a>(starts: &'a [u32], ends: &'a [u32]) -> impl Iterator<Item = [u32; 2]> + 'a {
+    starts
+        .iter()
+        .zip(ends)
+        .enumerate()
+        .flat_map(|(seg, (&s, &e))| (s..e).step_by(TILE_ROWS).map(move |row| [seg as u32, row]))
 }
 
 /// The 8-wide rank tiles a shrink covers for a table whose largest total rank is `max_rank`
@@ -273,10 +269,70 @@ pub fn expand_launches(outs: &[usize], ntw: usize) -> Vec<ExpandLaunch> {
 pub const ATTN_VEC_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
 /// The vector attention kernel's name for `head_dim` and a dtype suffix, when there is one.
-pub fn attention_vec_kernel(head_dim: usize, suffix: &str) -> Option<String> {
+pub fn attention_vec_kernel(head_dim: usize, suffix: &str) -> Option<KernelName> {
     (suffix != "f32" && ATTN_VEC_HEAD_DIMS.contains(&head_dim))
-        .then(|| format!("attention_d{head_dim}_{suffix}"))
+        .then(|| KernelName::of(format_args!("attention_d{head_dim}_{suffix}")))
+        .flatten()
 }
+
+/// Longest kernel name (bytes).
+pub const MAX_KERNEL_NAME: usize = 48;
+
+/// A kernel's name formatted on the stack: a step names hundreds of launches (per dtype and
+/// variant) and allocates nothing for them.
+#[derive(Clone, Copy)]
+pub struct KernelName {
+    len: usize,
+    buf: [u8; MAX_KERNEL_NAME],
+}
+
+impl KernelName {
+    /// The formatted name, or `None` when it is longer than [`MAX_KERNEL_NAME`].
+    pub fn of(args: std::fmt::Arguments<'_>) -> Option<Self> {
+        let mut name = KernelName {
+            len: 0,
+            buf: [0; MAX_KERNEL_NAME],
+        };
+        std::fmt::Write::write_fmt(&mut name, args).ok()?;
+        Some(name)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only whole `&str`s are ever written: always UTF-8.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Write for KernelName {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let dst = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        dst.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for KernelName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for KernelName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq for KernelName {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for KernelName {}
 
 /// Expand grid: (column blocks, row tiles) for `ntw` 8-column tiles per warp.
 pub fn expand_grid(h_out: usize, num_tiles: usize, ntw: usize) -> (u32, u32) {
@@ -342,7 +398,9 @@ impl MetaLayout {
 /// (sequences, segments and tiles each cover at least one row), so two steps of the same row
 /// count put every section at the same offset, whatever their sequences and segments: the
 /// kernels' arguments, and so a CUDA graph of one, serve the other. The block tables come last.
-pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
+///
+/// `words` is cleared and filled (a buffer reused from step to step allocates nothing).
+pub fn pack_meta(meta: &StepMeta, words: &mut Vec<u32>) -> Result<MetaLayout> {
     let rows = meta.token_ids.len();
     let bad = |what: String| Err(BackendError::Shape(what));
     if meta.positions.len() != rows || meta.slot_mapping.len() != rows {
@@ -352,7 +410,13 @@ pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
             meta.slot_mapping.len()
         ));
     }
-    let mut row_seq = vec![u32::MAX; rows];
+    // The per-row sections first; the sequence of each row is filled in while checking.
+    words.clear();
+    words.extend_from_slice(&meta.token_ids);
+    words.extend_from_slice(&meta.positions);
+    words.extend_from_slice(&meta.slot_mapping);
+    words.resize(4 * rows, u32::MAX);
+    let row_seq = &mut words[3 * rows..];
     for (i, s) in meta.seqs.iter().enumerate() {
         let end = s.row_start as usize + s.num_rows as usize;
         if end > rows || s.num_rows == 0 {
@@ -411,15 +475,14 @@ pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
     if let Some(&r) = meta.logit_rows.iter().find(|&&r| r as usize >= rows) {
         return bad(format!("logit row {r} outside the batch of {rows}"));
     }
-    let tiles = row_tiles(&seg.starts, &seg.ends);
+    let num_tiles = row_tiles(&seg.starts, &seg.ends).count();
 
-    let mut words = Vec::new();
     let mut layout = MetaLayout {
         rows,
         num_seqs: meta.seqs.len(),
         num_segs: seg.len(),
-        num_tiles: tiles.len(),
-        tile_cap: tiles.len().max(rows),
+        num_tiles,
+        tile_cap: num_tiles.max(rows),
         num_logit_rows: meta.logit_rows.len(),
         max_slot: seg.slots.iter().copied().max(),
         max_seg_rows: seg
@@ -433,14 +496,10 @@ pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
         max_block: meta.block_tables.iter().copied().max(),
         ..MetaLayout::default()
     };
-    layout.token_ids = words.len();
-    words.extend_from_slice(&meta.token_ids);
-    layout.positions = words.len();
-    words.extend_from_slice(&meta.positions);
-    layout.slot_mapping = words.len();
-    words.extend_from_slice(&meta.slot_mapping);
-    layout.row_seq = words.len();
-    words.extend_from_slice(&row_seq);
+    layout.token_ids = 0;
+    layout.positions = rows;
+    layout.slot_mapping = 2 * rows;
+    layout.row_seq = 3 * rows;
     // Each section padded to its capacity (at least one entry per row).
     let pad = |words: &mut Vec<u32>, start: usize, len: usize, fill: &[u32]| {
         while words.len() < start + len {
@@ -457,26 +516,21 @@ pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
             s.num_blocks,
         ]);
     }
-    pad(&mut words, layout.seqs, 5 * meta.seqs.len().max(rows), &[0]);
+    pad(words, layout.seqs, 5 * meta.seqs.len().max(rows), &[0]);
     layout.segs = words.len();
     for (s, e, slot) in seg.iter() {
         words.extend_from_slice(&[s as u32, e as u32, slot]);
     }
-    pad(&mut words, layout.segs, 3 * seg.len().max(rows), &[0]);
+    pad(words, layout.segs, 3 * seg.len().max(rows), &[0]);
     layout.tiles = words.len();
-    for t in &tiles {
-        words.extend_from_slice(t);
+    for t in row_tiles(&seg.starts, &seg.ends) {
+        words.extend_from_slice(&t);
     }
-    pad(
-        &mut words,
-        layout.tiles,
-        2 * layout.tile_cap,
-        &[TILE_NONE, 0],
-    );
+    pad(words, layout.tiles, 2 * layout.tile_cap, &[TILE_NONE, 0]);
     layout.logit_rows = words.len();
     words.extend_from_slice(&meta.logit_rows);
     pad(
-        &mut words,
+        words,
         layout.logit_rows,
         meta.logit_rows.len().max(rows),
         &[0],
@@ -489,7 +543,7 @@ pub fn pack_meta(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
     // Keep every offset addressable even when arrays are empty.
     words.push(0);
     layout.total = words.len();
-    Ok((words, layout))
+    Ok(layout)
 }
 
 /// Threads per block for a row-wise op over `cols` columns.
@@ -534,15 +588,15 @@ pub const SAMPLING_BYTES: usize = 16;
 
 /// The per-row sampling parameters as kernels/ops.cu `RowSamplingDev` reads them: temperature
 /// (f32), top_k (u32), top_p (f32), u (f32), little-endian, [`SAMPLING_BYTES`] per row.
-pub fn pack_sampling(rows: &[RowSampling]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(rows.len() * SAMPLING_BYTES);
+/// `bytes` is cleared first.
+pub fn pack_sampling(rows: &[RowSampling], bytes: &mut Vec<u8>) {
+    bytes.clear();
     for r in rows {
         bytes.extend_from_slice(&r.temperature.to_le_bytes());
         bytes.extend_from_slice(&r.top_k.to_le_bytes());
         bytes.extend_from_slice(&r.top_p.to_le_bytes());
         bytes.extend_from_slice(&r.u.to_le_bytes());
     }
-    bytes
 }
 
 /// Grid for a grid-stride elementwise op over `n` elements with 256-thread blocks.
@@ -603,13 +657,13 @@ mod tests {
 
     #[test]
     fn segments_are_cut_into_sixteen_row_tiles_that_never_cross_a_segment() {
-        let tiles = row_tiles(&[0, 3, 40], &[3, 40, 41]);
+        let tiles: Vec<[u32; 2]> = row_tiles(&[0, 3, 40], &[3, 40, 41]).collect();
         assert_eq!(tiles, vec![[0, 0], [1, 3], [1, 19], [1, 35], [2, 40]]);
     }
 
     #[test]
     fn empty_segment_tables_give_no_tiles() {
-        assert!(row_tiles(&[], &[]).is_empty());
+        assert_eq!(row_tiles(&[], &[]).count(), 0);
     }
 
     #[test]
@@ -709,6 +763,22 @@ mod tests {
     }
 
     #[test]
+    fn kernel_names_are_formatted_in_place_up_to_the_limit() {
+        let n = KernelName::of(format_args!("sgmv_expand_rows_{}_l{}", "bf16", 2)).unwrap();
+        assert_eq!(&*n, "sgmv_expand_rows_bf16_l2");
+        let longest = "k".repeat(MAX_KERNEL_NAME);
+        assert_eq!(
+            KernelName::of(format_args!("{longest}")).as_deref(),
+            Some(longest.as_str())
+        );
+        assert!(KernelName::of(format_args!("{longest}x")).is_none());
+        // Every kernel the backend has fits.
+        for name in super::super::kernel_names() {
+            assert!(name.len() <= MAX_KERNEL_NAME, "{name}");
+        }
+    }
+
+    #[test]
     fn the_vector_attention_serves_half_precision_heads_of_64_128_and_256() {
         assert_eq!(
             attention_vec_kernel(128, "bf16").as_deref(),
@@ -767,6 +837,27 @@ mod tests {
         assert_eq!((u32_at(52), u32_at(56), u32_at(60)), (0, 0, 16));
     }
 
+    /// [`pack_meta`] into a fresh buffer.
+    fn pack(meta: &StepMeta) -> Result<(Vec<u32>, MetaLayout)> {
+        let mut words = Vec::new();
+        let layout = pack_meta(meta, &mut words)?;
+        Ok((words, layout))
+    }
+
+    #[test]
+    fn packing_into_a_reused_buffer_gives_the_same_words_without_growing_it() {
+        let mut words = Vec::new();
+        let big = pack_meta(&step(40), &mut words).unwrap();
+        let (ptr, cap) = (words.as_ptr(), words.capacity());
+        for rows in [40u32, 7, 40, 1] {
+            let l = pack_meta(&step(rows), &mut words).unwrap();
+            let (fresh, fl) = pack(&step(rows)).unwrap();
+            assert_eq!((&words, &l), (&fresh, &fl));
+            assert_eq!((words.as_ptr(), words.capacity()), (ptr, cap));
+        }
+        assert_eq!(big.total, pack(&step(40)).unwrap().1.total);
+    }
+
     fn step(rows: u32) -> StepMeta {
         StepMeta {
             token_ids: (0..rows).collect(),
@@ -790,7 +881,7 @@ mod tests {
     #[test]
     fn packed_meta_places_every_array_at_its_offset() {
         let m = step(40);
-        let (w, l) = pack_meta(&m).unwrap();
+        let (w, l) = pack(&m).unwrap();
         assert_eq!(l.rows, 40);
         assert_eq!(&w[l.positions..l.positions + 40], &m.positions[..]);
         assert_eq!(w[l.row_seq + 39], 0);
@@ -810,7 +901,7 @@ mod tests {
         let decode = |ctx: u32| {
             let m = decode_rows(&[Some(0), Some(1)], ctx);
             m.validate().unwrap();
-            pack_meta(&m).unwrap().1
+            pack(&m).unwrap().1
         };
         let (a, b) = (decode(16), decode(17));
         assert_ne!(a.total, b.total);
@@ -876,7 +967,7 @@ mod tests {
             .map(|l| {
                 let m = decode_rows(l, 40);
                 m.validate().unwrap();
-                pack_meta(&m).unwrap()
+                pack(&m).unwrap()
             })
             .collect();
         let offsets = |l: &MetaLayout| {
@@ -926,7 +1017,7 @@ mod tests {
         assert_eq!(grid(32, 32), 32);
         for rows in 1..=64 {
             let slots: Vec<Option<u32>> = (0..rows).map(|i| Some(i as u32 % 5)).collect();
-            let (_, l) = pack_meta(&decode_rows(&slots, 3)).unwrap();
+            let (_, l) = pack(&decode_rows(&slots, 3)).unwrap();
             assert!(l.tile_grid() >= l.num_tiles && l.tile_grid() <= l.tile_cap);
         }
     }
@@ -935,16 +1026,16 @@ mod tests {
     fn meta_with_rows_outside_the_batch_is_rejected() {
         let mut m = step(8);
         m.segments.ends[0] = 9;
-        assert!(pack_meta(&m).is_err());
+        assert!(pack(&m).is_err());
         let mut m = step(8);
         m.logit_rows = vec![8];
-        assert!(pack_meta(&m).is_err());
+        assert!(pack(&m).is_err());
         let mut m = step(8);
         m.seqs[0].num_blocks = 0;
-        assert!(pack_meta(&m).is_err());
+        assert!(pack(&m).is_err());
         let mut m = step(8);
         m.positions.pop();
-        assert!(pack_meta(&m).is_err());
+        assert!(pack(&m).is_err());
     }
     #[test]
     fn the_sampling_block_is_whole_warps_within_the_kernel_limit() {
@@ -983,7 +1074,8 @@ mod tests {
                 u: 0.25,
             },
         ];
-        let bytes = pack_sampling(&rows);
+        let mut bytes = vec![7u8; 3];
+        pack_sampling(&rows, &mut bytes);
         assert_eq!(bytes.len(), 2 * SAMPLING_BYTES);
         let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
         assert_eq!(
@@ -994,6 +1086,7 @@ mod tests {
             (4..8).map(word).collect::<Vec<_>>(),
             vec![0.7f32.to_bits(), 40, 0.9f32.to_bits(), 0.25f32.to_bits()]
         );
-        assert!(pack_sampling(&[]).is_empty());
+        pack_sampling(&[], &mut bytes);
+        assert!(bytes.is_empty());
     }
 }

@@ -1074,8 +1074,9 @@ fn check_sample(c: &mut Ctx<'_>) -> Result<()> {
             .map(|r| random_row_sampling(&mut c.rng, vocab, r))
             .collect();
         let (dl, cl) = c.upload(DType::F32, &logits)?;
-        let got = be.sample(&dl, vocab, &params)?;
-        let want = cpu.sample(&cl, vocab, &params)?;
+        let (mut got, mut want) = (Vec::new(), Vec::new());
+        be.sample(&dl, vocab, &params, &mut got)?;
+        cpu.sample(&cl, vocab, &params, &mut want)?;
         let greedy = params.iter().filter(|p| p.temperature == 0.0).count();
         let label = format!("f32 {rows}x{vocab}, {greedy} greedy");
         if got.len() != rows || want.len() != rows {
