@@ -123,6 +123,21 @@ pub enum LoraGroup {
     Down,
 }
 
+/// The output widths of a LoRA group's parts, in order, held inline (a step asks for them
+/// twice per group and layer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupOuts {
+    len: usize,
+    outs: [usize; 3],
+}
+
+impl std::ops::Deref for GroupOuts {
+    type Target = [usize];
+    fn deref(&self) -> &[usize] {
+        &self.outs[..self.len]
+    }
+}
+
 impl LoraGroup {
     /// All four, in layer order.
     pub const ALL: [LoraGroup; 4] = [
@@ -359,13 +374,17 @@ impl LlamaConfig {
     }
 
     /// `(in, out of each part)` of a LoRA group.
-    pub fn group_dims(&self, g: LoraGroup) -> (usize, Vec<usize>) {
+    pub fn group_dims(&self, g: LoraGroup) -> (usize, GroupOuts) {
         let parts = g.parts();
         let h_in = self.projection_dims(parts[0]).0;
-        (
-            h_in,
-            parts.iter().map(|&p| self.projection_dims(p).1).collect(),
-        )
+        let mut outs = GroupOuts {
+            len: parts.len(),
+            outs: [0; 3],
+        };
+        for (o, &p) in outs.outs.iter_mut().zip(parts) {
+            *o = self.projection_dims(p).1;
+        }
+        (h_in, outs)
     }
 
     /// `(in_features, out_features)` of a projection.

@@ -2231,7 +2231,7 @@ impl Backend for CudaBackend {
         let kt = plan::expand_rank_chunks(table.max_part_rank)?;
         let ntw = self.expand_ntw;
         let name = kernel!("sgmv_expand_{}_k{kt}_w{ntw}", Self::suffix(y.dtype));
-        for launch in plan::expand_launches(outs, ntw) {
+        for launch in plan::expand_launches(outs, ntw).iter() {
             let (gx, gy) = plan::expand_grid(launch.width(), meta.layout.tile_grid(), ntw);
             let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
             self.launch(

@@ -238,30 +238,47 @@ pub fn group_ends(outs: &[usize]) -> [usize; MAX_GROUP_PARTS] {
 /// The expand launches of a group whose parts have `outs` columns: one for the whole group
 /// when every part boundary falls between two warps' columns (`8 * ntw` each), else one per
 /// part, since a warp reads one part's B.
-pub fn expand_launches(outs: &[usize], ntw: usize) -> Vec<ExpandLaunch> {
+pub fn expand_launches(outs: &[usize], ntw: usize) -> ExpandLaunches {
     let warp_cols = 8 * ntw.max(1);
     let inner = &outs[..outs.len().saturating_sub(1)];
-    if inner.iter().all(|w| w.is_multiple_of(warp_cols)) {
-        let ends = group_ends(outs);
-        return vec![ExpandLaunch {
+    let mut out = ExpandLaunches {
+        len: 0,
+        launches: [ExpandLaunch {
             part0: 0,
             col: 0,
-            ends,
-        }];
+            ends: [0; MAX_GROUP_PARTS],
+        }; MAX_GROUP_PARTS],
+    };
+    if inner.iter().all(|w| w.is_multiple_of(warp_cols)) {
+        out.launches[0].ends = group_ends(outs);
+        out.len = 1;
+        return out;
     }
     let mut col = 0;
-    outs.iter()
-        .enumerate()
-        .map(|(j, &w)| {
-            let launch = ExpandLaunch {
-                part0: j,
-                col,
-                ends: [w; MAX_GROUP_PARTS],
-            };
-            col += w;
-            launch
-        })
-        .collect()
+    for (j, (&w, launch)) in outs.iter().zip(out.launches.iter_mut()).enumerate() {
+        *launch = ExpandLaunch {
+            part0: j,
+            col,
+            ends: [w; MAX_GROUP_PARTS],
+        };
+        col += w;
+        out.len = j + 1;
+    }
+    out
+}
+
+/// The launches of [`expand_launches`] (one per part at most), held inline.
+#[derive(Clone, Copy, Debug)]
+pub struct ExpandLaunches {
+    len: usize,
+    launches: [ExpandLaunch; MAX_GROUP_PARTS],
+}
+
+impl std::ops::Deref for ExpandLaunches {
+    type Target = [ExpandLaunch];
+    fn deref(&self) -> &[ExpandLaunch] {
+        &self.launches[..self.len]
+    }
 }
 
 /// Head dimensions the vector attention kernel (`attention_d{64,128,256}`, bf16/f16) serves:
@@ -737,7 +754,7 @@ mod tests {
         // Llama 7B q|k|v and SmolLM2's (576 | 192 | 192) with 64-column warps.
         let one = expand_launches(&[4096, 4096, 4096], 8);
         assert_eq!(
-            one,
+            one.to_vec(),
             vec![ExpandLaunch {
                 part0: 0,
                 col: 0,
@@ -796,7 +813,7 @@ mod tests {
     fn a_part_boundary_inside_a_warp_splits_the_expand_per_part() {
         let launches = expand_launches(&[100, 36, 36], 4);
         assert_eq!(
-            launches,
+            launches.to_vec(),
             vec![
                 ExpandLaunch {
                     part0: 0,
