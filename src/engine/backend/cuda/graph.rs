@@ -60,16 +60,11 @@ pub struct ArgSlots {
 
 impl ArgSlots {
     /// `args`, or `None` beyond [`MAX_ARGS`].
-    pub fn new(args: impl ExactSizeIterator<Item = u64>) -> Option<Self> {
-        let len = u8::try_from(args.len())
-            .ok()
-            .filter(|&n| n as usize <= MAX_ARGS)?;
-        let mut out = ArgSlots {
-            len,
-            slots: [0; MAX_ARGS],
-        };
-        for (slot, a) in out.slots.iter_mut().zip(args) {
-            *slot = a;
+    pub fn new(args: impl IntoIterator<Item = u64>) -> Option<Self> {
+        let mut out = ArgSlots::default();
+        for a in args {
+            *out.slots.get_mut(out.len as usize)? = a;
+            out.len += 1;
         }
         Some(out)
     }
@@ -426,7 +421,7 @@ mod tests {
             func: name.bytes().map(usize::from).sum(),
             grid: (1, 1, 1),
             block: 32,
-            args: ArgSlots::new([arg].into_iter()).unwrap_or_default(),
+            args: ArgSlots::new([arg]).unwrap_or_default(),
             pdl: true,
             side,
         })
@@ -582,11 +577,11 @@ mod tests {
 
     #[test]
     fn arguments_are_held_inline_up_to_the_limit() {
-        let a = ArgSlots::new([1u64, 2, 3].into_iter()).unwrap();
+        let a = ArgSlots::new([1u64, 2, 3]).unwrap();
         assert_eq!(a.as_slice(), &[1, 2, 3]);
-        assert_ne!(a, ArgSlots::new([1u64, 2].into_iter()).unwrap());
-        assert!(ArgSlots::new((0..MAX_ARGS).map(|i| i as u64)).is_some());
-        assert!(ArgSlots::new((0..MAX_ARGS + 1).map(|i| i as u64)).is_none());
+        assert_ne!(a, ArgSlots::new([1u64, 2]).unwrap());
+        assert!(ArgSlots::new(0..MAX_ARGS as u64).is_some());
+        assert!(ArgSlots::new(0..=MAX_ARGS as u64).is_none());
     }
 
     #[test]

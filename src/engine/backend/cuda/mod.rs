@@ -106,7 +106,7 @@ enum Memory {
 /// ready for kernels once `done` completed, and freed (stream-ordered, on the main stream)
 /// only after it, so an adapter dropped while its copy runs never frees memory the copy
 /// still writes.
-pub struct Uploaded {
+struct Uploaded {
     done: cudarc::driver::CudaEvent,
     main: Arc<CudaStream>,
     /// Dropped after [`Drop::drop`] ordered the free behind `done`.
@@ -318,38 +318,14 @@ impl Arg {
     }
 }
 
-/// A launch's arguments gathered on the stack (at most [`graph::MAX_ARGS`]).
-#[derive(Clone, Copy)]
-struct ArgList {
-    len: usize,
-    args: [Arg; graph::MAX_ARGS],
-}
-
-impl ArgList {
-    fn new() -> Self {
-        ArgList {
-            len: 0,
-            args: [Arg::U32(0); graph::MAX_ARGS],
-        }
-    }
-
-    fn extend(&mut self, more: impl IntoIterator<Item = Arg>) -> Result<()> {
-        for a in more {
-            let slot = self.args.get_mut(self.len).ok_or_else(|| {
-                shape(format!(
-                    "a launch of more than {} arguments",
-                    graph::MAX_ARGS
-                ))
-            })?;
-            *slot = a;
-            self.len += 1;
-        }
-        Ok(())
-    }
-
-    fn as_slice(&self) -> &[Arg] {
-        &self.args[..self.len]
-    }
+/// `args` as a launch's inline slots (at most [`graph::MAX_ARGS`]).
+fn arg_slots<'a>(args: impl IntoIterator<Item = &'a Arg>) -> Result<graph::ArgSlots> {
+    graph::ArgSlots::new(args.into_iter().map(|a| a.slot())).ok_or_else(|| {
+        shape(format!(
+            "a launch of more than {} arguments",
+            graph::MAX_ARGS
+        ))
+    })
 }
 
 fn i32_arg(v: usize, what: &str) -> Result<Arg> {
@@ -763,6 +739,18 @@ impl CudaBackend {
         args: &[Arg],
         pdl: bool,
     ) -> Result<()> {
+        self.launch_slots(name, grid, block, arg_slots(args)?, pdl)
+    }
+
+    /// [`Self::launch`] with the arguments already in their slots.
+    fn launch_slots(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: graph::ArgSlots,
+        pdl: bool,
+    ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -770,13 +758,6 @@ impl CudaBackend {
             return Err(shape(format!("grid {grid:?} of {name} is too large")));
         }
         let func = self.function(name)?;
-        let args = graph::ArgSlots::new(args.iter().map(|a| a.slot())).ok_or_else(|| {
-            shape(format!(
-                "{name}: {} arguments (at most {})",
-                args.len(),
-                graph::MAX_ARGS
-            ))
-        })?;
         self.submit(Op::Launch(LaunchOp {
             func: func.cu_function() as usize,
             grid,
@@ -1419,9 +1400,8 @@ impl CudaBackend {
         table: &CudaLoraTable,
         meta: &CudaMeta,
         splits: usize,
-    ) -> Result<ArgList> {
-        let mut args = ArgList::new();
-        args.extend([
+    ) -> Result<[Arg; 8]> {
+        Ok([
             Arg::Ptr(x.ptr),
             i32_arg(h_in, "h_in")?,
             Arg::Ptr(v.ptr),
@@ -1430,8 +1410,7 @@ impl CudaBackend {
             Arg::Ptr(meta.at(meta.layout.tiles)),
             Arg::Ptr(meta.at(meta.layout.segs)),
             i32_arg(splits, "splits")?,
-        ])?;
-        Ok(args)
+        ])
     }
 
     fn check_lora(&self, x_dtype: DType, table: &CudaLoraTable, meta: &CudaMeta) -> Result<bool> {
@@ -1988,8 +1967,7 @@ impl Backend for CudaBackend {
         if n_heads > 65535 {
             return Err(shape(format!("attention: {n_heads} heads")));
         }
-        let mut args = ArgList::new();
-        args.extend([
+        let head = [
             Arg::Ptr(q.ptr),
             i32_arg(row_stride, "row_stride")?,
             i32_arg(q_offset, "q_offset")?,
@@ -2000,23 +1978,24 @@ impl Backend for CudaBackend {
             Arg::Ptr(meta.at(meta.layout.block_tables)),
             i32_arg(n_heads, "n_heads")?,
             i32_arg(n_kv_heads, "n_kv_heads")?,
-        ])?;
+        ];
         // The vector kernel reads each lane's share of a K/V row in one aligned load.
         let vec = plan::attention_vec_kernel(head_dim, Self::suffix(q.dtype))
             .filter(|_| k_cache.ptr.is_multiple_of(16) && v_cache.ptr.is_multiple_of(16));
-        let name = match vec {
-            Some(name) => name,
-            None => {
-                args.extend([i32_arg(head_dim, "head_dim")?])?;
-                kernel!("attention_{}", Self::suffix(q.dtype))
-            }
+        // The generic kernel takes the head dimension as an argument.
+        let (name, dim) = match vec {
+            Some(name) => (name, None),
+            None => (
+                kernel!("attention_{}", Self::suffix(q.dtype)),
+                Some(i32_arg(head_dim, "head_dim")?),
+            ),
         };
-        args.extend([Arg::F32(scale), Arg::Ptr(out.ptr)])?;
-        self.launch(
+        let tail = [Arg::F32(scale), Arg::Ptr(out.ptr)];
+        self.launch_slots(
             &name,
             (rows as u32, n_heads as u32, 1),
             128,
-            args.as_slice(),
+            arg_slots(head.iter().chain(&dim).chain(&tail))?,
             self.pdl,
         )
     }
@@ -2091,17 +2070,17 @@ impl Backend for CudaBackend {
             );
             let (acc, counters) =
                 self.shrink_workspace(splits, tiles, tiles * plan::TILE_ROWS * table.max_rank)?;
-            let mut args = Self::shrink_args(x, h_in, v, v_stride, table, meta, splits)?;
-            args.extend([
+            let args = Self::shrink_args(x, h_in, v, v_stride, table, meta, splits)?;
+            let tail = [
                 i32_arg(table.max_rank, "acc_rank")?,
                 Arg::Ptr(acc),
                 Arg::Ptr(counters),
-            ])?;
-            return self.launch(
+            ];
+            return self.launch_slots(
                 &kernel!("sgmv_shrink_rows_{}", Self::suffix(x.dtype)),
                 (splits as u32, rank_blocks as u32, tiles as u32),
                 (plan::ROWS_WARPS * 32) as u32,
-                args.as_slice(),
+                arg_slots(args.iter().chain(&tail))?,
                 self.pdl,
             );
         }
@@ -2130,13 +2109,12 @@ impl Backend for CudaBackend {
             tiles * groups,
             tiles * groups * plan::TILE_ROWS * nt * 8,
         )?;
-        let mut args = Self::shrink_args(x, h_in, v, v_stride, table, meta, splits)?;
-        args.extend([Arg::Ptr(acc), Arg::Ptr(counters)])?;
-        self.launch(
+        let args = Self::shrink_args(x, h_in, v, v_stride, table, meta, splits)?;
+        self.launch_slots(
             &kernel!("sgmv_shrink_{}_n{nt}", Self::suffix(x.dtype)),
             (tiles as u32, splits as u32, groups as u32),
             (plan::SHRINK_WARPS * 32) as u32,
-            args.as_slice(),
+            arg_slots(args.iter().chain(&[Arg::Ptr(acc), Arg::Ptr(counters)]))?,
             self.pdl,
         )
     }
