@@ -23,15 +23,16 @@ __device__ void embedding_impl(const T* __restrict__ table, const u32* __restric
 // out = x / rms(x) * w, one block per row. With `residual`, first residual += x (rounded to T)
 // and normalise the new residual.
 template <typename T>
-__device__ void rms_norm_impl(T* __restrict__ residual, const T* __restrict__ x,
+__device__ void rms_norm_impl(T* __restrict__ residual, const T* __restrict__ x, int x_stride,
                               const T* __restrict__ w, float eps, int hidden,
                               T* __restrict__ out) {
     __shared__ float scratch[32];
     pdl_enter();
     const size_t base = (size_t)blockIdx.x * hidden;
+    const T* xr = x + (size_t)blockIdx.x * x_stride;
     float ss = 0.0f;
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
-        float val = to_f32(x[base + c]);
+        float val = to_f32(xr[c]);
         if (residual != nullptr) {
             const T sum = from_f32<T>(to_f32(residual[base + c]) + val);
             residual[base + c] = sum;
@@ -41,9 +42,9 @@ __device__ void rms_norm_impl(T* __restrict__ residual, const T* __restrict__ x,
     }
     const float total = block_sum(ss, scratch);
     const float inv = rsqrtf(total / (float)hidden + eps);
-    const T* src = (residual != nullptr) ? residual : x;
+    const T* src = (residual != nullptr) ? residual + base : xr;
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
-        out[base + c] = from_f32<T>(to_f32(src[base + c]) * inv * to_f32(w[c]));
+        out[base + c] = from_f32<T>(to_f32(src[c]) * inv * to_f32(w[c]));
     }
 }
 
@@ -71,14 +72,14 @@ __device__ __forceinline__ uint4 pack8(const float* f) {
 // is rounded to T before it is squared and normalised.
 template <typename T, int VPT>
 __device__ void rms_norm_vec_impl(T* __restrict__ residual, const T* __restrict__ x,
-                                  const T* __restrict__ w, float eps, int hidden,
+                                  int x_stride, const T* __restrict__ w, float eps, int hidden,
                                   T* __restrict__ out) {
     __shared__ float scratch[32];
     pdl_enter();
     const int nvec = hidden >> 3;
     const size_t base = (size_t)blockIdx.x * hidden;
     // Activations through L2 only: they were written by the kernel this one waited for.
-    const uint4* xr = reinterpret_cast<const uint4*>(x + base);
+    const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)blockIdx.x * x_stride);
     uint4* rr = reinterpret_cast<uint4*>(residual + base);
     const uint4* wr = reinterpret_cast<const uint4*>(w);
     float v[VPT][8];
@@ -372,14 +373,14 @@ __device__ void attention_vec_impl(const T* __restrict__ q, int row_stride, int 
 }
 
 template <typename T>
-__device__ void silu_mul_impl(const T* __restrict__ gate_up, int n, size_t total,
+__device__ void silu_mul_impl(const T* __restrict__ gate_up, int stride, int n, size_t total,
                               T* __restrict__ out) {
     pdl_enter();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         const size_t row = i / n, c = i % n;
-        const float g = to_f32(gate_up[row * 2 * n + c]);
-        const float u = to_f32(gate_up[row * 2 * n + n + c]);
+        const float g = to_f32(gate_up[row * stride + c]);
+        const float u = to_f32(gate_up[row * stride + n + c]);
         out[i] = from_f32<T>(g / (1.0f + expf(-g)) * u);
     }
 }
@@ -671,9 +672,9 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
                                                  int hidden, T* out) {                       \
         embedding_impl<T>(table, ids, vocab, hidden, out);                                    \
     }                                                                                         \
-    extern "C" __global__ void rms_norm_##TNAME(T* residual, const T* x, const T* w,         \
-                                                float eps, int hidden, T* out) {              \
-        rms_norm_impl<T>(residual, x, w, eps, hidden, out);                                   \
+    extern "C" __global__ void rms_norm_##TNAME(T* residual, const T* x, int x_stride,       \
+                                                const T* w, float eps, int hidden, T* out) {  \
+        rms_norm_impl<T>(residual, x, x_stride, w, eps, hidden, out);                         \
     }                                                                                         \
     extern "C" __global__ void add_assign_##TNAME(T* y, const T* x, size_t n) {              \
         add_assign_impl<T>(y, x, n);                                                          \
@@ -691,9 +692,9 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
         attention_impl<T>(q, row_stride, q_offset, k_cache, v_cache, row_seq, seqs,           \
                           block_tables, n_heads, n_kv_heads, head_dim, scale, out);           \
     }                                                                                         \
-    extern "C" __global__ void silu_mul_##TNAME(const T* gate_up, int n, size_t total,       \
-                                                T* out) {                                     \
-        silu_mul_impl<T>(gate_up, n, total, out);                                             \
+    extern "C" __global__ void silu_mul_##TNAME(const T* gate_up, int stride, int n,         \
+                                                size_t total, T* out) {                       \
+        silu_mul_impl<T>(gate_up, stride, n, total, out);                                     \
     }                                                                                         \
     extern "C" __global__ void gather_rows_##TNAME(const T* x, const u32* rows, int hidden,  \
                                                    T* out) {                                  \
@@ -719,12 +720,12 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
 // The register-resident norm and the vector attention (bf16/f16 only).
 #define DEFINE_HALF_OPS(TNAME, T)                                                             \
     extern "C" __global__ void __launch_bounds__(NORM_VEC_THREADS) rms_norm_vec1_##TNAME(    \
-        T* residual, const T* x, const T* w, float eps, int hidden, T* out) {                 \
-        rms_norm_vec_impl<T, 1>(residual, x, w, eps, hidden, out);                            \
+        T* residual, const T* x, int x_stride, const T* w, float eps, int hidden, T* out) {   \
+        rms_norm_vec_impl<T, 1>(residual, x, x_stride, w, eps, hidden, out);                  \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(NORM_VEC_THREADS) rms_norm_vec2_##TNAME(    \
-        T* residual, const T* x, const T* w, float eps, int hidden, T* out) {                 \
-        rms_norm_vec_impl<T, 2>(residual, x, w, eps, hidden, out);                            \
+        T* residual, const T* x, int x_stride, const T* w, float eps, int hidden, T* out) {   \
+        rms_norm_vec_impl<T, 2>(residual, x, x_stride, w, eps, hidden, out);                  \
     }                                                                                         \
     DEFINE_ATTN_VEC(TNAME, T, 64, 1)                                                          \
     DEFINE_ATTN_VEC(TNAME, T, 128, 2)                                                         \

@@ -2,8 +2,9 @@
 //
 // Rows are grouped into segments that share an adapter slot; each segment is cut into tiles of
 // 16 rows (the M of one mma.sync). Per (layer, LoRA group) a slot table gives each slot's A (the
-// A matrices of the group's parts stacked: [rank, h_in], rank summed over the parts) and, per
-// part, its B ([h_out_j, rank_j], scale folded in), rank and first column in v; a null pointer
+// A matrices of the group's parts stacked: [rank, h_in], rank summed over the parts), its first
+// column in v and, per part, its B ([h_out_j, rank_j], scale folded in), rank and first column
+// in v; a null pointer
 // marks what a slot does not have, and those rows or columns are left untouched.
 //
 // Tensor-core trick: an m16n8k16 fragment gives thread (g = lane / 4, q = lane % 4) the k indices
@@ -19,7 +20,7 @@
 struct LoraSlot {
     const void* a;
     u32 rank;
-    u32 pad;
+    u32 vbase;  // the slot's first column in v (where its first part's columns start)
     const void* b[MAX_PARTS];
     u32 prank[MAX_PARTS];
     u32 voff[MAX_PARTS];
@@ -60,6 +61,7 @@ struct ShrinkTile {
     int row0;
     int end;
     int rank;
+    int voff;
     const void* a;
 };
 
@@ -72,6 +74,7 @@ __device__ __forceinline__ ShrinkTile shrink_tile(const u32* __restrict__ tiles,
     t.end = ts.end;
     const bool live = ts.end > ts.row0;  // not a TILE_NONE entry
     t.rank = live ? (int)table[ts.slot].rank : 0;
+    t.voff = live ? (int)table[ts.slot].vbase : 0;
     t.a = live ? table[ts.slot].a : nullptr;
     return t;
 }
@@ -98,7 +101,7 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     const int group = tile * gridDim.z + zi;
     // The adapter table comes from host copies too.
     const ShrinkTile st = shrink_tile(tiles, segs, table, tile);
-    const int row0 = st.row0, seg_end = st.end, slot_rank = st.rank;
+    const int row0 = st.row0, seg_end = st.end, slot_rank = st.rank, slot_voff = st.voff;
     const void* slot_a = st.a;
     // x comes from the previous kernel (a GEMM or a norm), and v and the split-K workspace may
     // still be in use by the previous shrink/expand pair. Waiting before the trigger also means
@@ -166,7 +169,7 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     __syncthreads();
 
     float* tacc = acc + (size_t)group * 16 * R;
-    float* vout = v + rank_lo;
+    float* vout = v + slot_voff + rank_lo;
     for (int idx = threadIdx.x; idx < 16 * R; idx += blockDim.x) {
         const int row = idx / R, col = idx % R;
         if (row < nrows && col < rank) {
@@ -231,6 +234,13 @@ __device__ __forceinline__ void split_pair(float a, float b, u32& hi, u32& lo) {
     lo = pack2<T>(a - ha, b - hb);
 }
 
+// Elements of v per 16-byte vector: v is f32 after a shrink, the activations' type when it
+// comes out of the base GEMM (the A matrices ride along as extra output columns).
+template <typename VT>
+struct VVec {
+    static constexpr int n = 16 / (int)sizeof(VT);
+};
+
 // Eight f32 values v[k .. k+8) of one row, zero past `rank` or when the row is not in the tile.
 __device__ __forceinline__ void load_v8(const float* row, int k, int rank, bool ok, bool vec,
                                         float* out) {
@@ -245,6 +255,23 @@ __device__ __forceinline__ void load_v8(const float* row, int k, int rank, bool 
     for (int i = 0; i < 8; ++i) out[i] = (ok && k + i < rank) ? __ldcg(row + k + i) : 0.0f;
 }
 
+// The same from a row of halves (bf16 or f16), widened to f32.
+template <typename T>
+__device__ __forceinline__ void load_v8(const T* row, int k, int rank, bool ok, bool vec,
+                                        float* out) {
+    if (ok && vec && k + 8 <= rank) {
+        const uint4 p = __ldcg(reinterpret_cast<const uint4*>(row + k));
+        const T d = T{};
+        out[0] = lo_f32(d, p.x); out[1] = hi_f32(d, p.x);
+        out[2] = lo_f32(d, p.y); out[3] = hi_f32(d, p.y);
+        out[4] = lo_f32(d, p.z); out[5] = hi_f32(d, p.z);
+        out[6] = lo_f32(d, p.w); out[7] = hi_f32(d, p.w);
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = (ok && k + i < rank) ? to_f32(row[k + i]) : 0.0f;
+}
+
 // One LoRA group's expand: its parts' outputs lie side by side in y from col_offset, part j
 // ending at column ends[j] (relative to col_offset); part0 is the first part this launch covers.
 // y[row, col_offset + c] += v[row, voff_j + :rank_j] . B_j[c - start_j, :rank_j] for the rows of
@@ -255,9 +282,9 @@ __device__ __forceinline__ void load_v8(const float* row, int k, int rank, bool 
 // shrink, which writes neither, and a shrink triggers its dependents only after its own wait:
 // the kernel that wrote y has completed by then. v is fed to the tensor cores as hi + lo
 // halves, keeping it at f32 accuracy.
-template <typename T, int KT, int NTW>
+template <typename T, typename VT, int KT, int NTW>
 __device__ __forceinline__ void sgmv_expand_impl(
-    const float* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
+    const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
     int part0, int end0, int end1, int end2, const LoraSlot* __restrict__ table,
     const u32* __restrict__ tiles, const u32* __restrict__ segs) {
     const int tile = blockIdx.y;
@@ -327,9 +354,9 @@ __device__ __forceinline__ void sgmv_expand_impl(
 #pragma unroll
     for (int nt = 0; nt < NTW; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.0f;
 
-    const float* v0 = v + (size_t)(row0 + g) * v_stride;
-    const float* v1 = v + (size_t)(row0 + g + 8) * v_stride;
-    const bool vvec = ((v_stride | voff) & 3) == 0;
+    const VT* v0 = v + (size_t)(row0 + g) * v_stride;
+    const VT* v1 = v + (size_t)(row0 + g + 8) * v_stride;
+    const bool vvec = ((v_stride | voff) & (VVec<VT>::n - 1)) == 0;
 #pragma unroll
     for (int kc = 0; kc < KT; ++kc) {
         if (kc * 32 >= rank) break;
@@ -415,6 +442,7 @@ __device__ __forceinline__ void sgmv_shrink_rows_impl(
     const ShrinkTile st = shrink_tile(tiles, segs, table, tile);
     const int row0 = st.row0, seg_end = st.end, slot_rank = st.rank;
     const void* slot_a = st.a;
+    v += st.voff;
     // x comes from the previous kernel, and v and the workspace may still be in use by the
     // previous shrink/expand pair (see sgmv_shrink_impl).
     pdl_enter();
@@ -500,9 +528,9 @@ struct RowParts {
 // tile blockIdx.y: RL lanes per column (8 ranks each), 32 / RL columns per warp step, ROWS_KU
 // steps per warp; a column's B is loaded once (before the wait: B comes from host copies), then
 // applied row by row. Parts may end anywhere: each column finds its own.
-template <typename T, int RL>
+template <typename T, typename VT, int RL>
 __device__ __forceinline__ void sgmv_expand_rows_impl(
-    const float* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
+    const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
     const u32* __restrict__ tiles, const u32* __restrict__ segs) {
     constexpr int CPS = 32 / RL;
@@ -550,26 +578,18 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
     }
     pdl_enter();
     const int nrows = min(16, seg_end - row0);
-    const bool vvec = (v_stride & 3) == 0;
+    constexpr int VN = VVec<VT>::n;
+    const bool vvec = (v_stride & (VN - 1)) == 0;
     const T dummy = T{};
     for (int row = 0; row < nrows; ++row) {
-        const float* vr = v + (size_t)(row0 + row) * v_stride;
+        const VT* vr = v + (size_t)(row0 + row) * v_stride;
         T* yr = y + (size_t)(row0 + row) * y_stride + col_offset;
 #pragma unroll
         for (int u = 0; u < ROWS_KU; ++u) {
             float part = 0.0f;
             if (kk < rank[u]) {
-                const float* vp = vr + voff[u] + kk;
                 float w[8];
-                if (vvec && ((voff[u] & 3) == 0) && kk + 8 <= rank[u]) {
-                    const float4 p0 = *reinterpret_cast<const float4*>(vp);
-                    const float4 p1 = *reinterpret_cast<const float4*>(vp + 4);
-                    w[0] = p0.x; w[1] = p0.y; w[2] = p0.z; w[3] = p0.w;
-                    w[4] = p1.x; w[5] = p1.y; w[6] = p1.z; w[7] = p1.w;
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) w[i] = kk + i < rank[u] ? vp[i] : 0.0f;
-                }
+                load_v8(vr + voff[u], kk, rank[u], true, vvec && (voff[u] & (VN - 1)) == 0, w);
                 const uint4 b = bv[u];
                 part = w[0] * lo_f32(dummy, b.x);
                 part = fmaf(w[1], hi_f32(dummy, b.x), part);
@@ -601,15 +621,20 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
                                           acc_rank, acc, counters);                           \
     }
 
-#define DEFINE_EXPAND_ROWS(TNAME, TYPE, RL)                                                   \
+// VNAME: empty for an f32 v, _vh for a v of the activations' type.
+#define DEFINE_EXPAND_ROWS_V(TNAME, TYPE, VNAME, VTYPE, RL)                                    \
     extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 6)                          \
-        sgmv_expand_rows_##TNAME##_l##RL(                                                     \
-            const float* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,    \
+        sgmv_expand_rows_##TNAME##VNAME##_l##RL(                                              \
+            const VTYPE* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,    \
             int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table, \
             const u32* __restrict__ tiles, const u32* __restrict__ segs) {                    \
-        sgmv_expand_rows_impl<TYPE, RL>(v, v_stride, y, y_stride, col_offset, end0, end1,     \
-                                        end2, table, tiles, segs);                            \
+        sgmv_expand_rows_impl<TYPE, VTYPE, RL>(v, v_stride, y, y_stride, col_offset, end0,    \
+                                               end1, end2, table, tiles, segs);               \
     }
+
+#define DEFINE_EXPAND_ROWS(TNAME, TYPE, RL)                                                   \
+    DEFINE_EXPAND_ROWS_V(TNAME, TYPE, , float, RL)                                            \
+    DEFINE_EXPAND_ROWS_V(TNAME, TYPE, _vh, TYPE, RL)
 
 DEFINE_SHRINK_ROWS(bf16, bf16)
 DEFINE_SHRINK_ROWS(f16, f16)
@@ -636,16 +661,20 @@ DEFINE_EXPAND_ROWS(f16, f16, 16)
         sgmv_shrink_impl<TYPE, NT, U>(SHRINK_PASS);                                          \
     }
 
-#define DEFINE_EXPAND(TNAME, TYPE, KT, NTW)                                                  \
+#define DEFINE_EXPAND_V(TNAME, TYPE, VNAME, VTYPE, KT, NTW)                                  \
     extern "C" __global__ void __launch_bounds__(EXPAND_WARPS * 32)                          \
-        sgmv_expand_##TNAME##_k##KT##_w##NTW(                                                \
-            const float* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,   \
+        sgmv_expand_##TNAME##VNAME##_k##KT##_w##NTW(                                         \
+            const VTYPE* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,   \
             int col_offset, int part0, int end0, int end1, int end2,                         \
             const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,               \
             const u32* __restrict__ segs) {                                                  \
-        sgmv_expand_impl<TYPE, KT, NTW>(v, v_stride, y, y_stride, col_offset, part0, end0,   \
-                                        end1, end2, table, tiles, segs);                     \
+        sgmv_expand_impl<TYPE, VTYPE, KT, NTW>(v, v_stride, y, y_stride, col_offset, part0,  \
+                                               end0, end1, end2, table, tiles, segs);        \
     }
+
+#define DEFINE_EXPAND(TNAME, TYPE, KT, NTW)                                                  \
+    DEFINE_EXPAND_V(TNAME, TYPE, , float, KT, NTW)                                           \
+    DEFINE_EXPAND_V(TNAME, TYPE, _vh, TYPE, KT, NTW)
 
 DEFINE_SHRINK(bf16, bf16, 1, 4)
 DEFINE_SHRINK(bf16, bf16, 2, 4)

@@ -80,7 +80,8 @@ impl<B: Backend> LlamaExecutor<B> {
         adapter_slots: usize,
     ) -> Result<Self, ModelError> {
         let kv = KvCache::new(model.backend().as_ref(), model.config(), kv_blocks)?;
-        let lora = LoraState::new(model.config(), adapter_slots);
+        let mut lora = LoraState::new(model.config(), adapter_slots);
+        lora.set_arena(model.arena_rows());
         Ok(Self {
             model,
             kv,
@@ -106,6 +107,11 @@ impl<B: Backend> LlamaExecutor<B> {
 /// tables (per step the activations of 512 rows of a 13B model take about 100 MiB).
 pub const CUDA_RESERVE_BYTES: usize = 1 << 30;
 
+/// The CUDA executor's LoRA arena holds this rank on every projection for each adapter slot
+/// (an adapter of a higher rank takes the room of several; one that finds no room runs its
+/// shrinks as kernels, see `engine::model::llama::LoraState`).
+pub const ARENA_RANK: usize = 16;
+
 /// Build an executor on the CUDA backend: `load` puts the model's weights on the GPU, then the
 /// KV pool takes what is left of `memory_fraction` of the device's memory after `adapter_bytes`
 /// (room for the adapter slots) and [`CUDA_RESERVE_BYTES`], capped at `max_kv_blocks`.
@@ -124,7 +130,13 @@ pub fn cuda_executor(
     backend
         .reserve_staging(2, adapter_bytes / adapter_slots.max(1))
         .map_err(|e| e.to_string())?;
-    let model = load(Arc::clone(&backend)).map_err(|e| e.to_string())?;
+    let mut model = load(Arc::clone(&backend)).map_err(|e| e.to_string())?;
+    model
+        .reserve_lora_arena(Llama::<CudaBackend>::arena_rows_for(
+            adapter_slots,
+            ARENA_RANK,
+        ))
+        .map_err(|e| e.to_string())?;
     let (free, total) = backend.memory_info().map_err(|e| e.to_string())?;
     let used = total - free;
     let budget = ((total as f64 * memory_fraction) as usize)
@@ -229,6 +241,14 @@ impl<B: Backend> Executor for LlamaExecutor<B> {
         }
         self.picks.clear();
         self.logits.clear();
+        // Adapters copied in since their last step join the arena (once each).
+        if self.model.arena_rows().iter().any(|&r| r > 0) {
+            for (_, _, slot) in meta.segments.iter() {
+                if !self.lora.in_arena(slot as usize) {
+                    self.model.place_in_arena(&mut self.lora, slot as usize)?;
+                }
+            }
+        }
         let started = Instant::now();
         if let Some(logits) = self.model.forward_device(meta, &mut self.kv, &self.lora)? {
             let enqueued = started.elapsed();

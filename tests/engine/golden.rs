@@ -55,19 +55,35 @@ struct Loaded {
     slots: HashMap<String, u32>,
 }
 
-fn load(entry: &ModelEntry) -> Loaded {
+/// The entry's model and adapters; with `arena: Some(rank)`, a LoRA arena of `rank` per
+/// projection and slot, every adapter that fits placed there (its steps then take their
+/// shrinks from the base GEMMs).
+fn load(entry: &ModelEntry, arena: Option<usize>) -> Loaded {
     let backend = Arc::new(CpuBackend::new());
-    let model = Llama::load(backend.clone(), &fixtures().join(&entry.dir)).unwrap();
+    let mut model = Llama::load(backend.clone(), &fixtures().join(&entry.dir)).unwrap();
     // One spare slot in front, so adapter slots are not simply 0..n.
-    let mut lora = LoraState::new(model.config(), entry.adapters.len() + 1);
+    let n_slots = entry.adapters.len() + 1;
+    let mut lora = LoraState::new(model.config(), n_slots);
+    if let Some(rank) = arena {
+        model
+            .reserve_lora_arena(Llama::<CpuBackend>::arena_rows_for(n_slots, rank))
+            .unwrap();
+        lora.set_arena(model.arena_rows());
+    }
     let mut slots = HashMap::new();
     for (i, a) in entry.adapters.iter().enumerate() {
         let weights = LoraWeights::from_dir(&fixtures().join(&a.dir), model.config()).unwrap();
         lora.load(backend.as_ref(), i + 1, &weights).unwrap();
+        if arena.is_some() {
+            model.place_in_arena(&mut lora, i + 1).unwrap();
+        }
         slots.insert(a.name.clone(), (i + 1) as u32);
     }
     Loaded { model, lora, slots }
 }
+
+/// No arena; an arena with room for every adapter; one too small for some of them.
+const ARENAS: [Option<usize>; 3] = [None, Some(64), Some(1)];
 
 /// Largest absolute difference over the largest reference magnitude.
 fn relative_error(got: &[f32], want: &[f32]) -> f64 {
@@ -84,8 +100,16 @@ fn relative_error(got: &[f32], want: &[f32]) -> f64 {
 #[test]
 fn one_mixed_batch_of_all_adapters_and_the_base_model_matches_hugging_face_logits() {
     let manifest = manifest();
-    for entry in &manifest.models {
-        let m = load(entry);
+    for (entry, arena) in manifest.models.iter().flat_map(|e| ARENAS.map(|a| (e, a))) {
+        let m = load(entry, arena);
+        let n_adapters = entry.adapters.len();
+        let placed = (1..=n_adapters).filter(|&i| m.lora.in_arena(i)).count();
+        match arena {
+            None => assert_eq!(placed, 0, "{}", entry.name),
+            Some(64) => assert_eq!(placed, n_adapters, "{}", entry.name),
+            // Some adapters left out: the steps that use them run their shrinks as kernels.
+            Some(_) => assert!(placed < n_adapters, "{}", entry.name),
+        }
         let n = entry.requests.len();
         let slot = |r: &Request| r.adapter.as_ref().map(|a| m.slots[a]);
         // Teacher forcing: feed Hugging Face's greedy tokens, compare every predicting row.
@@ -185,8 +209,8 @@ fn one_mixed_batch_of_all_adapters_and_the_base_model_matches_hugging_face_logit
 #[test]
 fn a_batched_greedy_run_gives_the_same_tokens_as_each_request_alone_and_as_hugging_face() {
     let manifest = manifest();
-    for entry in &manifest.models {
-        let m = load(entry);
+    for (entry, arena) in manifest.models.iter().flat_map(|e| ARENAS.map(|a| (e, a))) {
+        let m = load(entry, arena);
         let requests: Vec<(Vec<u32>, Option<u32>)> = entry
             .requests
             .iter()
@@ -222,8 +246,8 @@ fn a_batched_greedy_run_gives_the_same_tokens_as_each_request_alone_and_as_huggi
 #[test]
 fn decode_steps_padded_to_their_bucket_keep_hugging_face_logits_for_the_real_rows() {
     let manifest = manifest();
-    for entry in &manifest.models {
-        let m = load(entry);
+    for (entry, arena) in manifest.models.iter().flat_map(|e| ARENAS.map(|a| (e, a))) {
+        let m = load(entry, arena);
         let n = entry.requests.len();
         let vocab = m.model.config().vocab_size;
         let slot = |r: &Request| r.adapter.as_ref().map(|a| m.slots[a]);

@@ -90,6 +90,8 @@ impl CpuMeta {
 struct CpuLoraSlot {
     a: CpuBuf,
     rank: usize,
+    /// First column of the slot's intermediate in v.
+    voff: usize,
     parts: [Option<(CpuBuf, usize)>; MAX_GROUP_PARTS],
 }
 
@@ -474,6 +476,7 @@ impl Backend for CpuBackend {
                     s.as_ref().map(|g| CpuLoraSlot {
                         a: g.a.clone(),
                         rank: g.rank(),
+                        voff: g.voff,
                         parts: std::array::from_fn(|j| {
                             g.parts[j].as_ref().map(|p| (p.b.clone(), p.rank))
                         }),
@@ -537,14 +540,20 @@ impl Backend for CpuBackend {
         &self,
         residual: &mut CpuBuf,
         x: &CpuBuf,
+        x_stride: usize,
         weight: &CpuBuf,
         eps: f32,
         rows: usize,
         hidden: usize,
         out: &mut CpuBuf,
     ) -> Result<()> {
+        if x_stride < hidden {
+            return Err(shape_err(format!(
+                "add_rms_norm: rows of {x_stride} values hold no {hidden} columns"
+            )));
+        }
         need("add_rms_norm residual", residual.data.len(), rows * hidden)?;
-        need("add_rms_norm input", x.data.len(), rows * hidden)?;
+        need("add_rms_norm input", x.data.len(), rows * x_stride)?;
         need("add_rms_norm weight", weight.data.len(), hidden)?;
         need("add_rms_norm output", out.data.len(), rows * hidden)?;
         if hidden == 0 {
@@ -554,9 +563,9 @@ impl Backend for CpuBackend {
         residual.as_mut_slice()[..rows * hidden]
             .par_chunks_mut(hidden)
             .zip(out.as_mut_slice()[..rows * hidden].par_chunks_mut(hidden))
-            .zip(x.par_chunks(hidden))
+            .zip(x[..rows * x_stride].par_chunks(x_stride))
             .for_each(|((r, o), xr)| {
-                for (rv, &xv) in r.iter_mut().zip(xr) {
+                for (rv, &xv) in r.iter_mut().zip(&xr[..hidden]) {
                     *rv += xv;
                 }
                 rms_norm_row(r, w, eps, o);
@@ -586,6 +595,27 @@ impl Backend for CpuBackend {
             self.threads,
         );
         Ok(())
+    }
+
+    fn alias(&self, buf: &CpuBuf) -> CpuBuf {
+        // Shared until either side is written (then that side copies): the same values for
+        // as long as the contract lets the alias be read.
+        buf.clone()
+    }
+
+    fn copy_into(&self, dst: &mut CpuBuf, offset: usize, src: &CpuBuf) -> Result<()> {
+        let end = offset.checked_add(src.data.len());
+        match end {
+            Some(end) if end <= dst.data.len() => {
+                dst.as_mut_slice()[offset..end].copy_from_slice(src.as_slice());
+                Ok(())
+            }
+            _ => Err(shape_err(format!(
+                "copy_into: {} values at {offset} of a buffer of {}",
+                src.data.len(),
+                dst.data.len()
+            ))),
+        }
     }
 
     fn add_assign(&self, y: &mut CpuBuf, x: &CpuBuf) -> Result<()> {
@@ -757,8 +787,20 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn silu_mul(&self, gate_up: &CpuBuf, rows: usize, n: usize, out: &mut CpuBuf) -> Result<()> {
-        need("silu_mul input", gate_up.data.len(), rows * 2 * n)?;
+    fn silu_mul(
+        &self,
+        gate_up: &CpuBuf,
+        stride: usize,
+        rows: usize,
+        n: usize,
+        out: &mut CpuBuf,
+    ) -> Result<()> {
+        if stride < 2 * n {
+            return Err(shape_err(format!(
+                "silu_mul: rows of {stride} values hold no gate and up of {n}"
+            )));
+        }
+        need("silu_mul input", gate_up.data.len(), rows * stride)?;
         need("silu_mul output", out.data.len(), rows * n)?;
         if n == 0 {
             return Ok(());
@@ -766,9 +808,9 @@ impl Backend for CpuBackend {
         let gu = gate_up.as_slice();
         out.as_mut_slice()[..rows * n]
             .par_chunks_mut(n)
-            .zip(gu.par_chunks(2 * n))
+            .zip(gu[..rows * stride].par_chunks(stride))
             .for_each(|(o, row)| {
-                let (g, u) = row.split_at(n);
+                let (g, u) = row[..2 * n].split_at(n);
                 for ((ov, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
                     *ov = silu(gv) * uv;
                 }
@@ -802,7 +844,7 @@ impl Backend for CpuBackend {
                     m: e - s,
                     n: slot.rank,
                     k: h_in,
-                    dst: dst.get().add(s * v_stride),
+                    dst: dst.get().add(s * v_stride + slot.voff),
                     dst_rs: v_stride as isize,
                     accumulate: false,
                     lhs: x.as_ptr().add(s * h_in),
@@ -853,7 +895,7 @@ impl Backend for CpuBackend {
         }
         let (v, dst) = (v.as_slice(), SendPtr(y.as_mut_slice().as_mut_ptr()));
         work.par_iter().for_each(|&(s, e, slot)| {
-            let (mut voff, mut col) = (0, col_offset);
+            let (mut voff, mut col) = (slot.voff, col_offset);
             for (part, &out) in slot.parts.iter().zip(outs) {
                 if let Some((b, rank)) = part {
                     // SAFETY: segments are disjoint row ranges (StepMeta::validate), so each
@@ -971,10 +1013,11 @@ fn lora_work<'t>(
             ))
         })?;
         if let Some(p) = entry {
-            if p.rank > v_stride {
+            if p.voff + p.rank > v_stride {
                 return Err(shape_err(format!(
-                    "adapter slot {slot} has rank {} above the step's LoRA width {v_stride}",
-                    p.rank
+                    "adapter slot {slot} has rank {} from column {} past the step's LoRA width \
+                     {v_stride}",
+                    p.rank, p.voff
                 )));
             }
             work.push((s, e, p));
@@ -1189,10 +1232,53 @@ mod tests {
         );
 
         let mut residual = CpuBuf::from_vec(r0.clone());
-        cpu.add_rms_norm(&mut residual, &xb, &wb, 1e-5, rows, hidden, &mut out)
-            .unwrap();
+        cpu.add_rms_norm(
+            &mut residual,
+            &xb,
+            hidden,
+            &wb,
+            1e-5,
+            rows,
+            hidden,
+            &mut out,
+        )
+        .unwrap();
         let sum: Vec<f32> = r0.iter().zip(&x).map(|(a, b)| a + b).collect();
         assert_close(residual.as_slice(), &sum, 1e-6);
+        // The same x as the first columns of wider rows.
+        let stride = hidden + 3;
+        let wide: Vec<f32> = x
+            .chunks(hidden)
+            .flat_map(|r| r.iter().copied().chain([f32::NAN; 3]))
+            .collect();
+        let (mut residual2, mut out2) = (CpuBuf::from_vec(r0.clone()), out.clone());
+        let wide = CpuBuf::from_vec(wide);
+        cpu.add_rms_norm(
+            &mut residual2,
+            &wide,
+            stride,
+            &wb,
+            1e-5,
+            rows,
+            hidden,
+            &mut out2,
+        )
+        .unwrap();
+        assert_eq!(residual2.as_slice(), residual.as_slice());
+        assert_eq!(out2.as_slice(), out.as_slice());
+        let err = cpu
+            .add_rms_norm(
+                &mut residual2,
+                &wide,
+                hidden - 1,
+                &wb,
+                1e-5,
+                rows,
+                hidden,
+                &mut out2,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("hold no"), "{err}");
         assert_close(
             out.as_slice(),
             &reference::rms_norm(&sum, &w, 1e-5, hidden),
@@ -1473,9 +1559,18 @@ mod tests {
         let cpu = CpuBackend::new();
         let gu = values(11, 3 * 2 * 10);
         let mut out = cpu.alloc(DType::F32, 30).unwrap();
-        cpu.silu_mul(&CpuBuf::from_vec(gu.clone()), 3, 10, &mut out)
+        cpu.silu_mul(&CpuBuf::from_vec(gu.clone()), 20, 3, 10, &mut out)
             .unwrap();
         assert_close(out.as_slice(), &reference::silu_mul(&gu, 10), 1e-6);
+        // gate|up as the first columns of wider rows.
+        let wide: Vec<f32> = gu
+            .chunks(20)
+            .flat_map(|r| r.iter().copied().chain([f32::NAN; 5]))
+            .collect();
+        let mut out2 = cpu.alloc(DType::F32, 30).unwrap();
+        cpu.silu_mul(&CpuBuf::from_vec(wide), 25, 3, 10, &mut out2)
+            .unwrap();
+        assert_eq!(out2.as_slice(), out.as_slice());
     }
 
     #[test]
@@ -1516,7 +1611,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        let group = |i: usize| {
+        let group = |i: usize, voff: usize| {
             Some(LoraGroupSlot {
                 a: &stacked[i],
                 parts: std::array::from_fn(|j| {
@@ -1526,11 +1621,12 @@ mod tests {
                         rank: ranks[i][j]?,
                     })
                 }),
+                voff,
             })
         };
         // Slot 1 is empty in this table (that adapter does not target the group).
         let slots: Vec<Option<LoraGroupSlot<'_, CpuBackend>>> =
-            vec![group(0), None, group(2), group(1)];
+            vec![group(0, 0), None, group(2, 0), group(1, 0)];
         let table = cpu.lora_table(&slots).unwrap();
         let row_slots = [
             Some(3),
@@ -1598,6 +1694,61 @@ mod tests {
             }
             assert_close(&y.as_slice()[row * stride..(row + 1) * stride], &want, 1e-5);
         }
+
+        // The same with each slot's intermediate at its own columns of a wider v (the layout
+        // of the base GEMM's extra columns): the same y, and v's other columns untouched.
+        let voffs = [11, 0, 2, 20];
+        let slots: Vec<Option<LoraGroupSlot<'_, CpuBackend>>> =
+            vec![group(0, 11), None, group(2, 2), group(1, 20)];
+        let table = cpu.lora_table(&slots).unwrap();
+        let wide_stride = 31;
+        let mut wide = CpuBuf::from_vec(vec![f32::NAN; rows * wide_stride]);
+        let mut y2 = CpuBuf::from_vec(y0.clone());
+        cpu.sgmv_shrink(
+            &CpuBuf::from_vec(x.clone()),
+            &table,
+            &meta,
+            h_in,
+            wide_stride,
+            &mut wide,
+        )
+        .unwrap();
+        cpu.sgmv_expand(
+            &wide,
+            &table,
+            &meta,
+            wide_stride,
+            &outs,
+            stride,
+            off,
+            &mut y2,
+        )
+        .unwrap();
+        assert_eq!(y2.as_slice(), y.as_slice());
+        for (row, slot) in row_slots.iter().enumerate() {
+            let w = &wide.as_slice()[row * wide_stride..(row + 1) * wide_stride];
+            let (voff, rank) = match slot {
+                Some(3) => (voffs[3], 8),
+                Some(0) => (voffs[0], 7),
+                Some(2) => (voffs[2], 2),
+                _ => (0, 0),
+            };
+            for (col, e) in w.iter().enumerate() {
+                assert_eq!(
+                    !e.is_nan(),
+                    (voff..voff + rank).contains(&col),
+                    "{row} {col}"
+                );
+            }
+        }
+        // Past v's width: refused.
+        let err = cpu
+            .sgmv_shrink(&CpuBuf::from_vec(x), &table, &meta, h_in, 27, &mut wide)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("past the step's LoRA width"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1608,6 +1759,7 @@ mod tests {
             .lora_table(&[Some(LoraGroupSlot {
                 a: &a,
                 parts: [Some(LoraPart { b: &a, rank: 4 }), None, None],
+                voff: 0,
             })])
             .unwrap();
         let mut meta = mixed_meta(1, 1);

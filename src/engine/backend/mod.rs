@@ -467,11 +467,15 @@ pub struct LoraPart<'a, B: Backend + ?Sized> {
 /// One adapter's LoRA for a group of projections that read the same input (q|k|v, o, gate|up,
 /// down), resident on the device: the A matrices of the parts it has, stacked in part order
 /// (`a: [Σ rank, in]`), and each part's B (`None`: the adapter does not target that part).
-/// The shrink of the whole group is one product with `a`; part `j`'s columns of its result
-/// start at the sum of the ranks of the parts before it.
+/// The shrink of the whole group is one product with `a`, its result in the LoRA intermediate
+/// `v` from column `voff`; part `j`'s columns start after the ranks of the parts before it.
 pub struct LoraGroupSlot<'a, B: Backend + ?Sized> {
     pub a: &'a B::Buf,
     pub parts: [Option<LoraPart<'a, B>>; MAX_GROUP_PARTS],
+    /// First column of the slot's intermediate in `v` (0 when every slot's intermediate starts
+    /// at column 0, as a shrink writes it; the slot's arena rows when the base GEMM computes
+    /// the intermediate as extra output columns, see `engine::model::llama::LoraArena`).
+    pub voff: usize,
 }
 
 impl<B: Backend + ?Sized> LoraGroupSlot<'_, B> {
@@ -556,12 +560,14 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// Fused residual add + norm: `residual += x; out = rms_norm(residual) * weight`.
+    /// Fused residual add + norm: `residual += x; out = rms_norm(residual) * weight`. `x` has
+    /// rows of width `x_stride` (at least `hidden`: a GEMM output with extra columns).
     #[allow(clippy::too_many_arguments)]
     fn add_rms_norm(
         &self,
         residual: &mut Self::Buf,
         x: &Self::Buf,
+        x_stride: usize,
         weight: &Self::Buf,
         eps: f32,
         rows: usize,
@@ -583,6 +589,16 @@ pub trait Backend: Send + Sync + 'static {
 
     /// `y += x` elementwise.
     fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+
+    /// A second handle to `buf`'s elements, for an op that reads some columns of a buffer and
+    /// writes others (the expand of an arena step reads the LoRA intermediate from the extra
+    /// columns of the GEMM output it adds into). Ops see through it what ops issued before
+    /// wrote into `buf`; it must not outlive `buf`, nor be read where `buf` is being written.
+    fn alias(&self, buf: &Self::Buf) -> Self::Buf;
+
+    /// Copy all of `src` into `dst` from element `offset` (same dtype). Ordered after the work
+    /// issued before it, before the work issued after; call between steps.
+    fn copy_into(&self, dst: &mut Self::Buf, offset: usize, src: &Self::Buf) -> Result<()>;
 
     /// RoPE and this step's KV-cache write, fused. `qkv` rows (width `row_stride`) hold the
     /// `n_heads` q heads, then the `n_kv_heads` k heads, then the v heads, from column 0. The q
@@ -619,17 +635,20 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// `out[rows, n] = silu(gate_up[:, :n]) * gate_up[:, n..]`; `gate_up: [rows, 2n]`.
+    /// `out[rows, n] = silu(gate_up[:, :n]) * gate_up[:, n..2n]`; `gate_up` has rows of width
+    /// `stride >= 2n`.
     fn silu_mul(
         &self,
         gate_up: &Self::Buf,
+        stride: usize,
         rows: usize,
         n: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// SGMV shrink of a LoRA group: for each segment s, rows in s: `v[row, :rank_s] = x[row, :]
-    /// · A_sᵀ`, `A_s` being the slot's stacked A and `rank_s` its total rank.
+    /// SGMV shrink of a LoRA group: for each segment s, rows in s: `v[row, voff_s..][..rank_s]
+    /// = x[row, :] · A_sᵀ`, `A_s` being the slot's stacked A, `rank_s` its total rank and
+    /// `voff_s` its [`LoraGroupSlot::voff`].
     /// `x: [rows, h_in]`, `v: [rows, v_stride]` f32. Rows in no segment are left untouched.
     #[allow(clippy::too_many_arguments)]
     fn sgmv_shrink(
@@ -645,8 +664,9 @@ pub trait Backend: Send + Sync + 'static {
     /// SGMV expand of a LoRA group whose parts have `outs[j]` output columns, laid side by side
     /// in `y` from `col_offset`: for each segment s, rows in s and part j the slot has,
     /// `y[row, col_offset + Σ_{i<j} outs[i] ..][..outs[j]] += v[row, voff_j..][..rank_j] · B_jᵀ`
-    /// (`voff_j`: the ranks of the slot's parts before j, summed). `y` has rows of width
-    /// `y_stride`; the table's slots have no part at or past `outs.len()`.
+    /// (`voff_j`: the slot's [`LoraGroupSlot::voff`] plus the ranks of its parts before j).
+    /// `v` is f32 (a shrink's output) or of `y`'s dtype (the base GEMM's extra columns). `y`
+    /// has rows of width `y_stride`; the table's slots have no part at or past `outs.len()`.
     #[allow(clippy::too_many_arguments)]
     fn sgmv_expand(
         &self,

@@ -8,6 +8,10 @@
 //!   (layer, [`LoraGroup`]) slot tables the SGMV ops read. The adapter cache calls
 //!   [`DeviceAdapter::upload`] (may run off the engine thread), then [`LoraState::install`] /
 //!   [`LoraState::remove`] between steps. A step's [`StepMeta::segments`] name those slots.
+//! - The LoRA arena: rows reserved after each group's base weight ([`Llama::reserve_lora_arena`])
+//!   that hold resident adapters' A matrices ([`Llama::place_in_arena`]). A decode step whose
+//!   adapters are all there runs each group's base GEMM over those rows too, so its output's
+//!   extra columns are the LoRA shrink; only the expand is left to do (see [`LoraState`]).
 //!
 //! One step: `let logits = model.forward(&meta, &mut kv, &lora)?` returns
 //! `[meta.logit_rows.len(), vocab]` f32 logits, row-major.
@@ -78,7 +82,14 @@ pub struct Llama<B: Backend> {
     /// A decode step padded to its bucket, rebuilt in place each step (no allocation once it
     /// has held the largest batch).
     padded: std::sync::Mutex<StepMeta>,
+    /// Rows of the LoRA arena after each group's base weight ([`Self::reserve_lora_arena`]).
+    arena_rows: [usize; 4],
 }
+
+/// Steps of at most this many rows use the LoRA arena (decode batches): the base GEMM's extra
+/// columns cost `rows` times the arena rows it covers in FLOPs, nothing at decode sizes, while a
+/// prefill's LoRA is cheaper as a shrink.
+pub const ARENA_MAX_ROWS: usize = 128;
 
 impl<B: Backend> Llama<B> {
     /// Load `config.json` and the safetensors checkpoint of a Hugging Face model folder.
@@ -145,6 +156,7 @@ impl<B: Backend> Llama<B> {
             lm_head,
             inv_freq,
             padded: Default::default(),
+            arena_rows: [0; 4],
         })
     }
 
@@ -196,7 +208,96 @@ impl<B: Backend> Llama<B> {
             lm_head,
             inv_freq,
             padded: Default::default(),
+            arena_rows: [0; 4],
         })
+    }
+
+    /// Arena rows for `slots` adapters of rank `rank` on every projection (see
+    /// [`Self::reserve_lora_arena`]): per group, `slots * rank` times its number of parts.
+    pub fn arena_rows_for(slots: usize, rank: usize) -> [usize; 4] {
+        LoraGroup::ALL.map(|g| slots * rank * g.parts().len())
+    }
+
+    /// Reserve `rows[g]` rows after the base weight of each layer's LoRA group `g` (each weight
+    /// is copied into a larger buffer once). Adapters placed there ([`Self::place_in_arena`])
+    /// have their shrink computed by the base GEMM; what the rows hold before is never read
+    /// into a row's result.
+    pub fn reserve_lora_arena(&mut self, rows: [usize; 4]) -> Result<()> {
+        let b = Arc::clone(&self.backend);
+        let dt = b.dtype();
+        for l in 0..self.layers.len() {
+            for g in LoraGroup::ALL {
+                let (k, outs) = self.config.group_dims(g);
+                let n: usize = outs.iter().sum();
+                let w = self.group_weight_mut(l, g);
+                let mut wider = b.alloc(dt, (n + rows[g.index()]) * k)?;
+                b.copy_into(&mut wider, 0, w)?;
+                *w = wider;
+            }
+        }
+        b.synchronize()?;
+        self.arena_rows = rows;
+        tracing::info!(rows = ?rows, "LoRA arena reserved after the base weights");
+        Ok(())
+    }
+
+    /// The arena rows reserved per group (zeros when none).
+    pub fn arena_rows(&self) -> [usize; 4] {
+        self.arena_rows
+    }
+
+    /// Copy the A matrices of the adapter in `slot` into the arena, if its upload has completed
+    /// and the arena has room, so the steps that use it run its shrink in the base GEMMs.
+    /// Returns whether the adapter is in the arena. Call between steps.
+    pub fn place_in_arena(&mut self, lora: &mut LoraState<B>, slot: usize) -> Result<bool> {
+        let b = Arc::clone(&self.backend);
+        let Some(Some(adapter)) = lora.slots.get(slot) else {
+            return Ok(false);
+        };
+        if lora.arena_at.get(slot).is_some_and(Option::is_some) {
+            return Ok(true);
+        }
+        if !adapter.uploaded(b.as_ref()) || lora.arena.iter().all(|a| a.cap == 0) {
+            return Ok(false);
+        }
+        let ranks: [usize; 4] = LoraGroup::ALL.map(|g| {
+            adapter
+                .layers
+                .iter()
+                .filter_map(|layer| layer[g.index()].as_ref())
+                .map(DeviceLoraGroup::rank)
+                .max()
+                .unwrap_or(0)
+        });
+        let Some(at) = lora.arena_alloc(slot, ranks) else {
+            return Ok(false);
+        };
+        let Some(Some(adapter)) = lora.slots.get(slot) else {
+            return Ok(false);
+        };
+        for (l, layer) in adapter.layers.iter().enumerate() {
+            for g in LoraGroup::ALL {
+                let (Some(group), Some((row, _))) = (&layer[g.index()], at[g.index()]) else {
+                    continue;
+                };
+                let (k, outs) = self.config.group_dims(g);
+                let n: usize = outs.iter().sum();
+                b.copy_into(self.group_weight_mut(l, g), (n + row) * k, &group.a)?;
+            }
+        }
+        lora.arena_at[slot] = Some(at);
+        lora.rebuild(b.as_ref())?;
+        Ok(true)
+    }
+
+    fn group_weight_mut(&mut self, layer: usize, g: LoraGroup) -> &mut B::Buf {
+        let l = &mut self.layers[layer];
+        match g {
+            LoraGroup::Qkv => &mut l.self_attn.qkv_proj,
+            LoraGroup::O => &mut l.self_attn.o_proj,
+            LoraGroup::GateUp => &mut l.mlp.gate_up_proj,
+            LoraGroup::Down => &mut l.mlp.down_proj,
+        }
     }
 
     /// The model's config.
@@ -312,18 +413,26 @@ impl<B: Backend> Llama<B> {
         };
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let max_rank = lora.max_rank.max(1);
+        // With every adapter of the step in the arena, each group's GEMM also covers the arena
+        // rows up to `ext[g]`: its output rows are that much wider, the extra columns being
+        // the LoRA intermediate.
+        let arena = if use_lora { lora.arena_ext(meta) } else { None };
+        let ext = arena.unwrap_or([0; 4]);
+        let (qkv_w, o_w, gu_w, down_w) =
+            (qkv_dim + ext[0], h + ext[1], 2 * inter + ext[2], h + ext[3]);
 
         let mut residual = b.alloc(dt, rows * h)?;
         let mut normed = b.alloc(dt, rows * h)?;
-        let mut qkv = b.alloc(dt, rows * qkv_dim)?;
+        let mut qkv = b.alloc(dt, rows * qkv_w)?;
         let mut attn = b.alloc(dt, rows * q_dim)?;
-        let mut proj = b.alloc(dt, rows * h)?;
-        let mut gate_up = b.alloc(dt, rows * 2 * inter)?;
+        let mut proj = b.alloc(dt, rows * o_w.max(down_w))?;
+        let mut gate_up = b.alloc(dt, rows * gu_w)?;
         let mut act = b.alloc(dt, rows * inter)?;
         // The LoRA intermediate of a group: written by the group's shrink on the side queue,
         // read by its expand on the main queue. One buffer serves every group: a shrink is
         // issued after the previous group's expand, and the side queue starts behind it.
-        let mut v = b.alloc(DType::F32, if use_lora { rows * max_rank } else { 0 })?;
+        let shrinks = use_lora && arena.is_none();
+        let mut v = b.alloc(DType::F32, if shrinks { rows * max_rank } else { 0 })?;
         let lora = Lora {
             b,
             state: lora,
@@ -331,6 +440,7 @@ impl<B: Backend> Llama<B> {
             config: c,
             max_rank,
             on: use_lora,
+            arena: arena.is_some(),
         };
         b.embedding(&self.embed_tokens, m, h, &mut residual)?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -345,34 +455,18 @@ impl<B: Backend> Llama<B> {
                 )?;
             }
             let pending = lora.shrink(l, LoraGroup::Qkv, &normed, &mut v)?;
-            b.matmul(
-                &normed,
-                &layer.self_attn.qkv_proj,
-                rows,
-                h,
-                qkv_dim,
-                &mut qkv,
-            )?;
-            lora.expand(pending, l, LoraGroup::Qkv, &v, &mut qkv, qkv_dim)?;
+            b.matmul(&normed, &layer.self_attn.qkv_proj, rows, h, qkv_w, &mut qkv)?;
+            lora.expand(pending, l, LoraGroup::Qkv, &v, &mut qkv, qkv_w)?;
             let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
-            b.rope_write_kv(
-                &mut qkv,
-                qkv_dim,
-                &self.inv_freq,
-                m,
-                shape,
-                k_cache,
-                v_cache,
-            )?;
-            b.attention(
-                &qkv, qkv_dim, 0, k_cache, v_cache, m, shape, scale, &mut attn,
-            )?;
+            b.rope_write_kv(&mut qkv, qkv_w, &self.inv_freq, m, shape, k_cache, v_cache)?;
+            b.attention(&qkv, qkv_w, 0, k_cache, v_cache, m, shape, scale, &mut attn)?;
             let pending = lora.shrink(l, LoraGroup::O, &attn, &mut v)?;
-            b.matmul(&attn, &layer.self_attn.o_proj, rows, q_dim, h, &mut proj)?;
-            lora.expand(pending, l, LoraGroup::O, &v, &mut proj, h)?;
+            b.matmul(&attn, &layer.self_attn.o_proj, rows, q_dim, o_w, &mut proj)?;
+            lora.expand(pending, l, LoraGroup::O, &v, &mut proj, o_w)?;
             b.add_rms_norm(
                 &mut residual,
                 &proj,
+                o_w,
                 &layer.post_attention_layernorm,
                 c.rms_norm_eps,
                 rows,
@@ -385,14 +479,14 @@ impl<B: Backend> Llama<B> {
                 &layer.mlp.gate_up_proj,
                 rows,
                 h,
-                2 * inter,
+                gu_w,
                 &mut gate_up,
             )?;
-            lora.expand(pending, l, LoraGroup::GateUp, &v, &mut gate_up, 2 * inter)?;
-            b.silu_mul(&gate_up, rows, inter, &mut act)?;
+            lora.expand(pending, l, LoraGroup::GateUp, &v, &mut gate_up, gu_w)?;
+            b.silu_mul(&gate_up, gu_w, rows, inter, &mut act)?;
             let pending = lora.shrink(l, LoraGroup::Down, &act, &mut v)?;
-            b.matmul(&act, &layer.mlp.down_proj, rows, inter, h, &mut proj)?;
-            lora.expand(pending, l, LoraGroup::Down, &v, &mut proj, h)?;
+            b.matmul(&act, &layer.mlp.down_proj, rows, inter, down_w, &mut proj)?;
+            lora.expand(pending, l, LoraGroup::Down, &v, &mut proj, down_w)?;
             let next_norm = match self.layers.get(l + 1) {
                 Some(next) => &next.input_layernorm,
                 None => &self.norm,
@@ -400,6 +494,7 @@ impl<B: Backend> Llama<B> {
             b.add_rms_norm(
                 &mut residual,
                 &proj,
+                down_w,
                 next_norm,
                 c.rms_norm_eps,
                 rows,
@@ -506,12 +601,18 @@ struct Lora<'a, B: Backend> {
     config: &'a LlamaConfig,
     max_rank: usize,
     on: bool,
+    /// The base GEMMs compute the shrinks (the step's adapters are all in the arena).
+    arena: bool,
 }
 
 impl<B: Backend> Lora<'_, B> {
     /// Shrink `x` into `v` for `group` on the side queue, when any resident adapter targets
-    /// it. Returns whether it was issued (then [`Self::expand`] joins the side queue).
+    /// it. Returns whether it was issued (then [`Self::expand`] joins the side queue). Nothing
+    /// to do when the base GEMM computes it.
     fn shrink(&self, layer: usize, group: LoraGroup, x: &B::Buf, v: &mut B::Buf) -> Result<bool> {
+        if self.arena {
+            return Ok(false);
+        }
         let Some(table) = self.table(layer, group) else {
             return Ok(false);
         };
@@ -525,7 +626,8 @@ impl<B: Backend> Lora<'_, B> {
     }
 
     /// After the base GEMM wrote `y` (the group's outputs side by side from column 0):
-    /// `y += v · Bᵀ` per part, if [`Self::shrink`] issued the group's shrink.
+    /// `y += v · Bᵀ` per part, if [`Self::shrink`] issued the group's shrink; in an arena
+    /// step, from the intermediate in `y`'s own extra columns.
     fn expand(
         &self,
         pending: bool,
@@ -535,6 +637,16 @@ impl<B: Backend> Lora<'_, B> {
         y: &mut B::Buf,
         y_stride: usize,
     ) -> Result<()> {
+        if self.arena {
+            let Some(table) = self.state.arena_tables[layer][group.index()].as_ref() else {
+                return Ok(());
+            };
+            let (_, outs) = self.config.group_dims(group);
+            let v = self.b.alias(y);
+            self.b
+                .sgmv_expand(&v, table, self.meta, y_stride, &outs, y_stride, 0, y)?;
+            return Ok(());
+        }
         let (true, Some(table)) = (pending, self.table(layer, group)) else {
             return Ok(());
         };
@@ -612,6 +724,13 @@ pub struct DeviceAdapter<B: Backend> {
 struct DeviceLoraGroup<B: Backend> {
     a: B::Buf,
     parts: [Option<(B::Buf, usize)>; MAX_GROUP_PARTS],
+}
+
+impl<B: Backend> DeviceLoraGroup<B> {
+    /// Rows of its stacked A.
+    fn rank(&self) -> usize {
+        self.parts.iter().flatten().map(|p| p.1).sum()
+    }
 }
 
 impl<B: Backend> std::fmt::Debug for DeviceAdapter<B> {
@@ -731,12 +850,57 @@ impl<B: Backend> DeviceAdapter<B> {
 }
 
 /// The adapters resident on the device, by slot, and the SGMV tables built from them.
+///
+/// Adapters placed in the model's LoRA arena ([`Llama::place_in_arena`]) also get a second set
+/// of tables, whose slots' intermediates start at the columns the base GEMM writes them to:
+/// after the group's outputs, at the adapter's first arena row.
 pub struct LoraState<B: Backend> {
     num_layers: usize,
     slots: Vec<Option<DeviceAdapter<B>>>,
     /// Per layer, per [`LoraGroup`]: `None` when no resident adapter targets it.
     tables: Vec<[Option<B::LoraTable>; 4]>,
     max_rank: usize,
+    /// Output columns of each group's base GEMM (where its arena columns start).
+    group_out: [usize; 4],
+    /// Per group, the arena rows and which adapter holds which.
+    arena: [ArenaRows; 4],
+    /// Per slot: where the adapter placed in the arena is.
+    arena_at: Vec<Option<ArenaPlace>>,
+    /// Per layer, per group: the tables of the arena-resident adapters.
+    arena_tables: Vec<[Option<B::LoraTable>; 4]>,
+}
+
+/// Per group: `(first arena row, rows)` of an adapter's stacked A (`None`: it lacks the group).
+type ArenaPlace = [Option<(usize, usize)>; 4];
+
+/// One group's arena: `cap` rows, `taken` as `(first row, rows, slot)` sorted by first row.
+#[derive(Debug, Default)]
+struct ArenaRows {
+    cap: usize,
+    taken: Vec<(usize, usize, usize)>,
+}
+
+impl ArenaRows {
+    /// The first gap of `rows` rows (first fit).
+    fn find(&self, rows: usize) -> Option<usize> {
+        let mut at = 0;
+        for &(start, len, _) in &self.taken {
+            if start - at >= rows {
+                return Some(at);
+            }
+            at = start + len;
+        }
+        (self.cap - at >= rows).then_some(at)
+    }
+
+    fn take(&mut self, at: usize, rows: usize, slot: usize) {
+        let i = self.taken.partition_point(|t| t.0 < at);
+        self.taken.insert(i, (at, rows, slot));
+    }
+
+    fn free(&mut self, slot: usize) {
+        self.taken.retain(|t| t.2 != slot);
+    }
 }
 
 impl<B: Backend> LoraState<B> {
@@ -749,7 +913,80 @@ impl<B: Backend> LoraState<B> {
                 .map(|_| Default::default())
                 .collect(),
             max_rank: 0,
+            group_out: LoraGroup::ALL.map(|g| config.group_dims(g).1.iter().sum()),
+            arena: Default::default(),
+            arena_at: (0..num_slots).map(|_| None).collect(),
+            arena_tables: (0..config.num_hidden_layers)
+                .map(|_| Default::default())
+                .collect(),
         }
+    }
+
+    /// Use a model's LoRA arena of `rows` per group ([`Llama::arena_rows`]); empty slots only.
+    pub fn set_arena(&mut self, rows: [usize; 4]) {
+        for (a, &cap) in self.arena.iter_mut().zip(&rows) {
+            *a = ArenaRows {
+                cap,
+                taken: Vec::new(),
+            };
+        }
+        self.arena_at.iter_mut().for_each(|a| *a = None);
+    }
+
+    /// Whether the adapter in `slot` is in the arena.
+    pub fn in_arena(&self, slot: usize) -> bool {
+        self.arena_at.get(slot).is_some_and(Option::is_some)
+    }
+
+    /// Rows for an adapter of `ranks` (per group; 0: it lacks the group) in every group's
+    /// arena, or `None` (nothing taken) when one has no room.
+    fn arena_alloc(
+        &mut self,
+        slot: usize,
+        ranks: [usize; 4],
+    ) -> Option<[Option<(usize, usize)>; 4]> {
+        let mut at = [None; 4];
+        for (g, &r) in ranks.iter().enumerate() {
+            if r > 0 {
+                at[g] = Some((self.arena[g].find(r)?, r));
+            }
+        }
+        for (g, a) in at.iter().enumerate() {
+            if let Some((row, r)) = a {
+                self.arena[g].take(*row, *r, slot);
+            }
+        }
+        Some(at)
+    }
+
+    fn arena_free(&mut self, slot: usize) {
+        if let Some(a) = self.arena_at.get_mut(slot)
+            && a.take().is_some()
+        {
+            self.arena.iter_mut().for_each(|g| g.free(slot));
+        }
+    }
+
+    /// For a step that can take its shrinks from the base GEMMs (at most [`ARENA_MAX_ROWS`]
+    /// rows, every adapter in the arena): per group, the arena rows the GEMM must cover,
+    /// rounded up to a multiple of 8 within the arena.
+    fn arena_ext(&self, meta: &StepMeta) -> Option<[usize; 4]> {
+        if meta.rows() > ARENA_MAX_ROWS || meta.segments.is_empty() {
+            return None;
+        }
+        let mut ext = [0usize; 4];
+        for (_, _, slot) in meta.segments.iter() {
+            let at = self.arena_at.get(slot as usize)?.as_ref()?;
+            for (e, a) in ext.iter_mut().zip(at) {
+                if let Some((row, rows)) = a {
+                    *e = (*e).max(row + rows);
+                }
+            }
+        }
+        for (e, a) in ext.iter_mut().zip(&self.arena) {
+            *e = e.next_multiple_of(8).min(a.cap);
+        }
+        Some(ext)
     }
 
     /// Number of slots.
@@ -788,6 +1025,7 @@ impl<B: Backend> LoraState<B> {
             .get_mut(slot)
             .ok_or(ModelError::SlotOutOfRange { slot, slots })?;
         let old = entry.replace(adapter);
+        self.arena_free(slot);
         self.rebuild(backend)?;
         Ok(old)
     }
@@ -831,6 +1069,7 @@ impl<B: Backend> LoraState<B> {
             .get_mut(slot)
             .ok_or(ModelError::SlotOutOfRange { slot, slots })?
             .take();
+        self.arena_free(slot);
         self.rebuild(backend)?;
         Ok(old)
     }
@@ -845,25 +1084,39 @@ impl<B: Backend> LoraState<B> {
             .unwrap_or(0);
         for l in 0..self.num_layers {
             for g in LoraGroup::ALL {
-                let entries: Vec<Option<LoraGroupSlot<'_, B>>> = self
-                    .slots
-                    .iter()
-                    .map(|s| {
-                        let group = s.as_ref()?.layers[l][g.index()].as_ref()?;
-                        Some(LoraGroupSlot {
-                            a: &group.a,
-                            parts: std::array::from_fn(|j| {
-                                let (b, rank) = group.parts[j].as_ref()?;
-                                Some(LoraPart { b, rank: *rank })
-                            }),
+                // `arena`: only the adapters in the arena, their intermediates where the base
+                // GEMM writes them.
+                let entries = |arena: bool| -> Vec<Option<LoraGroupSlot<'_, B>>> {
+                    self.slots
+                        .iter()
+                        .zip(&self.arena_at)
+                        .map(|(s, at)| {
+                            let group = s.as_ref()?.layers[l][g.index()].as_ref()?;
+                            let voff = if arena {
+                                self.group_out[g.index()] + at.as_ref()?[g.index()]?.0
+                            } else {
+                                0
+                            };
+                            Some(LoraGroupSlot {
+                                a: &group.a,
+                                parts: std::array::from_fn(|j| {
+                                    let (b, rank) = group.parts[j].as_ref()?;
+                                    Some(LoraPart { b, rank: *rank })
+                                }),
+                                voff,
+                            })
                         })
-                    })
-                    .collect();
-                self.tables[l][g.index()] = if entries.iter().any(Option::is_some) {
-                    Some(backend.lora_table(&entries)?)
-                } else {
-                    None
+                        .collect()
                 };
+                let table = |entries: Vec<Option<LoraGroupSlot<'_, B>>>| {
+                    entries
+                        .iter()
+                        .any(Option::is_some)
+                        .then(|| backend.lora_table(&entries))
+                        .transpose()
+                };
+                self.tables[l][g.index()] = table(entries(false))?;
+                self.arena_tables[l][g.index()] = table(entries(true))?;
             }
         }
         Ok(())

@@ -240,6 +240,7 @@ fn make_set(be: &CudaBackend, a: &Anchor, lens: &[usize], seed: u32) -> Result<I
             Some(RawLoraSlot {
                 a: weights.ptr_at(i * per),
                 a_len: r * h,
+                voff: 0,
                 parts: [
                     Some(RawLoraPart {
                         b: weights.ptr_at(i * per + r * h),

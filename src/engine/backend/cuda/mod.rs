@@ -260,8 +260,11 @@ pub struct CudaLoraTable {
     ptr: u64,
     slots: usize,
     dtype: Option<DType>,
-    /// Largest total rank of a slot: the shrink's output width.
+    /// Largest total rank of a slot.
     max_rank: usize,
+    /// Largest end column of a slot's intermediate in v (its voff plus its total rank): the
+    /// narrowest v the table fits.
+    max_vend: usize,
     /// Largest rank of one part: what the expand reads per part.
     max_part_rank: usize,
     /// Smallest `a.len / rank` over filled slots: the largest h_in every slot can serve.
@@ -293,6 +296,8 @@ pub struct RawLoraSlot {
     pub a: u64,
     pub a_len: usize,
     pub parts: [Option<RawLoraPart>; MAX_GROUP_PARTS],
+    /// First column of the slot's intermediate in v ([`LoraGroupSlot::voff`]).
+    pub voff: usize,
 }
 
 /// Kernel argument, widened to an 8-byte slot (the driver reads the parameter's size from it;
@@ -1046,10 +1051,12 @@ impl CudaBackend {
     /// for bf16/f16 rows of whole 16-byte vectors (see [`plan::norm_vec_plan`]), the general
     /// loop otherwise. Shapes were checked by the caller.
     #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)]
     fn launch_norm(
         &self,
         residual: u64,
         x: &CudaBuf,
+        x_stride: usize,
         weight: &CudaBuf,
         eps: f32,
         rows: usize,
@@ -1058,7 +1065,8 @@ impl CudaBackend {
     ) -> Result<()> {
         let aligned = [residual, x.ptr, weight.ptr, out.ptr]
             .iter()
-            .all(|p| p % 16 == 0);
+            .all(|p| p % 16 == 0)
+            && (x_stride * x.dtype.size()).is_multiple_of(16);
         let vec = match x.dtype {
             DType::F32 => None,
             DType::F16 | DType::BF16 if aligned => plan::norm_vec_plan(hidden),
@@ -1081,6 +1089,7 @@ impl CudaBackend {
             &[
                 Arg::Ptr(residual),
                 Arg::Ptr(x.ptr),
+                i32_arg(x_stride, "x_stride")?,
                 Arg::Ptr(weight.ptr),
                 Arg::F32(eps),
                 i32_arg(hidden, "hidden")?,
@@ -1211,12 +1220,13 @@ impl CudaBackend {
     ) -> Result<CudaLoraTable> {
         let mut bytes = Vec::with_capacity(slots.len().max(1) * plan::LORA_SLOT_BYTES);
         let (mut max_rank, mut max_part_rank, mut min_in) = (0usize, 0usize, usize::MAX);
+        let mut max_vend = 0usize;
         let mut min_out = [usize::MAX; MAX_GROUP_PARTS];
         let aligned = |p: u64| p.is_multiple_of(16);
         for (i, s) in slots.iter().enumerate() {
             let mut entry = plan::LoraSlotEntry::default();
             if let Some(s) = s {
-                let mut voff = 0usize;
+                let mut voff = s.voff;
                 for (j, part) in s.parts.iter().enumerate() {
                     let Some(p) = part else { continue };
                     if p.rank == 0 || p.rank > plan::MAX_RANK {
@@ -1238,17 +1248,21 @@ impl CudaBackend {
                     entry.parts[j] = (p.b, p.rank as u32, voff as u32);
                     voff += p.rank;
                 }
-                if voff == 0 || s.a_len == 0 || !s.a_len.is_multiple_of(voff) || !aligned(s.a) {
+                let rank = voff - s.voff;
+                if rank == 0 || s.a_len == 0 || !s.a_len.is_multiple_of(rank) || !aligned(s.a) {
                     return Err(shape(format!(
                         "slot {i}: A of {} elements at 0x{:x} is not a 16-byte aligned \
-                         [rank={voff}, n] matrix",
+                         [rank={rank}, n] matrix",
                         s.a_len, s.a
                     )));
                 }
-                max_rank = max_rank.max(voff);
-                min_in = min_in.min(s.a_len / voff);
+                max_rank = max_rank.max(rank);
+                max_vend = max_vend.max(voff);
+                min_in = min_in.min(s.a_len / rank);
                 entry.a = s.a;
-                entry.rank = voff as u32;
+                entry.rank = rank as u32;
+                entry.voff = u32::try_from(s.voff)
+                    .map_err(|_| shape(format!("slot {i}: v column {} too large", s.voff)))?;
             }
             entry.write(&mut bytes);
         }
@@ -1260,6 +1274,7 @@ impl CudaBackend {
             slots: slots.len(),
             dtype: Some(dtype),
             max_rank,
+            max_vend,
             max_part_rank,
             min_in,
             min_out,
@@ -1715,6 +1730,7 @@ impl Backend for CudaBackend {
                 s.as_ref().map(|g| RawLoraSlot {
                     a: g.a.ptr,
                     a_len: g.a.len,
+                    voff: g.voff,
                     parts: std::array::from_fn(|j| {
                         g.parts[j].as_ref().map(|p| RawLoraPart {
                             b: p.b.ptr,
@@ -1774,13 +1790,14 @@ impl Backend for CudaBackend {
         need(x, rows * hidden, "rms_norm x")?;
         need(out, rows * hidden, "rms_norm out")?;
         need(weight, hidden, "rms_norm weight")?;
-        self.launch_norm(0, x, weight, eps, rows, hidden, out)
+        self.launch_norm(0, x, hidden, weight, eps, rows, hidden, out)
     }
 
     fn add_rms_norm(
         &self,
         residual: &mut CudaBuf,
         x: &CudaBuf,
+        x_stride: usize,
         weight: &CudaBuf,
         eps: f32,
         rows: usize,
@@ -1790,11 +1807,16 @@ impl Backend for CudaBackend {
         same_dtype(x, out, "add_rms_norm")?;
         same_dtype(x, residual, "add_rms_norm residual")?;
         same_dtype(x, weight, "add_rms_norm weight")?;
-        need(x, rows * hidden, "add_rms_norm x")?;
+        if x_stride < hidden {
+            return Err(shape(format!(
+                "add_rms_norm: rows of {x_stride} hold no {hidden} columns"
+            )));
+        }
+        need(x, rows * x_stride, "add_rms_norm x")?;
         need(residual, rows * hidden, "add_rms_norm residual")?;
         need(out, rows * hidden, "add_rms_norm out")?;
         need(weight, hidden, "add_rms_norm weight")?;
-        self.launch_norm(residual.ptr, x, weight, eps, rows, hidden, out)
+        self.launch_norm(residual.ptr, x, x_stride, weight, eps, rows, hidden, out)
     }
 
     fn matmul(
@@ -1832,6 +1854,42 @@ impl Backend for CudaBackend {
         self.mark_other();
         self.submit(Op::Gemm(op))?;
         self.profile_mark(&format!("gemm n={n} k={k}"))
+    }
+
+    fn alias(&self, buf: &CudaBuf) -> CudaBuf {
+        // Owns nothing: `buf` keeps the memory alive for the alias's lifetime (the contract).
+        CudaBuf {
+            _mem: Memory::Arena,
+            ptr: buf.ptr,
+            dtype: buf.dtype,
+            len: buf.len,
+        }
+    }
+
+    fn copy_into(&self, dst: &mut CudaBuf, offset: usize, src: &CudaBuf) -> Result<()> {
+        same_dtype(dst, src, "copy_into")?;
+        if offset.checked_add(src.len).is_none_or(|end| end > dst.len) {
+            return Err(shape(format!(
+                "copy_into: {} elements at {offset} of a buffer of {}",
+                src.len, dst.len
+            )));
+        }
+        if src.len == 0 {
+            return Ok(());
+        }
+        // In stream order after the ops recorded so far.
+        self.flush()?;
+        self.mark_other();
+        // SAFETY: both ranges lie inside live allocations (checked above).
+        unsafe {
+            drv::memcpy_dtod_async(
+                dst.ptr_at(offset),
+                src.ptr,
+                src.len * src.dtype.size(),
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| dev_err("copy on the device", e))
     }
 
     fn add_assign(&self, y: &mut CudaBuf, x: &CudaBuf) -> Result<()> {
@@ -2000,9 +2058,21 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn silu_mul(&self, gate_up: &CudaBuf, rows: usize, n: usize, out: &mut CudaBuf) -> Result<()> {
+    fn silu_mul(
+        &self,
+        gate_up: &CudaBuf,
+        stride: usize,
+        rows: usize,
+        n: usize,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
         same_dtype(gate_up, out, "silu_mul")?;
-        need(gate_up, rows * 2 * n, "silu_mul gate_up")?;
+        if stride < 2 * n {
+            return Err(shape(format!(
+                "silu_mul: rows of {stride} hold no gate and up of {n}"
+            )));
+        }
+        need(gate_up, rows * stride, "silu_mul gate_up")?;
         need(out, rows * n, "silu_mul out")?;
         let total = rows * n;
         if total == 0 {
@@ -2014,6 +2084,7 @@ impl Backend for CudaBackend {
             256,
             &[
                 Arg::Ptr(gate_up.ptr),
+                i32_arg(stride, "stride")?,
                 i32_arg(n, "n")?,
                 Arg::Usize(total),
                 Arg::Ptr(out.ptr),
@@ -2043,10 +2114,11 @@ impl Backend for CudaBackend {
         if !self.check_lora(x.dtype, table, meta)? {
             return Ok(());
         }
-        if table.max_rank > v_stride {
+        if table.max_vend > v_stride {
             return Err(shape(format!(
-                "sgmv_shrink: table rank {} exceeds v's width {v_stride}",
-                table.max_rank
+                "sgmv_shrink: the table's intermediates end at column {}, past v's width \
+                 {v_stride}",
+                table.max_vend
             )));
         }
         if h_in > table.min_in {
@@ -2131,12 +2203,17 @@ impl Backend for CudaBackend {
         y: &mut CudaBuf,
     ) -> Result<()> {
         let rows = meta.layout.rows;
-        if v.dtype != DType::F32 {
+        // f32 from a shrink, or y's dtype from the base GEMM's extra columns.
+        let v_name = if v.dtype == DType::F32 {
+            ""
+        } else if v.dtype == y.dtype {
+            "_vh"
+        } else {
             return Err(shape(format!(
-                "sgmv_expand: v must be f32, got {:?}",
-                v.dtype
+                "sgmv_expand: v must be f32 or {:?} like y, got {:?}",
+                y.dtype, v.dtype
             )));
-        }
+        };
         let h_out: usize = outs.iter().sum();
         if outs.is_empty() || outs.len() > MAX_GROUP_PARTS {
             return Err(shape(format!(
@@ -2154,10 +2231,11 @@ impl Backend for CudaBackend {
         if !self.check_lora(y.dtype, table, meta)? {
             return Ok(());
         }
-        if table.max_rank > v_stride {
+        if table.max_vend > v_stride {
             return Err(shape(format!(
-                "sgmv_expand: table rank {} exceeds v's width {v_stride}",
-                table.max_rank
+                "sgmv_expand: the table's intermediates end at column {}, past v's width \
+                 {v_stride}",
+                table.max_vend
             )));
         }
         for (j, &min_out) in table.min_out.iter().enumerate() {
@@ -2187,7 +2265,10 @@ impl Backend for CudaBackend {
             let ends = plan::group_ends(outs);
             let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
             return self.launch(
-                &kernel!("sgmv_expand_rows_{}_l{lanes}", Self::suffix(y.dtype)),
+                &kernel!(
+                    "sgmv_expand_rows_{}{v_name}_l{lanes}",
+                    Self::suffix(y.dtype)
+                ),
                 (gx, gy, 1),
                 (plan::ROWS_WARPS * 32) as u32,
                 &[
@@ -2208,7 +2289,7 @@ impl Backend for CudaBackend {
         }
         let kt = plan::expand_rank_chunks(table.max_part_rank)?;
         let ntw = self.expand_ntw;
-        let name = kernel!("sgmv_expand_{}_k{kt}_w{ntw}", Self::suffix(y.dtype));
+        let name = kernel!("sgmv_expand_{}{v_name}_k{kt}_w{ntw}", Self::suffix(y.dtype));
         for launch in plan::expand_launches(outs, ntw).iter() {
             let (gx, gy) = plan::expand_grid(launch.width(), meta.layout.tile_grid(), ntw);
             let overlap = self.pdl && *lock(&self.last) == Last::Shrink;

@@ -15,7 +15,7 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::engine::backend::cpu::{CpuBackend, CpuBuf};
+use crate::engine::backend::cpu::{CpuBackend, CpuBuf, CpuLoraTable, CpuMeta};
 use crate::engine::backend::{
     AttnShape, BLOCK_SIZE, Backend, DType, LoraGroupSlot, LoraPart, Pick, Result, RowSampling,
     SeqMeta, StepMeta,
@@ -24,7 +24,7 @@ use crate::engine::lora::segments::SegmentTable;
 use crate::engine::sampling::pick_row;
 
 use super::bench::{Workload, row_slots, segment_lens};
-use super::{CudaBackend, CudaBuf};
+use super::{CudaBackend, CudaBuf, CudaLoraTable, CudaMeta};
 use super::{plan, reference};
 
 /// One checked case.
@@ -141,6 +141,9 @@ struct SgmvCase {
     rows: Vec<Option<u32>>,
     /// Extra columns on each side of the expand's output (a fused projection's row).
     pad: usize,
+    /// Slots' intermediates at staggered columns of a wider v (as the base GEMM's extra
+    /// columns lay them out), and the expand also run from v in the activations' dtype.
+    arena: bool,
     label: String,
 }
 
@@ -160,6 +163,7 @@ impl SgmvCase {
             ranks: ranks.into_iter().map(|r| vec![r]).collect(),
             rows,
             pad: 0,
+            arena: false,
             label,
         }
     }
@@ -171,15 +175,24 @@ type SlotPair = ((CudaBuf, CpuBuf), Vec<Option<(CudaBuf, CpuBuf, usize)>>);
 fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
     let (be, cpu) = (c.be, c.cpu.clone());
     let n_rows = case.rows.len();
-    let v_width = case
+    let totals: Vec<usize> = case
         .ranks
         .iter()
         .map(|rs| rs.iter().flatten().sum::<usize>())
-        .max()
-        .unwrap_or(0)
-        .max(1);
+        .collect();
+    // Arena layout: slot i's columns after some leading columns and every earlier slot's, with
+    // gaps (unwritten by the shrink, unread by the expand).
+    let mut voffs = vec![0usize; totals.len()];
+    let mut v_width = totals.iter().copied().max().unwrap_or(0).max(1);
+    if case.arena {
+        let mut next = 40;
+        for (voff, &t) in voffs.iter_mut().zip(&totals) {
+            *voff = next;
+            next += t + 8;
+        }
+        v_width = next;
+    }
     let (h_in, outs, dt) = (case.h_in, &case.outs, case.dtype);
-    let h_out: usize = outs.iter().sum();
     let x = c.rand(dt, n_rows * h_in, 1.0);
     let mut slots: Vec<Option<SlotPair>> = Vec::new();
     for rs in &case.ranks {
@@ -205,25 +218,29 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
     }
     let gpu_groups: Vec<Option<LoraGroupSlot<'_, CudaBackend>>> = slots
         .iter()
-        .map(|s| {
+        .zip(&voffs)
+        .map(|(s, &voff)| {
             s.as_ref().map(|((a, _), parts)| LoraGroupSlot {
                 a,
                 parts: std::array::from_fn(|j| {
                     let (b, _, rank) = parts.get(j)?.as_ref()?;
                     Some(LoraPart { b, rank: *rank })
                 }),
+                voff,
             })
         })
         .collect();
     let cpu_groups: Vec<Option<LoraGroupSlot<'_, CpuBackend>>> = slots
         .iter()
-        .map(|s| {
+        .zip(&voffs)
+        .map(|(s, &voff)| {
             s.as_ref().map(|((_, a), parts)| LoraGroupSlot {
                 a,
                 parts: std::array::from_fn(|j| {
                     let (_, b, rank) = parts.get(j)?.as_ref()?;
                     Some(LoraPart { b, rank: *rank })
                 }),
+                voff,
             })
         })
         .collect();
@@ -271,19 +288,48 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
 
     // Expand from the device's v on the GPU (NaN outside each row's rank: must not be read) and
     // from the same values, NaN cleared, on the CPU, so the check covers the expand alone.
-    let y_stride = h_out + 2 * case.pad;
-    let y0 = c.rand(dt, n_rows * y_stride, 1.0);
-    let (mut dy, mut cy) = c.upload(dt, &y0)?;
-    let v_clean: Vec<f32> = v_out
+    let mut v_clean: Vec<f32> = v_out
         .iter()
         .map(|&e| if e.is_nan() { 0.0 } else { e })
         .collect();
     let cv_clean = cpu.upload(DType::F32, &v_clean)?;
-    be.sgmv_expand(
-        &dv, &table, &dmeta, v_width, outs, y_stride, case.pad, &mut dy,
-    )?;
+    let tables = (&table, &ctable, &dmeta, &cmeta);
+    expand_check(c, case, tables, (&dv, &cv_clean), v_width, label.clone())?;
+    if case.arena {
+        // v in the activations' dtype, NaN kept where no slot's columns are.
+        let dvh = be.upload(dt, &v_out)?;
+        round(dt, &mut v_clean);
+        let cvh = cpu.upload(dt, &v_clean)?;
+        expand_check(
+            c,
+            case,
+            tables,
+            (&dvh, &cvh),
+            v_width,
+            format!("{label} v {dt:?}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// The GPU's expand from `v.0` against the CPU's from `v.1` (see [`sgmv_case`]).
+fn expand_check(
+    c: &mut Ctx<'_>,
+    case: &SgmvCase,
+    (table, ctable, dmeta, cmeta): (&CudaLoraTable, &CpuLoraTable, &CudaMeta, &CpuMeta),
+    (dv, cv): (&CudaBuf, &CpuBuf),
+    v_width: usize,
+    label: String,
+) -> Result<()> {
+    let (be, cpu) = (c.be, c.cpu.clone());
+    let (outs, dt, n_rows) = (&case.outs, case.dtype, case.rows.len());
+    let h_out: usize = outs.iter().sum();
+    let y_stride = h_out + 2 * case.pad;
+    let y0 = c.rand(dt, n_rows * y_stride, 1.0);
+    let (mut dy, mut cy) = c.upload(dt, &y0)?;
+    be.sgmv_expand(dv, table, dmeta, v_width, outs, y_stride, case.pad, &mut dy)?;
     cpu.sgmv_expand(
-        &cv_clean, &ctable, &cmeta, v_width, outs, y_stride, case.pad, &mut cy,
+        cv, ctable, cmeta, v_width, outs, y_stride, case.pad, &mut cy,
     )?;
     let y_out = be.download(&dy)?;
     let y_cpu = cpu.download(&cy)?;
@@ -456,6 +502,7 @@ fn sgmv_cases() -> Vec<SgmvCase> {
             ranks: vec![vec![Some(16); 3]; n],
             rows,
             pad: 0,
+            arena: true,
             label: format!("group q|k|v 4096 r 16 {} x{tokens}", w.name()),
         });
         let rows = workload_rows(w, tokens);
@@ -466,6 +513,7 @@ fn sgmv_cases() -> Vec<SgmvCase> {
             ranks: vec![vec![Some(16); 2]; n],
             rows,
             pad: 0,
+            arena: true,
             label: format!("group gate|up 4096->11008 r 16 {} x{tokens}", w.name()),
         });
     }
@@ -492,6 +540,7 @@ fn sgmv_cases() -> Vec<SgmvCase> {
                 ],
                 rows: rows.clone(),
                 pad: 64,
+                arena: dtype == DType::F16,
                 label: format!(
                     "group q|k|v 576|192|192 missing parts, ranks 4..128 (total 384), \
                      segments <= {longest}"
@@ -500,18 +549,21 @@ fn sgmv_cases() -> Vec<SgmvCase> {
         }
     }
     // Part boundaries inside a warp's columns: one launch per part.
-    cases.push(SgmvCase {
-        dtype: DType::BF16,
-        h_in: 100,
-        outs: vec![100, 36, 36],
-        ranks: vec![
-            vec![Some(3), Some(12), None],
-            vec![Some(5), Some(5), Some(5)],
-        ],
-        rows: vec![Some(0), Some(1), Some(1), None, Some(0)],
-        pad: 1,
-        label: "group 100|36|36 unaligned parts".into(),
-    });
+    for arena in [false, true] {
+        cases.push(SgmvCase {
+            dtype: DType::BF16,
+            h_in: 100,
+            outs: vec![100, 36, 36],
+            ranks: vec![
+                vec![Some(3), Some(12), None],
+                vec![Some(5), Some(5), Some(5)],
+            ],
+            rows: vec![Some(0), Some(1), Some(1), None, Some(0)],
+            pad: 1,
+            arena,
+            label: "group 100|36|36 unaligned parts".into(),
+        });
+    }
     cases
 }
 
@@ -550,8 +602,8 @@ fn check_elementwise_ops(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
 
         let (mut dres, mut cres) = c.upload(dt, &res0)?;
         let (mut out, mut cout) = c.poisoned(dt, rows * hidden)?;
-        be.add_rms_norm(&mut dres, &dx, &dw, eps, rows, hidden, &mut out)?;
-        cpu.add_rms_norm(&mut cres, &cx, &cw, eps, rows, hidden, &mut cout)?;
+        be.add_rms_norm(&mut dres, &dx, hidden, &dw, eps, rows, hidden, &mut out)?;
+        cpu.add_rms_norm(&mut cres, &cx, hidden, &cw, eps, rows, hidden, &mut cout)?;
         c.record(
             "add_rms_norm.residual",
             label.clone(),
@@ -566,6 +618,24 @@ fn check_elementwise_ops(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
             &cpu.download(&cout)?,
             t,
         );
+        // x as a GEMM output with extra columns (the LoRA intermediates): 16-byte rows (the
+        // vector norm) and odd ones.
+        for pad in [64, 3] {
+            let stride = hidden + pad;
+            let xs = c.rand(dt, rows * stride, 2.0);
+            let (dxs, cxs) = c.upload(dt, &xs)?;
+            let (mut dres, mut cres) = c.upload(dt, &res0)?;
+            let (mut out, mut cout) = c.poisoned(dt, rows * hidden)?;
+            be.add_rms_norm(&mut dres, &dxs, stride, &dw, eps, rows, hidden, &mut out)?;
+            cpu.add_rms_norm(&mut cres, &cxs, stride, &cw, eps, rows, hidden, &mut cout)?;
+            c.record(
+                "add_rms_norm.strided",
+                format!("{label} stride {stride}"),
+                &be.download(&out)?,
+                &cpu.download(&cout)?,
+                t,
+            );
+        }
 
         let (mut dy, mut cy) = c.upload(dt, &res0)?;
         be.add_assign(&mut dy, &dx)?;
@@ -578,17 +648,19 @@ fn check_elementwise_ops(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
             t,
         );
 
-        let n = hidden / 2;
-        let (mut out, mut cout) = c.poisoned(dt, rows * n)?;
-        be.silu_mul(&dx, rows, n, &mut out)?;
-        cpu.silu_mul(&cx, rows, n, &mut cout)?;
-        c.record(
-            "silu_mul",
-            format!("{dt:?} {rows}x{n}"),
-            &be.download(&out)?,
-            &cpu.download(&cout)?,
-            t,
-        );
+        // gate|up filling the row, then in a row with extra columns.
+        for n in [hidden / 2, hidden / 3] {
+            let (mut out, mut cout) = c.poisoned(dt, rows * n)?;
+            be.silu_mul(&dx, hidden, rows, n, &mut out)?;
+            cpu.silu_mul(&cx, hidden, rows, n, &mut cout)?;
+            c.record(
+                "silu_mul",
+                format!("{dt:?} {rows}x{n} stride {hidden}"),
+                &be.download(&out)?,
+                &cpu.download(&cout)?,
+                t,
+            );
+        }
     }
 
     // Embedding and gather through step metadata.
@@ -651,8 +723,8 @@ fn check_dependent_chain(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
     be.synchronize()?;
     let eps = 1e-5f32;
     be.rms_norm(&dx, &dw, eps, rows, hidden, &mut a)?;
-    be.add_rms_norm(&mut dres, &a, &dw, eps, rows, hidden, &mut b)?;
-    be.silu_mul(&b, rows, half, &mut g)?;
+    be.add_rms_norm(&mut dres, &a, hidden, &dw, eps, rows, hidden, &mut b)?;
+    be.silu_mul(&b, hidden, rows, half, &mut g)?;
     be.rms_norm(&g, &dw, eps, rows, half, &mut d)?;
     be.add_assign(&mut g, &d)?;
     let (a, res, b, d, g) = (
@@ -678,6 +750,7 @@ fn check_dependent_chain(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
     cpu.add_rms_norm(
         &mut cres,
         &cpu.upload(dt, &a)?,
+        hidden,
         &cw,
         eps,
         rows,
@@ -700,7 +773,7 @@ fn check_dependent_chain(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
     );
 
     let mut cg = cpu.alloc(dt, rows * half)?;
-    cpu.silu_mul(&cpu.upload(dt, &b)?, rows, half, &mut cg)?;
+    cpu.silu_mul(&cpu.upload(dt, &b)?, hidden, rows, half, &mut cg)?;
     let g_before = cpu.download(&cg)?;
     let mut cd = cpu.alloc(dt, rows * half)?;
     cpu.rms_norm(&cg, &cw, eps, rows, half, &mut cd)?;
