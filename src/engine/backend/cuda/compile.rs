@@ -276,12 +276,17 @@ mod tests {
                 let (t, n) = rest.split_once("_n").unwrap();
                 src.contains(&format!("DEFINE_SHRINK({t}, {t}, {n},"))
             } else if let Some(rest) = name.strip_prefix("sgmv_expand_rows_") {
+                // Each instantiation defines the f32-v kernel and the `_vh` one.
                 let (t, l) = rest.split_once("_l").unwrap();
+                let t = t.strip_suffix("_vh").unwrap_or(t);
                 src.contains(&format!("DEFINE_EXPAND_ROWS({t}, {t}, {l})"))
+                    && src.contains("DEFINE_EXPAND_ROWS_V(TNAME, TYPE, _vh, TYPE, RL)")
             } else if let Some(rest) = name.strip_prefix("sgmv_expand_") {
                 let (t, kw) = rest.split_once("_k").unwrap();
+                let t = t.strip_suffix("_vh").unwrap_or(t);
                 let (k, w) = kw.split_once("_w").unwrap();
                 src.contains(&format!("DEFINE_EXPAND({t}, {t}, {k}, {w})"))
+                    && src.contains("DEFINE_EXPAND_V(TNAME, TYPE, _vh, TYPE, KT, NTW)")
             } else if let Some(rest) = name.strip_prefix("attention_d") {
                 let (hd, t) = rest.split_once('_').unwrap();
                 src.contains(" attention_d##HD##_##TNAME(")

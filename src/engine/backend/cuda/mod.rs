@@ -1457,15 +1457,17 @@ pub fn kernel_names() -> Vec<String> {
         for nt in [1, 2, 4, 8, 16] {
             names.push(format!("sgmv_shrink_{t}_n{nt}"));
         }
-        for kt in [1, 2, 4] {
-            for w in [4, 8] {
-                names.push(format!("sgmv_expand_{t}_k{kt}_w{w}"));
+        for v in ["", "_vh"] {
+            for kt in [1, 2, 4] {
+                for w in [4, 8] {
+                    names.push(format!("sgmv_expand_{t}{v}_k{kt}_w{w}"));
+                }
+            }
+            for l in [1, 2, 4, 8, 16] {
+                names.push(format!("sgmv_expand_rows_{t}{v}_l{l}"));
             }
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
-        for l in [1, 2, 4, 8, 16] {
-            names.push(format!("sgmv_expand_rows_{t}_l{l}"));
-        }
     }
     for t in ["bf16", "f16"] {
         for vpt in 1..=plan::NORM_VEC_MAX_HIDDEN / (8 * plan::NORM_VEC_THREADS) {

@@ -83,17 +83,19 @@ impl StepPick {
     }
 }
 
-/// One backend's run: load, install the adapters, then [`STEPS`] steps of the whole batch;
-/// after the prompt, each sequence's input is its own last pick, or with `forced` the token
-/// `forced[i]` has at that step (teacher forcing).
+/// One backend's run: load, install the adapters (with `arena`, in a LoRA arena as the CUDA
+/// executor has one, so decode steps take their shrinks from the base GEMMs), then [`STEPS`]
+/// steps of the whole batch; after the prompt, each sequence's input is its own last pick, or
+/// with `forced` the token `forced[i]` has at that step (teacher forcing).
 fn run_steps<B: Backend>(
     backend: Arc<B>,
     dir: &Path,
     adapters: &[LoraWeights],
     requests: &[(Vec<u32>, Option<u32>)],
     forced: Option<&[Vec<StepPick>]>,
+    arena: bool,
 ) -> Result<Vec<Vec<StepPick>>> {
-    let model = Llama::load(backend, dir).map_err(|e| err("loading the model", e))?;
+    let mut model = Llama::load(backend, dir).map_err(|e| err("loading the model", e))?;
     let b = Arc::clone(model.backend());
     let vocab = model.config().vocab_size;
     let longest = requests.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
@@ -101,9 +103,27 @@ fn run_steps<B: Backend>(
     let mut kv = KvCache::new(b.as_ref(), model.config(), requests.len() * per_seq)
         .map_err(|e| err("KV", e))?;
     let mut lora = LoraState::new(model.config(), adapters.len());
+    if arena {
+        let rank = adapters
+            .iter()
+            .map(LoraWeights::max_rank)
+            .max()
+            .unwrap_or(0);
+        model
+            .reserve_lora_arena(Llama::<B>::arena_rows_for(adapters.len(), rank))
+            .map_err(|e| err("reserving the LoRA arena", e))?;
+        lora.set_arena(model.arena_rows());
+    }
     for (slot, w) in adapters.iter().enumerate() {
         lora.load(b.as_ref(), slot, w)
             .map_err(|e| err("installing an adapter", e))?;
+        if arena
+            && !model
+                .place_in_arena(&mut lora, slot)
+                .map_err(|e| err("arena", e))?
+        {
+            return Err(err("arena", "an adapter found no room"));
+        }
     }
     let tables: Vec<Vec<u32>> = (0..requests.len())
         .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
@@ -150,11 +170,12 @@ pub fn run(dir: &Path, seed: u64) -> Result<bool> {
             requests.push((ids.clone(), slot));
         }
     }
-    let on_cpu = run_steps(Arc::new(CpuBackend::new()), dir, &adapters, &requests, None)?;
-    let on_gpu = run_steps(cuda, dir, &adapters, &requests, Some(&on_cpu))?;
+    let cpu = Arc::new(CpuBackend::new());
+    let on_cpu = run_steps(cpu, dir, &adapters, &requests, None, false)?;
+    let on_gpu = run_steps(cuda, dir, &adapters, &requests, Some(&on_cpu), true)?;
 
     println!(
-        "\n## Whole-model parity: {} on CUDA (bf16, teacher-forced with the CPU's tokens) vs CPU (f32), {} sequences in one batch, {STEPS} greedy steps\n",
+        "\n## Whole-model parity: {} on CUDA (bf16, adapters in the LoRA arena, teacher-forced with the CPU's tokens) vs CPU (f32), {} sequences in one batch, {STEPS} greedy steps\n",
         dir.display(),
         requests.len()
     );
