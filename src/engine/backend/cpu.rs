@@ -1781,7 +1781,7 @@ mod tests {
             .unwrap_err();
         assert!(
             err.to_string()
-                .contains("rank 4 above the step's LoRA width 2"),
+                .contains("rank 4 from column 0 past the step's LoRA width 2"),
             "{err}"
         );
     }
