@@ -6,13 +6,19 @@
 //! drops to a smaller bucket (three sit out: a new graph) and returns to the first, so the run
 //! issues, records and replays steps, and replays a cached graph of an earlier bucket; the
 //! counters must show all three. Inputs are fresh random tokens each run.
+//!
+//! A third run has graphs on and the adapters in a LoRA arena (as the CUDA executor runs them):
+//! its decode steps take their shrinks from the base GEMMs, and its logits must agree with the
+//! first run's, where shrink kernels made them.
 
 use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::engine::backend::{BLOCK_SIZE, BackendError, Result, StepMeta, decode_bucket};
+use crate::engine::backend::{
+    BLOCK_SIZE, Backend as _, BackendError, Result, StepMeta, decode_bucket,
+};
 use crate::engine::lora::peft::LoraWeights;
 use crate::engine::model::config::LlamaConfig;
 use crate::engine::model::llama::{KvCache, Llama, LoraState, batch_step_meta};
@@ -59,21 +65,36 @@ fn err(what: &str, e: impl std::fmt::Display) -> BackendError {
 /// The logits of every step of one run, and how the backend ran its steps.
 fn run(
     graphs: bool,
+    arena: bool,
     adapters: &[LoraWeights],
     requests: &[(Vec<u32>, Option<u32>)],
     forced: &[Vec<u32>],
 ) -> Result<(Vec<Vec<f32>>, GraphStats)> {
     let be = Arc::new(CudaBackend::new(CudaOptions::default())?);
     be.set_graphs(graphs)?;
-    let model = Llama::random(Arc::clone(&be), config(), 11).map_err(|e| err("model", e))?;
+    let mut model = Llama::random(Arc::clone(&be), config(), 11).map_err(|e| err("model", e))?;
     let b = be.as_ref();
     let longest = requests.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
     let per_seq = (longest + STEPS + 1).div_ceil(BLOCK_SIZE);
     let mut kv = KvCache::new(b, model.config(), requests.len() * per_seq)
         .map_err(|e| err("KV cache", e))?;
     let mut lora = LoraState::new(model.config(), adapters.len());
+    if arena {
+        model
+            .reserve_lora_arena(Llama::<CudaBackend>::arena_rows_for(adapters.len(), 16))
+            .map_err(|e| err("arena", e))?;
+        lora.set_arena(model.arena_rows());
+    }
     for (slot, w) in adapters.iter().enumerate() {
         lora.load(b, slot, w).map_err(|e| err("adapter", e))?;
+        b.synchronize()?;
+        if arena
+            && !model
+                .place_in_arena(&mut lora, slot)
+                .map_err(|e| err("arena", e))?
+        {
+            return Err(err("arena", format!("adapter {slot} found no room")));
+        }
     }
     let tables: Vec<Vec<u32>> = (0..requests.len())
         .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
@@ -151,28 +172,37 @@ pub fn check(seed: u64) -> Result<Vec<CaseResult>> {
     let forced: Vec<Vec<u32>> = (0..requests.len())
         .map(|_| (0..STEPS).map(|_| rng.random_range(0..vocab)).collect())
         .collect();
-    let (issued, _) = run(false, &adapters, &requests, &forced)?;
-    let (graphed, stats) = run(true, &adapters, &requests, &forced)?;
-    let mut results: Vec<CaseResult> = issued
-        .iter()
-        .zip(&graphed)
-        .enumerate()
-        .map(|(step, (want, got))| {
-            let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
-            let note = if want.len() != got.len() || want.is_empty() {
-                format!("{} logits with graphs, {} without", got.len(), want.len())
-            } else {
-                String::new()
-            };
-            CaseResult {
-                op: "graphs".into(),
-                case: format!("step {step}: logits with CUDA graphs vs issued op by op"),
-                err: reference::rel_err(got, &want64),
-                tol: 1e-2,
-                note,
-            }
-        })
-        .collect();
+    let (issued, _) = run(false, false, &adapters, &requests, &forced)?;
+    let (graphed, stats) = run(true, false, &adapters, &requests, &forced)?;
+    let (in_arena, _) = run(true, true, &adapters, &requests, &forced)?;
+    let compare = |op: &str, what: &str, got_runs: &[Vec<f32>]| -> Vec<CaseResult> {
+        issued
+            .iter()
+            .zip(got_runs)
+            .enumerate()
+            .map(|(step, (want, got))| {
+                let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+                let note = if want.len() != got.len() || want.is_empty() {
+                    format!("{} logits {what}, {} issued", got.len(), want.len())
+                } else {
+                    String::new()
+                };
+                CaseResult {
+                    op: op.into(),
+                    case: format!("step {step}: logits {what} vs issued op by op"),
+                    err: reference::rel_err(got, &want64),
+                    tol: 1e-2,
+                    note,
+                }
+            })
+            .collect()
+    };
+    let mut results = compare("graphs", "with CUDA graphs", &graphed);
+    results.extend(compare(
+        "arena",
+        "with graphs and the LoRA arena",
+        &in_arena,
+    ));
     // The prefill, step 1 and the first step of the smaller bucket are issued; the second
     // step of each bucket is recorded; the rest is replayed: the first graph while one
     // sequence sits out, and again when the batch returns to the bucket of 8.
