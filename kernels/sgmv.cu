@@ -286,7 +286,7 @@ template <typename T, typename VT, int KT, int NTW>
 __device__ __forceinline__ void sgmv_expand_impl(
     const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
     int part0, int end0, int end1, int end2, const LoraSlot* __restrict__ table,
-    const u32* __restrict__ tiles, const u32* __restrict__ segs, int y_early) {
+    const u32* __restrict__ tiles, const u32* __restrict__ segs) {
     const int tile = blockIdx.y;
     const TileSeg ts = tile_seg(tiles, segs, tile);
     const int row0 = ts.row0, seg_end = ts.end;
@@ -341,19 +341,14 @@ __device__ __forceinline__ void sgmv_expand_impl(
     T* y1 = y + (size_t)(row0 + g + 8) * y_stride + col_offset;
     const bool yal = ((y_stride | col_offset) & 1) == 0;
     u32 yv[NTW][2];
-    auto load_y = [&]() {
 #pragma unroll
-        for (int nt = 0; nt < NTW; ++nt) {
-            const int col = c0 + nt * 8 + 2 * q;
-            yv[nt][0] = r0ok ? load_pair(y0, col, h_out, yal) : 0u;
-            yv[nt][1] = r1ok ? load_pair(y1, col, h_out, yal) : 0u;
-        }
-    };
-    // The old y only once the kernel that wrote it is done, unless that kernel was a shrink
-    // (y_early: the kernel before this one does not write y).
-    if (y_early) load_y();
+    for (int nt = 0; nt < NTW; ++nt) {
+        const int col = c0 + nt * 8 + 2 * q;
+        yv[nt][0] = r0ok ? load_pair(y0, col, h_out, yal) : 0u;
+        yv[nt][1] = r1ok ? load_pair(y1, col, h_out, yal) : 0u;
+    }
+
     pdl_enter();
-    if (!y_early) load_y();
 
     float d[NTW][4];
 #pragma unroll
@@ -537,7 +532,7 @@ template <typename T, typename VT, int RL>
 __device__ __forceinline__ void sgmv_expand_rows_impl(
     const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
-    const u32* __restrict__ tiles, const u32* __restrict__ segs, int b_early) {
+    const u32* __restrict__ tiles, const u32* __restrict__ segs) {
     constexpr int CPS = 32 / RL;
     const int tile = blockIdx.y;
     const TileSeg ts = tile_seg(tiles, segs, tile);
@@ -566,29 +561,22 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
 
     uint4 bv[ROWS_KU];
     int voff[ROWS_KU], rank[ROWS_KU];
-    // Each column's part, rank and first v column, and with `load` its B.
-    auto columns = [&](bool load) {
 #pragma unroll
-        for (int u = 0; u < ROWS_KU; ++u) {
-            const int col = col_base + u * CPS;
-            const int j = (col >= end0) + (col >= end1);
-            const u16* p = j == 0 ? rp.b0 : (j == 1 ? rp.b1 : rp.b2);
-            const int r = j == 0 ? rp.rank0 : (j == 1 ? rp.rank1 : rp.rank2);
-            const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
-            const bool live = col < end2 && p != nullptr;
-            rank[u] = live ? r : 0;
-            voff[u] = j == 0 ? rp.voff0 : (j == 1 ? rp.voff1 : rp.voff2);
-            bv[u] = (load && live && kk < r)
-                        ? load8(reinterpret_cast<const T*>(p) + (size_t)(col - start) * r, kk,
-                                r, (r & 7) == 0)
-                        : zero;
-        }
-    };
-    // B comes from host copies: it may be read before the wait (b_early), or only after it,
-    // leaving the memory system to the kernel before this one until it is done.
-    columns(b_early != 0);
+    for (int u = 0; u < ROWS_KU; ++u) {
+        const int col = col_base + u * CPS;
+        const int j = (col >= end0) + (col >= end1);
+        const u16* p = j == 0 ? rp.b0 : (j == 1 ? rp.b1 : rp.b2);
+        const int r = j == 0 ? rp.rank0 : (j == 1 ? rp.rank1 : rp.rank2);
+        const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
+        const bool live = col < end2 && p != nullptr;
+        rank[u] = live ? r : 0;
+        voff[u] = j == 0 ? rp.voff0 : (j == 1 ? rp.voff1 : rp.voff2);
+        bv[u] = (live && kk < r)
+                    ? load8(reinterpret_cast<const T*>(p) + (size_t)(col - start) * r, kk, r,
+                            (r & 7) == 0)
+                    : zero;
+    }
     pdl_enter();
-    if (!b_early) columns(true);
     const int nrows = min(16, seg_end - row0);
     constexpr int VN = VVec<VT>::n;
     const bool vvec = (v_stride & (VN - 1)) == 0;
@@ -639,9 +627,9 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
         sgmv_expand_rows_##TNAME##VNAME##_l##RL(                                              \
             const VTYPE* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,    \
             int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table, \
-            const u32* __restrict__ tiles, const u32* __restrict__ segs, int b_early) {       \
+            const u32* __restrict__ tiles, const u32* __restrict__ segs) {                    \
         sgmv_expand_rows_impl<TYPE, VTYPE, RL>(v, v_stride, y, y_stride, col_offset, end0,    \
-                                               end1, end2, table, tiles, segs, b_early);      \
+                                               end1, end2, table, tiles, segs);               \
     }
 
 #define DEFINE_EXPAND_ROWS(TNAME, TYPE, RL)                                                   \
@@ -679,10 +667,9 @@ DEFINE_EXPAND_ROWS(f16, f16, 16)
             const VTYPE* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,   \
             int col_offset, int part0, int end0, int end1, int end2,                         \
             const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,               \
-            const u32* __restrict__ segs, int y_early) {                                     \
+            const u32* __restrict__ segs) {                                                  \
         sgmv_expand_impl<TYPE, VTYPE, KT, NTW>(v, v_stride, y, y_stride, col_offset, part0,  \
-                                               end0, end1, end2, table, tiles, segs,         \
-                                               y_early);                                     \
+                                               end0, end1, end2, table, tiles, segs);        \
     }
 
 #define DEFINE_EXPAND(TNAME, TYPE, KT, NTW)                                                  \

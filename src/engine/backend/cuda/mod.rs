@@ -388,12 +388,6 @@ pub struct CudaBackend {
     shrink_blocks_per_sm: usize,
     /// Expand: 8-column tiles per warp, 4 or 8 (tuning knob, `PUNICA_EXPAND_NTW`).
     expand_ntw: usize,
-    /// Launch an expand that follows a GEMM with programmatic dependent launch too, not only
-    /// one after a shrink (tuning knob, `PUNICA_EXPAND_PDL=1`).
-    expand_pdl: bool,
-    /// Whether such an expand's row kernel reads B before its wait (`PUNICA_EXPAND_B_EARLY=0`:
-    /// after it).
-    expand_b_early: bool,
     /// Largest split-K of the shrink for tiles of many rows (`PUNICA_SHRINK_MAX_SPLITS_FULL`).
     shrink_max_splits_full: usize,
     /// Spread ranks over blocks when a batch has few tiles (`PUNICA_SHRINK_RANK_SPLIT=0` disables).
@@ -593,8 +587,6 @@ impl CudaBackend {
                 Ok("8") => 8,
                 _ => 4,
             },
-            expand_pdl: std::env::var("PUNICA_EXPAND_PDL").as_deref() == Ok("1"),
-            expand_b_early: std::env::var("PUNICA_EXPAND_B_EARLY").as_deref() != Ok("0"),
             row_limits: Mutex::new({
                 let knob = |name: &str, default: usize| {
                     std::env::var(name)
@@ -2273,8 +2265,7 @@ impl Backend for CudaBackend {
             let (lanes, (gx, gy)) =
                 plan::expand_rows_plan(table.max_part_rank, h_out, meta.layout.tile_grid())?;
             let ends = plan::group_ends(outs);
-            let after_shrink = *lock(&self.last) == Last::Shrink;
-            let overlap = self.pdl && (after_shrink || self.expand_pdl);
+            let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
             return self.launch(
                 &kernel!(
                     "sgmv_expand_rows_{}{v_name}_l{lanes}",
@@ -2294,7 +2285,6 @@ impl Backend for CudaBackend {
                     Arg::Ptr(table.ptr),
                     Arg::Ptr(meta.at(meta.layout.tiles)),
                     Arg::Ptr(meta.at(meta.layout.segs)),
-                    Arg::I32(i32::from(after_shrink || self.expand_b_early)),
                 ],
                 overlap,
             );
@@ -2304,9 +2294,7 @@ impl Backend for CudaBackend {
         let name = kernel!("sgmv_expand_{}{v_name}_k{kt}_w{ntw}", Self::suffix(y.dtype));
         for launch in plan::expand_launches(outs, ntw).iter() {
             let (gx, gy) = plan::expand_grid(launch.width(), meta.layout.tile_grid(), ntw);
-            // The old y may be read before the wait only when the kernel before is a shrink.
-            let after_shrink = *lock(&self.last) == Last::Shrink;
-            let overlap = self.pdl && (after_shrink || self.expand_pdl);
+            let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
             self.launch(
                 &name,
                 (gx, gy, 1),
@@ -2324,7 +2312,6 @@ impl Backend for CudaBackend {
                     Arg::Ptr(table.ptr),
                     Arg::Ptr(meta.at(meta.layout.tiles)),
                     Arg::Ptr(meta.at(meta.layout.segs)),
-                    Arg::I32(i32::from(after_shrink)),
                 ],
                 overlap,
             )?;
