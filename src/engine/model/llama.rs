@@ -968,21 +968,25 @@ impl<B: Backend> LoraState<B> {
     }
 
     /// For a step that can take its shrinks from the base GEMMs (at most [`ARENA_MAX_ROWS`]
-    /// rows, every adapter in the arena): per group, the arena rows the GEMM covers, rounded
-    /// up to a multiple of 8 within the arena. That is every placed adapter's rows, not only
-    /// the step's, so that every slot of the arena tables has its columns in the output (the
-    /// backends check the tables against the output's width).
+    /// rows, every adapter in the arena): per group, the arena rows the GEMM must cover (up to
+    /// the end of the step's adapters' rows), rounded up to a multiple of 8 within the arena.
     fn arena_ext(&self, meta: &StepMeta) -> Option<[usize; 4]> {
         if meta.rows() > ARENA_MAX_ROWS || meta.segments.is_empty() {
             return None;
         }
+        let mut ext = [0usize; 4];
         for (_, _, slot) in meta.segments.iter() {
-            self.arena_at.get(slot as usize)?.as_ref()?;
+            let at = self.arena_at.get(slot as usize)?.as_ref()?;
+            for (e, a) in ext.iter_mut().zip(at) {
+                if let Some((row, rows)) = a {
+                    *e = (*e).max(row + rows);
+                }
+            }
         }
-        Some(self.arena.each_ref().map(|a| {
-            let end = a.taken.last().map_or(0, |&(row, rows, _)| row + rows);
-            end.next_multiple_of(8).min(a.cap)
-        }))
+        for (e, a) in ext.iter_mut().zip(&self.arena) {
+            *e = e.next_multiple_of(8).min(a.cap);
+        }
+        Some(ext)
     }
 
     /// Number of slots.
@@ -1171,13 +1175,14 @@ mod tests {
             segments: SegmentTable::from_row_slots(rows),
             ..StepMeta::one_sequence(rows.len())
         };
-        // Covered up to the last placed adapter's rows, rounded to 8 within the arena.
+        // Covered up to the step's last adapter's rows, rounded to 8 within the arena.
         assert_eq!(
             lora.arena_ext(&step(&[Some(0), Some(2), None])),
             Some([40, 16, 16, 8])
         );
-        // Every placed adapter's rows, whichever the step uses.
-        assert_eq!(lora.arena_ext(&step(&[Some(2)])), Some([40, 16, 16, 8]));
+        // Only as far as the step's adapters' rows.
+        assert_eq!(lora.arena_ext(&step(&[Some(2)])), Some([40, 16, 0, 0]));
+        assert_eq!(lora.arena_ext(&step(&[Some(0)])), Some([24, 8, 16, 8]));
         // A slot outside the arena, no adapter at all, or a prefill-sized step: the shrinks.
         assert_eq!(lora.arena_ext(&step(&[Some(0), Some(1)])), None);
         assert_eq!(lora.arena_ext(&step(&[None, None])), None);

@@ -175,7 +175,7 @@ pub fn check(seed: u64) -> Result<Vec<CaseResult>> {
     let (issued, _) = run(false, false, &adapters, &requests, &forced)?;
     let (graphed, stats) = run(true, false, &adapters, &requests, &forced)?;
     let (in_arena, _) = run(true, true, &adapters, &requests, &forced)?;
-    let compare = |op: &str, what: &str, got_runs: &[Vec<f32>]| -> Vec<CaseResult> {
+    let compare = |op: &str, what: &str, got_runs: &[Vec<f32>], tol: f64| -> Vec<CaseResult> {
         issued
             .iter()
             .zip(got_runs)
@@ -191,17 +191,22 @@ pub fn check(seed: u64) -> Result<Vec<CaseResult>> {
                     op: op.into(),
                     case: format!("step {step}: logits {what} vs issued op by op"),
                     err: reference::rel_err(got, &want64),
-                    tol: 1e-2,
+                    tol,
                     note,
                 }
             })
             .collect()
     };
-    let mut results = compare("graphs", "with CUDA graphs", &graphed);
+    let mut results = compare("graphs", "with CUDA graphs", &graphed, 1e-2);
+    // The arena's intermediate comes out of the GEMM rounded to bf16 (as PEFT's lora_A output
+    // is), the shrinks' stays f32; with this check's large adapters (B uniform with std 0.1 and
+    // 0.2: deltas about the size of the base output) that moves the logits by 1.4-2.2e-2 on the
+    // H200. A wrong slot, column or part moves them by O(1).
     results.extend(compare(
         "arena",
         "with graphs and the LoRA arena",
         &in_arena,
+        5e-2,
     ));
     // The prefill, step 1 and the first step of the smaller bucket are issued; the second
     // step of each bucket is recorded; the rest is replayed: the first graph while one
