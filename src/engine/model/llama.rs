@@ -968,26 +968,21 @@ impl<B: Backend> LoraState<B> {
     }
 
     /// For a step that can take its shrinks from the base GEMMs (at most [`ARENA_MAX_ROWS`]
-    /// rows, every adapter in the arena): per group, the arena rows the GEMM must cover (up to
-    /// the end of the step's adapters' rows), rounded up to a multiple of 64 within the arena
-    /// (fewer distinct GEMM widths, so steps whose adapters change share CUDA graphs more).
+    /// rows, every adapter in the arena): per group, the arena rows the GEMM covers, rounded
+    /// up to a multiple of 8 within the arena. That is every placed adapter's rows, not only
+    /// the step's, so that every slot of the arena tables has its columns in the output (the
+    /// backends check the tables against the output's width).
     fn arena_ext(&self, meta: &StepMeta) -> Option<[usize; 4]> {
         if meta.rows() > ARENA_MAX_ROWS || meta.segments.is_empty() {
             return None;
         }
-        let mut ext = [0usize; 4];
         for (_, _, slot) in meta.segments.iter() {
-            let at = self.arena_at.get(slot as usize)?.as_ref()?;
-            for (e, a) in ext.iter_mut().zip(at) {
-                if let Some((row, rows)) = a {
-                    *e = (*e).max(row + rows);
-                }
-            }
+            self.arena_at.get(slot as usize)?.as_ref()?;
         }
-        for (e, a) in ext.iter_mut().zip(&self.arena) {
-            *e = e.next_multiple_of(64).min(a.cap);
-        }
-        Some(ext)
+        Some(self.arena.each_ref().map(|a| {
+            let end = a.taken.last().map_or(0, |&(row, rows, _)| row + rows);
+            end.next_multiple_of(8).min(a.cap)
+        }))
     }
 
     /// Number of slots.
@@ -1156,50 +1151,33 @@ mod tests {
     fn a_step_uses_the_arena_only_when_all_its_adapters_are_there_and_it_is_small() {
         let config = LlamaConfig::synthetic("llama-7b").unwrap();
         let mut lora = LoraState::<CpuBackend>::new(&config, 4);
-        lora.set_arena([240, 80, 160, 80]);
-        // Rank 8 on every part, rank 4 on the attention only, rank 32 everywhere, and one that
-        // does not fit q|k|v.
-        let place = |lora: &mut LoraState<CpuBackend>, slot, ranks| {
-            let at = lora.arena_alloc(slot, ranks);
-            lora.arena_at[slot] = at;
-            at
-        };
+        lora.set_arena([48, 16, 32, 16]);
+        // An adapter with rank 8 on every part, one with rank 4 on the attention only, one
+        // that does not fit q|k|v.
+        let a = lora.arena_alloc(0, [24, 8, 16, 8]).unwrap();
         assert_eq!(
-            place(&mut lora, 0, [24, 8, 16, 8]),
-            Some([Some((0, 24)), Some((0, 8)), Some((0, 16)), Some((0, 8))])
+            a,
+            [Some((0, 24)), Some((0, 8)), Some((0, 16)), Some((0, 8))]
         );
-        assert_eq!(
-            place(&mut lora, 2, [12, 4, 0, 0]),
-            Some([Some((24, 12)), Some((8, 4)), None, None])
-        );
-        assert_eq!(
-            place(&mut lora, 3, [96, 32, 64, 32]),
-            Some([
-                Some((36, 96)),
-                Some((12, 32)),
-                Some((16, 64)),
-                Some((8, 32))
-            ])
-        );
-        assert_eq!(place(&mut lora, 1, [160, 0, 0, 0]), None);
+        lora.arena_at[0] = Some(a);
+        let b = lora.arena_alloc(2, [12, 4, 0, 0]).unwrap();
+        assert_eq!(b, [Some((24, 12)), Some((8, 4)), None, None]);
+        lora.arena_at[2] = Some(b);
+        assert_eq!(lora.arena_alloc(1, [16, 0, 0, 0]), None);
         // Nothing was taken for the adapter that did not fit.
-        assert_eq!(lora.arena[1].taken.len(), 3);
+        assert_eq!(lora.arena[1].taken.len(), 2);
 
         let step = |rows: &[Option<u32>]| StepMeta {
             segments: SegmentTable::from_row_slots(rows),
             ..StepMeta::one_sequence(rows.len())
         };
-        // Up to the end of the step's adapters' rows, rounded to 64 within the arena.
+        // Covered up to the last placed adapter's rows, rounded to 8 within the arena.
         assert_eq!(
             lora.arena_ext(&step(&[Some(0), Some(2), None])),
-            Some([64, 64, 64, 64])
+            Some([40, 16, 16, 8])
         );
-        assert_eq!(lora.arena_ext(&step(&[Some(2)])), Some([64, 64, 0, 0]));
-        assert_eq!(lora.arena_ext(&step(&[Some(3)])), Some([192, 64, 128, 64]));
-        assert_eq!(
-            lora.arena_ext(&step(&[Some(3), Some(0)])),
-            Some([192, 64, 128, 64])
-        );
+        // Every placed adapter's rows, whichever the step uses.
+        assert_eq!(lora.arena_ext(&step(&[Some(2)])), Some([40, 16, 16, 8]));
         // A slot outside the arena, no adapter at all, or a prefill-sized step: the shrinks.
         assert_eq!(lora.arena_ext(&step(&[Some(0), Some(1)])), None);
         assert_eq!(lora.arena_ext(&step(&[None, None])), None);
@@ -1209,6 +1187,6 @@ mod tests {
         );
         lora.arena_free(2);
         assert!(!lora.in_arena(2) && lora.in_arena(0));
-        assert_eq!(lora.arena[0].find(12), Some(24));
+        assert_eq!(lora.arena[0].find(24), Some(24));
     }
 }

@@ -262,9 +262,9 @@ pub struct CudaLoraTable {
     dtype: Option<DType>,
     /// Largest total rank of a slot.
     max_rank: usize,
-    /// Per slot, the end column of its intermediate in v (its voff plus its total rank; 0 for
-    /// an empty slot): a step's v must be at least as wide for each slot it uses.
-    vends: Vec<usize>,
+    /// Largest end column of a slot's intermediate in v (its voff plus its total rank): the
+    /// narrowest v the table fits.
+    max_vend: usize,
     /// Largest rank of one part: what the expand reads per part.
     max_part_rank: usize,
     /// Smallest `a.len / rank` over filled slots: the largest h_in every slot can serve.
@@ -275,16 +275,6 @@ pub struct CudaLoraTable {
 }
 
 impl CudaLoraTable {
-    /// Where the intermediates of the adapters in `slots` end in v (every slot's when the set
-    /// overflowed).
-    fn vend(&self, slots: &plan::SlotSet) -> usize {
-        match slots.iter() {
-            Some(used) => used.filter_map(|s| self.vends.get(s)).copied().max(),
-            None => self.vends.iter().copied().max(),
-        }
-        .unwrap_or(0)
-    }
-
     /// Largest total rank of any filled slot (0 when all are empty).
     pub fn max_rank(&self) -> usize {
         self.max_rank
@@ -1230,7 +1220,7 @@ impl CudaBackend {
     ) -> Result<CudaLoraTable> {
         let mut bytes = Vec::with_capacity(slots.len().max(1) * plan::LORA_SLOT_BYTES);
         let (mut max_rank, mut max_part_rank, mut min_in) = (0usize, 0usize, usize::MAX);
-        let mut vends = vec![0usize; slots.len()];
+        let mut max_vend = 0usize;
         let mut min_out = [usize::MAX; MAX_GROUP_PARTS];
         let aligned = |p: u64| p.is_multiple_of(16);
         for (i, s) in slots.iter().enumerate() {
@@ -1267,7 +1257,7 @@ impl CudaBackend {
                     )));
                 }
                 max_rank = max_rank.max(rank);
-                vends[i] = voff;
+                max_vend = max_vend.max(voff);
                 min_in = min_in.min(s.a_len / rank);
                 entry.a = s.a;
                 entry.rank = rank as u32;
@@ -1284,7 +1274,7 @@ impl CudaBackend {
             slots: slots.len(),
             dtype: Some(dtype),
             max_rank,
-            vends,
+            max_vend,
             max_part_rank,
             min_in,
             min_out,
@@ -2126,11 +2116,11 @@ impl Backend for CudaBackend {
         if !self.check_lora(x.dtype, table, meta)? {
             return Ok(());
         }
-        let vend = table.vend(&meta.layout.slots);
-        if vend > v_stride {
+        if table.max_vend > v_stride {
             return Err(shape(format!(
-                "sgmv_shrink: the step's adapters' intermediates end at column {vend}, past v's \
-                 width {v_stride}"
+                "sgmv_shrink: the table's intermediates end at column {}, past v's width \
+                 {v_stride}",
+                table.max_vend
             )));
         }
         if h_in > table.min_in {
@@ -2243,11 +2233,11 @@ impl Backend for CudaBackend {
         if !self.check_lora(y.dtype, table, meta)? {
             return Ok(());
         }
-        let vend = table.vend(&meta.layout.slots);
-        if vend > v_stride {
+        if table.max_vend > v_stride {
             return Err(shape(format!(
-                "sgmv_expand: the step's adapters' intermediates end at column {vend}, past v's \
-                 width {v_stride}"
+                "sgmv_expand: the table's intermediates end at column {}, past v's width \
+                 {v_stride}",
+                table.max_vend
             )));
         }
         for (j, &min_out) in table.min_out.iter().enumerate() {

@@ -359,41 +359,6 @@ pub fn expand_grid(h_out: usize, num_tiles: usize, ntw: usize) -> (u32, u32) {
     (h_out.div_ceil(cols) as u32, num_tiles as u32)
 }
 
-/// The adapter slots a step's segments use, as a bit set of the first [`SlotSet::CAP`] slots;
-/// a slot past them marks the set as overflowed (then every slot counts as used).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SlotSet {
-    bits: [u64; 4],
-    overflow: bool,
-}
-
-impl SlotSet {
-    pub const CAP: usize = 256;
-
-    pub fn insert(&mut self, slot: u32) {
-        match self.bits.get_mut(slot as usize / 64) {
-            Some(w) => *w |= 1 << (slot % 64),
-            None => self.overflow = true,
-        }
-    }
-
-    /// The slots in the set, or `None` when it overflowed.
-    pub fn iter(&self) -> Option<impl Iterator<Item = usize> + '_> {
-        (!self.overflow).then(|| {
-            self.bits.iter().enumerate().flat_map(|(w, &bits)| {
-                let mut left = bits;
-                std::iter::from_fn(move || {
-                    (left != 0).then(|| {
-                        let bit = left.trailing_zeros() as usize;
-                        left &= left - 1;
-                        w * 64 + bit
-                    })
-                })
-            })
-        })
-    }
-}
-
 /// Where each array of a packed [`StepMeta`] starts in the one u32 buffer the device gets.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MetaLayout {
@@ -420,8 +385,6 @@ pub struct MetaLayout {
     pub num_logit_rows: usize,
     /// Largest adapter slot any segment uses (tables must be longer).
     pub max_slot: Option<u32>,
-    /// Every adapter slot a segment uses.
-    pub slots: SlotSet,
     /// Rows of the longest segment (0 without segments).
     pub max_seg_rows: usize,
     /// Largest KV-cache slot written this step (caches must hold more).
@@ -541,10 +504,6 @@ pub fn pack_meta(meta: &StepMeta, words: &mut Vec<u32>) -> Result<MetaLayout> {
         tile_cap: num_tiles.max(rows),
         num_logit_rows: meta.logit_rows.len(),
         max_slot: seg.slots.iter().copied().max(),
-        slots: seg.slots.iter().fold(SlotSet::default(), |mut set, &s| {
-            set.insert(s);
-            set
-        }),
         max_seg_rows: seg
             .starts
             .iter()
@@ -953,21 +912,7 @@ mod tests {
         assert_eq!(&w[l.tiles..l.tiles + 8], &[0, 0, 0, 16, 1, 20, 1, 36]);
         assert_eq!(w[l.logit_rows], 39);
         assert_eq!(l.max_slot, Some(1));
-        assert_eq!(l.slots.iter().unwrap().collect::<Vec<_>>(), vec![0, 1]);
         assert_eq!(l.total, w.len());
-    }
-
-    #[test]
-    fn a_slot_set_lists_its_slots_in_order_and_overflows_past_its_capacity() {
-        let mut set = SlotSet::default();
-        for s in [200, 3, 64, 3, 0, 255, 63] {
-            set.insert(s);
-        }
-        let all: Vec<usize> = set.iter().unwrap().collect();
-        assert_eq!(all, vec![0, 3, 63, 64, 200, 255]);
-        assert_eq!(SlotSet::default().iter().unwrap().count(), 0);
-        set.insert(SlotSet::CAP as u32);
-        assert!(set.iter().is_none());
     }
 
     #[test]
