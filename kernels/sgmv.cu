@@ -272,6 +272,35 @@ __device__ __forceinline__ void load_v8(const T* row, int k, int rank, bool ok, 
     for (int i = 0; i < 8; ++i) out[i] = (ok && k + i < rank) ? to_f32(row[k + i]) : 0.0f;
 }
 
+// load_v8 through L1 (the row expand: every warp of a block reads the same row of v).
+__device__ __forceinline__ void load_v8_l1(const float* row, int k, int rank, bool vec,
+                                           float* out) {
+    if (vec && k + 8 <= rank) {
+        const float4 p0 = *reinterpret_cast<const float4*>(row + k);
+        const float4 p1 = *reinterpret_cast<const float4*>(row + k + 4);
+        out[0] = p0.x; out[1] = p0.y; out[2] = p0.z; out[3] = p0.w;
+        out[4] = p1.x; out[5] = p1.y; out[6] = p1.z; out[7] = p1.w;
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = k + i < rank ? row[k + i] : 0.0f;
+}
+
+template <typename T>
+__device__ __forceinline__ void load_v8_l1(const T* row, int k, int rank, bool vec, float* out) {
+    if (vec && k + 8 <= rank) {
+        const uint4 p = *reinterpret_cast<const uint4*>(row + k);
+        const T d = T{};
+        out[0] = lo_f32(d, p.x); out[1] = hi_f32(d, p.x);
+        out[2] = lo_f32(d, p.y); out[3] = hi_f32(d, p.y);
+        out[4] = lo_f32(d, p.z); out[5] = hi_f32(d, p.z);
+        out[6] = lo_f32(d, p.w); out[7] = hi_f32(d, p.w);
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = k + i < rank ? to_f32(row[k + i]) : 0.0f;
+}
+
 // One LoRA group's expand: its parts' outputs lie side by side in y from col_offset, part j
 // ending at column ends[j] (relative to col_offset); part0 is the first part this launch covers.
 // y[row, col_offset + c] += v[row, voff_j + :rank_j] . B_j[c - start_j, :rank_j] for the rows of
@@ -589,7 +618,7 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
             float part = 0.0f;
             if (kk < rank[u]) {
                 float w[8];
-                load_v8(vr + voff[u], kk, rank[u], true, vvec && (voff[u] & (VN - 1)) == 0, w);
+                load_v8_l1(vr + voff[u], kk, rank[u], vvec && (voff[u] & (VN - 1)) == 0, w);
                 const uint4 b = bv[u];
                 part = w[0] * lo_f32(dummy, b.x);
                 part = fmaf(w[1], hi_f32(dummy, b.x), part);
