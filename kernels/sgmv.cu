@@ -2,9 +2,9 @@
 //
 // Rows are grouped into segments that share an adapter slot; each segment is cut into tiles of
 // 16 rows (the M of one mma.sync). Per (layer, LoRA group) a slot table gives each slot's A (the
-// A matrices of the group's parts stacked: [rank, h_in], rank summed over the parts), its first
-// column in v and, per part, its B ([h_out_j, rank_j], scale folded in), rank and first column
-// in v; a null pointer
+// A matrices of the group's parts stacked: [rank, h_in], rank summed over the parts) and, per
+// part, its B ([h_out_j, rank_j], scale folded in), rank and first column in v (a shrink writes
+// from column 0; an expand may read a slot's columns anywhere in v); a null pointer
 // marks what a slot does not have, and those rows or columns are left untouched.
 //
 // Tensor-core trick: an m16n8k16 fragment gives thread (g = lane / 4, q = lane % 4) the k indices
@@ -20,7 +20,7 @@
 struct LoraSlot {
     const void* a;
     u32 rank;
-    u32 vbase;  // the slot's first column in v (where its first part's columns start)
+    u32 pad;
     const void* b[MAX_PARTS];
     u32 prank[MAX_PARTS];
     u32 voff[MAX_PARTS];
@@ -61,7 +61,6 @@ struct ShrinkTile {
     int row0;
     int end;
     int rank;
-    int voff;
     const void* a;
 };
 
@@ -74,7 +73,6 @@ __device__ __forceinline__ ShrinkTile shrink_tile(const u32* __restrict__ tiles,
     t.end = ts.end;
     const bool live = ts.end > ts.row0;  // not a TILE_NONE entry
     t.rank = live ? (int)table[ts.slot].rank : 0;
-    t.voff = live ? (int)table[ts.slot].vbase : 0;
     t.a = live ? table[ts.slot].a : nullptr;
     return t;
 }
@@ -101,7 +99,7 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     const int group = tile * gridDim.z + zi;
     // The adapter table comes from host copies too.
     const ShrinkTile st = shrink_tile(tiles, segs, table, tile);
-    const int row0 = st.row0, seg_end = st.end, slot_rank = st.rank, slot_voff = st.voff;
+    const int row0 = st.row0, seg_end = st.end, slot_rank = st.rank;
     const void* slot_a = st.a;
     // x comes from the previous kernel (a GEMM or a norm), and v and the split-K workspace may
     // still be in use by the previous shrink/expand pair. Waiting before the trigger also means
@@ -169,7 +167,7 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     __syncthreads();
 
     float* tacc = acc + (size_t)group * 16 * R;
-    float* vout = v + slot_voff + rank_lo;
+    float* vout = v + rank_lo;
     for (int idx = threadIdx.x; idx < 16 * R; idx += blockDim.x) {
         const int row = idx / R, col = idx % R;
         if (row < nrows && col < rank) {
@@ -471,7 +469,6 @@ __device__ __forceinline__ void sgmv_shrink_rows_impl(
     const ShrinkTile st = shrink_tile(tiles, segs, table, tile);
     const int row0 = st.row0, seg_end = st.end, slot_rank = st.rank;
     const void* slot_a = st.a;
-    v += st.voff;
     // x comes from the previous kernel, and v and the workspace may still be in use by the
     // previous shrink/expand pair (see sgmv_shrink_impl).
     pdl_enter();

@@ -831,6 +831,12 @@ impl Backend for CpuBackend {
         let rows = meta.rows();
         need("sgmv_shrink input", x.data.len(), rows * h_in)?;
         need("sgmv_shrink output", v.data.len(), rows * v_stride)?;
+        if table.slots.iter().flatten().any(|s| s.voff != 0) {
+            return Err(shape_err(
+                "sgmv_shrink: a table whose slots start past column 0 of v serves expands only"
+                    .into(),
+            ));
+        }
         let work = lora_work(table, meta, v_stride)?;
         for &(_, _, slot) in &work {
             need("sgmv_shrink A", slot.a.data.len(), slot.rank * h_in)?;
@@ -844,7 +850,7 @@ impl Backend for CpuBackend {
                     m: e - s,
                     n: slot.rank,
                     k: h_in,
-                    dst: dst.get().add(s * v_stride + slot.voff),
+                    dst: dst.get().add(s * v_stride),
                     dst_rs: v_stride as isize,
                     accumulate: false,
                     lhs: x.as_ptr().add(s * h_in),
@@ -1695,24 +1701,29 @@ mod tests {
             assert_close(&y.as_slice()[row * stride..(row + 1) * stride], &want, 1e-5);
         }
 
-        // The same with each slot's intermediate at its own columns of a wider v (the layout
-        // of the base GEMM's extra columns): the same y, and v's other columns untouched.
+        // The same from each slot's intermediate at its own columns of a wider v (the layout
+        // of the base GEMM's extra columns), the other columns NaN: the same y.
         let voffs = [11, 0, 2, 20];
         let slots: Vec<Option<LoraGroupSlot<'_, CpuBackend>>> =
             vec![group(0, 11), None, group(2, 2), group(1, 20)];
         let table = cpu.lora_table(&slots).unwrap();
         let wide_stride = 31;
-        let mut wide = CpuBuf::from_vec(vec![f32::NAN; rows * wide_stride]);
+        let mut wide = vec![f32::NAN; rows * wide_stride];
+        for (row, slot) in row_slots.iter().enumerate() {
+            let rank = match slot {
+                Some(3) => 8,
+                Some(0) => 7,
+                Some(2) => 2,
+                _ => 0,
+            };
+            if let Some(s) = slot {
+                let voff = voffs[*s as usize];
+                let src = &v.as_slice()[row * v_stride..row * v_stride + rank];
+                wide[row * wide_stride + voff..][..rank].copy_from_slice(src);
+            }
+        }
+        let wide = CpuBuf::from_vec(wide);
         let mut y2 = CpuBuf::from_vec(y0.clone());
-        cpu.sgmv_shrink(
-            &CpuBuf::from_vec(x.clone()),
-            &table,
-            &meta,
-            h_in,
-            wide_stride,
-            &mut wide,
-        )
-        .unwrap();
         cpu.sgmv_expand(
             &wide,
             &table,
@@ -1725,25 +1736,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(y2.as_slice(), y.as_slice());
-        for (row, slot) in row_slots.iter().enumerate() {
-            let w = &wide.as_slice()[row * wide_stride..(row + 1) * wide_stride];
-            let (voff, rank) = match slot {
-                Some(3) => (voffs[3], 8),
-                Some(0) => (voffs[0], 7),
-                Some(2) => (voffs[2], 2),
-                _ => (0, 0),
-            };
-            for (col, e) in w.iter().enumerate() {
-                assert_eq!(
-                    !e.is_nan(),
-                    (voff..voff + rank).contains(&col),
-                    "{row} {col}"
-                );
-            }
-        }
-        // Past v's width: refused.
+        // Such a table serves expands only, and a v narrower than its columns is refused.
+        let mut scratch = CpuBuf::from_vec(vec![0.0; rows * wide_stride]);
+        let x = CpuBuf::from_vec(x);
         let err = cpu
-            .sgmv_shrink(&CpuBuf::from_vec(x), &table, &meta, h_in, 27, &mut wide)
+            .sgmv_shrink(&x, &table, &meta, h_in, wide_stride, &mut scratch)
+            .unwrap_err();
+        assert!(err.to_string().contains("serves expands only"), "{err}");
+        let err = cpu
+            .sgmv_expand(&wide, &table, &meta, 27, &outs, stride, off, &mut y2)
             .unwrap_err();
         assert!(
             err.to_string().contains("past the step's LoRA width"),

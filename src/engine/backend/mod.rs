@@ -472,9 +472,9 @@ pub struct LoraPart<'a, B: Backend + ?Sized> {
 pub struct LoraGroupSlot<'a, B: Backend + ?Sized> {
     pub a: &'a B::Buf,
     pub parts: [Option<LoraPart<'a, B>>; MAX_GROUP_PARTS],
-    /// First column of the slot's intermediate in `v` (0 when every slot's intermediate starts
-    /// at column 0, as a shrink writes it; the slot's arena rows when the base GEMM computes
-    /// the intermediate as extra output columns, see `engine::model::llama::LoraArena`).
+    /// First column of the slot's intermediate in `v`: 0 where a shrink writes it, or past the
+    /// group's outputs at the adapter's arena rows when the base GEMM computes it as extra
+    /// output columns (see `engine::model::llama`'s LoRA arena; such tables serve expands only).
     pub voff: usize,
 }
 
@@ -646,9 +646,9 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// SGMV shrink of a LoRA group: for each segment s, rows in s: `v[row, voff_s..][..rank_s]
-    /// = x[row, :] · A_sᵀ`, `A_s` being the slot's stacked A, `rank_s` its total rank and
-    /// `voff_s` its [`LoraGroupSlot::voff`].
+    /// SGMV shrink of a LoRA group: for each segment s, rows in s: `v[row, :rank_s] = x[row, :]
+    /// · A_sᵀ`, `A_s` being the slot's stacked A and `rank_s` its total rank. A table with a
+    /// slot whose [`LoraGroupSlot::voff`] is not 0 serves expands only (an error here).
     /// `x: [rows, h_in]`, `v: [rows, v_stride]` f32. Rows in no segment are left untouched.
     #[allow(clippy::too_many_arguments)]
     fn sgmv_shrink(

@@ -265,6 +265,8 @@ pub struct CudaLoraTable {
     /// Largest end column of a slot's intermediate in v (its voff plus its total rank): the
     /// narrowest v the table fits.
     max_vend: usize,
+    /// Every slot's intermediate starts at column 0 (what a shrink writes).
+    shrinkable: bool,
     /// Largest rank of one part: what the expand reads per part.
     max_part_rank: usize,
     /// Smallest `a.len / rank` over filled slots: the largest h_in every slot can serve.
@@ -1221,6 +1223,7 @@ impl CudaBackend {
         let mut bytes = Vec::with_capacity(slots.len().max(1) * plan::LORA_SLOT_BYTES);
         let (mut max_rank, mut max_part_rank, mut min_in) = (0usize, 0usize, usize::MAX);
         let mut max_vend = 0usize;
+        let mut shrinkable = true;
         let mut min_out = [usize::MAX; MAX_GROUP_PARTS];
         let aligned = |p: u64| p.is_multiple_of(16);
         for (i, s) in slots.iter().enumerate() {
@@ -1261,8 +1264,10 @@ impl CudaBackend {
                 min_in = min_in.min(s.a_len / rank);
                 entry.a = s.a;
                 entry.rank = rank as u32;
-                entry.voff = u32::try_from(s.voff)
-                    .map_err(|_| shape(format!("slot {i}: v column {} too large", s.voff)))?;
+                if u32::try_from(voff).is_err() {
+                    return Err(shape(format!("slot {i}: v column {voff} too large")));
+                }
+                shrinkable &= s.voff == 0;
             }
             entry.write(&mut bytes);
         }
@@ -1275,6 +1280,7 @@ impl CudaBackend {
             dtype: Some(dtype),
             max_rank,
             max_vend,
+            shrinkable,
             max_part_rank,
             min_in,
             min_out,
@@ -2115,6 +2121,12 @@ impl Backend for CudaBackend {
         need(v, rows * v_stride, "sgmv_shrink v")?;
         if !self.check_lora(x.dtype, table, meta)? {
             return Ok(());
+        }
+        if !table.shrinkable {
+            return Err(shape(
+                "sgmv_shrink: a table whose slots start past column 0 of v serves expands only"
+                    .into(),
+            ));
         }
         if table.max_vend > v_stride {
             return Err(shape(format!(

@@ -117,8 +117,6 @@ pub const LORA_SLOT_BYTES: usize = 64;
 pub struct LoraSlotEntry {
     pub a: u64,
     pub rank: u32,
-    /// The slot's first column in v.
-    pub voff: u32,
     pub parts: [(u64, u32, u32); MAX_GROUP_PARTS],
 }
 
@@ -127,7 +125,7 @@ impl LoraSlotEntry {
     pub fn write(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.a.to_le_bytes());
         out.extend_from_slice(&self.rank.to_le_bytes());
-        out.extend_from_slice(&self.voff.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
         for (b, _, _) in &self.parts {
             out.extend_from_slice(&b.to_le_bytes());
         }
@@ -843,7 +841,6 @@ mod tests {
         let entry = LoraSlotEntry {
             a: 0x1000,
             rank: 48,
-            voff: 64,
             parts: [(0x2000, 16, 64), (0, 0, 0), (0x3000, 32, 80)],
         };
         let mut bytes = Vec::new();
@@ -851,7 +848,7 @@ mod tests {
         assert_eq!(bytes.len(), LORA_SLOT_BYTES);
         let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
         let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
-        assert_eq!((u64_at(0), u32_at(8), u32_at(12)), (0x1000, 48, 64));
+        assert_eq!((u64_at(0), u32_at(8), u32_at(12)), (0x1000, 48, 0));
         assert_eq!((u64_at(16), u64_at(24), u64_at(32)), (0x2000, 0, 0x3000));
         assert_eq!((u32_at(40), u32_at(44), u32_at(48)), (16, 0, 32));
         assert_eq!((u32_at(52), u32_at(56), u32_at(60)), (64, 0, 80));

@@ -180,18 +180,16 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
         .iter()
         .map(|rs| rs.iter().flatten().sum::<usize>())
         .collect();
-    // Arena layout: slot i's columns after some leading columns and every earlier slot's, with
-    // gaps (unwritten by the shrink, unread by the expand).
+    let v_width = totals.iter().copied().max().unwrap_or(0).max(1);
+    // Arena layout (expands only): slot i's columns after some leading columns and every
+    // earlier slot's, with gaps that no expand may read.
     let mut voffs = vec![0usize; totals.len()];
-    let mut v_width = totals.iter().copied().max().unwrap_or(0).max(1);
-    if case.arena {
-        let mut next = 40;
-        for (voff, &t) in voffs.iter_mut().zip(&totals) {
-            *voff = next;
-            next += t + 8;
-        }
-        v_width = next;
+    let mut next = 40;
+    for (voff, &t) in voffs.iter_mut().zip(&totals) {
+        *voff = next;
+        next += t + 8;
     }
+    let arena_width = next;
     let (h_in, outs, dt) = (case.h_in, &case.outs, case.dtype);
     let x = c.rand(dt, n_rows * h_in, 1.0);
     let mut slots: Vec<Option<SlotPair>> = Vec::new();
@@ -216,36 +214,41 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
         }
         slots.push(Some((stacked, parts)));
     }
-    let gpu_groups: Vec<Option<LoraGroupSlot<'_, CudaBackend>>> = slots
-        .iter()
-        .zip(&voffs)
-        .map(|(s, &voff)| {
-            s.as_ref().map(|((a, _), parts)| LoraGroupSlot {
-                a,
-                parts: std::array::from_fn(|j| {
-                    let (b, _, rank) = parts.get(j)?.as_ref()?;
-                    Some(LoraPart { b, rank: *rank })
-                }),
-                voff,
+    // The tables with every slot's intermediate at column 0 (`arena` false) or at `voffs`.
+    let gpu_groups = |arena: bool| -> Vec<Option<LoraGroupSlot<'_, CudaBackend>>> {
+        slots
+            .iter()
+            .zip(&voffs)
+            .map(|(s, &voff)| {
+                s.as_ref().map(|((a, _), parts)| LoraGroupSlot {
+                    a,
+                    parts: std::array::from_fn(|j| {
+                        let (b, _, rank) = parts.get(j)?.as_ref()?;
+                        Some(LoraPart { b, rank: *rank })
+                    }),
+                    voff: if arena { voff } else { 0 },
+                })
             })
-        })
-        .collect();
-    let cpu_groups: Vec<Option<LoraGroupSlot<'_, CpuBackend>>> = slots
-        .iter()
-        .zip(&voffs)
-        .map(|(s, &voff)| {
-            s.as_ref().map(|((_, a), parts)| LoraGroupSlot {
-                a,
-                parts: std::array::from_fn(|j| {
-                    let (_, b, rank) = parts.get(j)?.as_ref()?;
-                    Some(LoraPart { b, rank: *rank })
-                }),
-                voff,
+            .collect()
+    };
+    let cpu_groups = |arena: bool| -> Vec<Option<LoraGroupSlot<'_, CpuBackend>>> {
+        slots
+            .iter()
+            .zip(&voffs)
+            .map(|(s, &voff)| {
+                s.as_ref().map(|((_, a), parts)| LoraGroupSlot {
+                    a,
+                    parts: std::array::from_fn(|j| {
+                        let (_, b, rank) = parts.get(j)?.as_ref()?;
+                        Some(LoraPart { b, rank: *rank })
+                    }),
+                    voff: if arena { voff } else { 0 },
+                })
             })
-        })
-        .collect();
-    let table = be.lora_table(&gpu_groups)?;
-    let ctable = cpu.lora_table(&cpu_groups)?;
+            .collect()
+    };
+    let table = be.lora_table(&gpu_groups(false))?;
+    let ctable = cpu.lora_table(&cpu_groups(false))?;
     let segments = SegmentTable::from_row_slots(&case.rows);
     let meta = StepMeta {
         segments,
@@ -288,7 +291,7 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
 
     // Expand from the device's v on the GPU (NaN outside each row's rank: must not be read) and
     // from the same values, NaN cleared, on the CPU, so the check covers the expand alone.
-    let mut v_clean: Vec<f32> = v_out
+    let v_clean: Vec<f32> = v_out
         .iter()
         .map(|&e| if e.is_nan() { 0.0 } else { e })
         .collect();
@@ -296,18 +299,48 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
     let tables = (&table, &ctable, &dmeta, &cmeta);
     expand_check(c, case, tables, (&dv, &cv_clean), v_width, label.clone())?;
     if case.arena {
-        // v in the activations' dtype, NaN kept where no slot's columns are.
-        let dvh = be.upload(dt, &v_out)?;
-        round(dt, &mut v_clean);
-        let cvh = cpu.upload(dt, &v_clean)?;
+        // Each row's intermediate moved to its slot's arena columns, NaN elsewhere (the GPU
+        // must not read those), in f32 and in the activations' dtype.
+        let mut wide = vec![f32::NAN; n_rows * arena_width];
+        for (row, slot) in case.rows.iter().enumerate() {
+            let Some(s) = slot.map(|s| s as usize) else {
+                continue;
+            };
+            let (voff, total) = (voffs[s], totals[s]);
+            wide[row * arena_width + voff..][..total]
+                .copy_from_slice(&v_out[row * v_width..][..total]);
+        }
+        let mut wide_clean: Vec<f32> = wide
+            .iter()
+            .map(|&e| if e.is_nan() { 0.0 } else { e })
+            .collect();
+        let atable = be.lora_table(&gpu_groups(true))?;
+        let catable = cpu.lora_table(&cpu_groups(true))?;
+        let tables = (&atable, &catable, &dmeta, &cmeta);
+        let dv = be.upload(DType::F32, &wide)?;
+        let cv = cpu.upload(DType::F32, &wide_clean)?;
+        let arena_label = format!("{label}, arena columns");
         expand_check(
             c,
             case,
             tables,
-            (&dvh, &cvh),
-            v_width,
-            format!("{label} v {dt:?}"),
+            (&dv, &cv),
+            arena_width,
+            arena_label.clone(),
         )?;
+        let dvh = be.upload(dt, &wide)?;
+        round(dt, &mut wide_clean);
+        let cvh = cpu.upload(dt, &wide_clean)?;
+        let label = format!("{arena_label}, v {dt:?}");
+        expand_check(c, case, tables, (&dvh, &cvh), arena_width, label)?;
+        // Such a table serves expands only.
+        let (mut scratch, _) = c.poisoned(DType::F32, n_rows * arena_width)?;
+        if be
+            .sgmv_shrink(&dx, &atable, &dmeta, h_in, arena_width, &mut scratch)
+            .is_ok()
+        {
+            c.fail("sgmv_shrink", arena_label, "took an arena table".into());
+        }
     }
     Ok(())
 }
