@@ -162,3 +162,13 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 
 #define NEG_INF __int_as_float(0xff800000u)
+
+// Eight halves of a 16-byte vector as floats, element order kept.
+template <typename T>
+__device__ __forceinline__ void unpack8(uint4 p, float* f) {
+    const T d = T{};
+    f[0] = lo_f32(d, p.x); f[1] = hi_f32(d, p.x);
+    f[2] = lo_f32(d, p.y); f[3] = hi_f32(d, p.y);
+    f[4] = lo_f32(d, p.z); f[5] = hi_f32(d, p.z);
+    f[6] = lo_f32(d, p.w); f[7] = hi_f32(d, p.w);
+}

@@ -50,16 +50,6 @@ __device__ void rms_norm_impl(T* __restrict__ residual, const T* __restrict__ x,
 
 #define NORM_VEC_THREADS 512
 
-// Eight halves of a 16-byte vector as floats, element order kept.
-template <typename T>
-__device__ __forceinline__ void unpack8(uint4 p, float* f) {
-    const T d = T{};
-    f[0] = lo_f32(d, p.x); f[1] = hi_f32(d, p.x);
-    f[2] = lo_f32(d, p.y); f[3] = hi_f32(d, p.y);
-    f[4] = lo_f32(d, p.z); f[5] = hi_f32(d, p.z);
-    f[6] = lo_f32(d, p.w); f[7] = hi_f32(d, p.w);
-}
-
 template <typename T>
 __device__ __forceinline__ uint4 pack8(const float* f) {
     return make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]),

@@ -259,11 +259,7 @@ __device__ __forceinline__ void load_v8(const T* row, int k, int rank, bool ok, 
                                         float* out) {
     if (ok && vec && k + 8 <= rank) {
         const uint4 p = __ldcg(reinterpret_cast<const uint4*>(row + k));
-        const T d = T{};
-        out[0] = lo_f32(d, p.x); out[1] = hi_f32(d, p.x);
-        out[2] = lo_f32(d, p.y); out[3] = hi_f32(d, p.y);
-        out[4] = lo_f32(d, p.z); out[5] = hi_f32(d, p.z);
-        out[6] = lo_f32(d, p.w); out[7] = hi_f32(d, p.w);
+        unpack8<T>(p, out);
         return;
     }
 #pragma unroll
@@ -288,11 +284,7 @@ template <typename T>
 __device__ __forceinline__ void load_v8_l1(const T* row, int k, int rank, bool vec, float* out) {
     if (vec && k + 8 <= rank) {
         const uint4 p = *reinterpret_cast<const uint4*>(row + k);
-        const T d = T{};
-        out[0] = lo_f32(d, p.x); out[1] = hi_f32(d, p.x);
-        out[2] = lo_f32(d, p.y); out[3] = hi_f32(d, p.y);
-        out[4] = lo_f32(d, p.z); out[5] = hi_f32(d, p.z);
-        out[6] = lo_f32(d, p.w); out[7] = hi_f32(d, p.w);
+        unpack8<T>(p, out);
         return;
     }
 #pragma unroll
