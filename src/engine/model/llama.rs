@@ -260,16 +260,7 @@ impl<B: Backend> Llama<B> {
         if !adapter.uploaded(b.as_ref()) || lora.arena.iter().all(|a| a.cap == 0) {
             return Ok(false);
         }
-        let ranks: [usize; 4] = LoraGroup::ALL.map(|g| {
-            adapter
-                .layers
-                .iter()
-                .filter_map(|layer| layer[g.index()].as_ref())
-                .map(DeviceLoraGroup::rank)
-                .max()
-                .unwrap_or(0)
-        });
-        let Some(at) = lora.arena_alloc(slot, ranks) else {
+        let Some(at) = lora.arena_alloc(slot, adapter.group_ranks) else {
             return Ok(false);
         };
         let Some(Some(adapter)) = lora.slots.get(slot) else {
@@ -637,23 +628,24 @@ impl<B: Backend> Lora<'_, B> {
         y: &mut B::Buf,
         y_stride: usize,
     ) -> Result<()> {
+        let table = match (self.arena, pending) {
+            (true, _) => self.state.arena_tables[layer][group.index()].as_ref(),
+            (false, true) => self.table(layer, group),
+            (false, false) => None,
+        };
+        let Some(table) = table else {
+            return Ok(());
+        };
+        let (_, outs) = self.config.group_dims(group);
         if self.arena {
-            let Some(table) = self.state.arena_tables[layer][group.index()].as_ref() else {
-                return Ok(());
-            };
-            let (_, outs) = self.config.group_dims(group);
             let v = self.b.alias(y);
             self.b
                 .sgmv_expand(&v, table, self.meta, y_stride, &outs, y_stride, 0, y)?;
-            return Ok(());
+        } else {
+            self.b.join_side()?;
+            self.b
+                .sgmv_expand(v, table, self.meta, self.max_rank, &outs, y_stride, 0, y)?;
         }
-        let (true, Some(table)) = (pending, self.table(layer, group)) else {
-            return Ok(());
-        };
-        self.b.join_side()?;
-        let (_, outs) = self.config.group_dims(group);
-        self.b
-            .sgmv_expand(v, table, self.meta, self.max_rank, &outs, y_stride, 0, y)?;
         Ok(())
     }
 
@@ -717,7 +709,8 @@ impl<B: Backend> KvCache<B> {
 /// One adapter's matrices on the device, per layer and [`LoraGroup`].
 pub struct DeviceAdapter<B: Backend> {
     layers: Vec<[Option<DeviceLoraGroup<B>>; 4]>,
-    max_rank: usize,
+    /// Per [`LoraGroup`], its largest total rank over the layers (0: no layer has it).
+    group_ranks: [usize; 4],
 }
 
 /// One adapter's LoRA group on the device: the parts' A stacked, and each part's B and rank.
@@ -726,18 +719,11 @@ struct DeviceLoraGroup<B: Backend> {
     parts: [Option<(B::Buf, usize)>; MAX_GROUP_PARTS],
 }
 
-impl<B: Backend> DeviceLoraGroup<B> {
-    /// Rows of its stacked A.
-    fn rank(&self) -> usize {
-        self.parts.iter().flatten().map(|p| p.1).sum()
-    }
-}
-
 impl<B: Backend> std::fmt::Debug for DeviceAdapter<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceAdapter")
             .field("layers", &self.layers.len())
-            .field("max_rank", &self.max_rank)
+            .field("group_ranks", &self.group_ranks)
             .finish()
     }
 }
@@ -752,7 +738,8 @@ pub struct StagedAdapter<B: Backend> {
     /// stacked A, then the B of each part present.
     groups: Vec<(usize, LoraGroup, PartRanks)>,
     num_layers: usize,
-    max_rank: usize,
+    /// Per [`LoraGroup`], its largest total rank over the layers.
+    group_ranks: [usize; 4],
     bytes: usize,
     staged: Arc<B::Staged>,
 }
@@ -763,7 +750,7 @@ impl<B: Backend> StagedAdapter<B> {
         let mut groups = Vec::new();
         // Per group: the stacked A (borrowed when the group has one part present), then Bs.
         let mut tensors: Vec<Cow<'_, [f32]>> = Vec::new();
-        let mut max_rank = 0;
+        let mut group_ranks = [0usize; 4];
         for l in 0..weights.num_layers() {
             for g in LoraGroup::ALL {
                 let mods: Vec<_> = g.parts().iter().map(|&p| weights.get(l, p)).collect();
@@ -774,7 +761,8 @@ impl<B: Backend> StagedAdapter<B> {
                 let ranks: PartRanks = std::array::from_fn(|j| {
                     mods.get(j).and_then(|m| m.as_ref()).map_or(0, |m| m.rank)
                 });
-                max_rank = max_rank.max(ranks.iter().sum());
+                let total = &mut group_ranks[g.index()];
+                *total = (*total).max(ranks.iter().sum());
                 groups.push((l, g, ranks));
                 tensors.push(match present.as_slice() {
                     [one] => Cow::Borrowed(one.a.as_slice()),
@@ -789,7 +777,7 @@ impl<B: Backend> StagedAdapter<B> {
         Ok(StagedAdapter {
             groups,
             num_layers: weights.num_layers(),
-            max_rank,
+            group_ranks,
             bytes,
             staged: Arc::new(backend.stage(dtype, &tensors)?),
         })
@@ -828,13 +816,13 @@ impl<B: Backend> DeviceAdapter<B> {
         }
         Ok(DeviceAdapter {
             layers,
-            max_rank: staged.max_rank,
+            group_ranks: staged.group_ranks,
         })
     }
 
     /// Largest rank of a group (its parts' ranks summed): the width of its shrink's output.
     pub fn max_rank(&self) -> usize {
-        self.max_rank
+        self.group_ranks.into_iter().max().unwrap_or(0)
     }
 
     /// One of its buffers: all of an adapter's buffers come from one upload (see
@@ -940,11 +928,7 @@ impl<B: Backend> LoraState<B> {
 
     /// Rows for an adapter of `ranks` (per group; 0: it lacks the group) in every group's
     /// arena, or `None` (nothing taken) when one has no room.
-    fn arena_alloc(
-        &mut self,
-        slot: usize,
-        ranks: [usize; 4],
-    ) -> Option<[Option<(usize, usize)>; 4]> {
+    fn arena_alloc(&mut self, slot: usize, ranks: [usize; 4]) -> Option<ArenaPlace> {
         let mut at = [None; 4];
         for (g, &r) in ranks.iter().enumerate() {
             if r > 0 {
@@ -1075,7 +1059,7 @@ impl<B: Backend> LoraState<B> {
             .slots
             .iter()
             .flatten()
-            .map(|a| a.max_rank)
+            .map(DeviceAdapter::max_rank)
             .max()
             .unwrap_or(0);
         for l in 0..self.num_layers {
