@@ -628,6 +628,183 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Streaming expand: the row expand's work (segments of at most a tile of rows, each its own
+// slot) as one wave of blocks. A block owns one row tile and up to STREAM_THREADS * STREAM_CPT
+// columns of one part; it copies that column chunk of its slot's B into shared memory with
+// cp.async before its wait (B comes from host copies), so a block keeps its whole share of the
+// weight stream in flight without holding it in registers, and the host sizes the chunks so that
+// every block is resident at once (cuda/plan.rs `expand_stream_plan`). After the wait the tile's
+// v rows go to shared memory as f32, the first row's y is loaded, and each thread computes whole
+// columns (tid, tid + STREAM_THREADS, ...) for every row, loading the next row's y before
+// storing the current one.
+//
+// Shared memory: the B chunk [columns][rank] (16-byte pieces of a column permuted by
+// stream_swz when the rank is a multiple of 8, so that the eight columns a quarter-warp reads
+// fall on distinct banks), then v at byte v_off: [rows][rank] f32.
+
+#define STREAM_THREADS 128
+#define STREAM_CPT 4
+#define STREAM_BLOCKS_PER_SM 12
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const u32 s = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+}
+
+// Position of 16-byte piece q of column c in a chunk of nq pieces a column: XOR with the
+// column's index among those sharing its 128-byte line pattern (nq a power of two; others are
+// left in place).
+__device__ __forceinline__ int stream_swz(int c, int q, int nq) {
+    if (nq < 2 || (nq & (nq - 1)) != 0) return c * nq + q;
+    const int m = nq < 8 ? nq : 8;
+    const int cpl = nq < 8 ? 8 / nq : 1;
+    return c * nq + (q ^ ((c / cpl) & (m - 1)));
+}
+
+template <typename T, typename VT>
+__device__ __forceinline__ void sgmv_expand_stream_impl(
+    const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
+    int end0, int end1, int end2, int cols, int v_off, const LoraSlot* __restrict__ table,
+    const u32* __restrict__ tiles, const u32* __restrict__ segs) {
+    extern __shared__ uint4 sb[];
+    const TileSeg ts = tile_seg(tiles, segs, blockIdx.y);
+    if (ts.end <= ts.row0) {  // a TILE_NONE entry
+        pdl_enter();
+        return;
+    }
+    // blockIdx.x -> (part, chunk of the part's columns)
+    const int w0 = end0, w1 = end1 - end0, w2 = end2 - end1;
+    const int n0 = (w0 + cols - 1) / cols, n1 = (w1 + cols - 1) / cols;
+    int bx = blockIdx.x, j, start, width;
+    if (bx < n0) {
+        j = 0, start = 0, width = w0;
+    } else if (bx < n0 + n1) {
+        j = 1, start = end0, width = w1, bx -= n0;
+    } else {
+        j = 2, start = end1, width = w2, bx -= n0 + n1;
+    }
+    const int c0 = bx * cols;
+    const LoraSlot* s = table + ts.slot;
+    const void* bptr = s->b[j];
+    const int rank = (int)s->prank[j];
+    const int voff = (int)s->voff[j];
+    if (c0 >= width || bptr == nullptr || rank == 0) {
+        pdl_enter();
+        return;
+    }
+    const int nc = min(cols, width - c0);
+    const int tid = threadIdx.x;
+    const T* B = reinterpret_cast<const T*>(bptr) + (size_t)c0 * rank;
+    const bool vec = (rank & 7) == 0;
+    const int nq = rank >> 3;
+    if (vec) {
+        const uint4* src = reinterpret_cast<const uint4*>(B);
+        for (int i = tid; i < nc * nq; i += STREAM_THREADS) {
+            const int c = i / nq;
+            cp_async16(sb + stream_swz(c, i - c * nq, nq), src + i);
+        }
+    } else {
+        const u16* src = reinterpret_cast<const u16*>(B);
+        u16* dst = reinterpret_cast<u16*>(sb);
+        for (int i = tid; i < nc * rank; i += STREAM_THREADS) dst[i] = src[i];
+    }
+
+    pdl_enter();
+
+    const int nrows = min(16, ts.end - ts.row0);
+    float* sv = reinterpret_cast<float*>(reinterpret_cast<char*>(sb) + v_off);
+    for (int i = tid; i < nrows * rank; i += STREAM_THREADS) {
+        const int r = i / rank;
+        sv[i] = to_f32(v[(size_t)(ts.row0 + r) * v_stride + voff + (i - r * rank)]);
+    }
+    T* yr = y + (size_t)ts.row0 * y_stride + col_offset + start + c0;
+    T yv[STREAM_CPT];
+#pragma unroll
+    for (int i = 0; i < STREAM_CPT; ++i) {
+        const int c = tid + i * STREAM_THREADS;
+        yv[i] = c < nc ? yr[c] : T{};
+    }
+    cp_async_wait_all();
+    __syncthreads();
+
+    const T dummy = T{};
+    for (int r = 0; r < nrows; ++r, yr += y_stride) {
+        const float* vr = sv + r * rank;
+        float acc[STREAM_CPT];
+#pragma unroll
+        for (int i = 0; i < STREAM_CPT; ++i) acc[i] = 0.0f;
+        if (vec) {
+            for (int q = 0; q < nq; ++q) {
+                const float4 p0 = *reinterpret_cast<const float4*>(vr + q * 8);
+                const float4 p1 = *reinterpret_cast<const float4*>(vr + q * 8 + 4);
+#pragma unroll
+                for (int i = 0; i < STREAM_CPT; ++i) {
+                    const int c = tid + i * STREAM_THREADS;
+                    if (c < nc) {
+                        const uint4 b = sb[stream_swz(c, q, nq)];
+                        float a = acc[i];
+                        a = fmaf(p0.x, lo_f32(dummy, b.x), a);
+                        a = fmaf(p0.y, hi_f32(dummy, b.x), a);
+                        a = fmaf(p0.z, lo_f32(dummy, b.y), a);
+                        a = fmaf(p0.w, hi_f32(dummy, b.y), a);
+                        a = fmaf(p1.x, lo_f32(dummy, b.z), a);
+                        a = fmaf(p1.y, hi_f32(dummy, b.z), a);
+                        a = fmaf(p1.z, lo_f32(dummy, b.w), a);
+                        a = fmaf(p1.w, hi_f32(dummy, b.w), a);
+                        acc[i] = a;
+                    }
+                }
+            }
+        } else {
+            const T* sh = reinterpret_cast<const T*>(sb);
+            for (int k = 0; k < rank; ++k) {
+                const float w = vr[k];
+#pragma unroll
+                for (int i = 0; i < STREAM_CPT; ++i) {
+                    const int c = tid + i * STREAM_THREADS;
+                    if (c < nc) acc[i] = fmaf(w, to_f32(sh[c * rank + k]), acc[i]);
+                }
+            }
+        }
+        T next[STREAM_CPT];
+#pragma unroll
+        for (int i = 0; i < STREAM_CPT; ++i) {
+            const int c = tid + i * STREAM_THREADS;
+            next[i] = (r + 1 < nrows && c < nc) ? yr[y_stride + c] : T{};
+        }
+#pragma unroll
+        for (int i = 0; i < STREAM_CPT; ++i) {
+            const int c = tid + i * STREAM_THREADS;
+            if (c < nc) yr[c] = from_f32<T>(to_f32(yv[i]) + acc[i]);
+            yv[i] = next[i];
+        }
+    }
+}
+
+// VNAME: empty for an f32 v, _vh for a v of the activations' type.
+#define DEFINE_EXPAND_STREAM_V(TNAME, TYPE, VNAME, VTYPE)                                      \
+    extern "C" __global__ void __launch_bounds__(STREAM_THREADS, STREAM_BLOCKS_PER_SM)       \
+        sgmv_expand_stream_##TNAME##VNAME(                                                    \
+            const VTYPE* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,    \
+            int col_offset, int end0, int end1, int end2, int cols, int v_off,                \
+            const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,                \
+            const u32* __restrict__ segs) {                                                   \
+        sgmv_expand_stream_impl<TYPE, VTYPE>(v, v_stride, y, y_stride, col_offset, end0,      \
+                                             end1, end2, cols, v_off, table, tiles, segs);    \
+    }
+
+#define DEFINE_EXPAND_STREAM(TNAME, TYPE)                                                     \
+    DEFINE_EXPAND_STREAM_V(TNAME, TYPE, , float)                                              \
+    DEFINE_EXPAND_STREAM_V(TNAME, TYPE, _vh, TYPE)
+
+DEFINE_EXPAND_STREAM(bf16, bf16)
+DEFINE_EXPAND_STREAM(f16, f16)
+
 #define DEFINE_SHRINK_ROWS(TNAME, TYPE)                                                       \
     extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 8)                          \
         sgmv_shrink_rows_##TNAME(                                                             \
