@@ -629,27 +629,23 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
 }
 
 // ---------------------------------------------------------------------------------------------
-// SiLU-mul fused with the LoRA expand of gate|up, for steps whose intermediate v lies in
-// gate_up's own extra columns (the LoRA arena: the base GEMM computed it), so no expand kernel
-// runs between the GEMM and SiLU-mul:
-//   out[row, c] = silu(g) * u,  g = gate_up[row, c] + v[row, voff_0 ..][:rank_0] . B_0[c, :],
-//                               u = gate_up[row, n + c] + v[row, voff_1 ..][:rank_1] . B_1[c, :],
-// g and u rounded to T first, as the expand writes them. Blocks cover (chunk of `cols`
-// columns, cover tile): the cover tiles take every row of the step, rows of no adapter too
-// (plain SiLU-mul). A block copies its slot's chunks of B_0 and B_1 into shared memory with
-// cp.async before its wait (B comes from host copies), so its share of the adapters' weight
-// stream is in flight without registers; after the wait it stages the tile's v in shared
-// memory as f32 and loads the first row's g and u. Each thread computes whole columns
-// (tid + i * STREAM_THREADS) row after row, loading the next row before storing this one.
+// Streaming expand: the row expand's work (segments of at most a tile of rows, each its own
+// slot) as one wave of blocks. A block owns one row tile and up to STREAM_THREADS * STREAM_CPT
+// columns of one part; it copies that column chunk of its slot's B into shared memory with
+// cp.async before its wait (B comes from host copies), so a block keeps its whole share of the
+// weight stream in flight without holding it in registers, and the host sizes the chunks so that
+// every block is resident at once (cuda/plan.rs `expand_stream_plan`). After the wait the tile's
+// v rows go to shared memory as f32, the first row's y is loaded, and each thread computes whole
+// columns (tid, tid + STREAM_THREADS, ...) for every row, loading the next row's y before
+// storing the current one.
 //
-// Shared memory: B_0's chunk [cols][rank_0] at 0, B_1's at b1_off, then v at v_off:
-// [rows][rp_0 + rp_1] f32 (rp: the rank rounded up to 8). A chunk's 16-byte pieces are
-// permuted by stream_swz when its rank is a multiple of 8, so that the eight columns a
-// quarter-warp reads fall on distinct banks.
+// Shared memory: the B chunk [columns][rank] (16-byte pieces of a column permuted by
+// stream_swz when the rank is a multiple of 8, so that the eight columns a quarter-warp reads
+// fall on distinct banks), then v at byte v_off: [rows][rank] f32.
 
 #define STREAM_THREADS 128
 #define STREAM_CPT 4
-#define STREAM_BLOCKS_PER_SM 8
+#define STREAM_BLOCKS_PER_SM 12
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const u32 s = (u32)__cvta_generic_to_shared(smem);
@@ -670,140 +666,144 @@ __device__ __forceinline__ int stream_swz(int c, int q, int nq) {
     return c * nq + (q ^ ((c / cpl) & (m - 1)));
 }
 
-// Copy nc columns of B ([col][rank] halves) into dst, laid out for stream_dot.
-template <typename T>
-__device__ __forceinline__ void stream_copy(uint4* dst, const T* B, int nc, int rank) {
-    if ((rank & 7) == 0) {
-        const int nq = rank >> 3;
-        const uint4* src = reinterpret_cast<const uint4*>(B);
-        for (int i = threadIdx.x; i < nc * nq; i += STREAM_THREADS) {
-            const int c = i / nq;
-            cp_async16(dst + stream_swz(c, i - c * nq, nq), src + i);
-        }
-    } else {
-        const u16* src = reinterpret_cast<const u16*>(B);
-        u16* d = reinterpret_cast<u16*>(dst);
-        for (int i = threadIdx.x; i < nc * rank; i += STREAM_THREADS) d[i] = src[i];
-    }
-}
-
-// Column c of a chunk that stream_copy wrote, dotted with vr[0 .. rank) (f32, 32-byte aligned).
-template <typename T>
-__device__ __forceinline__ float stream_dot(const uint4* sb, int c, int rank, const float* vr) {
-    const T t = T{};
-    float a = 0.0f;
-    if ((rank & 7) == 0) {
-        const int nq = rank >> 3;
-        for (int q = 0; q < nq; ++q) {
-            const float4 p0 = *reinterpret_cast<const float4*>(vr + q * 8);
-            const float4 p1 = *reinterpret_cast<const float4*>(vr + q * 8 + 4);
-            const uint4 b = sb[stream_swz(c, q, nq)];
-            a = fmaf(p0.x, lo_f32(t, b.x), a);
-            a = fmaf(p0.y, hi_f32(t, b.x), a);
-            a = fmaf(p0.z, lo_f32(t, b.y), a);
-            a = fmaf(p0.w, hi_f32(t, b.y), a);
-            a = fmaf(p1.x, lo_f32(t, b.z), a);
-            a = fmaf(p1.y, hi_f32(t, b.z), a);
-            a = fmaf(p1.z, lo_f32(t, b.w), a);
-            a = fmaf(p1.w, hi_f32(t, b.w), a);
-        }
-    } else {
-        const T* sh = reinterpret_cast<const T*>(sb);
-        for (int k = 0; k < rank; ++k) a = fmaf(vr[k], to_f32(sh[c * rank + k]), a);
-    }
-    return a;
-}
-
-template <typename T>
-__device__ __forceinline__ void sgmv_silu_mul_impl(
-    const T* __restrict__ gate_up, int stride, int n, T* __restrict__ out, int cols, int b1_off,
-    int v_off, const LoraSlot* __restrict__ table, const u32* __restrict__ cover) {
+template <typename T, typename VT>
+__device__ __forceinline__ void sgmv_expand_stream_impl(
+    const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
+    int end0, int end1, int end2, int cols, int v_off, const LoraSlot* __restrict__ table,
+    const u32* __restrict__ tiles, const u32* __restrict__ segs) {
     extern __shared__ uint4 sb[];
-    const u32* ct = cover + 3 * blockIdx.y;
-    const int row0 = (int)ct[0], end = (int)ct[1];
-    const u32 slot = ct[2];
-    const int c0 = blockIdx.x * cols;
-    if (end <= row0 || c0 >= n) {  // a padding entry, or past the last chunk
+    const TileSeg ts = tile_seg(tiles, segs, blockIdx.y);
+    if (ts.end <= ts.row0) {  // a TILE_NONE entry
         pdl_enter();
         return;
     }
-    const int nc = min(cols, n - c0), tid = threadIdx.x;
-    int rank0 = 0, rank1 = 0, voff0 = 0, voff1 = 0;
-    const void* b0 = nullptr;
-    const void* b1 = nullptr;
-    if (slot != TILE_NONE) {
-        const LoraSlot* s = table + slot;
-        b0 = s->b[0];
-        b1 = s->b[1];
-        rank0 = b0 != nullptr ? (int)s->prank[0] : 0;
-        rank1 = b1 != nullptr ? (int)s->prank[1] : 0;
-        voff0 = (int)s->voff[0];
-        voff1 = (int)s->voff[1];
+    // blockIdx.x -> (part, chunk of the part's columns)
+    const int w0 = end0, w1 = end1 - end0, w2 = end2 - end1;
+    const int n0 = (w0 + cols - 1) / cols, n1 = (w1 + cols - 1) / cols;
+    int bx = blockIdx.x, j, start, width;
+    if (bx < n0) {
+        j = 0, start = 0, width = w0;
+    } else if (bx < n0 + n1) {
+        j = 1, start = end0, width = w1, bx -= n0;
+    } else {
+        j = 2, start = end1, width = w2, bx -= n0 + n1;
     }
-    uint4* sb1 = reinterpret_cast<uint4*>(reinterpret_cast<char*>(sb) + b1_off);
-    if (rank0 > 0) stream_copy(sb, reinterpret_cast<const T*>(b0) + (size_t)c0 * rank0, nc, rank0);
-    if (rank1 > 0) stream_copy(sb1, reinterpret_cast<const T*>(b1) + (size_t)c0 * rank1, nc, rank1);
+    const int c0 = bx * cols;
+    const LoraSlot* s = table + ts.slot;
+    const void* bptr = s->b[j];
+    const int rank = (int)s->prank[j];
+    const int voff = (int)s->voff[j];
+    if (c0 >= width || bptr == nullptr || rank == 0) {
+        pdl_enter();
+        return;
+    }
+    const int nc = min(cols, width - c0);
+    const int tid = threadIdx.x;
+    const T* B = reinterpret_cast<const T*>(bptr) + (size_t)c0 * rank;
+    const bool vec = (rank & 7) == 0;
+    const int nq = rank >> 3;
+    if (vec) {
+        const uint4* src = reinterpret_cast<const uint4*>(B);
+        for (int i = tid; i < nc * nq; i += STREAM_THREADS) {
+            const int c = i / nq;
+            cp_async16(sb + stream_swz(c, i - c * nq, nq), src + i);
+        }
+    } else {
+        const u16* src = reinterpret_cast<const u16*>(B);
+        u16* dst = reinterpret_cast<u16*>(sb);
+        for (int i = tid; i < nc * rank; i += STREAM_THREADS) dst[i] = src[i];
+    }
 
     pdl_enter();
 
-    const int nrows = min(16, end - row0);
-    const int rp0 = (rank0 + 7) & ~7, rp1 = (rank1 + 7) & ~7, vs = rp0 + rp1;
+    const int nrows = min(16, ts.end - ts.row0);
     float* sv = reinterpret_cast<float*>(reinterpret_cast<char*>(sb) + v_off);
-    for (int i = tid; i < nrows * vs; i += STREAM_THREADS) {
-        const int r = i / vs, k = i - r * vs;
-        const bool second = k >= rp0;
-        const int kk = second ? k - rp0 : k;
-        const T* vr = gate_up + (size_t)(row0 + r) * stride + (second ? voff1 : voff0);
-        sv[i] = kk < (second ? rank1 : rank0) ? to_f32(vr[kk]) : 0.0f;
+    for (int i = tid; i < nrows * rank; i += STREAM_THREADS) {
+        const int r = i / rank;
+        sv[i] = to_f32(v[(size_t)(ts.row0 + r) * v_stride + voff + (i - r * rank)]);
     }
-    const T* gr = gate_up + (size_t)row0 * stride + c0;
-    T* orow = out + (size_t)row0 * n + c0;
-    T g[STREAM_CPT], u[STREAM_CPT];
+    T* yr = y + (size_t)ts.row0 * y_stride + col_offset + start + c0;
+    T yv[STREAM_CPT];
 #pragma unroll
     for (int i = 0; i < STREAM_CPT; ++i) {
         const int c = tid + i * STREAM_THREADS;
-        g[i] = c < nc ? gr[c] : T{};
-        u[i] = c < nc ? gr[n + c] : T{};
+        yv[i] = c < nc ? yr[c] : T{};
     }
     cp_async_wait_all();
     __syncthreads();
 
-    for (int r = 0; r < nrows; ++r, gr += stride, orow += n) {
-        const float* vr = sv + r * vs;
-        T gn[STREAM_CPT], un[STREAM_CPT];
+    const T dummy = T{};
+    for (int r = 0; r < nrows; ++r, yr += y_stride) {
+        const float* vr = sv + r * rank;
+        float acc[STREAM_CPT];
+#pragma unroll
+        for (int i = 0; i < STREAM_CPT; ++i) acc[i] = 0.0f;
+        if (vec) {
+            for (int q = 0; q < nq; ++q) {
+                const float4 p0 = *reinterpret_cast<const float4*>(vr + q * 8);
+                const float4 p1 = *reinterpret_cast<const float4*>(vr + q * 8 + 4);
+#pragma unroll
+                for (int i = 0; i < STREAM_CPT; ++i) {
+                    const int c = tid + i * STREAM_THREADS;
+                    if (c < nc) {
+                        const uint4 b = sb[stream_swz(c, q, nq)];
+                        float a = acc[i];
+                        a = fmaf(p0.x, lo_f32(dummy, b.x), a);
+                        a = fmaf(p0.y, hi_f32(dummy, b.x), a);
+                        a = fmaf(p0.z, lo_f32(dummy, b.y), a);
+                        a = fmaf(p0.w, hi_f32(dummy, b.y), a);
+                        a = fmaf(p1.x, lo_f32(dummy, b.z), a);
+                        a = fmaf(p1.y, hi_f32(dummy, b.z), a);
+                        a = fmaf(p1.z, lo_f32(dummy, b.w), a);
+                        a = fmaf(p1.w, hi_f32(dummy, b.w), a);
+                        acc[i] = a;
+                    }
+                }
+            }
+        } else {
+            const T* sh = reinterpret_cast<const T*>(sb);
+            for (int k = 0; k < rank; ++k) {
+                const float w = vr[k];
+#pragma unroll
+                for (int i = 0; i < STREAM_CPT; ++i) {
+                    const int c = tid + i * STREAM_THREADS;
+                    if (c < nc) acc[i] = fmaf(w, to_f32(sh[c * rank + k]), acc[i]);
+                }
+            }
+        }
+        T next[STREAM_CPT];
 #pragma unroll
         for (int i = 0; i < STREAM_CPT; ++i) {
             const int c = tid + i * STREAM_THREADS;
-            const bool more = r + 1 < nrows && c < nc;
-            gn[i] = more ? gr[stride + c] : T{};
-            un[i] = more ? gr[stride + n + c] : T{};
+            next[i] = (r + 1 < nrows && c < nc) ? yr[y_stride + c] : T{};
         }
 #pragma unroll
         for (int i = 0; i < STREAM_CPT; ++i) {
             const int c = tid + i * STREAM_THREADS;
-            if (c < nc) {
-                float gf = to_f32(g[i]), uf = to_f32(u[i]);
-                if (rank0 > 0) gf = to_f32(from_f32<T>(gf + stream_dot<T>(sb, c, rank0, vr)));
-                if (rank1 > 0) uf = to_f32(from_f32<T>(uf + stream_dot<T>(sb1, c, rank1, vr + rp0)));
-                orow[c] = from_f32<T>(gf / (1.0f + expf(-gf)) * uf);
-            }
-            g[i] = gn[i];
-            u[i] = un[i];
+            if (c < nc) yr[c] = from_f32<T>(to_f32(yv[i]) + acc[i]);
+            yv[i] = next[i];
         }
     }
 }
 
-#define DEFINE_SILU_MUL(TNAME, TYPE)                                                          \
-    extern "C" __global__ void __launch_bounds__(STREAM_THREADS, STREAM_BLOCKS_PER_SM)        \
-        sgmv_silu_mul_##TNAME(const TYPE* __restrict__ gate_up, int stride, int n,            \
-                              TYPE* __restrict__ out, int cols, int b1_off, int v_off,        \
-                              const LoraSlot* __restrict__ table,                             \
-                              const u32* __restrict__ cover) {                                \
-        sgmv_silu_mul_impl<TYPE>(gate_up, stride, n, out, cols, b1_off, v_off, table, cover); \
+// VNAME: empty for an f32 v, _vh for a v of the activations' type.
+#define DEFINE_EXPAND_STREAM_V(TNAME, TYPE, VNAME, VTYPE)                                      \
+    extern "C" __global__ void __launch_bounds__(STREAM_THREADS, STREAM_BLOCKS_PER_SM)       \
+        sgmv_expand_stream_##TNAME##VNAME(                                                    \
+            const VTYPE* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,    \
+            int col_offset, int end0, int end1, int end2, int cols, int v_off,                \
+            const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,                \
+            const u32* __restrict__ segs) {                                                   \
+        sgmv_expand_stream_impl<TYPE, VTYPE>(v, v_stride, y, y_stride, col_offset, end0,      \
+                                             end1, end2, cols, v_off, table, tiles, segs);    \
     }
 
-DEFINE_SILU_MUL(bf16, bf16)
-DEFINE_SILU_MUL(f16, f16)
+#define DEFINE_EXPAND_STREAM(TNAME, TYPE)                                                     \
+    DEFINE_EXPAND_STREAM_V(TNAME, TYPE, , float)                                              \
+    DEFINE_EXPAND_STREAM_V(TNAME, TYPE, _vh, TYPE)
+
+DEFINE_EXPAND_STREAM(bf16, bf16)
+DEFINE_EXPAND_STREAM(f16, f16)
 
 #define DEFINE_SHRINK_ROWS(TNAME, TYPE)                                                       \
     extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 8)                          \

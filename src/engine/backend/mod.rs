@@ -646,28 +646,6 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// [`Self::silu_mul`] after the LoRA expand of the gate|up group in a step whose
-    /// intermediate lies in `gate_up`'s own extra columns (an arena table: each slot's parts
-    /// read `gate_up` from their [`LoraGroupSlot::voff`]): every segmented row's gate and up
-    /// gain `v · Bᵀ` of its adapter, then `out = silu(gate) * up` for every row. What is left
-    /// in `gate_up`'s first `2n` columns afterwards is unspecified. By default the expand runs
-    /// in place, then [`Self::silu_mul`].
-    #[allow(clippy::too_many_arguments)]
-    fn silu_mul_lora(
-        &self,
-        gate_up: &mut Self::Buf,
-        stride: usize,
-        rows: usize,
-        n: usize,
-        table: &Self::LoraTable,
-        meta: &Self::Meta,
-        out: &mut Self::Buf,
-    ) -> Result<()> {
-        let v = self.alias(gate_up);
-        self.sgmv_expand(&v, table, meta, stride, &[n, n], stride, 0, gate_up)?;
-        self.silu_mul(gate_up, stride, rows, n, out)
-    }
-
     /// SGMV shrink of a LoRA group: for each segment s, rows in s: `v[row, :rank_s] = x[row, :]
     /// · A_sᵀ`, `A_s` being the slot's stacked A and `rank_s` its total rank. A table with a
     /// slot whose [`LoraGroupSlot::voff`] is not 0 serves expands only (an error here).

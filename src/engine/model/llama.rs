@@ -473,7 +473,8 @@ impl<B: Backend> Llama<B> {
                 gu_w,
                 &mut gate_up,
             )?;
-            lora.silu_mul(pending, l, &v, &mut gate_up, (gu_w, rows, inter), &mut act)?;
+            lora.expand(pending, l, LoraGroup::GateUp, &v, &mut gate_up, gu_w)?;
+            b.silu_mul(&gate_up, gu_w, rows, inter, &mut act)?;
             let pending = lora.shrink(l, LoraGroup::Down, &act, &mut v)?;
             b.matmul(&act, &layer.mlp.down_proj, rows, inter, down_w, &mut proj)?;
             lora.expand(pending, l, LoraGroup::Down, &v, &mut proj, down_w)?;
@@ -645,32 +646,6 @@ impl<B: Backend> Lora<'_, B> {
             self.b
                 .sgmv_expand(v, table, self.meta, self.max_rank, &outs, y_stride, 0, y)?;
         }
-        Ok(())
-    }
-
-    /// SiLU-mul of the gate|up GEMM's output `y` into `out`, after its group's expand: one
-    /// fused op in an arena step (no kernel between the GEMM and SiLU-mul), else
-    /// [`Self::expand`] then SiLU-mul. `y` has `rows` rows of `y_stride`; `out` `rows` of `n`.
-    fn silu_mul(
-        &self,
-        pending: bool,
-        layer: usize,
-        v: &B::Buf,
-        y: &mut B::Buf,
-        (y_stride, rows, n): (usize, usize, usize),
-        out: &mut B::Buf,
-    ) -> Result<()> {
-        let arena_table = self
-            .arena
-            .then(|| self.state.arena_tables[layer][LoraGroup::GateUp.index()].as_ref())
-            .flatten();
-        if let Some(table) = arena_table {
-            self.b
-                .silu_mul_lora(y, y_stride, rows, n, table, self.meta, out)?;
-            return Ok(());
-        }
-        self.expand(pending, layer, LoraGroup::GateUp, v, y, y_stride)?;
-        self.b.silu_mul(y, y_stride, rows, n, out)?;
         Ok(())
     }
 

@@ -390,6 +390,9 @@ pub struct CudaBackend {
     shrink_blocks_per_sm: usize,
     /// Expand: 8-column tiles per warp, 4 or 8 (tuning knob, `PUNICA_EXPAND_NTW`).
     expand_ntw: usize,
+    /// Row-segment expands through the streaming kernel (`PUNICA_EXPAND_STREAM=0`: the row
+    /// kernel instead).
+    expand_stream: bool,
     /// Largest split-K of the shrink for tiles of many rows (`PUNICA_SHRINK_MAX_SPLITS_FULL`).
     shrink_max_splits_full: usize,
     /// Spread ranks over blocks when a batch has few tiles (`PUNICA_SHRINK_RANK_SPLIT=0` disables).
@@ -585,6 +588,7 @@ impl CudaBackend {
             profile: (std::env::var("PUNICA_PROFILE_OPS").as_deref() == Ok("1"))
                 .then(|| Mutex::new(profile::OpProfile::new())),
             side_stream: std::env::var("PUNICA_SIDE_STREAM").as_deref() != Ok("0"),
+            expand_stream: std::env::var("PUNICA_EXPAND_STREAM").as_deref() != Ok("0"),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
                 Ok("8") => 8,
                 _ => 4,
@@ -1484,40 +1488,6 @@ impl CudaBackend {
         }
         Ok(true)
     }
-
-    /// A group table against the parts' output widths `outs` and the width of v: every part an
-    /// adapter has is in the group and no wider than its B, and the intermediates fit in v.
-    fn check_parts(
-        table: &CudaLoraTable,
-        outs: &[usize],
-        v_stride: usize,
-        what: &str,
-    ) -> Result<()> {
-        if table.max_vend > v_stride {
-            return Err(shape(format!(
-                "{what}: the table's intermediates end at column {}, past v's width {v_stride}",
-                table.max_vend
-            )));
-        }
-        for (j, &min_out) in table.min_out.iter().enumerate() {
-            match outs.get(j) {
-                Some(&out) if out > min_out => {
-                    return Err(shape(format!(
-                        "{what}: part {j} of {out} columns exceeds an adapter's B height \
-                         {min_out}"
-                    )));
-                }
-                None if min_out != usize::MAX => {
-                    return Err(shape(format!(
-                        "{what}: an adapter has part {j}, the group has {}",
-                        outs.len()
-                    )));
-                }
-                _ => {}
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Every kernel the backend can launch (for warm-up and the embedding test).
@@ -1536,9 +1506,9 @@ pub fn kernel_names() -> Vec<String> {
             for l in [1, 2, 4, 8, 16] {
                 names.push(format!("sgmv_expand_rows_{t}{v}_l{l}"));
             }
+            names.push(format!("sgmv_expand_stream_{t}{v}"));
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
-        names.push(format!("sgmv_silu_mul_{t}"));
     }
     for t in ["bf16", "f16"] {
         for vpt in 1..=plan::NORM_VEC_MAX_HIDDEN / (8 * plan::NORM_VEC_THREADS) {
@@ -2166,65 +2136,6 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn silu_mul_lora(
-        &self,
-        gate_up: &mut CudaBuf,
-        stride: usize,
-        rows: usize,
-        n: usize,
-        table: &CudaLoraTable,
-        meta: &CudaMeta,
-        out: &mut CudaBuf,
-    ) -> Result<()> {
-        if rows != meta.layout.rows {
-            return Err(shape(format!(
-                "silu_mul_lora: {rows} rows in a step of {}",
-                meta.layout.rows
-            )));
-        }
-        if !self.check_lora(gate_up.dtype, table, meta)? {
-            return self.silu_mul(gate_up, stride, rows, n, out);
-        }
-        same_dtype(gate_up, out, "silu_mul_lora")?;
-        if stride < 2 * n {
-            return Err(shape(format!(
-                "silu_mul_lora: rows of {stride} hold no gate and up of {n}"
-            )));
-        }
-        need(gate_up, rows * stride, "silu_mul_lora gate_up")?;
-        need(out, rows * n, "silu_mul_lora out")?;
-        Self::check_parts(table, &[n, n], stride, "silu_mul_lora")?;
-        if n == 0 {
-            return Ok(());
-        }
-        let p = plan::silu_lora_plan(
-            table.max_part_rank,
-            n,
-            meta.layout.cover_grid(),
-            meta.layout.max_seg_rows,
-            self.sm_count,
-        )?;
-        // Launched after the base GEMM like an expand: without programmatic dependent launch
-        // (blocks resident early hold SMs the GEMM's last waves need, docs/gpu-engine.md).
-        self.launch_shared(
-            &kernel!("sgmv_silu_mul_{}", Self::suffix(out.dtype)),
-            (p.grid.0, p.grid.1, 1),
-            (plan::STREAM_THREADS as u32, p.shared),
-            &[
-                Arg::Ptr(gate_up.ptr),
-                i32_arg(stride, "stride")?,
-                i32_arg(n, "n")?,
-                Arg::Ptr(out.ptr),
-                i32_arg(p.cols, "cols")?,
-                i32_arg(p.b1_off, "b1_off")?,
-                i32_arg(p.v_off, "v_off")?,
-                Arg::Ptr(table.ptr),
-                Arg::Ptr(meta.at(meta.layout.cover)),
-            ],
-            false,
-        )
-    }
-
     fn sgmv_shrink(
         &self,
         x: &CudaBuf,
@@ -2369,13 +2280,66 @@ impl Backend for CudaBackend {
         if !self.check_lora(y.dtype, table, meta)? {
             return Ok(());
         }
-        Self::check_parts(table, outs, v_stride, "sgmv_expand")?;
+        if table.max_vend > v_stride {
+            return Err(shape(format!(
+                "sgmv_expand: the table's intermediates end at column {}, past v's width \
+                 {v_stride}",
+                table.max_vend
+            )));
+        }
+        for (j, &min_out) in table.min_out.iter().enumerate() {
+            match outs.get(j) {
+                Some(&out) if out > min_out => {
+                    return Err(shape(format!(
+                        "sgmv_expand: part {j} of {out} columns exceeds an adapter's B height \
+                         {min_out}"
+                    )));
+                }
+                None if min_out != usize::MAX => {
+                    return Err(shape(format!(
+                        "sgmv_expand: an adapter has part {j}, the group has {}",
+                        outs.len()
+                    )));
+                }
+                _ => {}
+            }
+        }
         if self
             .row_limits()
             .expand(meta.layout.max_seg_rows, table.max_part_rank)
         {
             let ends = plan::group_ends(outs);
             let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
+            if self.expand_stream {
+                let sp = plan::expand_stream_plan(
+                    table.max_part_rank,
+                    outs,
+                    meta.layout.tile_grid(),
+                    meta.layout.max_seg_rows,
+                    self.sm_count,
+                )?;
+                return self.launch_shared(
+                    &kernel!("sgmv_expand_stream_{}{v_name}", Self::suffix(y.dtype)),
+                    (sp.grid.0, sp.grid.1, 1),
+                    (plan::STREAM_THREADS as u32, sp.shared),
+                    &[
+                        Arg::Ptr(v.ptr),
+                        i32_arg(v_stride, "v_stride")?,
+                        Arg::Ptr(y.ptr),
+                        i32_arg(y_stride, "y_stride")?,
+                        i32_arg(col_offset, "col_offset")?,
+                        i32_arg(ends[0], "end0")?,
+                        i32_arg(ends[1], "end1")?,
+                        i32_arg(ends[2], "end2")?,
+                        i32_arg(sp.cols, "cols")?,
+                        i32_arg(sp.v_off, "v_off")?,
+                        Arg::Ptr(table.ptr),
+                        Arg::Ptr(meta.at(meta.layout.tiles)),
+                        Arg::Ptr(meta.at(meta.layout.segs)),
+                    ],
+                    overlap,
+                );
+            }
             let h_out: usize = outs.iter().sum();
             let (lanes, (gx, gy)) =
                 plan::expand_rows_plan(table.max_part_rank, h_out, meta.layout.tile_grid())?;

@@ -108,69 +108,68 @@ pub fn expand_rows_plan(
     Ok((lanes, (h_out.div_ceil(cols) as u32, num_tiles as u32)))
 }
 
-/// Threads per block of the fused SiLU-mul + gate|up expand (kernels/sgmv.cu `STREAM_THREADS`).
+/// Threads per block of the streaming expand (kernels/sgmv.cu `STREAM_THREADS`).
 pub const STREAM_THREADS: usize = 128;
-/// Output columns per thread of it (`STREAM_CPT`).
+/// Output columns per thread of the streaming expand (`STREAM_CPT`).
 pub const STREAM_CPT: usize = 4;
-/// Most of its blocks an SM holds (`STREAM_BLOCKS_PER_SM`, its launch bound).
-pub const STREAM_BLOCKS_PER_SM: usize = 8;
+/// Most streaming-expand blocks an SM holds (`STREAM_BLOCKS_PER_SM`, its launch bound).
+pub const STREAM_BLOCKS_PER_SM: usize = 12;
 /// Dynamic shared memory a launch may take without opting in to more.
 pub const MAX_DYNAMIC_SHARED: usize = 48 * 1024;
 /// Shared memory of an sm_90 SM, and what the system keeps of it per resident block.
 const SM_SHARED: usize = 228 * 1024;
 const BLOCK_SHARED_RESERVED: usize = 1024;
 
-/// A launch of the fused SiLU-mul + gate|up expand (kernels/sgmv.cu `sgmv_silu_mul_*`).
+/// A launch of the streaming expand (kernels/sgmv.cu `sgmv_expand_stream_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SiluLoraPlan {
-    /// Output columns per block.
+pub struct StreamPlan {
+    /// Output columns per block (a chunk of one part).
     pub cols: usize,
-    /// `(column chunks, cover tiles)`.
+    /// `(chunks of all parts, row tiles)`.
     pub grid: (u32, u32),
-    /// Dynamic shared memory: the chunks of B_0 and B_1, then the tile's v rows.
+    /// Dynamic shared memory: the B chunk, then the tile's v rows.
     pub shared: u32,
-    /// Byte offsets of B_1's chunk and of the v rows in shared memory.
-    pub b1_off: usize,
+    /// Byte offset of the v rows in shared memory.
     pub v_off: usize,
 }
 
-/// Plan the fused SiLU-mul + gate|up expand over `n` output columns and `num_tiles` cover
+/// Plan the streaming expand of a group whose parts have `outs` columns, over `num_tiles` row
 /// tiles of at most `max_rows` rows, for a table of largest part rank `max_part_rank`. Each
-/// block holds its chunk of both parts' B (`cols` x rank halves each) in shared memory; the
-/// chunk is the widest of 512, 256, 128 or 64 columns that gives every SM two blocks while all
-/// blocks are resident at once (one wave: the whole weight stream in flight). When no width
-/// does both, many tiles take the widest (fewest waves) and few tiles the narrowest.
-pub fn silu_lora_plan(
+/// block holds its chunk of B (`cols` x rank halves) in shared memory; the chunk is the widest
+/// of 512, 256 or 128 columns that gives every SM two blocks while all blocks are resident at
+/// once (one wave, so the whole weight stream is in flight). When no width does both, many
+/// tiles take the widest (fewest waves) and few tiles the narrowest (most blocks).
+pub fn expand_stream_plan(
     max_part_rank: usize,
-    n: usize,
+    outs: &[usize],
     num_tiles: usize,
     max_rows: usize,
     sm_count: usize,
-) -> Result<SiluLoraPlan> {
+) -> Result<StreamPlan> {
     check_rank(max_part_rank)?;
-    if n == 0 || num_tiles == 0 {
+    if outs.is_empty() || outs.len() > MAX_GROUP_PARTS || num_tiles == 0 {
         return Err(BackendError::Shape(format!(
-            "silu_lora_plan: {n} columns over {num_tiles} tiles"
+            "expand_stream_plan: {} parts over {num_tiles} tiles",
+            outs.len()
         )));
     }
     let rows = max_rows.clamp(1, TILE_ROWS);
     let sms = sm_count.max(1);
     let plan = |cols: usize| {
-        let b1_off = (cols * max_part_rank * 2).next_multiple_of(16);
-        let v_off = 2 * b1_off;
-        let shared = v_off + rows * 2 * max_part_rank.next_multiple_of(8) * 4;
-        let blocks = n.div_ceil(cols) * num_tiles;
+        let v_off = (cols * max_part_rank * 2).next_multiple_of(16);
+        let shared = v_off + rows * max_part_rank * 4;
+        let chunks: usize = outs.iter().map(|o| o.div_ceil(cols)).sum();
+        let blocks = chunks * num_tiles;
         let per_sm = STREAM_BLOCKS_PER_SM.min(SM_SHARED / (shared + BLOCK_SHARED_RESERVED));
-        let p = SiluLoraPlan {
+        let p = StreamPlan {
             cols,
-            grid: (n.div_ceil(cols) as u32, num_tiles as u32),
+            grid: (chunks as u32, num_tiles as u32),
             shared: shared as u32,
-            b1_off,
             v_off,
         };
         (p, blocks, sms * per_sm)
     };
-    let widths = [512, 256, 128, 64].map(plan);
+    let widths = [512, 256, 128].map(plan);
     let valid: Vec<_> = widths
         .iter()
         .filter(|(p, _, _)| p.shared as usize <= MAX_DYNAMIC_SHARED)
@@ -185,10 +184,12 @@ pub fn silu_lora_plan(
                 valid.last()
             }
         });
-    // 64 columns of rank 128 and 16 rows take 48 KiB: some width always fits.
-    chosen
-        .map(|(p, _, _)| *p)
-        .ok_or_else(|| BackendError::Shape(format!("silu_lora_plan: rank {max_part_rank}")))
+    // 128 columns of rank 128 and 16 rows take 40 KiB: some width always fits.
+    chosen.map(|(p, _, _)| *p).ok_or_else(|| {
+        BackendError::Shape(format!(
+            "expand_stream_plan: rank {max_part_rank} leaves no chunk width"
+        ))
+    })
 }
 
 /// Bytes of one slot of a LoRA group table (kernels/sgmv.cu `LoraSlot`).
@@ -462,11 +463,6 @@ pub struct MetaLayout {
     /// Tile entries the section holds (at least `rows`): kernels may be launched over any
     /// number of tiles up to it (see [`MetaLayout::tile_grid`]).
     pub tile_cap: usize,
-    /// 3 words per cover tile: first row, end, adapter slot ([`TILE_NONE`]: none). Cover
-    /// tiles take every row of the step, in runs of at most [`TILE_ROWS`] rows of one slot;
-    /// `(0, 0, TILE_NONE)` entries pad the section to `rows` entries.
-    pub cover: usize,
-    pub num_cover: usize,
     pub logit_rows: usize,
     pub num_logit_rows: usize,
     /// Largest adapter slot any segment uses (tables must be longer).
@@ -494,51 +490,6 @@ impl MetaLayout {
         }
         self.num_tiles.next_power_of_two().min(self.tile_cap)
     }
-
-    /// Cover tiles a launch covers, rounded up as [`Self::tile_grid`] rounds tiles.
-    pub fn cover_grid(&self) -> usize {
-        if self.num_cover == 0 {
-            return 0;
-        }
-        self.num_cover.next_power_of_two().min(self.rows)
-    }
-}
-
-/// Every row of a batch of `rows` in tiles of at most [`TILE_ROWS`] consecutive rows of one
-/// adapter slot (`TILE_NONE` for rows in no segment): `[first row, end, slot]`. Errors when a
-/// row lies in two segments.
-pub fn cover_tiles(
-    rows: usize,
-    starts: &[u32],
-    ends: &[u32],
-    slots: &[u32],
-) -> std::result::Result<Vec<[u32; 3]>, String> {
-    let mut slot_of = vec![TILE_NONE; rows];
-    for ((&s, &e), &slot) in starts.iter().zip(ends).zip(slots) {
-        for (r, owner) in slot_of
-            .iter_mut()
-            .enumerate()
-            .take(e as usize)
-            .skip(s as usize)
-        {
-            if *owner != TILE_NONE {
-                return Err(format!("row {r} lies in two segments"));
-            }
-            *owner = slot;
-        }
-    }
-    let mut tiles = Vec::new();
-    let mut row = 0;
-    while row < rows {
-        let slot = slot_of[row];
-        let mut end = row + 1;
-        while end < rows && end - row < TILE_ROWS && slot_of[end] == slot {
-            end += 1;
-        }
-        tiles.push([row as u32, end as u32, slot]);
-        row = end;
-    }
-    Ok(tiles)
 }
 
 /// Validate a step's metadata and pack it into one u32 array so it reaches the device in one
@@ -626,10 +577,6 @@ pub fn pack_meta(meta: &StepMeta, words: &mut Vec<u32>) -> Result<MetaLayout> {
         return bad(format!("logit row {r} outside the batch of {rows}"));
     }
     let num_tiles = row_tiles(&seg.starts, &seg.ends).count();
-    let cover = match cover_tiles(rows, &seg.starts, &seg.ends, &seg.slots) {
-        Ok(c) => c,
-        Err(e) => return bad(format!("segment table: {e}")),
-    };
 
     let mut layout = MetaLayout {
         rows,
@@ -637,7 +584,6 @@ pub fn pack_meta(meta: &StepMeta, words: &mut Vec<u32>) -> Result<MetaLayout> {
         num_segs: seg.len(),
         num_tiles,
         tile_cap: num_tiles.max(rows),
-        num_cover: cover.len(),
         num_logit_rows: meta.logit_rows.len(),
         max_slot: seg.slots.iter().copied().max(),
         max_seg_rows: seg
@@ -682,11 +628,6 @@ pub fn pack_meta(meta: &StepMeta, words: &mut Vec<u32>) -> Result<MetaLayout> {
         words.extend_from_slice(&t);
     }
     pad(words, layout.tiles, 2 * layout.tile_cap, &[TILE_NONE, 0]);
-    layout.cover = words.len();
-    for t in &cover {
-        words.extend_from_slice(t);
-    }
-    pad(words, layout.cover, 3 * rows, &[0, 0, TILE_NONE]);
     layout.logit_rows = words.len();
     words.extend_from_slice(&meta.logit_rows);
     pad(
@@ -771,32 +712,40 @@ mod tests {
     use crate::engine::lora::segments::SegmentTable;
 
     #[test]
-    fn silu_lora_plan_fills_one_wave() {
-        // 7B decode, 32 distinct adapters at r=16 on 132 SMs: 512-column chunks of the 11008
-        // outputs (704 blocks, 6 resident an SM by shared memory: 2 x 16 KiB of B + v).
-        let p = silu_lora_plan(16, 11008, 32, 1, 132).unwrap();
-        assert_eq!(p.cols, 512);
-        assert_eq!(p.grid, (22, 32));
-        assert_eq!((p.b1_off, p.v_off), (16384, 32768));
-        assert_eq!(p.shared as usize, 32768 + 2 * 16 * 4);
-        // The same batch of one adapter: two 16-row tiles, so the narrowest chunks.
-        let p = silu_lora_plan(16, 11008, 2, 16, 132).unwrap();
-        assert_eq!((p.cols, p.grid), (64, (172, 2)));
-        // 128 rows of distinct adapters: more than a wave at any width, so the widest.
-        assert_eq!(silu_lora_plan(16, 11008, 128, 1, 132).unwrap().cols, 512);
-        // Rank 128 with full tiles fits only at 64 columns (2 x 16 KiB of B, 16 KiB of v).
-        let wide = silu_lora_plan(128, 13824, 4, 16, 132).unwrap();
-        assert_eq!((wide.cols, wide.shared), (64, 48 * 1024));
-        // Odd ranks keep B_1 and v 16-byte aligned.
-        let odd = silu_lora_plan(3, 100, 2, 3, 132).unwrap();
+    fn expand_stream_plan_fills_one_wave() {
+        // 7B decode, 32 distinct adapters at r=16 on 132 SMs: gate|up and q|k|v take 512-column
+        // chunks (1,408 and 768 blocks, 12 resident an SM), o and down 256 (512 blocks).
+        let gu = expand_stream_plan(16, &[11008, 11008], 32, 1, 132).unwrap();
+        assert_eq!(gu.cols, 512);
+        assert_eq!(gu.grid, (44, 32));
+        assert_eq!(gu.v_off, 512 * 16 * 2);
+        assert_eq!(gu.shared as usize, 512 * 16 * 2 + 16 * 4);
+        let qkv = expand_stream_plan(16, &[4096, 4096, 4096], 32, 1, 132).unwrap();
+        assert_eq!((qkv.cols, qkv.grid), (512, (24, 32)));
+        let o = expand_stream_plan(16, &[4096], 32, 1, 132).unwrap();
+        assert_eq!((o.cols, o.grid), (256, (16, 32)));
+        // One row: the narrowest chunks; 64 rows of gate|up: more than a wave at any width,
+        // so the widest.
         assert_eq!(
-            (odd.cols, odd.grid, odd.b1_off, odd.v_off),
-            (64, (2, 2), 384, 768)
+            expand_stream_plan(16, &[4096], 1, 1, 132).unwrap().cols,
+            128
         );
-        assert!(silu_lora_plan(0, 8, 1, 1, 132).is_err());
-        assert!(silu_lora_plan(129, 8, 1, 1, 132).is_err());
-        assert!(silu_lora_plan(16, 0, 1, 1, 132).is_err());
-        assert!(silu_lora_plan(16, 8, 0, 1, 132).is_err());
+        assert_eq!(
+            expand_stream_plan(16, &[11008, 11008], 64, 1, 132)
+                .unwrap()
+                .cols,
+            512
+        );
+        // Rank 128 with full tiles fits only at 128 columns (32 KiB of B, 8 KiB of v).
+        let wide = expand_stream_plan(128, &[5120], 4, 16, 132).unwrap();
+        assert_eq!((wide.cols, wide.shared), (128, 40 * 1024));
+        assert!(wide.shared as usize <= MAX_DYNAMIC_SHARED);
+        // Odd ranks keep v 16-byte aligned; odd widths round their chunks up.
+        let odd = expand_stream_plan(3, &[100, 7], 2, 3, 132).unwrap();
+        assert_eq!((odd.cols, odd.grid, odd.v_off), (128, (2, 2), 768));
+        assert!(expand_stream_plan(0, &[8], 1, 1, 132).is_err());
+        assert!(expand_stream_plan(16, &[], 1, 1, 132).is_err());
+        assert!(expand_stream_plan(16, &[8], 0, 1, 132).is_err());
     }
 
     #[test]
@@ -1186,39 +1135,6 @@ mod tests {
                 .chunks(2)
                 .all(|t| t == [TILE_NONE, 0])
         );
-        // Cover tiles take every row, those of no adapter too, and pad with empty entries.
-        assert_eq!(l.num_cover, 5);
-        assert_eq!(
-            &w[l.cover..l.cover + 18],
-            &[
-                0, 2, 1, 2, 3, TILE_NONE, 3, 4, 4, 4, 6, TILE_NONE, 6, 8, 2, 0, 0, TILE_NONE
-            ]
-        );
-        assert_eq!(l.cover_grid(), 8);
-        let (w, l) = &packed[3];
-        assert_eq!((l.num_cover, l.cover_grid()), (1, 1));
-        assert_eq!(&w[l.cover..l.cover + 3], &[0, 8, TILE_NONE]);
-        for (_, l) in &packed[1..] {
-            assert_eq!(l.cover, packed[0].1.cover);
-        }
-    }
-
-    #[test]
-    fn cover_tiles_cut_runs_of_one_slot_into_sixteen_rows() {
-        assert_eq!(
-            cover_tiles(40, &[0, 20], &[20, 40], &[0, 1]).unwrap(),
-            vec![[0, 16, 0], [16, 20, 0], [20, 36, 1], [36, 40, 1]]
-        );
-        // Adjacent segments of one slot still make separate runs only past 16 rows.
-        assert_eq!(
-            cover_tiles(5, &[1, 3], &[3, 4], &[7, 7]).unwrap(),
-            vec![[0, 1, TILE_NONE], [1, 4, 7], [4, 5, TILE_NONE]]
-        );
-        assert!(cover_tiles(0, &[], &[], &[]).unwrap().is_empty());
-        assert!(cover_tiles(6, &[0, 2], &[4, 6], &[0, 1]).is_err());
-        let mut m = step(40);
-        m.segments.starts[1] = 10;
-        assert!(pack(&m).is_err(), "overlapping segments");
     }
 
     #[test]

@@ -214,9 +214,8 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
         }
         slots.push(Some((stacked, parts)));
     }
-    // The tables with every slot's intermediate at column 0 (`arena` None) or at `voffs` past
-    // the given column.
-    let gpu_groups = |arena: Option<usize>| -> Vec<Option<LoraGroupSlot<'_, CudaBackend>>> {
+    // The tables with every slot's intermediate at column 0 (`arena` false) or at `voffs`.
+    let gpu_groups = |arena: bool| -> Vec<Option<LoraGroupSlot<'_, CudaBackend>>> {
         slots
             .iter()
             .zip(&voffs)
@@ -227,12 +226,12 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
                         let (b, _, rank) = parts.get(j)?.as_ref()?;
                         Some(LoraPart { b, rank: *rank })
                     }),
-                    voff: arena.map_or(0, |base| base + voff),
+                    voff: if arena { voff } else { 0 },
                 })
             })
             .collect()
     };
-    let cpu_groups = |arena: Option<usize>| -> Vec<Option<LoraGroupSlot<'_, CpuBackend>>> {
+    let cpu_groups = |arena: bool| -> Vec<Option<LoraGroupSlot<'_, CpuBackend>>> {
         slots
             .iter()
             .zip(&voffs)
@@ -243,13 +242,13 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
                         let (_, b, rank) = parts.get(j)?.as_ref()?;
                         Some(LoraPart { b, rank: *rank })
                     }),
-                    voff: arena.map_or(0, |base| base + voff),
+                    voff: if arena { voff } else { 0 },
                 })
             })
             .collect()
     };
-    let table = be.lora_table(&gpu_groups(None))?;
-    let ctable = cpu.lora_table(&cpu_groups(None))?;
+    let table = be.lora_table(&gpu_groups(false))?;
+    let ctable = cpu.lora_table(&cpu_groups(false))?;
     let segments = SegmentTable::from_row_slots(&case.rows);
     let meta = StepMeta {
         segments,
@@ -315,8 +314,8 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
             .iter()
             .map(|&e| if e.is_nan() { 0.0 } else { e })
             .collect();
-        let atable = be.lora_table(&gpu_groups(Some(0)))?;
-        let catable = cpu.lora_table(&cpu_groups(Some(0)))?;
+        let atable = be.lora_table(&gpu_groups(true))?;
+        let catable = cpu.lora_table(&cpu_groups(true))?;
         let tables = (&atable, &catable, &dmeta, &cmeta);
         let dv = be.upload(DType::F32, &wide)?;
         let cv = cpu.upload(DType::F32, &wide_clean)?;
@@ -340,62 +339,9 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
             .sgmv_shrink(&dx, &atable, &dmeta, h_in, arena_width, &mut scratch)
             .is_ok()
         {
-            c.fail(
-                "sgmv_shrink",
-                arena_label.clone(),
-                "took an arena table".into(),
-            );
-        }
-        // gate|up: SiLU-mul fused with the expand, v in the GEMM output's own columns.
-        if let [n, n2] = outs[..]
-            && n == n2
-            && case.pad == 0
-        {
-            let tables = (
-                &be.lora_table(&gpu_groups(Some(2 * n)))?,
-                &cpu.lora_table(&cpu_groups(Some(2 * n)))?,
-                &dmeta,
-                &cmeta,
-            );
-            silu_lora_check(c, case, tables, &wide, arena_width, arena_label)?;
+            c.fail("sgmv_shrink", arena_label, "took an arena table".into());
         }
     }
-    Ok(())
-}
-
-/// The GPU's [`Backend::silu_mul_lora`] against the CPU's (the expand in place, then SiLU-mul)
-/// for a gate|up group: rows of `[gate | up | arena]`, the arena columns holding `wide` (the
-/// rows' intermediates at their slots' columns, NaN elsewhere: the GPU must not read those).
-fn silu_lora_check(
-    c: &mut Ctx<'_>,
-    case: &SgmvCase,
-    (table, ctable, dmeta, cmeta): (&CudaLoraTable, &CpuLoraTable, &CudaMeta, &CpuMeta),
-    wide: &[f32],
-    arena_width: usize,
-    label: String,
-) -> Result<()> {
-    let (be, cpu) = (c.be, c.cpu.clone());
-    let (dt, rows, n) = (case.dtype, case.rows.len(), case.outs[0]);
-    let stride = 2 * n + arena_width;
-    let y0 = c.rand(dt, rows * 2 * n, 1.0);
-    let mut gu = vec![0.0f32; rows * stride];
-    for r in 0..rows {
-        gu[r * stride..][..2 * n].copy_from_slice(&y0[r * 2 * n..][..2 * n]);
-        gu[r * stride + 2 * n..][..arena_width]
-            .copy_from_slice(&wide[r * arena_width..][..arena_width]);
-    }
-    let mut clean: Vec<f32> = gu
-        .iter()
-        .map(|&e| if e.is_nan() { 0.0 } else { e })
-        .collect();
-    round(dt, &mut clean);
-    let mut dgu = be.upload(dt, &gu)?;
-    let mut cgu = cpu.upload(dt, &clean)?;
-    let (mut dout, mut cout) = c.poisoned(dt, rows * n)?;
-    be.silu_mul_lora(&mut dgu, stride, rows, n, table, dmeta, &mut dout)?;
-    cpu.silu_mul_lora(&mut cgu, stride, rows, n, ctable, cmeta, &mut cout)?;
-    let (got, want) = (be.download(&dout)?, cpu.download(&cout)?);
-    c.record("silu_mul_lora", label, &got, &want, tol(dt));
     Ok(())
 }
 
@@ -604,37 +550,6 @@ fn sgmv_cases() -> Vec<SgmvCase> {
             label: format!("group gate|up 4096->11008 r 16 {} x{tokens}", w.name()),
         });
     }
-    // gate|up with mixed ranks, parts missing, an empty slot, base rows between segments and a
-    // segment longer than a tile: the fused SiLU-mul's scalar and vector B paths.
-    let mut rows = vec![
-        Some(0),
-        Some(1),
-        Some(1),
-        None,
-        Some(0),
-        Some(3),
-        Some(3),
-        None,
-    ];
-    rows.extend(std::iter::repeat_n(Some(4), 19));
-    rows.extend([None, Some(2), Some(5)]);
-    cases.push(SgmvCase {
-        dtype: DType::F16,
-        h_in: 100,
-        outs: vec![300, 300],
-        ranks: vec![
-            vec![Some(3), Some(12)],
-            vec![Some(16), None],
-            vec![None, None],
-            vec![Some(128), Some(128)],
-            vec![Some(8), Some(24)],
-            vec![None, Some(5)],
-        ],
-        rows,
-        pad: 0,
-        arena: true,
-        label: "group gate|up 300|300 ranks 3..128, missing parts, base rows".into(),
-    });
     // SmolLM2's q|k|v (GQA) with adapters lacking parts, mixed ranks, an empty slot, base rows;
     // once with a long segment, once with segments of at most 4 rows (the row kernels).
     for lens in [[3usize, 17, 2, 1, 5], [3, 1, 2, 1, 4]] {
