@@ -281,10 +281,6 @@ mod tests {
                 let t = t.strip_suffix("_vh").unwrap_or(t);
                 src.contains(&format!("DEFINE_EXPAND_ROWS({t}, {t}, {l})"))
                     && src.contains("DEFINE_EXPAND_ROWS_V(TNAME, TYPE, _vh, TYPE, RL)")
-            } else if let Some(t) = name.strip_prefix("sgmv_expand_stream_") {
-                let t = t.strip_suffix("_vh").unwrap_or(t);
-                src.contains(&format!("DEFINE_EXPAND_STREAM({t}, {t})"))
-                    && src.contains("DEFINE_EXPAND_STREAM_V(TNAME, TYPE, _vh, TYPE)")
             } else if let Some(rest) = name.strip_prefix("sgmv_expand_") {
                 let (t, kw) = rest.split_once("_k").unwrap();
                 let t = t.strip_suffix("_vh").unwrap_or(t);

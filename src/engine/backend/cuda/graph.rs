@@ -87,8 +87,6 @@ pub struct LaunchOp {
     pub pdl: bool,
     /// On the side stream.
     pub side: bool,
-    /// Dynamic shared memory in bytes (at most 48 KiB: no kernel opts in to more).
-    pub shared: u32,
 }
 
 /// One cuBLAS GEMM of a trace: row-major `out[rows, n] = x[rows, k] · w[n, k]ᵀ`.
@@ -426,7 +424,6 @@ mod tests {
             args: ArgSlots::new([arg]).unwrap_or_default(),
             pdl: true,
             side,
-            shared: 0,
         })
     }
 

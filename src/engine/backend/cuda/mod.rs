@@ -390,9 +390,6 @@ pub struct CudaBackend {
     shrink_blocks_per_sm: usize,
     /// Expand: 8-column tiles per warp, 4 or 8 (tuning knob, `PUNICA_EXPAND_NTW`).
     expand_ntw: usize,
-    /// Row-segment expands through the streaming kernel (`PUNICA_EXPAND_STREAM=0`: the row
-    /// kernel instead).
-    expand_stream: bool,
     /// Largest split-K of the shrink for tiles of many rows (`PUNICA_SHRINK_MAX_SPLITS_FULL`).
     shrink_max_splits_full: usize,
     /// Spread ranks over blocks when a batch has few tiles (`PUNICA_SHRINK_RANK_SPLIT=0` disables).
@@ -588,7 +585,6 @@ impl CudaBackend {
             profile: (std::env::var("PUNICA_PROFILE_OPS").as_deref() == Ok("1"))
                 .then(|| Mutex::new(profile::OpProfile::new())),
             side_stream: std::env::var("PUNICA_SIDE_STREAM").as_deref() != Ok("0"),
-            expand_stream: std::env::var("PUNICA_EXPAND_STREAM").as_deref() != Ok("0"),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
                 Ok("8") => 8,
                 _ => 4,
@@ -753,41 +749,12 @@ impl CudaBackend {
         self.launch_slots(name, grid, block, arg_slots(args)?, pdl)
     }
 
-    /// [`Self::launch_slots`] with `shared` bytes of dynamic shared memory.
-    fn launch_shared(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        (block, shared): (u32, u32),
-        args: &[Arg],
-        pdl: bool,
-    ) -> Result<()> {
-        if shared as usize > plan::MAX_DYNAMIC_SHARED {
-            return Err(shape(format!(
-                "{name}: {shared} bytes of shared memory exceed {}",
-                plan::MAX_DYNAMIC_SHARED
-            )));
-        }
-        self.submit_launch(name, grid, (block, shared), arg_slots(args)?, pdl)
-    }
-
     /// [`Self::launch`] with the arguments already in their slots.
     fn launch_slots(
         &self,
         name: &str,
         grid: (u32, u32, u32),
         block: u32,
-        args: graph::ArgSlots,
-        pdl: bool,
-    ) -> Result<()> {
-        self.submit_launch(name, grid, (block, 0), args, pdl)
-    }
-
-    fn submit_launch(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        (block, shared): (u32, u32),
         args: graph::ArgSlots,
         pdl: bool,
     ) -> Result<()> {
@@ -805,7 +772,6 @@ impl CudaBackend {
             args,
             pdl,
             side: self.on_side.load(std::sync::atomic::Ordering::Relaxed),
-            shared,
         }))?;
         self.profile_mark(name)?;
         *lock(&self.last) = if name.starts_with("sgmv_shrink") {
@@ -876,7 +842,7 @@ impl CudaBackend {
             blockDimX: l.block,
             blockDimY: 1,
             blockDimZ: 1,
-            sharedMemBytes: l.shared,
+            sharedMemBytes: 0,
             hStream: stream,
             attrs: if l.pdl {
                 &mut attr
@@ -1506,7 +1472,6 @@ pub fn kernel_names() -> Vec<String> {
             for l in [1, 2, 4, 8, 16] {
                 names.push(format!("sgmv_expand_rows_{t}{v}_l{l}"));
             }
-            names.push(format!("sgmv_expand_stream_{t}{v}"));
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
     }
@@ -2308,41 +2273,11 @@ impl Backend for CudaBackend {
             .row_limits()
             .expand(meta.layout.max_seg_rows, table.max_part_rank)
         {
-            let ends = plan::group_ends(outs);
-            let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
-            if self.expand_stream {
-                let sp = plan::expand_stream_plan(
-                    table.max_part_rank,
-                    outs,
-                    meta.layout.tile_grid(),
-                    meta.layout.max_seg_rows,
-                    self.sm_count,
-                )?;
-                return self.launch_shared(
-                    &kernel!("sgmv_expand_stream_{}{v_name}", Self::suffix(y.dtype)),
-                    (sp.grid.0, sp.grid.1, 1),
-                    (plan::STREAM_THREADS as u32, sp.shared),
-                    &[
-                        Arg::Ptr(v.ptr),
-                        i32_arg(v_stride, "v_stride")?,
-                        Arg::Ptr(y.ptr),
-                        i32_arg(y_stride, "y_stride")?,
-                        i32_arg(col_offset, "col_offset")?,
-                        i32_arg(ends[0], "end0")?,
-                        i32_arg(ends[1], "end1")?,
-                        i32_arg(ends[2], "end2")?,
-                        i32_arg(sp.cols, "cols")?,
-                        i32_arg(sp.v_off, "v_off")?,
-                        Arg::Ptr(table.ptr),
-                        Arg::Ptr(meta.at(meta.layout.tiles)),
-                        Arg::Ptr(meta.at(meta.layout.segs)),
-                    ],
-                    overlap,
-                );
-            }
             let h_out: usize = outs.iter().sum();
             let (lanes, (gx, gy)) =
                 plan::expand_rows_plan(table.max_part_rank, h_out, meta.layout.tile_grid())?;
+            let ends = plan::group_ends(outs);
+            let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
             return self.launch(
                 &kernel!(
                     "sgmv_expand_rows_{}{v_name}_l{lanes}",

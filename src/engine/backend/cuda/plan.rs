@@ -108,90 +108,6 @@ pub fn expand_rows_plan(
     Ok((lanes, (h_out.div_ceil(cols) as u32, num_tiles as u32)))
 }
 
-/// Threads per block of the streaming expand (kernels/sgmv.cu `STREAM_THREADS`).
-pub const STREAM_THREADS: usize = 128;
-/// Output columns per thread of the streaming expand (`STREAM_CPT`).
-pub const STREAM_CPT: usize = 4;
-/// Most streaming-expand blocks an SM holds (`STREAM_BLOCKS_PER_SM`, its launch bound).
-pub const STREAM_BLOCKS_PER_SM: usize = 12;
-/// Dynamic shared memory a launch may take without opting in to more.
-pub const MAX_DYNAMIC_SHARED: usize = 48 * 1024;
-/// Shared memory of an sm_90 SM, and what the system keeps of it per resident block.
-const SM_SHARED: usize = 228 * 1024;
-const BLOCK_SHARED_RESERVED: usize = 1024;
-
-/// A launch of the streaming expand (kernels/sgmv.cu `sgmv_expand_stream_*`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StreamPlan {
-    /// Output columns per block (a chunk of one part).
-    pub cols: usize,
-    /// `(chunks of all parts, row tiles)`.
-    pub grid: (u32, u32),
-    /// Dynamic shared memory: the B chunk, then the tile's v rows.
-    pub shared: u32,
-    /// Byte offset of the v rows in shared memory.
-    pub v_off: usize,
-}
-
-/// Plan the streaming expand of a group whose parts have `outs` columns, over `num_tiles` row
-/// tiles of at most `max_rows` rows, for a table of largest part rank `max_part_rank`. Each
-/// block holds its chunk of B (`cols` x rank halves) in shared memory; the chunk is the widest
-/// of 512, 256 or 128 columns that gives every SM two blocks while all blocks are resident at
-/// once (one wave, so the whole weight stream is in flight). When no width does both, many
-/// tiles take the widest (fewest waves) and few tiles the narrowest (most blocks).
-pub fn expand_stream_plan(
-    max_part_rank: usize,
-    outs: &[usize],
-    num_tiles: usize,
-    max_rows: usize,
-    sm_count: usize,
-) -> Result<StreamPlan> {
-    check_rank(max_part_rank)?;
-    if outs.is_empty() || outs.len() > MAX_GROUP_PARTS || num_tiles == 0 {
-        return Err(BackendError::Shape(format!(
-            "expand_stream_plan: {} parts over {num_tiles} tiles",
-            outs.len()
-        )));
-    }
-    let rows = max_rows.clamp(1, TILE_ROWS);
-    let sms = sm_count.max(1);
-    let plan = |cols: usize| {
-        let v_off = (cols * max_part_rank * 2).next_multiple_of(16);
-        let shared = v_off + rows * max_part_rank * 4;
-        let chunks: usize = outs.iter().map(|o| o.div_ceil(cols)).sum();
-        let blocks = chunks * num_tiles;
-        let per_sm = STREAM_BLOCKS_PER_SM.min(SM_SHARED / (shared + BLOCK_SHARED_RESERVED));
-        let p = StreamPlan {
-            cols,
-            grid: (chunks as u32, num_tiles as u32),
-            shared: shared as u32,
-            v_off,
-        };
-        (p, blocks, sms * per_sm)
-    };
-    let widths = [512, 256, 128].map(plan);
-    let valid: Vec<_> = widths
-        .iter()
-        .filter(|(p, _, _)| p.shared as usize <= MAX_DYNAMIC_SHARED)
-        .collect();
-    let chosen = valid
-        .iter()
-        .find(|(_, blocks, resident)| *blocks >= 2 * sms && blocks <= resident)
-        .or_else(|| {
-            if valid.iter().all(|(_, blocks, resident)| blocks > resident) {
-                valid.first()
-            } else {
-                valid.last()
-            }
-        });
-    // 128 columns of rank 128 and 16 rows take 40 KiB: some width always fits.
-    chosen.map(|(p, _, _)| *p).ok_or_else(|| {
-        BackendError::Shape(format!(
-            "expand_stream_plan: rank {max_part_rank} leaves no chunk width"
-        ))
-    })
-}
-
 /// Bytes of one slot of a LoRA group table (kernels/sgmv.cu `LoraSlot`).
 pub const LORA_SLOT_BYTES: usize = 64;
 
@@ -710,43 +626,6 @@ mod tests {
     use super::*;
     use crate::engine::backend::SeqMeta;
     use crate::engine::lora::segments::SegmentTable;
-
-    #[test]
-    fn expand_stream_plan_fills_one_wave() {
-        // 7B decode, 32 distinct adapters at r=16 on 132 SMs: gate|up and q|k|v take 512-column
-        // chunks (1,408 and 768 blocks, 12 resident an SM), o and down 256 (512 blocks).
-        let gu = expand_stream_plan(16, &[11008, 11008], 32, 1, 132).unwrap();
-        assert_eq!(gu.cols, 512);
-        assert_eq!(gu.grid, (44, 32));
-        assert_eq!(gu.v_off, 512 * 16 * 2);
-        assert_eq!(gu.shared as usize, 512 * 16 * 2 + 16 * 4);
-        let qkv = expand_stream_plan(16, &[4096, 4096, 4096], 32, 1, 132).unwrap();
-        assert_eq!((qkv.cols, qkv.grid), (512, (24, 32)));
-        let o = expand_stream_plan(16, &[4096], 32, 1, 132).unwrap();
-        assert_eq!((o.cols, o.grid), (256, (16, 32)));
-        // One row: the narrowest chunks; 64 rows of gate|up: more than a wave at any width,
-        // so the widest.
-        assert_eq!(
-            expand_stream_plan(16, &[4096], 1, 1, 132).unwrap().cols,
-            128
-        );
-        assert_eq!(
-            expand_stream_plan(16, &[11008, 11008], 64, 1, 132)
-                .unwrap()
-                .cols,
-            512
-        );
-        // Rank 128 with full tiles fits only at 128 columns (32 KiB of B, 8 KiB of v).
-        let wide = expand_stream_plan(128, &[5120], 4, 16, 132).unwrap();
-        assert_eq!((wide.cols, wide.shared), (128, 40 * 1024));
-        assert!(wide.shared as usize <= MAX_DYNAMIC_SHARED);
-        // Odd ranks keep v 16-byte aligned; odd widths round their chunks up.
-        let odd = expand_stream_plan(3, &[100, 7], 2, 3, 132).unwrap();
-        assert_eq!((odd.cols, odd.grid, odd.v_off), (128, (2, 2), 768));
-        assert!(expand_stream_plan(0, &[8], 1, 1, 132).is_err());
-        assert!(expand_stream_plan(16, &[], 1, 1, 132).is_err());
-        assert!(expand_stream_plan(16, &[8], 0, 1, 132).is_err());
-    }
 
     #[test]
     fn row_kernels_serve_batches_of_short_segments_only() {
