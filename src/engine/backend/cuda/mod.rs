@@ -386,7 +386,9 @@ pub struct CudaBackend {
     pinned: Arc<PinnedPool>,
     last: Mutex<Last>,
     pdl: bool,
-    /// Split-K target: shrink blocks per SM (tuning knob, `PUNICA_SHRINK_BLOCKS_PER_SM`).
+    /// Split-K target of the row shrink and of shrink tiles of a few rows: blocks per SM
+    /// (tuning knob, `PUNICA_SHRINK_BLOCKS_PER_SM`; full tiles aim at
+    /// [`plan::SHRINK_BLOCKS_PER_SM_FULL`]).
     shrink_blocks_per_sm: usize,
     /// Expand: 8-column tiles per warp, 4 or 8 (tuning knob, `PUNICA_EXPAND_NTW`).
     expand_ntw: usize,
@@ -575,12 +577,12 @@ impl CudaBackend {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .filter(|&v: &usize| (1..=64).contains(&v))
-                .unwrap_or(2),
+                .unwrap_or(plan::SHRINK_BLOCKS_PER_SM),
             shrink_max_splits_full: std::env::var("PUNICA_SHRINK_MAX_SPLITS_FULL")
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .filter(|&v: &usize| (1..=64).contains(&v))
-                .unwrap_or(64),
+                .unwrap_or(plan::SHRINK_MAX_SPLITS_FULL),
             shrink_rank_split: std::env::var("PUNICA_SHRINK_RANK_SPLIT").as_deref() != Ok("0"),
             profile: (std::env::var("PUNICA_PROFILE_OPS").as_deref() == Ok("1"))
                 .then(|| Mutex::new(profile::OpProfile::new())),
@@ -2170,7 +2172,15 @@ impl Backend for CudaBackend {
                 self.pdl,
             );
         }
-        let target = self.sm_count * self.shrink_blocks_per_sm;
+        // Tiles holding many rows pay a round of atomics per row and rank for every split:
+        // they aim at fewer blocks and fewer splits than tiles of a few rows.
+        let full = meta.layout.rows >= 2 * tiles;
+        let target = self.sm_count
+            * if full {
+                plan::SHRINK_BLOCKS_PER_SM_FULL
+            } else {
+                self.shrink_blocks_per_sm
+            };
         // Ranks beyond one block's register tiles always go to more blocks (rank groups).
         let all = plan::shrink_rank_tiles(table.max_rank)?;
         let (nt0, g0) = (
@@ -2183,8 +2193,7 @@ impl Backend for CudaBackend {
             (nt0, 1)
         };
         let groups = g0 * g1;
-        // Tiles holding many rows pay a round of atomics per row and rank for every split.
-        let cap = if meta.layout.rows >= 2 * tiles {
+        let cap = if full {
             self.shrink_max_splits_full
         } else {
             64

@@ -36,12 +36,12 @@ pub struct RowLimits {
 }
 
 impl RowLimits {
-    /// Measured on the H200 (bench/results/*-s4*): decode batches of many adapters, one row
-    /// each, at the ranks where the row kernels won (r=16 q|k|v stacks to 48; at r=64 and 64
-    /// rows the tiles win).
+    /// Measured on the H200: decode batches of many adapters, one row each
+    /// (bench/results/*-s4*; at r=64 and 64 rows the tile expand wins). The row shrink serves
+    /// every rank since session 10 (with 256-vector splits: `*-knob-*-s10e*`).
     pub const DEFAULT: RowLimits = RowLimits {
         max_seg: 1,
-        shrink_rank: 48,
+        shrink_rank: MAX_GROUP_RANK,
         expand_rank: 32,
     };
     /// Everything the row kernels can take (the selftest).
@@ -74,7 +74,14 @@ impl RowLimits {
 }
 
 /// Default 8-element vectors of h_in per split of the row shrink (one pass of a warp).
-pub const SHRINK_ROWS_VECS: usize = 128;
+pub const SHRINK_ROWS_VECS: usize = 256;
+/// Default split-K target of the row shrink and of shrink tiles of a few rows, in blocks per
+/// SM; tiles of many rows (at least two rows a tile on average) aim at
+/// [`SHRINK_BLOCKS_PER_SM_FULL`], with at most [`SHRINK_MAX_SPLITS_FULL`] splits (a round of
+/// atomics per row and rank each). Measured on the H200 (bench/results/*-knob-*-s10*).
+pub const SHRINK_BLOCKS_PER_SM: usize = 4;
+pub const SHRINK_BLOCKS_PER_SM_FULL: usize = 2;
+pub const SHRINK_MAX_SPLITS_FULL: usize = 16;
 
 /// The row shrink's grid: `(h_in splits, rank blocks)`. A split reads about `vecs` 8-element
 /// vectors of each rank's row of A; small batches get more splits, up to `target_blocks`
@@ -630,9 +637,9 @@ mod tests {
     #[test]
     fn row_kernels_serve_batches_of_short_segments_only() {
         let d = RowLimits::DEFAULT;
-        assert!(d.shrink(1, 48) && d.expand(1, 32));
+        assert!(d.shrink(1, 48) && d.shrink(1, MAX_GROUP_RANK) && d.expand(1, 32));
         assert!(!d.shrink(2, 16) && !d.expand(2, 16));
-        assert!(!d.shrink(1, 64) && !d.expand(1, 64));
+        assert!(!d.expand(1, 64));
         assert!(!d.shrink(0, 16));
         assert!(RowLimits::ALL.shrink(16, MAX_GROUP_RANK) && RowLimits::ALL.expand(16, MAX_RANK));
         assert!(!RowLimits::ALL.shrink(17, 1));
