@@ -386,9 +386,8 @@ pub struct CudaBackend {
     pinned: Arc<PinnedPool>,
     last: Mutex<Last>,
     pdl: bool,
-    /// Split-K target of the row shrink and of shrink tiles of a few rows: blocks per SM
-    /// (tuning knob, `PUNICA_SHRINK_BLOCKS_PER_SM`; full tiles aim at
-    /// [`plan::SHRINK_BLOCKS_PER_SM_FULL`]).
+    /// Target of the tile shrink in blocks per SM (tuning knob, `PUNICA_SHRINK_BLOCKS_PER_SM`;
+    /// see [`plan::SHRINK_BLOCKS_PER_SM`]).
     shrink_blocks_per_sm: usize,
     /// Expand: 8-column tiles per warp, 4 or 8 (tuning knob, `PUNICA_EXPAND_NTW`).
     expand_ntw: usize,
@@ -2154,7 +2153,7 @@ impl Backend for CudaBackend {
                 table.max_rank,
                 tiles,
                 self.shrink_rows_vecs,
-                self.sm_count * self.shrink_blocks_per_sm,
+                self.sm_count * plan::SHRINK_ROWS_BLOCKS_PER_SM,
             );
             let (acc, counters) =
                 self.shrink_workspace(splits, tiles, tiles * plan::TILE_ROWS * table.max_rank)?;
@@ -2173,14 +2172,14 @@ impl Backend for CudaBackend {
             );
         }
         // Tiles holding many rows pay a round of atomics per row and rank for every split:
-        // they aim at fewer blocks and fewer splits than tiles of a few rows.
+        // they aim at fewer splits than tiles of a few rows.
         let full = meta.layout.rows >= 2 * tiles;
-        let target = self.sm_count
-            * if full {
-                plan::SHRINK_BLOCKS_PER_SM_FULL
-            } else {
-                self.shrink_blocks_per_sm
-            };
+        let target = self.sm_count * self.shrink_blocks_per_sm;
+        let split_target = if full {
+            self.sm_count * plan::SHRINK_BLOCKS_PER_SM_FULL
+        } else {
+            target
+        };
         // Ranks beyond one block's register tiles always go to more blocks (rank groups).
         let all = plan::shrink_rank_tiles(table.max_rank)?;
         let (nt0, g0) = (
@@ -2198,7 +2197,7 @@ impl Backend for CudaBackend {
         } else {
             64
         };
-        let splits = plan::shrink_splits(tiles * groups, h_in, target, cap);
+        let splits = plan::shrink_splits(tiles * groups, h_in, split_target, cap);
         let (acc, counters) = self.shrink_workspace(
             splits,
             tiles * groups,

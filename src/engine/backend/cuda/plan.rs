@@ -75,17 +75,22 @@ impl RowLimits {
 
 /// Default 8-element vectors of h_in per split of the row shrink (one pass of a warp).
 pub const SHRINK_ROWS_VECS: usize = 256;
-/// Default split-K target of the row shrink and of shrink tiles of a few rows, in blocks per
-/// SM; tiles of many rows (at least two rows a tile on average) aim at
-/// [`SHRINK_BLOCKS_PER_SM_FULL`], with at most [`SHRINK_MAX_SPLITS_FULL`] splits (a round of
-/// atomics per row and rank each). Measured on the H200 (bench/results/*-knob-*-s10*).
+/// Default target of the tile shrink in blocks per SM: for spreading ranks over blocks, and for
+/// the split-K of tiles of a few rows; tiles of many rows (at least two rows a tile on
+/// average) split to [`SHRINK_BLOCKS_PER_SM_FULL`] only, at most [`SHRINK_MAX_SPLITS_FULL`]
+/// times (a round of atomics per row and rank each). Measured on the H200
+/// (bench/results/*-knob-*-s10*).
 pub const SHRINK_BLOCKS_PER_SM: usize = 4;
 pub const SHRINK_BLOCKS_PER_SM_FULL: usize = 2;
+/// Split-K target of the row shrink in blocks per SM: one full wave of its blocks (kernels/sgmv.cu
+/// launch bound of `sgmv_shrink_rows_*`).
+pub const SHRINK_ROWS_BLOCKS_PER_SM: usize = 8;
 pub const SHRINK_MAX_SPLITS_FULL: usize = 16;
 
-/// The row shrink's grid: `(h_in splits, rank blocks)`. A split reads about `vecs` 8-element
-/// vectors of each rank's row of A; small batches get more splits, up to `target_blocks`
-/// blocks in all, as long as every lane keeps a vector of its own.
+/// The row shrink's grid: `(h_in splits, rank blocks)`. A split reads at most `vecs` 8-element
+/// vectors of each rank's row of A; batches that leave SMs idle get more splits, to about
+/// `target_blocks` blocks in all (rounded to the nearest split count), as long as every lane
+/// keeps a vector of its own.
 pub fn shrink_rows_plan(
     h_in: usize,
     max_rank: usize,
@@ -96,7 +101,8 @@ pub fn shrink_rows_plan(
     let nvec = h_in.div_ceil(8);
     let rank_blocks = max_rank.div_ceil(ROWS_WARPS).max(1);
     let base = nvec.div_ceil(vecs.max(1));
-    let fill = target_blocks.div_ceil(num_tiles.max(1) * rank_blocks);
+    let per_split = num_tiles.max(1) * rank_blocks;
+    let fill = (target_blocks + per_split / 2) / per_split;
     let most = (nvec / 32).max(1);
     (base.max(fill).clamp(1, most), rank_blocks)
 }
