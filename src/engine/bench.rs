@@ -792,25 +792,35 @@ fn run_workload(
     Ok(summary)
 }
 
-/// Make `traffic`'s adapters resident (one one-token request each), so a run measures the
-/// steady state.
+/// Make `traffic`'s adapters resident and the engine warm (its kernels loaded, its buffers
+/// grown), so a run measures the steady state: see [`warm_traffic`].
 fn warm_up(
     engine: &EngineHandle,
     traffic: &Traffic,
     keys: &[AdapterKey],
 ) -> Result<(), BenchError> {
+    drive(engine, &warm_traffic(traffic), keys)?;
+    Ok(())
+}
+
+/// The warm-up of `traffic`: a one-token request with each adapter it uses, or one with no
+/// adapter when it uses none (so the no-LoRA baseline does not pay the engine's first steps).
+fn warm_traffic(traffic: &Traffic) -> Traffic {
     let mut used: Vec<usize> = traffic.adapters.iter().flatten().copied().collect();
     used.sort_unstable();
     used.dedup();
-    let warm = Traffic {
-        workload: traffic.workload,
-        adapters: used.iter().map(|&a| Some(a)).collect(),
-        arrivals: vec![Duration::ZERO; used.len()],
-        prompts: vec![vec![0]; used.len()],
-        max_tokens: 1,
+    let adapters: Vec<Option<usize>> = if used.is_empty() {
+        vec![None]
+    } else {
+        used.iter().map(|&a| Some(a)).collect()
     };
-    drive(engine, &warm, keys)?;
-    Ok(())
+    Traffic {
+        workload: traffic.workload,
+        arrivals: vec![Duration::ZERO; adapters.len()],
+        prompts: vec![vec![0]; adapters.len()],
+        adapters,
+        max_tokens: 1,
+    }
 }
 
 /// One request of `traffic`'s first prompt with adapter `adapter`, one token.
@@ -1241,6 +1251,24 @@ mod tests {
         assert_eq!((fixed.max(), lens.max()), (64, 256));
         assert_eq!(fixed.describe(), "64");
         assert_eq!(lens.describe(), "log-normal, median 64, sigma 0.8, 1..256");
+    }
+
+    #[test]
+    fn the_warm_up_uses_every_adapter_once_and_warms_the_baseline_too() {
+        let traffic = |adapters: Vec<Option<usize>>| Traffic {
+            workload: Workload::Skewed,
+            arrivals: vec![Duration::from_millis(5); adapters.len()],
+            prompts: vec![vec![1, 2, 3]; adapters.len()],
+            adapters,
+            max_tokens: 64,
+        };
+        let w = warm_traffic(&traffic(vec![Some(2), None, Some(0), Some(2)]));
+        assert_eq!(w.adapters, vec![Some(0), Some(2)]);
+        assert_eq!(w.prompts, vec![vec![0], vec![0]]);
+        assert_eq!(w.arrivals, vec![Duration::ZERO; 2]);
+        assert_eq!(w.max_tokens, 1);
+        let w = warm_traffic(&traffic(vec![None; 5]));
+        assert_eq!((w.adapters, w.prompts.len()), (vec![None], 1));
     }
 
     #[test]
