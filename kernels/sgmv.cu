@@ -628,34 +628,6 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// L2 prefetch of a group's B matrices for the step's adapters, with evict-last priority: issued
-// on the side stream while the main stream runs kernels that leave DRAM bandwidth idle
-// (attention), so that the group's expand, later, reads B from L2. A hint only: it writes
-// nothing. Block (segment entry, part); padding entries of the segment table have no rows.
-extern "C" __global__ void sgmv_prefetch_b(const LoraSlot* __restrict__ table,
-                                           const u32* __restrict__ segs, int end0, int end1,
-                                           int end2) {
-    pdl_enter();
-    const u32* sg = segs + 3 * blockIdx.x;
-    const int j = blockIdx.y;
-    if (sg[1] <= sg[0] || j >= MAX_PARTS) return;
-    const LoraSlot* s = table + sg[2];
-    const char* b = reinterpret_cast<const char*>(s->b[j]);
-    const int h_out = j == 0 ? end0 : (j == 1 ? end1 - end0 : end2 - end1);
-    if (b == nullptr || h_out <= 0) return;
-    // Whole 16-byte pieces from a 16-byte aligned start (the kernels' B are aligned).
-    const size_t bytes = ((size_t)h_out * s->prank[j] * 2) & ~(size_t)15;
-    u64 policy;
-    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-    for (size_t off = (size_t)threadIdx.x * 4096; off < bytes; off += (size_t)blockDim.x * 4096) {
-        const u32 n = (u32)min((size_t)4096, bytes - off);
-        asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(b + off),
-                     "r"(n), "l"(policy)
-                     : "memory");
-    }
-}
-
 #define DEFINE_SHRINK_ROWS(TNAME, TYPE)                                                       \
     extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 8)                          \
         sgmv_shrink_rows_##TNAME(                                                             \

@@ -700,24 +700,6 @@ pub trait Backend: Send + Sync + 'static {
         picks: &mut Vec<Pick>,
     ) -> Result<()>;
 
-    /// Whether [`Backend::lora_prefetch`] does anything (callers skip the side queue it would
-    /// run on otherwise).
-    fn prefetches_lora(&self) -> bool {
-        false
-    }
-
-    /// A hint ahead of a LoRA group's expand: bring the B matrices of the step's adapters in
-    /// `table` (parts of `outs` columns) closer to the processor (the GPU's L2). Writes
-    /// nothing; by default nothing at all.
-    fn lora_prefetch(
-        &self,
-        _table: &Self::LoraTable,
-        _meta: &Self::Meta,
-        _outs: &[usize],
-    ) -> Result<()> {
-        Ok(())
-    }
-
     /// Ops issued from here until [`Backend::end_side`] run on a side queue: after everything
     /// issued before, concurrently with what is issued on the main queue after `end_side`
     /// (the LoRA shrink beside the base GEMM that reads the same input). The CPU runs them in

@@ -448,15 +448,9 @@ impl<B: Backend> Llama<B> {
             let pending = lora.shrink(l, LoraGroup::Qkv, &normed, &mut v)?;
             b.matmul(&normed, &layer.self_attn.qkv_proj, rows, h, qkv_w, &mut qkv)?;
             lora.expand(pending, l, LoraGroup::Qkv, &v, &mut qkv, qkv_w)?;
-            // The layer's later B matrices, fetched beside RoPE and attention.
-            let prefetched =
-                lora.prefetch(l, &[LoraGroup::O, LoraGroup::GateUp, LoraGroup::Down])?;
             let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
             b.rope_write_kv(&mut qkv, qkv_w, &self.inv_freq, m, shape, k_cache, v_cache)?;
             b.attention(&qkv, qkv_w, 0, k_cache, v_cache, m, shape, scale, &mut attn)?;
-            if prefetched {
-                b.join_side()?;
-            }
             let pending = lora.shrink(l, LoraGroup::O, &attn, &mut v)?;
             b.matmul(&attn, &layer.self_attn.o_proj, rows, q_dim, o_w, &mut proj)?;
             lora.expand(pending, l, LoraGroup::O, &v, &mut proj, o_w)?;
@@ -653,27 +647,6 @@ impl<B: Backend> Lora<'_, B> {
                 .sgmv_expand(v, table, self.meta, self.max_rank, &outs, y_stride, 0, y)?;
         }
         Ok(())
-    }
-
-    /// In an arena step, when the backend prefetches: hint it on the side queue to bring the
-    /// B matrices of `groups` for this step's adapters closer, ahead of their expands.
-    /// Returns whether a side queue was opened (the caller joins it).
-    fn prefetch(&self, layer: usize, groups: &[LoraGroup]) -> Result<bool> {
-        if !self.arena || !self.b.prefetches_lora() {
-            return Ok(false);
-        }
-        self.b.begin_side()?;
-        let issued = groups.iter().try_for_each(|&g| {
-            match self.state.arena_tables[layer][g.index()].as_ref() {
-                Some(table) => {
-                    let (_, outs) = self.config.group_dims(g);
-                    self.b.lora_prefetch(table, self.meta, &outs)
-                }
-                None => Ok(()),
-            }
-        });
-        self.b.end_side()?;
-        issued.map(|()| true).map_err(Into::into)
     }
 
     fn table(&self, layer: usize, group: LoraGroup) -> Option<&B::LoraTable> {

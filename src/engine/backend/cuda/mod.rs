@@ -391,9 +391,6 @@ pub struct CudaBackend {
     shrink_blocks_per_sm: usize,
     /// Expand: 8-column tiles per warp, 4 or 8 (tuning knob, `PUNICA_EXPAND_NTW`).
     expand_ntw: usize,
-    /// Prefetch the B of arena steps' o, gate|up and down groups into L2 beside attention
-    /// (`PUNICA_LORA_PREFETCH=1`).
-    lora_prefetch: bool,
     /// Largest split-K of the shrink for tiles of many rows (`PUNICA_SHRINK_MAX_SPLITS_FULL`).
     shrink_max_splits_full: usize,
     /// Spread ranks over blocks when a batch has few tiles (`PUNICA_SHRINK_RANK_SPLIT=0` disables).
@@ -546,22 +543,6 @@ impl CudaBackend {
         }
         .result()
         .map_err(|e| BackendError::Device(format!("cublasSetWorkspace: {e:?}")))?;
-        // L2 set aside for persisting (evict-last) lines, for the LoRA prefetch (measurement
-        // knob, `PUNICA_L2_PERSIST_MB`; the driver clamps it to the device's maximum).
-        if let Some(mb) = std::env::var("PUNICA_L2_PERSIST_MB")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-        {
-            // SAFETY: the context is current on this thread (bound above).
-            unsafe {
-                drv_sys::cuCtxSetLimit(
-                    drv_sys::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE,
-                    mb << 20,
-                )
-            }
-            .result()
-            .map_err(|e| dev_err("persisting L2 set-aside", e))?;
-        }
         let compiler = KernelCompiler {
             arch: compile::arch_for(cc.0, cc.1),
             include_dir: compile::toolkit_include_dir(),
@@ -605,7 +586,6 @@ impl CudaBackend {
             profile: (std::env::var("PUNICA_PROFILE_OPS").as_deref() == Ok("1"))
                 .then(|| Mutex::new(profile::OpProfile::new())),
             side_stream: std::env::var("PUNICA_SIDE_STREAM").as_deref() != Ok("0"),
-            lora_prefetch: std::env::var("PUNICA_LORA_PREFETCH").as_deref() == Ok("1"),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
                 Ok("8") => 8,
                 _ => 4,
@@ -1475,40 +1455,6 @@ impl CudaBackend {
         }
         Ok(true)
     }
-
-    /// A group table against the parts' output widths `outs` and the width of v: every part an
-    /// adapter has is in the group and no wider than its B, and the intermediates fit in v.
-    fn check_parts(
-        table: &CudaLoraTable,
-        outs: &[usize],
-        v_stride: usize,
-        what: &str,
-    ) -> Result<()> {
-        if table.max_vend > v_stride {
-            return Err(shape(format!(
-                "{what}: the table's intermediates end at column {}, past v's width {v_stride}",
-                table.max_vend
-            )));
-        }
-        for (j, &min_out) in table.min_out.iter().enumerate() {
-            match outs.get(j) {
-                Some(&out) if out > min_out => {
-                    return Err(shape(format!(
-                        "{what}: part {j} of {out} columns exceeds an adapter's B height \
-                         {min_out}"
-                    )));
-                }
-                None if min_out != usize::MAX => {
-                    return Err(shape(format!(
-                        "{what}: an adapter has part {j}, the group has {}",
-                        outs.len()
-                    )));
-                }
-                _ => {}
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Every kernel the backend can launch (for warm-up and the embedding test).
@@ -1539,7 +1485,6 @@ pub fn kernel_names() -> Vec<String> {
         }
     }
     names.push("sample_f32".to_string());
-    names.push("sgmv_prefetch_b".to_string());
     for t in ["f32", "f16", "bf16"] {
         for op in [
             "embedding",
@@ -2122,37 +2067,6 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn prefetches_lora(&self) -> bool {
-        self.lora_prefetch
-    }
-
-    fn lora_prefetch(&self, table: &CudaLoraTable, meta: &CudaMeta, outs: &[usize]) -> Result<()> {
-        if !self.lora_prefetch || !self.check_lora(self.dtype, table, meta)? {
-            return Ok(());
-        }
-        if outs.is_empty() || outs.len() > MAX_GROUP_PARTS {
-            return Err(shape(format!(
-                "lora_prefetch: a group has 1..={MAX_GROUP_PARTS} parts, got {}",
-                outs.len()
-            )));
-        }
-        Self::check_parts(table, outs, usize::MAX, "lora_prefetch")?;
-        let ends = plan::group_ends(outs);
-        self.launch(
-            "sgmv_prefetch_b",
-            (meta.layout.rows as u32, outs.len() as u32, 1),
-            128,
-            &[
-                Arg::Ptr(table.ptr),
-                Arg::Ptr(meta.at(meta.layout.segs)),
-                i32_arg(ends[0], "end0")?,
-                i32_arg(ends[1], "end1")?,
-                i32_arg(ends[2], "end2")?,
-            ],
-            false,
-        )
-    }
-
     fn silu_mul(
         &self,
         gate_up: &CudaBuf,
@@ -2339,7 +2253,30 @@ impl Backend for CudaBackend {
         if !self.check_lora(y.dtype, table, meta)? {
             return Ok(());
         }
-        Self::check_parts(table, outs, v_stride, "sgmv_expand")?;
+        if table.max_vend > v_stride {
+            return Err(shape(format!(
+                "sgmv_expand: the table's intermediates end at column {}, past v's width \
+                 {v_stride}",
+                table.max_vend
+            )));
+        }
+        for (j, &min_out) in table.min_out.iter().enumerate() {
+            match outs.get(j) {
+                Some(&out) if out > min_out => {
+                    return Err(shape(format!(
+                        "sgmv_expand: part {j} of {out} columns exceeds an adapter's B height \
+                         {min_out}"
+                    )));
+                }
+                None if min_out != usize::MAX => {
+                    return Err(shape(format!(
+                        "sgmv_expand: an adapter has part {j}, the group has {}",
+                        outs.len()
+                    )));
+                }
+                _ => {}
+            }
+        }
         if self
             .row_limits()
             .expand(meta.layout.max_seg_rows, table.max_part_rank)
