@@ -73,18 +73,20 @@ impl RowLimits {
     }
 }
 
+// The shrink's launch rules, measured on the H200 (bench/results/*-knob-*-s10*).
+
 /// Default 8-element vectors of h_in per split of the row shrink (one pass of a warp).
 pub const SHRINK_ROWS_VECS: usize = 256;
-/// Default target of the tile shrink in blocks per SM: for spreading ranks over blocks, and for
-/// the split-K of tiles of a few rows; tiles of many rows (at least two rows a tile on
-/// average) split to [`SHRINK_BLOCKS_PER_SM_FULL`] only, at most [`SHRINK_MAX_SPLITS_FULL`]
-/// times (a round of atomics per row and rank each). Measured on the H200
-/// (bench/results/*-knob-*-s10*).
-pub const SHRINK_BLOCKS_PER_SM: usize = 4;
-pub const SHRINK_BLOCKS_PER_SM_FULL: usize = 2;
 /// Split-K target of the row shrink in blocks per SM: one full wave of its blocks (kernels/sgmv.cu
 /// launch bound of `sgmv_shrink_rows_*`).
 pub const SHRINK_ROWS_BLOCKS_PER_SM: usize = 8;
+/// Default target of the tile shrink in blocks per SM: for spreading ranks over blocks, and for
+/// the split-K of tiles of a few rows.
+pub const SHRINK_BLOCKS_PER_SM: usize = 4;
+/// Split-K target of tiles of many rows (at least two rows a tile on average) in blocks per SM:
+/// each split costs them a round of atomics per row and rank.
+pub const SHRINK_BLOCKS_PER_SM_FULL: usize = 2;
+/// Default cap on the split-K of tiles of many rows.
 pub const SHRINK_MAX_SPLITS_FULL: usize = 16;
 
 /// The row shrink's grid: `(h_in splits, rank blocks)`. A split reads at most `vecs` 8-element
