@@ -172,6 +172,33 @@ impl SgmvCase {
 /// One slot's matrices on both backends: the stacked A and each part's B with its rank.
 type SlotPair = ((CudaBuf, CpuBuf), Vec<Option<(CudaBuf, CpuBuf, usize)>>);
 
+/// One backend's group table entries for the case's slots (`pick` takes that backend's buffer
+/// of a GPU/CPU pair), each slot's intermediate at column 0 or, for an arena table, at `voffs`.
+fn group_slots<'a, B: Backend>(
+    slots: &'a [Option<SlotPair>],
+    voffs: &[usize],
+    arena: bool,
+    pick: impl Fn(&'a CudaBuf, &'a CpuBuf) -> &'a B::Buf + Copy,
+) -> Vec<Option<LoraGroupSlot<'a, B>>> {
+    slots
+        .iter()
+        .zip(voffs)
+        .map(|(s, &voff)| {
+            s.as_ref().map(|((ga, ca), parts)| LoraGroupSlot {
+                a: pick(ga, ca),
+                parts: std::array::from_fn(|j| {
+                    let (gb, cb, rank) = parts.get(j)?.as_ref()?;
+                    Some(LoraPart {
+                        b: pick(gb, cb),
+                        rank: *rank,
+                    })
+                }),
+                voff: if arena { voff } else { 0 },
+            })
+        })
+        .collect()
+}
+
 fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
     let (be, cpu) = (c.be, c.cpu.clone());
     let n_rows = case.rows.len();
@@ -215,38 +242,8 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
         slots.push(Some((stacked, parts)));
     }
     // The tables with every slot's intermediate at column 0 (`arena` false) or at `voffs`.
-    let gpu_groups = |arena: bool| -> Vec<Option<LoraGroupSlot<'_, CudaBackend>>> {
-        slots
-            .iter()
-            .zip(&voffs)
-            .map(|(s, &voff)| {
-                s.as_ref().map(|((a, _), parts)| LoraGroupSlot {
-                    a,
-                    parts: std::array::from_fn(|j| {
-                        let (b, _, rank) = parts.get(j)?.as_ref()?;
-                        Some(LoraPart { b, rank: *rank })
-                    }),
-                    voff: if arena { voff } else { 0 },
-                })
-            })
-            .collect()
-    };
-    let cpu_groups = |arena: bool| -> Vec<Option<LoraGroupSlot<'_, CpuBackend>>> {
-        slots
-            .iter()
-            .zip(&voffs)
-            .map(|(s, &voff)| {
-                s.as_ref().map(|((_, a), parts)| LoraGroupSlot {
-                    a,
-                    parts: std::array::from_fn(|j| {
-                        let (_, b, rank) = parts.get(j)?.as_ref()?;
-                        Some(LoraPart { b, rank: *rank })
-                    }),
-                    voff: if arena { voff } else { 0 },
-                })
-            })
-            .collect()
-    };
+    let gpu_groups = |arena: bool| group_slots::<CudaBackend>(&slots, &voffs, arena, |g, _| g);
+    let cpu_groups = |arena: bool| group_slots::<CpuBackend>(&slots, &voffs, arena, |_, c| c);
     let table = be.lora_table(&gpu_groups(false))?;
     let ctable = cpu.lora_table(&cpu_groups(false))?;
     let segments = SegmentTable::from_row_slots(&case.rows);
