@@ -42,7 +42,7 @@ for name, (k, n) in shapes.items():
 
     t0 = timed(base)
     mb = n * k * 2 / 1e6
-    line = f"{name:22s} K={k:5d} N={n:5d} {mb:6.1f} MB  cublas {t0:6.2f} us ({mb / t0 / 1e3:.2f} TB/s)"
+    line = f"{name:22s} K={k:5d} N={n:5d} {mb:6.1f} MB  cublas {t0:6.2f} us ({mb / t0:.2f} TB/s)"
     for s in (2, 3, 4, 8):
         if k % s:
             continue
