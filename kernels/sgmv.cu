@@ -728,7 +728,7 @@ DEFINE_EXPAND(f16, f16, 4, 8)
 // the slot's arena columns and zeros everywhere else, for one cuBLAS product per part to add
 // into y. Launched right after the base GEMM that wrote v, without overlap.
 template <typename T>
-__device__ __forceinline__ void sgmv_gather_impl(const T* __restrict__ v, int v_stride,
+__device__ __forceinline__ void lora_gather_impl(const T* __restrict__ v, int v_stride,
                                                  const LoraSlot* __restrict__ table,
                                                  const u32* __restrict__ row_slot, int rows,
                                                  int k_used, T* __restrict__ scratch) {
@@ -751,10 +751,10 @@ __device__ __forceinline__ void sgmv_gather_impl(const T* __restrict__ v, int v_
 }
 
 #define DEFINE_GATHER(TNAME, TYPE)                                                           \
-    extern "C" __global__ void __launch_bounds__(128) sgmv_gather_##TNAME(                    \
+    extern "C" __global__ void __launch_bounds__(128) lora_gather_##TNAME(                    \
         const TYPE* __restrict__ v, int v_stride, const LoraSlot* __restrict__ table,         \
         const u32* __restrict__ row_slot, int rows, int k_used, TYPE* __restrict__ scratch) { \
-        sgmv_gather_impl<TYPE>(v, v_stride, table, row_slot, rows, k_used, scratch);          \
+        lora_gather_impl<TYPE>(v, v_stride, table, row_slot, rows, k_used, scratch);          \
     }
 
 DEFINE_GATHER(bf16, bf16)

@@ -1516,7 +1516,7 @@ pub fn kernel_names() -> Vec<String> {
             }
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
-        names.push(format!("sgmv_gather_{t}"));
+        names.push(format!("lora_gather_{t}"));
     }
     for t in ["bf16", "f16"] {
         for vpt in 1..=plan::NORM_VEC_MAX_HIDDEN / (8 * plan::NORM_VEC_THREADS) {
@@ -2502,7 +2502,7 @@ impl Backend for CudaBackend {
             )));
         }
         self.launch(
-            &kernel!("sgmv_gather_{}", Self::suffix(y.dtype)),
+            &kernel!("lora_gather_{}", Self::suffix(y.dtype)),
             (rows as u32, parts as u32, 1),
             128,
             &[
