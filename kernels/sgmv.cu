@@ -24,12 +24,7 @@ struct LoraSlot {
     const void* b[MAX_PARTS];
     u32 prank[MAX_PARTS];
     u32 voff[MAX_PARTS];
-    u32 kcol[MAX_PARTS];  // first column of the part's B in the group's dense B arena
-    u32 pad2;
 };
-
-// A row in no LoRA segment in the step metadata's row -> slot section (cuda/plan.rs).
-#define ROW_NO_SLOT 0xffffffffu
 
 // One row tile: its first row, the end of its segment and the segment's adapter slot. Step
 // metadata comes from host copies, never from the previous kernel, so kernels read it before
@@ -722,40 +717,3 @@ DEFINE_EXPAND(f16, f16, 2, 4)
 DEFINE_EXPAND(f16, f16, 2, 8)
 DEFINE_EXPAND(f16, f16, 4, 4)
 DEFINE_EXPAND(f16, f16, 4, 8)
-
-// The gather of the dense expand (cuda/mod.rs `lora_dense_expand`): block (row, part j) writes
-// row `row` of `scratch[j]` (`k_used` wide), the row's slot's part-j intermediate from v at
-// the slot's arena columns and zeros everywhere else, for one cuBLAS product per part to add
-// into y. Launched right after the base GEMM that wrote v, without overlap.
-template <typename T>
-__device__ __forceinline__ void lora_gather_impl(const T* __restrict__ v, int v_stride,
-                                                 const LoraSlot* __restrict__ table,
-                                                 const u32* __restrict__ row_slot, int rows,
-                                                 int k_used, T* __restrict__ scratch) {
-    const int row = blockIdx.x, j = blockIdx.y;
-    const u32 slot = row_slot[row];
-    int kcol = 0, rank = 0, voff = 0;
-    if (slot != ROW_NO_SLOT && table[slot].b[j] != nullptr) {
-        kcol = (int)table[slot].kcol[j];
-        rank = (int)table[slot].prank[j];
-        voff = (int)table[slot].voff[j];
-    }
-    pdl_enter();
-    const T* src = v + (size_t)row * v_stride + voff;
-    T* dst = scratch + ((size_t)j * rows + row) * k_used;
-    const T zero = from_f32<T>(0.0f);
-    for (int k = threadIdx.x; k < k_used; k += blockDim.x) {
-        const int c = k - kcol;
-        dst[k] = (c >= 0 && c < rank) ? src[c] : zero;
-    }
-}
-
-#define DEFINE_GATHER(TNAME, TYPE)                                                           \
-    extern "C" __global__ void __launch_bounds__(128) lora_gather_##TNAME(                    \
-        const TYPE* __restrict__ v, int v_stride, const LoraSlot* __restrict__ table,         \
-        const u32* __restrict__ row_slot, int rows, int k_used, TYPE* __restrict__ scratch) { \
-        lora_gather_impl<TYPE>(v, v_stride, table, row_slot, rows, k_used, scratch);          \
-    }
-
-DEFINE_GATHER(bf16, bf16)
-DEFINE_GATHER(f16, f16)

@@ -92,8 +92,7 @@ struct CpuLoraSlot {
     rank: usize,
     /// First column of the slot's intermediate in v.
     voff: usize,
-    /// Each part's B, rank and first column in the dense B arena.
-    parts: [Option<(CpuBuf, usize, usize)>; MAX_GROUP_PARTS],
+    parts: [Option<(CpuBuf, usize)>; MAX_GROUP_PARTS],
 }
 
 /// Slot -> adapter group for one (layer, LoRA group).
@@ -438,10 +437,6 @@ impl Backend for CpuBackend {
         Ok(CpuBuf::from_vec(vec![0.0; len]))
     }
 
-    fn alloc_zeroed(&self, dtype: DType, len: usize) -> Result<CpuBuf> {
-        self.alloc(dtype, len)
-    }
-
     fn upload(&self, dtype: DType, data: &[f32]) -> Result<CpuBuf> {
         Ok(CpuBuf::from_vec(
             data.iter().map(|&v| round_to(dtype, v)).collect(),
@@ -483,7 +478,7 @@ impl Backend for CpuBackend {
                         rank: g.rank(),
                         voff: g.voff,
                         parts: std::array::from_fn(|j| {
-                            g.parts[j].as_ref().map(|p| (p.b.clone(), p.rank, p.kcol))
+                            g.parts[j].as_ref().map(|p| (p.b.clone(), p.rank))
                         }),
                     })
                 })
@@ -621,39 +616,6 @@ impl Backend for CpuBackend {
                 dst.data.len()
             ))),
         }
-    }
-
-    fn copy_rect(
-        &self,
-        dst: &mut CpuBuf,
-        offset: usize,
-        dst_ld: usize,
-        src: &CpuBuf,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()> {
-        let fits = cols <= dst_ld
-            && rows
-                .checked_sub(1)
-                .map(|last| last * dst_ld + cols)
-                .and_then(|span| span.checked_add(offset))
-                .is_none_or(|end| end <= dst.data.len());
-        if !fits || src.data.len() != rows * cols {
-            return Err(shape_err(format!(
-                "copy_rect: {} values as [{rows}, {cols}] into rows {dst_ld} apart from {offset} \
-                 of a buffer of {}",
-                src.data.len(),
-                dst.data.len()
-            )));
-        }
-        if cols == 0 {
-            return Ok(());
-        }
-        let d = dst.as_mut_slice();
-        for (r, row) in src.as_slice().chunks_exact(cols).enumerate() {
-            d[offset + r * dst_ld..][..cols].copy_from_slice(row);
-        }
-        Ok(())
     }
 
     fn add_assign(&self, y: &mut CpuBuf, x: &CpuBuf) -> Result<()> {
@@ -926,7 +888,7 @@ impl Backend for CpuBackend {
         let work = lora_work(table, meta, v_stride)?;
         for &(_, _, slot) in &work {
             for (j, part) in slot.parts.iter().enumerate() {
-                if let Some((b, rank, _)) = part {
+                if let Some((b, rank)) = part {
                     let out = outs.get(j).ok_or_else(|| {
                         shape_err(format!(
                             "sgmv_expand: an adapter has part {j}, the group has {}",
@@ -941,7 +903,7 @@ impl Backend for CpuBackend {
         work.par_iter().for_each(|&(s, e, slot)| {
             let (mut voff, mut col) = (slot.voff, col_offset);
             for (part, &out) in slot.parts.iter().zip(outs) {
-                if let Some((b, rank, _)) = part {
+                if let Some((b, rank)) = part {
                     // SAFETY: segments are disjoint row ranges (StepMeta::validate), so each
                     // task accumulates only into its own rows of `y`; the bounds were checked
                     // above.
@@ -965,93 +927,6 @@ impl Backend for CpuBackend {
                 col += out;
             }
         });
-        Ok(())
-    }
-
-    fn lora_dense_expand(
-        &self,
-        v: &CpuBuf,
-        table: &CpuLoraTable,
-        meta: &CpuMeta,
-        v_stride: usize,
-        b_arena: &CpuBuf,
-        k_cap: usize,
-        k_used: usize,
-        outs: &[usize],
-        scratch: &mut CpuBuf,
-        y_stride: usize,
-        y: &mut CpuBuf,
-    ) -> Result<()> {
-        let meta = &meta.0;
-        let rows = meta.rows();
-        let parts = outs.len();
-        let h_out: usize = outs.iter().sum();
-        if parts == 0 || parts > MAX_GROUP_PARTS || h_out > y_stride || k_used > k_cap {
-            return Err(shape_err(format!(
-                "lora_dense_expand: parts of {outs:?} columns in rows of {y_stride}, {k_used} of \
-                 {k_cap} arena columns"
-            )));
-        }
-        need("lora_dense_expand input", v.data.len(), rows * v_stride)?;
-        need("lora_dense_expand output", y.data.len(), rows * y_stride)?;
-        need(
-            "lora_dense_expand B arena",
-            b_arena.data.len(),
-            h_out * k_cap,
-        )?;
-        need(
-            "lora_dense_expand scratch",
-            scratch.data.len(),
-            parts * rows * k_used,
-        )?;
-        let work = lora_work(table, meta, v_stride)?;
-        let (v, sc) = (v.as_slice(), scratch.as_mut_slice());
-        sc[..parts * rows * k_used].fill(0.0);
-        for &(s, e, slot) in &work {
-            let mut voff = slot.voff;
-            for (j, part) in slot.parts.iter().enumerate() {
-                let Some((_, rank, kcol)) = *part else {
-                    continue;
-                };
-                if j >= parts || kcol + rank > k_used {
-                    return Err(shape_err(format!(
-                        "lora_dense_expand: part {j} of rank {rank} at arena column {kcol}, the \
-                         group has {parts} parts and {k_used} columns in use"
-                    )));
-                }
-                for row in s..e {
-                    sc[(j * rows + row) * k_used + kcol..][..rank]
-                        .copy_from_slice(&v[row * v_stride + voff..][..rank]);
-                }
-                voff += rank;
-            }
-        }
-        if k_used == 0 {
-            return Ok(());
-        }
-        let (b, dst) = (b_arena.as_slice(), y.as_mut_slice());
-        let mut col = 0;
-        for (j, &out) in outs.iter().enumerate() {
-            // SAFETY: `y` holds `rows` rows of `y_stride >= col + out` columns, the scratch
-            // `parts * rows * k_used` values and the arena `h_out * k_cap` (checked above); part
-            // j's block starts `col * k_cap` into the arena.
-            unsafe {
-                Gemm {
-                    m: rows,
-                    n: out,
-                    k: k_used,
-                    dst: dst.as_mut_ptr().add(col),
-                    dst_rs: y_stride as isize,
-                    accumulate: true,
-                    lhs: sc.as_ptr().add(j * rows * k_used),
-                    lhs_rs: k_used as isize,
-                    rhs: b.as_ptr().add(col * k_cap),
-                    rhs_ws: k_cap as isize,
-                }
-                .run(Parallelism::Rayon(self.threads))
-            }
-            col += out;
-        }
         Ok(())
     }
 
@@ -1742,8 +1617,6 @@ mod tests {
                     .collect()
             })
             .collect();
-        // Each adapter's parts' columns in a dense B arena of 14 columns, 12 in use.
-        let kcols = [[1, 0, 0], [0, 4, 0], [6, 0, 0]];
         let group = |i: usize, voff: usize| {
             Some(LoraGroupSlot {
                 a: &stacked[i],
@@ -1752,7 +1625,6 @@ mod tests {
                     Some(LoraPart {
                         b,
                         rank: ranks[i][j]?,
-                        kcol: kcols[i][j],
                     })
                 }),
                 voff,
@@ -1864,65 +1736,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(y2.as_slice(), y.as_slice());
-
-        // The same as dense products against the B arena (random columns between the slots,
-        // NaN past those in use), the parts from column 0: the same deltas.
-        let (k_cap, k_used) = (14, 12);
-        let mut arena = values(42, (outs[0] + outs[1]) * k_cap);
-        let mut col = 0;
-        for (j, &out) in outs.iter().enumerate() {
-            for (i, parts) in adapters.iter().enumerate() {
-                if let Some((_, b, r)) = &parts[j] {
-                    for (o, b_row) in b.chunks_exact(*r).enumerate() {
-                        arena[(col + o) * k_cap + kcols[i][j]..][..*r].copy_from_slice(b_row);
-                    }
-                }
-            }
-            for o in col..col + out {
-                arena[o * k_cap + k_used..(o + 1) * k_cap].fill(f32::NAN);
-            }
-            col += out;
-        }
-        let mut sc = CpuBuf::from_vec(vec![f32::NAN; 2 * rows * k_used]);
-        let mut y3 = CpuBuf::from_vec(y0.clone());
-        cpu.lora_dense_expand(
-            &wide,
-            &table,
-            &meta,
-            wide_stride,
-            &CpuBuf::from_vec(arena),
-            k_cap,
-            k_used,
-            &outs,
-            &mut sc,
-            stride,
-            &mut y3,
-        )
-        .unwrap();
-        for row in 0..rows {
-            let at = |y: &CpuBuf, c: usize| y.as_slice()[row * stride + c] - y0[row * stride + c];
-            let dense: Vec<f32> = (0..32).map(|c| at(&y3, c)).collect();
-            let sgmv: Vec<f32> = (0..32).map(|c| at(&y, off + c)).collect();
-            assert_close(&dense, &sgmv, 1e-5);
-            assert!((32..stride).all(|c| at(&y3, c) == 0.0));
-        }
-        // A table whose arena columns reach past those in use is refused.
-        let err = cpu
-            .lora_dense_expand(
-                &wide,
-                &table,
-                &meta,
-                wide_stride,
-                &CpuBuf::from_vec(vec![0.0; 32 * k_cap]),
-                k_cap,
-                10,
-                &outs,
-                &mut sc,
-                stride,
-                &mut y3,
-            )
-            .unwrap_err();
-        assert!(err.to_string().contains("columns in use"), "{err}");
         // Such a table serves expands only, and a v narrower than its columns is refused.
         let mut scratch = CpuBuf::from_vec(vec![0.0; rows * wide_stride]);
         let x = CpuBuf::from_vec(x);
@@ -1946,15 +1759,7 @@ mod tests {
         let table = cpu
             .lora_table(&[Some(LoraGroupSlot {
                 a: &a,
-                parts: [
-                    Some(LoraPart {
-                        b: &a,
-                        rank: 4,
-                        kcol: 0,
-                    }),
-                    None,
-                    None,
-                ],
+                parts: [Some(LoraPart { b: &a, rank: 4 }), None, None],
                 voff: 0,
             })])
             .unwrap();

@@ -462,9 +462,6 @@ pub const MAX_GROUP_PARTS: usize = 3;
 pub struct LoraPart<'a, B: Backend + ?Sized> {
     pub b: &'a B::Buf,
     pub rank: usize,
-    /// First column of this part's B in the group's dense B arena (see
-    /// [`Backend::lora_dense_expand`]); 0 outside the arena.
-    pub kcol: usize,
 }
 
 /// One adapter's LoRA for a group of projections that read the same input (q|k|v, o, gate|up,
@@ -508,8 +505,6 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A buffer of `len` elements. Contents are unspecified (debug builds may poison them).
     fn alloc(&self, dtype: DType, len: usize) -> Result<Self::Buf>;
-    /// A buffer of `len` zeros. Call between steps.
-    fn alloc_zeroed(&self, dtype: DType, len: usize) -> Result<Self::Buf>;
     /// Copy host f32 values to a new buffer of `dtype` (converting).
     fn upload(&self, dtype: DType, data: &[f32]) -> Result<Self::Buf>;
     /// Copy raw little-endian host values of type `src` (e.g. a memory-mapped safetensors
@@ -605,19 +600,6 @@ pub trait Backend: Send + Sync + 'static {
     /// issued before it, before the work issued after; call between steps.
     fn copy_into(&self, dst: &mut Self::Buf, offset: usize, src: &Self::Buf) -> Result<()>;
 
-    /// Copy `src: [rows, cols]` (same dtype) into the rows of `dst` that start at element
-    /// `offset` and lie `dst_ld` elements apart (`dst_ld >= cols`). Ordered like
-    /// [`Backend::copy_into`]; call between steps.
-    fn copy_rect(
-        &self,
-        dst: &mut Self::Buf,
-        offset: usize,
-        dst_ld: usize,
-        src: &Self::Buf,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()>;
-
     /// RoPE and this step's KV-cache write, fused. `qkv` rows (width `row_stride`) hold the
     /// `n_heads` q heads, then the `n_kv_heads` k heads, then the v heads, from column 0. The q
     /// and k heads are rotated in place (rotate-half RoPE with `inv_freq: [head_dim / 2]`, f32,
@@ -695,32 +677,6 @@ pub trait Backend: Send + Sync + 'static {
         outs: &[usize],
         y_stride: usize,
         col_offset: usize,
-        y: &mut Self::Buf,
-    ) -> Result<()>;
-
-    /// The expand of an arena step as dense products (the `Backend::sgmv_expand` of a table
-    /// whose slots' intermediates are in `v`'s extra columns, computed another way). The group's
-    /// B matrices sit in a dense arena `b_arena`: part j's block is `[outs[j], k_cap]` (the
-    /// blocks one after another), and a slot's part j occupies its columns `kcol_j ..
-    /// kcol_j + rank_j` ([`LoraPart::kcol`]). Each row's intermediate is first gathered into
-    /// `scratch: [parts, rows, k_used]` (in `y`'s dtype): `scratch[j, row, kcol_j + c] =
-    /// v[row, voff_j + c]` for the row's slot, `c < rank_j`, zero everywhere else (other
-    /// slots, rows of no adapter); then part j gets `y[row, Σ_{i<j} outs[i] ..][..outs[j]] +=
-    /// scratch[j, row, ..k_used] · b_arena_j[.., ..k_used]ᵀ`. Every slot's columns lie below
-    /// `k_used <= k_cap`; the arena's other columns may hold anything finite.
-    #[allow(clippy::too_many_arguments)]
-    fn lora_dense_expand(
-        &self,
-        v: &Self::Buf,
-        table: &Self::LoraTable,
-        meta: &Self::Meta,
-        v_stride: usize,
-        b_arena: &Self::Buf,
-        k_cap: usize,
-        k_used: usize,
-        outs: &[usize],
-        scratch: &mut Self::Buf,
-        y_stride: usize,
         y: &mut Self::Buf,
     ) -> Result<()>;
 

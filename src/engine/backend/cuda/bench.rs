@@ -246,7 +246,6 @@ fn make_set(be: &CudaBackend, a: &Anchor, lens: &[usize], seed: u32) -> Result<I
                         b: weights.ptr_at(i * per + r * h),
                         b_len: r * h,
                         rank: r,
-                        kcol: 0,
                     }),
                     None,
                     None,

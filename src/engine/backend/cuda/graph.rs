@@ -89,9 +89,7 @@ pub struct LaunchOp {
     pub side: bool,
 }
 
-/// One cuBLAS GEMM of a trace: row-major `out[rows, n] (+)= x[rows, k] · w[n, k]ᵀ`, rows of
-/// `w`, `x` and `out` the given leading dimensions apart, `batch` times with each operand
-/// advanced by its stride (in elements).
+/// One cuBLAS GEMM of a trace: row-major `out[rows, n] = x[rows, k] · w[n, k]ᵀ`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmOp {
     pub x: u64,
@@ -102,49 +100,6 @@ pub struct GemmOp {
     pub n: i32,
     pub dtype: DType,
     pub out_dtype: DType,
-    pub ld_x: i32,
-    pub ld_w: i32,
-    pub ld_out: i32,
-    pub batch: i32,
-    pub stride_x: i64,
-    pub stride_w: i64,
-    pub stride_out: i64,
-    /// Add into `out` (beta = 1) instead of overwriting it.
-    pub accumulate: bool,
-}
-
-impl GemmOp {
-    /// One dense product: operands packed (leading dimensions k, k and n), overwriting `out`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn dense(
-        x: u64,
-        w: u64,
-        out: u64,
-        rows: i32,
-        k: i32,
-        n: i32,
-        dtype: DType,
-        out_dtype: DType,
-    ) -> Self {
-        GemmOp {
-            x,
-            w,
-            out,
-            rows,
-            k,
-            n,
-            dtype,
-            out_dtype,
-            ld_x: k,
-            ld_w: k,
-            ld_out: n,
-            batch: 1,
-            stride_x: 0,
-            stride_w: 0,
-            stride_out: 0,
-            accumulate: false,
-        }
-    }
 }
 
 /// One stream operation of a step.

@@ -269,8 +269,6 @@ pub struct CudaLoraTable {
     shrinkable: bool,
     /// Largest rank of one part: what the expand reads per part.
     max_part_rank: usize,
-    /// Largest end column of a part in the dense B arena (its kcol plus its rank).
-    max_kend: usize,
     /// Smallest `a.len / rank` over filled slots: the largest h_in every slot can serve.
     min_in: usize,
     /// Per part, smallest `b.len / rank` over the slots that have it (`usize::MAX` when none
@@ -291,8 +289,6 @@ pub struct RawLoraPart {
     pub b: u64,
     pub b_len: usize,
     pub rank: usize,
-    /// First column in the group's dense B arena ([`LoraPart::kcol`]).
-    pub kcol: usize,
 }
 
 /// One slot of a group table as raw parts: the device address and length of the stacked A,
@@ -883,64 +879,36 @@ impl CudaBackend {
             DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
         };
         let (dt, out_dt) = (cuda_type(g.dtype), cuda_type(g.out_dtype));
-        let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
+        let (alpha, beta) = (1.0f32, 0.0f32);
         self.ctx
             .bind_to_thread()
             .map_err(|e| dev_err("bind context", e))?;
         // Row-major out[rows, n] = x[rows, k] . w[n, k]^T is column-major
         // out^T[n, rows] = (w as [k, n] col-major)^T . (x as [k, rows] col-major).
-        // SAFETY: pointers are live buffers whose lengths the caller checked for every batch
-        // entry; alpha/beta are host f32 scalars matching CUBLAS_COMPUTE_32F.
+        // SAFETY: pointers are live buffers whose lengths the caller checked; alpha/beta are
+        // host f32 scalars matching CUBLAS_COMPUTE_32F.
         unsafe {
-            if g.batch == 1 {
-                blas_result::gemm_ex(
-                    self.blas,
-                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                    g.n,
-                    g.rows,
-                    g.k,
-                    (&alpha as *const f32).cast(),
-                    g.w as *const c_void,
-                    dt,
-                    g.ld_w,
-                    g.x as *const c_void,
-                    dt,
-                    g.ld_x,
-                    (&beta as *const f32).cast(),
-                    g.out as *mut c_void,
-                    out_dt,
-                    g.ld_out,
-                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            } else {
-                blas_result::gemm_strided_batched_ex(
-                    self.blas,
-                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                    g.n,
-                    g.rows,
-                    g.k,
-                    (&alpha as *const f32).cast(),
-                    g.w as *const c_void,
-                    dt,
-                    g.ld_w,
-                    g.stride_w,
-                    g.x as *const c_void,
-                    dt,
-                    g.ld_x,
-                    g.stride_x,
-                    (&beta as *const f32).cast(),
-                    g.out as *mut c_void,
-                    out_dt,
-                    g.ld_out,
-                    g.stride_out,
-                    g.batch,
-                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
+            blas_result::gemm_ex(
+                self.blas,
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                g.n,
+                g.rows,
+                g.k,
+                (&alpha as *const f32).cast(),
+                g.w as *const c_void,
+                dt,
+                g.k,
+                g.x as *const c_void,
+                dt,
+                g.k,
+                (&beta as *const f32).cast(),
+                g.out as *mut c_void,
+                out_dt,
+                g.n,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
         }
         .map_err(|e| {
             BackendError::Device(format!("cublasGemmEx {}x{}x{}: {e:?}", g.rows, g.k, g.n))
@@ -1255,7 +1223,7 @@ impl CudaBackend {
     ) -> Result<CudaLoraTable> {
         let mut bytes = Vec::with_capacity(slots.len().max(1) * plan::LORA_SLOT_BYTES);
         let (mut max_rank, mut max_part_rank, mut min_in) = (0usize, 0usize, usize::MAX);
-        let (mut max_vend, mut max_kend) = (0usize, 0usize);
+        let mut max_vend = 0usize;
         let mut shrinkable = true;
         let mut min_out = [usize::MAX; MAX_GROUP_PARTS];
         let aligned = |p: u64| p.is_multiple_of(16);
@@ -1281,15 +1249,7 @@ impl CudaBackend {
                     }
                     min_out[j] = min_out[j].min(p.b_len / p.rank);
                     max_part_rank = max_part_rank.max(p.rank);
-                    let kend = p.kcol + p.rank;
-                    let kcol = u32::try_from(p.kcol)
-                        .ok()
-                        .filter(|_| u32::try_from(kend).is_ok())
-                        .ok_or_else(|| {
-                            shape(format!("slot {i} part {j}: arena column too large"))
-                        })?;
-                    max_kend = max_kend.max(kend);
-                    entry.parts[j] = (p.b, p.rank as u32, voff as u32, kcol);
+                    entry.parts[j] = (p.b, p.rank as u32, voff as u32);
                     voff += p.rank;
                 }
                 let rank = voff - s.voff;
@@ -1323,7 +1283,6 @@ impl CudaBackend {
             max_vend,
             shrinkable,
             max_part_rank,
-            max_kend,
             min_in,
             min_out,
         })
@@ -1516,7 +1475,6 @@ pub fn kernel_names() -> Vec<String> {
             }
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
-        names.push(format!("lora_gather_{t}"));
     }
     for t in ["bf16", "f16"] {
         for vpt in 1..=plan::NORM_VEC_MAX_HIDDEN / (8 * plan::NORM_VEC_THREADS) {
@@ -1741,23 +1699,6 @@ impl Backend for CudaBackend {
             .collect())
     }
 
-    fn alloc_zeroed(&self, dtype: DType, len: usize) -> Result<CudaBuf> {
-        let (mem, ptr) = self.alloc_bytes(len * dtype.size())?;
-        self.flush()?;
-        self.mark_other();
-        if len > 0 {
-            // SAFETY: the allocation holds at least `len * size` bytes.
-            unsafe { drv::memset_d8_async(ptr, 0, len * dtype.size(), self.stream.cu_stream()) }
-                .map_err(|e| dev_err("zero device memory", e))?;
-        }
-        Ok(CudaBuf {
-            _mem: Memory::Own(mem),
-            ptr,
-            dtype,
-            len,
-        })
-    }
-
     fn upload(&self, dtype: DType, data: &[f32]) -> Result<CudaBuf> {
         self.upload_raw(dtype, &to_bytes(dtype, data))
     }
@@ -1804,7 +1745,6 @@ impl Backend for CudaBackend {
                             b: p.b.ptr,
                             b_len: p.b.len,
                             rank: p.rank,
-                            kcol: p.kcol,
                         })
                     }),
                 })
@@ -1910,16 +1850,16 @@ impl Backend for CudaBackend {
         let dim = |v: usize, what: &str| {
             i32::try_from(v).map_err(|_| shape(format!("matmul {what} = {v} too large for cuBLAS")))
         };
-        let op = GemmOp::dense(
-            x.ptr,
-            w.ptr,
-            out.ptr,
-            dim(rows, "rows")?,
-            dim(k, "k")?,
-            dim(n, "n")?,
-            x.dtype,
-            out.dtype,
-        );
+        let op = GemmOp {
+            x: x.ptr,
+            w: w.ptr,
+            out: out.ptr,
+            rows: dim(rows, "rows")?,
+            k: dim(k, "k")?,
+            n: dim(n, "n")?,
+            dtype: x.dtype,
+            out_dtype: out.dtype,
+        };
         self.mark_other();
         self.submit(Op::Gemm(op))?;
         self.profile_mark(&format!("gemm n={n} k={k}"))
@@ -1959,63 +1899,6 @@ impl Backend for CudaBackend {
             )
         }
         .map_err(|e| dev_err("copy on the device", e))
-    }
-
-    fn copy_rect(
-        &self,
-        dst: &mut CudaBuf,
-        offset: usize,
-        dst_ld: usize,
-        src: &CudaBuf,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()> {
-        same_dtype(dst, src, "copy_rect")?;
-        let fits = cols <= dst_ld
-            && rows
-                .checked_sub(1)
-                .map(|last| last * dst_ld + cols)
-                .and_then(|span| span.checked_add(offset))
-                .is_none_or(|end| end <= dst.len);
-        if !fits || src.len != rows * cols {
-            return Err(shape(format!(
-                "copy_rect: {} elements as [{rows}, {cols}] into rows {dst_ld} apart from \
-                 {offset} of a buffer of {}",
-                src.len, dst.len
-            )));
-        }
-        if rows == 0 || cols == 0 {
-            return Ok(());
-        }
-        self.flush()?;
-        self.mark_other();
-        let size = dst.dtype.size();
-        let copy = drv_sys::CUDA_MEMCPY2D {
-            srcXInBytes: 0,
-            srcY: 0,
-            srcMemoryType: drv_sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-            srcHost: std::ptr::null(),
-            srcDevice: src.ptr,
-            srcArray: std::ptr::null_mut(),
-            srcPitch: cols * size,
-            dstXInBytes: 0,
-            dstY: 0,
-            dstMemoryType: drv_sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-            dstHost: std::ptr::null_mut(),
-            dstDevice: dst.ptr_at(offset),
-            dstArray: std::ptr::null_mut(),
-            dstPitch: dst_ld * size,
-            WidthInBytes: cols * size,
-            Height: rows,
-        };
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| dev_err("bind context", e))?;
-        // SAFETY: both rectangles lie inside live allocations (checked above); the struct
-        // outlives the call, which copies its fields.
-        unsafe { drv_sys::cuMemcpy2DAsync_v2(&copy, self.stream.cu_stream()) }
-            .result()
-            .map_err(|e| dev_err("2D copy on the device", e))
     }
 
     fn add_assign(&self, y: &mut CudaBuf, x: &CudaBuf) -> Result<()> {
@@ -2454,105 +2337,6 @@ impl Backend for CudaBackend {
             )?;
         }
         Ok(())
-    }
-
-    fn lora_dense_expand(
-        &self,
-        v: &CudaBuf,
-        table: &CudaLoraTable,
-        meta: &CudaMeta,
-        v_stride: usize,
-        b_arena: &CudaBuf,
-        k_cap: usize,
-        k_used: usize,
-        outs: &[usize],
-        scratch: &mut CudaBuf,
-        y_stride: usize,
-        y: &mut CudaBuf,
-    ) -> Result<()> {
-        let rows = meta.layout.rows;
-        let parts = outs.len();
-        let h_out: usize = outs.iter().sum();
-        if parts == 0 || parts > MAX_GROUP_PARTS || h_out > y_stride || k_used > k_cap {
-            return Err(shape(format!(
-                "lora_dense_expand: parts of {outs:?} columns in rows of {y_stride}, {k_used} of \
-                 {k_cap} arena columns"
-            )));
-        }
-        for (b, what) in [(v, "v"), (b_arena, "B arena"), (&*scratch, "scratch")] {
-            same_dtype(y, b, &format!("lora_dense_expand {what}"))?;
-        }
-        need(v, rows * v_stride, "lora_dense_expand v")?;
-        need(y, rows * y_stride, "lora_dense_expand y")?;
-        need(b_arena, h_out * k_cap, "lora_dense_expand B arena")?;
-        need(scratch, parts * rows * k_used, "lora_dense_expand scratch")?;
-        if !self.check_lora(y.dtype, table, meta)? || k_used == 0 {
-            return Ok(());
-        }
-        if table.max_vend > v_stride || table.max_kend > k_used {
-            return Err(shape(format!(
-                "lora_dense_expand: the table's intermediates end at column {} (v has {v_stride}) \
-                 and its arena columns at {} ({k_used} in use)",
-                table.max_vend, table.max_kend
-            )));
-        }
-        if let Some(j) = (parts..MAX_GROUP_PARTS).find(|&j| table.min_out[j] != usize::MAX) {
-            return Err(shape(format!(
-                "lora_dense_expand: an adapter has part {j}, the group has {parts}"
-            )));
-        }
-        self.launch(
-            &kernel!("lora_gather_{}", Self::suffix(y.dtype)),
-            (rows as u32, parts as u32, 1),
-            128,
-            &[
-                Arg::Ptr(v.ptr),
-                i32_arg(v_stride, "v_stride")?,
-                Arg::Ptr(table.ptr),
-                Arg::Ptr(meta.at(meta.layout.row_slot)),
-                i32_arg(rows, "rows")?,
-                i32_arg(k_used, "k_used")?,
-                Arg::Ptr(scratch.ptr),
-            ],
-            false,
-        )?;
-        let dim = |v: usize, what: &str| {
-            i32::try_from(v).map_err(|_| {
-                shape(format!(
-                    "lora_dense_expand {what} = {v} too large for cuBLAS"
-                ))
-            })
-        };
-        // One product per part, or one batched product when the parts are equally wide.
-        let runs: Vec<(usize, usize)> = if outs.iter().all(|&o| o == outs[0]) {
-            vec![(0, parts)]
-        } else {
-            (0..parts).map(|j| (j, 1)).collect()
-        };
-        for (j, batch) in runs {
-            let (col, out): (usize, usize) = (outs[..j].iter().sum(), outs[j]);
-            let op = GemmOp {
-                x: scratch.ptr_at(j * rows * k_used),
-                w: b_arena.ptr_at(col * k_cap),
-                out: y.ptr_at(col),
-                rows: dim(rows, "rows")?,
-                k: dim(k_used, "k")?,
-                n: dim(out, "n")?,
-                dtype: y.dtype,
-                out_dtype: y.dtype,
-                ld_x: dim(k_used, "k")?,
-                ld_w: dim(k_cap, "k_cap")?,
-                ld_out: dim(y_stride, "y_stride")?,
-                batch: dim(batch, "parts")?,
-                stride_x: (rows * k_used) as i64,
-                stride_w: (out * k_cap) as i64,
-                stride_out: out as i64,
-                accumulate: true,
-            };
-            self.mark_other();
-            self.submit(Op::Gemm(op))?;
-        }
-        self.profile_mark(&format!("lora dense expand n={h_out} k={k_used}"))
     }
 
     fn gather_rows(

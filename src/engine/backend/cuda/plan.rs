@@ -124,7 +124,7 @@ pub fn expand_rows_plan(
 }
 
 /// Bytes of one slot of a LoRA group table (kernels/sgmv.cu `LoraSlot`).
-pub const LORA_SLOT_BYTES: usize = 80;
+pub const LORA_SLOT_BYTES: usize = 64;
 
 /// One slot of a LoRA group table as the kernels read it: the stacked A and its total rank,
 /// and per part `(B, rank, first column in v)` (a null B: the slot lacks that part).
@@ -132,8 +132,7 @@ pub const LORA_SLOT_BYTES: usize = 80;
 pub struct LoraSlotEntry {
     pub a: u64,
     pub rank: u32,
-    /// Per part: B, rank, first column in v, first column in the dense B arena.
-    pub parts: [(u64, u32, u32, u32); MAX_GROUP_PARTS],
+    pub parts: [(u64, u32, u32); MAX_GROUP_PARTS],
 }
 
 impl LoraSlotEntry {
@@ -142,19 +141,15 @@ impl LoraSlotEntry {
         out.extend_from_slice(&self.a.to_le_bytes());
         out.extend_from_slice(&self.rank.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
-        for (b, ..) in &self.parts {
+        for (b, _, _) in &self.parts {
             out.extend_from_slice(&b.to_le_bytes());
         }
-        for (_, rank, ..) in &self.parts {
+        for (_, rank, _) in &self.parts {
             out.extend_from_slice(&rank.to_le_bytes());
         }
-        for (_, _, voff, _) in &self.parts {
+        for (_, _, voff) in &self.parts {
             out.extend_from_slice(&voff.to_le_bytes());
         }
-        for (.., kcol) in &self.parts {
-            out.extend_from_slice(&kcol.to_le_bytes());
-        }
-        out.extend_from_slice(&0u32.to_le_bytes());
     }
 }
 /// Largest attention head dimension the attention kernel supports.
@@ -386,8 +381,6 @@ pub struct MetaLayout {
     pub slot_mapping: usize,
     /// Sequence index per row.
     pub row_seq: usize,
-    /// Adapter slot per row ([`ROW_NO_SLOT`] for rows in no segment).
-    pub row_slot: usize,
     /// 5 words per sequence: row_start, num_rows, context_len, block_table_start, num_blocks.
     pub seqs: usize,
     pub num_seqs: usize,
@@ -413,10 +406,6 @@ pub struct MetaLayout {
     pub max_block: Option<u32>,
     pub total: usize,
 }
-
-/// The slot of a row in no LoRA segment in [`MetaLayout::row_slot`] (kernels/sgmv.cu
-/// `ROW_NO_SLOT`).
-pub const ROW_NO_SLOT: u32 = u32::MAX;
 
 /// The segment index of a tile entry that stands for no rows (kernels/sgmv.cu `TILE_NONE`):
 /// the blocks of such a tile do nothing.
@@ -458,8 +447,8 @@ pub fn pack_meta(meta: &StepMeta, words: &mut Vec<u32>) -> Result<MetaLayout> {
     words.extend_from_slice(&meta.token_ids);
     words.extend_from_slice(&meta.positions);
     words.extend_from_slice(&meta.slot_mapping);
-    words.resize(5 * rows, u32::MAX);
-    let row_seq = &mut words[3 * rows..4 * rows];
+    words.resize(4 * rows, u32::MAX);
+    let row_seq = &mut words[3 * rows..];
     for (i, s) in meta.seqs.iter().enumerate() {
         let end = s.row_start as usize + s.num_rows as usize;
         if end > rows || s.num_rows == 0 {
@@ -515,9 +504,6 @@ pub fn pack_meta(meta: &StepMeta, words: &mut Vec<u32>) -> Result<MetaLayout> {
             ));
         }
     }
-    for (s, e, slot) in seg.iter() {
-        words[4 * rows + s..4 * rows + e].fill(slot);
-    }
     if let Some(&r) = meta.logit_rows.iter().find(|&&r| r as usize >= rows) {
         return bad(format!("logit row {r} outside the batch of {rows}"));
     }
@@ -546,7 +532,6 @@ pub fn pack_meta(meta: &StepMeta, words: &mut Vec<u32>) -> Result<MetaLayout> {
     layout.positions = rows;
     layout.slot_mapping = 2 * rows;
     layout.row_seq = 3 * rows;
-    layout.row_slot = 4 * rows;
     // Each section padded to its capacity (at least one entry per row).
     let pad = |words: &mut Vec<u32>, start: usize, len: usize, fill: &[u32]| {
         while words.len() < start + len {
@@ -867,11 +852,11 @@ mod tests {
     }
 
     #[test]
-    fn a_lora_slot_entry_is_eighty_bytes_in_the_kernels_field_order() {
+    fn a_lora_slot_entry_is_sixty_four_bytes_in_the_kernels_field_order() {
         let entry = LoraSlotEntry {
             a: 0x1000,
             rank: 48,
-            parts: [(0x2000, 16, 64, 32), (0, 0, 0, 0), (0x3000, 32, 80, 7)],
+            parts: [(0x2000, 16, 64), (0, 0, 0), (0x3000, 32, 80)],
         };
         let mut bytes = Vec::new();
         entry.write(&mut bytes);
@@ -882,7 +867,6 @@ mod tests {
         assert_eq!((u64_at(16), u64_at(24), u64_at(32)), (0x2000, 0, 0x3000));
         assert_eq!((u32_at(40), u32_at(44), u32_at(48)), (16, 0, 32));
         assert_eq!((u32_at(52), u32_at(56), u32_at(60)), (64, 0, 80));
-        assert_eq!((u32_at(64), u32_at(68), u32_at(72)), (32, 0, 7));
     }
 
     /// [`pack_meta`] into a fresh buffer.
@@ -933,7 +917,6 @@ mod tests {
         assert_eq!(l.rows, 40);
         assert_eq!(&w[l.positions..l.positions + 40], &m.positions[..]);
         assert_eq!(w[l.row_seq + 39], 0);
-        assert_eq!(&w[l.row_slot + 18..l.row_slot + 22], &[0, 0, 1, 1]);
         assert_eq!(&w[l.seqs..l.seqs + 5], &[0, 40, 40, 0, 3]);
         assert_eq!(l.num_segs, 2);
         assert_eq!(&w[l.segs..l.segs + 6], &[0, 20, 0, 20, 40, 1]);
@@ -1025,7 +1008,6 @@ mod tests {
                 l.positions,
                 l.slot_mapping,
                 l.row_seq,
-                l.row_slot,
                 l.seqs,
                 l.segs,
                 l.tiles,
@@ -1046,13 +1028,6 @@ mod tests {
             w[l.tiles + 6..l.tiles + 2 * l.tile_cap]
                 .chunks(2)
                 .all(|t| t == [TILE_NONE, 0])
-        );
-        // Rows of no adapter have no slot.
-        let (w, l) = packed.last().unwrap();
-        assert!(
-            w[l.row_slot..l.row_slot + l.rows]
-                .iter()
-                .all(|&s| s == ROW_NO_SLOT)
         );
     }
 

@@ -17,8 +17,8 @@ use rand::{RngExt, SeedableRng};
 
 use crate::engine::backend::cpu::{CpuBackend, CpuBuf, CpuLoraTable, CpuMeta};
 use crate::engine::backend::{
-    AttnShape, BLOCK_SIZE, Backend, DType, LoraGroupSlot, LoraPart, MAX_GROUP_PARTS, Pick, Result,
-    RowSampling, SeqMeta, StepMeta,
+    AttnShape, BLOCK_SIZE, Backend, DType, LoraGroupSlot, LoraPart, Pick, Result, RowSampling,
+    SeqMeta, StepMeta,
 };
 use crate::engine::lora::segments::SegmentTable;
 use crate::engine::sampling::pick_row;
@@ -173,18 +173,17 @@ impl SgmvCase {
 type SlotPair = ((CudaBuf, CpuBuf), Vec<Option<(CudaBuf, CpuBuf, usize)>>);
 
 /// One backend's group table entries for the case's slots (`pick` takes that backend's buffer
-/// of a GPU/CPU pair), each slot's intermediate at column 0 or, for an arena table, at `voffs`
-/// and its parts' B at `kcols` of the dense B arena.
+/// of a GPU/CPU pair), each slot's intermediate at column 0 or, for an arena table, at `voffs`.
 fn group_slots<'a, B: Backend>(
     slots: &'a [Option<SlotPair>],
-    (voffs, kcols): (&[usize], &[[usize; MAX_GROUP_PARTS]]),
+    voffs: &[usize],
     arena: bool,
     pick: impl Fn(&'a CudaBuf, &'a CpuBuf) -> &'a B::Buf + Copy,
 ) -> Vec<Option<LoraGroupSlot<'a, B>>> {
     slots
         .iter()
-        .zip(voffs.iter().zip(kcols))
-        .map(|(s, (&voff, kcol))| {
+        .zip(voffs)
+        .map(|(s, &voff)| {
             s.as_ref().map(|((ga, ca), parts)| LoraGroupSlot {
                 a: pick(ga, ca),
                 parts: std::array::from_fn(|j| {
@@ -192,7 +191,6 @@ fn group_slots<'a, B: Backend>(
                     Some(LoraPart {
                         b: pick(gb, cb),
                         rank: *rank,
-                        kcol: if arena { kcol[j] } else { 0 },
                     })
                 }),
                 voff: if arena { voff } else { 0 },
@@ -219,19 +217,6 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
         next += t + 8;
     }
     let arena_width = next;
-    // The dense B arena: each part's slots side by side with a column between them.
-    let mut kcols = vec![[0usize; MAX_GROUP_PARTS]; case.ranks.len()];
-    let mut k_used = 0;
-    for j in 0..case.outs.len() {
-        let mut next = 1;
-        for (kcol, rs) in kcols.iter_mut().zip(&case.ranks) {
-            if let Some(Some(r)) = rs.get(j) {
-                kcol[j] = next;
-                next += r + 1;
-            }
-        }
-        k_used = k_used.max(next);
-    }
     let (h_in, outs, dt) = (case.h_in, &case.outs, case.dtype);
     let x = c.rand(dt, n_rows * h_in, 1.0);
     let mut slots: Vec<Option<SlotPair>> = Vec::new();
@@ -257,9 +242,8 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
         slots.push(Some((stacked, parts)));
     }
     // The tables with every slot's intermediate at column 0 (`arena` false) or at `voffs`.
-    let places = (voffs.as_slice(), kcols.as_slice());
-    let gpu_groups = |arena: bool| group_slots::<CudaBackend>(&slots, places, arena, |g, _| g);
-    let cpu_groups = |arena: bool| group_slots::<CpuBackend>(&slots, places, arena, |_, c| c);
+    let gpu_groups = |arena: bool| group_slots::<CudaBackend>(&slots, &voffs, arena, |g, _| g);
+    let cpu_groups = |arena: bool| group_slots::<CpuBackend>(&slots, &voffs, arena, |_, c| c);
     let table = be.lora_table(&gpu_groups(false))?;
     let ctable = cpu.lora_table(&cpu_groups(false))?;
     let segments = SegmentTable::from_row_slots(&case.rows);
@@ -346,37 +330,6 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
         let cvh = cpu.upload(dt, &wide_clean)?;
         let label = format!("{arena_label}, v {dt:?}");
         expand_check(c, case, tables, (&dvh, &cvh), arena_width, label)?;
-        // The same through the dense B arena: random values in the columns between slots, NaN
-        // in those past `k_used` (never to be read).
-        let k_cap = k_used + 5;
-        let h_out: usize = outs.iter().sum();
-        let mut b_arena = c.rand(dt, h_out * k_cap, 0.5);
-        let mut col = 0;
-        for (j, &out) in outs.iter().enumerate() {
-            for (s, slot) in slots.iter().enumerate() {
-                let Some((_, parts)) = slot else { continue };
-                let Some((_, cb, rank)) = parts.get(j).and_then(Option::as_ref) else {
-                    continue;
-                };
-                for (o, b_row) in cb.as_slice().chunks_exact(*rank).enumerate() {
-                    b_arena[(col + o) * k_cap + kcols[s][j]..][..*rank].copy_from_slice(b_row);
-                }
-            }
-            for o in col..col + out {
-                b_arena[o * k_cap + k_used..][..k_cap - k_used].fill(f32::NAN);
-            }
-            col += out;
-        }
-        let label = format!("{arena_label}, dense B arena");
-        dense_check(
-            c,
-            case,
-            tables,
-            (&dvh, &cvh),
-            arena_width,
-            (&b_arena, k_cap, k_used),
-            label,
-        )?;
         // Such a table serves expands only.
         let (mut scratch, _) = c.poisoned(DType::F32, n_rows * arena_width)?;
         if be
@@ -408,56 +361,12 @@ fn expand_check(
     cpu.sgmv_expand(
         cv, ctable, cmeta, v_width, outs, y_stride, case.pad, &mut cy,
     )?;
-    let y = (y0, be.download(&dy)?, cpu.download(&cy)?);
-    compare_expanded(c, case, "sgmv_expand", (case.pad, y_stride), y, label);
-    Ok(())
-}
-
-/// The GPU's dense expand (`b.0`: the B arena, `b.1` columns a row, `b.2` in use) from `v.0`
-/// against the CPU's from `v.1`, the parts from column 0 of rows with `case.pad` more.
-fn dense_check(
-    c: &mut Ctx<'_>,
-    case: &SgmvCase,
-    (table, ctable, dmeta, cmeta): (&CudaLoraTable, &CpuLoraTable, &CudaMeta, &CpuMeta),
-    (dv, cv): (&CudaBuf, &CpuBuf),
-    v_width: usize,
-    (b_arena, k_cap, k_used): (&[f32], usize, usize),
-    label: String,
-) -> Result<()> {
-    let (be, cpu) = (c.be, c.cpu.clone());
-    let (outs, dt, n_rows) = (&case.outs, case.dtype, case.rows.len());
-    let y_stride = outs.iter().sum::<usize>() + case.pad;
-    let y0 = c.rand(dt, n_rows * y_stride, 1.0);
-    let (mut dy, mut cy) = c.upload(dt, &y0)?;
-    let (db, cb) = c.upload(dt, b_arena)?;
-    let scratch_len = outs.len() * n_rows * k_used;
-    let (mut ds, mut cs) = c.poisoned(dt, scratch_len)?;
-    be.lora_dense_expand(
-        dv, table, dmeta, v_width, &db, k_cap, k_used, outs, &mut ds, y_stride, &mut dy,
-    )?;
-    cpu.lora_dense_expand(
-        cv, ctable, cmeta, v_width, &cb, k_cap, k_used, outs, &mut cs, y_stride, &mut cy,
-    )?;
-    let y = (y0, be.download(&dy)?, cpu.download(&cy)?);
-    compare_expanded(c, case, "lora_dense_expand", (0, y_stride), y, label);
-    Ok(())
-}
-
-/// Check an expand's output `y.1` against the CPU's `y.2` (both from `y.0`; the parts from
-/// column `col0` of rows `y_stride` wide): elements outside the LoRA rows and parts must be
-/// bit-identical to `y.0`; the rest within tolerance, element by element too, so a few skipped
-/// columns cannot hide in the norm.
-fn compare_expanded(
-    c: &mut Ctx<'_>,
-    case: &SgmvCase,
-    op: &str,
-    (col0, y_stride): (usize, usize),
-    (y0, y_out, y_cpu): (Vec<f32>, Vec<f32>, Vec<f32>),
-    label: String,
-) {
-    let outs = &case.outs;
+    let y_out = be.download(&dy)?;
+    let y_cpu = cpu.download(&cy)?;
+    // Elements outside the LoRA rows and parts must be bit-identical; the rest within
+    // tolerance, element by element too, so a few skipped columns cannot hide in the norm.
     let part_at = |col: usize| {
-        let mut start = col0;
+        let mut start = case.pad;
         for (j, &w) in outs.iter().enumerate() {
             if (start..start + w).contains(&col) {
                 return Some(j);
@@ -490,15 +399,20 @@ fn compare_expanded(
     }
     if touched_outside > 0 {
         c.fail(
-            op,
+            "sgmv_expand",
             label,
             format!("{touched_outside} elements changed outside the LoRA rows and parts"),
         );
     } else if worst > 2e-2 {
-        c.fail(op, label, format!("element error {worst:.2e} > 2e-2"));
+        c.fail(
+            "sgmv_expand",
+            label,
+            format!("element error {worst:.2e} > 2e-2"),
+        );
     } else {
-        c.record(op, label, &y_out, &y_cpu, tol(case.dtype));
+        c.record("sgmv_expand", label, &y_out, &y_cpu, tol(dt));
     }
+    Ok(())
 }
 
 fn workload_rows(w: Workload, tokens: usize) -> Vec<Option<u32>> {
