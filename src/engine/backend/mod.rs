@@ -700,6 +700,14 @@ pub trait Backend: Send + Sync + 'static {
         picks: &mut Vec<Pick>,
     ) -> Result<()>;
 
+    /// The ops of the step issued so far may start on the device now, while the host issues
+    /// the rest: the CUDA backend runs them as a part of the step of their own (replayed from
+    /// or captured into a graph of that part, see `cuda::graph`). Call at points where the side
+    /// queue is joined.
+    fn checkpoint(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Ops issued from here until [`Backend::end_side`] run on a side queue: after everything
     /// issued before, concurrently with what is issued on the main queue after `end_side`
     /// (the LoRA shrink beside the base GEMM that reads the same input). The CPU runs them in

@@ -86,6 +86,11 @@ pub struct Llama<B: Backend> {
     arena_rows: [usize; 4],
 }
 
+/// Layers after which a step's ops issued so far start on the device ([`Backend::checkpoint`]):
+/// the first layer goes as soon as it is issued, so the device runs it while the host issues
+/// the next ones, and each later part is issued before the device gets to it.
+const STEP_PARTS_AFTER: [usize; 3] = [0, 2, 8];
+
 /// Steps of at most this many rows use the LoRA arena (decode batches): the base GEMM's extra
 /// columns cost `rows` times the arena rows it covers in FLOPs, nothing at decode sizes, while a
 /// prefill's LoRA is cheaper as a shrink.
@@ -492,6 +497,9 @@ impl<B: Backend> Llama<B> {
                 h,
                 &mut normed,
             )?;
+            if STEP_PARTS_AFTER.contains(&l) && l + 1 < self.layers.len() {
+                b.checkpoint()?;
+            }
         }
         let n_logits = meta.logit_rows.len();
         if n_logits == 0 {

@@ -14,6 +14,12 @@
 //!   stream capture), cached, and launched;
 //! - any other trace is issued op by op, as without graphs.
 //!
+//! A step may be cut into parts ([`Backend::checkpoint`](crate::engine::backend::Backend::checkpoint)):
+//! each part is such a trace of its own, judged against the same part of the previous step,
+//! and launched as soon as it is complete, so the device starts on the first layers while the
+//! host still records the rest. A step counts as replayed when all its parts were, as issued
+//! when any part was.
+//!
 //! A graph runs exactly the launches that issuing the trace would run, with the same
 //! arguments: equality of the whole trace, not of a hash, decides a replay. So a replay is
 //! correct whenever issuing the trace is, whatever changed in between (an adapter slot, a
@@ -32,8 +38,9 @@ use cudarc::driver::CudaGraph;
 
 use crate::engine::backend::{DType, StepPath};
 
-/// Most graphs kept; the least recently used one is dropped beyond it.
-pub const MAX_GRAPHS: usize = 16;
+/// Most graphs kept (a step of several parts has a graph per part); the least recently used
+/// one is dropped beyond it.
+pub const MAX_GRAPHS: usize = 64;
 
 /// Replays a recorded graph must get before the batch moves on for its recording to have paid
 /// off. Recording a 7B step took 3.6-8.1 ms of host time on the H200 (the GPU waits meanwhile),
@@ -177,14 +184,12 @@ pub struct Recorder<G = CudaGraph> {
     /// A fork is open in the pending trace (a join without one is dropped: `begin_step` joined
     /// the side stream already).
     pub forked: bool,
-    /// The previous step's trace and its hash: a repeat is captured.
-    prev: Option<(u64, Vec<Op>)>,
-    /// Times in a row the previous trace came again.
-    repeats: u32,
-    /// Repeats a trace needs before it is recorded.
-    patience: u32,
-    /// The latest recorded graph's id and its replays so far, until the batch moves on.
-    watch: Option<(u64, u64)>,
+    /// Per part of a step (see the module's docs), what decides whether to record it.
+    parts: Vec<PartState>,
+    /// The part of the step being recorded.
+    part: usize,
+    /// How the step's parts so far ran (the least replayed of them).
+    step_path: Option<StepPath>,
     cache: Vec<Cached<G>>,
     /// An emptied trace buffer kept for the next step's trace (its capacity is reused).
     spare: Vec<Op>,
@@ -192,6 +197,38 @@ pub struct Recorder<G = CudaGraph> {
     next_id: u64,
     pub stats: GraphStats,
     pub last_path: StepPath,
+}
+
+/// The recording state of one part of a step.
+struct PartState {
+    /// The previous step's trace of this part and its hash: a repeat is captured.
+    prev: Option<(u64, Vec<Op>)>,
+    /// Times in a row the previous trace came again.
+    repeats: u32,
+    /// Repeats a trace needs before it is recorded.
+    patience: u32,
+    /// The latest recorded graph's id and its replays so far, until the batch moves on.
+    watch: Option<(u64, u64)>,
+}
+
+impl Default for PartState {
+    fn default() -> Self {
+        PartState {
+            prev: None,
+            repeats: 0,
+            patience: 1,
+            watch: None,
+        }
+    }
+}
+
+/// Order of step paths by how much of the step ran from graphs.
+fn path_rank(p: StepPath) -> u8 {
+    match p {
+        StepPath::Issued => 0,
+        StepPath::Recorded => 1,
+        StepPath::Replayed => 2,
+    }
 }
 
 /// What to do with a finished trace.
@@ -212,10 +249,9 @@ impl<G> Recorder<G> {
             tracing: false,
             ops: Vec::new(),
             forked: false,
-            prev: None,
-            repeats: 0,
-            patience: 1,
-            watch: None,
+            parts: Vec::new(),
+            part: 0,
+            step_path: None,
             cache: Vec::new(),
             spare: Vec::new(),
             clock: 0,
@@ -239,39 +275,49 @@ impl<G> Recorder<G> {
         None
     }
 
-    /// Decide how to run `ops` (hash `hash`), updating the counters.
+    /// The state of the part being recorded.
+    fn state(&mut self) -> &mut PartState {
+        if self.parts.len() <= self.part {
+            self.parts.resize_with(self.part + 1, PartState::default);
+        }
+        &mut self.parts[self.part]
+    }
+
+    /// Decide how to run `ops` (hash `hash`), the current part of the step: [`Self::insert`]
+    /// or [`Self::remember`] it as the plan says, then [`Self::next_part`].
     pub fn plan(&mut self, hash: u64, ops: &[Op]) -> Plan {
         self.clock += 1;
         let usable = self.enabled && self_contained(ops) && ops.iter().any(|o| !o.is_event());
         if usable && let Some(i) = self.find(hash, ops) {
-            self.stats.replayed += 1;
-            self.last_path = StepPath::Replayed;
+            self.note(StepPath::Replayed);
             self.cache[i].used = self.clock;
-            if let Some((id, replays)) = &mut self.watch
-                && *id == self.cache[i].id
+            let id = self.cache[i].id;
+            if let Some((watched, replays)) = &mut self.state().watch
+                && *watched == id
             {
                 *replays += 1;
             }
             return Plan::Replay(i);
         }
-        let repeat = self
+        let st = self.state();
+        let repeat = st
             .prev
             .as_ref()
             .is_some_and(|(h, p)| *h == hash && p == ops);
         if repeat {
-            self.repeats += 1;
+            st.repeats += 1;
         } else {
             // The batch moved on: judge the latest recording by its replays.
-            self.repeats = 0;
-            if let Some((_, replays)) = self.watch.take() {
-                self.patience = if replays >= WORTH_REPLAYS {
+            st.repeats = 0;
+            if let Some((_, replays)) = st.watch.take() {
+                st.patience = if replays >= WORTH_REPLAYS {
                     1
                 } else {
-                    (self.patience * 2).min(MAX_PATIENCE)
+                    (st.patience * 2).min(MAX_PATIENCE)
                 };
             }
         }
-        if usable && repeat && self.repeats >= self.patience {
+        if usable && repeat && st.repeats >= st.patience {
             return Plan::Record;
         }
         self.note_issued();
@@ -280,22 +326,50 @@ impl<G> Recorder<G> {
 
     /// Count a trace issued op by op.
     pub fn note_issued(&mut self) {
-        self.stats.issued += 1;
-        self.last_path = StepPath::Issued;
+        self.note(StepPath::Issued);
+    }
+
+    /// Fold how a part ran into its step's path.
+    fn note(&mut self, path: StepPath) {
+        self.step_path = Some(match self.step_path {
+            Some(p) if path_rank(p) < path_rank(path) => p,
+            _ => path,
+        });
+    }
+
+    /// The next part of the step starts.
+    pub fn next_part(&mut self) {
+        self.part += 1;
     }
 
     /// Start recording a step.
     pub fn begin(&mut self) {
         self.tracing = true;
         self.forked = false;
+        self.part = 0;
+        self.step_path = None;
         if self.ops.capacity() == 0 {
             self.ops = std::mem::take(&mut self.spare);
         }
     }
 
+    /// The step ends: count it by how its parts ran (nothing when it ran none).
+    pub fn end(&mut self) {
+        self.tracing = false;
+        let Some(path) = self.step_path.take() else {
+            return;
+        };
+        match path {
+            StepPath::Issued => self.stats.issued += 1,
+            StepPath::Recorded => self.stats.recorded += 1,
+            StepPath::Replayed => self.stats.replayed += 1,
+        }
+        self.last_path = path;
+    }
+
     /// Remember an issued trace (a repeat of it next step is captured).
     pub fn remember(&mut self, hash: u64, ops: Vec<Op>) {
-        if let Some((_, old)) = self.prev.replace((hash, ops)) {
+        if let Some((_, old)) = self.state().prev.replace((hash, ops)) {
             self.recycle(old);
         }
     }
@@ -317,15 +391,17 @@ impl<G> Recorder<G> {
     /// Cache a captured graph of `ops`, dropping the least recently used beyond
     /// [`MAX_GRAPHS`].
     pub fn insert(&mut self, hash: u64, ops: Vec<Op>, graph: G, record_us: u64) {
-        self.stats.recorded += 1;
         self.stats.record_us += record_us;
-        self.last_path = StepPath::Recorded;
-        if let Some((_, old)) = self.prev.take() {
+        self.note(StepPath::Recorded);
+        self.next_id += 1;
+        let id = self.next_id;
+        let st = self.state();
+        let old = st.prev.take();
+        st.repeats = 0;
+        st.watch = Some((id, 0));
+        if let Some((_, old)) = old {
             self.recycle(old);
         }
-        self.repeats = 0;
-        self.next_id += 1;
-        self.watch = Some((self.next_id, 0));
         if self.cache.len() >= MAX_GRAPHS
             && let Some(i) = (0..self.cache.len()).min_by_key(|&i| self.cache[i].used)
         {
@@ -348,10 +424,7 @@ impl<G> Recorder<G> {
     /// Drop every cached graph (their buffers are being replaced) and start afresh.
     pub fn clear(&mut self) {
         self.cache.clear();
-        self.prev = None;
-        self.repeats = 0;
-        self.patience = 1;
-        self.watch = None;
+        self.parts.clear();
     }
 
     /// Graphs cached.
@@ -468,14 +541,23 @@ mod tests {
         let t1 = vec![launch("a", false, 1), launch("b", false, 2)];
         let t2 = vec![launch("a", false, 1), launch("b", false, 3)];
         let (h1, h2) = (trace_hash(&t1), trace_hash(&t2));
-        assert_eq!(r.plan(h1, &t1), Plan::Issue);
-        r.remember(h1, t1.clone());
+        let mut step = |h, t: &Vec<Op>, keep: bool| {
+            r.begin();
+            let plan = r.plan(h, t);
+            if keep {
+                r.remember(h, t.clone());
+            }
+            r.next_part();
+            r.end();
+            plan
+        };
+        assert_eq!(step(h1, &t1, true), Plan::Issue);
         // A different trace is issued, and becomes the one to repeat.
-        assert_eq!(r.plan(h2, &t2), Plan::Issue);
-        r.remember(h2, t2.clone());
-        assert_eq!(r.plan(h2, &t2), Plan::Record);
+        assert_eq!(step(h2, &t2, true), Plan::Issue);
+        assert_eq!(step(h2, &t2, false), Plan::Record);
         // A hash match alone is not enough: the whole trace must be equal.
-        assert_eq!(r.plan(h2, &t1), Plan::Issue);
+        assert_eq!(step(h2, &t1, false), Plan::Issue);
+        // The step planned for recording was never recorded: it counts as nothing.
         assert_eq!(r.stats.issued, 3);
         assert_eq!(r.last_path, StepPath::Issued);
     }
@@ -503,16 +585,48 @@ mod tests {
         layouts
             .iter()
             .map(|&l| {
-                let t = vec![launch("k", false, l)];
-                let h = trace_hash(&t);
-                match r.plan(h, &t) {
-                    Plan::Record => r.insert(h, t, (), 0),
-                    Plan::Issue => r.remember(h, t),
-                    Plan::Replay(_) => {}
-                }
+                r.begin();
+                part(r, vec![launch("k", false, l)]);
+                r.end();
                 r.last_path
             })
             .collect()
+    }
+
+    /// Plan one part of a step and do what the plan says.
+    fn part(r: &mut Recorder<()>, t: Vec<Op>) {
+        let h = trace_hash(&t);
+        match r.plan(h, &t) {
+            Plan::Record => r.insert(h, t, (), 0),
+            Plan::Issue => r.remember(h, t),
+            Plan::Replay(_) => {}
+        }
+        r.next_part();
+    }
+
+    #[test]
+    fn each_part_of_a_step_is_judged_against_the_same_part_of_the_previous_step() {
+        use StepPath::{Issued as I, Recorded as R, Replayed as P};
+        let mut r = Recorder::<()>::new(true);
+        // Steps of two parts: the first the same every step, the second changing at step 3.
+        let mut paths = Vec::new();
+        for step in 0..6u64 {
+            r.begin();
+            part(&mut r, vec![launch("head", false, 1)]);
+            part(&mut r, vec![launch("tail", false, u64::from(step >= 3))]);
+            r.end();
+            paths.push(r.last_path);
+        }
+        // Both parts recorded at the second step; at step 3 the tail is issued (so is the
+        // step). Its graph got one replay only, so the new tail waits for two repeats (its
+        // own patience) and is recorded at step 5, while the head kept replaying.
+        assert_eq!(paths, vec![I, R, P, I, I, R]);
+        assert_eq!(r.cached(), 3);
+        assert_eq!(
+            (r.stats.issued, r.stats.recorded, r.stats.replayed),
+            (3, 2, 1)
+        );
+        assert_eq!((r.parts[0].patience, r.parts[1].patience), (1, 2));
     }
 
     #[test]
@@ -538,7 +652,7 @@ mod tests {
         // The first layout is recorded (one replay: wasted), the next needs two repeats (one
         // more waste), then four: never again.
         assert_eq!(recorded, 2, "{p:?}");
-        assert_eq!(r.patience, 4);
+        assert_eq!(r.parts[0].patience, 4);
         // A layout that then stays long enough is recorded after four repeats, and once it has
         // paid off the patience is back to one.
         let mut steady = vec![500u64; 5 + WORTH_REPLAYS as usize];
@@ -546,7 +660,7 @@ mod tests {
         let p = paths(&mut r, &steady);
         assert_eq!(p[4], StepPath::Recorded);
         assert_eq!(p[p.len() - 1], StepPath::Recorded);
-        assert_eq!(r.patience, 1);
+        assert_eq!(r.parts[0].patience, 1);
     }
 
     #[test]
@@ -569,6 +683,8 @@ mod tests {
                 Plan::Issue => r.remember(h, ops),
                 Plan::Replay(_) => r.recycle(ops),
             }
+            r.next_part();
+            r.end();
         }
         // One buffer went into the cached graph; two others take turns (the issued trace
         // kept to compare the next one with, and the one being recorded).

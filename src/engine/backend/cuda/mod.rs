@@ -932,6 +932,7 @@ impl CudaBackend {
                     .launch()
                     .map_err(|e| dev_err("graph launch", e));
                 rec.recycle(ops);
+                rec.next_part();
                 return launched;
             }
             graph::Plan::Record => {
@@ -947,6 +948,7 @@ impl CudaBackend {
                             "step recorded as a CUDA graph"
                         );
                         rec.insert(hash, ops, g, record_us);
+                        rec.next_part();
                         return Ok(());
                     }
                     Err(e) => {
@@ -966,6 +968,7 @@ impl CudaBackend {
             self.execute(op)?;
         }
         rec.remember(hash, ops);
+        rec.next_part();
         Ok(())
     }
 
@@ -998,7 +1001,7 @@ impl CudaBackend {
     /// again (the step's buffers stay valid until the next step starts).
     fn finish_step(&self) -> Result<()> {
         self.flush()?;
-        lock(&self.recorder).tracing = false;
+        lock(&self.recorder).end();
         lock(&self.step).open = false;
         Ok(())
     }
@@ -2472,6 +2475,10 @@ impl Backend for CudaBackend {
 
     fn end_step(&self) -> Result<()> {
         self.finish_step()
+    }
+
+    fn checkpoint(&self) -> Result<()> {
+        self.flush()
     }
 
     fn upload_done(&self, buf: &CudaBuf) -> bool {
