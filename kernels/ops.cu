@@ -465,23 +465,48 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_MAX_THREADS)
     const RowSamplingDev rs = params[blockIdx.x];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-    // 1. The first largest logit (NaN never) and the online log-sum-exp of the raw row.
+    // 1. The first largest logit (NaN never) and the online log-sum-exp of the raw row. Each
+    // thread visits its columns in increasing order (so it keeps the first of equal values);
+    // rows of whole 16-byte vectors are read two vectors a thread at a time, loads first.
     float best = NEG_INF, m = NEG_INF, sum = 0.0f;
     int bi = NO_INDEX;
-    for (int c = tid; c < vocab; c += blockDim.x) {
-        const float v = p[c];
-        if (v != v) continue;
+    auto visit = [&](float v, int c) {
+        if (v != v) return;
         if (v > best || bi == NO_INDEX) {
             best = v;
             bi = c;
         }
-        if (v == NEG_INF) continue;
+        if (v == NEG_INF) return;
         if (v > m) {
             sum = sum * expf(m - v) + 1.0f;
             m = v;
         } else {
             sum += expf(v - m);
         }
+    };
+    if ((vocab & 3) == 0) {
+        const float4* p4 = reinterpret_cast<const float4*>(p);
+        const int n4 = vocab >> 2, step = (int)blockDim.x;
+        for (int base = tid; base < n4; base += 2 * step) {
+            float4 q[2];
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int i = base + u * step;
+                q[u] = (i < n4) ? __ldg(p4 + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int i = base + u * step;
+                if (i < n4) {
+                    visit(q[u].x, 4 * i);
+                    visit(q[u].y, 4 * i + 1);
+                    visit(q[u].z, 4 * i + 2);
+                    visit(q[u].w, 4 * i + 3);
+                }
+            }
+        }
+    } else {
+        for (int c = tid; c < vocab; c += blockDim.x) visit(p[c], c);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {

@@ -57,8 +57,46 @@ struct State<W: crate::engine::lora::cache::HostAdapter> {
     stopping: bool,
     /// Consecutive steps in which a loaded adapter found every device slot pinned.
     starved_steps: u32,
+    /// Where the owner thread's time goes around the executor's steps.
+    timing: HostTiming,
     /// The cache generation last copied to `shared.resident`.
     published_generation: u64,
+}
+
+/// The owner thread's own time per step, by phase, logged at debug level every
+/// [`HostTiming::WINDOW`] steps: the device idles while the thread does anything but wait for
+/// a step (the executor's own `step timing` log covers the step itself).
+#[derive(Default)]
+struct HostTiming {
+    steps: u32,
+    /// Cancellations, adapter loads and residency.
+    housekeeping: std::time::Duration,
+    /// The scheduler's plan (the step's metadata) and the rows' sampling parameters.
+    schedule: std::time::Duration,
+    /// The picks turned into stream events.
+    stream: std::time::Duration,
+}
+
+impl HostTiming {
+    const WINDOW: u32 = 32;
+
+    fn record(&mut self, housekeeping: Instant, schedule: Instant, step: Instant, end: Instant) {
+        self.steps += 1;
+        self.housekeeping += schedule - housekeeping;
+        self.schedule += step - schedule;
+        self.stream += Instant::now() - end;
+        if self.steps == Self::WINDOW {
+            let us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / f64::from(self.steps);
+            tracing::debug!(
+                steps = self.steps,
+                housekeeping_us = us(self.housekeeping),
+                schedule_us = us(self.schedule),
+                stream_us = us(self.stream),
+                "host timing"
+            );
+            *self = HostTiming::default();
+        }
+    }
 }
 
 /// Steps an adapter may wait for a pinned-full set of device slots before new admissions onto
@@ -134,6 +172,7 @@ pub(super) fn run<E, F>(
         row_ids: Vec::new(),
         stopping: false,
         starved_steps: 0,
+        timing: HostTiming::default(),
         published_generation: 0,
     };
     if ready.send(Ok(())).is_err() {
@@ -353,6 +392,7 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             held.set(held.get() || !ready);
             ready.then_some(slot)
         };
+        let scheduling = Instant::now();
         let scheduled = self
             .scheduler
             .schedule(ready, &mut self.meta, &mut self.plan);
@@ -394,6 +434,7 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             self.row_sampling.push(rs);
             self.row_ids.push(seq.id);
         }
+        let stepping = Instant::now();
         let out = match exec.step(&self.meta, &self.row_sampling, want_logits) {
             Ok(out) => out,
             Err(e) => {
@@ -406,6 +447,7 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
                 return true;
             }
         };
+        let stepped = Instant::now();
         let vocab = self.vocab;
         for row in 0..self.row_ids.len() {
             let id = self.row_ids[row];
@@ -433,6 +475,7 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             .step_seconds
             .observe(started.elapsed().as_secs_f64());
         self.update_gauges();
+        self.timing.record(started, scheduling, stepping, stepped);
         true
     }
 
