@@ -165,7 +165,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Bench(BenchCommand::Engine(args)) => {
             telemetry::init(
-                "warn,punica::engine::executor=debug,punica::engine::backend::cuda=debug,punica::engine::backend::cuda::profile=info",
+                "warn,punica::engine::executor=debug,punica::engine::runtime=debug,punica::engine::backend::cuda=debug,punica::engine::backend::cuda::profile=info",
             );
             let report =
                 tokio::task::spawn_blocking(move || punica::engine::bench::run(&args)).await??;
