@@ -719,6 +719,8 @@ pub struct DeviceAdapter<B: Backend> {
     layers: Vec<[Option<DeviceLoraGroup<B>>; 4]>,
     /// Per [`LoraGroup`], its largest total rank over the layers (0: no layer has it).
     group_ranks: [usize; 4],
+    /// Its upload was seen complete (it stays so): later checks ask the device nothing.
+    copied: std::sync::atomic::AtomicBool,
 }
 
 /// One adapter's LoRA group on the device: the parts' A stacked, and each part's B and rank.
@@ -825,6 +827,7 @@ impl<B: Backend> DeviceAdapter<B> {
         Ok(DeviceAdapter {
             layers,
             group_ranks: staged.group_ranks,
+            copied: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -839,9 +842,16 @@ impl<B: Backend> DeviceAdapter<B> {
         self.layers.iter().flatten().flatten().map(|g| &g.a).next()
     }
 
-    /// Whether its upload to the device has completed.
+    /// Whether its upload to the device has completed. The scheduler asks for every running
+    /// sequence at every step: once the device said yes, the answer is kept.
     pub fn uploaded(&self, backend: &B) -> bool {
-        self.first_buf().is_none_or(|b| backend.upload_done(b))
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.copied.load(Relaxed) {
+            return true;
+        }
+        let done = self.first_buf().is_none_or(|b| backend.upload_done(b));
+        self.copied.store(done, Relaxed);
+        done
     }
 }
 
