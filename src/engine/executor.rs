@@ -24,6 +24,18 @@ pub struct LlamaExecutor<B: Backend> {
     picks: Vec<Pick>,
     logits: Vec<f32>,
     timing: StepTiming,
+    /// The launched step's sampling rows (a buffer kept from step to step).
+    sampling: Vec<RowSampling>,
+    pending: Option<Pending<B>>,
+}
+
+/// A launched step: its logits on the device (`None` when no row samples), and its timing.
+struct Pending<B: Backend> {
+    logits: Option<B::Buf>,
+    want_logits: bool,
+    rows: usize,
+    started: Instant,
+    enqueued: Duration,
 }
 
 /// Where the host's time in a step goes: issuing the forward pass vs. the whole step (until the
@@ -89,6 +101,8 @@ impl<B: Backend> LlamaExecutor<B> {
             picks: Vec::new(),
             logits: Vec::new(),
             timing: StepTiming::default(),
+            sampling: Vec::new(),
+            pending: None,
         })
     }
 
@@ -225,12 +239,15 @@ impl<B: Backend> Executor for LlamaExecutor<B> {
             .slot_ready(self.model.backend().as_ref(), slot as usize)
     }
 
-    fn step(
+    fn launch(
         &mut self,
         meta: &StepMeta,
         sampling: &[RowSampling],
         want_logits: bool,
-    ) -> Result<StepOutput<'_>, ExecutorError> {
+    ) -> Result<(), ExecutorError> {
+        if self.pending.is_some() {
+            return Err("a step is already in flight".to_string().into());
+        }
         if sampling.len() != meta.logit_rows.len() {
             return Err(format!(
                 "{} sampling rows for {} logit rows",
@@ -239,8 +256,6 @@ impl<B: Backend> Executor for LlamaExecutor<B> {
             )
             .into());
         }
-        self.picks.clear();
-        self.logits.clear();
         // Adapters copied in since their last step join the arena (once each).
         if self.model.arena_rows().iter().any(|&r| r > 0) {
             for (_, _, slot) in meta.segments.iter() {
@@ -250,26 +265,40 @@ impl<B: Backend> Executor for LlamaExecutor<B> {
             }
         }
         let started = Instant::now();
-        if let Some(logits) = self.model.forward_device(meta, &mut self.kv, &self.lora)? {
-            let enqueued = started.elapsed();
+        let logits = self.model.forward_device(meta, &mut self.kv, &self.lora)?;
+        self.sampling.clear();
+        self.sampling.extend_from_slice(sampling);
+        self.pending = Some(Pending {
+            logits,
+            want_logits,
+            rows: meta.rows(),
+            started,
+            enqueued: started.elapsed(),
+        });
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<StepOutput<'_>, ExecutorError> {
+        let p = self
+            .pending
+            .take()
+            .ok_or_else(|| "no step in flight".to_string())?;
+        self.picks.clear();
+        self.logits.clear();
+        if let Some(logits) = &p.logits {
             let b = self.model.backend();
-            b.sample(
-                &logits,
-                self.model.config().vocab_size,
-                sampling,
-                &mut self.picks,
-            )?;
-            if want_logits {
-                self.logits = b.download(&logits)?;
+            let vocab = self.model.config().vocab_size;
+            b.sample(logits, vocab, &self.sampling, &mut self.picks)?;
+            if p.want_logits {
+                self.logits = b.download(logits)?;
                 // A padded decode step has the padding rows' logits after the real ones.
-                self.logits
-                    .truncate(sampling.len() * self.model.config().vocab_size);
+                self.logits.truncate(self.sampling.len() * vocab);
             }
-            self.timing.record(meta.rows(), started, enqueued);
+            self.timing.record(p.rows, p.started, p.enqueued);
         }
         Ok(StepOutput {
             picks: &self.picks,
-            logits: want_logits.then_some(self.logits.as_slice()),
+            logits: p.want_logits.then_some(self.logits.as_slice()),
             path: self.model.backend().last_step_path(),
         })
     }

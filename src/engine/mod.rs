@@ -53,14 +53,28 @@ pub trait Executor {
         let _ = slot;
         true
     }
-    /// Run one step over `meta`'s batch and pick a token for each of `meta.logit_rows` as
-    /// `sampling[i]` says; with `want_logits`, also return those rows' logits on the host.
+    /// Start one step over `meta`'s batch that picks a token for each of `meta.logit_rows` as
+    /// `sampling[i]` says (with `want_logits`, those rows' logits come back too), without
+    /// waiting for it: the runtime streams the previous step's tokens meanwhile. At most one
+    /// step is in flight: [`Executor::finish`] it before the next launch.
+    fn launch(
+        &mut self,
+        meta: &StepMeta,
+        sampling: &[RowSampling],
+        want_logits: bool,
+    ) -> Result<(), ExecutorError>;
+    /// Wait for the launched step and hand back its picks.
+    fn finish(&mut self) -> Result<StepOutput<'_>, ExecutorError>;
+    /// [`Executor::launch`] then [`Executor::finish`].
     fn step(
         &mut self,
         meta: &StepMeta,
         sampling: &[RowSampling],
         want_logits: bool,
-    ) -> Result<StepOutput<'_>, ExecutorError>;
+    ) -> Result<StepOutput<'_>, ExecutorError> {
+        self.launch(meta, sampling, want_logits)?;
+        self.finish()
+    }
 }
 
 /// What one [`Executor::step`] hands back to the host.

@@ -59,6 +59,10 @@ struct State<W: crate::engine::lora::cache::HostAdapter> {
     starved_steps: u32,
     /// Where the owner thread's time goes around the executor's steps.
     timing: HostTiming,
+    /// The last step's picks, their sequences and (when a row asked) logits: streamed while
+    /// the next step runs (see [`State::step`]).
+    streaming: Vec<(SeqId, Pick, usize)>,
+    streaming_logits: Option<Vec<f32>>,
     /// The cache generation last copied to `shared.resident`.
     published_generation: u64,
 }
@@ -73,18 +77,18 @@ struct HostTiming {
     housekeeping: std::time::Duration,
     /// The scheduler's plan (the step's metadata) and the rows' sampling parameters.
     schedule: std::time::Duration,
-    /// The picks turned into stream events.
+    /// The previous step's picks turned into stream events (while this step runs).
     stream: std::time::Duration,
 }
 
 impl HostTiming {
     const WINDOW: u32 = 32;
 
-    fn record(&mut self, housekeeping: Instant, schedule: Instant, step: Instant, end: Instant) {
+    fn record(&mut self, housekeeping: Instant, schedule: Instant, stream: Instant, end: Instant) {
         self.steps += 1;
         self.housekeeping += schedule - housekeeping;
-        self.schedule += step - schedule;
-        self.stream += Instant::now() - end;
+        self.schedule += stream - schedule;
+        self.stream += end - stream;
         if self.steps == Self::WINDOW {
             let us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / f64::from(self.steps);
             tracing::debug!(
@@ -173,6 +177,8 @@ pub(super) fn run<E, F>(
         stopping: false,
         starved_steps: 0,
         timing: HostTiming::default(),
+        streaming: Vec::new(),
+        streaming_logits: None,
         published_generation: 0,
     };
     if ready.send(Ok(())).is_err() {
@@ -201,6 +207,7 @@ pub(super) fn run<E, F>(
         }
         busy = state.step(&mut exec);
     }
+    state.stream_picks();
     state.fail_all(ErrorCode::Internal, "the engine has stopped");
     tracing::info!("engine stopped");
 }
@@ -412,6 +419,8 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             .preemptions
             .inc_by(self.plan.preempted.len() as u64);
         if !scheduled {
+            // The last step's tokens still go out (they may end the last sequences).
+            self.stream_picks();
             self.update_gauges();
             // Nothing ran, but a request waits for a copy in flight: busy, so the loop does not
             // sleep on the command queue. (Asking the executor again here instead could find
@@ -434,8 +443,12 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             self.row_sampling.push(rs);
             self.row_ids.push(seq.id);
         }
-        let stepping = Instant::now();
-        let out = match exec.step(&self.meta, &self.row_sampling, want_logits) {
+        let launched = exec.launch(&self.meta, &self.row_sampling, want_logits);
+        // The last step's tokens go out while this one runs.
+        let streaming = Instant::now();
+        self.stream_picks();
+        let streamed = Instant::now();
+        let out = match launched.and_then(|()| exec.finish()) {
             Ok(out) => out,
             Err(e) => {
                 tracing::error!(error = %e, "forward pass failed");
@@ -447,8 +460,7 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
                 return true;
             }
         };
-        let stepped = Instant::now();
-        let vocab = self.vocab;
+        self.streaming_logits = out.logits.map(|l| l.to_vec());
         for row in 0..self.row_ids.len() {
             let id = self.row_ids[row];
             let Some(&pick) = out.picks.get(row) else {
@@ -459,10 +471,7 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
                 );
                 continue;
             };
-            let logits = out
-                .logits
-                .and_then(|l| l.get(row * vocab..(row + 1) * vocab));
-            self.on_pick(id, pick, logits);
+            self.take_pick(id, pick, row);
         }
 
         self.metrics
@@ -475,8 +484,50 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             .step_seconds
             .observe(started.elapsed().as_secs_f64());
         self.update_gauges();
-        self.timing.record(started, scheduling, stepping, stepped);
+        self.timing.record(started, scheduling, streaming, streamed);
         true
+    }
+
+    /// A step's pick for `id` (from its sampling row `row`): the scheduler gets the token at
+    /// once, so the next step can extend the sequence, unless the token ends it (a stop token
+    /// or the length limit), then it leaves the batch. Streaming it waits for
+    /// [`Self::stream_picks`], while the next step runs; a stop text found then ends the
+    /// sequence after that step, whose row for it is dropped.
+    fn take_pick(&mut self, id: SeqId, pick: Pick, row: usize) {
+        let Some(live) = self.live.get(&id) else {
+            // Ended while its step ran (a stop text, a client gone): the row is dropped.
+            return;
+        };
+        let ends = live.sampler.params().stop_token_ids.contains(&pick.token)
+            || live.generated + 1 >= live.max_tokens;
+        if ends {
+            if let Some(removed) = self.scheduler.remove(id)
+                && removed.was_running
+                && let Some(key) = &removed.adapter
+            {
+                self.cache.unpin(key);
+            }
+        } else if let Err(e) = self.scheduler.append_token(id, pick.token) {
+            self.fail(id, ErrorCode::Internal, e.to_string());
+            return;
+        }
+        self.streaming.push((id, pick, row));
+    }
+
+    /// Stream the last step's picks (see [`Self::take_pick`]).
+    fn stream_picks(&mut self) {
+        let mut picks = std::mem::take(&mut self.streaming);
+        let logits = self.streaming_logits.take();
+        let vocab = self.vocab;
+        for &(id, pick, row) in &picks {
+            let l = logits
+                .as_deref()
+                .and_then(|l| l.get(row * vocab..(row + 1) * vocab));
+            self.on_pick(id, pick, l);
+        }
+        // The buffer is kept for the next step's picks.
+        picks.clear();
+        self.streaming = picks;
     }
 
     /// Copy the cache's resident set to the handles when it changed since the last copy.
@@ -597,19 +648,15 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
                 return;
             }
         }
-        match finish {
-            Some(finish_reason) => self.end(
+        // The scheduler has the token already (see `take_pick`).
+        if let Some(finish_reason) = finish {
+            self.end(
                 id,
                 StreamEvent::Done {
                     finish_reason,
                     usage: Usage::default(),
                 },
-            ),
-            None => {
-                if let Err(e) = self.scheduler.append_token(id, token) {
-                    self.fail(id, ErrorCode::Internal, e.to_string());
-                }
-            }
+            );
         }
     }
 }

@@ -75,6 +75,8 @@ pub struct FakeModel {
     upload_polls: usize,
     installed: Vec<Option<Instant>>,
     polls: Vec<AtomicUsize>,
+    /// A launched step's `want_logits`, until it is finished.
+    launched: Option<bool>,
 }
 
 impl FakeModel {
@@ -90,6 +92,7 @@ impl FakeModel {
             upload_polls: 0,
             installed: vec![None; slots],
             polls: (0..slots).map(|_| AtomicUsize::new(0)).collect(),
+            launched: None,
         }
     }
 
@@ -173,12 +176,15 @@ impl Executor for FakeModel {
         ready
     }
 
-    fn step(
+    fn launch(
         &mut self,
         meta: &StepMeta,
         sampling: &[RowSampling],
         want_logits: bool,
-    ) -> Result<StepOutput<'_>, ExecutorError> {
+    ) -> Result<(), ExecutorError> {
+        if self.launched.is_some() {
+            return Err("a step is already in flight".to_string().into());
+        }
         let step = self.probe.steps.fetch_add(1, Ordering::SeqCst);
         self.probe.max_rows.fetch_max(meta.rows(), Ordering::SeqCst);
         if let Ok(mut b) = self.probe.batches.lock() {
@@ -234,6 +240,15 @@ impl Executor for FakeModel {
             .zip(sampling)
             .map(|(row, rs)| pick_row(row, rs))
             .collect();
+        self.launched = Some(want_logits);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<StepOutput<'_>, ExecutorError> {
+        let want_logits = self
+            .launched
+            .take()
+            .ok_or_else(|| "no step in flight".to_string())?;
         Ok(StepOutput {
             picks: &self.picks,
             logits: want_logits.then_some(self.logits.as_slice()),
