@@ -281,66 +281,6 @@ __device__ __forceinline__ void load_words(const void* p, u32 (&w)[W]) {
     }
 }
 
-// One warp's share of positions [0, end) of a (row, head) in the vector attention: K and V
-// rows of ATTN_VEC_TOKENS positions loaded before any is used, f32 scores against the lane's
-// scaled q (`qv`), an online softmax into (m, l, acc). `off`: the lane's first element in a
-// cache row (its KV head's columns plus lane * 2W).
-template <typename T, int W>
-__device__ __forceinline__ void attn_vec_positions(const float (&qv)[2 * W], float (&acc)[2 * W],
-                                                   float& m, float& l,
-                                                   const T* __restrict__ k_cache,
-                                                   const T* __restrict__ v_cache,
-                                                   const u32* __restrict__ bt, int off,
-                                                   int kv_width, int warp, int end) {
-    constexpr int E = 2 * W;
-    const T dummy = T{};
-    for (int p0 = warp * ATTN_VEC_TOKENS; p0 < end; p0 += ATTN_WARPS * ATTN_VEC_TOKENS) {
-        u32 kw[ATTN_VEC_TOKENS][W], vw[ATTN_VEC_TOKENS][W];
-#pragma unroll
-        for (int u = 0; u < ATTN_VEC_TOKENS; ++u) {
-            const int p = p0 + u;
-            if (p < end) {
-                const size_t slot = (size_t)bt[p / 16] * 16 + (p % 16);
-                const size_t at = slot * kv_width + off;
-                load_words<W>(k_cache + at, kw[u]);
-                load_words<W>(v_cache + at, vw[u]);
-            } else {
-#pragma unroll
-                for (int i = 0; i < W; ++i) kw[u][i] = vw[u][i] = 0u;
-            }
-        }
-        float sc[ATTN_VEC_TOKENS];
-        float m_new = m;
-#pragma unroll
-        for (int u = 0; u < ATTN_VEC_TOKENS; ++u) {
-            float dot = 0.0f;
-#pragma unroll
-            for (int i = 0; i < W; ++i) {
-                dot += qv[2 * i] * lo_f32(dummy, kw[u][i]) + qv[2 * i + 1] * hi_f32(dummy, kw[u][i]);
-            }
-            dot = warp_sum(dot);
-            sc[u] = p0 + u < end ? dot : NEG_INF;
-            m_new = fmaxf(m_new, sc[u]);
-        }
-        // Position p0 is in range, so m_new is finite, and exp(-inf) = 0 drops the others.
-        const float corr = expf(m - m_new);
-        l *= corr;
-#pragma unroll
-        for (int e = 0; e < E; ++e) acc[e] *= corr;
-#pragma unroll
-        for (int u = 0; u < ATTN_VEC_TOKENS; ++u) {
-            const float pw = expf(sc[u] - m_new);
-            l += pw;
-#pragma unroll
-            for (int i = 0; i < W; ++i) {
-                acc[2 * i] += pw * lo_f32(dummy, vw[u][i]);
-                acc[2 * i + 1] += pw * hi_f32(dummy, vw[u][i]);
-            }
-        }
-        m = m_new;
-    }
-}
-
 template <typename T, int W>
 __device__ void attention_vec_impl(const T* __restrict__ q, int row_stride, int q_offset,
                                    const T* __restrict__ k_cache, const T* __restrict__ v_cache,
@@ -357,6 +297,7 @@ __device__ void attention_vec_impl(const T* __restrict__ q, int row_stride, int 
     const u32* bt = ar.bt;
     const int visible = ar.visible, kvh = ar.kvh;
     const int kv_width = n_kv_heads * HD;
+    const T dummy = T{};
 
     float qv[E], acc[E];
     const T* qp = q + (size_t)row * row_stride + q_offset + (size_t)head * HD + lane * E;
@@ -366,100 +307,49 @@ __device__ void attention_vec_impl(const T* __restrict__ q, int row_stride, int 
         acc[e] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
-    attn_vec_positions<T, W>(qv, acc, m, l, k_cache, v_cache, bt, kvh * HD + lane * E, kv_width,
-                             warp, visible);
-    if (lane == 0) {
-        s_m[warp] = m;
-        s_l[warp] = l;
-    }
+    for (int p0 = warp * ATTN_VEC_TOKENS; p0 < visible; p0 += ATTN_WARPS * ATTN_VEC_TOKENS) {
+        u32 kw[ATTN_VEC_TOKENS][W], vw[ATTN_VEC_TOKENS][W];
 #pragma unroll
-    for (int e = 0; e < E; ++e) s_acc[warp][lane * E + e] = acc[e];
-    __syncthreads();
-    attn_merge(s_m, s_l, s_acc, HD, out + (size_t)row * n_heads * HD + (size_t)head * HD);
-}
-
-// RoPE on one lane's share (E consecutive dims from lane * E) of a head of HD = 64W dims,
-// rotate-half style: the partner of dim d < HD/2 is d + HD/2, held by lane ^ 16 at the same e.
-// Rounded to T as rope_write_kv writes it.
-template <typename T, int W>
-__device__ __forceinline__ void rope_lane(float (&x)[2 * W], const float* __restrict__ inv_freq,
-                                          float pos, int lane) {
-    constexpr int E = 2 * W;
-    const bool first = lane < 16;
+        for (int u = 0; u < ATTN_VEC_TOKENS; ++u) {
+            const int p = p0 + u;
+            if (p < visible) {
+                const size_t slot = (size_t)bt[p / 16] * 16 + (p % 16);
+                const size_t off = slot * kv_width + (size_t)kvh * HD + lane * E;
+                load_words<W>(k_cache + off, kw[u]);
+                load_words<W>(v_cache + off, vw[u]);
+            } else {
 #pragma unroll
-    for (int e = 0; e < E; ++e) {
-        const float other = __shfl_xor_sync(0xffffffffu, x[e], 16);
-        float sn, cs;
-        sincosf(pos * inv_freq[(lane & 15) * E + e], &sn, &cs);
-        const float r = first ? x[e] * cs - other * sn : x[e] * cs + other * sn;
-        x[e] = to_f32(from_f32<T>(r));
-    }
-}
-
-// rope_write_kv then attention, for a step in which every sequence feeds one row (decode), one
-// block per (row, head): the block rotates its q and its KV head's new k itself, attends to the
-// cached positions and then to the new one from registers, and the first head of each KV
-// group writes the new K and V into the caches (no block reads that slot in this launch).
-// q is not rotated in place. Same arithmetic as the two kernels.
-template <typename T, int W>
-__device__ void rope_attention_vec_impl(const T* __restrict__ qkv, int row_stride,
-                                        const float* __restrict__ inv_freq,
-                                        const u32* __restrict__ positions,
-                                        const u32* __restrict__ slots, T* __restrict__ k_cache,
-                                        T* __restrict__ v_cache, const u32* __restrict__ row_seq,
-                                        const u32* __restrict__ seqs,
-                                        const u32* __restrict__ block_tables, int n_heads,
-                                        int n_kv_heads, float scale, T* __restrict__ out) {
-    constexpr int HD = 64 * W, E = 2 * W;
-    __shared__ float s_m[ATTN_WARPS], s_l[ATTN_WARPS];
-    __shared__ float s_acc[ATTN_WARPS][HD];
-    pdl_enter();
-    const int row = blockIdx.x, head = blockIdx.y;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const AttnRow ar = attn_row(row_seq, seqs, block_tables, row, head, n_heads, n_kv_heads);
-    const u32* bt = ar.bt;
-    const int cached = ar.visible - 1, kvh = ar.kvh;
-    const int kv_width = n_kv_heads * HD;
-    const float pos = (float)positions[row];
-
-    const T* r = qkv + (size_t)row * row_stride;
-    const T* qp = r + (size_t)head * HD + lane * E;
-    const T* kp = r + (size_t)(n_heads + kvh) * HD + lane * E;
-    const T* vp = r + (size_t)(n_heads + n_kv_heads + kvh) * HD + lane * E;
-    float qv[E], kn[E], vn[E], acc[E];
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-        qv[e] = to_f32(qp[e]);
-        kn[e] = to_f32(kp[e]);
-        vn[e] = to_f32(vp[e]);
-        acc[e] = 0.0f;
-    }
-    rope_lane<T, W>(qv, inv_freq, pos, lane);
-    rope_lane<T, W>(kn, inv_freq, pos, lane);
-#pragma unroll
-    for (int e = 0; e < E; ++e) qv[e] *= scale;
-    if (warp == 0 && head % (n_heads / n_kv_heads) == 0) {
-        const size_t dst = (size_t)slots[row] * kv_width + (size_t)kvh * HD + lane * E;
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-            k_cache[dst + e] = from_f32<T>(kn[e]);
-            v_cache[dst + e] = from_f32<T>(vn[e]);
+                for (int i = 0; i < W; ++i) kw[u][i] = vw[u][i] = 0u;
+            }
         }
-    }
-    float m = NEG_INF, l = 0.0f;
-    attn_vec_positions<T, W>(qv, acc, m, l, k_cache, v_cache, bt, kvh * HD + lane * E, kv_width,
-                             warp, cached);
-    // The new position, from registers, in the last warp (the one with the least cached work).
-    if (warp == ATTN_WARPS - 1) {
-        float dot = 0.0f;
+        float sc[ATTN_VEC_TOKENS];
+        float m_new = m;
 #pragma unroll
-        for (int e = 0; e < E; ++e) dot += qv[e] * kn[e];
-        dot = warp_sum(dot);
-        const float m_new = fmaxf(m, dot);
-        const float corr = expf(m - m_new), pw = expf(dot - m_new);
-        l = l * corr + pw;
+        for (int u = 0; u < ATTN_VEC_TOKENS; ++u) {
+            float dot = 0.0f;
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[e] = acc[e] * corr + pw * vn[e];
+            for (int i = 0; i < W; ++i) {
+                dot += qv[2 * i] * lo_f32(dummy, kw[u][i]) + qv[2 * i + 1] * hi_f32(dummy, kw[u][i]);
+            }
+            dot = warp_sum(dot);
+            sc[u] = p0 + u < visible ? dot : NEG_INF;
+            m_new = fmaxf(m_new, sc[u]);
+        }
+        // Position p0 is visible, so m_new is finite, and exp(-inf) = 0 drops the others.
+        const float corr = expf(m - m_new);
+        l *= corr;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] *= corr;
+#pragma unroll
+        for (int u = 0; u < ATTN_VEC_TOKENS; ++u) {
+            const float pw = expf(sc[u] - m_new);
+            l += pw;
+#pragma unroll
+            for (int i = 0; i < W; ++i) {
+                acc[2 * i] += pw * lo_f32(dummy, vw[u][i]);
+                acc[2 * i + 1] += pw * hi_f32(dummy, vw[u][i]);
+            }
+        }
         m = m_new;
     }
     if (lane == 0) {
@@ -842,19 +732,6 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
                                  block_tables, n_heads, n_kv_heads, scale, out);              \
     }
 
-// RoPE, the KV write and the vector attention of a decode step in one kernel.
-#define DEFINE_ROPE_ATTN_VEC(TNAME, T, HD, W)                                                 \
-    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                             \
-        rope_attention_d##HD##_##TNAME(const T* qkv, int row_stride, const float* inv_freq,   \
-                                       const u32* positions, const u32* slots, T* k_cache,    \
-                                       T* v_cache, const u32* row_seq, const u32* seqs,       \
-                                       const u32* block_tables, int n_heads, int n_kv_heads,  \
-                                       float scale, T* out) {                                 \
-        rope_attention_vec_impl<T, W>(qkv, row_stride, inv_freq, positions, slots, k_cache,   \
-                                      v_cache, row_seq, seqs, block_tables, n_heads,          \
-                                      n_kv_heads, scale, out);                                \
-    }
-
 // The register-resident norm and the vector attention (bf16/f16 only).
 #define DEFINE_HALF_OPS(TNAME, T)                                                             \
     extern "C" __global__ void __launch_bounds__(NORM_VEC_THREADS) rms_norm_vec1_##TNAME(    \
@@ -867,10 +744,7 @@ __device__ void fill_random_impl(T* __restrict__ y, u32 seed, float scale, size_
     }                                                                                         \
     DEFINE_ATTN_VEC(TNAME, T, 64, 1)                                                          \
     DEFINE_ATTN_VEC(TNAME, T, 128, 2)                                                         \
-    DEFINE_ATTN_VEC(TNAME, T, 256, 4)                                                         \
-    DEFINE_ROPE_ATTN_VEC(TNAME, T, 64, 1)                                                     \
-    DEFINE_ROPE_ATTN_VEC(TNAME, T, 128, 2)                                                    \
-    DEFINE_ROPE_ATTN_VEC(TNAME, T, 256, 4)
+    DEFINE_ATTN_VEC(TNAME, T, 256, 4)
 
 DEFINE_OPS(f32, float)
 DEFINE_OPS(f16, f16)

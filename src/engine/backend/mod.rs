@@ -635,28 +635,6 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// [`Backend::rope_write_kv`] then [`Backend::attention`] (q from column 0), as one op that a
-    /// backend may fuse for steps in which every sequence feeds one row (decode); `qkv`'s q
-    /// heads may then be left unrotated (nothing reads them after attention).
-    #[allow(clippy::too_many_arguments)]
-    fn rope_attention(
-        &self,
-        qkv: &mut Self::Buf,
-        row_stride: usize,
-        inv_freq: &Self::Buf,
-        meta: &Self::Meta,
-        shape: AttnShape,
-        k_cache: &mut Self::Buf,
-        v_cache: &mut Self::Buf,
-        scale: f32,
-        out: &mut Self::Buf,
-    ) -> Result<()> {
-        self.rope_write_kv(qkv, row_stride, inv_freq, meta, shape, k_cache, v_cache)?;
-        self.attention(
-            qkv, row_stride, 0, k_cache, v_cache, meta, shape, scale, out,
-        )
-    }
-
     /// `out[rows, n] = silu(gate_up[:, :n]) * gate_up[:, n..2n]`; `gate_up` has rows of width
     /// `stride >= 2n`.
     fn silu_mul(

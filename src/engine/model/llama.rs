@@ -454,17 +454,8 @@ impl<B: Backend> Llama<B> {
             b.matmul(&normed, &layer.self_attn.qkv_proj, rows, h, qkv_w, &mut qkv)?;
             lora.expand(pending, l, LoraGroup::Qkv, &v, &mut qkv, qkv_w)?;
             let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
-            b.rope_attention(
-                &mut qkv,
-                qkv_w,
-                &self.inv_freq,
-                m,
-                shape,
-                k_cache,
-                v_cache,
-                scale,
-                &mut attn,
-            )?;
+            b.rope_write_kv(&mut qkv, qkv_w, &self.inv_freq, m, shape, k_cache, v_cache)?;
+            b.attention(&qkv, qkv_w, 0, k_cache, v_cache, m, shape, scale, &mut attn)?;
             let pending = lora.shrink(l, LoraGroup::O, &attn, &mut v)?;
             b.matmul(&attn, &layer.self_attn.o_proj, rows, q_dim, o_w, &mut proj)?;
             lora.expand(pending, l, LoraGroup::O, &v, &mut proj, o_w)?;

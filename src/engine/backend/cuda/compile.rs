@@ -287,11 +287,6 @@ mod tests {
                 let (k, w) = kw.split_once("_w").unwrap();
                 src.contains(&format!("DEFINE_EXPAND({t}, {t}, {k}, {w})"))
                     && src.contains("DEFINE_EXPAND_V(TNAME, TYPE, _vh, TYPE, KT, NTW)")
-            } else if let Some(rest) = name.strip_prefix("rope_attention_d") {
-                let (hd, t) = rest.split_once('_').unwrap();
-                src.contains(" rope_attention_d##HD##_##TNAME(")
-                    && src.contains(&format!("DEFINE_ROPE_ATTN_VEC(TNAME, T, {hd},"))
-                    && src.contains(&format!("DEFINE_HALF_OPS({t}, "))
             } else if let Some(rest) = name.strip_prefix("attention_d") {
                 let (hd, t) = rest.split_once('_').unwrap();
                 src.contains(" attention_d##HD##_##TNAME(")

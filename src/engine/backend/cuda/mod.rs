@@ -1042,111 +1042,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The shapes [`Backend::rope_write_kv`] needs (shared with the fused decode op).
-    #[allow(clippy::too_many_arguments)]
-    fn check_rope(
-        &self,
-        qkv: &CudaBuf,
-        row_stride: usize,
-        inv_freq: &CudaBuf,
-        meta: &CudaMeta,
-        shape_: AttnShape,
-        k_cache: &CudaBuf,
-        v_cache: &CudaBuf,
-    ) -> Result<()> {
-        let rows = meta.layout.rows;
-        let AttnShape {
-            n_heads,
-            n_kv_heads,
-            head_dim,
-        } = shape_;
-        let kv_width = n_kv_heads * head_dim;
-        same_dtype(qkv, k_cache, "rope_write_kv")?;
-        same_dtype(qkv, v_cache, "rope_write_kv")?;
-        if inv_freq.dtype != DType::F32
-            || inv_freq.len < head_dim / 2
-            || !head_dim.is_multiple_of(2)
-        {
-            return Err(shape(format!(
-                "rope_write_kv: inv_freq must be f32 with head_dim/2 = {} values (got {:?} x {})",
-                head_dim / 2,
-                inv_freq.dtype,
-                inv_freq.len
-            )));
-        }
-        if (n_heads + 2 * n_kv_heads) * head_dim > row_stride {
-            return Err(shape(format!(
-                "rope_write_kv: {n_heads} q, {n_kv_heads} k and {n_kv_heads} v heads of {head_dim} exceed the row of {row_stride}"
-            )));
-        }
-        need(qkv, rows * row_stride, "rope_write_kv qkv")?;
-        if let Some(s) = meta.layout.max_kv_slot {
-            let want = (s as usize + 1) * kv_width;
-            need(k_cache, want, "rope_write_kv k_cache")?;
-            need(v_cache, want, "rope_write_kv v_cache")?;
-        }
-        if n_heads + n_kv_heads > 65535 {
-            return Err(shape(format!(
-                "rope_write_kv: {n_heads} + {n_kv_heads} heads"
-            )));
-        }
-        Ok(())
-    }
-
-    /// The shapes [`Backend::attention`] needs (shared with the fused decode op).
-    #[allow(clippy::too_many_arguments)]
-    fn check_attention(
-        &self,
-        q: &CudaBuf,
-        row_stride: usize,
-        q_offset: usize,
-        k_cache: &CudaBuf,
-        v_cache: &CudaBuf,
-        meta: &CudaMeta,
-        shape_: AttnShape,
-        out: &CudaBuf,
-    ) -> Result<()> {
-        let rows = meta.layout.rows;
-        let AttnShape {
-            n_heads,
-            n_kv_heads,
-            head_dim,
-        } = shape_;
-        same_dtype(q, out, "attention")?;
-        same_dtype(q, k_cache, "attention")?;
-        same_dtype(q, v_cache, "attention")?;
-        if head_dim == 0
-            || head_dim > plan::MAX_HEAD_DIM
-            || n_kv_heads == 0
-            || n_heads % n_kv_heads != 0
-        {
-            return Err(shape(format!(
-                "attention: {n_heads} heads over {n_kv_heads} KV heads of dim {head_dim} (max {})",
-                plan::MAX_HEAD_DIM
-            )));
-        }
-        if q_offset + n_heads * head_dim > row_stride {
-            return Err(shape(format!(
-                "attention: q columns {q_offset}+{n_heads}x{head_dim} exceed the row of {row_stride}"
-            )));
-        }
-        if rows > 0 && meta.layout.num_seqs == 0 {
-            return Err(shape("attention: step metadata has no sequences".into()));
-        }
-        need(q, rows * row_stride, "attention q")?;
-        need(out, rows * n_heads * head_dim, "attention out")?;
-        if let Some(b) = meta.layout.max_block {
-            let want =
-                (b as usize + 1) * crate::engine::backend::BLOCK_SIZE * n_kv_heads * head_dim;
-            need(k_cache, want, "attention k_cache")?;
-            need(v_cache, want, "attention v_cache")?;
-        }
-        if n_heads > 65535 {
-            return Err(shape(format!("attention: {n_heads} heads")));
-        }
-        Ok(())
-    }
-
     /// With profiling on, mark the end of `name` on the main stream (side-stream kernels are
     /// not marked).
     fn profile_mark(&self, name: &str) -> Result<()> {
@@ -1590,7 +1485,6 @@ pub fn kernel_names() -> Vec<String> {
         }
         for hd in plan::ATTN_VEC_HEAD_DIMS {
             names.extend(plan::attention_vec_kernel(hd, t).map(|n| n.to_string()));
-            names.extend(plan::rope_attention_vec_kernel(hd, t).map(|n| n.to_string()));
         }
     }
     names.push("sample_f32".to_string());
@@ -2037,13 +1931,42 @@ impl Backend for CudaBackend {
         k_cache: &mut CudaBuf,
         v_cache: &mut CudaBuf,
     ) -> Result<()> {
-        self.check_rope(qkv, row_stride, inv_freq, meta, shape_, k_cache, v_cache)?;
         let rows = meta.layout.rows;
         let AttnShape {
             n_heads,
             n_kv_heads,
             head_dim,
         } = shape_;
+        let kv_width = n_kv_heads * head_dim;
+        same_dtype(qkv, k_cache, "rope_write_kv")?;
+        same_dtype(qkv, v_cache, "rope_write_kv")?;
+        if inv_freq.dtype != DType::F32
+            || inv_freq.len < head_dim / 2
+            || !head_dim.is_multiple_of(2)
+        {
+            return Err(shape(format!(
+                "rope_write_kv: inv_freq must be f32 with head_dim/2 = {} values (got {:?} x {})",
+                head_dim / 2,
+                inv_freq.dtype,
+                inv_freq.len
+            )));
+        }
+        if (n_heads + 2 * n_kv_heads) * head_dim > row_stride {
+            return Err(shape(format!(
+                "rope_write_kv: {n_heads} q, {n_kv_heads} k and {n_kv_heads} v heads of {head_dim} exceed the row of {row_stride}"
+            )));
+        }
+        need(qkv, rows * row_stride, "rope_write_kv qkv")?;
+        if let Some(s) = meta.layout.max_kv_slot {
+            let want = (s as usize + 1) * kv_width;
+            need(k_cache, want, "rope_write_kv k_cache")?;
+            need(v_cache, want, "rope_write_kv v_cache")?;
+        }
+        if n_heads + n_kv_heads > 65535 {
+            return Err(shape(format!(
+                "rope_write_kv: {n_heads} + {n_kv_heads} heads"
+            )));
+        }
         self.launch(
             &kernel!("rope_write_kv_{}", Self::suffix(qkv.dtype)),
             (rows as u32, (n_heads + n_kv_heads) as u32, 1),
@@ -2076,13 +1999,44 @@ impl Backend for CudaBackend {
         scale: f32,
         out: &mut CudaBuf,
     ) -> Result<()> {
-        self.check_attention(q, row_stride, q_offset, k_cache, v_cache, meta, shape_, out)?;
         let rows = meta.layout.rows;
         let AttnShape {
             n_heads,
             n_kv_heads,
             head_dim,
         } = shape_;
+        same_dtype(q, out, "attention")?;
+        same_dtype(q, k_cache, "attention")?;
+        same_dtype(q, v_cache, "attention")?;
+        if head_dim == 0
+            || head_dim > plan::MAX_HEAD_DIM
+            || n_kv_heads == 0
+            || n_heads % n_kv_heads != 0
+        {
+            return Err(shape(format!(
+                "attention: {n_heads} heads over {n_kv_heads} KV heads of dim {head_dim} (max {})",
+                plan::MAX_HEAD_DIM
+            )));
+        }
+        if q_offset + n_heads * head_dim > row_stride {
+            return Err(shape(format!(
+                "attention: q columns {q_offset}+{n_heads}x{head_dim} exceed the row of {row_stride}"
+            )));
+        }
+        if rows > 0 && meta.layout.num_seqs == 0 {
+            return Err(shape("attention: step metadata has no sequences".into()));
+        }
+        need(q, rows * row_stride, "attention q")?;
+        need(out, rows * n_heads * head_dim, "attention out")?;
+        if let Some(b) = meta.layout.max_block {
+            let want =
+                (b as usize + 1) * crate::engine::backend::BLOCK_SIZE * n_kv_heads * head_dim;
+            need(k_cache, want, "attention k_cache")?;
+            need(v_cache, want, "attention v_cache")?;
+        }
+        if n_heads > 65535 {
+            return Err(shape(format!("attention: {n_heads} heads")));
+        }
         let head = [
             Arg::Ptr(q.ptr),
             i32_arg(row_stride, "row_stride")?,
@@ -2112,67 +2066,6 @@ impl Backend for CudaBackend {
             (rows as u32, n_heads as u32, 1),
             128,
             arg_slots(head.iter().chain(&dim).chain(&tail))?,
-            self.pdl,
-        )
-    }
-
-    fn rope_attention(
-        &self,
-        qkv: &mut CudaBuf,
-        row_stride: usize,
-        inv_freq: &CudaBuf,
-        meta: &CudaMeta,
-        shape_: AttnShape,
-        k_cache: &mut CudaBuf,
-        v_cache: &mut CudaBuf,
-        scale: f32,
-        out: &mut CudaBuf,
-    ) -> Result<()> {
-        let l = &meta.layout;
-        // One kernel when every sequence feeds one row and the vector attention applies.
-        let fused = plan::rope_attention_vec_kernel(shape_.head_dim, Self::suffix(qkv.dtype))
-            .filter(|_| {
-                l.rows > 0
-                    && l.rows == l.num_seqs
-                    && k_cache.ptr.is_multiple_of(16)
-                    && v_cache.ptr.is_multiple_of(16)
-            });
-        let Some(name) = fused else {
-            self.rope_write_kv(qkv, row_stride, inv_freq, meta, shape_, k_cache, v_cache)?;
-            return self.attention(
-                qkv, row_stride, 0, k_cache, v_cache, meta, shape_, scale, out,
-            );
-        };
-        self.check_rope(qkv, row_stride, inv_freq, meta, shape_, k_cache, v_cache)?;
-        self.check_attention(qkv, row_stride, 0, k_cache, v_cache, meta, shape_, out)?;
-        let AttnShape {
-            n_heads,
-            n_kv_heads,
-            ..
-        } = shape_;
-        self.launch_slots(
-            &name,
-            (l.rows as u32, n_heads as u32, 1),
-            128,
-            arg_slots(
-                [
-                    Arg::Ptr(qkv.ptr),
-                    i32_arg(row_stride, "row_stride")?,
-                    Arg::Ptr(inv_freq.ptr),
-                    Arg::Ptr(meta.at(l.positions)),
-                    Arg::Ptr(meta.at(l.slot_mapping)),
-                    Arg::Ptr(k_cache.ptr),
-                    Arg::Ptr(v_cache.ptr),
-                    Arg::Ptr(meta.at(l.row_seq)),
-                    Arg::Ptr(meta.at(l.seqs)),
-                    Arg::Ptr(meta.at(l.block_tables)),
-                    i32_arg(n_heads, "n_heads")?,
-                    i32_arg(n_kv_heads, "n_kv_heads")?,
-                    Arg::F32(scale),
-                    Arg::Ptr(out.ptr),
-                ]
-                .iter(),
-            )?,
             self.pdl,
         )
     }

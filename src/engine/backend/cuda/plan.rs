@@ -307,14 +307,6 @@ pub fn attention_vec_kernel(head_dim: usize, suffix: &str) -> Option<KernelName>
         .flatten()
 }
 
-/// The decode kernel that does RoPE, the KV write and the vector attention in one launch, for
-/// the same head dims and dtypes as [`attention_vec_kernel`].
-pub fn rope_attention_vec_kernel(head_dim: usize, suffix: &str) -> Option<KernelName> {
-    (suffix != "f32" && ATTN_VEC_HEAD_DIMS.contains(&head_dim))
-        .then(|| KernelName::of(format_args!("rope_attention_d{head_dim}_{suffix}")))
-        .flatten()
-}
-
 /// Longest kernel name (bytes).
 pub const MAX_KERNEL_NAME: usize = 48;
 
@@ -824,12 +816,6 @@ mod tests {
             attention_vec_kernel(128, "bf16").as_deref(),
             Some("attention_d128_bf16")
         );
-        assert_eq!(
-            rope_attention_vec_kernel(64, "f16").as_deref(),
-            Some("rope_attention_d64_f16")
-        );
-        assert!(rope_attention_vec_kernel(128, "f32").is_none());
-        assert!(rope_attention_vec_kernel(96, "bf16").is_none());
         assert_eq!(
             attention_vec_kernel(64, "f16").as_deref(),
             Some("attention_d64_f16")

@@ -948,103 +948,6 @@ fn check_upload(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
     Ok(())
 }
 
-/// A step of sequences `(new rows, context after the step)` over shuffled KV blocks (so block
-/// tables are not the identity), and the blocks it needs (three to spare).
-fn paged_meta(c: &mut Ctx<'_>, spec: &[(usize, usize)]) -> (StepMeta, usize) {
-    let total_blocks: usize = spec
-        .iter()
-        .map(|&(_, ctx)| ctx.div_ceil(BLOCK_SIZE))
-        .sum::<usize>()
-        + 3;
-    let mut free: Vec<u32> = (0..total_blocks as u32).collect();
-    for i in (1..free.len()).rev() {
-        let j = c.rng.random_range(0..=i);
-        free.swap(i, j);
-    }
-    let mut meta = StepMeta::default();
-    let mut row = 0u32;
-    for &(n, ctx) in spec {
-        let nb = ctx.div_ceil(BLOCK_SIZE);
-        let bt_start = meta.block_tables.len() as u32;
-        let blocks: Vec<u32> = free.drain(..nb).collect();
-        for i in 0..n {
-            let pos = ctx - n + i;
-            meta.token_ids.push(0);
-            meta.positions.push(pos as u32);
-            meta.slot_mapping
-                .push(blocks[pos / BLOCK_SIZE] * BLOCK_SIZE as u32 + (pos % BLOCK_SIZE) as u32);
-        }
-        meta.block_tables.extend_from_slice(&blocks);
-        meta.seqs.push(SeqMeta {
-            row_start: row,
-            num_rows: n as u32,
-            context_len: ctx as u32,
-            block_table_start: bt_start,
-            num_blocks: nb as u32,
-        });
-        row += n as u32;
-    }
-    (meta, total_blocks)
-}
-
-/// RoPE, the KV write and attention as one op over a decode step (one new row per sequence,
-/// which the CUDA backend runs as one kernel) against the CPU's two ops: the attention output
-/// and both caches.
-fn check_rope_attention(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
-    let (be, cpu) = (c.be, c.cpu.clone());
-    for &(n_heads, n_kv, hd) in &[
-        (9usize, 3usize, 64usize),
-        (32, 8, 128),
-        (32, 32, 128),
-        (4, 4, 256),
-    ] {
-        let shape = AttnShape {
-            n_heads,
-            n_kv_heads: n_kv,
-            head_dim: hd,
-        };
-        let spec: Vec<(usize, usize)> = [1usize, 2, 17, 37, 129, 300, 16, 33]
-            .iter()
-            .map(|&ctx| (1, ctx))
-            .collect();
-        let (meta, total_blocks) = paged_meta(c, &spec);
-        let rows = meta.rows();
-        let dmeta = be.upload_meta(&meta)?;
-        let cmeta = cpu.upload_meta(&meta)?;
-        let (q_width, kv_width) = (n_heads * hd, n_kv * hd);
-        let row_stride = q_width + 2 * kv_width + 8;
-        let qkv = c.rand(dt, rows * row_stride, 1.0);
-        let cache_len = total_blocks * BLOCK_SIZE * kv_width;
-        let (kc, vc) = (c.rand(dt, cache_len, 1.0), c.rand(dt, cache_len, 1.0));
-        let (mut dkc, mut ckc) = c.upload(dt, &kc)?;
-        let (mut dvc, mut cvc) = c.upload(dt, &vc)?;
-        let (mut dqkv, mut cqkv) = c.upload(dt, &qkv)?;
-        let inv_freq: Vec<f32> = (0..hd / 2)
-            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
-            .collect();
-        let (dfreq, cfreq) = c.upload(DType::F32, &inv_freq)?;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (mut out, mut cout) = c.poisoned(dt, rows * q_width)?;
-        be.rope_attention(
-            &mut dqkv, row_stride, &dfreq, &dmeta, shape, &mut dkc, &mut dvc, scale, &mut out,
-        )?;
-        cpu.rope_attention(
-            &mut cqkv, row_stride, &cfreq, &cmeta, shape, &mut ckc, &mut cvc, scale, &mut cout,
-        )?;
-        let label = format!("{dt:?} heads {n_heads}/{n_kv} dim {hd} decode rows {rows}");
-        let pairs = [
-            ("rope_attention", &out, &cout),
-            ("rope_attention.k_cache", &dkc, &ckc),
-            ("rope_attention.v_cache", &dvc, &cvc),
-        ];
-        for (op, got, want) in pairs {
-            let (got, want) = (be.download(got)?, cpu.download(want)?);
-            c.record(op, label.clone(), &got, &want, tol(dt));
-        }
-    }
-    Ok(())
-}
-
 /// Paged KV write, RoPE and attention over a batch mixing decode rows, a full prefill and a
 /// prefill chunk on top of cached context, with GQA.
 fn check_attention(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
@@ -1065,8 +968,41 @@ fn check_attention(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
             (1, 300),
             (3, 129),
         ];
-        let (meta, total_blocks) = paged_meta(c, &seqs_spec);
-        let rows = meta.rows();
+        let total_blocks: usize = seqs_spec
+            .iter()
+            .map(|&(_, ctx)| ctx.div_ceil(BLOCK_SIZE))
+            .sum::<usize>()
+            + 3;
+        let mut free: Vec<u32> = (0..total_blocks as u32).collect();
+        // Shuffle so block tables are not the identity.
+        for i in (1..free.len()).rev() {
+            let j = c.rng.random_range(0..=i);
+            free.swap(i, j);
+        }
+        let mut meta = StepMeta::default();
+        let mut row = 0u32;
+        for &(n, ctx) in &seqs_spec {
+            let nb = ctx.div_ceil(BLOCK_SIZE);
+            let bt_start = meta.block_tables.len() as u32;
+            let blocks: Vec<u32> = free.drain(..nb).collect();
+            for i in 0..n {
+                let pos = ctx - n + i;
+                meta.token_ids.push(0);
+                meta.positions.push(pos as u32);
+                meta.slot_mapping
+                    .push(blocks[pos / BLOCK_SIZE] * BLOCK_SIZE as u32 + (pos % BLOCK_SIZE) as u32);
+            }
+            meta.block_tables.extend_from_slice(&blocks);
+            meta.seqs.push(SeqMeta {
+                row_start: row,
+                num_rows: n as u32,
+                context_len: ctx as u32,
+                block_table_start: bt_start,
+                num_blocks: nb as u32,
+            });
+            row += n as u32;
+        }
+        let rows = row as usize;
         let dmeta = be.upload_meta(&meta)?;
         let cmeta = cpu.upload_meta(&meta)?;
         let q_width = n_heads * hd;
@@ -1354,9 +1290,6 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
         }
         if let Err(e) = check_attention(&mut c, dt) {
             c.fail("attention", format!("{dt:?}"), e.to_string());
-        }
-        if let Err(e) = check_rope_attention(&mut c, dt) {
-            c.fail("rope_attention", format!("{dt:?}"), e.to_string());
         }
         if let Err(e) = check_fill_random(&mut c, dt) {
             c.fail("fill_random", format!("{dt:?}"), e.to_string());
