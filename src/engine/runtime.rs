@@ -68,15 +68,17 @@ struct State<W: crate::engine::lora::cache::HostAdapter> {
 }
 
 /// The owner thread's own time per step, by phase, logged at debug level every
-/// [`HostTiming::WINDOW`] steps: the device idles while the thread does anything but wait for
-/// a step (the executor's own `step timing` log covers the step itself).
+/// [`HostTiming::WINDOW`] steps. The device idles from the end of one step until the next is
+/// launched (housekeeping and the start of the launch phase); the streaming overlaps the step
+/// (the executor's own `step timing` log covers the step itself).
 #[derive(Default)]
 struct HostTiming {
     steps: u32,
     /// Cancellations, adapter loads and residency.
     housekeeping: std::time::Duration,
-    /// The scheduler's plan (the step's metadata) and the rows' sampling parameters.
-    schedule: std::time::Duration,
+    /// The scheduler's plan (the step's metadata), the rows' sampling parameters and the
+    /// step's launch (the executor issuing it; the device starts on its first part meanwhile).
+    launch: std::time::Duration,
     /// The previous step's picks turned into stream events (while this step runs).
     stream: std::time::Duration,
 }
@@ -84,17 +86,17 @@ struct HostTiming {
 impl HostTiming {
     const WINDOW: u32 = 32;
 
-    fn record(&mut self, housekeeping: Instant, schedule: Instant, stream: Instant, end: Instant) {
+    fn record(&mut self, housekeeping: Instant, launch: Instant, stream: Instant, end: Instant) {
         self.steps += 1;
-        self.housekeeping += schedule - housekeeping;
-        self.schedule += stream - schedule;
+        self.housekeeping += launch - housekeeping;
+        self.launch += stream - launch;
         self.stream += end - stream;
         if self.steps == Self::WINDOW {
             let us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / f64::from(self.steps);
             tracing::debug!(
                 steps = self.steps,
                 housekeeping_us = us(self.housekeeping),
-                schedule_us = us(self.schedule),
+                launch_us = us(self.launch),
                 stream_us = us(self.stream),
                 "host timing"
             );
