@@ -65,19 +65,9 @@ pub trait Executor {
     ) -> Result<(), ExecutorError>;
     /// Wait for the launched step and hand back its picks.
     fn finish(&mut self) -> Result<StepOutput<'_>, ExecutorError>;
-    /// [`Executor::launch`] then [`Executor::finish`].
-    fn step(
-        &mut self,
-        meta: &StepMeta,
-        sampling: &[RowSampling],
-        want_logits: bool,
-    ) -> Result<StepOutput<'_>, ExecutorError> {
-        self.launch(meta, sampling, want_logits)?;
-        self.finish()
-    }
 }
 
-/// What one [`Executor::step`] hands back to the host.
+/// What one step hands back to the host ([`Executor::finish`]).
 #[derive(Clone, Copy, Debug)]
 pub struct StepOutput<'a> {
     /// One pick per logit row.
