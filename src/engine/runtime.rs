@@ -1,6 +1,7 @@
-//! The owner thread's step loop: commands in, scheduler -> [`StepMeta`] -> executor forward ->
-//! sampling -> stream events out. Everything that touches the device or the queue state happens
-//! here, on one thread; the rest of the process reaches it only through channels.
+//! The owner thread's step loop: commands in, scheduler -> [`StepMeta`] -> the executor launches
+//! the step; while it runs, the previous step's picks go out as stream events; then this step's
+//! picks come back to the scheduler. Everything that touches the device or the queue state
+//! happens here, on one thread; the rest of the process reaches it only through channels.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
