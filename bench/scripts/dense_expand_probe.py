@@ -5,31 +5,14 @@ layers of distinct weights in one CUDA graph; the cost of the expand is the diff
 arena GEMMs alone."""
 import torch
 
+from graph_timing import timed
+
 dev, M, L, R = "cuda", 32, 32, 16
 # group: (k, part widths)
 groups = {"qkv": (4096, [4096, 4096, 4096]), "o": (4096, [4096]), "gate|up": (4096, [11008, 11008]),
           "down": (11008, [4096])}
 
 
-def timed(fn, reps=20):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps / L * 1000.0
 
 
 for slots in (32, 1):
@@ -60,7 +43,7 @@ for slots in (32, 1):
                 torch.mul(v4, mask[None, :, :, None], out=vm4)
                 y.baddbmm_(vm, b.transpose(1, 2))
 
-        tb, tn = timed(base), timed(new)
+        tb, tn = timed(base, L), timed(new, L)
         total_base += tb
         total_new += tn
         mb = P * parts[0] * slots * R * 2 / 1e6

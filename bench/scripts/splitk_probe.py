@@ -3,6 +3,8 @@ batched GEMM (the partial sums left for the next kernel to add), each timed as 3
 layers' weights replayed in a CUDA graph so no weight stays in L2."""
 import torch
 
+from graph_timing import timed
+
 torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 dev = "cuda"
 M, L = 32, 32
@@ -10,25 +12,6 @@ shapes = {"qkv": (4096, 12288), "o": (4096, 4096), "gate|up": (4096, 22016), "do
           "expand gate|up K=512": (512, 22016), "expand qkv K=512": (512, 12288), "expand o K=512": (512, 4096)}
 
 
-def timed(fn, reps=20):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps / L * 1000.0  # us per layer
 
 
 for name, (k, n) in shapes.items():
@@ -40,7 +23,7 @@ for name, (k, n) in shapes.items():
         for w in ws:
             torch.mm(x, w.t(), out=out)
 
-    t0 = timed(base)
+    t0 = timed(base, L)
     mb = n * k * 2 / 1e6
     line = f"{name:22s} K={k:5d} N={n:5d} {mb:6.1f} MB  cublas {t0:6.2f} us ({mb / t0:.2f} TB/s)"
     for s in (2, 3, 4, 8):
@@ -57,7 +40,7 @@ for name, (k, n) in shapes.items():
                 torch.bmm(xv, w.transpose(1, 2), out=part)
 
         try:
-            t = timed(split)
+            t = timed(split, L)
             line += f" | S={s} {t:6.2f}"
         except Exception as e:  # noqa: BLE001
             line += f" | S={s} err {type(e).__name__}"
