@@ -418,12 +418,16 @@ fn stop_ids_and_stop_strings_end_the_stream_with_the_text_cut_before_the_stop() 
     r.sampling.stop = vec![stop.clone()];
     let out = drain(&mut h.engine.submit(r).unwrap());
     assert_eq!(out.text, text[..cut]);
+    // Up to the token that completes the stop text (one letter a token), counted as such: the
+    // row the next step had already computed for the sequence is dropped, not streamed.
+    let streamed = cut + stop.len();
+    assert_eq!(out.tokens, full[..streamed]);
     assert!(matches!(
         out.end,
         StreamEvent::Done {
             finish_reason: FinishReason::Stop,
-            ..
-        }
+            usage,
+        } if usage.completion_tokens as usize == streamed
     ));
 
     // A stop id: the stream ends at its first occurrence.
@@ -434,6 +438,13 @@ fn stop_ids_and_stop_strings_end_the_stream_with_the_text_cut_before_the_stop() 
     let out = drain(&mut h.engine.submit(r).unwrap());
     assert_eq!(out.tokens, full[..=first]);
     assert_eq!(out.text, fake::letters(&full[..first]));
+    assert!(matches!(
+        out.end,
+        StreamEvent::Done {
+            finish_reason: FinishReason::Stop,
+            usage,
+        } if usage.completion_tokens as usize == first + 1
+    ));
 }
 
 #[test]
