@@ -283,14 +283,20 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
         );
     }
 
-    /// End request `id` with `last` (Done or Error), free its KV and its adapter pin.
-    fn end(&mut self, id: SeqId, last: StreamEvent) {
+    /// Take `id` out of the scheduler (its KV freed) and release its adapter pin; nothing when
+    /// it left already.
+    fn leave_batch(&mut self, id: SeqId) {
         if let Some(removed) = self.scheduler.remove(id)
             && removed.was_running
             && let Some(key) = &removed.adapter
         {
             self.cache.unpin(key);
         }
+    }
+
+    /// End request `id` with `last` (Done or Error), free its KV and its adapter pin.
+    fn end(&mut self, id: SeqId, last: StreamEvent) {
+        self.leave_batch(id);
         let Some(live) = self.live.remove(&id) else {
             return;
         };
@@ -504,12 +510,7 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
         let ends = live.sampler.params().stop_token_ids.contains(&pick.token)
             || live.generated + 1 >= live.max_tokens;
         if ends {
-            if let Some(removed) = self.scheduler.remove(id)
-                && removed.was_running
-                && let Some(key) = &removed.adapter
-            {
-                self.cache.unpin(key);
-            }
+            self.leave_batch(id);
         } else if let Err(e) = self.scheduler.append_token(id, pick.token) {
             self.fail(id, ErrorCode::Internal, e.to_string());
             return;
