@@ -717,3 +717,230 @@ DEFINE_EXPAND(f16, f16, 2, 4)
 DEFINE_EXPAND(f16, f16, 2, 8)
 DEFINE_EXPAND(f16, f16, 4, 4)
 DEFINE_EXPAND(f16, f16, 4, 8)
+
+// ---------------------------------------------------------------------------------------------
+// Fused shrink + expand for segments of a few rows (decode with many adapters), one launch whose
+// blocks are all resident at once (the host sizes the grid by the kernel's occupancy):
+// 1. every warp loads the B of its first expand task (B comes from host copies, so before the
+//    wait), and keeps it in registers;
+// 2. warps take shrink tasks (tile, piece of FUSED_KU * 256 elements of h_in, rank) and add each
+//    piece's dot product into an f32 accumulator [rows][rank_stride] (atomics);
+// 3. a grid barrier;
+// 4. warps take expand tasks (tile, FUSED_KU * 32 / RL columns) and add v . B^T into y, the
+//    first with the B loaded in step 1.
+// So the expand's B stream overlaps the shrink's A stream instead of following it in a second
+// launch. Workspace (zeroed when allocated): sync words, then two accumulators of `half` floats
+// used in turn by launch parity (sync[1], the epoch, bumped by the barrier). A launch zeroes
+// the other accumulator as far as the launch before dirtied it (sync[2 + parity]) and records
+// how far it dirties its own, so each launch finds its accumulator clean with no second
+// barrier. sync[0] counts the blocks at the barrier; the last one resets it.
+// The kernel waits for its predecessor (PDL) but never lets its dependents launch early: their
+// blocks could otherwise take the SM room that a not yet resident block of this grid needs to
+// reach the barrier.
+
+#define FUSED_WARPS 8
+#define FUSED_KU 4
+#define FUSED_SYNC_WORDS 64
+
+struct FusedExpand {
+    uint4 b[FUSED_KU];
+    int rank[FUSED_KU];
+    int voff[FUSED_KU];
+    int row0;
+    int nrows;
+    int col_base;
+};
+
+template <typename T, int RL>
+__device__ __forceinline__ void fused_expand_load(FusedExpand& e, int task, int nchunks, int end0,
+                                                  int end1, int end2,
+                                                  const LoraSlot* __restrict__ table,
+                                                  const u32* __restrict__ tiles,
+                                                  const u32* __restrict__ segs) {
+    constexpr int CPS = 32 / RL;
+    const int lane = threadIdx.x & 31;
+    const int sub = lane % RL, cg = lane / RL, kk = sub * 8;
+    const int tile = task / nchunks, chunk = task - tile * nchunks;
+    const TileSeg ts = tile_seg(tiles, segs, tile);
+    e.row0 = ts.row0;
+    e.nrows = min(16, ts.end - ts.row0);  // <= 0 for a TILE_NONE entry
+    e.col_base = chunk * CPS * FUSED_KU + cg;
+    const LoraSlot* s = table + ts.slot;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int u = 0; u < FUSED_KU; ++u) {
+        const int col = e.col_base + u * CPS;
+        const int j = (col >= end0) + (col >= end1);
+        const void* pv = e.nrows > 0 ? s->b[j < MAX_PARTS ? j : 0] : nullptr;
+        const T* p = reinterpret_cast<const T*>(pv);
+        const int r = e.nrows > 0 ? (int)s->prank[j < MAX_PARTS ? j : 0] : 0;
+        const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
+        const bool live = col < end2 && p != nullptr;
+        e.rank[u] = live ? r : 0;
+        e.voff[u] = live ? (int)s->voff[j < MAX_PARTS ? j : 0] : 0;
+        e.b[u] = (live && kk < r) ? load8(p + (size_t)(col - start) * r, kk, r, (r & 7) == 0) : zero;
+    }
+}
+
+template <typename T, int RL>
+__device__ __forceinline__ void fused_expand_apply(const FusedExpand& e, const float* acc,
+                                                   int rank_stride, T* __restrict__ y,
+                                                   int y_stride) {
+    constexpr int CPS = 32 / RL;
+    const int lane = threadIdx.x & 31;
+    const int sub = lane % RL, kk = sub * 8;
+    const T dummy = T{};
+    for (int row = 0; row < e.nrows; ++row) {
+        const float* vr = acc + (size_t)(e.row0 + row) * rank_stride;
+        T* yr = y + (size_t)(e.row0 + row) * y_stride;
+#pragma unroll
+        for (int u = 0; u < FUSED_KU; ++u) {
+            float part = 0.0f;
+            if (kk < e.rank[u]) {
+                float w[8];
+                load_v8(vr + e.voff[u], kk, e.rank[u], true,
+                        ((rank_stride | e.voff[u]) & 3) == 0, w);
+                const uint4 b = e.b[u];
+                part = w[0] * lo_f32(dummy, b.x);
+                part = fmaf(w[1], hi_f32(dummy, b.x), part);
+                part = fmaf(w[2], lo_f32(dummy, b.y), part);
+                part = fmaf(w[3], hi_f32(dummy, b.y), part);
+                part = fmaf(w[4], lo_f32(dummy, b.z), part);
+                part = fmaf(w[5], hi_f32(dummy, b.z), part);
+                part = fmaf(w[6], lo_f32(dummy, b.w), part);
+                part = fmaf(w[7], hi_f32(dummy, b.w), part);
+            }
+#pragma unroll
+            for (int o = RL / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+            if (sub == 0 && e.rank[u] > 0) {
+                const int col = e.col_base + u * CPS;
+                yr[col] = from_f32<T>(to_f32(yr[col]) + part);
+            }
+        }
+    }
+}
+
+// One shrink task: rank n of the tile's slot over one piece of h_in, for each row of the tile.
+template <typename T>
+__device__ __forceinline__ void fused_shrink_task(int task, int kc, int rank_stride,
+                                                  const T* __restrict__ x, int h_in, int nvec,
+                                                  bool vec, const LoraSlot* __restrict__ table,
+                                                  const u32* __restrict__ tiles,
+                                                  const u32* __restrict__ segs,
+                                                  float* __restrict__ acc) {
+    const int n = task % rank_stride;
+    const int rest = task / rank_stride;
+    const int c = rest % kc, tile = rest / kc;
+    const ShrinkTile st = shrink_tile(tiles, segs, table, tile);
+    if (st.a == nullptr || n >= st.rank) return;  // the same for the whole warp
+    const int nrows = min(16, st.end - st.row0);
+    const T* An = reinterpret_cast<const T*>(st.a) + (size_t)n * h_in;
+    const int lane = threadIdx.x & 31;
+    const int i0 = c * 32 * FUSED_KU + lane;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    uint4 a[FUSED_KU];
+#pragma unroll
+    for (int u = 0; u < FUSED_KU; ++u) {
+        const int i = i0 + u * 32;
+        a[u] = i < nvec ? load8(An, i * 8, h_in, vec) : zero;
+    }
+    for (int r = 0; r < nrows; ++r) {
+        const T* xr = x + (size_t)(st.row0 + r) * h_in;
+        uint4 xv[FUSED_KU];
+#pragma unroll
+        for (int u = 0; u < FUSED_KU; ++u) {
+            const int i = i0 + u * 32;
+            xv[u] = i < nvec ? load8(xr, i * 8, h_in, vec) : zero;
+        }
+        float s = 0.0f;
+#pragma unroll
+        for (int u = 0; u < FUSED_KU; ++u) s += dot8<T>(a[u], xv[u]);
+        s = warp_sum(s);
+        if (lane == 0) atomicAdd(acc + (size_t)(st.row0 + r) * rank_stride + n, s);
+    }
+}
+
+__device__ __forceinline__ u32 ld_acquire_u32(const u32* p) {
+    u32 v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// Every block of the grid reaches here before any leaves (all are resident: see above).
+__device__ __forceinline__ void fused_grid_sync(u32* sync, u32 epoch) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(&sync[0], 1u) == gridDim.x - 1) {
+            sync[0] = 0u;
+            __threadfence();
+            atomicAdd(&sync[1], 1u);
+        } else {
+            while (ld_acquire_u32(&sync[1]) == epoch) __nanosleep(32);
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+template <typename T, int RL>
+__device__ __forceinline__ void sgmv_fused_rows_impl(
+    const T* __restrict__ x, int h_in, T* __restrict__ y, int y_stride, int end0, int end1,
+    int end2, const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+    const u32* __restrict__ segs, int ntiles, int rank_stride, int used, int half,
+    u32* __restrict__ ws) {
+    constexpr int CPS = 32 / RL;
+    const int warp = threadIdx.x >> 5;
+    const int gw = blockIdx.x * FUSED_WARPS + warp, nw = gridDim.x * FUSED_WARPS;
+    const int nchunks = (end2 + CPS * FUSED_KU - 1) / (CPS * FUSED_KU);
+    const int etasks = ntiles * nchunks;
+    FusedExpand e;
+    e.nrows = 0;
+    if (gw < etasks) fused_expand_load<T, RL>(e, gw, nchunks, end0, end1, end2, table, tiles, segs);
+    pdl_wait();
+    u32* sync = ws;
+    float* accs = reinterpret_cast<float*>(ws + FUSED_SYNC_WORDS);
+    const u32 epoch = *reinterpret_cast<volatile u32*>(&sync[1]);
+    const u32 p = epoch & 1u, q = p ^ 1u;
+    float* acc = accs + (size_t)p * half;
+    float* next = accs + (size_t)q * half;
+    const int dirty = (int)*reinterpret_cast<volatile u32*>(&sync[2 + q]);
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < dirty; i += gridDim.x * blockDim.x) {
+        next[i] = 0.0f;
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) sync[2 + p] = (u32)used;
+    const bool vec = (h_in & 7) == 0;
+    const int nvec = (h_in + 7) >> 3;
+    const int kc = (nvec + 32 * FUSED_KU - 1) / (32 * FUSED_KU);
+    const int stasks = ntiles * kc * rank_stride;
+    for (int t = gw; t < stasks; t += nw) {
+        fused_shrink_task<T>(t, kc, rank_stride, x, h_in, nvec, vec, table, tiles, segs, acc);
+    }
+    fused_grid_sync(sync, epoch);
+    for (int t = gw; t < etasks; t += nw) {
+        if (t != gw) fused_expand_load<T, RL>(e, t, nchunks, end0, end1, end2, table, tiles, segs);
+        fused_expand_apply<T, RL>(e, acc, rank_stride, y, y_stride);
+    }
+}
+
+#define DEFINE_FUSED_ROWS(TNAME, TYPE, RL)                                                    \
+    extern "C" __global__ void __launch_bounds__(FUSED_WARPS * 32, 3)                         \
+        sgmv_fused_rows_##TNAME##_l##RL(                                                      \
+            const TYPE* __restrict__ x, int h_in, TYPE* __restrict__ y, int y_stride,         \
+            int end0, int end1, int end2, const LoraSlot* __restrict__ table,                 \
+            const u32* __restrict__ tiles, const u32* __restrict__ segs, int ntiles,          \
+            int rank_stride, int used, int half, u32* __restrict__ ws) {                      \
+        sgmv_fused_rows_impl<TYPE, RL>(x, h_in, y, y_stride, end0, end1, end2, table, tiles,  \
+                                       segs, ntiles, rank_stride, used, half, ws);            \
+    }
+
+DEFINE_FUSED_ROWS(bf16, bf16, 1)
+DEFINE_FUSED_ROWS(bf16, bf16, 2)
+DEFINE_FUSED_ROWS(bf16, bf16, 4)
+DEFINE_FUSED_ROWS(bf16, bf16, 8)
+DEFINE_FUSED_ROWS(bf16, bf16, 16)
+DEFINE_FUSED_ROWS(f16, f16, 1)
+DEFINE_FUSED_ROWS(f16, f16, 2)
+DEFINE_FUSED_ROWS(f16, f16, 4)
+DEFINE_FUSED_ROWS(f16, f16, 8)
+DEFINE_FUSED_ROWS(f16, f16, 16)
