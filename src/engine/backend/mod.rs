@@ -680,28 +680,6 @@ pub trait Backend: Send + Sync + 'static {
         y: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// A LoRA group's whole delta, `y += x · Aᵀ · Bᵀ` per segment and part: what
-    /// [`Self::sgmv_shrink`] into `v` then [`Self::sgmv_expand`] from it compute (the default),
-    /// with the arguments of both. A backend may do it in one pass; `v` is then scratch, its
-    /// contents afterwards unspecified.
-    #[allow(clippy::too_many_arguments)]
-    fn sgmv_lora(
-        &self,
-        x: &Self::Buf,
-        table: &Self::LoraTable,
-        meta: &Self::Meta,
-        h_in: usize,
-        v_stride: usize,
-        v: &mut Self::Buf,
-        outs: &[usize],
-        y_stride: usize,
-        col_offset: usize,
-        y: &mut Self::Buf,
-    ) -> Result<()> {
-        self.sgmv_shrink(x, table, meta, h_in, v_stride, v)?;
-        self.sgmv_expand(v, table, meta, v_stride, outs, y_stride, col_offset, y)
-    }
-
     /// Gather `meta.logit_rows` of `x: [rows, hidden]` into `out: [logit_rows, hidden]`.
     fn gather_rows(
         &self,

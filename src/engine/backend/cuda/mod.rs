@@ -382,8 +382,6 @@ pub struct CudaBackend {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     workspace: Mutex<Option<Workspace>>,
-    /// The fused SGMV kernel's workspace (`fused_workspace`).
-    fused_ws: Mutex<Option<Workspace>>,
     /// Page-locked staging buffers for adapter loads.
     pinned: Arc<PinnedPool>,
     last: Mutex<Last>,
@@ -571,7 +569,6 @@ impl CudaBackend {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             workspace: Mutex::new(None),
-            fused_ws: Mutex::new(None),
             pinned: Arc::new(PinnedPool::new()),
             last: Mutex::new(Last::Other),
             pdl: opts.pdl && cc.0 >= 9,
@@ -605,7 +602,6 @@ impl CudaBackend {
                     max_seg: knob("PUNICA_SGMV_ROWS_MAX", d.max_seg),
                     shrink_rank: knob("PUNICA_SHRINK_ROWS_MAX_RANK", d.shrink_rank),
                     expand_rank: knob("PUNICA_EXPAND_ROWS_MAX_RANK", d.expand_rank),
-                    fused_seg: knob("PUNICA_SGMV_FUSED_MAX", d.fused_seg),
                 }
             }),
             shrink_rows_vecs: std::env::var("PUNICA_SHRINK_ROWS_VECS")
@@ -1296,17 +1292,11 @@ impl CudaBackend {
     }
 
     fn workspace(&self, bytes: usize) -> Result<u64> {
-        Ok(self.grow(&self.workspace, bytes)?.0)
-    }
-
-    /// The allocation in `slot`, replaced by a zeroed one of at least `bytes` when smaller:
-    /// `(pointer, bytes)`.
-    fn grow(&self, slot: &Mutex<Option<Workspace>>, bytes: usize) -> Result<(u64, usize)> {
-        let mut ws = lock(slot);
+        let mut ws = lock(&self.workspace);
         if let Some(w) = ws.as_ref()
             && w.bytes >= bytes
         {
-            return Ok((w.ptr, w.bytes));
+            return Ok(w.ptr);
         }
         let size = bytes.next_power_of_two().max(1 << 20);
         // Recorded ops may use the old workspace: issue them before it goes.
@@ -1338,7 +1328,7 @@ impl CudaBackend {
             ptr,
             bytes: size,
         });
-        Ok((ptr, size))
+        Ok(ptr)
     }
 
     /// Pack `meta` into `words` and copy it to the device: into the step's fixed buffer for a
@@ -1448,190 +1438,6 @@ impl CudaBackend {
         ])
     }
 
-    /// A shrink's arguments checked: `false` when there is nothing to do.
-    fn shrink_ready(
-        &self,
-        x: &CudaBuf,
-        table: &CudaLoraTable,
-        meta: &CudaMeta,
-        h_in: usize,
-        v_stride: usize,
-        v: &CudaBuf,
-    ) -> Result<bool> {
-        let rows = meta.layout.rows;
-        if v.dtype != DType::F32 {
-            return Err(shape(format!(
-                "sgmv_shrink: v must be f32, got {:?}",
-                v.dtype
-            )));
-        }
-        need(x, rows * h_in, "sgmv_shrink x")?;
-        need(v, rows * v_stride, "sgmv_shrink v")?;
-        if !self.check_lora(x.dtype, table, meta)? {
-            return Ok(false);
-        }
-        if !table.shrinkable {
-            return Err(shape(
-                "sgmv_shrink: a table whose slots start past column 0 of v serves expands only"
-                    .into(),
-            ));
-        }
-        if table.max_vend > v_stride {
-            return Err(shape(format!(
-                "sgmv_shrink: the table's intermediates end at column {}, past v's width \
-                 {v_stride}",
-                table.max_vend
-            )));
-        }
-        if h_in > table.min_in {
-            return Err(shape(format!(
-                "sgmv_shrink: h_in {h_in} exceeds an adapter's A width {}",
-                table.min_in
-            )));
-        }
-        Ok(true)
-    }
-
-    /// An expand's arguments checked: the kernel suffix of v's dtype, `None` when there is
-    /// nothing to do.
-    #[allow(clippy::too_many_arguments)]
-    fn expand_ready(
-        &self,
-        v: &CudaBuf,
-        table: &CudaLoraTable,
-        meta: &CudaMeta,
-        v_stride: usize,
-        outs: &[usize],
-        y_stride: usize,
-        col_offset: usize,
-        y: &CudaBuf,
-    ) -> Result<Option<&'static str>> {
-        let rows = meta.layout.rows;
-        // f32 from a shrink, or y's dtype from the base GEMM's extra columns.
-        let v_name = if v.dtype == DType::F32 {
-            ""
-        } else if v.dtype == y.dtype {
-            "_vh"
-        } else {
-            return Err(shape(format!(
-                "sgmv_expand: v must be f32 or {:?} like y, got {:?}",
-                y.dtype, v.dtype
-            )));
-        };
-        let h_out: usize = outs.iter().sum();
-        if outs.is_empty() || outs.len() > MAX_GROUP_PARTS {
-            return Err(shape(format!(
-                "sgmv_expand: a group has 1..={MAX_GROUP_PARTS} parts, got {}",
-                outs.len()
-            )));
-        }
-        need(v, rows * v_stride, "sgmv_expand v")?;
-        need(y, rows * y_stride, "sgmv_expand y")?;
-        if col_offset + h_out > y_stride {
-            return Err(shape(format!(
-                "sgmv_expand: columns {col_offset}+{h_out} exceed the row of {y_stride}"
-            )));
-        }
-        if !self.check_lora(y.dtype, table, meta)? {
-            return Ok(None);
-        }
-        if table.max_vend > v_stride {
-            return Err(shape(format!(
-                "sgmv_expand: the table's intermediates end at column {}, past v's width \
-                 {v_stride}",
-                table.max_vend
-            )));
-        }
-        for (j, &min_out) in table.min_out.iter().enumerate() {
-            match outs.get(j) {
-                Some(&out) if out > min_out => {
-                    return Err(shape(format!(
-                        "sgmv_expand: part {j} of {out} columns exceeds an adapter's B height \
-                         {min_out}"
-                    )));
-                }
-                None if min_out != usize::MAX => {
-                    return Err(shape(format!(
-                        "sgmv_expand: an adapter has part {j}, the group has {}",
-                        outs.len()
-                    )));
-                }
-                _ => {}
-            }
-        }
-        Ok(Some(v_name))
-    }
-
-    /// The fused shrink + expand (`sgmv_fused_rows_*`, kernels/sgmv.cu) of checked arguments.
-    #[allow(clippy::too_many_arguments)]
-    fn sgmv_fused(
-        &self,
-        x: &CudaBuf,
-        table: &CudaLoraTable,
-        meta: &CudaMeta,
-        h_in: usize,
-        outs: &[usize],
-        y_stride: usize,
-        col_offset: usize,
-        y: &mut CudaBuf,
-    ) -> Result<()> {
-        let lanes = plan::fused_lanes(table.max_part_rank)?;
-        let name = kernel!("sgmv_fused_rows_{}_l{lanes}", Self::suffix(y.dtype));
-        let block = (plan::FUSED_WARPS * 32) as u32;
-        let per_sm = self
-            .function(&name)?
-            .occupancy_max_active_blocks_per_multiprocessor(block, 0, None)
-            .map_err(|e| dev_err("occupancy", e))?;
-        let tiles = meta.layout.tile_grid();
-        let h_out: usize = outs.iter().sum();
-        let rank_stride = table.max_rank;
-        let blocks = plan::fused_blocks(
-            h_in,
-            rank_stride,
-            lanes,
-            h_out,
-            tiles,
-            per_sm as usize * self.sm_count,
-        )?;
-        let used = meta.layout.rows * rank_stride;
-        let (ws, half) = self.fused_workspace(used)?;
-        let ends = plan::group_ends(outs);
-        let elem = y.dtype.size() as u64;
-        self.launch(
-            &name,
-            (blocks, 1, 1),
-            block,
-            &[
-                Arg::Ptr(x.ptr),
-                i32_arg(h_in, "h_in")?,
-                Arg::Ptr(y.ptr + col_offset as u64 * elem),
-                i32_arg(y_stride, "y_stride")?,
-                i32_arg(ends[0], "end0")?,
-                i32_arg(ends[1], "end1")?,
-                i32_arg(ends[2], "end2")?,
-                Arg::Ptr(table.ptr),
-                Arg::Ptr(meta.at(meta.layout.tiles)),
-                Arg::Ptr(meta.at(meta.layout.segs)),
-                i32_arg(tiles, "tiles")?,
-                i32_arg(rank_stride, "rank_stride")?,
-                i32_arg(used, "used")?,
-                i32_arg(half, "half")?,
-                Arg::Ptr(ws),
-            ],
-            self.pdl,
-        )
-    }
-
-    /// The fused kernel's workspace for accumulators of `floats` each: `(pointer, floats per
-    /// accumulator)`. Its own allocation, zeroed when made: the kernel keeps state there from
-    /// launch to launch (the epoch and how far each accumulator is dirty).
-    fn fused_workspace(&self, floats: usize) -> Result<(u64, usize)> {
-        let half = floats.next_power_of_two().max(1 << 16);
-        let bytes = 4 * (plan::FUSED_SYNC_WORDS + 2 * half);
-        let (ptr, have) = self.grow(&self.fused_ws, bytes)?;
-        Ok((ptr, (have / 4 - plan::FUSED_SYNC_WORDS) / 2))
-    }
-
     fn check_lora(&self, x_dtype: DType, table: &CudaLoraTable, meta: &CudaMeta) -> Result<bool> {
         if meta.layout.num_tiles == 0 || table.max_rank == 0 {
             return Ok(false);
@@ -1672,9 +1478,6 @@ pub fn kernel_names() -> Vec<String> {
             }
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
-        for l in [1, 2, 4, 8, 16] {
-            names.push(format!("sgmv_fused_rows_{t}_l{l}"));
-        }
     }
     for t in ["bf16", "f16"] {
         for vpt in 1..=plan::NORM_VEC_MAX_HIDDEN / (8 * plan::NORM_VEC_THREADS) {
@@ -2311,8 +2114,36 @@ impl Backend for CudaBackend {
         v_stride: usize,
         v: &mut CudaBuf,
     ) -> Result<()> {
-        if !self.shrink_ready(x, table, meta, h_in, v_stride, v)? {
+        let rows = meta.layout.rows;
+        if v.dtype != DType::F32 {
+            return Err(shape(format!(
+                "sgmv_shrink: v must be f32, got {:?}",
+                v.dtype
+            )));
+        }
+        need(x, rows * h_in, "sgmv_shrink x")?;
+        need(v, rows * v_stride, "sgmv_shrink v")?;
+        if !self.check_lora(x.dtype, table, meta)? {
             return Ok(());
+        }
+        if !table.shrinkable {
+            return Err(shape(
+                "sgmv_shrink: a table whose slots start past column 0 of v serves expands only"
+                    .into(),
+            ));
+        }
+        if table.max_vend > v_stride {
+            return Err(shape(format!(
+                "sgmv_shrink: the table's intermediates end at column {}, past v's width \
+                 {v_stride}",
+                table.max_vend
+            )));
+        }
+        if h_in > table.min_in {
+            return Err(shape(format!(
+                "sgmv_shrink: h_in {h_in} exceeds an adapter's A width {}",
+                table.min_in
+            )));
         }
         // Launched over the padded tile count (see `MetaLayout::tile_grid`).
         let tiles = meta.layout.tile_grid();
@@ -2385,34 +2216,6 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn sgmv_lora(
-        &self,
-        x: &CudaBuf,
-        table: &CudaLoraTable,
-        meta: &CudaMeta,
-        h_in: usize,
-        v_stride: usize,
-        v: &mut CudaBuf,
-        outs: &[usize],
-        y_stride: usize,
-        col_offset: usize,
-        y: &mut CudaBuf,
-    ) -> Result<()> {
-        if !self.row_limits().fused(meta.layout.max_seg_rows) {
-            self.sgmv_shrink(x, table, meta, h_in, v_stride, v)?;
-            return self.sgmv_expand(v, table, meta, v_stride, outs, y_stride, col_offset, y);
-        }
-        // The same checks, so that no argument is taken by one path and refused by the other.
-        if !self.shrink_ready(x, table, meta, h_in, v_stride, v)?
-            || self
-                .expand_ready(v, table, meta, v_stride, outs, y_stride, col_offset, y)?
-                .is_none()
-        {
-            return Ok(());
-        }
-        self.sgmv_fused(x, table, meta, h_in, outs, y_stride, col_offset, y)
-    }
-
     fn sgmv_expand(
         &self,
         v: &CudaBuf,
@@ -2424,11 +2227,59 @@ impl Backend for CudaBackend {
         col_offset: usize,
         y: &mut CudaBuf,
     ) -> Result<()> {
-        let Some(v_name) =
-            self.expand_ready(v, table, meta, v_stride, outs, y_stride, col_offset, y)?
-        else {
-            return Ok(());
+        let rows = meta.layout.rows;
+        // f32 from a shrink, or y's dtype from the base GEMM's extra columns.
+        let v_name = if v.dtype == DType::F32 {
+            ""
+        } else if v.dtype == y.dtype {
+            "_vh"
+        } else {
+            return Err(shape(format!(
+                "sgmv_expand: v must be f32 or {:?} like y, got {:?}",
+                y.dtype, v.dtype
+            )));
         };
+        let h_out: usize = outs.iter().sum();
+        if outs.is_empty() || outs.len() > MAX_GROUP_PARTS {
+            return Err(shape(format!(
+                "sgmv_expand: a group has 1..={MAX_GROUP_PARTS} parts, got {}",
+                outs.len()
+            )));
+        }
+        need(v, rows * v_stride, "sgmv_expand v")?;
+        need(y, rows * y_stride, "sgmv_expand y")?;
+        if col_offset + h_out > y_stride {
+            return Err(shape(format!(
+                "sgmv_expand: columns {col_offset}+{h_out} exceed the row of {y_stride}"
+            )));
+        }
+        if !self.check_lora(y.dtype, table, meta)? {
+            return Ok(());
+        }
+        if table.max_vend > v_stride {
+            return Err(shape(format!(
+                "sgmv_expand: the table's intermediates end at column {}, past v's width \
+                 {v_stride}",
+                table.max_vend
+            )));
+        }
+        for (j, &min_out) in table.min_out.iter().enumerate() {
+            match outs.get(j) {
+                Some(&out) if out > min_out => {
+                    return Err(shape(format!(
+                        "sgmv_expand: part {j} of {out} columns exceeds an adapter's B height \
+                         {min_out}"
+                    )));
+                }
+                None if min_out != usize::MAX => {
+                    return Err(shape(format!(
+                        "sgmv_expand: an adapter has part {j}, the group has {}",
+                        outs.len()
+                    )));
+                }
+                _ => {}
+            }
+        }
         if self
             .row_limits()
             .expand(meta.layout.max_seg_rows, table.max_part_rank)

@@ -33,8 +33,6 @@ pub struct RowLimits {
     pub shrink_rank: usize,
     /// Largest part rank of the row expand.
     pub expand_rank: usize,
-    /// Longest segment of the fused shrink + expand (`sgmv_fused_rows_*`; 0: never).
-    pub fused_seg: usize,
 }
 
 impl RowLimits {
@@ -45,21 +43,18 @@ impl RowLimits {
         max_seg: 1,
         shrink_rank: MAX_GROUP_RANK,
         expand_rank: 32,
-        fused_seg: 1,
     };
     /// Everything the row kernels can take (the selftest).
     pub const ALL: RowLimits = RowLimits {
         max_seg: TILE_ROWS,
         shrink_rank: MAX_GROUP_RANK,
         expand_rank: MAX_RANK,
-        fused_seg: TILE_ROWS,
     };
     /// Never.
     pub const NONE: RowLimits = RowLimits {
         max_seg: 0,
         shrink_rank: 0,
         expand_rank: 0,
-        fused_seg: 0,
     };
 
     /// Whether the row shrink serves a batch whose longest segment has `max_seg_rows` rows,
@@ -71,12 +66,6 @@ impl RowLimits {
     /// Whether the row expand serves it, for a table of largest part rank `part_rank`.
     pub fn expand(&self, max_seg_rows: usize, part_rank: usize) -> bool {
         self.rows(max_seg_rows) && part_rank <= self.expand_rank
-    }
-
-    /// Whether the fused shrink + expand serves a batch whose longest segment has
-    /// `max_seg_rows` rows (any rank the tables take).
-    pub fn fused(&self, max_seg_rows: usize) -> bool {
-        max_seg_rows > 0 && max_seg_rows <= self.fused_seg.min(TILE_ROWS)
     }
 
     fn rows(&self, max_seg_rows: usize) -> bool {
@@ -118,43 +107,6 @@ pub fn shrink_rows_plan(
     let fill = (target_blocks + per_split / 2) / per_split;
     let most = (nvec / 32).max(1);
     (base.max(fill).clamp(1, most), rank_blocks)
-}
-
-/// Warps per block of the fused shrink + expand (kernels/sgmv.cu `FUSED_WARPS`).
-pub const FUSED_WARPS: usize = 8;
-/// 16-byte loads of A or B per lane and task of the fused kernel (`FUSED_KU`).
-pub const FUSED_KU: usize = 4;
-/// u32 words before the fused kernel's two accumulators in its workspace (`FUSED_SYNC_WORDS`).
-pub const FUSED_SYNC_WORDS: usize = 64;
-
-/// The fused shrink + expand's lanes per column (each holds 8 of its ranks: 1 to 16) for a
-/// table whose largest part rank is `max_part_rank` (the kernel variant).
-pub fn fused_lanes(max_part_rank: usize) -> Result<usize> {
-    check_rank(max_part_rank)?;
-    Ok(max_part_rank.div_ceil(8).next_power_of_two())
-}
-
-/// The fused shrink + expand's blocks. Its warps take shrink tasks (tile, piece of
-/// `FUSED_KU * 256` elements of h_in, rank) and then expand tasks (tile, `FUSED_KU * 32 / lanes`
-/// columns), so the grid covers the larger count, but never more than `resident` (the blocks
-/// the GPU holds at once: the kernel has a grid barrier).
-pub fn fused_blocks(
-    h_in: usize,
-    rank_stride: usize,
-    lanes: usize,
-    h_out: usize,
-    num_tiles: usize,
-    resident: usize,
-) -> Result<u32> {
-    if resident == 0 {
-        return Err(BackendError::Shape(
-            "the fused SGMV kernel fits no block on an SM".into(),
-        ));
-    }
-    let shrink_tasks = num_tiles * h_in.div_ceil(8 * 32 * FUSED_KU) * rank_stride;
-    let expand_tasks = num_tiles * h_out.div_ceil(FUSED_KU * 32 / lanes.clamp(1, 32));
-    let blocks = shrink_tasks.max(expand_tasks).div_ceil(FUSED_WARPS);
-    Ok(blocks.clamp(1, resident) as u32)
 }
 
 /// The row expand: lanes per column (each holds 8 of its ranks: 1 to 16) for a table whose
@@ -1168,33 +1120,5 @@ mod tests {
         );
         pack_sampling(&[], &mut bytes);
         assert!(bytes.is_empty());
-    }
-
-    #[test]
-    fn the_fused_grid_covers_the_larger_task_count_within_what_is_resident() {
-        // 64 rows of r=16 at h=4096: 4 pieces of h_in x 16 ranks = 64 shrink tasks a row, and
-        // 4096 / 64 = 64 expand tasks a row (2 lanes a column): 4096 tasks, 512 blocks.
-        assert_eq!(fused_lanes(16).unwrap(), 2);
-        assert_eq!(fused_blocks(4096, 16, 2, 4096, 64, 396).unwrap(), 396);
-        assert_eq!(fused_blocks(4096, 16, 2, 4096, 64, 1000).unwrap(), 512);
-        // r=64: 8 lanes a column, 16 columns a task; the shrink has 256 tasks a row.
-        assert_eq!(fused_lanes(64).unwrap(), 8);
-        assert_eq!(fused_blocks(4096, 64, 8, 4096, 8, 1000).unwrap(), 256);
-        // A rank-5 part still takes one lane; a tiny batch one block.
-        assert_eq!(fused_lanes(5).unwrap(), 1);
-        assert_eq!(fused_blocks(64, 5, 1, 8, 1, 10).unwrap(), 1);
-        assert!(fused_blocks(4096, 16, 2, 4096, 64, 0).is_err());
-        assert!(fused_lanes(0).is_err());
-        assert!(fused_lanes(129).is_err());
-    }
-
-    #[test]
-    fn the_fused_kernel_serves_short_segments_only_when_allowed() {
-        assert!(RowLimits::DEFAULT.fused(1));
-        assert!(!RowLimits::DEFAULT.fused(2));
-        assert!(!RowLimits::DEFAULT.fused(0));
-        assert!(RowLimits::ALL.fused(16));
-        assert!(!RowLimits::ALL.fused(17));
-        assert!(!RowLimits::NONE.fused(1));
     }
 }

@@ -295,7 +295,6 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
     let cv_clean = cpu.upload(DType::F32, &v_clean)?;
     let tables = (&table, &ctable, &dmeta, &cmeta);
     expand_check(c, case, tables, (&dv, &cv_clean), v_width, label.clone())?;
-    lora_check(c, case, tables, (&dx, &cx), v_width, label.clone())?;
     if case.arena {
         // Each row's intermediate moved to its slot's arena columns, NaN elsewhere (the GPU
         // must not read those), in f32 and in the activations' dtype.
@@ -353,52 +352,15 @@ fn expand_check(
     label: String,
 ) -> Result<()> {
     let (be, cpu) = (c.be, c.cpu.clone());
-    let outs = &case.outs;
-    y_check(c, case, "sgmv_expand", label, |y_stride, dy, cy| {
-        be.sgmv_expand(dv, table, dmeta, v_width, outs, y_stride, case.pad, dy)?;
-        cpu.sgmv_expand(cv, ctable, cmeta, v_width, outs, y_stride, case.pad, cy)
-    })
-}
-
-/// The GPU's whole LoRA delta (`sgmv_lora`: the fused kernel where the limits let it) against
-/// the CPU's shrink then expand, into a v that starts poisoned.
-fn lora_check(
-    c: &mut Ctx<'_>,
-    case: &SgmvCase,
-    (table, ctable, dmeta, cmeta): (&CudaLoraTable, &CpuLoraTable, &CudaMeta, &CpuMeta),
-    (dx, cx): (&CudaBuf, &CpuBuf),
-    v_width: usize,
-    label: String,
-) -> Result<()> {
-    let (be, cpu) = (c.be, c.cpu.clone());
-    let (outs, h_in, n_rows) = (&case.outs, case.h_in, case.rows.len());
-    let (mut dv, mut cv) = c.poisoned(DType::F32, n_rows * v_width)?;
-    y_check(c, case, "sgmv_lora", label, |y_stride, dy, cy| {
-        be.sgmv_lora(
-            dx, table, dmeta, h_in, v_width, &mut dv, outs, y_stride, case.pad, dy,
-        )?;
-        cpu.sgmv_lora(
-            cx, ctable, cmeta, h_in, v_width, &mut cv, outs, y_stride, case.pad, cy,
-        )
-    })
-}
-
-/// Run `run` on both backends over the same random y (rows of the case's parts with `pad`
-/// columns either side) and compare.
-fn y_check(
-    c: &mut Ctx<'_>,
-    case: &SgmvCase,
-    op: &str,
-    label: String,
-    run: impl FnOnce(usize, &mut CudaBuf, &mut CpuBuf) -> Result<()>,
-) -> Result<()> {
-    let (be, cpu) = (c.be, c.cpu.clone());
     let (outs, dt, n_rows) = (&case.outs, case.dtype, case.rows.len());
     let h_out: usize = outs.iter().sum();
     let y_stride = h_out + 2 * case.pad;
     let y0 = c.rand(dt, n_rows * y_stride, 1.0);
     let (mut dy, mut cy) = c.upload(dt, &y0)?;
-    run(y_stride, &mut dy, &mut cy)?;
+    be.sgmv_expand(dv, table, dmeta, v_width, outs, y_stride, case.pad, &mut dy)?;
+    cpu.sgmv_expand(
+        cv, ctable, cmeta, v_width, outs, y_stride, case.pad, &mut cy,
+    )?;
     let y_out = be.download(&dy)?;
     let y_cpu = cpu.download(&cy)?;
     // Elements outside the LoRA rows and parts must be bit-identical; the rest within
@@ -437,14 +399,18 @@ fn y_check(
     }
     if touched_outside > 0 {
         c.fail(
-            op,
+            "sgmv_expand",
             label,
             format!("{touched_outside} elements changed outside the LoRA rows and parts"),
         );
     } else if worst > 2e-2 {
-        c.fail(op, label, format!("element error {worst:.2e} > 2e-2"));
+        c.fail(
+            "sgmv_expand",
+            label,
+            format!("element error {worst:.2e} > 2e-2"),
+        );
     } else {
-        c.record(op, label, &y_out, &y_cpu, tol(dt));
+        c.record("sgmv_expand", label, &y_out, &y_cpu, tol(dt));
     }
     Ok(())
 }
