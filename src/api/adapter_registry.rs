@@ -341,9 +341,10 @@ impl AdapterSource for BlobSource {
             key: *key,
             reason: format!("blob {blob_key} is not an adapter bundle"),
         })?;
+        // Views of the fetched blob, not copies of it.
         Ok(AdapterFiles {
-            config: config.to_vec(),
-            weights: weights.to_vec(),
+            config: bytes.slice_ref(config),
+            weights: bytes.slice_ref(weights),
         })
     }
 }

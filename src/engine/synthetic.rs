@@ -84,8 +84,8 @@ pub fn random_adapter(
         "use_rslora": false,
     });
     Ok(AdapterFiles {
-        config: config.to_string().into_bytes(),
-        weights,
+        config: config.to_string().into_bytes().into(),
+        weights: weights.into(),
     })
 }
 

@@ -30,16 +30,16 @@ impl HostAdapter for FakeAdapter {
 /// The files of a valid fake adapter.
 pub fn adapter_files(seed: u64) -> AdapterFiles {
     AdapterFiles {
-        config: format!("seed={seed}").into_bytes(),
-        weights: vec![0; 1000],
+        config: format!("seed={seed}").into_bytes().into(),
+        weights: vec![0; 1000].into(),
     }
 }
 
 /// Parses `seed=N`; anything else is invalid.
 pub fn validator() -> Validator<FakeAdapter> {
     Arc::new(|_key: &AdapterKey, files: AdapterFiles| {
-        let text =
-            String::from_utf8(files.config).map_err(|_| "config is not UTF-8".to_string())?;
+        let text = String::from_utf8(files.config.to_vec())
+            .map_err(|_| "config is not UTF-8".to_string())?;
         let seed = text
             .strip_prefix("seed=")
             .and_then(|s| s.parse().ok())

@@ -204,7 +204,8 @@ fn llama_a_corrupt_adapter_blob_fails_only_its_requests_with_the_validation_reas
         key(51),
         AdapterFiles {
             config: br#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": true}"#
-                .to_vec(),
+                .to_vec()
+                .into(),
             weights: random_adapter(&config, 4, 0.5, 98).unwrap().weights,
         },
     );

@@ -361,8 +361,8 @@ fn a_corrupt_adapter_fails_its_requests_with_a_clear_error_while_the_rest_procee
     h.source.insert(
         corrupt,
         AdapterFiles {
-            config: b"{not json".to_vec(),
-            weights: vec![],
+            config: b"{not json".to_vec().into(),
+            weights: Vec::new().into(),
         },
     );
     let mut good: Vec<RequestStream> = (0..4)

@@ -953,8 +953,8 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn stage(&self, _dtype: DType, tensors: &[&[f32]]) -> Result<Self::Staged> {
-        Ok(tensors.iter().map(|t| Arc::new(t.to_vec())).collect())
+    fn stage(&self, _dtype: DType, tensors: &[&[&[f32]]]) -> Result<Self::Staged> {
+        Ok(tensors.iter().map(|t| Arc::new(t.concat())).collect())
     }
 
     fn upload_staged(&self, staged: &Arc<Self::Staged>) -> Result<Vec<CpuBuf>> {

@@ -518,9 +518,11 @@ pub trait Backend: Send + Sync + 'static {
     /// `i` is [`random_uniform`]`(seed, i) * scale`, rounded to the buffer's dtype, on every
     /// backend (synthetic weights are generated where they live).
     fn fill_random(&self, buf: &mut Self::Buf, seed: u32, scale: f32) -> Result<()>;
-    /// Convert `tensors` to `dtype` and pack them in host memory for [`Backend::upload_staged`].
-    /// Runs on any thread (the adapter loaders stage adapters off the engine thread).
-    fn stage(&self, dtype: DType, tensors: &[&[f32]]) -> Result<Self::Staged>;
+    /// Convert `tensors` to `dtype` and pack them in host memory for [`Backend::upload_staged`];
+    /// a tensor is the concatenation of its pieces (a LoRA group's A matrices stacked, without
+    /// a copy of them first). Runs on any thread (the adapter loaders stage adapters off the
+    /// engine thread).
+    fn stage(&self, dtype: DType, tensors: &[&[&[f32]]]) -> Result<Self::Staged>;
     /// Copy staged tensors to the device in one transfer; one buffer per tensor, in order.
     /// Asynchronous where the device allows (the buffers keep `staged` alive): the copy may
     /// still run when this returns, see [`Backend::upload_done`] and [`Backend::wait_upload`].

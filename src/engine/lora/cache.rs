@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use uuid::Uuid;
 
 use crate::engine::metrics::EngineMetrics;
@@ -35,13 +36,14 @@ impl fmt::Display for AdapterKey {
     }
 }
 
-/// The two files of a Hugging Face PEFT LoRA adapter, as stored.
+/// The two files of a Hugging Face PEFT LoRA adapter, as stored. Shared bytes: a source hands
+/// out views of what it holds (a memory source, a fetched blob) without copying them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AdapterFiles {
     /// `adapter_config.json`.
-    pub config: Vec<u8>,
+    pub config: Bytes,
     /// `adapter_model.safetensors`.
-    pub weights: Vec<u8>,
+    pub weights: Bytes,
 }
 
 /// Why an adapter could not be made resident. Each fails only the requests that need its key.
@@ -112,8 +114,8 @@ impl AdapterSource for DirSource {
             })
         };
         Ok(AdapterFiles {
-            config: read("adapter_config.json")?,
-            weights: read("adapter_model.safetensors")?,
+            config: read("adapter_config.json")?.into(),
+            weights: read("adapter_model.safetensors")?.into(),
         })
     }
 }
@@ -121,7 +123,7 @@ impl AdapterSource for DirSource {
 /// Adapters held in memory (tests, benches, a service without a blob store).
 #[derive(Debug, Default)]
 pub struct MemorySource {
-    files: RwLock<HashMap<AdapterKey, Arc<AdapterFiles>>>,
+    files: RwLock<HashMap<AdapterKey, AdapterFiles>>,
     fetches: std::sync::atomic::AtomicUsize,
 }
 
@@ -134,7 +136,7 @@ impl MemorySource {
     /// Add or replace `key`'s files.
     pub fn insert(&self, key: AdapterKey, files: AdapterFiles) {
         if let Ok(mut map) = self.files.write() {
-            map.insert(key, Arc::new(files));
+            map.insert(key, files);
         }
     }
 
@@ -155,8 +157,9 @@ impl AdapterSource for MemorySource {
                 key: *key,
                 reason: "memory source lock poisoned".into(),
             })?;
+        // A clone shares the bytes.
         map.get(key)
-            .map(|f| (**f).clone())
+            .cloned()
             .ok_or(AdapterLoadError::NotFound { key: *key })
     }
 }
@@ -542,17 +545,17 @@ mod tests {
 
     fn files(bytes: usize) -> AdapterFiles {
         AdapterFiles {
-            config: b"{}".to_vec(),
-            weights: vec![7; bytes],
+            config: Bytes::from_static(b"{}"),
+            weights: vec![7; bytes].into(),
         }
     }
 
     fn cache(slots: usize, host_bytes: usize, source: Arc<MemorySource>) -> AdapterCache<Fake> {
         let validate: Validator<Fake> = Arc::new(|_, f: AdapterFiles| {
-            if f.config == b"corrupt" {
+            if f.config == b"corrupt"[..] {
                 Err("adapter_config.json is not JSON".into())
             } else {
-                Ok(Fake(f.weights))
+                Ok(Fake(f.weights.to_vec()))
             }
         });
         AdapterCache::new(
@@ -695,8 +698,8 @@ mod tests {
         src.insert(
             key(2),
             AdapterFiles {
-                config: b"corrupt".to_vec(),
-                weights: vec![],
+                config: Bytes::from_static(b"corrupt"),
+                weights: Bytes::new(),
             },
         );
         let mut c = cache(4, 1000, Arc::clone(&src));
@@ -737,7 +740,7 @@ mod tests {
         std::fs::write(d.join("adapter_config.json"), b"{\"r\": 8}").unwrap();
         std::fs::write(d.join("adapter_model.safetensors"), b"xyz").unwrap();
         let f = src.fetch(&k).unwrap();
-        assert_eq!(f.config, b"{\"r\": 8}");
-        assert_eq!(f.weights, b"xyz");
+        assert_eq!(f.config, b"{\"r\": 8}"[..]);
+        assert_eq!(f.weights, b"xyz"[..]);
     }
 }

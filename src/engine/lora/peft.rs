@@ -398,15 +398,21 @@ impl LoraWeights {
                 name: name.to_string(),
                 dtype: format!("{:?}", view.dtype()),
             })?;
-            named.push((name, (layer, proj, which), dtype, view));
+            // lora_B carries the adapter's scale, folded in as it is widened.
+            let scale = if which == 1 {
+                config.rank_alpha_scale(&module_key(layer, proj))?.2
+            } else {
+                1.0
+            };
+            named.push((name, (layer, proj, which), dtype, scale, view));
         }
         // Widening and the finiteness check are most of a load: tensors on several threads,
         // the first failure in file order reported.
         let widened = par_map(
             named,
-            |(_, _, _, view)| view.data().len(),
-            |(name, at, dtype, view)| {
-                let values = host_to_f32(dtype, view.data())
+            |(_, _, _, _, view)| view.data().len(),
+            |(name, at, dtype, scale, view)| {
+                let mut values = host_to_f32(dtype, view.data())
                     .map_err(|e| PeftError::Header(e.to_string()))?;
                 if let Some((index, &value)) =
                     values.iter().enumerate().find(|(_, v)| !v.is_finite())
@@ -416,6 +422,11 @@ impl LoraWeights {
                         index,
                         value,
                     });
+                }
+                if scale != 1.0 {
+                    for v in &mut values {
+                        *v *= scale;
+                    }
                 }
                 Ok((name, at, view.shape().to_vec(), values))
             },
@@ -437,9 +448,9 @@ impl LoraWeights {
             let [a, b] = found.remove(&(layer, proj)).unwrap_or_default();
             let (a_name, a_shape, a) =
                 a.ok_or_else(|| PeftError::MissingTensor(format!("{key}.lora_A.weight")))?;
-            let (b_name, b_shape, mut b) =
+            let (b_name, b_shape, b) =
                 b.ok_or_else(|| PeftError::MissingTensor(format!("{key}.lora_B.weight")))?;
-            let (r, _, scale) = config.rank_alpha_scale(&key)?;
+            let (r, _, _) = config.rank_alpha_scale(&key)?;
             let (h_in, h_out) = base.projection_dims(proj);
             if a_shape.len() == 2 && a_shape[1] == h_in && a_shape[0] != r {
                 return Err(PeftError::Rank {
@@ -461,9 +472,6 @@ impl LoraWeights {
                     expected: vec![h_out, r],
                     got: b_shape,
                 });
-            }
-            for v in &mut b {
-                *v *= scale;
             }
             layers[layer][proj.index()] = Some(LoraMatrices { rank: r, a, b });
         }

@@ -16,7 +16,6 @@
 //! One step: `let logits = model.forward(&meta, &mut kv, &lora)?` returns
 //! `[meta.logit_rows.len(), vocab]` f32 logits, row-major.
 
-use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -758,8 +757,8 @@ impl<B: Backend> StagedAdapter<B> {
     /// Convert and pack `weights` for `backend` (runs on the adapter loader threads).
     pub fn stage(backend: &B, weights: &LoraWeights) -> Result<Self, BackendError> {
         let mut groups = Vec::new();
-        // Per group: the stacked A (borrowed when the group has one part present), then Bs.
-        let mut tensors: Vec<Cow<'_, [f32]>> = Vec::new();
+        // Per group: the stacked A (its parts' A as pieces), then Bs.
+        let mut tensors: Vec<Vec<&[f32]>> = Vec::new();
         let mut group_ranks = [0usize; 4];
         for l in 0..weights.num_layers() {
             for g in LoraGroup::ALL {
@@ -774,16 +773,17 @@ impl<B: Backend> StagedAdapter<B> {
                 let total = &mut group_ranks[g.index()];
                 *total = (*total).max(ranks.iter().sum());
                 groups.push((l, g, ranks));
-                tensors.push(match present.as_slice() {
-                    [one] => Cow::Borrowed(one.a.as_slice()),
-                    _ => Cow::Owned(present.iter().flat_map(|m| m.a.iter().copied()).collect()),
-                });
-                tensors.extend(present.iter().map(|m| Cow::Borrowed(m.b.as_slice())));
+                tensors.push(present.iter().map(|m| m.a.as_slice()).collect());
+                tensors.extend(present.iter().map(|m| vec![m.b.as_slice()]));
             }
         }
-        let tensors: Vec<&[f32]> = tensors.iter().map(|t| t.as_ref()).collect();
+        let tensors: Vec<&[&[f32]]> = tensors.iter().map(Vec::as_slice).collect();
         let dtype = backend.dtype();
-        let bytes = tensors.iter().map(|t| t.len() * dtype.size()).sum();
+        let bytes = tensors
+            .iter()
+            .flat_map(|t| t.iter())
+            .map(|p| p.len() * dtype.size())
+            .sum();
         Ok(StagedAdapter {
             groups,
             num_layers: weights.num_layers(),

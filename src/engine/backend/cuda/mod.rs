@@ -1601,13 +1601,14 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn stage(&self, dtype: DType, tensors: &[&[f32]]) -> Result<CudaStaged> {
+    fn stage(&self, dtype: DType, tensors: &[&[&[f32]]]) -> Result<CudaStaged> {
         let mut layout = Vec::with_capacity(tensors.len());
         let mut bytes = 0usize;
         for t in tensors {
-            layout.push((bytes, t.len()));
+            let len: usize = t.iter().map(|p| p.len()).sum();
+            layout.push((bytes, len));
             // 16-byte aligned starts: the SGMV kernels load A and B rows in 16-byte vectors.
-            bytes += (t.len() * dtype.size()).next_multiple_of(16);
+            bytes += (len * dtype.size()).next_multiple_of(16);
         }
         let bytes = bytes.max(16);
         let mut host = match self.pinned.take(bytes)? {
@@ -1617,14 +1618,18 @@ impl Backend for CudaBackend {
         let out = &mut host
             .as_mut_slice()
             .map_err(|e| dev_err("page-locked host memory", e))?[..bytes];
-        // Each tensor's bytes of the buffer, then the conversions on several threads.
+        // Each piece's bytes of the buffer, then the conversions on several threads.
         let mut jobs = Vec::with_capacity(tensors.len());
         let mut rest: &mut [u8] = out;
         let mut at = 0;
         for (t, &(off, len)) in tensors.iter().zip(&layout) {
             let (_, tail) = std::mem::take(&mut rest).split_at_mut(off - at);
-            let (dst, tail) = tail.split_at_mut(len * dtype.size());
-            jobs.push((*t, dst));
+            let (mut dst, tail) = tail.split_at_mut(len * dtype.size());
+            for &piece in t.iter() {
+                let (d, more) = std::mem::take(&mut dst).split_at_mut(piece.len() * dtype.size());
+                jobs.push((piece, d));
+                dst = more;
+            }
             rest = tail;
             at = off + len * dtype.size();
         }

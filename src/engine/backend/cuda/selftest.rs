@@ -907,7 +907,14 @@ fn check_upload(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
         .iter()
         .map(|&n| (0..n).map(|_| c.rng.random_range(-1.0f32..1.0)).collect())
         .collect();
-    let views: Vec<&[f32]> = tensors.iter().map(Vec::as_slice).collect();
+    // The last two as the pieces of one tensor (a group's stacked A).
+    let pieces: Vec<&[f32]> = tensors.iter().map(Vec::as_slice).collect();
+    let views = [&pieces[0..1], &pieces[1..2], &pieces[2..4]];
+    let tensors = [
+        tensors[0].clone(),
+        tensors[1].clone(),
+        tensors[2..4].concat(),
+    ];
     let staged = std::sync::Arc::new(be.stage(dt, &views)?);
     let bufs = be.upload_staged(&staged)?;
     let started = std::time::Instant::now();
