@@ -350,6 +350,13 @@ pub fn host_to_f32(src: DType, bytes: &[u8]) -> Result<Vec<f32>> {
             bytes.len()
         )));
     }
+    // Little-endian f32 at a 4-byte aligned address is already what we want: one copy.
+    #[cfg(target_endian = "little")]
+    if src == DType::F32
+        && let Ok(values) = bytemuck::try_cast_slice::<u8, f32>(bytes)
+    {
+        return Ok(values.to_vec());
+    }
     let chunks = bytes.chunks_exact(size);
     Ok(match src {
         DType::F32 => chunks

@@ -414,8 +414,11 @@ impl LoraWeights {
             |(name, at, dtype, scale, view)| {
                 let mut values = host_to_f32(dtype, view.data())
                     .map_err(|e| PeftError::Header(e.to_string()))?;
-                if let Some((index, &value)) =
-                    values.iter().enumerate().find(|(_, v)| !v.is_finite())
+                // One branch-free pass (it vectorizes); the index only for a tensor that fails.
+                let bad = values.iter().fold(false, |bad, v| bad | !v.is_finite());
+                if bad
+                    && let Some((index, &value)) =
+                        values.iter().enumerate().find(|(_, v)| !v.is_finite())
                 {
                     return Err(PeftError::NonFinite {
                         name: name.to_string(),

@@ -1460,6 +1460,24 @@ impl CudaBackend {
     }
 }
 
+/// `values` converted by `half` into `dst` as little-endian 16-bit elements: as u16 stores when
+/// `dst` is 2-byte aligned (a staged tensor starts 16-byte aligned and its pieces are whole
+/// elements), byte pairs otherwise.
+fn store_halves(dst: &mut [u8], values: &[f32], half: impl Fn(f32) -> u16) {
+    match bytemuck::try_cast_slice_mut::<u8, u16>(dst) {
+        Ok(out) => {
+            for (d, &v) in out.iter_mut().zip(values) {
+                *d = half(v).to_le();
+            }
+        }
+        Err(_) => {
+            for (d, &v) in dst.chunks_exact_mut(2).zip(values) {
+                d.copy_from_slice(&half(v).to_le_bytes());
+            }
+        }
+    }
+}
+
 /// Every kernel the backend can launch (for warm-up and the embedding test).
 pub fn kernel_names() -> Vec<String> {
     let mut names = Vec::new();
@@ -1638,16 +1656,8 @@ impl Backend for CudaBackend {
             |(t, _)| t.len(),
             |(t, dst)| match dtype {
                 DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(t)),
-                DType::BF16 => {
-                    for (d, &v) in dst.chunks_exact_mut(2).zip(t.iter()) {
-                        d.copy_from_slice(&bf16::from_f32(v).to_le_bytes());
-                    }
-                }
-                DType::F16 => {
-                    for (d, &v) in dst.chunks_exact_mut(2).zip(t.iter()) {
-                        d.copy_from_slice(&f16::from_f32(v).to_le_bytes());
-                    }
-                }
+                DType::BF16 => store_halves(dst, t, |v| bf16::from_f32(v).to_bits()),
+                DType::F16 => store_halves(dst, t, |v| f16::from_f32(v).to_bits()),
             },
         );
         Ok(CudaStaged {
@@ -2547,4 +2557,25 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         be.row_limits(),
         if be.graphs_enabled() { "on" } else { "off" },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn halves_are_stored_little_endian_whatever_the_alignment() {
+        let values = [1.0f32, -2.5, 3.0e-3, 65504.0, f32::MIN_POSITIVE];
+        let want: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+            .collect();
+        // An even and an odd start in one buffer: the u16 path and the byte-pair path.
+        let mut buf = vec![0u8; 2 * values.len() + 2];
+        for start in [0usize, 1] {
+            let dst = &mut buf[start..start + 2 * values.len()];
+            store_halves(dst, &values, |v| bf16::from_f32(v).to_bits());
+            assert_eq!(dst, &want[..], "start {start}");
+        }
+    }
 }
