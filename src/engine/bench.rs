@@ -1061,9 +1061,12 @@ fn adapter_load_report(args: &BenchEngineArgs, config: &LlamaConfig) -> Result<S
     let blob_bytes = files.weights.len();
     let backend = CudaBackend::new(CudaOptions::default()).map_err(dev)?;
     // Per load: blob -> validated f32 copy, that -> staged, and the whole (the copy dropped).
+    // The previous load's staging goes first, so later loads reuse its page-locked buffer as a
+    // serving process's loads reuse those of evicted adapters; the first load pins fresh memory.
     let (mut parse_ms, mut stage_ms, mut validate_ms) = (Vec::new(), Vec::new(), Vec::new());
     let mut staged = None;
     for _ in 0..3 {
+        drop(staged.take());
         let t = Instant::now();
         let weights = LoraWeights::from_bytes(&files.config, &files.weights, config)
             .map_err(|e| BenchError::Model(e.to_string()))?;
