@@ -1068,7 +1068,7 @@ fn adapter_load_report(args: &BenchEngineArgs, config: &LlamaConfig) -> Result<S
     for _ in 0..3 {
         drop(staged.take());
         let t = Instant::now();
-        let weights = LoraWeights::from_bytes(&files.config, &files.weights, config)
+        let weights = LoraWeights::from_shared(&files.config, &files.weights, config)
             .map_err(|e| BenchError::Model(e.to_string()))?;
         let parsed = t.elapsed();
         staged = Some(StagedAdapter::stage(&backend, &weights).map_err(dev)?);

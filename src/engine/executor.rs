@@ -322,7 +322,7 @@ pub fn peft_validator<B: Backend>(
 ) -> Validator<StagedAdapter<B>> {
     Arc::new(move |key: &AdapterKey, files: AdapterFiles| {
         let started = std::time::Instant::now();
-        let weights = LoraWeights::from_bytes(&files.config, &files.weights, &base)
+        let weights = LoraWeights::from_shared(&files.config, &files.weights, &base)
             .map_err(|e| e.to_string())?;
         let validated = started.elapsed();
         let backend = cell

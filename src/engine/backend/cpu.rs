@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use crate::engine::sampling::pick_row;
 
 use super::{
-    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, DeviceKind, LoraGroupSlot,
+    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, DeviceKind, HostTensor, LoraGroupSlot,
     MAX_GROUP_PARTS, Pick, Result, RowSampling, StepMeta, random_uniform,
 };
 
@@ -953,8 +953,11 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn stage(&self, _dtype: DType, tensors: &[&[&[f32]]]) -> Result<Self::Staged> {
-        Ok(tensors.iter().map(|t| Arc::new(t.concat())).collect())
+    fn stage(&self, _dtype: DType, tensors: &[&[HostTensor<'_>]]) -> Result<Self::Staged> {
+        Ok(tensors
+            .iter()
+            .map(|t| Arc::new(t.iter().flat_map(|p| p.to_f32()).collect()))
+            .collect())
     }
 
     fn upload_staged(&self, staged: &Arc<Self::Staged>) -> Result<Vec<CpuBuf>> {

@@ -371,6 +371,129 @@ pub fn host_to_f32(src: DType, bytes: &[u8]) -> Result<Vec<f32>> {
     })
 }
 
+/// Values in host memory as stored: little-endian `dtype` elements, each times `scale` once
+/// converted. An adapter's matrices stay in this form (views of the uploaded file) until they
+/// are staged, so a load converts each value once, straight into the staging buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct HostTensor<'a> {
+    bytes: &'a [u8],
+    dtype: DType,
+    scale: f32,
+}
+
+impl<'a> HostTensor<'a> {
+    /// The whole `dtype` values of `bytes` (a trailing partial one is not a value), times
+    /// `scale`.
+    pub fn new(bytes: &'a [u8], dtype: DType, scale: f32) -> Self {
+        HostTensor {
+            bytes: &bytes[..bytes.len() - bytes.len() % dtype.size()],
+            dtype,
+            scale,
+        }
+    }
+
+    /// f32 values as they are.
+    pub fn f32(values: &'a [f32]) -> Self {
+        HostTensor {
+            bytes: bytemuck::cast_slice(values),
+            dtype: DType::F32,
+            scale: 1.0,
+        }
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.bytes.len() / self.dtype.size()
+    }
+
+    /// Whether it holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The values widened to f32, scaled.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut values = host_to_f32(self.dtype, self.bytes).unwrap_or_default();
+        if self.scale != 1.0 {
+            for v in &mut values {
+                *v *= self.scale;
+            }
+        }
+        values
+    }
+
+    /// The first value that is not finite as stored (before scaling), with its index: one
+    /// branch-free pass over the bits, the index searched only in a tensor that has one.
+    pub fn first_non_finite(&self) -> Option<(usize, f32)> {
+        let bad = |bits: u32| match self.dtype {
+            DType::F32 => bits & 0x7f80_0000 == 0x7f80_0000,
+            DType::BF16 => bits & 0x7f80 == 0x7f80,
+            DType::F16 => bits & 0x7c00 == 0x7c00,
+        };
+        let size = self.dtype.size();
+        let word = |c: &[u8]| match size {
+            4 => u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            _ => u32::from(u16::from_le_bytes([c[0], c[1]])),
+        };
+        let chunks = self.bytes.chunks_exact(size);
+        if !chunks.clone().fold(false, |any, c| any | bad(word(c))) {
+            return None;
+        }
+        let index = chunks.clone().position(|c| bad(word(c)))?;
+        let value = host_to_f32(self.dtype, &self.bytes[index * size..(index + 1) * size])
+            .ok()?
+            .first()
+            .copied()?;
+        Some((index, value))
+    }
+
+    /// Convert into `dst` (exactly `len() * dtype.size()` bytes) as little-endian `dtype`
+    /// values: a plain copy when nothing changes, else each value through f32 (times `scale`,
+    /// rounded to nearest even).
+    pub fn write(&self, dtype: DType, dst: &mut [u8]) {
+        if dtype == self.dtype && self.scale == 1.0 {
+            dst.copy_from_slice(self.bytes);
+            return;
+        }
+        let scale = self.scale;
+        let values = self.bytes.chunks_exact(self.dtype.size()).map(|c| {
+            let v = match self.dtype {
+                DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                DType::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+                DType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+            };
+            v * scale
+        });
+        match dtype {
+            DType::F32 => {
+                for (d, v) in dst.chunks_exact_mut(4).zip(values) {
+                    d.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            DType::BF16 => store_halves(dst, values, |v| half::bf16::from_f32(v).to_bits()),
+            DType::F16 => store_halves(dst, values, |v| half::f16::from_f32(v).to_bits()),
+        }
+    }
+}
+
+/// `values` converted by `half` into `dst` as little-endian 16-bit elements: u16 stores when
+/// `dst` is 2-byte aligned (a staged tensor starts 16-byte aligned and its pieces are whole
+/// elements), byte pairs otherwise.
+fn store_halves(dst: &mut [u8], values: impl Iterator<Item = f32>, half: impl Fn(f32) -> u16) {
+    match bytemuck::try_cast_slice_mut::<u8, u16>(dst) {
+        Ok(out) => {
+            for (d, v) in out.iter_mut().zip(values) {
+                *d = half(v).to_le();
+            }
+        }
+        Err(_) => {
+            for (d, v) in dst.chunks_exact_mut(2).zip(values) {
+                d.copy_from_slice(&half(v).to_le_bytes());
+            }
+        }
+    }
+}
+
 /// The `i`-th value of the deterministic stream `seed`, uniform in `[-1, 1)` (a 32-bit integer
 /// hash of `(seed, i)`; the CUDA kernel `fill_random_*` computes the same bits).
 pub fn random_uniform(seed: u32, i: usize) -> f32 {
@@ -529,7 +652,7 @@ pub trait Backend: Send + Sync + 'static {
     /// a tensor is the concatenation of its pieces (a LoRA group's A matrices stacked, without
     /// a copy of them first). Runs on any thread (the adapter loaders stage adapters off the
     /// engine thread).
-    fn stage(&self, dtype: DType, tensors: &[&[&[f32]]]) -> Result<Self::Staged>;
+    fn stage(&self, dtype: DType, tensors: &[&[HostTensor<'_>]]) -> Result<Self::Staged>;
     /// Copy staged tensors to the device in one transfer; one buffer per tensor, in order.
     /// Asynchronous where the device allows (the buffers keep `staged` alive): the copy may
     /// still run when this returns, see [`Backend::upload_done`] and [`Backend::wait_upload`].
@@ -777,6 +900,69 @@ pub trait Backend: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn le_bytes(values: &[f32], dtype: DType) -> Vec<u8> {
+        values
+            .iter()
+            .flat_map(|&v| match dtype {
+                DType::F32 => v.to_le_bytes().to_vec(),
+                DType::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+                DType::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_host_tensor_converts_each_value_once_with_its_scale() {
+        let values = [1.0f32, -2.5, 3.0e-3, 0.1, -7.25];
+        for src in [DType::F32, DType::BF16, DType::F16] {
+            let stored = le_bytes(&values, src);
+            // The values as stored, widened: what every conversion starts from.
+            let widened = host_to_f32(src, &stored).unwrap();
+            for (scale, dst) in [
+                (1.0f32, src),
+                (2.0, DType::BF16),
+                (0.5, DType::F16),
+                (3.0, DType::F32),
+            ] {
+                let t = HostTensor::new(&stored, src, scale);
+                assert_eq!(t.len(), values.len());
+                let scaled: Vec<f32> = widened.iter().map(|v| v * scale).collect();
+                assert_eq!(t.to_f32(), scaled);
+                // Into an odd offset too (byte pairs instead of u16 stores).
+                let mut buf = vec![0u8; values.len() * dst.size() + 1];
+                for start in [0usize, 1] {
+                    let out = &mut buf[start..start + values.len() * dst.size()];
+                    t.write(dst, out);
+                    assert_eq!(
+                        out,
+                        &le_bytes(&scaled, dst)[..],
+                        "{src:?} -> {dst:?} x{scale}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_host_tensor_finds_its_first_value_that_is_not_finite() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let fine = le_bytes(&[1.0, -2.0, 65504.0], dtype);
+            assert_eq!(HostTensor::new(&fine, dtype, 1e30).first_non_finite(), None);
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let stored = le_bytes(&[1.0, bad, 2.0, bad], dtype);
+                let (index, value) = HostTensor::new(&stored, dtype, 1.0)
+                    .first_non_finite()
+                    .unwrap();
+                assert_eq!(index, 1, "{dtype:?}");
+                assert!(value.to_bits() == bad.to_bits() || value.is_nan() && bad.is_nan());
+            }
+        }
+        // A trailing partial value is not a value.
+        let t = HostTensor::new(&[0u8, 0, 0x80, 0x3f, 0xff], DType::F32, 1.0);
+        assert_eq!(t.to_f32(), vec![1.0]);
+        assert!(!t.is_empty());
+    }
 
     #[test]
     fn one_sequence_is_a_valid_step_of_fresh_blocks() {

@@ -11,11 +11,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
+use bytes::Bytes;
 use regex::Regex;
 use safetensors::SafeTensors;
 use serde::Deserialize;
 
-use crate::engine::backend::{host_to_f32, par_map};
+use crate::engine::backend::{DType, HostTensor, par_map};
 use crate::engine::model::config::{LlamaConfig, Projection};
 use crate::engine::model::weights::dtype_of;
 
@@ -363,16 +364,48 @@ pub fn module_key(layer: usize, p: Projection) -> String {
     format!("model.layers.{layer}.{}.{}", p.parent(), p.module_name())
 }
 
-/// One projection's LoRA pair in f32: `a: [rank, in]`, `b: [out, rank]` with the scale folded in.
+/// One projection's LoRA pair: `a: [rank, in]`, `b: [out, rank]` with the scale folded in.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraMatrices {
     pub rank: usize,
-    pub a: Vec<f32>,
-    pub b: Vec<f32>,
+    pub a: LoraTensor,
+    pub b: LoraTensor,
+}
+
+/// One validated matrix of an adapter as its file stores it: a view of the file's bytes (no
+/// copy), its dtype, and the scale its values take once converted (lora_B's is the adapter's
+/// alpha over rank). Staging converts it once, straight into the staging buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraTensor {
+    bytes: Bytes,
+    dtype: DType,
+    scale: f32,
+}
+
+impl LoraTensor {
+    /// The values as the backends stage them.
+    pub fn host(&self) -> HostTensor<'_> {
+        HostTensor::new(&self.bytes, self.dtype, self.scale)
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.bytes.len() / self.dtype.size()
+    }
+
+    /// Whether it holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The values in f32, scaled.
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.host().to_f32()
+    }
 }
 
 /// A tensor read from the adapter file: name, shape, values.
-type FoundTensor = (String, Vec<usize>, Vec<f32>);
+type FoundTensor = (String, Vec<usize>, LoraTensor);
 
 /// A validated adapter for one base model: per layer, per [`Projection`] (index
 /// [`Projection::index`]), the LoRA pair if targeted.
@@ -383,8 +416,18 @@ pub struct LoraWeights {
 }
 
 impl LoraWeights {
-    /// Validate an adapter given its two files' contents.
+    /// Validate an adapter given its two files' contents (the weights are copied once; see
+    /// [`Self::from_shared`]).
     pub fn from_bytes(config_json: &[u8], safetensors: &[u8], base: &LlamaConfig) -> Result<Self> {
+        Self::from_shared(config_json, &Bytes::copy_from_slice(safetensors), base)
+    }
+
+    /// Validate an adapter whose weights file is shared bytes: its matrices stay views of them.
+    pub fn from_shared(
+        config_json: &[u8],
+        safetensors: &Bytes,
+        base: &LlamaConfig,
+    ) -> Result<Self> {
         let config = AdapterConfig::from_json(config_json)?;
         let targets = config.targets(base)?;
         let tensors = parse_safetensors(safetensors)?;
@@ -398,7 +441,7 @@ impl LoraWeights {
                 name: name.to_string(),
                 dtype: format!("{:?}", view.dtype()),
             })?;
-            // lora_B carries the adapter's scale, folded in as it is widened.
+            // lora_B carries the adapter's scale, applied when it is converted.
             let scale = if which == 1 {
                 config.rank_alpha_scale(&module_key(layer, proj))?.2
             } else {
@@ -406,31 +449,26 @@ impl LoraWeights {
             };
             named.push((name, (layer, proj, which), dtype, scale, view));
         }
-        // Widening and the finiteness check are most of a load: tensors on several threads,
-        // the first failure in file order reported.
+        // The finiteness check reads every value: tensors on several threads, the first
+        // failure in file order reported.
         let widened = par_map(
             named,
             |(_, _, _, _, view)| view.data().len(),
             |(name, at, dtype, scale, view)| {
-                let mut values = host_to_f32(dtype, view.data())
-                    .map_err(|e| PeftError::Header(e.to_string()))?;
-                // One branch-free pass (it vectorizes); the index only for a tensor that fails.
-                let bad = values.iter().fold(false, |bad, v| bad | !v.is_finite());
-                if bad
-                    && let Some((index, &value)) =
-                        values.iter().enumerate().find(|(_, v)| !v.is_finite())
-                {
+                // safetensors checked that the data is the shape's whole values.
+                let host = HostTensor::new(view.data(), dtype, scale);
+                if let Some((index, value)) = host.first_non_finite() {
                     return Err(PeftError::NonFinite {
                         name: name.to_string(),
                         index,
                         value,
                     });
                 }
-                if scale != 1.0 {
-                    for v in &mut values {
-                        *v *= scale;
-                    }
-                }
+                let values = LoraTensor {
+                    bytes: safetensors.slice_ref(view.data()),
+                    dtype,
+                    scale,
+                };
                 Ok((name, at, view.shape().to_vec(), values))
             },
         );
@@ -676,7 +714,7 @@ mod tests {
         )
         .unwrap();
         let q = w.get(1, Projection::Q).unwrap();
-        assert_eq!((q.rank, q.a[0], q.b[0]), (4, 0.5, 1.0));
+        assert_eq!((q.rank, q.a.to_f32()[0], q.b.to_f32()[0]), (4, 0.5, 1.0));
         assert!(w.get(0, Projection::K).is_none());
         assert_eq!(w.max_rank(), 4);
         assert_eq!(

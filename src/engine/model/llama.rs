@@ -20,8 +20,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::engine::backend::{
-    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, LoraGroupSlot, LoraPart, MAX_GROUP_PARTS,
-    RowSampling, SeqStep, StepMeta,
+    AttnShape, BLOCK_SIZE, Backend, BackendError, DType, HostTensor, LoraGroupSlot, LoraPart,
+    MAX_GROUP_PARTS, RowSampling, SeqStep, StepMeta,
 };
 use crate::engine::lora::peft::LoraWeights;
 use crate::engine::model::config::{ConfigError, LlamaConfig, LoraGroup};
@@ -758,7 +758,7 @@ impl<B: Backend> StagedAdapter<B> {
     pub fn stage(backend: &B, weights: &LoraWeights) -> Result<Self, BackendError> {
         let mut groups = Vec::new();
         // Per group: the stacked A (its parts' A as pieces), then Bs.
-        let mut tensors: Vec<Vec<&[f32]>> = Vec::new();
+        let mut tensors: Vec<Vec<HostTensor<'_>>> = Vec::new();
         let mut group_ranks = [0usize; 4];
         for l in 0..weights.num_layers() {
             for g in LoraGroup::ALL {
@@ -773,11 +773,11 @@ impl<B: Backend> StagedAdapter<B> {
                 let total = &mut group_ranks[g.index()];
                 *total = (*total).max(ranks.iter().sum());
                 groups.push((l, g, ranks));
-                tensors.push(present.iter().map(|m| m.a.as_slice()).collect());
-                tensors.extend(present.iter().map(|m| vec![m.b.as_slice()]));
+                tensors.push(present.iter().map(|m| m.a.host()).collect());
+                tensors.extend(present.iter().map(|m| vec![m.b.host()]));
             }
         }
-        let tensors: Vec<&[&[f32]]> = tensors.iter().map(Vec::as_slice).collect();
+        let tensors: Vec<&[HostTensor<'_>]> = tensors.iter().map(Vec::as_slice).collect();
         let dtype = backend.dtype();
         let bytes = tensors
             .iter()

@@ -27,8 +27,8 @@ use cudarc::driver::{DriverError, result as drv, sys as drv_sys};
 use half::{bf16, f16};
 
 use crate::engine::backend::{
-    AttnShape, Backend, BackendError, DType, DeviceKind, LoraGroupSlot, MAX_GROUP_PARTS, Pick,
-    Result, RowSampling, StepMeta, StepPath, par_map,
+    AttnShape, Backend, BackendError, DType, DeviceKind, HostTensor, LoraGroupSlot,
+    MAX_GROUP_PARTS, Pick, Result, RowSampling, StepMeta, StepPath, par_map,
 };
 use compile::KernelCompiler;
 use graph::{GemmOp, LaunchOp, Op};
@@ -1460,24 +1460,6 @@ impl CudaBackend {
     }
 }
 
-/// `values` converted by `half` into `dst` as little-endian 16-bit elements: as u16 stores when
-/// `dst` is 2-byte aligned (a staged tensor starts 16-byte aligned and its pieces are whole
-/// elements), byte pairs otherwise.
-fn store_halves(dst: &mut [u8], values: &[f32], half: impl Fn(f32) -> u16) {
-    match bytemuck::try_cast_slice_mut::<u8, u16>(dst) {
-        Ok(out) => {
-            for (d, &v) in out.iter_mut().zip(values) {
-                *d = half(v).to_le();
-            }
-        }
-        Err(_) => {
-            for (d, &v) in dst.chunks_exact_mut(2).zip(values) {
-                d.copy_from_slice(&half(v).to_le_bytes());
-            }
-        }
-    }
-}
-
 /// Every kernel the backend can launch (for warm-up and the embedding test).
 pub fn kernel_names() -> Vec<String> {
     let mut names = Vec::new();
@@ -1619,7 +1601,7 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn stage(&self, dtype: DType, tensors: &[&[&[f32]]]) -> Result<CudaStaged> {
+    fn stage(&self, dtype: DType, tensors: &[&[HostTensor<'_>]]) -> Result<CudaStaged> {
         let mut layout = Vec::with_capacity(tensors.len());
         let mut bytes = 0usize;
         for t in tensors {
@@ -1643,7 +1625,7 @@ impl Backend for CudaBackend {
         for (t, &(off, len)) in tensors.iter().zip(&layout) {
             let (_, tail) = std::mem::take(&mut rest).split_at_mut(off - at);
             let (mut dst, tail) = tail.split_at_mut(len * dtype.size());
-            for &piece in t.iter() {
+            for piece in t.iter() {
                 let (d, more) = std::mem::take(&mut dst).split_at_mut(piece.len() * dtype.size());
                 jobs.push((piece, d));
                 dst = more;
@@ -1651,15 +1633,7 @@ impl Backend for CudaBackend {
             rest = tail;
             at = off + len * dtype.size();
         }
-        par_map(
-            jobs,
-            |(t, _)| t.len(),
-            |(t, dst)| match dtype {
-                DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(t)),
-                DType::BF16 => store_halves(dst, t, |v| bf16::from_f32(v).to_bits()),
-                DType::F16 => store_halves(dst, t, |v| f16::from_f32(v).to_bits()),
-            },
-        );
+        par_map(jobs, |(t, _)| t.len(), |(t, dst)| t.write(dtype, dst));
         Ok(CudaStaged {
             host: Some(host),
             used: bytes,
@@ -2557,25 +2531,4 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         be.row_limits(),
         if be.graphs_enabled() { "on" } else { "off" },
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn halves_are_stored_little_endian_whatever_the_alignment() {
-        let values = [1.0f32, -2.5, 3.0e-3, 65504.0, f32::MIN_POSITIVE];
-        let want: Vec<u8> = values
-            .iter()
-            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-            .collect();
-        // An even and an odd start in one buffer: the u16 path and the byte-pair path.
-        let mut buf = vec![0u8; 2 * values.len() + 2];
-        for start in [0usize, 1] {
-            let dst = &mut buf[start..start + 2 * values.len()];
-            store_halves(dst, &values, |v| bf16::from_f32(v).to_bits());
-            assert_eq!(dst, &want[..], "start {start}");
-        }
-    }
 }

@@ -17,8 +17,8 @@ use rand::{RngExt, SeedableRng};
 
 use crate::engine::backend::cpu::{CpuBackend, CpuBuf, CpuLoraTable, CpuMeta};
 use crate::engine::backend::{
-    AttnShape, BLOCK_SIZE, Backend, DType, LoraGroupSlot, LoraPart, Pick, Result, RowSampling,
-    SeqMeta, StepMeta,
+    AttnShape, BLOCK_SIZE, Backend, DType, HostTensor, LoraGroupSlot, LoraPart, Pick, Result,
+    RowSampling, SeqMeta, StepMeta,
 };
 use crate::engine::lora::segments::SegmentTable;
 use crate::engine::sampling::pick_row;
@@ -908,7 +908,7 @@ fn check_upload(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
         .map(|&n| (0..n).map(|_| c.rng.random_range(-1.0f32..1.0)).collect())
         .collect();
     // The last two as the pieces of one tensor (a group's stacked A).
-    let pieces: Vec<&[f32]> = tensors.iter().map(Vec::as_slice).collect();
+    let pieces: Vec<HostTensor<'_>> = tensors.iter().map(|t| HostTensor::f32(t)).collect();
     let views = [&pieces[0..1], &pieces[1..2], &pieces[2..4]];
     let tensors = [
         tensors[0].clone(),
