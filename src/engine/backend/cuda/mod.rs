@@ -1611,10 +1611,12 @@ impl Backend for CudaBackend {
             bytes += (len * dtype.size()).next_multiple_of(16);
         }
         let bytes = bytes.max(16);
-        let mut host = match self.pinned.take(bytes)? {
-            Some(host) => host,
-            None => self.alloc_pinned(bytes)?,
+        let started = std::time::Instant::now();
+        let (mut host, reused) = match self.pinned.take(bytes)? {
+            Some(host) => (host, true),
+            None => (self.alloc_pinned(bytes)?, false),
         };
+        let pinned_at = started.elapsed();
         let out = &mut host
             .as_mut_slice()
             .map_err(|e| dev_err("page-locked host memory", e))?[..bytes];
@@ -1634,6 +1636,13 @@ impl Backend for CudaBackend {
             at = off + len * dtype.size();
         }
         par_map(jobs, |(t, _)| t.len(), |(t, dst)| t.write(dtype, dst));
+        tracing::debug!(
+            mib = bytes >> 20,
+            reused,
+            pin_ms = pinned_at.as_secs_f64() * 1e3,
+            convert_ms = (started.elapsed() - pinned_at).as_secs_f64() * 1e3,
+            "adapter staged in page-locked memory"
+        );
         Ok(CudaStaged {
             host: Some(host),
             used: bytes,
