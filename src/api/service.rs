@@ -156,12 +156,14 @@ pub fn load_model(
         let cell = BackendCell::default();
         let validator = peft_validator(config.clone(), Arc::clone(&cell));
         let adapters = slots * adapter_bytes(&config, CUDA_SLOT_RANK, DType::BF16);
+        let host_bytes = engine_config.cache.host_bytes;
         let build = move || {
             cuda_executor(
                 &cell,
                 |b| Llama::load(b, &model_dir),
                 slots,
                 adapters,
+                host_bytes,
                 gpu_memory_fraction,
                 None,
             )

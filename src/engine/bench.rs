@@ -729,6 +729,7 @@ fn start_engine(
         BenchDevice::Cuda => {
             let args = args.clone();
             let reserve = slots * adapter_bytes(config, args.rank, DType::BF16);
+            let host_bytes = engine_config.cache.host_bytes;
             let cell = BackendCell::default();
             let validator = peft_validator(config.clone(), Arc::clone(&cell));
             EngineHandle::start(
@@ -739,6 +740,7 @@ fn start_engine(
                         |b| args.load(b),
                         slots,
                         reserve,
+                        host_bytes,
                         args.gpu_memory_fraction,
                         Some(kv_blocks),
                     )

@@ -126,23 +126,39 @@ pub const CUDA_RESERVE_BYTES: usize = 1 << 30;
 /// shrinks as kernels, see `engine::model::llama::LoraState`).
 pub const ARENA_RANK: usize = 16;
 
+/// Most page-locked host memory pinned at startup for staged adapters (pinning takes about
+/// half a millisecond a MiB).
+pub const MAX_STAGING_BYTES: usize = 4 << 30;
+
+/// Page-locked memory pinned at startup for a host tier of `host_bytes`: its budget, up to
+/// [`MAX_STAGING_BYTES`], and room for two adapters of `slot_bytes` at least.
+pub fn staging_bytes(host_bytes: usize, slot_bytes: usize) -> usize {
+    host_bytes.min(MAX_STAGING_BYTES).max(2 * slot_bytes)
+}
+
 /// Build an executor on the CUDA backend: `load` puts the model's weights on the GPU, then the
 /// KV pool takes what is left of `memory_fraction` of the device's memory after `adapter_bytes`
-/// (room for the adapter slots) and [`CUDA_RESERVE_BYTES`], capped at `max_kv_blocks`.
+/// (room for the adapter slots) and [`CUDA_RESERVE_BYTES`], capped at `max_kv_blocks`. The host
+/// tier's memory (`host_bytes`, see [`staging_bytes`]) is pinned first.
+#[allow(clippy::too_many_arguments)]
 pub fn cuda_executor(
     cell: &BackendCell<CudaBackend>,
     load: impl FnOnce(Arc<CudaBackend>) -> Result<Llama<CudaBackend>, ModelError>,
     adapter_slots: usize,
     adapter_bytes: usize,
+    host_bytes: usize,
     memory_fraction: f64,
     max_kv_blocks: Option<usize>,
 ) -> Result<LlamaExecutor<CudaBackend>, String> {
     let backend = Arc::new(CudaBackend::new(CudaOptions::default()).map_err(|e| e.to_string())?);
     backend.warm_up().map_err(|e| e.to_string())?;
     let _ = cell.set(Arc::clone(&backend));
-    // Two adapters' worth of page-locked staging, so loads while serving need not pin memory.
+    // The host tier's page-locked memory, so loads while serving need not pin memory.
     backend
-        .reserve_staging(2, adapter_bytes / adapter_slots.max(1))
+        .reserve_staging(staging_bytes(
+            host_bytes,
+            adapter_bytes / adapter_slots.max(1),
+        ))
         .map_err(|e| e.to_string())?;
     let mut model = load(Arc::clone(&backend)).map_err(|e| e.to_string())?;
     model

@@ -9,6 +9,7 @@ pub mod compile;
 pub mod graph;
 mod graph_check;
 pub mod parity;
+mod pinned;
 pub mod plan;
 mod profile;
 pub mod reference;
@@ -26,6 +27,7 @@ use cudarc::driver::{
 use cudarc::driver::{DriverError, result as drv, sys as drv_sys};
 use half::{bf16, f16};
 
+use self::pinned::{HostMem, PinnedPool};
 use crate::engine::backend::{
     AttnShape, Backend, BackendError, DType, DeviceKind, HostTensor, LoraGroupSlot,
     MAX_GROUP_PARTS, Pick, Result, RowSampling, StepMeta, StepPath, par_map,
@@ -128,7 +130,7 @@ impl Drop for Uploaded {
 /// buffer goes back to the backend's pool when it is dropped.
 pub struct CudaStaged {
     /// `Some` until dropped; may be longer than `used`.
-    host: Option<PinnedHostSlice<u8>>,
+    host: Option<HostMem>,
     used: usize,
     /// Recorded after the latest copy from `host`: the buffer is reused only once it completed.
     copied: Mutex<Option<cudarc::driver::CudaEvent>>,
@@ -143,58 +145,6 @@ impl Drop for CudaStaged {
         if let Some(host) = self.host.take() {
             let copied = lock(&self.copied).take();
             self.pool.put(host, copied);
-        }
-    }
-}
-
-/// Page-locked staging buffers of dropped adapters, reused by later loads. Pinning fresh memory
-/// holds the driver's lock for tens of milliseconds, stalling the engine's kernel launches
-/// meanwhile (a cold adapter's load made the decoders' tokens wait 100 ms on the H200); with
-/// buffers reserved at startup and reused, a load mostly just converts into one.
-struct PinnedPool {
-    /// Free buffers, each with the event of the last copy that read it.
-    free: Mutex<Vec<(PinnedHostSlice<u8>, Option<cudarc::driver::CudaEvent>)>>,
-    /// Most bytes kept free; buffers beyond it are released.
-    keep_bytes: std::sync::atomic::AtomicUsize,
-}
-
-impl PinnedPool {
-    fn new() -> Self {
-        PinnedPool {
-            free: Mutex::new(Vec::new()),
-            keep_bytes: std::sync::atomic::AtomicUsize::new(1 << 30),
-        }
-    }
-
-    /// The smallest free buffer that holds `bytes` without wasting more than three quarters,
-    /// once the last copy from it has completed.
-    fn take(&self, bytes: usize) -> Result<Option<PinnedHostSlice<u8>>> {
-        let (buf, copied) = {
-            let mut free = lock(&self.free);
-            let Some(best) = free
-                .iter()
-                .enumerate()
-                .filter(|(_, (b, _))| b.len() >= bytes && b.len() / 4 <= bytes)
-                .min_by_key(|(_, (b, _))| b.len())
-                .map(|(i, _)| i)
-            else {
-                return Ok(None);
-            };
-            free.swap_remove(best)
-        };
-        if let Some(event) = copied {
-            event
-                .synchronize()
-                .map_err(|e| dev_err("wait for a staging copy", e))?;
-        }
-        Ok(Some(buf))
-    }
-
-    fn put(&self, buf: PinnedHostSlice<u8>, copied: Option<cudarc::driver::CudaEvent>) {
-        let mut free = lock(&self.free);
-        let held: usize = free.iter().map(|(b, _)| b.len()).sum();
-        if held + buf.len() <= self.keep_bytes.load(std::sync::atomic::Ordering::Relaxed) {
-            free.push((buf, copied));
         }
     }
 }
@@ -628,18 +578,17 @@ impl CudaBackend {
         .map_err(|e| dev_err("page-locked host allocation", e))
     }
 
-    /// Pin `count` staging buffers of `bytes` now (at startup), so adapter loads while the
-    /// engine runs reuse them instead of pinning fresh memory; the pool keeps at least that
-    /// much of returned buffers.
-    pub fn reserve_staging(&self, count: usize, bytes: usize) -> Result<()> {
-        let total = count.saturating_mul(bytes);
-        self.pinned
-            .keep_bytes
-            .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
-        for _ in 0..count {
-            let buf = self.alloc_pinned(bytes.max(16))?;
-            self.pinned.put(buf, None);
-        }
+    /// Pin `bytes` of host memory now (at startup) for staged adapters (the host tier), so
+    /// adapter loads while the engine runs take ranges of it instead of pinning fresh memory
+    /// (see `pinned`).
+    pub fn reserve_staging(&self, bytes: usize) -> Result<()> {
+        let started = std::time::Instant::now();
+        self.pinned.set_region(self.alloc_pinned(bytes.max(16))?)?;
+        tracing::info!(
+            mib = bytes >> 20,
+            ms = started.elapsed().as_millis() as u64,
+            "page-locked memory reserved for staged adapters"
+        );
         Ok(())
     }
 
@@ -1614,12 +1563,10 @@ impl Backend for CudaBackend {
         let started = std::time::Instant::now();
         let (mut host, reused) = match self.pinned.take(bytes)? {
             Some(host) => (host, true),
-            None => (self.alloc_pinned(bytes)?, false),
+            None => (HostMem::Own(self.alloc_pinned(bytes)?), false),
         };
         let pinned_at = started.elapsed();
-        let out = &mut host
-            .as_mut_slice()
-            .map_err(|e| dev_err("page-locked host memory", e))?[..bytes];
+        let out = &mut host.bytes_mut()?[..bytes];
         // Each piece's bytes of the buffer, then the conversions on several threads.
         let mut jobs = Vec::with_capacity(tensors.len());
         let mut rest: &mut [u8] = out;
@@ -1658,9 +1605,7 @@ impl Backend for CudaBackend {
             .host
             .as_ref()
             .ok_or_else(|| BackendError::Device("a staged adapter without its buffer".into()))?;
-        let src = &host
-            .as_slice()
-            .map_err(|e| dev_err("page-locked host memory", e))?[..staged.used];
+        let src = &host.bytes()?[..staged.used];
         let (mem, base) = self.alloc_bytes(src.len())?;
         self.flush()?;
         self.mark_other();
