@@ -140,6 +140,13 @@ pub struct CudaStaged {
     tensors: Vec<(usize, usize)>,
 }
 
+impl CudaStaged {
+    /// Whether its bytes are a range of the page-locked region reserved at startup.
+    pub fn in_region(&self) -> bool {
+        matches!(self.host, Some(HostMem::Range { .. }))
+    }
+}
+
 impl Drop for CudaStaged {
     fn drop(&mut self) {
         if let Some(host) = self.host.take() {

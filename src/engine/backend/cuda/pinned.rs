@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use cudarc::driver::{CudaEvent, PinnedHostSlice};
 
-use crate::engine::backend::Result;
+use crate::engine::backend::{BackendError, Result};
 
 use super::{dev_err, lock};
 
@@ -78,7 +78,7 @@ impl Ranges {
 
 /// The region pinned at startup.
 struct Region {
-    _mem: PinnedHostSlice<u8>,
+    mem: PinnedHostSlice<u8>,
     /// Its first byte's address.
     base: usize,
     ranges: Ranges,
@@ -168,15 +168,25 @@ impl PinnedPool {
         }
     }
 
-    /// Make `mem` the region (replacing any before it, which goes once its ranges are back).
+    /// Make `mem` the region. One before it is replaced only once every range of it is back
+    /// and its copies completed (an error otherwise: staged adapters still use it).
     pub fn set_region(&self, mut mem: PinnedHostSlice<u8>) -> Result<()> {
         let bytes = mem
             .as_mut_slice()
             .map_err(|e| dev_err("page-locked host memory", e))?;
         let base = bytes.as_mut_ptr() as usize;
         let ranges = Ranges::new(bytes.len());
-        *lock(&self.region) = Some(Region {
-            _mem: mem,
+        let mut region = lock(&self.region);
+        if let Some(old) = region.as_mut() {
+            old.reclaim(true)?;
+            if old.ranges != Ranges::new(old.mem.len()) {
+                return Err(BackendError::Device(
+                    "staged adapters still hold ranges of the page-locked region".into(),
+                ));
+            }
+        }
+        *region = Some(Region {
+            mem,
             base,
             ranges,
             pending: Vec::new(),
@@ -235,7 +245,7 @@ impl PinnedPool {
         match mem {
             HostMem::Range { base, off, len } => {
                 let mut region = lock(&self.region);
-                // A range of a region since replaced just goes with it.
+                // The region is never replaced while it has ranges out (`set_region`).
                 if let Some(region) = region.as_mut().filter(|r| r.base == base) {
                     match copied {
                         Some(event) if !event.is_complete() => {

@@ -955,6 +955,47 @@ fn check_upload(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
     Ok(())
 }
 
+/// The page-locked region for staged adapters: a staging takes a range of it, a range given
+/// back while its copy may still run is handed out again only after that copy (the next
+/// staging, which needs that very range, must still reach the device intact), and what does
+/// not fit gets memory of its own. Leaves the backend with the region.
+fn check_staging_region(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
+    let be = c.be;
+    be.reserve_staging(1 << 20)?;
+    // 640 KiB staged: two do not fit in the region at once.
+    let n = (640 << 10) / dt.size();
+    let mut rand =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| c.rng.random_range(-1.0f32..1.0)).collect() };
+    let (first, second, big) = (rand(n), rand(n), rand(2 * n));
+    let staged = std::sync::Arc::new(be.stage(dt, &[&[HostTensor::f32(&first)]])?);
+    let in_region = staged.in_region();
+    // Dropped while its copy may still run.
+    drop(be.upload_staged(&staged)?);
+    drop(staged);
+    let staged = std::sync::Arc::new(be.stage(dt, &[&[HostTensor::f32(&second)]])?);
+    let reused = staged.in_region();
+    let bufs = be.upload_staged(&staged)?;
+    be.wait_upload(&bufs[0])?;
+    let got = be.download(&bufs[0])?;
+    let mut want = second;
+    round(dt, &mut want);
+    let large = be.stage(dt, &[&[HostTensor::f32(&big)]])?;
+    let label = format!("{dt:?} 640 KiB stagings in a 1 MiB region");
+    if !in_region || !reused || large.in_region() {
+        c.fail(
+            "staging",
+            label,
+            format!(
+                "in the region: first {in_region}, second {reused}, one too large for it {}",
+                large.in_region()
+            ),
+        );
+    } else {
+        c.record("staging", label, &got, &want, 1e-6);
+    }
+    Ok(())
+}
+
 /// Paged KV write, RoPE and attention over a batch mixing decode rows, a full prefill and a
 /// prefill chunk on top of cached context, with GQA.
 fn check_attention(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
@@ -1303,6 +1344,9 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
         }
         if let Err(e) = check_upload(&mut c, dt) {
             c.fail("upload", format!("{dt:?}"), e.to_string());
+        }
+        if let Err(e) = check_staging_region(&mut c, dt) {
+            c.fail("staging", format!("{dt:?}"), e.to_string());
         }
     }
     if let Err(e) = check_sample(&mut c) {
