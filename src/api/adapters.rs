@@ -284,8 +284,8 @@ fn weights_dtype(weights: &[u8]) -> String {
     }
 }
 
-/// Validates the spooled adapter against the base model (on a blocking thread: it reads and
-/// converts every tensor).
+/// Validates the spooled adapter against the base model (on a blocking thread: it reads every
+/// value of every tensor).
 fn validate(
     config: &[u8],
     weights: &[u8],
