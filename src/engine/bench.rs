@@ -1096,15 +1096,12 @@ fn adapter_load_report(args: &BenchEngineArgs, config: &LlamaConfig) -> Result<S
     // The first load also pays for fresh host memory (page faults, a new page-locked
     // buffer), as a cold adapter's load in a serving process does.
     let first_ms = validate_ms.first().copied().unwrap_or(0.0);
-    validate_ms.sort_unstable_by(f64::total_cmp);
-    parse_ms.sort_unstable_by(f64::total_cmp);
-    stage_ms.sort_unstable_by(f64::total_cmp);
-    install_ms.sort_unstable_by(f64::total_cmp);
+    let median = |mut ms: Vec<f64>| {
+        ms.sort_unstable_by(f64::total_cmp);
+        ms[ms.len() / 2]
+    };
     let device_bytes = adapter_bytes(config, args.rank, backend.dtype());
-    let (v, h) = (
-        validate_ms[validate_ms.len() / 2],
-        install_ms[install_ms.len() / 2],
-    );
+    let (v, h) = (median(validate_ms), median(install_ms));
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -1116,8 +1113,8 @@ fn adapter_load_report(args: &BenchEngineArgs, config: &LlamaConfig) -> Result<S
     let _ = writeln!(
         s,
         "| step | median ms |\n|---|---|\n| blob -> validated, staged in page-locked memory (loader thread) | {v:.2} |\n| of which: blob -> validated f32 copy (parse, checks, scale folding) | {:.2} |\n| of which: f32 copy -> staged (conversion into page-locked memory) | {:.2} |\n| staged -> GPU slot (one copy on the copy stream + slot tables, until the copy is done) | {h:.2} |\n| blob -> GPU | {:.2} |\n| blob -> staged, the process's first load (fresh host memory) | {first_ms:.2} |",
-        parse_ms[parse_ms.len() / 2],
-        stage_ms[stage_ms.len() / 2],
+        median(parse_ms),
+        median(stage_ms),
         v + h
     );
     Ok(s)

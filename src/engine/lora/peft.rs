@@ -390,12 +390,12 @@ impl LoraTensor {
 
     /// Number of values.
     pub fn len(&self) -> usize {
-        self.bytes.len() / self.dtype.size()
+        self.host().len()
     }
 
     /// Whether it holds no value.
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.host().is_empty()
     }
 
     /// The values in f32, scaled.
