@@ -1,0 +1,682 @@
+// Probe: SGMV shrink and expand for segments of one row, fed by bulk copies (TMA, 1-D) into a
+// ring of shared-memory stages, persistent blocks. Compiled after kernels/common.cuh and
+// kernels/sgmv.cu (for LoraSlot, tile_seg, dot8, load_v8_l1).
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_g2s(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+            dst),
+        "l"(src), "r"(bytes), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{ .reg .pred p; WAIT_%=: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1; @!p bra "
+        "WAIT_%=; }" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void fence_barrier_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+#define SS_WARPS 4
+#define SS_MAXU 32     // units a block may own (the host sizes the grid so)
+#define SS_UNITS 1024  // unit list offset in shared memory
+#define SS_HDR 4608    // barriers (up to 16), reduction scratch (2 x 64 floats), unit list
+#define YU 8
+#define YB 2048
+#define ES_K 8         // column steps of a warp per expand unit (the host sizes units to fit)
+
+// --- shrink: unit = (tile, chunk of `ch` rank rows of the stacked A) ---
+struct SUnit {
+    const u16* a;
+    int row0, nrows, r0, nr;
+};
+
+__device__ __forceinline__ SUnit s_unit(const LoraSlot* table, const u32* tiles, const u32* segs,
+                                        int u, int nchunks, int ch, int h_in) {
+    SUnit su;
+    const int t = u / nchunks, c = u % nchunks;
+    const TileSeg ts = tile_seg(tiles, segs, t);
+    su.row0 = ts.row0;
+    su.nrows = min(16, ts.end - ts.row0);
+    su.r0 = c * ch;
+    su.a = nullptr;
+    su.nr = 0;
+    if (su.nrows > 0) {
+        const LoraSlot* s = table + ts.slot;
+        const int rank = (int)s->rank;
+        if (s->a != nullptr && su.r0 < rank) {
+            su.nr = min(ch, rank - su.r0);
+            su.a = reinterpret_cast<const u16*>(s->a) + (size_t)su.r0 * h_in;
+        }
+    }
+    return su;
+}
+
+// Warp 0 gathers the block's units (u = blockIdx.x + k * gridDim.x), each lane one, all
+// metadata loads in flight at once, and keeps the non-empty ones in order. Returns the count.
+template <typename U, typename F>
+__device__ __forceinline__ int gather_units(U* list, int* count, int nunits, F make) {
+    if (threadIdx.x < 32) {
+        const int u = blockIdx.x + threadIdx.x * gridDim.x;
+        U e;
+        bool live = false;
+        if (u < nunits) {
+            e = make(u);
+            live = e.live();
+        }
+        const u32 m = __ballot_sync(0xffffffffu, live);
+        if (live) list[__popc(m & ((1u << threadIdx.x) - 1u))] = e;
+        if (threadIdx.x == 0) *count = __popc(m);
+    }
+    __syncthreads();
+    return *count;
+}
+
+struct SUnitL : SUnit {
+    __device__ bool live() const { return nr > 0; }
+};
+
+template <typename T>
+__device__ __forceinline__ void sgmv_shrink_stream_impl(
+    const T* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,
+    const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+    const u32* __restrict__ segs, int num_tiles, int nchunks, int ch, int stages,
+    int stage_bytes) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const u32 bar0 = smem_u32(smem);
+    float* red = reinterpret_cast<float*>(smem + 128);  // [2][64]
+    int* count = reinterpret_cast<int*>(smem + 640);
+    SUnitL* list = reinterpret_cast<SUnitL*>(smem + SS_UNITS);
+    unsigned char* buf = smem + SS_HDR;
+    const u32 buf0 = smem_u32(buf);
+    const size_t row_bytes = (size_t)h_in * 2;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) mbar_init(bar0 + 8 * s, 1);
+        fence_barrier_init();
+    }
+    for (int i = threadIdx.x; i < 128; i += blockDim.x) red[i] = 0.0f;
+    const int n = gather_units(list, count, num_tiles * nchunks, [&](int u) {
+        SUnitL e;
+        static_cast<SUnit&>(e) = s_unit(table, tiles, segs, u, nchunks, ch, h_in);
+        return e;
+    });
+    if (threadIdx.x == 0) {
+        for (int j = 0; j < stages && j < n; ++j) {
+            const u32 bytes = (u32)(list[j].nr * row_bytes);
+            mbar_expect_tx(bar0 + 8 * j, bytes);
+            bulk_g2s(buf0 + j * stage_bytes, list[j].a, bytes, bar0 + 8 * j);
+        }
+    }
+    pdl_enter();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nvec = h_in >> 3;
+    uint4* xs = reinterpret_cast<uint4*>(buf + (size_t)stages * stage_bytes);
+    int xrow = -1;
+    for (int j = 0; j < n; ++j) {
+        const int s = j % stages;
+        const SUnit su = list[j];
+        float* rj = red + 64 * (j & 1);
+        for (int r = 0; r < su.nrows; ++r) {
+            if (xrow != su.row0 + r) {
+                // The row's x into shared memory: every load in flight at once.
+                if (xrow >= 0) __syncthreads();
+                xrow = su.row0 + r;
+                const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)xrow * h_in);
+                for (int i0 = threadIdx.x; i0 < nvec; i0 += 4 * SS_WARPS * 32) {
+                    uint4 t[4];
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        const int i = i0 + q * SS_WARPS * 32;
+                        if (i < nvec) t[q] = __ldg(xr + i);
+                    }
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        const int i = i0 + q * SS_WARPS * 32;
+                        if (i < nvec) xs[i] = t[q];
+                    }
+                }
+                __syncthreads();
+            }
+            mbar_wait(bar0 + 8 * s, (u32)((j / stages) & 1));
+            const uint4* st = reinterpret_cast<const uint4*>(buf + (size_t)s * stage_bytes);
+            if (su.nr >= SS_WARPS) {
+                for (int k = warp; k < su.nr; k += SS_WARPS) {
+                    float sum = 0.0f;
+#pragma unroll 4
+                    for (int i = lane; i < nvec; i += 32) sum += dot8<T>(st[k * nvec + i], xs[i]);
+                    sum = warp_sum(sum);
+                    if (lane == 0) atomicAdd(&rj[k], sum);
+                }
+            } else {
+                const int parts = SS_WARPS / su.nr;
+                if (warp < su.nr * parts) {
+                    const int k = warp % su.nr, p = warp / su.nr;
+                    const int i0 = p * nvec / parts, i1 = (p + 1) * nvec / parts;
+                    float sum = 0.0f;
+#pragma unroll 4
+                    for (int i = i0 + lane; i < i1; i += 32) sum += dot8<T>(st[k * nvec + i], xs[i]);
+                    sum = warp_sum(sum);
+                    if (lane == 0) atomicAdd(&rj[k], sum);
+                }
+            }
+            __syncthreads();
+            if (r + 1 == su.nrows && threadIdx.x == 0 && j + stages < n) {
+                const SUnit& sp = list[j + stages];
+                const u32 bytes = (u32)(sp.nr * row_bytes);
+                mbar_expect_tx(bar0 + 8 * s, bytes);
+                bulk_g2s(buf0 + s * stage_bytes, sp.a, bytes, bar0 + 8 * s);
+            }
+            if (threadIdx.x < su.nr) {
+                v[(size_t)(su.row0 + r) * v_stride + su.r0 + threadIdx.x] = rj[threadIdx.x];
+                rj[threadIdx.x] = 0.0f;
+            }
+            if (su.nrows > 1) __syncthreads();
+        }
+    }
+}
+
+// --- expand: unit = (tile, chunk of `cc` output columns of the group) ---
+struct EUnit {
+    const u16* b[3];
+    int row0, nrows, c0, c1;
+    int pr[3], ps[3], pe[3], po[3], pv[3];  // per part: rank (0: none), columns, piece, v offset
+    u32 bytes;
+    __device__ bool live() const { return bytes > 0; }
+};
+
+__device__ __forceinline__ EUnit e_unit(const LoraSlot* table, const u32* tiles, const u32* segs,
+                                        int u, int nchunks, int cc, int end0, int end1,
+                                        int end2) {
+    EUnit eu;
+    const int t = u / nchunks, c = u % nchunks;
+    const TileSeg ts = tile_seg(tiles, segs, t);
+    eu.row0 = ts.row0;
+    eu.nrows = min(16, ts.end - ts.row0);
+    const int c0 = c * cc, c1 = min(end2, c0 + cc);
+    eu.c0 = c0;
+    eu.c1 = c1;
+    eu.bytes = 0;
+    const LoraSlot* s = table + ts.slot;
+    int start = 0;
+#pragma unroll
+    for (int j = 0; j < 3; ++j) {
+        const int end = j == 0 ? end0 : (j == 1 ? end1 : end2);
+        const int a = max(c0, start), b = min(c1, end);
+        const u16* bj = eu.nrows > 0 ? reinterpret_cast<const u16*>(s->b[j]) : nullptr;
+        const bool live = a < b && bj != nullptr;
+        const int r = live ? (int)s->prank[j] : 0;
+        eu.pr[j] = r;
+        eu.ps[j] = a;
+        eu.pe[j] = live ? b : a;
+        eu.po[j] = (int)eu.bytes;
+        eu.pv[j] = live ? (int)s->voff[j] : 0;
+        eu.b[j] = live ? bj + (size_t)(a - start) * r : nullptr;
+        if (live) eu.bytes += (u32)((b - a) * r * 2);
+        start = end;
+    }
+    return eu;
+}
+
+__device__ __forceinline__ void e_issue(const EUnit& eu, u32 dst, u32 bar) {
+    mbar_expect_tx(bar, eu.bytes);
+#pragma unroll
+    for (int j = 0; j < 3; ++j) {
+        if (eu.pr[j] > 0)
+            bulk_g2s(dst + eu.po[j], eu.b[j], (u32)((eu.pe[j] - eu.ps[j]) * eu.pr[j] * 2), bar);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ float dot8w(const float (&w)[8], uint4 b) {
+    const T d = T{};
+    float part = w[0] * lo_f32(d, b.x);
+    part = fmaf(w[1], hi_f32(d, b.x), part);
+    part = fmaf(w[2], lo_f32(d, b.y), part);
+    part = fmaf(w[3], hi_f32(d, b.y), part);
+    part = fmaf(w[4], lo_f32(d, b.z), part);
+    part = fmaf(w[5], hi_f32(d, b.z), part);
+    part = fmaf(w[6], lo_f32(d, b.w), part);
+    return fmaf(w[7], hi_f32(d, b.w), part);
+}
+
+template <typename T, typename VT, int RL>
+__device__ __forceinline__ void sgmv_expand_stream_impl(
+    const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
+    int end0, int end1, int end2, const LoraSlot* __restrict__ table,
+    const u32* __restrict__ tiles, const u32* __restrict__ segs, int num_tiles, int cc,
+    int stages, int stage_bytes, int flags) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const u32 bar0 = smem_u32(smem);
+    int* count = reinterpret_cast<int*>(smem + 640);
+    EUnit* list = reinterpret_cast<EUnit*>(smem + SS_UNITS);
+    unsigned char* buf = smem + SS_HDR;
+    const u32 buf0 = smem_u32(buf);
+    const int nchunks = (end2 + cc - 1) / cc;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) mbar_init(bar0 + 8 * s, 1);
+        fence_barrier_init();
+    }
+    const int n = gather_units(list, count, num_tiles * nchunks, [&](int u) {
+        return e_unit(table, tiles, segs, u, nchunks, cc, end0, end1, end2);
+    });
+    if (threadIdx.x == 0) {
+        for (int j = 0; j < stages && j < n; ++j) e_issue(list[j], buf0 + j * stage_bytes, bar0 + 8 * j);
+    }
+    pdl_enter();
+    // flags & 8: the old y of the block's first YU units (one row each) in one round of bulk
+    // copies, at YB bytes a unit past the stages.
+    const u32 ybar = bar0 + 8 * 15;
+    const u32 ysm = buf0 + (u32)(stages * stage_bytes);
+    const bool ytma = (flags & 8) != 0;
+    if (ytma && threadIdx.x == 0) {
+        mbar_init(ybar, 1);
+        fence_barrier_init();
+        u32 total = 0;
+        for (int j = 0; j < n && j < YU; ++j) total += (u32)((list[j].c1 - list[j].c0) * 2);
+        mbar_expect_tx(ybar, total);
+        for (int j = 0; j < n && j < YU; ++j) {
+            const EUnit& e = list[j];
+            bulk_g2s(ysm + j * YB, y + (size_t)e.row0 * y_stride + col_offset + e.c0,
+                     (u32)((e.c1 - e.c0) * 2), ybar);
+        }
+    }
+    constexpr int CPS = 32 / RL;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = lane % RL, cg = lane / RL, kk = sub * 8;
+    constexpr int VN = VVec<VT>::n;
+    const bool vvec = (v_stride & (VN - 1)) == 0;
+    const int nw = blockDim.x >> 5;
+    for (int j = 0; j < n; ++j) {
+        const int s = j % stages;
+        if (flags & 1) {
+            mbar_wait(bar0 + 8 * s, (u32)((j / stages) & 1));
+            __syncthreads();
+            if (threadIdx.x == 0 && j + stages < n)
+                e_issue(list[j + stages], buf0 + s * stage_bytes, bar0 + 8 * s);
+            continue;
+        }
+        const EUnit eu = list[j];  // in registers
+        const int c0 = eu.c0, c1 = eu.c1;
+        const u32 st = buf0 + (u32)(s * stage_bytes);
+        const int nk = (c1 - c0 + nw * CPS - 1) / (nw * CPS);
+        for (int r = 0; r < eu.nrows; ++r) {
+            const VT* vr = v + (size_t)(eu.row0 + r) * v_stride;
+            T* yr = y + (size_t)(eu.row0 + r) * y_stride + col_offset;
+            float w[3][8];
+#pragma unroll
+            for (int q = 0; q < 3; ++q) {
+                if (kk < eu.pr[q] && !(flags & 4)) {
+                    load_v8_l1(vr + eu.pv[q], kk, eu.pr[q], vvec && (eu.pv[q] & (VN - 1)) == 0, w[q]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) w[q][e] = 0.0f;
+                }
+            }
+            // Per step: the column, its part's rank (0: not written), piece offset.
+            float yv[ES_K], part[ES_K];
+            int rk[ES_K];
+            u32 addr[ES_K];
+#pragma unroll
+            for (int k = 0; k < ES_K; ++k) {
+                const int col = c0 + (k * nw + warp) * CPS + cg;
+                const int q = (col >= eu.pe[0]) + (col >= eu.pe[1]);
+                const int rank = q == 0 ? eu.pr[0] : (q == 1 ? eu.pr[1] : eu.pr[2]);
+                const int pe_q = q == 0 ? eu.pe[0] : (q == 1 ? eu.pe[1] : eu.pe[2]);
+                const int ps_q = q == 0 ? eu.ps[0] : (q == 1 ? eu.ps[1] : eu.ps[2]);
+                const int po_q = q == 0 ? eu.po[0] : (q == 1 ? eu.po[1] : eu.po[2]);
+                const bool live = k < nk && col < c1 && col < pe_q && rank > 0;
+                rk[k] = live ? (q + 1) : 0;
+                addr[k] = st + (u32)(po_q + ((col - ps_q) * rank + kk) * 2);
+                rk[k] = (live && kk < rank) ? rk[k] : -rk[k];
+                if (ytma && j < YU && eu.nrows == 1) {
+                    yv[k] = 0.0f;  // read from shared memory below
+                } else {
+                    yv[k] = (live && sub == 0 && !(flags & 2)) ? to_f32(yr[col]) : 0.0f;
+                }
+            }
+            if (r == 0) mbar_wait(bar0 + 8 * s, (u32)((j / stages) & 1));
+            if (ytma && j < YU && eu.nrows == 1) {
+                if (j == 0) mbar_wait(ybar, 0u);
+#pragma unroll
+                for (int k = 0; k < ES_K; ++k) {
+                    const int col = c0 + (k * nw + warp) * CPS + cg;
+                    if (sub == 0 && rk[k] != 0) {
+                        u16 h;
+                        asm volatile("ld.shared.u16 %0, [%1];" : "=h"(h) : "r"(ysm + j * YB + (u32)(col - c0) * 2));
+                        T t;
+                        t.bits = h;
+                        yv[k] = to_f32(t);
+                    }
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < ES_K; ++k) {
+                uint4 b = make_uint4(0u, 0u, 0u, 0u);
+                if (rk[k] > 0)
+                    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
+                                 : "=r"(b.x), "=r"(b.y), "=r"(b.z), "=r"(b.w)
+                                 : "r"(addr[k]));
+                const int q = rk[k] - 1;
+                part[k] = q <= 0 ? dot8w<T>(w[0], b) : (q == 1 ? dot8w<T>(w[1], b) : dot8w<T>(w[2], b));
+            }
+#pragma unroll
+            for (int k = 0; k < ES_K; ++k) {
+#pragma unroll
+                for (int o = RL / 2; o > 0; o >>= 1)
+                    part[k] += __shfl_xor_sync(0xffffffffu, part[k], o);
+            }
+#pragma unroll
+            for (int k = 0; k < ES_K; ++k) {
+                const int col = c0 + (k * nw + warp) * CPS + cg;
+                if (sub == 0 && rk[k] != 0) {
+                    if (!(flags & 2)) yr[col] = from_f32<T>(yv[k] + part[k]);
+                    else if (part[k] == 12345.0f) yr[0] = from_f32<T>(part[k]);
+                }
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0 && j + stages < n)
+            e_issue(list[j + stages], buf0 + s * stage_bytes, bar0 + 8 * s);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(SS_WARPS * 32)
+    sgmv_shrink_stream_bf16(const bf16* __restrict__ x, int h_in, float* __restrict__ v,
+                            int v_stride, const LoraSlot* __restrict__ table,
+                            const u32* __restrict__ tiles, const u32* __restrict__ segs,
+                            int num_tiles, int nchunks, int ch, int stages, int stage_bytes) {
+    sgmv_shrink_stream_impl<bf16>(x, h_in, v, v_stride, table, tiles, segs, num_tiles, nchunks,
+                                  ch, stages, stage_bytes);
+}
+
+#define DEFINE_EXPAND_STREAM(VNAME, VTYPE, RL)                                                \
+    extern "C" __global__ void __launch_bounds__(256)                                           \
+        sgmv_expand_stream_bf16##VNAME##_l##RL(                                               \
+            const VTYPE* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride,    \
+            int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table, \
+            const u32* __restrict__ tiles, const u32* __restrict__ segs, int num_tiles,       \
+            int cc, int stages, int stage_bytes, int flags) {                                 \
+        sgmv_expand_stream_impl<bf16, VTYPE, RL>(v, v_stride, y, y_stride, col_offset, end0,  \
+                                                 end1, end2, table, tiles, segs, num_tiles,   \
+                                                 cc, stages, stage_bytes, flags);             \
+    }
+DEFINE_EXPAND_STREAM(, float, 2)
+DEFINE_EXPAND_STREAM(, float, 8)
+DEFINE_EXPAND_STREAM(_vh, bf16, 2)
+DEFINE_EXPAND_STREAM(_vh, bf16, 8)
+
+// Read probe: every block copies `per_block` bytes from src + blockIdx.x * per_block into shared
+// memory in pieces of `piece` bytes, all issued at once (mode 0: bulk copies, one mbarrier), or
+// reads them with 16-byte loads (mode 1), and adds one word so nothing is dead.
+extern "C" __global__ void __launch_bounds__(128)
+    read_probe(const uint4* __restrict__ src, int per_block, int piece, int mode, float* out) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const u32 bar = smem_u32(smem);
+    unsigned char* buf = smem + 1024;
+    const unsigned char* base = reinterpret_cast<const unsigned char*>(src) + (size_t)blockIdx.x * per_block;
+    float acc = 0.0f;
+    if (mode == 0) {
+        if (threadIdx.x == 0) {
+            mbar_init(bar, 1);
+            fence_barrier_init();
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            mbar_expect_tx(bar, (u32)per_block);
+            for (int off = 0; off < per_block; off += piece)
+                bulk_g2s(smem_u32(buf + off), base + off, (u32)piece, bar);
+        }
+        pdl_enter();
+        mbar_wait(bar, 0);
+        acc = reinterpret_cast<const float*>(buf)[threadIdx.x];
+    } else if (mode == 2) {
+        // bulk copies issued by 32 lanes of warp 0 (one piece each at a time)
+        if (threadIdx.x == 0) {
+            mbar_init(bar, 1);
+            fence_barrier_init();
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) mbar_expect_tx(bar, (u32)per_block);
+        __syncwarp();
+        if (threadIdx.x < 32)
+            for (int off = threadIdx.x * piece; off < per_block; off += 32 * piece)
+                bulk_g2s(smem_u32(buf + off), base + off, (u32)piece, bar);
+        pdl_enter();
+        mbar_wait(bar, 0);
+        acc = reinterpret_cast<const float*>(buf)[threadIdx.x];
+    } else {
+        pdl_enter();
+        const uint4* p = reinterpret_cast<const uint4*>(base);
+        const int n = per_block / 16;
+        for (int i0 = threadIdx.x; i0 < n; i0 += 128 * 8) {
+            uint4 t[8];
+#pragma unroll
+            for (int q = 0; q < 8; ++q) t[q] = (i0 + q * 128 < n) ? __ldg(p + i0 + q * 128) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int q = 0; q < 8; ++q) acc += __uint_as_float(t[q].x);
+        }
+    }
+    if (acc == 12345.0f) out[0] = acc;
+}
+
+
+// Row kernels of kernels/sgmv.cu with their constants as parameters (KU loads in flight a lane,
+// NW warps a block).
+template <typename T, typename VT, int RL, int KU, int NW>
+__device__ __forceinline__ void probe_expand_rows_impl(
+    const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
+    int end0, int end1, int end2, const LoraSlot* __restrict__ table,
+    const u32* __restrict__ tiles, const u32* __restrict__ segs) {
+    constexpr int CPS = 32 / RL;
+    const int tile = blockIdx.y;
+    const TileSeg ts = tile_seg(tiles, segs, tile);
+    const int row0 = ts.row0, seg_end = ts.end;
+    const u32 slot = ts.slot;
+    if (seg_end <= row0) {  // a TILE_NONE entry
+        pdl_enter();
+        return;
+    }
+    const LoraSlot* s = table + slot;
+    RowParts rp;
+    rp.b0 = reinterpret_cast<const u16*>(s->b[0]);
+    rp.b1 = reinterpret_cast<const u16*>(s->b[1]);
+    rp.b2 = reinterpret_cast<const u16*>(s->b[2]);
+    rp.rank0 = (int)s->prank[0];
+    rp.rank1 = (int)s->prank[1];
+    rp.rank2 = (int)s->prank[2];
+    rp.voff0 = (int)s->voff[0];
+    rp.voff1 = (int)s->voff[1];
+    rp.voff2 = (int)s->voff[2];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = lane % RL, cg = lane / RL;
+    const int kk = sub * 8;
+    const int col_base = (blockIdx.x * NW + warp) * CPS * KU + cg;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+    uint4 bv[KU];
+    int voff[KU], rank[KU];
+#pragma unroll
+    for (int u = 0; u < KU; ++u) {
+        const int col = col_base + u * CPS;
+        const int j = (col >= end0) + (col >= end1);
+        const u16* p = j == 0 ? rp.b0 : (j == 1 ? rp.b1 : rp.b2);
+        const int r = j == 0 ? rp.rank0 : (j == 1 ? rp.rank1 : rp.rank2);
+        const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
+        const bool live = col < end2 && p != nullptr;
+        rank[u] = live ? r : 0;
+        voff[u] = j == 0 ? rp.voff0 : (j == 1 ? rp.voff1 : rp.voff2);
+        bv[u] = (live && kk < r)
+                    ? load8(reinterpret_cast<const T*>(p) + (size_t)(col - start) * r, kk, r,
+                            (r & 7) == 0)
+                    : zero;
+    }
+    pdl_enter();
+    const int nrows = min(16, seg_end - row0);
+    constexpr int VN = VVec<VT>::n;
+    const bool vvec = (v_stride & (VN - 1)) == 0;
+    const T dummy = T{};
+    for (int row = 0; row < nrows; ++row) {
+        const VT* vr = v + (size_t)(row0 + row) * v_stride;
+        T* yr = y + (size_t)(row0 + row) * y_stride + col_offset;
+#pragma unroll
+        for (int u = 0; u < KU; ++u) {
+            float part = 0.0f;
+            if (kk < rank[u]) {
+                float w[8];
+                load_v8_l1(vr + voff[u], kk, rank[u], vvec && (voff[u] & (VN - 1)) == 0, w);
+                const uint4 b = bv[u];
+                part = w[0] * lo_f32(dummy, b.x);
+                part = fmaf(w[1], hi_f32(dummy, b.x), part);
+                part = fmaf(w[2], lo_f32(dummy, b.y), part);
+                part = fmaf(w[3], hi_f32(dummy, b.y), part);
+                part = fmaf(w[4], lo_f32(dummy, b.z), part);
+                part = fmaf(w[5], hi_f32(dummy, b.z), part);
+                part = fmaf(w[6], lo_f32(dummy, b.w), part);
+                part = fmaf(w[7], hi_f32(dummy, b.w), part);
+            }
+#pragma unroll
+            for (int o = RL / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+            if (sub == 0 && rank[u] > 0) {
+                const int col = col_base + u * CPS;
+                yr[col] = from_f32<T>(to_f32(yr[col]) + part);
+            }
+        }
+    }
+}
+
+template <typename T, int ROWS, int KU, int NW>
+__device__ __forceinline__ void probe_shrink_rows_impl(
+    const T* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,
+    const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+    const u32* __restrict__ segs, int ksplit, int acc_rank, float* __restrict__ acc,
+    u32* __restrict__ counters) {
+    __shared__ int is_last;
+    const int tile = blockIdx.z, split = blockIdx.x;
+    const ShrinkTile st = shrink_tile(tiles, segs, table, tile);
+    const int row0 = st.row0, seg_end = st.end, slot_rank = st.rank;
+    const void* slot_a = st.a;
+    // x comes from the previous kernel, and v and the workspace may still be in use by the
+    // previous shrink/expand pair (see sgmv_shrink_impl).
+    pdl_enter();
+    if (slot_a == nullptr) return;  // the same for every block of the tile
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n = blockIdx.y * NW + warp;
+    const int nrows = min(16, seg_end - row0);
+    const bool vec = (h_in & 7) == 0;
+    const int nvec = (h_in + 7) >> 3;
+    const int per = (nvec + ksplit - 1) / ksplit;
+    const int i_begin = split * per, i_end = min(nvec, i_begin + per);
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    float* tacc = acc + (size_t)tile * 16 * acc_rank;
+    if (n < slot_rank) {
+        const T* An = reinterpret_cast<const T*>(slot_a) + (size_t)n * h_in;
+        for (int r0 = 0; r0 < nrows; r0 += ROWS) {
+            float sum[ROWS];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) sum[r] = 0.0f;
+            for (int i0 = i_begin + lane; i0 < i_end; i0 += 32 * KU) {
+                uint4 a[KU];
+                uint4 xv[KU][ROWS];
+#pragma unroll
+                for (int u = 0; u < KU; ++u) {
+                    const int i = i0 + u * 32;
+                    a[u] = i < i_end ? load8(An, i * 8, h_in, vec) : zero;
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) {
+                        const T* xr = x + (size_t)(row0 + r0 + r) * h_in;
+                        xv[u][r] = (i < i_end && r0 + r < nrows) ? load8(xr, i * 8, h_in, vec) : zero;
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < KU; ++u) {
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) sum[r] += dot8<T>(a[u], xv[u][r]);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                const float t = warp_sum(sum[r]);
+                if (lane == 0 && r0 + r < nrows) {
+                    if (ksplit == 1) {
+                        v[(size_t)(row0 + r0 + r) * v_stride + n] = t;
+                    } else {
+                        atomicAdd(&tacc[(r0 + r) * acc_rank + n], t);
+                    }
+                }
+            }
+        }
+    }
+    if (ksplit == 1) return;
+
+    __threadfence();
+    __syncthreads();
+    const u32 blocks = gridDim.x * gridDim.y;
+    if (threadIdx.x == 0) {
+        const u32 prev = atomicAdd(&counters[tile], 1u);
+        is_last = (prev == blocks - 1);
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < nrows * slot_rank; idx += blockDim.x) {
+        const int row = idx / slot_rank, col = idx % slot_rank;
+        v[(size_t)(row0 + row) * v_stride + col] = __ldcg(&tacc[row * acc_rank + col]);
+        tacc[row * acc_rank + col] = 0.0f;
+    }
+    if (threadIdx.x == 0) counters[tile] = 0u;
+}
+
+
+#define PROBE_EXPAND(VNAME, VTYPE, RL, KU, NW, MINB)                                            \
+    extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                \
+        probe_expand_rows##VNAME##_l##RL##_k##KU##_w##NW##_b##MINB(                            \
+            const VTYPE* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride,     \
+            int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,  \
+            const u32* __restrict__ tiles, const u32* __restrict__ segs) {                     \
+        probe_expand_rows_impl<bf16, VTYPE, RL, KU, NW>(v, v_stride, y, y_stride, col_offset,  \
+                                                        end0, end1, end2, table, tiles, segs); \
+    }
+#define PROBE_EXPANDS(KU, NW, MINB)            \
+    PROBE_EXPAND(_vh, bf16, 2, KU, NW, MINB)   \
+    PROBE_EXPAND(, float, 2, KU, NW, MINB)     \
+    PROBE_EXPAND(, float, 8, KU, NW, MINB)
+PROBE_EXPANDS(2, 4, 8)
+PROBE_EXPANDS(4, 4, 6)
+PROBE_EXPANDS(1, 4, 8)
+PROBE_EXPANDS(1, 4, 12)
+PROBE_EXPANDS(2, 4, 10)
+PROBE_EXPANDS(2, 4, 12)
+PROBE_EXPANDS(1, 8, 6)
+PROBE_EXPANDS(2, 2, 16)
+PROBE_EXPANDS(1, 2, 16)
+PROBE_EXPANDS(2, 8, 4)
+
+#define PROBE_SHRINK(KU, NW, MINB)                                                              \
+    extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                \
+        probe_shrink_rows_k##KU##_w##NW##_b##MINB(                                             \
+            const bf16* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,         \
+            const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,                 \
+            const u32* __restrict__ segs, int ksplit, int acc_rank, float* __restrict__ acc,   \
+            u32* __restrict__ counters) {                                                      \
+        probe_shrink_rows_impl<bf16, 1, KU, NW>(x, h_in, v, v_stride, table, tiles, segs,      \
+                                                ksplit, acc_rank, acc, counters);              \
+    }
+PROBE_SHRINK(4, 4, 8)
+PROBE_SHRINK(8, 4, 4)
+PROBE_SHRINK(2, 4, 8)
+PROBE_SHRINK(4, 8, 4)

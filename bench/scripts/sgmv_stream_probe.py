@@ -1,0 +1,407 @@
+# Probe of the SGMV kernels for segments of one row (distinct adapters), bf16, on a CUDA machine
+# with torch: CUDA-graph replay over rotated inputs (~200 MiB), programmatic dependent launch as
+# the backend launches them, every result checked against torch.
+# - The row kernels of kernels/sgmv.cu against copies with other constants (loads in flight a
+#   lane, warps a block, launch bounds: `probe_*_rows_*` in sgmv_stream_probe.cu).
+# - With `stream`: shrink and expand fed by bulk copies (TMA) into shared-memory stages of
+#   persistent blocks (`sgmv_*_stream_*`); flags 1 = no compute, 2 = y untouched, 4 = no v
+#   loads, 8 = the old y by bulk copies too.
+# Usage: python3 bench/scripts/sgmv_stream_probe.py [expand] [stream]
+#        python3 bench/scripts/sgmv_stream_probe.py read   (bulk copies vs 16-byte loads, reads only)
+#        python3 bench/scripts/sgmv_stream_probe.py ncu    (plain launches for a profiler)
+import ctypes
+import glob
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_nvrtc():
+    cands = []
+    for pat in [
+        "/usr/local/cuda*/lib64/libnvrtc.so*",
+        "/usr/lib/x86_64-linux-gnu/libnvrtc.so*",
+        os.path.join(os.path.dirname(torch.__file__), "lib", "libnvrtc*.so*"),
+    ]:
+        cands += glob.glob(pat)
+    for p in sys.path:
+        cands += glob.glob(os.path.join(p, "nvidia", "*", "lib", "libnvrtc.so*"))
+    cands = [c for c in cands if "builtins" not in c and "alt" not in c]
+    for c in sorted(cands, reverse=True):
+        try:
+            return ctypes.CDLL(c), c
+        except OSError:
+            pass
+    raise SystemExit(f"no libnvrtc among {cands}")
+
+
+nvrtc, nvrtc_path = load_nvrtc()
+cuda = ctypes.CDLL("libcuda.so.1")
+
+
+def ck(rc, what):
+    if rc != 0:
+        raise SystemExit(f"{what} failed: {rc}")
+
+
+def compile_module():
+    src = "".join(
+        open(os.path.join(ROOT, f)).read() + "\n"
+        for f in ["kernels/common.cuh", "kernels/sgmv.cu", "bench/scripts/sgmv_stream_probe.cu"]
+    )
+    prog = ctypes.c_void_p()
+    ck(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"probe.cu", 0, None, None), "create")
+    opts = [b"--gpu-architecture=sm_90a", b"--std=c++17"]
+    rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    n = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(n.value)
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    if rc != 0:
+        raise SystemExit(log.value.decode())
+    nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(n))
+    cubin = ctypes.create_string_buffer(n.value)
+    ck(nvrtc.nvrtcGetCUBIN(prog, cubin), "cubin")
+    mod = ctypes.c_void_p()
+    ck(cuda.cuModuleLoadData(ctypes.byref(mod), cubin), "load")
+    return mod
+
+
+class LaunchAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("val", ctypes.c_char * 64)]
+
+
+class LaunchConfig(ctypes.Structure):
+    _fields_ = [
+        ("gx", ctypes.c_uint), ("gy", ctypes.c_uint), ("gz", ctypes.c_uint),
+        ("bx", ctypes.c_uint), ("by", ctypes.c_uint), ("bz", ctypes.c_uint),
+        ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(LaunchAttr)), ("nattrs", ctypes.c_uint),
+    ]
+
+
+PDL_ATTR = LaunchAttr()
+PDL_ATTR.id = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+PDL_ATTR.val = (1).to_bytes(4, "little") + bytes(60)
+
+torch.zeros(1, device="cuda")
+MOD = compile_module()
+FUNCS = {}
+
+
+def func(name, smem=0):
+    if name not in FUNCS:
+        f = ctypes.c_void_p()
+        ck(cuda.cuModuleGetFunction(ctypes.byref(f), MOD, name.encode()), name)
+        FUNCS[name] = f
+    f = FUNCS[name]
+    if smem > 48 * 1024:
+        ck(cuda.cuFuncSetAttribute(f, 8, smem), "smem attr")
+    return f
+
+
+def launch(name, grid, args, smem=0, threads=128):
+    f = func(name, smem)
+    cfg = LaunchConfig(grid[0], grid[1], grid[2], threads, 1, 1, smem,
+                       ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
+                       ctypes.pointer(PDL_ATTR), 1)
+    vals = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            vals.append(ctypes.c_uint64(a.data_ptr()))
+        else:
+            vals.append(ctypes.c_int(a))
+    ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
+    ck(cuda.cuLaunchKernelEx(ctypes.byref(cfg), f, ptrs, None), name)
+
+
+SMS = torch.cuda.get_device_properties(0).multi_processor_count
+
+
+class Set:
+    """One rotation set: rows one-row segments, each with its own slot."""
+
+    def __init__(self, rows, h_in, parts, rank, v_half):
+        self.rows, self.h_in, self.parts, self.rank = rows, h_in, parts, rank
+        np_ = len(parts)
+        g = torch.Generator(device="cuda")
+        self.x = torch.randn(rows, h_in, device="cuda", dtype=torch.bfloat16)
+        self.a = (torch.randn(rows, rank * np_, h_in, device="cuda") / h_in**0.5).to(torch.bfloat16)
+        self.b = [(torch.randn(rows, n, rank, device="cuda") / rank**0.5).to(torch.bfloat16) for n in parts]
+        self.y = torch.randn(rows, sum(parts), device="cuda", dtype=torch.bfloat16)
+        self.v = torch.zeros(rows, rank * np_, device="cuda")
+        self.vh = (torch.randn(rows, rank * np_, device="cuda")).to(torch.bfloat16)
+        self.acc = torch.zeros(rows * 16 * rank * np_, device="cuda")
+        self.counters = torch.zeros(rows, device="cuda", dtype=torch.int32)
+        tab = bytearray(64 * rows)
+        for i in range(rows):
+            e = bytearray(64)
+            e[0:8] = self.a[i].data_ptr().to_bytes(8, "little")
+            e[8:12] = (rank * np_).to_bytes(4, "little")
+            for j in range(3):
+                if j < np_:
+                    e[16 + 8 * j:24 + 8 * j] = self.b[j][i].data_ptr().to_bytes(8, "little")
+                    e[40 + 4 * j:44 + 4 * j] = rank.to_bytes(4, "little")
+                    e[52 + 4 * j:56 + 4 * j] = (rank * j).to_bytes(4, "little")
+            tab[64 * i:64 * i + 64] = e
+        self.table = torch.frombuffer(tab, dtype=torch.uint8).cuda()
+        self.tiles = torch.tensor([[i, i] for i in range(rows)], dtype=torch.int32).flatten().cuda()
+        self.segs = torch.tensor([[i, i + 1, i] for i in range(rows)], dtype=torch.int32).flatten().cuda()
+        ends = [sum(parts[:j + 1]) for j in range(np_)]
+        while len(ends) < 3:
+            ends.append(ends[-1])
+        self.ends = ends
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in [self.x, self.a, self.y, *self.b])
+
+    def reference(self, y0, v_half):
+        # y0 + v . B^T per part, v from x . A^T (shrink+expand) or self.vh (expand only)
+        if v_half:
+            v = self.vh.float()
+        else:
+            v = torch.einsum("rk,rnk->rn", self.x.float(), self.a.float())
+        out = y0.float().clone()
+        c = 0
+        for j, n in enumerate(self.parts):
+            vj = v[:, self.rank * j:self.rank * (j + 1)]
+            out[:, c:c + n] += torch.einsum("rk,rnk->rn", vj, self.b[j].float())
+            c += n
+        return out
+
+
+def old_ops(s, v_half, shrink=True, expand=True):
+    rank_all = s.rank * len(s.parts)
+    if shrink:
+        nvec = s.h_in // 8
+        rank_blocks = (rank_all + 3) // 4
+        base = (nvec + 255) // 256
+        per_split = s.rows * rank_blocks
+        fill = (8 * SMS + per_split // 2) // per_split
+        ksplit = max(1, min(max(base, fill), max(1, nvec // 32)))
+        launch("sgmv_shrink_rows_bf16", (ksplit, rank_blocks, s.rows),
+               [s.x, s.h_in, s.v, rank_all, s.table, s.tiles, s.segs, ksplit, rank_all, s.acc, s.counters])
+    if not expand:
+        return
+    # kernels/sgmv.cu's row expand: EXPAND_ROWS_WARPS (8) warps of EXPAND_ROWS_KU (1) step
+    rl = max(1, s.rank // 8)
+    cols = 8 * 1 * (32 // rl)
+    h_out = s.ends[2]
+    vt, vn = (s.vh, "_vh") if v_half else (s.v, "")
+    launch(f"sgmv_expand_rows_bf16{vn}_l{rl}", ((h_out + cols - 1) // cols, s.rows, 1),
+           [vt, rank_all, s.y, h_out, 0, s.ends[0], s.ends[1], s.ends[2], s.table, s.tiles, s.segs],
+           threads=256)
+
+
+ROW_VARIANTS = [(4, 4, 6), (2, 4, 8), (1, 4, 8), (1, 4, 12), (2, 4, 10), (2, 4, 12), (1, 8, 6), (2, 2, 16), (1, 2, 16), (2, 8, 4)]
+SHRINK_VARIANTS = []
+
+
+def row_ops(s, v_half, ev=None, sv=None, shrink=True):
+    """The row kernels with other constants: ev/sv = (KU, NW, MINB) of the expand/shrink."""
+    rank_all = s.rank * len(s.parts)
+    if shrink:
+        if sv is None:
+            old_ops(s, v_half, shrink=True, expand=False)
+        else:
+            ku, nw, mb = sv
+            nvec = s.h_in // 8
+            rank_blocks = (rank_all + nw - 1) // nw
+            base = (nvec + 255) // 256
+            per_split = s.rows * rank_blocks
+            target = mb * SMS
+            fill = (target + per_split // 2) // per_split
+            ksplit = max(1, min(max(base, fill), max(1, nvec // 32)))
+            launch(f"probe_shrink_rows_k{ku}_w{nw}_b{mb}", (ksplit, rank_blocks, s.rows),
+                   [s.x, s.h_in, s.v, rank_all, s.table, s.tiles, s.segs, ksplit, rank_all, s.acc, s.counters],
+                   threads=32 * nw)
+    if ev is None:
+        return old_ops(s, v_half, shrink=False)
+    ku, nw, mb = ev
+    rl = max(1, s.rank // 8)
+    cols = nw * ku * (32 // rl)
+    h_out = s.ends[2]
+    vt, vn = (s.vh, "_vh") if v_half else (s.v, "")
+    launch(f"probe_expand_rows{vn}_l{rl}_k{ku}_w{nw}_b{mb}", ((h_out + cols - 1) // cols, s.rows, 1),
+           [vt, rank_all, s.y, h_out, 0, s.ends[0], s.ends[1], s.ends[2], s.table, s.tiles, s.segs],
+           threads=32 * nw)
+
+
+def stream_ops(s, v_half, p, shrink=True):
+    rank_all = s.rank * len(s.parts)
+    if shrink:
+        sb = p["ssb"]
+        ch = max(1, sb // (s.h_in * 2))
+        ch = 1 << (ch.bit_length() - 1)
+        nchunks = (rank_all + ch - 1) // ch
+        nunits = s.rows * nchunks
+        grid = max(min(nunits, p["sbps"] * SMS), (nunits + 31) // 32)
+        launch("sgmv_shrink_stream_bf16", (grid, 1, 1),
+               [s.x, s.h_in, s.v, rank_all, s.table, s.tiles, s.segs, s.rows, nchunks, ch, p["sst"], sb],
+               smem=4608 + p["sst"] * sb + s.h_in * 2)
+    sb = p["esb"]
+    rl = max(1, s.rank // 8)
+    nw = p.get("nw", 4)
+    cc = min(sb // (s.rank * 2), 8 * nw * (32 // rl))
+    h_out = s.ends[2]
+    nunits = s.rows * ((h_out + cc - 1) // cc)
+    grid = max(min(nunits, p["ebps"] * SMS), (nunits + 31) // 32)
+    rl = max(1, s.rank // 8)
+    vt, vn = (s.vh, "_vh") if v_half else (s.v, "")
+    launch(f"sgmv_expand_stream_bf16{vn}_l{rl}", (grid, 1, 1),
+           [vt, rank_all, s.y, h_out, 0, s.ends[0], s.ends[1], s.ends[2], s.table, s.tiles, s.segs,
+            s.rows, cc, p["est"], sb, p.get("flags", 0)],
+           smem=4608 + p["est"] * sb + 16384, threads=32 * nw)
+
+
+def bench(sets, fn, reps=20):
+    y0 = sets[0].y.clone()
+    fn(sets[0])
+    torch.cuda.synchronize()
+    got = sets[0].y.float()
+    sets[0].y.copy_(y0)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        for st in sets:
+            fn(st)  # warm
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g, stream=s):
+            for st in sets:
+                fn(st)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / len(sets))
+    times.sort()
+    return times[len(times) // 2], got, y0
+
+
+def run_case(name, rows, h_in, parts, rank, v_half, variants):
+    one = Set(rows, h_in, parts, rank, v_half)
+    nsets = max(2, min(64, int(200e6 // one.nbytes())))
+    sets = [one] + [Set(rows, h_in, parts, rank, v_half) for _ in range(nsets - 1)]
+    moved = one.nbytes() - one.x.numel() * 2 if v_half else one.nbytes()
+    if v_half:
+        moved -= one.a.numel() * 2
+    floor = moved / 4186e9 * 1e6
+    print(f"## {name}: rows {rows} h_in {h_in} parts {parts} r {rank} v_half {v_half}; "
+          f"{moved/1e6:.1f} MB, floor {floor:.1f} us, {nsets} sets", flush=True)
+    for vname, fn in variants:
+        try:
+            us, got, y0 = bench(sets, fn)
+        except SystemExit as e:
+            print(f"  {vname}: failed: {e}", flush=True)
+            continue
+        ref = one.reference(y0, v_half)
+        err = ((got - ref).norm() / ref.norm()).item()
+        print(f"  {vname:40s} {us:8.2f} us  {moved/us/1e3:7.0f} GB/s  rel err {err:.1e}", flush=True)
+
+
+def read_main():
+    src = torch.empty(int(240e6), dtype=torch.uint8, device="cuda")
+    out = torch.zeros(4, device="cuda")
+    for total in [4.5e6, 24e6, 134e6]:
+        for mode, mname in [(1, "ldg.128 x8"), (0, "bulk, thread 0"), (2, "bulk, 32 lanes")]:
+            for bps in [1, 2, 4, 8]:
+                for piece in ([16384] if mode == 1 else [1024, 4096, 16384]):
+                    grid = bps * SMS
+                    per = int(total // grid) // 16384 * 16384 or 16384
+                    if per > 200 * 1024 // bps or per % piece:
+                        continue
+                    nsets = int(200e6 // (per * grid))
+                    def fn(k):
+                        launch("read_probe", (grid, 1, 1), [src[k * per * grid:], per, piece, mode, out],
+                               smem=(1024 + per) if mode != 1 else 0)
+                    g = torch.cuda.CUDAGraph()
+                    st = torch.cuda.Stream()
+                    with torch.cuda.stream(st):
+                        for k in range(nsets):
+                            fn(k)
+                        torch.cuda.synchronize()
+                        with torch.cuda.graph(g, stream=st):
+                            for k in range(nsets):
+                                fn(k)
+                    g.replay()
+                    torch.cuda.synchronize()
+                    ts = []
+                    for _ in range(10):
+                        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        e0.record(); g.replay(); e1.record(); torch.cuda.synchronize()
+                        ts.append(e0.elapsed_time(e1) * 1e3 / nsets)
+                    ts.sort()
+                    us = ts[5]
+                    b = per * grid
+                    print(f"read {b/1e6:6.1f} MB {mname:16s} bps {bps} piece {piece:6d} per block {per//1024:4d} KB: "
+                          f"{us:7.2f} us {b/us/1e3:6.0f} GB/s", flush=True)
+
+
+def ncu_main():
+    # plain launches (no graph) for a profiler: old and stream expand, o and gate|up
+    for parts in [[4096], [11008, 11008]]:
+        st = Set(32, 4096, parts, 16, True)
+        for _ in range(2):
+            old_ops(st, True, shrink=False)
+            stream_ops(st, True, dict(esb=32768, est=2, ebps=3), shrink=False)
+    st = Set(64, 4096, [4096], 16, False)
+    for _ in range(2):
+        old_ops(st, False)
+        stream_ops(st, False, dict(ssb=32768, sst=2, esb=32768, est=2, sbps=2, ebps=2))
+    torch.cuda.synchronize()
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "read":
+        return read_main()
+    if len(sys.argv) > 1 and sys.argv[1] == "ncu":
+        return ncu_main()
+    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}")
+    cfgs = []
+    for ssb in [16384, 32768]:
+        for sst in [2, 4]:
+            for esb in [16384, 32768]:
+                for est in [2, 4]:
+                    for bps in [2, 3, 4]:
+                        if 4608 + max(sst * ssb + 16384, est * esb) > 227 * 1024 // bps:
+                            continue
+                        cfgs.append(dict(ssb=ssb, sst=sst, esb=esb, est=est, sbps=bps, ebps=bps))
+    quick = [c for c in cfgs if c["ssb"] == c["esb"] and c["sst"] == c["est"]]
+
+    def lab(c):
+        return f"stream s{c['ssb']//1024}kx{c['sst']} e{c['esb']//1024}kx{c['est']} bps{c['sbps']}"
+
+    for (rows, h, r) in ([] if "expand" in sys.argv else [(64, 4096, 16), (512, 4096, 16), (32, 4096, 64), (128, 4096, 64), (512, 4096, 64), (64, 8192, 64)]):
+        vs = [("old row kernels", lambda s: old_ops(s, False))]
+        if "stream" in sys.argv:
+            for c in quick[:2]:
+                for fl in [0, 8]:
+                    c2 = dict(c, flags=fl)
+                    vs.append((lab(c2) + f" flags{fl}", (lambda c: lambda s: stream_ops(s, False, c))(c2)))
+        for ev in ROW_VARIANTS:
+            vs.append((f"rows: expand k{ev[0]} w{ev[1]} b{ev[2]}", (lambda ev: lambda s: row_ops(s, False, ev=ev))(ev)))
+        for sv in SHRINK_VARIANTS:
+            vs.append((f"rows: shrink k{sv[0]} w{sv[1]} b{sv[2]}", (lambda sv: lambda s: row_ops(s, False, sv=sv))(sv)))
+        run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
+    # Engine-like expand only (v of the activations' type): 7B batch 32, r=16.
+    for nm, parts in [("q|k|v", [4096] * 3), ("o", [4096]), ("gate|up", [11008] * 2), ("down", [4096])]:
+        vs = [("old row expand", lambda s: old_ops(s, True, shrink=False))]
+        for ev in ROW_VARIANTS:
+            vs.append((f"rows: expand k{ev[0]} w{ev[1]} b{ev[2]}", (lambda ev: lambda s: row_ops(s, True, ev=ev, shrink=False))(ev)))
+        if "stream" in sys.argv:
+            for (esb, est, bps, nw) in [(16384, 2, 3, 4), (16384, 3, 2, 4)]:
+                for flags in [0, 8]:
+                    c = dict(esb=esb, est=est, ebps=bps, nw=nw, flags=flags)
+                    vs.append((f"stream e{esb//1024}kx{est} bps{bps} w{nw} flags{flags}",
+                               (lambda c: lambda s: stream_ops(s, True, c, shrink=False))(c)))
+        run_case(f"expand {nm}", 32, 4096 if nm != "down" else 11008, parts, 16, True, vs)
+
+main()
