@@ -428,6 +428,12 @@ __device__ __forceinline__ void sgmv_expand_impl(
 
 #define ROWS_WARPS 4
 #define ROWS_KU 4
+// The row expand's own shape: one column step a lane (B's 16 bytes loaded before the wait) and
+// 8 warps a block, at 32 registers a thread so that 64 warps fit an SM. Measured on the H200
+// against 4 steps and 4 warps (bench/results/sgmv-row-expand-knobs-h200-2026-11-29-s13.txt):
+// the latency of each block's chain after the wait, not the bytes in flight, bounds it.
+#define EXPAND_ROWS_WARPS 8
+#define EXPAND_ROWS_KU 1
 
 // Sum of the eight products of two packed vectors of eight halves.
 template <typename T>
@@ -543,8 +549,8 @@ struct RowParts {
 };
 
 // y[row, col_offset + c] += v[row, voff_j ..][.. rank_j] . B_j[c - start_j, :] for the rows of
-// tile blockIdx.y: RL lanes per column (8 ranks each), 32 / RL columns per warp step, ROWS_KU
-// steps per warp; a column's B is loaded once (before the wait: B comes from host copies), then
+// tile blockIdx.y: RL lanes per column (8 ranks each), 32 / RL columns per warp step,
+// EXPAND_ROWS_KU steps per warp; a column's B is loaded once (before the wait: B comes from host copies), then
 // applied row by row. Parts may end anywhere: each column finds its own.
 template <typename T, typename VT, int RL>
 __device__ __forceinline__ void sgmv_expand_rows_impl(
@@ -574,13 +580,13 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int sub = lane % RL, cg = lane / RL;
     const int kk = sub * 8;
-    const int col_base = (blockIdx.x * ROWS_WARPS + warp) * CPS * ROWS_KU + cg;
+    const int col_base = (blockIdx.x * EXPAND_ROWS_WARPS + warp) * CPS * EXPAND_ROWS_KU + cg;
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 
-    uint4 bv[ROWS_KU];
-    int voff[ROWS_KU], rank[ROWS_KU];
+    uint4 bv[EXPAND_ROWS_KU];
+    int voff[EXPAND_ROWS_KU], rank[EXPAND_ROWS_KU];
 #pragma unroll
-    for (int u = 0; u < ROWS_KU; ++u) {
+    for (int u = 0; u < EXPAND_ROWS_KU; ++u) {
         const int col = col_base + u * CPS;
         const int j = (col >= end0) + (col >= end1);
         const u16* p = j == 0 ? rp.b0 : (j == 1 ? rp.b1 : rp.b2);
@@ -603,7 +609,7 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
         const VT* vr = v + (size_t)(row0 + row) * v_stride;
         T* yr = y + (size_t)(row0 + row) * y_stride + col_offset;
 #pragma unroll
-        for (int u = 0; u < ROWS_KU; ++u) {
+        for (int u = 0; u < EXPAND_ROWS_KU; ++u) {
             float part = 0.0f;
             if (kk < rank[u]) {
                 float w[8];
@@ -641,7 +647,7 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
 
 // VNAME: empty for an f32 v, _vh for a v of the activations' type.
 #define DEFINE_EXPAND_ROWS_V(TNAME, TYPE, VNAME, VTYPE, RL)                                    \
-    extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 6)                          \
+    extern "C" __global__ void __launch_bounds__(EXPAND_ROWS_WARPS * 32, 6)                   \
         sgmv_expand_rows_##TNAME##VNAME##_l##RL(                                              \
             const VTYPE* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,    \
             int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table, \

@@ -2245,7 +2245,7 @@ impl Backend for CudaBackend {
                     Self::suffix(y.dtype)
                 ),
                 (gx, gy, 1),
-                (plan::ROWS_WARPS * 32) as u32,
+                (plan::EXPAND_ROWS_WARPS * 32) as u32,
                 &[
                     Arg::Ptr(v.ptr),
                     i32_arg(v_stride, "v_stride")?,

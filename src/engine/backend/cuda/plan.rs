@@ -22,8 +22,12 @@ pub const SHRINK_MAX_TILES: usize = 16;
 
 /// Warps per block of the row kernels (kernels/sgmv.cu `ROWS_WARPS`).
 pub const ROWS_WARPS: usize = 4;
-/// 16-byte loads of A or B each lane of a row kernel keeps in flight (`ROWS_KU`).
+/// 16-byte loads of A each lane of the row shrink keeps in flight (`ROWS_KU`).
 pub const ROWS_KU: usize = 4;
+/// Warps per block of the row expand (kernels/sgmv.cu `EXPAND_ROWS_WARPS`).
+pub const EXPAND_ROWS_WARPS: usize = 8;
+/// Column steps of B (16-byte loads) each lane of the row expand holds (`EXPAND_ROWS_KU`).
+pub const EXPAND_ROWS_KU: usize = 1;
 /// When the CUDA-core row kernels serve a batch instead of the tensor-core tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RowLimits {
@@ -119,7 +123,7 @@ pub fn expand_rows_plan(
 ) -> Result<(usize, (u32, u32))> {
     check_rank(max_part_rank)?;
     let lanes = max_part_rank.div_ceil(8).next_power_of_two();
-    let cols = ROWS_WARPS * ROWS_KU * (32 / lanes);
+    let cols = EXPAND_ROWS_WARPS * EXPAND_ROWS_KU * (32 / lanes);
     Ok((lanes, (h_out.div_ceil(cols) as u32, num_tiles as u32)))
 }
 
@@ -660,9 +664,10 @@ mod tests {
         assert_eq!(shrink_rows_plan(11008, 16, 32, 128, 264), (11, 4));
         assert_eq!(shrink_rows_plan(576, 1, 1, 128, 264), (2, 1));
         assert_eq!(shrink_rows_plan(100, 3, 2, 128, 264), (1, 1));
-        assert_eq!(expand_rows_plan(16, 4096, 32).unwrap(), (2, (16, 32)));
-        assert_eq!(expand_rows_plan(8, 12288, 1).unwrap(), (1, (24, 1)));
-        assert_eq!(expand_rows_plan(128, 11008, 3).unwrap(), (16, (344, 3)));
+        // 8 warps of one column step: 128 columns a block at r=16, 256 at r<=8, 16 at r=128.
+        assert_eq!(expand_rows_plan(16, 4096, 32).unwrap(), (2, (32, 32)));
+        assert_eq!(expand_rows_plan(8, 12288, 1).unwrap(), (1, (48, 1)));
+        assert_eq!(expand_rows_plan(128, 11008, 3).unwrap(), (16, (688, 3)));
         assert_eq!(expand_rows_plan(33, 100, 1).unwrap().0, 8);
         assert!(expand_rows_plan(0, 1, 1).is_err() && expand_rows_plan(129, 1, 1).is_err());
     }
