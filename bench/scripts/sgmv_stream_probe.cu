@@ -655,16 +655,14 @@ __device__ __forceinline__ void probe_shrink_rows_impl(
     PROBE_EXPAND(_vh, bf16, 2, KU, NW, MINB)   \
     PROBE_EXPAND(, float, 2, KU, NW, MINB)     \
     PROBE_EXPAND(, float, 8, KU, NW, MINB)
-PROBE_EXPANDS(2, 4, 8)
 PROBE_EXPANDS(4, 4, 6)
-PROBE_EXPANDS(1, 4, 8)
-PROBE_EXPANDS(1, 4, 12)
-PROBE_EXPANDS(2, 4, 10)
-PROBE_EXPANDS(2, 4, 12)
 PROBE_EXPANDS(1, 8, 6)
-PROBE_EXPANDS(2, 2, 16)
-PROBE_EXPANDS(1, 2, 16)
-PROBE_EXPANDS(2, 8, 4)
+PROBE_EXPANDS(1, 16, 4)
+PROBE_EXPANDS(1, 16, 3)
+PROBE_EXPANDS(2, 8, 6)
+PROBE_EXPANDS(2, 4, 12)
+PROBE_EXPANDS(2, 16, 3)
+PROBE_EXPANDS(1, 32, 2)
 
 #define PROBE_SHRINK(KU, NW, MINB)                                                              \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                \

@@ -197,7 +197,13 @@ pub fn check(seed: u64) -> Result<Vec<CaseResult>> {
             })
             .collect()
     };
-    let mut results = compare("graphs", "with CUDA graphs", &graphed, 1e-2);
+    // Both runs issue the same kernels, but reductions that add in the order their blocks finish
+    // (the shrinks' split-K f32 atomics) may change the last bits of v; one flipped bf16 rounding
+    // of an output then travels through three layers of this check's large adapters. Over the
+    // H200 selftests of sessions 5 to 13 (bench/results/selftest-h200-*) the worst step of a run
+    // differed by 3.8e-3 to 1.13e-2 (three runs failed the former 1e-2). A graph that replays
+    // stale pointers or metadata moves the logits by O(1).
+    let mut results = compare("graphs", "with CUDA graphs", &graphed, 2e-2);
     // The arena's intermediate comes out of the GEMM rounded to bf16 (as PEFT's lora_A output
     // is), the shrinks' stays f32; with this check's large adapters (B uniform with std 0.1 and
     // 0.2: deltas about the size of the base output) that moves the logits by 1.4-2.2e-2 on the
