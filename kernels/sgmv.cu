@@ -430,8 +430,9 @@ __device__ __forceinline__ void sgmv_expand_impl(
 #define ROWS_KU 4
 // The row expand's own shape: one column step a lane (B's 16 bytes loaded before the wait) and
 // 8 warps a block, at 32 registers a thread so that 64 warps fit an SM. Measured on the H200
-// against 4 steps and 4 warps (bench/results/sgmv-row-expand-knobs-h200-2026-11-29-s13.txt):
-// the latency of each block's chain after the wait, not the bytes in flight, bounds it.
+// against 4 steps and 4 warps and other shapes (bench/scripts/sgmv_stream_probe.py instantiates
+// the row kernels with other constants; bench/results/sgmv-row-expand-knobs-*-s13*.txt): the
+// latency of each block's chain after the wait, not the bytes in flight, bounds it.
 #define EXPAND_ROWS_WARPS 8
 #define EXPAND_ROWS_KU 1
 
@@ -450,13 +451,27 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
     return s;
 }
 
-// v[row, n] = x[row, :] . A[n, :] for the rows of tile blockIdx.z: rank n = blockIdx.y *
-// ROWS_WARPS + warp per warp, over split blockIdx.x of h_in (whole 8-element vectors), lanes
-// striding over the vectors, ROWS rows per pass (instantiated with one: the host sends it
+// Sum of the eight products of eight floats and a packed vector of eight halves, in order.
+template <typename T>
+__device__ __forceinline__ float dot8f(const float (&w)[8], uint4 b) {
+    const T t = T{};
+    float s = w[0] * lo_f32(t, b.x);
+    s = fmaf(w[1], hi_f32(t, b.x), s);
+    s = fmaf(w[2], lo_f32(t, b.y), s);
+    s = fmaf(w[3], hi_f32(t, b.y), s);
+    s = fmaf(w[4], lo_f32(t, b.z), s);
+    s = fmaf(w[5], hi_f32(t, b.z), s);
+    s = fmaf(w[6], lo_f32(t, b.w), s);
+    return fmaf(w[7], hi_f32(t, b.w), s);
+}
+
+// v[row, n] = x[row, :] . A[n, :] for the rows of tile blockIdx.z: rank n = blockIdx.y * NW +
+// warp per warp, over split blockIdx.x of h_in (whole 8-element vectors), lanes striding over
+// the vectors with KU loads in flight, ROWS rows per pass (instantiated with one: the host sends it
 // segments of one row by default). With more than one split, the warps add into a
 // zeroed f32 accumulator [tile][16][acc_rank]; the tile's last block to finish (counter) copies
 // it to v and clears accumulator and counter, as the tensor-core shrink does.
-template <typename T, int ROWS>
+template <typename T, int ROWS, int KU = ROWS_KU, int NW = ROWS_WARPS>
 __device__ __forceinline__ void sgmv_shrink_rows_impl(
     const T* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,
     const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
@@ -472,7 +487,7 @@ __device__ __forceinline__ void sgmv_shrink_rows_impl(
     pdl_enter();
     if (slot_a == nullptr) return;  // the same for every block of the tile
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n = blockIdx.y * ROWS_WARPS + warp;
+    const int n = blockIdx.y * NW + warp;
     const int nrows = min(16, seg_end - row0);
     const bool vec = (h_in & 7) == 0;
     const int nvec = (h_in + 7) >> 3;
@@ -486,11 +501,11 @@ __device__ __forceinline__ void sgmv_shrink_rows_impl(
             float sum[ROWS];
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) sum[r] = 0.0f;
-            for (int i0 = i_begin + lane; i0 < i_end; i0 += 32 * ROWS_KU) {
-                uint4 a[ROWS_KU];
-                uint4 xv[ROWS_KU][ROWS];
+            for (int i0 = i_begin + lane; i0 < i_end; i0 += 32 * KU) {
+                uint4 a[KU];
+                uint4 xv[KU][ROWS];
 #pragma unroll
-                for (int u = 0; u < ROWS_KU; ++u) {
+                for (int u = 0; u < KU; ++u) {
                     const int i = i0 + u * 32;
                     a[u] = i < i_end ? load8(An, i * 8, h_in, vec) : zero;
 #pragma unroll
@@ -500,7 +515,7 @@ __device__ __forceinline__ void sgmv_shrink_rows_impl(
                     }
                 }
 #pragma unroll
-                for (int u = 0; u < ROWS_KU; ++u) {
+                for (int u = 0; u < KU; ++u) {
 #pragma unroll
                     for (int r = 0; r < ROWS; ++r) sum[r] += dot8<T>(a[u], xv[u][r]);
                 }
@@ -549,10 +564,10 @@ struct RowParts {
 };
 
 // y[row, col_offset + c] += v[row, voff_j ..][.. rank_j] . B_j[c - start_j, :] for the rows of
-// tile blockIdx.y: RL lanes per column (8 ranks each), 32 / RL columns per warp step,
-// EXPAND_ROWS_KU steps per warp; a column's B is loaded once (before the wait: B comes from host copies), then
-// applied row by row. Parts may end anywhere: each column finds its own.
-template <typename T, typename VT, int RL>
+// tile blockIdx.y: RL lanes per column (8 ranks each), 32 / RL columns per warp step, KU steps
+// per warp, NW warps per block; a column's B is loaded once (before the wait: B comes from host
+// copies), then applied row by row. Parts may end anywhere: each column finds its own.
+template <typename T, typename VT, int RL, int KU = EXPAND_ROWS_KU, int NW = EXPAND_ROWS_WARPS>
 __device__ __forceinline__ void sgmv_expand_rows_impl(
     const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
@@ -580,13 +595,13 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int sub = lane % RL, cg = lane / RL;
     const int kk = sub * 8;
-    const int col_base = (blockIdx.x * EXPAND_ROWS_WARPS + warp) * CPS * EXPAND_ROWS_KU + cg;
+    const int col_base = (blockIdx.x * NW + warp) * CPS * KU + cg;
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 
-    uint4 bv[EXPAND_ROWS_KU];
-    int voff[EXPAND_ROWS_KU], rank[EXPAND_ROWS_KU];
+    uint4 bv[KU];
+    int voff[KU], rank[KU];
 #pragma unroll
-    for (int u = 0; u < EXPAND_ROWS_KU; ++u) {
+    for (int u = 0; u < KU; ++u) {
         const int col = col_base + u * CPS;
         const int j = (col >= end0) + (col >= end1);
         const u16* p = j == 0 ? rp.b0 : (j == 1 ? rp.b1 : rp.b2);
@@ -604,25 +619,16 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
     const int nrows = min(16, seg_end - row0);
     constexpr int VN = VVec<VT>::n;
     const bool vvec = (v_stride & (VN - 1)) == 0;
-    const T dummy = T{};
     for (int row = 0; row < nrows; ++row) {
         const VT* vr = v + (size_t)(row0 + row) * v_stride;
         T* yr = y + (size_t)(row0 + row) * y_stride + col_offset;
 #pragma unroll
-        for (int u = 0; u < EXPAND_ROWS_KU; ++u) {
+        for (int u = 0; u < KU; ++u) {
             float part = 0.0f;
             if (kk < rank[u]) {
                 float w[8];
                 load_v8_l1(vr + voff[u], kk, rank[u], vvec && (voff[u] & (VN - 1)) == 0, w);
-                const uint4 b = bv[u];
-                part = w[0] * lo_f32(dummy, b.x);
-                part = fmaf(w[1], hi_f32(dummy, b.x), part);
-                part = fmaf(w[2], lo_f32(dummy, b.y), part);
-                part = fmaf(w[3], hi_f32(dummy, b.y), part);
-                part = fmaf(w[4], lo_f32(dummy, b.z), part);
-                part = fmaf(w[5], hi_f32(dummy, b.z), part);
-                part = fmaf(w[6], lo_f32(dummy, b.w), part);
-                part = fmaf(w[7], hi_f32(dummy, b.w), part);
+                part = dot8f<T>(w, bv[u]);
             }
 #pragma unroll
             for (int o = RL / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);

@@ -241,19 +241,6 @@ __device__ __forceinline__ void e_issue(const EUnit& eu, u32 dst, u32 bar) {
     }
 }
 
-template <typename T>
-__device__ __forceinline__ float dot8w(const float (&w)[8], uint4 b) {
-    const T d = T{};
-    float part = w[0] * lo_f32(d, b.x);
-    part = fmaf(w[1], hi_f32(d, b.x), part);
-    part = fmaf(w[2], lo_f32(d, b.y), part);
-    part = fmaf(w[3], hi_f32(d, b.y), part);
-    part = fmaf(w[4], lo_f32(d, b.z), part);
-    part = fmaf(w[5], hi_f32(d, b.z), part);
-    part = fmaf(w[6], lo_f32(d, b.w), part);
-    return fmaf(w[7], hi_f32(d, b.w), part);
-}
-
 template <typename T, typename VT, int RL>
 __device__ __forceinline__ void sgmv_expand_stream_impl(
     const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
@@ -372,7 +359,7 @@ __device__ __forceinline__ void sgmv_expand_stream_impl(
                                  : "=r"(b.x), "=r"(b.y), "=r"(b.z), "=r"(b.w)
                                  : "r"(addr[k]));
                 const int q = rk[k] - 1;
-                part[k] = q <= 0 ? dot8w<T>(w[0], b) : (q == 1 ? dot8w<T>(w[1], b) : dot8w<T>(w[2], b));
+                part[k] = q <= 0 ? dot8f<T>(w[0], b) : (q == 1 ? dot8f<T>(w[1], b) : dot8f<T>(w[2], b));
             }
 #pragma unroll
             for (int k = 0; k < ES_K; ++k) {
@@ -475,181 +462,16 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 
-// Row kernels of kernels/sgmv.cu with their constants as parameters (KU loads in flight a lane,
-// NW warps a block).
-template <typename T, typename VT, int RL, int KU, int NW>
-__device__ __forceinline__ void probe_expand_rows_impl(
-    const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
-    int end0, int end1, int end2, const LoraSlot* __restrict__ table,
-    const u32* __restrict__ tiles, const u32* __restrict__ segs) {
-    constexpr int CPS = 32 / RL;
-    const int tile = blockIdx.y;
-    const TileSeg ts = tile_seg(tiles, segs, tile);
-    const int row0 = ts.row0, seg_end = ts.end;
-    const u32 slot = ts.slot;
-    if (seg_end <= row0) {  // a TILE_NONE entry
-        pdl_enter();
-        return;
-    }
-    const LoraSlot* s = table + slot;
-    RowParts rp;
-    rp.b0 = reinterpret_cast<const u16*>(s->b[0]);
-    rp.b1 = reinterpret_cast<const u16*>(s->b[1]);
-    rp.b2 = reinterpret_cast<const u16*>(s->b[2]);
-    rp.rank0 = (int)s->prank[0];
-    rp.rank1 = (int)s->prank[1];
-    rp.rank2 = (int)s->prank[2];
-    rp.voff0 = (int)s->voff[0];
-    rp.voff1 = (int)s->voff[1];
-    rp.voff2 = (int)s->voff[2];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int sub = lane % RL, cg = lane / RL;
-    const int kk = sub * 8;
-    const int col_base = (blockIdx.x * NW + warp) * CPS * KU + cg;
-    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-
-    uint4 bv[KU];
-    int voff[KU], rank[KU];
-#pragma unroll
-    for (int u = 0; u < KU; ++u) {
-        const int col = col_base + u * CPS;
-        const int j = (col >= end0) + (col >= end1);
-        const u16* p = j == 0 ? rp.b0 : (j == 1 ? rp.b1 : rp.b2);
-        const int r = j == 0 ? rp.rank0 : (j == 1 ? rp.rank1 : rp.rank2);
-        const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
-        const bool live = col < end2 && p != nullptr;
-        rank[u] = live ? r : 0;
-        voff[u] = j == 0 ? rp.voff0 : (j == 1 ? rp.voff1 : rp.voff2);
-        bv[u] = (live && kk < r)
-                    ? load8(reinterpret_cast<const T*>(p) + (size_t)(col - start) * r, kk, r,
-                            (r & 7) == 0)
-                    : zero;
-    }
-    pdl_enter();
-    const int nrows = min(16, seg_end - row0);
-    constexpr int VN = VVec<VT>::n;
-    const bool vvec = (v_stride & (VN - 1)) == 0;
-    const T dummy = T{};
-    for (int row = 0; row < nrows; ++row) {
-        const VT* vr = v + (size_t)(row0 + row) * v_stride;
-        T* yr = y + (size_t)(row0 + row) * y_stride + col_offset;
-#pragma unroll
-        for (int u = 0; u < KU; ++u) {
-            float part = 0.0f;
-            if (kk < rank[u]) {
-                float w[8];
-                load_v8_l1(vr + voff[u], kk, rank[u], vvec && (voff[u] & (VN - 1)) == 0, w);
-                const uint4 b = bv[u];
-                part = w[0] * lo_f32(dummy, b.x);
-                part = fmaf(w[1], hi_f32(dummy, b.x), part);
-                part = fmaf(w[2], lo_f32(dummy, b.y), part);
-                part = fmaf(w[3], hi_f32(dummy, b.y), part);
-                part = fmaf(w[4], lo_f32(dummy, b.z), part);
-                part = fmaf(w[5], hi_f32(dummy, b.z), part);
-                part = fmaf(w[6], lo_f32(dummy, b.w), part);
-                part = fmaf(w[7], hi_f32(dummy, b.w), part);
-            }
-#pragma unroll
-            for (int o = RL / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-            if (sub == 0 && rank[u] > 0) {
-                const int col = col_base + u * CPS;
-                yr[col] = from_f32<T>(to_f32(yr[col]) + part);
-            }
-        }
-    }
-}
-
-template <typename T, int ROWS, int KU, int NW>
-__device__ __forceinline__ void probe_shrink_rows_impl(
-    const T* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,
-    const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
-    const u32* __restrict__ segs, int ksplit, int acc_rank, float* __restrict__ acc,
-    u32* __restrict__ counters) {
-    __shared__ int is_last;
-    const int tile = blockIdx.z, split = blockIdx.x;
-    const ShrinkTile st = shrink_tile(tiles, segs, table, tile);
-    const int row0 = st.row0, seg_end = st.end, slot_rank = st.rank;
-    const void* slot_a = st.a;
-    // x comes from the previous kernel, and v and the workspace may still be in use by the
-    // previous shrink/expand pair (see sgmv_shrink_impl).
-    pdl_enter();
-    if (slot_a == nullptr) return;  // the same for every block of the tile
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n = blockIdx.y * NW + warp;
-    const int nrows = min(16, seg_end - row0);
-    const bool vec = (h_in & 7) == 0;
-    const int nvec = (h_in + 7) >> 3;
-    const int per = (nvec + ksplit - 1) / ksplit;
-    const int i_begin = split * per, i_end = min(nvec, i_begin + per);
-    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    float* tacc = acc + (size_t)tile * 16 * acc_rank;
-    if (n < slot_rank) {
-        const T* An = reinterpret_cast<const T*>(slot_a) + (size_t)n * h_in;
-        for (int r0 = 0; r0 < nrows; r0 += ROWS) {
-            float sum[ROWS];
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) sum[r] = 0.0f;
-            for (int i0 = i_begin + lane; i0 < i_end; i0 += 32 * KU) {
-                uint4 a[KU];
-                uint4 xv[KU][ROWS];
-#pragma unroll
-                for (int u = 0; u < KU; ++u) {
-                    const int i = i0 + u * 32;
-                    a[u] = i < i_end ? load8(An, i * 8, h_in, vec) : zero;
-#pragma unroll
-                    for (int r = 0; r < ROWS; ++r) {
-                        const T* xr = x + (size_t)(row0 + r0 + r) * h_in;
-                        xv[u][r] = (i < i_end && r0 + r < nrows) ? load8(xr, i * 8, h_in, vec) : zero;
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < KU; ++u) {
-#pragma unroll
-                    for (int r = 0; r < ROWS; ++r) sum[r] += dot8<T>(a[u], xv[u][r]);
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                const float t = warp_sum(sum[r]);
-                if (lane == 0 && r0 + r < nrows) {
-                    if (ksplit == 1) {
-                        v[(size_t)(row0 + r0 + r) * v_stride + n] = t;
-                    } else {
-                        atomicAdd(&tacc[(r0 + r) * acc_rank + n], t);
-                    }
-                }
-            }
-        }
-    }
-    if (ksplit == 1) return;
-
-    __threadfence();
-    __syncthreads();
-    const u32 blocks = gridDim.x * gridDim.y;
-    if (threadIdx.x == 0) {
-        const u32 prev = atomicAdd(&counters[tile], 1u);
-        is_last = (prev == blocks - 1);
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    for (int idx = threadIdx.x; idx < nrows * slot_rank; idx += blockDim.x) {
-        const int row = idx / slot_rank, col = idx % slot_rank;
-        v[(size_t)(row0 + row) * v_stride + col] = __ldcg(&tacc[row * acc_rank + col]);
-        tacc[row * acc_rank + col] = 0.0f;
-    }
-    if (threadIdx.x == 0) counters[tile] = 0u;
-}
-
-
+// The row kernels of kernels/sgmv.cu instantiated with other constants (KU loads in flight a
+// lane, NW warps a block, launch bounds MINB blocks an SM).
 #define PROBE_EXPAND(VNAME, VTYPE, RL, KU, NW, MINB)                                            \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                \
         probe_expand_rows##VNAME##_l##RL##_k##KU##_w##NW##_b##MINB(                            \
             const VTYPE* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride,     \
             int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,  \
             const u32* __restrict__ tiles, const u32* __restrict__ segs) {                     \
-        probe_expand_rows_impl<bf16, VTYPE, RL, KU, NW>(v, v_stride, y, y_stride, col_offset,  \
-                                                        end0, end1, end2, table, tiles, segs); \
+        sgmv_expand_rows_impl<bf16, VTYPE, RL, KU, NW>(v, v_stride, y, y_stride, col_offset,   \
+                                                       end0, end1, end2, table, tiles, segs);  \
     }
 #define PROBE_EXPANDS(KU, NW, MINB)            \
     PROBE_EXPAND(_vh, bf16, 2, KU, NW, MINB)   \
@@ -671,8 +493,8 @@ PROBE_EXPANDS(1, 32, 2)
             const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,                 \
             const u32* __restrict__ segs, int ksplit, int acc_rank, float* __restrict__ acc,   \
             u32* __restrict__ counters) {                                                      \
-        probe_shrink_rows_impl<bf16, 1, KU, NW>(x, h_in, v, v_stride, table, tiles, segs,      \
-                                                ksplit, acc_rank, acc, counters);              \
+        sgmv_shrink_rows_impl<bf16, 1, KU, NW>(x, h_in, v, v_stride, table, tiles, segs,       \
+                                               ksplit, acc_rank, acc, counters);               \
     }
 PROBE_SHRINK(4, 4, 8)
 PROBE_SHRINK(8, 4, 4)
