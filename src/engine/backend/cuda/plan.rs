@@ -673,6 +673,30 @@ mod tests {
     }
 
     #[test]
+    fn row_expand_grid_covers_every_column_once() {
+        for rank in 1..=MAX_RANK {
+            for h_out in [1, 7, 100, 576, 4096, 4608, 11008, 12288, 22016] {
+                for tiles in [1, 3, 64] {
+                    let (lanes, (gx, gy)) = expand_rows_plan(rank, h_out, tiles).unwrap();
+                    // Each lane holds 8 ranks; lanes come in powers of two up to a warp's half.
+                    assert!(lanes.is_power_of_two() && lanes * 8 >= rank && lanes <= 16);
+                    assert!(
+                        lanes == 1 || (lanes / 2) * 8 < rank,
+                        "rank {rank}: {lanes} lanes"
+                    );
+                    let cols = EXPAND_ROWS_WARPS * EXPAND_ROWS_KU * (32 / lanes);
+                    let gx = gx as usize;
+                    assert!(
+                        gx * cols >= h_out && (gx - 1) * cols < h_out,
+                        "{rank} {h_out}"
+                    );
+                    assert_eq!(gy as usize, tiles);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn the_register_resident_norm_covers_rows_of_whole_vectors_up_to_8192() {
         assert_eq!(norm_vec_plan(4096), Some((1, 512)));
         assert_eq!(norm_vec_plan(8192), Some((2, 512)));
