@@ -563,6 +563,20 @@ struct RowParts {
     int voff0, voff1, voff2;
 };
 
+__device__ __forceinline__ RowParts row_parts(const LoraSlot* s) {
+    RowParts rp;
+    rp.b0 = reinterpret_cast<const u16*>(s->b[0]);
+    rp.b1 = reinterpret_cast<const u16*>(s->b[1]);
+    rp.b2 = reinterpret_cast<const u16*>(s->b[2]);
+    rp.rank0 = (int)s->prank[0];
+    rp.rank1 = (int)s->prank[1];
+    rp.rank2 = (int)s->prank[2];
+    rp.voff0 = (int)s->voff[0];
+    rp.voff1 = (int)s->voff[1];
+    rp.voff2 = (int)s->voff[2];
+    return rp;
+}
+
 // y[row, col_offset + c] += v[row, voff_j ..][.. rank_j] . B_j[c - start_j, :] for the rows of
 // tile blockIdx.y: RL lanes per column (8 ranks each), 32 / RL columns per warp step, KU steps
 // per warp, NW warps per block; a column's B is loaded once (before the wait: B comes from host
@@ -581,17 +595,7 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
         pdl_enter();
         return;
     }
-    const LoraSlot* s = table + slot;
-    RowParts rp;
-    rp.b0 = reinterpret_cast<const u16*>(s->b[0]);
-    rp.b1 = reinterpret_cast<const u16*>(s->b[1]);
-    rp.b2 = reinterpret_cast<const u16*>(s->b[2]);
-    rp.rank0 = (int)s->prank[0];
-    rp.rank1 = (int)s->prank[1];
-    rp.rank2 = (int)s->prank[2];
-    rp.voff0 = (int)s->voff[0];
-    rp.voff1 = (int)s->voff[1];
-    rp.voff2 = (int)s->voff[2];
+    const RowParts rp = row_parts(table + slot);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int sub = lane % RL, cg = lane / RL;
     const int kk = sub * 8;

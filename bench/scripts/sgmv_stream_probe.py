@@ -1,8 +1,10 @@
 # Probe of the SGMV kernels for segments of one row (distinct adapters), bf16, on a CUDA machine
 # with torch: CUDA-graph replay over rotated inputs (~200 MiB), programmatic dependent launch as
 # the backend launches them, every result checked against torch.
-# - The row kernels of kernels/sgmv.cu against copies with other constants (loads in flight a
-#   lane, warps a block, launch bounds: `probe_*_rows_*` in sgmv_stream_probe.cu).
+# - The row kernels of kernels/sgmv.cu against instances with other constants (loads in flight a
+#   lane, warps a block, launch bounds: `probe_*_rows_*` in sgmv_stream_probe.cu), and a
+#   grid-stride row expand (`probe_expand_rows_gs_*`; written in session 13 after its last GPU
+#   run, not measured yet).
 # - With `stream`: shrink and expand fed by bulk copies (TMA) into shared-memory stages of
 #   persistent blocks (`sgmv_*_stream_*`); flags 1 = no compute, 2 = y untouched, 4 = no v
 #   loads, 8 = the old y by bulk copies too.
@@ -196,7 +198,8 @@ def old_ops(s, v_half, shrink=True, expand=True):
            threads=256)
 
 
-ROW_VARIANTS = [(4, 4, 6), (1, 8, 6), (1, 16, 4), (1, 16, 3), (2, 8, 6), (2, 4, 12), (2, 16, 3), (1, 32, 2)]
+ROW_VARIANTS = [(4, 4, 6), (1, 8, 6), (2, 4, 12)]
+GS_VARIANTS = [(8, 4), (8, 6), (4, 12)]
 SHRINK_VARIANTS = []
 
 
@@ -228,6 +231,21 @@ def row_ops(s, v_half, ev=None, sv=None, shrink=True):
     launch(f"probe_expand_rows{vn}_l{rl}_k{ku}_w{nw}_b{mb}", ((h_out + cols - 1) // cols, s.rows, 1),
            [vt, rank_all, s.y, h_out, 0, s.ends[0], s.ends[1], s.ends[2], s.table, s.tiles, s.segs],
            threads=32 * nw)
+
+
+def gs_ops(s, v_half, nw, mb, shrink=True):
+    """The old row shrink, then the grid-stride row expand (nw warps, launch bounds mb)."""
+    if shrink:
+        old_ops(s, v_half, shrink=True, expand=False)
+    rank_all = s.rank * len(s.parts)
+    rl = max(1, s.rank // 8)
+    h_out = s.ends[2]
+    ncb = (h_out + nw * (32 // rl) - 1) // (nw * (32 // rl))
+    per_tile = max(1, min(ncb, mb * SMS // s.rows))
+    vt, vn = (s.vh, "_vh") if v_half else (s.v, "")
+    launch(f"probe_expand_rows_gs{vn}_l{rl}_w{nw}_b{mb}", (per_tile * s.rows, 1, 1),
+           [vt, rank_all, s.y, h_out, 0, s.ends[0], s.ends[1], s.ends[2], s.table, s.tiles, s.segs,
+            s.rows, ncb], threads=32 * nw)
 
 
 def stream_ops(s, v_half, p, shrink=True):
@@ -388,6 +406,8 @@ def main():
                     vs.append((lab(c2) + f" flags{fl}", (lambda c: lambda s: stream_ops(s, False, c))(c2)))
         for ev in ROW_VARIANTS:
             vs.append((f"rows: expand k{ev[0]} w{ev[1]} b{ev[2]}", (lambda ev: lambda s: row_ops(s, False, ev=ev))(ev)))
+        for (nw, mb) in GS_VARIANTS:
+            vs.append((f"rows: grid-stride expand w{nw} b{mb}", (lambda nw, mb: lambda s: gs_ops(s, False, nw, mb))(nw, mb)))
         for sv in SHRINK_VARIANTS:
             vs.append((f"rows: shrink k{sv[0]} w{sv[1]} b{sv[2]}", (lambda sv: lambda s: row_ops(s, False, sv=sv))(sv)))
         run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
@@ -396,6 +416,8 @@ def main():
         vs = [("old row expand", lambda s: old_ops(s, True, shrink=False))]
         for ev in ROW_VARIANTS:
             vs.append((f"rows: expand k{ev[0]} w{ev[1]} b{ev[2]}", (lambda ev: lambda s: row_ops(s, True, ev=ev, shrink=False))(ev)))
+        for (nw, mb) in GS_VARIANTS:
+            vs.append((f"rows: grid-stride expand w{nw} b{mb}", (lambda nw, mb: lambda s: gs_ops(s, True, nw, mb, shrink=False))(nw, mb)))
         if "stream" in sys.argv:
             for (esb, est, bps, nw) in [(16384, 2, 3, 4), (16384, 3, 2, 4)]:
                 for flags in [0, 8]:
