@@ -539,6 +539,21 @@ pub struct BenchEngineArgs {
     /// while `max_running - 1` other requests decode.
     #[arg(long)]
     pub cold_adapter: bool,
+    /// With `--cold-adapter`: how many such requests (each with an adapter of its own, each
+    /// after a request whose adapter is resident), 1 to 50; the report gives their median and
+    /// range.
+    #[arg(long, default_value_t = 5, value_parser = parse_probes)]
+    pub cold_probes: usize,
+}
+
+/// `--cold-probes`: 1 to 50.
+fn parse_probes(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if (1..=50).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} is not between 1 and 50"))
+    }
 }
 
 /// `--prompt-sigma`: finite, 0 to 3.
@@ -836,10 +851,11 @@ fn probe(traffic: &Traffic, adapter: usize) -> Traffic {
     }
 }
 
-/// A request whose adapter is in neither the GPU nor the host tier, submitted while
-/// `max_running - 1` requests with resident adapters decode: its time to first token next to
-/// that of a request whose adapter is resident (one prefill among the decodes), and the
-/// decoding requests' inter-token latency while it waits.
+/// Requests whose adapter is in neither the GPU nor the host tier (`--cold-probes` of them,
+/// one after another, each with an adapter of its own), submitted while `max_running - 1`
+/// requests with resident adapters decode: their time to first token next to that of a request
+/// whose adapter is resident (one prefill among the decodes, just before each), and the
+/// decoding requests' inter-token latency while they wait.
 fn cold_adapter_report(
     args: &BenchEngineArgs,
     config: &LlamaConfig,
@@ -847,17 +863,26 @@ fn cold_adapter_report(
     keys: &[AdapterKey],
     detokenizer: &SharedDetokenizer,
 ) -> Result<String, BenchError> {
+    let probes = args.cold_probes.max(1);
     let mut all = keys.to_vec();
-    let cold = all.len();
-    all.push(AdapterKey {
-        id: Uuid::from_u128(cold as u128 + 1),
-        version: 1,
-    });
-    source.insert(
-        all[cold],
-        random_adapter(config, args.rank, 0.01, args.seed + cold as u64)?,
-    );
-    let long = args.max_tokens.saturating_mul(4).max(8);
+    let cold0 = all.len();
+    for i in cold0..cold0 + probes {
+        let key = AdapterKey {
+            id: Uuid::from_u128(i as u128 + 1),
+            version: 1,
+        };
+        source.insert(
+            key,
+            random_adapter(config, args.rank, 0.01, args.seed + i as u64)?,
+        );
+        all.push(key);
+    }
+    // Long enough to outlast the probes (about 0.1 s a pair on the H200 at 7B).
+    let long = args
+        .max_tokens
+        .saturating_mul(4)
+        .max(8)
+        .saturating_mul(probes.div_ceil(5) as u32);
     let (engine, metrics) = start_engine(args, config, source, detokenizer, all.len(), long)?;
     let background = Traffic::generate(
         Workload::Distinct,
@@ -870,24 +895,34 @@ fn cold_adapter_report(
         args.seed + 1,
     );
     warm_up(&engine, &background, keys)?;
-    let (warm, cold_t, bg, load_ms) = std::thread::scope(|scope| {
+    type Timings = Result<Vec<RequestTiming>, EngineError>;
+    let (pairs, bg) = std::thread::scope(|scope| {
         let bg = scope.spawn(|| drive_timings(&engine, &background, keys));
         // Past the background's prefill: it is decoding when the probes arrive.
         std::thread::sleep(Duration::from_millis(100));
-        let warm = drive_timings(&engine, &probe(&background, 0), &all);
-        let loaded = metrics.adapter_load_seconds.get_sample_sum();
-        let cold_t = drive_timings(&engine, &probe(&background, cold), &all);
-        // The cold adapter's own load on a loader thread (fetch, validate, stage).
-        let load_ms = (metrics.adapter_load_seconds.get_sample_sum() - loaded) * 1e3;
+        let mut pairs: Vec<(Timings, Timings, f64)> = Vec::with_capacity(probes);
+        for i in 0..probes {
+            let warm = drive_timings(&engine, &probe(&background, 0), &all);
+            let loaded = metrics.adapter_load_seconds.get_sample_sum();
+            let cold = drive_timings(&engine, &probe(&background, cold0 + i), &all);
+            // The cold adapter's own load on a loader thread (fetch, validate, stage).
+            let load_ms = (metrics.adapter_load_seconds.get_sample_sum() - loaded) * 1e3;
+            pairs.push((warm, cold, load_ms));
+        }
         let bg = bg
             .join()
             .unwrap_or_else(|_| Err(EngineError::Startup("background thread panicked".into())));
-        (warm, cold_t, bg, load_ms)
+        (pairs, bg)
     });
-    let (warm, cold_t, bg) = (warm?, cold_t?, bg?);
-    let ttft = |t: &[RequestTiming]| -> Option<f64> {
+    let bg = bg?;
+    let mut runs = Vec::with_capacity(pairs.len());
+    for (warm, cold, load_ms) in pairs {
+        runs.push((warm?, cold?, load_ms));
+    }
+    let ttft = |t: &[RequestTiming]| -> Option<(Instant, f64)> {
         let t = t.first()?;
-        Some(t.tokens.first()?.duration_since(t.submitted?).as_secs_f64() * 1e3)
+        let (sub, first) = (t.submitted?, *t.tokens.first()?);
+        Some((sub, first.duration_since(sub).as_secs_f64() * 1e3))
     };
     let mut s = String::new();
     let _ = writeln!(
@@ -895,40 +930,50 @@ fn cold_adapter_report(
         "\n### A request whose adapter is not resident, while {} requests decode\n",
         background.prompts.len()
     );
-    let failed: Vec<&String> = [&warm, &cold_t, &bg]
-        .into_iter()
-        .flatten()
+    let failed: Vec<&String> = runs
+        .iter()
+        .flat_map(|(w, c, _)| w.iter().chain(c))
+        .chain(&bg)
         .filter_map(|t| t.failed.as_ref())
         .collect();
     if let Some(first) = failed.first() {
         let _ = writeln!(s, "{} requests failed, the first: {first}", failed.len());
         return Ok(s);
     }
-    let (Some(w), Some(c)) = (ttft(&warm), ttft(&cold_t)) else {
-        let _ = writeln!(s, "a probe request produced no token");
-        return Ok(s);
+    let (mut warm, mut cold, mut load, mut diff, mut waits) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (w, c, load_ms) in &runs {
+        let (Some((_, w)), Some((sub, c))) = (ttft(w), ttft(c)) else {
+            let _ = writeln!(s, "a probe request produced no token");
+            return Ok(s);
+        };
+        warm.push(w);
+        cold.push(c);
+        load.push(*load_ms);
+        diff.push(c - w);
+        waits.push((sub, sub + Duration::from_secs_f64(c / 1e3)));
+    }
+    let cell = |v: &mut Vec<f64>| -> String {
+        v.sort_unstable_by(f64::total_cmp);
+        let (lo, hi) = (v[0], v[v.len() - 1]);
+        format!("{:.1} ({lo:.1}..{hi:.1})", percentile(v, 50.0))
     };
     let _ = writeln!(
         s,
-        "| request | time to first token ms |\n|---|---|\n| adapter resident (one prefill among the decodes) | {w:.1} |\n| adapter in no tier (fetch, validate, stage, copy to a slot, prefill) | {c:.1} |\n| difference (the load) | {:.1} |\n| of which on the loader thread (fetch, validate, stage) | {load_ms:.1} |",
-        c - w
+        "| request | time to first token ms: median (min..max) of {probes} |\n|---|---|\n| adapter resident (one prefill among the decodes) | {} |\n| adapter in no tier (fetch, validate, stage, copy to a slot, prefill) | {} |\n| difference (the load) | {} |\n| of which on the loader thread (fetch, validate, stage) | {} |",
+        cell(&mut warm),
+        cell(&mut cold),
+        cell(&mut diff),
+        cell(&mut load)
     );
-    // The decoding requests' token gaps while the cold request waited.
-    let (start, end) = match cold_t.first() {
-        Some(RequestTiming {
-            submitted: Some(sub),
-            tokens,
-            ..
-        }) => (*sub, tokens.first().copied().unwrap_or(*sub)),
-        _ => return Ok(s),
-    };
+    // The decoding requests' token gaps while a cold request waited.
     let mut during = Vec::new();
     let mut all_gaps = Vec::new();
     for t in &bg {
         for w in t.tokens.windows(2) {
             let gap = w[1].duration_since(w[0]).as_secs_f64() * 1e3;
             all_gaps.push(gap);
-            if w[1] > start && w[0] < end {
+            if waits.iter().any(|&(start, end)| w[1] > start && w[0] < end) {
                 during.push(gap);
             }
         }

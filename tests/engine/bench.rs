@@ -24,6 +24,7 @@ fn args(cold_adapter: bool) -> BenchEngineArgs {
         output: None,
         gpu_memory_fraction: 0.9,
         cold_adapter,
+        cold_probes: 3,
     }
 }
 
@@ -35,23 +36,28 @@ fn a_request_whose_adapter_is_in_no_tier_is_served_while_the_others_decode() {
         .nth(1)
         .unwrap_or_else(|| panic!("no cold-adapter section in:\n{report}"));
     assert!(!section.contains("failed"), "{section}");
-    let ttft = |label: &str| -> f64 {
+    assert!(
+        section.contains("median (min..max) of 3 |"),
+        "three cold requests: {section}"
+    );
+    // A row's median, minimum and maximum: "| label | 12.3 (10.1..15.2) |".
+    let ttft = |label: &str| -> (f64, f64, f64) {
         let line = section
             .lines()
             .find(|l| l.starts_with(&format!("| {label}")))
             .unwrap_or_else(|| panic!("no row {label:?} in:\n{section}"));
-        line.trim_end_matches(" |")
-            .rsplit("| ")
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
+        let cell = line.trim_end_matches(" |").rsplit("| ").next().unwrap();
+        let (median, range) = cell.split_once(" (").unwrap();
+        let (lo, hi) = range.trim_end_matches(')').split_once("..").unwrap();
+        let [median, lo, hi] = [median, lo, hi].map(|v| v.parse::<f64>().unwrap());
+        assert!(lo <= median && median <= hi, "{line}");
+        (median, lo, hi)
     };
     let (warm, cold) = (ttft("adapter resident"), ttft("adapter in no tier"));
-    assert!(warm > 0.0 && cold > 0.0, "{section}");
-    // The loader's share is a part of the cold request's wait.
+    assert!(warm.1 > 0.0 && cold.1 > 0.0, "{section}");
+    // The loader's share is a part of each cold request's wait, so of their median too.
     let loader = ttft("of which on the loader thread");
-    assert!(loader > 0.0 && loader < cold, "{section}");
+    assert!(loader.1 > 0.0 && loader.0 < cold.0, "{section}");
     assert!(
         section.contains("The decoding requests meanwhile:"),
         "{section}"
