@@ -896,10 +896,18 @@ fn cold_adapter_report(
     );
     warm_up(&engine, &background, keys)?;
     type Timings = Result<Vec<RequestTiming>, EngineError>;
+    let base = metrics.generated_tokens.get();
     let (pairs, bg) = std::thread::scope(|scope| {
         let bg = scope.spawn(|| drive_timings(&engine, &background, keys));
-        // Past the background's prefill: it is decoding when the probes arrive.
-        std::thread::sleep(Duration::from_millis(100));
+        // Past the background's prefill (as many tokens as requests and none waiting, or a
+        // minute at most): it is decoding when the probes arrive.
+        let want = base + background.prompts.len() as u64;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (metrics.generated_tokens.get() < want || metrics.waiting.get() > 0)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let mut pairs: Vec<(Timings, Timings, f64)> = Vec::with_capacity(probes);
         for i in 0..probes {
             let warm = drive_timings(&engine, &probe(&background, 0), &all);
@@ -988,6 +996,16 @@ fn cold_adapter_report(
         during.last().copied().unwrap_or(0.0),
         percentile(&all_gaps, 50.0)
     );
+    // Whether the batch still decoded when the last cold request got its token.
+    let last_bg = bg.iter().filter_map(|t| t.tokens.last()).max();
+    if let (Some(&last_bg), Some(&(_, last_wait))) = (last_bg, waits.last())
+        && last_bg < last_wait
+    {
+        let _ = writeln!(
+            s,
+            "The decoding requests finished before the last cold request's first token: raise --max-tokens for a batch that outlasts the probes."
+        );
+    }
     Ok(s)
 }
 
