@@ -490,7 +490,9 @@ PROBE_EXPANDS(1, 32, 2)
 // blocks b / ntiles, + per_tile, ... (gridDim.x = per_tile * ntiles): the slot's parts are read
 // once, and each warp loads the next column block's B (and, for a segment of one row, its old
 // y) while it applies the current one.
-template <typename T, typename VT, int RL, int NW>
+// SL: the slot's part pointers, ranks and offsets read from the table (L1) for every column
+// block instead of held in registers (53 registers without launch bounds).
+template <typename T, typename VT, int RL, int NW, bool SL = false>
 __device__ __forceinline__ void probe_expand_rows_gs_impl(
     const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
@@ -503,13 +505,26 @@ __device__ __forceinline__ void probe_expand_rows_gs_impl(
         pdl_enter();
         return;
     }
-    const RowParts rp = row_parts(table + ts.slot);
+    const LoraSlot* sl = table + ts.slot;
+    RowParts rp;
+    if (!SL) rp = row_parts(sl);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int sub = lane % RL, cg = lane / RL, kk = sub * 8;
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
     // B of column `col` (8 ranks of this lane), its part's rank (0: not written) and v offset.
     auto load_b = [&](int col, int& rank, int& voff) -> uint4 {
         const int j = (col >= end0) + (col >= end1);
+        if (SL) {
+            const u16* p = reinterpret_cast<const u16*>(sl->b[j]);
+            const int r = (int)sl->prank[j];
+            const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
+            const bool live = col < end2 && p != nullptr;
+            rank = live ? r : 0;
+            voff = (int)sl->voff[j];
+            return (live && kk < r) ? load8(reinterpret_cast<const T*>(p) + (size_t)(col - start) * r,
+                                            kk, r, (r & 7) == 0)
+                                    : zero;
+        }
         const u16* p = j == 0 ? rp.b0 : (j == 1 ? rp.b1 : rp.b2);
         const int r = j == 0 ? rp.rank0 : (j == 1 ? rp.rank1 : rp.rank2);
         const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
@@ -566,12 +581,15 @@ __device__ __forceinline__ void probe_expand_rows_gs_impl(
 }
 
 #define PROBE_EXPAND_GS(VNAME, VTYPE, RL, NW, MINB)                                             \
+    PROBE_EXPAND_GS1(VNAME, VTYPE, RL, NW, MINB, gs, false)                                    \
+    PROBE_EXPAND_GS1(VNAME, VTYPE, RL, NW, MINB, gsl, true)
+#define PROBE_EXPAND_GS1(VNAME, VTYPE, RL, NW, MINB, KIND, SL)                                  \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                \
-        probe_expand_rows_gs##VNAME##_l##RL##_w##NW##_b##MINB(                                 \
+        probe_expand_rows_##KIND##VNAME##_l##RL##_w##NW##_b##MINB(                             \
             const VTYPE* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride,     \
             int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,  \
             const u32* __restrict__ tiles, const u32* __restrict__ segs, int ntiles, int ncb) { \
-        probe_expand_rows_gs_impl<bf16, VTYPE, RL, NW>(v, v_stride, y, y_stride, col_offset,   \
+        probe_expand_rows_gs_impl<bf16, VTYPE, RL, NW, SL>(v, v_stride, y, y_stride, col_offset, \
                                                        end0, end1, end2, table, tiles, segs,   \
                                                        ntiles, ncb);                           \
     }
@@ -582,6 +600,9 @@ __device__ __forceinline__ void probe_expand_rows_gs_impl(
 PROBE_EXPANDS_GS(8, 6)
 PROBE_EXPANDS_GS(8, 4)
 PROBE_EXPANDS_GS(4, 12)
+PROBE_EXPANDS_GS(8, 8)
+PROBE_EXPANDS_GS(16, 4)
+PROBE_EXPANDS_GS(4, 16)
 
 #define PROBE_SHRINK(KU, NW, MINB)                                                              \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                \

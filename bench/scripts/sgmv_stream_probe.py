@@ -199,7 +199,7 @@ def old_ops(s, v_half, shrink=True, expand=True):
 
 
 ROW_VARIANTS = [(4, 4, 6), (1, 8, 6), (2, 4, 12)]
-GS_VARIANTS = [(8, 4), (8, 6), (4, 12)]
+GS_VARIANTS = [(k, nw, mb) for k in ("gs", "gsl") for (nw, mb) in [(8, 4), (8, 6), (4, 12), (8, 8), (16, 4), (4, 16)]]
 SHRINK_VARIANTS = []
 
 
@@ -233,8 +233,9 @@ def row_ops(s, v_half, ev=None, sv=None, shrink=True):
            threads=32 * nw)
 
 
-def gs_ops(s, v_half, nw, mb, shrink=True):
-    """The old row shrink, then the grid-stride row expand (nw warps, launch bounds mb)."""
+def gs_ops(s, v_half, kind, nw, mb, shrink=True):
+    """The old row shrink, then the grid-stride row expand (kind gs: the slot's parts in
+    registers, gsl: read from the table a column block; nw warps, launch bounds mb)."""
     if shrink:
         old_ops(s, v_half, shrink=True, expand=False)
     rank_all = s.rank * len(s.parts)
@@ -243,7 +244,7 @@ def gs_ops(s, v_half, nw, mb, shrink=True):
     ncb = (h_out + nw * (32 // rl) - 1) // (nw * (32 // rl))
     per_tile = max(1, min(ncb, mb * SMS // s.rows))
     vt, vn = (s.vh, "_vh") if v_half else (s.v, "")
-    launch(f"probe_expand_rows_gs{vn}_l{rl}_w{nw}_b{mb}", (per_tile * s.rows, 1, 1),
+    launch(f"probe_expand_rows_{kind}{vn}_l{rl}_w{nw}_b{mb}", (per_tile * s.rows, 1, 1),
            [vt, rank_all, s.y, h_out, 0, s.ends[0], s.ends[1], s.ends[2], s.table, s.tiles, s.segs,
             s.rows, ncb], threads=32 * nw)
 
@@ -406,8 +407,8 @@ def main():
                     vs.append((lab(c2) + f" flags{fl}", (lambda c: lambda s: stream_ops(s, False, c))(c2)))
         for ev in ROW_VARIANTS:
             vs.append((f"rows: expand k{ev[0]} w{ev[1]} b{ev[2]}", (lambda ev: lambda s: row_ops(s, False, ev=ev))(ev)))
-        for (nw, mb) in GS_VARIANTS:
-            vs.append((f"rows: grid-stride expand w{nw} b{mb}", (lambda nw, mb: lambda s: gs_ops(s, False, nw, mb))(nw, mb)))
+        for (k, nw, mb) in GS_VARIANTS:
+            vs.append((f"rows: grid-stride expand {k} w{nw} b{mb}", (lambda k, nw, mb: lambda s: gs_ops(s, False, k, nw, mb))(k, nw, mb)))
         for sv in SHRINK_VARIANTS:
             vs.append((f"rows: shrink k{sv[0]} w{sv[1]} b{sv[2]}", (lambda sv: lambda s: row_ops(s, False, sv=sv))(sv)))
         run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
@@ -416,8 +417,8 @@ def main():
         vs = [("old row expand", lambda s: old_ops(s, True, shrink=False))]
         for ev in ROW_VARIANTS:
             vs.append((f"rows: expand k{ev[0]} w{ev[1]} b{ev[2]}", (lambda ev: lambda s: row_ops(s, True, ev=ev, shrink=False))(ev)))
-        for (nw, mb) in GS_VARIANTS:
-            vs.append((f"rows: grid-stride expand w{nw} b{mb}", (lambda nw, mb: lambda s: gs_ops(s, True, nw, mb, shrink=False))(nw, mb)))
+        for (k, nw, mb) in GS_VARIANTS:
+            vs.append((f"rows: grid-stride expand {k} w{nw} b{mb}", (lambda k, nw, mb: lambda s: gs_ops(s, True, k, nw, mb, shrink=False))(k, nw, mb)))
         if "stream" in sys.argv:
             for (esb, est, bps, nw) in [(16384, 2, 3, 4), (16384, 3, 2, 4)]:
                 for flags in [0, 8]:
