@@ -492,7 +492,9 @@ PROBE_EXPANDS(1, 32, 2)
 // y) while it applies the current one.
 // SL: the slot's part pointers, ranks and offsets read from the table (L1) for every column
 // block instead of held in registers (53 registers without launch bounds).
-template <typename T, typename VT, int RL, int NW, bool SL = false>
+// VC: for a segment of one row, the lane's 8 values of v are kept across column blocks and
+// loaded again only when the part (its offset in v) changes.
+template <typename T, typename VT, int RL, int NW, bool SL = false, bool VC = false>
 __device__ __forceinline__ void probe_expand_rows_gs_impl(
     const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
@@ -543,6 +545,8 @@ __device__ __forceinline__ void probe_expand_rows_gs_impl(
     const bool vvec = (v_stride & (VN - 1)) == 0;
     T* y0 = y + (size_t)ts.row0 * y_stride + col_offset;
     float yv = (nrows == 1 && sub == 0 && rank > 0) ? to_f32(y0[col]) : 0.0f;
+    float wc[8];
+    int cvoff = -1;
     for (;;) {
         const int cbn = cb + per_tile;
         const bool more = cbn < ncb;  // the same for the whole block
@@ -559,9 +563,17 @@ __device__ __forceinline__ void probe_expand_rows_gs_impl(
             T* yr = y0 + (size_t)row * y_stride;
             float part = 0.0f;
             if (kk < rank) {
-                float w[8];
-                load_v8_l1(vr + voff, kk, rank, vvec && (voff & (VN - 1)) == 0, w);
-                part = dot8f<T>(w, b);
+                if (VC && nrows == 1) {
+                    if (voff != cvoff) {
+                        load_v8_l1(vr + voff, kk, rank, vvec && (voff & (VN - 1)) == 0, wc);
+                        cvoff = voff;
+                    }
+                    part = dot8f<T>(wc, b);
+                } else {
+                    float w[8];
+                    load_v8_l1(vr + voff, kk, rank, vvec && (voff & (VN - 1)) == 0, w);
+                    part = dot8f<T>(w, b);
+                }
             }
 #pragma unroll
             for (int o = RL / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
@@ -581,15 +593,16 @@ __device__ __forceinline__ void probe_expand_rows_gs_impl(
 }
 
 #define PROBE_EXPAND_GS(VNAME, VTYPE, RL, NW, MINB)                                             \
-    PROBE_EXPAND_GS1(VNAME, VTYPE, RL, NW, MINB, gs, false)                                    \
-    PROBE_EXPAND_GS1(VNAME, VTYPE, RL, NW, MINB, gsl, true)
-#define PROBE_EXPAND_GS1(VNAME, VTYPE, RL, NW, MINB, KIND, SL)                                  \
+    PROBE_EXPAND_GS1(VNAME, VTYPE, RL, NW, MINB, gs, false, false)                             \
+    PROBE_EXPAND_GS1(VNAME, VTYPE, RL, NW, MINB, gsl, true, false)                             \
+    PROBE_EXPAND_GS1(VNAME, VTYPE, RL, NW, MINB, gsv, true, true)
+#define PROBE_EXPAND_GS1(VNAME, VTYPE, RL, NW, MINB, KIND, SL, VC)                              \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                \
         probe_expand_rows_##KIND##VNAME##_l##RL##_w##NW##_b##MINB(                             \
             const VTYPE* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride,     \
             int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,  \
             const u32* __restrict__ tiles, const u32* __restrict__ segs, int ntiles, int ncb) { \
-        probe_expand_rows_gs_impl<bf16, VTYPE, RL, NW, SL>(v, v_stride, y, y_stride, col_offset, \
+        probe_expand_rows_gs_impl<bf16, VTYPE, RL, NW, SL, VC>(v, v_stride, y, y_stride, col_offset, \
                                                        end0, end1, end2, table, tiles, segs,   \
                                                        ntiles, ncb);                           \
     }

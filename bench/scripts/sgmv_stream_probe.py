@@ -199,7 +199,12 @@ def old_ops(s, v_half, shrink=True, expand=True):
 
 
 ROW_VARIANTS = [(4, 4, 6), (1, 8, 6), (2, 4, 12)]
-GS_VARIANTS = [(k, nw, mb) for k in ("gs", "gsl") for (nw, mb) in [(8, 4), (8, 6), (4, 12), (8, 8), (16, 4), (4, 16)]]
+# (kind, warps, launch bounds, grid): kind gs = the slot's parts in registers, gsl = read from
+# the table a column block, gsv = gsl with v kept across column blocks; grid "wave" = one wave
+# of blocks a tile, "bal" = the column blocks spread evenly over as few rounds as one wave
+# needs, "full" = a block a column block (the plain row kernel's grid).
+GS_VARIANTS = [(k, nw, mb, g) for k in ("gsl", "gsv") for (nw, mb) in [(8, 6), (4, 12)]
+               for g in ("wave", "bal", "full")] + [("gsv", 8, 4, "bal")]
 SHRINK_VARIANTS = []
 
 
@@ -233,7 +238,7 @@ def row_ops(s, v_half, ev=None, sv=None, shrink=True):
            threads=32 * nw)
 
 
-def gs_ops(s, v_half, kind, nw, mb, shrink=True):
+def gs_ops(s, v_half, kind, nw, mb, grid="wave", shrink=True):
     """The old row shrink, then the grid-stride row expand (kind gs: the slot's parts in
     registers, gsl: read from the table a column block; nw warps, launch bounds mb)."""
     if shrink:
@@ -242,7 +247,14 @@ def gs_ops(s, v_half, kind, nw, mb, shrink=True):
     rl = max(1, s.rank // 8)
     h_out = s.ends[2]
     ncb = (h_out + nw * (32 // rl) - 1) // (nw * (32 // rl))
-    per_tile = max(1, min(ncb, mb * SMS // s.rows))
+    wave = max(1, mb * SMS // s.rows)
+    if grid == "full":
+        per_tile = ncb
+    elif grid == "bal":
+        rounds = (ncb + wave - 1) // wave
+        per_tile = (ncb + rounds - 1) // rounds
+    else:
+        per_tile = min(ncb, wave)
     vt, vn = (s.vh, "_vh") if v_half else (s.v, "")
     launch(f"probe_expand_rows_{kind}{vn}_l{rl}_w{nw}_b{mb}", (per_tile * s.rows, 1, 1),
            [vt, rank_all, s.y, h_out, 0, s.ends[0], s.ends[1], s.ends[2], s.table, s.tiles, s.segs,
@@ -407,8 +419,8 @@ def main():
                     vs.append((lab(c2) + f" flags{fl}", (lambda c: lambda s: stream_ops(s, False, c))(c2)))
         for ev in ROW_VARIANTS:
             vs.append((f"rows: expand k{ev[0]} w{ev[1]} b{ev[2]}", (lambda ev: lambda s: row_ops(s, False, ev=ev))(ev)))
-        for (k, nw, mb) in GS_VARIANTS:
-            vs.append((f"rows: grid-stride expand {k} w{nw} b{mb}", (lambda k, nw, mb: lambda s: gs_ops(s, False, k, nw, mb))(k, nw, mb)))
+        for (k, nw, mb, g) in GS_VARIANTS:
+            vs.append((f"rows: grid-stride expand {k} w{nw} b{mb} {g}", (lambda k, nw, mb, g: lambda s: gs_ops(s, False, k, nw, mb, g))(k, nw, mb, g)))
         for sv in SHRINK_VARIANTS:
             vs.append((f"rows: shrink k{sv[0]} w{sv[1]} b{sv[2]}", (lambda sv: lambda s: row_ops(s, False, sv=sv))(sv)))
         run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
@@ -417,8 +429,8 @@ def main():
         vs = [("old row expand", lambda s: old_ops(s, True, shrink=False))]
         for ev in ROW_VARIANTS:
             vs.append((f"rows: expand k{ev[0]} w{ev[1]} b{ev[2]}", (lambda ev: lambda s: row_ops(s, True, ev=ev, shrink=False))(ev)))
-        for (k, nw, mb) in GS_VARIANTS:
-            vs.append((f"rows: grid-stride expand {k} w{nw} b{mb}", (lambda k, nw, mb: lambda s: gs_ops(s, True, k, nw, mb, shrink=False))(k, nw, mb)))
+        for (k, nw, mb, g) in GS_VARIANTS:
+            vs.append((f"rows: grid-stride expand {k} w{nw} b{mb} {g}", (lambda k, nw, mb, g: lambda s: gs_ops(s, True, k, nw, mb, g, shrink=False))(k, nw, mb, g)))
         if "stream" in sys.argv:
             for (esb, est, bps, nw) in [(16384, 2, 3, 4), (16384, 3, 2, 4)]:
                 for flags in [0, 8]:
