@@ -435,6 +435,9 @@ __device__ __forceinline__ void sgmv_expand_impl(
 // latency of each block's chain after the wait, not the bytes in flight, bounds it.
 #define EXPAND_ROWS_WARPS 8
 #define EXPAND_ROWS_KU 1
+// The grid-stride row expand's launch bounds: blocks of EXPAND_ROWS_WARPS warps an SM, which
+// caps it at 40 registers (the host sizes its one wave of blocks from this).
+#define EXPAND_ROWS_GS_BLOCKS 6
 
 // Sum of the eight products of two packed vectors of eight halves.
 template <typename T>
@@ -577,6 +580,20 @@ __device__ __forceinline__ RowParts row_parts(const LoraSlot* s) {
     return rp;
 }
 
+// This lane's 8 ranks of column `col`'s row of B, part B = p (rank r, starting at column
+// `start`; null: the slot lacks the part), and in `rank` the part's rank, 0 where the column is
+// not written (past end2 or no part).
+template <typename T>
+__device__ __forceinline__ uint4 row_b8(const u16* p, int r, int start, int col, int end2, int kk,
+                                        int& rank) {
+    const bool live = col < end2 && p != nullptr;
+    rank = live ? r : 0;
+    return (live && kk < r)
+               ? load8(reinterpret_cast<const T*>(p) + (size_t)(col - start) * r, kk, r,
+                       (r & 7) == 0)
+               : make_uint4(0u, 0u, 0u, 0u);
+}
+
 // y[row, col_offset + c] += v[row, voff_j ..][.. rank_j] . B_j[c - start_j, :] for the rows of
 // tile blockIdx.y: RL lanes per column (8 ranks each), 32 / RL columns per warp step, KU steps
 // per warp, NW warps per block; a column's B is loaded once (before the wait: B comes from host
@@ -610,14 +627,8 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
         const int j = (col >= end0) + (col >= end1);
         const u16* p = j == 0 ? rp.b0 : (j == 1 ? rp.b1 : rp.b2);
         const int r = j == 0 ? rp.rank0 : (j == 1 ? rp.rank1 : rp.rank2);
-        const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
-        const bool live = col < end2 && p != nullptr;
-        rank[u] = live ? r : 0;
         voff[u] = j == 0 ? rp.voff0 : (j == 1 ? rp.voff1 : rp.voff2);
-        bv[u] = (live && kk < r)
-                    ? load8(reinterpret_cast<const T*>(p) + (size_t)(col - start) * r, kk, r,
-                            (r & 7) == 0)
-                    : zero;
+        bv[u] = row_b8<T>(p, r, j == 0 ? 0 : (j == 1 ? end0 : end1), col, end2, kk, rank[u]);
     }
     pdl_enter();
     const int nrows = min(16, seg_end - row0);
@@ -644,6 +655,80 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
     }
 }
 
+// The same for outputs wider than one wave of the kernel above (q|k|v, gate|up at batch 32):
+// one wave of blocks, each looping over column blocks. gridDim.x = per_tile * ntiles; block b
+// serves tile b % ntiles and its column blocks b / ntiles, + per_tile, ... below ncb. Each warp
+// loads the next column block's B (and, for a segment of one row, its old y) before it applies
+// the current one, so only the first round's loads wait for the shrink. The slot's parts are
+// read from the table (L1) for each column block rather than held, which keeps it at 40
+// registers (53 otherwise; measured faster too: bench/results/sgmv-row-expand-gs-*-s14*.txt).
+template <typename T, typename VT, int RL, int NW = EXPAND_ROWS_WARPS>
+__device__ __forceinline__ void sgmv_expand_rows_gs_impl(
+    const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
+    int end0, int end1, int end2, const LoraSlot* __restrict__ table,
+    const u32* __restrict__ tiles, const u32* __restrict__ segs, int ntiles, int ncb) {
+    constexpr int CPS = 32 / RL;
+    const int tile = blockIdx.x % ntiles, per_tile = gridDim.x / ntiles;
+    int cb = blockIdx.x / ntiles;
+    const TileSeg ts = tile_seg(tiles, segs, tile);
+    if (ts.end <= ts.row0 || cb >= ncb) {  // a TILE_NONE entry, or no column block left
+        pdl_enter();
+        return;
+    }
+    const LoraSlot* sl = table + ts.slot;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = lane % RL, cg = lane / RL, kk = sub * 8;
+    auto load_b = [&](int col, int& rank, int& voff) -> uint4 {
+        const int j = (col >= end0) + (col >= end1);
+        voff = (int)sl->voff[j];
+        return row_b8<T>(reinterpret_cast<const u16*>(sl->b[j]), (int)sl->prank[j],
+                         j == 0 ? 0 : (j == 1 ? end0 : end1), col, end2, kk, rank);
+    };
+    int col = (cb * NW + warp) * CPS + cg, rank, voff;
+    uint4 b = load_b(col, rank, voff);
+    pdl_enter();
+    const int nrows = min(16, ts.end - ts.row0);
+    constexpr int VN = VVec<VT>::n;
+    const bool vvec = (v_stride & (VN - 1)) == 0;
+    T* y0 = y + (size_t)ts.row0 * y_stride + col_offset;
+    float yv = (nrows == 1 && sub == 0 && rank > 0) ? to_f32(y0[col]) : 0.0f;
+    for (;;) {
+        const int cbn = cb + per_tile;
+        const bool more = cbn < ncb;  // the same for the whole block
+        const int coln = (cbn * NW + warp) * CPS + cg;
+        int rankn = 0, voffn = 0;
+        uint4 bn = make_uint4(0u, 0u, 0u, 0u);
+        float yvn = 0.0f;
+        if (more) {
+            bn = load_b(coln, rankn, voffn);
+            if (nrows == 1 && sub == 0 && rankn > 0) yvn = to_f32(y0[coln]);
+        }
+        for (int row = 0; row < nrows; ++row) {
+            T* yr = y0 + (size_t)row * y_stride;
+            float part = 0.0f;
+            if (kk < rank) {
+                float w[8];
+                load_v8_l1(v + (size_t)(ts.row0 + row) * v_stride + voff, kk, rank,
+                           vvec && (voff & (VN - 1)) == 0, w);
+                part = dot8f<T>(w, b);
+            }
+#pragma unroll
+            for (int o = RL / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+            if (sub == 0 && rank > 0) {
+                const float old = nrows == 1 ? yv : to_f32(yr[col]);
+                yr[col] = from_f32<T>(old + part);
+            }
+        }
+        if (!more) break;
+        cb = cbn;
+        col = coln;
+        b = bn;
+        rank = rankn;
+        voff = voffn;
+        yv = yvn;
+    }
+}
+
 #define DEFINE_SHRINK_ROWS(TNAME, TYPE)                                                       \
     extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 8)                          \
         sgmv_shrink_rows_##TNAME(                                                             \
@@ -664,6 +749,16 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
             const u32* __restrict__ tiles, const u32* __restrict__ segs) {                    \
         sgmv_expand_rows_impl<TYPE, VTYPE, RL>(v, v_stride, y, y_stride, col_offset, end0,    \
                                                end1, end2, table, tiles, segs);               \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(EXPAND_ROWS_WARPS * 32, EXPAND_ROWS_GS_BLOCKS) \
+        sgmv_expand_rows_gs_##TNAME##VNAME##_l##RL(                                           \
+            const VTYPE* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,    \
+            int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table, \
+            const u32* __restrict__ tiles, const u32* __restrict__ segs, int ntiles,          \
+            int ncb) {                                                                        \
+        sgmv_expand_rows_gs_impl<TYPE, VTYPE, RL>(v, v_stride, y, y_stride, col_offset, end0, \
+                                                  end1, end2, table, tiles, segs, ntiles,     \
+                                                  ncb);                                       \
     }
 
 #define DEFINE_EXPAND_ROWS(TNAME, TYPE, RL)                                                   \

@@ -248,6 +248,26 @@ mod tests {
     }
 
     #[test]
+    fn the_launch_plans_constants_are_the_kernels_defines() {
+        use super::super::plan;
+        let src = module_source("sgmv.cu").unwrap();
+        for (name, value) in [
+            ("ROWS_WARPS", plan::ROWS_WARPS),
+            ("ROWS_KU", plan::ROWS_KU),
+            ("EXPAND_ROWS_WARPS", plan::EXPAND_ROWS_WARPS),
+            ("EXPAND_ROWS_KU", plan::EXPAND_ROWS_KU),
+            ("EXPAND_ROWS_GS_BLOCKS", plan::EXPAND_ROWS_GS_BLOCKS),
+        ] {
+            let line = format!("\n#define {name} {value}\n");
+            assert!(
+                src.contains(&line),
+                "kernels/sgmv.cu lacks `{}`",
+                line.trim()
+            );
+        }
+    }
+
+    #[test]
     fn hopper_gets_the_arch_specific_target() {
         assert_eq!(arch_for(9, 0), "sm_90a");
         assert_eq!(arch_for(8, 0), "sm_80");
@@ -276,11 +296,17 @@ mod tests {
                 let (t, n) = rest.split_once("_n").unwrap();
                 src.contains(&format!("DEFINE_SHRINK({t}, {t}, {n},"))
             } else if let Some(rest) = name.strip_prefix("sgmv_expand_rows_") {
-                // Each instantiation defines the f32-v kernel and the `_vh` one.
+                // Each instantiation defines the f32-v kernel and the `_vh` one, plain and
+                // grid-stride.
+                let (gs, rest) = match rest.strip_prefix("gs_") {
+                    Some(rest) => (true, rest),
+                    None => (false, rest),
+                };
                 let (t, l) = rest.split_once("_l").unwrap();
                 let t = t.strip_suffix("_vh").unwrap_or(t);
                 src.contains(&format!("DEFINE_EXPAND_ROWS({t}, {t}, {l})"))
                     && src.contains("DEFINE_EXPAND_ROWS_V(TNAME, TYPE, _vh, TYPE, RL)")
+                    && (!gs || src.contains(" sgmv_expand_rows_gs_##TNAME##VNAME##_l##RL("))
             } else if let Some(rest) = name.strip_prefix("sgmv_expand_") {
                 let (t, kw) = rest.split_once("_k").unwrap();
                 let t = t.strip_suffix("_vh").unwrap_or(t);

@@ -1431,6 +1431,7 @@ pub fn kernel_names() -> Vec<String> {
             }
             for l in [1, 2, 4, 8, 16] {
                 names.push(format!("sgmv_expand_rows_{t}{v}_l{l}"));
+                names.push(format!("sgmv_expand_rows_gs_{t}{v}_l{l}"));
             }
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
@@ -2235,30 +2236,40 @@ impl Backend for CudaBackend {
             .expand(meta.layout.max_seg_rows, table.max_part_rank)
         {
             let h_out: usize = outs.iter().sum();
-            let (lanes, (gx, gy)) =
-                plan::expand_rows_plan(table.max_part_rank, h_out, meta.layout.tile_grid())?;
+            let tiles = meta.layout.tile_grid();
+            let rp = plan::expand_rows_plan(table.max_part_rank, h_out, tiles, self.sm_count)?;
+            let (gx, gy) = rp.grid(tiles);
             let ends = plan::group_ends(outs);
             let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
+            let args = [
+                Arg::Ptr(v.ptr),
+                i32_arg(v_stride, "v_stride")?,
+                Arg::Ptr(y.ptr),
+                i32_arg(y_stride, "y_stride")?,
+                i32_arg(col_offset, "col_offset")?,
+                i32_arg(ends[0], "end0")?,
+                i32_arg(ends[1], "end1")?,
+                i32_arg(ends[2], "end2")?,
+                Arg::Ptr(table.ptr),
+                Arg::Ptr(meta.at(meta.layout.tiles)),
+                Arg::Ptr(meta.at(meta.layout.segs)),
+                // The grid-stride kernel's two more: tiles and column blocks.
+                i32_arg(tiles, "tiles")?,
+                i32_arg(rp.col_blocks, "col_blocks")?,
+            ];
+            let (gs, args) = match rp.per_tile {
+                Some(_) => ("_gs", &args[..]),
+                None => ("", &args[..args.len() - 2]),
+            };
             return self.launch(
                 &kernel!(
-                    "sgmv_expand_rows_{}{v_name}_l{lanes}",
-                    Self::suffix(y.dtype)
+                    "sgmv_expand_rows{gs}_{}{v_name}_l{}",
+                    Self::suffix(y.dtype),
+                    rp.lanes
                 ),
                 (gx, gy, 1),
                 (plan::EXPAND_ROWS_WARPS * 32) as u32,
-                &[
-                    Arg::Ptr(v.ptr),
-                    i32_arg(v_stride, "v_stride")?,
-                    Arg::Ptr(y.ptr),
-                    i32_arg(y_stride, "y_stride")?,
-                    i32_arg(col_offset, "col_offset")?,
-                    i32_arg(ends[0], "end0")?,
-                    i32_arg(ends[1], "end1")?,
-                    i32_arg(ends[2], "end2")?,
-                    Arg::Ptr(table.ptr),
-                    Arg::Ptr(meta.at(meta.layout.tiles)),
-                    Arg::Ptr(meta.at(meta.layout.segs)),
-                ],
+                args,
                 overlap,
             );
         }

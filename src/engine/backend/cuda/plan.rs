@@ -28,6 +28,8 @@ pub const ROWS_KU: usize = 4;
 pub const EXPAND_ROWS_WARPS: usize = 8;
 /// Column steps of B (16-byte loads) each lane of the row expand holds (`EXPAND_ROWS_KU`).
 pub const EXPAND_ROWS_KU: usize = 1;
+/// Blocks an SM of the grid-stride row expand (its launch bounds, `EXPAND_ROWS_GS_BLOCKS`).
+pub const EXPAND_ROWS_GS_BLOCKS: usize = 6;
 /// When the CUDA-core row kernels serve a batch instead of the tensor-core tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RowLimits {
@@ -113,18 +115,63 @@ pub fn shrink_rows_plan(
     (base.max(fill).clamp(1, most), rank_blocks)
 }
 
-/// The row expand: lanes per column (each holds 8 of its ranks: 1 to 16) for a table whose
-/// largest part rank is `max_part_rank`, and the grid (column blocks, row tiles) for `h_out`
-/// columns.
+/// How the row expand covers `h_out` columns of every row tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowExpandPlan {
+    /// Lanes per column, each holding 8 of its ranks (1 to 16).
+    pub lanes: usize,
+    /// Column blocks a tile: `EXPAND_ROWS_WARPS` warps of `32 / lanes` columns, times
+    /// `EXPAND_ROWS_KU` for the plain kernel.
+    pub col_blocks: usize,
+    /// The grid-stride kernel's blocks a tile (each takes every `per_tile`-th column block), or
+    /// `None` for the plain kernel (a block a column block).
+    pub per_tile: Option<usize>,
+}
+
+impl RowExpandPlan {
+    /// The launch grid over `num_tiles` tiles.
+    pub fn grid(&self, num_tiles: usize) -> (u32, u32) {
+        match self.per_tile {
+            Some(per_tile) => ((per_tile * num_tiles) as u32, 1),
+            None => (self.col_blocks as u32, num_tiles as u32),
+        }
+    }
+}
+
+/// The row expand for a table whose largest part rank is `max_part_rank`, `h_out` columns and
+/// `num_tiles` row tiles on `sm_count` SMs. Where a tile has at least twice as many column
+/// blocks as one wave of the grid-stride kernel gives it, that kernel runs with one wave (its
+/// blocks load the next column block's B while applying the current one: 7B batch 32 at r=16,
+/// q|k|v 8.8 -> 7.7 us and gate|up 14.6 -> 12.4 us on the H200); narrower outputs keep the
+/// plain kernel, whose 32 registers fit more blocks (o and down: 3.4-3.6 us against 3.5-3.7).
+/// So do tiles too many to fill three quarters of a wave with whole blocks a tile.
 pub fn expand_rows_plan(
     max_part_rank: usize,
     h_out: usize,
     num_tiles: usize,
-) -> Result<(usize, (u32, u32))> {
+    sm_count: usize,
+) -> Result<RowExpandPlan> {
     check_rank(max_part_rank)?;
     let lanes = max_part_rank.div_ceil(8).next_power_of_two();
-    let cols = EXPAND_ROWS_WARPS * EXPAND_ROWS_KU * (32 / lanes);
-    Ok((lanes, (h_out.div_ceil(cols) as u32, num_tiles as u32)))
+    let full = EXPAND_ROWS_GS_BLOCKS * sm_count;
+    let wave = (full / num_tiles.max(1)).max(1);
+    let gs_blocks = h_out.div_ceil(EXPAND_ROWS_WARPS * (32 / lanes));
+    Ok(
+        if gs_blocks >= 2 * wave && 4 * wave * num_tiles >= 3 * full {
+            RowExpandPlan {
+                lanes,
+                col_blocks: gs_blocks,
+                per_tile: Some(wave),
+            }
+        } else {
+            let cols = EXPAND_ROWS_WARPS * EXPAND_ROWS_KU * (32 / lanes);
+            RowExpandPlan {
+                lanes,
+                col_blocks: h_out.div_ceil(cols),
+                per_tile: None,
+            }
+        },
+    )
 }
 
 /// Bytes of one slot of a LoRA group table (kernels/sgmv.cu `LoraSlot`).
@@ -665,32 +712,94 @@ mod tests {
         assert_eq!(shrink_rows_plan(576, 1, 1, 128, 264), (2, 1));
         assert_eq!(shrink_rows_plan(100, 3, 2, 128, 264), (1, 1));
         // 8 warps of one column step: 128 columns a block at r=16, 256 at r<=8, 16 at r=128.
-        assert_eq!(expand_rows_plan(16, 4096, 32).unwrap(), (2, (32, 32)));
-        assert_eq!(expand_rows_plan(8, 12288, 1).unwrap(), (1, (48, 1)));
-        assert_eq!(expand_rows_plan(128, 11008, 3).unwrap(), (16, (688, 3)));
-        assert_eq!(expand_rows_plan(33, 100, 1).unwrap().0, 8);
-        assert!(expand_rows_plan(0, 1, 1).is_err() && expand_rows_plan(129, 1, 1).is_err());
+        let plain = |lanes, col_blocks| RowExpandPlan {
+            lanes,
+            col_blocks,
+            per_tile: None,
+        };
+        assert_eq!(expand_rows_plan(16, 4096, 32, 132).unwrap(), plain(2, 32));
+        assert_eq!(expand_rows_plan(8, 12288, 1, 132).unwrap(), plain(1, 48));
+        assert_eq!(
+            expand_rows_plan(128, 11008, 1, 132).unwrap(),
+            plain(16, 688)
+        );
+        // Three tiles of r=128 over 11008 columns: 688 column blocks, a wave of 264 a tile.
+        let wide = expand_rows_plan(128, 11008, 3, 132).unwrap();
+        assert_eq!((wide.col_blocks, wide.per_tile), (688, Some(264)));
+        assert_eq!(expand_rows_plan(33, 100, 1, 132).unwrap().lanes, 8);
+        assert!(
+            expand_rows_plan(0, 1, 1, 132).is_err() && expand_rows_plan(129, 1, 1, 132).is_err()
+        );
+        // A 7B decode step at batch 32 on 132 SMs: q|k|v (96 column blocks) and gate|up (172)
+        // stride over them with 24 blocks a tile; o and down (32) take a block each.
+        let q = expand_rows_plan(16, 12288, 32, 132).unwrap();
+        assert_eq!(
+            (q.col_blocks, q.per_tile, q.grid(32)),
+            (96, Some(24), (768, 1))
+        );
+        let gu = expand_rows_plan(16, 22016, 32, 132).unwrap();
+        assert_eq!((gu.col_blocks, gu.per_tile), (172, Some(24)));
+        assert_eq!(
+            expand_rows_plan(16, 4096, 32, 132).unwrap().grid(32),
+            (32, 32)
+        );
+        // Eight rows: a wave is 99 blocks a tile, more than q|k|v's 96 column blocks.
+        assert_eq!(expand_rows_plan(16, 12288, 8, 132).unwrap().per_tile, None);
+        // 512 rows would fill only 512 of a wave's 792 blocks.
+        assert_eq!(expand_rows_plan(16, 4096, 512, 132).unwrap().per_tile, None);
+        assert_eq!(
+            expand_rows_plan(16, 4096, 256, 132).unwrap().per_tile,
+            Some(3)
+        );
     }
 
     #[test]
     fn row_expand_grid_covers_every_column_once() {
         for rank in 1..=MAX_RANK {
             for h_out in [1, 7, 100, 576, 4096, 4608, 11008, 12288, 22016] {
-                for tiles in [1, 3, 64] {
-                    let (lanes, (gx, gy)) = expand_rows_plan(rank, h_out, tiles).unwrap();
-                    // Each lane holds 8 ranks; lanes come in powers of two up to a warp's half.
-                    assert!(lanes.is_power_of_two() && lanes * 8 >= rank && lanes <= 16);
-                    assert!(
-                        lanes == 1 || (lanes / 2) * 8 < rank,
-                        "rank {rank}: {lanes} lanes"
-                    );
-                    let cols = EXPAND_ROWS_WARPS * EXPAND_ROWS_KU * (32 / lanes);
-                    let gx = gx as usize;
-                    assert!(
-                        gx * cols >= h_out && (gx - 1) * cols < h_out,
-                        "{rank} {h_out}"
-                    );
-                    assert_eq!(gy as usize, tiles);
+                for tiles in [1, 3, 64, 512] {
+                    for sms in [1, 132] {
+                        let p = expand_rows_plan(rank, h_out, tiles, sms).unwrap();
+                        let lanes = p.lanes;
+                        // Each lane holds 8 ranks; lanes come in powers of two up to half a warp.
+                        assert!(lanes.is_power_of_two() && lanes * 8 >= rank && lanes <= 16);
+                        assert!(
+                            lanes == 1 || (lanes / 2) * 8 < rank,
+                            "rank {rank}: {lanes} lanes"
+                        );
+                        let ku = if p.per_tile.is_some() {
+                            1
+                        } else {
+                            EXPAND_ROWS_KU
+                        };
+                        let cols = EXPAND_ROWS_WARPS * ku * (32 / lanes);
+                        let cb = p.col_blocks;
+                        assert!(
+                            cb * cols >= h_out && (cb - 1) * cols < h_out,
+                            "{rank} {h_out}"
+                        );
+                        let (gx, gy) = p.grid(tiles);
+                        let mut seen = vec![0u32; tiles * cb];
+                        match p.per_tile {
+                            // The kernel: block b serves tile b % tiles, column blocks
+                            // b / tiles + k * per_tile below col_blocks.
+                            Some(per_tile) => {
+                                assert_eq!(gy, 1);
+                                assert!(per_tile >= 1 && 2 * per_tile <= cb);
+                                for b in 0..gx as usize {
+                                    let tile = b % tiles;
+                                    for c in (b / tiles..cb).step_by(per_tile) {
+                                        seen[tile * cb + c] += 1;
+                                    }
+                                }
+                            }
+                            None => {
+                                assert_eq!((gx as usize, gy as usize), (cb, tiles));
+                                seen.iter_mut().for_each(|s| *s += 1);
+                            }
+                        }
+                        assert!(seen.iter().all(|&s| s == 1), "{rank} {h_out} {tiles} {sms}");
+                    }
                 }
             }
         }
