@@ -2240,7 +2240,10 @@ impl Backend for CudaBackend {
             let rp = plan::expand_rows_plan(table.max_part_rank, h_out, tiles, self.sm_count)?;
             let (gx, gy) = rp.grid(tiles);
             let ends = plan::group_ends(outs);
-            let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
+            // The row kernels read only the tiles, the table and B (host copies) before their
+            // wait, and y after it, so they may overlap any kernel: in a decode step whose
+            // adapters sit in the arena that is the GEMM that wrote v and y.
+            let overlap = self.pdl;
             let args = [
                 Arg::Ptr(v.ptr),
                 i32_arg(v_stride, "v_stride")?,
