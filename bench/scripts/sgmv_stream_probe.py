@@ -3,8 +3,11 @@
 # the backend launches them, every result checked against torch.
 # - The row kernels of kernels/sgmv.cu against instances with other constants (loads in flight a
 #   lane, warps a block, launch bounds: `probe_*_rows_*` in sgmv_stream_probe.cu), and a
-#   grid-stride row expand (`probe_expand_rows_gs_*`; written in session 13 after its last GPU
-#   run, not measured yet).
+#   grid-stride row expand (`probe_expand_rows_gs*`; measured in session 14,
+#   bench/results/sgmv-row-expand-gs-*-s14a/b.txt; kernels/sgmv.cu now has the `gsl` one).
+#   The engine-like cases chain expand after expand with PDL; in the engine a wide expand
+#   follows its GEMM instead, which this chain does not model: the grid-stride expand's 1.2 and
+#   2.2 us here came to 0.06 ms a step there (bench/results/profile-7b-h200-*-s14d*.txt).
 # - With `stream`: shrink and expand fed by bulk copies (TMA) into shared-memory stages of
 #   persistent blocks (`sgmv_*_stream_*`); flags 1 = no compute, 2 = y untouched, 4 = no v
 #   loads, 8 = the old y by bulk copies too.
