@@ -598,7 +598,8 @@ __device__ __forceinline__ uint4 row_b8(const u16* p, int r, int start, int col,
 // tile blockIdx.y: RL lanes per column (8 ranks each), 32 / RL columns per warp step, KU steps
 // per warp, NW warps per block; a column's B is loaded once (before the wait: B comes from host
 // copies), then applied row by row. Parts may end anywhere: each column finds its own.
-template <typename T, typename VT, int RL, int KU = EXPAND_ROWS_KU, int NW = EXPAND_ROWS_WARPS>
+template <typename T, typename VT, int RL, int KU = EXPAND_ROWS_KU, int NW = EXPAND_ROWS_WARPS,
+          bool YP = false>
 __device__ __forceinline__ void sgmv_expand_rows_impl(
     const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
@@ -634,6 +635,14 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
     const int nrows = min(16, seg_end - row0);
     constexpr int VN = VVec<VT>::n;
     const bool vvec = (v_stride & (VN - 1)) == 0;
+    // YP: a one-row segment's old y is loaded before v, beside it rather than after the sum.
+    float yp[KU];
+#pragma unroll
+    for (int u = 0; u < KU; ++u) {
+        yp[u] = (YP && nrows == 1 && sub == 0 && rank[u] > 0)
+                    ? to_f32(y[(size_t)row0 * y_stride + col_offset + col_base + u * CPS])
+                    : 0.0f;
+    }
     for (int row = 0; row < nrows; ++row) {
         const VT* vr = v + (size_t)(row0 + row) * v_stride;
         T* yr = y + (size_t)(row0 + row) * y_stride + col_offset;
@@ -649,7 +658,8 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
             for (int o = RL / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
             if (sub == 0 && rank[u] > 0) {
                 const int col = col_base + u * CPS;
-                yr[col] = from_f32<T>(to_f32(yr[col]) + part);
+                const float old = (YP && nrows == 1) ? yp[u] : to_f32(yr[col]);
+                yr[col] = from_f32<T>(old + part);
             }
         }
     }

@@ -617,6 +617,113 @@ PROBE_EXPANDS_GS(8, 8)
 PROBE_EXPANDS_GS(16, 4)
 PROBE_EXPANDS_GS(4, 16)
 
+// The plain row expand with a one-row segment's old y loaded beside v (YP).
+#define PROBE_EXPAND_YP(VNAME, VTYPE, RL, NW, MINB)                                            \
+    extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                \
+        probe_expand_rows_yp##VNAME##_l##RL##_w##NW##_b##MINB(                                 \
+            const VTYPE* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride,     \
+            int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,  \
+            const u32* __restrict__ tiles, const u32* __restrict__ segs) {                     \
+        sgmv_expand_rows_impl<bf16, VTYPE, RL, 1, NW, true>(v, v_stride, y, y_stride,          \
+                                                            col_offset, end0, end1, end2,      \
+                                                            table, tiles, segs);               \
+    }
+PROBE_EXPAND_YP(_vh, bf16, 2, 8, 6)
+PROBE_EXPAND_YP(_vh, bf16, 2, 8, 8)
+
+// Grid-stride, KU column groups a lane a round (KU x 16 bytes of B in flight a lane while the
+// current round is applied), for one-row segments only (the engine's decode case).
+template <typename VT, int RL, int NW, int KU>
+__device__ __forceinline__ void probe_expand_rows_gsk_impl(
+    const VT* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride, int col_offset,
+    int end0, int end1, int end2, const LoraSlot* __restrict__ table,
+    const u32* __restrict__ tiles, const u32* __restrict__ segs, int ntiles, int ncb) {
+    constexpr int CPS = 32 / RL;
+    const int tile = blockIdx.x % ntiles, per_tile = gridDim.x / ntiles;
+    int cb = blockIdx.x / ntiles;
+    const TileSeg ts = tile_seg(tiles, segs, tile);
+    if (ts.end <= ts.row0 || cb >= ncb) {
+        pdl_enter();
+        return;
+    }
+    const LoraSlot* sl = table + ts.slot;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = lane % RL, cg = lane / RL, kk = sub * 8;
+    auto colof = [&](int c, int u) { return ((c * NW + warp) * KU + u) * CPS + cg; };
+    auto load_b = [&](int col, int& rank, int& voff) -> uint4 {
+        const int j = (col >= end0) + (col >= end1);
+        voff = (int)sl->voff[j];
+        return row_b8<bf16>(reinterpret_cast<const u16*>(sl->b[j]), (int)sl->prank[j],
+                            j == 0 ? 0 : (j == 1 ? end0 : end1), col, end2, kk, rank);
+    };
+    uint4 b[KU];
+    int rank[KU], voff[KU];
+#pragma unroll
+    for (int u = 0; u < KU; ++u) b[u] = load_b(colof(cb, u), rank[u], voff[u]);
+    pdl_enter();
+    constexpr int VN = VVec<VT>::n;
+    const bool vvec = (v_stride & (VN - 1)) == 0;
+    bf16* y0 = y + (size_t)ts.row0 * y_stride + col_offset;
+    const VT* v0 = v + (size_t)ts.row0 * v_stride;
+    float yv[KU];
+#pragma unroll
+    for (int u = 0; u < KU; ++u) yv[u] = (sub == 0 && rank[u] > 0) ? to_f32(y0[colof(cb, u)]) : 0.0f;
+    for (;;) {
+        const int cbn = cb + per_tile;
+        const bool more = cbn < ncb;
+        uint4 bn[KU];
+        int rankn[KU], voffn[KU];
+        float yvn[KU];
+#pragma unroll
+        for (int u = 0; u < KU; ++u) {
+            rankn[u] = 0;
+            voffn[u] = 0;
+            yvn[u] = 0.0f;
+            bn[u] = make_uint4(0u, 0u, 0u, 0u);
+            if (more) {
+                bn[u] = load_b(colof(cbn, u), rankn[u], voffn[u]);
+                if (sub == 0 && rankn[u] > 0) yvn[u] = to_f32(y0[colof(cbn, u)]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < KU; ++u) {
+            float part = 0.0f;
+            if (kk < rank[u]) {
+                float w[8];
+                load_v8_l1(v0 + voff[u], kk, rank[u], vvec && (voff[u] & (VN - 1)) == 0, w);
+                part = dot8f<bf16>(w, b[u]);
+            }
+#pragma unroll
+            for (int o = RL / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+            if (sub == 0 && rank[u] > 0) y0[colof(cb, u)] = from_f32<bf16>(yv[u] + part);
+        }
+        if (!more) break;
+        cb = cbn;
+#pragma unroll
+        for (int u = 0; u < KU; ++u) {
+            b[u] = bn[u];
+            rank[u] = rankn[u];
+            voff[u] = voffn[u];
+            yv[u] = yvn[u];
+        }
+    }
+}
+#define PROBE_EXPAND_GSK(NW, KU, MINB)                                                          \
+    extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                \
+        probe_expand_rows_gsk_vh_l2_w##NW##_k##KU##_b##MINB(                                   \
+            const bf16* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride,      \
+            int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,  \
+            const u32* __restrict__ tiles, const u32* __restrict__ segs, int ntiles, int ncb) { \
+        probe_expand_rows_gsk_impl<bf16, 2, NW, KU>(v, v_stride, y, y_stride, col_offset, end0, \
+                                                    end1, end2, table, tiles, segs, ntiles,   \
+                                                    ncb);                                     \
+    }
+PROBE_EXPAND_GSK(8, 1, 6)
+PROBE_EXPAND_GSK(8, 2, 4)
+PROBE_EXPAND_GSK(8, 2, 5)
+PROBE_EXPAND_GSK(4, 2, 8)
+PROBE_EXPAND_GSK(8, 4, 3)
+
 #define PROBE_SHRINK(KU, NW, MINB)                                                              \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                \
         probe_shrink_rows_k##KU##_w##NW##_b##MINB(                                             \

@@ -11,7 +11,9 @@
 # - With `stream`: shrink and expand fed by bulk copies (TMA) into shared-memory stages of
 #   persistent blocks (`sgmv_*_stream_*`); flags 1 = no compute, 2 = y untouched, 4 = no v
 #   loads, 8 = the old y by bulk copies too.
+# - With `gemm`: the engine's order, each expand right after the GEMM that writes its y.
 # Usage: python3 bench/scripts/sgmv_stream_probe.py [expand] [stream]
+#        python3 bench/scripts/sgmv_stream_probe.py gemm
 #        python3 bench/scripts/sgmv_stream_probe.py read   (bulk copies vs 16-byte loads, reads only)
 #        python3 bench/scripts/sgmv_stream_probe.py ncu    (plain launches for a profiler)
 import ctypes
@@ -108,11 +110,14 @@ def func(name, smem=0):
     return f
 
 
+USE_PDL = [True]
+
+
 def launch(name, grid, args, smem=0, threads=128):
     f = func(name, smem)
     cfg = LaunchConfig(grid[0], grid[1], grid[2], threads, 1, 1, smem,
                        ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
-                       ctypes.pointer(PDL_ATTR), 1)
+                       ctypes.pointer(PDL_ATTR), 1 if USE_PDL[0] else 0)
     vals = []
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -159,6 +164,12 @@ class Set:
         while len(ends) < 3:
             ends.append(ends[-1])
         self.ends = ends
+
+    def add_gemm(self):
+        # The decode GEMM that writes y before the expand (engine order), x [rows, h_in] . W^T.
+        n = sum(self.parts)
+        self.xg = torch.randn(self.rows, self.h_in, device="cuda", dtype=torch.bfloat16)
+        self.w = (torch.randn(n, self.h_in, device="cuda") / self.h_in**0.5).to(torch.bfloat16)
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in [self.x, self.a, self.y, *self.b])
@@ -320,10 +331,13 @@ def bench(sets, fn, reps=20):
     return times[len(times) // 2], got, y0
 
 
-def run_case(name, rows, h_in, parts, rank, v_half, variants):
+def run_case(name, rows, h_in, parts, rank, v_half, variants, gemm=False):
     one = Set(rows, h_in, parts, rank, v_half)
     nsets = max(2, min(64, int(200e6 // one.nbytes())))
     sets = [one] + [Set(rows, h_in, parts, rank, v_half) for _ in range(nsets - 1)]
+    if gemm:
+        for st in sets:
+            st.add_gemm()
     moved = one.nbytes() - one.x.numel() * 2 if v_half else one.nbytes()
     if v_half:
         moved -= one.a.numel() * 2
@@ -336,7 +350,11 @@ def run_case(name, rows, h_in, parts, rank, v_half, variants):
         except SystemExit as e:
             print(f"  {vname}: failed: {e}", flush=True)
             continue
-        ref = one.reference(y0, v_half)
+        if gemm:
+            base = (one.xg.float() @ one.w.float().t()).to(torch.bfloat16)
+            ref = one.reference(base, v_half) if "gemm only" not in vname else base.float()
+        else:
+            ref = one.reference(y0, v_half)
         err = ((got - ref).norm() / ref.norm()).item()
         print(f"  {vname:40s} {us:8.2f} us  {moved/us/1e3:7.0f} GB/s  rel err {err:.1e}", flush=True)
 
@@ -393,7 +411,51 @@ def ncu_main():
     torch.cuda.synchronize()
 
 
+def gemm_main():
+    # Each expand right after the GEMM that writes its y, as in an arena decode step (v from
+    # the GEMM's extra columns: here a tensor of its own). Times are of GEMM + expand; the
+    # "gemm only" line is the GEMM alone.
+    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; GEMM then expand")
+
+    def gemm(s):
+        torch.matmul(s.xg, s.w.t(), out=s.y)
+
+    def plain(s, pdl=True, yp=None):
+        USE_PDL[0] = pdl
+        rank_all = s.rank * len(s.parts)
+        h_out = s.ends[2]
+        name = "sgmv_expand_rows_bf16_vh_l2" if yp is None else f"probe_expand_rows_yp_vh_l2_w8_b{yp}"
+        launch(name, ((h_out + 127) // 128, s.rows, 1),
+               [s.vh, rank_all, s.y, h_out, 0, s.ends[0], s.ends[1], s.ends[2], s.table, s.tiles, s.segs],
+               threads=256)
+        USE_PDL[0] = True
+
+    def gs(s, name, cols, mb, threads):
+        rank_all = s.rank * len(s.parts)
+        h_out = s.ends[2]
+        ncb = (h_out + cols - 1) // cols
+        per_tile = max(1, min(ncb, mb * SMS // s.rows))
+        launch(name, (per_tile * s.rows, 1, 1),
+               [s.vh, rank_all, s.y, h_out, 0, s.ends[0], s.ends[1], s.ends[2], s.table, s.tiles, s.segs,
+                s.rows, ncb], threads=threads)
+
+    vs = [("gemm only", gemm),
+          ("gemm + plain, no PDL", lambda s: (gemm(s), plain(s, pdl=False))),
+          ("gemm + plain", lambda s: (gemm(s), plain(s))),
+          ("gemm + plain, y early b6", lambda s: (gemm(s), plain(s, yp=6))),
+          ("gemm + plain, y early b8", lambda s: (gemm(s), plain(s, yp=8))),
+          ("gemm + sgmv.cu grid-stride", lambda s: (gemm(s), gs(s, "sgmv_expand_rows_gs_bf16_vh_l2", 128, 6, 256)))]
+    for (nw, ku, mb) in [(8, 1, 6), (8, 2, 4), (8, 2, 5), (4, 2, 8), (8, 4, 3)]:
+        vs.append((f"gemm + gsk w{nw} k{ku} b{mb}",
+                   (lambda nw, ku, mb: lambda s: (gemm(s), gs(s, f"probe_expand_rows_gsk_vh_l2_w{nw}_k{ku}_b{mb}",
+                                                              nw * ku * 16, mb, 32 * nw)))(nw, ku, mb)))
+    for nm, parts in [("q|k|v", [4096] * 3), ("o", [4096]), ("gate|up", [11008] * 2), ("down", [4096])]:
+        run_case(f"gemm + expand {nm}", 32, 4096 if nm != "down" else 11008, parts, 16, True, vs, gemm=True)
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "gemm":
+        return gemm_main()
     if len(sys.argv) > 1 and sys.argv[1] == "read":
         return read_main()
     if len(sys.argv) > 1 and sys.argv[1] == "ncu":
