@@ -429,7 +429,7 @@ __device__ __forceinline__ void sgmv_expand_impl(
 #define ROWS_WARPS 4
 #define ROWS_KU 4
 // The row expand's own shape: one column step a lane (B's 16 bytes loaded before the wait) and
-// 8 warps a block, at 32 registers a thread so that 64 warps fit an SM. Measured on the H200
+// 8 warps a block, at 32 registers a thread so that 64 warps fit an SM (launch bounds of 8). Measured on the H200
 // against 4 steps and 4 warps and other shapes (bench/scripts/sgmv_stream_probe.py instantiates
 // the row kernels with other constants; bench/results/sgmv-row-expand-knobs-*-s13*.txt): the
 // latency of each block's chain after the wait, not the bytes in flight, bounds it.
@@ -599,7 +599,7 @@ __device__ __forceinline__ uint4 row_b8(const u16* p, int r, int start, int col,
 // per warp, NW warps per block; a column's B is loaded once (before the wait: B comes from host
 // copies), then applied row by row. Parts may end anywhere: each column finds its own.
 template <typename T, typename VT, int RL, int KU = EXPAND_ROWS_KU, int NW = EXPAND_ROWS_WARPS,
-          bool YP = false>
+          bool YP = true>
 __device__ __forceinline__ void sgmv_expand_rows_impl(
     const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
@@ -635,7 +635,9 @@ __device__ __forceinline__ void sgmv_expand_rows_impl(
     const int nrows = min(16, seg_end - row0);
     constexpr int VN = VVec<VT>::n;
     const bool vvec = (v_stride & (VN - 1)) == 0;
-    // YP: a one-row segment's old y is loaded before v, beside it rather than after the sum.
+    // YP: a one-row segment's old y is loaded before v, beside it rather than after the sum
+    // (after the GEMM that wrote y, 7B batch 32: o 3.4 -> 3.1 us, down 3.3 -> 3.1 on the H200,
+    // at 8 blocks an SM; bench/results/sgmv-row-expand-after-gemm-*-s14g.txt).
     float yp[KU];
 #pragma unroll
     for (int u = 0; u < KU; ++u) {
@@ -752,7 +754,7 @@ __device__ __forceinline__ void sgmv_expand_rows_gs_impl(
 
 // VNAME: empty for an f32 v, _vh for a v of the activations' type.
 #define DEFINE_EXPAND_ROWS_V(TNAME, TYPE, VNAME, VTYPE, RL)                                    \
-    extern "C" __global__ void __launch_bounds__(EXPAND_ROWS_WARPS * 32, 6)                   \
+    extern "C" __global__ void __launch_bounds__(EXPAND_ROWS_WARPS * 32, 8)                   \
         sgmv_expand_rows_##TNAME##VNAME##_l##RL(                                              \
             const VTYPE* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,    \
             int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table, \

@@ -470,7 +470,7 @@ extern "C" __global__ void __launch_bounds__(128)
             const VTYPE* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride,     \
             int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,  \
             const u32* __restrict__ tiles, const u32* __restrict__ segs) {                     \
-        sgmv_expand_rows_impl<bf16, VTYPE, RL, KU, NW>(v, v_stride, y, y_stride, col_offset,   \
+        sgmv_expand_rows_impl<bf16, VTYPE, RL, KU, NW, false>(v, v_stride, y, y_stride, col_offset,   \
                                                        end0, end1, end2, table, tiles, segs);  \
     }
 #define PROBE_EXPANDS(KU, NW, MINB)            \
