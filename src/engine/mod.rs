@@ -23,11 +23,13 @@ pub mod synthetic;
 use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, mpsc};
+use std::sync::{Arc, OnceLock, RwLock, mpsc};
 use std::task::{Context, Poll};
 
 use crate::engine::backend::{Pick, RowSampling, StepMeta, StepPath};
-use crate::engine::lora::cache::{AdapterKey, AdapterSource, CacheConfig, HostAdapter, Validator};
+use crate::engine::lora::cache::{
+    AdapterKey, AdapterSource, CacheConfig, HostAdapter, Loads, Validator,
+};
 use crate::engine::metrics::EngineMetrics;
 use crate::engine::request::{SharedDetokenizer, StreamEvent, ValidRequest};
 use crate::engine::scheduler::SeqId;
@@ -156,6 +158,9 @@ struct Shared {
     capacity_tokens: AtomicUsize,
     /// Set by the owner thread at startup.
     vocab_size: AtomicUsize,
+    /// The adapter cache's load queue, so that `submit` starts a missing adapter's load without
+    /// waiting for the owner's next step. Set by the owner thread at startup.
+    loads: OnceLock<Arc<Loads>>,
 }
 
 /// A cloneable handle to a running engine.
@@ -215,6 +220,7 @@ impl EngineHandle {
             capacity_tokens: AtomicUsize::new(0),
             vocab_size: AtomicUsize::new(0),
             resident: RwLock::new(HashSet::new()),
+            loads: OnceLock::new(),
         });
         let owner_shared = Arc::clone(&shared);
         let wake_tx = commands.clone();
@@ -282,6 +288,11 @@ impl EngineHandle {
         if queued >= limit {
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Overloaded { queued, limit });
+        }
+        // The fetch runs while the request travels to the owner thread and waits for its next
+        // step. A loader that is gone is reported to the request by the owner, which tries too.
+        if let (Some(key), Some(loads)) = (&request.adapter, self.shared.loads.get()) {
+            let _ = loads.start(key);
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (events, rx) = tokio::sync::mpsc::channel(self.shared.config.stream_capacity);

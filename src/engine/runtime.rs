@@ -151,6 +151,8 @@ pub(super) fn run<E, F>(
             return;
         }
     };
+    // Set once, before any handle can submit (`ready` is not sent yet).
+    let _ = shared.loads.set(Arc::clone(cache.loads()));
     let scheduler = Scheduler::new(SchedulerConfig {
         max_running: config.max_running,
         max_step_tokens: config.max_step_tokens,

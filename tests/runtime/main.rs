@@ -591,6 +591,61 @@ fn a_copy_that_completes_while_its_request_is_turned_away_does_not_stall_the_eng
 }
 
 #[test]
+fn a_submission_starts_its_adapters_load_without_waiting_for_the_engines_next_step() {
+    let step = Duration::from_millis(300);
+    let h = harness(config(8, 64, 2), 256, step, 1);
+    let mut base = h.engine.submit(request(1, None, vec![3, 4], 3)).unwrap();
+    assert!(matches!(
+        base.blocking_next(),
+        Some(StreamEvent::Token { .. })
+    ));
+    // The token went out at the start of the next step, which now sleeps in the executor.
+    std::thread::sleep(Duration::from_millis(30));
+    let steps = h.probe.steps.load(Ordering::SeqCst);
+    let cold = h.engine.submit(request(2, Some(1), vec![7, 8], 2)).unwrap();
+    wait_until("the adapter fetched", || h.source.fetches() == 1);
+    assert_eq!(
+        h.probe.steps.load(Ordering::SeqCst),
+        steps,
+        "the fetch began within the step that was running when the request came"
+    );
+    let (out, _) = drain_within(cold, Duration::from_secs(20));
+    assert_eq!(out.tokens, fake::reference(seed_of(1), &[7, 8], 2));
+    drain_after(&mut base, 1);
+    assert_eq!(h.metrics.adapter_loads.get(), 1);
+}
+
+#[test]
+fn many_submissions_for_one_cold_adapter_fetch_it_once() {
+    let h = harness(config(16, 64, 2), 256, Duration::from_millis(1), 1);
+    let streams: Vec<RequestStream> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let engine = &h.engine;
+                scope.spawn(move || {
+                    (0..8)
+                        .map(|i| {
+                            engine
+                                .submit(request(t, Some(1), vec![t as u32, i], 3))
+                                .unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    });
+    for mut s in streams {
+        assert!(matches!(drain(&mut s).end, StreamEvent::Done { .. }));
+    }
+    assert_eq!(h.source.fetches(), 1);
+    assert_eq!(h.metrics.adapter_loads.get(), 1);
+}
+
+#[test]
 fn a_cold_adapter_gets_a_slot_even_while_a_hot_adapter_keeps_every_slot_busy() {
     let h = harness(config(4, 64, 1), 256, Duration::from_millis(1), 2);
     let mut hot: Vec<RequestStream> = (0..30)
