@@ -97,22 +97,71 @@ fn shape(msg: String) -> BackendError {
 #[allow(dead_code)]
 enum Memory {
     Own(CudaSlice<u8>),
-    /// A view into one allocation shared by several buffers, filled from `staged` by a copy
-    /// on the copy stream.
-    Shared(Arc<Uploaded>, Arc<CudaStaged>),
+    /// A view into one allocation shared by several buffers, filled from `staged` by copies
+    /// on the copy stream; this buffer by the copy of part `part` (see [`Uploaded`]).
+    Shared {
+        up: Arc<Uploaded>,
+        _staged: Arc<CudaStaged>,
+        part: usize,
+    },
     /// A step temporary in the backend's arena (valid until the next step starts).
     Arena,
 }
 
-/// Device memory an adapter's copy on the copy stream fills (see [`Backend::upload_staged`]):
-/// ready for kernels once `done` completed, and freed (stream-ordered, on the main stream)
-/// only after it, so an adapter dropped while its copy runs never frees memory the copy
-/// still writes.
+/// Device memory an adapter's copies on the copy stream fill, one part (a layer) after the
+/// other (see [`Backend::upload_staged`]): part `i < parts.len()` is ready for kernels once
+/// `parts[i]` completed, the last part and so the whole once `done` did; freed
+/// (stream-ordered, on the main stream) only after `done`, so an adapter dropped while its
+/// copy runs never frees memory the copy still writes.
 struct Uploaded {
+    parts: Vec<cudarc::driver::CudaEvent>,
     done: cudarc::driver::CudaEvent,
     main: Arc<CudaStream>,
     /// Dropped after [`Drop::drop`] ordered the free behind `done`.
     _mem: CudaSlice<u8>,
+}
+
+impl Uploaded {
+    /// The event recorded after part `part`'s copy (`done` for the last part).
+    fn copied(&self, part: usize) -> &cudarc::driver::CudaEvent {
+        self.parts.get(part).unwrap_or(&self.done)
+    }
+}
+
+/// The byte ranges and tensor ranges of the consecutive parts of a staged buffer of `used`
+/// bytes whose tensors start at `starts` (in order), part `i` taking the next `counts[i]`
+/// tensors: each part runs from its first tensor's start to the next part's (the last one to
+/// `used`), so the parts cover the buffer, padding included. Parts without tensors are left
+/// out; no counts is one part of everything.
+fn copy_parts(
+    starts: &[usize],
+    counts: &[usize],
+    used: usize,
+) -> Result<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
+    if counts.is_empty() {
+        return Ok(vec![(0..used, 0..starts.len())]);
+    }
+    if counts.iter().sum::<usize>() != starts.len() {
+        return Err(shape(format!(
+            "copy parts of {} tensors in all for {} staged tensors",
+            counts.iter().sum::<usize>(),
+            starts.len()
+        )));
+    }
+    let mut parts = Vec::with_capacity(counts.len());
+    let mut first = 0;
+    for &n in counts.iter().filter(|&&n| n > 0) {
+        let end = first + n;
+        let from = if parts.is_empty() {
+            0
+        } else {
+            starts.get(first).copied().unwrap_or(used)
+        };
+        let to = starts.get(end).copied().unwrap_or(used);
+        parts.push((from..to, first..end));
+        first = end;
+    }
+    Ok(parts)
 }
 
 impl Drop for Uploaded {
@@ -755,6 +804,7 @@ impl CudaBackend {
             Op::Launch(l) => self.execute_launch(l, if l.side { side } else { main }),
             Op::Gemm(g) => self.execute_gemm(g),
             // SAFETY (the three event ops): both events and streams live as long as the backend.
+            // (`WaitEvent`'s event lives as long as its adapter, past the step's end.)
             Op::Fork => unsafe {
                 drv::event::record(self.fork_event, main)
                     .map_err(|e| dev_err("record event", e))?;
@@ -776,6 +826,16 @@ impl CudaBackend {
                 )
             }
             .map_err(|e| dev_err("wait event", e)),
+            // SAFETY: see `Op::WaitEvent`: the adapter holding the event is only replaced
+            // between steps, and the step's trace is issued before it ends.
+            Op::WaitEvent { event, side: on } => unsafe {
+                drv::stream::wait_event(
+                    if *on { side } else { main },
+                    *event as drv_sys::CUevent,
+                    drv_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+            }
+            .map_err(|e| dev_err("wait for an adapter's copy", e)),
         }
     }
 
@@ -1607,12 +1667,14 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn upload_staged(&self, staged: &Arc<CudaStaged>) -> Result<Vec<CudaBuf>> {
+    fn upload_staged(&self, staged: &Arc<CudaStaged>, parts: &[usize]) -> Result<Vec<CudaBuf>> {
         let host = staged
             .host
             .as_ref()
             .ok_or_else(|| BackendError::Device("a staged adapter without its buffer".into()))?;
         let src = &host.bytes()?[..staged.used];
+        let starts: Vec<usize> = staged.tensors.iter().map(|&(off, _)| off).collect();
+        let parts = copy_parts(&starts, parts, src.len())?;
         let (mem, base) = self.alloc_bytes(src.len())?;
         self.flush()?;
         self.mark_other();
@@ -1624,32 +1686,52 @@ impl Backend for CudaBackend {
         };
         // The allocation is ordered on the main stream: the copy starts once the main stream
         // got there (the step in flight, if any, is done), then runs beside the next steps.
-        // Kernels read the adapter only after `done` (the runtime admits its requests then,
-        // and `Backend::wait_upload` orders any step that uses it earlier).
+        // One copy and one event per part: a step that uses the adapter before its copy is
+        // complete waits, part by part, for the parts it reads (`Backend::wait_upload`).
         self.copy
             .wait(&event(&self.stream)?)
             .map_err(|e| dev_err("order the copy after the allocation", e))?;
-        // SAFETY: the destination has `src.len()` bytes; `src` is page-locked, so the copy is
-        // asynchronous: the staging buffer is reused only after `copied` completed, and the
-        // device memory is freed only after `done` (see `Uploaded`).
-        unsafe { drv::memcpy_htod_async(base, src, self.copy.cu_stream()) }
+        let mut events = Vec::with_capacity(parts.len());
+        for (bytes, _) in &parts {
+            let part = src.get(bytes.clone()).ok_or_else(|| {
+                shape(format!("copy part {bytes:?} of {} staged bytes", src.len()))
+            })?;
+            // SAFETY: the destination range lies in the allocation of `src.len()` bytes; `src`
+            // is page-locked, so the copy is asynchronous: the staging buffer is reused only
+            // after `copied` completed, and the device memory is freed only after `done` (see
+            // `Uploaded`).
+            unsafe {
+                drv::memcpy_htod_async(base + bytes.start as u64, part, self.copy.cu_stream())
+            }
             .map_err(|e| dev_err("copy to device", e))?;
+            events.push(event(&self.copy)?);
+        }
         *lock(&staged.copied) = Some(event(&self.copy)?);
+        let done = match events.pop() {
+            Some(last) => last,
+            None => event(&self.copy)?,
+        };
         let mem = Arc::new(Uploaded {
-            done: event(&self.copy)?,
+            parts: events,
+            done,
             main: Arc::clone(&self.stream),
             _mem: mem,
         });
-        Ok(staged
-            .tensors
-            .iter()
-            .map(|&(off, len)| CudaBuf {
-                _mem: Memory::Shared(Arc::clone(&mem), Arc::clone(staged)),
+        let mut bufs = Vec::with_capacity(staged.tensors.len());
+        for (part, (_, tensors)) in parts.into_iter().enumerate() {
+            let tensors = staged.tensors.get(tensors).unwrap_or_default();
+            bufs.extend(tensors.iter().map(|&(off, len)| CudaBuf {
+                _mem: Memory::Shared {
+                    up: Arc::clone(&mem),
+                    _staged: Arc::clone(staged),
+                    part,
+                },
                 ptr: base + off as u64,
                 dtype: staged.dtype,
                 len,
-            })
-            .collect())
+            }));
+        }
+        Ok(bufs)
     }
 
     fn upload(&self, dtype: DType, data: &[f32]) -> Result<CudaBuf> {
@@ -2433,23 +2515,26 @@ impl Backend for CudaBackend {
 
     fn upload_done(&self, buf: &CudaBuf) -> bool {
         match &buf._mem {
-            Memory::Shared(up, _) => up.done.is_complete(),
+            Memory::Shared { up, part, .. } => up.copied(*part).is_complete(),
             _ => true,
         }
     }
 
     fn wait_upload(&self, buf: &CudaBuf) -> Result<()> {
-        let Memory::Shared(up, _) = &buf._mem else {
+        let Memory::Shared { up, part, .. } = &buf._mem else {
             return Ok(());
         };
-        if up.done.is_complete() {
+        let copied = up.copied(*part);
+        if copied.is_complete() {
             return Ok(());
         }
-        // After the ops recorded so far: the wait applies to what is issued from here on.
-        self.flush()?;
-        self.stream
-            .wait(&up.done)
-            .map_err(|e| dev_err("wait for an adapter's copy", e))
+        // In a step, an op of its trace (which is then issued, never replayed: see
+        // `graph::capturable`); outside one, issued now.
+        self.mark_other();
+        self.submit(Op::WaitEvent {
+            event: copied.cu_event() as usize,
+            side: self.on_side.load(std::sync::atomic::Ordering::Relaxed),
+        })
     }
 
     fn decode_bucket(&self, rows: usize) -> Option<usize> {
@@ -2492,4 +2577,30 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         be.row_limits(),
         if be.graphs_enabled() { "on" } else { "off" },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_adapter_is_copied_in_parts_that_cover_its_staged_bytes_in_order() {
+        // Five tensors (16-byte aligned starts), 96 bytes staged: layers of 2, 0 and 3 tensors.
+        let starts = [0, 16, 32, 64, 80];
+        let parts = copy_parts(&starts, &[2, 0, 3], 96).unwrap();
+        assert_eq!(parts, vec![(0..32, 0..2), (32..96, 2..5)]);
+        // No parts asked for: one copy of everything.
+        assert_eq!(copy_parts(&starts, &[], 96).unwrap(), vec![(0..96, 0..5)]);
+        assert_eq!(
+            copy_parts(&starts, &[1, 1, 1, 1, 1], 100).unwrap(),
+            vec![
+                (0..16, 0..1),
+                (16..32, 1..2),
+                (32..64, 2..3),
+                (64..80, 3..4),
+                (80..100, 4..5)
+            ]
+        );
+        assert!(copy_parts(&starts, &[2, 2], 96).is_err());
+    }
 }

@@ -916,13 +916,14 @@ fn check_upload(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
         tensors[2..4].concat(),
     ];
     let staged = std::sync::Arc::new(be.stage(dt, &views)?);
-    let bufs = be.upload_staged(&staged)?;
+    // Two parts (the first tensor, then the other two), copied one after the other.
+    let bufs = be.upload_staged(&staged, &[1, 2])?;
     let started = std::time::Instant::now();
-    while !be.upload_done(&bufs[0]) && started.elapsed() < std::time::Duration::from_secs(1) {
+    while !be.upload_done(&bufs[2]) && started.elapsed() < std::time::Duration::from_secs(1) {
         std::thread::sleep(std::time::Duration::from_micros(50));
     }
     let done_us = started.elapsed().as_micros();
-    if be.upload_done(&bufs[0]) {
+    if be.upload_done(&bufs[2]) {
         c.pass_exact(
             "upload",
             format!("{dt:?} copy on the copy stream reported done after {done_us} us"),
@@ -934,7 +935,15 @@ fn check_upload(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
             "not done after 1 s".into(),
         );
     }
+    if be.upload_done(&bufs[2]) && !be.upload_done(&bufs[0]) {
+        c.fail(
+            "upload",
+            format!("{dt:?} copy in two parts"),
+            "the last part reported done before the first".into(),
+        );
+    }
     be.wait_upload(&bufs[0])?;
+    be.wait_upload(&bufs[2])?;
     for (i, (buf, want)) in bufs.iter().zip(&tensors).enumerate() {
         let got = be.download(buf)?;
         let mut want = want.clone();
@@ -949,7 +958,7 @@ fn check_upload(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
     }
     drop(bufs);
     // Dropped at once: the free waits for the copy.
-    drop(be.upload_staged(&staged)?);
+    drop(be.upload_staged(&staged, &[])?);
     be.synchronize()?;
     c.pass_exact("upload", format!("{dt:?} upload dropped in flight"));
     Ok(())
@@ -970,11 +979,11 @@ fn check_staging_region(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
     let staged = std::sync::Arc::new(be.stage(dt, &[&[HostTensor::f32(&first)]])?);
     let in_region = staged.in_region();
     // Dropped while its copy may still run.
-    drop(be.upload_staged(&staged)?);
+    drop(be.upload_staged(&staged, &[])?);
     drop(staged);
     let staged = std::sync::Arc::new(be.stage(dt, &[&[HostTensor::f32(&second)]])?);
     let reused = staged.in_region();
-    let bufs = be.upload_staged(&staged)?;
+    let bufs = be.upload_staged(&staged, &[])?;
     be.wait_upload(&bufs[0])?;
     let got = be.download(&bufs[0])?;
     let mut want = second;
