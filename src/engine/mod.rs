@@ -49,8 +49,10 @@ pub trait Executor {
     /// Copy `adapter` into device slot `slot`, replacing whatever was there. The copy may run
     /// on after this returns, beside the steps: see [`Executor::adapter_ready`].
     fn install_adapter(&mut self, slot: u32, adapter: &Self::Adapter) -> Result<(), String>;
-    /// Whether the adapter in `slot` is on the device, its copy complete: the runtime admits
-    /// its requests only then, so that a load never holds up the batch.
+    /// Whether a step may use the adapter in `slot` now without holding up its other rows:
+    /// its copy complete, or (the Llama executor) still in flight but waited for by that
+    /// adapter's own work only, so its requests join the very step its copy starts beside.
+    /// The runtime admits the adapter's requests only when this says yes.
     fn adapter_ready(&self, slot: u32) -> bool {
         let _ = slot;
         true
