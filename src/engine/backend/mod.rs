@@ -718,6 +718,18 @@ pub trait Backend: Send + Sync + 'static {
     /// CUDA): the caller keeps those buffers alive and unmodified while the table is in use, and
     /// rebuilds the table when a slot changes (`engine::model::llama::LoraState` does both).
     fn lora_table(&self, slots: &[Option<LoraGroupSlot<'_, Self>>]) -> Result<Self::LoraTable>;
+    /// Make `table` (from [`Backend::lora_table`]) the table of `slots`, under the same
+    /// contract. The CUDA backend rewrites a table of as many slots where it is, in stream
+    /// order after the steps issued before, so its address (which graphs recorded over it
+    /// hold) stays valid and nothing is allocated; the default builds a new one.
+    fn update_lora_table(
+        &self,
+        table: &mut Self::LoraTable,
+        slots: &[Option<LoraGroupSlot<'_, Self>>],
+    ) -> Result<()> {
+        *table = self.lora_table(slots)?;
+        Ok(())
+    }
 
     /// `out[row] = table[token_ids[row]]`; `table: [vocab, hidden]`, `out: [rows, hidden]`.
     fn embedding(

@@ -927,6 +927,25 @@ pub struct LoraState<B: Backend> {
     arena_tables: Vec<[Option<B::LoraTable>; 4]>,
 }
 
+/// Make `table` the slot table of `entries`: rebuilt where it is when there was one (the
+/// CUDA backend keeps its address, so graphs recorded over it stay valid), `None` when no slot
+/// has the group.
+fn update_table<B: Backend>(
+    backend: &B,
+    table: &mut Option<B::LoraTable>,
+    entries: &[Option<LoraGroupSlot<'_, B>>],
+) -> Result<()> {
+    if !entries.iter().any(Option::is_some) {
+        *table = None;
+        return Ok(());
+    }
+    match table {
+        Some(t) => backend.update_lora_table(t, entries)?,
+        None => *table = Some(backend.lora_table(entries)?),
+    }
+    Ok(())
+}
+
 /// Per group: `(first arena row, rows)` of an adapter's stacked A (`None`: it lacks the group).
 type ArenaPlace = [Option<(usize, usize)>; 4];
 
@@ -1157,15 +1176,12 @@ impl<B: Backend> LoraState<B> {
                         })
                         .collect()
                 };
-                let table = |entries: Vec<Option<LoraGroupSlot<'_, B>>>| {
-                    entries
-                        .iter()
-                        .any(Option::is_some)
-                        .then(|| backend.lora_table(&entries))
-                        .transpose()
-                };
-                self.tables[l][g.index()] = table(entries(false))?;
-                self.arena_tables[l][g.index()] = table(entries(true))?;
+                update_table(backend, &mut self.tables[l][g.index()], &entries(false))?;
+                update_table(
+                    backend,
+                    &mut self.arena_tables[l][g.index()],
+                    &entries(true),
+                )?;
             }
         }
         Ok(())

@@ -164,6 +164,83 @@ fn copy_parts(
     Ok(parts)
 }
 
+/// What a slot table's entries add up to (the fields of [`CudaLoraTable`] of the same names).
+struct TableSummary {
+    max_rank: usize,
+    max_vend: usize,
+    shrinkable: bool,
+    max_part_rank: usize,
+    min_in: usize,
+    min_out: [usize; MAX_GROUP_PARTS],
+}
+
+/// The device bytes of a slot table over `slots` (checked: ranks, shapes, alignment), and
+/// what its entries add up to.
+fn encode_lora_table(slots: &[Option<RawLoraSlot>]) -> Result<(Vec<u8>, TableSummary)> {
+    let mut bytes = Vec::with_capacity(slots.len().max(1) * plan::LORA_SLOT_BYTES);
+    let (mut max_rank, mut max_part_rank, mut min_in) = (0usize, 0usize, usize::MAX);
+    let mut max_vend = 0usize;
+    let mut shrinkable = true;
+    let mut min_out = [usize::MAX; MAX_GROUP_PARTS];
+    let aligned = |p: u64| p.is_multiple_of(16);
+    for (i, s) in slots.iter().enumerate() {
+        let mut entry = plan::LoraSlotEntry::default();
+        if let Some(s) = s {
+            let mut voff = s.voff;
+            for (j, part) in s.parts.iter().enumerate() {
+                let Some(p) = part else { continue };
+                if p.rank == 0 || p.rank > plan::MAX_RANK {
+                    return Err(shape(format!(
+                        "slot {i} part {j}: rank {} outside 1..={}",
+                        p.rank,
+                        plan::MAX_RANK
+                    )));
+                }
+                if p.b_len == 0 || !p.b_len.is_multiple_of(p.rank) || !aligned(p.b) {
+                    return Err(shape(format!(
+                        "slot {i} part {j}: B of {} elements at 0x{:x} is not a 16-byte \
+                         aligned [n, rank={}] matrix",
+                        p.b_len, p.b, p.rank
+                    )));
+                }
+                min_out[j] = min_out[j].min(p.b_len / p.rank);
+                max_part_rank = max_part_rank.max(p.rank);
+                entry.parts[j] = (p.b, p.rank as u32, voff as u32);
+                voff += p.rank;
+            }
+            let rank = voff - s.voff;
+            if rank == 0 || s.a_len == 0 || !s.a_len.is_multiple_of(rank) || !aligned(s.a) {
+                return Err(shape(format!(
+                    "slot {i}: A of {} elements at 0x{:x} is not a 16-byte aligned \
+                     [rank={rank}, n] matrix",
+                    s.a_len, s.a
+                )));
+            }
+            max_rank = max_rank.max(rank);
+            max_vend = max_vend.max(voff);
+            min_in = min_in.min(s.a_len / rank);
+            entry.a = s.a;
+            entry.rank = rank as u32;
+            if u32::try_from(voff).is_err() {
+                return Err(shape(format!("slot {i}: v column {voff} too large")));
+            }
+            shrinkable &= s.voff == 0;
+        }
+        entry.write(&mut bytes);
+    }
+    Ok((
+        bytes,
+        TableSummary {
+            max_rank,
+            max_vend,
+            shrinkable,
+            max_part_rank,
+            min_in,
+            min_out,
+        },
+    ))
+}
+
 impl Drop for Uploaded {
     fn drop(&mut self) {
         if !self.done.is_complete()
@@ -1240,57 +1317,7 @@ impl CudaBackend {
         dtype: DType,
         slots: &[Option<RawLoraSlot>],
     ) -> Result<CudaLoraTable> {
-        let mut bytes = Vec::with_capacity(slots.len().max(1) * plan::LORA_SLOT_BYTES);
-        let (mut max_rank, mut max_part_rank, mut min_in) = (0usize, 0usize, usize::MAX);
-        let mut max_vend = 0usize;
-        let mut shrinkable = true;
-        let mut min_out = [usize::MAX; MAX_GROUP_PARTS];
-        let aligned = |p: u64| p.is_multiple_of(16);
-        for (i, s) in slots.iter().enumerate() {
-            let mut entry = plan::LoraSlotEntry::default();
-            if let Some(s) = s {
-                let mut voff = s.voff;
-                for (j, part) in s.parts.iter().enumerate() {
-                    let Some(p) = part else { continue };
-                    if p.rank == 0 || p.rank > plan::MAX_RANK {
-                        return Err(shape(format!(
-                            "slot {i} part {j}: rank {} outside 1..={}",
-                            p.rank,
-                            plan::MAX_RANK
-                        )));
-                    }
-                    if p.b_len == 0 || !p.b_len.is_multiple_of(p.rank) || !aligned(p.b) {
-                        return Err(shape(format!(
-                            "slot {i} part {j}: B of {} elements at 0x{:x} is not a 16-byte \
-                             aligned [n, rank={}] matrix",
-                            p.b_len, p.b, p.rank
-                        )));
-                    }
-                    min_out[j] = min_out[j].min(p.b_len / p.rank);
-                    max_part_rank = max_part_rank.max(p.rank);
-                    entry.parts[j] = (p.b, p.rank as u32, voff as u32);
-                    voff += p.rank;
-                }
-                let rank = voff - s.voff;
-                if rank == 0 || s.a_len == 0 || !s.a_len.is_multiple_of(rank) || !aligned(s.a) {
-                    return Err(shape(format!(
-                        "slot {i}: A of {} elements at 0x{:x} is not a 16-byte aligned \
-                         [rank={rank}, n] matrix",
-                        s.a_len, s.a
-                    )));
-                }
-                max_rank = max_rank.max(rank);
-                max_vend = max_vend.max(voff);
-                min_in = min_in.min(s.a_len / rank);
-                entry.a = s.a;
-                entry.rank = rank as u32;
-                if u32::try_from(voff).is_err() {
-                    return Err(shape(format!("slot {i}: v column {voff} too large")));
-                }
-                shrinkable &= s.voff == 0;
-            }
-            entry.write(&mut bytes);
-        }
+        let (bytes, sum) = encode_lora_table(slots)?;
         let (mem, ptr) = self.alloc_bytes(bytes.len())?;
         self.htod(ptr, &bytes)?;
         Ok(CudaLoraTable {
@@ -1298,13 +1325,47 @@ impl CudaBackend {
             ptr,
             slots: slots.len(),
             dtype: Some(dtype),
-            max_rank,
-            max_vend,
-            shrinkable,
-            max_part_rank,
-            min_in,
-            min_out,
+            max_rank: sum.max_rank,
+            max_vend: sum.max_vend,
+            shrinkable: sum.shrinkable,
+            max_part_rank: sum.max_part_rank,
+            min_in: sum.min_in,
+            min_out: sum.min_out,
         })
+    }
+
+    /// The raw addresses of `slots`' buffers and the dtype they share.
+    fn raw_lora_slots(
+        &self,
+        slots: &[Option<LoraGroupSlot<'_, Self>>],
+    ) -> Result<(DType, Vec<Option<RawLoraSlot>>)> {
+        let mut dtype = None;
+        for g in slots.iter().flatten() {
+            let parts = g.parts.iter().flatten();
+            for d in std::iter::once(g.a.dtype).chain(parts.map(|p| p.b.dtype)) {
+                if *dtype.get_or_insert(d) != d {
+                    return Err(shape("adapters in one table must share one dtype".into()));
+                }
+            }
+        }
+        let raw = slots
+            .iter()
+            .map(|s| {
+                s.as_ref().map(|g| RawLoraSlot {
+                    a: g.a.ptr,
+                    a_len: g.a.len,
+                    voff: g.voff,
+                    parts: std::array::from_fn(|j| {
+                        g.parts[j].as_ref().map(|p| RawLoraPart {
+                            b: p.b.ptr,
+                            b_len: p.b.len,
+                            rank: p.rank,
+                        })
+                    }),
+                })
+            })
+            .collect();
+        Ok((dtype.unwrap_or(self.dtype), raw))
     }
 
     fn workspace(&self, bytes: usize) -> Result<u64> {
@@ -1759,33 +1820,32 @@ impl Backend for CudaBackend {
     }
 
     fn lora_table(&self, slots: &[Option<LoraGroupSlot<'_, Self>>]) -> Result<CudaLoraTable> {
-        let mut dtype = None;
-        for g in slots.iter().flatten() {
-            let parts = g.parts.iter().flatten();
-            for d in std::iter::once(g.a.dtype).chain(parts.map(|p| p.b.dtype)) {
-                if *dtype.get_or_insert(d) != d {
-                    return Err(shape("adapters in one table must share one dtype".into()));
-                }
-            }
+        let (dtype, raw) = self.raw_lora_slots(slots)?;
+        self.lora_table_raw(dtype, &raw)
+    }
+
+    fn update_lora_table(
+        &self,
+        table: &mut CudaLoraTable,
+        slots: &[Option<LoraGroupSlot<'_, Self>>],
+    ) -> Result<()> {
+        let (dtype, raw) = self.raw_lora_slots(slots)?;
+        if raw.len() != table.slots {
+            *table = self.lora_table_raw(dtype, &raw)?;
+            return Ok(());
         }
-        let raw: Vec<Option<RawLoraSlot>> = slots
-            .iter()
-            .map(|s| {
-                s.as_ref().map(|g| RawLoraSlot {
-                    a: g.a.ptr,
-                    a_len: g.a.len,
-                    voff: g.voff,
-                    parts: std::array::from_fn(|j| {
-                        g.parts[j].as_ref().map(|p| RawLoraPart {
-                            b: p.b.ptr,
-                            b_len: p.b.len,
-                            rank: p.rank,
-                        })
-                    }),
-                })
-            })
-            .collect();
-        self.lora_table_raw(dtype.unwrap_or(self.dtype), &raw)
+        let (bytes, sum) = encode_lora_table(&raw)?;
+        // On the main stream: after the steps issued before, which may still read the old
+        // entries (their side-stream work is joined into it), and before the next ones.
+        self.htod(table.ptr, &bytes)?;
+        table.dtype = Some(dtype);
+        table.max_rank = sum.max_rank;
+        table.max_vend = sum.max_vend;
+        table.shrinkable = sum.shrinkable;
+        table.max_part_rank = sum.max_part_rank;
+        table.min_in = sum.min_in;
+        table.min_out = sum.min_out;
+        Ok(())
     }
 
     fn embedding(
@@ -2602,5 +2662,29 @@ mod tests {
             ]
         );
         assert!(copy_parts(&starts, &[2, 2], 96).is_err());
+    }
+
+    #[test]
+    fn a_slot_table_has_one_entry_per_slot_whatever_the_slots_hold() {
+        // So a table rebuilt for the same slots fits where it is (`update_lora_table`).
+        let filled = Some(RawLoraSlot {
+            a: 0x1000,
+            a_len: 8 * 64,
+            parts: std::array::from_fn(|j| {
+                (j == 0).then_some(RawLoraPart {
+                    b: 0x2000,
+                    b_len: 96 * 8,
+                    rank: 8,
+                })
+            }),
+            voff: 0,
+        });
+        let (empty, sum) = encode_lora_table(&[None, None, None]).unwrap();
+        assert_eq!(empty.len(), 3 * plan::LORA_SLOT_BYTES);
+        assert_eq!(sum.max_rank, 0);
+        let (bytes, sum) = encode_lora_table(&[None, filled, None]).unwrap();
+        assert_eq!(bytes.len(), empty.len());
+        assert_ne!(bytes, empty);
+        assert_eq!((sum.max_rank, sum.min_in, sum.min_out[0]), (8, 64, 96));
     }
 }

@@ -244,7 +244,14 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
     // The tables with every slot's intermediate at column 0 (`arena` false) or at `voffs`.
     let gpu_groups = |arena: bool| group_slots::<CudaBackend>(&slots, &voffs, arena, |g, _| g);
     let cpu_groups = |arena: bool| group_slots::<CpuBackend>(&slots, &voffs, arena, |_, c| c);
-    let table = be.lora_table(&gpu_groups(false))?;
+    // Emptied and refilled where it is (as an adapter install rebuilds the tables): the checks
+    // below run on the rewritten table.
+    let mut table = be.lora_table(&gpu_groups(false))?;
+    let at = table.ptr;
+    let empty: Vec<Option<LoraGroupSlot<'_, CudaBackend>>> =
+        gpu_groups(false).iter().map(|_| None).collect();
+    be.update_lora_table(&mut table, &empty)?;
+    be.update_lora_table(&mut table, &gpu_groups(false))?;
     let ctable = cpu.lora_table(&cpu_groups(false))?;
     let segments = SegmentTable::from_row_slots(&case.rows);
     let meta = StepMeta {
@@ -275,6 +282,13 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
         }
     }
     let label = format!("{:?} {}", dt, case.label);
+    if table.ptr != at {
+        c.fail(
+            "lora_table",
+            label.clone(),
+            "a table rebuilt in place moved".into(),
+        );
+    }
     if stray > 0 {
         c.fail(
             "sgmv_shrink",
