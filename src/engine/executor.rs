@@ -250,9 +250,10 @@ impl<B: Backend> Executor for LlamaExecutor<B> {
             .map_err(|e| e.to_string())
     }
 
+    /// As soon as it is installed: a step that uses it while its copy runs waits for the copy
+    /// of each layer in that layer's LoRA work only (see `Backend::wait_upload`).
     fn adapter_ready(&self, slot: u32) -> bool {
-        self.lora
-            .slot_ready(self.model.backend().as_ref(), slot as usize)
+        self.lora.is_occupied(slot as usize)
     }
 
     fn launch(

@@ -23,11 +23,13 @@ pub mod synthetic;
 use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, mpsc};
+use std::sync::{Arc, OnceLock, RwLock, mpsc};
 use std::task::{Context, Poll};
 
 use crate::engine::backend::{Pick, RowSampling, StepMeta, StepPath};
-use crate::engine::lora::cache::{AdapterKey, AdapterSource, CacheConfig, HostAdapter, Validator};
+use crate::engine::lora::cache::{
+    AdapterKey, AdapterSource, CacheConfig, HostAdapter, Loads, Validator,
+};
 use crate::engine::metrics::EngineMetrics;
 use crate::engine::request::{SharedDetokenizer, StreamEvent, ValidRequest};
 use crate::engine::scheduler::SeqId;
@@ -47,8 +49,10 @@ pub trait Executor {
     /// Copy `adapter` into device slot `slot`, replacing whatever was there. The copy may run
     /// on after this returns, beside the steps: see [`Executor::adapter_ready`].
     fn install_adapter(&mut self, slot: u32, adapter: &Self::Adapter) -> Result<(), String>;
-    /// Whether the adapter in `slot` is on the device, its copy complete: the runtime admits
-    /// its requests only then, so that a load never holds up the batch.
+    /// Whether a step may use the adapter in `slot` now without holding up its other rows:
+    /// its copy complete, or (the Llama executor) still in flight but waited for by that
+    /// adapter's own work only, so its requests join the very step its copy starts beside.
+    /// The runtime admits the adapter's requests only when this says yes.
     fn adapter_ready(&self, slot: u32) -> bool {
         let _ = slot;
         true
@@ -156,6 +160,9 @@ struct Shared {
     capacity_tokens: AtomicUsize,
     /// Set by the owner thread at startup.
     vocab_size: AtomicUsize,
+    /// The adapter cache's load queue, so that `submit` starts a missing adapter's load without
+    /// waiting for the owner's next step. Set by the owner thread at startup.
+    loads: OnceLock<Arc<Loads>>,
 }
 
 /// A cloneable handle to a running engine.
@@ -215,6 +222,7 @@ impl EngineHandle {
             capacity_tokens: AtomicUsize::new(0),
             vocab_size: AtomicUsize::new(0),
             resident: RwLock::new(HashSet::new()),
+            loads: OnceLock::new(),
         });
         let owner_shared = Arc::clone(&shared);
         let wake_tx = commands.clone();
@@ -282,6 +290,11 @@ impl EngineHandle {
         if queued >= limit {
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Overloaded { queued, limit });
+        }
+        // The fetch runs while the request travels to the owner thread and waits for its next
+        // step. A loader that is gone is reported to the request by the owner, which tries too.
+        if let (Some(key), Some(loads)) = (&request.adapter, self.shared.loads.get()) {
+            let _ = loads.start(key);
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (events, rx) = tokio::sync::mpsc::channel(self.shared.config.stream_capacity);

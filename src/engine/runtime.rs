@@ -151,6 +151,8 @@ pub(super) fn run<E, F>(
             return;
         }
     };
+    // Set once, before any handle can submit (`ready` is not sent yet).
+    let _ = shared.loads.set(Arc::clone(cache.loads()));
     let scheduler = Scheduler::new(SchedulerConfig {
         max_running: config.max_running,
         max_step_tokens: config.max_step_tokens,
@@ -397,9 +399,11 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
         self.scheduler
             .set_admit_adapters(self.starved_steps < SLOT_STARVATION_STEPS);
 
-        // An adapter counts as resident once its copy to the device is done: until then its
-        // requests wait and the batch runs on without it. `held` notes that one was turned
-        // away, so the loop comes back for it (no command wakes the loop when a copy is done).
+        // An adapter counts as resident once the executor says a step may use it
+        // (`Executor::adapter_ready`: for the Llama executor, once installed, its copy awaited
+        // by its own rows' work): until then its requests wait and the batch runs on without
+        // it. `held` notes that one was turned away, so the loop comes back for it (no command
+        // wakes the loop when a copy is done).
         let cache = &self.cache;
         let held = std::cell::Cell::new(false);
         let ready = |k: &AdapterKey| {

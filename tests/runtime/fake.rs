@@ -58,8 +58,13 @@ pub struct Probe {
     /// (step, token ids) of every forward.
     pub batches: Mutex<Vec<(usize, Vec<u32>)>>,
     pub max_rows: AtomicUsize,
-    /// Steps that used an adapter slot before its upload completed (an error of the runtime).
+    /// Steps that used an adapter slot the executor had not said ready (an error of the
+    /// runtime).
     pub early_uses: AtomicUsize,
+    /// Steps that used an adapter whose copy was still running, and waited for it.
+    pub copy_waits: AtomicUsize,
+    /// (slot, the step launched next) of every install.
+    pub installs: Mutex<Vec<(u32, usize)>>,
 }
 
 pub struct FakeModel {
@@ -69,9 +74,11 @@ pub struct FakeModel {
     picks: Vec<Pick>,
     delay: Duration,
     probe: Arc<Probe>,
-    /// How long an install's copy to the "device" takes (see [`Executor::adapter_ready`]).
+    /// How long an install's copy to the "device" takes: a step that uses the adapter earlier
+    /// waits for the rest of it, like the Llama executor's (it is ready at once).
     upload: Duration,
-    /// Queries of [`Executor::adapter_ready`] an install answers "not yet" first.
+    /// Queries of [`Executor::adapter_ready`] an install answers "not yet" first (an executor
+    /// that cannot wait for a copy).
     upload_polls: usize,
     installed: Vec<Option<Instant>>,
     polls: Vec<AtomicUsize>,
@@ -96,7 +103,7 @@ impl FakeModel {
         }
     }
 
-    /// Installs whose copy takes `upload` to complete: a step that uses the slot earlier fails.
+    /// Installs whose copy takes `upload` to complete: a step that uses the slot earlier waits.
     pub fn with_upload(mut self, upload: Duration) -> Self {
         self.upload = upload;
         self
@@ -108,15 +115,22 @@ impl FakeModel {
         self
     }
 
-    /// Ready by time and by queries, without counting a query.
-    fn uploaded(&self, slot: u32) -> bool {
+    /// Whether `slot` was installed and said ready, without counting a query.
+    fn ready(&self, slot: u32) -> bool {
         let i = slot as usize;
+        self.installed.get(i).copied().flatten().is_some()
+            && self.polls[i].load(Ordering::SeqCst) >= self.upload_polls
+    }
+
+    /// How much of `slot`'s copy is left.
+    fn copy_left(&self, slot: u32) -> Duration {
         self.installed
-            .get(i)
+            .get(slot as usize)
             .copied()
             .flatten()
-            .is_some_and(|at| at.elapsed() >= self.upload)
-            && self.polls[i].load(Ordering::SeqCst) >= self.upload_polls
+            .map_or(Duration::ZERO, |at| {
+                self.upload.saturating_sub(at.elapsed())
+            })
     }
 }
 
@@ -164,12 +178,15 @@ impl Executor for FakeModel {
             .ok_or_else(|| format!("no slot {slot}"))?;
         *s = Some(adapter.seed);
         self.installed[slot as usize] = Some(Instant::now());
+        if let Ok(mut i) = self.probe.installs.lock() {
+            i.push((slot, self.probe.steps.load(Ordering::SeqCst)));
+        }
         self.polls[slot as usize].store(0, Ordering::SeqCst);
         Ok(())
     }
 
     fn adapter_ready(&self, slot: u32) -> bool {
-        let ready = self.uploaded(slot);
+        let ready = self.ready(slot);
         if let Some(p) = self.polls.get(slot as usize) {
             p.fetch_add(1, Ordering::SeqCst);
         }
@@ -190,13 +207,20 @@ impl Executor for FakeModel {
         if let Ok(mut b) = self.probe.batches.lock() {
             b.push((step, meta.token_ids.clone()));
         }
-        if let Some((_, _, slot)) = meta
+        if let Some((_, _, slot)) = meta.segments.iter().find(|&(_, _, slot)| !self.ready(slot)) {
+            self.probe.early_uses.fetch_add(1, Ordering::SeqCst);
+            return Err(format!("slot {slot} used before it was ready").into());
+        }
+        let copy_left = meta
             .segments
             .iter()
-            .find(|&(_, _, slot)| !self.uploaded(slot))
-        {
-            self.probe.early_uses.fetch_add(1, Ordering::SeqCst);
-            return Err(format!("slot {slot} used before its upload completed").into());
+            .map(|(_, _, slot)| self.copy_left(slot))
+            .max()
+            .unwrap_or_default();
+        if !copy_left.is_zero() {
+            // The step ends once the adapter's rows, which wait for the copy, are done.
+            self.probe.copy_waits.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(copy_left);
         }
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);

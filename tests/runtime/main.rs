@@ -517,8 +517,19 @@ fn drain_within(mut stream: RequestStream, limit: Duration) -> (Outcome, Vec<Ins
         .expect("the stream did not finish in time")
 }
 
+/// The step in which a prompt of `prompt` (a run of tokens no other request has) was first
+/// fed, and that step's rows.
+fn first_step_with(probe: &Probe, prompt: &[u32]) -> (usize, usize) {
+    let batches = probe.batches.lock().unwrap();
+    batches
+        .iter()
+        .find(|(_, toks)| toks.windows(prompt.len()).any(|w| w == prompt))
+        .map(|(step, toks)| (*step, toks.len()))
+        .expect("the prompt was fed")
+}
+
 #[test]
-fn an_adapter_still_being_copied_holds_back_only_its_own_requests() {
+fn a_request_joins_the_step_its_adapters_copy_starts_beside_while_the_others_keep_decoding() {
     let upload = Duration::from_millis(60);
     let h = harness_with_upload(config(8, 64, 2), 256, Duration::from_millis(2), 1, upload);
     let base_prompt = vec![3, 4, 5];
@@ -534,11 +545,15 @@ fn an_adapter_still_being_copied_holds_back_only_its_own_requests() {
         }
     }
     let submitted = Instant::now();
-    let cold = h.engine.submit(request(2, Some(1), vec![7, 8], 5)).unwrap();
+    let cold_prompt = vec![60, 61, 62, 63, 60];
+    let cold = h
+        .engine
+        .submit(request(2, Some(1), cold_prompt.clone(), 5))
+        .unwrap();
     let cold = std::thread::spawn(move || drain_within(cold, Duration::from_secs(20)));
-    let (rest, base_times) = drain_within(base, Duration::from_secs(20));
+    let (rest, _) = drain_within(base, Duration::from_secs(20));
     let (cold, cold_times) = cold.join().unwrap();
-    assert_eq!(cold.tokens, fake::reference(seed_of(1), &[7, 8], 5));
+    assert_eq!(cold.tokens, fake::reference(seed_of(1), &cold_prompt, 5));
     assert!(
         matches!(cold.end, StreamEvent::Done { .. }),
         "{:?}",
@@ -547,21 +562,23 @@ fn an_adapter_still_being_copied_holds_back_only_its_own_requests() {
     first.extend(&rest.tokens);
     assert_eq!(first, fake::reference(0, &base_prompt, 120));
     assert_eq!(h.probe.early_uses.load(Ordering::SeqCst), 0);
-    // The adapter's first token waited for its copy; the base request kept decoding meanwhile.
-    let first_cold = cold_times[0];
-    assert!(first_cold - submitted >= upload);
-    let during = base_times
-        .iter()
-        .filter(|&&t| t > submitted && t < first_cold)
-        .count();
-    assert!(
-        during >= 10,
-        "{during} base tokens while the adapter was copied"
+    // Installed at a step's start, the request ran in that very step, beside the base row.
+    let installs = h.probe.installs.lock().unwrap().clone();
+    assert_eq!(installs.len(), 1);
+    let (step, rows) = first_step_with(&h.probe, &cold_prompt);
+    assert_eq!(step, installs[0].1, "the request waited for a later step");
+    assert_eq!(
+        rows,
+        cold_prompt.len() + 1,
+        "the base request decoded in it"
     );
+    // That step waited for the copy; the steps after it found it done.
+    assert_eq!(h.probe.copy_waits.load(Ordering::SeqCst), 1);
+    assert!(cold_times[0] - submitted >= upload);
 }
 
 #[test]
-fn an_idle_engine_runs_a_request_as_soon_as_its_adapter_copy_completes() {
+fn an_idle_engine_runs_a_request_in_the_step_that_starts_its_adapters_copy() {
     let upload = Duration::from_millis(40);
     let h = harness_with_upload(config(8, 64, 2), 256, Duration::ZERO, 1, upload);
     let submitted = Instant::now();
@@ -569,18 +586,24 @@ fn an_idle_engine_runs_a_request_as_soon_as_its_adapter_copy_completes() {
         .engine
         .submit(request(1, Some(1), vec![9, 9, 9], 4))
         .unwrap();
-    // No other work and no command to wake the engine when the copy is done: it must come back
-    // for it by itself.
     let (out, times) = drain_within(stream, Duration::from_secs(10));
     assert_eq!(out.tokens, fake::reference(seed_of(1), &[9, 9, 9], 4));
-    assert!(times[0] - submitted >= upload);
+    assert!(
+        times[0] - submitted >= upload,
+        "its first use waited for the copy"
+    );
+    let installs = h.probe.installs.lock().unwrap().clone();
+    assert_eq!(installs, vec![(0, 0)], "installed before the first step");
+    assert_eq!(first_step_with(&h.probe, &[9, 9, 9]).0, 0);
+    assert_eq!(h.probe.copy_waits.load(Ordering::SeqCst), 1);
     assert_eq!(h.probe.early_uses.load(Ordering::SeqCst), 0);
 }
 
 #[test]
 fn a_copy_that_completes_while_its_request_is_turned_away_does_not_stall_the_engine() {
-    // The first readiness query after the install says "not yet", every later one "done": the
-    // engine must come back for the request rather than sleep on its command queue.
+    // An executor that cannot wait for a copy: the first readiness query after the install
+    // says "not yet", every later one "done". The engine must come back for the request rather
+    // than sleep on its command queue.
     let h = harness_with_fake(config(8, 64, 2), 256, Duration::ZERO, 1, |m| {
         m.with_upload_polls(1)
     });
@@ -588,6 +611,61 @@ fn a_copy_that_completes_while_its_request_is_turned_away_does_not_stall_the_eng
     let (out, _) = drain_within(stream, Duration::from_secs(10));
     assert_eq!(out.tokens, fake::reference(seed_of(1), &[4, 2], 3));
     assert_eq!(h.probe.early_uses.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_submission_starts_its_adapters_load_without_waiting_for_the_engines_next_step() {
+    let step = Duration::from_millis(300);
+    let h = harness(config(8, 64, 2), 256, step, 1);
+    let mut base = h.engine.submit(request(1, None, vec![3, 4], 3)).unwrap();
+    assert!(matches!(
+        base.blocking_next(),
+        Some(StreamEvent::Token { .. })
+    ));
+    // The token went out at the start of the next step, which now sleeps in the executor.
+    std::thread::sleep(Duration::from_millis(30));
+    let steps = h.probe.steps.load(Ordering::SeqCst);
+    let cold = h.engine.submit(request(2, Some(1), vec![7, 8], 2)).unwrap();
+    wait_until("the adapter fetched", || h.source.fetches() == 1);
+    assert_eq!(
+        h.probe.steps.load(Ordering::SeqCst),
+        steps,
+        "the fetch began within the step that was running when the request came"
+    );
+    let (out, _) = drain_within(cold, Duration::from_secs(20));
+    assert_eq!(out.tokens, fake::reference(seed_of(1), &[7, 8], 2));
+    drain_after(&mut base, 1);
+    assert_eq!(h.metrics.adapter_loads.get(), 1);
+}
+
+#[test]
+fn many_submissions_for_one_cold_adapter_fetch_it_once() {
+    let h = harness(config(16, 64, 2), 256, Duration::from_millis(1), 1);
+    let streams: Vec<RequestStream> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let engine = &h.engine;
+                scope.spawn(move || {
+                    (0..8)
+                        .map(|i| {
+                            engine
+                                .submit(request(t, Some(1), vec![t as u32, i], 3))
+                                .unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    });
+    for mut s in streams {
+        assert!(matches!(drain(&mut s).end, StreamEvent::Done { .. }));
+    }
+    assert_eq!(h.source.fetches(), 1);
+    assert_eq!(h.metrics.adapter_loads.get(), 1);
 }
 
 #[test]

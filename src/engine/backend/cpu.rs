@@ -960,7 +960,7 @@ impl Backend for CpuBackend {
             .collect())
     }
 
-    fn upload_staged(&self, staged: &Arc<Self::Staged>) -> Result<Vec<CpuBuf>> {
+    fn upload_staged(&self, staged: &Arc<Self::Staged>, _parts: &[usize]) -> Result<Vec<CpuBuf>> {
         Ok(staged
             .iter()
             .map(|t| CpuBuf {

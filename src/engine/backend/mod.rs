@@ -697,10 +697,13 @@ pub trait Backend: Send + Sync + 'static {
     /// a copy of them first). Runs on any thread (the adapter loaders stage adapters off the
     /// engine thread).
     fn stage(&self, dtype: DType, tensors: &[&[HostTensor<'_>]]) -> Result<Self::Staged>;
-    /// Copy staged tensors to the device in one transfer; one buffer per tensor, in order.
-    /// Asynchronous where the device allows (the buffers keep `staged` alive): the copy may
-    /// still run when this returns, see [`Backend::upload_done`] and [`Backend::wait_upload`].
-    fn upload_staged(&self, staged: &Arc<Self::Staged>) -> Result<Vec<Self::Buf>>;
+    /// Copy staged tensors to the device, one transfer per part: part `i` is the next
+    /// `parts[i]` tensors (the counts sum to the tensors; no counts: one part of them all), and
+    /// the parts are copied in order. One buffer per tensor, in order. Asynchronous where the
+    /// device allows (the buffers keep `staged` alive): the copies may still run when this
+    /// returns, see [`Backend::upload_done`] and [`Backend::wait_upload`], which answer for
+    /// the part of the buffer they are given.
+    fn upload_staged(&self, staged: &Arc<Self::Staged>, parts: &[usize]) -> Result<Vec<Self::Buf>>;
     /// Copy a buffer back to the host as f32.
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     /// Number of elements in `buf`.
@@ -715,6 +718,18 @@ pub trait Backend: Send + Sync + 'static {
     /// CUDA): the caller keeps those buffers alive and unmodified while the table is in use, and
     /// rebuilds the table when a slot changes (`engine::model::llama::LoraState` does both).
     fn lora_table(&self, slots: &[Option<LoraGroupSlot<'_, Self>>]) -> Result<Self::LoraTable>;
+    /// Make `table` (from [`Backend::lora_table`]) the table of `slots`, under the same
+    /// contract. The CUDA backend rewrites a table of as many slots where it is, in stream
+    /// order after the steps issued before, so its address (which graphs recorded over it
+    /// hold) stays valid and nothing is allocated; the default builds a new one.
+    fn update_lora_table(
+        &self,
+        table: &mut Self::LoraTable,
+        slots: &[Option<LoraGroupSlot<'_, Self>>],
+    ) -> Result<()> {
+        *table = self.lora_table(slots)?;
+        Ok(())
+    }
 
     /// `out[row] = table[token_ids[row]]`; `table: [vocab, hidden]`, `out: [rows, hidden]`.
     fn embedding(
@@ -912,14 +927,18 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
     /// Whether the copy that fills `buf` (an adapter's buffer from
-    /// [`Backend::upload_staged`]) has completed, so that a step may read it without waiting.
-    /// The CUDA backend copies adapters on a stream of its own, beside the steps.
+    /// [`Backend::upload_staged`]: the copy of its part) has completed, so that a step may
+    /// read it without waiting. The CUDA backend copies adapters on a stream of its own,
+    /// beside the steps.
     fn upload_done(&self, buf: &Self::Buf) -> bool {
         let _ = buf;
         true
     }
-    /// Ops issued from here on run after the copy that fills `buf` (nothing when it is done).
-    /// Call outside a step (before [`Backend::begin_step`]).
+    /// Ops issued from here on, on the queue in use (the side queue between
+    /// [`Backend::begin_side`] and [`Backend::end_side`], else the main one), run after the
+    /// copy that fills `buf` (nothing when it is done); the other queue waits only through a
+    /// later join. Inside a step the wait is one of the step's ops: the CUDA backend then
+    /// issues that part of the step op by op, never from a graph.
     fn wait_upload(&self, buf: &Self::Buf) -> Result<()> {
         let _ = buf;
         Ok(())

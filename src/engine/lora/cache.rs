@@ -10,12 +10,14 @@
 //! validating run on loader threads, whose results are collected by [`AdapterCache::poll`]; the
 //! device copy of a host-resident adapter is done by the owner through the `install` callback of
 //! [`AdapterCache::ensure`]. A failed load is reported for its key only, so only the requests that
-//! needed that adapter fail.
+//! needed that adapter fail. Loads start through [`Loads`], which the engine's handles share, so
+//! that a submission starts its adapter's fetch at once rather than at the owner's next step; the
+//! cache starts the ones no submission did (a refetch after an eviction).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -207,6 +209,53 @@ struct LoadDone<W> {
     elapsed: Duration,
 }
 
+/// The loaders' job queue and the keys they fetch or have delivered, shared by the cache (on the
+/// owner thread) and the engine's handles: whoever sees a key first starts its load, and no key
+/// is fetched twice at once or while the cache holds it.
+pub struct Loads {
+    jobs: mpsc::Sender<AdapterKey>,
+    index: Mutex<LoadIndex>,
+    metrics: EngineMetrics,
+}
+
+#[derive(Default)]
+struct LoadIndex {
+    /// Fetches in flight.
+    loading: HashSet<AdapterKey>,
+    /// Fetched keys the cache still holds, in host memory or on the device.
+    held: HashSet<AdapterKey>,
+}
+
+impl Loads {
+    /// Start fetching `key` unless it is being fetched or is held already. Returns whether this
+    /// call started it; `LoaderGone` when the loader threads have stopped.
+    pub fn start(&self, key: &AdapterKey) -> Result<bool, AdapterLoadError> {
+        let mut index = self.index();
+        if index.loading.contains(key) || index.held.contains(key) {
+            return Ok(false);
+        }
+        // Sent under the lock: the owner cannot collect the result before `loading` has the key.
+        self.jobs
+            .send(*key)
+            .map_err(|_| AdapterLoadError::LoaderGone)?;
+        index.loading.insert(*key);
+        self.metrics.adapter_loads.inc();
+        Ok(true)
+    }
+
+    /// Whether a fetch of `key` is in flight.
+    pub fn is_loading(&self, key: &AdapterKey) -> bool {
+        self.index().loading.contains(key)
+    }
+
+    /// A poisoned lock still holds a consistent index: every update is a single set operation.
+    fn index(&self) -> MutexGuard<'_, LoadIndex> {
+        self.index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// The adapter cache (see the module docs).
 pub struct AdapterCache<W: HostAdapter> {
     config: CacheConfig,
@@ -216,9 +265,8 @@ pub struct AdapterCache<W: HostAdapter> {
     generation: u64,
     host: HashMap<AdapterKey, HostEntry<W>>,
     host_bytes: usize,
-    loading: HashSet<AdapterKey>,
+    loads: Arc<Loads>,
     tick: u64,
-    jobs: mpsc::Sender<AdapterKey>,
     done: mpsc::Receiver<LoadDone<W>>,
     metrics: EngineMetrics,
 }
@@ -254,9 +302,12 @@ impl<W: HostAdapter> AdapterCache<W> {
             generation: 0,
             host: HashMap::new(),
             host_bytes: 0,
-            loading: HashSet::new(),
+            loads: Arc::new(Loads {
+                jobs,
+                index: Mutex::new(LoadIndex::default()),
+                metrics: metrics.clone(),
+            }),
             tick: 0,
-            jobs,
             done,
             metrics,
         })
@@ -287,14 +338,27 @@ impl<W: HostAdapter> AdapterCache<W> {
         self.host_bytes
     }
 
+    /// The load queue, to share with whoever may start loads (see [`Loads`]).
+    pub fn loads(&self) -> &Arc<Loads> {
+        &self.loads
+    }
+
     /// Whether a fetch of `key` is in flight.
     pub fn is_loading(&self, key: &AdapterKey) -> bool {
-        self.loading.contains(key)
+        self.loads.is_loading(key)
     }
 
     /// Whether any fetch is in flight.
     pub fn any_loading(&self) -> bool {
-        !self.loading.is_empty()
+        !self.loads.index().loading.is_empty()
+    }
+
+    /// `key` left the host tier or the device: forget it unless the other still holds it, so
+    /// that the next request for it fetches it again.
+    fn forget_unless_held(&self, key: &AdapterKey) {
+        if !self.host.contains_key(key) && !self.resident.contains_key(key) {
+            self.loads.index().held.remove(key);
+        }
     }
 
     /// Whether `key` is held in host memory.
@@ -342,7 +406,13 @@ impl<W: HostAdapter> AdapterCache<W> {
     pub fn poll(&mut self) -> Vec<AdapterLoadError> {
         let mut failed = Vec::new();
         while let Ok(done) = self.done.try_recv() {
-            self.loading.remove(&done.key);
+            {
+                let mut index = self.loads.index();
+                index.loading.remove(&done.key);
+                if done.result.is_ok() {
+                    index.held.insert(done.key);
+                }
+            }
             self.metrics
                 .adapter_load_seconds
                 .observe(done.elapsed.as_secs_f64());
@@ -397,6 +467,7 @@ impl<W: HostAdapter> AdapterCache<W> {
                 };
                 if let Some(old) = self.slots[slot as usize].key.take() {
                     self.resident.remove(&old);
+                    self.forget_unless_held(&old);
                     self.generation += 1;
                     self.metrics
                         .adapter_evictions
@@ -423,12 +494,9 @@ impl<W: HostAdapter> AdapterCache<W> {
                 }
                 continue;
             }
-            if self.loading.insert(*key) {
-                self.metrics.adapter_loads.inc();
-                if self.jobs.send(*key).is_err() {
-                    self.loading.remove(key);
-                    failed.push(AdapterLoadError::LoaderGone);
-                }
+            // Usually a submission started it already; then this finds it loading.
+            if let Err(e) = self.loads.start(key) {
+                failed.push(e);
             }
         }
         self.trim_host(needs);
@@ -475,6 +543,7 @@ impl<W: HostAdapter> AdapterCache<W> {
                 break;
             };
             if let Some(e) = self.host.remove(&victim) {
+                self.forget_unless_held(&victim);
                 self.host_bytes -= e.bytes;
                 self.metrics
                     .adapter_evictions
@@ -727,6 +796,48 @@ mod tests {
         settle(&mut c, &[v1, v2], &mut installs);
         assert_ne!(c.slot_of(&v1), c.slot_of(&v2));
         assert!(c.slot_of(&v1).is_some() && c.slot_of(&v2).is_some());
+    }
+
+    #[test]
+    fn a_load_started_from_outside_is_not_started_again_until_the_cache_lets_the_adapter_go() {
+        let src = Arc::new(MemorySource::new());
+        for k in 1..=2 {
+            src.insert(key(k), files(10));
+        }
+        let mut c = cache(1, 1000, Arc::clone(&src));
+        let loads = Arc::clone(c.loads());
+        assert_eq!(loads.start(&key(1)), Ok(true));
+        assert_eq!(loads.start(&key(1)), Ok(false), "in flight");
+        let mut installs = Vec::new();
+        settle(&mut c, &[key(1)], &mut installs);
+        assert_eq!(c.slot_of(&key(1)), Some(0));
+        assert_eq!(loads.start(&key(1)), Ok(false), "resident");
+        assert_eq!(src.fetches(), 1);
+        assert_eq!(c.metrics.adapter_loads.get(), 1);
+
+        // Key 2 takes the only slot; key 1 stays in host memory until the budget drops it.
+        settle(&mut c, &[key(2)], &mut installs);
+        assert_eq!(c.slot_of(&key(1)), None);
+        assert_eq!(loads.start(&key(1)), Ok(false), "still in host memory");
+        c.config.host_bytes = 10;
+        c.trim_host(&[key(2)]);
+        assert!(!c.in_host(&key(1)));
+        assert_eq!(loads.start(&key(1)), Ok(true), "gone from every tier");
+        assert_eq!(c.metrics.adapter_loads.get(), 3);
+    }
+
+    #[test]
+    fn a_failed_load_can_be_started_again() {
+        let src = Arc::new(MemorySource::new());
+        let mut c = cache(1, 1000, Arc::clone(&src));
+        let loads = Arc::clone(c.loads());
+        assert_eq!(loads.start(&key(1)), Ok(true));
+        let failed = settle(&mut c, &[key(1)], &mut Vec::new());
+        assert_eq!(failed, vec![AdapterLoadError::NotFound { key: key(1) }]);
+        src.insert(key(1), files(10));
+        assert_eq!(loads.start(&key(1)), Ok(true));
+        settle(&mut c, &[key(1)], &mut Vec::new());
+        assert_eq!(c.slot_of(&key(1)), Some(0));
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::engine::backend::{
     MAX_GROUP_PARTS, RowSampling, SeqStep, StepMeta,
 };
 use crate::engine::lora::peft::LoraWeights;
+use crate::engine::lora::segments::SegmentTable;
 use crate::engine::model::config::{ConfigError, LlamaConfig, LoraGroup};
 use crate::engine::model::weights::{ModelWeights, WeightsError};
 
@@ -355,13 +356,9 @@ impl<B: Backend> Llama<B> {
                         slot: slot as usize,
                     });
                 }
-                // An adapter still being copied: the step waits for it (the runtime admits
-                // its requests only once it is done, so this is the exception).
-                Some(Some(a)) => {
-                    if let Some(buf) = a.first_buf() {
-                        self.backend.wait_upload(buf)?;
-                    }
-                }
+                // An adapter whose copy is still in flight is waited for layer by layer, by
+                // its LoRA work only (see `Lora::shrink`).
+                Some(Some(_)) => {}
             }
         }
         // Only the engine's thread steps a model: the lock is never contended.
@@ -428,6 +425,13 @@ impl<B: Backend> Llama<B> {
         // issued after the previous group's expand, and the side queue starts behind it.
         let shrinks = use_lora && arena.is_none();
         let mut v = b.alloc(DType::F32, if shrinks { rows * max_rank } else { 0 })?;
+        // An arena step's adapters are all copied already (see `Llama::place_in_arena`).
+        let copying = (shrinks
+            && meta
+                .segments
+                .iter()
+                .any(|(_, _, slot)| !lora.slot_ready(b, slot as usize)))
+        .then_some(&meta.segments);
         let lora = Lora {
             b,
             state: lora,
@@ -436,6 +440,7 @@ impl<B: Backend> Llama<B> {
             max_rank,
             on: use_lora,
             arena: arena.is_some(),
+            copying,
         };
         b.embedding(&self.embed_tokens, m, h, &mut residual)?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -601,6 +606,8 @@ struct Lora<'a, B: Backend> {
     on: bool,
     /// The base GEMMs compute the shrinks (the step's adapters are all in the arena).
     arena: bool,
+    /// The step's segments, when one of its adapters is still being copied to the device.
+    copying: Option<&'a SegmentTable>,
 }
 
 impl<B: Backend> Lora<'_, B> {
@@ -616,9 +623,14 @@ impl<B: Backend> Lora<'_, B> {
         };
         let (h_in, _) = self.config.group_dims(group);
         self.b.begin_side()?;
-        let issued = self
-            .b
-            .sgmv_shrink(x, table, self.meta, h_in, self.max_rank, v);
+        // The side queue waits for the copy of each adapter's part of this layer (its A and
+        // Bs of every group, see `StagedAdapter::layer_tensors`) that is still in flight; the
+        // expand joins the side queue, so it waits too, while the base GEMM does not.
+        let waited = self.wait_for_copies(layer, group);
+        let issued = waited.and_then(|()| {
+            self.b
+                .sgmv_shrink(x, table, self.meta, h_in, self.max_rank, v)
+        });
         self.b.end_side()?;
         issued.map(|()| true).map_err(Into::into)
     }
@@ -652,6 +664,30 @@ impl<B: Backend> Lora<'_, B> {
             self.b.join_side()?;
             self.b
                 .sgmv_expand(v, table, self.meta, self.max_rank, &outs, y_stride, 0, y)?;
+        }
+        Ok(())
+    }
+
+    /// See [`Self::shrink`]. The adapters already copied, and the layers of one being copied
+    /// that are there already, add nothing to the step.
+    fn wait_for_copies(&self, layer: usize, group: LoraGroup) -> Result<(), BackendError> {
+        let Some(segments) = self.copying else {
+            return Ok(());
+        };
+        for (_, _, slot) in segments.iter() {
+            let Some(Some(adapter)) = self.state.slots.get(slot as usize) else {
+                continue;
+            };
+            if adapter.copied.load(std::sync::atomic::Ordering::Relaxed) {
+                continue;
+            }
+            let group = adapter
+                .layers
+                .get(layer)
+                .and_then(|l| l[group.index()].as_ref());
+            if let Some(group) = group {
+                self.b.wait_upload(&group.a)?;
+            }
         }
         Ok(())
     }
@@ -749,6 +785,10 @@ pub struct StagedAdapter<B: Backend> {
     num_layers: usize,
     /// Per [`LoraGroup`], its largest total rank over the layers.
     group_ranks: [usize; 4],
+    /// Staged tensors per layer, in order (staging is layer-major): each layer is copied to
+    /// the device on its own, so a step can start on the first layers before the last ones are
+    /// there.
+    layer_tensors: Vec<usize>,
     bytes: usize,
     staged: Arc<B::Staged>,
 }
@@ -760,7 +800,8 @@ impl<B: Backend> StagedAdapter<B> {
         // Per group: the stacked A (its parts' A as pieces), then Bs.
         let mut tensors: Vec<Vec<HostTensor<'_>>> = Vec::new();
         let mut group_ranks = [0usize; 4];
-        for l in 0..weights.num_layers() {
+        let mut layer_tensors = vec![0; weights.num_layers()];
+        for (l, count) in layer_tensors.iter_mut().enumerate() {
             for g in LoraGroup::ALL {
                 let mods: Vec<_> = g.parts().iter().map(|&p| weights.get(l, p)).collect();
                 let present: Vec<_> = mods.iter().flatten().collect();
@@ -775,6 +816,7 @@ impl<B: Backend> StagedAdapter<B> {
                 groups.push((l, g, ranks));
                 tensors.push(present.iter().map(|m| m.a.host()).collect());
                 tensors.extend(present.iter().map(|m| vec![m.b.host()]));
+                *count += 1 + present.len();
             }
         }
         let tensors: Vec<&[HostTensor<'_>]> = tensors.iter().map(Vec::as_slice).collect();
@@ -788,6 +830,7 @@ impl<B: Backend> StagedAdapter<B> {
             groups,
             num_layers: weights.num_layers(),
             group_ranks,
+            layer_tensors,
             bytes,
             staged: Arc::new(backend.stage(dtype, &tensors)?),
         })
@@ -805,10 +848,12 @@ impl<B: Backend> DeviceAdapter<B> {
         Self::from_staged(backend, &StagedAdapter::stage(backend, weights)?)
     }
 
-    /// Copy a staged adapter to the device in one transfer.
+    /// Copy a staged adapter to the device, one transfer per layer.
     pub fn from_staged(backend: &B, staged: &StagedAdapter<B>) -> Result<Self, BackendError> {
         let short = || BackendError::Shape("staged adapter has fewer tensors than groups".into());
-        let mut bufs = backend.upload_staged(&staged.staged)?.into_iter();
+        let mut bufs = backend
+            .upload_staged(&staged.staged, &staged.layer_tensors)?
+            .into_iter();
         let mut layers: Vec<[Option<DeviceLoraGroup<B>>; 4]> =
             (0..staged.num_layers).map(|_| Default::default()).collect();
         for &(l, g, ranks) in &staged.groups {
@@ -836,20 +881,26 @@ impl<B: Backend> DeviceAdapter<B> {
         self.group_ranks.into_iter().max().unwrap_or(0)
     }
 
-    /// One of its buffers: all of an adapter's buffers come from one upload (see
-    /// [`Backend::upload_done`]), so this one tells when the others are ready too.
-    fn first_buf(&self) -> Option<&B::Buf> {
-        self.layers.iter().flatten().flatten().map(|g| &g.a).next()
+    /// A buffer of its last layer: its layers are copied in order (see
+    /// [`Backend::upload_staged`]), so the copy of that one completes last.
+    fn last_buf(&self) -> Option<&B::Buf> {
+        self.layers
+            .iter()
+            .rev()
+            .flatten()
+            .flatten()
+            .next()
+            .map(|g| &g.a)
     }
 
-    /// Whether its upload to the device has completed. The scheduler asks for every running
-    /// sequence at every step: once the device said yes, the answer is kept.
+    /// Whether its upload to the device has completed. Asked for the adapters of every step:
+    /// once the device said yes, the answer is kept.
     pub fn uploaded(&self, backend: &B) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         if self.copied.load(Relaxed) {
             return true;
         }
-        let done = self.first_buf().is_none_or(|b| backend.upload_done(b));
+        let done = self.last_buf().is_none_or(|b| backend.upload_done(b));
         self.copied.store(done, Relaxed);
         done
     }
@@ -874,6 +925,25 @@ pub struct LoraState<B: Backend> {
     arena_at: Vec<Option<ArenaPlace>>,
     /// Per layer, per group: the tables of the arena-resident adapters.
     arena_tables: Vec<[Option<B::LoraTable>; 4]>,
+}
+
+/// Make `table` the slot table of `entries`: rebuilt where it is when there was one (the
+/// CUDA backend keeps its address, so graphs recorded over it stay valid), `None` when no slot
+/// has the group.
+fn update_table<B: Backend>(
+    backend: &B,
+    table: &mut Option<B::LoraTable>,
+    entries: &[Option<LoraGroupSlot<'_, B>>],
+) -> Result<()> {
+    if !entries.iter().any(Option::is_some) {
+        *table = None;
+        return Ok(());
+    }
+    match table {
+        Some(t) => backend.update_lora_table(t, entries)?,
+        None => *table = Some(backend.lora_table(entries)?),
+    }
+    Ok(())
 }
 
 /// Per group: `(first arena row, rows)` of an adapter's stacked A (`None`: it lacks the group).
@@ -1050,8 +1120,8 @@ impl<B: Backend> LoraState<B> {
         self.install(backend, slot, adapter)
     }
 
-    /// Whether `slot` holds an adapter whose upload has completed (a step can use it without
-    /// waiting for the copy).
+    /// Whether `slot` holds an adapter whose upload has completed (a step that uses it does
+    /// not wait for the copy).
     pub fn slot_ready(&self, backend: &B, slot: usize) -> bool {
         self.slots
             .get(slot)
@@ -1106,15 +1176,12 @@ impl<B: Backend> LoraState<B> {
                         })
                         .collect()
                 };
-                let table = |entries: Vec<Option<LoraGroupSlot<'_, B>>>| {
-                    entries
-                        .iter()
-                        .any(Option::is_some)
-                        .then(|| backend.lora_table(&entries))
-                        .transpose()
-                };
-                self.tables[l][g.index()] = table(entries(false))?;
-                self.arena_tables[l][g.index()] = table(entries(true))?;
+                update_table(backend, &mut self.tables[l][g.index()], &entries(false))?;
+                update_table(
+                    backend,
+                    &mut self.arena_tables[l][g.index()],
+                    &entries(true),
+                )?;
             }
         }
         Ok(())
@@ -1125,7 +1192,30 @@ impl<B: Backend> LoraState<B> {
 mod tests {
     use super::*;
     use crate::engine::backend::cpu::CpuBackend;
-    use crate::engine::lora::segments::SegmentTable;
+
+    #[test]
+    fn a_staged_adapter_is_copied_layer_by_layer_in_staging_order() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let config =
+            LlamaConfig::from_file(&dir.join("tests/fixtures/golden/untied/config.json")).unwrap();
+        let weights =
+            crate::engine::synthetic::random_lora_weights(&config, &[(4, 0.1)], 3).unwrap();
+        let backend = CpuBackend::new();
+        let staged = StagedAdapter::stage(&backend, &weights[0]).unwrap();
+        // Every projection targeted: per layer, four stacked As and the seven Bs.
+        assert_eq!(staged.layer_tensors, vec![11; config.num_hidden_layers]);
+        assert_eq!(
+            staged.layer_tensors.iter().sum::<usize>(),
+            staged.staged.len()
+        );
+        assert!(
+            staged
+                .groups
+                .windows(2)
+                .all(|w| (w[0].0, w[0].1.index()) < (w[1].0, w[1].1.index())),
+            "layer-major: each layer's tensors are one run"
+        );
+    }
 
     #[test]
     fn arena_rows_are_taken_first_fit_and_freed_by_slot() {

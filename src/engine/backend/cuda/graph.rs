@@ -120,6 +120,13 @@ pub enum Op {
     EndSide,
     /// The main stream waits for the side stream's work up to the last [`Op::EndSide`].
     Join,
+    /// The stream in use (the side stream when `side`) waits for an event recorded outside
+    /// the step: an adapter's copy (see `Backend::wait_upload`). The event (a `CUevent`)
+    /// belongs to the adapter's device memory, which outlives the step.
+    WaitEvent {
+        event: usize,
+        side: bool,
+    },
 }
 
 /// Whether a trace can be captured on its own: every side-stream launch comes after a fork in
@@ -143,6 +150,13 @@ pub fn self_contained(ops: &[Op]) -> bool {
             .rev()
             .find(|op| matches!(op, Op::Fork | Op::Join))
             != Some(&Op::Fork)
+}
+
+/// Whether a trace may be captured into a graph and replayed: self-contained, and waiting on
+/// no outside event (an event recorded outside a capture cannot be waited on inside it, and a
+/// replay would not wait for the next copy anyway). Such traces are issued op by op.
+pub fn capturable(ops: &[Op]) -> bool {
+    self_contained(ops) && !ops.iter().any(|op| matches!(op, Op::WaitEvent { .. }))
 }
 
 /// The hash a trace is looked up by (equality of the whole trace decides).
@@ -287,7 +301,7 @@ impl<G> Recorder<G> {
     /// or [`Self::remember`] it as the plan says, then [`Self::next_part`].
     pub fn plan(&mut self, hash: u64, ops: &[Op]) -> Plan {
         self.clock += 1;
-        let usable = self.enabled && self_contained(ops) && ops.iter().any(|o| !o.is_event());
+        let usable = self.enabled && capturable(ops) && ops.iter().any(|o| !o.is_event());
         if usable && let Some(i) = self.find(hash, ops) {
             self.note(StepPath::Replayed);
             self.cache[i].used = self.clock;
@@ -441,7 +455,10 @@ impl<G> Recorder<G> {
 
 impl Op {
     fn is_event(&self) -> bool {
-        matches!(self, Op::Fork | Op::EndSide | Op::Join)
+        matches!(
+            self,
+            Op::Fork | Op::EndSide | Op::Join | Op::WaitEvent { .. }
+        )
     }
 }
 
@@ -560,6 +577,35 @@ mod tests {
         // The step planned for recording was never recorded: it counts as nothing.
         assert_eq!(r.stats.issued, 3);
         assert_eq!(r.last_path, StepPath::Issued);
+    }
+
+    #[test]
+    fn a_trace_that_waits_for_an_adapters_copy_is_always_issued() {
+        let wait = Op::WaitEvent {
+            event: 0x1234,
+            side: true,
+        };
+        let waits = vec![
+            launch("a", false, 0),
+            Op::Fork,
+            wait.clone(),
+            launch("shrink", true, 1),
+            Op::EndSide,
+            Op::Join,
+        ];
+        assert!(self_contained(&waits));
+        assert!(!capturable(&waits));
+        let plain: Vec<Op> = waits.iter().filter(|op| **op != wait).cloned().collect();
+        assert!(capturable(&plain));
+        // However often it repeats, it is never recorded; the same step without the wait is.
+        let mut r = Recorder::<()>::new(true);
+        for _ in 0..4 {
+            assert_eq!(r.plan(trace_hash(&waits), &waits), Plan::Issue);
+            r.remember(trace_hash(&waits), waits.clone());
+        }
+        assert_eq!(r.plan(trace_hash(&plain), &plain), Plan::Issue);
+        r.remember(trace_hash(&plain), plain.clone());
+        assert_eq!(r.plan(trace_hash(&plain), &plain), Plan::Record);
     }
 
     #[test]

@@ -97,22 +97,148 @@ fn shape(msg: String) -> BackendError {
 #[allow(dead_code)]
 enum Memory {
     Own(CudaSlice<u8>),
-    /// A view into one allocation shared by several buffers, filled from `staged` by a copy
-    /// on the copy stream.
-    Shared(Arc<Uploaded>, Arc<CudaStaged>),
+    /// A view into one allocation shared by several buffers, filled from `staged` by copies
+    /// on the copy stream; this buffer by the copy of part `part` (see [`Uploaded`]).
+    Shared {
+        up: Arc<Uploaded>,
+        _staged: Arc<CudaStaged>,
+        part: usize,
+    },
     /// A step temporary in the backend's arena (valid until the next step starts).
     Arena,
 }
 
-/// Device memory an adapter's copy on the copy stream fills (see [`Backend::upload_staged`]):
-/// ready for kernels once `done` completed, and freed (stream-ordered, on the main stream)
-/// only after it, so an adapter dropped while its copy runs never frees memory the copy
-/// still writes.
+/// Device memory an adapter's copies on the copy stream fill, one part (a layer) after the
+/// other (see [`Backend::upload_staged`]): part `i < parts.len()` is ready for kernels once
+/// `parts[i]` completed, the last part and so the whole once `done` did; freed
+/// (stream-ordered, on the main stream) only after `done`, so an adapter dropped while its
+/// copy runs never frees memory the copy still writes.
 struct Uploaded {
+    parts: Vec<cudarc::driver::CudaEvent>,
     done: cudarc::driver::CudaEvent,
     main: Arc<CudaStream>,
     /// Dropped after [`Drop::drop`] ordered the free behind `done`.
     _mem: CudaSlice<u8>,
+}
+
+impl Uploaded {
+    /// The event recorded after part `part`'s copy (`done` for the last part).
+    fn copied(&self, part: usize) -> &cudarc::driver::CudaEvent {
+        self.parts.get(part).unwrap_or(&self.done)
+    }
+}
+
+/// The byte ranges and tensor ranges of the consecutive parts of a staged buffer of `used`
+/// bytes whose tensors start at `starts` (in order), part `i` taking the next `counts[i]`
+/// tensors: each part runs from its first tensor's start to the next part's (the last one to
+/// `used`), so the parts cover the buffer, padding included. Parts without tensors are left
+/// out; no counts is one part of everything.
+fn copy_parts(
+    starts: &[usize],
+    counts: &[usize],
+    used: usize,
+) -> Result<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
+    if counts.is_empty() {
+        return Ok(vec![(0..used, 0..starts.len())]);
+    }
+    if counts.iter().sum::<usize>() != starts.len() {
+        return Err(shape(format!(
+            "copy parts of {} tensors in all for {} staged tensors",
+            counts.iter().sum::<usize>(),
+            starts.len()
+        )));
+    }
+    let mut parts = Vec::with_capacity(counts.len());
+    let mut first = 0;
+    for &n in counts.iter().filter(|&&n| n > 0) {
+        let end = first + n;
+        let from = if parts.is_empty() {
+            0
+        } else {
+            starts.get(first).copied().unwrap_or(used)
+        };
+        let to = starts.get(end).copied().unwrap_or(used);
+        parts.push((from..to, first..end));
+        first = end;
+    }
+    Ok(parts)
+}
+
+/// What a slot table's entries add up to (the fields of [`CudaLoraTable`] of the same names).
+struct TableSummary {
+    max_rank: usize,
+    max_vend: usize,
+    shrinkable: bool,
+    max_part_rank: usize,
+    min_in: usize,
+    min_out: [usize; MAX_GROUP_PARTS],
+}
+
+/// The device bytes of a slot table over `slots` (checked: ranks, shapes, alignment), and
+/// what its entries add up to.
+fn encode_lora_table(slots: &[Option<RawLoraSlot>]) -> Result<(Vec<u8>, TableSummary)> {
+    let mut bytes = Vec::with_capacity(slots.len().max(1) * plan::LORA_SLOT_BYTES);
+    let (mut max_rank, mut max_part_rank, mut min_in) = (0usize, 0usize, usize::MAX);
+    let mut max_vend = 0usize;
+    let mut shrinkable = true;
+    let mut min_out = [usize::MAX; MAX_GROUP_PARTS];
+    let aligned = |p: u64| p.is_multiple_of(16);
+    for (i, s) in slots.iter().enumerate() {
+        let mut entry = plan::LoraSlotEntry::default();
+        if let Some(s) = s {
+            let mut voff = s.voff;
+            for (j, part) in s.parts.iter().enumerate() {
+                let Some(p) = part else { continue };
+                if p.rank == 0 || p.rank > plan::MAX_RANK {
+                    return Err(shape(format!(
+                        "slot {i} part {j}: rank {} outside 1..={}",
+                        p.rank,
+                        plan::MAX_RANK
+                    )));
+                }
+                if p.b_len == 0 || !p.b_len.is_multiple_of(p.rank) || !aligned(p.b) {
+                    return Err(shape(format!(
+                        "slot {i} part {j}: B of {} elements at 0x{:x} is not a 16-byte \
+                         aligned [n, rank={}] matrix",
+                        p.b_len, p.b, p.rank
+                    )));
+                }
+                min_out[j] = min_out[j].min(p.b_len / p.rank);
+                max_part_rank = max_part_rank.max(p.rank);
+                entry.parts[j] = (p.b, p.rank as u32, voff as u32);
+                voff += p.rank;
+            }
+            let rank = voff - s.voff;
+            if rank == 0 || s.a_len == 0 || !s.a_len.is_multiple_of(rank) || !aligned(s.a) {
+                return Err(shape(format!(
+                    "slot {i}: A of {} elements at 0x{:x} is not a 16-byte aligned \
+                     [rank={rank}, n] matrix",
+                    s.a_len, s.a
+                )));
+            }
+            max_rank = max_rank.max(rank);
+            max_vend = max_vend.max(voff);
+            min_in = min_in.min(s.a_len / rank);
+            entry.a = s.a;
+            entry.rank = rank as u32;
+            if u32::try_from(voff).is_err() {
+                return Err(shape(format!("slot {i}: v column {voff} too large")));
+            }
+            shrinkable &= s.voff == 0;
+        }
+        entry.write(&mut bytes);
+    }
+    Ok((
+        bytes,
+        TableSummary {
+            max_rank,
+            max_vend,
+            shrinkable,
+            max_part_rank,
+            min_in,
+            min_out,
+        },
+    ))
 }
 
 impl Drop for Uploaded {
@@ -755,6 +881,7 @@ impl CudaBackend {
             Op::Launch(l) => self.execute_launch(l, if l.side { side } else { main }),
             Op::Gemm(g) => self.execute_gemm(g),
             // SAFETY (the three event ops): both events and streams live as long as the backend.
+            // (`WaitEvent`'s event lives as long as its adapter, past the step's end.)
             Op::Fork => unsafe {
                 drv::event::record(self.fork_event, main)
                     .map_err(|e| dev_err("record event", e))?;
@@ -776,6 +903,16 @@ impl CudaBackend {
                 )
             }
             .map_err(|e| dev_err("wait event", e)),
+            // SAFETY: see `Op::WaitEvent`: the adapter holding the event is only replaced
+            // between steps, and the step's trace is issued before it ends.
+            Op::WaitEvent { event, side: on } => unsafe {
+                drv::stream::wait_event(
+                    if *on { side } else { main },
+                    *event as drv_sys::CUevent,
+                    drv_sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+            }
+            .map_err(|e| dev_err("wait for an adapter's copy", e)),
         }
     }
 
@@ -1180,57 +1317,7 @@ impl CudaBackend {
         dtype: DType,
         slots: &[Option<RawLoraSlot>],
     ) -> Result<CudaLoraTable> {
-        let mut bytes = Vec::with_capacity(slots.len().max(1) * plan::LORA_SLOT_BYTES);
-        let (mut max_rank, mut max_part_rank, mut min_in) = (0usize, 0usize, usize::MAX);
-        let mut max_vend = 0usize;
-        let mut shrinkable = true;
-        let mut min_out = [usize::MAX; MAX_GROUP_PARTS];
-        let aligned = |p: u64| p.is_multiple_of(16);
-        for (i, s) in slots.iter().enumerate() {
-            let mut entry = plan::LoraSlotEntry::default();
-            if let Some(s) = s {
-                let mut voff = s.voff;
-                for (j, part) in s.parts.iter().enumerate() {
-                    let Some(p) = part else { continue };
-                    if p.rank == 0 || p.rank > plan::MAX_RANK {
-                        return Err(shape(format!(
-                            "slot {i} part {j}: rank {} outside 1..={}",
-                            p.rank,
-                            plan::MAX_RANK
-                        )));
-                    }
-                    if p.b_len == 0 || !p.b_len.is_multiple_of(p.rank) || !aligned(p.b) {
-                        return Err(shape(format!(
-                            "slot {i} part {j}: B of {} elements at 0x{:x} is not a 16-byte \
-                             aligned [n, rank={}] matrix",
-                            p.b_len, p.b, p.rank
-                        )));
-                    }
-                    min_out[j] = min_out[j].min(p.b_len / p.rank);
-                    max_part_rank = max_part_rank.max(p.rank);
-                    entry.parts[j] = (p.b, p.rank as u32, voff as u32);
-                    voff += p.rank;
-                }
-                let rank = voff - s.voff;
-                if rank == 0 || s.a_len == 0 || !s.a_len.is_multiple_of(rank) || !aligned(s.a) {
-                    return Err(shape(format!(
-                        "slot {i}: A of {} elements at 0x{:x} is not a 16-byte aligned \
-                         [rank={rank}, n] matrix",
-                        s.a_len, s.a
-                    )));
-                }
-                max_rank = max_rank.max(rank);
-                max_vend = max_vend.max(voff);
-                min_in = min_in.min(s.a_len / rank);
-                entry.a = s.a;
-                entry.rank = rank as u32;
-                if u32::try_from(voff).is_err() {
-                    return Err(shape(format!("slot {i}: v column {voff} too large")));
-                }
-                shrinkable &= s.voff == 0;
-            }
-            entry.write(&mut bytes);
-        }
+        let (bytes, sum) = encode_lora_table(slots)?;
         let (mem, ptr) = self.alloc_bytes(bytes.len())?;
         self.htod(ptr, &bytes)?;
         Ok(CudaLoraTable {
@@ -1238,13 +1325,47 @@ impl CudaBackend {
             ptr,
             slots: slots.len(),
             dtype: Some(dtype),
-            max_rank,
-            max_vend,
-            shrinkable,
-            max_part_rank,
-            min_in,
-            min_out,
+            max_rank: sum.max_rank,
+            max_vend: sum.max_vend,
+            shrinkable: sum.shrinkable,
+            max_part_rank: sum.max_part_rank,
+            min_in: sum.min_in,
+            min_out: sum.min_out,
         })
+    }
+
+    /// The raw addresses of `slots`' buffers and the dtype they share.
+    fn raw_lora_slots(
+        &self,
+        slots: &[Option<LoraGroupSlot<'_, Self>>],
+    ) -> Result<(DType, Vec<Option<RawLoraSlot>>)> {
+        let mut dtype = None;
+        for g in slots.iter().flatten() {
+            let parts = g.parts.iter().flatten();
+            for d in std::iter::once(g.a.dtype).chain(parts.map(|p| p.b.dtype)) {
+                if *dtype.get_or_insert(d) != d {
+                    return Err(shape("adapters in one table must share one dtype".into()));
+                }
+            }
+        }
+        let raw = slots
+            .iter()
+            .map(|s| {
+                s.as_ref().map(|g| RawLoraSlot {
+                    a: g.a.ptr,
+                    a_len: g.a.len,
+                    voff: g.voff,
+                    parts: std::array::from_fn(|j| {
+                        g.parts[j].as_ref().map(|p| RawLoraPart {
+                            b: p.b.ptr,
+                            b_len: p.b.len,
+                            rank: p.rank,
+                        })
+                    }),
+                })
+            })
+            .collect();
+        Ok((dtype.unwrap_or(self.dtype), raw))
     }
 
     fn workspace(&self, bytes: usize) -> Result<u64> {
@@ -1608,12 +1729,14 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn upload_staged(&self, staged: &Arc<CudaStaged>) -> Result<Vec<CudaBuf>> {
+    fn upload_staged(&self, staged: &Arc<CudaStaged>, parts: &[usize]) -> Result<Vec<CudaBuf>> {
         let host = staged
             .host
             .as_ref()
             .ok_or_else(|| BackendError::Device("a staged adapter without its buffer".into()))?;
         let src = &host.bytes()?[..staged.used];
+        let starts: Vec<usize> = staged.tensors.iter().map(|&(off, _)| off).collect();
+        let parts = copy_parts(&starts, parts, src.len())?;
         let (mem, base) = self.alloc_bytes(src.len())?;
         self.flush()?;
         self.mark_other();
@@ -1625,32 +1748,52 @@ impl Backend for CudaBackend {
         };
         // The allocation is ordered on the main stream: the copy starts once the main stream
         // got there (the step in flight, if any, is done), then runs beside the next steps.
-        // Kernels read the adapter only after `done` (the runtime admits its requests then,
-        // and `Backend::wait_upload` orders any step that uses it earlier).
+        // One copy and one event per part: a step that uses the adapter before its copy is
+        // complete waits, part by part, for the parts it reads (`Backend::wait_upload`).
         self.copy
             .wait(&event(&self.stream)?)
             .map_err(|e| dev_err("order the copy after the allocation", e))?;
-        // SAFETY: the destination has `src.len()` bytes; `src` is page-locked, so the copy is
-        // asynchronous: the staging buffer is reused only after `copied` completed, and the
-        // device memory is freed only after `done` (see `Uploaded`).
-        unsafe { drv::memcpy_htod_async(base, src, self.copy.cu_stream()) }
+        let mut events = Vec::with_capacity(parts.len());
+        for (bytes, _) in &parts {
+            let part = src.get(bytes.clone()).ok_or_else(|| {
+                shape(format!("copy part {bytes:?} of {} staged bytes", src.len()))
+            })?;
+            // SAFETY: the destination range lies in the allocation of `src.len()` bytes; `src`
+            // is page-locked, so the copy is asynchronous: the staging buffer is reused only
+            // after `copied` completed, and the device memory is freed only after `done` (see
+            // `Uploaded`).
+            unsafe {
+                drv::memcpy_htod_async(base + bytes.start as u64, part, self.copy.cu_stream())
+            }
             .map_err(|e| dev_err("copy to device", e))?;
+            events.push(event(&self.copy)?);
+        }
         *lock(&staged.copied) = Some(event(&self.copy)?);
+        let done = match events.pop() {
+            Some(last) => last,
+            None => event(&self.copy)?,
+        };
         let mem = Arc::new(Uploaded {
-            done: event(&self.copy)?,
+            parts: events,
+            done,
             main: Arc::clone(&self.stream),
             _mem: mem,
         });
-        Ok(staged
-            .tensors
-            .iter()
-            .map(|&(off, len)| CudaBuf {
-                _mem: Memory::Shared(Arc::clone(&mem), Arc::clone(staged)),
+        let mut bufs = Vec::with_capacity(staged.tensors.len());
+        for (part, (_, tensors)) in parts.into_iter().enumerate() {
+            let tensors = staged.tensors.get(tensors).unwrap_or_default();
+            bufs.extend(tensors.iter().map(|&(off, len)| CudaBuf {
+                _mem: Memory::Shared {
+                    up: Arc::clone(&mem),
+                    _staged: Arc::clone(staged),
+                    part,
+                },
                 ptr: base + off as u64,
                 dtype: staged.dtype,
                 len,
-            })
-            .collect())
+            }));
+        }
+        Ok(bufs)
     }
 
     fn upload(&self, dtype: DType, data: &[f32]) -> Result<CudaBuf> {
@@ -1678,33 +1821,32 @@ impl Backend for CudaBackend {
     }
 
     fn lora_table(&self, slots: &[Option<LoraGroupSlot<'_, Self>>]) -> Result<CudaLoraTable> {
-        let mut dtype = None;
-        for g in slots.iter().flatten() {
-            let parts = g.parts.iter().flatten();
-            for d in std::iter::once(g.a.dtype).chain(parts.map(|p| p.b.dtype)) {
-                if *dtype.get_or_insert(d) != d {
-                    return Err(shape("adapters in one table must share one dtype".into()));
-                }
-            }
+        let (dtype, raw) = self.raw_lora_slots(slots)?;
+        self.lora_table_raw(dtype, &raw)
+    }
+
+    fn update_lora_table(
+        &self,
+        table: &mut CudaLoraTable,
+        slots: &[Option<LoraGroupSlot<'_, Self>>],
+    ) -> Result<()> {
+        let (dtype, raw) = self.raw_lora_slots(slots)?;
+        if raw.len() != table.slots {
+            *table = self.lora_table_raw(dtype, &raw)?;
+            return Ok(());
         }
-        let raw: Vec<Option<RawLoraSlot>> = slots
-            .iter()
-            .map(|s| {
-                s.as_ref().map(|g| RawLoraSlot {
-                    a: g.a.ptr,
-                    a_len: g.a.len,
-                    voff: g.voff,
-                    parts: std::array::from_fn(|j| {
-                        g.parts[j].as_ref().map(|p| RawLoraPart {
-                            b: p.b.ptr,
-                            b_len: p.b.len,
-                            rank: p.rank,
-                        })
-                    }),
-                })
-            })
-            .collect();
-        self.lora_table_raw(dtype.unwrap_or(self.dtype), &raw)
+        let (bytes, sum) = encode_lora_table(&raw)?;
+        // On the main stream: after the steps issued before, which may still read the old
+        // entries (their side-stream work is joined into it), and before the next ones.
+        self.htod(table.ptr, &bytes)?;
+        table.dtype = Some(dtype);
+        table.max_rank = sum.max_rank;
+        table.max_vend = sum.max_vend;
+        table.shrinkable = sum.shrinkable;
+        table.max_part_rank = sum.max_part_rank;
+        table.min_in = sum.min_in;
+        table.min_out = sum.min_out;
+        Ok(())
     }
 
     fn embedding(
@@ -2447,23 +2589,26 @@ impl Backend for CudaBackend {
 
     fn upload_done(&self, buf: &CudaBuf) -> bool {
         match &buf._mem {
-            Memory::Shared(up, _) => up.done.is_complete(),
+            Memory::Shared { up, part, .. } => up.copied(*part).is_complete(),
             _ => true,
         }
     }
 
     fn wait_upload(&self, buf: &CudaBuf) -> Result<()> {
-        let Memory::Shared(up, _) = &buf._mem else {
+        let Memory::Shared { up, part, .. } = &buf._mem else {
             return Ok(());
         };
-        if up.done.is_complete() {
+        let copied = up.copied(*part);
+        if copied.is_complete() {
             return Ok(());
         }
-        // After the ops recorded so far: the wait applies to what is issued from here on.
-        self.flush()?;
-        self.stream
-            .wait(&up.done)
-            .map_err(|e| dev_err("wait for an adapter's copy", e))
+        // In a step, an op of its trace (which is then issued, never replayed: see
+        // `graph::capturable`); outside one, issued now.
+        self.mark_other();
+        self.submit(Op::WaitEvent {
+            event: copied.cu_event() as usize,
+            side: self.on_side.load(std::sync::atomic::Ordering::Relaxed),
+        })
     }
 
     fn decode_bucket(&self, rows: usize) -> Option<usize> {
@@ -2506,4 +2651,54 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         be.row_limits(),
         if be.graphs_enabled() { "on" } else { "off" },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_adapter_is_copied_in_parts_that_cover_its_staged_bytes_in_order() {
+        // Five tensors (16-byte aligned starts), 96 bytes staged: layers of 2, 0 and 3 tensors.
+        let starts = [0, 16, 32, 64, 80];
+        let parts = copy_parts(&starts, &[2, 0, 3], 96).unwrap();
+        assert_eq!(parts, vec![(0..32, 0..2), (32..96, 2..5)]);
+        // No parts asked for: one copy of everything.
+        assert_eq!(copy_parts(&starts, &[], 96).unwrap(), vec![(0..96, 0..5)]);
+        assert_eq!(
+            copy_parts(&starts, &[1, 1, 1, 1, 1], 100).unwrap(),
+            vec![
+                (0..16, 0..1),
+                (16..32, 1..2),
+                (32..64, 2..3),
+                (64..80, 3..4),
+                (80..100, 4..5)
+            ]
+        );
+        assert!(copy_parts(&starts, &[2, 2], 96).is_err());
+    }
+
+    #[test]
+    fn a_slot_table_has_one_entry_per_slot_whatever_the_slots_hold() {
+        // So a table rebuilt for the same slots fits where it is (`update_lora_table`).
+        let filled = Some(RawLoraSlot {
+            a: 0x1000,
+            a_len: 8 * 64,
+            parts: std::array::from_fn(|j| {
+                (j == 0).then_some(RawLoraPart {
+                    b: 0x2000,
+                    b_len: 96 * 8,
+                    rank: 8,
+                })
+            }),
+            voff: 0,
+        });
+        let (empty, sum) = encode_lora_table(&[None, None, None]).unwrap();
+        assert_eq!(empty.len(), 3 * plan::LORA_SLOT_BYTES);
+        assert_eq!(sum.max_rank, 0);
+        let (bytes, sum) = encode_lora_table(&[None, filled, None]).unwrap();
+        assert_eq!(bytes.len(), empty.len());
+        assert_ne!(bytes, empty);
+        assert_eq!((sum.max_rank, sum.min_in, sum.min_out[0]), (8, 64, 96));
+    }
 }

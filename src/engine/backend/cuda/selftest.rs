@@ -244,7 +244,14 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
     // The tables with every slot's intermediate at column 0 (`arena` false) or at `voffs`.
     let gpu_groups = |arena: bool| group_slots::<CudaBackend>(&slots, &voffs, arena, |g, _| g);
     let cpu_groups = |arena: bool| group_slots::<CpuBackend>(&slots, &voffs, arena, |_, c| c);
-    let table = be.lora_table(&gpu_groups(false))?;
+    // Emptied and refilled where it is (as an adapter install rebuilds the tables): the checks
+    // below run on the rewritten table.
+    let mut table = be.lora_table(&gpu_groups(false))?;
+    let at = table.ptr;
+    let empty: Vec<Option<LoraGroupSlot<'_, CudaBackend>>> =
+        gpu_groups(false).iter().map(|_| None).collect();
+    be.update_lora_table(&mut table, &empty)?;
+    be.update_lora_table(&mut table, &gpu_groups(false))?;
     let ctable = cpu.lora_table(&cpu_groups(false))?;
     let segments = SegmentTable::from_row_slots(&case.rows);
     let meta = StepMeta {
@@ -275,6 +282,13 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
         }
     }
     let label = format!("{:?} {}", dt, case.label);
+    if table.ptr != at {
+        c.fail(
+            "lora_table",
+            label.clone(),
+            "a table rebuilt in place moved".into(),
+        );
+    }
     if stray > 0 {
         c.fail(
             "sgmv_shrink",
@@ -916,13 +930,14 @@ fn check_upload(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
         tensors[2..4].concat(),
     ];
     let staged = std::sync::Arc::new(be.stage(dt, &views)?);
-    let bufs = be.upload_staged(&staged)?;
+    // Two parts (the first tensor, then the other two), copied one after the other.
+    let bufs = be.upload_staged(&staged, &[1, 2])?;
     let started = std::time::Instant::now();
-    while !be.upload_done(&bufs[0]) && started.elapsed() < std::time::Duration::from_secs(1) {
+    while !be.upload_done(&bufs[2]) && started.elapsed() < std::time::Duration::from_secs(1) {
         std::thread::sleep(std::time::Duration::from_micros(50));
     }
     let done_us = started.elapsed().as_micros();
-    if be.upload_done(&bufs[0]) {
+    if be.upload_done(&bufs[2]) {
         c.pass_exact(
             "upload",
             format!("{dt:?} copy on the copy stream reported done after {done_us} us"),
@@ -934,7 +949,15 @@ fn check_upload(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
             "not done after 1 s".into(),
         );
     }
+    if be.upload_done(&bufs[2]) && !be.upload_done(&bufs[0]) {
+        c.fail(
+            "upload",
+            format!("{dt:?} copy in two parts"),
+            "the last part reported done before the first".into(),
+        );
+    }
     be.wait_upload(&bufs[0])?;
+    be.wait_upload(&bufs[2])?;
     for (i, (buf, want)) in bufs.iter().zip(&tensors).enumerate() {
         let got = be.download(buf)?;
         let mut want = want.clone();
@@ -949,7 +972,7 @@ fn check_upload(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
     }
     drop(bufs);
     // Dropped at once: the free waits for the copy.
-    drop(be.upload_staged(&staged)?);
+    drop(be.upload_staged(&staged, &[])?);
     be.synchronize()?;
     c.pass_exact("upload", format!("{dt:?} upload dropped in flight"));
     Ok(())
@@ -970,11 +993,11 @@ fn check_staging_region(c: &mut Ctx<'_>, dt: DType) -> Result<()> {
     let staged = std::sync::Arc::new(be.stage(dt, &[&[HostTensor::f32(&first)]])?);
     let in_region = staged.in_region();
     // Dropped while its copy may still run.
-    drop(be.upload_staged(&staged)?);
+    drop(be.upload_staged(&staged, &[])?);
     drop(staged);
     let staged = std::sync::Arc::new(be.stage(dt, &[&[HostTensor::f32(&second)]])?);
     let reused = staged.in_region();
-    let bufs = be.upload_staged(&staged)?;
+    let bufs = be.upload_staged(&staged, &[])?;
     be.wait_upload(&bufs[0])?;
     let got = be.download(&bufs[0])?;
     let mut want = second;
