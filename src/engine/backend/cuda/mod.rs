@@ -484,7 +484,8 @@ pub struct CudaBackend {
     /// Per-kernel timing of real steps (`PUNICA_PROFILE_OPS=1`, see `profile`).
     profile: Option<Mutex<profile::OpProfile>>,
     /// When the CUDA-core row kernels serve a batch (`PUNICA_SGMV_ROWS_MAX`: longest segment,
-    /// 0: never; `PUNICA_SHRINK_ROWS_MAX_RANK`, `PUNICA_EXPAND_ROWS_MAX_RANK`).
+    /// 0: never; `PUNICA_SHRINK_ROWS_MAX_RANK`, `PUNICA_EXPAND_ROWS_MAX_RANK`,
+    /// `PUNICA_EXPAND_ROWS_MAX_RANK_FEW`).
     row_limits: Mutex<plan::RowLimits>,
     /// 8-element vectors of h_in per split of the row shrink (`PUNICA_SHRINK_ROWS_VECS`).
     shrink_rows_vecs: usize,
@@ -685,6 +686,7 @@ impl CudaBackend {
                     max_seg: knob("PUNICA_SGMV_ROWS_MAX", d.max_seg),
                     shrink_rank: knob("PUNICA_SHRINK_ROWS_MAX_RANK", d.shrink_rank),
                     expand_rank: knob("PUNICA_EXPAND_ROWS_MAX_RANK", d.expand_rank),
+                    expand_rank_few: knob("PUNICA_EXPAND_ROWS_MAX_RANK_FEW", d.expand_rank_few),
                 }
             }),
             shrink_rows_vecs: std::env::var("PUNICA_SHRINK_ROWS_VECS")
@@ -2373,10 +2375,11 @@ impl Backend for CudaBackend {
                 _ => {}
             }
         }
-        if self
-            .row_limits()
-            .expand(meta.layout.max_seg_rows, table.max_part_rank)
-        {
+        if self.row_limits().expand(
+            meta.layout.max_seg_rows,
+            table.max_part_rank,
+            meta.layout.tile_grid(),
+        ) {
             let h_out: usize = outs.iter().sum();
             let tiles = meta.layout.tile_grid();
             let rp = plan::expand_rows_plan(table.max_part_rank, h_out, tiles, self.sm_count)?;

@@ -39,28 +39,38 @@ pub struct RowLimits {
     pub shrink_rank: usize,
     /// Largest part rank of the row expand.
     pub expand_rank: usize,
+    /// Largest part rank of the row expand for launches of at most [`ROWS_FEW_TILES`] tiles.
+    pub expand_rank_few: usize,
 }
+
+/// Tiles (one-row segments) up to which [`RowLimits::expand_rank_few`] applies.
+pub const ROWS_FEW_TILES: usize = 64;
 
 impl RowLimits {
     /// Measured on the H200: decode batches of many adapters, one row each
-    /// (bench/results/*-s4*; at r=64 and 64 rows the tile expand wins). The row shrink serves
-    /// every rank since session 10 (with 256-vector splits: `*-knob-*-s10e*`).
+    /// (bench/results/*-s4*). The row shrink serves every rank since session 10 (with 256-vector
+    /// splits: `*-knob-*-s10e*`). The row expand serves r=64 up to 64 rows since session 14
+    /// (`bench-kernels-*-s14i-rows64.txt`: one row 5.6 -> 4.8 us, 8 rows 8.4 -> 6.6, 32 and 64
+    /// rows level or better); at 512 rows the tile expand wins (198 against 213 us).
     pub const DEFAULT: RowLimits = RowLimits {
         max_seg: 1,
         shrink_rank: MAX_GROUP_RANK,
         expand_rank: 32,
+        expand_rank_few: 64,
     };
     /// Everything the row kernels can take (the selftest).
     pub const ALL: RowLimits = RowLimits {
         max_seg: TILE_ROWS,
         shrink_rank: MAX_GROUP_RANK,
         expand_rank: MAX_RANK,
+        expand_rank_few: MAX_RANK,
     };
     /// Never.
     pub const NONE: RowLimits = RowLimits {
         max_seg: 0,
         shrink_rank: 0,
         expand_rank: 0,
+        expand_rank_few: 0,
     };
 
     /// Whether the row shrink serves a batch whose longest segment has `max_seg_rows` rows,
@@ -69,9 +79,15 @@ impl RowLimits {
         self.rows(max_seg_rows) && rank <= self.shrink_rank
     }
 
-    /// Whether the row expand serves it, for a table of largest part rank `part_rank`.
-    pub fn expand(&self, max_seg_rows: usize, part_rank: usize) -> bool {
-        self.rows(max_seg_rows) && part_rank <= self.expand_rank
+    /// Whether the row expand serves it, for a table of largest part rank `part_rank`, over
+    /// `tiles` tiles.
+    pub fn expand(&self, max_seg_rows: usize, part_rank: usize, tiles: usize) -> bool {
+        let rank = if tiles <= ROWS_FEW_TILES {
+            self.expand_rank.max(self.expand_rank_few)
+        } else {
+            self.expand_rank
+        };
+        self.rows(max_seg_rows) && part_rank <= rank
     }
 
     fn rows(&self, max_seg_rows: usize) -> bool {
@@ -696,13 +712,16 @@ mod tests {
     #[test]
     fn row_kernels_serve_batches_of_short_segments_only() {
         let d = RowLimits::DEFAULT;
-        assert!(d.shrink(1, 48) && d.shrink(1, MAX_GROUP_RANK) && d.expand(1, 32));
-        assert!(!d.shrink(2, 16) && !d.expand(2, 16));
-        assert!(!d.expand(1, 64));
+        assert!(d.shrink(1, 48) && d.shrink(1, MAX_GROUP_RANK) && d.expand(1, 32, 512));
+        assert!(!d.shrink(2, 16) && !d.expand(2, 16, 1));
+        // r=64 takes the row expand up to 64 tiles, the tile expand beyond; r=128 never.
+        assert!(d.expand(1, 64, 64) && !d.expand(1, 64, 128) && !d.expand(1, 128, 1));
         assert!(!d.shrink(0, 16));
-        assert!(RowLimits::ALL.shrink(16, MAX_GROUP_RANK) && RowLimits::ALL.expand(16, MAX_RANK));
+        assert!(
+            RowLimits::ALL.shrink(16, MAX_GROUP_RANK) && RowLimits::ALL.expand(16, MAX_RANK, 512)
+        );
         assert!(!RowLimits::ALL.shrink(17, 1));
-        assert!(!RowLimits::NONE.shrink(1, 1) && !RowLimits::NONE.expand(1, 1));
+        assert!(!RowLimits::NONE.shrink(1, 1) && !RowLimits::NONE.expand(1, 1, 1));
         // Decode of 7B: one row per segment, q|k|v stacked to 48 ranks: two splits of 256
         // vectors fill 768 blocks already; a lone row gets up to 16 (32 vectors each).
         assert_eq!(shrink_rows_plan(4096, 48, 32, 256, 264), (2, 12));
