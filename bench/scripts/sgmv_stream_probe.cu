@@ -486,243 +486,29 @@ PROBE_EXPANDS(2, 4, 12)
 PROBE_EXPANDS(2, 16, 3)
 PROBE_EXPANDS(1, 32, 2)
 
-// Grid-stride row expand: one wave of blocks; block b serves tile b % ntiles and its column
-// blocks b / ntiles, + per_tile, ... (gridDim.x = per_tile * ntiles): the slot's parts are read
-// once, and each warp loads the next column block's B (and, for a segment of one row, its old
-// y) while it applies the current one.
-// SL: the slot's part pointers, ranks and offsets read from the table (L1) for every column
-// block instead of held in registers (53 registers without launch bounds).
-// VC: for a segment of one row, the lane's 8 values of v are kept across column blocks and
-// loaded again only when the part (its offset in v) changes.
-template <typename T, typename VT, int RL, int NW, bool SL = false, bool VC = false>
-__device__ __forceinline__ void probe_expand_rows_gs_impl(
-    const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
-    int end0, int end1, int end2, const LoraSlot* __restrict__ table,
-    const u32* __restrict__ tiles, const u32* __restrict__ segs, int ntiles, int ncb) {
-    constexpr int CPS = 32 / RL;
-    const int tile = blockIdx.x % ntiles, per_tile = gridDim.x / ntiles;
-    int cb = blockIdx.x / ntiles;
-    const TileSeg ts = tile_seg(tiles, segs, tile);
-    if (ts.end <= ts.row0 || cb >= ncb) {
-        pdl_enter();
-        return;
-    }
-    const LoraSlot* sl = table + ts.slot;
-    RowParts rp;
-    if (!SL) rp = row_parts(sl);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int sub = lane % RL, cg = lane / RL, kk = sub * 8;
-    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    // B of column `col` (8 ranks of this lane), its part's rank (0: not written) and v offset.
-    auto load_b = [&](int col, int& rank, int& voff) -> uint4 {
-        const int j = (col >= end0) + (col >= end1);
-        if (SL) {
-            const u16* p = reinterpret_cast<const u16*>(sl->b[j]);
-            const int r = (int)sl->prank[j];
-            const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
-            const bool live = col < end2 && p != nullptr;
-            rank = live ? r : 0;
-            voff = (int)sl->voff[j];
-            return (live && kk < r) ? load8(reinterpret_cast<const T*>(p) + (size_t)(col - start) * r,
-                                            kk, r, (r & 7) == 0)
-                                    : zero;
-        }
-        const u16* p = j == 0 ? rp.b0 : (j == 1 ? rp.b1 : rp.b2);
-        const int r = j == 0 ? rp.rank0 : (j == 1 ? rp.rank1 : rp.rank2);
-        const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
-        const bool live = col < end2 && p != nullptr;
-        rank = live ? r : 0;
-        voff = j == 0 ? rp.voff0 : (j == 1 ? rp.voff1 : rp.voff2);
-        return (live && kk < r) ? load8(reinterpret_cast<const T*>(p) + (size_t)(col - start) * r,
-                                        kk, r, (r & 7) == 0)
-                                : zero;
-    };
-    int col = (cb * NW + warp) * CPS + cg, rank, voff;
-    uint4 b = load_b(col, rank, voff);
-    pdl_enter();
-    const int nrows = min(16, ts.end - ts.row0);
-    constexpr int VN = VVec<VT>::n;
-    const bool vvec = (v_stride & (VN - 1)) == 0;
-    T* y0 = y + (size_t)ts.row0 * y_stride + col_offset;
-    float yv = (nrows == 1 && sub == 0 && rank > 0) ? to_f32(y0[col]) : 0.0f;
-    float wc[8];
-    int cvoff = -1;
-    for (;;) {
-        const int cbn = cb + per_tile;
-        const bool more = cbn < ncb;  // the same for the whole block
-        const int coln = (cbn * NW + warp) * CPS + cg;
-        int rankn = 0, voffn = 0;
-        uint4 bn = zero;
-        float yvn = 0.0f;
-        if (more) {
-            bn = load_b(coln, rankn, voffn);
-            if (nrows == 1 && sub == 0 && rankn > 0) yvn = to_f32(y0[coln]);
-        }
-        for (int row = 0; row < nrows; ++row) {
-            const VT* vr = v + (size_t)(ts.row0 + row) * v_stride;
-            T* yr = y0 + (size_t)row * y_stride;
-            float part = 0.0f;
-            if (kk < rank) {
-                if (VC && nrows == 1) {
-                    if (voff != cvoff) {
-                        load_v8_l1(vr + voff, kk, rank, vvec && (voff & (VN - 1)) == 0, wc);
-                        cvoff = voff;
-                    }
-                    part = dot8f<T>(wc, b);
-                } else {
-                    float w[8];
-                    load_v8_l1(vr + voff, kk, rank, vvec && (voff & (VN - 1)) == 0, w);
-                    part = dot8f<T>(w, b);
-                }
-            }
-#pragma unroll
-            for (int o = RL / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-            if (sub == 0 && rank > 0) {
-                const float old = nrows == 1 ? yv : to_f32(yr[col]);
-                yr[col] = from_f32<T>(old + part);
-            }
-        }
-        if (!more) break;
-        cb = cbn;
-        col = coln;
-        b = bn;
-        rank = rankn;
-        voff = voffn;
-        yv = yvn;
-    }
-}
-
+// kernels/sgmv.cu's grid-stride row expand with other warps and launch bounds. (Session 14
+// also measured it with the slot's parts held in registers, with v kept across column blocks,
+// and a one-row variant with two column groups a lane: bench/results/sgmv-row-expand-gs-*-s14*
+// and -after-gemm-*-s14g; their code is in git at 337245f.)
 #define PROBE_EXPAND_GS(VNAME, VTYPE, RL, NW, MINB)                                             \
-    PROBE_EXPAND_GS1(VNAME, VTYPE, RL, NW, MINB, gs, false, false)                             \
-    PROBE_EXPAND_GS1(VNAME, VTYPE, RL, NW, MINB, gsl, true, false)                             \
-    PROBE_EXPAND_GS1(VNAME, VTYPE, RL, NW, MINB, gsv, true, true)
-#define PROBE_EXPAND_GS1(VNAME, VTYPE, RL, NW, MINB, KIND, SL, VC)                              \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                \
-        probe_expand_rows_##KIND##VNAME##_l##RL##_w##NW##_b##MINB(                             \
+        probe_expand_rows_gs##VNAME##_l##RL##_w##NW##_b##MINB(                                 \
             const VTYPE* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride,     \
             int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,  \
             const u32* __restrict__ tiles, const u32* __restrict__ segs, int ntiles, int ncb) { \
-        probe_expand_rows_gs_impl<bf16, VTYPE, RL, NW, SL, VC>(v, v_stride, y, y_stride, col_offset, \
-                                                       end0, end1, end2, table, tiles, segs,   \
-                                                       ntiles, ncb);                           \
+        sgmv_expand_rows_gs_impl<bf16, VTYPE, RL, NW>(v, v_stride, y, y_stride, col_offset,    \
+                                                      end0, end1, end2, table, tiles, segs,    \
+                                                      ntiles, ncb);                            \
     }
 #define PROBE_EXPANDS_GS(NW, MINB)              \
     PROBE_EXPAND_GS(_vh, bf16, 2, NW, MINB)     \
     PROBE_EXPAND_GS(, float, 2, NW, MINB)       \
     PROBE_EXPAND_GS(, float, 8, NW, MINB)
-PROBE_EXPANDS_GS(8, 6)
 PROBE_EXPANDS_GS(8, 4)
 PROBE_EXPANDS_GS(4, 12)
 PROBE_EXPANDS_GS(8, 8)
 PROBE_EXPANDS_GS(16, 4)
 PROBE_EXPANDS_GS(4, 16)
-
-// The plain row expand with a one-row segment's old y loaded beside v (YP).
-#define PROBE_EXPAND_YP(VNAME, VTYPE, RL, NW, MINB)                                            \
-    extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                \
-        probe_expand_rows_yp##VNAME##_l##RL##_w##NW##_b##MINB(                                 \
-            const VTYPE* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride,     \
-            int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,  \
-            const u32* __restrict__ tiles, const u32* __restrict__ segs) {                     \
-        sgmv_expand_rows_impl<bf16, VTYPE, RL, 1, NW, true>(v, v_stride, y, y_stride,          \
-                                                            col_offset, end0, end1, end2,      \
-                                                            table, tiles, segs);               \
-    }
-PROBE_EXPAND_YP(_vh, bf16, 2, 8, 6)
-PROBE_EXPAND_YP(_vh, bf16, 2, 8, 8)
-
-// Grid-stride, KU column groups a lane a round (KU x 16 bytes of B in flight a lane while the
-// current round is applied), for one-row segments only (the engine's decode case).
-template <typename VT, int RL, int NW, int KU>
-__device__ __forceinline__ void probe_expand_rows_gsk_impl(
-    const VT* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride, int col_offset,
-    int end0, int end1, int end2, const LoraSlot* __restrict__ table,
-    const u32* __restrict__ tiles, const u32* __restrict__ segs, int ntiles, int ncb) {
-    constexpr int CPS = 32 / RL;
-    const int tile = blockIdx.x % ntiles, per_tile = gridDim.x / ntiles;
-    int cb = blockIdx.x / ntiles;
-    const TileSeg ts = tile_seg(tiles, segs, tile);
-    if (ts.end <= ts.row0 || cb >= ncb) {
-        pdl_enter();
-        return;
-    }
-    const LoraSlot* sl = table + ts.slot;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int sub = lane % RL, cg = lane / RL, kk = sub * 8;
-    auto colof = [&](int c, int u) { return ((c * NW + warp) * KU + u) * CPS + cg; };
-    auto load_b = [&](int col, int& rank, int& voff) -> uint4 {
-        const int j = (col >= end0) + (col >= end1);
-        voff = (int)sl->voff[j];
-        return row_b8<bf16>(reinterpret_cast<const u16*>(sl->b[j]), (int)sl->prank[j],
-                            j == 0 ? 0 : (j == 1 ? end0 : end1), col, end2, kk, rank);
-    };
-    uint4 b[KU];
-    int rank[KU], voff[KU];
-#pragma unroll
-    for (int u = 0; u < KU; ++u) b[u] = load_b(colof(cb, u), rank[u], voff[u]);
-    pdl_enter();
-    constexpr int VN = VVec<VT>::n;
-    const bool vvec = (v_stride & (VN - 1)) == 0;
-    bf16* y0 = y + (size_t)ts.row0 * y_stride + col_offset;
-    const VT* v0 = v + (size_t)ts.row0 * v_stride;
-    float yv[KU];
-#pragma unroll
-    for (int u = 0; u < KU; ++u) yv[u] = (sub == 0 && rank[u] > 0) ? to_f32(y0[colof(cb, u)]) : 0.0f;
-    for (;;) {
-        const int cbn = cb + per_tile;
-        const bool more = cbn < ncb;
-        uint4 bn[KU];
-        int rankn[KU], voffn[KU];
-        float yvn[KU];
-#pragma unroll
-        for (int u = 0; u < KU; ++u) {
-            rankn[u] = 0;
-            voffn[u] = 0;
-            yvn[u] = 0.0f;
-            bn[u] = make_uint4(0u, 0u, 0u, 0u);
-            if (more) {
-                bn[u] = load_b(colof(cbn, u), rankn[u], voffn[u]);
-                if (sub == 0 && rankn[u] > 0) yvn[u] = to_f32(y0[colof(cbn, u)]);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < KU; ++u) {
-            float part = 0.0f;
-            if (kk < rank[u]) {
-                float w[8];
-                load_v8_l1(v0 + voff[u], kk, rank[u], vvec && (voff[u] & (VN - 1)) == 0, w);
-                part = dot8f<bf16>(w, b[u]);
-            }
-#pragma unroll
-            for (int o = RL / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-            if (sub == 0 && rank[u] > 0) y0[colof(cb, u)] = from_f32<bf16>(yv[u] + part);
-        }
-        if (!more) break;
-        cb = cbn;
-#pragma unroll
-        for (int u = 0; u < KU; ++u) {
-            b[u] = bn[u];
-            rank[u] = rankn[u];
-            voff[u] = voffn[u];
-            yv[u] = yvn[u];
-        }
-    }
-}
-#define PROBE_EXPAND_GSK(NW, KU, MINB)                                                          \
-    extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                \
-        probe_expand_rows_gsk_vh_l2_w##NW##_k##KU##_b##MINB(                                   \
-            const bf16* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride,      \
-            int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,  \
-            const u32* __restrict__ tiles, const u32* __restrict__ segs, int ntiles, int ncb) { \
-        probe_expand_rows_gsk_impl<bf16, 2, NW, KU>(v, v_stride, y, y_stride, col_offset, end0, \
-                                                    end1, end2, table, tiles, segs, ntiles,   \
-                                                    ncb);                                     \
-    }
-PROBE_EXPAND_GSK(8, 1, 6)
-PROBE_EXPAND_GSK(8, 2, 4)
-PROBE_EXPAND_GSK(8, 2, 5)
-PROBE_EXPAND_GSK(4, 2, 8)
-PROBE_EXPAND_GSK(8, 4, 3)
 
 #define PROBE_SHRINK(KU, NW, MINB)                                                              \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                \

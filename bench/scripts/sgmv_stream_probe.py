@@ -2,10 +2,10 @@
 # with torch: CUDA-graph replay over rotated inputs (~200 MiB), programmatic dependent launch as
 # the backend launches them, every result checked against torch.
 # - The row kernels of kernels/sgmv.cu against instances with other constants (loads in flight a
-#   lane, warps a block, launch bounds: `probe_*_rows_*` in sgmv_stream_probe.cu), and a
-#   grid-stride row expand (`probe_expand_rows_gs*`; measured in session 14,
-#   bench/results/sgmv-row-expand-gs-*-s14a/b.txt; kernels/sgmv.cu now has the `gsl` one).
-#   The engine-like cases chain expand after expand with PDL; in the engine a wide expand
+#   lane, warps a block, launch bounds: `probe_*_rows_*` in sgmv_stream_probe.cu), and the
+#   grid-stride row expand with other shapes and grids (`probe_expand_rows_gs*`; session 14,
+#   bench/results/sgmv-row-expand-gs-*-s14a/b.txt, where it was the `gsl` variant).
+#   The expand-only cases chain expand after expand with PDL; in the engine a wide expand
 #   follows its GEMM instead, which this chain does not model: the grid-stride expand's 1.2 and
 #   2.2 us here came to 0.06 ms a step there (bench/results/profile-7b-h200-*-s14d*.txt).
 # - With `stream`: shrink and expand fed by bulk copies (TMA) into shared-memory stages of
@@ -213,12 +213,11 @@ def old_ops(s, v_half, shrink=True, expand=True):
 
 
 ROW_VARIANTS = [(4, 4, 6), (1, 8, 6), (2, 4, 12)]
-# (kind, warps, launch bounds, grid): kind gs = the slot's parts in registers, gsl = read from
-# the table a column block, gsv = gsl with v kept across column blocks; grid "wave" = one wave
-# of blocks a tile, "bal" = the column blocks spread evenly over as few rounds as one wave
-# needs, "full" = a block a column block (the plain row kernel's grid).
-GS_VARIANTS = [(k, nw, mb, g) for k in ("gsl", "gsv") for (nw, mb) in [(8, 6), (4, 12)]
-               for g in ("wave", "bal", "full")] + [("gsv", 8, 4, "bal")]
+# kernels/sgmv.cu's grid-stride expand: (warps, launch bounds, grid); (8, 6) is the kernel itself,
+# the others its instances in sgmv_stream_probe.cu. Grid "wave" = one wave of blocks a tile (the
+# backend's), "bal" = the column blocks spread evenly over as few rounds as one wave needs,
+# "full" = a block a column block.
+GS_VARIANTS = [(8, 6, g) for g in ("wave", "bal", "full")] + [(4, 12, "wave"), (8, 8, "wave")]
 SHRINK_VARIANTS = []
 
 
@@ -252,9 +251,8 @@ def row_ops(s, v_half, ev=None, sv=None, shrink=True):
            threads=32 * nw)
 
 
-def gs_ops(s, v_half, kind, nw, mb, grid="wave", shrink=True):
-    """The old row shrink, then the grid-stride row expand (kind gs: the slot's parts in
-    registers, gsl: read from the table a column block; nw warps, launch bounds mb)."""
+def gs_ops(s, v_half, nw, mb, grid="wave", shrink=True):
+    """The old row shrink, then the grid-stride row expand (nw warps, launch bounds mb)."""
     if shrink:
         old_ops(s, v_half, shrink=True, expand=False)
     rank_all = s.rank * len(s.parts)
@@ -270,7 +268,8 @@ def gs_ops(s, v_half, kind, nw, mb, grid="wave", shrink=True):
     else:
         per_tile = min(ncb, wave)
     vt, vn = (s.vh, "_vh") if v_half else (s.v, "")
-    launch(f"probe_expand_rows_{kind}{vn}_l{rl}_w{nw}_b{mb}", (per_tile * s.rows, 1, 1),
+    name = f"sgmv_expand_rows_gs_bf16{vn}_l{rl}" if (nw, mb) == (8, 6) else f"probe_expand_rows_gs{vn}_l{rl}_w{nw}_b{mb}"
+    launch(name, (per_tile * s.rows, 1, 1),
            [vt, rank_all, s.y, h_out, 0, s.ends[0], s.ends[1], s.ends[2], s.table, s.tiles, s.segs,
             s.rows, ncb], threads=32 * nw)
 
@@ -420,35 +419,23 @@ def gemm_main():
     def gemm(s):
         torch.matmul(s.xg, s.w.t(), out=s.y)
 
-    def plain(s, pdl=True, yp=None):
+    def plain(s, pdl=True, early_y=True):
+        # sgmv.cu's row expand (a one-row segment's old y loaded beside v), or its instance
+        # that loads the old y after the sum (the kernel before session 14, 6 blocks an SM).
         USE_PDL[0] = pdl
         rank_all = s.rank * len(s.parts)
         h_out = s.ends[2]
-        name = "sgmv_expand_rows_bf16_vh_l2" if yp is None else f"probe_expand_rows_yp_vh_l2_w8_b{yp}"
+        name = "sgmv_expand_rows_bf16_vh_l2" if early_y else "probe_expand_rows_vh_l2_k1_w8_b6"
         launch(name, ((h_out + 127) // 128, s.rows, 1),
                [s.vh, rank_all, s.y, h_out, 0, s.ends[0], s.ends[1], s.ends[2], s.table, s.tiles, s.segs],
                threads=256)
         USE_PDL[0] = True
 
-    def gs(s, name, cols, mb, threads):
-        rank_all = s.rank * len(s.parts)
-        h_out = s.ends[2]
-        ncb = (h_out + cols - 1) // cols
-        per_tile = max(1, min(ncb, mb * SMS // s.rows))
-        launch(name, (per_tile * s.rows, 1, 1),
-               [s.vh, rank_all, s.y, h_out, 0, s.ends[0], s.ends[1], s.ends[2], s.table, s.tiles, s.segs,
-                s.rows, ncb], threads=threads)
-
     vs = [("gemm only", gemm),
-          ("gemm + plain, no PDL", lambda s: (gemm(s), plain(s, pdl=False))),
+          ("gemm + plain, y after the sum, no PDL", lambda s: (gemm(s), plain(s, pdl=False, early_y=False))),
+          ("gemm + plain, y after the sum", lambda s: (gemm(s), plain(s, early_y=False))),
           ("gemm + plain", lambda s: (gemm(s), plain(s))),
-          ("gemm + plain, y early b6", lambda s: (gemm(s), plain(s, yp=6))),
-          ("gemm + plain, y early b8", lambda s: (gemm(s), plain(s, yp=8))),
-          ("gemm + sgmv.cu grid-stride", lambda s: (gemm(s), gs(s, "sgmv_expand_rows_gs_bf16_vh_l2", 128, 6, 256)))]
-    for (nw, ku, mb) in [(8, 1, 6), (8, 2, 4), (8, 2, 5), (4, 2, 8), (8, 4, 3)]:
-        vs.append((f"gemm + gsk w{nw} k{ku} b{mb}",
-                   (lambda nw, ku, mb: lambda s: (gemm(s), gs(s, f"probe_expand_rows_gsk_vh_l2_w{nw}_k{ku}_b{mb}",
-                                                              nw * ku * 16, mb, 32 * nw)))(nw, ku, mb)))
+          ("gemm + grid-stride", lambda s: (gemm(s), gs_ops(s, True, 8, 6, shrink=False)))]
     for nm, parts in [("q|k|v", [4096] * 3), ("o", [4096]), ("gate|up", [11008] * 2), ("down", [4096])]:
         run_case(f"gemm + expand {nm}", 32, 4096 if nm != "down" else 11008, parts, 16, True, vs, gemm=True)
 
@@ -484,8 +471,8 @@ def main():
                     vs.append((lab(c2) + f" flags{fl}", (lambda c: lambda s: stream_ops(s, False, c))(c2)))
         for ev in ROW_VARIANTS:
             vs.append((f"rows: expand k{ev[0]} w{ev[1]} b{ev[2]}", (lambda ev: lambda s: row_ops(s, False, ev=ev))(ev)))
-        for (k, nw, mb, g) in GS_VARIANTS:
-            vs.append((f"rows: grid-stride expand {k} w{nw} b{mb} {g}", (lambda k, nw, mb, g: lambda s: gs_ops(s, False, k, nw, mb, g))(k, nw, mb, g)))
+        for (nw, mb, g) in GS_VARIANTS:
+            vs.append((f"rows: grid-stride expand w{nw} b{mb} {g}", (lambda nw, mb, g: lambda s: gs_ops(s, False, nw, mb, g))(nw, mb, g)))
         for sv in SHRINK_VARIANTS:
             vs.append((f"rows: shrink k{sv[0]} w{sv[1]} b{sv[2]}", (lambda sv: lambda s: row_ops(s, False, sv=sv))(sv)))
         run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
@@ -494,8 +481,8 @@ def main():
         vs = [("old row expand", lambda s: old_ops(s, True, shrink=False))]
         for ev in ROW_VARIANTS:
             vs.append((f"rows: expand k{ev[0]} w{ev[1]} b{ev[2]}", (lambda ev: lambda s: row_ops(s, True, ev=ev, shrink=False))(ev)))
-        for (k, nw, mb, g) in GS_VARIANTS:
-            vs.append((f"rows: grid-stride expand {k} w{nw} b{mb} {g}", (lambda k, nw, mb, g: lambda s: gs_ops(s, True, k, nw, mb, g, shrink=False))(k, nw, mb, g)))
+        for (nw, mb, g) in GS_VARIANTS:
+            vs.append((f"rows: grid-stride expand w{nw} b{mb} {g}", (lambda nw, mb, g: lambda s: gs_ops(s, True, nw, mb, g, shrink=False))(nw, mb, g)))
         if "stream" in sys.argv:
             for (esb, est, bps, nw) in [(16384, 2, 3, 4), (16384, 3, 2, 4)]:
                 for flags in [0, 8]:

@@ -164,13 +164,22 @@ fn copy_parts(
     Ok(parts)
 }
 
-/// What a slot table's entries add up to (the fields of [`CudaLoraTable`] of the same names).
+/// What a slot table's entries add up to: the checks and launch choices of the kernels that
+/// read it.
 struct TableSummary {
+    /// Largest total rank of a slot.
     max_rank: usize,
+    /// Largest end column of a slot's intermediate in v (its voff plus its total rank): the
+    /// narrowest v the table fits.
     max_vend: usize,
+    /// Every slot's intermediate starts at column 0 (what a shrink writes).
     shrinkable: bool,
+    /// Largest rank of one part: what the expand reads per part.
     max_part_rank: usize,
+    /// Smallest `a.len / rank` over filled slots: the largest h_in every slot can serve.
     min_in: usize,
+    /// Per part, smallest `b.len / rank` over the slots that have it (`usize::MAX` when none
+    /// does): the widest output that part can serve.
     min_out: [usize; MAX_GROUP_PARTS],
 }
 
@@ -343,26 +352,13 @@ pub struct CudaLoraTable {
     ptr: u64,
     slots: usize,
     dtype: Option<DType>,
-    /// Largest total rank of a slot.
-    max_rank: usize,
-    /// Largest end column of a slot's intermediate in v (its voff plus its total rank): the
-    /// narrowest v the table fits.
-    max_vend: usize,
-    /// Every slot's intermediate starts at column 0 (what a shrink writes).
-    shrinkable: bool,
-    /// Largest rank of one part: what the expand reads per part.
-    max_part_rank: usize,
-    /// Smallest `a.len / rank` over filled slots: the largest h_in every slot can serve.
-    min_in: usize,
-    /// Per part, smallest `b.len / rank` over the slots that have it (`usize::MAX` when none
-    /// does): the widest output that part can serve.
-    min_out: [usize; MAX_GROUP_PARTS],
+    sum: TableSummary,
 }
 
 impl CudaLoraTable {
     /// Largest total rank of any filled slot (0 when all are empty).
     pub fn max_rank(&self) -> usize {
-        self.max_rank
+        self.sum.max_rank
     }
 }
 
@@ -1327,12 +1323,7 @@ impl CudaBackend {
             ptr,
             slots: slots.len(),
             dtype: Some(dtype),
-            max_rank: sum.max_rank,
-            max_vend: sum.max_vend,
-            shrinkable: sum.shrinkable,
-            max_part_rank: sum.max_part_rank,
-            min_in: sum.min_in,
-            min_out: sum.min_out,
+            sum,
         })
     }
 
@@ -1518,7 +1509,7 @@ impl CudaBackend {
     }
 
     fn check_lora(&self, x_dtype: DType, table: &CudaLoraTable, meta: &CudaMeta) -> Result<bool> {
-        if meta.layout.num_tiles == 0 || table.max_rank == 0 {
+        if meta.layout.num_tiles == 0 || table.sum.max_rank == 0 {
             return Ok(false);
         }
         if table.dtype != Some(x_dtype) || x_dtype == DType::F32 {
@@ -1842,12 +1833,7 @@ impl Backend for CudaBackend {
         // entries (their side-stream work is joined into it), and before the next ones.
         self.htod(table.ptr, &bytes)?;
         table.dtype = Some(dtype);
-        table.max_rank = sum.max_rank;
-        table.max_vend = sum.max_vend;
-        table.shrinkable = sum.shrinkable;
-        table.max_part_rank = sum.max_part_rank;
-        table.min_in = sum.min_in;
-        table.min_out = sum.min_out;
+        table.sum = sum;
         Ok(())
     }
 
@@ -2221,43 +2207,43 @@ impl Backend for CudaBackend {
         if !self.check_lora(x.dtype, table, meta)? {
             return Ok(());
         }
-        if !table.shrinkable {
+        if !table.sum.shrinkable {
             return Err(shape(
                 "sgmv_shrink: a table whose slots start past column 0 of v serves expands only"
                     .into(),
             ));
         }
-        if table.max_vend > v_stride {
+        if table.sum.max_vend > v_stride {
             return Err(shape(format!(
                 "sgmv_shrink: the table's intermediates end at column {}, past v's width \
                  {v_stride}",
-                table.max_vend
+                table.sum.max_vend
             )));
         }
-        if h_in > table.min_in {
+        if h_in > table.sum.min_in {
             return Err(shape(format!(
                 "sgmv_shrink: h_in {h_in} exceeds an adapter's A width {}",
-                table.min_in
+                table.sum.min_in
             )));
         }
         // Launched over the padded tile count (see `MetaLayout::tile_grid`).
         let tiles = meta.layout.tile_grid();
         if self
             .row_limits()
-            .shrink(meta.layout.max_seg_rows, table.max_rank)
+            .shrink(meta.layout.max_seg_rows, table.sum.max_rank)
         {
             let (splits, rank_blocks) = plan::shrink_rows_plan(
                 h_in,
-                table.max_rank,
+                table.sum.max_rank,
                 tiles,
                 self.shrink_rows_vecs,
                 self.sm_count * plan::SHRINK_ROWS_BLOCKS_PER_SM,
             );
             let (acc, counters) =
-                self.shrink_workspace(splits, tiles, tiles * plan::TILE_ROWS * table.max_rank)?;
+                self.shrink_workspace(splits, tiles, tiles * plan::TILE_ROWS * table.sum.max_rank)?;
             let args = Self::shrink_args(x, h_in, v, v_stride, table, meta, splits)?;
             let tail = [
-                i32_arg(table.max_rank, "acc_rank")?,
+                i32_arg(table.sum.max_rank, "acc_rank")?,
                 Arg::Ptr(acc),
                 Arg::Ptr(counters),
             ];
@@ -2279,7 +2265,7 @@ impl Backend for CudaBackend {
             target
         };
         // Ranks beyond one block's register tiles always go to more blocks (rank groups).
-        let all = plan::shrink_rank_tiles(table.max_rank)?;
+        let all = plan::shrink_rank_tiles(table.sum.max_rank)?;
         let (nt0, g0) = (
             all.min(plan::SHRINK_MAX_TILES),
             all.div_ceil(plan::SHRINK_MAX_TILES),
@@ -2351,14 +2337,14 @@ impl Backend for CudaBackend {
         if !self.check_lora(y.dtype, table, meta)? {
             return Ok(());
         }
-        if table.max_vend > v_stride {
+        if table.sum.max_vend > v_stride {
             return Err(shape(format!(
                 "sgmv_expand: the table's intermediates end at column {}, past v's width \
                  {v_stride}",
-                table.max_vend
+                table.sum.max_vend
             )));
         }
-        for (j, &min_out) in table.min_out.iter().enumerate() {
+        for (j, &min_out) in table.sum.min_out.iter().enumerate() {
             match outs.get(j) {
                 Some(&out) if out > min_out => {
                     return Err(shape(format!(
@@ -2377,12 +2363,12 @@ impl Backend for CudaBackend {
         }
         if self.row_limits().expand(
             meta.layout.max_seg_rows,
-            table.max_part_rank,
+            table.sum.max_part_rank,
             meta.layout.tile_grid(),
         ) {
             let h_out: usize = outs.iter().sum();
             let tiles = meta.layout.tile_grid();
-            let rp = plan::expand_rows_plan(table.max_part_rank, h_out, tiles, self.sm_count)?;
+            let rp = plan::expand_rows_plan(table.sum.max_part_rank, h_out, tiles, self.sm_count)?;
             let (gx, gy) = rp.grid(tiles);
             let ends = plan::group_ends(outs);
             // The row kernels read only the tiles, the table and B (host copies) before their
@@ -2421,7 +2407,7 @@ impl Backend for CudaBackend {
                 overlap,
             );
         }
-        let kt = plan::expand_rank_chunks(table.max_part_rank)?;
+        let kt = plan::expand_rank_chunks(table.sum.max_part_rank)?;
         let ntw = self.expand_ntw;
         let name = kernel!("sgmv_expand_{}{v_name}_k{kt}_w{ntw}", Self::suffix(y.dtype));
         for launch in plan::expand_launches(outs, ntw).iter() {
