@@ -1746,25 +1746,45 @@ impl Backend for CudaBackend {
         self.copy
             .wait(&event(&self.stream)?)
             .map_err(|e| dev_err("order the copy after the allocation", e))?;
-        let mut events = Vec::with_capacity(parts.len());
-        for (bytes, _) in &parts {
-            let part = src.get(bytes.clone()).ok_or_else(|| {
-                shape(format!("copy part {bytes:?} of {} staged bytes", src.len()))
-            })?;
-            // SAFETY: the destination range lies in the allocation of `src.len()` bytes; `src`
-            // is page-locked, so the copy is asynchronous: the staging buffer is reused only
-            // after `copied` completed, and the device memory is freed only after `done` (see
-            // `Uploaded`).
-            unsafe {
-                drv::memcpy_htod_async(base + bytes.start as u64, part, self.copy.cu_stream())
+        type Event = cudarc::driver::CudaEvent;
+        let issue = || -> Result<(Vec<Event>, Event)> {
+            let mut events = Vec::with_capacity(parts.len());
+            for (bytes, _) in &parts {
+                let part = src.get(bytes.clone()).ok_or_else(|| {
+                    shape(format!("copy part {bytes:?} of {} staged bytes", src.len()))
+                })?;
+                // SAFETY: the destination range lies in the allocation of `src.len()` bytes;
+                // `src` is page-locked, so the copy is asynchronous: the staging buffer is reused
+                // only after `copied` completed, and the device memory is freed only after
+                // `done` (see `Uploaded`), or after the copy stream on an error below.
+                unsafe {
+                    drv::memcpy_htod_async(base + bytes.start as u64, part, self.copy.cu_stream())
+                }
+                .map_err(|e| dev_err("copy to device", e))?;
+                events.push(event(&self.copy)?);
             }
-            .map_err(|e| dev_err("copy to device", e))?;
-            events.push(event(&self.copy)?);
-        }
-        *lock(&staged.copied) = Some(event(&self.copy)?);
-        let done = match events.pop() {
-            Some(last) => last,
-            None => event(&self.copy)?,
+            *lock(&staged.copied) = Some(event(&self.copy)?);
+            let done = match events.pop() {
+                Some(last) => last,
+                None => event(&self.copy)?,
+            };
+            Ok((events, done))
+        };
+        let (events, done) = match issue() {
+            Ok(issued) => issued,
+            Err(e) => {
+                // Parts copied before the error may still run: the allocation is freed (on the
+                // main stream, when `mem` drops) only after them.
+                let ordered = event(&self.copy).and_then(|ev| {
+                    self.stream
+                        .wait(&ev)
+                        .map_err(|e| dev_err("order the free after the copies", e))
+                });
+                if ordered.is_err() {
+                    let _ = self.copy.synchronize();
+                }
+                return Err(e);
+            }
         };
         let mem = Arc::new(Uploaded {
             parts: events,
