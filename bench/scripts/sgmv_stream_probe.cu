@@ -524,3 +524,112 @@ PROBE_SHRINK(4, 4, 8)
 PROBE_SHRINK(8, 4, 4)
 PROBE_SHRINK(2, 4, 8)
 PROBE_SHRINK(4, 8, 4)
+
+// ---- The gate|up expand fused into SiLU-mul (probe of a next step, `gemm` mode). ----
+// What the engine runs after its gate|up GEMM today: the row expand adds v . B to y = gate|up,
+// then silu_mul reads y back. The fused kernel computes act[row, c] = silu(g + v_g . Bg[c]) *
+// (u + v_u . Bu[c]) straight from the GEMM's y: one launch and one pass over y fewer. It is the
+// grid-stride row expand over the n columns of one part, each lane group taking column c of
+// both parts (the slot's parts 0 and 1).
+__device__ __forceinline__ void probe_silu_mul_impl(const bf16* __restrict__ gate_up, int stride,
+                                                    int n, size_t total, bf16* __restrict__ out) {
+    pdl_enter();
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t row = i / n, c = i % n;
+        const float g = to_f32(gate_up[row * stride + c]);
+        const float u = to_f32(gate_up[row * stride + n + c]);
+        out[i] = from_f32<bf16>(g / (1.0f + expf(-g)) * u);
+    }
+}
+extern "C" __global__ void probe_silu_mul_bf16(const bf16* gate_up, int stride, int n,
+                                               size_t total, bf16* out) {
+    probe_silu_mul_impl(gate_up, stride, n, total, out);
+}
+
+template <int RL, int NW>
+__device__ __forceinline__ void probe_expand_silu_impl(
+    const bf16* __restrict__ v, int v_stride, const bf16* __restrict__ y, int y_stride, int n,
+    bf16* __restrict__ act, const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+    const u32* __restrict__ segs, int ntiles, int ncb) {
+    constexpr int CPS = 32 / RL;
+    const int tile = blockIdx.x % ntiles, per_tile = gridDim.x / ntiles;
+    int cb = blockIdx.x / ntiles;
+    const TileSeg ts = tile_seg(tiles, segs, tile);
+    if (ts.end <= ts.row0 || cb >= ncb) {
+        pdl_enter();
+        return;
+    }
+    const LoraSlot* sl = table + ts.slot;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = lane % RL, cg = lane / RL, kk = sub * 8;
+    const u16* bg = reinterpret_cast<const u16*>(sl->b[0]);
+    const u16* bu = reinterpret_cast<const u16*>(sl->b[1]);
+    const int rg = (int)sl->prank[0], ru = (int)sl->prank[1];
+    const int vg = (int)sl->voff[0], vu = (int)sl->voff[1];
+    int col = (cb * NW + warp) * CPS + cg, rank_g, rank_u;
+    uint4 b0 = row_b8<bf16>(bg, rg, 0, col, n, kk, rank_g);
+    uint4 b1 = row_b8<bf16>(bu, ru, 0, col, n, kk, rank_u);
+    pdl_enter();
+    const int nrows = min(16, ts.end - ts.row0);
+    const bool vvec = (v_stride & 7) == 0;
+    for (;;) {
+        const int cbn = cb + per_tile;
+        const bool more = cbn < ncb;
+        const int coln = (cbn * NW + warp) * CPS + cg;
+        int rank_gn = 0, rank_un = 0;
+        uint4 b0n = make_uint4(0u, 0u, 0u, 0u), b1n = b0n;
+        if (more) {
+            b0n = row_b8<bf16>(bg, rg, 0, coln, n, kk, rank_gn);
+            b1n = row_b8<bf16>(bu, ru, 0, coln, n, kk, rank_un);
+        }
+        for (int row = 0; row < nrows; ++row) {
+            const size_t r = (size_t)(ts.row0 + row);
+            const bool live = col < n;
+            // The GEMM's gate and up, loaded beside v.
+            const float g0 = (live && sub == 0) ? to_f32(y[r * y_stride + col]) : 0.0f;
+            const float u0 = (live && sub == 0) ? to_f32(y[r * y_stride + n + col]) : 0.0f;
+            float dg = 0.0f, du = 0.0f;
+            if (kk < rank_g) {
+                float w[8];
+                load_v8_l1(v + r * v_stride + vg, kk, rank_g, vvec && (vg & 7) == 0, w);
+                dg = dot8f<bf16>(w, b0);
+            }
+            if (kk < rank_u) {
+                float w[8];
+                load_v8_l1(v + r * v_stride + vu, kk, rank_u, vvec && (vu & 7) == 0, w);
+                du = dot8f<bf16>(w, b1);
+            }
+#pragma unroll
+            for (int o = RL / 2; o > 0; o >>= 1) {
+                dg += __shfl_xor_sync(0xffffffffu, dg, o);
+                du += __shfl_xor_sync(0xffffffffu, du, o);
+            }
+            if (live && sub == 0) {
+                // y rounded to bf16 after the expand, as the two kernels do.
+                const float g = to_f32(from_f32<bf16>(g0 + dg));
+                const float u = to_f32(from_f32<bf16>(u0 + du));
+                act[r * n + col] = from_f32<bf16>(g / (1.0f + expf(-g)) * u);
+            }
+        }
+        if (!more) break;
+        cb = cbn;
+        col = coln;
+        b0 = b0n;
+        b1 = b1n;
+        rank_g = rank_gn;
+        rank_u = rank_un;
+    }
+}
+#define PROBE_EXPAND_SILU(NW, MINB)                                                             \
+    extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                \
+        probe_expand_silu_l2_w##NW##_b##MINB(                                                  \
+            const bf16* __restrict__ v, int v_stride, const bf16* __restrict__ y, int y_stride, \
+            int n, bf16* __restrict__ act, const LoraSlot* __restrict__ table,                 \
+            const u32* __restrict__ tiles, const u32* __restrict__ segs, int ntiles, int ncb) { \
+        probe_expand_silu_impl<2, NW>(v, v_stride, y, y_stride, n, act, table, tiles, segs,    \
+                                      ntiles, ncb);                                            \
+    }
+PROBE_EXPAND_SILU(8, 6)
+PROBE_EXPAND_SILU(8, 4)
+PROBE_EXPAND_SILU(4, 12)

@@ -12,8 +12,11 @@
 #   persistent blocks (`sgmv_*_stream_*`); flags 1 = no compute, 2 = y untouched, 4 = no v
 #   loads, 8 = the old y by bulk copies too.
 # - With `gemm`: the engine's order, each expand right after the GEMM that writes its y.
+# - With `silu`: the gate|up GEMM, then its expand and SiLU-mul, or the two fused (not measured
+#   yet: written at the end of session 14, for the next GPU session).
 # Usage: python3 bench/scripts/sgmv_stream_probe.py [expand] [stream]
 #        python3 bench/scripts/sgmv_stream_probe.py gemm
+#        python3 bench/scripts/sgmv_stream_probe.py silu
 #        python3 bench/scripts/sgmv_stream_probe.py read   (bulk copies vs 16-byte loads, reads only)
 #        python3 bench/scripts/sgmv_stream_probe.py ncu    (plain launches for a profiler)
 import ctypes
@@ -113,6 +116,10 @@ def func(name, smem=0):
 USE_PDL = [True]
 
 
+class U64(int):
+    """A size_t kernel argument."""
+
+
 def launch(name, grid, args, smem=0, threads=128):
     f = func(name, smem)
     cfg = LaunchConfig(grid[0], grid[1], grid[2], threads, 1, 1, smem,
@@ -122,6 +129,8 @@ def launch(name, grid, args, smem=0, threads=128):
     for a in args:
         if isinstance(a, torch.Tensor):
             vals.append(ctypes.c_uint64(a.data_ptr()))
+        elif isinstance(a, U64):
+            vals.append(ctypes.c_uint64(int(a)))
         else:
             vals.append(ctypes.c_int(a))
     ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
@@ -301,11 +310,11 @@ def stream_ops(s, v_half, p, shrink=True):
            smem=4608 + p["est"] * sb + 16384, threads=32 * nw)
 
 
-def bench(sets, fn, reps=20):
+def bench(sets, fn, reps=20, out=lambda s: s.y):
     y0 = sets[0].y.clone()
     fn(sets[0])
     torch.cuda.synchronize()
-    got = sets[0].y.float()
+    got = out(sets[0]).float()
     sets[0].y.copy_(y0)
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
@@ -440,9 +449,55 @@ def gemm_main():
         run_case(f"gemm + expand {nm}", 32, 4096 if nm != "down" else 11008, parts, 16, True, vs, gemm=True)
 
 
+def silu_main():
+    # The gate|up GEMM, then its expand and SiLU-mul as the engine runs them (two kernels) or
+    # fused into one (`probe_expand_silu_*`); 7B at batch 32, r=16, one adapter a row.
+    rows, h_in, n, rank = 32, 4096, 11008, 16
+    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; "
+          f"gate|up GEMM, expand and SiLU-mul, rows {rows}, r {rank}")
+    one = Set(rows, h_in, [n, n], rank, True)
+    sets = [one] + [Set(rows, h_in, [n, n], rank, True) for _ in range(5)]
+    for st in sets:
+        st.add_gemm()
+        st.act = torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
+    total = rows * n
+
+    def gemm(s):
+        torch.matmul(s.xg, s.w.t(), out=s.y)
+
+    def silu(s):
+        launch("probe_silu_mul_bf16", (min((total + 255) // 256, 32 * SMS), 1, 1),
+               [s.y, 2 * n, n, U64(total), s.act], threads=256)
+
+    def fused(s, nw, mb):
+        ncb = (n + nw * 16 - 1) // (nw * 16)
+        per_tile = max(1, min(ncb, mb * SMS // s.rows))
+        launch(f"probe_expand_silu_l2_w{nw}_b{mb}", (per_tile * s.rows, 1, 1),
+               [s.vh, 2 * rank, s.y, 2 * n, n, s.act, s.table, s.tiles, s.segs, s.rows, ncb],
+               threads=32 * nw)
+
+    gate_up = (one.xg.float() @ one.w.float().t()).to(torch.bfloat16)
+    with_lora = one.reference(gate_up, True).to(torch.bfloat16).float()
+    g, u = with_lora[:, :n], with_lora[:, n:]
+    ref_lora = g * torch.sigmoid(g) * u
+    g, u = gate_up.float()[:, :n], gate_up.float()[:, n:]
+    ref_base = g * torch.sigmoid(g) * u
+    vs = [("gemm only", gemm, None),
+          ("gemm + silu_mul (no LoRA)", lambda s: (gemm(s), silu(s)), ref_base),
+          ("gemm + grid-stride expand + silu_mul", lambda s: (gemm(s), gs_ops(s, True, 8, 6, shrink=False), silu(s)), ref_lora)]
+    for (nw, mb) in [(8, 6), (8, 4), (4, 12)]:
+        vs.append((f"gemm + fused expand+silu w{nw} b{mb}", (lambda nw, mb: lambda s: (gemm(s), fused(s, nw, mb)))(nw, mb), ref_lora))
+    for name, fn, ref in vs:
+        us, got, _ = bench(sets, fn, out=lambda s: s.act)
+        err = "" if ref is None else f"rel err {((got - ref).norm() / ref.norm()).item():.1e}"
+        print(f"  {name:44s} {us:8.2f} us  {err}", flush=True)
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "gemm":
         return gemm_main()
+    if len(sys.argv) > 1 and sys.argv[1] == "silu":
+        return silu_main()
     if len(sys.argv) > 1 and sys.argv[1] == "read":
         return read_main()
     if len(sys.argv) > 1 and sys.argv[1] == "ncu":
