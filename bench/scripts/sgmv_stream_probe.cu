@@ -527,26 +527,10 @@ PROBE_SHRINK(4, 8, 4)
 
 // ---- The gate|up expand fused into SiLU-mul (probe of a next step, `gemm` mode). ----
 // What the engine runs after its gate|up GEMM today: the row expand adds v . B to y = gate|up,
-// then silu_mul reads y back. The fused kernel computes act[row, c] = silu(g + v_g . Bg[c]) *
-// (u + v_u . Bu[c]) straight from the GEMM's y: one launch and one pass over y fewer. It is the
-// grid-stride row expand over the n columns of one part, each lane group taking column c of
-// both parts (the slot's parts 0 and 1).
-__device__ __forceinline__ void probe_silu_mul_impl(const bf16* __restrict__ gate_up, int stride,
-                                                    int n, size_t total, bf16* __restrict__ out) {
-    pdl_enter();
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const size_t row = i / n, c = i % n;
-        const float g = to_f32(gate_up[row * stride + c]);
-        const float u = to_f32(gate_up[row * stride + n + c]);
-        out[i] = from_f32<bf16>(g / (1.0f + expf(-g)) * u);
-    }
-}
-extern "C" __global__ void probe_silu_mul_bf16(const bf16* gate_up, int stride, int n,
-                                               size_t total, bf16* out) {
-    probe_silu_mul_impl(gate_up, stride, n, total, out);
-}
-
+// then silu_mul (kernels/ops.cu) reads y back. The fused kernel computes
+// act[row, c] = silu(g + v_g . Bg[c]) * (u + v_u . Bu[c]) straight from the GEMM's y: one launch
+// and one pass over y fewer. It is the grid-stride row expand over the n columns of one part,
+// each lane group taking column c of both parts (the slot's parts 0 and 1).
 template <int RL, int NW>
 __device__ __forceinline__ void probe_expand_silu_impl(
     const bf16* __restrict__ v, int v_stride, const bf16* __restrict__ y, int y_stride, int n,

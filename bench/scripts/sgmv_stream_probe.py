@@ -57,11 +57,8 @@ def ck(rc, what):
         raise SystemExit(f"{what} failed: {rc}")
 
 
-def compile_module():
-    src = "".join(
-        open(os.path.join(ROOT, f)).read() + "\n"
-        for f in ["kernels/common.cuh", "kernels/sgmv.cu", "bench/scripts/sgmv_stream_probe.cu"]
-    )
+def compile_module(files):
+    src = "".join(open(os.path.join(ROOT, f)).read() + "\n" for f in ["kernels/common.cuh", *files])
     prog = ctypes.c_void_p()
     ck(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"probe.cu", 0, None, None), "create")
     opts = [b"--gpu-architecture=sm_90a", b"--std=c++17"]
@@ -98,14 +95,21 @@ PDL_ATTR.id = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 PDL_ATTR.val = (1).to_bytes(4, "little") + bytes(60)
 
 torch.zeros(1, device="cuda")
-MOD = compile_module()
+MOD = compile_module(["kernels/sgmv.cu", "bench/scripts/sgmv_stream_probe.cu"])
+OPS = []  # kernels/ops.cu, compiled when a kernel of it is first asked for (`silu` mode)
 FUNCS = {}
 
 
 def func(name, smem=0):
     if name not in FUNCS:
         f = ctypes.c_void_p()
-        ck(cuda.cuModuleGetFunction(ctypes.byref(f), MOD, name.encode()), name)
+        if name.startswith("silu_mul_"):
+            if not OPS:
+                OPS.append(compile_module(["kernels/ops.cu"]))
+            mod = OPS[0]
+        else:
+            mod = MOD
+        ck(cuda.cuModuleGetFunction(ctypes.byref(f), mod, name.encode()), name)
         FUNCS[name] = f
     f = FUNCS[name]
     if smem > 48 * 1024:
@@ -466,7 +470,7 @@ def silu_main():
         torch.matmul(s.xg, s.w.t(), out=s.y)
 
     def silu(s):
-        launch("probe_silu_mul_bf16", (min((total + 255) // 256, 32 * SMS), 1, 1),
+        launch("silu_mul_bf16", (min((total + 255) // 256, 32 * SMS), 1, 1),
                [s.y, 2 * n, n, U64(total), s.act], threads=256)
 
     def fused(s, nw, mb):
