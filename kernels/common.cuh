@@ -163,6 +163,9 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 #define NEG_INF __int_as_float(0xff800000u)
 
+// SiLU(g) * u, as the SwiGLU MLP applies it (ops.cu silu_mul, sgmv.cu's fused expand).
+__device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 // Eight halves of a 16-byte vector as floats, element order kept.
 template <typename T>
 __device__ __forceinline__ void unpack8(uint4 p, float* f) {

@@ -371,7 +371,7 @@ __device__ void silu_mul_impl(const T* __restrict__ gate_up, int stride, int n, 
         const size_t row = i / n, c = i % n;
         const float g = to_f32(gate_up[row * stride + c]);
         const float u = to_f32(gate_up[row * stride + n + c]);
-        out[i] = from_f32<T>(g / (1.0f + expf(-g)) * u);
+        out[i] = from_f32<T>(silu_times(g, u));
     }
 }
 

@@ -438,6 +438,14 @@ __device__ __forceinline__ void sgmv_expand_impl(
 // The grid-stride row expand's launch bounds: blocks of EXPAND_ROWS_WARPS warps an SM, which
 // caps it at 40 registers (the host sizes its one wave of blocks from this).
 #define EXPAND_ROWS_GS_BLOCKS 6
+// The gate|up expand fused into SiLU-mul (sgmv_expand_silu_rows_impl): 8 warps a block at 4
+// blocks an SM (64 registers; 6 and 12 blocks of 8 and 4 warps measured no faster:
+// bench/results/sgmv-expand-silu-probe-*-s15*.txt), and the columns of one row a block covers
+// for rows that no segment does.
+#define EXPAND_SILU_WARPS 8
+#define EXPAND_SILU_BLOCKS 4
+#define EXPAND_SILU_GAP_COLS 2048
+static_assert(EXPAND_SILU_GAP_COLS == EXPAND_SILU_WARPS * 32 * 8, "a gap block: 8 columns a thread");
 
 // Sum of the eight products of two packed vectors of eight halves.
 template <typename T>
@@ -741,6 +749,123 @@ __device__ __forceinline__ void sgmv_expand_rows_gs_impl(
     }
 }
 
+// The gate|up expand fused into SiLU-mul, for a two-part group whose parts are n wide: with g
+// and u the columns c and n + c of y's row after the expand (y += v . B_j as the row expands
+// do, rounded to T), act[row, c] = silu(g) * u. y itself is left as the GEMM wrote it. So the
+// expand's output never goes back to memory, and SiLU-mul is no kernel of its own.
+//
+// Blocks below per_tile * ntiles are the grid-stride expand's (tile blockIdx.x % ntiles, column
+// blocks blockIdx.x / ntiles + k * per_tile below ncb), each lane group holding a column's B of
+// both parts. The rest cover, EXPAND_SILU_GAP_COLS columns each, the rows that no segment does
+// (row_lora[row] == 0: rows without an adapter, a decode step's padding), with SiLU-mul alone.
+template <typename T, typename VT, int RL, int NW = EXPAND_SILU_WARPS>
+__device__ __forceinline__ void sgmv_expand_silu_rows_impl(
+    const VT* __restrict__ v, int v_stride, const T* __restrict__ y, int y_stride, int n,
+    T* __restrict__ act, const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+    const u32* __restrict__ segs, const u32* __restrict__ row_lora, int ntiles, int per_tile,
+    int ncb) {
+    const int gap = (int)blockIdx.x - per_tile * ntiles;
+    if (gap >= 0) {
+        const int per_row = (n + EXPAND_SILU_GAP_COLS - 1) / EXPAND_SILU_GAP_COLS;
+        const int row = gap / per_row;
+        const bool todo = row_lora[row] == 0u;  // step metadata: read before the wait
+        pdl_enter();
+        if (!todo) return;
+        const T* yr = y + (size_t)row * y_stride;
+        T* out = act + (size_t)row * n;
+        const int c0 = (gap % per_row) * EXPAND_SILU_GAP_COLS + (int)threadIdx.x * 8;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int c = c0 + i;
+            if (c < n) out[c] = from_f32<T>(silu_times(to_f32(yr[c]), to_f32(yr[n + c])));
+        }
+        return;
+    }
+    constexpr int CPS = 32 / RL;
+    const int tile = blockIdx.x % ntiles;
+    int cb = blockIdx.x / ntiles;
+    const TileSeg ts = tile_seg(tiles, segs, tile);
+    if (ts.end <= ts.row0 || cb >= ncb) {  // a TILE_NONE entry, or no column block left
+        pdl_enter();
+        return;
+    }
+    const LoraSlot* sl = table + ts.slot;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = lane % RL, cg = lane / RL, kk = sub * 8;
+    const u16* bg = reinterpret_cast<const u16*>(sl->b[0]);
+    const u16* bu = reinterpret_cast<const u16*>(sl->b[1]);
+    const int rg = (int)sl->prank[0], ru = (int)sl->prank[1];
+    const int vg = (int)sl->voff[0], vu = (int)sl->voff[1];
+    int col = (cb * NW + warp) * CPS + cg, rank_g, rank_u;
+    uint4 b0 = row_b8<T>(bg, rg, 0, col, n, kk, rank_g);
+    uint4 b1 = row_b8<T>(bu, ru, 0, col, n, kk, rank_u);
+    pdl_enter();
+    const int nrows = min(16, ts.end - ts.row0);
+    constexpr int VN = VVec<VT>::n;
+    const bool vvec = (v_stride & (VN - 1)) == 0;
+    const bool gvec = vvec && (vg & (VN - 1)) == 0, uvec = vvec && (vu & (VN - 1)) == 0;
+    for (;;) {
+        const int cbn = cb + per_tile;
+        const bool more = cbn < ncb;  // the same for the whole block
+        const int coln = (cbn * NW + warp) * CPS + cg;
+        int rank_gn = 0, rank_un = 0;
+        uint4 b0n = make_uint4(0u, 0u, 0u, 0u), b1n = b0n;
+        if (more) {
+            b0n = row_b8<T>(bg, rg, 0, coln, n, kk, rank_gn);
+            b1n = row_b8<T>(bu, ru, 0, coln, n, kk, rank_un);
+        }
+        const bool live = col < n && sub == 0;
+        for (int row = 0; row < nrows; ++row) {
+            const size_t r = (size_t)(ts.row0 + row);
+            const T* yr = y + r * y_stride;
+            // The GEMM's gate and up, loaded beside v.
+            const float g0 = live ? to_f32(yr[col]) : 0.0f;
+            const float u0 = live ? to_f32(yr[n + col]) : 0.0f;
+            float dg = 0.0f, du = 0.0f;
+            if (kk < rank_g) {
+                float w[8];
+                load_v8_l1(v + r * v_stride + vg, kk, rank_g, gvec, w);
+                dg = dot8f<T>(w, b0);
+            }
+            if (kk < rank_u) {
+                float w[8];
+                load_v8_l1(v + r * v_stride + vu, kk, rank_u, uvec, w);
+                du = dot8f<T>(w, b1);
+            }
+#pragma unroll
+            for (int o = RL / 2; o > 0; o >>= 1) {
+                dg += __shfl_xor_sync(0xffffffffu, dg, o);
+                du += __shfl_xor_sync(0xffffffffu, du, o);
+            }
+            if (live) {
+                // Rounded to T after the expand, as y would hold them.
+                const float g = to_f32(from_f32<T>(g0 + dg));
+                const float u = to_f32(from_f32<T>(u0 + du));
+                act[r * n + col] = from_f32<T>(silu_times(g, u));
+            }
+        }
+        if (!more) break;
+        cb = cbn;
+        col = coln;
+        b0 = b0n;
+        b1 = b1n;
+        rank_g = rank_gn;
+        rank_u = rank_un;
+    }
+}
+
+#define DEFINE_EXPAND_SILU_V(TNAME, TYPE, VNAME, VTYPE, RL)                                     \
+    extern "C" __global__ void __launch_bounds__(EXPAND_SILU_WARPS * 32, EXPAND_SILU_BLOCKS)    \
+        sgmv_expand_silu_rows_##TNAME##VNAME##_l##RL(                                          \
+            const VTYPE* __restrict__ v, int v_stride, const TYPE* __restrict__ y, int y_stride, \
+            int n, TYPE* __restrict__ act, const LoraSlot* __restrict__ table,                 \
+            const u32* __restrict__ tiles, const u32* __restrict__ segs,                       \
+            const u32* __restrict__ row_lora, int ntiles, int per_tile, int ncb) {             \
+        sgmv_expand_silu_rows_impl<TYPE, VTYPE, RL>(v, v_stride, y, y_stride, n, act, table,   \
+                                                    tiles, segs, row_lora, ntiles, per_tile,   \
+                                                    ncb);                                      \
+    }
+
 #define DEFINE_SHRINK_ROWS(TNAME, TYPE)                                                       \
     extern "C" __global__ void __launch_bounds__(ROWS_WARPS * 32, 8)                          \
         sgmv_shrink_rows_##TNAME(                                                             \
@@ -775,7 +900,9 @@ __device__ __forceinline__ void sgmv_expand_rows_gs_impl(
 
 #define DEFINE_EXPAND_ROWS(TNAME, TYPE, RL)                                                   \
     DEFINE_EXPAND_ROWS_V(TNAME, TYPE, , float, RL)                                            \
-    DEFINE_EXPAND_ROWS_V(TNAME, TYPE, _vh, TYPE, RL)
+    DEFINE_EXPAND_ROWS_V(TNAME, TYPE, _vh, TYPE, RL)                                          \
+    DEFINE_EXPAND_SILU_V(TNAME, TYPE, , float, RL)                                            \
+    DEFINE_EXPAND_SILU_V(TNAME, TYPE, _vh, TYPE, RL)
 
 DEFINE_SHRINK_ROWS(bf16, bf16)
 DEFINE_SHRINK_ROWS(f16, f16)

@@ -871,6 +871,29 @@ pub trait Backend: Send + Sync + 'static {
         y: &mut Self::Buf,
     ) -> Result<()>;
 
+    /// The expand of a two-part group `n` columns a part (gate, up) followed by SiLU-mul:
+    /// `out[rows, n] = silu(g) * u` (`rows`: the step's), `g` and `u` being `y`'s columns `..n`
+    /// and `n..2n` after
+    /// `sgmv_expand(v, table, meta, v_stride, &[n, n], y_stride, 0, y)`. Afterwards `y` holds
+    /// either the expanded values or its values before (a backend may fuse the two and never
+    /// write y back): read only `out`. This composition is the reference.
+    #[allow(clippy::too_many_arguments)]
+    fn expand_silu_mul(
+        &self,
+        v: &Self::Buf,
+        table: &Self::LoraTable,
+        meta: &Self::Meta,
+        v_stride: usize,
+        y: &mut Self::Buf,
+        y_stride: usize,
+        rows: usize,
+        n: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        self.sgmv_expand(v, table, meta, v_stride, &[n, n], y_stride, 0, y)?;
+        self.silu_mul(y, y_stride, rows, n, out)
+    }
+
     /// Gather `meta.logit_rows` of `x: [rows, hidden]` into `out: [logit_rows, hidden]`.
     fn gather_rows(
         &self,

@@ -482,8 +482,14 @@ impl<B: Backend> Llama<B> {
                 gu_w,
                 &mut gate_up,
             )?;
-            lora.expand(pending, l, LoraGroup::GateUp, &v, &mut gate_up, gu_w)?;
-            b.silu_mul(&gate_up, gu_w, rows, inter, &mut act)?;
+            lora.expand_silu_mul(
+                pending,
+                l,
+                &v,
+                (&mut gate_up, gu_w),
+                (rows, inter),
+                &mut act,
+            )?;
             let pending = lora.shrink(l, LoraGroup::Down, &act, &mut v)?;
             b.matmul(&act, &layer.mlp.down_proj, rows, inter, down_w, &mut proj)?;
             lora.expand(pending, l, LoraGroup::Down, &v, &mut proj, down_w)?;
@@ -647,12 +653,7 @@ impl<B: Backend> Lora<'_, B> {
         y: &mut B::Buf,
         y_stride: usize,
     ) -> Result<()> {
-        let table = match (self.arena, pending) {
-            (true, _) => self.state.arena_tables[layer][group.index()].as_ref(),
-            (false, true) => self.table(layer, group),
-            (false, false) => None,
-        };
-        let Some(table) = table else {
+        let Some(table) = self.expand_table(pending, layer, group) else {
             return Ok(());
         };
         let (_, outs) = self.config.group_dims(group);
@@ -666,6 +667,44 @@ impl<B: Backend> Lora<'_, B> {
                 .sgmv_expand(v, table, self.meta, self.max_rank, &outs, y_stride, 0, y)?;
         }
         Ok(())
+    }
+
+    /// The gate|up group's expand (see [`Self::expand`]) and SiLU-mul: `act[rows, inter]`
+    /// from `gate_up`'s rows of `gu_w`, in one kernel where the backend fuses them.
+    fn expand_silu_mul(
+        &self,
+        pending: bool,
+        layer: usize,
+        v: &B::Buf,
+        (gate_up, gu_w): (&mut B::Buf, usize),
+        (rows, inter): (usize, usize),
+        act: &mut B::Buf,
+    ) -> Result<()> {
+        let b = self.b;
+        let Some(table) = self.expand_table(pending, layer, LoraGroup::GateUp) else {
+            return b
+                .silu_mul(gate_up, gu_w, rows, inter, act)
+                .map_err(Into::into);
+        };
+        if self.arena {
+            let v = b.alias(gate_up);
+            b.expand_silu_mul(&v, table, self.meta, gu_w, gate_up, gu_w, rows, inter, act)?;
+        } else {
+            b.join_side()?;
+            let m = self.max_rank;
+            b.expand_silu_mul(v, table, self.meta, m, gate_up, gu_w, rows, inter, act)?;
+        }
+        Ok(())
+    }
+
+    /// The table an expand applies: the arena's in an arena step, else the group's when
+    /// [`Self::shrink`] issued its shrink.
+    fn expand_table(&self, pending: bool, layer: usize, group: LoraGroup) -> Option<&B::LoraTable> {
+        match (self.arena, pending) {
+            (true, _) => self.state.arena_tables[layer][group.index()].as_ref(),
+            (false, true) => self.table(layer, group),
+            (false, false) => None,
+        }
     }
 
     /// See [`Self::shrink`]. The adapters already copied, and the layers of one being copied

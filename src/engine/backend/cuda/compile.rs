@@ -257,6 +257,9 @@ mod tests {
             ("EXPAND_ROWS_WARPS", plan::EXPAND_ROWS_WARPS),
             ("EXPAND_ROWS_KU", plan::EXPAND_ROWS_KU),
             ("EXPAND_ROWS_GS_BLOCKS", plan::EXPAND_ROWS_GS_BLOCKS),
+            ("EXPAND_SILU_WARPS", plan::EXPAND_SILU_WARPS),
+            ("EXPAND_SILU_BLOCKS", plan::EXPAND_SILU_BLOCKS),
+            ("EXPAND_SILU_GAP_COLS", plan::EXPAND_SILU_GAP_COLS),
         ] {
             let line = format!("\n#define {name} {value}\n");
             assert!(
@@ -307,6 +310,13 @@ mod tests {
                 src.contains(&format!("DEFINE_EXPAND_ROWS({t}, {t}, {l})"))
                     && src.contains("DEFINE_EXPAND_ROWS_V(TNAME, TYPE, _vh, TYPE, RL)")
                     && (!gs || src.contains(" sgmv_expand_rows_gs_##TNAME##VNAME##_l##RL("))
+            } else if let Some(rest) = name.strip_prefix("sgmv_expand_silu_rows_") {
+                // Instantiated beside the row expands, with an f32 v and a `_vh` one.
+                let (t, l) = rest.split_once("_l").unwrap();
+                let t = t.strip_suffix("_vh").unwrap_or(t);
+                src.contains(&format!("DEFINE_EXPAND_ROWS({t}, {t}, {l})"))
+                    && src.contains("DEFINE_EXPAND_SILU_V(TNAME, TYPE, _vh, TYPE, RL)")
+                    && src.contains(" sgmv_expand_silu_rows_##TNAME##VNAME##_l##RL(")
             } else if let Some(rest) = name.strip_prefix("sgmv_expand_") {
                 let (t, kw) = rest.split_once("_k").unwrap();
                 let t = t.strip_suffix("_vh").unwrap_or(t);

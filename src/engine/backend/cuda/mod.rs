@@ -477,6 +477,9 @@ pub struct CudaBackend {
     /// Run [`Backend::begin_side`] work on the side stream (`PUNICA_SIDE_STREAM=0`: on the main
     /// stream, in issue order).
     side_stream: bool,
+    /// Fuse the gate|up expand into SiLU-mul where the row kernels serve the step
+    /// (`PUNICA_FUSED_SILU=0`: the expand and SiLU-mul as two kernels).
+    fused_silu: bool,
     /// Per-kernel timing of real steps (`PUNICA_PROFILE_OPS=1`, see `profile`).
     profile: Option<Mutex<profile::OpProfile>>,
     /// When the CUDA-core row kernels serve a batch (`PUNICA_SGMV_ROWS_MAX`: longest segment,
@@ -666,6 +669,7 @@ impl CudaBackend {
             profile: (std::env::var("PUNICA_PROFILE_OPS").as_deref() == Ok("1"))
                 .then(|| Mutex::new(profile::OpProfile::new())),
             side_stream: std::env::var("PUNICA_SIDE_STREAM").as_deref() != Ok("0"),
+            fused_silu: std::env::var("PUNICA_FUSED_SILU").as_deref() != Ok("0"),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
                 Ok("8") => 8,
                 _ => 4,
@@ -1508,6 +1512,76 @@ impl CudaBackend {
         ])
     }
 
+    /// Validate an expand's arguments ([`Backend::sgmv_expand`]): the kernel name's suffix for
+    /// v's dtype, or `None` when no segment has an adapter of the table.
+    #[allow(clippy::too_many_arguments)]
+    fn check_expand(
+        &self,
+        v: &CudaBuf,
+        table: &CudaLoraTable,
+        meta: &CudaMeta,
+        v_stride: usize,
+        outs: &[usize],
+        y_stride: usize,
+        col_offset: usize,
+        y: &CudaBuf,
+    ) -> Result<Option<&'static str>> {
+        let rows = meta.layout.rows;
+        // f32 from a shrink, or y's dtype from the base GEMM's extra columns.
+        let v_name = if v.dtype == DType::F32 {
+            ""
+        } else if v.dtype == y.dtype {
+            "_vh"
+        } else {
+            return Err(shape(format!(
+                "sgmv_expand: v must be f32 or {:?} like y, got {:?}",
+                y.dtype, v.dtype
+            )));
+        };
+        let h_out: usize = outs.iter().sum();
+        if outs.is_empty() || outs.len() > MAX_GROUP_PARTS {
+            return Err(shape(format!(
+                "sgmv_expand: a group has 1..={MAX_GROUP_PARTS} parts, got {}",
+                outs.len()
+            )));
+        }
+        need(v, rows * v_stride, "sgmv_expand v")?;
+        need(y, rows * y_stride, "sgmv_expand y")?;
+        if col_offset + h_out > y_stride {
+            return Err(shape(format!(
+                "sgmv_expand: columns {col_offset}+{h_out} exceed the row of {y_stride}"
+            )));
+        }
+        if !self.check_lora(y.dtype, table, meta)? {
+            return Ok(None);
+        }
+        if table.sum.max_vend > v_stride {
+            return Err(shape(format!(
+                "sgmv_expand: the table's intermediates end at column {}, past v's width \
+                 {v_stride}",
+                table.sum.max_vend
+            )));
+        }
+        for (j, &min_out) in table.sum.min_out.iter().enumerate() {
+            match outs.get(j) {
+                Some(&out) if out > min_out => {
+                    return Err(shape(format!(
+                        "sgmv_expand: part {j} of {out} columns exceeds an adapter's B height \
+                         {min_out}"
+                    )));
+                }
+                None if min_out != usize::MAX => {
+                    return Err(shape(format!(
+                        "sgmv_expand: an adapter has part {j}, the group has {}",
+                        outs.len()
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(Some(v_name))
+    }
+
     fn check_lora(&self, x_dtype: DType, table: &CudaLoraTable, meta: &CudaMeta) -> Result<bool> {
         if meta.layout.num_tiles == 0 || table.sum.max_rank == 0 {
             return Ok(false);
@@ -1546,6 +1620,7 @@ pub fn kernel_names() -> Vec<String> {
             for l in [1, 2, 4, 8, 16] {
                 names.push(format!("sgmv_expand_rows_{t}{v}_l{l}"));
                 names.push(format!("sgmv_expand_rows_gs_{t}{v}_l{l}"));
+                names.push(format!("sgmv_expand_silu_rows_{t}{v}_l{l}"));
             }
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
@@ -2328,59 +2403,11 @@ impl Backend for CudaBackend {
         col_offset: usize,
         y: &mut CudaBuf,
     ) -> Result<()> {
-        let rows = meta.layout.rows;
-        // f32 from a shrink, or y's dtype from the base GEMM's extra columns.
-        let v_name = if v.dtype == DType::F32 {
-            ""
-        } else if v.dtype == y.dtype {
-            "_vh"
-        } else {
-            return Err(shape(format!(
-                "sgmv_expand: v must be f32 or {:?} like y, got {:?}",
-                y.dtype, v.dtype
-            )));
-        };
-        let h_out: usize = outs.iter().sum();
-        if outs.is_empty() || outs.len() > MAX_GROUP_PARTS {
-            return Err(shape(format!(
-                "sgmv_expand: a group has 1..={MAX_GROUP_PARTS} parts, got {}",
-                outs.len()
-            )));
-        }
-        need(v, rows * v_stride, "sgmv_expand v")?;
-        need(y, rows * y_stride, "sgmv_expand y")?;
-        if col_offset + h_out > y_stride {
-            return Err(shape(format!(
-                "sgmv_expand: columns {col_offset}+{h_out} exceed the row of {y_stride}"
-            )));
-        }
-        if !self.check_lora(y.dtype, table, meta)? {
+        let Some(v_name) =
+            self.check_expand(v, table, meta, v_stride, outs, y_stride, col_offset, y)?
+        else {
             return Ok(());
-        }
-        if table.sum.max_vend > v_stride {
-            return Err(shape(format!(
-                "sgmv_expand: the table's intermediates end at column {}, past v's width \
-                 {v_stride}",
-                table.sum.max_vend
-            )));
-        }
-        for (j, &min_out) in table.sum.min_out.iter().enumerate() {
-            match outs.get(j) {
-                Some(&out) if out > min_out => {
-                    return Err(shape(format!(
-                        "sgmv_expand: part {j} of {out} columns exceeds an adapter's B height \
-                         {min_out}"
-                    )));
-                }
-                None if min_out != usize::MAX => {
-                    return Err(shape(format!(
-                        "sgmv_expand: an adapter has part {j}, the group has {}",
-                        outs.len()
-                    )));
-                }
-                _ => {}
-            }
-        }
+        };
         if self.row_limits().expand(
             meta.layout.max_seg_rows,
             table.sum.max_part_rank,
@@ -2455,6 +2482,73 @@ impl Backend for CudaBackend {
             )?;
         }
         Ok(())
+    }
+
+    fn expand_silu_mul(
+        &self,
+        v: &CudaBuf,
+        table: &CudaLoraTable,
+        meta: &CudaMeta,
+        v_stride: usize,
+        y: &mut CudaBuf,
+        y_stride: usize,
+        rows: usize,
+        n: usize,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        let outs = [n, n];
+        let v_name = self.check_expand(v, table, meta, v_stride, &outs, y_stride, 0, y)?;
+        let tiles = meta.layout.tile_grid();
+        let fused = v_name.filter(|_| {
+            self.fused_silu
+                && rows == meta.layout.rows
+                && self.row_limits().expand(
+                    meta.layout.max_seg_rows,
+                    table.sum.max_part_rank,
+                    tiles,
+                )
+        });
+        let Some(v_name) = fused else {
+            self.sgmv_expand(v, table, meta, v_stride, &outs, y_stride, 0, y)?;
+            return self.silu_mul(y, y_stride, rows, n, out);
+        };
+        same_dtype(y, out, "expand_silu_mul")?;
+        need(out, rows * n, "expand_silu_mul out")?;
+        let lay = &meta.layout;
+        let p = plan::expand_silu_plan(
+            table.sum.max_part_rank,
+            n,
+            tiles,
+            (lay.rows, lay.lora_rows),
+            self.sm_count,
+        )?;
+        // As the row expands: only host copies are read before the wait (B, the table and
+        // the step's tiles and row flags), so it overlaps the GEMM that wrote v and y.
+        self.launch(
+            &kernel!(
+                "sgmv_expand_silu_rows_{}{v_name}_l{}",
+                Self::suffix(y.dtype),
+                p.lanes
+            ),
+            (p.grid(tiles), 1, 1),
+            (plan::EXPAND_SILU_WARPS * 32) as u32,
+            &[
+                Arg::Ptr(v.ptr),
+                i32_arg(v_stride, "v_stride")?,
+                Arg::Ptr(y.ptr),
+                i32_arg(y_stride, "y_stride")?,
+                i32_arg(n, "n")?,
+                Arg::Ptr(out.ptr),
+                Arg::Ptr(table.ptr),
+                Arg::Ptr(meta.at(lay.tiles)),
+                Arg::Ptr(meta.at(lay.segs)),
+                Arg::Ptr(meta.at(lay.row_lora)),
+                i32_arg(tiles, "tiles")?,
+                i32_arg(p.per_tile, "per_tile")?,
+                i32_arg(p.col_blocks, "col_blocks")?,
+            ],
+            self.pdl,
+        )
     }
 
     fn gather_rows(

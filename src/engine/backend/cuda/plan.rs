@@ -30,6 +30,12 @@ pub const EXPAND_ROWS_WARPS: usize = 8;
 pub const EXPAND_ROWS_KU: usize = 1;
 /// Blocks an SM of the grid-stride row expand (its launch bounds, `EXPAND_ROWS_GS_BLOCKS`).
 pub const EXPAND_ROWS_GS_BLOCKS: usize = 6;
+/// Warps per block of the fused gate|up expand + SiLU-mul (kernels/sgmv.cu `EXPAND_SILU_WARPS`).
+pub const EXPAND_SILU_WARPS: usize = 8;
+/// Its blocks an SM (launch bounds, `EXPAND_SILU_BLOCKS`).
+pub const EXPAND_SILU_BLOCKS: usize = 4;
+/// Columns of one row a block of it covers for a row without adapter (`EXPAND_SILU_GAP_COLS`).
+pub const EXPAND_SILU_GAP_COLS: usize = 2048;
 /// When the CUDA-core row kernels serve a batch instead of the tensor-core tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RowLimits {
@@ -188,6 +194,52 @@ pub fn expand_rows_plan(
             }
         },
     )
+}
+
+/// The launch of the gate|up expand fused into SiLU-mul (kernels/sgmv.cu
+/// `sgmv_expand_silu_rows_*`): the grid-stride row expand's blocks, then the blocks of the rows
+/// that no segment covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpandSiluPlan {
+    /// Lanes a column (8 ranks each).
+    pub lanes: usize,
+    /// Column blocks of one part: `EXPAND_SILU_WARPS * 32 / lanes` columns each.
+    pub col_blocks: usize,
+    /// Blocks a tile; each takes every `per_tile`-th column block.
+    pub per_tile: usize,
+    /// Blocks after the tiles' (`EXPAND_SILU_GAP_COLS` columns of one row each): none when
+    /// the segments cover every row, else a row's worth for every row of the step.
+    pub gap_blocks: usize,
+}
+
+impl ExpandSiluPlan {
+    /// The launch grid over `num_tiles` tiles.
+    pub fn grid(&self, num_tiles: usize) -> u32 {
+        (self.per_tile * num_tiles + self.gap_blocks) as u32
+    }
+}
+
+/// The fused expand + SiLU-mul for a table whose largest part rank is `max_part_rank`, parts
+/// `n` wide, `num_tiles` row tiles of a step of `rows` rows, `lora_rows` of which are in a
+/// segment, on `sm_count` SMs: one wave of blocks over the tiles, as the grid-stride expand.
+pub fn expand_silu_plan(
+    max_part_rank: usize,
+    n: usize,
+    num_tiles: usize,
+    (rows, lora_rows): (usize, usize),
+    sm_count: usize,
+) -> Result<ExpandSiluPlan> {
+    check_rank(max_part_rank)?;
+    let lanes = max_part_rank.div_ceil(8).next_power_of_two();
+    let col_blocks = n.div_ceil(EXPAND_SILU_WARPS * (32 / lanes));
+    let wave = (EXPAND_SILU_BLOCKS * sm_count / num_tiles.max(1)).max(1);
+    let gap_rows = if lora_rows < rows { rows } else { 0 };
+    Ok(ExpandSiluPlan {
+        lanes,
+        col_blocks,
+        per_tile: col_blocks.clamp(1, wave),
+        gap_blocks: gap_rows * n.div_ceil(EXPAND_SILU_GAP_COLS),
+    })
 }
 
 /// Bytes of one slot of a LoRA group table (kernels/sgmv.cu `LoraSlot`).
@@ -448,6 +500,10 @@ pub struct MetaLayout {
     pub slot_mapping: usize,
     /// Sequence index per row.
     pub row_seq: usize,
+    /// Per row: 1 when a segment covers it (it has an adapter), else 0.
+    pub row_lora: usize,
+    /// Rows that a segment covers.
+    pub lora_rows: usize,
     /// 5 words per sequence: row_start, num_rows, context_len, block_table_start, num_blocks.
     pub seqs: usize,
     pub num_seqs: usize,
@@ -574,6 +630,18 @@ pub fn pack_meta(meta: &StepMeta, words: &mut Vec<u32>) -> Result<MetaLayout> {
     if let Some(&r) = meta.logit_rows.iter().find(|&&r| r as usize >= rows) {
         return bad(format!("logit row {r} outside the batch of {rows}"));
     }
+    // Which rows have an adapter (segments are disjoint: `StepMeta::validate`).
+    let at = words.len();
+    words.resize(at + rows, 0);
+    for (&s, &e) in seg.starts.iter().zip(&seg.ends) {
+        words[at + s as usize..at + e as usize].fill(1);
+    }
+    let lora_rows = seg
+        .starts
+        .iter()
+        .zip(&seg.ends)
+        .map(|(&s, &e)| (e - s) as usize)
+        .sum();
     let num_tiles = row_tiles(&seg.starts, &seg.ends).count();
 
     let mut layout = MetaLayout {
@@ -581,6 +649,7 @@ pub fn pack_meta(meta: &StepMeta, words: &mut Vec<u32>) -> Result<MetaLayout> {
         num_seqs: meta.seqs.len(),
         num_segs: seg.len(),
         num_tiles,
+        lora_rows,
         tile_cap: num_tiles.max(rows),
         num_logit_rows: meta.logit_rows.len(),
         max_slot: seg.slots.iter().copied().max(),
@@ -599,6 +668,7 @@ pub fn pack_meta(meta: &StepMeta, words: &mut Vec<u32>) -> Result<MetaLayout> {
     layout.positions = rows;
     layout.slot_mapping = 2 * rows;
     layout.row_seq = 3 * rows;
+    layout.row_lora = 4 * rows;
     // Each section padded to its capacity (at least one entry per row).
     let pad = |words: &mut Vec<u32>, start: usize, len: usize, fill: &[u32]| {
         while words.len() < start + len {
@@ -1165,6 +1235,7 @@ mod tests {
                 l.positions,
                 l.slot_mapping,
                 l.row_seq,
+                l.row_lora,
                 l.seqs,
                 l.segs,
                 l.tiles,
@@ -1177,8 +1248,12 @@ mod tests {
         for (_, l) in &packed[1..] {
             assert_eq!(offsets(l), offsets(&packed[0].1));
         }
-        // Unused tile entries stand for no rows.
+        // Unused tile entries stand for no rows; each row is flagged when it has an adapter.
         let (w, l) = &packed[2];
+        assert_eq!(&w[l.row_lora..l.row_lora + 8], &[1, 1, 0, 1, 0, 0, 1, 1]);
+        assert_eq!(l.lora_rows, 5);
+        assert_eq!(packed[0].1.lora_rows, 8);
+        assert_eq!(packed[3].1.lora_rows, 0);
         assert_eq!(l.num_tiles, 3);
         assert_eq!(&w[l.tiles..l.tiles + 8], &[0, 0, 1, 3, 2, 6, TILE_NONE, 0]);
         assert!(
@@ -1186,6 +1261,31 @@ mod tests {
                 .chunks(2)
                 .all(|t| t == [TILE_NONE, 0])
         );
+    }
+
+    #[test]
+    fn the_fused_expand_silu_takes_one_wave_over_the_tiles_and_covers_rows_without_adapter() {
+        // 7B gate|up at batch 32, r=16, one adapter a row, on 132 SMs: 2 lanes a column, 128
+        // columns a block, 16 blocks a tile (4 an SM); no gap blocks with every row covered.
+        let p = expand_silu_plan(16, 11008, 32, (32, 32), 132).unwrap();
+        assert_eq!(
+            p,
+            ExpandSiluPlan {
+                lanes: 2,
+                col_blocks: 86,
+                per_tile: 16,
+                gap_blocks: 0,
+            }
+        );
+        assert_eq!(p.grid(32), 512);
+        // One row without adapter: every row gets its 6 blocks of 2048 columns.
+        let p = expand_silu_plan(16, 11008, 32, (33, 32), 132).unwrap();
+        assert_eq!((p.gap_blocks, p.grid(32)), (33 * 6, 512 + 33 * 6));
+        // A single tile: as many blocks as column blocks up to the wave; r=128 takes 16 lanes.
+        let p = expand_silu_plan(128, 1536, 1, (1, 1), 132).unwrap();
+        assert_eq!((p.lanes, p.col_blocks, p.per_tile), (16, 96, 96));
+        assert!(expand_silu_plan(0, 1536, 1, (1, 1), 132).is_err());
+        assert!(expand_silu_plan(129, 1536, 1, (1, 1), 132).is_err());
     }
 
     #[test]

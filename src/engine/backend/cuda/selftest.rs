@@ -370,6 +370,24 @@ fn expand_check(
     let h_out: usize = outs.iter().sum();
     let y_stride = h_out + 2 * case.pad;
     let y0 = c.rand(dt, n_rows * y_stride, 1.0);
+    if let [gate, up] = outs[..]
+        && gate == up
+        && case.pad == 0
+    {
+        // A gate|up group: its expand followed by SiLU-mul, fused on the GPU where the row
+        // kernels serve the step, against the CPU's two ops, into poisoned outputs.
+        let (mut dy, mut cy) = c.upload(dt, &y0)?;
+        let (mut dact, mut cact) = c.poisoned(dt, n_rows * gate)?;
+        let (rows, n) = (n_rows, gate);
+        be.expand_silu_mul(
+            dv, table, dmeta, v_width, &mut dy, y_stride, rows, n, &mut dact,
+        )?;
+        cpu.expand_silu_mul(
+            cv, ctable, cmeta, v_width, &mut cy, y_stride, rows, n, &mut cact,
+        )?;
+        let (got, want) = (be.download(&dact)?, cpu.download(&cact)?);
+        c.record("expand_silu_mul", label.clone(), &got, &want, tol(dt));
+    }
     let (mut dy, mut cy) = c.upload(dt, &y0)?;
     be.sgmv_expand(dv, table, dmeta, v_width, outs, y_stride, case.pad, &mut dy)?;
     cpu.sgmv_expand(
@@ -561,6 +579,61 @@ fn sgmv_cases() -> Vec<SgmvCase> {
             label: format!("group gate|up 4096->11008 r 16 {} x{tokens}", w.name()),
         });
     }
+    // Gate|up groups for the fused expand + SiLU-mul: SmolLM2's with adapters lacking parts,
+    // mixed ranks, an empty slot and rows without adapter between one-row segments (and once
+    // with longer ones); 7B's, 32 distinct adapters and 5 rows without (a padded decode step);
+    // unaligned widths and ranks.
+    for lens in [[1usize, 1, 1, 1, 1, 1], [3, 17, 1, 2, 1, 4]] {
+        let mut rows = Vec::new();
+        for (slot, len) in lens.iter().enumerate() {
+            rows.extend(std::iter::repeat_n(Some(slot as u32), *len));
+            rows.extend(std::iter::repeat_n(None, slot % 2));
+        }
+        for dtype in [DType::BF16, DType::F16] {
+            cases.push(SgmvCase {
+                dtype,
+                h_in: 576,
+                outs: vec![1536, 1536],
+                ranks: vec![
+                    vec![Some(8), None],
+                    vec![Some(16), Some(16)],
+                    vec![None, None],
+                    vec![None, Some(4)],
+                    vec![Some(128), Some(128)],
+                    vec![Some(64), Some(32)],
+                ],
+                rows: rows.clone(),
+                pad: 0,
+                arena: dtype == DType::F16,
+                label: format!(
+                    "group gate|up 576->1536 missing parts, ranks 4..128, base rows, \
+                     segments {lens:?}"
+                ),
+            });
+        }
+    }
+    let mut rows: Vec<Option<u32>> = (0..32).map(Some).collect();
+    rows.extend([None; 5]);
+    cases.push(SgmvCase {
+        dtype: DType::BF16,
+        h_in: 4096,
+        outs: vec![11008, 11008],
+        ranks: vec![vec![Some(16); 2]; 32],
+        rows,
+        pad: 0,
+        arena: true,
+        label: "group gate|up 4096->11008 r 16 distinct x32, 5 rows without adapter".into(),
+    });
+    cases.push(SgmvCase {
+        dtype: DType::BF16,
+        h_in: 100,
+        outs: vec![77, 77],
+        ranks: vec![vec![Some(3), Some(12)], vec![None, Some(5)]],
+        rows: vec![Some(0), Some(0), Some(1), None, Some(0)],
+        pad: 0,
+        arena: true,
+        label: "group gate|up 100->77 r 3/12/5 unaligned".into(),
+    });
     // SmolLM2's q|k|v (GQA) with adapters lacking parts, mixed ranks, an empty slot, base rows;
     // once with a long segment, once with segments of at most 4 rows (the row kernels).
     for lens in [[3usize, 17, 2, 1, 5], [3, 1, 2, 1, 4]] {
