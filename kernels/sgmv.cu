@@ -446,6 +446,10 @@ __device__ __forceinline__ void sgmv_expand_impl(
 #define EXPAND_SILU_BLOCKS 4
 #define EXPAND_SILU_GAP_COLS 2048
 static_assert(EXPAND_SILU_GAP_COLS == EXPAND_SILU_WARPS * 32 * 8, "a gap block: 8 columns a thread");
+// The q|k|v expand fused into RoPE and the KV-cache write (sgmv_expand_rope_rows_impl), in
+// blocks of the same shape; a block without adapter covers this many (i, i + head_dim/2) pairs.
+#define EXPAND_ROPE_GAP_PAIRS 256
+static_assert(EXPAND_ROPE_GAP_PAIRS == EXPAND_SILU_WARPS * 32, "a gap block: one pair a thread");
 
 // Sum of the eight products of two packed vectors of eight halves.
 template <typename T>
@@ -854,6 +858,160 @@ __device__ __forceinline__ void sgmv_expand_silu_rows_impl(
     }
 }
 
+// One (i, i + half) pair p of a q|k|v row after its expand (a, b: its two values, rounded to
+// T), as ops.cu rope_write_kv leaves it: a q head's pair rotated in place in the row, a k
+// head's rotated and a v head's as it is written to the caches at `slot` (the row's k and v
+// columns themselves are not written).
+template <typename T>
+__device__ __forceinline__ void rope_store_pair(T* __restrict__ row, int p, float a, float b,
+                                                float pos, const float* __restrict__ inv_freq,
+                                                int n_heads, int n_kv, int half, u32 slot,
+                                                T* __restrict__ k_cache, T* __restrict__ v_cache) {
+    const int head = p / half, i = p % half, hd = 2 * half;
+    if (head < n_heads + n_kv) {
+        float sn, cs;
+        sincosf(pos * inv_freq[i], &sn, &cs);
+        const T ra = from_f32<T>(a * cs - b * sn), rb = from_f32<T>(b * cs + a * sn);
+        if (head < n_heads) {
+            row[head * hd + i] = ra;
+            row[head * hd + i + half] = rb;
+        } else {
+            const size_t dst = (size_t)slot * n_kv * hd + (size_t)(head - n_heads) * hd + i;
+            k_cache[dst] = ra;
+            k_cache[dst + half] = rb;
+        }
+    } else {
+        const size_t dst = (size_t)slot * n_kv * hd + (size_t)(head - n_heads - n_kv) * hd + i;
+        v_cache[dst] = from_f32<T>(a);
+        v_cache[dst + half] = from_f32<T>(b);
+    }
+}
+
+// The q|k|v expand fused into RoPE and the KV-cache write: y += v . B_j for the q, k and v parts
+// (heads of head_dim packed from column 0 of each row of qkv), then what ops.cu rope_write_kv
+// does with the row, so the expanded row is written once (q in place, k and v to the caches)
+// and RoPE is no kernel of its own. heads = n_heads | n_kv_heads << 16.
+//
+// A lane group takes a pair (i, i + head_dim/2) of one head: both its columns' B, one load of v.
+// Blocks below per_tile * ntiles are the grid-stride expand's over the pairs (tile
+// blockIdx.x % ntiles), the rest cover EXPAND_ROPE_GAP_PAIRS pairs each of the rows without
+// adapter. The step's positions, KV slots and row flags are the metadata's sections at
+// positions, + rows and + 3 * rows (cuda/plan.rs `pack_meta`).
+template <typename T, typename VT, int RL, int NW = EXPAND_SILU_WARPS>
+__device__ __forceinline__ void sgmv_expand_rope_rows_impl(
+    const VT* __restrict__ v, int v_stride, T* __restrict__ qkv, int row_stride,
+    const float* __restrict__ inv_freq, const u32* __restrict__ positions, int rows,
+    const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+    const u32* __restrict__ segs, T* __restrict__ k_cache, T* __restrict__ v_cache, u32 heads,
+    int head_dim, int ntiles, int per_tile) {
+    const int n_heads = (int)(heads & 0xffffu), n_kv = (int)(heads >> 16), half = head_dim / 2;
+    const u32* __restrict__ slots = positions + rows;
+    const u32* __restrict__ row_lora = positions + 3 * rows;
+    const int pairs = (n_heads + 2 * n_kv) * half;
+    const int gap = (int)blockIdx.x - per_tile * ntiles;
+    if (gap >= 0) {
+        const int per_row = (pairs + EXPAND_ROPE_GAP_PAIRS - 1) / EXPAND_ROPE_GAP_PAIRS;
+        const int row = gap / per_row;
+        const bool todo = row_lora[row] == 0u;  // step metadata: read before the wait
+        pdl_enter();
+        const int p = (gap % per_row) * EXPAND_ROPE_GAP_PAIRS + (int)threadIdx.x;
+        if (!todo || p >= pairs) return;
+        T* r = qkv + (size_t)row * row_stride;
+        const int c0 = (p / half) * head_dim + p % half;
+        rope_store_pair<T>(r, p, to_f32(r[c0]), to_f32(r[c0 + half]), (float)positions[row],
+                           inv_freq, n_heads, n_kv, half, slots[row], k_cache, v_cache);
+        return;
+    }
+    constexpr int CPS = 32 / RL;
+    const int ncb = (pairs + NW * CPS - 1) / (NW * CPS);
+    const int tile = blockIdx.x % ntiles;
+    int cb = blockIdx.x / ntiles;
+    const TileSeg ts = tile_seg(tiles, segs, tile);
+    if (ts.end <= ts.row0 || cb >= ncb) {  // a TILE_NONE entry, or no column block left
+        pdl_enter();
+        return;
+    }
+    const LoraSlot* sl = table + ts.slot;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = lane % RL, cg = lane / RL, kk = sub * 8;
+    // Pair p's B rows (both columns), rank and v offset; nothing past the last pair.
+    auto load_b = [&](int p, uint4& b1, int& rank, int& voff) -> uint4 {
+        const int head = p / half, c0 = head * head_dim + p % half;
+        const int j = head < n_heads ? 0 : (head < n_heads + n_kv ? 1 : 2);
+        const int start = j == 0 ? 0 : (j == 1 ? n_heads : n_heads + n_kv) * head_dim;
+        const u16* bp = reinterpret_cast<const u16*>(sl->b[j]);
+        const int r = (int)sl->prank[j], lim = p < pairs ? c0 + half + 1 : 0;
+        voff = (int)sl->voff[j];
+        int unused;
+        b1 = row_b8<T>(bp, r, start, c0 + half, lim, kk, unused);
+        return row_b8<T>(bp, r, start, c0, lim, kk, rank);
+    };
+    int p = (cb * NW + warp) * CPS + cg, rank, voff;
+    uint4 b1;
+    uint4 b0 = load_b(p, b1, rank, voff);
+    pdl_enter();
+    const int nrows = min(16, ts.end - ts.row0);
+    constexpr int VN = VVec<VT>::n;
+    const bool vvec = (v_stride & (VN - 1)) == 0;
+    for (;;) {
+        const int cbn = cb + per_tile;
+        const bool more = cbn < ncb;  // the same for the whole block
+        const int pn = (cbn * NW + warp) * CPS + cg;
+        int rankn = 0, voffn = 0;
+        uint4 b0n = make_uint4(0u, 0u, 0u, 0u), b1n = b0n;
+        if (more) b0n = load_b(pn, b1n, rankn, voffn);
+        const bool live = p < pairs && sub == 0;
+        const int c0 = (p / half) * head_dim + p % half;
+        for (int row = 0; row < nrows; ++row) {
+            const int rr = ts.row0 + row;
+            T* r = qkv + (size_t)rr * row_stride;
+            // The GEMM's two values, loaded beside v.
+            const float y0 = live ? to_f32(r[c0]) : 0.0f;
+            const float y1 = live ? to_f32(r[c0 + half]) : 0.0f;
+            float d0 = 0.0f, d1 = 0.0f;
+            if (kk < rank) {
+                float w[8];
+                load_v8_l1(v + (size_t)rr * v_stride + voff, kk, rank,
+                           vvec && (voff & (VN - 1)) == 0, w);
+                d0 = dot8f<T>(w, b0);
+                d1 = dot8f<T>(w, b1);
+            }
+#pragma unroll
+            for (int o = RL / 2; o > 0; o >>= 1) {
+                d0 += __shfl_xor_sync(0xffffffffu, d0, o);
+                d1 += __shfl_xor_sync(0xffffffffu, d1, o);
+            }
+            if (live) {
+                // Rounded to T after the expand, as the row would hold them.
+                const float a = to_f32(from_f32<T>(y0 + d0)), b = to_f32(from_f32<T>(y1 + d1));
+                rope_store_pair<T>(r, p, a, b, (float)positions[rr], inv_freq, n_heads, n_kv,
+                                   half, slots[rr], k_cache, v_cache);
+            }
+        }
+        if (!more) break;
+        cb = cbn;
+        p = pn;
+        b0 = b0n;
+        b1 = b1n;
+        rank = rankn;
+        voff = voffn;
+    }
+}
+
+#define DEFINE_EXPAND_ROPE_V(TNAME, TYPE, VNAME, VTYPE, RL)                                     \
+    extern "C" __global__ void __launch_bounds__(EXPAND_SILU_WARPS * 32, EXPAND_SILU_BLOCKS)    \
+        sgmv_expand_rope_rows_##TNAME##VNAME##_l##RL(                                          \
+            const VTYPE* __restrict__ v, int v_stride, TYPE* __restrict__ qkv, int row_stride, \
+            const float* __restrict__ inv_freq, const u32* __restrict__ positions, int rows,   \
+            const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,                 \
+            const u32* __restrict__ segs, TYPE* __restrict__ k_cache,                          \
+            TYPE* __restrict__ v_cache, u32 heads, int head_dim, int ntiles, int per_tile) {   \
+        sgmv_expand_rope_rows_impl<TYPE, VTYPE, RL>(v, v_stride, qkv, row_stride, inv_freq,    \
+                                                    positions, rows, table, tiles, segs,       \
+                                                    k_cache, v_cache, heads, head_dim, ntiles, \
+                                                    per_tile);                                 \
+    }
+
 #define DEFINE_EXPAND_SILU_V(TNAME, TYPE, VNAME, VTYPE, RL)                                     \
     extern "C" __global__ void __launch_bounds__(EXPAND_SILU_WARPS * 32, EXPAND_SILU_BLOCKS)    \
         sgmv_expand_silu_rows_##TNAME##VNAME##_l##RL(                                          \
@@ -902,7 +1060,9 @@ __device__ __forceinline__ void sgmv_expand_silu_rows_impl(
     DEFINE_EXPAND_ROWS_V(TNAME, TYPE, , float, RL)                                            \
     DEFINE_EXPAND_ROWS_V(TNAME, TYPE, _vh, TYPE, RL)                                          \
     DEFINE_EXPAND_SILU_V(TNAME, TYPE, , float, RL)                                            \
-    DEFINE_EXPAND_SILU_V(TNAME, TYPE, _vh, TYPE, RL)
+    DEFINE_EXPAND_SILU_V(TNAME, TYPE, _vh, TYPE, RL)                                          \
+    DEFINE_EXPAND_ROPE_V(TNAME, TYPE, , float, RL)                                            \
+    DEFINE_EXPAND_ROPE_V(TNAME, TYPE, _vh, TYPE, RL)
 
 DEFINE_SHRINK_ROWS(bf16, bf16)
 DEFINE_SHRINK_ROWS(f16, f16)

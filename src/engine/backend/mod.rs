@@ -871,6 +871,33 @@ pub trait Backend: Send + Sync + 'static {
         y: &mut Self::Buf,
     ) -> Result<()>;
 
+    /// The expand of a q|k|v group (parts of `n_heads`, `n_kv_heads` and `n_kv_heads` heads)
+    /// followed by [`Self::rope_write_kv`]: `sgmv_expand(v, table, meta, v_stride, &[q, kv,
+    /// kv], row_stride, 0, qkv)` then RoPE and the cache write. Afterwards `qkv` holds the
+    /// rotated q as `rope_write_kv` leaves it; its k and v columns are either rope_write_kv's
+    /// or as before (a backend may fuse the two): read them from the caches. This composition
+    /// is the reference.
+    #[allow(clippy::too_many_arguments)]
+    fn expand_rope_write_kv(
+        &self,
+        v: &Self::Buf,
+        table: &Self::LoraTable,
+        meta: &Self::Meta,
+        v_stride: usize,
+        qkv: &mut Self::Buf,
+        row_stride: usize,
+        inv_freq: &Self::Buf,
+        shape: AttnShape,
+        (k_cache, v_cache): (&mut Self::Buf, &mut Self::Buf),
+    ) -> Result<()> {
+        let (q, kv) = (
+            shape.n_heads * shape.head_dim,
+            shape.n_kv_heads * shape.head_dim,
+        );
+        self.sgmv_expand(v, table, meta, v_stride, &[q, kv, kv], row_stride, 0, qkv)?;
+        self.rope_write_kv(qkv, row_stride, inv_freq, meta, shape, k_cache, v_cache)
+    }
+
     /// The expand of a two-part group `n` columns a part (gate, up) followed by SiLU-mul:
     /// `out[rows, n] = silu(g) * u` (`rows`: the step's), `g` and `u` being `y`'s columns `..n`
     /// and `n..2n` after

@@ -456,9 +456,9 @@ impl<B: Backend> Llama<B> {
             }
             let pending = lora.shrink(l, LoraGroup::Qkv, &normed, &mut v)?;
             b.matmul(&normed, &layer.self_attn.qkv_proj, rows, h, qkv_w, &mut qkv)?;
-            lora.expand(pending, l, LoraGroup::Qkv, &v, &mut qkv, qkv_w)?;
             let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
-            b.rope_write_kv(&mut qkv, qkv_w, &self.inv_freq, m, shape, k_cache, v_cache)?;
+            let rope = (&self.inv_freq, shape, (&mut *k_cache, &mut *v_cache));
+            lora.expand_rope_write_kv(pending, l, &v, (&mut qkv, qkv_w), rope)?;
             b.attention(&qkv, qkv_w, 0, k_cache, v_cache, m, shape, scale, &mut attn)?;
             let pending = lora.shrink(l, LoraGroup::O, &attn, &mut v)?;
             b.matmul(&attn, &layer.self_attn.o_proj, rows, q_dim, o_w, &mut proj)?;
@@ -665,6 +665,34 @@ impl<B: Backend> Lora<'_, B> {
             self.b.join_side()?;
             self.b
                 .sgmv_expand(v, table, self.meta, self.max_rank, &outs, y_stride, 0, y)?;
+        }
+        Ok(())
+    }
+
+    /// The q|k|v group's expand (see [`Self::expand`]), RoPE and the KV-cache write, in one
+    /// kernel where the backend fuses them.
+    fn expand_rope_write_kv(
+        &self,
+        pending: bool,
+        layer: usize,
+        v: &B::Buf,
+        (qkv, qkv_w): (&mut B::Buf, usize),
+        (inv_freq, shape, caches): (&B::Buf, AttnShape, (&mut B::Buf, &mut B::Buf)),
+    ) -> Result<()> {
+        let (b, m) = (self.b, self.meta);
+        let Some(table) = self.expand_table(pending, layer, LoraGroup::Qkv) else {
+            let (k, v) = caches;
+            return b
+                .rope_write_kv(qkv, qkv_w, inv_freq, m, shape, k, v)
+                .map_err(Into::into);
+        };
+        if self.arena {
+            let v = b.alias(qkv);
+            b.expand_rope_write_kv(&v, table, m, qkv_w, qkv, qkv_w, inv_freq, shape, caches)?;
+        } else {
+            b.join_side()?;
+            let r = self.max_rank;
+            b.expand_rope_write_kv(v, table, m, r, qkv, qkv_w, inv_freq, shape, caches)?;
         }
         Ok(())
     }

@@ -260,6 +260,7 @@ mod tests {
             ("EXPAND_SILU_WARPS", plan::EXPAND_SILU_WARPS),
             ("EXPAND_SILU_BLOCKS", plan::EXPAND_SILU_BLOCKS),
             ("EXPAND_SILU_GAP_COLS", plan::EXPAND_SILU_GAP_COLS),
+            ("EXPAND_ROPE_GAP_PAIRS", plan::EXPAND_ROPE_GAP_PAIRS),
         ] {
             let line = format!("\n#define {name} {value}\n");
             assert!(
@@ -310,13 +311,19 @@ mod tests {
                 src.contains(&format!("DEFINE_EXPAND_ROWS({t}, {t}, {l})"))
                     && src.contains("DEFINE_EXPAND_ROWS_V(TNAME, TYPE, _vh, TYPE, RL)")
                     && (!gs || src.contains(" sgmv_expand_rows_gs_##TNAME##VNAME##_l##RL("))
-            } else if let Some(rest) = name.strip_prefix("sgmv_expand_silu_rows_") {
+            } else if let Some((op, rest)) = ["silu", "rope"].iter().find_map(|op| {
+                name.strip_prefix(&format!("sgmv_expand_{op}_rows_"))
+                    .map(|rest| (op.to_uppercase(), rest))
+            }) {
                 // Instantiated beside the row expands, with an f32 v and a `_vh` one.
                 let (t, l) = rest.split_once("_l").unwrap();
                 let t = t.strip_suffix("_vh").unwrap_or(t);
+                let lower = op.to_lowercase();
                 src.contains(&format!("DEFINE_EXPAND_ROWS({t}, {t}, {l})"))
-                    && src.contains("DEFINE_EXPAND_SILU_V(TNAME, TYPE, _vh, TYPE, RL)")
-                    && src.contains(" sgmv_expand_silu_rows_##TNAME##VNAME##_l##RL(")
+                    && src.contains(&format!("DEFINE_EXPAND_{op}_V(TNAME, TYPE, _vh, TYPE, RL)"))
+                    && src.contains(&format!(
+                        " sgmv_expand_{lower}_rows_##TNAME##VNAME##_l##RL("
+                    ))
             } else if let Some(rest) = name.strip_prefix("sgmv_expand_") {
                 let (t, kw) = rest.split_once("_k").unwrap();
                 let t = t.strip_suffix("_vh").unwrap_or(t);

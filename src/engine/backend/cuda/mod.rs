@@ -480,6 +480,9 @@ pub struct CudaBackend {
     /// Fuse the gate|up expand into SiLU-mul where the row kernels serve the step
     /// (`PUNICA_FUSED_SILU=0`: the expand and SiLU-mul as two kernels).
     fused_silu: bool,
+    /// Fuse the q|k|v expand into RoPE and the KV-cache write where the row kernels serve the
+    /// step (`PUNICA_FUSED_ROPE=0`: two kernels).
+    fused_rope: bool,
     /// Per-kernel timing of real steps (`PUNICA_PROFILE_OPS=1`, see `profile`).
     profile: Option<Mutex<profile::OpProfile>>,
     /// When the CUDA-core row kernels serve a batch (`PUNICA_SGMV_ROWS_MAX`: longest segment,
@@ -670,6 +673,7 @@ impl CudaBackend {
                 .then(|| Mutex::new(profile::OpProfile::new())),
             side_stream: std::env::var("PUNICA_SIDE_STREAM").as_deref() != Ok("0"),
             fused_silu: std::env::var("PUNICA_FUSED_SILU").as_deref() != Ok("0"),
+            fused_rope: std::env::var("PUNICA_FUSED_ROPE").as_deref() != Ok("0"),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
                 Ok("8") => 8,
                 _ => 4,
@@ -1512,6 +1516,57 @@ impl CudaBackend {
         ])
     }
 
+    /// Validate the arguments of [`Backend::rope_write_kv`].
+    #[allow(clippy::too_many_arguments)]
+    fn check_rope(
+        &self,
+        qkv: &CudaBuf,
+        row_stride: usize,
+        inv_freq: &CudaBuf,
+        meta: &CudaMeta,
+        shape_: AttnShape,
+        k_cache: &CudaBuf,
+        v_cache: &CudaBuf,
+    ) -> Result<()> {
+        let rows = meta.layout.rows;
+        let AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = shape_;
+        let kv_width = n_kv_heads * head_dim;
+        same_dtype(qkv, k_cache, "rope_write_kv")?;
+        same_dtype(qkv, v_cache, "rope_write_kv")?;
+        if inv_freq.dtype != DType::F32
+            || inv_freq.len < head_dim / 2
+            || !head_dim.is_multiple_of(2)
+        {
+            return Err(shape(format!(
+                "rope_write_kv: inv_freq must be f32 with head_dim/2 = {} values (got {:?} x {})",
+                head_dim / 2,
+                inv_freq.dtype,
+                inv_freq.len
+            )));
+        }
+        if (n_heads + 2 * n_kv_heads) * head_dim > row_stride {
+            return Err(shape(format!(
+                "rope_write_kv: {n_heads} q, {n_kv_heads} k and {n_kv_heads} v heads of {head_dim} exceed the row of {row_stride}"
+            )));
+        }
+        need(qkv, rows * row_stride, "rope_write_kv qkv")?;
+        if let Some(s) = meta.layout.max_kv_slot {
+            let want = (s as usize + 1) * kv_width;
+            need(k_cache, want, "rope_write_kv k_cache")?;
+            need(v_cache, want, "rope_write_kv v_cache")?;
+        }
+        if n_heads + n_kv_heads > 65535 {
+            return Err(shape(format!(
+                "rope_write_kv: {n_heads} + {n_kv_heads} heads"
+            )));
+        }
+        Ok(())
+    }
+
     /// Validate an expand's arguments ([`Backend::sgmv_expand`]): the kernel name's suffix for
     /// v's dtype, or `None` when no segment has an adapter of the table.
     #[allow(clippy::too_many_arguments)]
@@ -1621,6 +1676,7 @@ pub fn kernel_names() -> Vec<String> {
                 names.push(format!("sgmv_expand_rows_{t}{v}_l{l}"));
                 names.push(format!("sgmv_expand_rows_gs_{t}{v}_l{l}"));
                 names.push(format!("sgmv_expand_silu_rows_{t}{v}_l{l}"));
+                names.push(format!("sgmv_expand_rope_rows_{t}{v}_l{l}"));
             }
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
@@ -2107,42 +2163,13 @@ impl Backend for CudaBackend {
         k_cache: &mut CudaBuf,
         v_cache: &mut CudaBuf,
     ) -> Result<()> {
+        self.check_rope(qkv, row_stride, inv_freq, meta, shape_, k_cache, v_cache)?;
         let rows = meta.layout.rows;
         let AttnShape {
             n_heads,
             n_kv_heads,
             head_dim,
         } = shape_;
-        let kv_width = n_kv_heads * head_dim;
-        same_dtype(qkv, k_cache, "rope_write_kv")?;
-        same_dtype(qkv, v_cache, "rope_write_kv")?;
-        if inv_freq.dtype != DType::F32
-            || inv_freq.len < head_dim / 2
-            || !head_dim.is_multiple_of(2)
-        {
-            return Err(shape(format!(
-                "rope_write_kv: inv_freq must be f32 with head_dim/2 = {} values (got {:?} x {})",
-                head_dim / 2,
-                inv_freq.dtype,
-                inv_freq.len
-            )));
-        }
-        if (n_heads + 2 * n_kv_heads) * head_dim > row_stride {
-            return Err(shape(format!(
-                "rope_write_kv: {n_heads} q, {n_kv_heads} k and {n_kv_heads} v heads of {head_dim} exceed the row of {row_stride}"
-            )));
-        }
-        need(qkv, rows * row_stride, "rope_write_kv qkv")?;
-        if let Some(s) = meta.layout.max_kv_slot {
-            let want = (s as usize + 1) * kv_width;
-            need(k_cache, want, "rope_write_kv k_cache")?;
-            need(v_cache, want, "rope_write_kv v_cache")?;
-        }
-        if n_heads + n_kv_heads > 65535 {
-            return Err(shape(format!(
-                "rope_write_kv: {n_heads} + {n_kv_heads} heads"
-            )));
-        }
         self.launch(
             &kernel!("rope_write_kv_{}", Self::suffix(qkv.dtype)),
             (rows as u32, (n_heads + n_kv_heads) as u32, 1),
@@ -2484,6 +2511,92 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn expand_rope_write_kv(
+        &self,
+        v: &CudaBuf,
+        table: &CudaLoraTable,
+        meta: &CudaMeta,
+        v_stride: usize,
+        qkv: &mut CudaBuf,
+        row_stride: usize,
+        inv_freq: &CudaBuf,
+        shape_: AttnShape,
+        (k_cache, v_cache): (&mut CudaBuf, &mut CudaBuf),
+    ) -> Result<()> {
+        let AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = shape_;
+        let outs = [
+            n_heads * head_dim,
+            n_kv_heads * head_dim,
+            n_kv_heads * head_dim,
+        ];
+        let v_name = self.check_expand(v, table, meta, v_stride, &outs, row_stride, 0, qkv)?;
+        self.check_rope(qkv, row_stride, inv_freq, meta, shape_, k_cache, v_cache)?;
+        let (lay, tiles) = (&meta.layout, meta.layout.tile_grid());
+        let fused = v_name.filter(|_| {
+            self.fused_rope
+                && head_dim >= 2
+                && self
+                    .row_limits()
+                    .expand(lay.max_seg_rows, table.sum.max_part_rank, tiles)
+        });
+        let Some(v_name) = fused else {
+            self.sgmv_expand(v, table, meta, v_stride, &outs, row_stride, 0, qkv)?;
+            return self.rope_write_kv(qkv, row_stride, inv_freq, meta, shape_, k_cache, v_cache);
+        };
+        // The kernel finds the KV slots and the row flags at fixed distances from the
+        // positions (one argument for three: launches take at most 16).
+        if lay.slot_mapping != lay.positions + lay.rows
+            || lay.row_lora != lay.positions + 3 * lay.rows
+        {
+            return Err(shape(format!(
+                "expand_rope_write_kv: step metadata sections at {}/{}/{} for {} rows",
+                lay.positions, lay.slot_mapping, lay.row_lora, lay.rows
+            )));
+        }
+        let pairs = (n_heads + 2 * n_kv_heads) * (head_dim / 2);
+        let p = plan::fused_expand_plan(
+            table.sum.max_part_rank,
+            (pairs, plan::EXPAND_ROPE_GAP_PAIRS),
+            tiles,
+            (lay.rows, lay.lora_rows),
+            self.sm_count,
+        )?;
+        // As the row expands: only host copies are read before the wait, so it overlaps the
+        // GEMM that wrote v and qkv.
+        self.launch(
+            &kernel!(
+                "sgmv_expand_rope_rows_{}{v_name}_l{}",
+                Self::suffix(qkv.dtype),
+                p.lanes
+            ),
+            (p.grid(tiles), 1, 1),
+            (plan::EXPAND_SILU_WARPS * 32) as u32,
+            &[
+                Arg::Ptr(v.ptr),
+                i32_arg(v_stride, "v_stride")?,
+                Arg::Ptr(qkv.ptr),
+                i32_arg(row_stride, "row_stride")?,
+                Arg::Ptr(inv_freq.ptr),
+                Arg::Ptr(meta.at(lay.positions)),
+                i32_arg(lay.rows, "rows")?,
+                Arg::Ptr(table.ptr),
+                Arg::Ptr(meta.at(lay.tiles)),
+                Arg::Ptr(meta.at(lay.segs)),
+                Arg::Ptr(k_cache.ptr),
+                Arg::Ptr(v_cache.ptr),
+                Arg::U32((n_heads | n_kv_heads << 16) as u32),
+                i32_arg(head_dim, "head_dim")?,
+                i32_arg(tiles, "tiles")?,
+                i32_arg(p.per_tile, "per_tile")?,
+            ],
+            self.pdl,
+        )
+    }
+
     fn expand_silu_mul(
         &self,
         v: &CudaBuf,
@@ -2515,9 +2628,9 @@ impl Backend for CudaBackend {
         same_dtype(y, out, "expand_silu_mul")?;
         need(out, rows * n, "expand_silu_mul out")?;
         let lay = &meta.layout;
-        let p = plan::expand_silu_plan(
+        let p = plan::fused_expand_plan(
             table.sum.max_part_rank,
-            n,
+            (n, plan::EXPAND_SILU_GAP_COLS),
             tiles,
             (lay.rows, lay.lora_rows),
             self.sm_count,

@@ -36,6 +36,9 @@ pub const EXPAND_SILU_WARPS: usize = 8;
 pub const EXPAND_SILU_BLOCKS: usize = 4;
 /// Columns of one row a block of it covers for a row without adapter (`EXPAND_SILU_GAP_COLS`).
 pub const EXPAND_SILU_GAP_COLS: usize = 2048;
+/// Column pairs of one row a block of the fused q|k|v expand + RoPE covers for a row without
+/// adapter (`EXPAND_ROPE_GAP_PAIRS`).
+pub const EXPAND_ROPE_GAP_PAIRS: usize = 256;
 /// When the CUDA-core row kernels serve a batch instead of the tensor-core tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RowLimits {
@@ -196,49 +199,52 @@ pub fn expand_rows_plan(
     )
 }
 
-/// The launch of the gate|up expand fused into SiLU-mul (kernels/sgmv.cu
-/// `sgmv_expand_silu_rows_*`): the grid-stride row expand's blocks, then the blocks of the rows
-/// that no segment covers.
+/// The launch of an expand fused into the op after it (kernels/sgmv.cu
+/// `sgmv_expand_silu_rows_*`, `sgmv_expand_rope_rows_*`): the grid-stride row expand's blocks
+/// over the tiles, then the blocks of the rows that no segment covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExpandSiluPlan {
+pub struct FusedExpandPlan {
     /// Lanes a column (8 ranks each).
     pub lanes: usize,
-    /// Column blocks of one part: `EXPAND_SILU_WARPS * 32 / lanes` columns each.
+    /// Column blocks of a row: `EXPAND_SILU_WARPS * 32 / lanes` units (columns, or column
+    /// pairs) each.
     pub col_blocks: usize,
     /// Blocks a tile; each takes every `per_tile`-th column block.
     pub per_tile: usize,
-    /// Blocks after the tiles' (`EXPAND_SILU_GAP_COLS` columns of one row each): none when
-    /// the segments cover every row, else a row's worth for every row of the step.
+    /// Blocks after the tiles': none when the segments cover every row, else a row's worth
+    /// for every row of the step.
     pub gap_blocks: usize,
 }
 
-impl ExpandSiluPlan {
+impl FusedExpandPlan {
     /// The launch grid over `num_tiles` tiles.
     pub fn grid(&self, num_tiles: usize) -> u32 {
         (self.per_tile * num_tiles + self.gap_blocks) as u32
     }
 }
 
-/// The fused expand + SiLU-mul for a table whose largest part rank is `max_part_rank`, parts
-/// `n` wide, `num_tiles` row tiles of a step of `rows` rows, `lora_rows` of which are in a
-/// segment, on `sm_count` SMs: one wave of blocks over the tiles, as the grid-stride expand.
-pub fn expand_silu_plan(
+/// A fused expand for a table whose largest part rank is `max_part_rank` over `units` a row
+/// (the gate|up expand + SiLU-mul: the `n` columns of a part; the q|k|v expand + RoPE: the
+/// column pairs of all heads), `gap_units` of which a block covers in a row without adapter;
+/// `num_tiles` row tiles of a step of `rows` rows, `lora_rows` of which are in a segment, on
+/// `sm_count` SMs: one wave of blocks over the tiles, as the grid-stride expand.
+pub fn fused_expand_plan(
     max_part_rank: usize,
-    n: usize,
+    (units, gap_units): (usize, usize),
     num_tiles: usize,
     (rows, lora_rows): (usize, usize),
     sm_count: usize,
-) -> Result<ExpandSiluPlan> {
+) -> Result<FusedExpandPlan> {
     check_rank(max_part_rank)?;
     let lanes = max_part_rank.div_ceil(8).next_power_of_two();
-    let col_blocks = n.div_ceil(EXPAND_SILU_WARPS * (32 / lanes));
+    let col_blocks = units.div_ceil(EXPAND_SILU_WARPS * (32 / lanes));
     let wave = (EXPAND_SILU_BLOCKS * sm_count / num_tiles.max(1)).max(1);
     let gap_rows = if lora_rows < rows { rows } else { 0 };
-    Ok(ExpandSiluPlan {
+    Ok(FusedExpandPlan {
         lanes,
         col_blocks,
         per_tile: col_blocks.clamp(1, wave),
-        gap_blocks: gap_rows * n.div_ceil(EXPAND_SILU_GAP_COLS),
+        gap_blocks: gap_rows * units.div_ceil(gap_units.max(1)),
     })
 }
 
@@ -1264,13 +1270,16 @@ mod tests {
     }
 
     #[test]
-    fn the_fused_expand_silu_takes_one_wave_over_the_tiles_and_covers_rows_without_adapter() {
+    fn fused_expands_take_one_wave_over_the_tiles_and_cover_rows_without_adapter() {
+        let silu = |rank, n, tiles, rows| {
+            fused_expand_plan(rank, (n, EXPAND_SILU_GAP_COLS), tiles, rows, 132)
+        };
         // 7B gate|up at batch 32, r=16, one adapter a row, on 132 SMs: 2 lanes a column, 128
         // columns a block, 16 blocks a tile (4 an SM); no gap blocks with every row covered.
-        let p = expand_silu_plan(16, 11008, 32, (32, 32), 132).unwrap();
+        let p = silu(16, 11008, 32, (32, 32)).unwrap();
         assert_eq!(
             p,
-            ExpandSiluPlan {
+            FusedExpandPlan {
                 lanes: 2,
                 col_blocks: 86,
                 per_tile: 16,
@@ -1279,13 +1288,16 @@ mod tests {
         );
         assert_eq!(p.grid(32), 512);
         // One row without adapter: every row gets its 6 blocks of 2048 columns.
-        let p = expand_silu_plan(16, 11008, 32, (33, 32), 132).unwrap();
+        let p = silu(16, 11008, 32, (33, 32)).unwrap();
         assert_eq!((p.gap_blocks, p.grid(32)), (33 * 6, 512 + 33 * 6));
         // A single tile: as many blocks as column blocks up to the wave; r=128 takes 16 lanes.
-        let p = expand_silu_plan(128, 1536, 1, (1, 1), 132).unwrap();
+        let p = silu(128, 1536, 1, (1, 1)).unwrap();
         assert_eq!((p.lanes, p.col_blocks, p.per_tile), (16, 96, 96));
-        assert!(expand_silu_plan(0, 1536, 1, (1, 1), 132).is_err());
-        assert!(expand_silu_plan(129, 1536, 1, (1, 1), 132).is_err());
+        assert!(silu(0, 1536, 1, (1, 1)).is_err());
+        assert!(silu(129, 1536, 1, (1, 1)).is_err());
+        // 7B q|k|v + RoPE: 96 heads of 64 pairs; a gap block covers 256 pairs of a row.
+        let p = fused_expand_plan(16, (96 * 64, EXPAND_ROPE_GAP_PAIRS), 8, (9, 8), 132).unwrap();
+        assert_eq!((p.col_blocks, p.per_tile, p.gap_blocks), (48, 48, 9 * 24));
     }
 
     #[test]

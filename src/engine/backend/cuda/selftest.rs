@@ -388,6 +388,47 @@ fn expand_check(
         let (got, want) = (be.download(&dact)?, cpu.download(&cact)?);
         c.record("expand_silu_mul", label.clone(), &got, &want, tol(dt));
     }
+    if let [q, k, kv] = outs[..]
+        && k == kv
+        && case.pad == 0
+        && let Some(hd) = [128usize, 64, 32, 16, 8, 4, 2]
+            .into_iter()
+            .find(|hd| q % hd == 0 && k % hd == 0)
+    {
+        // A q|k|v group: its expand followed by RoPE and the KV-cache write, fused on the GPU
+        // where the row kernels serve the step, against the CPU's two ops: the rotated q and
+        // both caches (poisoned) must agree.
+        let shape = AttnShape {
+            n_heads: q / hd,
+            n_kv_heads: k / hd,
+            head_dim: hd,
+        };
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| 10000f32.powf(-((2 * i) as f32) / hd as f32))
+            .collect();
+        let (dinv, cinv) = c.upload(DType::F32, &inv)?;
+        let (mut dy, mut cy) = c.upload(dt, &y0)?;
+        let (mut dk, mut ck) = c.poisoned(dt, n_rows * k)?;
+        let (mut dvc, mut cvc) = c.poisoned(dt, n_rows * k)?;
+        let caches = (&mut dk, &mut dvc);
+        be.expand_rope_write_kv(
+            dv, table, dmeta, v_width, &mut dy, y_stride, &dinv, shape, caches,
+        )?;
+        let caches = (&mut ck, &mut cvc);
+        cpu.expand_rope_write_kv(
+            cv, ctable, cmeta, v_width, &mut cy, y_stride, &cinv, shape, caches,
+        )?;
+        let q_cols = |all: Vec<f32>| -> Vec<f32> {
+            all.chunks(y_stride).flat_map(|r| r[..q].to_vec()).collect()
+        };
+        let mut got = q_cols(be.download(&dy)?);
+        let mut want = q_cols(cpu.download(&cy)?);
+        for (d, c_) in [(&dk, &ck), (&dvc, &cvc)] {
+            got.extend(be.download(d)?);
+            want.extend(cpu.download(c_)?);
+        }
+        c.record("expand_rope_write_kv", label.clone(), &got, &want, tol(dt));
+    }
     let (mut dy, mut cy) = c.upload(dt, &y0)?;
     be.sgmv_expand(dv, table, dmeta, v_width, outs, y_stride, case.pad, &mut dy)?;
     cpu.sgmv_expand(
@@ -656,7 +697,8 @@ fn sgmv_cases() -> Vec<SgmvCase> {
                     vec![Some(128), Some(128), Some(128)],
                 ],
                 rows: rows.clone(),
-                pad: 64,
+                // bf16 from column 0, so that RoPE follows its expand (see `expand_check`).
+                pad: if dtype == DType::F16 { 64 } else { 0 },
                 arena: dtype == DType::F16,
                 label: format!(
                     "group q|k|v 576|192|192 missing parts, ranks 4..128 (total 384), \
@@ -676,7 +718,8 @@ fn sgmv_cases() -> Vec<SgmvCase> {
                 vec![Some(5), Some(5), Some(5)],
             ],
             rows: vec![Some(0), Some(1), Some(1), None, Some(0)],
-            pad: 1,
+            // Once from column 0: heads of 4 after the expand (see `expand_check`).
+            pad: usize::from(arena),
             arena,
             label: "group 100|36|36 unaligned parts".into(),
         });
