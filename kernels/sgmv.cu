@@ -450,6 +450,9 @@ static_assert(EXPAND_SILU_GAP_COLS == EXPAND_SILU_WARPS * 32 * 8, "a gap block: 
 // blocks of the same shape; a block without adapter covers this many (i, i + head_dim/2) pairs.
 #define EXPAND_ROPE_GAP_PAIRS 256
 static_assert(EXPAND_ROPE_GAP_PAIRS == EXPAND_SILU_WARPS * 32, "a gap block: one pair a thread");
+// o's and down's expand fused into the residual add and RMSNorm after them
+// (sgmv_expand_norm_rows_impl): a cluster of this many blocks a row.
+#define EXPAND_NORM_CLUSTER 8
 
 // Sum of the eight products of two packed vectors of eight halves.
 template <typename T>
@@ -1011,6 +1014,145 @@ __device__ __forceinline__ void sgmv_expand_rope_rows_impl(
                                                     k_cache, v_cache, heads, head_dim, ntiles, \
                                                     per_tile);                                 \
     }
+
+#if __CUDA_ARCH__ >= 900
+#define EXPAND_NORM_CLUSTER_DIMS __cluster_dims__(EXPAND_NORM_CLUSTER, 1, 1)
+
+// Every thread of the cluster arrives, then waits for the others; shared memory written before
+// is visible to the cluster's blocks after.
+__device__ __forceinline__ void cluster_sync_all() {
+    asm volatile(
+        "barrier.cluster.arrive.release.aligned;\n\t"
+        "barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// The float at `p` in the shared memory of the cluster's block `rank`.
+__device__ __forceinline__ float cluster_load(const float* p, u32 rank) {
+    const u32 local = (u32)__cvta_generic_to_shared(p);
+    u32 remote;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+#else
+#define EXPAND_NORM_CLUSTER_DIMS
+#endif
+
+// A one-part group's expand (o, down: y += v . B, as the row expands) fused into the residual
+// add and RMSNorm after it (ops.cu rms_norm_vec_impl): residual += y, out = residual / rms *
+// w, y itself not written. A cluster of EXPAND_NORM_CLUSTER blocks takes a row, each block
+// blockDim.x vectors of 8 columns, one a thread: the thread loads its 8 columns' B rows
+// (RU * 8 ranks: r <= 8 or 16) and w before the wait (host copies), then v, y and the residual,
+// and the cluster adds its blocks' sums of squares through distributed shared memory. The
+// row's slot is row_lora[row] - 1 (0: no adapter, the add and RMSNorm alone). Rows of bf16/f16,
+// hidden % 8 == 0, 16-byte aligned (the host checks). Only for sm_90 and later.
+template <typename T, typename VT, int RU>
+__device__ __forceinline__ void sgmv_expand_norm_rows_impl(
+    const VT* __restrict__ v, int v_stride, const T* __restrict__ x, int x_stride,
+    T* __restrict__ residual, const T* __restrict__ w, float eps, int hidden,
+    T* __restrict__ out, const LoraSlot* __restrict__ table, const u32* __restrict__ row_lora) {
+#if __CUDA_ARCH__ >= 900
+    __shared__ float scratch[32];
+    __shared__ float partial;
+    const int row = blockIdx.x / EXPAND_NORM_CLUSTER, part = blockIdx.x % EXPAND_NORM_CLUSTER;
+    const int nvec = hidden >> 3;
+    const int k = part * blockDim.x + threadIdx.x;
+    const bool mine = k < nvec;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    const u32 s1 = row_lora[row];
+    const LoraSlot* sl = table + (s1 == 0u ? 0u : s1 - 1u);
+    const T* bp = s1 == 0u ? nullptr : reinterpret_cast<const T*>(sl->b[0]);
+    const int rank = bp == nullptr ? 0 : (int)sl->prank[0];
+    const int voff = bp == nullptr ? 0 : (int)sl->voff[0];
+    uint4 b[8][RU];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int u = 0; u < RU; ++u) {
+            b[j][u] = (mine && u * 8 < rank)
+                          ? load8(bp + (size_t)(8 * k + j) * rank, u * 8, rank, (rank & 7) == 0)
+                          : zero;
+        }
+    }
+    const uint4 wv = mine ? __ldg(reinterpret_cast<const uint4*>(w) + k) : zero;
+    pdl_enter();
+    float vr[RU][8];
+    constexpr int VN = VVec<VT>::n;
+    const bool vvec = (v_stride & (VN - 1)) == 0 && (voff & (VN - 1)) == 0;
+#pragma unroll
+    for (int u = 0; u < RU; ++u) {
+        if (u * 8 < rank) {
+            load_v8_l1(v + (size_t)row * v_stride + voff, u * 8, rank, vvec, vr[u]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) vr[u][i] = 0.0f;
+        }
+    }
+    float r8[8];
+    float ss = 0.0f;
+    uint4* rrow = reinterpret_cast<uint4*>(residual + (size_t)row * hidden);
+    if (mine) {
+        float xv[8], res[8];
+        // Activations through L2 only: the GEMM this kernel waited for wrote x.
+        unpack8<T>(__ldcg(reinterpret_cast<const uint4*>(x + (size_t)row * x_stride) + k), xv);
+        unpack8<T>(__ldcg(rrow + k), res);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            float y = xv[j];
+            if (rank > 0) {
+                float d = 0.0f;
+#pragma unroll
+                for (int u = 0; u < RU; ++u) d += dot8f<T>(vr[u], b[j][u]);
+                y = to_f32(from_f32<T>(y + d));  // y as the expand would write it
+            }
+            r8[j] = res[j] + y;
+        }
+        const uint4 sum = pack8<T>(r8);
+        rrow[k] = sum;
+        unpack8<T>(sum, r8);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) ss += r8[j] * r8[j];
+    }
+    const float total = block_sum(ss, scratch);
+    if (threadIdx.x == 0) partial = total;
+    cluster_sync_all();
+    float all = 0.0f;
+#pragma unroll
+    for (int c = 0; c < EXPAND_NORM_CLUSTER; ++c) all += cluster_load(&partial, (u32)c);
+    // No block leaves (its shared memory with it) while another may still read its partial.
+    cluster_sync_all();
+    const float inv = rsqrtf(all / (float)hidden + eps);
+    if (mine) {
+        float wf[8], o[8];
+        unpack8<T>(wv, wf);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[j] = r8[j] * inv * wf[j];
+        reinterpret_cast<uint4*>(out + (size_t)row * hidden)[k] = pack8<T>(o);
+    }
+#else
+    __trap();
+#endif
+}
+
+#define DEFINE_EXPAND_NORM_V(TNAME, TYPE, VNAME, VTYPE, RU)                                     \
+    extern "C" __global__ void EXPAND_NORM_CLUSTER_DIMS sgmv_expand_norm_rows_##TNAME##VNAME##_r##RU( \
+        const VTYPE* __restrict__ v, int v_stride, const TYPE* __restrict__ x, int x_stride,  \
+        TYPE* __restrict__ residual, const TYPE* __restrict__ w, float eps, int hidden,       \
+        TYPE* __restrict__ out, const LoraSlot* __restrict__ table,                          \
+        const u32* __restrict__ row_lora) {                                                   \
+        sgmv_expand_norm_rows_impl<TYPE, VTYPE, RU>(v, v_stride, x, x_stride, residual, w,    \
+                                                    eps, hidden, out, table, row_lora);       \
+    }
+
+#define DEFINE_EXPAND_NORM(TNAME, TYPE, RU)                                                   \
+    DEFINE_EXPAND_NORM_V(TNAME, TYPE, , float, RU)                                            \
+    DEFINE_EXPAND_NORM_V(TNAME, TYPE, _vh, TYPE, RU)
+
+DEFINE_EXPAND_NORM(bf16, bf16, 1)
+DEFINE_EXPAND_NORM(bf16, bf16, 2)
+DEFINE_EXPAND_NORM(f16, f16, 1)
+DEFINE_EXPAND_NORM(f16, f16, 2)
 
 #define DEFINE_EXPAND_SILU_V(TNAME, TYPE, VNAME, VTYPE, RL)                                     \
     extern "C" __global__ void __launch_bounds__(EXPAND_SILU_WARPS * 32, EXPAND_SILU_BLOCKS)    \
