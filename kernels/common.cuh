@@ -166,13 +166,6 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // SiLU(g) * u, as the SwiGLU MLP applies it (ops.cu silu_mul, sgmv.cu's fused expand).
 __device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
-// Eight floats as a 16-byte vector of halves, element order kept.
-template <typename T>
-__device__ __forceinline__ uint4 pack8(const float* f) {
-    return make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]),
-                      pack2<T>(f[6], f[7]));
-}
-
 // Eight halves of a 16-byte vector as floats, element order kept.
 template <typename T>
 __device__ __forceinline__ void unpack8(uint4 p, float* f) {

@@ -50,6 +50,12 @@ __device__ void rms_norm_impl(T* __restrict__ residual, const T* __restrict__ x,
 
 #define NORM_VEC_THREADS 512
 
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float* f) {
+    return make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]),
+                      pack2<T>(f[6], f[7]));
+}
+
 // rms_norm_impl for bf16/f16 rows of hidden % 8 == 0 and 16-byte aligned, the row held in
 // registers: one pass of 16-byte loads (VPT vectors a thread, strided by the block), one
 // block reduction, one pass of 16-byte stores. Rounding as in rms_norm_impl: the new residual

@@ -871,27 +871,6 @@ pub trait Backend: Send + Sync + 'static {
         y: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// The expand of a one-part group `hidden` wide (o, down) followed by [`Self::add_rms_norm`]:
-    /// `sgmv_expand(v, table, meta, v_stride, &[hidden], y_stride, 0, y)`, then `residual +=
-    /// y` and `out = rms_norm(residual) * weight`. Afterwards `y` holds either the expanded
-    /// values or its values before (a backend may fuse the two): read `residual` and `out`.
-    /// This composition is the reference.
-    #[allow(clippy::too_many_arguments)]
-    fn expand_add_rms_norm(
-        &self,
-        v: &Self::Buf,
-        table: &Self::LoraTable,
-        meta: &Self::Meta,
-        v_stride: usize,
-        (y, y_stride): (&mut Self::Buf, usize),
-        (residual, weight, eps): (&mut Self::Buf, &Self::Buf, f32),
-        (rows, hidden): (usize, usize),
-        out: &mut Self::Buf,
-    ) -> Result<()> {
-        self.sgmv_expand(v, table, meta, v_stride, &[hidden], y_stride, 0, y)?;
-        self.add_rms_norm(residual, y, y_stride, weight, eps, rows, hidden, out)
-    }
-
     /// The expand of a q|k|v group (parts of `n_heads`, `n_kv_heads` and `n_kv_heads` heads)
     /// followed by [`Self::rope_write_kv`]: `sgmv_expand(v, table, meta, v_stride, &[q, kv,
     /// kv], row_stride, 0, qkv)` then RoPE and the cache write. Afterwards `qkv` holds the

@@ -438,7 +438,6 @@ impl<B: Backend> Llama<B> {
             meta: m,
             config: c,
             max_rank,
-            rows,
             on: use_lora,
             arena: arena.is_some(),
             copying,
@@ -463,13 +462,17 @@ impl<B: Backend> Llama<B> {
             b.attention(&qkv, qkv_w, 0, k_cache, v_cache, m, shape, scale, &mut attn)?;
             let pending = lora.shrink(l, LoraGroup::O, &attn, &mut v)?;
             b.matmul(&attn, &layer.self_attn.o_proj, rows, q_dim, o_w, &mut proj)?;
-            let norm = (
+            lora.expand(pending, l, LoraGroup::O, &v, &mut proj, o_w)?;
+            b.add_rms_norm(
                 &mut residual,
+                &proj,
+                o_w,
                 &layer.post_attention_layernorm,
                 c.rms_norm_eps,
-            );
-            let y = (&mut proj, o_w);
-            lora.expand_add_rms_norm(pending, l, LoraGroup::O, &v, y, norm, &mut normed)?;
+                rows,
+                h,
+                &mut normed,
+            )?;
             let pending = lora.shrink(l, LoraGroup::GateUp, &normed, &mut v)?;
             b.matmul(
                 &normed,
@@ -489,13 +492,21 @@ impl<B: Backend> Llama<B> {
             )?;
             let pending = lora.shrink(l, LoraGroup::Down, &act, &mut v)?;
             b.matmul(&act, &layer.mlp.down_proj, rows, inter, down_w, &mut proj)?;
+            lora.expand(pending, l, LoraGroup::Down, &v, &mut proj, down_w)?;
             let next_norm = match self.layers.get(l + 1) {
                 Some(next) => &next.input_layernorm,
                 None => &self.norm,
             };
-            let norm = (&mut residual, next_norm, c.rms_norm_eps);
-            let y = (&mut proj, down_w);
-            lora.expand_add_rms_norm(pending, l, LoraGroup::Down, &v, y, norm, &mut normed)?;
+            b.add_rms_norm(
+                &mut residual,
+                &proj,
+                down_w,
+                next_norm,
+                c.rms_norm_eps,
+                rows,
+                h,
+                &mut normed,
+            )?;
             if STEP_PARTS_AFTER.contains(&l) && l + 1 < self.layers.len() {
                 b.checkpoint()?;
             }
@@ -598,8 +609,6 @@ struct Lora<'a, B: Backend> {
     meta: &'a B::Meta,
     config: &'a LlamaConfig,
     max_rank: usize,
-    /// Rows in the step.
-    rows: usize,
     on: bool,
     /// The base GEMMs compute the shrinks (the step's adapters are all in the arena).
     arena: bool,
@@ -609,8 +618,7 @@ struct Lora<'a, B: Backend> {
 
 impl<B: Backend> Lora<'_, B> {
     /// Shrink `x` into `v` for `group` on the side queue, when any resident adapter targets
-    /// it. Returns whether it was issued (then the expand joins the side queue, see
-    /// [`Self::expand_input`]). Nothing
+    /// it. Returns whether it was issued (then [`Self::expand`] joins the side queue). Nothing
     /// to do when the base GEMM computes it.
     fn shrink(&self, layer: usize, group: LoraGroup, x: &B::Buf, v: &mut B::Buf) -> Result<bool> {
         if self.arena {
@@ -633,46 +641,35 @@ impl<B: Backend> Lora<'_, B> {
         issued.map(|()| true).map_err(Into::into)
     }
 
-    /// What a group's expand reads after the base GEMM wrote `y` (the group's outputs side
-    /// by side from column 0): in an arena step the intermediate in `y`'s own extra columns
-    /// (an alias of `y`, returned), else `v` from [`Self::shrink`] on the side queue, which it
-    /// joins. With the row stride of that intermediate.
-    fn expand_input(&self, y: &B::Buf, y_stride: usize) -> Result<(Option<B::Buf>, usize)> {
-        if self.arena {
-            return Ok((Some(self.b.alias(y)), y_stride));
-        }
-        self.b.join_side()?;
-        Ok((None, self.max_rank))
-    }
-
-    /// A one-part group's expand (o, down; `y += v · Bᵀ`, see [`Self::expand_input`]), then `residual += y` and
-    /// `normed = rms_norm(residual) * weight`, in one kernel where the backend fuses them.
-    #[allow(clippy::too_many_arguments)]
-    fn expand_add_rms_norm(
+    /// After the base GEMM wrote `y` (the group's outputs side by side from column 0):
+    /// `y += v · Bᵀ` per part, if [`Self::shrink`] issued the group's shrink; in an arena
+    /// step, from the intermediate in `y`'s own extra columns.
+    fn expand(
         &self,
         pending: bool,
         layer: usize,
         group: LoraGroup,
         v: &B::Buf,
-        (y, y_stride): (&mut B::Buf, usize),
-        (residual, weight, eps): (&mut B::Buf, &B::Buf, f32),
-        normed: &mut B::Buf,
+        y: &mut B::Buf,
+        y_stride: usize,
     ) -> Result<()> {
-        let (b, m, h) = (self.b, self.meta, self.config.hidden_size);
-        let rows = self.rows;
         let Some(table) = self.expand_table(pending, layer, group) else {
-            return b
-                .add_rms_norm(residual, y, y_stride, weight, eps, rows, h, normed)
-                .map_err(Into::into);
+            return Ok(());
         };
-        let (alias, vs) = self.expand_input(y, y_stride)?;
-        let v = alias.as_ref().unwrap_or(v);
-        let norm = (residual, weight, eps);
-        b.expand_add_rms_norm(v, table, m, vs, (y, y_stride), norm, (rows, h), normed)?;
+        let (_, outs) = self.config.group_dims(group);
+        if self.arena {
+            let v = self.b.alias(y);
+            self.b
+                .sgmv_expand(&v, table, self.meta, y_stride, &outs, y_stride, 0, y)?;
+        } else {
+            self.b.join_side()?;
+            self.b
+                .sgmv_expand(v, table, self.meta, self.max_rank, &outs, y_stride, 0, y)?;
+        }
         Ok(())
     }
 
-    /// The q|k|v group's expand (see [`Self::expand_input`]), RoPE and the KV-cache write, in one
+    /// The q|k|v group's expand (see [`Self::expand`]), RoPE and the KV-cache write, in one
     /// kernel where the backend fuses them.
     fn expand_rope_write_kv(
         &self,
@@ -689,13 +686,18 @@ impl<B: Backend> Lora<'_, B> {
                 .rope_write_kv(qkv, qkv_w, inv_freq, m, shape, k, v)
                 .map_err(Into::into);
         };
-        let (alias, vs) = self.expand_input(qkv, qkv_w)?;
-        let v = alias.as_ref().unwrap_or(v);
-        b.expand_rope_write_kv(v, table, m, vs, qkv, qkv_w, inv_freq, shape, caches)?;
+        if self.arena {
+            let v = b.alias(qkv);
+            b.expand_rope_write_kv(&v, table, m, qkv_w, qkv, qkv_w, inv_freq, shape, caches)?;
+        } else {
+            b.join_side()?;
+            let r = self.max_rank;
+            b.expand_rope_write_kv(v, table, m, r, qkv, qkv_w, inv_freq, shape, caches)?;
+        }
         Ok(())
     }
 
-    /// The gate|up group's expand (see [`Self::expand_input`]) and SiLU-mul: `act[rows, inter]`
+    /// The gate|up group's expand (see [`Self::expand`]) and SiLU-mul: `act[rows, inter]`
     /// from `gate_up`'s rows of `gu_w`, in one kernel where the backend fuses them.
     fn expand_silu_mul(
         &self,
@@ -712,9 +714,14 @@ impl<B: Backend> Lora<'_, B> {
                 .silu_mul(gate_up, gu_w, rows, inter, act)
                 .map_err(Into::into);
         };
-        let (alias, vs) = self.expand_input(gate_up, gu_w)?;
-        let v = alias.as_ref().unwrap_or(v);
-        b.expand_silu_mul(v, table, self.meta, vs, gate_up, gu_w, rows, inter, act)?;
+        if self.arena {
+            let v = b.alias(gate_up);
+            b.expand_silu_mul(&v, table, self.meta, gu_w, gate_up, gu_w, rows, inter, act)?;
+        } else {
+            b.join_side()?;
+            let m = self.max_rank;
+            b.expand_silu_mul(v, table, self.meta, m, gate_up, gu_w, rows, inter, act)?;
+        }
         Ok(())
     }
 

@@ -261,7 +261,6 @@ mod tests {
             ("EXPAND_SILU_BLOCKS", plan::EXPAND_SILU_BLOCKS),
             ("EXPAND_SILU_GAP_COLS", plan::EXPAND_SILU_GAP_COLS),
             ("EXPAND_ROPE_GAP_PAIRS", plan::EXPAND_ROPE_GAP_PAIRS),
-            ("EXPAND_NORM_CLUSTER", plan::EXPAND_NORM_CLUSTER),
         ] {
             let line = format!("\n#define {name} {value}\n");
             assert!(
@@ -325,11 +324,6 @@ mod tests {
                     && src.contains(&format!(
                         " sgmv_expand_{lower}_rows_##TNAME##VNAME##_l##RL("
                     ))
-            } else if let Some(rest) = name.strip_prefix("sgmv_expand_norm_rows_") {
-                let (t, r) = rest.split_once("_r").unwrap();
-                let t = t.strip_suffix("_vh").unwrap_or(t);
-                src.contains(&format!("DEFINE_EXPAND_NORM({t}, {t}, {r})"))
-                    && src.contains("DEFINE_EXPAND_NORM_V(TNAME, TYPE, _vh, TYPE, RU)")
             } else if let Some(rest) = name.strip_prefix("sgmv_expand_") {
                 let (t, kw) = rest.split_once("_k").unwrap();
                 let t = t.strip_suffix("_vh").unwrap_or(t);

@@ -483,10 +483,6 @@ pub struct CudaBackend {
     /// Fuse the q|k|v expand into RoPE and the KV-cache write where the row kernels serve the
     /// step (`PUNICA_FUSED_ROPE=0`: two kernels).
     fused_rope: bool,
-    /// Fuse o's and down's expands into the residual add and RMSNorm after them where the row
-    /// kernels serve the step, on sm_90 and later (thread block clusters;
-    /// `PUNICA_FUSED_NORM=0`: two kernels).
-    fused_norm: bool,
     /// Per-kernel timing of real steps (`PUNICA_PROFILE_OPS=1`, see `profile`).
     profile: Option<Mutex<profile::OpProfile>>,
     /// When the CUDA-core row kernels serve a batch (`PUNICA_SGMV_ROWS_MAX`: longest segment,
@@ -678,7 +674,6 @@ impl CudaBackend {
             side_stream: std::env::var("PUNICA_SIDE_STREAM").as_deref() != Ok("0"),
             fused_silu: std::env::var("PUNICA_FUSED_SILU").as_deref() != Ok("0"),
             fused_rope: std::env::var("PUNICA_FUSED_ROPE").as_deref() != Ok("0"),
-            fused_norm: cc.0 >= 9 && std::env::var("PUNICA_FUSED_NORM").as_deref() != Ok("0"),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
                 Ok("8") => 8,
                 _ => 4,
@@ -1683,9 +1678,6 @@ pub fn kernel_names() -> Vec<String> {
                 names.push(format!("sgmv_expand_silu_rows_{t}{v}_l{l}"));
                 names.push(format!("sgmv_expand_rope_rows_{t}{v}_l{l}"));
             }
-            for r in [1, 2] {
-                names.push(format!("sgmv_expand_norm_rows_{t}{v}_r{r}"));
-            }
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
     }
@@ -2517,74 +2509,6 @@ impl Backend for CudaBackend {
             )?;
         }
         Ok(())
-    }
-
-    fn expand_add_rms_norm(
-        &self,
-        v: &CudaBuf,
-        table: &CudaLoraTable,
-        meta: &CudaMeta,
-        v_stride: usize,
-        (y, y_stride): (&mut CudaBuf, usize),
-        (residual, weight, eps): (&mut CudaBuf, &CudaBuf, f32),
-        (rows, hidden): (usize, usize),
-        out: &mut CudaBuf,
-    ) -> Result<()> {
-        let outs = [hidden];
-        let v_name = self.check_expand(v, table, meta, v_stride, &outs, y_stride, 0, y)?;
-        let lay = &meta.layout;
-        let aligned = [residual.ptr, y.ptr, weight.ptr, out.ptr]
-            .iter()
-            .all(|p| p % 16 == 0)
-            && (y_stride * y.dtype.size()).is_multiple_of(16);
-        let fused = v_name.filter(|_| {
-            self.fused_norm
-                && aligned
-                && rows == lay.rows
-                && hidden.is_multiple_of(8)
-                && hidden > 0
-                && table.sum.max_part_rank <= plan::EXPAND_NORM_MAX_RANK
-                && self.row_limits().expand(
-                    lay.max_seg_rows,
-                    table.sum.max_part_rank,
-                    lay.tile_grid(),
-                )
-        });
-        let Some(v_name) = fused else {
-            self.sgmv_expand(v, table, meta, v_stride, &outs, y_stride, 0, y)?;
-            return self.add_rms_norm(residual, y, y_stride, weight, eps, rows, hidden, out);
-        };
-        same_dtype(y, out, "expand_add_rms_norm")?;
-        same_dtype(y, residual, "expand_add_rms_norm residual")?;
-        same_dtype(y, weight, "expand_add_rms_norm weight")?;
-        need(residual, rows * hidden, "expand_add_rms_norm residual")?;
-        need(out, rows * hidden, "expand_add_rms_norm out")?;
-        need(weight, hidden, "expand_add_rms_norm weight")?;
-        let ru = table.sum.max_part_rank.div_ceil(8);
-        // After the GEMM that wrote v and y, overlapping it as the row expands do: only B, w,
-        // the table and the row slots (host copies) are read before the wait.
-        self.launch(
-            &kernel!(
-                "sgmv_expand_norm_rows_{}{v_name}_r{ru}",
-                Self::suffix(y.dtype)
-            ),
-            ((rows * plan::EXPAND_NORM_CLUSTER) as u32, 1, 1),
-            plan::expand_norm_block(hidden) as u32,
-            &[
-                Arg::Ptr(v.ptr),
-                i32_arg(v_stride, "v_stride")?,
-                Arg::Ptr(y.ptr),
-                i32_arg(y_stride, "y_stride")?,
-                Arg::Ptr(residual.ptr),
-                Arg::Ptr(weight.ptr),
-                Arg::F32(eps),
-                i32_arg(hidden, "hidden")?,
-                Arg::Ptr(out.ptr),
-                Arg::Ptr(table.ptr),
-                Arg::Ptr(meta.at(lay.row_lora)),
-            ],
-            self.pdl,
-        )
     }
 
     fn expand_rope_write_kv(

@@ -36,22 +36,6 @@ pub const EXPAND_SILU_WARPS: usize = 8;
 pub const EXPAND_SILU_BLOCKS: usize = 4;
 /// Columns of one row a block of it covers for a row without adapter (`EXPAND_SILU_GAP_COLS`).
 pub const EXPAND_SILU_GAP_COLS: usize = 2048;
-/// Blocks a row of the fused o/down expand + residual add + RMSNorm: one cluster
-/// (`EXPAND_NORM_CLUSTER`).
-pub const EXPAND_NORM_CLUSTER: usize = 8;
-/// Largest part rank the fused o/down expand + RMSNorm holds (16 ranks of B a column).
-pub const EXPAND_NORM_MAX_RANK: usize = 16;
-
-/// Threads of each block of the fused o/down expand + RMSNorm over rows of `hidden`: a vector
-/// of 8 columns a thread, [`EXPAND_NORM_CLUSTER`] blocks a row, whole warps.
-pub fn expand_norm_block(hidden: usize) -> usize {
-    (hidden / 8)
-        .div_ceil(EXPAND_NORM_CLUSTER)
-        .div_ceil(32)
-        .max(1)
-        * 32
-}
-
 /// Column pairs of one row a block of the fused q|k|v expand + RoPE covers for a row without
 /// adapter (`EXPAND_ROPE_GAP_PAIRS`).
 pub const EXPAND_ROPE_GAP_PAIRS: usize = 256;
@@ -522,7 +506,7 @@ pub struct MetaLayout {
     pub slot_mapping: usize,
     /// Sequence index per row.
     pub row_seq: usize,
-    /// Per row: its adapter slot + 1 when a segment covers it, else 0.
+    /// Per row: 1 when a segment covers it (it has an adapter), else 0.
     pub row_lora: usize,
     /// Rows that a segment covers.
     pub lora_rows: usize,
@@ -652,14 +636,11 @@ pub fn pack_meta(meta: &StepMeta, words: &mut Vec<u32>) -> Result<MetaLayout> {
     if let Some(&r) = meta.logit_rows.iter().find(|&&r| r as usize >= rows) {
         return bad(format!("logit row {r} outside the batch of {rows}"));
     }
-    // Each row's adapter slot + 1, or 0 (segments are disjoint: `StepMeta::validate`).
+    // Which rows have an adapter (segments are disjoint: `StepMeta::validate`).
     let at = words.len();
     words.resize(at + rows, 0);
-    for (s, e, slot) in seg.iter() {
-        if slot == u32::MAX {
-            return bad(format!("segment at rows {s}..{e}: slot {slot}"));
-        }
-        words[at + s..at + e].fill(slot + 1);
+    for (&s, &e) in seg.starts.iter().zip(&seg.ends) {
+        words[at + s as usize..at + e as usize].fill(1);
     }
     let lora_rows = seg
         .starts
@@ -1275,7 +1256,7 @@ mod tests {
         }
         // Unused tile entries stand for no rows; each row is flagged when it has an adapter.
         let (w, l) = &packed[2];
-        assert_eq!(&w[l.row_lora..l.row_lora + 8], &[2, 2, 0, 5, 0, 0, 3, 3]);
+        assert_eq!(&w[l.row_lora..l.row_lora + 8], &[1, 1, 0, 1, 0, 0, 1, 1]);
         assert_eq!(l.lora_rows, 5);
         assert_eq!(packed[0].1.lora_rows, 8);
         assert_eq!(packed[3].1.lora_rows, 0);
@@ -1317,17 +1298,6 @@ mod tests {
         // 7B q|k|v + RoPE: 96 heads of 64 pairs; a gap block covers 256 pairs of a row.
         let p = fused_expand_plan(16, (96 * 64, EXPAND_ROPE_GAP_PAIRS), 8, (9, 8), 132).unwrap();
         assert_eq!((p.col_blocks, p.per_tile, p.gap_blocks), (48, 48, 9 * 24));
-    }
-
-    #[test]
-    fn the_fused_expand_norm_gives_each_thread_one_vector_of_a_row() {
-        // 7B: 512 vectors, 64 a block; SmolLM2: 72 vectors, a warp a block (9 blocks' worth).
-        assert_eq!(expand_norm_block(4096), 64);
-        assert_eq!(expand_norm_block(8192), 128);
-        assert_eq!(expand_norm_block(576), 32);
-        for h in [576usize, 4096, 5120, 8192, 8] {
-            assert!(expand_norm_block(h) * EXPAND_NORM_CLUSTER * 8 >= h);
-        }
     }
 
     #[test]
