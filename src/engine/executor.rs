@@ -295,6 +295,10 @@ impl<B: Backend> Executor for LlamaExecutor<B> {
         Ok(())
     }
 
+    fn step_done(&self) -> bool {
+        self.model.backend().step_done()
+    }
+
     fn finish(&mut self) -> Result<StepOutput<'_>, ExecutorError> {
         let p = self
             .pending

@@ -47,7 +47,9 @@ pub trait Executor {
     /// Adapter slots on the device.
     fn adapter_slots(&self) -> usize;
     /// Copy `adapter` into device slot `slot`, replacing whatever was there. The copy may run
-    /// on after this returns, beside the steps: see [`Executor::adapter_ready`].
+    /// on after this returns, beside the steps: see [`Executor::adapter_ready`]. It may be
+    /// called while a step is in flight (between [`Executor::launch`] and
+    /// [`Executor::finish`]): that step's adapters are pinned, so `slot` is none of theirs.
     fn install_adapter(&mut self, slot: u32, adapter: &Self::Adapter) -> Result<(), String>;
     /// Whether a step may use the adapter in `slot` now without holding up its other rows:
     /// its copy complete, or (the Llama executor) still in flight but waited for by that
@@ -67,6 +69,11 @@ pub trait Executor {
         sampling: &[RowSampling],
         want_logits: bool,
     ) -> Result<(), ExecutorError>;
+    /// Whether the launched step is done, without waiting (so [`Executor::finish`] would not
+    /// block on it). Executors whose launch does the work at once say yes.
+    fn step_done(&self) -> bool {
+        true
+    }
     /// Wait for the launched step and hand back its picks.
     fn finish(&mut self) -> Result<StepOutput<'_>, ExecutorError>;
 }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::error::TrySendError;
 
@@ -109,6 +109,10 @@ impl HostTiming {
 /// Steps an adapter may wait for a pinned-full set of device slots before new admissions onto
 /// resident adapters are held back.
 const SLOT_STARVATION_STEPS: u32 = 16;
+
+/// How often a running step is checked while the runtime waits for adapter loads beside it
+/// (`State::install_while_running`).
+const STEP_POLL: Duration = Duration::from_micros(50);
 
 /// The owner thread's body.
 #[allow(clippy::too_many_arguments)]
@@ -379,16 +383,7 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
             );
         }
 
-        // Adapters: collect loads, install what fits, start loads for what is missing.
-        for err in self.cache.poll() {
-            self.fail_adapter(&err);
-        }
-        self.scheduler.waiting_adapters(&mut self.needs);
-        let mut install = |slot: u32, adapter: &W| exec.install_adapter(slot, adapter);
-        for err in self.cache.ensure(&self.needs, &mut install) {
-            self.fail_adapter(&err);
-        }
-        self.publish_residency();
+        self.tend_adapters(exec);
         // Time-sliced swapping: an adapter that waits too long for a slot held by pinned
         // adapters stops new admissions onto those, so their slots drain.
         if self.cache.slot_starved(&self.needs) {
@@ -460,6 +455,9 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
         // The last step's tokens go out while this one runs.
         let streaming = Instant::now();
         self.stream_picks();
+        if launched.is_ok() {
+            self.install_while_running(exec);
+        }
         let streamed = Instant::now();
         let out = match launched.and_then(|()| exec.finish()) {
             Ok(out) => out,
@@ -499,6 +497,31 @@ impl<W: crate::engine::lora::cache::HostAdapter> State<W> {
         self.update_gauges();
         self.timing.record(started, scheduling, streaming, streamed);
         true
+    }
+
+    /// Adapters: collect finished loads, install what fits, start loads for what is missing.
+    fn tend_adapters<E: Executor<Adapter = W>>(&mut self, exec: &mut E) {
+        for err in self.cache.poll() {
+            self.fail_adapter(&err);
+        }
+        self.scheduler.waiting_adapters(&mut self.needs);
+        let mut install = |slot: u32, adapter: &W| exec.install_adapter(slot, adapter);
+        for err in self.cache.ensure(&self.needs, &mut install) {
+            self.fail_adapter(&err);
+        }
+        self.publish_residency();
+    }
+
+    /// While the launched step runs, and only while loads are in flight: a load that
+    /// finishes now is installed at once (its copy is ordered after the step, its requests
+    /// join the next one) rather than when the next step starts, up to a step later. The
+    /// step is polled every [`STEP_POLL`], which is all this may add to it.
+    fn install_while_running<E: Executor<Adapter = W>>(&mut self, exec: &mut E) {
+        while self.cache.any_loading() && !exec.step_done() {
+            if self.cache.wait_load(STEP_POLL) {
+                self.tend_adapters(exec);
+            }
+        }
     }
 
     /// A step's pick for `id` (from its sampling row `row`): the scheduler gets the token at

@@ -65,6 +65,8 @@ pub struct Probe {
     pub copy_waits: AtomicUsize,
     /// (slot, the step launched next) of every install.
     pub installs: Mutex<Vec<(u32, usize)>>,
+    /// Installs made while a step was in flight (launched, not finished).
+    pub installs_in_flight: AtomicUsize,
 }
 
 pub struct FakeModel {
@@ -82,8 +84,8 @@ pub struct FakeModel {
     upload_polls: usize,
     installed: Vec<Option<Instant>>,
     polls: Vec<AtomicUsize>,
-    /// A launched step's `want_logits`, until it is finished.
-    launched: Option<bool>,
+    /// A launched step's `want_logits` and when its "device" work ends, until it is finished.
+    launched: Option<(bool, Instant)>,
 }
 
 impl FakeModel {
@@ -182,6 +184,9 @@ impl Executor for FakeModel {
             i.push((slot, self.probe.steps.load(Ordering::SeqCst)));
         }
         self.polls[slot as usize].store(0, Ordering::SeqCst);
+        if self.launched.is_some() {
+            self.probe.installs_in_flight.fetch_add(1, Ordering::SeqCst);
+        }
         Ok(())
     }
 
@@ -220,11 +225,9 @@ impl Executor for FakeModel {
         if !copy_left.is_zero() {
             // The step ends once the adapter's rows, which wait for the copy, are done.
             self.probe.copy_waits.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(copy_left);
         }
-        if !self.delay.is_zero() {
-            std::thread::sleep(self.delay);
-        }
+        // The step's "device" work: it runs on after the launch, `finish` waits for it.
+        let ends = Instant::now() + copy_left + self.delay;
         for (row, &slot) in meta.slot_mapping.iter().enumerate() {
             let cell = self
                 .kv
@@ -264,15 +267,20 @@ impl Executor for FakeModel {
             .zip(sampling)
             .map(|(row, rs)| pick_row(row, rs))
             .collect();
-        self.launched = Some(want_logits);
+        self.launched = Some((want_logits, ends));
         Ok(())
     }
 
+    fn step_done(&self) -> bool {
+        self.launched.is_none_or(|(_, ends)| Instant::now() >= ends)
+    }
+
     fn finish(&mut self) -> Result<StepOutput<'_>, ExecutorError> {
-        let want_logits = self
+        let (want_logits, ends) = self
             .launched
             .take()
             .ok_or_else(|| "no step in flight".to_string())?;
+        std::thread::sleep(ends.saturating_duration_since(Instant::now()));
         Ok(StepOutput {
             picks: &self.picks,
             logits: want_logits.then_some(self.logits.as_slice()),

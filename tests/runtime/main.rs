@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use punica::engine::lora::cache::{AdapterFiles, AdapterKey, CacheConfig, MemorySource};
+use punica::engine::lora::cache::{
+    AdapterFiles, AdapterKey, AdapterLoadError, AdapterSource, CacheConfig, MemorySource,
+};
 use punica::engine::metrics::EngineMetrics;
 use punica::engine::request::{
     ErrorCode, FinishReason, SamplingParams, StreamEvent, Usage, ValidRequest,
@@ -63,10 +65,39 @@ fn harness_with_fake(
     adapters: u128,
     setup: impl FnOnce(FakeModel) -> FakeModel + Send + 'static,
 ) -> Harness {
+    harness_with_fetch(config, kv_blocks, delay, adapters, Duration::ZERO, setup)
+}
+
+/// An adapter source whose fetches take `delay` (a remote blob store).
+struct SlowSource {
+    inner: Arc<MemorySource>,
+    delay: Duration,
+}
+
+impl AdapterSource for SlowSource {
+    fn fetch(&self, key: &AdapterKey) -> Result<AdapterFiles, AdapterLoadError> {
+        std::thread::sleep(self.delay);
+        self.inner.fetch(key)
+    }
+}
+
+/// [`harness_with_fake`] over a source whose fetches take `fetch`.
+fn harness_with_fetch(
+    config: EngineConfig,
+    kv_blocks: usize,
+    delay: Duration,
+    adapters: u128,
+    fetch: Duration,
+    setup: impl FnOnce(FakeModel) -> FakeModel + Send + 'static,
+) -> Harness {
     let source = Arc::new(MemorySource::new());
     for n in 1..=adapters {
         source.insert(adapter(n), fake::adapter_files(seed_of(n)));
     }
+    let slow = Arc::new(SlowSource {
+        inner: Arc::clone(&source),
+        delay: fetch,
+    });
     let probe = Arc::new(Probe::default());
     let metrics = EngineMetrics::unregistered().unwrap();
     let engine = EngineHandle::start(
@@ -76,7 +107,7 @@ fn harness_with_fake(
             let slots = config.cache.device_slots;
             move || Ok(setup(FakeModel::new(kv_blocks, slots, delay, probe)))
         },
-        Arc::clone(&source) as _,
+        slow as _,
         fake::validator(),
         Arc::new(Letters),
         metrics.clone(),
@@ -575,6 +606,43 @@ fn a_request_joins_the_step_its_adapters_copy_starts_beside_while_the_others_kee
     // That step waited for the copy; the steps after it found it done.
     assert_eq!(h.probe.copy_waits.load(Ordering::SeqCst), 1);
     assert!(cold_times[0] - submitted >= upload);
+}
+
+#[test]
+fn a_load_that_finishes_while_a_step_runs_is_installed_then_and_its_request_runs_next() {
+    // Steps of 120 ms; the fetch takes 200 ms, so it ends while a step runs, after the engine
+    // took the request in. The install happens then, not at the next step's start.
+    let step = Duration::from_millis(120);
+    let h = harness_with_fetch(
+        config(8, 64, 2),
+        256,
+        step,
+        1,
+        Duration::from_millis(200),
+        |m| m,
+    );
+    let mut base = h.engine.submit(request(1, None, vec![3, 4], 12)).unwrap();
+    assert!(matches!(
+        base.blocking_next(),
+        Some(StreamEvent::Token { .. })
+    ));
+    let prompt = vec![50, 51, 52];
+    let cold = h
+        .engine
+        .submit(request(2, Some(1), prompt.clone(), 3))
+        .unwrap();
+    let (out, _) = drain_within(cold, Duration::from_secs(20));
+    assert_eq!(out.tokens, fake::reference(seed_of(1), &prompt, 3));
+    drain_after(&mut base, 1);
+    assert_eq!(h.probe.installs_in_flight.load(Ordering::SeqCst), 1);
+    let installs = h.probe.installs.lock().unwrap().clone();
+    assert_eq!(installs.len(), 1);
+    assert_eq!(
+        first_step_with(&h.probe, &prompt).0,
+        installs[0].1,
+        "the request ran in the step after the one its install came in"
+    );
+    assert_eq!(h.probe.early_uses.load(Ordering::SeqCst), 0);
 }
 
 #[test]

@@ -976,6 +976,11 @@ pub trait Backend: Send + Sync + 'static {
     fn end_step(&self) -> Result<()> {
         Ok(())
     }
+    /// Whether the work of the last ended step is done on the device, without waiting (yes
+    /// for a backend that runs ops as they are issued).
+    fn step_done(&self) -> bool {
+        true
+    }
     /// Whether the copy that fills `buf` (an adapter's buffer from
     /// [`Backend::upload_staged`]: the copy of its part) has completed, so that a step may
     /// read it without waiting. The CUDA backend copies adapters on a stream of its own,

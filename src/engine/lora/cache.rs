@@ -268,6 +268,8 @@ pub struct AdapterCache<W: HostAdapter> {
     loads: Arc<Loads>,
     tick: u64,
     done: mpsc::Receiver<LoadDone<W>>,
+    /// Loads received by [`Self::wait_load`], for the next [`Self::poll`].
+    arrived: Vec<LoadDone<W>>,
     metrics: EngineMetrics,
 }
 
@@ -309,6 +311,7 @@ impl<W: HostAdapter> AdapterCache<W> {
             }),
             tick: 0,
             done,
+            arrived: Vec::new(),
             metrics,
         })
     }
@@ -402,10 +405,24 @@ impl<W: HostAdapter> AdapterCache<W> {
             .map_or(0, |&slot| self.slots[slot as usize].pins)
     }
 
+    /// Wait up to `timeout` for a load to finish (collected by the next [`Self::poll`]).
+    /// Returns whether one did.
+    pub fn wait_load(&mut self, timeout: std::time::Duration) -> bool {
+        match self.done.recv_timeout(timeout) {
+            Ok(done) => {
+                self.arrived.push(done);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Collect finished loads into the host tier. Returns the keys that failed to load.
     pub fn poll(&mut self) -> Vec<AdapterLoadError> {
         let mut failed = Vec::new();
-        while let Ok(done) = self.done.try_recv() {
+        let mut arrived = std::mem::take(&mut self.arrived);
+        arrived.extend(std::iter::from_fn(|| self.done.try_recv().ok()));
+        for done in arrived.drain(..) {
             {
                 let mut index = self.loads.index();
                 index.loading.remove(&done.key);
@@ -440,6 +457,7 @@ impl<W: HostAdapter> AdapterCache<W> {
                 }
             }
         }
+        self.arrived = arrived;
         self.metrics.adapter_host_bytes.set(self.host_bytes as i64);
         failed
     }

@@ -497,6 +497,8 @@ pub struct CudaBackend {
     step: Mutex<StepMemory>,
     /// cuBLAS's workspace, set once so that GEMMs never allocate (they may be captured).
     _blas_workspace: CudaSlice<u8>,
+    /// Recorded on the main stream after each step's ops ([`Backend::step_done`]).
+    step_event: cudarc::driver::CudaEvent,
 }
 
 /// Device memory kept from step to step: the activation arena, the metadata and sampling
@@ -603,6 +605,9 @@ impl CudaBackend {
                 .map_err(|e| dev_err("event", e))
         };
         let (fork_event, join_event) = (event()?, event()?);
+        let step_event = stream
+            .record_event(Some(drv_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .map_err(|e| dev_err("create the step event", e))?;
         let name = ctx.name().map_err(|e| dev_err("device name", e))?;
         let cc = ctx
             .compute_capability()
@@ -703,6 +708,7 @@ impl CudaBackend {
             )),
             step: Mutex::new(StepMemory::default()),
             _blas_workspace: blas_workspace,
+            step_event,
         })
     }
 
@@ -2796,7 +2802,15 @@ impl Backend for CudaBackend {
     }
 
     fn end_step(&self) -> Result<()> {
-        self.finish_step()
+        self.finish_step()?;
+        self.step_event
+            .record(&self.stream)
+            .map_err(|e| dev_err("record the step event", e))
+    }
+
+    fn step_done(&self) -> bool {
+        // An error (a failed step) counts as done: `finish` reports it.
+        self.step_event.is_complete()
     }
 
     fn checkpoint(&self) -> Result<()> {
