@@ -295,17 +295,17 @@ __device__ __forceinline__ void load_v8_l1(const T* row, int k, int rank, bool v
 // ending at column ends[j] (relative to col_offset); part0 is the first part this launch covers.
 // y[row, col_offset + c] += v[row, voff_j + :rank_j] . B_j[c - start_j, :rank_j] for the rows of
 // one tile (blockIdx.y) and NTW * 8 columns per warp (blockIdx.x picks EXPAND_WARPS * NTW * 8
-// columns); a warp's columns never straddle two parts (the host checks the part widths). B and
-// the old y are loaded before waiting on the shrink (programmatic dependent launch), so only v
-// is read after it finishes. That is safe because the backend overlaps the expand only with a
-// shrink, which writes neither, and a shrink triggers its dependents only after its own wait:
-// the kernel that wrote y has completed by then. v is fed to the tensor cores as hi + lo
-// halves, keeping it at f32 accuracy.
+// columns); a warp's columns never straddle two parts (the host checks the part widths). B is
+// loaded before the wait (programmatic dependent launch), and so is the old y when `y_early`:
+// the kernel before is a shrink, which writes neither, and triggers its dependents only after
+// its own wait, so the kernel that wrote y has completed by then. Otherwise (after the GEMM
+// that wrote v and y, in an arena step) y is loaded after the wait. v is fed to the tensor
+// cores as hi + lo halves, keeping it at f32 accuracy.
 template <typename T, typename VT, int KT, int NTW>
 __device__ __forceinline__ void sgmv_expand_impl(
     const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
     int part0, int end0, int end1, int end2, const LoraSlot* __restrict__ table,
-    const u32* __restrict__ tiles, const u32* __restrict__ segs) {
+    const u32* __restrict__ tiles, const u32* __restrict__ segs, int y_early) {
     const int tile = blockIdx.y;
     const TileSeg ts = tile_seg(tiles, segs, tile);
     const int row0 = ts.row0, seg_end = ts.end;
@@ -360,14 +360,17 @@ __device__ __forceinline__ void sgmv_expand_impl(
     T* y1 = y + (size_t)(row0 + g + 8) * y_stride + col_offset;
     const bool yal = ((y_stride | col_offset) & 1) == 0;
     u32 yv[NTW][2];
+    auto load_y = [&]() {
 #pragma unroll
-    for (int nt = 0; nt < NTW; ++nt) {
-        const int col = c0 + nt * 8 + 2 * q;
-        yv[nt][0] = r0ok ? load_pair(y0, col, h_out, yal) : 0u;
-        yv[nt][1] = r1ok ? load_pair(y1, col, h_out, yal) : 0u;
-    }
-
+        for (int nt = 0; nt < NTW; ++nt) {
+            const int col = c0 + nt * 8 + 2 * q;
+            yv[nt][0] = r0ok ? load_pair(y0, col, h_out, yal) : 0u;
+            yv[nt][1] = r1ok ? load_pair(y1, col, h_out, yal) : 0u;
+        }
+    };
+    if (y_early) load_y();
     pdl_enter();
+    if (!y_early) load_y();
 
     float d[NTW][4];
 #pragma unroll
@@ -1095,9 +1098,10 @@ DEFINE_EXPAND_ROWS(f16, f16, 16)
             const VTYPE* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,   \
             int col_offset, int part0, int end0, int end1, int end2,                         \
             const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,               \
-            const u32* __restrict__ segs) {                                                  \
+            const u32* __restrict__ segs, int y_early) {                                     \
         sgmv_expand_impl<TYPE, VTYPE, KT, NTW>(v, v_stride, y, y_stride, col_offset, part0,  \
-                                               end0, end1, end2, table, tiles, segs);        \
+                                               end0, end1, end2, table, tiles, segs,         \
+                                               y_early);                                     \
     }
 
 #define DEFINE_EXPAND(TNAME, TYPE, KT, NTW)                                                  \

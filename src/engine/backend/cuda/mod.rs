@@ -2492,7 +2492,10 @@ impl Backend for CudaBackend {
         let name = kernel!("sgmv_expand_{}{v_name}_k{kt}_w{ntw}", Self::suffix(y.dtype));
         for launch in plan::expand_launches(outs, ntw).iter() {
             let (gx, gy) = plan::expand_grid(launch.width(), meta.layout.tile_grid(), ntw);
-            let overlap = self.pdl && *lock(&self.last) == Last::Shrink;
+            // Always overlapping the kernel before; the old y is loaded before the wait only
+            // after a shrink (which does not write it), after the wait otherwise (the GEMM of
+            // an arena step wrote y, or an earlier launch of this expand other columns).
+            let y_early = *lock(&self.last) == Last::Shrink;
             self.launch(
                 &name,
                 (gx, gy, 1),
@@ -2510,8 +2513,9 @@ impl Backend for CudaBackend {
                     Arg::Ptr(table.ptr),
                     Arg::Ptr(meta.at(meta.layout.tiles)),
                     Arg::Ptr(meta.at(meta.layout.segs)),
+                    Arg::I32(i32::from(y_early)),
                 ],
-                overlap,
+                self.pdl,
             )?;
         }
         Ok(())
