@@ -811,36 +811,23 @@ __device__ __forceinline__ void sgmv_expand_silu_rows_impl(
     constexpr int VN = VVec<VT>::n;
     const bool vvec = (v_stride & (VN - 1)) == 0;
     const bool gvec = vvec && (vg & (VN - 1)) == 0, uvec = vvec && (vu & (VN - 1)) == 0;
-    // A one-row tile's gate and up, loaded a column block ahead like B.
-    const T* y1 = y + (size_t)ts.row0 * y_stride;
-    const bool one = nrows == 1;
-    float gp = 0.0f, up = 0.0f;
-    if (one && col < n && sub == 0) {
-        gp = to_f32(y1[col]);
-        up = to_f32(y1[n + col]);
-    }
     for (;;) {
         const int cbn = cb + per_tile;
         const bool more = cbn < ncb;  // the same for the whole block
         const int coln = (cbn * NW + warp) * CPS + cg;
         int rank_gn = 0, rank_un = 0;
         uint4 b0n = make_uint4(0u, 0u, 0u, 0u), b1n = b0n;
-        float gpn = 0.0f, upn = 0.0f;
         if (more) {
             b0n = row_b8<T>(bg, rg, 0, coln, n, kk, rank_gn);
             b1n = row_b8<T>(bu, ru, 0, coln, n, kk, rank_un);
-            if (one && coln < n && sub == 0) {
-                gpn = to_f32(y1[coln]);
-                upn = to_f32(y1[n + coln]);
-            }
         }
         const bool live = col < n && sub == 0;
         for (int row = 0; row < nrows; ++row) {
             const size_t r = (size_t)(ts.row0 + row);
             const T* yr = y + r * y_stride;
-            // The GEMM's gate and up, loaded beside v (ahead for a one-row tile).
-            const float g0 = one ? gp : (live ? to_f32(yr[col]) : 0.0f);
-            const float u0 = one ? up : (live ? to_f32(yr[n + col]) : 0.0f);
+            // The GEMM's gate and up, loaded beside v.
+            const float g0 = live ? to_f32(yr[col]) : 0.0f;
+            const float u0 = live ? to_f32(yr[n + col]) : 0.0f;
             float dg = 0.0f, du = 0.0f;
             if (kk < rank_g) {
                 float w[8];
@@ -871,8 +858,6 @@ __device__ __forceinline__ void sgmv_expand_silu_rows_impl(
         b1 = b1n;
         rank_g = rank_gn;
         rank_u = rank_un;
-        gp = gpn;
-        up = upn;
     }
 }
 
@@ -971,37 +956,21 @@ __device__ __forceinline__ void sgmv_expand_rope_rows_impl(
     const int nrows = min(16, ts.end - ts.row0);
     constexpr int VN = VVec<VT>::n;
     const bool vvec = (v_stride & (VN - 1)) == 0;
-    // A one-row tile's two values, loaded a column block ahead like B.
-    const T* row1 = qkv + (size_t)ts.row0 * row_stride;
-    const bool one = nrows == 1;
-    auto pair_at = [&](int q) { return (q / half) * head_dim + q % half; };
-    float y0p = 0.0f, y1p = 0.0f;
-    if (one && p < pairs && sub == 0) {
-        y0p = to_f32(row1[pair_at(p)]);
-        y1p = to_f32(row1[pair_at(p) + half]);
-    }
     for (;;) {
         const int cbn = cb + per_tile;
         const bool more = cbn < ncb;  // the same for the whole block
         const int pn = (cbn * NW + warp) * CPS + cg;
         int rankn = 0, voffn = 0;
         uint4 b0n = make_uint4(0u, 0u, 0u, 0u), b1n = b0n;
-        float y0n = 0.0f, y1n = 0.0f;
-        if (more) {
-            b0n = load_b(pn, b1n, rankn, voffn);
-            if (one && pn < pairs && sub == 0) {
-                y0n = to_f32(row1[pair_at(pn)]);
-                y1n = to_f32(row1[pair_at(pn) + half]);
-            }
-        }
+        if (more) b0n = load_b(pn, b1n, rankn, voffn);
         const bool live = p < pairs && sub == 0;
-        const int c0 = pair_at(p);
+        const int c0 = (p / half) * head_dim + p % half;
         for (int row = 0; row < nrows; ++row) {
             const int rr = ts.row0 + row;
             T* r = qkv + (size_t)rr * row_stride;
-            // The GEMM's two values, loaded beside v (ahead for a one-row tile).
-            const float y0 = one ? y0p : (live ? to_f32(r[c0]) : 0.0f);
-            const float y1 = one ? y1p : (live ? to_f32(r[c0 + half]) : 0.0f);
+            // The GEMM's two values, loaded beside v.
+            const float y0 = live ? to_f32(r[c0]) : 0.0f;
+            const float y1 = live ? to_f32(r[c0 + half]) : 0.0f;
             float d0 = 0.0f, d1 = 0.0f;
             if (kk < rank) {
                 float w[8];
@@ -1029,8 +998,6 @@ __device__ __forceinline__ void sgmv_expand_rope_rows_impl(
         b1 = b1n;
         rank = rankn;
         voff = voffn;
-        y0p = y0n;
-        y1p = y1n;
     }
 }
 
