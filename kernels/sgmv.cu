@@ -1015,33 +1015,6 @@ __device__ __forceinline__ void sgmv_expand_rope_rows_impl(
                                                     per_tile);                                 \
     }
 
-// Prefetch into L2, to stay there (evict_last), the B matrices the step's expand of a group
-// will read: for tile blockIdx.y's slot, each part j's rows (its end_j - start_j output columns
-// times its rank, `esize`-byte elements), blockIdx.x taking every gridDim.x-th 128-byte line.
-// Launched on the side stream beside the group's base GEMM, which streams its weights without
-// using all the memory bandwidth, so that the expand after the GEMM finds B in L2. It reads
-// only host copies and writes nothing: no wait.
-extern "C" __global__ void sgmv_prefetch_b(const LoraSlot* __restrict__ table,
-                                           const u32* __restrict__ tiles,
-                                           const u32* __restrict__ segs, int end0, int end1,
-                                           int end2, int esize) {
-    const TileSeg ts = tile_seg(tiles, segs, blockIdx.y);
-    if (ts.end <= ts.row0) return;
-    const LoraSlot* sl = table + ts.slot;
-    const size_t stride = (size_t)gridDim.x * blockDim.x;
-    const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-#pragma unroll
-    for (int j = 0; j < MAX_PARTS; ++j) {
-        const int rows = j == 0 ? end0 : (j == 1 ? end1 - end0 : end2 - end1);
-        const char* b = reinterpret_cast<const char*>(sl->b[j]);
-        if (b == nullptr || rows <= 0) continue;
-        const size_t lines = ((size_t)rows * sl->prank[j] * esize + 127) / 128;
-        for (size_t i = first; i < lines; i += stride) {
-            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(b + i * 128));
-        }
-    }
-}
-
 #define DEFINE_EXPAND_SILU_V(TNAME, TYPE, VNAME, VTYPE, RL)                                     \
     extern "C" __global__ void __launch_bounds__(EXPAND_SILU_WARPS * 32, EXPAND_SILU_BLOCKS)    \
         sgmv_expand_silu_rows_##TNAME##VNAME##_l##RL(                                          \

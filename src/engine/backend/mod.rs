@@ -871,21 +871,6 @@ pub trait Backend: Send + Sync + 'static {
         y: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// A hint before a group's base GEMM in a step whose expands read B from `table`: start
-    /// bringing the B matrices that `sgmv_expand(.., table, meta, .., outs, ..)` will read
-    /// closer to the cores, beside the work issued next. Returns whether it issued work on
-    /// the side queue (then [`Self::join_side`] before the step ends). Nothing to do for a
-    /// backend without such a cache.
-    fn prefetch_expand(
-        &self,
-        table: &Self::LoraTable,
-        meta: &Self::Meta,
-        outs: &[usize],
-    ) -> Result<bool> {
-        let _ = (table, meta, outs);
-        Ok(false)
-    }
-
     /// The expand of a q|k|v group (parts of `n_heads`, `n_kv_heads` and `n_kv_heads` heads)
     /// followed by [`Self::rope_write_kv`]: `sgmv_expand(v, table, meta, v_stride, &[q, kv,
     /// kv], row_stride, 0, qkv)` then RoPE and the cache write. Afterwards `qkv` holds the

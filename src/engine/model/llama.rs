@@ -443,8 +443,6 @@ impl<B: Backend> Llama<B> {
             copying,
         };
         b.embedding(&self.embed_tokens, m, h, &mut residual)?;
-        // Whether B prefetches went to the side queue (joined after the layers).
-        let mut prefetched = false;
         for (l, layer) in self.layers.iter().enumerate() {
             if l == 0 {
                 b.rms_norm(
@@ -457,14 +455,12 @@ impl<B: Backend> Llama<B> {
                 )?;
             }
             let pending = lora.shrink(l, LoraGroup::Qkv, &normed, &mut v)?;
-            prefetched |= lora.prefetch(l, LoraGroup::Qkv)?;
             b.matmul(&normed, &layer.self_attn.qkv_proj, rows, h, qkv_w, &mut qkv)?;
             let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
             let rope = (&self.inv_freq, shape, (&mut *k_cache, &mut *v_cache));
             lora.expand_rope_write_kv(pending, l, &v, (&mut qkv, qkv_w), rope)?;
             b.attention(&qkv, qkv_w, 0, k_cache, v_cache, m, shape, scale, &mut attn)?;
             let pending = lora.shrink(l, LoraGroup::O, &attn, &mut v)?;
-            prefetched |= lora.prefetch(l, LoraGroup::O)?;
             b.matmul(&attn, &layer.self_attn.o_proj, rows, q_dim, o_w, &mut proj)?;
             lora.expand(pending, l, LoraGroup::O, &v, &mut proj, o_w)?;
             b.add_rms_norm(
@@ -478,7 +474,6 @@ impl<B: Backend> Llama<B> {
                 &mut normed,
             )?;
             let pending = lora.shrink(l, LoraGroup::GateUp, &normed, &mut v)?;
-            prefetched |= lora.prefetch(l, LoraGroup::GateUp)?;
             b.matmul(
                 &normed,
                 &layer.mlp.gate_up_proj,
@@ -496,7 +491,6 @@ impl<B: Backend> Llama<B> {
                 &mut act,
             )?;
             let pending = lora.shrink(l, LoraGroup::Down, &act, &mut v)?;
-            prefetched |= lora.prefetch(l, LoraGroup::Down)?;
             b.matmul(&act, &layer.mlp.down_proj, rows, inter, down_w, &mut proj)?;
             lora.expand(pending, l, LoraGroup::Down, &v, &mut proj, down_w)?;
             let next_norm = match self.layers.get(l + 1) {
@@ -516,9 +510,6 @@ impl<B: Backend> Llama<B> {
             if STEP_PARTS_AFTER.contains(&l) && l + 1 < self.layers.len() {
                 b.checkpoint()?;
             }
-        }
-        if prefetched {
-            b.join_side()?;
         }
         let n_logits = meta.logit_rows.len();
         if n_logits == 0 {
@@ -648,21 +639,6 @@ impl<B: Backend> Lora<'_, B> {
         });
         self.b.end_side()?;
         issued.map(|()| true).map_err(Into::into)
-    }
-
-    /// In an arena step, before the group's base GEMM: the hint to bring the B matrices its
-    /// expand reads closer (see `Backend::prefetch_expand`). Returns whether side-queue work
-    /// was issued.
-    fn prefetch(&self, layer: usize, group: LoraGroup) -> Result<bool> {
-        let table = match (self.arena, self.on) {
-            (true, true) => self.state.arena_tables[layer][group.index()].as_ref(),
-            _ => None,
-        };
-        let Some(table) = table else {
-            return Ok(false);
-        };
-        let (_, outs) = self.config.group_dims(group);
-        Ok(self.b.prefetch_expand(table, self.meta, &outs)?)
     }
 
     /// After the base GEMM wrote `y` (the group's outputs side by side from column 0):

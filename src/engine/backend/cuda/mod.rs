@@ -477,9 +477,6 @@ pub struct CudaBackend {
     /// Run [`Backend::begin_side`] work on the side stream (`PUNICA_SIDE_STREAM=0`: on the main
     /// stream, in issue order).
     side_stream: bool,
-    /// Prefetch each group's B into L2 beside its base GEMM in an arena step
-    /// (`PUNICA_PREFETCH_B=0`: not).
-    prefetch_b: bool,
     /// Fuse the gate|up expand into SiLU-mul where the row kernels serve the step
     /// (`PUNICA_FUSED_SILU=0`: the expand and SiLU-mul as two kernels).
     fused_silu: bool,
@@ -680,7 +677,6 @@ impl CudaBackend {
             profile: (std::env::var("PUNICA_PROFILE_OPS").as_deref() == Ok("1"))
                 .then(|| Mutex::new(profile::OpProfile::new())),
             side_stream: std::env::var("PUNICA_SIDE_STREAM").as_deref() != Ok("0"),
-            prefetch_b: std::env::var("PUNICA_PREFETCH_B").as_deref() != Ok("0"),
             fused_silu: std::env::var("PUNICA_FUSED_SILU").as_deref() != Ok("0"),
             fused_rope: std::env::var("PUNICA_FUSED_ROPE").as_deref() != Ok("0"),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
@@ -1700,7 +1696,6 @@ pub fn kernel_names() -> Vec<String> {
         }
     }
     names.push("sample_f32".to_string());
-    names.push("sgmv_prefetch_b".to_string());
     for t in ["f32", "f16", "bf16"] {
         for op in [
             "embedding",
@@ -2524,56 +2519,6 @@ impl Backend for CudaBackend {
             )?;
         }
         Ok(())
-    }
-
-    fn prefetch_expand(
-        &self,
-        table: &CudaLoraTable,
-        meta: &CudaMeta,
-        outs: &[usize],
-    ) -> Result<bool> {
-        let Some(dtype) = table.dtype else {
-            return Ok(false);
-        };
-        if !(self.prefetch_b && self.side_stream && self.check_lora(dtype, table, meta)?) {
-            return Ok(false);
-        }
-        if outs.is_empty() || outs.len() > MAX_GROUP_PARTS {
-            return Err(shape(format!(
-                "prefetch_expand: a group has 1..={MAX_GROUP_PARTS} parts, got {}",
-                outs.len()
-            )));
-        }
-        // Within each adapter's B (as `check_expand`): no line past its end.
-        for (j, &min_out) in table.sum.min_out.iter().enumerate() {
-            if outs.get(j).is_some_and(|&out| out > min_out) {
-                return Err(shape(format!(
-                    "prefetch_expand: part {j} of {} columns exceeds an adapter's B height \
-                     {min_out}",
-                    outs[j]
-                )));
-            }
-        }
-        let ends = plan::group_ends(outs);
-        let tiles = meta.layout.tile_grid();
-        self.begin_side()?;
-        let launched = self.launch(
-            "sgmv_prefetch_b",
-            (plan::PREFETCH_BLOCKS_PER_TILE as u32, tiles as u32, 1),
-            256,
-            &[
-                Arg::Ptr(table.ptr),
-                Arg::Ptr(meta.at(meta.layout.tiles)),
-                Arg::Ptr(meta.at(meta.layout.segs)),
-                i32_arg(ends[0], "end0")?,
-                i32_arg(ends[1], "end1")?,
-                i32_arg(ends[2], "end2")?,
-                i32_arg(dtype.size(), "esize")?,
-            ],
-            false,
-        );
-        self.end_side()?;
-        launched.map(|()| true)
     }
 
     fn expand_rope_write_kv(

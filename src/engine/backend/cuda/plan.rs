@@ -30,8 +30,6 @@ pub const EXPAND_ROWS_WARPS: usize = 8;
 pub const EXPAND_ROWS_KU: usize = 1;
 /// Blocks an SM of the grid-stride row expand (its launch bounds, `EXPAND_ROWS_GS_BLOCKS`).
 pub const EXPAND_ROWS_GS_BLOCKS: usize = 6;
-/// Blocks a tile of the B prefetch (kernels/sgmv.cu `sgmv_prefetch_b`), 256 threads each.
-pub const PREFETCH_BLOCKS_PER_TILE: usize = 4;
 /// Warps per block of the fused gate|up expand + SiLU-mul (kernels/sgmv.cu `EXPAND_SILU_WARPS`).
 pub const EXPAND_SILU_WARPS: usize = 8;
 /// Its blocks an SM (launch bounds, `EXPAND_SILU_BLOCKS`).

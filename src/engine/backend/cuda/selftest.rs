@@ -327,13 +327,6 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
             .collect();
         let atable = be.lora_table(&gpu_groups(true))?;
         let catable = cpu.lora_table(&cpu_groups(true))?;
-        // The engine's hint before an arena step's GEMM: B into L2 on the side stream. It
-        // writes nothing; the expands below run after it (joined) and must still agree.
-        if be.prefetch_expand(&atable, &dmeta, outs)? {
-            be.join_side()?;
-            be.synchronize()?;
-            c.pass_exact("prefetch_expand", label.clone());
-        }
         let tables = (&atable, &catable, &dmeta, &cmeta);
         let dv = be.upload(DType::F32, &wide)?;
         let cv = cpu.upload(DType::F32, &wide_clean)?;
