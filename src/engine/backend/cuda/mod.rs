@@ -1522,6 +1522,29 @@ impl CudaBackend {
         ])
     }
 
+    /// The launch of a fused expand (`plan::fused_expand_plan` over `units`) with its kernel's
+    /// v suffix, when it is `enabled`, the expand has work (`v_name`, from [`Self::check_expand`])
+    /// and the row kernels serve the step; `None`: the caller runs the two ops.
+    fn fused_plan(
+        &self,
+        enabled: bool,
+        v_name: Option<&'static str>,
+        table: &CudaLoraTable,
+        meta: &CudaMeta,
+        units: (usize, usize),
+    ) -> Result<Option<(&'static str, plan::FusedExpandPlan)>> {
+        let (lay, tiles) = (&meta.layout, meta.layout.tile_grid());
+        let rank = table.sum.max_part_rank;
+        match v_name {
+            Some(v_name) if enabled && self.row_limits().expand(lay.max_seg_rows, rank, tiles) => {
+                let rows = (lay.rows, lay.lora_rows);
+                let p = plan::fused_expand_plan(rank, units, tiles, rows, self.sm_count)?;
+                Ok(Some((v_name, p)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Validate the arguments of [`Backend::rope_write_kv`].
     #[allow(clippy::too_many_arguments)]
     fn check_rope(
@@ -2546,14 +2569,11 @@ impl Backend for CudaBackend {
         let v_name = self.check_expand(v, table, meta, v_stride, &outs, row_stride, 0, qkv)?;
         self.check_rope(qkv, row_stride, inv_freq, meta, shape_, k_cache, v_cache)?;
         let (lay, tiles) = (&meta.layout, meta.layout.tile_grid());
-        let fused = v_name.filter(|_| {
-            self.fused_rope
-                && head_dim >= 2
-                && self
-                    .row_limits()
-                    .expand(lay.max_seg_rows, table.sum.max_part_rank, tiles)
-        });
-        let Some(v_name) = fused else {
+        let pairs = (n_heads + 2 * n_kv_heads) * (head_dim / 2);
+        let units = (pairs, plan::EXPAND_ROPE_GAP_PAIRS);
+        let fused =
+            self.fused_plan(self.fused_rope && head_dim >= 2, v_name, table, meta, units)?;
+        let Some((v_name, p)) = fused else {
             self.sgmv_expand(v, table, meta, v_stride, &outs, row_stride, 0, qkv)?;
             return self.rope_write_kv(qkv, row_stride, inv_freq, meta, shape_, k_cache, v_cache);
         };
@@ -2567,14 +2587,6 @@ impl Backend for CudaBackend {
                 lay.positions, lay.slot_mapping, lay.row_lora, lay.rows
             )));
         }
-        let pairs = (n_heads + 2 * n_kv_heads) * (head_dim / 2);
-        let p = plan::fused_expand_plan(
-            table.sum.max_part_rank,
-            (pairs, plan::EXPAND_ROPE_GAP_PAIRS),
-            tiles,
-            (lay.rows, lay.lora_rows),
-            self.sm_count,
-        )?;
         // As the row expands: only host copies are read before the wait, so it overlaps the
         // GEMM that wrote v and qkv.
         self.launch(
@@ -2621,30 +2633,15 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let outs = [n, n];
         let v_name = self.check_expand(v, table, meta, v_stride, &outs, y_stride, 0, y)?;
-        let tiles = meta.layout.tile_grid();
-        let fused = v_name.filter(|_| {
-            self.fused_silu
-                && rows == meta.layout.rows
-                && self.row_limits().expand(
-                    meta.layout.max_seg_rows,
-                    table.sum.max_part_rank,
-                    tiles,
-                )
-        });
-        let Some(v_name) = fused else {
+        let (lay, tiles) = (&meta.layout, meta.layout.tile_grid());
+        let enabled = self.fused_silu && rows == lay.rows;
+        let units = (n, plan::EXPAND_SILU_GAP_COLS);
+        let Some((v_name, p)) = self.fused_plan(enabled, v_name, table, meta, units)? else {
             self.sgmv_expand(v, table, meta, v_stride, &outs, y_stride, 0, y)?;
             return self.silu_mul(y, y_stride, rows, n, out);
         };
         same_dtype(y, out, "expand_silu_mul")?;
         need(out, rows * n, "expand_silu_mul out")?;
-        let lay = &meta.layout;
-        let p = plan::fused_expand_plan(
-            table.sum.max_part_rank,
-            (n, plan::EXPAND_SILU_GAP_COLS),
-            tiles,
-            (lay.rows, lay.lora_rows),
-            self.sm_count,
-        )?;
         // As the row expands: only host copies are read before the wait (B, the table and
         // the step's tiles and row flags), so it overlaps the GEMM that wrote v and y.
         self.launch(
