@@ -12,8 +12,9 @@
 #   persistent blocks (`sgmv_*_stream_*`); flags 1 = no compute, 2 = y untouched, 4 = no v
 #   loads, 8 = the old y by bulk copies too.
 # - With `gemm`: the engine's order, each expand right after the GEMM that writes its y.
-# - With `silu`: the gate|up GEMM, then its expand and SiLU-mul, or the two fused (not measured
-#   yet: written at the end of session 14, for the next GPU session).
+# - With `silu`: the gate|up GEMM, then its expand and SiLU-mul, or kernels/sgmv.cu's fused
+#   `sgmv_expand_silu_rows_*` (session 15 measured the probe's own first version of it against
+#   the two kernels: bench/results/sgmv-expand-silu-probe-h200-2026-11-30-s15.txt).
 # Usage: python3 bench/scripts/sgmv_stream_probe.py [expand] [stream]
 #        python3 bench/scripts/sgmv_stream_probe.py gemm
 #        python3 bench/scripts/sgmv_stream_probe.py silu
@@ -455,7 +456,7 @@ def gemm_main():
 
 def silu_main():
     # The gate|up GEMM, then its expand and SiLU-mul as the engine runs them (two kernels) or
-    # fused into one (`probe_expand_silu_*`); 7B at batch 32, r=16, one adapter a row.
+    # fused into one (kernels/sgmv.cu `sgmv_expand_silu_rows_*`); 7B at batch 32, r=16, one adapter a row.
     rows, h_in, n, rank = 32, 4096, 11008, 16
     print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; "
           f"gate|up GEMM, expand and SiLU-mul, rows {rows}, r {rank}")
@@ -473,12 +474,17 @@ def silu_main():
         launch("silu_mul_bf16", (min((total + 255) // 256, 32 * SMS), 1, 1),
                [s.y, 2 * n, n, U64(total), s.act], threads=256)
 
-    def fused(s, nw, mb):
-        ncb = (n + nw * 16 - 1) // (nw * 16)
-        per_tile = max(1, min(ncb, mb * SMS // s.rows))
-        launch(f"probe_expand_silu_l2_w{nw}_b{mb}", (per_tile * s.rows, 1, 1),
-               [s.vh, 2 * rank, s.y, 2 * n, n, s.act, s.table, s.tiles, s.segs, s.rows, ncb],
-               threads=32 * nw)
+    # Every row has an adapter (slot + 1 a row): no blocks for rows without one.
+    row_lora = torch.arange(1, rows + 1, dtype=torch.int32, device="cuda")
+
+    def fused(s):
+        # As cuda/plan.rs `fused_expand_plan`: 8 warps of 16 columns, 4 blocks an SM.
+        ncb = (n + 8 * 16 - 1) // (8 * 16)
+        per_tile = max(1, min(ncb, 4 * SMS // s.rows))
+        launch("sgmv_expand_silu_rows_bf16_vh_l2", (per_tile * s.rows, 1, 1),
+               [s.vh, 2 * rank, s.y, 2 * n, n, s.act, s.table, s.tiles, s.segs, row_lora,
+                s.rows, per_tile, ncb],
+               threads=256)
 
     gate_up = (one.xg.float() @ one.w.float().t()).to(torch.bfloat16)
     with_lora = one.reference(gate_up, True).to(torch.bfloat16).float()
@@ -489,8 +495,7 @@ def silu_main():
     vs = [("gemm only", gemm, None),
           ("gemm + silu_mul (no LoRA)", lambda s: (gemm(s), silu(s)), ref_base),
           ("gemm + grid-stride expand + silu_mul", lambda s: (gemm(s), gs_ops(s, True, 8, 6, shrink=False), silu(s)), ref_lora)]
-    for (nw, mb) in [(8, 6), (8, 4), (4, 12)]:
-        vs.append((f"gemm + fused expand+silu w{nw} b{mb}", (lambda nw, mb: lambda s: (gemm(s), fused(s, nw, mb)))(nw, mb), ref_lora))
+    vs.append(("gemm + fused expand+silu (sgmv.cu)", lambda s: (gemm(s), fused(s)), ref_lora))
     for name, fn, ref in vs:
         us, got, _ = bench(sets, fn, out=lambda s: s.act)
         err = "" if ref is None else f"rel err {((got - ref).norm() / ref.norm()).item():.1e}"
