@@ -2,6 +2,10 @@
 # cuBLASLt, with and without the LoRA arena's extra rows (32 slots x rank 16 a projection), each
 # replayed from a CUDA graph over rotated weights (~1.5 GiB, so no weight stays in L2).
 # Usage: python3 bench/scripts/gemm_shapes_probe.py   (on a CUDA machine with torch)
+#        PYTORCH_TUNABLEOP_ENABLED=1 PYTORCH_TUNABLEOP_TUNING=1 python3 bench/scripts/gemm_shapes_probe.py
+#        (the same with torch's GEMM autotuning, TunableOp: the warm-up calls before the graph
+#        capture try the cuBLAS / cuBLASLt algorithms of each shape and keep the fastest; whether
+#        another algorithm than cuBLAS's heuristic pick would run the arena GEMMs faster)
 import torch
 
 ROWS = 32
