@@ -706,6 +706,32 @@ mod tests {
     }
 
     #[test]
+    fn a_load_received_by_waiting_is_collected_by_the_next_poll() {
+        let src = Arc::new(MemorySource::new());
+        src.insert(key(1), files(10));
+        let mut c = cache(1, 1000, Arc::clone(&src));
+        assert!(
+            !c.wait_load(Duration::from_millis(1)),
+            "nothing in flight, nothing arrives"
+        );
+        let mut installs = Vec::new();
+        let mut install = |slot: u32, _: &Fake| {
+            installs.push(slot);
+            Ok(())
+        };
+        assert!(c.ensure(&[key(1)], &mut install).is_empty());
+        assert!(c.any_loading());
+        assert!(c.wait_load(Duration::from_secs(10)), "the load arrives");
+        // Received, not collected yet: still in flight until `poll`.
+        assert!(!c.in_host(&key(1)));
+        assert!(c.poll().is_empty());
+        assert!(c.in_host(&key(1)) && !c.any_loading());
+        assert!(c.ensure(&[key(1)], &mut install).is_empty());
+        assert_eq!(c.slot_of(&key(1)), Some(0));
+        assert_eq!(installs, vec![0]);
+    }
+
+    #[test]
     fn the_least_recently_used_unpinned_slot_is_evicted_and_pinned_slots_never_are() {
         let src = Arc::new(MemorySource::new());
         for k in 1..=3 {
