@@ -657,16 +657,22 @@ impl<B: Backend> Lora<'_, B> {
             return Ok(());
         };
         let (_, outs) = self.config.group_dims(group);
-        if self.arena {
-            let v = self.b.alias(y);
-            self.b
-                .sgmv_expand(&v, table, self.meta, y_stride, &outs, y_stride, 0, y)?;
-        } else {
-            self.b.join_side()?;
-            self.b
-                .sgmv_expand(v, table, self.meta, self.max_rank, &outs, y_stride, 0, y)?;
-        }
+        let (alias, vs) = self.expand_input(y, y_stride)?;
+        let v = alias.as_ref().unwrap_or(v);
+        self.b
+            .sgmv_expand(v, table, self.meta, vs, &outs, y_stride, 0, y)?;
         Ok(())
+    }
+
+    /// What an expand reads after the base GEMM wrote `y`: in an arena step the intermediate
+    /// in `y`'s own extra columns (an alias of `y`, returned), else the `v` of
+    /// [`Self::shrink`] on the side queue, which it joins. With that intermediate's row stride.
+    fn expand_input(&self, y: &B::Buf, y_stride: usize) -> Result<(Option<B::Buf>, usize)> {
+        if self.arena {
+            return Ok((Some(self.b.alias(y)), y_stride));
+        }
+        self.b.join_side()?;
+        Ok((None, self.max_rank))
     }
 
     /// The q|k|v group's expand (see [`Self::expand`]), RoPE and the KV-cache write, in one
@@ -686,14 +692,9 @@ impl<B: Backend> Lora<'_, B> {
                 .rope_write_kv(qkv, qkv_w, inv_freq, m, shape, k, v)
                 .map_err(Into::into);
         };
-        if self.arena {
-            let v = b.alias(qkv);
-            b.expand_rope_write_kv(&v, table, m, qkv_w, qkv, qkv_w, inv_freq, shape, caches)?;
-        } else {
-            b.join_side()?;
-            let r = self.max_rank;
-            b.expand_rope_write_kv(v, table, m, r, qkv, qkv_w, inv_freq, shape, caches)?;
-        }
+        let (alias, vs) = self.expand_input(qkv, qkv_w)?;
+        let v = alias.as_ref().unwrap_or(v);
+        b.expand_rope_write_kv(v, table, m, vs, qkv, qkv_w, inv_freq, shape, caches)?;
         Ok(())
     }
 
@@ -714,14 +715,9 @@ impl<B: Backend> Lora<'_, B> {
                 .silu_mul(gate_up, gu_w, rows, inter, act)
                 .map_err(Into::into);
         };
-        if self.arena {
-            let v = b.alias(gate_up);
-            b.expand_silu_mul(&v, table, self.meta, gu_w, gate_up, gu_w, rows, inter, act)?;
-        } else {
-            b.join_side()?;
-            let m = self.max_rank;
-            b.expand_silu_mul(v, table, self.meta, m, gate_up, gu_w, rows, inter, act)?;
-        }
+        let (alias, vs) = self.expand_input(gate_up, gu_w)?;
+        let v = alias.as_ref().unwrap_or(v);
+        b.expand_silu_mul(v, table, self.meta, vs, gate_up, gu_w, rows, inter, act)?;
         Ok(())
     }
 
