@@ -1131,3 +1131,428 @@ DEFINE_EXPAND(f16, f16, 2, 4)
 DEFINE_EXPAND(f16, f16, 2, 8)
 DEFINE_EXPAND(f16, f16, 4, 4)
 DEFINE_EXPAND(f16, f16, 4, 8)
+
+// ---------------------------------------------------------------------------------------------
+// Streamed LoRA: shrink and expand of one-row segments fused in one kernel, the weights fed by
+// bulk copies (TMA, 1-D) into a ring of shared-memory stages. For decode batches with an adapter a
+// row, where the operator is a pure weight stream: every byte of A and B is read once.
+//
+// A cluster of C blocks (clusterDim.x) takes a row (tile) at a time; block j of it reads the
+// j-th C-th of the slot's stacked A (whole rank rows: its part of v, complete, no split-K) and
+// the j-th C-th of each part's columns of B (whole B rows), both contiguous in memory. The
+// blocks swap their parts of v through distributed shared memory (each writes its part into
+// every block's copy, then arrives on that block's mbarrier), then expand. Warp 0 is the
+// producer: one thread issues the copies, running ahead of the consumer warps across rows by
+// as many stages as the ring holds (x and the old y of a row come by bulk copies as well). The
+// host checks what the copies need: ranks of eight or more, powers of two, at most 128 a part;
+// h_in, the parts' widths, y's stride and column offset multiples of eight; 16-byte aligned
+// weights.
+
+#define STREAM_CONSUMERS 8
+#define STREAM_MAX_STAGES 16
+#define STREAM_MAX_RANK 384
+// Shared memory before the x row: barriers (512 bytes), the shrink's sums and two copies of v.
+#define STREAM_HDR (512 + 4 * STREAM_MAX_RANK * 3)
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void bulk_g2s(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+            dst),
+        "l"(src), "r"(bytes), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{ .reg .pred p; WAIT_%=: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1; @!p bra "
+        "WAIT_%=; }" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+// The same, acquiring what other blocks of the cluster released when they arrived.
+__device__ __forceinline__ void mbar_wait_cluster(u32 bar, u32 parity) {
+    asm volatile(
+        "{ .reg .pred p; WAIT_%=: mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, "
+        "[%0], %1; @!p bra WAIT_%=; }" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void fence_barrier_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+// A shared-memory address of this block as the same address in block `rank` of the cluster.
+__device__ __forceinline__ u32 cluster_map(u32 addr, u32 rank) {
+    u32 r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(rank));
+    return r;
+}
+__device__ __forceinline__ void cluster_store(u32 addr, float v) {
+    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(addr), "f"(v) : "memory");
+}
+__device__ __forceinline__ void cluster_arrive_remote(u32 addr) {
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(addr)
+                 : "memory");
+}
+__device__ __forceinline__ void cluster_sync_all() {
+    asm volatile("barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;" ::: "memory");
+}
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ u32 cluster_size() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
+    return r;
+}
+// The consumer warps only (named barrier 1).
+__device__ __forceinline__ void consumers_sync() {
+    asm volatile("bar.sync 1, %0;" ::"n"(STREAM_CONSUMERS * 32) : "memory");
+}
+
+// One block's share of one row: A's rank rows [n0, n0 + nr) and, per part, columns
+// [c0, c0 + nc) of B, with where they go in y and in the block's copy of the old y.
+struct StreamWork {
+    const u16* a;
+    const u16* b[MAX_PARTS];
+    int row, n0, nr;
+    int rank[MAX_PARTS], voff[MAX_PARTS], c0[MAX_PARTS], nc[MAX_PARTS], yo[MAX_PARTS];
+    int ycols;
+    bool live;
+};
+
+__device__ __forceinline__ StreamWork stream_work(const LoraSlot* __restrict__ table,
+                                                  const u32* __restrict__ tiles,
+                                                  const u32* __restrict__ segs, int tile, int j,
+                                                  int nb, const int (&start)[MAX_PARTS + 1]) {
+    StreamWork w;
+    const TileSeg ts = tile_seg(tiles, segs, tile);
+    const LoraSlot* s = table + ts.slot;
+    w.live = ts.end > ts.row0 && s->a != nullptr;
+    w.row = ts.row0;
+    const int rank = w.live ? (int)s->rank : 0;
+    w.n0 = rank * j / nb;
+    w.nr = rank * (j + 1) / nb - w.n0;
+    w.a = reinterpret_cast<const u16*>(s->a);
+    w.ycols = 0;
+#pragma unroll
+    for (int p = 0; p < MAX_PARTS; ++p) {
+        const bool has = w.live && s->b[p] != nullptr;
+        const int n8 = (start[p + 1] - start[p]) >> 3;
+        w.b[p] = reinterpret_cast<const u16*>(s->b[p]);
+        w.rank[p] = has ? (int)s->prank[p] : 0;
+        w.voff[p] = (int)s->voff[p];
+        w.c0[p] = 8 * (n8 * j / nb);
+        w.nc[p] = has ? 8 * (n8 * (j + 1) / nb) - w.c0[p] : 0;
+        w.yo[p] = w.ycols;
+        w.ycols += w.nc[p];
+    }
+    return w;
+}
+
+// The pieces of a block's share of a row, in order: A (whole rank rows a piece when a row fits
+// a stage, else each row cut in `split` pieces), then each part's B (whole B rows).
+struct StreamPieces {
+    int a_rows, a_split, a_count;  // rows a piece, pieces a row, pieces of A
+    int b_cols[MAX_PARTS], b_count[MAX_PARTS];
+    int total;
+};
+
+__device__ __forceinline__ StreamPieces stream_pieces(const StreamWork& w, int h_in,
+                                                      int stage_bytes) {
+    StreamPieces p;
+    const int row_bytes = 2 * h_in;
+    if (row_bytes <= stage_bytes) {
+        p.a_rows = stage_bytes / row_bytes;
+        p.a_split = 1;
+        p.a_count = (w.nr + p.a_rows - 1) / p.a_rows;
+    } else {
+        p.a_rows = 1;
+        p.a_split = (row_bytes + stage_bytes - 1) / stage_bytes;
+        p.a_count = w.nr * p.a_split;
+    }
+    p.total = p.a_count;
+#pragma unroll
+    for (int q = 0; q < MAX_PARTS; ++q) {
+        p.b_cols[q] = w.rank[q] > 0 ? stage_bytes / (2 * w.rank[q]) : 1;
+        p.b_count[q] = (w.nc[q] + p.b_cols[q] - 1) / p.b_cols[q];
+        p.total += p.b_count[q];
+    }
+    return p;
+}
+
+// Piece k of a block's share: its source, bytes, and what it holds (A: first rank row of the
+// share, rows, vectors [v0, v1) of each; B: part, first column of the share, columns).
+struct StreamPiece {
+    const u16* src;
+    u32 bytes;
+    int part;  // -1: A
+    int first, count, v0, v1;
+};
+
+__device__ __forceinline__ StreamPiece stream_piece(const StreamWork& w, const StreamPieces& p,
+                                                    int k, int h_in) {
+    StreamPiece q;
+    const int nvec = h_in >> 3;
+    if (k < p.a_count) {
+        q.part = -1;
+        if (p.a_split == 1) {
+            q.first = k * p.a_rows;
+            q.count = min(p.a_rows, w.nr - q.first);
+            q.v0 = 0;
+            q.v1 = nvec;
+        } else {
+            const int per = (nvec + p.a_split - 1) / p.a_split;
+            q.first = k / p.a_split;
+            q.count = 1;
+            q.v0 = (k % p.a_split) * per;
+            q.v1 = min(nvec, q.v0 + per);
+        }
+        q.src = w.a + (size_t)(w.n0 + q.first) * h_in + (size_t)q.v0 * 8;
+        q.bytes = (u32)(16 * q.count * (q.v1 - q.v0));
+        return q;
+    }
+    k -= p.a_count;
+    int part = 0;
+#pragma unroll
+    for (int t = 0; t < MAX_PARTS - 1; ++t) {
+        if (part == t && k >= p.b_count[t]) {
+            k -= p.b_count[t];
+            part = t + 1;
+        }
+    }
+    int cols = p.b_cols[0], nc = w.nc[0], c0 = w.c0[0], rank = w.rank[0];
+    const u16* b = w.b[0];
+    if (part == 1) cols = p.b_cols[1], nc = w.nc[1], c0 = w.c0[1], rank = w.rank[1], b = w.b[1];
+    if (part == 2) cols = p.b_cols[2], nc = w.nc[2], c0 = w.c0[2], rank = w.rank[2], b = w.b[2];
+    q.part = part;
+    q.first = k * cols;
+    q.count = min(cols, nc - q.first);
+    q.v0 = 0;
+    q.v1 = rank >> 3;
+    q.src = b + (size_t)(c0 + q.first) * rank;
+    q.bytes = (u32)(2 * q.count * rank);
+    return q;
+}
+
+// y[row, col_offset + ...] += (x[row] . A^T) . B_j^T per part for one-row segments (tiles),
+// C blocks a row; see above. start: the parts' first columns (relative to col_offset), the
+// fourth entry the group's width. y_cap: columns a block's copy of the old y holds.
+template <typename T>
+__device__ __forceinline__ void sgmv_lora_stream_impl(
+    const T* __restrict__ x, int h_in, T* __restrict__ y, int y_stride, int col_offset,
+    int end0, int end1, int end2, const LoraSlot* __restrict__ table,
+    const u32* __restrict__ tiles, const u32* __restrict__ segs, int num_tiles, int stages,
+    int stage_bytes, int y_cap) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int start[MAX_PARTS + 1] = {0, end0, end1, end2};
+    const u32 base = smem_u32(smem);
+    // Barriers: full[16] at 0, empty[16] at 128, x full/empty at 256/264, y full[2] at 272,
+    // y empty[2] at 288, v full[2] at 304.
+    const u32 full0 = base, empty0 = base + 128, xfull = base + 256, xempty = base + 264;
+    const u32 yfull0 = base + 272, yempty0 = base + 288, vfull0 = base + 304;
+    float* sacc = reinterpret_cast<float*>(smem + 512);
+    float* vbuf = sacc + STREAM_MAX_RANK;  // [2][STREAM_MAX_RANK]
+    unsigned char* xs = smem + STREAM_HDR;
+    const int x_bytes = (2 * h_in + 127) & ~127;
+    unsigned char* ys = xs + x_bytes;  // [2][y_cap] of T
+    const int y_bytes = (2 * y_cap + 127) & ~127;
+    unsigned char* ring = ys + 2 * y_bytes;
+    const int nb = (int)cluster_size(), j = (int)cluster_rank();
+    const int cluster = blockIdx.x / nb, nclusters = gridDim.x / nb;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) {
+            mbar_init(full0 + 8 * s, 1);
+            mbar_init(empty0 + 8 * s, STREAM_CONSUMERS);
+        }
+        mbar_init(xfull, 1);
+        mbar_init(xempty, 1);
+        for (int b = 0; b < 2; ++b) {
+            mbar_init(yfull0 + 8 * b, 1);
+            mbar_init(yempty0 + 8 * b, STREAM_CONSUMERS);
+            mbar_init(vfull0 + 8 * b, nb);
+        }
+        fence_barrier_init();
+    }
+    for (int i = threadIdx.x; i < STREAM_MAX_RANK; i += blockDim.x) sacc[i] = 0.0f;
+    // Every block's barriers are ready before any block arrives on them.
+    cluster_sync_all();
+
+    if (warp == 0) {
+        // The producer.
+        if (lane == 0) {
+            int g = 0;  // pieces issued
+            bool waited = false;
+            for (int tile = cluster, lt = 0; tile < num_tiles; tile += nclusters) {
+                const StreamWork w = stream_work(table, tiles, segs, tile, j, nb, start);
+                if (!w.live) continue;
+                const StreamPieces ps = stream_pieces(w, h_in, stage_bytes);
+                int k = 0;
+                if (!waited) {
+                    // The weights do not come from the kernel before: the first stages' copies
+                    // go out before the wait.
+                    for (; k < ps.total && g < stages; ++k, ++g) {
+                        const StreamPiece q = stream_piece(w, ps, k, h_in);
+                        mbar_expect_tx(full0 + 8 * g, q.bytes);
+                        bulk_g2s(smem_u32(ring) + g * stage_bytes, q.src, q.bytes, full0 + 8 * g);
+                    }
+                    pdl_wait();
+                    waited = true;
+                }
+                if (lt > 0) mbar_wait(xempty, (u32)((lt - 1) & 1));
+                mbar_expect_tx(xfull, (u32)(2 * h_in));
+                bulk_g2s(smem_u32(xs), x + (size_t)w.row * h_in, (u32)(2 * h_in), xfull);
+                const int yb = lt & 1, yu = lt >> 1;
+                bool y_sent = false;
+                // The old y of the share, once the buffer's row before is written (a share
+                // without B columns only turns the buffer over).
+                auto send_y = [&]() {
+                    if (yu > 0) mbar_wait(yempty0 + 8 * yb, (u32)((yu - 1) & 1));
+                    if (w.ycols == 0) {
+                        mbar_arrive(yfull0 + 8 * yb);
+                    } else {
+                        mbar_expect_tx(yfull0 + 8 * yb, (u32)(2 * w.ycols));
+                    }
+#pragma unroll
+                    for (int p = 0; p < MAX_PARTS; ++p) {
+                        if (w.nc[p] > 0) {
+                            const T* src =
+                                y + (size_t)w.row * y_stride + col_offset + start[p] + w.c0[p];
+                            bulk_g2s(smem_u32(ys) + yb * y_bytes + 2 * w.yo[p], src,
+                                     (u32)(2 * w.nc[p]), yfull0 + 8 * yb);
+                        }
+                    }
+                    y_sent = true;
+                };
+                for (; k < ps.total; ++k, ++g) {
+                    if (k >= ps.a_count && !y_sent) send_y();
+                    const int s = g % stages;
+                    if (g >= stages) mbar_wait(empty0 + 8 * s, (u32)(((g / stages) - 1) & 1));
+                    const StreamPiece q = stream_piece(w, ps, k, h_in);
+                    mbar_expect_tx(full0 + 8 * s, q.bytes);
+                    bulk_g2s(smem_u32(ring) + s * stage_bytes, q.src, q.bytes, full0 + 8 * s);
+                }
+                if (!y_sent) send_y();
+                ++lt;
+            }
+            if (!waited) pdl_wait();
+        }
+        pdl_launch_dependents();
+    } else {
+        pdl_launch_dependents();
+        const int cw = warp - 1, ct = threadIdx.x - 32;  // consumer warp and thread
+        const uint4* xv = reinterpret_cast<const uint4*>(xs);
+        int g = 0;
+        for (int tile = cluster, lt = 0; tile < num_tiles; tile += nclusters) {
+            const StreamWork w = stream_work(table, tiles, segs, tile, j, nb, start);
+            if (!w.live) continue;
+            const StreamPieces ps = stream_pieces(w, h_in, stage_bytes);
+            const int vb = lt & 1, yu = lt >> 1;
+            // Shrink: this block's rank rows of v, whole.
+            mbar_wait(xfull, (u32)(lt & 1));
+            for (int k = 0; k < ps.a_count; ++k, ++g) {
+                const int s = g % stages;
+                const StreamPiece q = stream_piece(w, ps, k, h_in);
+                mbar_wait(full0 + 8 * s, (u32)((g / stages) & 1));
+                const uint4* st = reinterpret_cast<const uint4*>(ring + (size_t)s * stage_bytes);
+                const int len = q.v1 - q.v0;
+                for (int r = 0; r < q.count; ++r) {
+                    float sum = 0.0f;
+                    for (int i = ct; i < len; i += STREAM_CONSUMERS * 32)
+                        sum += dot8<T>(st[r * len + i], xv[q.v0 + i]);
+                    sum = warp_sum(sum);
+                    if (lane == 0) atomicAdd(&sacc[w.n0 + q.first + r], sum);
+                }
+                __syncwarp();
+                if (lane == 0) mbar_arrive(empty0 + 8 * s);
+            }
+            consumers_sync();
+            if (ct == 0) mbar_arrive(xempty);
+            if (cw == 0) {
+                // This block's part of v into every block's copy, then arrive on their barriers.
+                for (int i = lane; i < w.nr; i += 32) {
+                    const int n = w.n0 + i;
+                    const float val = sacc[n];
+                    sacc[n] = 0.0f;
+                    const u32 dst = smem_u32(vbuf + vb * STREAM_MAX_RANK + n);
+                    for (int b = 0; b < nb; ++b) cluster_store(cluster_map(dst, (u32)b), val);
+                }
+                asm volatile("fence.acq_rel.cluster;" ::: "memory");
+                __syncwarp();
+                if (lane < nb) cluster_arrive_remote(cluster_map(vfull0 + 8 * vb, (u32)lane));
+            }
+            mbar_wait_cluster(vfull0 + 8 * vb, (u32)(yu & 1));
+            // Expand: this block's columns of each part.
+            const float* v = vbuf + vb * STREAM_MAX_RANK;
+            const T* yold = reinterpret_cast<const T*>(ys + vb * y_bytes);
+            if (ps.total > ps.a_count) mbar_wait(yfull0 + 8 * vb, (u32)(yu & 1));
+            for (int k = ps.a_count; k < ps.total; ++k, ++g) {
+                const int s = g % stages;
+                const StreamPiece q = stream_piece(w, ps, k, h_in);
+                const int L = q.v1;  // 16-byte vectors a column: rank / 8, a power of two
+                const int kk = lane & (L - 1);
+                int voff = w.voff[0], c0 = w.c0[0], yo = w.yo[0];
+                if (q.part == 1) voff = w.voff[1], c0 = w.c0[1], yo = w.yo[1];
+                if (q.part == 2) voff = w.voff[2], c0 = w.c0[2], yo = w.yo[2];
+                float vr[8];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) vr[e] = v[voff + 8 * kk + e];
+                mbar_wait(full0 + 8 * s, (u32)((g / stages) & 1));
+                const uint4* st = reinterpret_cast<const uint4*>(ring + (size_t)s * stage_bytes);
+                const int total = q.count * L;
+                const int ycol0 = col_offset + start[q.part] + c0 + q.first;
+                for (int i0 = cw * 32; i0 < total; i0 += STREAM_CONSUMERS * 32) {
+                    const int i = i0 + lane;
+                    const bool valid = i < total;
+                    float sum = valid ? dot8f<T>(vr, st[i]) : 0.0f;
+                    for (int off = L >> 1; off > 0; off >>= 1)
+                        sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                    if (valid && kk == 0) {
+                        const int col = i / L;
+                        const float old = to_f32(yold[yo + q.first + col]);
+                        y[(size_t)w.row * y_stride + ycol0 + col] = from_f32<T>(old + sum);
+                    }
+                }
+                __syncwarp();
+                if (lane == 0) mbar_arrive(empty0 + 8 * s);
+            }
+            __syncwarp();
+            if (lane == 0) mbar_arrive(yempty0 + 8 * vb);
+            ++lt;
+        }
+    }
+    // No block leaves while another may still write into its shared memory.
+    __syncwarp();
+    cluster_sync_all();
+}
+
+#define DEFINE_LORA_STREAM(TNAME, TYPE)                                                       \
+    extern "C" __global__ void __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1)              \
+        sgmv_lora_stream_##TNAME(const TYPE* __restrict__ x, int h_in, TYPE* __restrict__ y,  \
+                                 int y_stride, int col_offset, int end0, int end1, int end2,  \
+                                 const LoraSlot* __restrict__ table,                          \
+                                 const u32* __restrict__ tiles, const u32* __restrict__ segs, \
+                                 int num_tiles, int stages, int stage_bytes, int y_cap) {     \
+        sgmv_lora_stream_impl<TYPE>(x, h_in, y, y_stride, col_offset, end0, end1, end2,       \
+                                    table, tiles, segs, num_tiles, stages, stage_bytes,       \
+                                    y_cap);                                                   \
+    }
+
+DEFINE_LORA_STREAM(bf16, bf16)
+DEFINE_LORA_STREAM(f16, f16)

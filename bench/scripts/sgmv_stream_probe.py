@@ -125,11 +125,24 @@ class U64(int):
     """A size_t kernel argument."""
 
 
-def launch(name, grid, args, smem=0, threads=128):
+def cluster_attr(c):
+    a = LaunchAttr()
+    a.id = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    a.val = c.to_bytes(4, "little") + (1).to_bytes(4, "little") * 2 + bytes(52)
+    return a
+
+
+def launch(name, grid, args, smem=0, threads=128, cluster=1):
     f = func(name, smem)
+    attrs = (LaunchAttr * 2)(PDL_ATTR, cluster_attr(cluster))
+    n = 1 if USE_PDL[0] else 0
+    if cluster > 1:
+        if n == 0:
+            attrs[0] = attrs[1]
+        n += 1
     cfg = LaunchConfig(grid[0], grid[1], grid[2], threads, 1, 1, smem,
                        ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
-                       ctypes.pointer(PDL_ATTR), 1 if USE_PDL[0] else 0)
+                       ctypes.cast(attrs, ctypes.POINTER(LaunchAttr)), n)
     vals = []
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -313,6 +326,42 @@ def stream_ops(s, v_half, p, shrink=True):
            [vt, rank_all, s.y, h_out, 0, s.ends[0], s.ends[1], s.ends[2], s.table, s.tiles, s.segs,
             s.rows, cc, p["est"], sb, p.get("flags", 0)],
            smem=4608 + p["est"] * sb + 16384, threads=32 * nw)
+
+
+def fused_ops(s, p):
+    """kernels/sgmv.cu's streamed LoRA: shrink and expand in one kernel, clusters of p["c"]."""
+    c, stages, sb = p["c"], p["st"], p["sb"]
+    y_cap = sum(8 * -(-(n // 8) // c) for n in s.parts)
+    fixed = 5120 + (2 * s.h_in + 127) // 128 * 128 + 2 * ((2 * y_cap + 127) // 128 * 128)
+    stages = min(stages, (232448 - fixed) // sb)  # 227 KB a block at most
+    smem = fixed + stages * sb
+    ncl = min(s.rows, p.get("blocks", SMS) // c)
+    launch("sgmv_lora_stream_bf16", (ncl * c, 1, 1),
+           [s.x, s.h_in, s.y, s.ends[2], 0, s.ends[0], s.ends[1], s.ends[2], s.table, s.tiles,
+            s.segs, s.rows, stages, sb, y_cap], smem=smem, threads=288, cluster=c)
+
+
+def fused_main():
+    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA")
+    cases = [(8, 4096, 16), (32, 4096, 16), (64, 4096, 16), (128, 4096, 16), (512, 4096, 16),
+             (8, 4096, 64), (32, 4096, 64), (64, 4096, 64), (128, 4096, 64), (512, 4096, 64),
+             (64, 8192, 64)]
+    for rows, h, r in cases:
+        vs = [("old row kernels", lambda s: old_ops(s, False))]
+        cs = [1] + [c for c in (2, 4, 8) if rows * c <= 2 * SMS]
+        for c in cs:
+            for st, sb in [(12, 16384), (6, 32768), (24, 8192)]:
+                p = dict(c=c, st=st, sb=sb)
+                vs.append((f"fused c{c} {st}x{sb // 1024}k", (lambda p: lambda s: fused_ops(s, p))(p)))
+        run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
+    # More than one part (q|k|v at 7B shapes) and mixed widths, for correctness.
+    for parts, r in [([4096, 1024, 1024], 16), ([11008, 11008], 16), ([576, 192, 192], 8)]:
+        h = 4096 if parts[0] != 576 else 576
+        vs = [("old row kernels", lambda s: old_ops(s, False))]
+        for c in (1, 2, 4):
+            p = dict(c=c, st=8, sb=16384)
+            vs.append((f"fused c{c}", (lambda p: lambda s: fused_ops(s, p))(p)))
+        run_case("shrink+expand distinct", 32, h, parts, r, False, vs)
 
 
 def bench(sets, fn, reps=20, out=lambda s: s.y):
@@ -511,6 +560,8 @@ def main():
         return read_main()
     if len(sys.argv) > 1 and sys.argv[1] == "ncu":
         return ncu_main()
+    if len(sys.argv) > 1 and sys.argv[1] == "fused":
+        return fused_main()
     print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}")
     cfgs = []
     for ssb in [16384, 32768]:
