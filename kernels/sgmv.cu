@@ -1373,6 +1373,7 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
     unsigned char* ys = xs + x_bytes;  // [2][y_cap] of T
     const int y_bytes = (2 * y_cap + 127) & ~127;
     unsigned char* ring = ys + 2 * y_bytes;
+    stages = min(stages, STREAM_MAX_STAGES);  // the host sizes the ring within it
     const int nb = (int)cluster_size(), j = (int)cluster_rank();
     const int cluster = blockIdx.x / nb, nclusters = gridDim.x / nb;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

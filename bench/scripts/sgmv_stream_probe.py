@@ -350,7 +350,7 @@ def fused_main():
         vs = [("old row kernels", lambda s: old_ops(s, False))]
         cs = [1] + [c for c in (2, 4, 8) if rows * c <= 2 * SMS]
         for c in cs:
-            for st, sb in [(12, 16384), (6, 32768), (24, 8192)]:
+            for st, sb in [(12, 16384), (6, 32768), (16, 8192)]:
                 p = dict(c=c, st=st, sb=sb)
                 vs.append((f"fused c{c} {st}x{sb // 1024}k", (lambda p: lambda s: fused_ops(s, p))(p)))
         run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
