@@ -1353,7 +1353,7 @@ __device__ __forceinline__ StreamPiece stream_piece(const StreamWork& w, const S
 // y[row, col_offset + ...] += (x[row] . A^T) . B_j^T per part for one-row segments (tiles),
 // C blocks a row; see above. start: the parts' first columns (relative to col_offset), the
 // fourth entry the group's width. y_cap: columns a block's copy of the old y holds.
-template <typename T>
+template <typename T, bool MATH = true>
 __device__ __forceinline__ void sgmv_lora_stream_impl(
     const T* __restrict__ x, int h_in, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
@@ -1473,7 +1473,7 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                 mbar_wait(full0 + 8 * s, (u32)((g / stages) & 1));
                 const uint4* st = reinterpret_cast<const uint4*>(ring + (size_t)s * stage_bytes);
                 const int len = q.v1 - q.v0;
-                for (int r = 0; r < q.count; ++r) {
+                for (int r = 0; r < q.count && MATH; ++r) {
                     float sum = 0.0f;
                     for (int i = ct; i < len; i += STREAM_CONSUMERS * 32)
                         sum += dot8<T>(st[r * len + i], xv[q.v0 + i]);
@@ -1518,7 +1518,7 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                 const uint4* st = reinterpret_cast<const uint4*>(ring + (size_t)s * stage_bytes);
                 const int total = q.count * L;
                 const int ycol0 = col_offset + start[q.part] + c0 + q.first;
-                for (int i0 = cw * 32; i0 < total; i0 += STREAM_CONSUMERS * 32) {
+                for (int i0 = cw * 32; i0 < total && MATH; i0 += STREAM_CONSUMERS * 32) {
                     const int i = i0 + lane;
                     const bool valid = i < total;
                     float sum = valid ? dot8f<T>(vr, st[i]) : 0.0f;
@@ -1543,17 +1543,24 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
     cluster_sync_all();
 }
 
-#define DEFINE_LORA_STREAM(TNAME, TYPE)                                                       \
-    extern "C" __global__ void __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1)              \
-        sgmv_lora_stream_##TNAME(const TYPE* __restrict__ x, int h_in, TYPE* __restrict__ y,  \
-                                 int y_stride, int col_offset, int end0, int end1, int end2,  \
-                                 const LoraSlot* __restrict__ table,                          \
-                                 const u32* __restrict__ tiles, const u32* __restrict__ segs, \
-                                 int num_tiles, int stages, int stage_bytes, int y_cap) {     \
+// C: blocks a cluster (a row's blocks), fixed at compile time.
+#define DEFINE_LORA_STREAM(TNAME, TYPE, C)                                                    \
+    extern "C" __global__ void __cluster_dims__(C, 1, 1)                                      \
+        __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1) sgmv_lora_stream_##TNAME##_c##C(    \
+            const TYPE* __restrict__ x, int h_in, TYPE* __restrict__ y, int y_stride,         \
+            int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table, \
+            const u32* __restrict__ tiles, const u32* __restrict__ segs, int num_tiles,       \
+            int stages, int stage_bytes, int y_cap) {                                         \
         sgmv_lora_stream_impl<TYPE>(x, h_in, y, y_stride, col_offset, end0, end1, end2,       \
                                     table, tiles, segs, num_tiles, stages, stage_bytes,       \
                                     y_cap);                                                   \
     }
 
-DEFINE_LORA_STREAM(bf16, bf16)
-DEFINE_LORA_STREAM(f16, f16)
+DEFINE_LORA_STREAM(bf16, bf16, 1)
+DEFINE_LORA_STREAM(bf16, bf16, 2)
+DEFINE_LORA_STREAM(bf16, bf16, 4)
+DEFINE_LORA_STREAM(bf16, bf16, 8)
+DEFINE_LORA_STREAM(f16, f16, 1)
+DEFINE_LORA_STREAM(f16, f16, 2)
+DEFINE_LORA_STREAM(f16, f16, 4)
+DEFINE_LORA_STREAM(f16, f16, 8)

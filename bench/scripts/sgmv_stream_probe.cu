@@ -496,3 +496,24 @@ PROBE_SHRINK(4, 4, 8)
 PROBE_SHRINK(8, 4, 4)
 PROBE_SHRINK(2, 4, 8)
 PROBE_SHRINK(4, 8, 4)
+
+// The streamed LoRA kernel of kernels/sgmv.cu with its consumers doing no arithmetic (they
+// wait for each stage and release it): what the copies alone take.
+extern "C" __global__ void __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1)
+    probe_lora_stream_nomath(const bf16* __restrict__ x, int h_in, bf16* __restrict__ y,
+                             int y_stride, int col_offset, int end0, int end1, int end2,
+                             const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+                             const u32* __restrict__ segs, int num_tiles, int stages,
+                             int stage_bytes, int y_cap) {
+    sgmv_lora_stream_impl<bf16, false>(x, h_in, y, y_stride, col_offset, end0, end1, end2, table,
+                                       tiles, segs, num_tiles, stages, stage_bytes, y_cap);
+}
+extern "C" __global__ void __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 2)
+    probe_lora_stream_2bps(const bf16* __restrict__ x, int h_in, bf16* __restrict__ y,
+                           int y_stride, int col_offset, int end0, int end1, int end2,
+                           const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+                           const u32* __restrict__ segs, int num_tiles, int stages,
+                           int stage_bytes, int y_cap) {
+    sgmv_lora_stream_impl<bf16>(x, h_in, y, y_stride, col_offset, end0, end1, end2, table, tiles,
+                                segs, num_tiles, stages, stage_bytes, y_cap);
+}

@@ -62,7 +62,7 @@ def compile_module(files):
     src = "".join(open(os.path.join(ROOT, f)).read() + "\n" for f in ["kernels/common.cuh", *files])
     prog = ctypes.c_void_p()
     ck(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"probe.cu", 0, None, None), "create")
-    opts = [b"--gpu-architecture=sm_90a", b"--std=c++17"]
+    opts = [b"--gpu-architecture=sm_90a", b"--std=c++17", b"-lineinfo"]
     rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     n = ctypes.c_size_t()
     nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
@@ -336,9 +336,31 @@ def fused_ops(s, p):
     stages = min(stages, (232448 - fixed) // sb)  # 227 KB a block at most
     smem = fixed + stages * sb
     ncl = min(s.rows, p.get("blocks", SMS) // c)
-    launch("sgmv_lora_stream_bf16", (ncl * c, 1, 1),
+    USE_PDL[0] = not p.get("nopdl", False)
+    launch(p.get("kernel", f"sgmv_lora_stream_bf16_c{c}"), (ncl * c, 1, 1),
            [s.x, s.h_in, s.y, s.ends[2], 0, s.ends[0], s.ends[1], s.ends[2], s.table, s.tiles,
-            s.segs, s.rows, stages, sb, y_cap], smem=smem, threads=288, cluster=c)
+            s.segs, s.rows, stages, sb, y_cap], smem=smem, threads=288)
+    USE_PDL[0] = True
+
+
+def fused_why_main():
+    # Why the streamed kernel is slow: copies alone, two blocks an SM, a profile of each.
+    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA, why")
+    ps = [("fused c1 12x16k", dict(c=1, st=12, sb=16384)),
+          ("no math c1 12x16k", dict(c=1, st=12, sb=16384, kernel="probe_lora_stream_nomath")),
+          ("no math c1 6x32k", dict(c=1, st=6, sb=32768, kernel="probe_lora_stream_nomath")),
+          ("2 blocks an SM c1 5x16k", dict(c=1, st=5, sb=16384, blocks=2 * SMS, kernel="probe_lora_stream_2bps")),
+          ("fused c2 12x16k, no PDL", dict(c=2, st=12, sb=16384, nopdl=True))]
+    for rows, h, r in [(8, 4096, 64), (128, 4096, 64)]:
+        vs = [("old row kernels", lambda s: old_ops(s, False))]
+        for nm, p in ps:
+            vs.append((nm, (lambda p: lambda s: fused_ops(s, p))(p)))
+        run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
+    if "ncu" in sys.argv:
+        st = Set(128, 4096, [4096], 64, False)
+        for nm, p in ps[:2]:
+            fused_ops(st, p)
+        torch.cuda.synchronize()
 
 
 def fused_main():
@@ -560,6 +582,8 @@ def main():
         return read_main()
     if len(sys.argv) > 1 and sys.argv[1] == "ncu":
         return ncu_main()
+    if len(sys.argv) > 1 and sys.argv[1] == "fusedwhy":
+        return fused_why_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fused":
         return fused_main()
     print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}")
