@@ -1148,7 +1148,7 @@ DEFINE_EXPAND(f16, f16, 4, 8)
 // h_in, the parts' widths, y's stride and column offset multiples of eight; 16-byte aligned
 // weights.
 
-#define STREAM_CONSUMERS 8
+#define STREAM_CONSUMERS 16
 #define STREAM_MAX_STAGES 16
 #define STREAM_MAX_RANK 384
 // Shared memory before the x row: barriers (512 bytes), the shrink's sums and two copies of v.
@@ -1226,20 +1226,24 @@ __device__ __forceinline__ void consumers_sync() {
 }
 
 // One block's share of one row: A's rank rows [n0, n0 + nr) and, per part, columns
-// [c0, c0 + nc) of B, with where they go in y and in the block's copy of the old y.
+// [c0, c0 + nc) of B, with where they go in y and in the block's copy of the old y; and how
+// the share is cut into pieces (a stage each), in order: A (`a_rows` whole rank rows a piece
+// when a row fits a stage, else each row cut in `a_split` pieces of `a_per` vectors), then
+// each part's B (`b_cols` whole B rows a piece).
 struct StreamWork {
     const u16* a;
     const u16* b[MAX_PARTS];
-    int row, n0, nr;
+    int row, n0, nr, a_rows, a_split, a_per, ycols, pieces;
     int rank[MAX_PARTS], voff[MAX_PARTS], c0[MAX_PARTS], nc[MAX_PARTS], yo[MAX_PARTS];
-    int ycols;
+    int b_cols[MAX_PARTS];
     bool live;
 };
 
 __device__ __forceinline__ StreamWork stream_work(const LoraSlot* __restrict__ table,
                                                   const u32* __restrict__ tiles,
                                                   const u32* __restrict__ segs, int tile, int j,
-                                                  int nb, const int (&start)[MAX_PARTS + 1]) {
+                                                  int nb, const int (&start)[MAX_PARTS + 1],
+                                                  int h_in, int stage_bytes) {
     StreamWork w;
     const TileSeg ts = tile_seg(tiles, segs, tile);
     const LoraSlot* s = table + ts.slot;
@@ -1249,6 +1253,18 @@ __device__ __forceinline__ StreamWork stream_work(const LoraSlot* __restrict__ t
     w.n0 = rank * j / nb;
     w.nr = rank * (j + 1) / nb - w.n0;
     w.a = reinterpret_cast<const u16*>(s->a);
+    const int nvec = h_in >> 3;
+    if (2 * h_in <= stage_bytes) {
+        w.a_rows = stage_bytes / (2 * h_in);
+        w.a_split = 1;
+        w.a_per = nvec;
+        w.pieces = (w.nr + w.a_rows - 1) / w.a_rows;
+    } else {
+        w.a_rows = 1;
+        w.a_split = (2 * h_in + stage_bytes - 1) / stage_bytes;
+        w.a_per = (nvec + w.a_split - 1) / w.a_split;
+        w.pieces = w.nr * w.a_split;
+    }
     w.ycols = 0;
 #pragma unroll
     for (int p = 0; p < MAX_PARTS; ++p) {
@@ -1261,94 +1277,38 @@ __device__ __forceinline__ StreamWork stream_work(const LoraSlot* __restrict__ t
         w.nc[p] = has ? 8 * (n8 * (j + 1) / nb) - w.c0[p] : 0;
         w.yo[p] = w.ycols;
         w.ycols += w.nc[p];
+        w.b_cols[p] = has ? stage_bytes / (2 * w.rank[p]) : 1;
+        w.pieces += (w.nc[p] + w.b_cols[p] - 1) / w.b_cols[p];
     }
     return w;
 }
 
-// The pieces of a block's share of a row, in order: A (whole rank rows a piece when a row fits
-// a stage, else each row cut in `split` pieces), then each part's B (whole B rows).
-struct StreamPieces {
-    int a_rows, a_split, a_count;  // rows a piece, pieces a row, pieces of A
-    int b_cols[MAX_PARTS], b_count[MAX_PARTS];
-    int total;
-};
-
-__device__ __forceinline__ StreamPieces stream_pieces(const StreamWork& w, int h_in,
-                                                      int stage_bytes) {
-    StreamPieces p;
-    const int row_bytes = 2 * h_in;
-    if (row_bytes <= stage_bytes) {
-        p.a_rows = stage_bytes / row_bytes;
-        p.a_split = 1;
-        p.a_count = (w.nr + p.a_rows - 1) / p.a_rows;
-    } else {
-        p.a_rows = 1;
-        p.a_split = (row_bytes + stage_bytes - 1) / stage_bytes;
-        p.a_count = w.nr * p.a_split;
+// Calls a(first, count, v0, v1) for each piece of A (rank rows [first, first + count) of the
+// share, vectors [v0, v1) of each), then b(part, first, count) for each piece of B (columns
+// [first, first + count) of the part's share), in order.
+template <typename FA, typename FB>
+__device__ __forceinline__ void stream_pieces(const StreamWork& w, int nvec, FA a, FB b) {
+    for (int r = 0; r < w.nr; r += w.a_rows) {
+        const int count = min(w.a_rows, w.nr - r);
+        for (int v0 = 0; v0 < nvec; v0 += w.a_per) a(r, count, v0, min(nvec, v0 + w.a_per));
     }
-    p.total = p.a_count;
 #pragma unroll
-    for (int q = 0; q < MAX_PARTS; ++q) {
-        p.b_cols[q] = w.rank[q] > 0 ? stage_bytes / (2 * w.rank[q]) : 1;
-        p.b_count[q] = (w.nc[q] + p.b_cols[q] - 1) / p.b_cols[q];
-        p.total += p.b_count[q];
+    for (int p = 0; p < MAX_PARTS; ++p) {
+        for (int c = 0; c < w.nc[p]; c += w.b_cols[p]) b(p, c, min(w.b_cols[p], w.nc[p] - c));
     }
-    return p;
 }
 
-// Piece k of a block's share: its source, bytes, and what it holds (A: first rank row of the
-// share, rows, vectors [v0, v1) of each; B: part, first column of the share, columns).
-struct StreamPiece {
-    const u16* src;
-    u32 bytes;
-    int part;  // -1: A
-    int first, count, v0, v1;
+// A ring position: stage and the parity of its current pass.
+struct RingPos {
+    int s;
+    u32 phase;
+    __device__ __forceinline__ void next(int stages) {
+        if (++s == stages) {
+            s = 0;
+            phase ^= 1u;
+        }
+    }
 };
-
-__device__ __forceinline__ StreamPiece stream_piece(const StreamWork& w, const StreamPieces& p,
-                                                    int k, int h_in) {
-    StreamPiece q;
-    const int nvec = h_in >> 3;
-    if (k < p.a_count) {
-        q.part = -1;
-        if (p.a_split == 1) {
-            q.first = k * p.a_rows;
-            q.count = min(p.a_rows, w.nr - q.first);
-            q.v0 = 0;
-            q.v1 = nvec;
-        } else {
-            const int per = (nvec + p.a_split - 1) / p.a_split;
-            q.first = k / p.a_split;
-            q.count = 1;
-            q.v0 = (k % p.a_split) * per;
-            q.v1 = min(nvec, q.v0 + per);
-        }
-        q.src = w.a + (size_t)(w.n0 + q.first) * h_in + (size_t)q.v0 * 8;
-        q.bytes = (u32)(16 * q.count * (q.v1 - q.v0));
-        return q;
-    }
-    k -= p.a_count;
-    int part = 0;
-#pragma unroll
-    for (int t = 0; t < MAX_PARTS - 1; ++t) {
-        if (part == t && k >= p.b_count[t]) {
-            k -= p.b_count[t];
-            part = t + 1;
-        }
-    }
-    int cols = p.b_cols[0], nc = w.nc[0], c0 = w.c0[0], rank = w.rank[0];
-    const u16* b = w.b[0];
-    if (part == 1) cols = p.b_cols[1], nc = w.nc[1], c0 = w.c0[1], rank = w.rank[1], b = w.b[1];
-    if (part == 2) cols = p.b_cols[2], nc = w.nc[2], c0 = w.c0[2], rank = w.rank[2], b = w.b[2];
-    q.part = part;
-    q.first = k * cols;
-    q.count = min(cols, nc - q.first);
-    q.v0 = 0;
-    q.v1 = rank >> 3;
-    q.src = b + (size_t)(c0 + q.first) * rank;
-    q.bytes = (u32)(2 * q.count * rank);
-    return q;
-}
 
 // y[row, col_offset + ...] += (x[row] . A^T) . B_j^T per part for one-row segments (tiles),
 // C blocks a row; see above. start: the parts' first columns (relative to col_offset), the
@@ -1373,10 +1333,12 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
     unsigned char* ys = xs + x_bytes;  // [2][y_cap] of T
     const int y_bytes = (2 * y_cap + 127) & ~127;
     unsigned char* ring = ys + 2 * y_bytes;
+    const u32 ring0 = smem_u32(ring);
     stages = min(stages, STREAM_MAX_STAGES);  // the host sizes the ring within it
     const int nb = (int)cluster_size(), j = (int)cluster_rank();
     const int cluster = blockIdx.x / nb, nclusters = gridDim.x / nb;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int nvec = h_in >> 3;
     if (threadIdx.x == 0) {
         for (int s = 0; s < stages; ++s) {
             mbar_init(full0 + 8 * s, 1);
@@ -1398,32 +1360,43 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
     if (warp == 0) {
         // The producer.
         if (lane == 0) {
-            int g = 0;  // pieces issued
-            bool waited = false;
-            for (int tile = cluster, lt = 0; tile < num_tiles; tile += nclusters) {
-                const StreamWork w = stream_work(table, tiles, segs, tile, j, nb, start);
-                if (!w.live) continue;
-                const StreamPieces ps = stream_pieces(w, h_in, stage_bytes);
-                int k = 0;
-                if (!waited) {
-                    // The weights do not come from the kernel before: the first stages' copies
-                    // go out before the wait.
-                    for (; k < ps.total && g < stages; ++k, ++g) {
-                        const StreamPiece q = stream_piece(w, ps, k, h_in);
-                        mbar_expect_tx(full0 + 8 * g, q.bytes);
-                        bulk_g2s(smem_u32(ring) + g * stage_bytes, q.src, q.bytes, full0 + 8 * g);
-                    }
-                    pdl_wait();
-                    waited = true;
-                }
-                if (lt > 0) mbar_wait(xempty, (u32)((lt - 1) & 1));
+            RingPos at{0, 0u};
+            bool wrapped = false, waited = false;
+            int lt = 0;
+            // The first row's x once the kernel before is done (the weights do not come from
+            // it: the first stages' copies go out before the wait).
+            auto first_x = [&](const StreamWork& w) {
+                if (waited) return;
+                pdl_wait();
+                waited = true;
                 mbar_expect_tx(xfull, (u32)(2 * h_in));
                 bulk_g2s(smem_u32(xs), x + (size_t)w.row * h_in, (u32)(2 * h_in), xfull);
+            };
+            auto issue = [&](const StreamWork& w, const void* src, u32 bytes) {
+                if (wrapped) {
+                    first_x(w);
+                    mbar_wait(empty0 + 8 * at.s, at.phase ^ 1u);
+                }
+                mbar_expect_tx(full0 + 8 * at.s, bytes);
+                bulk_g2s(ring0 + at.s * stage_bytes, src, bytes, full0 + 8 * at.s);
+                at.next(stages);
+                if (at.s == 0) wrapped = true;
+            };
+            for (int tile = cluster; tile < num_tiles; tile += nclusters) {
+                const StreamWork w =
+                    stream_work(table, tiles, segs, tile, j, nb, start, h_in, stage_bytes);
+                if (!w.live) continue;
+                if (lt > 0) {
+                    mbar_wait(xempty, (u32)((lt - 1) & 1));
+                    mbar_expect_tx(xfull, (u32)(2 * h_in));
+                    bulk_g2s(smem_u32(xs), x + (size_t)w.row * h_in, (u32)(2 * h_in), xfull);
+                }
                 const int yb = lt & 1, yu = lt >> 1;
                 bool y_sent = false;
                 // The old y of the share, once the buffer's row before is written (a share
                 // without B columns only turns the buffer over).
                 auto send_y = [&]() {
+                    first_x(w);
                     if (yu > 0) mbar_wait(yempty0 + 8 * yb, (u32)((yu - 1) & 1));
                     if (w.ycols == 0) {
                         mbar_arrive(yfull0 + 8 * yb);
@@ -1441,15 +1414,19 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                     }
                     y_sent = true;
                 };
-                for (; k < ps.total; ++k, ++g) {
-                    if (k >= ps.a_count && !y_sent) send_y();
-                    const int s = g % stages;
-                    if (g >= stages) mbar_wait(empty0 + 8 * s, (u32)(((g / stages) - 1) & 1));
-                    const StreamPiece q = stream_piece(w, ps, k, h_in);
-                    mbar_expect_tx(full0 + 8 * s, q.bytes);
-                    bulk_g2s(smem_u32(ring) + s * stage_bytes, q.src, q.bytes, full0 + 8 * s);
-                }
+                stream_pieces(
+                    w, nvec,
+                    [&](int first, int count, int v0, int v1) {
+                        issue(w, w.a + (size_t)(w.n0 + first) * h_in + (size_t)v0 * 8,
+                              (u32)(16 * count * (v1 - v0)));
+                    },
+                    [&](int p, int first, int count) {
+                        if (!y_sent) send_y();
+                        issue(w, w.b[p] + (size_t)(w.c0[p] + first) * w.rank[p],
+                              (u32)(2 * count * w.rank[p]));
+                    });
                 if (!y_sent) send_y();
+                first_x(w);
                 ++lt;
             }
             if (!waited) pdl_wait();
@@ -1459,80 +1436,98 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
         pdl_launch_dependents();
         const int cw = warp - 1, ct = threadIdx.x - 32;  // consumer warp and thread
         const uint4* xv = reinterpret_cast<const uint4*>(xs);
-        int g = 0;
-        for (int tile = cluster, lt = 0; tile < num_tiles; tile += nclusters) {
-            const StreamWork w = stream_work(table, tiles, segs, tile, j, nb, start);
+        RingPos at{0, 0u};
+        int lt = 0;
+        for (int tile = cluster; tile < num_tiles; tile += nclusters) {
+            const StreamWork w =
+                stream_work(table, tiles, segs, tile, j, nb, start, h_in, stage_bytes);
             if (!w.live) continue;
-            const StreamPieces ps = stream_pieces(w, h_in, stage_bytes);
             const int vb = lt & 1, yu = lt >> 1;
-            // Shrink: this block's rank rows of v, whole.
-            mbar_wait(xfull, (u32)(lt & 1));
-            for (int k = 0; k < ps.a_count; ++k, ++g) {
-                const int s = g % stages;
-                const StreamPiece q = stream_piece(w, ps, k, h_in);
-                mbar_wait(full0 + 8 * s, (u32)((g / stages) & 1));
-                const uint4* st = reinterpret_cast<const uint4*>(ring + (size_t)s * stage_bytes);
-                const int len = q.v1 - q.v0;
-                for (int r = 0; r < q.count && MATH; ++r) {
-                    float sum = 0.0f;
-                    for (int i = ct; i < len; i += STREAM_CONSUMERS * 32)
-                        sum += dot8<T>(st[r * len + i], xv[q.v0 + i]);
-                    sum = warp_sum(sum);
-                    if (lane == 0) atomicAdd(&sacc[w.n0 + q.first + r], sum);
-                }
-                __syncwarp();
-                if (lane == 0) mbar_arrive(empty0 + 8 * s);
-            }
-            consumers_sync();
-            if (ct == 0) mbar_arrive(xempty);
-            if (cw == 0) {
-                // This block's part of v into every block's copy, then arrive on their barriers.
-                for (int i = lane; i < w.nr; i += 32) {
-                    const int n = w.n0 + i;
-                    const float val = sacc[n];
-                    sacc[n] = 0.0f;
-                    const u32 dst = smem_u32(vbuf + vb * STREAM_MAX_RANK + n);
-                    for (int b = 0; b < nb; ++b) cluster_store(cluster_map(dst, (u32)b), val);
-                }
-                asm volatile("fence.acq_rel.cluster;" ::: "memory");
-                __syncwarp();
-                if (lane < nb) cluster_arrive_remote(cluster_map(vfull0 + 8 * vb, (u32)lane));
-            }
-            mbar_wait_cluster(vfull0 + 8 * vb, (u32)(yu & 1));
-            // Expand: this block's columns of each part.
             const float* v = vbuf + vb * STREAM_MAX_RANK;
             const T* yold = reinterpret_cast<const T*>(ys + vb * y_bytes);
-            if (ps.total > ps.a_count) mbar_wait(yfull0 + 8 * vb, (u32)(yu & 1));
-            for (int k = ps.a_count; k < ps.total; ++k, ++g) {
-                const int s = g % stages;
-                const StreamPiece q = stream_piece(w, ps, k, h_in);
-                const int L = q.v1;  // 16-byte vectors a column: rank / 8, a power of two
-                const int kk = lane & (L - 1);
-                int voff = w.voff[0], c0 = w.c0[0], yo = w.yo[0];
-                if (q.part == 1) voff = w.voff[1], c0 = w.c0[1], yo = w.yo[1];
-                if (q.part == 2) voff = w.voff[2], c0 = w.c0[2], yo = w.yo[2];
-                float vr[8];
-#pragma unroll
-                for (int e = 0; e < 8; ++e) vr[e] = v[voff + 8 * kk + e];
-                mbar_wait(full0 + 8 * s, (u32)((g / stages) & 1));
-                const uint4* st = reinterpret_cast<const uint4*>(ring + (size_t)s * stage_bytes);
-                const int total = q.count * L;
-                const int ycol0 = col_offset + start[q.part] + c0 + q.first;
-                for (int i0 = cw * 32; i0 < total && MATH; i0 += STREAM_CONSUMERS * 32) {
-                    const int i = i0 + lane;
-                    const bool valid = i < total;
-                    float sum = valid ? dot8f<T>(vr, st[i]) : 0.0f;
-                    for (int off = L >> 1; off > 0; off >>= 1)
-                        sum += __shfl_xor_sync(0xffffffffu, sum, off);
-                    if (valid && kk == 0) {
-                        const int col = i / L;
-                        const float old = to_f32(yold[yo + q.first + col]);
-                        y[(size_t)w.row * y_stride + ycol0 + col] = from_f32<T>(old + sum);
+            mbar_wait(xfull, (u32)(lt & 1));
+            // After the shrink: x is free again; this block's part of v goes into every
+            // block's copy, then it arrives on their barriers and waits for theirs.
+            auto share_v = [&]() {
+                consumers_sync();
+                if (ct == 0) mbar_arrive(xempty);
+                if (cw == 0) {
+                    for (int i = lane; i < w.nr; i += 32) {
+                        const int n = w.n0 + i;
+                        const float val = sacc[n];
+                        sacc[n] = 0.0f;
+                        const u32 dst = smem_u32(vbuf + vb * STREAM_MAX_RANK + n);
+                        for (int b = 0; b < nb; ++b) cluster_store(cluster_map(dst, (u32)b), val);
                     }
+                    asm volatile("fence.acq_rel.cluster;" ::: "memory");
+                    __syncwarp();
+                    if (lane < nb) cluster_arrive_remote(cluster_map(vfull0 + 8 * vb, (u32)lane));
                 }
-                __syncwarp();
-                if (lane == 0) mbar_arrive(empty0 + 8 * s);
-            }
+                mbar_wait_cluster(vfull0 + 8 * vb, (u32)(yu & 1));
+            };
+            bool expanding = false;
+            stream_pieces(
+                w, nvec,
+                [&](int first, int count, int v0, int v1) {
+                    // Shrink: this block's rank rows of v, whole; two rows at a time.
+                    mbar_wait(full0 + 8 * at.s, at.phase);
+                    const uint4* st = reinterpret_cast<const uint4*>(ring + at.s * stage_bytes);
+                    const int len = v1 - v0;
+                    for (int r = 0; r < count && MATH; r += 2) {
+                        const bool two = r + 1 < count;
+                        float s0 = 0.0f, s1 = 0.0f;
+                        for (int i = ct; i < len; i += STREAM_CONSUMERS * 32) {
+                            const uint4 xi = xv[v0 + i];
+                            s0 += dot8<T>(st[r * len + i], xi);
+                            if (two) s1 += dot8<T>(st[(r + 1) * len + i], xi);
+                        }
+#pragma unroll
+                        for (int off = 16; off > 0; off >>= 1) {
+                            s0 += __shfl_xor_sync(0xffffffffu, s0, off);
+                            s1 += __shfl_xor_sync(0xffffffffu, s1, off);
+                        }
+                        if (lane == 0) {
+                            atomicAdd(&sacc[w.n0 + first + r], s0);
+                            if (two) atomicAdd(&sacc[w.n0 + first + r + 1], s1);
+                        }
+                    }
+                    __syncwarp();
+                    if (lane == 0) mbar_arrive(empty0 + 8 * at.s);
+                    at.next(stages);
+                },
+                [&](int p, int first, int count) {
+                    if (!expanding) {
+                        expanding = true;
+                        share_v();
+                        mbar_wait(yfull0 + 8 * vb, (u32)(yu & 1));
+                    }
+                    // Expand: a column's rank / 8 vectors (a power of two) to as many lanes.
+                    const int lg = __ffs(w.rank[p] >> 3) - 1, L = 1 << lg;
+                    const int kk = lane & (L - 1);
+                    float vr[8];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) vr[e] = v[w.voff[p] + 8 * kk + e];
+                    mbar_wait(full0 + 8 * at.s, at.phase);
+                    const uint4* st = reinterpret_cast<const uint4*>(ring + at.s * stage_bytes);
+                    const int total = count << lg;
+                    T* yrow = y + (size_t)w.row * y_stride + col_offset + start[p] + w.c0[p] + first;
+                    const T* yo = yold + w.yo[p] + first;
+                    for (int i0 = cw * 32; i0 < total && MATH; i0 += STREAM_CONSUMERS * 32) {
+                        const int i = i0 + lane;
+                        const bool valid = i < total;
+                        float sum = valid ? dot8f<T>(vr, st[i]) : 0.0f;
+                        for (int off = L >> 1; off > 0; off >>= 1)
+                            sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                        if (valid && kk == 0) {
+                            const int col = i >> lg;
+                            yrow[col] = from_f32<T>(to_f32(yo[col]) + sum);
+                        }
+                    }
+                    __syncwarp();
+                    if (lane == 0) mbar_arrive(empty0 + 8 * at.s);
+                    at.next(stages);
+                });
+            if (!expanding) share_v();  // a share without B columns
             __syncwarp();
             if (lane == 0) mbar_arrive(yempty0 + 8 * vb);
             ++lt;
