@@ -1148,7 +1148,7 @@ DEFINE_EXPAND(f16, f16, 4, 8)
 // h_in, the parts' widths, y's stride and column offset multiples of eight; 16-byte aligned
 // weights.
 
-#define STREAM_CONSUMERS 16
+#define STREAM_CONSUMERS 16  // a power of two (rows of A go to warps by rank row mod it)
 #define STREAM_MAX_STAGES 16
 #define STREAM_MAX_RANK 384
 // Shared memory before the x row: barriers (512 bytes), the shrink's sums and two copies of v.
@@ -1469,27 +1469,30 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
             stream_pieces(
                 w, nvec,
                 [&](int first, int count, int v0, int v1) {
-                    // Shrink: this block's rank rows of v, whole; two rows at a time.
+                    // Shrink: this block's rank rows of v, whole. A row belongs to one warp
+                    // (rank row mod STREAM_CONSUMERS, the same for each piece of a row cut in
+                    // pieces), which sums it alone: no atomics, and warps work on different
+                    // stages at once. Every warp waits for the stage before it releases it.
                     mbar_wait(full0 + 8 * at.s, at.phase);
                     const uint4* st = reinterpret_cast<const uint4*>(ring + at.s * stage_bytes);
                     const int len = v1 - v0;
-                    for (int r = 0; r < count && MATH; r += 2) {
-                        const bool two = r + 1 < count;
-                        float s0 = 0.0f, s1 = 0.0f;
-                        for (int i = ct; i < len; i += STREAM_CONSUMERS * 32) {
-                            const uint4 xi = xv[v0 + i];
-                            s0 += dot8<T>(st[r * len + i], xi);
-                            if (two) s1 += dot8<T>(st[(r + 1) * len + i], xi);
+                    for (int r = (cw - first) & (STREAM_CONSUMERS - 1); r < count && MATH;
+                         r += STREAM_CONSUMERS) {
+                        const uint4* ar = st + r * len;
+                        const uint4* xr = xv + v0;
+                        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+                        int i = lane;
+                        for (; i + 96 < len; i += 128) {
+                            const uint4 a0 = ar[i], a1 = ar[i + 32], a2 = ar[i + 64],
+                                        a3 = ar[i + 96];
+                            s0 += dot8<T>(a0, xr[i]);
+                            s1 += dot8<T>(a1, xr[i + 32]);
+                            s2 += dot8<T>(a2, xr[i + 64]);
+                            s3 += dot8<T>(a3, xr[i + 96]);
                         }
-#pragma unroll
-                        for (int off = 16; off > 0; off >>= 1) {
-                            s0 += __shfl_xor_sync(0xffffffffu, s0, off);
-                            s1 += __shfl_xor_sync(0xffffffffu, s1, off);
-                        }
-                        if (lane == 0) {
-                            atomicAdd(&sacc[w.n0 + first + r], s0);
-                            if (two) atomicAdd(&sacc[w.n0 + first + r + 1], s1);
-                        }
+                        for (; i < len; i += 32) s0 += dot8<T>(ar[i], xr[i]);
+                        const float sum = warp_sum((s0 + s1) + (s2 + s3));
+                        if (lane == 0) sacc[w.n0 + first + r] += sum;
                     }
                     __syncwarp();
                     if (lane == 0) mbar_arrive(empty0 + 8 * at.s);
@@ -1512,15 +1515,20 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                     const int total = count << lg;
                     T* yrow = y + (size_t)w.row * y_stride + col_offset + start[p] + w.c0[p] + first;
                     const T* yo = yold + w.yo[p] + first;
-                    for (int i0 = cw * 32; i0 < total && MATH; i0 += STREAM_CONSUMERS * 32) {
-                        const int i = i0 + lane;
-                        const bool valid = i < total;
-                        float sum = valid ? dot8f<T>(vr, st[i]) : 0.0f;
-                        for (int off = L >> 1; off > 0; off >>= 1)
-                            sum += __shfl_xor_sync(0xffffffffu, sum, off);
-                        if (valid && kk == 0) {
-                            const int col = i >> lg;
-                            yrow[col] = from_f32<T>(to_f32(yo[col]) + sum);
+                    // Two column steps a pass (independent chains).
+                    constexpr int NT = STREAM_CONSUMERS * 32;
+                    for (int i0 = cw * 32; i0 < total && MATH; i0 += 2 * NT) {
+                        const int ia = i0 + lane, ib = ia + NT;
+                        const bool va = ia < total, vb2 = ib < total;
+                        float sa = va ? dot8f<T>(vr, st[ia]) : 0.0f;
+                        float sb = vb2 ? dot8f<T>(vr, st[ib]) : 0.0f;
+                        for (int off = L >> 1; off > 0; off >>= 1) {
+                            sa += __shfl_xor_sync(0xffffffffu, sa, off);
+                            sb += __shfl_xor_sync(0xffffffffu, sb, off);
+                        }
+                        if (kk == 0) {
+                            if (va) yrow[ia >> lg] = from_f32<T>(to_f32(yo[ia >> lg]) + sa);
+                            if (vb2) yrow[ib >> lg] = from_f32<T>(to_f32(yo[ib >> lg]) + sb);
                         }
                     }
                     __syncwarp();
