@@ -363,6 +363,24 @@ def fused_why_main():
         torch.cuda.synchronize()
 
 
+def fused_grid_main():
+    # Cluster grids that fit at once (a cluster of c needs c free SMs of one GPC) and two
+    # blocks an SM with half the ring.
+    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA grids")
+    for rows, h, r in [(8, 4096, 16), (64, 4096, 16), (32, 4096, 64), (64, 4096, 64), (128, 4096, 64),
+                       (512, 4096, 64), (64, 8192, 64)]:
+        vs = [("old row kernels", lambda s: old_ops(s, False))]
+        for c, blocks in [(1, SMS), (2, SMS), (2, 128), (4, 128), (4, 112), (8, 128), (8, 96)]:
+            if c > 1 and rows * c > 2 * SMS:
+                continue
+            p = dict(c=c, st=6, sb=32768, blocks=blocks)
+            vs.append((f"fused c{c} 6x32k blocks {blocks}", (lambda p: lambda s: fused_ops(s, p))(p)))
+        for st, sb in [(5, 16384), (3, 32768)]:
+            p = dict(c=1, st=st, sb=sb, blocks=2 * SMS, kernel="probe_lora_stream_2bps")
+            vs.append((f"2 blocks an SM c1 {st}x{sb // 1024}k", (lambda p: lambda s: fused_ops(s, p))(p)))
+        run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
+
+
 def fused_main():
     print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA")
     cases = [(8, 4096, 16), (32, 4096, 16), (64, 4096, 16), (512, 4096, 16),
@@ -583,6 +601,8 @@ def main():
         return ncu_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fusedwhy":
         return fused_why_main()
+    if len(sys.argv) > 1 and sys.argv[1] == "fusedgrid":
+        return fused_grid_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fused":
         return fused_main()
     print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}")
