@@ -375,7 +375,7 @@ def fused_grid_main():
                 continue
             p = dict(c=c, st=6, sb=32768, blocks=blocks)
             vs.append((f"fused c{c} 6x32k blocks {blocks}", (lambda p: lambda s: fused_ops(s, p))(p)))
-        for st, sb in [(5, 16384), (3, 32768)]:
+        for st, sb in [(5, 16384), (3, 24576)]:
             p = dict(c=1, st=st, sb=sb, blocks=2 * SMS, kernel="probe_lora_stream_2bps")
             vs.append((f"2 blocks an SM c1 {st}x{sb // 1024}k", (lambda p: lambda s: fused_ops(s, p))(p)))
         run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
