@@ -1313,7 +1313,7 @@ struct RingPos {
 // y[row, col_offset + ...] += (x[row] . A^T) . B_j^T per part for one-row segments (tiles),
 // C blocks a row; see above. start: the parts' first columns (relative to col_offset), the
 // fourth entry the group's width. y_cap: columns a block's copy of the old y holds.
-template <typename T, bool MATH = true>
+template <typename T, bool MATH = true, bool X_FIRST = false>
 __device__ __forceinline__ void sgmv_lora_stream_impl(
     const T* __restrict__ x, int h_in, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
@@ -1386,6 +1386,7 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                 const StreamWork w =
                     stream_work(table, tiles, segs, tile, j, nb, start, h_in, stage_bytes);
                 if (!w.live) continue;
+                if (X_FIRST) first_x(w);
                 if (lt > 0) {
                     mbar_wait(xempty, (u32)((lt - 1) & 1));
                     mbar_expect_tx(xfull, (u32)(2 * h_in));

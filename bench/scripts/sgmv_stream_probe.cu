@@ -517,3 +517,14 @@ extern "C" __global__ void __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 2)
     sgmv_lora_stream_impl<bf16>(x, h_in, y, y_stride, col_offset, end0, end1, end2, table, tiles,
                                 segs, num_tiles, stages, stage_bytes, y_cap);
 }
+// ... with the first row's x copied before any weights (after the wait).
+extern "C" __global__ void __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1)
+    probe_lora_stream_xfirst(const bf16* __restrict__ x, int h_in, bf16* __restrict__ y,
+                             int y_stride, int col_offset, int end0, int end1, int end2,
+                             const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+                             const u32* __restrict__ segs, int num_tiles, int stages,
+                             int stage_bytes, int y_cap) {
+    sgmv_lora_stream_impl<bf16, true, true>(x, h_in, y, y_stride, col_offset, end0, end1, end2,
+                                            table, tiles, segs, num_tiles, stages, stage_bytes,
+                                            y_cap);
+}

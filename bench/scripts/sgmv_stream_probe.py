@@ -381,6 +381,27 @@ def fused_grid_main():
         run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
 
 
+def fused_ncu_main():
+    # Timings of the streamed kernel with the first x copied first, then (under ncu) plain
+    # launches of the 128-row r=64 case to profile.
+    if "profile" not in sys.argv:
+        for rows, h, r in [(64, 4096, 64), (128, 4096, 64), (512, 4096, 64)]:
+            c = 2 if rows == 64 else 1
+            vs = []
+            for nm, k in [("fused", f"sgmv_lora_stream_bf16_c{c}"), ("x first", "probe_lora_stream_xfirst"),
+                          ("no math", "probe_lora_stream_nomath")]:
+                if c > 1 and k.startswith("probe"):
+                    continue
+                p = dict(c=c, st=6, sb=32768, kernel=k)
+                vs.append((f"{nm} c{c} 6x32k", (lambda p: lambda s: fused_ops(s, p))(p)))
+            run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
+        return
+    st = Set(128, 4096, [4096], 64, False)
+    for _ in range(3):
+        fused_ops(st, dict(c=1, st=6, sb=32768))
+    torch.cuda.synchronize()
+
+
 def fused_main():
     print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA")
     cases = [(8, 4096, 16), (32, 4096, 16), (64, 4096, 16), (512, 4096, 16),
@@ -601,6 +622,8 @@ def main():
         return ncu_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fusedwhy":
         return fused_why_main()
+    if len(sys.argv) > 1 and sys.argv[1] == "fusedncu":
+        return fused_ncu_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fusedgrid":
         return fused_grid_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fused":
