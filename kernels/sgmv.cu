@@ -1132,6 +1132,7 @@ DEFINE_EXPAND(f16, f16, 2, 8)
 DEFINE_EXPAND(f16, f16, 4, 4)
 DEFINE_EXPAND(f16, f16, 4, 8)
 
+#if __CUDA_ARCH__ >= 900  // bulk copies, clusters
 // ---------------------------------------------------------------------------------------------
 // Streamed LoRA: shrink and expand of one-row segments fused in one kernel, the weights fed by
 // bulk copies (TMA, 1-D) into a ring of shared-memory stages. For decode batches with an adapter a
@@ -1148,7 +1149,8 @@ DEFINE_EXPAND(f16, f16, 4, 8)
 // h_in, the parts' widths, y's stride and column offset multiples of eight; 16-byte aligned
 // weights.
 
-#define STREAM_CONSUMERS 16  // a power of two (rows of A go to warps by rank row mod it)
+// Consumer warps a block: a power of two (rows of A go to warps by rank row mod it).
+#define STREAM_CONSUMERS 16
 #define STREAM_MAX_STAGES 16
 #define STREAM_MAX_RANK 384
 // Shared memory before the x row: barriers (512 bytes), the shrink's sums and two copies of v.
@@ -1213,11 +1215,6 @@ __device__ __forceinline__ void cluster_sync_all() {
 __device__ __forceinline__ u32 cluster_rank() {
     u32 r;
     asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-__device__ __forceinline__ u32 cluster_size() {
-    u32 r;
-    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
     return r;
 }
 // The consumer warps only (named barrier 1).
@@ -1313,7 +1310,7 @@ struct RingPos {
 // y[row, col_offset + ...] += (x[row] . A^T) . B_j^T per part for one-row segments (tiles),
 // C blocks a row; see above. start: the parts' first columns (relative to col_offset), the
 // fourth entry the group's width. y_cap: columns a block's copy of the old y holds.
-template <typename T, bool MATH = true, bool X_FIRST = false>
+template <typename T, int C, bool MATH = true, bool X_FIRST = false>
 __device__ __forceinline__ void sgmv_lora_stream_impl(
     const T* __restrict__ x, int h_in, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
@@ -1335,7 +1332,7 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
     unsigned char* ring = ys + 2 * y_bytes;
     const u32 ring0 = smem_u32(ring);
     stages = min(stages, STREAM_MAX_STAGES);  // the host sizes the ring within it
-    const int nb = (int)cluster_size(), j = (int)cluster_rank();
+    const int nb = C, j = C == 1 ? 0 : (int)cluster_rank();
     const int cluster = blockIdx.x / nb, nclusters = gridDim.x / nb;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nvec = h_in >> 3;
@@ -1355,7 +1352,11 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
     }
     for (int i = threadIdx.x; i < STREAM_MAX_RANK; i += blockDim.x) sacc[i] = 0.0f;
     // Every block's barriers are ready before any block arrives on them.
-    cluster_sync_all();
+    if (C == 1) {
+        __syncthreads();
+    } else {
+        cluster_sync_all();
+    }
 
     if (warp == 0) {
         // The producer.
@@ -1457,14 +1458,29 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                         const int n = w.n0 + i;
                         const float val = sacc[n];
                         sacc[n] = 0.0f;
-                        const u32 dst = smem_u32(vbuf + vb * STREAM_MAX_RANK + n);
-                        for (int b = 0; b < nb; ++b) cluster_store(cluster_map(dst, (u32)b), val);
+                        if (C == 1) {
+                            vbuf[vb * STREAM_MAX_RANK + n] = val;
+                        } else {
+                            const u32 dst = smem_u32(vbuf + vb * STREAM_MAX_RANK + n);
+                            for (int b = 0; b < C; ++b)
+                                cluster_store(cluster_map(dst, (u32)b), val);
+                        }
                     }
-                    asm volatile("fence.acq_rel.cluster;" ::: "memory");
-                    __syncwarp();
-                    if (lane < nb) cluster_arrive_remote(cluster_map(vfull0 + 8 * vb, (u32)lane));
+                    if (C == 1) {
+                        __syncwarp();
+                        if (lane == 0) mbar_arrive(vfull0 + 8 * vb);
+                    } else {
+                        asm volatile("fence.acq_rel.cluster;" ::: "memory");
+                        __syncwarp();
+                        if (lane < C)
+                            cluster_arrive_remote(cluster_map(vfull0 + 8 * vb, (u32)lane));
+                    }
                 }
-                mbar_wait_cluster(vfull0 + 8 * vb, (u32)(yu & 1));
+                if (C == 1) {
+                    mbar_wait(vfull0 + 8 * vb, (u32)(yu & 1));
+                } else {
+                    mbar_wait_cluster(vfull0 + 8 * vb, (u32)(yu & 1));
+                }
             };
             bool expanding = false;
             stream_pieces(
@@ -1544,7 +1560,7 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
     }
     // No block leaves while another may still write into its shared memory.
     __syncwarp();
-    cluster_sync_all();
+    if (C > 1) cluster_sync_all();
 }
 
 // C: blocks a cluster (a row's blocks), fixed at compile time.
@@ -1555,7 +1571,7 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
             int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table, \
             const u32* __restrict__ tiles, const u32* __restrict__ segs, int num_tiles,       \
             int stages, int stage_bytes, int y_cap) {                                         \
-        sgmv_lora_stream_impl<TYPE>(x, h_in, y, y_stride, col_offset, end0, end1, end2,       \
+        sgmv_lora_stream_impl<TYPE, C>(x, h_in, y, y_stride, col_offset, end0, end1, end2,    \
                                     table, tiles, segs, num_tiles, stages, stage_bytes,       \
                                     y_cap);                                                   \
     }
@@ -1563,8 +1579,8 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
 DEFINE_LORA_STREAM(bf16, bf16, 1)
 DEFINE_LORA_STREAM(bf16, bf16, 2)
 DEFINE_LORA_STREAM(bf16, bf16, 4)
-DEFINE_LORA_STREAM(bf16, bf16, 8)
 DEFINE_LORA_STREAM(f16, f16, 1)
 DEFINE_LORA_STREAM(f16, f16, 2)
 DEFINE_LORA_STREAM(f16, f16, 4)
-DEFINE_LORA_STREAM(f16, f16, 8)
+
+#endif  // __CUDA_ARCH__ >= 900

@@ -505,7 +505,7 @@ extern "C" __global__ void __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1)
                              const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
                              const u32* __restrict__ segs, int num_tiles, int stages,
                              int stage_bytes, int y_cap) {
-    sgmv_lora_stream_impl<bf16, false>(x, h_in, y, y_stride, col_offset, end0, end1, end2, table,
+    sgmv_lora_stream_impl<bf16, 1, false>(x, h_in, y, y_stride, col_offset, end0, end1, end2, table,
                                        tiles, segs, num_tiles, stages, stage_bytes, y_cap);
 }
 extern "C" __global__ void __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 2)
@@ -514,7 +514,7 @@ extern "C" __global__ void __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 2)
                            const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
                            const u32* __restrict__ segs, int num_tiles, int stages,
                            int stage_bytes, int y_cap) {
-    sgmv_lora_stream_impl<bf16>(x, h_in, y, y_stride, col_offset, end0, end1, end2, table, tiles,
+    sgmv_lora_stream_impl<bf16, 1>(x, h_in, y, y_stride, col_offset, end0, end1, end2, table, tiles,
                                 segs, num_tiles, stages, stage_bytes, y_cap);
 }
 // ... with the first row's x copied before any weights (after the wait).
@@ -524,7 +524,7 @@ extern "C" __global__ void __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1)
                              const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
                              const u32* __restrict__ segs, int num_tiles, int stages,
                              int stage_bytes, int y_cap) {
-    sgmv_lora_stream_impl<bf16, true, true>(x, h_in, y, y_stride, col_offset, end0, end1, end2,
+    sgmv_lora_stream_impl<bf16, 1, true, true>(x, h_in, y, y_stride, col_offset, end0, end1, end2,
                                             table, tiles, segs, num_tiles, stages, stage_bytes,
                                             y_cap);
 }

@@ -871,6 +871,27 @@ pub trait Backend: Send + Sync + 'static {
         y: &mut Self::Buf,
     ) -> Result<()>;
 
+    /// The whole LoRA operator of a group: [`Self::sgmv_shrink`] of `x` into `v`, then
+    /// [`Self::sgmv_expand`] from it into `y` (same arguments). `v` is the intermediate's
+    /// workspace: afterwards it holds the intermediate or what it held before (a backend may
+    /// keep the intermediate on chip). This composition is the reference.
+    #[allow(clippy::too_many_arguments)]
+    fn sgmv_lora(
+        &self,
+        x: &Self::Buf,
+        table: &Self::LoraTable,
+        meta: &Self::Meta,
+        h_in: usize,
+        (v, v_stride): (&mut Self::Buf, usize),
+        outs: &[usize],
+        y_stride: usize,
+        col_offset: usize,
+        y: &mut Self::Buf,
+    ) -> Result<()> {
+        self.sgmv_shrink(x, table, meta, h_in, v_stride, v)?;
+        self.sgmv_expand(v, table, meta, v_stride, outs, y_stride, col_offset, y)
+    }
+
     /// The expand of a q|k|v group (parts of `n_heads`, `n_kv_heads` and `n_kv_heads` heads)
     /// followed by [`Self::rope_write_kv`]: `sgmv_expand(v, table, meta, v_stride, &[q, kv,
     /// kv], row_stride, 0, qkv)` then RoPE and the cache write. Afterwards `qkv` holds the

@@ -266,8 +266,7 @@ fn make_set(be: &CudaBackend, a: &Anchor, lens: &[usize], seed: u32) -> Result<I
 }
 
 fn op(be: &CudaBackend, s: &mut InputSet, meta: &CudaMeta, h: usize, r: usize) -> Result<()> {
-    be.sgmv_shrink(&s.x, &s.table, meta, h, r, &mut s.v)?;
-    be.sgmv_expand(&s.v, &s.table, meta, r, &[h], h, 0, &mut s.y)
+    be.sgmv_lora(&s.x, &s.table, meta, h, (&mut s.v, r), &[h], h, 0, &mut s.y)
 }
 
 /// Check one set against the f64 reference: run the op once, compare y.

@@ -261,6 +261,9 @@ mod tests {
             ("EXPAND_SILU_BLOCKS", plan::EXPAND_SILU_BLOCKS),
             ("EXPAND_SILU_GAP_COLS", plan::EXPAND_SILU_GAP_COLS),
             ("EXPAND_ROPE_GAP_PAIRS", plan::EXPAND_ROPE_GAP_PAIRS),
+            ("STREAM_CONSUMERS", plan::STREAM_CONSUMERS),
+            ("STREAM_MAX_STAGES", plan::STREAM_MAX_STAGES),
+            ("STREAM_MAX_RANK", plan::STREAM_MAX_RANK),
         ] {
             let line = format!("\n#define {name} {value}\n");
             assert!(
@@ -330,6 +333,9 @@ mod tests {
                 let (k, w) = kw.split_once("_w").unwrap();
                 src.contains(&format!("DEFINE_EXPAND({t}, {t}, {k}, {w})"))
                     && src.contains("DEFINE_EXPAND_V(TNAME, TYPE, _vh, TYPE, KT, NTW)")
+            } else if let Some(rest) = name.strip_prefix("sgmv_lora_stream_") {
+                let (t, c) = rest.split_once("_c").unwrap();
+                src.contains(&format!("DEFINE_LORA_STREAM({t}, {t}, {c})"))
             } else if let Some(rest) = name.strip_prefix("attention_d") {
                 let (hd, t) = rest.split_once('_').unwrap();
                 src.contains(" attention_d##HD##_##TNAME(")

@@ -94,6 +94,8 @@ pub struct LaunchOp {
     pub pdl: bool,
     /// On the side stream.
     pub side: bool,
+    /// Dynamic shared memory in bytes.
+    pub smem: u32,
 }
 
 /// One cuBLAS GEMM of a trace: row-major `out[rows, n] = x[rows, k] · w[n, k]ᵀ`.
@@ -514,6 +516,7 @@ mod tests {
             args: ArgSlots::new([arg]).unwrap_or_default(),
             pdl: true,
             side,
+            smem: 0,
         })
     }
 

@@ -181,6 +181,9 @@ struct TableSummary {
     /// Per part, smallest `b.len / rank` over the slots that have it (`usize::MAX` when none
     /// does): the widest output that part can serve.
     min_out: [usize; MAX_GROUP_PARTS],
+    /// Every part's rank is a power of two from 8 to 128 and every total rank fits the
+    /// streamed kernel's copies of v (`sgmv_lora_stream_*`).
+    streamable: bool,
 }
 
 /// The device bytes of a slot table over `slots` (checked: ranks, shapes, alignment), and
@@ -190,6 +193,7 @@ fn encode_lora_table(slots: &[Option<RawLoraSlot>]) -> Result<(Vec<u8>, TableSum
     let (mut max_rank, mut max_part_rank, mut min_in) = (0usize, 0usize, usize::MAX);
     let mut max_vend = 0usize;
     let mut shrinkable = true;
+    let mut streamable = true;
     let mut min_out = [usize::MAX; MAX_GROUP_PARTS];
     let aligned = |p: u64| p.is_multiple_of(16);
     for (i, s) in slots.iter().enumerate() {
@@ -214,6 +218,7 @@ fn encode_lora_table(slots: &[Option<RawLoraSlot>]) -> Result<(Vec<u8>, TableSum
                 }
                 min_out[j] = min_out[j].min(p.b_len / p.rank);
                 max_part_rank = max_part_rank.max(p.rank);
+                streamable &= p.rank.is_power_of_two() && (8..=128).contains(&p.rank);
                 entry.parts[j] = (p.b, p.rank as u32, voff as u32);
                 voff += p.rank;
             }
@@ -234,6 +239,7 @@ fn encode_lora_table(slots: &[Option<RawLoraSlot>]) -> Result<(Vec<u8>, TableSum
                 return Err(shape(format!("slot {i}: v column {voff} too large")));
             }
             shrinkable &= s.voff == 0;
+            streamable &= rank <= plan::STREAM_MAX_RANK;
         }
         entry.write(&mut bytes);
     }
@@ -246,6 +252,7 @@ fn encode_lora_table(slots: &[Option<RawLoraSlot>]) -> Result<(Vec<u8>, TableSum
             max_part_rank,
             min_in,
             min_out,
+            streamable,
         },
     ))
 }
@@ -483,6 +490,12 @@ pub struct CudaBackend {
     /// Fuse the q|k|v expand into RoPE and the KV-cache write where the row kernels serve the
     /// step (`PUNICA_FUSED_ROPE=0`: two kernels).
     fused_rope: bool,
+    /// Run [`Backend::sgmv_lora`] on one-row segments as the streamed kernel, on sm_90 and
+    /// later (`PUNICA_LORA_STREAM=0`: shrink and expand).
+    lora_stream: bool,
+    /// Clusters of the streamed kernel that fit the device at once, per (cluster size, shared
+    /// memory).
+    stream_clusters: Mutex<HashMap<(usize, usize), usize>>,
     /// Per-kernel timing of real steps (`PUNICA_PROFILE_OPS=1`, see `profile`).
     profile: Option<Mutex<profile::OpProfile>>,
     /// When the CUDA-core row kernels serve a batch (`PUNICA_SGMV_ROWS_MAX`: longest segment,
@@ -679,6 +692,8 @@ impl CudaBackend {
             side_stream: std::env::var("PUNICA_SIDE_STREAM").as_deref() != Ok("0"),
             fused_silu: std::env::var("PUNICA_FUSED_SILU").as_deref() != Ok("0"),
             fused_rope: std::env::var("PUNICA_FUSED_ROPE").as_deref() != Ok("0"),
+            lora_stream: cc.0 >= 9 && std::env::var("PUNICA_LORA_STREAM").as_deref() != Ok("0"),
+            stream_clusters: Mutex::new(HashMap::new()),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
                 Ok("8") => 8,
                 _ => 4,
@@ -791,6 +806,10 @@ impl CudaBackend {
     /// Compile (or load from the cache) every module now, so the first step does not pay for it.
     pub fn warm_up(&self) -> Result<()> {
         for name in kernel_names() {
+            // The streamed LoRA kernel exists for sm_90 and later only.
+            if name.starts_with("sgmv_lora_stream_") && self.compute_capability.0 < 9 {
+                continue;
+            }
             self.function(&name)?;
         }
         Ok(())
@@ -853,6 +872,20 @@ impl CudaBackend {
         args: graph::ArgSlots,
         pdl: bool,
     ) -> Result<()> {
+        self.launch_smem(name, grid, block, args, pdl, 0)
+    }
+
+    /// [`Self::launch_slots`] with `smem` bytes of dynamic shared memory (the kernel's limit
+    /// set by [`Self::allow_smem`]).
+    fn launch_smem(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: graph::ArgSlots,
+        pdl: bool,
+        smem: u32,
+    ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -867,6 +900,7 @@ impl CudaBackend {
             args,
             pdl,
             side: self.on_side.load(std::sync::atomic::Ordering::Relaxed),
+            smem,
         }))?;
         self.profile_mark(name)?;
         *lock(&self.last) = if name.starts_with("sgmv_shrink") {
@@ -948,7 +982,7 @@ impl CudaBackend {
             blockDimX: l.block,
             blockDimY: 1,
             blockDimZ: 1,
-            sharedMemBytes: 0,
+            sharedMemBytes: l.smem,
             hStream: stream,
             attrs: if l.pdl {
                 &mut attr
@@ -1596,6 +1630,130 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Whether [`Backend::sgmv_lora`] with these arguments runs the streamed kernel (for the
+    /// selftest's report); `col_offset` and `y` as in the call, its other checks assumed.
+    pub fn streams_lora(
+        &self,
+        x: &CudaBuf,
+        table: &CudaLoraTable,
+        meta: &CudaMeta,
+        h_in: usize,
+        outs: &[usize],
+        (col_offset, y): (usize, &CudaBuf),
+    ) -> Result<bool> {
+        let y_stride = outs.iter().sum::<usize>() + 2 * col_offset;
+        Ok(self
+            .stream_plan(x, table, meta, h_in, outs, y_stride, col_offset, y)?
+            .is_some())
+    }
+
+    /// The checks of [`Backend::sgmv_shrink`]; `false` when there is nothing to do.
+    fn check_shrink(
+        &self,
+        x: &CudaBuf,
+        table: &CudaLoraTable,
+        meta: &CudaMeta,
+        h_in: usize,
+        v_stride: usize,
+        v: &CudaBuf,
+    ) -> Result<bool> {
+        let rows = meta.layout.rows;
+        if v.dtype != DType::F32 {
+            return Err(shape(format!(
+                "sgmv_shrink: v must be f32, got {:?}",
+                v.dtype
+            )));
+        }
+        need(x, rows * h_in, "sgmv_shrink x")?;
+        need(v, rows * v_stride, "sgmv_shrink v")?;
+        if !self.check_lora(x.dtype, table, meta)? {
+            return Ok(false);
+        }
+        if !table.sum.shrinkable {
+            return Err(shape(
+                "sgmv_shrink: a table whose slots start past column 0 of v serves expands only"
+                    .into(),
+            ));
+        }
+        if table.sum.max_vend > v_stride {
+            return Err(shape(format!(
+                "sgmv_shrink: the table's intermediates end at column {}, past v's width \
+                 {v_stride}",
+                table.sum.max_vend
+            )));
+        }
+        if h_in > table.sum.min_in {
+            return Err(shape(format!(
+                "sgmv_shrink: h_in {h_in} exceeds an adapter's A width {}",
+                table.sum.min_in
+            )));
+        }
+        Ok(true)
+    }
+
+    /// The streamed kernel's plan for [`Backend::sgmv_lora`] and its clusters, when it serves
+    /// the call: segments of one row, a table it can read (see `TableSummary::streamable`),
+    /// whole 16-byte vectors everywhere, and a device it fits.
+    #[allow(clippy::too_many_arguments)]
+    fn stream_plan(
+        &self,
+        x: &CudaBuf,
+        table: &CudaLoraTable,
+        meta: &CudaMeta,
+        h_in: usize,
+        outs: &[usize],
+        y_stride: usize,
+        col_offset: usize,
+        y: &CudaBuf,
+    ) -> Result<Option<(plan::StreamPlan, usize)>> {
+        let vectors = [h_in, y_stride, col_offset]
+            .iter()
+            .chain(outs)
+            .all(|n| n.is_multiple_of(8))
+            && x.ptr.is_multiple_of(16)
+            && y.ptr.is_multiple_of(16);
+        if !self.lora_stream || meta.layout.max_seg_rows != 1 || !table.sum.streamable || !vectors {
+            return Ok(None);
+        }
+        let tiles = meta.layout.tile_grid();
+        let Some(p) = plan::stream_plan(tiles, h_in, outs, self.sm_count) else {
+            return Ok(None);
+        };
+        let key = (p.cluster, p.smem);
+        let fit = lock(&self.stream_clusters).get(&key).copied();
+        let fit = match fit {
+            Some(n) => n,
+            None => {
+                // Clusters of blocks this large that the device runs at once (a cluster
+                // needs its blocks' SMs free in one GPC).
+                let name = kernel!("sgmv_lora_stream_{}_c{}", Self::suffix(x.dtype), p.cluster);
+                let f = self.function(&name)?;
+                let attr =
+                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                f.set_attribute(attr, plan::STREAM_MAX_SMEM as i32)
+                    .map_err(|e| dev_err("allow the streamed kernel's shared memory", e))?;
+                let config = cudarc::driver::LaunchConfig {
+                    grid_dim: ((p.cluster * self.sm_count) as u32, 1, 1),
+                    block_dim: (((plan::STREAM_CONSUMERS + 1) * 32) as u32, 1, 1),
+                    shared_mem_bytes: p.smem as u32,
+                };
+                let n = f
+                    .occupancy_max_active_clusters(config, &self.stream)
+                    .map_err(|e| dev_err("clusters of the streamed kernel", e))?
+                    as usize;
+                tracing::debug!(
+                    cluster = p.cluster,
+                    smem = p.smem,
+                    clusters = n,
+                    "streamed LoRA kernel fits"
+                );
+                lock(&self.stream_clusters).insert(key, n);
+                n
+            }
+        };
+        Ok((fit > 0).then_some((p, fit.min(tiles))))
+    }
+
     /// Validate an expand's arguments ([`Backend::sgmv_expand`]): the kernel name's suffix for
     /// v's dtype, or `None` when no segment has an adapter of the table.
     #[allow(clippy::too_many_arguments)]
@@ -1709,6 +1867,9 @@ pub fn kernel_names() -> Vec<String> {
             }
         }
         names.push(format!("sgmv_shrink_rows_{t}"));
+        for c in plan::STREAM_CLUSTERS {
+            names.push(format!("sgmv_lora_stream_{t}_c{c}"));
+        }
     }
     for t in ["bf16", "f16"] {
         for vpt in 1..=plan::NORM_VEC_MAX_HIDDEN / (8 * plan::NORM_VEC_THREADS) {
@@ -2346,36 +2507,8 @@ impl Backend for CudaBackend {
         v_stride: usize,
         v: &mut CudaBuf,
     ) -> Result<()> {
-        let rows = meta.layout.rows;
-        if v.dtype != DType::F32 {
-            return Err(shape(format!(
-                "sgmv_shrink: v must be f32, got {:?}",
-                v.dtype
-            )));
-        }
-        need(x, rows * h_in, "sgmv_shrink x")?;
-        need(v, rows * v_stride, "sgmv_shrink v")?;
-        if !self.check_lora(x.dtype, table, meta)? {
+        if !self.check_shrink(x, table, meta, h_in, v_stride, v)? {
             return Ok(());
-        }
-        if !table.sum.shrinkable {
-            return Err(shape(
-                "sgmv_shrink: a table whose slots start past column 0 of v serves expands only"
-                    .into(),
-            ));
-        }
-        if table.sum.max_vend > v_stride {
-            return Err(shape(format!(
-                "sgmv_shrink: the table's intermediates end at column {}, past v's width \
-                 {v_stride}",
-                table.sum.max_vend
-            )));
-        }
-        if h_in > table.sum.min_in {
-            return Err(shape(format!(
-                "sgmv_shrink: h_in {h_in} exceeds an adapter's A width {}",
-                table.sum.min_in
-            )));
         }
         // Launched over the padded tile count (see `MetaLayout::tile_grid`).
         let tiles = meta.layout.tile_grid();
@@ -2542,6 +2675,60 @@ impl Backend for CudaBackend {
             )?;
         }
         Ok(())
+    }
+
+    fn sgmv_lora(
+        &self,
+        x: &CudaBuf,
+        table: &CudaLoraTable,
+        meta: &CudaMeta,
+        h_in: usize,
+        (v, v_stride): (&mut CudaBuf, usize),
+        outs: &[usize],
+        y_stride: usize,
+        col_offset: usize,
+        y: &mut CudaBuf,
+    ) -> Result<()> {
+        if !self.check_shrink(x, table, meta, h_in, v_stride, v)?
+            || self
+                .check_expand(v, table, meta, v_stride, outs, y_stride, col_offset, y)?
+                .is_none()
+        {
+            return Ok(());
+        }
+        let Some((p, clusters)) =
+            self.stream_plan(x, table, meta, h_in, outs, y_stride, col_offset, y)?
+        else {
+            self.sgmv_shrink(x, table, meta, h_in, v_stride, v)?;
+            return self.sgmv_expand(v, table, meta, v_stride, outs, y_stride, col_offset, y);
+        };
+        let ends = plan::group_ends(outs);
+        let tiles = meta.layout.tile_grid();
+        let args = [
+            Arg::Ptr(x.ptr),
+            i32_arg(h_in, "h_in")?,
+            Arg::Ptr(y.ptr),
+            i32_arg(y_stride, "y_stride")?,
+            i32_arg(col_offset, "col_offset")?,
+            i32_arg(ends[0], "end0")?,
+            i32_arg(ends[1], "end1")?,
+            i32_arg(ends[2], "end2")?,
+            Arg::Ptr(table.ptr),
+            Arg::Ptr(meta.at(meta.layout.tiles)),
+            Arg::Ptr(meta.at(meta.layout.segs)),
+            i32_arg(tiles, "tiles")?,
+            i32_arg(p.stages, "stages")?,
+            i32_arg(plan::STREAM_STAGE_BYTES, "stage_bytes")?,
+            i32_arg(p.y_cap, "y_cap")?,
+        ];
+        self.launch_smem(
+            &kernel!("sgmv_lora_stream_{}_c{}", Self::suffix(x.dtype), p.cluster),
+            ((clusters * p.cluster) as u32, 1, 1),
+            ((plan::STREAM_CONSUMERS + 1) * 32) as u32,
+            arg_slots(&args)?,
+            self.pdl,
+            p.smem as u32,
+        )
     }
 
     fn expand_rope_write_kv(
@@ -2871,7 +3058,7 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "unknown time".into());
     format!(
-        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n# SGMV: CUDA-core row kernels when {:?}, tensor-core tiles otherwise\n# CUDA graphs for repeated steps: {}\n",
+        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n# SGMV: CUDA-core row kernels when {:?}, tensor-core tiles otherwise\n# SGMV shrink+expand of one-row segments in one streamed kernel (sgmv_lora_stream): {}\n# CUDA graphs for repeated steps: {}\n",
         be.device_name(),
         be.compute_capability().0,
         be.compute_capability().1,
@@ -2880,6 +3067,7 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         env!("PUNICA_GIT_REV"),
         be.pdl(),
         be.row_limits(),
+        if be.lora_stream { "on" } else { "off" },
         if be.graphs_enabled() { "on" } else { "off" },
     )
 }

@@ -779,6 +779,59 @@ pub fn elementwise_grid(n: usize, sm_count: usize) -> u32 {
     n.div_ceil(256).clamp(1, 32 * sm_count.max(1)) as u32
 }
 
+/// The streamed LoRA kernel (`sgmv_lora_stream_*`, kernels/sgmv.cu, sm_90 and later): shrink
+/// and expand of one-row segments in one kernel, the weights fed by bulk copies into a ring of
+/// shared-memory stages. Consumer warps a block (one producer warp more).
+pub const STREAM_CONSUMERS: usize = 16;
+/// Ring stages at most (the kernel's barriers).
+pub const STREAM_MAX_STAGES: usize = 16;
+/// Largest total rank of a slot the kernel's copies of v hold.
+pub const STREAM_MAX_RANK: usize = 384;
+/// Shared memory before the x row: barriers (512 bytes), the shrink's sums and two copies of v.
+pub const STREAM_HDR: usize = 512 + 4 * STREAM_MAX_RANK * 3;
+/// Bytes of a ring stage: six of 32 KiB beat twelve of 16 KiB on the H200
+/// (bench/results/sgmv-lora-stream-probe-h200-2026-11-30-s16*.txt).
+pub const STREAM_STAGE_BYTES: usize = 32768;
+/// Dynamic shared memory a block may have on sm_90 (227 KiB).
+pub const STREAM_MAX_SMEM: usize = 232_448;
+/// Cluster sizes the kernel is instantiated for (what [`stream_plan`] picks).
+pub const STREAM_CLUSTERS: [usize; 3] = [1, 2, 4];
+
+/// One launch of the streamed LoRA kernel: `cluster` blocks a row (a cluster), the ring's
+/// stages, the columns of y a block's copy of the old y holds, and the dynamic shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamPlan {
+    pub cluster: usize,
+    pub stages: usize,
+    pub y_cap: usize,
+    pub smem: usize,
+}
+
+/// The streamed kernel's plan for `tiles` one-row segments of a group with `h_in` inputs and
+/// parts of `outs` columns on `sms` SMs, or `None` when its shared memory cannot hold two
+/// stages besides x and the old y. A row gets a cluster of blocks when the rows alone leave
+/// SMs idle (measured: one block a row from 100 rows on 132 SMs, two from 17, four below;
+/// eight were never faster).
+pub fn stream_plan(tiles: usize, h_in: usize, outs: &[usize], sms: usize) -> Option<StreamPlan> {
+    let cluster = if tiles * 4 > sms * 3 {
+        1
+    } else if tiles > 16 {
+        2
+    } else {
+        4
+    };
+    let y_cap: usize = outs.iter().map(|&n| 8 * (n / 8).div_ceil(cluster)).sum();
+    let round = |b: usize| b.div_ceil(128) * 128;
+    let fixed = STREAM_HDR + round(2 * h_in) + 2 * round(2 * y_cap);
+    let stages = (STREAM_MAX_SMEM.checked_sub(fixed)? / STREAM_STAGE_BYTES).min(STREAM_MAX_STAGES);
+    (stages >= 2).then_some(StreamPlan {
+        cluster,
+        stages,
+        y_cap,
+        smem: fixed + stages * STREAM_STAGE_BYTES,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1389,5 +1442,48 @@ mod tests {
         );
         pack_sampling(&[], &mut bytes);
         assert!(bytes.is_empty());
+    }
+    #[test]
+    fn stream_plan_gives_rows_clusters_when_rows_leave_sms_idle() {
+        let p = |tiles| stream_plan(tiles, 4096, &[4096], 132).unwrap();
+        assert_eq!(p(512).cluster, 1);
+        assert_eq!(p(100).cluster, 1);
+        assert_eq!(p(99).cluster, 2);
+        assert_eq!(p(17).cluster, 2);
+        assert_eq!(p(16).cluster, 4);
+        assert_eq!(p(1).cluster, 4);
+        assert!(STREAM_CLUSTERS.contains(&p(1).cluster));
+    }
+
+    #[test]
+    fn stream_plan_fits_shared_memory_and_covers_each_blocks_columns() {
+        for (h_in, outs) in [
+            (4096, vec![4096]),
+            (4096, vec![4096, 1024, 1024]),
+            (4096, vec![11008, 11008]),
+            (11008, vec![4096]),
+            (576, vec![576, 192, 192]),
+            (8192, vec![8192]),
+        ] {
+            for tiles in [1, 8, 32, 64, 128, 512] {
+                let p = stream_plan(tiles, h_in, &outs, 132).unwrap();
+                assert!(p.smem <= STREAM_MAX_SMEM, "{h_in} {outs:?} {tiles}");
+                assert!((2..=STREAM_MAX_STAGES).contains(&p.stages));
+                // The kernel gives block j of a cluster columns [8 * (n8 * j / c), 8 * (n8 *
+                // (j + 1) / c)) of each part: its copy of the old y holds them all.
+                for j in 0..p.cluster {
+                    let cols: usize = outs
+                        .iter()
+                        .map(|&n| {
+                            let n8 = n / 8;
+                            8 * (n8 * (j + 1) / p.cluster) - 8 * (n8 * j / p.cluster)
+                        })
+                        .sum();
+                    assert!(cols <= p.y_cap);
+                }
+            }
+        }
+        // x and the old y alone too large for two stages.
+        assert_eq!(stream_plan(1, 100_000, &[4096], 132), None);
     }
 }

@@ -309,6 +309,46 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
     let cv_clean = cpu.upload(DType::F32, &v_clean)?;
     let tables = (&table, &ctable, &dmeta, &cmeta);
     expand_check(c, case, tables, (&dv, &cv_clean), v_width, label.clone())?;
+    // The whole operator in one call (the streamed kernel where it serves the call) against
+    // the CPU's shrink and expand.
+    let h_out: usize = outs.iter().sum();
+    let y_stride = h_out + 2 * case.pad;
+    let y0 = c.rand(dt, n_rows * y_stride, 1.0);
+    let (mut dy, mut cy) = c.upload(dt, &y0)?;
+    let (mut dv2, mut cv2) = c.poisoned(DType::F32, n_rows * v_width)?;
+    let streamed = be.streams_lora(&dx, &table, &dmeta, h_in, outs, (case.pad, &dy))?;
+    let (op, pad) = (
+        if streamed {
+            "sgmv_lora streamed"
+        } else {
+            "sgmv_lora"
+        },
+        case.pad,
+    );
+    be.sgmv_lora(
+        &dx,
+        &table,
+        &dmeta,
+        h_in,
+        (&mut dv2, v_width),
+        outs,
+        y_stride,
+        pad,
+        &mut dy,
+    )?;
+    cpu.sgmv_lora(
+        &cx,
+        &ctable,
+        &cmeta,
+        h_in,
+        (&mut cv2, v_width),
+        outs,
+        y_stride,
+        pad,
+        &mut cy,
+    )?;
+    let (y_out, y_cpu) = (be.download(&dy)?, cpu.download(&cy)?);
+    check_y(c, case, op, label.clone(), (&y0, &y_out, &y_cpu), y_stride);
     if case.arena {
         // Each row's intermediate moved to its slot's arena columns, NaN elsewhere (the GPU
         // must not read those), in f32 and in the activations' dtype.
@@ -436,8 +476,29 @@ fn expand_check(
     )?;
     let y_out = be.download(&dy)?;
     let y_cpu = cpu.download(&cy)?;
-    // Elements outside the LoRA rows and parts must be bit-identical; the rest within
-    // tolerance, element by element too, so a few skipped columns cannot hide in the norm.
+    check_y(
+        c,
+        case,
+        "sgmv_expand",
+        label,
+        (&y0, &y_out, &y_cpu),
+        y_stride,
+    );
+    Ok(())
+}
+
+/// The GPU's `y_out` against the CPU's `y_cpu` after an op that added the LoRA delta to `y0`:
+/// elements outside the LoRA rows and parts must be bit-identical; the rest within tolerance,
+/// element by element too, so a few skipped columns cannot hide in the norm.
+fn check_y(
+    c: &mut Ctx<'_>,
+    case: &SgmvCase,
+    op: &str,
+    label: String,
+    (y0, y_out, y_cpu): (&[f32], &[f32], &[f32]),
+    y_stride: usize,
+) {
+    let (outs, dt) = (&case.outs, case.dtype);
     let part_at = |col: usize| {
         let mut start = case.pad;
         for (j, &w) in outs.iter().enumerate() {
@@ -460,7 +521,7 @@ fn expand_check(
     let mut touched_outside = 0usize;
     let mut worst = 0.0f64;
     let mean_abs = y_cpu.iter().map(|e| e.abs() as f64).sum::<f64>() / y_cpu.len().max(1) as f64;
-    for (i, (&o, &r)) in y_out.iter().zip(&y_cpu).enumerate() {
+    for (i, (&o, &r)) in y_out.iter().zip(y_cpu).enumerate() {
         let (row, col) = (i / y_stride, i % y_stride);
         if !inside(row, col) && o.to_bits() != y0[i].to_bits() {
             touched_outside += 1;
@@ -472,20 +533,15 @@ fn expand_check(
     }
     if touched_outside > 0 {
         c.fail(
-            "sgmv_expand",
+            op,
             label,
             format!("{touched_outside} elements changed outside the LoRA rows and parts"),
         );
     } else if worst > 2e-2 {
-        c.fail(
-            "sgmv_expand",
-            label,
-            format!("element error {worst:.2e} > 2e-2"),
-        );
+        c.fail(op, label, format!("element error {worst:.2e} > 2e-2"));
     } else {
-        c.record("sgmv_expand", label, &y_out, &y_cpu, tol(dt));
+        c.record(op, label, y_out, y_cpu, tol(dt));
     }
-    Ok(())
 }
 
 fn workload_rows(w: Workload, tokens: usize) -> Vec<Option<u32>> {
@@ -723,6 +779,43 @@ fn sgmv_cases() -> Vec<SgmvCase> {
             arena,
             label: "group 100|36|36 unaligned parts".into(),
         });
+    }
+    // The streamed kernel (one-row segments, ranks powers of two from 8): a gate|up group with
+    // adapters lacking parts, an empty slot, mixed ranks and rows without adapter; rows cut in
+    // pieces (an A row longer than a ring stage); clusters taking more than one row.
+    let mut rows = Vec::new();
+    for slot in 0..6u32 {
+        rows.push(Some(slot));
+        rows.extend(std::iter::repeat_n(None, slot as usize % 2));
+    }
+    for dtype in [DType::BF16, DType::F16] {
+        cases.push(SgmvCase {
+            dtype,
+            h_in: 576,
+            outs: vec![1536, 1536],
+            ranks: vec![
+                vec![Some(8), None],
+                vec![Some(16), Some(16)],
+                vec![None, None],
+                vec![None, Some(32)],
+                vec![Some(128), Some(128)],
+                vec![Some(64), Some(32)],
+            ],
+            rows: rows.clone(),
+            pad: 0,
+            arena: false,
+            label: "group gate|up 576->1536 one-row segments, missing parts, ranks 8..128".into(),
+        });
+    }
+    for (h_in, h_out, r, tokens) in [(20480, 1024, 16, 8), (4096, 4096, 64, 99)] {
+        let rows = workload_rows(Workload::Distinct, tokens);
+        cases.push(SgmvCase::single(
+            DType::BF16,
+            (h_in, h_out),
+            vec![Some(r); tokens],
+            rows,
+            format!("h {h_in}->{h_out} r {r} distinct x{tokens}"),
+        ));
     }
     cases
 }
