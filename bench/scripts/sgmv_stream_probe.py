@@ -402,6 +402,24 @@ def fused_ncu_main():
     torch.cuda.synchronize()
 
 
+def fused_2bps_main():
+    # Two blocks an SM (smaller rings) with clusters, against one block an SM.
+    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA, two blocks an SM")
+    for rows, h, r in [(8, 4096, 64), (32, 4096, 64), (64, 4096, 64), (128, 4096, 64), (512, 4096, 64), (64, 8192, 64),
+                       (64, 4096, 16)]:
+        c1 = 1 if rows >= 100 else 2
+        vs = [("old row kernels", lambda s: old_ops(s, False)),
+              (f"fused c{c1} 6x32k", (lambda p: lambda s: fused_ops(s, p))(dict(c=c1, st=6, sb=32768)))]
+        for c in (1, 2, 4):
+            if rows * c > 4 * SMS or (c > 1 and rows >= 256):
+                continue
+            k = "probe_lora_stream_2bps" if c == 1 else f"probe_lora_stream_2bps_c{c}"
+            for st, sb in [(5, 16384), (2, 32768)]:
+                p = dict(c=c, st=st, sb=sb, blocks=2 * SMS, kernel=k)
+                vs.append((f"2 blocks an SM c{c} {st}x{sb // 1024}k", (lambda p: lambda s: fused_ops(s, p))(p)))
+        run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
+
+
 def fused_main():
     print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA")
     cases = [(8, 4096, 16), (32, 4096, 16), (64, 4096, 16), (512, 4096, 16),
@@ -622,6 +640,8 @@ def main():
         return ncu_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fusedwhy":
         return fused_why_main()
+    if len(sys.argv) > 1 and sys.argv[1] == "fused2bps":
+        return fused_2bps_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fusedncu":
         return fused_ncu_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fusedgrid":

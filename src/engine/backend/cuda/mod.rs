@@ -493,9 +493,9 @@ pub struct CudaBackend {
     /// Run [`Backend::sgmv_lora`] on one-row segments as the streamed kernel, on sm_90 and
     /// later (`PUNICA_LORA_STREAM=0`: shrink and expand).
     lora_stream: bool,
-    /// Clusters of the streamed kernel that fit the device at once, per (cluster size, shared
-    /// memory).
-    stream_clusters: Mutex<HashMap<(usize, usize), usize>>,
+    /// Clusters of the streamed kernel that fit the device at once, per (dtype, cluster size,
+    /// shared memory); the kernel's shared-memory limit is raised when its entry is made.
+    stream_clusters: Mutex<HashMap<(DType, usize, usize), usize>>,
     /// Per-kernel timing of real steps (`PUNICA_PROFILE_OPS=1`, see `profile`).
     profile: Option<Mutex<profile::OpProfile>>,
     /// When the CUDA-core row kernels serve a batch (`PUNICA_SGMV_ROWS_MAX`: longest segment,
@@ -1716,10 +1716,12 @@ impl CudaBackend {
             return Ok(None);
         }
         let tiles = meta.layout.tile_grid();
-        let Some(p) = plan::stream_plan(tiles, h_in, outs, self.sm_count) else {
+        let row_bytes = 2 * table.sum.max_rank * h_in
+            + 2 * table.sum.max_part_rank * outs.iter().sum::<usize>();
+        let Some(p) = plan::stream_plan(tiles, h_in, outs, self.sm_count, row_bytes) else {
             return Ok(None);
         };
-        let key = (p.cluster, p.smem);
+        let key = (x.dtype, p.cluster, p.smem);
         let fit = lock(&self.stream_clusters).get(&key).copied();
         let fit = match fit {
             Some(n) => n,

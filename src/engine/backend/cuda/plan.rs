@@ -807,12 +807,24 @@ pub struct StreamPlan {
     pub smem: usize,
 }
 
+/// A block's share of the weights up to which the streamed kernel serves a launch of fewer
+/// blocks than half the SMs: beyond it the shrink and expand kernels, spread over every SM,
+/// win (r=64 at 8 and 32 rows: bench/results/bench-kernels-*-s16a*.txt).
+pub const STREAM_FEW_BLOCK_BYTES: usize = 128 * 1024;
+
 /// The streamed kernel's plan for `tiles` one-row segments of a group with `h_in` inputs and
-/// parts of `outs` columns on `sms` SMs, or `None` when its shared memory cannot hold two
-/// stages besides x and the old y. A row gets a cluster of blocks when the rows alone leave
-/// SMs idle (measured: one block a row from 100 rows on 132 SMs, two from 17, four below;
-/// eight were never faster).
-pub fn stream_plan(tiles: usize, h_in: usize, outs: &[usize], sms: usize) -> Option<StreamPlan> {
+/// parts of `outs` columns on `sms` SMs, `row_bytes` of weights a row at most, or `None` when
+/// the shrink and expand kernels serve it better (few blocks, each with much to read) or its
+/// shared memory cannot hold two stages besides x and the old y. A row gets a cluster of
+/// blocks when the rows alone leave SMs idle (measured: one block a row from 100 rows on 132
+/// SMs, two from 17, four below; eight were never faster).
+pub fn stream_plan(
+    tiles: usize,
+    h_in: usize,
+    outs: &[usize],
+    sms: usize,
+    row_bytes: usize,
+) -> Option<StreamPlan> {
     let cluster = if tiles * 4 > sms * 3 {
         1
     } else if tiles > 16 {
@@ -820,6 +832,9 @@ pub fn stream_plan(tiles: usize, h_in: usize, outs: &[usize], sms: usize) -> Opt
     } else {
         4
     };
+    if 2 * tiles * cluster < sms && row_bytes.div_ceil(cluster) > STREAM_FEW_BLOCK_BYTES {
+        return None;
+    }
     let y_cap: usize = outs.iter().map(|&n| 8 * (n / 8).div_ceil(cluster)).sum();
     let round = |b: usize| b.div_ceil(128) * 128;
     let fixed = STREAM_HDR + round(2 * h_in) + 2 * round(2 * y_cap);
@@ -1445,7 +1460,7 @@ mod tests {
     }
     #[test]
     fn stream_plan_gives_rows_clusters_when_rows_leave_sms_idle() {
-        let p = |tiles| stream_plan(tiles, 4096, &[4096], 132).unwrap();
+        let p = |tiles| stream_plan(tiles, 4096, &[4096], 132, 0).unwrap();
         assert_eq!(p(512).cluster, 1);
         assert_eq!(p(100).cluster, 1);
         assert_eq!(p(99).cluster, 2);
@@ -1466,7 +1481,7 @@ mod tests {
             (8192, vec![8192]),
         ] {
             for tiles in [1, 8, 32, 64, 128, 512] {
-                let p = stream_plan(tiles, h_in, &outs, 132).unwrap();
+                let p = stream_plan(tiles, h_in, &outs, 132, 0).unwrap();
                 assert!(p.smem <= STREAM_MAX_SMEM, "{h_in} {outs:?} {tiles}");
                 assert!((2..=STREAM_MAX_STAGES).contains(&p.stages));
                 // The kernel gives block j of a cluster columns [8 * (n8 * j / c), 8 * (n8 *
@@ -1484,6 +1499,17 @@ mod tests {
             }
         }
         // x and the old y alone too large for two stages.
-        assert_eq!(stream_plan(1, 100_000, &[4096], 132), None);
+        assert_eq!(stream_plan(1, 100_000, &[4096], 132, 0), None);
+    }
+
+    #[test]
+    fn stream_plan_leaves_few_blocks_with_much_to_read_to_the_two_kernels() {
+        // 7B shapes: a row's A and B of rank 16 and 64.
+        let (r16, r64) = (4 * 16 * 4096, 4 * 64 * 4096);
+        let p = |tiles, bytes| stream_plan(tiles, 4096, &[4096], 132, bytes);
+        assert!(p(1, r16).is_some() && p(8, r16).is_some() && p(32, r16).is_some());
+        assert!(p(1, r64).is_none() && p(8, r64).is_none() && p(32, r64).is_none());
+        // Half the SMs busy or more: streamed whatever a block reads.
+        assert!(p(33, r64).is_some() && p(64, r64).is_some() && p(512, r64).is_some());
     }
 }

@@ -807,7 +807,7 @@ fn sgmv_cases() -> Vec<SgmvCase> {
             label: "group gate|up 576->1536 one-row segments, missing parts, ranks 8..128".into(),
         });
     }
-    for (h_in, h_out, r, tokens) in [(20480, 1024, 16, 8), (4096, 4096, 64, 99)] {
+    for (h_in, h_out, r, tokens) in [(20480, 1024, 16, 40), (4096, 4096, 64, 99)] {
         let rows = workload_rows(Workload::Distinct, tokens);
         cases.push(SgmvCase::single(
             DType::BF16,
