@@ -809,7 +809,7 @@ pub struct StreamPlan {
 
 /// A block's share of the weights up to which the streamed kernel serves a launch of fewer
 /// blocks than half the SMs: beyond it the shrink and expand kernels, spread over every SM,
-/// win (r=64 at 8 and 32 rows: bench/results/bench-kernels-*-s16a*.txt).
+/// win (r=64 at 8 and 32 rows: bench/results/bench-kernels-h200-2026-11-30-s16g*.txt).
 pub const STREAM_FEW_BLOCK_BYTES: usize = 128 * 1024;
 
 /// The streamed kernel's plan for `tiles` one-row segments of a group with `h_in` inputs and
