@@ -1307,10 +1307,40 @@ struct RingPos {
     }
 };
 
+// One stage of B (`count` columns of a part of rank 8 << LG) applied to the block's copy of
+// the old y (`yb`: the stage's first column), v at `vp` (the part's first rank): 1 << LG lanes
+// a column, each with eight of its ranks, two column steps a pass.
+template <typename T, int LG, bool MATH>
+__device__ __forceinline__ void stream_expand_stage(const uint4* __restrict__ st, int count,
+                                                    const float* vp, T* yb, int cw, int lane) {
+    constexpr int L = 1 << LG, NT = STREAM_CONSUMERS * 32;
+    const int kk = lane & (L - 1);
+    float vr[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) vr[e] = vp[8 * kk + e];
+    const int total = count << LG;
+    for (int i0 = cw * 32; i0 < total && MATH; i0 += 2 * NT) {
+        const int ia = i0 + lane, ib = ia + NT;
+        const bool va = ia < total, vb = ib < total;
+        float sa = va ? dot8f<T>(vr, st[ia]) : 0.0f;
+        float sb = vb ? dot8f<T>(vr, st[ib]) : 0.0f;
+#pragma unroll
+        for (int off = L >> 1; off > 0; off >>= 1) {
+            sa += __shfl_xor_sync(0xffffffffu, sa, off);
+            sb += __shfl_xor_sync(0xffffffffu, sb, off);
+        }
+        if (kk == 0) {
+            // A column is one lane group's: rounded once, as the expand kernels store it.
+            if (va) yb[ia >> LG] = from_f32<T>(to_f32(yb[ia >> LG]) + sa);
+            if (vb) yb[ib >> LG] = from_f32<T>(to_f32(yb[ib >> LG]) + sb);
+        }
+    }
+}
+
 // y[row, col_offset + ...] += (x[row] . A^T) . B_j^T per part for one-row segments (tiles),
 // C blocks a row; see above. start: the parts' first columns (relative to col_offset), the
 // fourth entry the group's width. y_cap: columns a block's copy of the old y holds.
-template <typename T, int C, bool MATH = true, bool X_FIRST = false>
+template <typename T, int C, bool MATH = true, bool XF32 = false>
 __device__ __forceinline__ void sgmv_lora_stream_impl(
     const T* __restrict__ x, int h_in, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
@@ -1327,7 +1357,9 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
     float* vbuf = sacc + STREAM_MAX_RANK;  // [2][STREAM_MAX_RANK]
     unsigned char* xs = smem + STREAM_HDR;
     const int x_bytes = (2 * h_in + 127) & ~127;
-    unsigned char* ys = xs + x_bytes;  // [2][y_cap] of T
+    // With XF32, x widened to f32 once a row: each vector's first and last four (planar).
+    float4* xf = reinterpret_cast<float4*>(xs + x_bytes);
+    unsigned char* ys = xs + x_bytes + (XF32 ? 2 * x_bytes : 0);  // [2][y_cap] of T
     const int y_bytes = (2 * y_cap + 127) & ~127;
     unsigned char* ring = ys + 2 * y_bytes;
     const u32 ring0 = smem_u32(ring);
@@ -1387,7 +1419,6 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                 const StreamWork w =
                     stream_work(table, tiles, segs, tile, j, nb, start, h_in, stage_bytes);
                 if (!w.live) continue;
-                if (X_FIRST) first_x(w);
                 if (lt > 0) {
                     mbar_wait(xempty, (u32)((lt - 1) & 1));
                     mbar_expect_tx(xfull, (u32)(2 * h_in));
@@ -1446,13 +1477,23 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
             if (!w.live) continue;
             const int vb = lt & 1, yu = lt >> 1;
             const float* v = vbuf + vb * STREAM_MAX_RANK;
-            const T* yold = reinterpret_cast<const T*>(ys + vb * y_bytes);
+            T* ynew = reinterpret_cast<T*>(ys + vb * y_bytes);  // the old y, then the new
             mbar_wait(xfull, (u32)(lt & 1));
+            if (XF32) {
+                for (int i = ct; i < nvec; i += STREAM_CONSUMERS * 32) {
+                    float e[8];
+                    unpack8<T>(xv[i], e);
+                    xf[i] = make_float4(e[0], e[1], e[2], e[3]);
+                    xf[nvec + i] = make_float4(e[4], e[5], e[6], e[7]);
+                }
+                consumers_sync();
+                if (ct == 0) mbar_arrive(xempty);
+            }
             // After the shrink: x is free again; this block's part of v goes into every
             // block's copy, then it arrives on their barriers and waits for theirs.
             auto share_v = [&]() {
                 consumers_sync();
-                if (ct == 0) mbar_arrive(xempty);
+                if (!XF32 && ct == 0) mbar_arrive(xempty);
                 if (cw == 0) {
                     for (int i = lane; i < w.nr; i += 32) {
                         const int n = w.n0 + i;
@@ -1496,18 +1537,26 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                     for (int r = (cw - first) & (STREAM_CONSUMERS - 1); r < count && MATH;
                          r += STREAM_CONSUMERS) {
                         const uint4* ar = st + r * len;
-                        const uint4* xr = xv + v0;
+                        // x . one vector of A (vector i of the piece).
+                        auto xdot = [&](uint4 a, int i) {
+                            if (XF32) {
+                                const float4 lo = xf[v0 + i], hi = xf[nvec + v0 + i];
+                                const float e[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+                                return dot8f<T>(e, a);
+                            }
+                            return dot8<T>(a, xv[v0 + i]);
+                        };
                         float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
                         int i = lane;
                         for (; i + 96 < len; i += 128) {
                             const uint4 a0 = ar[i], a1 = ar[i + 32], a2 = ar[i + 64],
                                         a3 = ar[i + 96];
-                            s0 += dot8<T>(a0, xr[i]);
-                            s1 += dot8<T>(a1, xr[i + 32]);
-                            s2 += dot8<T>(a2, xr[i + 64]);
-                            s3 += dot8<T>(a3, xr[i + 96]);
+                            s0 += xdot(a0, i);
+                            s1 += xdot(a1, i + 32);
+                            s2 += xdot(a2, i + 64);
+                            s3 += xdot(a3, i + 96);
                         }
-                        for (; i < len; i += 32) s0 += dot8<T>(ar[i], xr[i]);
+                        for (; i < len; i += 32) s0 += xdot(ar[i], i);
                         const float sum = warp_sum((s0 + s1) + (s2 + s3));
                         if (lane == 0) sacc[w.n0 + first + r] += sum;
                     }
@@ -1521,38 +1570,37 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                         share_v();
                         mbar_wait(yfull0 + 8 * vb, (u32)(yu & 1));
                     }
-                    // Expand: a column's rank / 8 vectors (a power of two) to as many lanes.
-                    const int lg = __ffs(w.rank[p] >> 3) - 1, L = 1 << lg;
-                    const int kk = lane & (L - 1);
-                    float vr[8];
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) vr[e] = v[w.voff[p] + 8 * kk + e];
+                    // Expand into the block's copy of the old y: a column's rank / 8 vectors
+                    // (a power of two) to as many lanes.
                     mbar_wait(full0 + 8 * at.s, at.phase);
                     const uint4* st = reinterpret_cast<const uint4*>(ring + at.s * stage_bytes);
-                    const int total = count << lg;
-                    T* yrow = y + (size_t)w.row * y_stride + col_offset + start[p] + w.c0[p] + first;
-                    const T* yo = yold + w.yo[p] + first;
-                    // Two column steps a pass (independent chains).
-                    constexpr int NT = STREAM_CONSUMERS * 32;
-                    for (int i0 = cw * 32; i0 < total && MATH; i0 += 2 * NT) {
-                        const int ia = i0 + lane, ib = ia + NT;
-                        const bool va = ia < total, vb2 = ib < total;
-                        float sa = va ? dot8f<T>(vr, st[ia]) : 0.0f;
-                        float sb = vb2 ? dot8f<T>(vr, st[ib]) : 0.0f;
-                        for (int off = L >> 1; off > 0; off >>= 1) {
-                            sa += __shfl_xor_sync(0xffffffffu, sa, off);
-                            sb += __shfl_xor_sync(0xffffffffu, sb, off);
-                        }
-                        if (kk == 0) {
-                            if (va) yrow[ia >> lg] = from_f32<T>(to_f32(yo[ia >> lg]) + sa);
-                            if (vb2) yrow[ib >> lg] = from_f32<T>(to_f32(yo[ib >> lg]) + sb);
-                        }
+                    const float* vp = v + w.voff[p];
+                    T* yb = ynew + w.yo[p] + first;
+                    switch (__ffs(w.rank[p] >> 3) - 1) {
+                        case 0: stream_expand_stage<T, 0, MATH>(st, count, vp, yb, cw, lane); break;
+                        case 1: stream_expand_stage<T, 1, MATH>(st, count, vp, yb, cw, lane); break;
+                        case 2: stream_expand_stage<T, 2, MATH>(st, count, vp, yb, cw, lane); break;
+                        case 3: stream_expand_stage<T, 3, MATH>(st, count, vp, yb, cw, lane); break;
+                        default: stream_expand_stage<T, 4, MATH>(st, count, vp, yb, cw, lane);
                     }
                     __syncwarp();
                     if (lane == 0) mbar_arrive(empty0 + 8 * at.s);
                     at.next(stages);
                 });
-            if (!expanding) share_v();  // a share without B columns
+            if (!expanding) {
+                share_v();  // a share without B columns
+            } else {
+                // The share's new y to memory in 16-byte vectors, once every warp has added
+                // its columns.
+                consumers_sync();
+#pragma unroll
+                for (int p = 0; p < MAX_PARTS; ++p) {
+                    const uint4* src = reinterpret_cast<const uint4*>(ynew + w.yo[p]);
+                    uint4* dst = reinterpret_cast<uint4*>(y + (size_t)w.row * y_stride +
+                                                          col_offset + start[p] + w.c0[p]);
+                    for (int i = ct; i < (w.nc[p] >> 3); i += STREAM_CONSUMERS * 32) dst[i] = src[i];
+                }
+            }
             __syncwarp();
             if (lane == 0) mbar_arrive(yempty0 + 8 * vb);
             ++lt;

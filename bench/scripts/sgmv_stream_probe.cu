@@ -517,17 +517,20 @@ extern "C" __global__ void __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 2)
     sgmv_lora_stream_impl<bf16, 1>(x, h_in, y, y_stride, col_offset, end0, end1, end2, table, tiles,
                                 segs, num_tiles, stages, stage_bytes, y_cap);
 }
-// ... with the first row's x copied before any weights (after the wait).
-extern "C" __global__ void __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1)
-    probe_lora_stream_xfirst(const bf16* __restrict__ x, int h_in, bf16* __restrict__ y,
-                             int y_stride, int col_offset, int end0, int end1, int end2,
-                             const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
-                             const u32* __restrict__ segs, int num_tiles, int stages,
-                             int stage_bytes, int y_cap) {
-    sgmv_lora_stream_impl<bf16, 1, true, true>(x, h_in, y, y_stride, col_offset, end0, end1, end2,
-                                            table, tiles, segs, num_tiles, stages, stage_bytes,
-                                            y_cap);
-}
+// ... with x widened to f32 once a row (the shrink unpacks only A), a cluster of C a row.
+#define PROBE_STREAM_XF32(C)                                                                    \
+    extern "C" __global__ void __cluster_dims__(C, 1, 1)                                        \
+        __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1) probe_lora_stream_xf32_c##C(          \
+            const bf16* __restrict__ x, int h_in, bf16* __restrict__ y, int y_stride,           \
+            int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,   \
+            const u32* __restrict__ tiles, const u32* __restrict__ segs, int num_tiles,         \
+            int stages, int stage_bytes, int y_cap) {                                           \
+        sgmv_lora_stream_impl<bf16, C, true, true>(x, h_in, y, y_stride, col_offset, end0,      \
+                                                   end1, end2, table, tiles, segs, num_tiles,   \
+                                                   stages, stage_bytes, y_cap);                 \
+    }
+PROBE_STREAM_XF32(1)
+PROBE_STREAM_XF32(2)
 // ... two blocks an SM with a cluster of C a row (a smaller ring: the next kernel's blocks fit
 // beside this one's and prefetch while it finishes).
 #define PROBE_STREAM_2BPS(C)                                                                    \

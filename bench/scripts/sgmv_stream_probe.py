@@ -332,7 +332,8 @@ def fused_ops(s, p):
     """kernels/sgmv.cu's streamed LoRA: shrink and expand in one kernel, clusters of p["c"]."""
     c, stages, sb = p["c"], p["st"], p["sb"]
     y_cap = sum(8 * -(-(n // 8) // c) for n in s.parts)
-    fixed = 5120 + (2 * s.h_in + 127) // 128 * 128 + 2 * ((2 * y_cap + 127) // 128 * 128)
+    x_bytes = (2 * s.h_in + 127) // 128 * 128
+    fixed = 5120 + x_bytes * (3 if p.get("xf32") else 1) + 2 * ((2 * y_cap + 127) // 128 * 128)
     stages = min(stages, (232448 - fixed) // sb)  # 227 KB a block at most
     smem = fixed + stages * sb
     ncl = min(s.rows, p.get("blocks", SMS) // c)
@@ -381,42 +382,22 @@ def fused_grid_main():
         run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
 
 
-def fused_ncu_main():
-    # Timings of the streamed kernel with the first x copied first, then (under ncu) plain
-    # launches of the 128-row r=64 case to profile.
-    if "profile" not in sys.argv:
-        for rows, h, r in [(64, 4096, 64), (128, 4096, 64), (512, 4096, 64)]:
-            c = 2 if rows == 64 else 1
-            vs = []
-            for nm, k in [("fused", f"sgmv_lora_stream_bf16_c{c}"), ("x first", "probe_lora_stream_xfirst"),
-                          ("no math", "probe_lora_stream_nomath")]:
-                if c > 1 and k.startswith("probe"):
-                    continue
-                p = dict(c=c, st=6, sb=32768, kernel=k)
-                vs.append((f"{nm} c{c} 6x32k", (lambda p: lambda s: fused_ops(s, p))(p)))
-            run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
-        return
-    st = Set(128, 4096, [4096], 64, False)
-    for _ in range(3):
-        fused_ops(st, dict(c=1, st=6, sb=32768))
-    torch.cuda.synchronize()
-
-
-def fused_2bps_main():
-    # Two blocks an SM (smaller rings) with clusters, against one block an SM.
-    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA, two blocks an SM")
-    for rows, h, r in [(8, 4096, 64), (32, 4096, 64), (64, 4096, 64), (128, 4096, 64), (512, 4096, 64), (64, 8192, 64),
-                       (64, 4096, 16)]:
-        c1 = 1 if rows >= 100 else 2
+def fused_xf_main():
+    # The streamed kernel as built (expand into the block's copy of y, written back in 16-byte
+    # vectors) against x widened to f32 once a row, which costs a ring stage or smaller stages.
+    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA, x in f32")
+    for rows, h, r in [(32, 4096, 64), (64, 4096, 64), (128, 4096, 64), (512, 4096, 64), (64, 8192, 64),
+                       (64, 4096, 16), (8, 4096, 64)]:
+        c = 1 if rows >= 100 else (2 if rows > 16 else 4)
         vs = [("old row kernels", lambda s: old_ops(s, False)),
-              (f"fused c{c1} 6x32k", (lambda p: lambda s: fused_ops(s, p))(dict(c=c1, st=6, sb=32768)))]
-        for c in (1, 2, 4):
-            if rows * c > 4 * SMS or (c > 1 and rows >= 256):
-                continue
-            k = "probe_lora_stream_2bps" if c == 1 else f"probe_lora_stream_2bps_c{c}"
-            for st, sb in [(5, 16384), (2, 32768)]:
-                p = dict(c=c, st=st, sb=sb, blocks=2 * SMS, kernel=k)
-                vs.append((f"2 blocks an SM c{c} {st}x{sb // 1024}k", (lambda p: lambda s: fused_ops(s, p))(p)))
+              (f"fused c{c} 6x32k", (lambda p: lambda s: fused_ops(s, p))(dict(c=c, st=6, sb=32768)))]
+        if c <= 2:
+            for st, sb in [(5, 32768), (6, 28672)]:
+                p = dict(c=c, st=st, sb=sb, xf32=True, kernel=f"probe_lora_stream_xf32_c{c}")
+                vs.append((f"x f32 c{c} {st}x{sb // 1024}k", (lambda p: lambda s: fused_ops(s, p))(p)))
+        if rows == 128:
+            vs.append(("no math c1 6x32k", (lambda p: lambda s: fused_ops(s, p))(
+                dict(c=1, st=6, sb=32768, kernel="probe_lora_stream_nomath"))))
         run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
 
 
@@ -642,8 +623,8 @@ def main():
         return fused_why_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fused2bps":
         return fused_2bps_main()
-    if len(sys.argv) > 1 and sys.argv[1] == "fusedncu":
-        return fused_ncu_main()
+    if len(sys.argv) > 1 and sys.argv[1] == "fusedxf":
+        return fused_xf_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fusedgrid":
         return fused_grid_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fused":

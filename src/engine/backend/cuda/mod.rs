@@ -493,6 +493,9 @@ pub struct CudaBackend {
     /// Run [`Backend::sgmv_lora`] on one-row segments as the streamed kernel, on sm_90 and
     /// later (`PUNICA_LORA_STREAM=0`: shrink and expand).
     lora_stream: bool,
+    /// Stream even the launches [`plan::stream_plan`] leaves to the two kernels
+    /// (`PUNICA_LORA_STREAM=all`, for measurement).
+    lora_stream_all: bool,
     /// Clusters of the streamed kernel that fit the device at once, per (dtype, cluster size,
     /// shared memory); the kernel's shared-memory limit is raised when its entry is made.
     stream_clusters: Mutex<HashMap<(DType, usize, usize), usize>>,
@@ -693,6 +696,7 @@ impl CudaBackend {
             fused_silu: std::env::var("PUNICA_FUSED_SILU").as_deref() != Ok("0"),
             fused_rope: std::env::var("PUNICA_FUSED_ROPE").as_deref() != Ok("0"),
             lora_stream: cc.0 >= 9 && std::env::var("PUNICA_LORA_STREAM").as_deref() != Ok("0"),
+            lora_stream_all: std::env::var("PUNICA_LORA_STREAM").as_deref() == Ok("all"),
             stream_clusters: Mutex::new(HashMap::new()),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
                 Ok("8") => 8,
@@ -1716,8 +1720,11 @@ impl CudaBackend {
             return Ok(None);
         }
         let tiles = meta.layout.tile_grid();
-        let row_bytes = 2 * table.sum.max_rank * h_in
-            + 2 * table.sum.max_part_rank * outs.iter().sum::<usize>();
+        let row_bytes = if self.lora_stream_all {
+            0
+        } else {
+            2 * table.sum.max_rank * h_in + 2 * table.sum.max_part_rank * outs.iter().sum::<usize>()
+        };
         let Some(p) = plan::stream_plan(tiles, h_in, outs, self.sm_count, row_bytes) else {
             return Ok(None);
         };
