@@ -15,11 +15,17 @@
 # - With `silu`: the gate|up GEMM, then its expand and SiLU-mul, or kernels/sgmv.cu's fused
 #   `sgmv_expand_silu_rows_*` (session 15 measured the probe's own first version of it against
 #   the two kernels: bench/results/sgmv-expand-silu-probe-h200-2026-11-30-s15.txt).
+# - With `fused`, `fusedwhy`, `fusedgrid`, `fused2bps`, `fusedxf` (session 16): kernels/sgmv.cu's
+#   streamed LoRA kernel (`sgmv_lora_stream_*`, shrink and expand of one-row segments in one
+#   kernel) against the row kernels: ring shapes and cluster sizes, its copies alone (`no math`),
+#   cluster grids that fit at once, two blocks an SM, x widened to f32
+#   (bench/results/sgmv-lora-stream-probe-*-s16*.txt).
 # Usage: python3 bench/scripts/sgmv_stream_probe.py [expand] [stream]
 #        python3 bench/scripts/sgmv_stream_probe.py gemm
 #        python3 bench/scripts/sgmv_stream_probe.py silu
 #        python3 bench/scripts/sgmv_stream_probe.py read   (bulk copies vs 16-byte loads, reads only)
 #        python3 bench/scripts/sgmv_stream_probe.py ncu    (plain launches for a profiler)
+#        python3 bench/scripts/sgmv_stream_probe.py fused|fusedwhy|fusedgrid|fused2bps|fusedxf
 import ctypes
 import glob
 import os
