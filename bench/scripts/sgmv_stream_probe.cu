@@ -546,3 +546,19 @@ PROBE_STREAM_XF32(2)
     }
 PROBE_STREAM_2BPS(2)
 PROBE_STREAM_2BPS(4)
+// ... with its shrink and expand on tensor cores (the TC option), a cluster of C a row.
+#define PROBE_STREAM_TC(C)                                                                      \
+    extern "C" __global__ void __cluster_dims__(C, 1, 1)                                        \
+        __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1) probe_lora_stream_tc_c##C(            \
+            const bf16* __restrict__ x, int h_in, bf16* __restrict__ y, int y_stride,           \
+            int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,   \
+            const u32* __restrict__ tiles, const u32* __restrict__ segs, int num_tiles,         \
+            int stages, int stage_bytes, int y_cap) {                                           \
+        sgmv_lora_stream_impl<bf16, C, true, false, true>(x, h_in, y, y_stride, col_offset,     \
+                                                          end0, end1, end2, table, tiles, segs, \
+                                                          num_tiles, stages, stage_bytes,       \
+                                                          y_cap);                               \
+    }
+PROBE_STREAM_TC(1)
+PROBE_STREAM_TC(2)
+PROBE_STREAM_TC(4)
