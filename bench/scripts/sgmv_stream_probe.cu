@@ -497,68 +497,32 @@ PROBE_SHRINK(8, 4, 4)
 PROBE_SHRINK(2, 4, 8)
 PROBE_SHRINK(4, 8, 4)
 
-// The streamed LoRA kernel of kernels/sgmv.cu with its consumers doing no arithmetic (they
-// wait for each stage and release it): what the copies alone take.
-extern "C" __global__ void __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1)
-    probe_lora_stream_nomath(const bf16* __restrict__ x, int h_in, bf16* __restrict__ y,
-                             int y_stride, int col_offset, int end0, int end1, int end2,
-                             const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
-                             const u32* __restrict__ segs, int num_tiles, int stages,
-                             int stage_bytes, int y_cap) {
-    sgmv_lora_stream_impl<bf16, 1, false>(x, h_in, y, y_stride, col_offset, end0, end1, end2, table,
-                                       tiles, segs, num_tiles, stages, stage_bytes, y_cap);
-}
-extern "C" __global__ void __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 2)
-    probe_lora_stream_2bps(const bf16* __restrict__ x, int h_in, bf16* __restrict__ y,
-                           int y_stride, int col_offset, int end0, int end1, int end2,
-                           const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
-                           const u32* __restrict__ segs, int num_tiles, int stages,
-                           int stage_bytes, int y_cap) {
-    sgmv_lora_stream_impl<bf16, 1>(x, h_in, y, y_stride, col_offset, end0, end1, end2, table, tiles,
-                                segs, num_tiles, stages, stage_bytes, y_cap);
-}
-// ... with x widened to f32 once a row (the shrink unpacks only A), a cluster of C a row.
-#define PROBE_STREAM_XF32(C)                                                                    \
+// The streamed LoRA kernel of kernels/sgmv.cu (`sgmv_lora_stream_impl`) with other options:
+// NAME, a cluster of C blocks a row, MINB blocks an SM, then the impl's options after C (MATH,
+// XF32, TC).
+#define PROBE_STREAM(NAME, C, MINB, ...)                                                        \
     extern "C" __global__ void __cluster_dims__(C, 1, 1)                                        \
-        __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1) probe_lora_stream_xf32_c##C(          \
+        __launch_bounds__((STREAM_CONSUMERS + 1) * 32, MINB) NAME(                              \
             const bf16* __restrict__ x, int h_in, bf16* __restrict__ y, int y_stride,           \
             int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,   \
             const u32* __restrict__ tiles, const u32* __restrict__ segs, int num_tiles,         \
             int stages, int stage_bytes, int y_cap) {                                           \
-        sgmv_lora_stream_impl<bf16, C, true, true>(x, h_in, y, y_stride, col_offset, end0,      \
-                                                   end1, end2, table, tiles, segs, num_tiles,   \
-                                                   stages, stage_bytes, y_cap);                 \
+        sgmv_lora_stream_impl<bf16, C, __VA_ARGS__>(x, h_in, y, y_stride, col_offset, end0,     \
+                                                    end1, end2, table, tiles, segs, num_tiles,  \
+                                                    stages, stage_bytes, y_cap);                \
     }
-PROBE_STREAM_XF32(1)
-PROBE_STREAM_XF32(2)
-// ... two blocks an SM with a cluster of C a row (a smaller ring: the next kernel's blocks fit
-// beside this one's and prefetch while it finishes).
-#define PROBE_STREAM_2BPS(C)                                                                    \
-    extern "C" __global__ void __cluster_dims__(C, 1, 1)                                        \
-        __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 2) probe_lora_stream_2bps_c##C(          \
-            const bf16* __restrict__ x, int h_in, bf16* __restrict__ y, int y_stride,           \
-            int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,   \
-            const u32* __restrict__ tiles, const u32* __restrict__ segs, int num_tiles,         \
-            int stages, int stage_bytes, int y_cap) {                                           \
-        sgmv_lora_stream_impl<bf16, C>(x, h_in, y, y_stride, col_offset, end0, end1, end2,      \
-                                       table, tiles, segs, num_tiles, stages, stage_bytes,      \
-                                       y_cap);                                                  \
-    }
-PROBE_STREAM_2BPS(2)
-PROBE_STREAM_2BPS(4)
-// ... with its shrink and expand on tensor cores (the TC option), a cluster of C a row.
-#define PROBE_STREAM_TC(C)                                                                      \
-    extern "C" __global__ void __cluster_dims__(C, 1, 1)                                        \
-        __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1) probe_lora_stream_tc_c##C(            \
-            const bf16* __restrict__ x, int h_in, bf16* __restrict__ y, int y_stride,           \
-            int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table,   \
-            const u32* __restrict__ tiles, const u32* __restrict__ segs, int num_tiles,         \
-            int stages, int stage_bytes, int y_cap) {                                           \
-        sgmv_lora_stream_impl<bf16, C, true, false, true>(x, h_in, y, y_stride, col_offset,     \
-                                                          end0, end1, end2, table, tiles, segs, \
-                                                          num_tiles, stages, stage_bytes,       \
-                                                          y_cap);                               \
-    }
-PROBE_STREAM_TC(1)
-PROBE_STREAM_TC(2)
-PROBE_STREAM_TC(4)
+
+// Consumers doing no arithmetic (they wait for each stage and release it): the copies alone.
+PROBE_STREAM(probe_lora_stream_nomath, 1, 1, false)
+// Two blocks an SM (a smaller ring: the next kernel's blocks fit beside this one's and prefetch
+// while it finishes).
+PROBE_STREAM(probe_lora_stream_2bps, 1, 2, true)
+PROBE_STREAM(probe_lora_stream_2bps_c2, 2, 2, true)
+PROBE_STREAM(probe_lora_stream_2bps_c4, 4, 2, true)
+// x widened to f32 once a row (the shrink unpacks only A).
+PROBE_STREAM(probe_lora_stream_xf32_c1, 1, 1, true, true)
+PROBE_STREAM(probe_lora_stream_xf32_c2, 2, 1, true, true)
+// The shrink and expand on tensor cores (the TC option).
+PROBE_STREAM(probe_lora_stream_tc_c1, 1, 1, true, false, true)
+PROBE_STREAM(probe_lora_stream_tc_c2, 2, 1, true, false, true)
+PROBE_STREAM(probe_lora_stream_tc_c4, 4, 1, true, false, true)
