@@ -798,6 +798,11 @@ impl CudaBackend {
     pub fn set_pdl(&mut self, on: bool) {
         self.pdl = on && self.compute_capability.0 >= 9;
     }
+    /// Whether [`Backend::sgmv_lora`] may run the streamed kernel (sm_90 and later, not turned
+    /// off by `PUNICA_LORA_STREAM=0`).
+    pub fn lora_stream(&self) -> bool {
+        self.lora_stream
+    }
     /// The stream all work goes to.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
@@ -3076,7 +3081,7 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         env!("PUNICA_GIT_REV"),
         be.pdl(),
         be.row_limits(),
-        if be.lora_stream { "on" } else { "off" },
+        if be.lora_stream() { "on" } else { "off" },
         if be.graphs_enabled() { "on" } else { "off" },
     )
 }
@@ -3084,6 +3089,35 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_table_is_streamable_only_with_ranks_the_streamed_kernel_takes() {
+        // Fake 16-byte aligned device addresses: encoding reads none of them.
+        let slot = |ranks: &[usize]| {
+            let total: usize = ranks.iter().sum();
+            Some(RawLoraSlot {
+                a: 0x1000,
+                a_len: total * 64,
+                voff: 0,
+                parts: std::array::from_fn(|j| {
+                    ranks.get(j).map(|&rank| RawLoraPart {
+                        b: 0x2000 + 0x1000 * j as u64,
+                        b_len: rank * 32,
+                        rank,
+                    })
+                }),
+            })
+        };
+        let streamable =
+            |slots: &[Option<RawLoraSlot>]| encode_lora_table(slots).unwrap().1.streamable;
+        assert!(streamable(&[slot(&[8]), None, slot(&[16, 64, 128])]));
+        assert!(streamable(&[slot(&[128, 128, 128])]));
+        assert!(!streamable(&[slot(&[16]), slot(&[12])]));
+        assert!(!streamable(&[slot(&[4])]));
+        assert!(!streamable(&[slot(&[16, 48])]));
+        // An empty table has nothing the kernel could not take.
+        assert!(streamable(&[None, None]));
+    }
 
     #[test]
     fn an_adapter_is_copied_in_parts_that_cover_its_staged_bytes_in_order() {

@@ -1557,6 +1557,14 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
         }
     }
     be.set_row_limits(limits);
+    // A change that made every case fall back to the two kernels would pass them all.
+    if be.lora_stream() && !c.results.iter().any(|r| r.op == "sgmv_lora streamed") {
+        c.fail(
+            "sgmv_lora streamed",
+            "coverage".into(),
+            "no case ran the streamed kernel".into(),
+        );
+    }
     tracing::info!(checks = c.results.len(), "SGMV checks done");
     for dt in [DType::F32, DType::BF16, DType::F16] {
         if let Err(e) = check_elementwise_ops(&mut c, dt) {
