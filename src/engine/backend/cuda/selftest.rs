@@ -680,7 +680,13 @@ fn sgmv_cases() -> Vec<SgmvCase> {
     // mixed ranks, an empty slot and rows without adapter between one-row segments (and once
     // with longer ones); 7B's, 32 distinct adapters and 5 rows without (a padded decode step);
     // unaligned widths and ranks.
-    for lens in [[1usize, 1, 1, 1, 1, 1], [3, 17, 1, 2, 1, 4]] {
+    // With the fourth adapter's up part at rank 32, the one-row case is one the streamed kernel
+    // takes (ranks powers of two from 8).
+    for (lens, up) in [
+        ([1usize, 1, 1, 1, 1, 1], 4),
+        ([3, 17, 1, 2, 1, 4], 4),
+        ([1, 1, 1, 1, 1, 1], 32),
+    ] {
         let mut rows = Vec::new();
         for (slot, len) in lens.iter().enumerate() {
             rows.extend(std::iter::repeat_n(Some(slot as u32), *len));
@@ -695,7 +701,7 @@ fn sgmv_cases() -> Vec<SgmvCase> {
                     vec![Some(8), None],
                     vec![Some(16), Some(16)],
                     vec![None, None],
-                    vec![None, Some(4)],
+                    vec![None, Some(up)],
                     vec![Some(128), Some(128)],
                     vec![Some(64), Some(32)],
                 ],
@@ -703,8 +709,9 @@ fn sgmv_cases() -> Vec<SgmvCase> {
                 pad: 0,
                 arena: dtype == DType::F16,
                 label: format!(
-                    "group gate|up 576->1536 missing parts, ranks 4..128, base rows, \
-                     segments {lens:?}"
+                    "group gate|up 576->1536 missing parts, ranks {}..128, base rows, \
+                     segments {lens:?}",
+                    up.min(8)
                 ),
             });
         }
@@ -780,33 +787,8 @@ fn sgmv_cases() -> Vec<SgmvCase> {
             label: "group 100|36|36 unaligned parts".into(),
         });
     }
-    // The streamed kernel (one-row segments, ranks powers of two from 8): a gate|up group with
-    // adapters lacking parts, an empty slot, mixed ranks and rows without adapter; rows cut in
-    // pieces (an A row longer than a ring stage); clusters taking more than one row.
-    let mut rows = Vec::new();
-    for slot in 0..6u32 {
-        rows.push(Some(slot));
-        rows.extend(std::iter::repeat_n(None, slot as usize % 2));
-    }
-    for dtype in [DType::BF16, DType::F16] {
-        cases.push(SgmvCase {
-            dtype,
-            h_in: 576,
-            outs: vec![1536, 1536],
-            ranks: vec![
-                vec![Some(8), None],
-                vec![Some(16), Some(16)],
-                vec![None, None],
-                vec![None, Some(32)],
-                vec![Some(128), Some(128)],
-                vec![Some(64), Some(32)],
-            ],
-            rows: rows.clone(),
-            pad: 0,
-            arena: false,
-            label: "group gate|up 576->1536 one-row segments, missing parts, ranks 8..128".into(),
-        });
-    }
+    // The streamed kernel: rows cut in pieces (an A row longer than a ring stage), clusters
+    // taking more than one row (its gate|up group with missing parts is above).
     for (h_in, h_out, r, tokens) in [(20480, 1024, 16, 40), (4096, 4096, 64, 99)] {
         let rows = workload_rows(Workload::Distinct, tokens);
         cases.push(SgmvCase::single(
