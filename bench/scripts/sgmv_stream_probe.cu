@@ -526,3 +526,262 @@ PROBE_STREAM(probe_lora_stream_xf32_c2, 2, 1, true, true)
 PROBE_STREAM(probe_lora_stream_tc_c1, 1, 1, true, false, true)
 PROBE_STREAM(probe_lora_stream_tc_c2, 2, 1, true, false, true)
 PROBE_STREAM(probe_lora_stream_tc_c4, 4, 1, true, false, true)
+
+// ---------------------------------------------------------------------------------------------
+// Session 17: tile kernels for long segments (512 rows, few adapters), where every tile of the
+// production kernels reads its slot's whole A (shrink) or B (expand) from L2. Here a block's
+// warps take consecutive tiles (warp w: tile 4 * blockIdx + w) and the same k range or columns,
+// so tiles of one segment share their A or B through L1.
+
+#define WT_WARPS 4
+
+// Shrink, warps by tile: each warp covers its tile's 16 rows over the split's k range (no
+// shared-memory reduction); with ksplit > 1 warps add into a zeroed f32 workspace per tile with
+// 16-byte reductions (red.global.add.v4.f32), and the tile's last warp copies it to v and clears
+// it (as sgmv_shrink_impl).
+__device__ __forceinline__ void red_add_v4(float* p, float a, float b, float c, float d) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(a), "f"(b), "f"(c),
+                 "f"(d)
+                 : "memory");
+}
+
+template <typename T, int NT, int U>
+__device__ __forceinline__ void probe_shrink_wt_impl(
+    const T* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,
+    const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+    const u32* __restrict__ segs, int num_tiles, int ksplit, float* __restrict__ acc,
+    u32* __restrict__ counters) {
+    constexpr int R = NT * 8;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int tile = blockIdx.x * WT_WARPS + warp, split = blockIdx.y;
+    if (tile >= num_tiles) {
+        pdl_enter();
+        return;
+    }
+    const ShrinkTile st = shrink_tile(tiles, segs, table, tile);
+    pdl_enter();
+    const int rank = min(st.rank, R);
+    if (st.a == nullptr || rank <= 0) return;
+    const T* A = reinterpret_cast<const T*>(st.a);
+    const int row0 = st.row0, nrows = min(16, st.end - row0);
+    const int g = lane >> 2, q = lane & 3;
+    const bool vec = (h_in & 7) == 0;
+    const int steps = (h_in + 31) >> 5;
+    const int per_split = (steps + ksplit - 1) / ksplit;
+    const int s_begin = split * per_split;
+    const int s_end = min(steps, s_begin + per_split);
+    float c[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.0f;
+    const T* xr0 = x + (size_t)(row0 + g) * h_in;
+    const T* xr1 = x + (size_t)(row0 + g + 8) * h_in;
+    const bool r0ok = g < nrows, r1ok = g + 8 < nrows;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    for (int st0 = s_begin; st0 < s_end; st0 += U) {
+        uint4 w[U][NT];
+        uint4 xa[U], xb[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int s = st0 + u;
+            const bool ok = s < s_end;
+            const int k = s * 32 + q * 8;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int n = nt * 8 + g;
+                w[u][nt] = (ok && n < rank) ? load8(A + (size_t)n * h_in, k, h_in, vec) : zero;
+            }
+            xa[u] = (ok && r0ok) ? load8(xr0, k, h_in, vec) : zero;
+            xb[u] = (ok && r1ok) ? load8(xr1, k, h_in, vec) : zero;
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                if (nt * 8 < rank) {
+                    mma16816<T>(c[nt], xa[u].x, xb[u].x, xa[u].y, xb[u].y, w[u][nt].x, w[u][nt].y);
+                    mma16816<T>(c[nt], xa[u].z, xb[u].z, xa[u].w, xb[u].w, w[u][nt].z, w[u][nt].w);
+                }
+            }
+        }
+    }
+    float* vout = v;
+    if (ksplit == 1) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const int col = nt * 8 + 2 * q;
+            if (col < rank) {
+                if (r0ok) *reinterpret_cast<float2*>(vout + (size_t)(row0 + g) * v_stride + col) = make_float2(c[nt][0], c[nt][1]);
+                if (r1ok) *reinterpret_cast<float2*>(vout + (size_t)(row0 + g + 8) * v_stride + col) = make_float2(c[nt][2], c[nt][3]);
+            }
+        }
+        return;
+    }
+    // Lanes q and q ^ 1 trade halves: the even lane adds row g, columns 2q .. 2q + 3; the odd
+    // one row g + 8, columns 2(q - 1) .. 2(q - 1) + 3.
+    float* tacc = acc + (size_t)tile * 16 * R;
+    const bool odd = q & 1;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const float s0 = odd ? c[nt][0] : c[nt][2];
+        const float s1 = odd ? c[nt][1] : c[nt][3];
+        const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1);
+        const float r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+        const int col = nt * 8 + 2 * (q & ~1);
+        if (col < rank) {
+            if (!odd) red_add_v4(tacc + g * R + col, c[nt][0], c[nt][1], r0, r1);
+            else red_add_v4(tacc + (g + 8) * R + col, r0, r1, c[nt][2], c[nt][3]);
+        }
+    }
+    __threadfence();
+    __syncwarp();
+    u32 prev = 0;
+    if (lane == 0) prev = atomicAdd(&counters[tile], 1u);
+    prev = __shfl_sync(0xffffffffu, prev, 0);
+    if (prev != (u32)(ksplit - 1)) return;
+    __threadfence();
+    for (int idx = lane * 4; idx < 16 * R; idx += 128) {
+        const int row = idx / R, col = idx % R;
+        const float4 s = __ldcg(reinterpret_cast<const float4*>(tacc + idx));
+        if (row < nrows && col < rank)
+            *reinterpret_cast<float4*>(vout + (size_t)(row0 + row) * v_stride + col) = s;
+        *reinterpret_cast<float4*>(tacc + idx) = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    if (lane == 0) counters[tile] = 0u;
+}
+
+#define PROBE_SHRINK_WT(NT, U)                                                                  \
+    extern "C" __global__ void __launch_bounds__(WT_WARPS * 32) probe_shrink_wt_n##NT##_u##U(   \
+        const bf16* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,             \
+        const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,                     \
+        const u32* __restrict__ segs, int num_tiles, int ksplit, float* __restrict__ acc,      \
+        u32* __restrict__ counters) {                                                          \
+        probe_shrink_wt_impl<bf16, NT, U>(x, h_in, v, v_stride, table, tiles, segs, num_tiles, \
+                                          ksplit, acc, counters);                              \
+    }
+PROBE_SHRINK_WT(8, 2)
+PROBE_SHRINK_WT(8, 4)
+PROBE_SHRINK_WT(2, 4)
+
+// Expand, warps by tile: a block covers CH chunks of NTW * 8 columns (one part: the host keeps
+// parts whole) for 4 tiles; a warp loads its tile's v once (as hi + lo halves) and walks the
+// chunks, loading each chunk's B (shared through L1 by warps of one segment) and old y one chunk
+// ahead.
+template <typename T, int KT, int NTW, int CH>
+__device__ __forceinline__ void probe_expand_wt_impl(
+    const float* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
+    int end0, const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,
+    const u32* __restrict__ segs, int num_tiles) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int tile = blockIdx.y * WT_WARPS + warp;
+    const TileSeg ts = tile < num_tiles ? tile_seg(tiles, segs, tile) : TileSeg{0, 0, 0};
+    const LoraSlot* s = table + ts.slot;
+    const void* bptr = ts.end > ts.row0 ? s->b[0] : nullptr;
+    const int rank = min((int)s->prank[0], KT * 32);
+    if (bptr == nullptr || rank <= 0) {
+        pdl_enter();
+        return;
+    }
+    const int voff = (int)s->voff[0];
+    const int g = lane >> 2, q = lane & 3;
+    const int h_out = end0;
+    const int cb = blockIdx.x * CH * NTW * 8;
+    const T* B = reinterpret_cast<const T*>(bptr);
+    const int row0 = ts.row0, nrows = min(16, ts.end - row0);
+    const bool r0ok = g < nrows, r1ok = g + 8 < nrows;
+    T* y0 = y + (size_t)(row0 + g) * y_stride + col_offset;
+    T* y1 = y + (size_t)(row0 + g + 8) * y_stride + col_offset;
+    const bool yal = ((y_stride | col_offset) & 1) == 0;
+    const bool bvec = (rank & 7) == 0;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    uint4 b[2][NTW][KT];
+    u32 yv[2][NTW][2];
+    auto load_b = [&](int ch, int buf) {
+#pragma unroll
+        for (int nt = 0; nt < NTW; ++nt) {
+            const int col = cb + ch * NTW * 8 + nt * 8 + g;
+#pragma unroll
+            for (int kc = 0; kc < KT; ++kc) {
+                const int k = kc * 32 + q * 8;
+                b[buf][nt][kc] = (col < h_out && k < rank) ? load8(B + (size_t)col * rank, k, rank, bvec) : zero;
+            }
+        }
+    };
+    auto load_y = [&](int ch, int buf) {
+#pragma unroll
+        for (int nt = 0; nt < NTW; ++nt) {
+            const int col = cb + ch * NTW * 8 + nt * 8 + 2 * q;
+            yv[buf][nt][0] = r0ok ? load_pair(y0, col, h_out, yal) : 0u;
+            yv[buf][nt][1] = r1ok ? load_pair(y1, col, h_out, yal) : 0u;
+        }
+    };
+    load_b(0, 0);
+    load_y(0, 0);  // the kernel before is a shrink
+    pdl_enter();
+    u32 ah[KT][8], al[KT][8];
+    const float* v0 = v + (size_t)(row0 + g) * v_stride + voff;
+    const float* v1 = v + (size_t)(row0 + g + 8) * v_stride + voff;
+    const bool vvec = ((v_stride | voff) & 3) == 0;
+#pragma unroll
+    for (int kc = 0; kc < KT; ++kc) {
+        const int k = kc * 32 + q * 8;
+        float va[8], vb[8];
+        load_v8(v0, k, rank, r0ok, vvec, va);
+        load_v8(v1, k, rank, r1ok, vvec, vb);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            split_pair<T>(va[2 * i], va[2 * i + 1], ah[kc][2 * i], al[kc][2 * i]);
+            split_pair<T>(vb[2 * i], vb[2 * i + 1], ah[kc][2 * i + 1], al[kc][2 * i + 1]);
+        }
+    }
+    const T dummy = T{};
+#pragma unroll
+    for (int ch = 0; ch < CH; ++ch) {
+        const int cur = ch & 1;
+        if (ch + 1 < CH) {
+            load_b(ch + 1, cur ^ 1);
+            load_y(ch + 1, cur ^ 1);
+        }
+        float d[NTW][4];
+#pragma unroll
+        for (int nt = 0; nt < NTW; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < KT; ++kc) {
+            if (kc * 32 >= rank) break;
+#pragma unroll
+            for (int nt = 0; nt < NTW; ++nt) {
+                const uint4 w = b[cur][nt][kc];
+                mma16816<T>(d[nt], ah[kc][0], ah[kc][1], ah[kc][2], ah[kc][3], w.x, w.y);
+                mma16816<T>(d[nt], al[kc][0], al[kc][1], al[kc][2], al[kc][3], w.x, w.y);
+                mma16816<T>(d[nt], ah[kc][4], ah[kc][5], ah[kc][6], ah[kc][7], w.z, w.w);
+                mma16816<T>(d[nt], al[kc][4], al[kc][5], al[kc][6], al[kc][7], w.z, w.w);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NTW; ++nt) {
+            const int col = cb + ch * NTW * 8 + nt * 8 + 2 * q;
+            if (r0ok && col < h_out) {
+                const u32 o = yv[cur][nt][0];
+                store_pair(y0, col, h_out, yal, pack2<T>(lo_f32(dummy, o) + d[nt][0], hi_f32(dummy, o) + d[nt][1]));
+            }
+            if (r1ok && col < h_out) {
+                const u32 o = yv[cur][nt][1];
+                store_pair(y1, col, h_out, yal, pack2<T>(lo_f32(dummy, o) + d[nt][2], hi_f32(dummy, o) + d[nt][3]));
+            }
+        }
+    }
+}
+
+#define PROBE_EXPAND_WT(KT, NTW, CH)                                                            \
+    extern "C" __global__ void __launch_bounds__(WT_WARPS * 32)                                 \
+        probe_expand_wt_k##KT##_w##NTW##_c##CH(                                                \
+            const float* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride,      \
+            int col_offset, int end0, const LoraSlot* __restrict__ table,                       \
+            const u32* __restrict__ tiles, const u32* __restrict__ segs, int num_tiles) {       \
+        probe_expand_wt_impl<bf16, KT, NTW, CH>(v, v_stride, y, y_stride, col_offset, end0,     \
+                                                table, tiles, segs, num_tiles);                 \
+    }
+PROBE_EXPAND_WT(2, 4, 1)
+PROBE_EXPAND_WT(2, 4, 2)
+PROBE_EXPAND_WT(2, 4, 4)
+PROBE_EXPAND_WT(2, 4, 8)
+PROBE_EXPAND_WT(1, 4, 4)

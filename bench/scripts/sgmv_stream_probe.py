@@ -29,6 +29,7 @@
 #        python3 bench/scripts/sgmv_stream_probe.py fused|fusedwhy|fusedgrid|fused2bps|fusedxf|fusedtc
 import ctypes
 import glob
+import math
 import os
 import sys
 
@@ -637,6 +638,190 @@ def silu_main():
         print(f"  {name:44s} {us:8.2f} us  {err}", flush=True)
 
 
+# --- Session 17: tile kernels for long segments (`tile`, `tilencu`) ---------------------------
+
+
+def segment_lens(workload, rows):
+    # As cuda/bench.rs `segment_lens` (Punica's workloads).
+    if workload == "identical":
+        return [rows]
+    if workload == "distinct":
+        return [1] * rows
+    if workload == "uniform":
+        n = math.ceil(rows ** 0.5)
+        lens = [rows // n] * n
+        for i in range(rows % n):
+            lens[i] += 1
+        return [l for l in lens if l > 0]
+    lens, a, total = [], 1.0, 0
+    while total + int(a) < rows:
+        lens.append(int(a))
+        total += int(a)
+        a *= 1.5
+    lens.append(rows - total)
+    return sorted(lens, reverse=True)
+
+
+class TileSet:
+    """One rotation set: segments of `lens` rows, segment i on slot i, one part of h_out."""
+
+    def __init__(self, lens, h_in, h_out, rank):
+        rows, nseg = sum(lens), len(lens)
+        self.rows, self.h_in, self.h_out, self.rank, self.lens = rows, h_in, h_out, rank, lens
+        self.x = torch.randn(rows, h_in, device="cuda", dtype=torch.bfloat16)
+        self.a = (torch.randn(nseg, rank, h_in, device="cuda") / h_in**0.5).to(torch.bfloat16)
+        self.b = (torch.randn(nseg, h_out, rank, device="cuda") / rank**0.5).to(torch.bfloat16)
+        self.y = torch.randn(rows, h_out, device="cuda", dtype=torch.bfloat16)
+        self.v = torch.zeros(rows, rank, device="cuda")
+        tiles, segs, start = [], [], 0
+        for i, n in enumerate(lens):
+            segs += [start, start + n, i]
+            for r0 in range(start, start + n, 16):
+                tiles += [i, r0]
+            start += n
+        self.ntiles = len(tiles) // 2
+        self.tiles = torch.tensor(tiles, dtype=torch.int32, device="cuda")
+        self.segs = torch.tensor(segs, dtype=torch.int32, device="cuda")
+        self.acc = torch.zeros(self.ntiles * 16 * 128 * 4, device="cuda")
+        self.counters = torch.zeros(self.ntiles * 16, device="cuda", dtype=torch.int32)
+        tab = bytearray(64 * nseg)
+        for i in range(nseg):
+            tab[64 * i:64 * i + 8] = self.a[i].data_ptr().to_bytes(8, "little")
+            tab[64 * i + 8:64 * i + 12] = rank.to_bytes(4, "little")
+            tab[64 * i + 16:64 * i + 24] = self.b[i].data_ptr().to_bytes(8, "little")
+            tab[64 * i + 40:64 * i + 44] = rank.to_bytes(4, "little")
+        self.table = torch.frombuffer(tab, dtype=torch.uint8).cuda()
+        self.seg_rows = []
+        start = 0
+        for n in lens:
+            self.seg_rows.append((start, start + n))
+            start += n
+        self.vref = self.shrink_ref()
+        self.v.copy_(self.vref)
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in [self.x, self.a, self.b]) + 2 * self.y.numel() * 2
+
+    def shrink_ref(self):
+        v = torch.empty(self.rows, self.rank, device="cuda")
+        for i, (s0, s1) in enumerate(self.seg_rows):
+            v[s0:s1] = self.x[s0:s1].float() @ self.a[i].float().t()
+        return v
+
+    def reference(self, y0):
+        out = y0.float().clone()
+        for i, (s0, s1) in enumerate(self.seg_rows):
+            out[s0:s1] += self.vref[s0:s1] @ self.b[i].float().t()
+        return out
+
+
+def prod_shrink_plan(s):
+    # As cuda/mod.rs `sgmv_shrink` (tile path): (nt, splits, groups).
+    t = s.ntiles
+    full = s.rows >= 2 * t
+    target = SMS * 4
+    split_target = SMS * 2 if full else target
+    all_ = 1 << ((-(-s.rank // 8)) - 1).bit_length()
+    nt0, g0 = min(all_, 16), -(-all_ // 16)
+    max_split = max(1, (-(-s.h_in // 32)) // 4)
+    if nt0 <= 2 or t * g0 * max_split >= target:
+        nt, g1 = nt0, 1
+    else:
+        g1 = min(1 << (-(-target // (t * g0 * max_split)) - 1).bit_length(), nt0 // 2)
+        nt = nt0 // g1
+    groups = g0 * g1
+    cap = 16 if full else 64
+    splits = max(1, min(-(-split_target // (t * groups)), max(1, min(max_split, cap))))
+    return nt, splits, groups
+
+
+def prod_shrink(s, splits=None):
+    nt, sp, groups = prod_shrink_plan(s)
+    sp = splits or sp
+    launch(f"sgmv_shrink_bf16_n{nt}", (s.ntiles, sp, groups),
+           [s.x, s.h_in, s.v, s.rank, s.table, s.tiles, s.segs, sp, s.acc, s.counters])
+
+
+def prod_expand(s, ntw=4):
+    kt = 1 << ((-(-s.rank // 32)) - 1).bit_length()
+    launch(f"sgmv_expand_bf16_k{kt}_w{ntw}", (-(-s.h_out // (32 * ntw)), s.ntiles, 1),
+           [s.v, s.rank, s.y, s.h_out, 0, 0, s.h_out, s.h_out, s.h_out, s.table, s.tiles, s.segs, 1])
+
+
+def wt_shrink(s, splits, u=2):
+    nt = 1 << ((-(-s.rank // 8)) - 1).bit_length()
+    launch(f"probe_shrink_wt_n{nt}_u{u}", (-(-s.ntiles // 4), splits, 1),
+           [s.x, s.h_in, s.v, s.rank, s.table, s.tiles, s.segs, s.ntiles, splits, s.acc, s.counters])
+
+
+def wt_expand(s, ch):
+    kt = 1 << ((-(-s.rank // 32)) - 1).bit_length()
+    launch(f"probe_expand_wt_k{kt}_w4_c{ch}", (-(-s.h_out // (32 * ch)), -(-s.ntiles // 4), 1),
+           [s.v, s.rank, s.y, s.h_out, 0, s.h_out, s.table, s.tiles, s.segs, s.ntiles])
+
+
+def torch_pair(s):
+    # Two cuBLAS GEMMs (identical workload only): a gauge of what a plain GEMM pair costs.
+    vb = torch.mm(s.x, s.a[0].t())
+    s.y.addmm_(vb, s.b[0].t())
+
+
+def tile_main():
+    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; tile kernels, long segments")
+    for wl, rows, h, r in [("identical", 512, 4096, 64), ("uniform", 512, 4096, 64), ("skewed", 512, 4096, 64),
+                           ("identical", 512, 4096, 16), ("uniform", 128, 4096, 64), ("skewed", 64, 8192, 64)]:
+        lens = segment_lens(wl, rows)
+        one = TileSet(lens, h, h, r)
+        nsets = max(2, min(64, int(200e6 // one.nbytes())))
+        sets = [one] + [TileSet(lens, h, h, r) for _ in range(nsets - 1)]
+        nt, sp, groups = prod_shrink_plan(one)
+        floor = one.nbytes() / 4186e9 * 1e6
+        print(f"## {wl} rows {rows} h {h} r {r}: {len(lens)} segments, {one.ntiles} tiles; production shrink "
+              f"n{nt} x {sp} splits x {groups} groups; {one.nbytes()/1e6:.1f} MB, floor {floor:.1f} us, {nsets} sets",
+              flush=True)
+        vs = [("both: production", "y", lambda s: (prod_shrink(s), prod_expand(s))),
+              ("both: production, expand w8", "y", lambda s: (prod_shrink(s), prod_expand(s, 8)))]
+        for sp2 in [None, 1, 2, 4, 8, 16]:
+            vs.append((f"shrink: production, splits {sp2 or sp}", "v", (lambda sp2: lambda s: prod_shrink(s, sp2))(sp2)))
+        for sp2 in [1, 2, 4, 8, 16, 32]:
+            vs.append((f"shrink: warps by tile u2, splits {sp2}", "v", (lambda sp2: lambda s: wt_shrink(s, sp2))(sp2)))
+        for sp2 in [4, 8]:
+            vs.append((f"shrink: warps by tile u4, splits {sp2}", "v", (lambda sp2: lambda s: wt_shrink(s, sp2, 4))(sp2)))
+        vs += [("expand: production w4", "y", lambda s: prod_expand(s)),
+               ("expand: production w8", "y", lambda s: prod_expand(s, 8))]
+        for ch in [1, 2, 4, 8]:
+            if r > 32 or ch == 4:
+                vs.append((f"expand: warps by tile, {ch} chunks", "y", (lambda ch: lambda s: wt_expand(s, ch))(ch)))
+        for sp2, ch in [(4, 4), (8, 4), (4, 2), (8, 2)]:
+            vs.append((f"both: warps by tile, splits {sp2}, {ch} chunks", "y",
+                       (lambda sp2, ch: lambda s: (wt_shrink(s, sp2), wt_expand(s, ch)))(sp2, ch)))
+        if wl == "identical":
+            vs.append(("both: torch mm + addmm (cuBLAS)", "y", torch_pair))
+        for name, what, fn in vs:
+            for st in sets:
+                st.v.copy_(st.vref)
+            out = (lambda st: st.v) if what == "v" else (lambda st: st.y)
+            try:
+                us, got, y0 = bench(sets, fn, out=out)
+            except SystemExit as e:
+                print(f"  {name}: failed: {e}", flush=True)
+                continue
+            ref = one.vref if what == "v" else one.reference(y0)
+            err = ((got - ref).norm() / ref.norm()).item()
+            print(f"  {name:48s} {us:8.2f} us  rel err {err:.1e}", flush=True)
+
+
+def tile_ncu_main():
+    # Plain launches for a profiler: identical 512 rows r=64, production and warps by tile.
+    s = TileSet([512], 4096, 4096, 64)
+    for _ in range(2):
+        prod_shrink(s)
+        prod_expand(s)
+        wt_shrink(s, 8)
+        wt_expand(s, 4)
+    torch.cuda.synchronize()
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "gemm":
         return gemm_main()
@@ -658,6 +843,10 @@ def main():
         return fused_grid_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fused":
         return fused_main()
+    if len(sys.argv) > 1 and sys.argv[1] == "tile":
+        return tile_main()
+    if len(sys.argv) > 1 and sys.argv[1] == "tilencu":
+        return tile_ncu_main()
     print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}")
     cfgs = []
     for ssb in [16384, 32768]:
