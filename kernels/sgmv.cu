@@ -80,6 +80,32 @@ __device__ __forceinline__ ShrinkTile shrink_tile(const u32* __restrict__ tiles,
 #define SHRINK_WARPS 4
 #define EXPAND_WARPS 4
 
+// p[0..4) += a, as one 16-byte reduction where the architecture has it (sm_90), else four.
+__device__ __forceinline__ void red_add_v4(float* p, float4 a) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(a.x), "f"(a.y),
+                 "f"(a.z), "f"(a.w)
+                 : "memory");
+#else
+    atomicAdd(p, a.x);
+    atomicAdd(p + 1, a.y);
+    atomicAdd(p + 2, a.z);
+    atomicAdd(p + 3, a.w);
+#endif
+}
+
+// The first min(n, 4) values of a to p: one 16-byte store when `vec` and all four fit.
+__device__ __forceinline__ void store_v4(float* p, float4 a, int n, bool vec) {
+    if (vec && n >= 4) {
+        *reinterpret_cast<float4*>(p) = a;
+        return;
+    }
+    p[0] = a.x;
+    if (n > 1) p[1] = a.y;
+    if (n > 2) p[2] = a.z;
+    if (n > 3) p[3] = a.w;
+}
+
 // v[row, :rank] = x[row, :] . A^T for the rows of each tile, split-K over h_in across
 // gridDim.y blocks and over ranks in groups of NT*8 across gridDim.z blocks (more blocks in
 // flight when a batch has few tiles). With more than one split, blocks add into a zeroed f32 accumulator per tile;
@@ -92,7 +118,7 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     const u32* __restrict__ segs, int ksplit, float* __restrict__ acc,
     u32* __restrict__ counters) {
     constexpr int R = NT * 8;
-    __shared__ float red[SHRINK_WARPS][16][R];
+    __shared__ __align__(16) float red[SHRINK_WARPS][16][R];
     __shared__ int is_last;
 
     const int tile = blockIdx.x, split = blockIdx.y, zi = blockIdx.z;
@@ -166,18 +192,25 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     }
     __syncthreads();
 
+    // Four consecutive columns a thread: the split-K sum goes to the workspace as one 16-byte
+    // reduction (sm_90), and v is written in 16-byte vectors where its rows allow.
     float* tacc = acc + (size_t)group * 16 * R;
     float* vout = v + rank_lo;
-    for (int idx = threadIdx.x; idx < 16 * R; idx += blockDim.x) {
+    const bool v4 = ((v_stride & 3) | (reinterpret_cast<size_t>(vout) & 15)) == 0;
+    for (int idx = threadIdx.x * 4; idx < 16 * R; idx += blockDim.x * 4) {
         const int row = idx / R, col = idx % R;
         if (row < nrows && col < rank) {
-            float sum = 0.0f;
+            float4 sum = *reinterpret_cast<const float4*>(&red[0][row][col]);
 #pragma unroll
-            for (int w2 = 0; w2 < SHRINK_WARPS; ++w2) sum += red[w2][row][col];
+            for (int w2 = 1; w2 < SHRINK_WARPS; ++w2) {
+                const float4 p = *reinterpret_cast<const float4*>(&red[w2][row][col]);
+                sum.x += p.x; sum.y += p.y; sum.z += p.z; sum.w += p.w;
+            }
             if (ksplit == 1) {
-                vout[(size_t)(row0 + row) * v_stride + col] = sum;
+                store_v4(vout + (size_t)(row0 + row) * v_stride + col, sum, rank - col, v4);
             } else {
-                atomicAdd(&tacc[idx], sum);
+                // Columns from `rank` on hold zeros (their weights were zero or skipped).
+                red_add_v4(tacc + idx, sum);
             }
         }
     }
@@ -192,11 +225,12 @@ __device__ __forceinline__ void sgmv_shrink_impl(
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    for (int idx = threadIdx.x; idx < 16 * R; idx += blockDim.x) {
+    for (int idx = threadIdx.x * 4; idx < 16 * R; idx += blockDim.x * 4) {
         const int row = idx / R, col = idx % R;
         if (row < nrows && col < rank) {
-            vout[(size_t)(row0 + row) * v_stride + col] = __ldcg(&tacc[idx]);
-            tacc[idx] = 0.0f;
+            float4* t = reinterpret_cast<float4*>(tacc + idx);
+            store_v4(vout + (size_t)(row0 + row) * v_stride + col, __ldcg(t), rank - col, v4);
+            *t = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
     }
     if (threadIdx.x == 0) counters[group] = 0u;
@@ -419,6 +453,138 @@ __device__ __forceinline__ void sgmv_expand_impl(
             const u32 o = yv[nt][1];
             store_pair(y1, col, h_out, yal,
                        pack2<T>(lo_f32(dummy, o) + d[nt][2], hi_f32(dummy, o) + d[nt][3]));
+        }
+    }
+}
+
+// The expand for long segments (many rows a segment, e.g. a prefill chunk of one adapter): the
+// tile expand above gives every tile's warps their own B, so a segment of n tiles reads its B n
+// times from L2, and every column block reads its tile's v again. Here a block's EXPAND_WARPS
+// warps take consecutive tiles (warp w: tile EXPAND_WARPS * blockIdx.y + w) and the same
+// EXPAND_LONG_CHUNKS chunks of 32 columns, so tiles of one segment share B through L1, and a
+// warp loads its v once (as hi + lo halves) for all its chunks, loading each chunk's B and old y
+// one chunk ahead. A block's columns lie in one part (the host launches per part unless every
+// part boundary falls between blocks); tiles past `num_tiles` or of other slots work as in the
+// tile expand. Measured against it on the H200: bench/results/sgmv-tile-probe-*-s17*.txt.
+#define EXPAND_LONG_CHUNKS 4
+#define EXPAND_LONG_NTW 4
+
+template <typename T, typename VT, int KT>
+__device__ __forceinline__ void sgmv_expand_long_impl(
+    const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
+    int part0, int end0, int end1, int end2, const LoraSlot* __restrict__ table,
+    const u32* __restrict__ tiles, const u32* __restrict__ segs, int y_early, int num_tiles) {
+    constexpr int NTW = EXPAND_LONG_NTW, CH = EXPAND_LONG_CHUNKS;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int tile = blockIdx.y * EXPAND_WARPS + warp;
+    const int cb = blockIdx.x * (CH * NTW * 8);
+    const int j = (cb >= end0) + (cb >= end1);
+    const int part = part0 + j;
+    const int start = j == 0 ? 0 : (j == 1 ? end0 : end1);
+    const int h_out = (j == 0 ? end0 : (j == 1 ? end1 : end2)) - start;
+    const TileSeg ts = tile < num_tiles ? tile_seg(tiles, segs, tile) : TileSeg{0, 0, 0u};
+    const LoraSlot* s = table + ts.slot;
+    const int pi = min(part, MAX_PARTS - 1);
+    const bool live = ts.end > ts.row0 && cb < end2 && part < MAX_PARTS;
+    const void* bptr = live ? s->b[pi] : nullptr;
+    const int rank = bptr != nullptr ? min((int)s->prank[pi], KT * 32) : 0;
+    if (rank == 0) {
+        pdl_enter();
+        return;
+    }
+    const int voff = (int)s->voff[pi];
+    const int g = lane >> 2, q = lane & 3;
+    const int c0 = cb - start;
+    col_offset += start;
+    const T* B = reinterpret_cast<const T*>(bptr);
+    const int row0 = ts.row0, nrows = min(16, ts.end - row0);
+    const bool r0ok = g < nrows, r1ok = g + 8 < nrows;
+    T* y0 = y + (size_t)(row0 + g) * y_stride + col_offset;
+    T* y1 = y + (size_t)(row0 + g + 8) * y_stride + col_offset;
+    const bool yal = ((y_stride | col_offset) & 1) == 0;
+    const bool bvec = (rank & 7) == 0;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    uint4 b[2][NTW][KT];
+    u32 yv[2][NTW][2];
+    auto load_b = [&](int ch, int buf) {
+#pragma unroll
+        for (int nt = 0; nt < NTW; ++nt) {
+            const int col = c0 + ch * NTW * 8 + nt * 8 + g;
+#pragma unroll
+            for (int kc = 0; kc < KT; ++kc) {
+                const int k = kc * 32 + q * 8;
+                b[buf][nt][kc] = (col < h_out && k < rank)
+                                     ? load8(B + (size_t)col * rank, k, rank, bvec)
+                                     : zero;
+            }
+        }
+    };
+    auto load_y = [&](int ch, int buf) {
+#pragma unroll
+        for (int nt = 0; nt < NTW; ++nt) {
+            const int col = c0 + ch * NTW * 8 + nt * 8 + 2 * q;
+            yv[buf][nt][0] = r0ok ? load_pair(y0, col, h_out, yal) : 0u;
+            yv[buf][nt][1] = r1ok ? load_pair(y1, col, h_out, yal) : 0u;
+        }
+    };
+    load_b(0, 0);
+    if (y_early) load_y(0, 0);
+    pdl_enter();
+    if (!y_early) load_y(0, 0);
+
+    u32 ah[KT][8], al[KT][8];
+    const VT* v0 = v + (size_t)(row0 + g) * v_stride + voff;
+    const VT* v1 = v + (size_t)(row0 + g + 8) * v_stride + voff;
+    const bool vvec = ((v_stride | voff) & (VVec<VT>::n - 1)) == 0;
+#pragma unroll
+    for (int kc = 0; kc < KT; ++kc) {
+        const int k = kc * 32 + q * 8;
+        float va[8], vb[8];
+        load_v8(v0, k, rank, r0ok, vvec, va);
+        load_v8(v1, k, rank, r1ok, vvec, vb);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            split_pair<T>(va[2 * i], va[2 * i + 1], ah[kc][2 * i], al[kc][2 * i]);
+            split_pair<T>(vb[2 * i], vb[2 * i + 1], ah[kc][2 * i + 1], al[kc][2 * i + 1]);
+        }
+    }
+    const T dummy = T{};
+#pragma unroll
+    for (int ch = 0; ch < CH; ++ch) {
+        const int cur = ch & 1;
+        if (ch + 1 < CH) {
+            load_b(ch + 1, cur ^ 1);
+            load_y(ch + 1, cur ^ 1);
+        }
+        float d[NTW][4];
+#pragma unroll
+        for (int nt = 0; nt < NTW; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < KT; ++kc) {
+            if (kc * 32 >= rank) break;
+#pragma unroll
+            for (int nt = 0; nt < NTW; ++nt) {
+                const uint4 w = b[cur][nt][kc];
+                mma16816<T>(d[nt], ah[kc][0], ah[kc][1], ah[kc][2], ah[kc][3], w.x, w.y);
+                mma16816<T>(d[nt], al[kc][0], al[kc][1], al[kc][2], al[kc][3], w.x, w.y);
+                mma16816<T>(d[nt], ah[kc][4], ah[kc][5], ah[kc][6], ah[kc][7], w.z, w.w);
+                mma16816<T>(d[nt], al[kc][4], al[kc][5], al[kc][6], al[kc][7], w.z, w.w);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NTW; ++nt) {
+            const int col = c0 + ch * NTW * 8 + nt * 8 + 2 * q;
+            if (col >= h_out) continue;
+            if (r0ok) {
+                const u32 o = yv[cur][nt][0];
+                store_pair(y0, col, h_out, yal,
+                           pack2<T>(lo_f32(dummy, o) + d[nt][0], hi_f32(dummy, o) + d[nt][1]));
+            }
+            if (r1ok) {
+                const u32 o = yv[cur][nt][1];
+                store_pair(y1, col, h_out, yal,
+                           pack2<T>(lo_f32(dummy, o) + d[nt][2], hi_f32(dummy, o) + d[nt][3]));
+            }
         }
     }
 }
@@ -1131,6 +1297,29 @@ DEFINE_EXPAND(f16, f16, 2, 4)
 DEFINE_EXPAND(f16, f16, 2, 8)
 DEFINE_EXPAND(f16, f16, 4, 4)
 DEFINE_EXPAND(f16, f16, 4, 8)
+
+#define DEFINE_EXPAND_LONG_V(TNAME, TYPE, VNAME, VTYPE, KT)                                   \
+    extern "C" __global__ void __launch_bounds__(EXPAND_WARPS * 32)                          \
+        sgmv_expand_long_##TNAME##VNAME##_k##KT(                                             \
+            const VTYPE* __restrict__ v, int v_stride, TYPE* __restrict__ y, int y_stride,   \
+            int col_offset, int part0, int end0, int end1, int end2,                         \
+            const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,               \
+            const u32* __restrict__ segs, int y_early, int num_tiles) {                      \
+        sgmv_expand_long_impl<TYPE, VTYPE, KT>(v, v_stride, y, y_stride, col_offset, part0,  \
+                                               end0, end1, end2, table, tiles, segs,         \
+                                               y_early, num_tiles);                          \
+    }
+
+#define DEFINE_EXPAND_LONG(TNAME, TYPE, KT)                                                  \
+    DEFINE_EXPAND_LONG_V(TNAME, TYPE, , float, KT)                                           \
+    DEFINE_EXPAND_LONG_V(TNAME, TYPE, _vh, TYPE, KT)
+
+DEFINE_EXPAND_LONG(bf16, bf16, 1)
+DEFINE_EXPAND_LONG(bf16, bf16, 2)
+DEFINE_EXPAND_LONG(bf16, bf16, 4)
+DEFINE_EXPAND_LONG(f16, f16, 1)
+DEFINE_EXPAND_LONG(f16, f16, 2)
+DEFINE_EXPAND_LONG(f16, f16, 4)
 
 #if __CUDA_ARCH__ >= 900  // bulk copies, clusters
 // ---------------------------------------------------------------------------------------------

@@ -735,10 +735,12 @@ def prod_shrink_plan(s):
     return nt, splits, groups
 
 
-def prod_shrink(s, splits=None):
-    nt, sp, groups = prod_shrink_plan(s)
+def prod_shrink(s, splits=None, groups=None):
+    nt, sp, g = prod_shrink_plan(s)
     sp = splits or sp
-    launch(f"sgmv_shrink_bf16_n{nt}", (s.ntiles, sp, groups),
+    if groups:
+        nt, g = nt // groups, g * groups
+    launch(f"sgmv_shrink_bf16_n{nt}", (s.ntiles, sp, g),
            [s.x, s.h_in, s.v, s.rank, s.table, s.tiles, s.segs, sp, s.acc, s.counters])
 
 
@@ -748,16 +750,12 @@ def prod_expand(s, ntw=4):
            [s.v, s.rank, s.y, s.h_out, 0, 0, s.h_out, s.h_out, s.h_out, s.table, s.tiles, s.segs, 1])
 
 
-def wt_shrink(s, splits, u=2):
-    nt = 1 << ((-(-s.rank // 8)) - 1).bit_length()
-    launch(f"probe_shrink_wt_n{nt}_u{u}", (-(-s.ntiles // 4), splits, 1),
-           [s.x, s.h_in, s.v, s.rank, s.table, s.tiles, s.segs, s.ntiles, splits, s.acc, s.counters])
-
-
-def wt_expand(s, ch):
+def long_expand(s):
+    # kernels/sgmv.cu's expand for long segments (as cuda/mod.rs launches it for one part).
     kt = 1 << ((-(-s.rank // 32)) - 1).bit_length()
-    launch(f"probe_expand_wt_k{kt}_w4_c{ch}", (-(-s.h_out // (32 * ch)), -(-s.ntiles // 4), 1),
-           [s.v, s.rank, s.y, s.h_out, 0, s.h_out, s.table, s.tiles, s.segs, s.ntiles])
+    launch(f"sgmv_expand_long_bf16_k{kt}", (-(-s.h_out // 128), -(-s.ntiles // 4), 1),
+           [s.v, s.rank, s.y, s.h_out, 0, 0, s.h_out, s.h_out, s.h_out, s.table, s.tiles, s.segs,
+            1, s.ntiles])
 
 
 def torch_pair(s):
@@ -779,22 +777,22 @@ def tile_main():
         print(f"## {wl} rows {rows} h {h} r {r}: {len(lens)} segments, {one.ntiles} tiles; production shrink "
               f"n{nt} x {sp} splits x {groups} groups; {one.nbytes()/1e6:.1f} MB, floor {floor:.1f} us, {nsets} sets",
               flush=True)
-        vs = [("both: production", "y", lambda s: (prod_shrink(s), prod_expand(s))),
-              ("both: production, expand w8", "y", lambda s: (prod_shrink(s), prod_expand(s, 8)))]
-        for sp2 in [None, 1, 2, 4, 8, 16]:
-            vs.append((f"shrink: production, splits {sp2 or sp}", "v", (lambda sp2: lambda s: prod_shrink(s, sp2))(sp2)))
-        for sp2 in [1, 2, 4, 8, 16, 32]:
-            vs.append((f"shrink: warps by tile u2, splits {sp2}", "v", (lambda sp2: lambda s: wt_shrink(s, sp2))(sp2)))
-        for sp2 in [4, 8]:
-            vs.append((f"shrink: warps by tile u4, splits {sp2}", "v", (lambda sp2: lambda s: wt_shrink(s, sp2, 4))(sp2)))
-        vs += [("expand: production w4", "y", lambda s: prod_expand(s)),
-               ("expand: production w8", "y", lambda s: prod_expand(s, 8))]
-        for ch in [1, 2, 4, 8]:
-            if r > 32 or ch == 4:
-                vs.append((f"expand: warps by tile, {ch} chunks", "y", (lambda ch: lambda s: wt_expand(s, ch))(ch)))
-        for sp2, ch in [(4, 4), (8, 4), (4, 2), (8, 2)]:
-            vs.append((f"both: warps by tile, splits {sp2}, {ch} chunks", "y",
-                       (lambda sp2, ch: lambda s: (wt_shrink(s, sp2), wt_expand(s, ch)))(sp2, ch)))
+        long_ok = one.ntiles >= 32 and rows >= 2 * one.ntiles  # cuda/plan.rs `expand_long`
+        expand = long_expand if long_ok else prod_expand
+        vs = [("both: production", "y", lambda s: (prod_shrink(s), expand(s))),
+              ("both: production, tile expand", "y", lambda s: (prod_shrink(s), prod_expand(s)))]
+        for sp2 in [None, 4, 8, 12, 16, 24, 32]:
+            vs.append((f"shrink: splits {sp2 or sp}", "v", (lambda sp2: lambda s: prod_shrink(s, sp2))(sp2)))
+        if nt >= 4:
+            for sp2 in [8, 16]:
+                vs.append((f"shrink: splits {sp2}, 2 rank groups", "v",
+                           (lambda sp2: lambda s: prod_shrink(s, sp2, 2))(sp2)))
+        vs += [("expand: tile w4", "y", lambda s: prod_expand(s)),
+               ("expand: tile w8", "y", lambda s: prod_expand(s, 8)),
+               ("expand: long segments", "y", long_expand)]
+        for sp2 in [12, 16, 24]:
+            vs.append((f"both: shrink splits {sp2}, expand long", "y",
+                       (lambda sp2: lambda s: (prod_shrink(s, sp2), long_expand(s)))(sp2)))
         if wl == "identical":
             vs.append(("both: torch mm + addmm (cuBLAS)", "y", torch_pair))
         for name, what, fn in vs:
@@ -812,13 +810,13 @@ def tile_main():
 
 
 def tile_ncu_main():
-    # Plain launches for a profiler: identical 512 rows r=64, production and warps by tile.
+    # Plain launches for a profiler: identical 512 rows r=64, the tile kernels and the long expand.
     s = TileSet([512], 4096, 4096, 64)
     for _ in range(2):
         prod_shrink(s)
         prod_expand(s)
-        wt_shrink(s, 8)
-        wt_expand(s, 4)
+        prod_shrink(s, 16)
+        long_expand(s)
     torch.cuda.synchronize()
 
 

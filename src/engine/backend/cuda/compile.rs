@@ -264,6 +264,8 @@ mod tests {
             ("STREAM_CONSUMERS", plan::STREAM_CONSUMERS),
             ("STREAM_MAX_STAGES", plan::STREAM_MAX_STAGES),
             ("STREAM_MAX_RANK", plan::STREAM_MAX_RANK),
+            ("EXPAND_LONG_CHUNKS", plan::EXPAND_LONG_CHUNKS),
+            ("EXPAND_LONG_NTW", plan::EXPAND_LONG_NTW),
         ] {
             let line = format!("\n#define {name} {value}\n");
             assert!(
@@ -327,6 +329,11 @@ mod tests {
                     && src.contains(&format!(
                         " sgmv_expand_{lower}_rows_##TNAME##VNAME##_l##RL("
                     ))
+            } else if let Some(rest) = name.strip_prefix("sgmv_expand_long_") {
+                let (t, k) = rest.split_once("_k").unwrap();
+                let t = t.strip_suffix("_vh").unwrap_or(t);
+                src.contains(&format!("DEFINE_EXPAND_LONG({t}, {t}, {k})"))
+                    && src.contains("DEFINE_EXPAND_LONG_V(TNAME, TYPE, _vh, TYPE, KT)")
             } else if let Some(rest) = name.strip_prefix("sgmv_expand_") {
                 let (t, kw) = rest.split_once("_k").unwrap();
                 let t = t.strip_suffix("_vh").unwrap_or(t);

@@ -477,6 +477,12 @@ pub struct CudaBackend {
     shrink_blocks_per_sm: usize,
     /// Expand: 8-column tiles per warp, 4 or 8 (tuning knob, `PUNICA_EXPAND_NTW`).
     expand_ntw: usize,
+    /// Expand batches of long segments with the long-segment kernel ([`plan::expand_long`];
+    /// `PUNICA_EXPAND_LONG=0`: the tile expand).
+    expand_long: bool,
+    /// Split-K target of the tile shrink for tiles of many rows, in blocks per SM
+    /// (`PUNICA_SHRINK_BLOCKS_PER_SM_FULL`; see [`plan::SHRINK_BLOCKS_PER_SM_FULL`]).
+    shrink_blocks_per_sm_full: usize,
     /// Largest split-K of the shrink for tiles of many rows (`PUNICA_SHRINK_MAX_SPLITS_FULL`).
     shrink_max_splits_full: usize,
     /// Spread ranks over blocks when a batch has few tiles (`PUNICA_SHRINK_RANK_SPLIT=0` disables).
@@ -684,6 +690,11 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .filter(|&v: &usize| (1..=64).contains(&v))
                 .unwrap_or(plan::SHRINK_BLOCKS_PER_SM),
+            shrink_blocks_per_sm_full: std::env::var("PUNICA_SHRINK_BLOCKS_PER_SM_FULL")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v: &usize| (1..=64).contains(&v))
+                .unwrap_or(plan::SHRINK_BLOCKS_PER_SM_FULL),
             shrink_max_splits_full: std::env::var("PUNICA_SHRINK_MAX_SPLITS_FULL")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -698,6 +709,7 @@ impl CudaBackend {
             lora_stream: cc.0 >= 9 && std::env::var("PUNICA_LORA_STREAM").as_deref() != Ok("0"),
             lora_stream_all: std::env::var("PUNICA_LORA_STREAM").as_deref() == Ok("all"),
             stream_clusters: Mutex::new(HashMap::new()),
+            expand_long: std::env::var("PUNICA_EXPAND_LONG").as_deref() != Ok("0"),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
                 Ok("8") => 8,
                 _ => 4,
@@ -1872,6 +1884,7 @@ pub fn kernel_names() -> Vec<String> {
                 for w in [4, 8] {
                     names.push(format!("sgmv_expand_{t}{v}_k{kt}_w{w}"));
                 }
+                names.push(format!("sgmv_expand_long_{t}{v}_k{kt}"));
             }
             for l in [1, 2, 4, 8, 16] {
                 names.push(format!("sgmv_expand_rows_{t}{v}_l{l}"));
@@ -2558,7 +2571,7 @@ impl Backend for CudaBackend {
         let full = meta.layout.rows >= 2 * tiles;
         let target = self.sm_count * self.shrink_blocks_per_sm;
         let split_target = if full {
-            self.sm_count * plan::SHRINK_BLOCKS_PER_SM_FULL
+            self.sm_count * self.shrink_blocks_per_sm_full
         } else {
             target
         };
@@ -2658,33 +2671,57 @@ impl Backend for CudaBackend {
             );
         }
         let kt = plan::expand_rank_chunks(table.sum.max_part_rank)?;
-        let ntw = self.expand_ntw;
-        let name = kernel!("sgmv_expand_{}{v_name}_k{kt}_w{ntw}", Self::suffix(y.dtype));
+        let tiles = meta.layout.tile_grid();
+        let long = self.expand_long && plan::expand_long(meta.layout.rows, meta.layout.num_tiles);
+        let (ntw, name) = if long {
+            (
+                plan::EXPAND_LONG_COLS / 8,
+                kernel!("sgmv_expand_long_{}{v_name}_k{kt}", Self::suffix(y.dtype)),
+            )
+        } else {
+            let ntw = self.expand_ntw;
+            (
+                ntw,
+                kernel!("sgmv_expand_{}{v_name}_k{kt}_w{ntw}", Self::suffix(y.dtype)),
+            )
+        };
         for launch in plan::expand_launches(outs, ntw).iter() {
-            let (gx, gy) = plan::expand_grid(launch.width(), meta.layout.tile_grid(), ntw);
+            let (gx, gy) = if long {
+                plan::expand_long_grid(launch.width(), tiles)
+            } else {
+                plan::expand_grid(launch.width(), tiles, ntw)
+            };
             // Always overlapping the kernel before; the old y is loaded before the wait only
             // after a shrink (which does not write it), after the wait otherwise (the GEMM of
             // an arena step wrote y, or an earlier launch of this expand other columns).
             let y_early = *lock(&self.last) == Last::Shrink;
+            let args = [
+                Arg::Ptr(v.ptr),
+                i32_arg(v_stride, "v_stride")?,
+                Arg::Ptr(y.ptr),
+                i32_arg(y_stride, "y_stride")?,
+                i32_arg(col_offset + launch.col, "col_offset")?,
+                i32_arg(launch.part0, "part0")?,
+                i32_arg(launch.ends[0], "end0")?,
+                i32_arg(launch.ends[1], "end1")?,
+                i32_arg(launch.ends[2], "end2")?,
+                Arg::Ptr(table.ptr),
+                Arg::Ptr(meta.at(meta.layout.tiles)),
+                Arg::Ptr(meta.at(meta.layout.segs)),
+                Arg::I32(i32::from(y_early)),
+                // The long expand's tile count (the tile expand's is its grid).
+                i32_arg(tiles, "tiles")?,
+            ];
+            let args = if long {
+                &args[..]
+            } else {
+                &args[..args.len() - 1]
+            };
             self.launch(
                 &name,
                 (gx, gy, 1),
                 (plan::EXPAND_WARPS * 32) as u32,
-                &[
-                    Arg::Ptr(v.ptr),
-                    i32_arg(v_stride, "v_stride")?,
-                    Arg::Ptr(y.ptr),
-                    i32_arg(y_stride, "y_stride")?,
-                    i32_arg(col_offset + launch.col, "col_offset")?,
-                    i32_arg(launch.part0, "part0")?,
-                    i32_arg(launch.ends[0], "end0")?,
-                    i32_arg(launch.ends[1], "end1")?,
-                    i32_arg(launch.ends[2], "end2")?,
-                    Arg::Ptr(table.ptr),
-                    Arg::Ptr(meta.at(meta.layout.tiles)),
-                    Arg::Ptr(meta.at(meta.layout.segs)),
-                    Arg::I32(i32::from(y_early)),
-                ],
+                args,
                 self.pdl,
             )?;
         }

@@ -491,6 +491,31 @@ impl PartialEq for KernelName {
 
 impl Eq for KernelName {}
 
+/// The expand for long segments (kernels/sgmv.cu `sgmv_expand_long_*`): a block's warps take
+/// consecutive tiles and walk `EXPAND_LONG_CHUNKS` chunks of `8 * EXPAND_LONG_NTW` columns.
+pub const EXPAND_LONG_CHUNKS: usize = 4;
+pub const EXPAND_LONG_NTW: usize = 4;
+/// Columns a block of the long-segment expand covers.
+pub const EXPAND_LONG_COLS: usize = EXPAND_LONG_CHUNKS * EXPAND_LONG_NTW * 8;
+/// Tiles from which the long-segment expand takes a batch whose segments average at least two
+/// tiles' worth of rows: below it the tile expand's one block per tile and column block keeps
+/// more of the GPU busy (H200, bench/results/sgmv-tile-probe-*-s17*.txt: 128 rows in 12 tiles
+/// took 8.0 us against 5.6; 512 rows in 32-46 tiles 10.4-11.4 us against 10.9-16.4).
+pub const EXPAND_LONG_MIN_TILES: usize = 32;
+
+/// Whether the expand of `rows` rows in `tiles` row tiles goes to the long-segment kernel.
+pub fn expand_long(rows: usize, tiles: usize) -> bool {
+    tiles >= EXPAND_LONG_MIN_TILES && rows >= 2 * tiles
+}
+
+/// The long-segment expand's grid: (column blocks, blocks of `EXPAND_WARPS` tiles).
+pub fn expand_long_grid(h_out: usize, num_tiles: usize) -> (u32, u32) {
+    (
+        h_out.div_ceil(EXPAND_LONG_COLS) as u32,
+        num_tiles.div_ceil(EXPAND_WARPS) as u32,
+    )
+}
+
 /// Expand grid: (column blocks, row tiles) for `ntw` 8-column tiles per warp.
 pub fn expand_grid(h_out: usize, num_tiles: usize, ntw: usize) -> (u32, u32) {
     let cols = EXPAND_WARPS * 8 * ntw.max(1);
@@ -1054,6 +1079,31 @@ mod tests {
         // Enough tiles, or ranks already small: no split.
         assert_eq!(shrink_rank_split(64, 4096, 264, 8), (8, 1));
         assert_eq!(shrink_rank_split(1, 4096, 264, 2), (2, 1));
+    }
+
+    #[test]
+    fn long_segments_take_the_long_expand_from_32_tiles() {
+        // Punica's 512-row workloads: identical (32 tiles), uniform (46), skewed (42).
+        assert!(expand_long(512, 32));
+        assert!(expand_long(512, 46));
+        assert!(expand_long(512, 42));
+        // 128 rows uniform (12 tiles), and tiles of one row each.
+        assert!(!expand_long(128, 12));
+        assert!(!expand_long(40, 40));
+        assert!(!expand_long(63, 32));
+        assert_eq!(expand_long_grid(4096, 32), (32, 8));
+        assert_eq!(expand_long_grid(4097, 33), (33, 9));
+        assert_eq!(expand_long_grid(576, 46), (5, 12));
+        // A block's columns stay in one part: a launch per part unless the boundaries fall
+        // between blocks.
+        assert_eq!(
+            expand_launches(&[4096, 1024, 1024], EXPAND_LONG_COLS / 8).len(),
+            1
+        );
+        assert_eq!(
+            expand_launches(&[576, 192, 192], EXPAND_LONG_COLS / 8).len(),
+            3
+        );
     }
 
     #[test]

@@ -651,7 +651,12 @@ fn sgmv_cases() -> Vec<SgmvCase> {
         )
     });
     // Groups: q|k|v and gate|up in one shrink and one expand.
-    for (w, tokens) in [(Workload::Distinct, 32), (Workload::Identical, 32)] {
+    // At 512 rows, one adapter: the long-segment expand, in one launch for all parts.
+    for (w, tokens) in [
+        (Workload::Distinct, 32),
+        (Workload::Identical, 32),
+        (Workload::Identical, 512),
+    ] {
         let rows = workload_rows(w, tokens);
         let n = rows.iter().flatten().max().map_or(0, |&m| m as usize + 1);
         cases.push(SgmvCase {
@@ -739,8 +744,13 @@ fn sgmv_cases() -> Vec<SgmvCase> {
         label: "group gate|up 100->77 r 3/12/5 unaligned".into(),
     });
     // SmolLM2's q|k|v (GQA) with adapters lacking parts, mixed ranks, an empty slot, base rows;
-    // once with a long segment, once with segments of at most 4 rows (the row kernels).
-    for lens in [[3usize, 17, 2, 1, 5], [3, 1, 2, 1, 4]] {
+    // once with a long segment, once with segments of at most 4 rows (the row kernels), once
+    // with segments long enough for the long-segment expand (36 tiles; a launch per part).
+    for lens in [
+        [3usize, 17, 2, 1, 5],
+        [3, 1, 2, 1, 4],
+        [40, 200, 30, 96, 180],
+    ] {
         let mut rows = Vec::new();
         for (slot, len) in lens.iter().enumerate() {
             rows.extend(std::iter::repeat_n(Some(slot as u32), *len));
@@ -1663,6 +1673,38 @@ mod tests {
         }));
         assert!(groups.iter().any(|c| c.outs[0] % 32 != 0));
         assert!(cases.iter().any(|c| c.outs.len() == 2));
+        // The long-segment expand: one part, three parts in one launch, three parts in a launch
+        // each (widths off its blocks), and from v in the activations' dtype.
+        let tiles = |c: &SgmvCase| {
+            let mut n = 0;
+            let mut run: Option<(u32, usize)> = None;
+            for r in c.rows.iter().copied().chain([None]) {
+                match (run, r) {
+                    (Some((s, len)), Some(t)) if s == t => run = Some((s, len + 1)),
+                    _ => {
+                        n += run.map_or(0, |(_, len)| len.div_ceil(plan::TILE_ROWS));
+                        run = r.map(|t| (t, 1));
+                    }
+                }
+            }
+            n
+        };
+        let long: Vec<_> = cases
+            .iter()
+            .filter(|c| plan::expand_long(c.rows.len(), tiles(c)))
+            .collect();
+        assert!(long.iter().any(|c| c.outs.len() == 1));
+        let launches =
+            |c: &SgmvCase| plan::expand_launches(&c.outs, plan::EXPAND_LONG_COLS / 8).len();
+        assert!(long.iter().any(|c| c.outs.len() == 3 && launches(c) == 1));
+        assert!(
+            long.iter()
+                .any(|c| launches(c) == 3 && c.arena && c.dtype == DType::F16)
+        );
+        assert!(
+            long.iter()
+                .any(|c| c.ranks.iter().flatten().any(|&r| r == Some(128)))
+        );
     }
 
     #[test]
