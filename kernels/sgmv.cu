@@ -462,19 +462,22 @@ __device__ __forceinline__ void sgmv_expand_impl(
 // times from L2, and every column block reads its tile's v again. Here a block's EXPAND_WARPS
 // warps take consecutive tiles (warp w: tile EXPAND_WARPS * blockIdx.y + w) and the same
 // EXPAND_LONG_CHUNKS chunks of 32 columns, so tiles of one segment share B through L1, and a
-// warp loads its v once (as hi + lo halves) for all its chunks, loading each chunk's B and old y
-// one chunk ahead. A block's columns lie in one part (the host launches per part unless every
+// warp loads its v once (as hi + lo halves) for all its chunks. The chunks' B and old y go to
+// registers DEPTH chunks ahead: at ranks up to 64 all of them before the wait (one round trip),
+// at 128 two ahead (registers). A block's columns lie in one part (the host launches per part unless every
 // part boundary falls between blocks); tiles past `num_tiles` or of other slots work as in the
 // tile expand. Measured against it on the H200: bench/results/sgmv-tile-probe-*-s17*.txt.
 #define EXPAND_LONG_CHUNKS 4
 #define EXPAND_LONG_NTW 4
 
-template <typename T, typename VT, int KT>
+template <typename T, typename VT, int KT, int CH = EXPAND_LONG_CHUNKS,
+          int DEPTH = (KT <= 2 ? CH : 2)>
 __device__ __forceinline__ void sgmv_expand_long_impl(
     const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
     int part0, int end0, int end1, int end2, const LoraSlot* __restrict__ table,
     const u32* __restrict__ tiles, const u32* __restrict__ segs, int y_early, int num_tiles) {
-    constexpr int NTW = EXPAND_LONG_NTW, CH = EXPAND_LONG_CHUNKS;
+    constexpr int NTW = EXPAND_LONG_NTW;
+    static_assert(DEPTH >= 1 && DEPTH <= CH, "chunks in registers at once");
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int tile = blockIdx.y * EXPAND_WARPS + warp;
     const int cb = blockIdx.x * (CH * NTW * 8);
@@ -504,8 +507,8 @@ __device__ __forceinline__ void sgmv_expand_long_impl(
     const bool yal = ((y_stride | col_offset) & 1) == 0;
     const bool bvec = (rank & 7) == 0;
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    uint4 b[2][NTW][KT];
-    u32 yv[2][NTW][2];
+    uint4 b[DEPTH][NTW][KT];
+    u32 yv[DEPTH][NTW][2];
     auto load_b = [&](int ch, int buf) {
 #pragma unroll
         for (int nt = 0; nt < NTW; ++nt) {
@@ -527,10 +530,17 @@ __device__ __forceinline__ void sgmv_expand_long_impl(
             yv[buf][nt][1] = r1ok ? load_pair(y1, col, h_out, yal) : 0u;
         }
     };
-    load_b(0, 0);
-    if (y_early) load_y(0, 0);
+#pragma unroll
+    for (int ch = 0; ch < DEPTH; ++ch) load_b(ch, ch);
+    if (y_early) {
+#pragma unroll
+        for (int ch = 0; ch < DEPTH; ++ch) load_y(ch, ch);
+    }
     pdl_enter();
-    if (!y_early) load_y(0, 0);
+    if (!y_early) {
+#pragma unroll
+        for (int ch = 0; ch < DEPTH; ++ch) load_y(ch, ch);
+    }
 
     u32 ah[KT][8], al[KT][8];
     const VT* v0 = v + (size_t)(row0 + g) * v_stride + voff;
@@ -551,11 +561,7 @@ __device__ __forceinline__ void sgmv_expand_long_impl(
     const T dummy = T{};
 #pragma unroll
     for (int ch = 0; ch < CH; ++ch) {
-        const int cur = ch & 1;
-        if (ch + 1 < CH) {
-            load_b(ch + 1, cur ^ 1);
-            load_y(ch + 1, cur ^ 1);
-        }
+        const int cur = ch % DEPTH;
         float d[NTW][4];
 #pragma unroll
         for (int nt = 0; nt < NTW; ++nt) d[nt][0] = d[nt][1] = d[nt][2] = d[nt][3] = 0.0f;
@@ -585,6 +591,10 @@ __device__ __forceinline__ void sgmv_expand_long_impl(
                 store_pair(y1, col, h_out, yal,
                            pack2<T>(lo_f32(dummy, o) + d[nt][2], hi_f32(dummy, o) + d[nt][3]));
             }
+        }
+        if (ch + DEPTH < CH) {
+            load_b(ch + DEPTH, cur);
+            load_y(ch + DEPTH, cur);
         }
     }
 }

@@ -526,3 +526,22 @@ PROBE_STREAM(probe_lora_stream_xf32_c2, 2, 1, true, true)
 PROBE_STREAM(probe_lora_stream_tc_c1, 1, 1, true, false, true)
 PROBE_STREAM(probe_lora_stream_tc_c2, 2, 1, true, false, true)
 PROBE_STREAM(probe_lora_stream_tc_c4, 4, 1, true, false, true)
+
+// The long-segment expand of kernels/sgmv.cu (`sgmv_expand_long_impl`) with CH chunks of
+// columns a block and DEPTH of them in registers at once.
+#define PROBE_EXPAND_LONG(KT, CH, DEPTH)                                                        \
+    extern "C" __global__ void __launch_bounds__(EXPAND_WARPS * 32)                             \
+        probe_expand_long_k##KT##_c##CH##_d##DEPTH(                                             \
+            const float* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride,      \
+            int col_offset, int part0, int end0, int end1, int end2,                            \
+            const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,                  \
+            const u32* __restrict__ segs, int y_early, int num_tiles) {                         \
+        sgmv_expand_long_impl<bf16, float, KT, CH, DEPTH>(v, v_stride, y, y_stride, col_offset, \
+                                                          part0, end0, end1, end2, table, tiles, \
+                                                          segs, y_early, num_tiles);            \
+    }
+PROBE_EXPAND_LONG(2, 4, 2)
+PROBE_EXPAND_LONG(2, 2, 2)
+PROBE_EXPAND_LONG(2, 8, 4)
+PROBE_EXPAND_LONG(1, 4, 2)
+PROBE_EXPAND_LONG(1, 8, 8)

@@ -750,10 +750,12 @@ def prod_expand(s, ntw=4):
            [s.v, s.rank, s.y, s.h_out, 0, 0, s.h_out, s.h_out, s.h_out, s.table, s.tiles, s.segs, 1])
 
 
-def long_expand(s):
-    # kernels/sgmv.cu's expand for long segments (as cuda/mod.rs launches it for one part).
+def long_expand(s, ch=4, depth=None):
+    # kernels/sgmv.cu's expand for long segments (as cuda/mod.rs launches it for one part), or
+    # its probe instance with `ch` chunks a block, `depth` of them in registers at once.
     kt = 1 << ((-(-s.rank // 32)) - 1).bit_length()
-    launch(f"sgmv_expand_long_bf16_k{kt}", (-(-s.h_out // 128), -(-s.ntiles // 4), 1),
+    name = f"probe_expand_long_k{kt}_c{ch}_d{depth}" if depth else f"sgmv_expand_long_bf16_k{kt}"
+    launch(name, (-(-s.h_out // (32 * ch)), -(-s.ntiles // 4), 1),
            [s.v, s.rank, s.y, s.h_out, 0, 0, s.h_out, s.h_out, s.h_out, s.table, s.tiles, s.segs,
             1, s.ntiles])
 
@@ -781,7 +783,7 @@ def tile_main():
         expand = long_expand if long_ok else prod_expand
         vs = [("both: production", "y", lambda s: (prod_shrink(s), expand(s))),
               ("both: production, tile expand", "y", lambda s: (prod_shrink(s), prod_expand(s)))]
-        for sp2 in [None, 4, 8, 12, 16, 24, 32]:
+        for sp2 in [None, 8, 12, 16]:
             vs.append((f"shrink: splits {sp2 or sp}", "v", (lambda sp2: lambda s: prod_shrink(s, sp2))(sp2)))
         if nt >= 4:
             for sp2 in [8, 16]:
@@ -790,7 +792,10 @@ def tile_main():
         vs += [("expand: tile w4", "y", lambda s: prod_expand(s)),
                ("expand: tile w8", "y", lambda s: prod_expand(s, 8)),
                ("expand: long segments", "y", long_expand)]
-        for sp2 in [12, 16, 24]:
+        for ch, depth in ([(4, 2), (2, 2), (8, 4)] if r > 32 else [(4, 2), (8, 8)]):
+            vs.append((f"expand: long segments, {ch} chunks, {depth} ahead", "y",
+                       (lambda ch, depth: lambda s: long_expand(s, ch, depth))(ch, depth)))
+        for sp2 in [12, 16]:
             vs.append((f"both: shrink splits {sp2}, expand long", "y",
                        (lambda sp2: lambda s: (prod_shrink(s, sp2), long_expand(s)))(sp2)))
         if wl == "identical":
