@@ -463,15 +463,15 @@ __device__ __forceinline__ void sgmv_expand_impl(
 // warps take consecutive tiles (warp w: tile EXPAND_WARPS * blockIdx.y + w) and the same
 // EXPAND_LONG_CHUNKS chunks of 32 columns, so tiles of one segment share B through L1, and a
 // warp loads its v once (as hi + lo halves) for all its chunks. The chunks' B and old y go to
-// registers DEPTH chunks ahead: at ranks up to 64 all of them before the wait (one round trip),
-// at 128 two ahead (registers). A block's columns lie in one part (the host launches per part unless every
+// registers DEPTH chunks ahead (the first DEPTH before the wait). All four ahead measured no
+// faster at 512 rows in one segment and slower in 23 or 14 (2 blocks an SM, not 3, for 384 or
+// 352 blocks). A block's columns lie in one part (the host launches per part unless every
 // part boundary falls between blocks); tiles past `num_tiles` or of other slots work as in the
 // tile expand. Measured against it on the H200: bench/results/sgmv-tile-probe-*-s17*.txt.
 #define EXPAND_LONG_CHUNKS 4
 #define EXPAND_LONG_NTW 4
 
-template <typename T, typename VT, int KT, int CH = EXPAND_LONG_CHUNKS,
-          int DEPTH = (KT <= 2 ? CH : 2)>
+template <typename T, typename VT, int KT, int CH = EXPAND_LONG_CHUNKS, int DEPTH = 2>
 __device__ __forceinline__ void sgmv_expand_long_impl(
     const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
     int part0, int end0, int end1, int end2, const LoraSlot* __restrict__ table,

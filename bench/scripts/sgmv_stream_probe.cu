@@ -540,8 +540,8 @@ PROBE_STREAM(probe_lora_stream_tc_c4, 4, 1, true, false, true)
                                                           part0, end0, end1, end2, table, tiles, \
                                                           segs, y_early, num_tiles);            \
     }
-PROBE_EXPAND_LONG(2, 4, 2)
+PROBE_EXPAND_LONG(2, 4, 4)
 PROBE_EXPAND_LONG(2, 2, 2)
 PROBE_EXPAND_LONG(2, 8, 4)
-PROBE_EXPAND_LONG(1, 4, 2)
+PROBE_EXPAND_LONG(1, 4, 4)
 PROBE_EXPAND_LONG(1, 8, 8)

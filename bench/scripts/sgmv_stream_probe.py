@@ -720,7 +720,6 @@ def prod_shrink_plan(s):
     t = s.ntiles
     full = s.rows >= 2 * t
     target = SMS * 4
-    split_target = SMS * 2 if full else target
     all_ = 1 << ((-(-s.rank // 8)) - 1).bit_length()
     nt0, g0 = min(all_, 16), -(-all_ // 16)
     max_split = max(1, (-(-s.h_in // 32)) // 4)
@@ -730,8 +729,13 @@ def prod_shrink_plan(s):
         g1 = min(1 << (-(-target // (t * g0 * max_split)) - 1).bit_length(), nt0 // 2)
         nt = nt0 // g1
     groups = g0 * g1
-    cap = 16 if full else 64
-    splits = max(1, min(-(-split_target // (t * groups)), max(1, min(max_split, cap))))
+    if full:
+        # `shrink_splits_full`: as many splits as one wave of resident blocks holds.
+        n = ctypes.c_int()
+        ck(cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), func(f"sgmv_shrink_bf16_n{nt}"), 128, ctypes.c_size_t(0)), "occupancy")
+        splits = max(1, min(n.value * SMS // (t * groups), max(1, min(max_split, 16))))
+    else:
+        splits = max(1, min(-(-target // (t * groups)), max(1, min(max_split, 64))))
     return nt, splits, groups
 
 
@@ -792,7 +796,7 @@ def tile_main():
         vs += [("expand: tile w4", "y", lambda s: prod_expand(s)),
                ("expand: tile w8", "y", lambda s: prod_expand(s, 8)),
                ("expand: long segments", "y", long_expand)]
-        for ch, depth in ([(4, 2), (2, 2), (8, 4)] if r > 32 else [(4, 2), (8, 8)]):
+        for ch, depth in ([(4, 4), (2, 2), (8, 4)] if r > 32 else [(4, 4), (8, 8)]):
             vs.append((f"expand: long segments, {ch} chunks, {depth} ahead", "y",
                        (lambda ch, depth: lambda s: long_expand(s, ch, depth))(ch, depth)))
         for sp2 in [12, 16]:

@@ -480,9 +480,9 @@ pub struct CudaBackend {
     /// Expand batches of long segments with the long-segment kernel ([`plan::expand_long`];
     /// `PUNICA_EXPAND_LONG=0`: the tile expand).
     expand_long: bool,
-    /// Split-K target of the tile shrink for tiles of many rows, in blocks per SM
-    /// (`PUNICA_SHRINK_BLOCKS_PER_SM_FULL`; see [`plan::SHRINK_BLOCKS_PER_SM_FULL`]).
-    shrink_blocks_per_sm_full: usize,
+    /// Blocks of a kernel (by name, at its launch's block size and no dynamic shared memory)
+    /// that the device holds at once.
+    resident: Mutex<HashMap<String, usize>>,
     /// Largest split-K of the shrink for tiles of many rows (`PUNICA_SHRINK_MAX_SPLITS_FULL`).
     shrink_max_splits_full: usize,
     /// Spread ranks over blocks when a batch has few tiles (`PUNICA_SHRINK_RANK_SPLIT=0` disables).
@@ -502,6 +502,9 @@ pub struct CudaBackend {
     /// Stream even the launches [`plan::stream_plan`] leaves to the two kernels
     /// (`PUNICA_LORA_STREAM=all`, for measurement).
     lora_stream_all: bool,
+    /// The streamed kernel's cluster size, 1, 2 or 4, in place of [`plan::stream_plan`]'s
+    /// choice (`PUNICA_LORA_STREAM_CLUSTER`, for measurement).
+    stream_cluster: Option<usize>,
     /// Clusters of the streamed kernel that fit the device at once, per (dtype, cluster size,
     /// shared memory); the kernel's shared-memory limit is raised when its entry is made.
     stream_clusters: Mutex<HashMap<(DType, usize, usize), usize>>,
@@ -690,11 +693,7 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .filter(|&v: &usize| (1..=64).contains(&v))
                 .unwrap_or(plan::SHRINK_BLOCKS_PER_SM),
-            shrink_blocks_per_sm_full: std::env::var("PUNICA_SHRINK_BLOCKS_PER_SM_FULL")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&v: &usize| (1..=64).contains(&v))
-                .unwrap_or(plan::SHRINK_BLOCKS_PER_SM_FULL),
+            resident: Mutex::new(HashMap::new()),
             shrink_max_splits_full: std::env::var("PUNICA_SHRINK_MAX_SPLITS_FULL")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -708,6 +707,9 @@ impl CudaBackend {
             fused_rope: std::env::var("PUNICA_FUSED_ROPE").as_deref() != Ok("0"),
             lora_stream: cc.0 >= 9 && std::env::var("PUNICA_LORA_STREAM").as_deref() != Ok("0"),
             lora_stream_all: std::env::var("PUNICA_LORA_STREAM").as_deref() == Ok("all"),
+            stream_cluster: std::env::var("PUNICA_LORA_STREAM_CLUSTER")
+                .ok()
+                .and_then(|v| v.parse().ok()),
             stream_clusters: Mutex::new(HashMap::new()),
             expand_long: std::env::var("PUNICA_EXPAND_LONG").as_deref() != Ok("0"),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
@@ -1712,6 +1714,22 @@ impl CudaBackend {
         Ok(true)
     }
 
+    /// Blocks of `name`, launched `block` threads wide without dynamic shared memory, that the
+    /// device runs at once (occupancy from the driver, cached per kernel).
+    fn resident_blocks(&self, name: &plan::KernelName, block: u32) -> Result<usize> {
+        if let Some(&n) = lock(&self.resident).get(name.as_str()) {
+            return Ok(n);
+        }
+        let per_sm = self
+            .function(name)?
+            .occupancy_max_active_blocks_per_multiprocessor(block, 0, None)
+            .map_err(|e| dev_err("occupancy of a kernel", e))? as usize;
+        let n = per_sm.max(1) * self.sm_count;
+        tracing::debug!(kernel = name.as_str(), per_sm, "resident blocks");
+        lock(&self.resident).insert(name.to_string(), n);
+        Ok(n)
+    }
+
     /// The streamed kernel's plan for [`Backend::sgmv_lora`] and its clusters, when it serves
     /// the call: segments of one row, a table it can read (see `TableSummary::streamable`),
     /// whole 16-byte vectors everywhere, and a device it fits.
@@ -1742,7 +1760,14 @@ impl CudaBackend {
         } else {
             2 * table.sum.max_rank * h_in + 2 * table.sum.max_part_rank * outs.iter().sum::<usize>()
         };
-        let Some(p) = plan::stream_plan(tiles, h_in, outs, self.sm_count, row_bytes) else {
+        let Some(p) = plan::stream_plan(
+            tiles,
+            h_in,
+            outs,
+            self.sm_count,
+            row_bytes,
+            self.stream_cluster,
+        ) else {
             return Ok(None);
         };
         let key = (x.dtype, p.cluster, p.smem);
@@ -2566,15 +2591,10 @@ impl Backend for CudaBackend {
                 self.pdl,
             );
         }
-        // Tiles holding many rows pay a round of atomics per row and rank for every split:
-        // they aim at fewer splits than tiles of a few rows.
+        // Tiles holding many rows pay a round of reductions per row and rank for every split:
+        // they split only as far as one wave of blocks allows.
         let full = meta.layout.rows >= 2 * tiles;
         let target = self.sm_count * self.shrink_blocks_per_sm;
-        let split_target = if full {
-            self.sm_count * self.shrink_blocks_per_sm_full
-        } else {
-            target
-        };
         // Ranks beyond one block's register tiles always go to more blocks (rank groups).
         let all = plan::shrink_rank_tiles(table.sum.max_rank)?;
         let (nt0, g0) = (
@@ -2587,12 +2607,14 @@ impl Backend for CudaBackend {
             (nt0, 1)
         };
         let groups = g0 * g1;
-        let cap = if full {
-            self.shrink_max_splits_full
+        let name = kernel!("sgmv_shrink_{}_n{nt}", Self::suffix(x.dtype));
+        let block = (plan::SHRINK_WARPS * 32) as u32;
+        let splits = if full {
+            let resident = self.resident_blocks(&name, block)?;
+            plan::shrink_splits_full(tiles * groups, h_in, resident, self.shrink_max_splits_full)
         } else {
-            64
+            plan::shrink_splits(tiles * groups, h_in, target, 64)
         };
-        let splits = plan::shrink_splits(tiles * groups, h_in, split_target, cap);
         let (acc, counters) = self.shrink_workspace(
             splits,
             tiles * groups,
@@ -2600,9 +2622,9 @@ impl Backend for CudaBackend {
         )?;
         let args = Self::shrink_args(x, h_in, v, v_stride, table, meta, splits)?;
         self.launch_slots(
-            &kernel!("sgmv_shrink_{}_n{nt}", Self::suffix(x.dtype)),
+            &name,
             (tiles as u32, splits as u32, groups as u32),
-            (plan::SHRINK_WARPS * 32) as u32,
+            block,
             arg_slots(args.iter().chain(&[Arg::Ptr(acc), Arg::Ptr(counters)]))?,
             self.pdl,
         )

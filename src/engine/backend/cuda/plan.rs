@@ -114,9 +114,6 @@ pub const SHRINK_ROWS_BLOCKS_PER_SM: usize = 8;
 /// Default target of the tile shrink in blocks per SM: for spreading ranks over blocks, and for
 /// the split-K of tiles of a few rows.
 pub const SHRINK_BLOCKS_PER_SM: usize = 4;
-/// Split-K target of tiles of many rows (at least two rows a tile on average) in blocks per SM:
-/// each split costs them a round of atomics per row and rank.
-pub const SHRINK_BLOCKS_PER_SM_FULL: usize = 2;
 /// Default cap on the split-K of tiles of many rows.
 pub const SHRINK_MAX_SPLITS_FULL: usize = 16;
 
@@ -324,6 +321,17 @@ pub fn shrink_splits(num_tiles: usize, h_in: usize, target_blocks: usize, cap: u
     let max_split = (steps / SHRINK_WARPS).clamp(1, cap.max(1));
     let target_blocks = target_blocks.max(1);
     target_blocks.div_ceil(num_tiles.max(1)).clamp(1, max_split)
+}
+
+/// Split-K of tiles of many rows (at least two rows a tile on average): as many splits as keep
+/// every block resident at once (`resident` blocks on the device: a second wave costs more than
+/// the splits save), each warp keeping at least one 32-wide k step, at most `cap`. On the H200 at
+/// 512 rows and r=64 (bench/results/sgmv-tile-probe-*-s17*.txt): 32 tiles took 8.7 us at 12
+/// splits (384 blocks of 396 resident) against 9.6 at 9 and 12.5 at 16; 46 tiles 11.8 us at 8
+/// against 12.9 at 6 and 16.7 at 12.
+pub fn shrink_splits_full(num_tiles: usize, h_in: usize, resident: usize, cap: usize) -> usize {
+    let max_split = (h_in.div_ceil(32) / SHRINK_WARPS).clamp(1, cap.max(1));
+    (resident / num_tiles.max(1)).clamp(1, max_split)
 }
 
 /// Rank split of the shrink: `(rank tiles per block, rank groups)`. When even the widest split-K
@@ -849,8 +857,11 @@ pub fn stream_plan(
     outs: &[usize],
     sms: usize,
     row_bytes: usize,
+    force_cluster: Option<usize>,
 ) -> Option<StreamPlan> {
-    let cluster = if tiles * 4 > sms * 3 {
+    let cluster = if let Some(c) = force_cluster.filter(|c| STREAM_CLUSTERS.contains(c)) {
+        c
+    } else if tiles * 4 > sms * 3 {
         1
     } else if tiles > 16 {
         2
@@ -1067,6 +1078,19 @@ mod tests {
         // Tiny inner dimensions never split below one step per warp.
         assert_eq!(shrink_splits(1, 64, 528, 64), 1);
         assert_eq!(shrink_splits(1, 576, 528, 64), 4);
+    }
+
+    #[test]
+    fn tiles_of_many_rows_split_as_far_as_one_wave_of_blocks_allows() {
+        // 396 resident blocks (3 an SM on 132 SMs): Punica's 512-row workloads at r=64.
+        assert_eq!(shrink_splits_full(32, 4096, 396, 16), 12);
+        assert_eq!(shrink_splits_full(46, 4096, 396, 16), 8);
+        assert_eq!(shrink_splits_full(42, 4096, 396, 16), 9);
+        // Few tiles stop at the cap, or at one k step a warp; more tiles than blocks: no split.
+        assert_eq!(shrink_splits_full(11, 8192, 396, 16), 16);
+        assert_eq!(shrink_splits_full(2, 576, 396, 16), 4);
+        assert_eq!(shrink_splits_full(500, 4096, 396, 16), 1);
+        assert_eq!(shrink_splits_full(0, 4096, 0, 0), 1);
     }
 
     #[test]
@@ -1510,7 +1534,7 @@ mod tests {
     }
     #[test]
     fn stream_plan_gives_rows_clusters_when_rows_leave_sms_idle() {
-        let p = |tiles| stream_plan(tiles, 4096, &[4096], 132, 0).unwrap();
+        let p = |tiles| stream_plan(tiles, 4096, &[4096], 132, 0, None).unwrap();
         assert_eq!(p(512).cluster, 1);
         assert_eq!(p(100).cluster, 1);
         assert_eq!(p(99).cluster, 2);
@@ -1531,7 +1555,7 @@ mod tests {
             (8192, vec![8192]),
         ] {
             for tiles in [1, 8, 32, 64, 128, 512] {
-                let p = stream_plan(tiles, h_in, &outs, 132, 0).unwrap();
+                let p = stream_plan(tiles, h_in, &outs, 132, 0, None).unwrap();
                 assert!(p.smem <= STREAM_MAX_SMEM, "{h_in} {outs:?} {tiles}");
                 assert!((2..=STREAM_MAX_STAGES).contains(&p.stages));
                 // The kernel gives block j of a cluster columns [8 * (n8 * j / c), 8 * (n8 *
@@ -1549,17 +1573,29 @@ mod tests {
             }
         }
         // x and the old y alone too large for two stages.
-        assert_eq!(stream_plan(1, 100_000, &[4096], 132, 0), None);
+        assert_eq!(stream_plan(1, 100_000, &[4096], 132, 0, None), None);
     }
 
     #[test]
     fn stream_plan_leaves_few_blocks_with_much_to_read_to_the_two_kernels() {
         // 7B shapes: a row's A and B of rank 16 and 64.
         let (r16, r64) = (4 * 16 * 4096, 4 * 64 * 4096);
-        let p = |tiles, bytes| stream_plan(tiles, 4096, &[4096], 132, bytes);
+        let p = |tiles, bytes| stream_plan(tiles, 4096, &[4096], 132, bytes, None);
         assert!(p(1, r16).is_some() && p(8, r16).is_some() && p(32, r16).is_some());
         assert!(p(1, r64).is_none() && p(8, r64).is_none() && p(32, r64).is_none());
         // Half the SMs busy or more: streamed whatever a block reads.
         assert!(p(33, r64).is_some() && p(64, r64).is_some() && p(512, r64).is_some());
+    }
+
+    #[test]
+    fn a_forced_cluster_size_is_taken_when_the_kernel_has_it() {
+        let c = |tiles, force| {
+            stream_plan(tiles, 4096, &[4096], 132, 0, force).map(|p: StreamPlan| p.cluster)
+        };
+        assert_eq!(c(64, Some(1)), Some(1));
+        assert_eq!(c(8, Some(2)), Some(2));
+        assert_eq!(c(512, Some(4)), Some(4));
+        assert_eq!(c(64, Some(3)), Some(2));
+        assert_eq!(c(64, None), Some(2));
     }
 }
