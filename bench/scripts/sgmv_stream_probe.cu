@@ -545,3 +545,19 @@ PROBE_EXPAND_LONG(2, 2, 2)
 PROBE_EXPAND_LONG(2, 8, 4)
 PROBE_EXPAND_LONG(1, 4, 4)
 PROBE_EXPAND_LONG(1, 8, 8)
+
+// The tile shrink of kernels/sgmv.cu (`sgmv_shrink_impl`) with U k steps a warp in flight and
+// launch bounds of MINB blocks an SM.
+#define PROBE_SHRINK_TILE(NT, U, MINB)                                                          \
+    extern "C" __global__ void __launch_bounds__(SHRINK_WARPS * 32, MINB)                       \
+        probe_shrink_n##NT##_u##U##_b##MINB(                                                    \
+            const bf16* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,          \
+            const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,                  \
+            const u32* __restrict__ segs, int ksplit, float* __restrict__ acc,                  \
+            u32* __restrict__ counters) {                                                       \
+        sgmv_shrink_impl<bf16, NT, U>(x, h_in, v, v_stride, table, tiles, segs, ksplit, acc,    \
+                                      counters);                                                \
+    }
+PROBE_SHRINK_TILE(8, 3, 3)
+PROBE_SHRINK_TILE(8, 4, 2)
+PROBE_SHRINK_TILE(8, 2, 4)

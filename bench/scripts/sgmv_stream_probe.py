@@ -739,12 +739,14 @@ def prod_shrink_plan(s):
     return nt, splits, groups
 
 
-def prod_shrink(s, splits=None, groups=None):
+def prod_shrink(s, splits=None, groups=None, kernel=None):
+    # The tile shrink as cuda/mod.rs plans it, or with other splits, rank groups or a probe
+    # instance (`kernel`, of the same rank tiles).
     nt, sp, g = prod_shrink_plan(s)
     sp = splits or sp
     if groups:
         nt, g = nt // groups, g * groups
-    launch(f"sgmv_shrink_bf16_n{nt}", (s.ntiles, sp, g),
+    launch(kernel or f"sgmv_shrink_bf16_n{nt}", (s.ntiles, sp, g),
            [s.x, s.h_in, s.v, s.rank, s.table, s.tiles, s.segs, sp, s.acc, s.counters])
 
 
@@ -787,21 +789,23 @@ def tile_main():
         expand = long_expand if long_ok else prod_expand
         vs = [("both: production", "y", lambda s: (prod_shrink(s), expand(s))),
               ("both: production, tile expand", "y", lambda s: (prod_shrink(s), prod_expand(s)))]
-        for sp2 in [None, 8, 12, 16]:
+        for sp2 in [None, 8, 12]:
             vs.append((f"shrink: splits {sp2 or sp}", "v", (lambda sp2: lambda s: prod_shrink(s, sp2))(sp2)))
-        if nt >= 4:
-            for sp2 in [8, 16]:
-                vs.append((f"shrink: splits {sp2}, 2 rank groups", "v",
-                           (lambda sp2: lambda s: prod_shrink(s, sp2, 2))(sp2)))
+        if nt == 8:
+            for k, sps in [("probe_shrink_n8_u3_b3", [None, 12]), ("probe_shrink_n8_u2_b4", [12, 16]),
+                           ("probe_shrink_n8_u4_b2", [8])]:
+                for sp2 in sps:
+                    vs.append((f"shrink: {k[13:]}, splits {sp2 or sp}", "v",
+                               (lambda sp2, k: lambda s: prod_shrink(s, sp2, kernel=k))(sp2, k)))
+            for k, sp2 in [("probe_shrink_n8_u3_b3", 12), ("probe_shrink_n8_u2_b4", 16)]:
+                vs.append((f"both: shrink {k[13:]}, splits {sp2}, expand long", "y",
+                           (lambda sp2, k: lambda s: (prod_shrink(s, sp2, kernel=k), long_expand(s)))(sp2, k)))
         vs += [("expand: tile w4", "y", lambda s: prod_expand(s)),
                ("expand: tile w8", "y", lambda s: prod_expand(s, 8)),
                ("expand: long segments", "y", long_expand)]
-        for ch, depth in ([(4, 4), (2, 2), (8, 4)] if r > 32 else [(4, 4), (8, 8)]):
+        for ch, depth in ([(4, 4)] if r > 32 else [(8, 8)]):
             vs.append((f"expand: long segments, {ch} chunks, {depth} ahead", "y",
                        (lambda ch, depth: lambda s: long_expand(s, ch, depth))(ch, depth)))
-        for sp2 in [12, 16]:
-            vs.append((f"both: shrink splits {sp2}, expand long", "y",
-                       (lambda sp2: lambda s: (prod_shrink(s, sp2), long_expand(s)))(sp2)))
         if wl == "identical":
             vs.append(("both: torch mm + addmm (cuBLAS)", "y", torch_pair))
         for name, what, fn in vs:

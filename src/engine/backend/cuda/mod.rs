@@ -1755,19 +1755,13 @@ impl CudaBackend {
             return Ok(None);
         }
         let tiles = meta.layout.tile_grid();
-        let row_bytes = if self.lora_stream_all {
-            0
-        } else {
-            2 * table.sum.max_rank * h_in + 2 * table.sum.max_part_rank * outs.iter().sum::<usize>()
+        let row_bytes = 2 * table.sum.max_rank * h_in
+            + 2 * table.sum.max_part_rank * outs.iter().sum::<usize>();
+        let knobs = plan::StreamKnobs {
+            all: self.lora_stream_all,
+            cluster: self.stream_cluster,
         };
-        let Some(p) = plan::stream_plan(
-            tiles,
-            h_in,
-            outs,
-            self.sm_count,
-            row_bytes,
-            self.stream_cluster,
-        ) else {
+        let Some(p) = plan::stream_plan(tiles, h_in, outs, self.sm_count, row_bytes, knobs) else {
             return Ok(None);
         };
         let key = (x.dtype, p.cluster, p.smem);

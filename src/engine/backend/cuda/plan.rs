@@ -840,6 +840,22 @@ pub struct StreamPlan {
     pub smem: usize,
 }
 
+/// Rows whose A and B take at most this many bytes go to clusters of one block from
+/// [`STREAM_SMALL_ROW_MIN_TILES`] rows: their halves are too small to pay for the exchange of v
+/// between a pair (H200, 7B r=16, bench/results/bench-kernels-*-s17d-all-c*.txt: 64 rows took
+/// 8.0 us in clusters of 1 against 9.3 in pairs; 32 rows 7.2 against 5.5, and 64 rows of 512 or
+/// 1024 KiB 15.9 and 26.8 against 14.8 and 24.3).
+pub const STREAM_SMALL_ROW_BYTES: usize = 256 * 1024;
+pub const STREAM_SMALL_ROW_MIN_TILES: usize = 48;
+
+/// Measurement knobs of [`stream_plan`]: stream even what the few-blocks rule leaves to the two
+/// kernels (`all`), and a cluster size in place of the plan's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamKnobs {
+    pub all: bool,
+    pub cluster: Option<usize>,
+}
+
 /// A block's share of the weights up to which the streamed kernel serves a launch of fewer
 /// blocks than half the SMs: beyond it the shrink and expand kernels, spread over every SM,
 /// win (r=64 at 8 and 32 rows: bench/results/bench-kernels-h200-2026-11-30-s16g*.txt).
@@ -857,18 +873,22 @@ pub fn stream_plan(
     outs: &[usize],
     sms: usize,
     row_bytes: usize,
-    force_cluster: Option<usize>,
+    knobs: StreamKnobs,
 ) -> Option<StreamPlan> {
-    let cluster = if let Some(c) = force_cluster.filter(|c| STREAM_CLUSTERS.contains(c)) {
+    let small = tiles >= STREAM_SMALL_ROW_MIN_TILES && row_bytes <= STREAM_SMALL_ROW_BYTES;
+    let cluster = if let Some(c) = knobs.cluster.filter(|c| STREAM_CLUSTERS.contains(c)) {
         c
-    } else if tiles * 4 > sms * 3 {
+    } else if tiles * 4 > sms * 3 || small {
         1
     } else if tiles > 16 {
         2
     } else {
         4
     };
-    if 2 * tiles * cluster < sms && row_bytes.div_ceil(cluster) > STREAM_FEW_BLOCK_BYTES {
+    // Small rows in clusters of one were measured against the two kernels too (10.6 us at 64
+    // rows, bench/results/bench-kernels-h200-2026-11-30-s16g-nostream.txt).
+    let few = 2 * tiles * cluster < sms && row_bytes.div_ceil(cluster) > STREAM_FEW_BLOCK_BYTES;
+    if few && !small && !knobs.all {
         return None;
     }
     let y_cap: usize = outs.iter().map(|&n| 8 * (n / 8).div_ceil(cluster)).sum();
@@ -1534,7 +1554,12 @@ mod tests {
     }
     #[test]
     fn stream_plan_gives_rows_clusters_when_rows_leave_sms_idle() {
-        let p = |tiles| stream_plan(tiles, 4096, &[4096], 132, 0, None).unwrap();
+        // Rows of 1 MiB (7B r=64), the few-blocks rule lifted.
+        let all = StreamKnobs {
+            all: true,
+            cluster: None,
+        };
+        let p = |tiles| stream_plan(tiles, 4096, &[4096], 132, 1 << 20, all).unwrap();
         assert_eq!(p(512).cluster, 1);
         assert_eq!(p(100).cluster, 1);
         assert_eq!(p(99).cluster, 2);
@@ -1555,7 +1580,7 @@ mod tests {
             (8192, vec![8192]),
         ] {
             for tiles in [1, 8, 32, 64, 128, 512] {
-                let p = stream_plan(tiles, h_in, &outs, 132, 0, None).unwrap();
+                let p = stream_plan(tiles, h_in, &outs, 132, 0, StreamKnobs::default()).unwrap();
                 assert!(p.smem <= STREAM_MAX_SMEM, "{h_in} {outs:?} {tiles}");
                 assert!((2..=STREAM_MAX_STAGES).contains(&p.stages));
                 // The kernel gives block j of a cluster columns [8 * (n8 * j / c), 8 * (n8 *
@@ -1573,14 +1598,18 @@ mod tests {
             }
         }
         // x and the old y alone too large for two stages.
-        assert_eq!(stream_plan(1, 100_000, &[4096], 132, 0, None), None);
+        assert_eq!(
+            stream_plan(1, 100_000, &[4096], 132, 0, StreamKnobs::default()),
+            None
+        );
     }
 
     #[test]
     fn stream_plan_leaves_few_blocks_with_much_to_read_to_the_two_kernels() {
         // 7B shapes: a row's A and B of rank 16 and 64.
         let (r16, r64) = (4 * 16 * 4096, 4 * 64 * 4096);
-        let p = |tiles, bytes| stream_plan(tiles, 4096, &[4096], 132, bytes, None);
+        let p =
+            |tiles, bytes| stream_plan(tiles, 4096, &[4096], 132, bytes, StreamKnobs::default());
         assert!(p(1, r16).is_some() && p(8, r16).is_some() && p(32, r16).is_some());
         assert!(p(1, r64).is_none() && p(8, r64).is_none() && p(32, r64).is_none());
         // Half the SMs busy or more: streamed whatever a block reads.
@@ -1589,13 +1618,41 @@ mod tests {
 
     #[test]
     fn a_forced_cluster_size_is_taken_when_the_kernel_has_it() {
-        let c = |tiles, force| {
-            stream_plan(tiles, 4096, &[4096], 132, 0, force).map(|p: StreamPlan| p.cluster)
+        let c = |tiles, cluster| {
+            let knobs = StreamKnobs {
+                all: false,
+                cluster,
+            };
+            stream_plan(tiles, 4096, &[4096], 132, 0, knobs).map(|p: StreamPlan| p.cluster)
         };
         assert_eq!(c(64, Some(1)), Some(1));
         assert_eq!(c(8, Some(2)), Some(2));
         assert_eq!(c(512, Some(4)), Some(4));
-        assert_eq!(c(64, Some(3)), Some(2));
-        assert_eq!(c(64, None), Some(2));
+        assert_eq!(c(32, Some(3)), Some(2));
+        assert_eq!(c(32, None), Some(2));
+    }
+
+    #[test]
+    fn small_rows_take_clusters_of_one_from_48_rows() {
+        // 7B shapes: a row's A and B at r=16 (256 KiB), at 8192 (512 KiB), at r=64 (1 MiB).
+        let c = |tiles, h: usize, r: usize| {
+            let bytes = 4 * r * h;
+            stream_plan(tiles, h, &[h], 132, bytes, StreamKnobs::default()).map(|p| p.cluster)
+        };
+        assert_eq!(c(64, 4096, 16), Some(1));
+        assert_eq!(c(48, 4096, 16), Some(1));
+        assert_eq!(c(47, 4096, 16), Some(2));
+        assert_eq!(c(32, 4096, 16), Some(2));
+        assert_eq!(c(64, 8192, 16), Some(2));
+        assert_eq!(c(64, 4096, 64), Some(2));
+        assert_eq!(c(128, 4096, 64), Some(1));
+        // The few-blocks rule, and `all` lifting it.
+        assert_eq!(c(32, 4096, 64), None);
+        let all = StreamKnobs {
+            all: true,
+            cluster: None,
+        };
+        let p = stream_plan(32, 4096, &[4096], 132, 4 * 64 * 4096, all);
+        assert_eq!(p.map(|p| p.cluster), Some(2));
     }
 }
