@@ -733,7 +733,7 @@ def prod_shrink_plan(s):
         # `shrink_splits_full`: as many splits as one wave of resident blocks holds.
         n = ctypes.c_int()
         ck(cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), func(f"sgmv_shrink_bf16_n{nt}"), 128, ctypes.c_size_t(0)), "occupancy")
-        splits = max(1, min(n.value * SMS // (t * groups), max(1, min(max_split, 16))))
+        splits = max(1, min(min(n.value, 3) * SMS // (t * groups), max(1, min(max_split, 16))))
     else:
         splits = max(1, min(-(-target // (t * groups)), max(1, min(max_split, 64))))
     return nt, splits, groups

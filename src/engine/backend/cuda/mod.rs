@@ -2605,7 +2605,13 @@ impl Backend for CudaBackend {
         let block = (plan::SHRINK_WARPS * 32) as u32;
         let splits = if full {
             let resident = self.resident_blocks(&name, block)?;
-            plan::shrink_splits_full(tiles * groups, h_in, resident, self.shrink_max_splits_full)
+            plan::shrink_splits_full(
+                tiles * groups,
+                h_in,
+                resident,
+                self.sm_count,
+                self.shrink_max_splits_full,
+            )
         } else {
             plan::shrink_splits(tiles * groups, h_in, target, 64)
         };

@@ -323,15 +323,28 @@ pub fn shrink_splits(num_tiles: usize, h_in: usize, target_blocks: usize, cap: u
     target_blocks.div_ceil(num_tiles.max(1)).clamp(1, max_split)
 }
 
+/// Blocks an SM that the split-K of tiles of many rows aims at, at most (see
+/// [`shrink_splits_full`]).
+pub const SHRINK_FULL_BLOCKS_PER_SM: usize = 3;
+
 /// Split-K of tiles of many rows (at least two rows a tile on average): as many splits as keep
-/// every block resident at once (`resident` blocks on the device: a second wave costs more than
-/// the splits save), each warp keeping at least one 32-wide k step, at most `cap`. On the H200 at
-/// 512 rows and r=64 (bench/results/sgmv-tile-probe-*-s17*.txt): 32 tiles took 8.7 us at 12
-/// splits (384 blocks of 396 resident) against 9.6 at 9 and 12.5 at 16; 46 tiles 11.8 us at 8
-/// against 12.9 at 6 and 16.7 at 12.
-pub fn shrink_splits_full(num_tiles: usize, h_in: usize, resident: usize, cap: usize) -> usize {
+/// every block resident at once (`resident` blocks on the device, at most
+/// [`SHRINK_FULL_BLOCKS_PER_SM`] an SM of `sms`: a second wave costs more than the splits
+/// save), each warp keeping at least one 32-wide k step, at most `cap`. On the H200 at 512 rows
+/// and r=64 (bench/results/sgmv-tile-probe-*-s17*.txt, 3 blocks an SM resident): 32 tiles took
+/// 8.7 us at 12 splits (384 blocks) against 9.6 at 9 and 12.5 at 16; 46 tiles 11.8 us at 8
+/// against 12.9 at 6 and 16.7 at 12. Kernels of 5 blocks an SM at 16 splits (512 blocks) were
+/// slower than at 8-9 (bench-kernels-*-s17e.txt against -s17b: 128 rows r=64 9.7 us against 8.0).
+pub fn shrink_splits_full(
+    num_tiles: usize,
+    h_in: usize,
+    resident: usize,
+    sms: usize,
+    cap: usize,
+) -> usize {
     let max_split = (h_in.div_ceil(32) / SHRINK_WARPS).clamp(1, cap.max(1));
-    (resident / num_tiles.max(1)).clamp(1, max_split)
+    let blocks = resident.min(SHRINK_FULL_BLOCKS_PER_SM * sms);
+    (blocks / num_tiles.max(1)).clamp(1, max_split)
 }
 
 /// Rank split of the shrink: `(rank tiles per block, rank groups)`. When even the widest split-K
@@ -1103,14 +1116,17 @@ mod tests {
     #[test]
     fn tiles_of_many_rows_split_as_far_as_one_wave_of_blocks_allows() {
         // 396 resident blocks (3 an SM on 132 SMs): Punica's 512-row workloads at r=64.
-        assert_eq!(shrink_splits_full(32, 4096, 396, 16), 12);
-        assert_eq!(shrink_splits_full(46, 4096, 396, 16), 8);
-        assert_eq!(shrink_splits_full(42, 4096, 396, 16), 9);
+        assert_eq!(shrink_splits_full(32, 4096, 396, 132, 16), 12);
+        assert_eq!(shrink_splits_full(46, 4096, 396, 132, 16), 8);
+        assert_eq!(shrink_splits_full(42, 4096, 396, 132, 16), 9);
+        // A kernel of 5 blocks an SM still aims at 3.
+        assert_eq!(shrink_splits_full(32, 4096, 660, 132, 16), 12);
+        assert_eq!(shrink_splits_full(32, 4096, 264, 132, 16), 8);
         // Few tiles stop at the cap, or at one k step a warp; more tiles than blocks: no split.
-        assert_eq!(shrink_splits_full(11, 8192, 396, 16), 16);
-        assert_eq!(shrink_splits_full(2, 576, 396, 16), 4);
-        assert_eq!(shrink_splits_full(500, 4096, 396, 16), 1);
-        assert_eq!(shrink_splits_full(0, 4096, 0, 0), 1);
+        assert_eq!(shrink_splits_full(11, 8192, 396, 132, 16), 16);
+        assert_eq!(shrink_splits_full(2, 576, 396, 132, 16), 4);
+        assert_eq!(shrink_splits_full(500, 4096, 396, 132, 16), 1);
+        assert_eq!(shrink_splits_full(0, 4096, 0, 0, 0), 1);
     }
 
     #[test]
