@@ -1536,54 +1536,10 @@ __device__ __forceinline__ void stream_expand_stage(const uint4* __restrict__ st
     }
 }
 
-// The same on tensor cores (the TC option): m16n8k16 with one real row (row 0: lanes 0-3), 8
-// columns a warp's step, v fed as hi + lo halves (f32 accuracy), k remapped as in the tile
-// kernels (a thread's 16-byte load of 8 consecutive ranks feeds two mma k-steps).
-template <typename T, int LG, bool MATH>
-__device__ __forceinline__ void stream_expand_stage_tc(const uint4* __restrict__ st, int count,
-                                                       const float* vp, T* yb, int cw,
-                                                       int lane) {
-    constexpr int L = 1 << LG, STEPS = (L + 3) / 4;
-    const int g = lane >> 2, q = lane & 3;
-    u32 hi[STEPS][4], lo[STEPS][4];
-#pragma unroll
-    for (int s = 0; s < STEPS; ++s) {
-        const bool ok = g == 0 && 4 * s + q < L;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const float a = ok ? vp[32 * s + 8 * q + 2 * e] : 0.0f;
-            const float b = ok ? vp[32 * s + 8 * q + 2 * e + 1] : 0.0f;
-            split_pair<T>(a, b, hi[s][e], lo[s][e]);
-        }
-    }
-    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    for (int cg = cw; cg * 8 < count && MATH; cg += STREAM_CONSUMERS) {
-        const int col = cg * 8 + g;
-        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int s = 0; s < STEPS; ++s) {
-            const int vi = 4 * s + q;
-            const uint4 b = (col < count && vi < L) ? st[col * L + vi] : zero;
-            mma16816<T>(c, hi[s][0], 0u, hi[s][1], 0u, b.x, b.y);
-            mma16816<T>(c, hi[s][2], 0u, hi[s][3], 0u, b.z, b.w);
-            mma16816<T>(c, lo[s][0], 0u, lo[s][1], 0u, b.x, b.y);
-            mma16816<T>(c, lo[s][2], 0u, lo[s][3], 0u, b.z, b.w);
-        }
-        // Row 0 of the accumulator: lanes 0-3, columns 2q and 2q + 1 of the step.
-        if (g == 0) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int cc = cg * 8 + 2 * q + e;
-                if (cc < count) yb[cc] = from_f32<T>(to_f32(yb[cc]) + c[e]);
-            }
-        }
-    }
-}
-
 // y[row, col_offset + ...] += (x[row] . A^T) . B_j^T per part for one-row segments (tiles),
 // C blocks a row; see above. start: the parts' first columns (relative to col_offset), the
 // fourth entry the group's width. y_cap: columns a block's copy of the old y holds.
-template <typename T, int C, bool MATH = true, bool XF32 = false, bool TC = false>
+template <typename T, int C, bool MATH = true, bool XF32 = false>
 __device__ __forceinline__ void sgmv_lora_stream_impl(
     const T* __restrict__ x, int h_in, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
@@ -1777,40 +1733,7 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                     mbar_wait(full0 + 8 * at.s, at.phase);
                     const uint4* st = reinterpret_cast<const uint4*>(ring + at.s * stage_bytes);
                     const int len = v1 - v0;
-                    if (TC && MATH && cw == (first / w.a_rows) % STREAM_CONSUMERS) {
-                        // On tensor cores: the piece is one warp's (a row cut in pieces stays
-                        // with one warp), 8 rank rows an mma, x in row 0 (lanes 0-3), four
-                        // accumulators for independent chains.
-                        const int g = lane >> 2, q = lane & 3;
-                        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-                        const int steps = (len + 3) >> 2;
-                        for (int nt0 = 0; nt0 < count; nt0 += 8) {
-                            const bool nok = nt0 + g < count;
-                            const uint4* an = st + (nt0 + g) * len;
-                            float c[4][4] = {};
-                            for (int s0 = 0; s0 < steps; s0 += 4) {
-#pragma unroll
-                                for (int u = 0; u < 4; ++u) {
-                                    const int vi = (s0 + u) * 4 + q;
-                                    const bool ok = s0 + u < steps && vi < len;
-                                    const uint4 b = (ok && nok) ? an[vi] : zero;
-                                    const uint4 a = (ok && g == 0) ? xv[v0 + vi] : zero;
-                                    mma16816<T>(c[u], a.x, 0u, a.y, 0u, b.x, b.y);
-                                    mma16816<T>(c[u], a.z, 0u, a.w, 0u, b.z, b.w);
-                                }
-                            }
-                            if (g == 0) {
-#pragma unroll
-                                for (int e = 0; e < 2; ++e) {
-                                    const int r = nt0 + 2 * q + e;
-                                    if (r < count)
-                                        sacc[w.n0 + first + r] +=
-                                            (c[0][e] + c[1][e]) + (c[2][e] + c[3][e]);
-                                }
-                            }
-                        }
-                    }
-                    for (int r = (cw - first) & (STREAM_CONSUMERS - 1); r < count && MATH && !TC;
+                    for (int r = (cw - first) & (STREAM_CONSUMERS - 1); r < count && MATH;
                          r += STREAM_CONSUMERS) {
                         const uint4* ar = st + r * len;
                         // x . one vector of A (vector i of the piece).
@@ -1852,23 +1775,12 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                     const uint4* st = reinterpret_cast<const uint4*>(ring + at.s * stage_bytes);
                     const float* vp = v + w.voff[p];
                     T* yb = ynew + w.yo[p] + first;
-                    if constexpr (TC) {
-                        switch (__ffs(w.rank[p] >> 3) - 1) {
-                            case 0: stream_expand_stage_tc<T, 0, MATH>(st, count, vp, yb, cw, lane); break;
-                            case 1: stream_expand_stage_tc<T, 1, MATH>(st, count, vp, yb, cw, lane); break;
-                            case 2: stream_expand_stage_tc<T, 2, MATH>(st, count, vp, yb, cw, lane); break;
-                            case 3: stream_expand_stage_tc<T, 3, MATH>(st, count, vp, yb, cw, lane); break;
-                            // Rank 128 on CUDA cores: its v fragments would not fit the registers.
-                            default: stream_expand_stage<T, 4, MATH>(st, count, vp, yb, cw, lane);
-                        }
-                    } else {
-                        switch (__ffs(w.rank[p] >> 3) - 1) {
-                            case 0: stream_expand_stage<T, 0, MATH>(st, count, vp, yb, cw, lane); break;
-                            case 1: stream_expand_stage<T, 1, MATH>(st, count, vp, yb, cw, lane); break;
-                            case 2: stream_expand_stage<T, 2, MATH>(st, count, vp, yb, cw, lane); break;
-                            case 3: stream_expand_stage<T, 3, MATH>(st, count, vp, yb, cw, lane); break;
-                            default: stream_expand_stage<T, 4, MATH>(st, count, vp, yb, cw, lane);
-                        }
+                    switch (__ffs(w.rank[p] >> 3) - 1) {
+                        case 0: stream_expand_stage<T, 0, MATH>(st, count, vp, yb, cw, lane); break;
+                        case 1: stream_expand_stage<T, 1, MATH>(st, count, vp, yb, cw, lane); break;
+                        case 2: stream_expand_stage<T, 2, MATH>(st, count, vp, yb, cw, lane); break;
+                        case 3: stream_expand_stage<T, 3, MATH>(st, count, vp, yb, cw, lane); break;
+                        default: stream_expand_stage<T, 4, MATH>(st, count, vp, yb, cw, lane);
                     }
                     __syncwarp();
                     if (lane == 0) mbar_arrive(empty0 + 8 * at.s);

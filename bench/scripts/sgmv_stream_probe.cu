@@ -499,7 +499,7 @@ PROBE_SHRINK(4, 8, 4)
 
 // The streamed LoRA kernel of kernels/sgmv.cu (`sgmv_lora_stream_impl`) with other options:
 // NAME, a cluster of C blocks a row, MINB blocks an SM, then the impl's options after C (MATH,
-// XF32, TC).
+// XF32).
 #define PROBE_STREAM(NAME, C, MINB, ...)                                                        \
     extern "C" __global__ void __cluster_dims__(C, 1, 1)                                        \
         __launch_bounds__((STREAM_CONSUMERS + 1) * 32, MINB) NAME(                              \
@@ -522,10 +522,6 @@ PROBE_STREAM(probe_lora_stream_2bps_c4, 4, 2, true)
 // x widened to f32 once a row (the shrink unpacks only A).
 PROBE_STREAM(probe_lora_stream_xf32_c1, 1, 1, true, true)
 PROBE_STREAM(probe_lora_stream_xf32_c2, 2, 1, true, true)
-// The shrink and expand on tensor cores (the TC option).
-PROBE_STREAM(probe_lora_stream_tc_c1, 1, 1, true, false, true)
-PROBE_STREAM(probe_lora_stream_tc_c2, 2, 1, true, false, true)
-PROBE_STREAM(probe_lora_stream_tc_c4, 4, 1, true, false, true)
 
 // The long-segment expand of kernels/sgmv.cu (`sgmv_expand_long_impl`) with CH chunks of
 // columns a block and DEPTH of them in registers at once.

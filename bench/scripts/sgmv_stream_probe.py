@@ -15,18 +15,24 @@
 # - With `silu`: the gate|up GEMM, then its expand and SiLU-mul, or kernels/sgmv.cu's fused
 #   `sgmv_expand_silu_rows_*` (session 15 measured the probe's own first version of it against
 #   the two kernels: bench/results/sgmv-expand-silu-probe-h200-2026-11-30-s15.txt).
-# - With `fused`, `fusedwhy`, `fusedgrid`, `fused2bps`, `fusedxf`, `fusedtc` (session 16): kernels/sgmv.cu's
+# - With `fused`, `fusedwhy`, `fusedgrid`, `fused2bps`, `fusedxf` (session 16): kernels/sgmv.cu's
 #   streamed LoRA kernel (`sgmv_lora_stream_*`, shrink and expand of one-row segments in one
 #   kernel) against the row kernels: ring shapes and cluster sizes, its copies alone (`no math`),
-#   cluster grids that fit at once, two blocks an SM, x widened to f32, its shrink and expand on
-#   tensor cores (`fusedtc`: written in session 16, not yet run on a GPU)
-#   (bench/results/sgmv-lora-stream-probe-*-s16*.txt).
+#   cluster grids that fit at once, two blocks an SM, x widened to f32
+#   (bench/results/sgmv-lora-stream-probe-*-s16*.txt; its shrink and expand on tensor cores,
+#   slower everywhere, were measured by the `fusedtc` mode of git d81d23e: `-tc-*-s17a.txt`).
+# - With `tile` (session 17): the tile kernels on long segments (Punica's 512-row workloads),
+#   shrink and expand timed alone and together against cuBLAS, with other split-K counts, probe
+#   instances of the shrink and the long-segment expand (bench/results/sgmv-tile-probe-*-s17*.txt;
+#   the warps-by-tile shrink of `-s17a` was git d81d23e's).
 # Usage: python3 bench/scripts/sgmv_stream_probe.py [expand] [stream]
 #        python3 bench/scripts/sgmv_stream_probe.py gemm
 #        python3 bench/scripts/sgmv_stream_probe.py silu
 #        python3 bench/scripts/sgmv_stream_probe.py read   (bulk copies vs 16-byte loads, reads only)
 #        python3 bench/scripts/sgmv_stream_probe.py ncu    (plain launches for a profiler)
-#        python3 bench/scripts/sgmv_stream_probe.py fused|fusedwhy|fusedgrid|fused2bps|fusedxf|fusedtc
+#        python3 bench/scripts/sgmv_stream_probe.py fused|fusedwhy|fusedgrid|fused2bps|fusedxf
+#        python3 bench/scripts/sgmv_stream_probe.py tile   (tile kernels on long segments, session 17)
+#        python3 bench/scripts/sgmv_stream_probe.py tilencu   (plain launches of them for a profiler)
 import ctypes
 import glob
 import math
@@ -407,26 +413,6 @@ def fused_xf_main():
             vs.append(("no math c1 6x32k", (lambda p: lambda s: fused_ops(s, p))(
                 dict(c=1, st=6, sb=32768, kernel="probe_lora_stream_nomath"))))
         run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
-
-
-def fused_tc_main():
-    # The streamed kernel as built against its tensor-core option (shrink and expand as mma with
-    # one real row), checked against torch, with the copies alone for reference.
-    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA on tensor cores")
-    for rows, h, parts, r in [(8, 4096, [4096], 16), (64, 4096, [4096], 16), (32, 4096, [4096], 64),
-                              (64, 4096, [4096], 64), (128, 4096, [4096], 64), (512, 4096, [4096], 64),
-                              (64, 8192, [8192], 64), (32, 4096, [4096, 1024, 1024], 16),
-                              (32, 4096, [11008, 11008], 16), (32, 576, [576, 192, 192], 8),
-                              (64, 4096, [4096], 32), (64, 20480, [1024], 16)]:
-        c = 1 if rows >= 100 else (2 if rows > 16 else 4)
-        vs = [("old row kernels", lambda s: old_ops(s, False))]
-        for nm, k in [("fused", f"sgmv_lora_stream_bf16_c{c}"), ("tensor cores", f"probe_lora_stream_tc_c{c}")]:
-            p = dict(c=c, st=6, sb=32768, kernel=k)
-            vs.append((f"{nm} c{c} 6x32k", (lambda p: lambda s: fused_ops(s, p))(p)))
-        if c == 1:
-            vs.append(("no math c1 6x32k", (lambda p: lambda s: fused_ops(s, p))(
-                dict(c=1, st=6, sb=32768, kernel="probe_lora_stream_nomath"))))
-        run_case("shrink+expand distinct", rows, h, parts, r, False, vs)
 
 
 def fused_main():
@@ -846,8 +832,6 @@ def main():
         return fused_why_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fused2bps":
         return fused_2bps_main()
-    if len(sys.argv) > 1 and sys.argv[1] == "fusedtc":
-        return fused_tc_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fusedxf":
         return fused_xf_main()
     if len(sys.argv) > 1 and sys.argv[1] == "fusedgrid":
