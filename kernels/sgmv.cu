@@ -471,12 +471,12 @@ __device__ __forceinline__ void sgmv_expand_impl(
 #define EXPAND_LONG_CHUNKS 4
 #define EXPAND_LONG_NTW 4
 
-template <typename T, typename VT, int KT, int CH = EXPAND_LONG_CHUNKS, int DEPTH = 2>
+template <typename T, typename VT, int KT, int CH = EXPAND_LONG_CHUNKS, int DEPTH = 2,
+          int NTW = EXPAND_LONG_NTW>
 __device__ __forceinline__ void sgmv_expand_long_impl(
     const VT* __restrict__ v, int v_stride, T* __restrict__ y, int y_stride, int col_offset,
     int part0, int end0, int end1, int end2, const LoraSlot* __restrict__ table,
     const u32* __restrict__ tiles, const u32* __restrict__ segs, int y_early, int num_tiles) {
-    constexpr int NTW = EXPAND_LONG_NTW;
     static_assert(DEPTH >= 1 && DEPTH <= CH, "chunks in registers at once");
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int tile = blockIdx.y * EXPAND_WARPS + warp;

@@ -523,37 +523,22 @@ PROBE_STREAM(probe_lora_stream_2bps_c4, 4, 2, true)
 PROBE_STREAM(probe_lora_stream_xf32_c1, 1, 1, true, true)
 PROBE_STREAM(probe_lora_stream_xf32_c2, 2, 1, true, true)
 
-// The long-segment expand of kernels/sgmv.cu (`sgmv_expand_long_impl`) with CH chunks of
-// columns a block and DEPTH of them in registers at once.
-#define PROBE_EXPAND_LONG(KT, CH, DEPTH)                                                        \
-    extern "C" __global__ void __launch_bounds__(EXPAND_WARPS * 32)                             \
-        probe_expand_long_k##KT##_c##CH##_d##DEPTH(                                             \
+// The long-segment expand of kernels/sgmv.cu (`sgmv_expand_long_impl`) with CH chunks of NTW * 8
+// columns a block, DEPTH of them in registers at once and launch bounds of MINB blocks an SM.
+#define PROBE_EXPAND_LONG(KT, CH, DEPTH, MINB, NTW)                                             \
+    extern "C" __global__ void __launch_bounds__(EXPAND_WARPS * 32, MINB)                       \
+        probe_expand_long_k##KT##_c##CH##_d##DEPTH##_b##MINB##_w##NTW(                          \
             const float* __restrict__ v, int v_stride, bf16* __restrict__ y, int y_stride,      \
             int col_offset, int part0, int end0, int end1, int end2,                            \
             const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,                  \
             const u32* __restrict__ segs, int y_early, int num_tiles) {                         \
-        sgmv_expand_long_impl<bf16, float, KT, CH, DEPTH>(v, v_stride, y, y_stride, col_offset, \
-                                                          part0, end0, end1, end2, table, tiles, \
-                                                          segs, y_early, num_tiles);            \
+        sgmv_expand_long_impl<bf16, float, KT, CH, DEPTH, NTW>(                                 \
+            v, v_stride, y, y_stride, col_offset, part0, end0, end1, end2, table, tiles, segs,  \
+            y_early, num_tiles);                                                                \
     }
-PROBE_EXPAND_LONG(2, 4, 4)
-PROBE_EXPAND_LONG(2, 2, 2)
-PROBE_EXPAND_LONG(2, 8, 4)
-PROBE_EXPAND_LONG(1, 4, 4)
-PROBE_EXPAND_LONG(1, 8, 8)
-
-// The tile shrink of kernels/sgmv.cu (`sgmv_shrink_impl`) with U k steps a warp in flight and
-// launch bounds of MINB blocks an SM.
-#define PROBE_SHRINK_TILE(NT, U, MINB)                                                          \
-    extern "C" __global__ void __launch_bounds__(SHRINK_WARPS * 32, MINB)                       \
-        probe_shrink_n##NT##_u##U##_b##MINB(                                                    \
-            const bf16* __restrict__ x, int h_in, float* __restrict__ v, int v_stride,          \
-            const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,                  \
-            const u32* __restrict__ segs, int ksplit, float* __restrict__ acc,                  \
-            u32* __restrict__ counters) {                                                       \
-        sgmv_shrink_impl<bf16, NT, U>(x, h_in, v, v_stride, table, tiles, segs, ksplit, acc,    \
-                                      counters);                                                \
-    }
-PROBE_SHRINK_TILE(8, 3, 3)
-PROBE_SHRINK_TILE(8, 4, 2)
-PROBE_SHRINK_TILE(8, 2, 4)
+PROBE_EXPAND_LONG(2, 4, 4, 1, 4)
+PROBE_EXPAND_LONG(2, 2, 2, 3, 4)
+PROBE_EXPAND_LONG(2, 4, 2, 4, 2)
+PROBE_EXPAND_LONG(2, 4, 2, 5, 2)
+PROBE_EXPAND_LONG(2, 8, 2, 4, 2)
+PROBE_EXPAND_LONG(1, 8, 8, 1, 4)

@@ -31,7 +31,7 @@
 #        python3 bench/scripts/sgmv_stream_probe.py read   (bulk copies vs 16-byte loads, reads only)
 #        python3 bench/scripts/sgmv_stream_probe.py ncu    (plain launches for a profiler)
 #        python3 bench/scripts/sgmv_stream_probe.py fused|fusedwhy|fusedgrid|fused2bps|fusedxf
-#        python3 bench/scripts/sgmv_stream_probe.py tile   (tile kernels on long segments, session 17)
+#        python3 bench/scripts/sgmv_stream_probe.py tile [quick]   (tile kernels on long segments, session 17)
 #        python3 bench/scripts/sgmv_stream_probe.py tilencu   (plain launches of them for a profiler)
 import ctypes
 import glob
@@ -742,12 +742,14 @@ def prod_expand(s, ntw=4):
            [s.v, s.rank, s.y, s.h_out, 0, 0, s.h_out, s.h_out, s.h_out, s.table, s.tiles, s.segs, 1])
 
 
-def long_expand(s, ch=4, depth=None):
+def long_expand(s, ch=4, depth=None, minb=1, ntw=4):
     # kernels/sgmv.cu's expand for long segments (as cuda/mod.rs launches it for one part), or
-    # its probe instance with `ch` chunks a block, `depth` of them in registers at once.
+    # its probe instance with `ch` chunks of 8 * `ntw` columns a block, `depth` of them in
+    # registers at once, launch bounds of `minb` blocks an SM.
     kt = 1 << ((-(-s.rank // 32)) - 1).bit_length()
-    name = f"probe_expand_long_k{kt}_c{ch}_d{depth}" if depth else f"sgmv_expand_long_bf16_k{kt}"
-    launch(name, (-(-s.h_out // (32 * ch)), -(-s.ntiles // 4), 1),
+    name = (f"probe_expand_long_k{kt}_c{ch}_d{depth}_b{minb}_w{ntw}" if depth
+            else f"sgmv_expand_long_bf16_k{kt}")
+    launch(name, (-(-s.h_out // (8 * ntw * ch)), -(-s.ntiles // 4), 1),
            [s.v, s.rank, s.y, s.h_out, 0, 0, s.h_out, s.h_out, s.h_out, s.table, s.tiles, s.segs,
             1, s.ntiles])
 
@@ -760,8 +762,10 @@ def torch_pair(s):
 
 def tile_main():
     print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; tile kernels, long segments")
-    for wl, rows, h, r in [("identical", 512, 4096, 64), ("uniform", 512, 4096, 64), ("skewed", 512, 4096, 64),
-                           ("identical", 512, 4096, 16), ("uniform", 128, 4096, 64), ("skewed", 64, 8192, 64)]:
+    cases = [("identical", 512, 4096, 64), ("uniform", 512, 4096, 64), ("skewed", 512, 4096, 64),
+             ("identical", 512, 4096, 16), ("uniform", 128, 4096, 64), ("skewed", 64, 8192, 64)]
+    # `tile quick`: the 512-row r=64 cases, the operator and the long expand's shapes only.
+    for wl, rows, h, r in (cases[:3] if "quick" in sys.argv else cases):
         lens = segment_lens(wl, rows)
         one = TileSet(lens, h, h, r)
         nsets = max(2, min(64, int(200e6 // one.nbytes())))
@@ -789,9 +793,16 @@ def tile_main():
         vs += [("expand: tile w4", "y", lambda s: prod_expand(s)),
                ("expand: tile w8", "y", lambda s: prod_expand(s, 8)),
                ("expand: long segments", "y", long_expand)]
-        for ch, depth in ([(4, 4)] if r > 32 else [(8, 8)]):
-            vs.append((f"expand: long segments, {ch} chunks, {depth} ahead", "y",
-                       (lambda ch, depth: lambda s: long_expand(s, ch, depth))(ch, depth)))
+        shapes = ([(4, 4, 1, 4), (2, 2, 3, 4), (4, 2, 4, 2), (4, 2, 5, 2), (8, 2, 4, 2)] if r > 32
+                  else [(8, 8, 1, 4)])
+        for ch, depth, minb, ntw in shapes:
+            vs.append((f"expand: long, {ch} x {8 * ntw} columns, {depth} ahead, {minb} blocks/SM", "y",
+                       (lambda a: lambda s: long_expand(s, *a))((ch, depth, minb, ntw))))
+            if "quick" in sys.argv and ntw == 2:
+                vs.append((f"both: production shrink, long {ch} x {8 * ntw}, {minb} blocks/SM", "y",
+                           (lambda a: lambda s: (prod_shrink(s), long_expand(s, *a)))((ch, depth, minb, ntw))))
+        if "quick" in sys.argv:
+            vs = [v for v in vs if v[0].startswith(("both: production", "expand: long"))]
         if wl == "identical":
             vs.append(("both: torch mm + addmm (cuBLAS)", "y", torch_pair))
         for name, what, fn in vs:
