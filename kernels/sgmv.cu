@@ -1810,18 +1810,26 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
     if (C > 1) cluster_sync_all();
 }
 
-// C: blocks a cluster (a row's blocks), fixed at compile time.
-#define DEFINE_LORA_STREAM(TNAME, TYPE, C)                                                    \
+// C: blocks a cluster (a row's blocks), fixed at compile time. The `_xf` twin widens x to f32
+// once a row (the XF32 option; the host gives it a bigger x region, see cuda/plan.rs
+// `stream_plan`).
+#define DEFINE_LORA_STREAM_X(TNAME, TYPE, C, XNAME, XF)                                       \
     extern "C" __global__ void __cluster_dims__(C, 1, 1)                                      \
-        __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1) sgmv_lora_stream_##TNAME##_c##C(    \
-            const TYPE* __restrict__ x, int h_in, TYPE* __restrict__ y, int y_stride,         \
-            int col_offset, int end0, int end1, int end2, const LoraSlot* __restrict__ table, \
-            const u32* __restrict__ tiles, const u32* __restrict__ segs, int num_tiles,       \
-            int stages, int stage_bytes, int y_cap) {                                         \
-        sgmv_lora_stream_impl<TYPE, C>(x, h_in, y, y_stride, col_offset, end0, end1, end2,    \
-                                    table, tiles, segs, num_tiles, stages, stage_bytes,       \
-                                    y_cap);                                                   \
+        __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1)                                     \
+            sgmv_lora_stream##XNAME##_##TNAME##_c##C(                                         \
+                const TYPE* __restrict__ x, int h_in, TYPE* __restrict__ y, int y_stride,     \
+                int col_offset, int end0, int end1, int end2,                                 \
+                const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,            \
+                const u32* __restrict__ segs, int num_tiles, int stages, int stage_bytes,     \
+                int y_cap) {                                                                  \
+        sgmv_lora_stream_impl<TYPE, C, true, XF>(x, h_in, y, y_stride, col_offset, end0,      \
+                                                 end1, end2, table, tiles, segs, num_tiles,   \
+                                                 stages, stage_bytes, y_cap);                 \
     }
+
+#define DEFINE_LORA_STREAM(TNAME, TYPE, C)                                                    \
+    DEFINE_LORA_STREAM_X(TNAME, TYPE, C, , false)                                             \
+    DEFINE_LORA_STREAM_X(TNAME, TYPE, C, _xf, true)
 
 DEFINE_LORA_STREAM(bf16, bf16, 1)
 DEFINE_LORA_STREAM(bf16, bf16, 2)

@@ -519,9 +519,6 @@ PROBE_STREAM(probe_lora_stream_nomath, 1, 1, false)
 PROBE_STREAM(probe_lora_stream_2bps, 1, 2, true)
 PROBE_STREAM(probe_lora_stream_2bps_c2, 2, 2, true)
 PROBE_STREAM(probe_lora_stream_2bps_c4, 4, 2, true)
-// x widened to f32 once a row (the shrink unpacks only A).
-PROBE_STREAM(probe_lora_stream_xf32_c1, 1, 1, true, true)
-PROBE_STREAM(probe_lora_stream_xf32_c2, 2, 1, true, true)
 
 // The long-segment expand of kernels/sgmv.cu (`sgmv_expand_long_impl`) with CH chunks of NTW * 8
 // columns a block, DEPTH of them in registers at once and launch bounds of MINB blocks an SM.

@@ -407,7 +407,7 @@ def fused_xf_main():
               (f"fused c{c} 6x32k", (lambda p: lambda s: fused_ops(s, p))(dict(c=c, st=6, sb=32768)))]
         if c <= 2:
             for st, sb in [(5, 32768), (6, 28672)]:
-                p = dict(c=c, st=st, sb=sb, xf32=True, kernel=f"probe_lora_stream_xf32_c{c}")
+                p = dict(c=c, st=st, sb=sb, xf32=True, kernel=f"sgmv_lora_stream_xf_bf16_c{c}")
                 vs.append((f"x f32 c{c} {st}x{sb // 1024}k", (lambda p: lambda s: fused_ops(s, p))(p)))
         if rows == 128:
             vs.append(("no math c1 6x32k", (lambda p: lambda s: fused_ops(s, p))(

@@ -505,9 +505,11 @@ pub struct CudaBackend {
     /// The streamed kernel's cluster size, 1, 2 or 4, in place of [`plan::stream_plan`]'s
     /// choice (`PUNICA_LORA_STREAM_CLUSTER`, for measurement).
     stream_cluster: Option<usize>,
+    /// Never the streamed kernel that widens x to f32 (`PUNICA_LORA_STREAM_XF32=0`).
+    stream_plain_x: bool,
     /// Clusters of the streamed kernel that fit the device at once, per (dtype, cluster size,
     /// shared memory); the kernel's shared-memory limit is raised when its entry is made.
-    stream_clusters: Mutex<HashMap<(DType, usize, usize), usize>>,
+    stream_clusters: Mutex<HashMap<(DType, usize, usize, bool), usize>>,
     /// Per-kernel timing of real steps (`PUNICA_PROFILE_OPS=1`, see `profile`).
     profile: Option<Mutex<profile::OpProfile>>,
     /// When the CUDA-core row kernels serve a batch (`PUNICA_SGMV_ROWS_MAX`: longest segment,
@@ -710,6 +712,7 @@ impl CudaBackend {
             stream_cluster: std::env::var("PUNICA_LORA_STREAM_CLUSTER")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            stream_plain_x: std::env::var("PUNICA_LORA_STREAM_XF32").as_deref() == Ok("0"),
             stream_clusters: Mutex::new(HashMap::new()),
             expand_long: std::env::var("PUNICA_EXPAND_LONG").as_deref() != Ok("0"),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
@@ -1714,6 +1717,16 @@ impl CudaBackend {
         Ok(true)
     }
 
+    /// The streamed kernel of a plan: its cluster size, and x widened to f32 or not.
+    fn stream_kernel(dtype: DType, p: &plan::StreamPlan) -> Result<plan::KernelName> {
+        let xf = if p.xf32 { "_xf" } else { "" };
+        Ok(kernel!(
+            "sgmv_lora_stream{xf}_{}_c{}",
+            Self::suffix(dtype),
+            p.cluster
+        ))
+    }
+
     /// Blocks of `name`, launched `block` threads wide without dynamic shared memory, that the
     /// device runs at once (occupancy from the driver, cached per kernel).
     fn resident_blocks(&self, name: &plan::KernelName, block: u32) -> Result<usize> {
@@ -1760,19 +1773,19 @@ impl CudaBackend {
         let knobs = plan::StreamKnobs {
             all: self.lora_stream_all,
             cluster: self.stream_cluster,
+            plain_x: self.stream_plain_x,
         };
         let Some(p) = plan::stream_plan(tiles, h_in, outs, self.sm_count, row_bytes, knobs) else {
             return Ok(None);
         };
-        let key = (x.dtype, p.cluster, p.smem);
+        let key = (x.dtype, p.cluster, p.smem, p.xf32);
         let fit = lock(&self.stream_clusters).get(&key).copied();
         let fit = match fit {
             Some(n) => n,
             None => {
                 // Clusters of blocks this large that the device runs at once (a cluster
                 // needs its blocks' SMs free in one GPC).
-                let name = kernel!("sgmv_lora_stream_{}_c{}", Self::suffix(x.dtype), p.cluster);
-                let f = self.function(&name)?;
+                let f = self.function(&Self::stream_kernel(x.dtype, &p)?)?;
                 let attr =
                     drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
                 f.set_attribute(attr, plan::STREAM_MAX_SMEM as i32)
@@ -1915,6 +1928,7 @@ pub fn kernel_names() -> Vec<String> {
         names.push(format!("sgmv_shrink_rows_{t}"));
         for c in plan::STREAM_CLUSTERS {
             names.push(format!("sgmv_lora_stream_{t}_c{c}"));
+            names.push(format!("sgmv_lora_stream_xf_{t}_c{c}"));
         }
     }
     for t in ["bf16", "f16"] {
@@ -2795,7 +2809,7 @@ impl Backend for CudaBackend {
             i32_arg(p.y_cap, "y_cap")?,
         ];
         self.launch_smem(
-            &kernel!("sgmv_lora_stream_{}_c{}", Self::suffix(x.dtype), p.cluster),
+            &Self::stream_kernel(x.dtype, &p)?,
             ((clusters * p.cluster) as u32, 1, 1),
             ((plan::STREAM_CONSUMERS + 1) * 32) as u32,
             arg_slots(&args)?,

@@ -851,6 +851,8 @@ pub struct StreamPlan {
     pub stages: usize,
     pub y_cap: usize,
     pub smem: usize,
+    /// The `_xf` kernel: x widened to f32 once a row (its x region three times as large).
+    pub xf32: bool,
 }
 
 /// Rows whose A and B take at most this many bytes go to clusters of one block from
@@ -861,12 +863,20 @@ pub struct StreamPlan {
 pub const STREAM_SMALL_ROW_BYTES: usize = 256 * 1024;
 pub const STREAM_SMALL_ROW_MIN_TILES: usize = 48;
 
+/// Rows of more than [`STREAM_SMALL_ROW_BYTES`] take the `_xf` kernel, which widens x to f32
+/// once a row so that the shrink unpacks only A, where that leaves the ring this many stages
+/// (H200, 7B r=64, bench/results/sgmv-lora-stream-probe-xf32-h200-2026-11-30-s16i.txt: 1-2%
+/// faster from 32 to 512 rows and at 8192 wide; 2% slower for r=16 rows, which keep the plain
+/// kernel).
+pub const STREAM_XF32_MIN_STAGES: usize = 4;
+
 /// Measurement knobs of [`stream_plan`]: stream even what the few-blocks rule leaves to the two
-/// kernels (`all`), and a cluster size in place of the plan's.
+/// kernels (`all`), a cluster size in place of the plan's, and x never widened (`plain_x`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StreamKnobs {
     pub all: bool,
     pub cluster: Option<usize>,
+    pub plain_x: bool,
 }
 
 /// A block's share of the weights up to which the streamed kernel serves a launch of fewer
@@ -906,14 +916,23 @@ pub fn stream_plan(
     }
     let y_cap: usize = outs.iter().map(|&n| 8 * (n / 8).div_ceil(cluster)).sum();
     let round = |b: usize| b.div_ceil(128) * 128;
-    let fixed = STREAM_HDR + round(2 * h_in) + 2 * round(2 * y_cap);
-    let stages = (STREAM_MAX_SMEM.checked_sub(fixed)? / STREAM_STAGE_BYTES).min(STREAM_MAX_STAGES);
-    (stages >= 2).then_some(StreamPlan {
-        cluster,
-        stages,
-        y_cap,
-        smem: fixed + stages * STREAM_STAGE_BYTES,
-    })
+    let plan = |x_regions: usize| {
+        let fixed = STREAM_HDR + x_regions * round(2 * h_in) + 2 * round(2 * y_cap);
+        let stages =
+            (STREAM_MAX_SMEM.checked_sub(fixed)? / STREAM_STAGE_BYTES).min(STREAM_MAX_STAGES);
+        (stages >= 2).then_some(StreamPlan {
+            cluster,
+            stages,
+            y_cap,
+            smem: fixed + stages * STREAM_STAGE_BYTES,
+            xf32: x_regions == 3,
+        })
+    };
+    let wide = plan(3).filter(|p| p.stages >= STREAM_XF32_MIN_STAGES);
+    match wide {
+        Some(p) if row_bytes > STREAM_SMALL_ROW_BYTES && !knobs.plain_x => Some(p),
+        _ => plan(1),
+    }
 }
 
 #[cfg(test)]
@@ -1573,7 +1592,7 @@ mod tests {
         // Rows of 1 MiB (7B r=64), the few-blocks rule lifted.
         let all = StreamKnobs {
             all: true,
-            cluster: None,
+            ..StreamKnobs::default()
         };
         let p = |tiles| stream_plan(tiles, 4096, &[4096], 132, 1 << 20, all).unwrap();
         assert_eq!(p(512).cluster, 1);
@@ -1633,11 +1652,33 @@ mod tests {
     }
 
     #[test]
+    fn rows_over_256_kib_widen_x_where_the_ring_keeps_four_stages() {
+        let p = |tiles, h: usize, r: usize, plain_x| {
+            let knobs = StreamKnobs {
+                plain_x,
+                ..StreamKnobs::default()
+            };
+            stream_plan(tiles, h, &[h], 132, 4 * r * h, knobs).unwrap()
+        };
+        // 7B r=64: 5 stages with x in f32 (6 without); 8192 wide: 4 (5).
+        let (a, b) = (p(128, 4096, 64, false), p(128, 4096, 64, true));
+        assert!(a.xf32 && !b.xf32);
+        assert_eq!((a.stages, b.stages), (5, 6));
+        assert!(a.smem <= STREAM_MAX_SMEM && b.smem <= STREAM_MAX_SMEM);
+        let c = p(64, 8192, 64, false);
+        assert!(c.xf32 && c.stages == 4 && c.cluster == 2);
+        // r=16 rows (256 KiB) keep the plain kernel; so does a row whose x would leave 3 stages.
+        assert!(!p(64, 4096, 16, false).xf32);
+        let wide_x = stream_plan(40, 20480, &[1024], 132, 4 << 20, StreamKnobs::default());
+        assert!(!wide_x.unwrap().xf32);
+    }
+
+    #[test]
     fn a_forced_cluster_size_is_taken_when_the_kernel_has_it() {
         let c = |tiles, cluster| {
             let knobs = StreamKnobs {
-                all: false,
                 cluster,
+                ..StreamKnobs::default()
             };
             stream_plan(tiles, 4096, &[4096], 132, 0, knobs).map(|p: StreamPlan| p.cluster)
         };
@@ -1666,7 +1707,7 @@ mod tests {
         assert_eq!(c(32, 4096, 64), None);
         let all = StreamKnobs {
             all: true,
-            cluster: None,
+            ..StreamKnobs::default()
         };
         let p = stream_plan(32, 4096, &[4096], 132, 4 * 64 * 4096, all);
         assert_eq!(p.map(|p| p.cluster), Some(2));

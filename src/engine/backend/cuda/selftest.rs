@@ -798,15 +798,20 @@ fn sgmv_cases() -> Vec<SgmvCase> {
         });
     }
     // The streamed kernel: rows cut in pieces (an A row longer than a ring stage), clusters
-    // taking more than one row (its gate|up group with missing parts is above).
-    for (h_in, h_out, r, tokens) in [(20480, 1024, 16, 40), (4096, 4096, 64, 99)] {
+    // taking more than one row (its gate|up group with missing parts is above), x widened to
+    // f32 (rows over 256 KiB: the r=64 ones, in both dtypes).
+    for (dtype, h_in, h_out, r, tokens) in [
+        (DType::BF16, 20480, 1024, 16, 40),
+        (DType::BF16, 4096, 4096, 64, 99),
+        (DType::F16, 4096, 4096, 64, 99),
+    ] {
         let rows = workload_rows(Workload::Distinct, tokens);
         cases.push(SgmvCase::single(
-            DType::BF16,
+            dtype,
             (h_in, h_out),
             vec![Some(r); tokens],
             rows,
-            format!("h {h_in}->{h_out} r {r} distinct x{tokens}"),
+            format!("h {h_in}->{h_out} r {r} distinct x{tokens} {dtype:?}"),
         ));
     }
     cases
