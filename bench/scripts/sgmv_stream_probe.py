@@ -15,7 +15,7 @@
 # - With `silu`: the gate|up GEMM, then its expand and SiLU-mul, or kernels/sgmv.cu's fused
 #   `sgmv_expand_silu_rows_*` (session 15 measured the probe's own first version of it against
 #   the two kernels: bench/results/sgmv-expand-silu-probe-h200-2026-11-30-s15.txt).
-# - With `fused`, `fusedwhy`, `fusedgrid`, `fused2bps`, `fusedxf` (session 16): kernels/sgmv.cu's
+# - With `fused`, `fusedwhy`, `fusedgrid`, `fusedxf` (session 16): kernels/sgmv.cu's
 #   streamed LoRA kernel (`sgmv_lora_stream_*`, shrink and expand of one-row segments in one
 #   kernel) against the row kernels: ring shapes and cluster sizes, its copies alone (`no math`),
 #   cluster grids that fit at once, two blocks an SM, x widened to f32
@@ -30,7 +30,7 @@
 #        python3 bench/scripts/sgmv_stream_probe.py silu
 #        python3 bench/scripts/sgmv_stream_probe.py read   (bulk copies vs 16-byte loads, reads only)
 #        python3 bench/scripts/sgmv_stream_probe.py ncu    (plain launches for a profiler)
-#        python3 bench/scripts/sgmv_stream_probe.py fused|fusedwhy|fusedgrid|fused2bps|fusedxf
+#        python3 bench/scripts/sgmv_stream_probe.py fused|fusedwhy|fusedgrid|fusedxf
 #        python3 bench/scripts/sgmv_stream_probe.py tile [quick]   (tile kernels on long segments, session 17)
 #        python3 bench/scripts/sgmv_stream_probe.py tilencu   (plain launches of them for a profiler)
 import ctypes
@@ -830,29 +830,16 @@ def tile_ncu_main():
     torch.cuda.synchronize()
 
 
+MODES = {
+    "gemm": gemm_main, "silu": silu_main, "read": read_main, "ncu": ncu_main,
+    "fusedwhy": fused_why_main, "fusedxf": fused_xf_main,
+    "fusedgrid": fused_grid_main, "fused": fused_main, "tile": tile_main, "tilencu": tile_ncu_main,
+}
+
+
 def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "gemm":
-        return gemm_main()
-    if len(sys.argv) > 1 and sys.argv[1] == "silu":
-        return silu_main()
-    if len(sys.argv) > 1 and sys.argv[1] == "read":
-        return read_main()
-    if len(sys.argv) > 1 and sys.argv[1] == "ncu":
-        return ncu_main()
-    if len(sys.argv) > 1 and sys.argv[1] == "fusedwhy":
-        return fused_why_main()
-    if len(sys.argv) > 1 and sys.argv[1] == "fused2bps":
-        return fused_2bps_main()
-    if len(sys.argv) > 1 and sys.argv[1] == "fusedxf":
-        return fused_xf_main()
-    if len(sys.argv) > 1 and sys.argv[1] == "fusedgrid":
-        return fused_grid_main()
-    if len(sys.argv) > 1 and sys.argv[1] == "fused":
-        return fused_main()
-    if len(sys.argv) > 1 and sys.argv[1] == "tile":
-        return tile_main()
-    if len(sys.argv) > 1 and sys.argv[1] == "tilencu":
-        return tile_ncu_main()
+    if len(sys.argv) > 1 and sys.argv[1] in MODES:
+        return MODES[sys.argv[1]]()
     print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}")
     cfgs = []
     for ssb in [16384, 32768]:
