@@ -1341,12 +1341,19 @@ DEFINE_EXPAND_LONG(f16, f16, 4)
 // j-th C-th of the slot's stacked A (whole rank rows: its part of v, complete, no split-K) and
 // the j-th C-th of each part's columns of B (whole B rows), both contiguous in memory. The
 // blocks swap their parts of v through distributed shared memory (each writes its part into
-// every block's copy, then arrives on that block's mbarrier), then expand. Warp 0 is the
+// every other block's copy with asynchronous stores that complete on that block's mbarrier),
+// then expand. Warp 0 is the
 // producer: one thread issues the copies, running ahead of the consumer warps across rows by
 // as many stages as the ring holds (x and the old y of a row come by bulk copies as well). The
 // host checks what the copies need: ranks of eight or more, powers of two, at most 128 a part;
 // h_in, the parts' widths, y's stride and column offset multiples of eight; 16-byte aligned
 // weights.
+
+// A timeline hook for bench/scripts/sgmv_stream_probe.py (`trace`); nothing here.
+#ifndef STREAM_TRACE
+#define STREAM_TRACE(slot)
+#define STREAM_TRACE_GT(slot)
+#endif
 
 // Consumer warps a block: a power of two (rows of A go to warps by rank row mod it).
 #define STREAM_CONSUMERS 16
@@ -1384,14 +1391,6 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
         "r"(parity)
         : "memory");
 }
-// The same, acquiring what other blocks of the cluster released when they arrived.
-__device__ __forceinline__ void mbar_wait_cluster(u32 bar, u32 parity) {
-    asm volatile(
-        "{ .reg .pred p; WAIT_%=: mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, "
-        "[%0], %1; @!p bra WAIT_%=; }" ::"r"(bar),
-        "r"(parity)
-        : "memory");
-}
 __device__ __forceinline__ void fence_barrier_init() {
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 }
@@ -1401,12 +1400,19 @@ __device__ __forceinline__ u32 cluster_map(u32 addr, u32 rank) {
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(rank));
     return r;
 }
-__device__ __forceinline__ void cluster_store(u32 addr, float v) {
-    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(addr), "f"(v) : "memory");
+// An f32 into another block's shared memory (`addr`, mapped), completing 4 bytes of the
+// transaction count of its barrier `bar` (mapped).
+__device__ __forceinline__ void st_async_f32(u32 addr, float v, u32 bar) {
+    asm volatile(
+        "st.async.shared::cluster.mbarrier::complete_tx::bytes.f32 [%0], %1, [%2];" ::"r"(addr),
+        "f"(v), "r"(bar)
+        : "memory");
 }
-__device__ __forceinline__ void cluster_arrive_remote(u32 addr) {
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(addr)
-                 : "memory");
+__device__ __forceinline__ void cluster_arrive() {
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 __device__ __forceinline__ void cluster_sync_all() {
     asm volatile("barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;" ::: "memory");
@@ -1429,7 +1435,7 @@ __device__ __forceinline__ void consumers_sync() {
 struct StreamWork {
     const u16* a;
     const u16* b[MAX_PARTS];
-    int row, n0, nr, a_rows, a_split, a_per, ycols, pieces;
+    int row, ra, n0, nr, a_rows, a_split, a_per, ycols, pieces;
     int rank[MAX_PARTS], voff[MAX_PARTS], c0[MAX_PARTS], nc[MAX_PARTS], yo[MAX_PARTS];
     int b_cols[MAX_PARTS];
     bool live;
@@ -1446,6 +1452,7 @@ __device__ __forceinline__ StreamWork stream_work(const LoraSlot* __restrict__ t
     w.live = ts.end > ts.row0 && s->a != nullptr;
     w.row = ts.row0;
     const int rank = w.live ? (int)s->rank : 0;
+    w.ra = rank;
     w.n0 = rank * j / nb;
     w.nr = rank * (j + 1) / nb - w.n0;
     w.a = reinterpret_cast<const u16*>(s->a);
@@ -1536,10 +1543,64 @@ __device__ __forceinline__ void stream_expand_stage(const uint4* __restrict__ st
     }
 }
 
+// The MMA option's expand (ranks 32, 64, 128: RQ = rank / 32). m16n8k16 with B's columns as
+// the 16 rows of the A operand (rows g and g + 8 of a group of 16 columns are lane group g's)
+// and v as the B operand. A lane's 16-byte load holds 8 ranks of a column, chunk
+// c = q + 4 * ((it + (g & 1)) % RQ) in step it: the two column parities read different halves
+// of a 128-byte line (no bank conflicts), so a row's sum is valid in the accumulator columns of
+// its own parity, and every lane of the group holds it (d[g & 1], d[2 + (g & 1)]). v comes as
+// hi + lo halves (f32 accuracy), the lane's own chunks (`stream_vfrag`).
+template <typename T, int RQ>
+__device__ __forceinline__ void stream_vfrag(const float* vp, int lane, u32 (&vh)[2][4],
+                                             u32 (&vl)[2][4]) {
+    const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int it = 0; it < RQ; ++it) {
+        const float* s = vp + 8 * (q + 4 * ((it + (g & 1)) & (RQ - 1)));
+#pragma unroll
+        for (int e = 0; e < 4; ++e) split_pair<T>(s[2 * e], s[2 * e + 1], vh[it][e], vl[it][e]);
+    }
+}
+
+template <typename T, int RQ, bool MATH>
+__device__ __forceinline__ void stream_expand_stage_mma(const uint4* __restrict__ st, int count,
+                                                        const u32 (&vh)[2][4],
+                                                        const u32 (&vl)[2][4], T* yb, int gw,
+                                                        int lane) {
+    constexpr int L = 4 * RQ;  // vectors a column
+    const int g = lane >> 2, q = lane & 3, e = g & 1;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    for (int grp = gw; grp * 16 < count && MATH; grp += STREAM_CONSUMERS) {
+        const int c1 = grp * 16 + g, c2 = c1 + 8;
+        const bool ok1 = c1 < count, ok2 = c2 < count;
+        // Independent accumulators (short mma chains), summed at the end.
+        float d[2 * RQ][4] = {};
+#pragma unroll
+        for (int it = 0; it < RQ; ++it) {
+            const int ch = q + 4 * ((it + e) & (RQ - 1));
+            const uint4 a = ok1 ? st[c1 * L + ch] : zero;
+            const uint4 b = ok2 ? st[c2 * L + ch] : zero;
+            mma16816<T>(d[2 * it], a.x, b.x, a.y, b.y, vh[it][0], vh[it][1]);
+            mma16816<T>(d[2 * it + 1], a.z, b.z, a.w, b.w, vh[it][2], vh[it][3]);
+            mma16816<T>(d[2 * it], a.x, b.x, a.y, b.y, vl[it][0], vl[it][1]);
+            mma16816<T>(d[2 * it + 1], a.z, b.z, a.w, b.w, vl[it][2], vl[it][3]);
+        }
+        float y1 = 0.0f, y2 = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 2 * RQ; ++k) {
+            y1 += e ? d[k][1] : d[k][0];
+            y2 += e ? d[k][3] : d[k][2];
+        }
+        // Rounded once, as the expand kernels store it.
+        if (q == 0 && ok1) yb[c1] = from_f32<T>(to_f32(yb[c1]) + y1);
+        if (q == 1 && ok2) yb[c2] = from_f32<T>(to_f32(yb[c2]) + y2);
+    }
+}
+
 // y[row, col_offset + ...] += (x[row] . A^T) . B_j^T per part for one-row segments (tiles),
 // C blocks a row; see above. start: the parts' first columns (relative to col_offset), the
 // fourth entry the group's width. y_cap: columns a block's copy of the old y holds.
-template <typename T, int C, bool MATH = true, bool XF32 = false>
+template <typename T, int C, bool MATH = true, bool MMA = false>
 __device__ __forceinline__ void sgmv_lora_stream_impl(
     const T* __restrict__ x, int h_in, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
@@ -1556,9 +1617,7 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
     float* vbuf = sacc + STREAM_MAX_RANK;  // [2][STREAM_MAX_RANK]
     unsigned char* xs = smem + STREAM_HDR;
     const int x_bytes = (2 * h_in + 127) & ~127;
-    // With XF32, x widened to f32 once a row: each vector's first and last four (planar).
-    float4* xf = reinterpret_cast<float4*>(xs + x_bytes);
-    unsigned char* ys = xs + x_bytes + (XF32 ? 2 * x_bytes : 0);  // [2][y_cap] of T
+    unsigned char* ys = xs + x_bytes;  // [2][y_cap] of T
     const int y_bytes = (2 * y_cap + 127) & ~127;
     unsigned char* ring = ys + 2 * y_bytes;
     const u32 ring0 = smem_u32(ring);
@@ -1568,6 +1627,8 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nvec = h_in >> 3;
     if (threadIdx.x == 0) {
+        STREAM_TRACE(124);
+        STREAM_TRACE_GT(126);
         for (int s = 0; s < stages; ++s) {
             mbar_init(full0 + 8 * s, 1);
             mbar_init(empty0 + 8 * s, STREAM_CONSUMERS);
@@ -1577,23 +1638,32 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
         for (int b = 0; b < 2; ++b) {
             mbar_init(yfull0 + 8 * b, 1);
             mbar_init(yempty0 + 8 * b, STREAM_CONSUMERS);
-            mbar_init(vfull0 + 8 * b, nb);
+            mbar_init(vfull0 + 8 * b, 1);
         }
         fence_barrier_init();
     }
     for (int i = threadIdx.x; i < STREAM_MAX_RANK; i += blockDim.x) sacc[i] = 0.0f;
-    // Every block's barriers are ready before any block arrives on them.
-    if (C == 1) {
-        __syncthreads();
-    } else {
-        cluster_sync_all();
-    }
+    // The block's barriers are ready before its threads use them; every block's, before any
+    // block stores into another: the consumers wait for the cluster at once, the producer only
+    // at its end, so that the first copies go out without it. (A cluster-scope wait or fence
+    // once copies are in flight waits for them: microseconds.)
+    __syncthreads();
+    if (C > 1) cluster_arrive();
+    bool cluster_pending = C > 1;
+    auto cluster_ready = [&]() {
+        if (cluster_pending) {
+            cluster_wait();
+            cluster_pending = false;
+        }
+    };
+    if (threadIdx.x == 32) STREAM_TRACE(59);
 
     if (warp == 0) {
         // The producer.
         if (lane == 0) {
             RingPos at{0, 0u};
             bool wrapped = false, waited = false;
+            int ni = 0;  // pieces issued (STREAM_TRACE)
             int lt = 0;
             // The first row's x once the kernel before is done (the weights do not come from
             // it: the first stages' copies go out before the wait).
@@ -1609,6 +1679,7 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                     first_x(w);
                     mbar_wait(empty0 + 8 * at.s, at.phase ^ 1u);
                 }
+                STREAM_TRACE(64 + min(ni++, 59));
                 mbar_expect_tx(full0 + 8 * at.s, bytes);
                 bulk_g2s(ring0 + at.s * stage_bytes, src, bytes, full0 + 8 * at.s);
                 at.next(stages);
@@ -1666,10 +1737,13 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
         pdl_launch_dependents();
     } else {
         pdl_launch_dependents();
+        cluster_ready();
         const int cw = warp - 1, ct = threadIdx.x - 32;  // consumer warp and thread
         const uint4* xv = reinterpret_cast<const uint4*>(xs);
+        u32 vh[2][4], vl[2][4];  // MMA: this lane's v fragments of the current part
         RingPos at{0, 0u};
-        int lt = 0;
+        int lt = 0, nw_ = 0;  // nw_: stages waited for (STREAM_TRACE)
+        int units_done = 0;   // MMA: shrink units of the block so far (they go to warps in turn)
         for (int tile = cluster; tile < num_tiles; tile += nclusters) {
             const StreamWork w =
                 stream_work(table, tiles, segs, tile, j, nb, start, h_in, stage_bytes);
@@ -1677,52 +1751,49 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
             const int vb = lt & 1, yu = lt >> 1;
             const float* v = vbuf + vb * STREAM_MAX_RANK;
             T* ynew = reinterpret_cast<T*>(ys + vb * y_bytes);  // the old y, then the new
+            if (ct == 0 && lt == 0) STREAM_TRACE(0);
             mbar_wait(xfull, (u32)(lt & 1));
-            if (XF32) {
-                for (int i = ct; i < nvec; i += STREAM_CONSUMERS * 32) {
-                    float e[8];
-                    unpack8<T>(xv[i], e);
-                    xf[i] = make_float4(e[0], e[1], e[2], e[3]);
-                    xf[nvec + i] = make_float4(e[4], e[5], e[6], e[7]);
-                }
-                consumers_sync();
-                if (ct == 0) mbar_arrive(xempty);
-            }
+            if (ct == 0) STREAM_TRACE(1);
             // After the shrink: x is free again; this block's part of v goes into every
             // block's copy, then it arrives on their barriers and waits for theirs.
             auto share_v = [&]() {
                 consumers_sync();
-                if (!XF32 && ct == 0) mbar_arrive(xempty);
+                if (ct == 0) STREAM_TRACE(60);
+                if (ct == 0) mbar_arrive(xempty);
                 if (cw == 0) {
                     for (int i = lane; i < w.nr; i += 32) {
                         const int n = w.n0 + i;
                         const float val = sacc[n];
                         sacc[n] = 0.0f;
-                        if (C == 1) {
-                            vbuf[vb * STREAM_MAX_RANK + n] = val;
-                        } else {
-                            const u32 dst = smem_u32(vbuf + vb * STREAM_MAX_RANK + n);
-                            for (int b = 0; b < C; ++b)
-                                cluster_store(cluster_map(dst, (u32)b), val);
+                        vbuf[vb * STREAM_MAX_RANK + n] = val;
+                        // The other blocks' copies by asynchronous stores that complete on
+                        // their barrier: no cluster-scope fence, which would wait for this
+                        // block's bulk copies in flight (the B stages, microseconds).
+                        const u32 dst = smem_u32(vbuf + vb * STREAM_MAX_RANK + n);
+                        for (int b = 1; b < C; ++b) {
+                            const u32 peer = (u32)((j + b) % C);
+                            st_async_f32(cluster_map(dst, peer), val,
+                                         cluster_map(vfull0 + 8 * vb, peer));
                         }
                     }
-                    if (C == 1) {
-                        __syncwarp();
-                        if (lane == 0) mbar_arrive(vfull0 + 8 * vb);
-                    } else {
-                        asm volatile("fence.acq_rel.cluster;" ::: "memory");
-                        __syncwarp();
-                        if (lane < C)
-                            cluster_arrive_remote(cluster_map(vfull0 + 8 * vb, (u32)lane));
+                    __syncwarp();
+                    // Its own part written, this block expects the others' bytes.
+                    if (lane == 0) {
+                        if (C == 1) {
+                            mbar_arrive(vfull0 + 8 * vb);
+                        } else {
+                            mbar_expect_tx(vfull0 + 8 * vb, (u32)(4 * (w.ra - w.nr)));
+                        }
                     }
                 }
-                if (C == 1) {
-                    mbar_wait(vfull0 + 8 * vb, (u32)(yu & 1));
-                } else {
-                    mbar_wait_cluster(vfull0 + 8 * vb, (u32)(yu & 1));
-                }
+                // At CTA scope: the other blocks' parts came by asynchronous stores that
+                // completed on this block's barrier (a cluster-scope acquire would wait for the
+                // block's copies in flight, microseconds).
+                mbar_wait(vfull0 + 8 * vb, (u32)(yu & 1));
+                if (ct == 0) STREAM_TRACE(62);
             };
             bool expanding = false;
+            int vpart = -1;  // the part whose v fragments vh, vl hold (MMA)
             stream_pieces(
                 w, nvec,
                 [&](int first, int count, int v0, int v1) {
@@ -1731,20 +1802,58 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                     // pieces), which sums it alone: no atomics, and warps work on different
                     // stages at once. Every warp waits for the stage before it releases it.
                     mbar_wait(full0 + 8 * at.s, at.phase);
+                    if (ct == 0) STREAM_TRACE(2 + min(nw_++, 55));
                     const uint4* st = reinterpret_cast<const uint4*>(ring + at.s * stage_bytes);
                     const int len = v1 - v0;
-                    for (int r = (cw - first) & (STREAM_CONSUMERS - 1); r < count && MATH;
+                    if (MMA) {
+                        // On tensor cores, every warp on every stage: a unit is a pair of rank
+                        // rows (the second zero past the piece's end) over 64 vectors, unit u
+                        // of the block's A pieces warp u mod STREAM_CONSUMERS's; the units of
+                        // a row add into its sum in shared memory. m16n8k16 with the pair as
+                        // rows g and g + 8 of the A operand and x as the B operand: lane (g, q)
+                        // loads vector i of both rows and of x, so column g of the accumulator
+                        // sums lane group g's products (the diagonal: lane q = g / 2, element
+                        // g & 1).
+                        const int g = lane >> 2, e = g & 1;
+                        const bool diag = (lane & 3) == (g >> 1);
+                        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+                        const int nch = (len + 63) >> 6, units = ((count + 1) >> 1) * nch;
+                        for (int u = (cw - units_done) & (STREAM_CONSUMERS - 1); u < units && MATH;
+                             u += STREAM_CONSUMERS) {
+                            const int q = u / nch, i0 = (u - q * nch) * 64 + lane;
+                            const uint4* r1 = st + 2 * q * len;
+                            const bool two = 2 * q + 1 < count;
+                            float d[4][4] = {};  // independent accumulators: short mma chains
+#pragma unroll
+                            for (int k = 0; k < 2; ++k) {
+                                const int i = i0 + 32 * k;
+                                const bool ok = i < len;
+                                const uint4 a = ok ? r1[i] : zero;
+                                const uint4 c = ok && two ? r1[len + i] : zero;
+                                const uint4 xx = ok ? xv[v0 + i] : zero;
+                                mma16816<T>(d[2 * k], a.x, c.x, a.y, c.y, xx.x, xx.y);
+                                mma16816<T>(d[2 * k + 1], a.z, c.z, a.w, c.w, xx.z, xx.w);
+                            }
+                            float s1 = 0.0f, s2 = 0.0f;
+#pragma unroll
+                            for (int k = 0; k < 4; ++k) {
+                                s1 += e ? d[k][1] : d[k][0];
+                                s2 += e ? d[k][3] : d[k][2];
+                            }
+                            s1 = warp_sum(diag ? s1 : 0.0f);
+                            s2 = warp_sum(diag ? s2 : 0.0f);
+                            if (lane == 0) {
+                                atomicAdd(sacc + w.n0 + first + 2 * q, s1);
+                                if (two) atomicAdd(sacc + w.n0 + first + 2 * q + 1, s2);
+                            }
+                        }
+                        units_done += units;
+                    }
+                    for (int r = (cw - first) & (STREAM_CONSUMERS - 1); r < count && MATH && !MMA;
                          r += STREAM_CONSUMERS) {
                         const uint4* ar = st + r * len;
                         // x . one vector of A (vector i of the piece).
-                        auto xdot = [&](uint4 a, int i) {
-                            if (XF32) {
-                                const float4 lo = xf[v0 + i], hi = xf[nvec + v0 + i];
-                                const float e[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-                                return dot8f<T>(e, a);
-                            }
-                            return dot8<T>(a, xv[v0 + i]);
-                        };
+                        auto xdot = [&](uint4 a, int i) { return dot8<T>(a, xv[v0 + i]); };
                         float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
                         int i = lane;
                         for (; i + 96 < len; i += 128) {
@@ -1772,15 +1881,35 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                     // Expand into the block's copy of the old y: a column's rank / 8 vectors
                     // (a power of two) to as many lanes.
                     mbar_wait(full0 + 8 * at.s, at.phase);
+                    if (ct == 0) STREAM_TRACE(2 + min(nw_++, 55));
                     const uint4* st = reinterpret_cast<const uint4*>(ring + at.s * stage_bytes);
                     const float* vp = v + w.voff[p];
                     T* yb = ynew + w.yo[p] + first;
-                    switch (__ffs(w.rank[p] >> 3) - 1) {
-                        case 0: stream_expand_stage<T, 0, MATH>(st, count, vp, yb, cw, lane); break;
-                        case 1: stream_expand_stage<T, 1, MATH>(st, count, vp, yb, cw, lane); break;
-                        case 2: stream_expand_stage<T, 2, MATH>(st, count, vp, yb, cw, lane); break;
-                        case 3: stream_expand_stage<T, 3, MATH>(st, count, vp, yb, cw, lane); break;
-                        default: stream_expand_stage<T, 4, MATH>(st, count, vp, yb, cw, lane);
+                    const int lg = __ffs(w.rank[p] >> 3) - 1;
+                    if (MMA && (lg == 2 || lg == 3)) {
+                        // Groups of 16 columns to warps in turn across the part's stages.
+                        const int gw = (cw - (first >> 4)) & (STREAM_CONSUMERS - 1);
+                        if (p != vpart) {
+                            vpart = p;
+                            if (lg == 2) {
+                                stream_vfrag<T, 1>(vp, lane, vh, vl);
+                            } else {
+                                stream_vfrag<T, 2>(vp, lane, vh, vl);
+                            }
+                        }
+                        if (lg == 2) {
+                            stream_expand_stage_mma<T, 1, MATH>(st, count, vh, vl, yb, gw, lane);
+                        } else {
+                            stream_expand_stage_mma<T, 2, MATH>(st, count, vh, vl, yb, gw, lane);
+                        }
+                    } else {
+                        switch (lg) {
+                            case 0: stream_expand_stage<T, 0, MATH>(st, count, vp, yb, cw, lane); break;
+                            case 1: stream_expand_stage<T, 1, MATH>(st, count, vp, yb, cw, lane); break;
+                            case 2: stream_expand_stage<T, 2, MATH>(st, count, vp, yb, cw, lane); break;
+                            case 3: stream_expand_stage<T, 3, MATH>(st, count, vp, yb, cw, lane); break;
+                            default: stream_expand_stage<T, 4, MATH>(st, count, vp, yb, cw, lane);
+                        }
                     }
                     __syncwarp();
                     if (lane == 0) mbar_arrive(empty0 + 8 * at.s);
@@ -1792,6 +1921,7 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                 // The share's new y to memory in 16-byte vectors, once every warp has added
                 // its columns.
                 consumers_sync();
+                if (ct == 0) STREAM_TRACE(61);
 #pragma unroll
                 for (int p = 0; p < MAX_PARTS; ++p) {
                     const uint4* src = reinterpret_cast<const uint4*>(ynew + w.yo[p]);
@@ -1802,18 +1932,23 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
             }
             __syncwarp();
             if (lane == 0) mbar_arrive(yempty0 + 8 * vb);
+            if (ct == 0) STREAM_TRACE(63);
             ++lt;
         }
     }
+    if (threadIdx.x == 32) {
+        STREAM_TRACE(125);
+        STREAM_TRACE_GT(127);
+    }
     // No block leaves while another may still write into its shared memory.
     __syncwarp();
+    cluster_ready();
     if (C > 1) cluster_sync_all();
 }
 
-// C: blocks a cluster (a row's blocks), fixed at compile time. The `_xf` twin widens x to f32
-// once a row (the XF32 option; the host gives it a bigger x region, see cuda/plan.rs
-// `stream_plan`).
-#define DEFINE_LORA_STREAM_X(TNAME, TYPE, C, XNAME, XF)                                       \
+// C: blocks a cluster (a row's blocks), fixed at compile time. The `_mma` twin shrinks and
+// expands on tensor cores (the MMA option; see cuda/plan.rs `stream_plan`).
+#define DEFINE_LORA_STREAM_X(TNAME, TYPE, C, XNAME, MMA)                                       \
     extern "C" __global__ void __cluster_dims__(C, 1, 1)                                      \
         __launch_bounds__((STREAM_CONSUMERS + 1) * 32, 1)                                     \
             sgmv_lora_stream##XNAME##_##TNAME##_c##C(                                         \
@@ -1822,14 +1957,14 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                 const LoraSlot* __restrict__ table, const u32* __restrict__ tiles,            \
                 const u32* __restrict__ segs, int num_tiles, int stages, int stage_bytes,     \
                 int y_cap) {                                                                  \
-        sgmv_lora_stream_impl<TYPE, C, true, XF>(x, h_in, y, y_stride, col_offset, end0,      \
+        sgmv_lora_stream_impl<TYPE, C, true, MMA>(x, h_in, y, y_stride, col_offset, end0,     \
                                                  end1, end2, table, tiles, segs, num_tiles,   \
                                                  stages, stage_bytes, y_cap);                 \
     }
 
 #define DEFINE_LORA_STREAM(TNAME, TYPE, C)                                                    \
     DEFINE_LORA_STREAM_X(TNAME, TYPE, C, , false)                                             \
-    DEFINE_LORA_STREAM_X(TNAME, TYPE, C, _xf, true)
+    DEFINE_LORA_STREAM_X(TNAME, TYPE, C, _mma, true)
 
 DEFINE_LORA_STREAM(bf16, bf16, 1)
 DEFINE_LORA_STREAM(bf16, bf16, 2)

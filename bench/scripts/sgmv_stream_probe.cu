@@ -499,7 +499,7 @@ PROBE_SHRINK(4, 8, 4)
 
 // The streamed LoRA kernel of kernels/sgmv.cu (`sgmv_lora_stream_impl`) with other options:
 // NAME, a cluster of C blocks a row, MINB blocks an SM, then the impl's options after C (MATH,
-// XF32).
+// MMA).
 #define PROBE_STREAM(NAME, C, MINB, ...)                                                        \
     extern "C" __global__ void __cluster_dims__(C, 1, 1)                                        \
         __launch_bounds__((STREAM_CONSUMERS + 1) * 32, MINB) NAME(                              \
@@ -519,6 +519,8 @@ PROBE_STREAM(probe_lora_stream_nomath, 1, 1, false)
 PROBE_STREAM(probe_lora_stream_2bps, 1, 2, true)
 PROBE_STREAM(probe_lora_stream_2bps_c2, 2, 2, true)
 PROBE_STREAM(probe_lora_stream_2bps_c4, 4, 2, true)
+PROBE_STREAM(probe_lora_stream_nomath_c2, 2, 1, false)
+PROBE_STREAM(probe_lora_stream_nomath_c4, 4, 1, false)
 
 // The long-segment expand of kernels/sgmv.cu (`sgmv_expand_long_impl`) with CH chunks of NTW * 8
 // columns a block, DEPTH of them in registers at once and launch bounds of MINB blocks an SM.

@@ -15,12 +15,17 @@
 # - With `silu`: the gate|up GEMM, then its expand and SiLU-mul, or kernels/sgmv.cu's fused
 #   `sgmv_expand_silu_rows_*` (session 15 measured the probe's own first version of it against
 #   the two kernels: bench/results/sgmv-expand-silu-probe-h200-2026-11-30-s15.txt).
-# - With `fused`, `fusedwhy`, `fusedgrid`, `fusedxf` (session 16): kernels/sgmv.cu's
-#   streamed LoRA kernel (`sgmv_lora_stream_*`, shrink and expand of one-row segments in one
-#   kernel) against the row kernels: ring shapes and cluster sizes, its copies alone (`no math`),
-#   cluster grids that fit at once, two blocks an SM, x widened to f32
-#   (bench/results/sgmv-lora-stream-probe-*-s16*.txt; its shrink and expand on tensor cores,
-#   slower everywhere, were measured by the `fusedtc` mode of git d81d23e: `-tc-*-s17a.txt`).
+# - With `fused`, `fusedwhy`, `fusedgrid` (session 16): kernels/sgmv.cu's streamed LoRA kernel
+#   (`sgmv_lora_stream_*`, shrink and expand of one-row segments in one kernel) against the row
+#   kernels: ring shapes and cluster sizes, its copies alone (`no math`), cluster grids that fit
+#   at once, two blocks an SM (bench/results/sgmv-lora-stream-probe-*-s16*.txt; x widened to f32
+#   was the `fusedxf` mode of git 9b83378, and a first tensor-core version the `fusedtc` mode of
+#   git d81d23e: `-tc-*-s17a.txt`).
+# - With `fusedmma` [quick] (session 18): the plain kernel against its `_mma` twin (shrink and
+#   expand on tensor cores), cluster sizes around the plan's, and the copies alone.
+# - With `trace` (session 18): the streamed kernel's timeline, compiled with
+#   bench/scripts/stream_trace.cuh (clock64 at each event of each block: stages landed, pieces
+#   issued, v exchanged), medians over blocks.
 # - With `tile` (session 17): the tile kernels on long segments (Punica's 512-row workloads),
 #   shrink and expand timed alone and together against cuBLAS, with other split-K counts, probe
 #   instances of the shrink and the long-segment expand (bench/results/sgmv-tile-probe-*-s17*.txt;
@@ -30,7 +35,7 @@
 #        python3 bench/scripts/sgmv_stream_probe.py silu
 #        python3 bench/scripts/sgmv_stream_probe.py read   (bulk copies vs 16-byte loads, reads only)
 #        python3 bench/scripts/sgmv_stream_probe.py ncu    (plain launches for a profiler)
-#        python3 bench/scripts/sgmv_stream_probe.py fused|fusedwhy|fusedgrid|fusedxf
+#        python3 bench/scripts/sgmv_stream_probe.py fused|fusedwhy|fusedgrid|fusedmma|trace
 #        python3 bench/scripts/sgmv_stream_probe.py tile [quick]   (tile kernels on long segments, session 17)
 #        python3 bench/scripts/sgmv_stream_probe.py tilencu   (plain launches of them for a profiler)
 import ctypes
@@ -347,7 +352,7 @@ def fused_ops(s, p):
     c, stages, sb = p["c"], p["st"], p["sb"]
     y_cap = sum(8 * -(-(n // 8) // c) for n in s.parts)
     x_bytes = (2 * s.h_in + 127) // 128 * 128
-    fixed = 5120 + x_bytes * (3 if p.get("xf32") else 1) + 2 * ((2 * y_cap + 127) // 128 * 128)
+    fixed = 5120 + x_bytes + 2 * ((2 * y_cap + 127) // 128 * 128)
     stages = min(stages, (232448 - fixed) // sb)  # 227 KB a block at most
     smem = fixed + stages * sb
     ncl = min(s.rows, p.get("blocks", SMS) // c)
@@ -396,23 +401,84 @@ def fused_grid_main():
         run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
 
 
-def fused_xf_main():
-    # The streamed kernel as built (expand into the block's copy of y, written back in 16-byte
-    # vectors) against x widened to f32 once a row, which costs a ring stage or smaller stages.
-    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA, x in f32")
-    for rows, h, r in [(32, 4096, 64), (64, 4096, 64), (128, 4096, 64), (512, 4096, 64), (64, 8192, 64),
-                       (64, 4096, 16), (8, 4096, 64)]:
+def fused_mma_main():
+    # The streamed kernel's shrink and expand on tensor cores (its `_mma` twin) against the plain
+    # kernel and the copies alone.
+    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA, MMA")
+    quick = "quick" in sys.argv
+    cases = [(32, 4096, [4096], 64), (64, 4096, [4096], 64), (128, 4096, [4096], 64),
+             (64, 8192, [8192], 64), (512, 4096, [4096], 64), (32, 4096, [4096], 32),
+             (32, 4096, [4096], 128), (64, 4096, [4096], 16), (8, 4096, [4096], 64),
+             (32, 4096, [4096, 1024, 1024], 64), (32, 576, [576, 192, 192], 64),
+             (64, 576, [576], 32), (40, 5120, [5120], 64)]
+    if quick:
+        cases = cases[:4]
+    for rows, h, parts, r in cases:
         c = 1 if rows >= 100 else (2 if rows > 16 else 4)
-        vs = [("old row kernels", lambda s: old_ops(s, False)),
-              (f"fused c{c} 6x32k", (lambda p: lambda s: fused_ops(s, p))(dict(c=c, st=6, sb=32768)))]
-        if c <= 2:
-            for st, sb in [(5, 32768), (6, 28672)]:
-                p = dict(c=c, st=st, sb=sb, xf32=True, kernel=f"sgmv_lora_stream_xf_bf16_c{c}")
-                vs.append((f"x f32 c{c} {st}x{sb // 1024}k", (lambda p: lambda s: fused_ops(s, p))(p)))
-        if rows == 128:
-            vs.append(("no math c1 6x32k", (lambda p: lambda s: fused_ops(s, p))(
-                dict(c=1, st=6, sb=32768, kernel="probe_lora_stream_nomath"))))
-        run_case("shrink+expand distinct", rows, h, [h], r, False, vs)
+        f = lambda p: lambda s: fused_ops(s, p)
+        vs = [("old row kernels", lambda s: old_ops(s, False))]
+        for cc in sorted({c, max(1, c // 2), min(4, 2 * c)}):
+            if rows * cc > 2 * SMS:
+                continue
+            vs.append((f"fused c{cc} 6x32k", f(dict(c=cc, st=6, sb=32768))))
+            vs.append((f"mma c{cc} 6x32k", f(dict(c=cc, st=6, sb=32768, kernel=f"sgmv_lora_stream_mma_bf16_c{cc}"))))
+        nm = "probe_lora_stream_nomath" + ("" if c == 1 else f"_c{c}")
+        vs.append((f"no math c{c} 6x32k", f(dict(c=c, st=6, sb=32768, kernel=nm))))
+        run_case("shrink+expand distinct", rows, h, parts, r, False, vs)
+
+
+def trace_main():
+    # The streamed kernel's timeline (bench/scripts/stream_trace.cuh): per block, clock64 at its
+    # events; medians over blocks, in us from the block's start.
+    global MOD
+    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA timeline")
+    MOD = compile_module(["bench/scripts/stream_trace.cuh", "kernels/sgmv.cu",
+                          "bench/scripts/sgmv_stream_probe.cu"])
+    FUNCS.clear()
+
+    def gptr(name):
+        p, n = ctypes.c_uint64(), ctypes.c_size_t()
+        ck(cuda.cuModuleGetGlobal_v2(ctypes.byref(p), ctypes.byref(n), MOD, name.encode()), name)
+        return p.value, n.value
+
+    tr, trn = gptr("stream_trace")
+    on, _ = gptr("stream_trace_on")
+    f = lambda p: lambda s: fused_ops(s, p)
+    for rows, h, r, c, variants in [
+            (64, 4096, 64, 2, [("mma", "sgmv_lora_stream_mma_bf16_c2"), ("plain", "sgmv_lora_stream_bf16_c2"),
+                               ("no math", "probe_lora_stream_nomath_c2")]),
+            (128, 4096, 64, 1, [("mma", "sgmv_lora_stream_mma_bf16_c1"), ("no math", "probe_lora_stream_nomath")]),
+            (32, 4096, 64, 2, [("mma", "sgmv_lora_stream_mma_bf16_c2")])]:
+        sets = [Set(rows, h, [h], r, False) for _ in range(3)]
+        for name, kern in variants:
+            p = dict(c=c, st=6, sb=32768, kernel=kern)
+            for st in sets:
+                fused_ops(st, p)
+            torch.cuda.synchronize()
+            ck(cuda.cuMemsetD8_v2(ctypes.c_uint64(tr), 0, trn), "memset")
+            ck(cuda.cuMemsetD32_v2(ctypes.c_uint64(on), 1, 1), "memset")
+            for st in sets + sets[:1]:
+                fused_ops(st, p)
+            ck(cuda.cuMemsetD32_v2(ctypes.c_uint64(on), 0, 1), "memset")
+            torch.cuda.synchronize()
+            buf = (ctypes.c_uint64 * (trn // 8))()
+            ck(cuda.cuMemcpyDtoH_v2(buf, ctypes.c_uint64(tr), trn), "copy")
+            t = torch.tensor(list(buf), dtype=torch.float64).view(-1, 128)
+            nb = min(rows, SMS // c) * c
+            t = t[:nb]
+            rate = ((t[:, 125] - t[:, 124]) / (t[:, 127] - t[:, 126])).median().item()  # cycles/ns
+            rel = (t - t[:, 124:125]) / rate / 1e3
+            med = lambda k: rel[:, k][t[:, k] > 0].median().item() if (t[:, k] > 0).any() else float("nan")
+            gs, ge = t[:, 126], t[:, 127]
+            print(f"## rows {rows} h {h} r {r} c{c} {name}: {nb} blocks, clock {rate:.2f} GHz, block starts "
+                  f"spread {(gs.max() - gs.min()).item() / 1e3:.2f} us, ends {(ge.max() - ge.min()).item() / 1e3:.2f} us, "
+                  f"median block time {((ge - gs).median().item()) / 1e3:.2f} us")
+            waits = [med(2 + i) for i in range(56) if (t[:, 2 + i] > 0).any()]
+            issues = [med(64 + i) for i in range(59) if (t[:, 64 + i] > 0).any()]
+            print(f"  past first barrier {med(59):.2f}, consumers start {med(0):.2f}, x landed (last row) {med(1):.2f}, shrink done {med(60):.2f}, "
+                  f"v ready {med(62):.2f}, expand done {med(61):.2f}, row written {med(63):.2f}, end {med(125):.2f}")
+            print("  stage waits done: " + " ".join(f"{x:.2f}" for x in waits))
+            print("  pieces issued:    " + " ".join(f"{x:.2f}" for x in issues))
 
 
 def fused_main():
@@ -831,8 +897,9 @@ def tile_ncu_main():
 
 
 MODES = {
+    "fusedmma": fused_mma_main, "trace": trace_main,
     "gemm": gemm_main, "silu": silu_main, "read": read_main, "ncu": ncu_main,
-    "fusedwhy": fused_why_main, "fusedxf": fused_xf_main,
+    "fusedwhy": fused_why_main,
     "fusedgrid": fused_grid_main, "fused": fused_main, "tile": tile_main, "tilencu": tile_ncu_main,
 }
 

@@ -341,11 +341,11 @@ mod tests {
                 src.contains(&format!("DEFINE_EXPAND({t}, {t}, {k}, {w})"))
                     && src.contains("DEFINE_EXPAND_V(TNAME, TYPE, _vh, TYPE, KT, NTW)")
             } else if let Some(rest) = name.strip_prefix("sgmv_lora_stream_") {
-                // Each instantiation defines the plain kernel and the `_xf` one.
+                // Each instantiation defines the plain kernel and the `_mma` one.
                 let (t, c) = rest.split_once("_c").unwrap();
-                let t = t.strip_prefix("xf_").unwrap_or(t);
+                let t = t.strip_prefix("mma_").unwrap_or(t);
                 src.contains(&format!("DEFINE_LORA_STREAM({t}, {t}, {c})"))
-                    && src.contains("DEFINE_LORA_STREAM_X(TNAME, TYPE, C, _xf, true)")
+                    && src.contains("DEFINE_LORA_STREAM_X(TNAME, TYPE, C, _mma, true)")
             } else if let Some(rest) = name.strip_prefix("attention_d") {
                 let (hd, t) = rest.split_once('_').unwrap();
                 src.contains(" attention_d##HD##_##TNAME(")

@@ -505,8 +505,8 @@ pub struct CudaBackend {
     /// The streamed kernel's cluster size, 1, 2 or 4, in place of [`plan::stream_plan`]'s
     /// choice (`PUNICA_LORA_STREAM_CLUSTER`, for measurement).
     stream_cluster: Option<usize>,
-    /// Never the streamed kernel that widens x to f32 (`PUNICA_LORA_STREAM_XF32=0`).
-    stream_plain_x: bool,
+    /// Never the streamed kernel on tensor cores (`PUNICA_LORA_STREAM_MMA=0`).
+    stream_no_mma: bool,
     /// Clusters of the streamed kernel that fit the device at once, per (dtype, cluster size,
     /// shared memory); the kernel's shared-memory limit is raised when its entry is made.
     stream_clusters: Mutex<HashMap<(DType, usize, usize, bool), usize>>,
@@ -712,7 +712,7 @@ impl CudaBackend {
             stream_cluster: std::env::var("PUNICA_LORA_STREAM_CLUSTER")
                 .ok()
                 .and_then(|v| v.parse().ok()),
-            stream_plain_x: std::env::var("PUNICA_LORA_STREAM_XF32").as_deref() == Ok("0"),
+            stream_no_mma: std::env::var("PUNICA_LORA_STREAM_MMA").as_deref() == Ok("0"),
             stream_clusters: Mutex::new(HashMap::new()),
             expand_long: std::env::var("PUNICA_EXPAND_LONG").as_deref() != Ok("0"),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
@@ -1717,11 +1717,11 @@ impl CudaBackend {
         Ok(true)
     }
 
-    /// The streamed kernel of a plan: its cluster size, and x widened to f32 or not.
+    /// The streamed kernel of a plan: its cluster size, on tensor cores or not.
     fn stream_kernel(dtype: DType, p: &plan::StreamPlan) -> Result<plan::KernelName> {
-        let xf = if p.xf32 { "_xf" } else { "" };
+        let mma = if p.mma { "_mma" } else { "" };
         Ok(kernel!(
-            "sgmv_lora_stream{xf}_{}_c{}",
+            "sgmv_lora_stream{mma}_{}_c{}",
             Self::suffix(dtype),
             p.cluster
         ))
@@ -1773,12 +1773,12 @@ impl CudaBackend {
         let knobs = plan::StreamKnobs {
             all: self.lora_stream_all,
             cluster: self.stream_cluster,
-            plain_x: self.stream_plain_x,
+            no_mma: self.stream_no_mma,
         };
         let Some(p) = plan::stream_plan(tiles, h_in, outs, self.sm_count, row_bytes, knobs) else {
             return Ok(None);
         };
-        let key = (x.dtype, p.cluster, p.smem, p.xf32);
+        let key = (x.dtype, p.cluster, p.smem, p.mma);
         let fit = lock(&self.stream_clusters).get(&key).copied();
         let fit = match fit {
             Some(n) => n,
@@ -1928,7 +1928,7 @@ pub fn kernel_names() -> Vec<String> {
         names.push(format!("sgmv_shrink_rows_{t}"));
         for c in plan::STREAM_CLUSTERS {
             names.push(format!("sgmv_lora_stream_{t}_c{c}"));
-            names.push(format!("sgmv_lora_stream_xf_{t}_c{c}"));
+            names.push(format!("sgmv_lora_stream_mma_{t}_c{c}"));
         }
     }
     for t in ["bf16", "f16"] {

@@ -851,8 +851,8 @@ pub struct StreamPlan {
     pub stages: usize,
     pub y_cap: usize,
     pub smem: usize,
-    /// The `_xf` kernel: x widened to f32 once a row (its x region three times as large).
-    pub xf32: bool,
+    /// The `_mma` kernel: shrink and expand on tensor cores.
+    pub mma: bool,
 }
 
 /// Rows whose A and B take at most this many bytes go to clusters of one block from
@@ -863,25 +863,24 @@ pub struct StreamPlan {
 pub const STREAM_SMALL_ROW_BYTES: usize = 256 * 1024;
 pub const STREAM_SMALL_ROW_MIN_TILES: usize = 48;
 
-/// Rows of more than [`STREAM_SMALL_ROW_BYTES`] take the `_xf` kernel, which widens x to f32
-/// once a row so that the shrink unpacks only A, where that leaves the ring this many stages
-/// (H200, 7B r=64, bench/results/sgmv-lora-stream-probe-xf32-h200-2026-11-30-s16i.txt: 1-2%
-/// faster from 32 to 512 rows and at 8192 wide; 2% slower for r=16 rows, which keep the plain
-/// kernel).
-pub const STREAM_XF32_MIN_STAGES: usize = 4;
-
 /// Measurement knobs of [`stream_plan`]: stream even what the few-blocks rule leaves to the two
-/// kernels (`all`), a cluster size in place of the plan's, and x never widened (`plain_x`).
+/// kernels (`all`), a cluster size in place of the plan's, and never the `_mma` kernel
+/// (`no_mma`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StreamKnobs {
     pub all: bool,
     pub cluster: Option<usize>,
-    pub plain_x: bool,
+    pub no_mma: bool,
 }
 
 /// A block's share of the weights up to which the streamed kernel serves a launch of fewer
 /// blocks than half the SMs: beyond it the shrink and expand kernels, spread over every SM,
 /// win (r=64 at 8 and 32 rows: bench/results/bench-kernels-h200-2026-11-30-s16g*.txt).
+/// Rows of more than [`STREAM_SMALL_ROW_BYTES`] take the `_mma` kernel, which is faster there
+/// (bench/results/sgmv-lora-stream-probe-mma-h200-2026-11-30-s18*.txt); it serves launches of
+/// a quarter of the SMs or more whatever a block reads (r=64 at 32 rows in pairs: 15.6 us
+/// against 17.0 for the two kernels), and leaves fewer to the two kernels (8 rows: 7.9 against
+/// 7.3).
 pub const STREAM_FEW_BLOCK_BYTES: usize = 128 * 1024;
 
 /// The streamed kernel's plan for `tiles` one-row segments of a group with `h_in` inputs and
@@ -908,31 +907,26 @@ pub fn stream_plan(
     } else {
         4
     };
+    let mma = row_bytes > STREAM_SMALL_ROW_BYTES && !knobs.no_mma;
     // Small rows in clusters of one were measured against the two kernels too (10.6 us at 64
     // rows, bench/results/bench-kernels-h200-2026-11-30-s16g-nostream.txt).
-    let few = 2 * tiles * cluster < sms && row_bytes.div_ceil(cluster) > STREAM_FEW_BLOCK_BYTES;
+    let quarter = if mma { 4 } else { 2 };
+    let few =
+        quarter * tiles * cluster < sms && row_bytes.div_ceil(cluster) > STREAM_FEW_BLOCK_BYTES;
     if few && !small && !knobs.all {
         return None;
     }
     let y_cap: usize = outs.iter().map(|&n| 8 * (n / 8).div_ceil(cluster)).sum();
     let round = |b: usize| b.div_ceil(128) * 128;
-    let plan = |x_regions: usize| {
-        let fixed = STREAM_HDR + x_regions * round(2 * h_in) + 2 * round(2 * y_cap);
-        let stages =
-            (STREAM_MAX_SMEM.checked_sub(fixed)? / STREAM_STAGE_BYTES).min(STREAM_MAX_STAGES);
-        (stages >= 2).then_some(StreamPlan {
-            cluster,
-            stages,
-            y_cap,
-            smem: fixed + stages * STREAM_STAGE_BYTES,
-            xf32: x_regions == 3,
-        })
-    };
-    let wide = plan(3).filter(|p| p.stages >= STREAM_XF32_MIN_STAGES);
-    match wide {
-        Some(p) if row_bytes > STREAM_SMALL_ROW_BYTES && !knobs.plain_x => Some(p),
-        _ => plan(1),
-    }
+    let fixed = STREAM_HDR + round(2 * h_in) + 2 * round(2 * y_cap);
+    let stages = (STREAM_MAX_SMEM.checked_sub(fixed)? / STREAM_STAGE_BYTES).min(STREAM_MAX_STAGES);
+    (stages >= 2).then_some(StreamPlan {
+        cluster,
+        stages,
+        y_cap,
+        smem: fixed + stages * STREAM_STAGE_BYTES,
+        mma,
+    })
 }
 
 #[cfg(test)]
@@ -1646,31 +1640,38 @@ mod tests {
         let p =
             |tiles, bytes| stream_plan(tiles, 4096, &[4096], 132, bytes, StreamKnobs::default());
         assert!(p(1, r16).is_some() && p(8, r16).is_some() && p(32, r16).is_some());
-        assert!(p(1, r64).is_none() && p(8, r64).is_none() && p(32, r64).is_none());
-        // Half the SMs busy or more: streamed whatever a block reads.
-        assert!(p(33, r64).is_some() && p(64, r64).is_some() && p(512, r64).is_some());
+        assert!(p(1, r64).is_none() && p(8, r64).is_none());
+        // The `_mma` kernel from a quarter of the SMs; the plain one from half.
+        assert!(p(16, r64).is_some_and(|p| p.mma && p.cluster == 4));
+        assert!(p(17, r64).is_some_and(|p| p.mma && p.cluster == 2));
+        assert!(p(32, r64).is_some() && p(64, r64).is_some() && p(512, r64).is_some());
+        let plain = StreamKnobs {
+            no_mma: true,
+            ..StreamKnobs::default()
+        };
+        assert!(stream_plan(32, 4096, &[4096], 132, r64, plain).is_none());
+        assert!(stream_plan(33, 4096, &[4096], 132, r64, plain).is_some_and(|p| !p.mma));
     }
 
     #[test]
-    fn rows_over_256_kib_widen_x_where_the_ring_keeps_four_stages() {
-        let p = |tiles, h: usize, r: usize, plain_x| {
+    fn rows_over_256_kib_take_the_mma_kernel() {
+        let p = |tiles, h: usize, r: usize, no_mma| {
             let knobs = StreamKnobs {
-                plain_x,
+                no_mma,
                 ..StreamKnobs::default()
             };
             stream_plan(tiles, h, &[h], 132, 4 * r * h, knobs).unwrap()
         };
-        // 7B r=64: 5 stages with x in f32 (6 without); 8192 wide: 4 (5).
+        // 7B r=64: 6 stages either way; 8192 wide: 5.
         let (a, b) = (p(128, 4096, 64, false), p(128, 4096, 64, true));
-        assert!(a.xf32 && !b.xf32);
-        assert_eq!((a.stages, b.stages), (5, 6));
-        assert!(a.smem <= STREAM_MAX_SMEM && b.smem <= STREAM_MAX_SMEM);
+        assert!(a.mma && !b.mma);
+        assert_eq!((a.stages, b.stages), (6, 6));
+        assert!(a.smem <= STREAM_MAX_SMEM);
         let c = p(64, 8192, 64, false);
-        assert!(c.xf32 && c.stages == 4 && c.cluster == 2);
-        // r=16 rows (256 KiB) keep the plain kernel; so does a row whose x would leave 3 stages.
-        assert!(!p(64, 4096, 16, false).xf32);
-        let wide_x = stream_plan(40, 20480, &[1024], 132, 4 << 20, StreamKnobs::default());
-        assert!(!wide_x.unwrap().xf32);
+        assert!(c.mma && c.stages == 5 && c.cluster == 2);
+        // r=16 rows (256 KiB) keep the plain kernel.
+        assert!(!p(64, 4096, 16, false).mma);
+        assert!(!p(64, 8192, 8, false).mma);
     }
 
     #[test]
@@ -1704,12 +1705,12 @@ mod tests {
         assert_eq!(c(64, 4096, 64), Some(2));
         assert_eq!(c(128, 4096, 64), Some(1));
         // The few-blocks rule, and `all` lifting it.
-        assert_eq!(c(32, 4096, 64), None);
+        assert_eq!(c(8, 4096, 64), None);
         let all = StreamKnobs {
             all: true,
             ..StreamKnobs::default()
         };
-        let p = stream_plan(32, 4096, &[4096], 132, 4 * 64 * 4096, all);
-        assert_eq!(p.map(|p| p.cluster), Some(2));
+        let p = stream_plan(8, 4096, &[4096], 132, 4 * 64 * 4096, all);
+        assert_eq!(p.map(|p| p.cluster), Some(4));
     }
 }

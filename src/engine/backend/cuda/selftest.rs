@@ -798,12 +798,14 @@ fn sgmv_cases() -> Vec<SgmvCase> {
         });
     }
     // The streamed kernel: rows cut in pieces (an A row longer than a ring stage), clusters
-    // taking more than one row (its gate|up group with missing parts is above), x widened to
-    // f32 (rows over 256 KiB: the r=64 ones, in both dtypes).
+    // taking more than one row (its gate|up group with missing parts is above, ranks 8 to 128
+    // with 72 vectors a row), shrink and expand on tensor cores (rows over 256 KiB: all of
+    // these, in both dtypes, and 16 rows of r=32 in clusters of four).
     for (dtype, h_in, h_out, r, tokens) in [
         (DType::BF16, 20480, 1024, 16, 40),
         (DType::BF16, 4096, 4096, 64, 99),
         (DType::F16, 4096, 4096, 64, 99),
+        (DType::BF16, 4096, 4096, 32, 16),
     ] {
         let rows = workload_rows(Workload::Distinct, tokens);
         cases.push(SgmvCase::single(
@@ -1710,6 +1712,40 @@ mod tests {
             long.iter()
                 .any(|c| c.ranks.iter().flatten().any(|&r| r == Some(128)))
         );
+        // The streamed kernel (one-row segments, ranks powers of two from 8): plain and on
+        // tensor cores, the latter in both dtypes, with several parts and in clusters of four.
+        let streamed: Vec<(&SgmvCase, plan::StreamPlan)> = cases
+            .iter()
+            .filter(|c| tiles(c) == c.rows.iter().flatten().count())
+            .filter(|c| {
+                c.ranks
+                    .iter()
+                    .flatten()
+                    .flatten()
+                    .all(|r| r.is_power_of_two() && (8..=128).contains(r))
+            })
+            .filter_map(|c| {
+                let total = |s: &Vec<Option<usize>>| s.iter().flatten().sum::<usize>();
+                let max_rank = c.ranks.iter().map(total).max().unwrap_or(0);
+                let max_part = c
+                    .ranks
+                    .iter()
+                    .flatten()
+                    .flatten()
+                    .max()
+                    .copied()
+                    .unwrap_or(0);
+                let bytes = 2 * max_rank * c.h_in + 2 * max_part * c.outs.iter().sum::<usize>();
+                let knobs = plan::StreamKnobs::default();
+                plan::stream_plan(tiles(c), c.h_in, &c.outs, 132, bytes, knobs).map(|p| (c, p))
+            })
+            .collect();
+        assert!(streamed.iter().any(|(_, p)| !p.mma));
+        for dt in [DType::BF16, DType::F16] {
+            assert!(streamed.iter().any(|(c, p)| p.mma && c.dtype == dt));
+        }
+        assert!(streamed.iter().any(|(c, p)| p.mma && c.outs.len() > 1));
+        assert!(streamed.iter().any(|(_, p)| p.mma && p.cluster == 4));
     }
 
     #[test]
