@@ -1775,7 +1775,8 @@ impl CudaBackend {
             cluster: self.stream_cluster,
             no_mma: self.stream_no_mma,
         };
-        let Some(p) = plan::stream_plan(tiles, h_in, outs, self.sm_count, row_bytes, knobs) else {
+        let rows = (row_bytes, table.sum.max_part_rank);
+        let Some(p) = plan::stream_plan(tiles, h_in, outs, self.sm_count, rows, knobs) else {
             return Ok(None);
         };
         let key = (x.dtype, p.cluster, p.smem, p.mma);

@@ -876,12 +876,17 @@ pub struct StreamKnobs {
 /// A block's share of the weights up to which the streamed kernel serves a launch of fewer
 /// blocks than half the SMs: beyond it the shrink and expand kernels, spread over every SM,
 /// win (r=64 at 8 and 32 rows: bench/results/bench-kernels-h200-2026-11-30-s16g*.txt).
-/// Rows of more than [`STREAM_SMALL_ROW_BYTES`] take the `_mma` kernel, which is faster there
-/// (bench/results/sgmv-lora-stream-probe-mma-h200-2026-11-30-s18*.txt); it serves launches of
-/// a quarter of the SMs or more whatever a block reads (r=64 at 32 rows in pairs: 15.6 us
-/// against 17.0 for the two kernels), and leaves fewer to the two kernels (8 rows: 7.9 against
-/// 7.3).
+/// The `_mma` kernel serves launches of a quarter of the SMs or more whatever a block reads
+/// (r=64 at 32 rows in pairs: 15.3 us against 16.7 for the two kernels), and leaves fewer to
+/// the two kernels (8 rows: 8.6 against 7.3).
 pub const STREAM_FEW_BLOCK_BYTES: usize = 128 * 1024;
+
+/// The `_mma` kernel (shrink and expand on tensor cores) serves rows of more than
+/// [`STREAM_SMALL_ROW_BYTES`] of one part whose rank is this, in clusters of one or two: there
+/// it was faster, elsewhere slower (H200, bench/results/sgmv-lora-stream-probe-mma-h200-2026-11-30-s18a.txt:
+/// 7B r=64 at 32, 64 and 128 rows 16.2, 25.4 and 38.3 us against 16.8, 26.5 and 41.3; 8192
+/// and 5120 wide level; r=32, r=128, q|k|v at r=64 and clusters of four 7-15% slower).
+pub const STREAM_MMA_RANK: usize = 64;
 
 /// The streamed kernel's plan for `tiles` one-row segments of a group with `h_in` inputs and
 /// parts of `outs` columns on `sms` SMs, `row_bytes` of weights a row at most, or `None` when
@@ -894,7 +899,7 @@ pub fn stream_plan(
     h_in: usize,
     outs: &[usize],
     sms: usize,
-    row_bytes: usize,
+    (row_bytes, max_part_rank): (usize, usize),
     knobs: StreamKnobs,
 ) -> Option<StreamPlan> {
     let small = tiles >= STREAM_SMALL_ROW_MIN_TILES && row_bytes <= STREAM_SMALL_ROW_BYTES;
@@ -907,7 +912,11 @@ pub fn stream_plan(
     } else {
         4
     };
-    let mma = row_bytes > STREAM_SMALL_ROW_BYTES && !knobs.no_mma;
+    let mma = row_bytes > STREAM_SMALL_ROW_BYTES
+        && outs.len() == 1
+        && max_part_rank == STREAM_MMA_RANK
+        && cluster <= 2
+        && !knobs.no_mma;
     // Small rows in clusters of one were measured against the two kernels too (10.6 us at 64
     // rows, bench/results/bench-kernels-h200-2026-11-30-s16g-nostream.txt).
     let quarter = if mma { 4 } else { 2 };
@@ -1588,7 +1597,7 @@ mod tests {
             all: true,
             ..StreamKnobs::default()
         };
-        let p = |tiles| stream_plan(tiles, 4096, &[4096], 132, 1 << 20, all).unwrap();
+        let p = |tiles| stream_plan(tiles, 4096, &[4096], 132, (1 << 20, 64), all).unwrap();
         assert_eq!(p(512).cluster, 1);
         assert_eq!(p(100).cluster, 1);
         assert_eq!(p(99).cluster, 2);
@@ -1609,7 +1618,8 @@ mod tests {
             (8192, vec![8192]),
         ] {
             for tiles in [1, 8, 32, 64, 128, 512] {
-                let p = stream_plan(tiles, h_in, &outs, 132, 0, StreamKnobs::default()).unwrap();
+                let p =
+                    stream_plan(tiles, h_in, &outs, 132, (0, 16), StreamKnobs::default()).unwrap();
                 assert!(p.smem <= STREAM_MAX_SMEM, "{h_in} {outs:?} {tiles}");
                 assert!((2..=STREAM_MAX_STAGES).contains(&p.stages));
                 // The kernel gives block j of a cluster columns [8 * (n8 * j / c), 8 * (n8 *
@@ -1628,7 +1638,7 @@ mod tests {
         }
         // x and the old y alone too large for two stages.
         assert_eq!(
-            stream_plan(1, 100_000, &[4096], 132, 0, StreamKnobs::default()),
+            stream_plan(1, 100_000, &[4096], 132, (0, 16), StreamKnobs::default()),
             None
         );
     }
@@ -1637,20 +1647,37 @@ mod tests {
     fn stream_plan_leaves_few_blocks_with_much_to_read_to_the_two_kernels() {
         // 7B shapes: a row's A and B of rank 16 and 64.
         let (r16, r64) = (4 * 16 * 4096, 4 * 64 * 4096);
-        let p =
-            |tiles, bytes| stream_plan(tiles, 4096, &[4096], 132, bytes, StreamKnobs::default());
+        let p = |tiles, bytes| {
+            stream_plan(
+                tiles,
+                4096,
+                &[4096],
+                132,
+                (bytes, 64),
+                StreamKnobs::default(),
+            )
+        };
         assert!(p(1, r16).is_some() && p(8, r16).is_some() && p(32, r16).is_some());
-        assert!(p(1, r64).is_none() && p(8, r64).is_none());
-        // The `_mma` kernel from a quarter of the SMs; the plain one from half.
-        assert!(p(16, r64).is_some_and(|p| p.mma && p.cluster == 4));
+        assert!(p(1, r64).is_none() && p(8, r64).is_none() && p(16, r64).is_none());
+        // The `_mma` kernel (pairs, r=64) from a quarter of the SMs; the plain one from half.
         assert!(p(17, r64).is_some_and(|p| p.mma && p.cluster == 2));
+        // Rows of other ranks, of several parts, and clusters of four take the plain kernel.
+        let knobs = StreamKnobs::default();
+        let r32 = stream_plan(64, 4096, &[4096], 132, (r64 / 2, 32), knobs).unwrap();
+        let qkv = stream_plan(64, 4096, &[4096, 1024, 1024], 132, (r64, 64), knobs).unwrap();
+        let c4 = StreamKnobs {
+            cluster: Some(4),
+            ..knobs
+        };
+        let four = stream_plan(64, 4096, &[4096], 132, (r64, 64), c4).unwrap();
+        assert!(!r32.mma && !qkv.mma && !four.mma);
         assert!(p(32, r64).is_some() && p(64, r64).is_some() && p(512, r64).is_some());
         let plain = StreamKnobs {
             no_mma: true,
             ..StreamKnobs::default()
         };
-        assert!(stream_plan(32, 4096, &[4096], 132, r64, plain).is_none());
-        assert!(stream_plan(33, 4096, &[4096], 132, r64, plain).is_some_and(|p| !p.mma));
+        assert!(stream_plan(32, 4096, &[4096], 132, (r64, 64), plain).is_none());
+        assert!(stream_plan(33, 4096, &[4096], 132, (r64, 64), plain).is_some_and(|p| !p.mma));
     }
 
     #[test]
@@ -1660,7 +1687,7 @@ mod tests {
                 no_mma,
                 ..StreamKnobs::default()
             };
-            stream_plan(tiles, h, &[h], 132, 4 * r * h, knobs).unwrap()
+            stream_plan(tiles, h, &[h], 132, (4 * r * h, r), knobs).unwrap()
         };
         // 7B r=64: 6 stages either way; 8192 wide: 5.
         let (a, b) = (p(128, 4096, 64, false), p(128, 4096, 64, true));
@@ -1681,7 +1708,7 @@ mod tests {
                 cluster,
                 ..StreamKnobs::default()
             };
-            stream_plan(tiles, 4096, &[4096], 132, 0, knobs).map(|p: StreamPlan| p.cluster)
+            stream_plan(tiles, 4096, &[4096], 132, (0, 16), knobs).map(|p: StreamPlan| p.cluster)
         };
         assert_eq!(c(64, Some(1)), Some(1));
         assert_eq!(c(8, Some(2)), Some(2));
@@ -1695,7 +1722,7 @@ mod tests {
         // 7B shapes: a row's A and B at r=16 (256 KiB), at 8192 (512 KiB), at r=64 (1 MiB).
         let c = |tiles, h: usize, r: usize| {
             let bytes = 4 * r * h;
-            stream_plan(tiles, h, &[h], 132, bytes, StreamKnobs::default()).map(|p| p.cluster)
+            stream_plan(tiles, h, &[h], 132, (bytes, r), StreamKnobs::default()).map(|p| p.cluster)
         };
         assert_eq!(c(64, 4096, 16), Some(1));
         assert_eq!(c(48, 4096, 16), Some(1));
@@ -1710,7 +1737,7 @@ mod tests {
             all: true,
             ..StreamKnobs::default()
         };
-        let p = stream_plan(8, 4096, &[4096], 132, 4 * 64 * 4096, all);
+        let p = stream_plan(8, 4096, &[4096], 132, (4 * 64 * 4096, 64), all);
         assert_eq!(p.map(|p| p.cluster), Some(4));
     }
 }

@@ -798,14 +798,14 @@ fn sgmv_cases() -> Vec<SgmvCase> {
         });
     }
     // The streamed kernel: rows cut in pieces (an A row longer than a ring stage), clusters
-    // taking more than one row (its gate|up group with missing parts is above, ranks 8 to 128
-    // with 72 vectors a row), shrink and expand on tensor cores (rows over 256 KiB: all of
-    // these, in both dtypes, and 16 rows of r=32 in clusters of four).
+    // taking more than one row (its gate|up group with missing parts is above), shrink and
+    // expand on tensor cores (rows of r=64 over 256 KiB: in both dtypes, 8192 wide with two
+    // rank rows a stage).
     for (dtype, h_in, h_out, r, tokens) in [
         (DType::BF16, 20480, 1024, 16, 40),
         (DType::BF16, 4096, 4096, 64, 99),
         (DType::F16, 4096, 4096, 64, 99),
-        (DType::BF16, 4096, 4096, 32, 16),
+        (DType::BF16, 8192, 8192, 64, 40),
     ] {
         let rows = workload_rows(Workload::Distinct, tokens);
         cases.push(SgmvCase::single(
@@ -816,6 +816,16 @@ fn sgmv_cases() -> Vec<SgmvCase> {
             format!("h {h_in}->{h_out} r {r} distinct x{tokens} {dtype:?}"),
         ));
     }
+    // The same with ranks 64, 32, 16 and 8 in turn (the expand on tensor cores at 32 and 64,
+    // on CUDA cores below), three rank rows a stage and a part vector a row past whole units.
+    let ranks: Vec<_> = (0..40).map(|i| Some(64 >> (i % 4))).collect();
+    cases.push(SgmvCase::single(
+        DType::F16,
+        (4104, 4096),
+        ranks,
+        workload_rows(Workload::Distinct, 40),
+        "h 4104->4096 r 64/32/16/8 distinct x40 F16".into(),
+    ));
     cases
 }
 
@@ -1712,8 +1722,8 @@ mod tests {
             long.iter()
                 .any(|c| c.ranks.iter().flatten().any(|&r| r == Some(128)))
         );
-        // The streamed kernel (one-row segments, ranks powers of two from 8): plain and on
-        // tensor cores, the latter in both dtypes, with several parts and in clusters of four.
+        // The streamed kernel (one-row segments, ranks powers of two from 8): plain (once in
+        // clusters of four) and on tensor cores, in both dtypes.
         let streamed: Vec<(&SgmvCase, plan::StreamPlan)> = cases
             .iter()
             .filter(|c| tiles(c) == c.rows.iter().flatten().count())
@@ -1737,15 +1747,15 @@ mod tests {
                     .unwrap_or(0);
                 let bytes = 2 * max_rank * c.h_in + 2 * max_part * c.outs.iter().sum::<usize>();
                 let knobs = plan::StreamKnobs::default();
-                plan::stream_plan(tiles(c), c.h_in, &c.outs, 132, bytes, knobs).map(|p| (c, p))
+                let rows = (bytes, max_part);
+                plan::stream_plan(tiles(c), c.h_in, &c.outs, 132, rows, knobs).map(|p| (c, p))
             })
             .collect();
         assert!(streamed.iter().any(|(_, p)| !p.mma));
         for dt in [DType::BF16, DType::F16] {
             assert!(streamed.iter().any(|(c, p)| p.mma && c.dtype == dt));
         }
-        assert!(streamed.iter().any(|(c, p)| p.mma && c.outs.len() > 1));
-        assert!(streamed.iter().any(|(_, p)| p.mma && p.cluster == 4));
+        assert!(streamed.iter().any(|(_, p)| !p.mma && p.cluster == 4));
     }
 
     #[test]
