@@ -1409,7 +1409,7 @@ __device__ __forceinline__ void st_async_f32(u32 addr, float v, u32 bar) {
         : "memory");
 }
 __device__ __forceinline__ void cluster_arrive() {
-    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 }
 __device__ __forceinline__ void cluster_wait() {
     asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
@@ -1629,6 +1629,13 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
     if (threadIdx.x == 0) {
         STREAM_TRACE(124);
         STREAM_TRACE_GT(126);
+    }
+    // The producer's first share, read (three dependent loads: the tile, its segment, the
+    // slot) while another thread sets up the barriers.
+    StreamWork first_w;
+    if (threadIdx.x == 0 && cluster < num_tiles)
+        first_w = stream_work(table, tiles, segs, cluster, j, nb, start, h_in, stage_bytes);
+    if (threadIdx.x == 32) {
         for (int s = 0; s < stages; ++s) {
             mbar_init(full0 + 8 * s, 1);
             mbar_init(empty0 + 8 * s, STREAM_CONSUMERS);
@@ -1648,7 +1655,7 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
     // at its end, so that the first copies go out without it. (A cluster-scope wait or fence
     // once copies are in flight waits for them: microseconds.)
     __syncthreads();
-    if (C > 1) cluster_arrive();
+    if (C > 1) cluster_arrive();  // relaxed: fence_barrier_init released the barriers
     bool cluster_pending = C > 1;
     auto cluster_ready = [&]() {
         if (cluster_pending) {
@@ -1687,7 +1694,9 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
             };
             for (int tile = cluster; tile < num_tiles; tile += nclusters) {
                 const StreamWork w =
-                    stream_work(table, tiles, segs, tile, j, nb, start, h_in, stage_bytes);
+                    tile == cluster
+                        ? first_w
+                        : stream_work(table, tiles, segs, tile, j, nb, start, h_in, stage_bytes);
                 if (!w.live) continue;
                 if (lt > 0) {
                     mbar_wait(xempty, (u32)((lt - 1) & 1));
