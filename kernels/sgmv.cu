@@ -1816,38 +1816,33 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                     const uint4* st = reinterpret_cast<const uint4*>(ring + at.s * stage_bytes);
                     const int len = v1 - v0;
                     if (MMA) {
-                        // On tensor cores: a unit is a pair of rank rows (the second zero past
-                        // the piece's end) over 256 vectors, unit u of the block's A pieces warp
-                        // u mod STREAM_CONSUMERS's; the units of a row add into its sum in
-                        // shared memory (a compare-and-swap loop: few units a row, so that
-                        // they seldom collide; at 64 vectors, eight a row did). m16n8k16 with
-                        // the pair as rows g and g + 8 of the A operand and x as the B operand:
-                        // lane (g, q) loads vector i of both rows and of x, so column g of the
-                        // accumulator sums lane group g's products (the diagonal: lane
-                        // q = g / 2, element g & 1).
+                        // On tensor cores, every warp on every stage: a unit is a pair of rank
+                        // rows (the second zero past the piece's end) over 64 vectors, unit u
+                        // of the block's A pieces warp u mod STREAM_CONSUMERS's; the units of
+                        // a row add into its sum in shared memory. m16n8k16 with the pair as
+                        // rows g and g + 8 of the A operand and x as the B operand: lane (g, q)
+                        // loads vector i of both rows and of x, so column g of the accumulator
+                        // sums lane group g's products (the diagonal: lane q = g / 2, element
+                        // g & 1).
                         const int g = lane >> 2, e = g & 1;
                         const bool diag = (lane & 3) == (g >> 1);
                         const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-                        const int nch = (len + 255) >> 8, units = ((count + 1) >> 1) * nch;
+                        const int nch = (len + 63) >> 6, units = ((count + 1) >> 1) * nch;
                         for (int u = (cw - units_done) & (STREAM_CONSUMERS - 1); u < units && MATH;
                              u += STREAM_CONSUMERS) {
-                            const int q = u / nch, ub = (u - q * nch) * 256;
-                            const int ue = min(len, ub + 256);
+                            const int q = u / nch, i0 = (u - q * nch) * 64 + lane;
                             const uint4* r1 = st + 2 * q * len;
                             const bool two = 2 * q + 1 < count;
                             float d[4][4] = {};  // independent accumulators: short mma chains
-#pragma unroll 1
-                            for (int b0 = ub; b0 < ue; b0 += 64) {  // the same for every lane
 #pragma unroll
-                                for (int k = 0; k < 2; ++k) {
-                                    const int i = b0 + 32 * k + lane;
-                                    const bool ok = i < len;
-                                    const uint4 a = ok ? r1[i] : zero;
-                                    const uint4 c = ok && two ? r1[len + i] : zero;
-                                    const uint4 xx = ok ? xv[v0 + i] : zero;
-                                    mma16816<T>(d[2 * k], a.x, c.x, a.y, c.y, xx.x, xx.y);
-                                    mma16816<T>(d[2 * k + 1], a.z, c.z, a.w, c.w, xx.z, xx.w);
-                                }
+                            for (int k = 0; k < 2; ++k) {
+                                const int i = i0 + 32 * k;
+                                const bool ok = i < len;
+                                const uint4 a = ok ? r1[i] : zero;
+                                const uint4 c = ok && two ? r1[len + i] : zero;
+                                const uint4 xx = ok ? xv[v0 + i] : zero;
+                                mma16816<T>(d[2 * k], a.x, c.x, a.y, c.y, xx.x, xx.y);
+                                mma16816<T>(d[2 * k + 1], a.z, c.z, a.w, c.w, xx.z, xx.w);
                             }
                             float s1 = 0.0f, s2 = 0.0f;
 #pragma unroll
