@@ -877,8 +877,9 @@ pub struct StreamKnobs {
 /// blocks than half the SMs: beyond it the shrink and expand kernels, spread over every SM,
 /// win (r=64 at 8 and 32 rows: bench/results/bench-kernels-h200-2026-11-30-s16g*.txt).
 /// The `_mma` kernel serves launches of a quarter of the SMs or more whatever a block reads
-/// (r=64 at 32 rows in pairs: 15.3 us against 16.7 for the two kernels), and leaves fewer to
-/// the two kernels (8 rows: 8.6 against 7.3).
+/// (r=64 at 32 rows in pairs: 15.3 us against 16.7 for the two kernels,
+/// bench/results/bench-kernels-h200-2026-11-30-s18a*.txt), and leaves fewer to the two kernels
+/// (8 rows in the probe: 8.6 against 7.3).
 pub const STREAM_FEW_BLOCK_BYTES: usize = 128 * 1024;
 
 /// The `_mma` kernel (shrink and expand on tensor cores) serves rows of more than
@@ -889,7 +890,8 @@ pub const STREAM_FEW_BLOCK_BYTES: usize = 128 * 1024;
 pub const STREAM_MMA_RANK: usize = 64;
 
 /// The streamed kernel's plan for `tiles` one-row segments of a group with `h_in` inputs and
-/// parts of `outs` columns on `sms` SMs, `row_bytes` of weights a row at most, or `None` when
+/// parts of `outs` columns on `sms` SMs, `row_bytes` of weights a row and parts of
+/// `max_part_rank` at most, or `None` when
 /// the shrink and expand kernels serve it better (few blocks, each with much to read) or its
 /// shared memory cannot hold two stages besides x and the old y. A row gets a cluster of
 /// blocks when the rows alone leave SMs idle (measured: one block a row from 100 rows on 132
