@@ -1543,7 +1543,8 @@ __device__ __forceinline__ void stream_expand_stage(const uint4* __restrict__ st
     }
 }
 
-// The MMA option's expand (ranks 32, 64, 128: RQ = rank / 32). m16n8k16 with B's columns as
+// The MMA option's expand (ranks 32 and 64: RQ = rank / 32; the others take
+// `stream_expand_stage`, rank 128 for registers). m16n8k16 with B's columns as
 // the 16 rows of the A operand (rows g and g + 8 of a group of 16 columns are lane group g's)
 // and v as the B operand. A lane's 16-byte load holds 8 ranks of a column, chunk
 // c = q + 4 * ((it + (g & 1)) % RQ) in step it: the two column parities read different halves
