@@ -1816,7 +1816,7 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                     if (ct == 0) STREAM_TRACE(2 + min(nw_++, 55));
                     const uint4* st = reinterpret_cast<const uint4*>(ring + at.s * stage_bytes);
                     const int len = v1 - v0;
-                    if (MMA) {
+                    if constexpr (MMA) {
                         // On tensor cores, every warp on every stage: a unit is a pair of rank
                         // rows (the second zero past the piece's end) over 64 vectors, unit u
                         // of the block's A pieces warp u mod STREAM_CONSUMERS's; the units of
@@ -1859,25 +1859,26 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                             }
                         }
                         units_done += units;
-                    }
-                    for (int r = (cw - first) & (STREAM_CONSUMERS - 1); r < count && MATH && !MMA;
-                         r += STREAM_CONSUMERS) {
-                        const uint4* ar = st + r * len;
-                        // x . one vector of A (vector i of the piece).
-                        auto xdot = [&](uint4 a, int i) { return dot8<T>(a, xv[v0 + i]); };
-                        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-                        int i = lane;
-                        for (; i + 96 < len; i += 128) {
-                            const uint4 a0 = ar[i], a1 = ar[i + 32], a2 = ar[i + 64],
-                                        a3 = ar[i + 96];
-                            s0 += xdot(a0, i);
-                            s1 += xdot(a1, i + 32);
-                            s2 += xdot(a2, i + 64);
-                            s3 += xdot(a3, i + 96);
+                    } else {
+                        for (int r = (cw - first) & (STREAM_CONSUMERS - 1); r < count && MATH;
+                             r += STREAM_CONSUMERS) {
+                            const uint4* ar = st + r * len;
+                            // x . one vector of A (vector i of the piece).
+                            auto xdot = [&](uint4 a, int i) { return dot8<T>(a, xv[v0 + i]); };
+                            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+                            int i = lane;
+                            for (; i + 96 < len; i += 128) {
+                                const uint4 a0 = ar[i], a1 = ar[i + 32], a2 = ar[i + 64],
+                                            a3 = ar[i + 96];
+                                s0 += xdot(a0, i);
+                                s1 += xdot(a1, i + 32);
+                                s2 += xdot(a2, i + 64);
+                                s3 += xdot(a3, i + 96);
+                            }
+                            for (; i < len; i += 32) s0 += xdot(ar[i], i);
+                            const float sum = warp_sum((s0 + s1) + (s2 + s3));
+                            if (lane == 0) sacc[w.n0 + first + r] += sum;
                         }
-                        for (; i < len; i += 32) s0 += xdot(ar[i], i);
-                        const float sum = warp_sum((s0 + s1) + (s2 + s3));
-                        if (lane == 0) sacc[w.n0 + first + r] += sum;
                     }
                     __syncwarp();
                     if (lane == 0) mbar_arrive(empty0 + 8 * at.s);
