@@ -1601,7 +1601,7 @@ __device__ __forceinline__ void stream_expand_stage_mma(const uint4* __restrict_
 // y[row, col_offset + ...] += (x[row] . A^T) . B_j^T per part for one-row segments (tiles),
 // C blocks a row; see above. start: the parts' first columns (relative to col_offset), the
 // fourth entry the group's width. y_cap: columns a block's copy of the old y holds.
-template <typename T, int C, bool MATH = true, bool MMA = false>
+template <typename T, int C, bool MATH = true, bool MMA = false, int UV = 64>
 __device__ __forceinline__ void sgmv_lora_stream_impl(
     const T* __restrict__ x, int h_in, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
@@ -1818,9 +1818,11 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                     const int len = v1 - v0;
                     if constexpr (MMA) {
                         // On tensor cores, every warp on every stage: a unit is a pair of rank
-                        // rows (the second zero past the piece's end) over 64 vectors, unit u
+                        // rows (the second zero past the piece's end) over UV vectors, unit u
                         // of the block's A pieces warp u mod STREAM_CONSUMERS's; the units of
-                        // a row add into its sum in shared memory. m16n8k16 with the pair as
+                        // a row add into its sum in shared memory (atomicAdd, a compare-and-swap
+                        // loop on sm_90: eight units a 4096-wide row collide; the probe has
+                        // wider units, `probe_lora_stream_mma_u*`). m16n8k16 with the pair as
                         // rows g and g + 8 of the A operand and x as the B operand: lane (g, q)
                         // loads vector i of both rows and of x, so column g of the accumulator
                         // sums lane group g's products (the diagonal: lane q = g / 2, element
@@ -1828,22 +1830,24 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                         const int g = lane >> 2, e = g & 1;
                         const bool diag = (lane & 3) == (g >> 1);
                         const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-                        const int nch = (len + 63) >> 6, units = ((count + 1) >> 1) * nch;
+                        constexpr int UV_LG = UV == 64 ? 6 : UV == 128 ? 7 : 8;
+                        static_assert(UV == 1 << UV_LG, "units of 64, 128 or 256 vectors");
+                        const int nch = (len + UV - 1) >> UV_LG, units = ((count + 1) >> 1) * nch;
                         for (int u = (cw - units_done) & (STREAM_CONSUMERS - 1); u < units && MATH;
                              u += STREAM_CONSUMERS) {
-                            const int q = u / nch, i0 = (u - q * nch) * 64 + lane;
+                            const int q = u / nch, i0 = (u - q * nch) * UV + lane;
                             const uint4* r1 = st + 2 * q * len;
                             const bool two = 2 * q + 1 < count;
                             float d[4][4] = {};  // independent accumulators: short mma chains
 #pragma unroll
-                            for (int k = 0; k < 2; ++k) {
+                            for (int k = 0; k < UV / 32; ++k) {
                                 const int i = i0 + 32 * k;
                                 const bool ok = i < len;
                                 const uint4 a = ok ? r1[i] : zero;
                                 const uint4 c = ok && two ? r1[len + i] : zero;
                                 const uint4 xx = ok ? xv[v0 + i] : zero;
-                                mma16816<T>(d[2 * k], a.x, c.x, a.y, c.y, xx.x, xx.y);
-                                mma16816<T>(d[2 * k + 1], a.z, c.z, a.w, c.w, xx.z, xx.w);
+                                mma16816<T>(d[2 * (k & 1)], a.x, c.x, a.y, c.y, xx.x, xx.y);
+                                mma16816<T>(d[2 * (k & 1) + 1], a.z, c.z, a.w, c.w, xx.z, xx.w);
                             }
                             float s1 = 0.0f, s2 = 0.0f;
 #pragma unroll

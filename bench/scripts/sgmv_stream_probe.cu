@@ -521,6 +521,12 @@ PROBE_STREAM(probe_lora_stream_2bps_c2, 2, 2, true)
 PROBE_STREAM(probe_lora_stream_2bps_c4, 4, 2, true)
 PROBE_STREAM(probe_lora_stream_nomath_c2, 2, 1, false)
 PROBE_STREAM(probe_lora_stream_nomath_c4, 4, 1, false)
+// The `_mma` kernel with shrink units of 128 or 256 vectors (fewer to a row, whose sums they add
+// with compare-and-swap loops; session 18, not yet run).
+PROBE_STREAM(probe_lora_stream_mma_u128_c1, 1, 1, true, true, 128)
+PROBE_STREAM(probe_lora_stream_mma_u128_c2, 2, 1, true, true, 128)
+PROBE_STREAM(probe_lora_stream_mma_u256_c1, 1, 1, true, true, 256)
+PROBE_STREAM(probe_lora_stream_mma_u256_c2, 2, 1, true, true, 256)
 
 // The long-segment expand of kernels/sgmv.cu (`sgmv_expand_long_impl`) with CH chunks of NTW * 8
 // columns a block, DEPTH of them in registers at once and launch bounds of MINB blocks an SM.
