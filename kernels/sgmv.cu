@@ -1359,6 +1359,8 @@ DEFINE_EXPAND_LONG(f16, f16, 4)
 #define STREAM_CONSUMERS 16
 #define STREAM_MAX_STAGES 16
 #define STREAM_MAX_RANK 384
+// Rank rows a copy of the shrink's sums holds when they are spread over copies (SPREAD).
+#define STREAM_SPREAD_ROWS 96
 // Shared memory before the x row: barriers (512 bytes), the shrink's sums and two copies of v.
 #define STREAM_HDR (512 + 4 * STREAM_MAX_RANK * 3)
 
@@ -1601,12 +1603,13 @@ __device__ __forceinline__ void stream_expand_stage_mma(const uint4* __restrict_
 // y[row, col_offset + ...] += (x[row] . A^T) . B_j^T per part for one-row segments (tiles),
 // C blocks a row; see above. start: the parts' first columns (relative to col_offset), the
 // fourth entry the group's width. y_cap: columns a block's copy of the old y holds.
-template <typename T, int C, bool MATH = true, bool MMA = false, int UV = 64>
+template <typename T, int C, bool MATH = true, bool MMA = false, int UV = 64, int SPREAD = 1>
 __device__ __forceinline__ void sgmv_lora_stream_impl(
     const T* __restrict__ x, int h_in, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
     const u32* __restrict__ tiles, const u32* __restrict__ segs, int num_tiles, int stages,
     int stage_bytes, int y_cap) {
+    static_assert(SPREAD * STREAM_SPREAD_ROWS <= STREAM_MAX_RANK, "the copies fit sacc");
     extern __shared__ __align__(128) unsigned char smem[];
     const int start[MAX_PARTS + 1] = {0, end0, end1, end2};
     const u32 base = smem_u32(smem);
@@ -1774,8 +1777,15 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                 if (cw == 0) {
                     for (int i = lane; i < w.nr; i += 32) {
                         const int n = w.n0 + i;
-                        const float val = sacc[n];
+                        float val = sacc[n];
                         sacc[n] = 0.0f;
+                        if (SPREAD > 1 && w.ra <= STREAM_SPREAD_ROWS) {
+#pragma unroll
+                            for (int c = 1; c < SPREAD; ++c) {
+                                val += sacc[c * STREAM_SPREAD_ROWS + n];
+                                sacc[c * STREAM_SPREAD_ROWS + n] = 0.0f;
+                            }
+                        }
                         vbuf[vb * STREAM_MAX_RANK + n] = val;
                         // The other blocks' copies by asynchronous stores that complete on
                         // their barrier: no cluster-scope fence, which would wait for this
@@ -1822,7 +1832,8 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                         // of the block's A pieces warp u mod STREAM_CONSUMERS's; the units of
                         // a row add into its sum in shared memory (atomicAdd, a compare-and-swap
                         // loop on sm_90: eight units a 4096-wide row collide; the probe has
-                        // wider units, `probe_lora_stream_mma_u*`). m16n8k16 with the pair as
+                        // wider units, `probe_lora_stream_mma_u*`, and the sums in SPREAD
+                        // copies, `probe_lora_stream_mma_s4_*`). m16n8k16 with the pair as
                         // rows g and g + 8 of the A operand and x as the B operand: lane (g, q)
                         // loads vector i of both rows and of x, so column g of the accumulator
                         // sums lane group g's products (the diagonal: lane q = g / 2, element
@@ -1858,8 +1869,13 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                             s1 = warp_sum(diag ? s1 : 0.0f);
                             s2 = warp_sum(diag ? s2 : 0.0f);
                             if (lane == 0) {
-                                atomicAdd(sacc + w.n0 + first + 2 * q, s1);
-                                if (two) atomicAdd(sacc + w.n0 + first + 2 * q + 1, s2);
+                                // SPREAD: the units of a row add into SPREAD copies of its sum
+                                // in turn (fewer collide), summed in share_v.
+                                float* row = sacc + w.n0 + first + 2 * q;
+                                if (SPREAD > 1 && w.ra <= STREAM_SPREAD_ROWS)
+                                    row += ((u - q * nch) % SPREAD) * STREAM_SPREAD_ROWS;
+                                atomicAdd(row, s1);
+                                if (two) atomicAdd(row + 1, s2);
                             }
                         }
                         units_done += units;

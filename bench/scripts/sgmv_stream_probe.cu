@@ -527,6 +527,9 @@ PROBE_STREAM(probe_lora_stream_mma_u128_c1, 1, 1, true, true, 128)
 PROBE_STREAM(probe_lora_stream_mma_u128_c2, 2, 1, true, true, 128)
 PROBE_STREAM(probe_lora_stream_mma_u256_c1, 1, 1, true, true, 256)
 PROBE_STREAM(probe_lora_stream_mma_u256_c2, 2, 1, true, true, 256)
+// The `_mma` kernel with units of 64 vectors adding into four copies of the row sums in turn.
+PROBE_STREAM(probe_lora_stream_mma_s4_c1, 1, 1, true, true, 64, 4)
+PROBE_STREAM(probe_lora_stream_mma_s4_c2, 2, 1, true, true, 64, 4)
 
 // The long-segment expand of kernels/sgmv.cu (`sgmv_expand_long_impl`) with CH chunks of NTW * 8
 // columns a block, DEPTH of them in registers at once and launch bounds of MINB blocks an SM.

@@ -23,7 +23,8 @@
 #   git d81d23e: `-tc-*-s17a.txt`).
 # - With `fusedmma` [quick] (session 18): the plain kernel against its `_mma` twin (shrink and
 #   expand on tensor cores), cluster sizes around the plan's, the `_mma` shrink with wider
-#   units (`probe_lora_stream_mma_u*`), and the copies alone.
+#   units or its sums in four copies (`probe_lora_stream_mma_u*`, `_s4_*`), and the copies
+#   alone.
 # - With `trace` (session 18): the streamed kernel's timeline, compiled with
 #   bench/scripts/stream_trace.cuh (clock64 at each event of each block: stages landed, pieces
 #   issued, v exchanged), medians over blocks.
@@ -427,6 +428,8 @@ def fused_mma_main():
                 for uv in (128, 256):
                     vs.append((f"mma, units of {uv} c{cc} 6x32k",
                                f(dict(c=cc, st=6, sb=32768, kernel=f"probe_lora_stream_mma_u{uv}_c{cc}"))))
+                vs.append((f"mma, sums in 4 copies c{cc} 6x32k",
+                           f(dict(c=cc, st=6, sb=32768, kernel=f"probe_lora_stream_mma_s4_c{cc}"))))
         nm = "probe_lora_stream_nomath" + ("" if c == 1 else f"_c{c}")
         vs.append((f"no math c{c} 6x32k", f(dict(c=c, st=6, sb=32768, kernel=nm))))
         run_case("shrink+expand distinct", rows, h, parts, r, False, vs)
@@ -452,6 +455,7 @@ def trace_main():
     for rows, h, r, c, variants in [
             (64, 4096, 64, 2, [("mma", "sgmv_lora_stream_mma_bf16_c2"), ("plain", "sgmv_lora_stream_bf16_c2"),
                                ("mma u256", "probe_lora_stream_mma_u256_c2"),
+                               ("mma s4", "probe_lora_stream_mma_s4_c2"),
                                ("no math", "probe_lora_stream_nomath_c2")]),
             (128, 4096, 64, 1, [("mma", "sgmv_lora_stream_mma_bf16_c1"), ("no math", "probe_lora_stream_nomath")]),
             (32, 4096, 64, 2, [("mma", "sgmv_lora_stream_mma_bf16_c2"), ("mma u256", "probe_lora_stream_mma_u256_c2")])]:
