@@ -921,9 +921,10 @@ pub fn stream_plan(
         && !knobs.no_mma;
     // Small rows in clusters of one were measured against the two kernels too (10.6 us at 64
     // rows, bench/results/bench-kernels-h200-2026-11-30-s16g-nostream.txt).
-    let quarter = if mma { 4 } else { 2 };
-    let few =
-        quarter * tiles * cluster < sms && row_bytes.div_ceil(cluster) > STREAM_FEW_BLOCK_BYTES;
+    // Blocks fewer than this share of the SMs are few: half for the plain kernel, a quarter
+    // for the `_mma` one.
+    let share = if mma { 4 } else { 2 };
+    let few = share * tiles * cluster < sms && row_bytes.div_ceil(cluster) > STREAM_FEW_BLOCK_BYTES;
     if few && !small && !knobs.all {
         return None;
     }
