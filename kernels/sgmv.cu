@@ -2000,9 +2000,11 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
 
 DEFINE_LORA_STREAM(bf16, bf16, 1)
 DEFINE_LORA_STREAM(bf16, bf16, 2)
+DEFINE_LORA_STREAM(bf16, bf16, 3)
 DEFINE_LORA_STREAM(bf16, bf16, 4)
 DEFINE_LORA_STREAM(f16, f16, 1)
 DEFINE_LORA_STREAM(f16, f16, 2)
+DEFINE_LORA_STREAM(f16, f16, 3)
 DEFINE_LORA_STREAM(f16, f16, 4)
 
 #endif  // __CUDA_ARCH__ >= 900

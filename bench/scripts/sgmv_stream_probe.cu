@@ -520,6 +520,7 @@ PROBE_STREAM(probe_lora_stream_2bps, 1, 2, true)
 PROBE_STREAM(probe_lora_stream_2bps_c2, 2, 2, true)
 PROBE_STREAM(probe_lora_stream_2bps_c4, 4, 2, true)
 PROBE_STREAM(probe_lora_stream_nomath_c2, 2, 1, false)
+PROBE_STREAM(probe_lora_stream_nomath_c3, 3, 1, false)
 PROBE_STREAM(probe_lora_stream_nomath_c4, 4, 1, false)
 // The `_mma` kernel with shrink units of 128 or 256 vectors (fewer to a row, whose sums they add
 // with compare-and-swap loops; session 18, not yet run).

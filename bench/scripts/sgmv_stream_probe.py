@@ -25,6 +25,8 @@
 #   expand on tensor cores), cluster sizes around the plan's, the `_mma` shrink with wider
 #   units or its sums in four copies (`probe_lora_stream_mma_u*`, `_s4_*`), and the copies
 #   alone.
+# - With `fusedc3` [quick] (session 19): clusters of three blocks a row against pairs and fours
+#   (rows of 17 to 44, where pairs leave SMs idle and fours do not all fit at once).
 # - With `trace` (session 18): the streamed kernel's timeline, compiled with
 #   bench/scripts/stream_trace.cuh (clock64 at each event of each block: stages landed, pieces
 #   issued, v exchanged), medians over blocks.
@@ -38,6 +40,7 @@
 #        python3 bench/scripts/sgmv_stream_probe.py read   (bulk copies vs 16-byte loads, reads only)
 #        python3 bench/scripts/sgmv_stream_probe.py ncu    (plain launches for a profiler)
 #        python3 bench/scripts/sgmv_stream_probe.py fused|fusedwhy|fusedgrid|fusedmma|trace
+#        python3 bench/scripts/sgmv_stream_probe.py fusedc3 [quick]   (clusters of three, session 19)
 #        python3 bench/scripts/sgmv_stream_probe.py tile [quick]   (tile kernels on long segments, session 17)
 #        python3 bench/scripts/sgmv_stream_probe.py tilencu   (plain launches of them for a profiler)
 import ctypes
@@ -432,6 +435,43 @@ def fused_mma_main():
                            f(dict(c=cc, st=6, sb=32768, kernel=f"probe_lora_stream_mma_s4_c{cc}"))))
         nm = "probe_lora_stream_nomath" + ("" if c == 1 else f"_c{c}")
         vs.append((f"no math c{c} 6x32k", f(dict(c=c, st=6, sb=32768, kernel=nm))))
+        run_case("shrink+expand distinct", rows, h, parts, r, False, vs)
+
+
+def max_clusters(name, c, smem):
+    """Clusters of `name` (compile-time clusters of c blocks, 544 threads, smem bytes of shared
+    memory) that the device runs at once."""
+    f = func(name, smem)
+    cfg = LaunchConfig(c * SMS, 1, 1, 544, 1, 1, smem,
+                       ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), None, 0)
+    n = ctypes.c_int()
+    ck(cuda.cuOccupancyMaxActiveClusters(ctypes.byref(n), f, ctypes.byref(cfg)), name)
+    return n.value
+
+
+def fused_c3_main():
+    # Clusters of three (session 19): rows of 17 to 44 in clusters of 2, 3 and 4, plain and on
+    # tensor cores, and the copies alone; with how many clusters of each size fit at once.
+    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA, clusters of 3")
+    for c in (1, 2, 3, 4):
+        y_cap = 8 * -(-(4096 // 8) // c)
+        smem = 5120 + 8192 + 2 * ((2 * y_cap + 127) // 128 * 128) + 6 * 32768
+        print(f"# clusters of {c} that fit at once (7B r=64 shared memory, {smem} bytes): "
+              f"{max_clusters(f'sgmv_lora_stream_bf16_c{c}', c, smem)}")
+    cases = [(32, 4096, [4096], 64), (24, 4096, [4096], 64), (40, 4096, [4096], 64),
+             (44, 4096, [4096], 64), (17, 4096, [4096], 64), (32, 4096, [4096], 16),
+             (32, 4096, [4096], 32), (32, 8192, [8192], 64), (32, 5120, [5120], 64),
+             (32, 4096, [4096, 1024, 1024], 64)]
+    if "quick" in sys.argv:
+        cases = cases[:3]
+    f = lambda p: lambda s: fused_ops(s, p)
+    for rows, h, parts, r in cases:
+        vs = [("old row kernels", lambda s: old_ops(s, False))]
+        for cc in (2, 3, 4):
+            vs.append((f"fused c{cc} 6x32k", f(dict(c=cc, st=6, sb=32768))))
+            vs.append((f"mma c{cc} 6x32k", f(dict(c=cc, st=6, sb=32768, kernel=f"sgmv_lora_stream_mma_bf16_c{cc}"))))
+        for cc in (2, 3):
+            vs.append((f"no math c{cc} 6x32k", f(dict(c=cc, st=6, sb=32768, kernel=f"probe_lora_stream_nomath_c{cc}"))))
         run_case("shrink+expand distinct", rows, h, parts, r, False, vs)
 
 
@@ -836,6 +876,15 @@ def torch_pair(s):
     s.y.addmm_(vb, s.b[0].t())
 
 
+def cublas_shrink(s):
+    # cuBLAS's shrink (identical workload only) into v (f32): mm with an f32 result where torch
+    # has it (`out_dtype`), else bf16 and a copy.
+    try:
+        torch.mm(s.x, s.a[0].t(), out_dtype=torch.float32, out=s.v)
+    except TypeError:
+        s.v.copy_(torch.mm(s.x, s.a[0].t()))
+
+
 def tile_main():
     print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; tile kernels, long segments")
     cases = [("identical", 512, 4096, 64), ("uniform", 512, 4096, 64), ("skewed", 512, 4096, 64),
@@ -881,6 +930,10 @@ def tile_main():
             vs = [v for v in vs if v[0].startswith(("both: production", "expand: long"))]
         if wl == "identical":
             vs.append(("both: torch mm + addmm (cuBLAS)", "y", torch_pair))
+            if "quick" in sys.argv:
+                vs.append(("shrink: production", "v", lambda s: prod_shrink(s)))
+            vs += [("shrink: cuBLAS into f32 v", "v", cublas_shrink),
+                   ("both: cuBLAS shrink, expand long", "y", lambda s: (cublas_shrink(s), long_expand(s)))]
         for name, what, fn in vs:
             for st in sets:
                 st.v.copy_(st.vref)
@@ -907,7 +960,7 @@ def tile_ncu_main():
 
 
 MODES = {
-    "fusedmma": fused_mma_main, "trace": trace_main,
+    "fusedmma": fused_mma_main, "fusedc3": fused_c3_main, "trace": trace_main,
     "gemm": gemm_main, "silu": silu_main, "read": read_main, "ncu": ncu_main,
     "fusedwhy": fused_why_main,
     "fusedgrid": fused_grid_main, "fused": fused_main, "tile": tile_main, "tilencu": tile_ncu_main,

@@ -502,7 +502,7 @@ pub struct CudaBackend {
     /// Stream even the launches [`plan::stream_plan`] leaves to the two kernels
     /// (`PUNICA_LORA_STREAM=all`, for measurement).
     lora_stream_all: bool,
-    /// The streamed kernel's cluster size, 1, 2 or 4, in place of [`plan::stream_plan`]'s
+    /// The streamed kernel's cluster size, 1, 2, 3 or 4, in place of [`plan::stream_plan`]'s
     /// choice (`PUNICA_LORA_STREAM_CLUSTER`, for measurement).
     stream_cluster: Option<usize>,
     /// Never the streamed kernel on tensor cores (`PUNICA_LORA_STREAM_MMA=0`).
@@ -1776,17 +1776,36 @@ impl CudaBackend {
             no_mma: self.stream_no_mma,
         };
         let rows = (row_bytes, table.sum.max_part_rank);
-        let Some(p) = plan::stream_plan(tiles, h_in, outs, self.sm_count, rows, knobs) else {
+        let Some(mut p) = plan::stream_plan(tiles, h_in, outs, self.sm_count, rows, knobs) else {
             return Ok(None);
         };
-        let key = (x.dtype, p.cluster, p.smem, p.mma);
+        let mut fit = self.stream_fit(x.dtype, &p)?;
+        // Clusters of three fit a GPC's SMs less well than pairs: where fewer fit at once than
+        // there are rows, pairs take the rows (a second round of clusters would cost more).
+        if p.cluster == 3 && fit < tiles && knobs.cluster.is_none() {
+            let pairs = plan::StreamKnobs {
+                cluster: Some(2),
+                ..knobs
+            };
+            let Some(q) = plan::stream_plan(tiles, h_in, outs, self.sm_count, rows, pairs) else {
+                return Ok(None);
+            };
+            p = q;
+            fit = self.stream_fit(x.dtype, &p)?;
+        }
+        Ok((fit > 0).then_some((p, fit.min(tiles))))
+    }
+
+    /// Clusters of the streamed kernel of plan `p` that the device runs at once (cached).
+    fn stream_fit(&self, dtype: DType, p: &plan::StreamPlan) -> Result<usize> {
+        let key = (dtype, p.cluster, p.smem, p.mma);
         let fit = lock(&self.stream_clusters).get(&key).copied();
-        let fit = match fit {
+        Ok(match fit {
             Some(n) => n,
             None => {
                 // Clusters of blocks this large that the device runs at once (a cluster
                 // needs its blocks' SMs free in one GPC).
-                let f = self.function(&Self::stream_kernel(x.dtype, &p)?)?;
+                let f = self.function(&Self::stream_kernel(dtype, p)?)?;
                 let attr =
                     drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
                 f.set_attribute(attr, plan::STREAM_MAX_SMEM as i32)
@@ -1809,8 +1828,7 @@ impl CudaBackend {
                 lock(&self.stream_clusters).insert(key, n);
                 n
             }
-        };
-        Ok((fit > 0).then_some((p, fit.min(tiles))))
+        })
     }
 
     /// Validate an expand's arguments ([`Backend::sgmv_expand`]): the kernel name's suffix for

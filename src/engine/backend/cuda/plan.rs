@@ -841,7 +841,7 @@ pub const STREAM_STAGE_BYTES: usize = 32768;
 /// Dynamic shared memory a block may have on sm_90 (227 KiB).
 pub const STREAM_MAX_SMEM: usize = 232_448;
 /// Cluster sizes the kernel is instantiated for (what [`stream_plan`] picks).
-pub const STREAM_CLUSTERS: [usize; 3] = [1, 2, 4];
+pub const STREAM_CLUSTERS: [usize; 4] = [1, 2, 3, 4];
 
 /// One launch of the streamed LoRA kernel: `cluster` blocks a row (a cluster), the ring's
 /// stages, the columns of y a block's copy of the old y holds, and the dynamic shared memory.
@@ -909,15 +909,17 @@ pub fn stream_plan(
         c
     } else if tiles * 4 > sms * 3 || small {
         1
-    } else if tiles > 16 {
+    } else if tiles * 3 > sms {
         2
+    } else if tiles > 16 {
+        3
     } else {
         4
     };
     let mma = row_bytes > STREAM_SMALL_ROW_BYTES
         && outs.len() == 1
         && max_part_rank == STREAM_MMA_RANK
-        && cluster <= 2
+        && cluster <= 3
         && !knobs.no_mma;
     // Small rows in clusters of one were measured against the two kernels too (10.6 us at 64
     // rows, bench/results/bench-kernels-h200-2026-11-30-s16g-nostream.txt).
@@ -1604,7 +1606,9 @@ mod tests {
         assert_eq!(p(512).cluster, 1);
         assert_eq!(p(100).cluster, 1);
         assert_eq!(p(99).cluster, 2);
-        assert_eq!(p(17).cluster, 2);
+        assert_eq!(p(45).cluster, 2);
+        assert_eq!(p(44).cluster, 3);
+        assert_eq!(p(17).cluster, 3);
         assert_eq!(p(16).cluster, 4);
         assert_eq!(p(1).cluster, 4);
         assert!(STREAM_CLUSTERS.contains(&p(1).cluster));
@@ -1662,8 +1666,9 @@ mod tests {
         };
         assert!(p(1, r16).is_some() && p(8, r16).is_some() && p(32, r16).is_some());
         assert!(p(1, r64).is_none() && p(8, r64).is_none() && p(16, r64).is_none());
-        // The `_mma` kernel (pairs, r=64) from a quarter of the SMs; the plain one from half.
-        assert!(p(17, r64).is_some_and(|p| p.mma && p.cluster == 2));
+        // The `_mma` kernel (clusters of three, r=64) from a quarter of the SMs; the plain one
+        // from half.
+        assert!(p(17, r64).is_some_and(|p| p.mma && p.cluster == 3));
         // Rows of other ranks, of several parts, and clusters of four take the plain kernel.
         let knobs = StreamKnobs::default();
         let r32 = stream_plan(64, 4096, &[4096], 132, (r64 / 2, 32), knobs).unwrap();
@@ -1679,8 +1684,14 @@ mod tests {
             no_mma: true,
             ..StreamKnobs::default()
         };
-        assert!(stream_plan(32, 4096, &[4096], 132, (r64, 64), plain).is_none());
-        assert!(stream_plan(33, 4096, &[4096], 132, (r64, 64), plain).is_some_and(|p| !p.mma));
+        assert!(stream_plan(21, 4096, &[4096], 132, (r64, 64), plain).is_none());
+        assert!(stream_plan(22, 4096, &[4096], 132, (r64, 64), plain).is_some_and(|p| !p.mma));
+        let pairs = StreamKnobs {
+            cluster: Some(2),
+            ..plain
+        };
+        assert!(stream_plan(32, 4096, &[4096], 132, (r64, 64), pairs).is_none());
+        assert!(stream_plan(33, 4096, &[4096], 132, (r64, 64), pairs).is_some_and(|p| !p.mma));
     }
 
     #[test]
@@ -1716,8 +1727,9 @@ mod tests {
         assert_eq!(c(64, Some(1)), Some(1));
         assert_eq!(c(8, Some(2)), Some(2));
         assert_eq!(c(512, Some(4)), Some(4));
-        assert_eq!(c(32, Some(3)), Some(2));
-        assert_eq!(c(32, None), Some(2));
+        assert_eq!(c(32, Some(3)), Some(3));
+        assert_eq!(c(32, Some(8)), Some(3));
+        assert_eq!(c(32, None), Some(3));
     }
 
     #[test]
@@ -1730,7 +1742,7 @@ mod tests {
         assert_eq!(c(64, 4096, 16), Some(1));
         assert_eq!(c(48, 4096, 16), Some(1));
         assert_eq!(c(47, 4096, 16), Some(2));
-        assert_eq!(c(32, 4096, 16), Some(2));
+        assert_eq!(c(32, 4096, 16), Some(3));
         assert_eq!(c(64, 8192, 16), Some(2));
         assert_eq!(c(64, 4096, 64), Some(2));
         assert_eq!(c(128, 4096, 64), Some(1));
