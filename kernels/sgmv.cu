@@ -40,9 +40,14 @@ struct TileSeg {
 // table being such entries (cuda/plan.rs `TILE_NONE`). Their blocks only wait and leave.
 #define TILE_NONE 0xffffffffu
 
+// `segs` holds each tile's segment (start, end, slot) at the tile's index, so the four words
+// are read side by side: no load waits for another (cuda/plan.rs `pack_meta`).
 __device__ __forceinline__ TileSeg tile_seg(const u32* __restrict__ tiles,
                                             const u32* __restrict__ segs, int tile) {
     const u32 seg = tiles[2 * tile];
+    const u32 row0 = tiles[2 * tile + 1];
+    const u32 end = segs[3 * tile + 1];
+    const u32 slot = segs[3 * tile + 2];
     TileSeg t;
     if (seg == TILE_NONE) {
         t.row0 = 0;
@@ -50,9 +55,9 @@ __device__ __forceinline__ TileSeg tile_seg(const u32* __restrict__ tiles,
         t.slot = 0;
         return t;
     }
-    t.row0 = (int)tiles[2 * tile + 1];
-    t.end = (int)segs[3 * seg + 1];
-    t.slot = segs[3 * seg + 2];
+    t.row0 = (int)row0;
+    t.end = (int)end;
+    t.slot = slot;
     return t;
 }
 

@@ -498,7 +498,8 @@ def trace_main():
                                ("mma s4", "probe_lora_stream_mma_s4_c2"),
                                ("no math", "probe_lora_stream_nomath_c2")]),
             (128, 4096, 64, 1, [("mma", "sgmv_lora_stream_mma_bf16_c1"), ("no math", "probe_lora_stream_nomath")]),
-            (32, 4096, 64, 2, [("mma", "sgmv_lora_stream_mma_bf16_c2"), ("mma u256", "probe_lora_stream_mma_u256_c2")])]:
+            (32, 4096, 64, 2, [("mma", "sgmv_lora_stream_mma_bf16_c2"), ("mma u256", "probe_lora_stream_mma_u256_c2")]),
+            (32, 4096, 64, 3, [("plain", "sgmv_lora_stream_bf16_c3"), ("no math", "probe_lora_stream_nomath_c3")])]:
         sets = [Set(rows, h, [h], r, False) for _ in range(3)]
         for name, kern in variants:
             p = dict(c=c, st=6, sb=32768, kernel=kern)
@@ -777,9 +778,9 @@ class TileSet:
         self.v = torch.zeros(rows, rank, device="cuda")
         tiles, segs, start = [], [], 0
         for i, n in enumerate(lens):
-            segs += [start, start + n, i]
             for r0 in range(start, start + n, 16):
                 tiles += [i, r0]
+                segs += [start, start + n, i]  # a tile's segment at the tile's index
             start += n
         self.ntiles = len(tiles) // 2
         self.tiles = torch.tensor(tiles, dtype=torch.int32, device="cuda")

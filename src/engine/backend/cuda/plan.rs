@@ -560,7 +560,8 @@ pub struct MetaLayout {
     pub seqs: usize,
     pub num_seqs: usize,
     pub block_tables: usize,
-    /// 3 words per segment: start, end, slot.
+    /// 3 words per tile: its segment's start, end and slot (a segment's words once for each
+    /// of its tiles); zeros pad it to `tile_cap`.
     pub segs: usize,
     pub num_segs: usize,
     /// 2 words per tile: segment, first row; [`TILE_NONE`] entries pad it to `tile_cap`.
@@ -738,11 +739,14 @@ pub fn pack_meta(meta: &StepMeta, words: &mut Vec<u32>) -> Result<MetaLayout> {
         ]);
     }
     pad(words, layout.seqs, 5 * meta.seqs.len().max(rows), &[0]);
+    // Each tile's segment at the tile's index: a kernel reads it alongside the tile's entry,
+    // not after it (one dependent load fewer before its first weights).
     layout.segs = words.len();
-    for (s, e, slot) in seg.iter() {
-        words.extend_from_slice(&[s as u32, e as u32, slot]);
+    for [s, _] in row_tiles(&seg.starts, &seg.ends) {
+        let s = s as usize;
+        words.extend_from_slice(&[seg.starts[s], seg.ends[s], seg.slots[s]]);
     }
-    pad(words, layout.segs, 3 * seg.len().max(rows), &[0]);
+    pad(words, layout.segs, 3 * layout.tile_cap, &[0]);
     layout.tiles = words.len();
     for t in row_tiles(&seg.starts, &seg.ends) {
         words.extend_from_slice(&t);
@@ -919,13 +923,15 @@ pub fn stream_plan(
     let mma = row_bytes > STREAM_SMALL_ROW_BYTES
         && outs.len() == 1
         && max_part_rank == STREAM_MMA_RANK
-        && cluster <= 3
+        && cluster <= 2
         && !knobs.no_mma;
     // Small rows in clusters of one were measured against the two kernels too (10.6 us at 64
     // rows, bench/results/bench-kernels-h200-2026-11-30-s16g-nostream.txt).
-    // Blocks fewer than this share of the SMs are few: half for the plain kernel, a quarter
-    // for the `_mma` one.
-    let share = if mma { 4 } else { 2 };
+    // Blocks fewer than this share of the SMs are few: half for the plain kernel in pairs or
+    // fours, a quarter for the `_mma` one and for clusters of three (17 rows of 7B r=64: 10.8
+    // us in clusters of three against 13.2 for the two kernels, bench/results/
+    // sgmv-lora-stream-probe-c3-h200-2026-11-30-s19a.txt).
+    let share = if mma || cluster == 3 { 4 } else { 2 };
     let few = share * tiles * cluster < sms && row_bytes.div_ceil(cluster) > STREAM_FEW_BLOCK_BYTES;
     if few && !small && !knobs.all {
         return None;
@@ -1357,7 +1363,11 @@ mod tests {
         assert_eq!(w[l.row_seq + 39], 0);
         assert_eq!(&w[l.seqs..l.seqs + 5], &[0, 40, 40, 0, 3]);
         assert_eq!(l.num_segs, 2);
-        assert_eq!(&w[l.segs..l.segs + 6], &[0, 20, 0, 20, 40, 1]);
+        // A tile's segment at the tile's index: two tiles each.
+        assert_eq!(
+            &w[l.segs..l.segs + 12],
+            &[0, 20, 0, 0, 20, 0, 20, 40, 1, 20, 40, 1]
+        );
         assert_eq!(l.num_tiles, 4);
         assert_eq!(&w[l.tiles..l.tiles + 8], &[0, 0, 0, 16, 1, 20, 1, 36]);
         assert_eq!(w[l.logit_rows], 39);
@@ -1666,10 +1676,10 @@ mod tests {
         };
         assert!(p(1, r16).is_some() && p(8, r16).is_some() && p(32, r16).is_some());
         assert!(p(1, r64).is_none() && p(8, r64).is_none() && p(16, r64).is_none());
-        // The `_mma` kernel (clusters of three, r=64) from a quarter of the SMs; the plain one
-        // from half.
-        assert!(p(17, r64).is_some_and(|p| p.mma && p.cluster == 3));
-        // Rows of other ranks, of several parts, and clusters of four take the plain kernel.
+        // Clusters of three (17 to 44 rows) take the plain kernel, from a quarter of the SMs.
+        assert!(p(17, r64).is_some_and(|p| !p.mma && p.cluster == 3));
+        // Rows of other ranks, of several parts, and clusters of three or four take the plain
+        // kernel.
         let knobs = StreamKnobs::default();
         let r32 = stream_plan(64, 4096, &[4096], 132, (r64 / 2, 32), knobs).unwrap();
         let qkv = stream_plan(64, 4096, &[4096, 1024, 1024], 132, (r64, 64), knobs).unwrap();
@@ -1680,18 +1690,19 @@ mod tests {
         let four = stream_plan(64, 4096, &[4096], 132, (r64, 64), c4).unwrap();
         assert!(!r32.mma && !qkv.mma && !four.mma);
         assert!(p(32, r64).is_some() && p(64, r64).is_some() && p(512, r64).is_some());
-        let plain = StreamKnobs {
-            no_mma: true,
-            ..StreamKnobs::default()
-        };
-        assert!(stream_plan(21, 4096, &[4096], 132, (r64, 64), plain).is_none());
-        assert!(stream_plan(22, 4096, &[4096], 132, (r64, 64), plain).is_some_and(|p| !p.mma));
+        // The `_mma` kernel (pairs, r=64) from a quarter of the SMs; the plain one from half.
         let pairs = StreamKnobs {
             cluster: Some(2),
-            ..plain
+            ..StreamKnobs::default()
         };
-        assert!(stream_plan(32, 4096, &[4096], 132, (r64, 64), pairs).is_none());
-        assert!(stream_plan(33, 4096, &[4096], 132, (r64, 64), pairs).is_some_and(|p| !p.mma));
+        let c2 = |tiles, knobs| stream_plan(tiles, 4096, &[4096], 132, (r64, 64), knobs);
+        assert!(c2(17, pairs).is_some_and(|p| p.mma) && c2(16, pairs).is_none());
+        let plain_pairs = StreamKnobs {
+            no_mma: true,
+            ..pairs
+        };
+        assert!(c2(32, plain_pairs).is_none());
+        assert!(c2(33, plain_pairs).is_some_and(|p| !p.mma));
     }
 
     #[test]

@@ -1723,7 +1723,7 @@ mod tests {
                 .any(|c| c.ranks.iter().flatten().any(|&r| r == Some(128)))
         );
         // The streamed kernel (one-row segments, ranks powers of two from 8): plain (once in
-        // clusters of four) and on tensor cores, in both dtypes, and clusters of three.
+        // clusters of four) and on tensor cores, in both dtypes, and clusters of three in both.
         let streamed: Vec<(&SgmvCase, plan::StreamPlan)> = cases
             .iter()
             .filter(|c| tiles(c) == c.rows.iter().flatten().count())
@@ -1756,9 +1756,14 @@ mod tests {
             assert!(streamed.iter().any(|(c, p)| p.mma && c.dtype == dt));
         }
         assert!(streamed.iter().any(|(_, p)| !p.mma && p.cluster == 4));
-        // Clusters of three (columns and rank rows split unevenly), plain and on tensor cores.
-        assert!(streamed.iter().any(|(_, p)| !p.mma && p.cluster == 3));
-        assert!(streamed.iter().any(|(_, p)| p.mma && p.cluster == 3));
+        // Clusters of three (columns and rank rows split unevenly), in both dtypes.
+        for dt in [DType::BF16, DType::F16] {
+            assert!(
+                streamed
+                    .iter()
+                    .any(|(c, p)| p.cluster == 3 && c.dtype == dt)
+            );
+        }
     }
 
     #[test]
