@@ -98,7 +98,8 @@ pub struct LaunchOp {
     pub smem: u32,
 }
 
-/// One cuBLAS GEMM of a trace: row-major `out[rows, n] = x[rows, k] · w[n, k]ᵀ`.
+/// One cuBLAS GEMM of a trace: row-major `out[rows, n] = x[rows, k] · w[n, k]ᵀ` (`+=` when
+/// `accumulate`), x's rows `x_stride` apart, out's `out_stride` apart, w's `k`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmOp {
     pub x: u64,
@@ -107,6 +108,9 @@ pub struct GemmOp {
     pub rows: i32,
     pub k: i32,
     pub n: i32,
+    pub x_stride: i32,
+    pub out_stride: i32,
+    pub accumulate: bool,
     pub dtype: DType,
     pub out_dtype: DType,
 }

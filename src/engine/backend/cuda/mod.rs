@@ -360,6 +360,8 @@ pub struct CudaLoraTable {
     slots: usize,
     dtype: Option<DType>,
     sum: TableSummary,
+    /// The entries as the host built them (the dense path's GEMMs take their addresses).
+    raw: Vec<Option<RawLoraSlot>>,
 }
 
 impl CudaLoraTable {
@@ -507,6 +509,9 @@ pub struct CudaBackend {
     stream_cluster: Option<usize>,
     /// Never the streamed kernel on tensor cores (`PUNICA_LORA_STREAM_MMA=0`).
     stream_no_mma: bool,
+    /// Run [`Backend::sgmv_lora`] of one long bf16 segment of high rank as two cuBLAS GEMMs
+    /// (see [`plan::DENSE_MIN_ROWS`]; `PUNICA_LORA_DENSE=0`: the kernels).
+    lora_dense: bool,
     /// Clusters of the streamed kernel that fit the device at once, per (dtype, cluster size,
     /// shared memory); the kernel's shared-memory limit is raised when its entry is made.
     stream_clusters: Mutex<HashMap<(DType, usize, usize, bool), usize>>,
@@ -713,6 +718,7 @@ impl CudaBackend {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             stream_no_mma: std::env::var("PUNICA_LORA_STREAM_MMA").as_deref() == Ok("0"),
+            lora_dense: std::env::var("PUNICA_LORA_DENSE").as_deref() != Ok("0"),
             stream_clusters: Mutex::new(HashMap::new()),
             expand_long: std::env::var("PUNICA_EXPAND_LONG").as_deref() != Ok("0"),
             expand_ntw: match std::env::var("PUNICA_EXPAND_NTW").as_deref() {
@@ -819,6 +825,11 @@ impl CudaBackend {
     /// off by `PUNICA_LORA_STREAM=0`).
     pub fn lora_stream(&self) -> bool {
         self.lora_stream
+    }
+    /// Whether [`Backend::sgmv_lora`] may run as two dense GEMMs (not turned off by
+    /// `PUNICA_LORA_DENSE=0`).
+    pub fn lora_dense_on(&self) -> bool {
+        self.lora_dense
     }
     /// The stream all work goes to.
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -1044,7 +1055,7 @@ impl CudaBackend {
             DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
         };
         let (dt, out_dt) = (cuda_type(g.dtype), cuda_type(g.out_dtype));
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
         self.ctx
             .bind_to_thread()
             .map_err(|e| dev_err("bind context", e))?;
@@ -1066,11 +1077,11 @@ impl CudaBackend {
                 g.k,
                 g.x as *const c_void,
                 dt,
-                g.k,
+                g.x_stride,
                 (&beta as *const f32).cast(),
                 g.out as *mut c_void,
                 out_dt,
-                g.n,
+                g.out_stride,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
@@ -1398,6 +1409,7 @@ impl CudaBackend {
             slots: slots.len(),
             dtype: Some(dtype),
             sum,
+            raw: slots.to_vec(),
         })
     }
 
@@ -1671,6 +1683,88 @@ impl CudaBackend {
         Ok(self
             .stream_plan(x, table, meta, h_in, outs, y_stride, col_offset, y)?
             .is_some())
+    }
+
+    /// Whether [`Backend::sgmv_lora`] of these arguments runs as two dense GEMMs (for the
+    /// selftest's report); its other checks assumed.
+    pub fn dense_lora(&self, x: &CudaBuf, table: &CudaLoraTable, meta: &CudaMeta) -> bool {
+        self.dense_slot(x, table, meta).is_some()
+    }
+
+    /// The rows and slot of a launch [`Backend::sgmv_lora`] runs as two dense GEMMs: one
+    /// segment, long enough and of rank high enough ([`plan::dense_lora`]), bf16.
+    fn dense_slot(
+        &self,
+        x: &CudaBuf,
+        table: &CudaLoraTable,
+        meta: &CudaMeta,
+    ) -> Option<(usize, usize, RawLoraSlot)> {
+        if !self.lora_dense || x.dtype != DType::BF16 {
+            return None;
+        }
+        let [start, end, slot] = meta.layout.single_seg?;
+        let s = (*table.raw.get(slot as usize)?)?;
+        let rank = s.parts.iter().flatten().map(|p| p.rank).sum();
+        let (start, end) = (start as usize, end as usize);
+        plan::dense_lora(end - start, rank).then_some((start, end, s))
+    }
+
+    /// The LoRA operator of one segment's rows `start..end` as two GEMMs: x · Aᵀ into v's
+    /// memory (the intermediate as [rows, rank] of x's dtype), then each part's
+    /// y += intermediate · Bᵀ. The arguments were checked as for the kernels.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_dense(
+        &self,
+        x: &CudaBuf,
+        (start, end, s): (usize, usize, &RawLoraSlot),
+        h_in: usize,
+        v: &CudaBuf,
+        outs: &[usize],
+        (y_stride, col_offset): (usize, usize),
+        y: &CudaBuf,
+    ) -> Result<()> {
+        let dim = |v: usize, what: &str| {
+            i32::try_from(v).map_err(|_| shape(format!("sgmv_lora {what} = {v} too large")))
+        };
+        let rank: usize = s.parts.iter().flatten().map(|p| p.rank).sum();
+        let (rows, el) = (dim(end - start, "rows")?, x.dtype.size() as u64);
+        // The intermediate takes rows x rank halves of v, whose f32 rows are at least rank
+        // wide (the table's check): it fits.
+        self.mark_other();
+        self.submit(Op::Gemm(GemmOp {
+            x: x.ptr + el * (start * h_in) as u64,
+            w: s.a,
+            out: v.ptr,
+            rows,
+            k: dim(h_in, "h_in")?,
+            n: dim(rank, "rank")?,
+            x_stride: dim(h_in, "h_in")?,
+            out_stride: dim(rank, "rank")?,
+            accumulate: false,
+            dtype: x.dtype,
+            out_dtype: x.dtype,
+        }))?;
+        let (mut col, mut voff) = (col_offset, 0usize);
+        for (part, &n) in s.parts.iter().zip(outs) {
+            if let Some(p) = part {
+                self.submit(Op::Gemm(GemmOp {
+                    x: v.ptr + el * voff as u64,
+                    w: p.b,
+                    out: y.ptr + el * (start * y_stride + col) as u64,
+                    rows,
+                    k: dim(p.rank, "rank")?,
+                    n: dim(n, "part width")?,
+                    x_stride: dim(rank, "rank")?,
+                    out_stride: dim(y_stride, "y_stride")?,
+                    accumulate: true,
+                    dtype: x.dtype,
+                    out_dtype: y.dtype,
+                }))?;
+                voff += p.rank;
+            }
+            col += n;
+        }
+        self.profile_mark("sgmv_lora dense")
     }
 
     /// The checks of [`Backend::sgmv_shrink`]; `false` when there is nothing to do.
@@ -2254,6 +2348,7 @@ impl Backend for CudaBackend {
         self.htod(table.ptr, &bytes)?;
         table.dtype = Some(dtype);
         table.sum = sum;
+        table.raw = raw;
         Ok(())
     }
 
@@ -2361,6 +2456,9 @@ impl Backend for CudaBackend {
             rows: dim(rows, "rows")?,
             k: dim(k, "k")?,
             n: dim(n, "n")?,
+            x_stride: dim(k, "k")?,
+            out_stride: dim(n, "n")?,
+            accumulate: false,
             dtype: x.dtype,
             out_dtype: out.dtype,
         };
@@ -2802,6 +2900,10 @@ impl Backend for CudaBackend {
         {
             return Ok(());
         }
+        if let Some((start, end, s)) = self.dense_slot(x, table, meta) {
+            let rows = (start, end, &s);
+            return self.lora_dense(x, rows, h_in, v, outs, (y_stride, col_offset), y);
+        }
         let Some((p, clusters)) =
             self.stream_plan(x, table, meta, h_in, outs, y_stride, col_offset, y)?
         else {
@@ -3164,7 +3266,7 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "unknown time".into());
     format!(
-        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n# SGMV: CUDA-core row kernels when {:?}, tensor-core tiles otherwise\n# SGMV shrink+expand of one-row segments in one streamed kernel (sgmv_lora_stream): {}\n# CUDA graphs for repeated steps: {}\n",
+        "# punica {what}\n# device: {} (cc {}.{}, {} SMs, NVRTC target {})\n# git revision: {}\n# date: {now}\n# programmatic dependent launch (PDL): {}\n# SGMV: CUDA-core row kernels when {:?}, tensor-core tiles otherwise\n# SGMV shrink+expand of one-row segments in one streamed kernel (sgmv_lora_stream): {}\n# SGMV shrink+expand of one long bf16 segment of rank >= {} as two cuBLAS GEMMs: {}\n# CUDA graphs for repeated steps: {}\n",
         be.device_name(),
         be.compute_capability().0,
         be.compute_capability().1,
@@ -3174,6 +3276,8 @@ pub fn report_header(be: &CudaBackend, what: &str) -> String {
         be.pdl(),
         be.row_limits(),
         if be.lora_stream() { "on" } else { "off" },
+        plan::DENSE_MIN_RANK,
+        if be.lora_dense_on() { "on" } else { "off" },
         if be.graphs_enabled() { "on" } else { "off" },
     )
 }

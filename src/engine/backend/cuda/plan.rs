@@ -576,6 +576,8 @@ pub struct MetaLayout {
     pub max_slot: Option<u32>,
     /// Rows of the longest segment (0 without segments).
     pub max_seg_rows: usize,
+    /// The step's segment when it has exactly one: start, end, slot.
+    pub single_seg: Option<[u32; 3]>,
     /// Largest KV-cache slot written this step (caches must hold more).
     pub max_kv_slot: Option<u32>,
     /// Largest block id in any block table.
@@ -713,6 +715,7 @@ pub fn pack_meta(meta: &StepMeta, words: &mut Vec<u32>) -> Result<MetaLayout> {
             .map(|(&s, &e)| (e - s) as usize)
             .max()
             .unwrap_or(0),
+        single_seg: (seg.len() == 1).then(|| [seg.starts[0], seg.ends[0], seg.slots[0]]),
         max_kv_slot: meta.slot_mapping.iter().copied().max(),
         max_block: meta.block_tables.iter().copied().max(),
         ..MetaLayout::default()
@@ -827,6 +830,22 @@ pub fn pack_sampling(rows: &[RowSampling], bytes: &mut Vec<u8>) {
 /// Grid for a grid-stride elementwise op over `n` elements with 256-thread blocks.
 pub fn elementwise_grid(n: usize, sm_count: usize) -> u32 {
     n.div_ceil(256).clamp(1, 32 * sm_count.max(1)) as u32
+}
+
+/// Rows of one adapter from which the whole LoRA operator of a launch whose rows are all one
+/// segment runs as two dense GEMMs (cuBLAS: x · Aᵀ into an intermediate of the activations'
+/// bf16, then y += it · Bᵀ), at a total rank of [`DENSE_MIN_RANK`] or more. There the two
+/// GEMMs beat the tile kernels: 512 rows of 7B r=64 in 13.5 us against 17.4; at r=16 the
+/// kernels win, 12.0 against 13.4 (H200, bench/results/sgmv-tile-probe-h200-2026-11-30-s19a.txt,
+/// bench-kernels-h200-2026-11-30-s19a*.txt). Only bf16: f16's range could overflow where the
+/// kernels' f32 intermediate does not.
+pub const DENSE_MIN_ROWS: usize = 256;
+pub const DENSE_MIN_RANK: usize = 64;
+
+/// Whether a launch of one segment of `rows` rows whose slot has total rank `rank` runs as the
+/// two dense GEMMs (see [`DENSE_MIN_ROWS`]).
+pub fn dense_lora(rows: usize, rank: usize) -> bool {
+    rows >= DENSE_MIN_ROWS && rank >= DENSE_MIN_RANK
 }
 
 /// The streamed LoRA kernel (`sgmv_lora_stream_*`, kernels/sgmv.cu, sm_90 and later): shrink
@@ -1362,7 +1381,7 @@ mod tests {
         assert_eq!(&w[l.positions..l.positions + 40], &m.positions[..]);
         assert_eq!(w[l.row_seq + 39], 0);
         assert_eq!(&w[l.seqs..l.seqs + 5], &[0, 40, 40, 0, 3]);
-        assert_eq!(l.num_segs, 2);
+        assert_eq!((l.num_segs, l.single_seg), (2, None));
         // A tile's segment at the tile's index: two tiles each.
         assert_eq!(
             &w[l.segs..l.segs + 12],
@@ -1605,6 +1624,12 @@ mod tests {
         pack_sampling(&[], &mut bytes);
         assert!(bytes.is_empty());
     }
+    #[test]
+    fn long_segments_of_high_rank_take_the_dense_gemms() {
+        assert!(dense_lora(512, 64) && dense_lora(256, 128));
+        assert!(!dense_lora(255, 64) && !dense_lora(512, 32) && !dense_lora(512, 16));
+    }
+
     #[test]
     fn stream_plan_gives_rows_clusters_when_rows_leave_sms_idle() {
         // Rows of 1 MiB (7B r=64), the few-blocks rule lifted.

@@ -318,7 +318,9 @@ fn sgmv_case(c: &mut Ctx<'_>, case: &SgmvCase) -> Result<()> {
     let (mut dv2, mut cv2) = c.poisoned(DType::F32, n_rows * v_width)?;
     let streamed = be.streams_lora(&dx, &table, &dmeta, h_in, outs, (case.pad, &dy))?;
     let (op, pad) = (
-        if streamed {
+        if be.dense_lora(&dx, &table, &dmeta) {
+            "sgmv_lora dense"
+        } else if streamed {
             "sgmv_lora streamed"
         } else {
             "sgmv_lora"
@@ -586,6 +588,31 @@ fn sgmv_cases() -> Vec<SgmvCase> {
             format!("h 4096 r {r} {} x512", w.name()),
         ));
     }
+    // One adapter's long segment of total rank 64 or more: the whole operator as two dense
+    // GEMMs (bf16; f16 keeps the kernels), from row 0 and after base rows, three parts into a
+    // padded output.
+    for dtype in [DType::BF16, DType::F16] {
+        cases.push(SgmvCase::single(
+            dtype,
+            (4096, 4096),
+            vec![Some(64)],
+            workload_rows(Workload::Identical, 512),
+            format!("h 4096 r 64 identical x512 {dtype:?}"),
+        ));
+    }
+    let mut rows = vec![None; 20];
+    rows.extend([Some(0u32); 300]);
+    rows.extend([None; 12]);
+    cases.push(SgmvCase {
+        dtype: DType::BF16,
+        h_in: 4096,
+        outs: vec![4096, 1024, 1024],
+        ranks: vec![vec![Some(32), Some(16), Some(16)]],
+        rows,
+        pad: 1,
+        arena: false,
+        label: "group q|k|v 4096 r 32/16/16 one segment of 300 after 20 base rows".into(),
+    });
     // Mixed ranks in one launch, empty slots, base rows between segments, an offset output.
     let ranks = vec![
         Some(1),
@@ -1574,6 +1601,13 @@ pub fn run(be: &CudaBackend, seed: u64) -> Result<bool> {
             "no case ran the streamed kernel".into(),
         );
     }
+    if be.lora_dense_on() && !c.results.iter().any(|r| r.op == "sgmv_lora dense") {
+        c.fail(
+            "sgmv_lora dense",
+            "coverage".into(),
+            "no case ran the dense GEMMs".into(),
+        );
+    }
     tracing::info!(checks = c.results.len(), "SGMV checks done");
     for dt in [DType::F32, DType::BF16, DType::F16] {
         if let Err(e) = check_elementwise_ops(&mut c, dt) {
@@ -1721,6 +1755,23 @@ mod tests {
         assert!(
             long.iter()
                 .any(|c| c.ranks.iter().flatten().any(|&r| r == Some(128)))
+        );
+        // The dense GEMMs: one segment long enough and of rank high enough, from row 0 and
+        // after base rows, in bf16; the same shape in f16 (which keeps the kernels).
+        let dense = |c: &SgmvCase| {
+            let first = c.rows.iter().position(Option::is_some)?;
+            let n = c.rows.iter().flatten().count();
+            let slot = c.rows[first]?;
+            let one = c.rows[first..first + n].iter().all(|&r| r == Some(slot));
+            let rank = c.ranks[slot as usize].iter().flatten().sum();
+            (one && plan::dense_lora(n, rank)).then_some((first, c.dtype, c.outs.len()))
+        };
+        let dense: Vec<_> = cases.iter().filter_map(dense).collect();
+        assert!(dense.contains(&(0, DType::BF16, 1)) && dense.contains(&(0, DType::F16, 1)));
+        assert!(
+            dense
+                .iter()
+                .any(|&(first, dt, parts)| first > 0 && dt == DType::BF16 && parts == 3)
         );
         // The streamed kernel (one-row segments, ranks powers of two from 8): plain (once in
         // clusters of four) and on tensor cores, in both dtypes, and clusters of three in both.
