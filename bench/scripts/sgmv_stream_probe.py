@@ -471,7 +471,7 @@ def fused_c3_main():
             vs.append((f"fused c{cc} 6x32k", f(dict(c=cc, st=6, sb=32768))))
             vs.append((f"mma c{cc} 6x32k", f(dict(c=cc, st=6, sb=32768, kernel=f"sgmv_lora_stream_mma_bf16_c{cc}"))))
         # Smaller stages, more of them: the last B stage goes out before the shrink ends.
-        for st, sb in ((8, 24576), (13, 16384)):
+        for st, sb in ((8, 24576), (13, 16384), (5, 40960), (4, 49152)):
             vs.append((f"fused c3 {st}x{sb // 1024}k", f(dict(c=3, st=st, sb=sb))))
         for cc in (2, 3):
             vs.append((f"no math c{cc} 6x32k", f(dict(c=cc, st=6, sb=32768, kernel=f"probe_lora_stream_nomath_c{cc}"))))
