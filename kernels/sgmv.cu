@@ -1608,7 +1608,13 @@ __device__ __forceinline__ void stream_expand_stage_mma(const uint4* __restrict_
 // y[row, col_offset + ...] += (x[row] . A^T) . B_j^T per part for one-row segments (tiles),
 // C blocks a row; see above. start: the parts' first columns (relative to col_offset), the
 // fourth entry the group's width. y_cap: columns a block's copy of the old y holds.
-template <typename T, int C, bool MATH = true, bool MMA = false, int UV = 64, int SPREAD = 1>
+// XA: the producer asks for the first row's x (after the kernel before is done) once it has
+// issued this many stages (0: when the ring is full). x comes behind the weights asked for before
+// it, and the shrink waits for x: behind a full ring of every block it landed 3-4 us after the
+// first stage (session 19's timeline).
+#define STREAM_X_AFTER 2
+template <typename T, int C, bool MATH = true, bool MMA = false, int UV = 64, int SPREAD = 1,
+          int XA = STREAM_X_AFTER>
 __device__ __forceinline__ void sgmv_lora_stream_impl(
     const T* __restrict__ x, int h_in, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,
@@ -1679,7 +1685,7 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
         if (lane == 0) {
             RingPos at{0, 0u};
             bool wrapped = false, waited = false;
-            [[maybe_unused]] int ni = 0;  // pieces issued (STREAM_TRACE)
+            int ni = 0;  // pieces issued
             int lt = 0;
             // The first row's x once the kernel before is done (the weights do not come from
             // it: the first stages' copies go out before the wait).
@@ -1695,11 +1701,12 @@ __device__ __forceinline__ void sgmv_lora_stream_impl(
                     first_x(w);
                     mbar_wait(empty0 + 8 * at.s, at.phase ^ 1u);
                 }
-                STREAM_TRACE(64 + min(ni++, 59));
+                STREAM_TRACE(64 + min(ni, 59));
                 mbar_expect_tx(full0 + 8 * at.s, bytes);
                 bulk_g2s(ring0 + at.s * stage_bytes, src, bytes, full0 + 8 * at.s);
                 at.next(stages);
                 if (at.s == 0) wrapped = true;
+                if (++ni == XA) first_x(w);
             };
             for (int tile = cluster; tile < num_tiles; tile += nclusters) {
                 const StreamWork w =

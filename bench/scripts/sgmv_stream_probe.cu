@@ -528,6 +528,15 @@ PROBE_STREAM(probe_lora_stream_mma_u128_c1, 1, 1, true, true, 128)
 PROBE_STREAM(probe_lora_stream_mma_u128_c2, 2, 1, true, true, 128)
 PROBE_STREAM(probe_lora_stream_mma_u256_c1, 1, 1, true, true, 256)
 PROBE_STREAM(probe_lora_stream_mma_u256_c2, 2, 1, true, true, 256)
+// The first row's x asked for after 1 or 3 stages, or once the ring is full (0; production:
+// STREAM_X_AFTER), session 19.
+PROBE_STREAM(probe_lora_stream_xa0_c3, 3, 1, true, false, 64, 1, 0)
+PROBE_STREAM(probe_lora_stream_xa1_c3, 3, 1, true, false, 64, 1, 1)
+PROBE_STREAM(probe_lora_stream_xa3_c3, 3, 1, true, false, 64, 1, 3)
+PROBE_STREAM(probe_lora_stream_mma_xa0_c2, 2, 1, true, true, 64, 1, 0)
+PROBE_STREAM(probe_lora_stream_mma_xa1_c2, 2, 1, true, true, 64, 1, 1)
+PROBE_STREAM(probe_lora_stream_mma_xa0_c1, 1, 1, true, true, 64, 1, 0)
+PROBE_STREAM(probe_lora_stream_mma_xa1_c1, 1, 1, true, true, 64, 1, 1)
 // The `_mma` kernel with units of 64 vectors adding into four copies of the row sums in turn.
 PROBE_STREAM(probe_lora_stream_mma_s4_c1, 1, 1, true, true, 64, 4)
 PROBE_STREAM(probe_lora_stream_mma_s4_c2, 2, 1, true, true, 64, 4)

@@ -41,6 +41,7 @@
 #        python3 bench/scripts/sgmv_stream_probe.py ncu    (plain launches for a profiler)
 #        python3 bench/scripts/sgmv_stream_probe.py fused|fusedwhy|fusedgrid|fusedmma|trace
 #        python3 bench/scripts/sgmv_stream_probe.py fusedc3 [quick]   (clusters of three, session 19)
+#        python3 bench/scripts/sgmv_stream_probe.py fusedxa   (when x is asked for, session 19)
 #        python3 bench/scripts/sgmv_stream_probe.py tile [quick]   (tile kernels on long segments, session 17)
 #        python3 bench/scripts/sgmv_stream_probe.py tilencu   (plain launches of them for a profiler)
 import ctypes
@@ -476,6 +477,24 @@ def fused_c3_main():
         for cc in (2, 3):
             vs.append((f"no math c{cc} 6x32k", f(dict(c=cc, st=6, sb=32768, kernel=f"probe_lora_stream_nomath_c{cc}"))))
         run_case("shrink+expand distinct", rows, h, parts, r, False, vs)
+
+
+def fused_xa_main():
+    # When the producer asks for the first row's x (session 19): after 1, 2 (production) or 3
+    # stages, or once the ring is full (0, before).
+    print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA, x early")
+    f = lambda p: lambda s: fused_ops(s, p)
+    for rows, c, mma in [(32, 3, False), (24, 3, False), (64, 2, True), (128, 1, True), (512, 1, True)]:
+        kind = "mma_" if mma else ""
+        prod = f"sgmv_lora_stream_{kind}bf16_c{c}"
+        vs = [("old row kernels", lambda s: old_ops(s, False)),
+              (f"{kind}c{c} production (x after 2 stages)", f(dict(c=c, st=6, sb=32768, kernel=prod)))]
+        for xa in (0, 1, 3):
+            name = f"probe_lora_stream_{kind}xa{xa}_c{c}"
+            if xa == 3 and mma:
+                continue
+            vs.append((f"{kind}c{c} x after {xa or 'a full ring'}", f(dict(c=c, st=6, sb=32768, kernel=name))))
+        run_case("shrink+expand distinct", rows, 4096, [4096], 64, False, vs)
 
 
 def trace_main():
@@ -964,7 +983,7 @@ def tile_ncu_main():
 
 
 MODES = {
-    "fusedmma": fused_mma_main, "fusedc3": fused_c3_main, "trace": trace_main,
+    "fusedmma": fused_mma_main, "fusedc3": fused_c3_main, "fusedxa": fused_xa_main, "trace": trace_main,
     "gemm": gemm_main, "silu": silu_main, "read": read_main, "ncu": ncu_main,
     "fusedwhy": fused_why_main,
     "fusedgrid": fused_grid_main, "fused": fused_main, "tile": tile_main, "tilencu": tile_ncu_main,
