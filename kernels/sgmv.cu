@@ -1609,12 +1609,17 @@ __device__ __forceinline__ void stream_expand_stage_mma(const uint4* __restrict_
 // C blocks a row; see above. start: the parts' first columns (relative to col_offset), the
 // fourth entry the group's width. y_cap: columns a block's copy of the old y holds.
 // XA: the producer asks for the first row's x (after the kernel before is done) once it has
-// issued this many stages (0: when the ring is full). x comes behind the weights asked for before
-// it, and the shrink waits for x: behind a full ring of every block it landed 3-4 us after the
-// first stage (session 19's timeline).
-#define STREAM_X_AFTER 2
+// issued this many stages (0: when the ring is full). x comes behind the weights asked for
+// before it, and the shrink waits for x: behind a full ring of every block it landed 3-4 us
+// after the first stage (session 19's timeline, clusters of three). Asked for earlier, a block
+// that starts while the kernel before still runs waits for it with fewer stages in flight.
+// Measured (H200, 7B r=64, bench/results/sgmv-lora-stream-probe-xa-*-s19e.txt): clusters of
+// three best after three stages (32 rows 14.6 us against 14.9 at a full ring and 14.8 after
+// two; 24 rows level), pairs and clusters of one at a full ring (64 rows in pairs 23.3 against
+// 24.7 after two).
+#define STREAM_X_AFTER(C) ((C) == 3 ? 3 : 0)
 template <typename T, int C, bool MATH = true, bool MMA = false, int UV = 64, int SPREAD = 1,
-          int XA = STREAM_X_AFTER>
+          int XA = STREAM_X_AFTER(C)>
 __device__ __forceinline__ void sgmv_lora_stream_impl(
     const T* __restrict__ x, int h_in, T* __restrict__ y, int y_stride, int col_offset,
     int end0, int end1, int end2, const LoraSlot* __restrict__ table,

@@ -480,15 +480,17 @@ def fused_c3_main():
 
 
 def fused_xa_main():
-    # When the producer asks for the first row's x (session 19): after 1, 2 (production) or 3
-    # stages, or once the ring is full (0, before).
+    # When the producer asks for the first row's x (session 19): after 1 or 3 stages, or once
+    # the ring is full (0). Run at git ff79ee6, when production asked after 2 stages; since,
+    # clusters of three ask after 3 and the others at a full ring (kernels/sgmv.cu
+    # STREAM_X_AFTER).
     print(f"# device {torch.cuda.get_device_name(0)}, {SMS} SMs, nvrtc {nvrtc_path}; streamed LoRA, x early")
     f = lambda p: lambda s: fused_ops(s, p)
     for rows, c, mma in [(32, 3, False), (24, 3, False), (64, 2, True), (128, 1, True), (512, 1, True)]:
         kind = "mma_" if mma else ""
         prod = f"sgmv_lora_stream_{kind}bf16_c{c}"
         vs = [("old row kernels", lambda s: old_ops(s, False)),
-              (f"{kind}c{c} production (x after 2 stages)", f(dict(c=c, st=6, sb=32768, kernel=prod)))]
+              (f"{kind}c{c} production", f(dict(c=c, st=6, sb=32768, kernel=prod)))]
         for xa in (0, 1, 3):
             name = f"probe_lora_stream_{kind}xa{xa}_c{c}"
             if xa == 3 and mma:
