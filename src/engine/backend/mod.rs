@@ -873,8 +873,8 @@ pub trait Backend: Send + Sync + 'static {
 
     /// The whole LoRA operator of a group: [`Self::sgmv_shrink`] of `x` into `v`, then
     /// [`Self::sgmv_expand`] from it into `y` (same arguments). `v` is the intermediate's
-    /// workspace: afterwards it holds the intermediate or what it held before (a backend may
-    /// keep the intermediate on chip). This composition is the reference.
+    /// workspace: afterwards its contents are unspecified (a backend may keep the intermediate
+    /// on chip, or hold it in v's memory in another form). This composition is the reference.
     #[allow(clippy::too_many_arguments)]
     fn sgmv_lora(
         &self,
