@@ -1615,8 +1615,8 @@ __device__ __forceinline__ void stream_expand_stage_mma(const uint4* __restrict_
 // that starts while the kernel before still runs waits for it with fewer stages in flight.
 // Measured (H200, 7B r=64, bench/results/sgmv-lora-stream-probe-xa-*-s19e.txt): clusters of
 // three best after three stages (32 rows 14.6 us against 14.9 at a full ring and 14.8 after
-// two; 24 rows level), pairs and clusters of one at a full ring (64 rows in pairs 23.3 against
-// 24.7 after two).
+// two; 24 rows level), the other sizes at a full ring (64 rows in pairs 23.3 against 24.7
+// after two; fours unmeasured).
 #define STREAM_X_AFTER(C) ((C) == 3 ? 3 : 0)
 template <typename T, int C, bool MATH = true, bool MMA = false, int UV = 64, int SPREAD = 1,
           int XA = STREAM_X_AFTER(C)>
