@@ -390,6 +390,13 @@ pub struct RawLoraSlot {
     pub voff: usize,
 }
 
+impl RawLoraSlot {
+    /// Total rank: the rows of the stacked A, the columns of the intermediate.
+    fn rank(&self) -> usize {
+        self.parts.iter().flatten().map(|p| p.rank).sum()
+    }
+}
+
 /// Kernel argument, widened to an 8-byte slot (the driver reads the parameter's size from it;
 /// the lower bytes come first on little-endian hosts).
 #[derive(Clone, Copy, Debug)]
@@ -421,6 +428,11 @@ fn arg_slots<'a>(args: impl IntoIterator<Item = &'a Arg>) -> Result<graph::ArgSl
             graph::MAX_ARGS
         ))
     })
+}
+
+/// A cuBLAS dimension or stride of `op` (its API takes 32-bit ints).
+fn cublas_dim(op: &str, v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| shape(format!("{op} {what} = {v} too large for cuBLAS")))
 }
 
 fn i32_arg(v: usize, what: &str) -> Result<Arg> {
@@ -1704,9 +1716,8 @@ impl CudaBackend {
         }
         let [start, end, slot] = meta.layout.single_seg?;
         let s = (*table.raw.get(slot as usize)?)?;
-        let rank = s.parts.iter().flatten().map(|p| p.rank).sum();
         let (start, end) = (start as usize, end as usize);
-        plan::dense_lora(end - start, rank).then_some((start, end, s))
+        plan::dense_lora(end - start, s.rank()).then_some((start, end, s))
     }
 
     /// The LoRA operator of one segment's rows `start..end` as two GEMMs: x · Aᵀ into v's
@@ -1723,10 +1734,8 @@ impl CudaBackend {
         (y_stride, col_offset): (usize, usize),
         y: &CudaBuf,
     ) -> Result<()> {
-        let dim = |v: usize, what: &str| {
-            i32::try_from(v).map_err(|_| shape(format!("sgmv_lora {what} = {v} too large")))
-        };
-        let rank: usize = s.parts.iter().flatten().map(|p| p.rank).sum();
+        let dim = |v: usize, what: &str| cublas_dim("sgmv_lora", v, what);
+        let rank = s.rank();
         let (rows, el) = (dim(end - start, "rows")?, x.dtype.size() as u64);
         // The intermediate takes rows x rank halves of v, whose f32 rows are at least rank
         // wide (the table's check): it fits.
@@ -2446,9 +2455,7 @@ impl Backend for CudaBackend {
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        let dim = |v: usize, what: &str| {
-            i32::try_from(v).map_err(|_| shape(format!("matmul {what} = {v} too large for cuBLAS")))
-        };
+        let dim = |v: usize, what: &str| cublas_dim("matmul", v, what);
         let op = GemmOp {
             x: x.ptr,
             w: w.ptr,
